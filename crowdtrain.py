@@ -1,0 +1,36 @@
+"""The ``crowdtrain`` command: a thin dispatcher; each subcommand imports its module lazily."""
+from __future__ import annotations
+
+import sys
+
+SUBCOMMANDS = {
+    "train": ("models.train", "train one model on CIFAR-10 in this process"),
+    "models": ("models.registry", "list the registered models with parameter counts"),
+    "data": ("models.data", "check, decode and cache a CIFAR-10 copy (optionally download it)"),
+    "run": ("models.train", "the main job: train the default model on CIFAR-10 with embedded defaults"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items())
+    return f"usage: crowdtrain <command> [options]\n\ncommands:\n{rows}\n\n`crowdtrain <command> --help` for options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"crowdtrain: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.cli(rest, prog=f"crowdtrain {name}", command=name) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

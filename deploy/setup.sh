@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up crowdtrain on a fresh machine: a .venv with the CPU build of torch and the package.
+#   bash deploy/setup.sh          runtime only
+#   bash deploy/setup.sh --test   plus what the test suite needs
+# Idempotent: a second run with unchanged pyproject.toml returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_test=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 ;;
+    *) echo "setup.sh: unknown option $arg (expected --test)" >&2; exit 2 ;;
+  esac
+done
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup.sh: crowdtrain needs Python 3.11 (torch 2.13.0 CPU wheel); $python is $("$python" --version 2>&1)" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+stamp=".venv/.setup-$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)-$want_test"
+if [ ! -f "$stamp" ]; then
+  pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+  # torch first and pinned: an unpinned torch anywhere would pull the CUDA build (gigabytes).
+  "${pip[@]}" torch==2.13.0
+  if [ "$want_test" = 1 ]; then "${pip[@]}" -e ".[test]"; else "${pip[@]}" -e .; fi
+  rm -f .venv/.setup-*
+  touch "$stamp"
+fi
+echo "crowdtrain is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2
