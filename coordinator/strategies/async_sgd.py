@@ -1,0 +1,35 @@
+"""Asynchronous SGD in the spirit of Downpour SGD: Dean et al., "Large Scale Distributed
+Deep Networks", NeurIPS 2012.
+
+Every update is applied as soon as it arrives, whatever its base version:
+``model <- model + server_lr * s(staleness) * delta``. With several updates buffered (the
+loop was busy) they are applied one after another, which for this rule is their sum.
+
+Defaults: ``server_lr=1.0``, ``staleness="constant"`` (plain Downpour; see ``staleness.py``
+for "polynomial" and "hinge" and their ``staleness_a`` / ``staleness_b``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import BufferedStrategy, Pending, positive_float
+from .staleness import StalenessFn
+from .tensors import Model, add_scaled, weighted_sum
+
+
+class AsyncSGD(BufferedStrategy):
+    name = "async_sgd"
+
+    def __init__(self, server_lr: float = 1.0, staleness: str = "constant",
+                 staleness_a: float | None = None, staleness_b: float | None = None) -> None:
+        super().__init__()
+        self.server_lr = positive_float("server_lr", server_lr)
+        self._s = StalenessFn(staleness, staleness_a, staleness_b)
+        self.staleness, self.staleness_a, self.staleness_b = staleness, self._s.a, self._s.b
+
+    def _fold(self, model: Model, pending: list[Pending], version: int) -> tuple[Model, dict[str, Any]]:
+        weights = [self._s(p.staleness) for p in pending]
+        step = weighted_sum([p.update.delta for p in pending], weights)
+        return add_scaled(model, step, self.server_lr), {"staleness_weight_mean": float(np.mean(weights))}

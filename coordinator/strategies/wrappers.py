@@ -1,0 +1,99 @@
+"""Cross-cutting guards that wrap any strategy instead of subclassing it.
+
+- ``StalenessCap(inner, max_staleness)``: drops updates staler than the cap on arrival;
+  FedAsync (Xie et al. 2019) assumes bounded staleness, this enforces it.
+- ``NormClip(inner, max_norm)``: scales a delta whose global L2 norm exceeds ``max_norm``
+  down to that norm before the inner strategy sees it; norm bounding against outsized or
+  malicious updates as in Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor
+  Federated Learning?", arXiv:1911.07963 (2019).
+
+Compose them: ``StalenessCap(NormClip(FedBuff(), 5.0), 20)`` (cap first: a dropped update
+is never normed). A wrapper counts what it did in total (``describe``) and since the last
+aggregation (``metrics``); its state wraps the inner state's ``meta`` and passes the inner
+``arrays`` through unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .base import Strategy, StrategyState, Update, positive_float
+from .tensors import Model, clip_by_global_norm
+
+
+class Wrapper(Strategy):
+    """Delegates to ``inner``; ``counter`` names what the wrapper counts."""
+
+    counter: str = "count"
+
+    def __init__(self, inner: Strategy) -> None:
+        if not isinstance(inner, Strategy):
+            raise ValueError(f"inner: expected a Strategy, got {type(inner).__name__}")
+        self.inner = inner
+        self.total = 0  # since construction (or the loaded state)
+        self.recent = 0  # since the last aggregate
+
+    def _count(self) -> None:
+        self.total += 1
+        self.recent += 1
+
+    def add(self, update: Update, version: int) -> bool:
+        return self.inner.add(update, version)
+
+    def aggregate(self, model: Model, version: int) -> tuple[Model, dict[str, Any]]:
+        new, metrics = self.inner.aggregate(model, version)
+        metrics = {**metrics, self.counter: self.recent}
+        self.recent = 0
+        return new, metrics
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params(), self.counter: self.total,
+                "inner": self.inner.describe()}
+
+    def state_dict(self, include_buffer: bool = True) -> StrategyState:
+        inner = self.inner.state_dict(include_buffer)
+        meta = {"name": self.name, "params": self.params(), "total": self.total,
+                "recent": self.recent, "inner": inner.meta}
+        return StrategyState(meta, inner.arrays)
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        self._check_name(state)
+        self.inner.load_state_dict(StrategyState(state.meta["inner"], state.arrays))
+        self.total, self.recent = int(state.meta["total"]), int(state.meta["recent"])
+
+
+class StalenessCap(Wrapper):
+    """Drops (``add`` returns False, counted as ``capped``) updates with staleness > cap."""
+
+    name = "staleness_cap"
+    counter = "capped"
+
+    def __init__(self, inner: Strategy, max_staleness: int) -> None:
+        super().__init__(inner)
+        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+            raise ValueError(f"max_staleness: expected an integer >= 0, got {max_staleness!r}")
+        self.max_staleness = max_staleness
+
+    def add(self, update: Update, version: int) -> bool:
+        if version - update.base_version > self.max_staleness:
+            self._count()
+            return False
+        return self.inner.add(update, version)
+
+
+class NormClip(Wrapper):
+    """Scales deltas with global L2 norm > ``max_norm`` down to ``max_norm`` (``clipped``)."""
+
+    name = "norm_clip"
+    counter = "clipped"
+
+    def __init__(self, inner: Strategy, max_norm: float) -> None:
+        super().__init__(inner)
+        self.max_norm = positive_float("max_norm", max_norm)
+
+    def add(self, update: Update, version: int) -> bool:
+        delta, factor = clip_by_global_norm(update.delta, self.max_norm)
+        if factor < 1.0:
+            self._count()
+            update = dataclasses.replace(update, delta=delta)
+        return self.inner.add(update, version)

@@ -1,0 +1,427 @@
+"""Aggregation strategies: pure maths on tiny arrays, strategy semantics, wrappers, state."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from coordinator.strategies import (
+    STRATEGIES, AsyncSGD, FedAsync, FedAvg, FedBuff, NormClip, StalenessCap, StrategyState,
+    SupermaskMax, SupermaskMean, Update, make_strategy,
+)
+from coordinator.strategies import staleness as st
+from coordinator.strategies import tensors as T
+
+
+def arr(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+def upd(base: int, n: int = 1, **delta: np.ndarray) -> Update:
+    return Update(dict(delta), base_version=base, num_samples=n, worker_id=f"w{base}{n}")
+
+
+def close(model: dict, **expected: np.ndarray) -> None:
+    assert set(model) == set(expected)
+    for k, v in expected.items():
+        assert model[k].dtype == np.float32, k
+        np.testing.assert_allclose(model[k], v, rtol=0, atol=1e-6, err_msg=k)
+
+
+# --- staleness functions -----------------------------------------------------------------
+
+def test_staleness_values() -> None:
+    assert st.constant(0) == st.constant(100) == 1.0
+    assert st.polynomial(0) == 1.0
+    assert st.polynomial(3, a=0.5) == 0.5
+    assert st.polynomial(1, a=1.0) == 0.5
+    assert st.hinge(4, a=10, b=4) == 1.0
+    assert st.hinge(5, a=10, b=4) == pytest.approx(1 / 11)
+    assert st.hinge(6, a=10, b=4) == pytest.approx(1 / 21)
+    assert st.staleness_weight(3) == 0.5  # polynomial, a = 0.5 by default
+    assert st.staleness_weight(5, "hinge") == pytest.approx(1 / 11)  # a = 10, b = 4 by default
+
+
+@pytest.mark.parametrize("kind", list(st.KINDS))
+def test_staleness_monotone_and_bounded(kind: str) -> None:
+    fn = st.StalenessFn(kind)
+    values = [fn(t) for t in range(60)]
+    assert values[0] == 1.0
+    assert all(0 < v <= 1 for v in values)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_staleness_validation() -> None:
+    with pytest.raises(ValueError, match="constant, polynomial, hinge"):
+        st.StalenessFn("exponential")
+    with pytest.raises(ValueError, match="staleness_b"):
+        st.StalenessFn("polynomial", 0.5, 3)
+    with pytest.raises(ValueError, match="staleness_a"):
+        st.StalenessFn("hinge", -1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        st.StalenessFn("polynomial")(-1)
+    assert st.StalenessFn("hinge", b=2).a == 10.0
+
+
+# --- pure tensor maths ---------------------------------------------------------------------
+
+def test_weighted_mean_and_sum() -> None:
+    deltas = [{"w": arr(1, 0)}, {"w": arr(0, 4)}]
+    np.testing.assert_array_equal(T.weighted_mean(deltas, [1, 3])["w"], [0.25, 3.0])
+    partial = T.weighted_sum([{"a": arr(1)}, {"a": arr(2), "b": arr(5)}], [2, 1])
+    np.testing.assert_array_equal(partial["a"], [4.0])
+    np.testing.assert_array_equal(partial["b"], [5.0])
+    with pytest.raises(ValueError, match="positive sum"):
+        T.weighted_mean(deltas, [0, 0])
+
+
+def test_norms_clip_and_max() -> None:
+    assert T.global_norm({"a": arr(3), "b": arr(4)}) == 5.0
+    big = {"a": arr(6), "b": arr(8)}
+    clipped, factor = T.clip_by_global_norm(big, 5.0)
+    assert factor == 0.5
+    close(clipped, a=[3], b=[4])
+    small = {"a": arr(0.3, 0.4)}
+    same, factor = T.clip_by_global_norm(small, 5.0)
+    assert factor == 1.0 and same is small
+    np.testing.assert_array_equal(T.elementwise_max([arr(1, 5, -2), arr(3, 0, -1), arr(2, 2, -3)]), [3, 5, -1])
+    merged = T.max_merge({"s": arr(0, 5, 1), "w": arr(9, 9, 9)}, [{"s": arr(1, 4, 1)}, {"s": arr(-2, 7, 1.5)}])
+    close(merged, s=[1, 7, 1.5], w=[9, 9, 9])
+
+
+def test_check_delta_reasons() -> None:
+    model = {"w": arr(0, 0)}
+    assert T.check_delta({"w": arr(1, 2)}, model) is None
+    assert "unknown tensor" in T.check_delta({"x": arr(1, 2)}, model)
+    assert "shape" in T.check_delta({"w": arr(1)}, model)
+    assert "non-finite" in T.check_delta({"w": arr(1, np.nan)}, model)
+    assert T.check_delta({}, model) == "empty delta"
+
+
+# --- strategies ----------------------------------------------------------------------------
+
+def test_fedavg_sample_weighted_round() -> None:
+    s = FedAvg(clients_per_round=2, server_lr=1.0)
+    model = {"w": arr(1, 1), "b": arr(7)}
+    assert s.add(upd(0, 1, w=arr(1, 0)), version=0) is False
+    assert s.add(upd(0, 3, w=arr(0, 4)), version=0) is True
+    new, m = s.aggregate(model, version=0)
+    close(new, w=[1.25, 4.0], b=[7])  # + (1*[1,0] + 3*[0,4]) / 4
+    assert (m["updates"], m["samples"], m["staleness_max"], m["rejected"]) == (2, 4, 0, 0)
+    assert m["step_norm"] == pytest.approx(np.hypot(0.25, 3.0))
+
+
+def test_fedavg_drops_other_rounds() -> None:
+    s = FedAvg(clients_per_round=2, server_lr=0.5)
+    assert s.add(upd(0, w=arr(2)), version=1) is False  # from the previous round
+    assert s.dropped == 1
+    assert s.add(upd(1, w=arr(2)), version=1) is False
+    # the version moved on without this round aggregating: the buffered one is discarded
+    assert s.add(upd(2, w=arr(4)), version=2) is False
+    assert s.dropped == 2 and s.describe()["buffered"] == 1
+    assert s.add(upd(2, w=arr(8)), version=2) is True
+    new, m = s.aggregate({"w": arr(0)}, version=2)
+    close(new, w=[3.0])  # 0.5 * mean(4, 8)
+    assert m["updates"] == 2
+
+
+def test_async_sgd_applies_each_update() -> None:
+    s = AsyncSGD(server_lr=0.5)
+    assert s.add(upd(0, w=arr(2, -4)), version=0) is True
+    new, m = s.aggregate({"w": arr(1, 1)}, version=0)
+    close(new, w=[2, -1])
+    poly = AsyncSGD(server_lr=1.0, staleness="polynomial", staleness_a=1.0)
+    poly.add(upd(2, w=arr(2, 2)), version=3)  # staleness 1 -> s = 1/2
+    new, m = poly.aggregate({"w": arr(0, 0)}, version=3)
+    close(new, w=[1, 1])
+    assert m["staleness_weight_mean"] == 0.5 and m["staleness_mean"] == 1.0
+
+
+def test_fedasync_mixing() -> None:
+    s = FedAsync(alpha=0.5, staleness="polynomial", staleness_a=0.5)
+    assert s.add(upd(2, w=arr(4, 8)), version=5) is True  # staleness 3 -> a_t = 0.5 * 0.5
+    new, m = s.aggregate({"w": arr(1, 1)}, version=5)
+    close(new, w=[2, 3])
+    assert m["mixing_mean"] == 0.25
+    # staleness 0: exactly (1 - a) x + a x_local with x_local = x + delta
+    x, local = arr(1, 2), arr(3, -2)
+    s.add(Update({"w": local - x}, 5, 1), 5)
+    new, _ = s.aggregate({"w": x}, 5)
+    close(new, w=0.5 * x + 0.5 * local)
+    hinge = FedAsync(alpha=1.0, staleness="hinge", staleness_a=1.0, staleness_b=1.0)
+    hinge.add(upd(0, w=arr(3)), version=3)  # t = 3 > b: 1 / (1 * 2 + 1)
+    close(hinge.aggregate({"w": arr(0)}, 3)[0], w=[1])
+
+
+def test_fedbuff_buffer_and_staleness_weights() -> None:
+    s = FedBuff(buffer_size=2, server_lr=0.5)  # polynomial a = 0.5
+    assert s.add(upd(4, w=arr(2, 4)), version=4) is False
+    assert s.describe()["buffered"] == 1 and not s.describe()["due"]
+    assert s.add(upd(1, w=arr(4, 8)), version=4) is True  # staleness 3 -> weight 1/2
+    new, m = s.aggregate({"w": arr(0, 0)}, version=4)
+    close(new, w=[1, 2])  # 0.5 * (1*[2,4] + 0.5*[4,8]) / 2
+    assert m["updates"] == 2 and m["staleness_mean"] == 1.5 and m["staleness_weight_mean"] == 0.75
+    assert s.describe()["buffered"] == 0
+    # a deadline flush of a partial buffer divides by the count it has
+    s.add(upd(5, w=arr(2, 2)), version=5)
+    close(s.aggregate({"w": arr(0, 0)}, 5)[0], w=[1, 1])
+    # nothing buffered: the same model back, no update counted
+    new, m = s.aggregate({"w": arr(3, 3)}, 6)
+    close(new, w=[3, 3])
+    assert m["updates"] == 0
+
+
+def test_fedbuff_server_momentum() -> None:
+    s = FedBuff(buffer_size=1, server_lr=1.0, server_momentum=0.5)
+    model = {"w": arr(0)}
+    for version, expected in ((0, 2.0), (1, 5.0), (2, 8.5)):  # m: 2, 3, 3.5
+        s.add(upd(version, w=arr(2)), version)
+        model, _ = s.aggregate(model, version)
+        close(model, w=[expected])
+
+
+def test_supermask_mean() -> None:
+    s = SupermaskMean(buffer_size=2, server_lr=1.0)
+    scores = {"s": arr(0, 0), "w": arr(5, 5)}
+    assert s.add(upd(0, 1, s=arr(1, -1)), 0) is False
+    assert s.add(upd(0, 3, s=arr(3, 3)), 0) is True
+    new, m = s.aggregate(scores, 0)
+    close(new, s=[2.5, 2.0], w=[5, 5])
+    assert m["samples"] == 4
+
+
+def test_supermask_max_same_base() -> None:
+    s = SupermaskMax(buffer_size=2)
+    model = {"s": arr(0, 5, 1), "w": arr(9, 9, 9)}
+    s.add(upd(0, s=arr(1, -1, 0)), 0)
+    assert s.add(upd(0, s=arr(-2, 2, 0.5)), 0) is True
+    new, m = s.aggregate(model, 0)
+    close(new, s=[1, 7, 1.5], w=[9, 9, 9])  # max(current, current + delta_i), frozen w kept
+    assert m["changed_fraction"] == 1.0
+    s.add(upd(0, s=arr(-1, -1, -1)), 0)  # negative deltas never lower a score
+    close(s.aggregate(model, 0)[0], s=[0, 5, 1], w=[9, 9, 9])
+
+
+def test_supermask_max_by_magnitude() -> None:
+    np.testing.assert_array_equal(T.elementwise_max_abs([arr(1, -5, 2), arr(-3, 4, -2)]), [-3, -5, 2])
+    s = SupermaskMax(compare="magnitude")
+    s.add(upd(0, s=arr(-3, 1, 0)), 0)  # reported [-2, 0, 2]: |-2| beats |1|, |0| loses to |-1|
+    new, m = s.aggregate({"s": arr(1, -1, 2)}, 0)
+    close(new, s=[-2, -1, 2])
+    assert m["changed_fraction"] == pytest.approx(1 / 3)
+
+
+def test_supermask_max_stale_base_uses_reported_scores() -> None:
+    s = SupermaskMax(buffer_size=1, history=2)
+    v0 = {"s": arr(0, 0)}
+    s.add(upd(0, s=arr(0, 3)), 0)
+    v1, _ = s.aggregate(v0, 0)
+    close(v1, s=[0, 3])
+    # trained from v0, the worker reported [2, 2]: element 1 stays at 3 (not 3 + 2)
+    s.add(upd(0, s=arr(2, 2)), 1)
+    v2, m = s.aggregate(v1, 1)
+    close(v2, s=[2, 3])
+    assert m["staleness_max"] == 1
+    s.add(upd(0, s=arr(2, 2)), 2)  # the same report again changes nothing
+    close(s.aggregate(v2, 2)[0], s=[2, 3])
+    approx = SupermaskMax(missing_base="current")  # never saw v0: current + delta
+    approx.add(upd(0, s=arr(2, 2)), 1)
+    close(approx.aggregate(v1, 1)[0], s=[2, 5])
+
+
+def test_supermask_max_drops_unknown_base() -> None:
+    s = SupermaskMax(history=1)
+    model = {"s": arr(0)}
+    for v in range(3):  # keeps the current version and one before it
+        s.add(upd(v, s=arr(1)), v)
+        model, _ = s.aggregate(model, v)
+    close(model, s=[3])
+    s.add(upd(1, s=arr(10)), 3)  # base 1 was dropped from history (3 and 2 kept)
+    new, m = s.aggregate(model, 3)
+    close(new, s=[3])
+    assert m["updates"] == 0 and m["rejected"] == 1 and "history" in m["reject_reason"]
+    s.add(upd(2, s=arr(10)), 3)  # base 2 is known: reported 2 + 10
+    close(s.aggregate(model, 3)[0], s=[12])
+
+
+def test_bad_deltas_are_rejected_not_applied() -> None:
+    s = FedBuff(buffer_size=3)
+    s.add(upd(0, w=arr(1, 1)), 0)
+    s.add(upd(0, w=arr(1)), 0)
+    s.add(upd(0, w=arr(np.inf, 0)), 0)
+    new, m = s.aggregate({"w": arr(0, 0)}, 0)
+    close(new, w=[1, 1])
+    assert m["updates"] == 1 and m["rejected"] == 2 and "shape" in m["reject_reason"]
+    with pytest.raises(ValueError, match="ahead"):
+        s.add(upd(3, w=arr(1, 1)), 2)
+    with pytest.raises(ValueError, match="num_samples"):
+        Update({"w": arr(1)}, 0, 0)
+
+
+# --- wrappers ------------------------------------------------------------------------------
+
+def test_staleness_cap() -> None:
+    s = StalenessCap(AsyncSGD(), max_staleness=2)
+    assert s.add(upd(0, w=arr(100)), version=3) is False  # staleness 3 > 2
+    assert s.add(upd(1, w=arr(1)), version=3) is True
+    new, m = s.aggregate({"w": arr(0)}, 3)
+    close(new, w=[1])
+    assert m["capped"] == 1 and m["updates"] == 1
+    assert s.describe()["capped"] == 1 and s.describe()["inner"]["name"] == "async_sgd"
+    assert s.aggregate({"w": arr(0)}, 3)[1]["capped"] == 0  # per-aggregation count resets
+
+
+def test_norm_clip() -> None:
+    s = NormClip(FedBuff(buffer_size=2, staleness="constant"), max_norm=5.0)
+    big, small = upd(0, w=arr(6, 8)), upd(0, w=arr(0.3, 0.4))
+    s.add(big, 0)
+    s.add(small, 0)
+    new, m = s.aggregate({"w": arr(0, 0)}, 0)
+    close(new, w=[(3 + 0.3) / 2, (4 + 0.4) / 2])  # big scaled to norm 5, small untouched
+    assert m["clipped"] == 1
+    np.testing.assert_array_equal(big.delta["w"], [6, 8])  # the caller's update is unchanged
+
+
+# --- cross-cutting properties ----------------------------------------------------------------
+
+def all_strategies() -> list:
+    return [
+        FedAvg(clients_per_round=2), AsyncSGD(), FedAsync(), FedBuff(buffer_size=2, server_momentum=0.9),
+        SupermaskMean(buffer_size=2), SupermaskMax(buffer_size=2),
+        make_strategy("fedbuff", buffer_size=2, max_staleness=5, max_norm=0.1),
+    ]
+
+
+@pytest.mark.parametrize("strategy", all_strategies(), ids=lambda s: s.name)
+def test_inputs_never_mutated(strategy) -> None:
+    rng = np.random.default_rng(0)
+    model = {"s": rng.normal(size=(2, 3)).astype(np.float32), "w": arr(1, 2)}
+    updates = [Update({"s": rng.normal(size=(2, 3)).astype(np.float32)}, 1, 4) for _ in range(2)]
+    model_copy, updates_copy = copy.deepcopy(model), copy.deepcopy(updates)
+    for u in updates:
+        strategy.add(u, 1)
+    new, metrics = strategy.aggregate(model, 1)
+    assert metrics["updates"] == 2
+    for k in model:
+        np.testing.assert_array_equal(model[k], model_copy[k])
+        assert new[k] is not model[k]
+    for u, c in zip(updates, updates_copy):
+        np.testing.assert_array_equal(u.delta["s"], c.delta["s"])
+    json.dumps(metrics)
+    json.dumps(strategy.describe())
+    json.dumps(strategy.state_dict().meta)
+
+
+def simulate(factory, steps: int = 9, interrupt_at: int | None = None) -> tuple[dict, list]:
+    """An aggregation loop over deterministic updates; optionally save/reload mid-way."""
+    rng = np.random.default_rng(1)
+    strategy, model, version, history = factory(), {"s": arr(0, 1, 2), "w": arr(5)}, 0, []
+    for i in range(steps):
+        base = max(0, version - int(rng.integers(0, 3)))
+        delta = {"s": rng.normal(size=3).astype(np.float32) * 3}
+        if strategy.name == "fedavg":
+            base = version
+        if strategy.add(Update(delta, base, int(rng.integers(1, 5))), version):
+            model, metrics = strategy.aggregate(model, version)
+            version += metrics["updates"] > 0
+            history.append(metrics)
+        if i == interrupt_at:
+            blob = strategy.state_dict().to_bytes()
+            strategy = factory()
+            strategy.load_state_dict(StrategyState.from_bytes(blob))
+    return model, history
+
+
+FACTORIES = {
+    "fedavg": lambda: FedAvg(clients_per_round=3),
+    "async_sgd": lambda: AsyncSGD(staleness="hinge", staleness_b=1),
+    "fedasync": lambda: FedAsync(),
+    "fedbuff": lambda: FedBuff(buffer_size=3, server_momentum=0.5),
+    "supermask_mean": lambda: SupermaskMean(buffer_size=3),
+    "supermask_max": lambda: SupermaskMax(buffer_size=3, history=1),
+    "wrapped": lambda: make_strategy("fedbuff", buffer_size=3, server_momentum=0.5, max_staleness=1, max_norm=4.0),
+}
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("interrupt_at", [3, 4])  # with K = 3: one, then two updates buffered
+def test_state_round_trip_mid_buffer(name: str, interrupt_at: int) -> None:
+    expected, expected_metrics = simulate(FACTORIES[name])
+    resumed, resumed_metrics = simulate(FACTORIES[name], interrupt_at=interrupt_at)
+    assert not np.array_equal(expected["s"], arr(0, 1, 2))
+    for k in expected:
+        np.testing.assert_array_equal(resumed[k], expected[k])
+    assert resumed_metrics == expected_metrics  # same updates folded, dropped, clipped
+
+
+@pytest.mark.parametrize("name", ["fedbuff", "supermask_max", "wrapped"])
+def test_state_without_buffer_plus_replay(name: str) -> None:
+    """A store that replays its unapplied results re-adds them at the same version."""
+    rng = np.random.default_rng(2)
+    model, versions = {"s": arr(0, 1, 2), "w": arr(5)}, [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    updates = [Update({"s": rng.normal(size=3).astype(np.float32)}, max(0, v - i % 2), 2)
+               for i, v in enumerate(versions)]
+    a, b = FACTORIES[name](), FACTORIES[name]()
+    for i, (u, v) in enumerate(zip(updates, versions)):
+        a.add(u, v)
+        b.add(u, v)
+        if i % 3 == 2:
+            ma, _ = a.aggregate(model, v)
+            mb, _ = b.aggregate(model, v)
+            model = ma
+        if i == 4:  # two updates buffered: save without them, reload, replay
+            b2 = FACTORIES[name]()
+            b2.load_state_dict(StrategyState.from_bytes(b.state_dict(include_buffer=False).to_bytes()))
+            assert "buffer.0/s" not in b.state_dict(include_buffer=False).arrays
+            for replay in updates[3:5]:
+                b2.add(replay, 1)
+            b = b2
+    for k in model:
+        np.testing.assert_array_equal(mb[k], ma[k])
+
+
+def test_state_is_for_one_strategy() -> None:
+    with pytest.raises(ValueError, match="fedbuff"):
+        FedAvg().load_state_dict(FedBuff().state_dict())
+
+
+# --- registry and parameters -------------------------------------------------------------------
+
+def test_registry_and_errors() -> None:
+    assert set(STRATEGIES) == {"fedavg", "async_sgd", "fedasync", "fedbuff", "supermask_mean", "supermask_max"}
+    with pytest.raises(ValueError, match="unknown strategy 'fedprox'.*fedavg, async_sgd, fedasync, fedbuff"):
+        make_strategy("fedprox")
+    with pytest.raises(ValueError, match="unknown parameter 'k' for strategy 'fedbuff'.*buffer_size.*max_norm"):
+        make_strategy("fedbuff", k=3)
+    wrapped = make_strategy("fedavg", clients_per_round=4, max_staleness=0, max_norm=1.0)
+    assert isinstance(wrapped, StalenessCap) and isinstance(wrapped.inner, NormClip)
+    assert isinstance(wrapped.inner.inner, FedAvg) and wrapped.inner.inner.clients_per_round == 4
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_defaults_and_params_rebuild(name: str) -> None:
+    strategy = make_strategy(name)
+    params = strategy.describe()["params"]
+    assert make_strategy(name, **params).describe() == strategy.describe()
+
+
+@pytest.mark.parametrize(("name", "params", "field"), [
+    ("fedavg", {"clients_per_round": 0}, "clients_per_round"),
+    ("fedavg", {"server_lr": -1.0}, "server_lr"),
+    ("async_sgd", {"staleness": "linear"}, "staleness"),
+    ("fedasync", {"alpha": 1.5}, "alpha"),
+    ("fedasync", {"alpha": 0.0}, "alpha"),
+    ("fedbuff", {"buffer_size": 2.5}, "buffer_size"),
+    ("fedbuff", {"server_momentum": 1.0}, "server_momentum"),
+    ("fedbuff", {"staleness_a": float("nan")}, "staleness_a"),
+    ("supermask_mean", {"buffer_size": True}, "buffer_size"),
+    ("supermask_max", {"missing_base": "ignore"}, "missing_base"),
+    ("supermask_max", {"history": 0}, "history"),
+    ("fedbuff", {"max_staleness": -1}, "max_staleness"),
+    ("fedbuff", {"max_norm": 0}, "max_norm"),
+])
+def test_parameter_validation_names_the_parameter(name: str, params: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        make_strategy(name, **params)
