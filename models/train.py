@@ -1,0 +1,292 @@
+"""Single-process CIFAR-10 trainer: the baseline every distributed result is measured against.
+
+Reads top to bottom: setup, optimisation pieces (shared with the workers), evaluation,
+logging, the training loop, the command line. Hyperparameters live in ``models.recipe``.
+
+    crowdtrain train --model resnet_fast --data ../shared/data --epochs 10 --out runs/r1
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import registry
+from models.augment import augment
+from models.data import Cifar10, DataError, load_cifar10
+from models.recipe import LOSSES, SCHEDULES, Recipe
+
+DEFAULT_MODEL = "resnet_fast"
+
+
+# ----------------------------------------------------------------------------- setup
+def set_threads(threads: int | None) -> int:
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+# ----------------------------------------------------------------------------- optimisation
+def lr_at(progress: float, recipe: Recipe) -> float:
+    """Learning rate at ``progress`` (0..1 through the run) under the recipe's schedule."""
+    p, w = min(max(progress, 0.0), 1.0), recipe.warmup
+    if w > 0 and p < w:
+        return recipe.lr * p / w
+    rest = (p - w) / (1 - w)
+    if recipe.schedule == "onecycle":
+        return recipe.lr * (1 - rest)
+    if recipe.schedule == "cosine":
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * rest))
+    return recipe.lr
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
+    """SGD with (Nesterov) momentum; weight decay on kernels and matrices only, not 1-D params."""
+    params = registry.trainable_parameters(model)
+    decay = [p for p in params if p.ndim > 1]
+    plain = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=recipe.lr, momentum=recipe.momentum,
+                           nesterov=recipe.nesterov and recipe.momentum > 0)
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """Cross-entropy with label smoothing, or the focal loss of Lin et al. (ICCV 2017)."""
+    if recipe.loss == "focal":
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return ((1 - torch.exp(-ce)) ** recipe.focal_gamma * ce).mean()
+    return F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+
+
+def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generator) -> float:
+    """One augmented SGD step on a uint8 batch; returns the batch loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = model(augment(x_u8, recipe.crop_pad, recipe.flip, gen))
+    loss = loss_fn(logits, y, recipe)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) on un-augmented images; restores train mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch):
+        logits = model(x_u8[i:i + batch].float())
+        loss_sum += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
+        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+    model.train(was_training)
+    n = max(len(y), 1)
+    return loss_sum / n, correct / n
+
+
+# ----------------------------------------------------------------------------- logging
+def write_curves(rows: list[dict], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train (augmented)")
+    ax_loss.plot(epochs, [r["test_loss"] for r in rows], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.plot(epochs, [100 * r["test_acc"] for r in rows], "o-", color="C2", label="test")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, config: dict, last: dict | None) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": model.state_dict(), "config": config, "metrics": last}, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class RunResult:
+    rows: list[dict]
+    interrupted: bool
+    model: torch.nn.Module
+
+
+def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, seed: int = 0,
+          progress: bool = True, max_steps: int | None = None, eval_every_epoch: bool = True) -> RunResult:
+    """Train ``model_name`` on ``data`` for ``recipe.epochs`` epochs (or ``max_steps`` steps).
+
+    Writes ``out/metrics.jsonl`` (one line per epoch), ``out/model.pt`` and ``out/curves.png``
+    when ``out`` is given. Ctrl-C stops after the current step and keeps what was written.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = registry.build(model_name)
+    model.train()
+    opt = make_optimizer(model, recipe)
+    x_train, y_train = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
+    x_test, y_test = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
+    steps_per_epoch = max(len(y_train) // recipe.batch_size, 1)
+    total_steps = steps_per_epoch * recipe.epochs
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    config = {"model": model_name, "recipe": recipe.to_dict(), "seed": seed, "data": data.source,
+              "data_digest": data.digest, "train_size": len(y_train), "test_size": len(y_test),
+              "threads": torch.get_num_threads()}
+    metrics_file = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        metrics_file = open(out / "metrics.jsonl", "w", buffering=1)
+
+    rows: list[dict] = []
+    step, interrupted, started = 0, False, time.perf_counter()
+    try:
+        for epoch in range(1, recipe.epochs + 1):
+            if step >= total_steps:
+                break
+            order = torch.randperm(len(y_train), generator=gen)
+            n_steps = min(steps_per_epoch, total_steps - step)
+            bar = tqdm(total=n_steps, desc=f"epoch {epoch}/{recipe.epochs}", unit="step",
+                       disable=not progress, leave=False, dynamic_ncols=True)
+            t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+            for i in range(n_steps):
+                idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
+                lr = lr_at(step / total_steps, recipe)
+                loss = sgd_step(model, opt, x_train[idx], y_train[idx], recipe, lr, gen)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
+                step, seen, loss_sum = step + 1, seen + len(idx), loss_sum + loss * len(idx)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                bar.update()
+            bar.close()
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(seen, 1),
+                   "samples_per_second": seen / seconds, "seconds": seconds, "lr": lr}
+            if eval_every_epoch or epoch == recipe.epochs or step >= total_steps:
+                row["test_loss"], row["test_acc"] = evaluate(model, x_test, y_test)
+            row["elapsed"] = time.perf_counter() - started
+            rows.append(row)
+            if progress:
+                acc = f"test_acc {100 * row['test_acc']:.2f}%" if "test_acc" in row else ""
+                tqdm.write(f"epoch {epoch}: train_loss {row['train_loss']:.4f} {acc} "
+                           f"({row['samples_per_second']:.0f} samples/s, {seconds:.1f} s)", file=sys.stderr)
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if metrics_file:
+            metrics_file.close()
+        if out is not None:
+            save_checkpoint(out / "model.pt", model, config, rows[-1] if rows else None)
+            if rows and all("test_acc" in r for r in rows):
+                write_curves(rows, out / "curves.png", f"{model_name} (seed {seed})")
+    return RunResult(rows, interrupted, model)
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser(prog: str, command: str) -> argparse.ArgumentParser:
+    main_job = command == "run"
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "The main job: train the default model on CIFAR-10 with its embedded defaults." if main_job
+        else "Train one registered model on CIFAR-10 in this process."))
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}; "
+                   "see `crowdtrain models`)")
+    p.add_argument("--data", help="CIFAR-10: official archive or folder, or image-folder layout "
+                   "(directory or .tar.gz); default $CROWDTRAIN_DATA")
+    p.add_argument("--download", action="store_true", help="download the official archive if no data is found")
+    p.add_argument("--out", type=Path, help="output directory (default runs/<model>-<time>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hp = p.add_argument_group("hyperparameters (default: the model's recipe)")
+    hp.add_argument("--epochs", type=int)
+    hp.add_argument("--batch-size", type=int)
+    hp.add_argument("--lr", type=float, help="peak learning rate")
+    hp.add_argument("--momentum", type=float)
+    hp.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    hp.add_argument("--weight-decay", type=float)
+    hp.add_argument("--label-smoothing", type=float)
+    hp.add_argument("--loss", choices=LOSSES)
+    hp.add_argument("--focal-gamma", type=float)
+    hp.add_argument("--schedule", choices=SCHEDULES)
+    hp.add_argument("--warmup", type=float, help="fraction of the run spent warming up")
+    hp.add_argument("--crop-pad", type=int)
+    hp.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    return p
+
+
+def recipe_from_args(args: argparse.Namespace, base: Recipe) -> Recipe:
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    changes = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def subset(data: Cifar10, n: int | None) -> Cifar10:
+    if n is None:
+        return data
+    return dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+
+
+def cli(argv: list[str], prog: str = "crowdtrain train", command: str = "train") -> int:
+    args = build_parser(prog, command).parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = registry.get(args.model)
+        recipe = recipe_from_args(args, spec.recipe)
+        threads = set_threads(args.threads)
+        data = subset(load_cifar10(args.data, download=args.download, progress=not args.no_progress),
+                      args.limit_train)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"training {args.model} on {len(data.train_y)} images ({data.source}), {recipe.epochs} epochs, "
+          f"batch {recipe.batch_size}, lr {recipe.lr}, {threads} threads -> {out}", file=sys.stderr)
+    try:
+        result = train(args.model, data, recipe, out, seed=args.seed, progress=not args.no_progress)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    last = result.rows[-1] if result.rows else None
+    if last and "test_acc" in last:
+        print(f"{args.model}: test accuracy {100 * last['test_acc']:.2f}% after {last['epoch']} epoch(s); "
+              f"wrote {out}/metrics.jsonl, model.pt, curves.png")
+    if result.interrupted:
+        print(f"interrupted: kept {len(result.rows)} finished epoch(s) in {out}", file=sys.stderr)
+        return 130
+    return 0

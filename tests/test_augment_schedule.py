@@ -1,0 +1,70 @@
+"""Batch augmentation and the learning-rate schedule: pure functions on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from models.augment import augment, random_crop, random_flip
+from models.recipe import Recipe
+from models.train import lr_at
+
+
+def test_crop_without_padding_is_identity():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).reshape(2, 3, 4, 4)
+    assert torch.equal(random_crop(x, 0, torch.Generator().manual_seed(0)), x)
+
+
+def test_crop_is_a_shifted_window_of_the_padded_image():
+    x = torch.randint(1, 255, (64, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop(x, 2, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5)
+                if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
+        assert hits, f"image {i} is not a window of its padded original"
+        offsets.add(hits[0])
+    assert len(offsets) > 5, "crops should use many different offsets"
+
+
+def test_flip_mirrors_about_half_the_images():
+    x = torch.randint(0, 255, (400, 3, 4, 4), dtype=torch.uint8)
+    out = random_flip(x, torch.Generator().manual_seed(2))
+    same = [torch.equal(out[i], x[i]) for i in range(len(x))]
+    mirrored = [torch.equal(out[i], x[i].flip(2)) for i in range(len(x))]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 150 < sum(mirrored) < 250
+
+
+def test_augment_is_deterministic_for_a_seed_and_returns_float():
+    x = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8)
+    a = augment(x, 4, True, torch.Generator().manual_seed(3))
+    b = augment(x, 4, True, torch.Generator().manual_seed(3))
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert 0 <= float(a.min()) and float(a.max()) <= 255
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_schedule_warms_up_linearly(schedule):
+    r = Recipe(lr=0.4, warmup=0.25, schedule=schedule)
+    assert lr_at(0.0, r) == 0.0
+    assert lr_at(0.125, r) == pytest.approx(0.2)
+    assert lr_at(0.25, r) == pytest.approx(0.4)
+
+
+def test_schedule_shapes_after_warmup():
+    one, cos, const = (Recipe(lr=1.0, warmup=0.0, schedule=s) for s in ("onecycle", "cosine", "constant"))
+    assert lr_at(0.5, one) == pytest.approx(0.5) and lr_at(1.0, one) == pytest.approx(0.0)
+    assert lr_at(0.5, cos) == pytest.approx(0.5) and lr_at(0.25, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(1.0, cos) == pytest.approx(0.0)
+    assert lr_at(0.7, const) == 1.0
+
+
+def test_recipe_rejects_bad_fields_by_name():
+    with pytest.raises(ValueError, match="'lr'"):
+        Recipe(lr=-1)
+    with pytest.raises(ValueError, match="'loss'.*ce, focal"):
+        Recipe(loss="mse")
+    with pytest.raises(ValueError, match="unknown field.*bogus"):
+        Recipe.from_dict({"bogus": 1})
