@@ -1,0 +1,135 @@
+"""Writes the golden files of the wire contract: ``.venv/bin/python tests/golden/make_golden.py``.
+
+- ``delta_<codec>.bin``: ``sample()`` encoded with that codec; ``delta_<codec>.json``: the codec
+  string, the input, and the expected decoded values (float32 values as exact JSON numbers).
+- ``unit.json``, ``result.json``, ``result_error.json``: example messages; ``result.bin``: the
+  ``POST .../result`` body of ``result.json`` with ``delta_int8.bin`` inside.
+- ``invalid/*.bin`` with ``invalid.json``: malformed containers (and two spec mismatches), each
+  with the error ``field`` a decoder must name.
+
+tests/test_contract.py checks that the files decode as stated and that ``build()`` reproduces
+them byte for byte (format drift fails the test); the browser's codec reads the same files.
+Only rerun this after a deliberate format change (which bumps the protocol, see docs).
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+GOLDEN = Path(__file__).resolve().parent
+if str(GOLDEN.parents[1]) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(GOLDEN.parents[1]))
+
+from contract.codecs import get_codec  # noqa: E402
+from contract.units import UnitResult, WorkUnit, blob_id, pack_result  # noqa: E402
+
+# file name -> codec string; topk keeps 7 of the kernel's 54 entries, and the 7th is a tie in |x|
+SAMPLE_CODECS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "topk": "topk:0.125"}
+
+
+def sample() -> dict[str, np.ndarray]:
+    """The golden delta: a [2,3,3,3] kernel of values in [-0.05, 0.05] and a 4-vector."""
+    i = np.arange(54)
+    conv = (((i * 7919) % 101 - 50) / 1000).astype(np.float32).reshape(2, 3, 3, 3)
+    bias = np.array([0.5, -0.25, 0.1, -1.0], np.float32)
+    return {"conv.weight": conv, "fc.bias": bias}
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> dict:
+    return {k: {"shape": list(v.shape), "values": [float(x) for x in v.ravel()]} for k, v in arrays.items()}
+
+
+def _json(obj: object) -> bytes:
+    """Indented JSON with innermost lists (shapes, values) kept on one line."""
+    text = json.dumps(obj, indent=1)
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+    return (text + "\n").encode("utf-8")
+
+
+def example_unit() -> WorkUnit:
+    return WorkUnit(
+        job="cifar10-resnet", unit_id="u-000042", model="resnet_fast",
+        model_version=blob_id(b"example model blob"), base_step=17,
+        shard_ids=[blob_id(b"example shard 0"), blob_id(b"example shard 1")],
+        local_steps=50, batch_size=64,
+        hyper={"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0005,
+               "label_smoothing": 0.0, "loss": "ce", "crop_pad": 4, "flip": True},
+        seed=12345, codec="int8", lease="v1.u-000042.1767225600.9f2c4e", deadline=1767225600.0,
+    )
+
+
+def _invalid(deltas: dict[str, bytes]) -> tuple[dict[str, bytes], list[dict]]:
+    """Malformed variants of the golden containers, each with the field its error names."""
+    fp32, topk, int8 = deltas["fp32"], bytearray(deltas["topk"]), bytearray(deltas["int8"])
+    head = 8 + int.from_bytes(fp32[4:8], "little")
+    start = head + (-head % 4)
+    nan = bytearray(fp32)
+    nan[start : start + 4] = np.array([np.nan], "<f4").tobytes()
+    t_head = 8 + int.from_bytes(topk[4:8], "little")
+    t_start = t_head + (-t_head % 4)
+    topk[t_start : t_start + 8] = topk[t_start + 4 : t_start + 8] + topk[t_start : t_start + 4]
+    i_head = 8 + int.from_bytes(int8[4:8], "little")
+    i_bias = i_head + (-i_head % 4) + 4 + 54 + 2     # fc.bias payload: after conv's scale + 54 + pad
+    int8[i_bias + 4] = 0x80                           # first int8 value of fc.bias := -128
+    cases = {
+        "bad_magic": (b"CTD2" + fp32[4:], "delta.magic"),
+        "truncated": (fp32[:-4], "delta"),
+        "trailing": (fp32 + bytes(4), "delta"),
+        "short": (fp32[:6], "delta"),
+        "header_length": (fp32[:4] + (10**6).to_bytes(4, "little") + fp32[8:], "delta.header_length"),
+        "bad_json": (fp32[:8] + b"[" + fp32[9:], "delta.header"),
+        "unknown_codec": (fp32.replace(b'"fp32"', b'"fp64"', 1), "delta.codec"),
+        "nan": (bytes(nan), "delta.tensors[conv.weight].values"),
+        "topk_unsorted": (bytes(topk), "delta.tensors[conv.weight].indices"),
+        "int8_minus128": (bytes(int8), "delta.tensors[fc.bias].values"),
+    }
+    files = {f"invalid/{name}.bin": data for name, (data, _) in cases.items()}
+    manifest = [{"file": f"invalid/{name}.bin", "field": f} for name, (_, f) in cases.items()]
+    manifest.append({"file": "delta_fp32.bin", "spec": {"conv.weight": [[2, 3, 3, 3], "float32"],
+                     "fc.bias": [[5], "float32"]}, "field": "delta.tensors[fc.bias].shape"})
+    manifest.append({"file": "delta_fp32.bin", "spec": {"conv.weight": [[2, 3, 3, 3], "float32"]},
+                     "field": "delta.tensors[fc.bias]"})
+    return files, manifest
+
+
+def build() -> dict[str, bytes]:
+    """Every golden file: relative path -> exact bytes."""
+    arrays, files, deltas = sample(), {}, {}
+    for name, spec in SAMPLE_CODECS.items():
+        codec = get_codec(spec)
+        data = deltas[name] = codec.encode(arrays)
+        files[f"delta_{name}.bin"] = data
+        expected = {"codec": spec, "bytes": len(data), "sha256": blob_id(data),
+                    "input": _tensors(arrays), "decoded": _tensors(codec.decode(data))}
+        files[f"delta_{name}.json"] = _json(expected)
+    unit = example_unit()
+    ids = {"unit_id": unit.unit_id, "lease": unit.lease, "base_version": unit.model_version}
+    result = UnitResult(**ids, worker_id="w-py-7f3a", delta=deltas["int8"], loss_before=2.302585,
+                        loss_after=1.9875, num_samples=3200, compute_seconds=12.5)
+    failed = UnitResult(**ids, worker_id="w-web-19bc", delta=b"", loss_before=0.0, loss_after=0.0,
+                        num_samples=0, compute_seconds=0.8,
+                        error="onnxruntime-web: session creation failed (out of memory)")
+    files["unit.json"] = _json(unit.to_json())
+    files["result.json"] = _json(result.to_json())
+    files["result_error.json"] = _json(failed.to_json())
+    files["result.bin"] = pack_result(result)
+    invalid, manifest = _invalid(deltas)
+    files.update(invalid)
+    files["invalid.json"] = _json(manifest)
+    return files
+
+
+def main() -> None:
+    for rel, data in build().items():
+        path = GOLDEN / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        print(f"wrote {path.relative_to(GOLDEN.parents[1])} ({len(data)} bytes)")
+
+
+if __name__ == "__main__":
+    main()

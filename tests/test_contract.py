@@ -1,0 +1,374 @@
+"""The wire contract: message validation, delta codecs, the golden files, import directions."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contract import codecs
+from contract.codecs import CODEC_IDS, CODECS, decode_delta, delta_norm, get_codec, spec_of, top_indices
+from contract.errors import ContractError, error_body
+from contract.units import (PROTOCOL_VERSION, UnitRequest, UnitResult, WorkUnit, blob_id, check_result,
+                            pack_result, staleness, unpack_result)
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def _load_make_golden():
+    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_golden = _load_make_golden()
+
+
+def unit_dict(**changes) -> dict:
+    return {**make_golden.example_unit().to_json(), **changes}
+
+
+def result_dict(**changes) -> dict:
+    return {**json.loads((GOLDEN / "result.json").read_text()), **changes}
+
+
+def arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"conv.weight": rng.normal(0, 0.1, (8, 3, 3, 3)).astype(np.float32),
+            "fc.bias": rng.normal(0, 1, 10).astype(np.float32),
+            "bn.scale": np.float32(0.25) * np.ones(5, np.float32)}
+
+
+def field_of(call) -> str:
+    with pytest.raises(ContractError) as info:
+        call()
+    return info.value.field
+
+
+# --- import direction ---------------------------------------------------------------------------
+
+def test_contract_imports_neither_torch_nor_server_nor_worker():
+    code = ("import contract, contract.units, contract.codecs, sys; "
+            "assert not any(m.split('.')[0] in ('torch','aiohttp','coordinator','worker_py') for m in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
+# --- messages -------------------------------------------------------------------------------------
+
+def test_error_message_names_field_expectation_and_value():
+    with pytest.raises(ContractError) as info:
+        WorkUnit.from_json(unit_dict(hyper={"lr": -1}))
+    err = info.value
+    assert str(err) == "unit.hyper.lr: expected a finite number > 0, got -1"
+    assert isinstance(err, ValueError)
+    assert error_body(err) == {"error": {"code": "invalid", "field": "unit.hyper.lr", "message": str(err)}}
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hyper": {"lr": float("nan")}}, "unit.hyper.lr"),
+    ({"hyper": {"momentum": 0.9}}, "unit.hyper.lr"),
+    ({"hyper": {"lr": 0.1, "momentum": 1.0}}, "unit.hyper.momentum"),
+    ({"hyper": {"lr": 0.1, "loss": "mse"}}, "unit.hyper.loss"),
+    ({"hyper": {"lr": 0.1, "flip": 1}}, "unit.hyper.flip"),
+    ({"hyper": {"lr": 0.1, "warmup": 0.2}}, "unit.hyper.warmup"),
+    ({"local_steps": 0}, "unit.local_steps"),
+    ({"local_steps": 2.0}, "unit.local_steps"),
+    ({"batch_size": True}, "unit.batch_size"),
+    ({"seed": 2**31}, "unit.seed"),
+    ({"seed": -1}, "unit.seed"),
+    ({"codec": "zip"}, "unit.codec"),
+    ({"codec": "topk:2"}, "unit.codec"),
+    ({"codec": "int8:3"}, "unit.codec"),
+    ({"model_version": "ABC"}, "unit.model_version"),
+    ({"shard_ids": []}, "unit.shard_ids"),
+    ({"shard_ids": ["0" * 64, "xyz"]}, "unit.shard_ids[1]"),
+    ({"unit_id": "a/b"}, "unit.unit_id"),
+    ({"lease": ""}, "unit.lease"),
+    ({"deadline": float("inf")}, "unit.deadline"),
+    ({"deadline": 10**400}, "unit.deadline"),
+    ({"base_step": -1}, "unit.base_step"),
+])
+def test_work_unit_validation_names_the_field(changes, field):
+    assert field_of(lambda: WorkUnit.from_json(unit_dict(**changes))) == field
+    assert field in str(pytest.raises(ContractError, WorkUnit.from_json, unit_dict(**changes)).value)
+
+
+def test_work_unit_json_round_trip_and_codec_specs():
+    unit = WorkUnit.from_json(json.loads(json.dumps(unit_dict(codec="topk:0.05", deadline=1767225600))))
+    assert isinstance(unit.deadline, float) and unit.shard_ids == tuple(unit_dict()["shard_ids"])
+    again = WorkUnit.from_json(json.loads(json.dumps(unit.to_json())))
+    assert again == unit and again.to_json() == unit.to_json()
+    assert get_codec(unit.codec).fraction == 0.05
+    assert [get_codec(c).name for c in ("fp16", "topk", "topk:0.05")] == ["fp16", "topk", "topk:0.05"]
+
+
+def test_from_json_rejects_unknown_missing_and_other_protocols():
+    assert field_of(lambda: WorkUnit.from_json(unit_dict(colour="red"))) == "unit.colour"
+    d = unit_dict()
+    del d["lease"]
+    assert field_of(lambda: WorkUnit.from_json(d)) == "unit.lease"
+    assert "nothing" in str(pytest.raises(ContractError, WorkUnit.from_json, d).value)
+    with pytest.raises(ContractError) as info:
+        WorkUnit.from_json(unit_dict(protocol=2, colour="red"))
+    assert (info.value.field, info.value.code) == ("unit.protocol", "unsupported_protocol")
+    assert field_of(lambda: WorkUnit.from_json([])) == "unit"
+    assert field_of(lambda: UnitResult.from_json(result_dict(delta="AAAA"), delta=b"CTD1")) == "result.delta"
+
+
+def test_unit_result_json_round_trip_and_failed_units():
+    delta = (GOLDEN / "delta_int8.bin").read_bytes()
+    result = UnitResult.from_json(result_dict(), delta=delta)
+    assert UnitResult.from_json(json.loads(json.dumps(result.to_json())), delta=delta) == result
+    assert "delta" not in result.to_json()
+    failed = UnitResult.from_json(json.loads((GOLDEN / "result_error.json").read_text()))
+    assert failed.error and failed.delta == b""
+    no_error_key = {k: v for k, v in result_dict().items() if k != "error"}
+    assert UnitResult.from_json(no_error_key, delta=delta).error is None
+    assert field_of(lambda: UnitResult.from_json(result_dict())) == "result.delta"   # success needs a delta
+    assert field_of(lambda: UnitResult.from_json(result_dict(error="boom"), delta=delta)) == "result.delta"
+    assert field_of(lambda: UnitResult.from_json(result_dict(error=""))) == "result.error"
+    assert field_of(lambda: UnitResult.from_json(result_dict(num_samples=-1), delta=delta)) == "result.num_samples"
+    assert field_of(lambda: UnitResult.from_json(result_dict(loss_after=-0.5), delta=delta)) == "result.loss_after"
+    assert field_of(lambda: UnitResult.from_json(result_dict(worker_id=""), delta=delta)) == "result.worker_id"
+
+
+def test_unit_request_defaults_and_validation():
+    req = UnitRequest.from_json({"protocol": 1, "worker_id": "w1", "backend": "browser"})
+    assert req.codecs == CODEC_IDS and req.models == ()
+    assert UnitRequest.from_json(req.to_json()) == req
+    assert field_of(lambda: UnitRequest(worker_id="w1", backend="gpu")) == "request.backend"
+    assert field_of(lambda: UnitRequest(worker_id="w1", backend="python", codecs=["gzip"])) == "request.codecs"
+
+
+def test_result_body_round_trip_and_check_against_unit():
+    unit = make_golden.example_unit()
+    result = unpack_result((GOLDEN / "result.bin").read_bytes())
+    assert result.to_json() == result_dict()
+    assert result.delta == (GOLDEN / "delta_int8.bin").read_bytes()
+    assert unpack_result(pack_result(result)) == result
+    check_result(unit, result)
+    assert field_of(lambda: check_result(unit, dataclasses.replace(result, lease="other"))) == "result.lease"
+    assert field_of(lambda: check_result(unit, dataclasses.replace(result, num_samples=10**6))) == "result.num_samples"
+    body = pack_result(result)
+    assert field_of(lambda: unpack_result(b"CTR2" + body[4:])) == "result.magic"
+    assert field_of(lambda: unpack_result(body[:10])) == "result.metadata_length"
+    length = int.from_bytes(body[4:8], "little")
+    assert field_of(lambda: unpack_result(body[:8] + b"{" * length + body[8 + length :])) == "result.metadata"
+    assert field_of(lambda: unpack_result(body[:8 + length] + b"\1" * 8)) in ("result.padding", "result.delta")
+
+
+def test_blob_id_and_staleness():
+    assert blob_id(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert staleness(17, 20) == 3 and staleness(5, 5) == 0
+    assert field_of(lambda: staleness(6, 5)) == "unit.base_step"
+
+
+# --- codecs ---------------------------------------------------------------------------------------
+
+def test_registry_covers_every_codec_id(monkeypatch):
+    assert set(CODECS) == set(CODEC_IDS) and all(CODECS[i].id == i for i in CODEC_IDS)
+    monkeypatch.delitem(CODECS, "int8")
+    with pytest.raises(RuntimeError):
+        codecs._check_registry()
+
+
+def test_fp32_round_trip_is_exact():
+    a = arrays()
+    out = CODECS["fp32"].decode(CODECS["fp32"].encode(a), spec_of(a))
+    assert list(out) == list(a)
+    assert all(out[k].dtype == np.float32 and np.array_equal(out[k], a[k]) for k in a)
+
+
+def test_fp16_round_trip_within_fp16_eps():
+    a = arrays(1)
+    out = CODECS["fp16"].decode(CODECS["fp16"].encode(a), spec_of(a))
+    for k in a:
+        assert out[k].dtype == np.float32 and out[k].shape == a[k].shape
+        assert np.array_equal(out[k], a[k].astype(np.float16).astype(np.float32))
+        assert np.all(np.abs(out[k] - a[k]) <= np.abs(a[k]) * 2.0**-11 + 2.0**-25)
+
+
+def test_int8_round_trip_within_half_a_step():
+    a = arrays(2)
+    a["zeros"] = np.zeros(3, np.float32)
+    out = CODECS["int8"].decode(CODECS["int8"].encode(a), spec_of(a))
+    for k in a:
+        scale = np.abs(a[k]).max() / 127
+        assert np.all(np.abs(out[k] - a[k]) <= scale / 2 * (1 + 1e-5) + 1e-12)
+    assert np.array_equal(out["zeros"], a["zeros"])
+
+
+@pytest.mark.parametrize("spec, fraction", [("topk", 0.01), ("topk:0.2", 0.2), ("topk:1", 1.0)])
+def test_topk_keeps_largest_entries_exactly(spec, fraction):
+    a = arrays(3)
+    codec = get_codec(spec)
+    out = codec.decode(codec.encode(a), spec_of(a))
+    for k, x in a.items():
+        kept = np.flatnonzero(out[k].ravel())
+        expect = codecs.topk_count(x.size, fraction)
+        assert kept.size == expect
+        assert np.array_equal(out[k].ravel()[kept], x.ravel()[kept])
+        dropped = np.setdiff1d(np.arange(x.size), kept)
+        if dropped.size:
+            assert np.abs(x.ravel()[dropped]).max() <= np.abs(x.ravel()[kept]).min()
+    assert math.isclose(codec.ratio, 2 * fraction)
+
+
+def test_top_indices_breaks_ties_by_lower_index():
+    x = np.array([1, -3, 2, 3, -2, 3], np.float32)
+    assert top_indices(x, 2).tolist() == [1, 3]
+    assert top_indices(x, 4).tolist() == [1, 2, 3, 5]
+
+
+def test_ratios():
+    assert [CODECS[i].ratio for i in ("fp32", "fp16", "int8")] == [1.0, 0.5, 0.25]
+    a = {"w": np.ones(10_000, np.float32)}
+    for codec in CODECS.values():
+        assert abs(len(codec.encode(a)) / 40_000 - codec.ratio) < 0.01
+
+
+def test_empty_and_scalar_tensors():
+    a = {"empty": np.zeros((0, 3), np.float32), "scalar": np.float32(-2.5)}
+    for codec in CODECS.values():
+        out = codec.decode(codec.encode(a), spec_of(a))
+        assert out["empty"].shape == (0, 3) and out["scalar"].shape == () and out["scalar"] == -2.5
+
+
+@pytest.mark.parametrize("codec_id", CODEC_IDS)
+def test_decode_rejects_malformed_containers(codec_id):
+    a = arrays(4)
+    data = CODECS[codec_id].encode(a)
+    assert field_of(lambda: decode_delta(data[:-1])) == "delta"
+    assert field_of(lambda: decode_delta(data[:-4])) == "delta"
+    assert field_of(lambda: decode_delta(data + b"\0\0\0\0")) == "delta"
+    assert field_of(lambda: decode_delta(b"XTD1" + data[4:])) == "delta.magic"
+    assert field_of(lambda: decode_delta(data[:3])) == "delta"
+    assert field_of(lambda: decode_delta("text")) == "delta"
+    wrong = dict(spec_of(a), **{"fc.bias": ((11,), "float32")})
+    assert field_of(lambda: decode_delta(data, wrong)) == "delta.tensors[fc.bias].shape"
+    wrong = dict(spec_of(a), **{"fc.bias": ((10,), "float16")})
+    assert field_of(lambda: decode_delta(data, wrong)) == "delta.tensors[fc.bias].dtype"
+    assert field_of(lambda: decode_delta(data, dict(spec_of(a), extra=((1,), "float32")))) == "delta.tensors[extra]"
+    fewer = {k: v for k, v in spec_of(a).items() if k != "bn.scale"}
+    assert field_of(lambda: decode_delta(data, fewer)) == "delta.tensors[bn.scale]"
+    other = "fp32" if codec_id != "fp32" else "fp16"
+    assert field_of(lambda: CODECS[other].decode(data)) == "delta.codec"
+
+
+def test_decode_rejects_unknown_codec_nan_and_bad_headers():
+    data = CODECS["fp32"].encode({"w": np.arange(4, dtype=np.float32)})
+    assert field_of(lambda: decode_delta(data.replace(b'"fp32"', b'"fp64"'))) == "delta.codec"
+    nan = data[:-16] + np.array([0, np.nan, 0, 0], "<f4").tobytes()
+    assert field_of(lambda: decode_delta(nan)) == "delta.tensors[w].values"
+    inf = data[:-16] + np.array([0, np.inf, 0, 0], "<f4").tobytes()
+    assert field_of(lambda: decode_delta(inf)) == "delta.tensors[w].values"
+
+    def container(header: object) -> bytes:
+        raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+        return b"CTD1" + len(raw).to_bytes(4, "little") + raw + bytes(-len(raw) % 4) + bytes(16)
+
+    good = {"codec": "fp32", "tensors": [{"name": "w", "shape": [4], "dtype": "float32"}]}
+    assert decode_delta(container(good))["w"].tolist() == [0, 0, 0, 0]
+    bad_headers = {
+        b'{"codec":"fp32","codec":"fp32","tensors":[]}': "delta.header",
+        b"\xff\xfe": "delta.header",
+        b"[1]": "delta.header",
+        json.dumps({**good, "extra": 1}).encode(): "delta.header",
+    }
+    for raw, field in bad_headers.items():
+        assert field_of(lambda: decode_delta(container(raw))) == field
+    tensor = good["tensors"][0]
+    bad_entries = [
+        ({**tensor, "shape": [4.0]}, "delta.tensors[w].shape"),
+        ({**tensor, "shape": [-4]}, "delta.tensors[w].shape"),
+        ({**tensor, "shape": [1 << 20, 1 << 20]}, "delta.tensors[w].shape"),
+        ({**tensor, "dtype": "float64"}, "delta.tensors[w].dtype"),
+        ({**tensor, "name": "a b"}, "delta.tensors[0].name"),
+        ({**tensor, "scale": 1}, "delta.tensors[0]"),
+    ]
+    for entry, field in bad_entries:
+        assert field_of(lambda: decode_delta(container({**good, "tensors": [entry]}))) == field
+    assert field_of(lambda: decode_delta(container({**good, "tensors": [tensor, tensor]}))) == "delta.tensors[w]"
+    assert field_of(lambda: decode_delta(container({**good, "tensors": []}))) == "delta.tensors"
+    topk = {"codec": "topk", "tensors": [{**tensor, "k": 5}]}
+    assert field_of(lambda: decode_delta(container(topk))) == "delta.tensors[w].k"
+    padded = bytearray(CODECS["fp32"].encode({"abc": np.ones(1, np.float32)}))
+    head_end = 8 + int.from_bytes(padded[4:8], "little")
+    if head_end % 4:
+        padded[head_end] = 1
+        assert field_of(lambda: decode_delta(bytes(padded))) == "delta.padding"
+
+
+def test_decode_never_raises_anything_but_contract_errors():
+    rng = np.random.default_rng(5)
+    blobs = [CODECS[c].encode(arrays(6)) for c in CODEC_IDS]
+    for _ in range(400):
+        data = bytearray(blobs[rng.integers(len(blobs))])
+        for _ in range(rng.integers(1, 4)):
+            i = int(rng.integers(len(data)))
+            data[i] = int(rng.integers(256))
+        if rng.random() < 0.3:
+            data = data[: int(rng.integers(len(data)))]
+        try:
+            out = decode_delta(bytes(data))
+        except ContractError:
+            continue
+        assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in out.values())
+
+
+def test_encode_rejects_bad_input():
+    assert field_of(lambda: CODECS["fp32"].encode({})) == "delta"
+    assert field_of(lambda: CODECS["fp32"].encode({"w": np.arange(3)})) == "delta[w]"
+    assert field_of(lambda: CODECS["int8"].encode({"w": np.array([1, np.nan], np.float32)})) == "delta[w]"
+    assert field_of(lambda: CODECS["fp16"].encode({"w": np.array([1e6], np.float32)})) == "delta[w]"
+    assert field_of(lambda: CODECS["fp32"].encode({"bad name": np.ones(1, np.float32)})) == "delta"
+
+
+def test_delta_norm_is_global_l2():
+    assert delta_norm({"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)}) == 5.0
+    a = arrays(7)
+    flat = np.concatenate([np.ravel(v) for v in a.values()]).astype(np.float64)
+    assert math.isclose(delta_norm(a), float(np.linalg.norm(flat)), rel_tol=1e-12)
+
+
+# --- golden files -----------------------------------------------------------------------------
+
+def test_golden_files_are_reproduced_byte_for_byte():
+    built = make_golden.build()
+    on_disk = {str(p.relative_to(GOLDEN)) for p in GOLDEN.rglob("*") if p.is_file() and p.suffix in (".bin", ".json")}
+    assert on_disk == set(built), "stale or missing golden files: rerun tests/golden/make_golden.py"
+    for rel, data in built.items():
+        assert (GOLDEN / rel).read_bytes() == data, f"{rel} changed: the wire format drifted"
+
+
+@pytest.mark.parametrize("name", list(make_golden.SAMPLE_CODECS))
+def test_golden_deltas_decode_to_expected_values(name):
+    expected = json.loads((GOLDEN / f"delta_{name}.json").read_text())
+    data = (GOLDEN / f"delta_{name}.bin").read_bytes()
+    assert len(data) == expected["bytes"] and blob_id(data) == expected["sha256"]
+    spec = {k: (tuple(v["shape"]), "float32") for k, v in expected["decoded"].items()}
+    out = get_codec(expected["codec"]).decode(data, spec)
+    assert list(out) == list(expected["decoded"])
+    for k, v in expected["decoded"].items():
+        assert np.array_equal(out[k], np.array(v["values"], np.float32).reshape(v["shape"]))
+        assert np.array_equal(np.array(expected["input"][k]["values"], np.float32), make_golden.sample()[k].ravel())
+
+
+def test_golden_invalid_files_name_the_field():
+    for case in json.loads((GOLDEN / "invalid.json").read_text()):
+        spec = {k: (tuple(s), d) for k, (s, d) in case["spec"].items()} if "spec" in case else None
+        data = (GOLDEN / case["file"]).read_bytes()
+        assert field_of(lambda: decode_delta(data, spec)) == case["field"], case["file"]
+
+
+def test_golden_messages_parse():
+    assert WorkUnit.from_json(json.loads((GOLDEN / "unit.json").read_text())).protocol == PROTOCOL_VERSION
