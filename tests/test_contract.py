@@ -15,6 +15,7 @@ import pytest
 from contract import codecs
 from contract.codecs import CODEC_IDS, CODECS, decode_delta, delta_norm, get_codec, spec_of, top_indices
 from contract.errors import ContractError, error_body
+from contract.shards import decode_shard, encode_shard
 from contract.units import (PROTOCOL_VERSION, UnitRequest, UnitResult, WorkUnit, blob_id, check_result,
                             pack_result, staleness, unpack_result)
 
@@ -372,3 +373,30 @@ def test_golden_invalid_files_name_the_field():
 
 def test_golden_messages_parse():
     assert WorkUnit.from_json(json.loads((GOLDEN / "unit.json").read_text())).protocol == PROTOCOL_VERSION
+
+
+# --- data shards ------------------------------------------------------------------------------
+
+
+def test_shard_round_trip_is_exact():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
+    y = rng.integers(0, 10, 7)
+    data = encode_shard(x, y)
+    assert len(data) == 16 + 7 * (3 * 32 * 32 + 1)
+    gx, gy = decode_shard(data)
+    assert np.array_equal(gx, x) and np.array_equal(gy, y) and gy.dtype == np.int64
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda b: b[:-1], "shard"),
+    (lambda b: b + b"\0", "shard"),
+    (lambda b: b"XXXX" + b[4:], "shard.magic"),
+    (lambda b: b[:-1] + b"\x0a", "shard.labels"),
+    (lambda b: b[:4] + b"\0\0\0\0" + b[8:], "shard.shape"),
+])
+def test_shard_errors_name_the_field(mutate, field):
+    data = encode_shard(np.zeros((2, 3, 4, 4), np.uint8), np.array([1, 2]))
+    with pytest.raises(ContractError) as e:
+        decode_shard(mutate(data))
+    assert e.value.field == field
