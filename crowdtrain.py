@@ -7,7 +7,9 @@ SUBCOMMANDS = {
     "train": ("models.train", "train one model on CIFAR-10 in this process"),
     "models": ("models.registry", "list the registered models with parameter counts"),
     "data": ("models.data", "check, decode and cache a CIFAR-10 copy (optionally download it)"),
+    "coordinator": ("coordinator.main", "run a coordinator that hands out work units and aggregates deltas"),
     "run": ("models.train", "the main job: train the default model on CIFAR-10 with embedded defaults"),
+    "worker": ("worker_py.main", "run a headless worker that computes work units for a coordinator"),
 }
 
 

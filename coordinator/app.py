@@ -1,0 +1,171 @@
+"""The coordinator's HTTP service: ``create_app(config)`` does all the wiring.
+
+Routes (docs/protocol.md): ``POST /api/v1/units/next``, ``GET /api/v1/blobs/<id>``,
+``POST /api/v1/units/<unit_id>/result``; for people and monitors: ``GET /api/status``,
+``GET /metrics``, ``GET /dashboard``. Handlers are short: domain errors become 4xx JSON
+bodies that name the field, and no traceback ever reaches a client.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from contract.errors import ContractError
+from contract.units import UnitRequest, is_blob_id
+from coordinator import metrics
+from coordinator.config import CoordinatorConfig
+from coordinator.job import Job, Rejection
+from coordinator.keys import CONFIG, EVALS, JOB
+
+log = logging.getLogger("crowdtrain.coordinator")
+DASHBOARD = Path(__file__).parent / "dashboard"
+IMMUTABLE = "public, max-age=31536000, immutable"
+RETRY_AFTER_S = 5
+EXPIRE_EVERY_S = 1.0
+
+
+def error(code: str, status: int, message: str, field: str = "") -> web.Response:
+    return web.json_response({"error": {"code": code, "field": field, "message": message}}, status=status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler):
+    """Rejections become their 4xx body; anything unexpected a 500 without a traceback."""
+    try:
+        return await handler(request)
+    except Rejection as r:
+        return web.json_response(r.body(), status=r.status)
+    except web.HTTPException as e:
+        if e.status >= 400 and request.path.startswith("/api/"):
+            return error("http", e.status, e.reason)
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error("internal", 500, "internal error; see the coordinator's log")
+
+
+# ---------------------------------------------------------------------------- work
+async def next_unit(request: web.Request) -> web.Response:
+    job = request.app[JOB]
+    try:
+        raw = await request.json(loads=json.loads)
+        unit_request = UnitRequest.from_json(raw)
+    except json.JSONDecodeError as e:
+        return error("invalid", 400, f"request: expected a JSON object, got invalid JSON ({e.msg})", "request")
+    except ContractError as e:
+        return error(e.code if e.code == "unsupported_protocol" else "invalid", 400, e.message, e.field)
+    unit = job.next_unit(unit_request)
+    if unit is None:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        if job.finished:
+            headers["X-Crowdtrain-Finished"] = "1"
+        return web.Response(status=204, headers=headers)
+    return web.json_response(unit.to_json())
+
+
+async def get_blob(request: web.Request) -> web.Response:
+    blob_id = request.match_info["blob_id"]
+    path = request.app[JOB].store.blob_path(blob_id) if is_blob_id(blob_id) else None
+    if path is None:
+        return error("unknown_blob", 404, f"blob: expected the id of a model version or data shard, got {blob_id!r}",
+                     "blob")
+    headers = {"ETag": f'"{blob_id}"', "Cache-Control": IMMUTABLE}
+    if request.headers.get("If-None-Match") in (f'"{blob_id}"', blob_id):
+        return web.Response(status=304, headers=headers)
+    try:
+        body = await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:
+        return error("unknown_blob", 404, f"blob {blob_id} is no longer kept", "blob")
+    return web.Response(body=body, headers=headers, content_type="application/octet-stream")
+
+
+async def submit_result(request: web.Request) -> web.Response:
+    job = request.app[JOB]
+    if request.content_length is None or request.content_length > job.max_body:
+        job.store.count_rejection("too_large")
+        size = "no Content-Length" if request.content_length is None else f"{request.content_length} bytes"
+        return error("too_large", 413, f"body: expected a Content-Length of at most {job.max_body} bytes, got {size}",
+                     "body")
+    body = await request.read()
+    return web.json_response(await job.submit(request.match_info["unit_id"], body))
+
+
+# ---------------------------------------------------------------------------- visibility
+async def status(request: web.Request) -> web.Response:
+    body = request.app[JOB].status()
+    body["donate_url"] = str(request.url.origin()) + "/"
+    return web.json_response(body)
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    text = metrics.render(request.app[JOB].status())
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(DASHBOARD / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def index(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/dashboard")
+
+
+# ---------------------------------------------------------------------------- background work
+async def expire_loop(app: web.Application) -> None:
+    job = app[JOB]
+    while True:
+        await asyncio.sleep(EXPIRE_EVERY_S)
+        try:
+            job.expire_leases()
+        except Exception:
+            log.exception("lease expiry failed")
+
+
+async def eval_loop(app: web.Application) -> None:
+    """Evaluate the newest version every ``eval_every_s`` when it changed (off the request path)."""
+    job, seen = app[JOB], app[EVALS]
+    while True:
+        if job.step != seen.get("version"):
+            try:
+                row = await asyncio.to_thread(job.evaluate_current)
+                job.record_eval(row)
+                seen["version"] = row["version"]
+                log.info("version %d: test accuracy %.2f%% after %d samples", row["version"], 100 * row["test_acc"],
+                         row["samples"])
+            except Exception:
+                log.exception("evaluation failed")
+        await asyncio.sleep(app[CONFIG].eval_every_s if not job.finished else 1.0)
+
+
+async def job_ctx(app: web.Application):
+    """Open the job (data, store, replay) before serving; stop the tasks and close on shutdown."""
+    job = app[JOB]
+    if job.store is None:
+        await asyncio.to_thread(job.open)
+    tasks = [asyncio.create_task(expire_loop(app)), asyncio.create_task(eval_loop(app))]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    job.close()
+
+
+def create_app(config: CoordinatorConfig, job: Job | None = None) -> web.Application:
+    job = job or Job(config)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=job.max_body)
+    app[CONFIG], app[JOB], app[EVALS] = config, job, {}
+    app.cleanup_ctx.append(job_ctx)
+    app.router.add_post("/api/v1/units/next", next_unit)
+    app.router.add_get("/api/v1/blobs/{blob_id}", get_blob)
+    app.router.add_post("/api/v1/units/{unit_id}/result", submit_result)
+    app.router.add_get("/api/status", status)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/dashboard", dashboard)
+    app.router.add_static("/dashboard/", DASHBOARD)
+    app.router.add_get("/", index)
+    return app

@@ -1,0 +1,270 @@
+"""Durable state of a job: SQLite in WAL mode plus content-addressed blob files.
+
+Layers (after hivemind): store -> scheduler -> aggregation -> HTTP. The store knows nothing
+of models or strategies: it keeps rows and bytes.
+
+Invariants that make ``kill -9`` safe:
+- A blob file is written to a temporary name, fsynced and renamed; its name is its sha256, so
+  a half-written or orphaned blob is either invisible or harmless.
+- An accepted result is one row in the append-only ``results`` table, written (with its delta
+  blob already on disk) before the worker is answered. ``unit_id`` is unique, so a replayed
+  submission is recognised and never applied twice.
+- A new model version, the results it folds in (``applied_step``), and the strategy's state
+  are committed in one transaction: after a crash either all of it happened or none did,
+  and results still unapplied are replayed into the strategy's buffer on start.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    step INTEGER PRIMARY KEY, blob TEXT NOT NULL, samples INTEGER NOT NULL,
+    updates INTEGER NOT NULL, created REAL NOT NULL, pruned INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS units (
+    unit_id TEXT PRIMARY KEY, worker_id TEXT NOT NULL, shard_ids TEXT NOT NULL, base_step INTEGER NOT NULL,
+    lr REAL NOT NULL, seed INTEGER NOT NULL, issued REAL NOT NULL, deadline REAL NOT NULL,
+    samples INTEGER NOT NULL, status TEXT NOT NULL, finished REAL);
+CREATE INDEX IF NOT EXISTS units_status ON units (status, deadline);
+CREATE TABLE IF NOT EXISTS results (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, unit_id TEXT NOT NULL UNIQUE, worker_id TEXT NOT NULL,
+    base_step INTEGER NOT NULL, staleness INTEGER NOT NULL, num_samples INTEGER NOT NULL,
+    loss_before REAL, loss_after REAL, compute_seconds REAL, delta_blob TEXT NOT NULL,
+    accepted REAL NOT NULL, applied_step INTEGER, dropped TEXT);
+CREATE TABLE IF NOT EXISTS evals (
+    step INTEGER NOT NULL, samples INTEGER NOT NULL, seconds REAL NOT NULL,
+    test_acc REAL NOT NULL, test_loss REAL NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+"""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Version:
+    step: int
+    blob: str
+    samples: int
+    updates: int
+    created: float
+
+
+class Store:
+    """One job's SQLite database (``state.db``) and blob folder (``blobs/``) under ``root``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.blob_dir = self.root / "blobs"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ blobs
+    def put_blob(self, data: bytes) -> str:
+        """Write ``data`` under its sha256 (atomic, durable); returns the id."""
+        blob_id = sha256_hex(data)
+        path = self.blob_dir / blob_id
+        if not path.exists():
+            tmp = path.with_name(f".{blob_id}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return blob_id
+
+    def blob_path(self, blob_id: str) -> Path | None:
+        if len(blob_id) != 64 or any(c not in "0123456789abcdef" for c in blob_id):
+            return None
+        path = self.blob_dir / blob_id
+        return path if path.is_file() else None
+
+    def get_blob(self, blob_id: str) -> bytes:
+        path = self.blob_path(blob_id)
+        if path is None:
+            raise KeyError(blob_id)
+        return path.read_bytes()
+
+    def delete_blob(self, blob_id: str) -> None:
+        path = self.blob_path(blob_id)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ meta
+    def get_meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    # ------------------------------------------------------------------ versions
+    def latest_version(self) -> Version | None:
+        row = self.db.execute("SELECT step, blob, samples, updates, created FROM versions "
+                              "ORDER BY step DESC LIMIT 1").fetchone()
+        return Version(*row) if row else None
+
+    def version(self, step: int) -> Version | None:
+        row = self.db.execute("SELECT step, blob, samples, updates, created FROM versions WHERE step = ?",
+                              (step,)).fetchone()
+        return Version(*row) if row else None
+
+    def commit_version(self, version: Version, applied_seqs: list[int], dropped: dict[int, str],
+                       strategy_state: dict | None) -> None:
+        """Record a new model version, the results folded into it and the strategy's state at once."""
+        with self.transaction():
+            self.db.execute("INSERT INTO versions (step, blob, samples, updates, created) VALUES (?, ?, ?, ?, ?)",
+                            (version.step, version.blob, version.samples, version.updates, version.created))
+            self.db.executemany("UPDATE results SET applied_step = ? WHERE seq = ?",
+                                [(version.step, s) for s in applied_seqs])
+            self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?",
+                                [(why, s) for s, why in dropped.items()])
+            if strategy_state is not None:
+                self.set_meta("strategy_state", strategy_state)
+
+    def prunable_versions(self, below_step: int) -> list[tuple[int, str]]:
+        """(step, blob) of versions older than ``below_step`` whose blob is still on disk."""
+        return self.db.execute("SELECT step, blob FROM versions WHERE step < ? AND pruned = 0 AND step > 0",
+                               (below_step,)).fetchall()
+
+    def mark_version_pruned(self, step: int) -> None:
+        self.db.execute("UPDATE versions SET pruned = 1 WHERE step = ?", (step,))
+
+    # ------------------------------------------------------------------ units and leases
+    def insert_unit(self, unit_id: str, worker_id: str, shard_ids: list[str], base_step: int, lr: float,
+                    seed: int, deadline: float, samples: int, issued: float | None = None) -> None:
+        self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
+                        "samples, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased')",
+                        (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
+                         time.time() if issued is None else issued, deadline, samples))
+
+    def unit(self, unit_id: str) -> dict | None:
+        cur = self.db.execute("SELECT * FROM units WHERE unit_id = ?", (unit_id,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        unit = dict(zip([c[0] for c in cur.description], row))
+        unit["shard_ids"] = json.loads(unit["shard_ids"])
+        return unit
+
+    def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased") -> bool:
+        """Move a unit to ``status`` (from ``only_if`` when given); True when a row changed."""
+        sql, args = "UPDATE units SET status = ?, finished = ? WHERE unit_id = ?", [status, time.time(), unit_id]
+        if only_if is not None:
+            sql, args = sql + " AND status = ?", args + [only_if]
+        return self.db.execute(sql, args).rowcount == 1
+
+    def expire_leases(self, now: float) -> list[dict]:
+        """Mark leases past their deadline expired; returns them (their shards go back in the queue)."""
+        cur = self.db.execute("SELECT unit_id, shard_ids FROM units WHERE status = 'leased' AND deadline < ?", (now,))
+        rows = [{"unit_id": u, "shard_ids": json.loads(s)} for u, s in cur.fetchall()]
+        with self.transaction():
+            self.db.executemany("UPDATE units SET status = 'expired', finished = ? WHERE unit_id = ? "
+                                "AND status = 'leased'", [(now, r["unit_id"]) for r in rows])
+        return rows
+
+    def leased_shards(self) -> list[str]:
+        shards: list[str] = []
+        for (s,) in self.db.execute("SELECT shard_ids FROM units WHERE status = 'leased'"):
+            shards.extend(json.loads(s))
+        return shards
+
+    def leased_samples(self) -> int:
+        return self.db.execute("SELECT COALESCE(SUM(samples), 0) FROM units WHERE status = 'leased'").fetchone()[0]
+
+    def leased_base_steps(self) -> list[int]:
+        return [s for (s,) in self.db.execute("SELECT DISTINCT base_step FROM units WHERE status = 'leased'")]
+
+    def unit_counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM units GROUP BY status").fetchall())
+
+    # ------------------------------------------------------------------ results
+    def add_result(self, unit_id: str, worker_id: str, base_step: int, staleness: int, num_samples: int,
+                   loss_before: float, loss_after: float, compute_seconds: float, delta_blob: str) -> int | None:
+        """Append an accepted result and close its unit; None when ``unit_id`` was already accepted."""
+        with self.transaction():
+            try:
+                cur = self.db.execute(
+                    "INSERT INTO results (unit_id, worker_id, base_step, staleness, num_samples, loss_before, "
+                    "loss_after, compute_seconds, delta_blob, accepted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
+                     compute_seconds, delta_blob, time.time()))
+            except sqlite3.IntegrityError:
+                return None
+            self.db.execute("UPDATE units SET status = 'done', finished = ? WHERE unit_id = ?", (time.time(), unit_id))
+            return int(cur.lastrowid)
+
+    def mark_dropped(self, seq: int, why: str) -> None:
+        self.db.execute("UPDATE results SET dropped = ? WHERE seq = ?", (why, seq))
+
+    def result_for_unit(self, unit_id: str) -> dict | None:
+        cur = self.db.execute("SELECT * FROM results WHERE unit_id = ?", (unit_id,))
+        row = cur.fetchone()
+        return dict(zip([c[0] for c in cur.description], row)) if row else None
+
+    def pending_results(self) -> list[dict]:
+        """Accepted results not yet folded into a version nor dropped, in acceptance order."""
+        cur = self.db.execute("SELECT * FROM results WHERE applied_step IS NULL AND dropped IS NULL ORDER BY seq")
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def result_totals(self) -> dict:
+        row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(num_samples), 0), COALESCE(SUM(applied_step IS NOT NULL),"
+                              " 0), COALESCE(SUM(dropped IS NOT NULL), 0) FROM results").fetchone()
+        return {"accepted": row[0], "samples": row[1], "applied": row[2], "dropped": row[3]}
+
+    def staleness_counts(self) -> dict[int, int]:
+        return dict(self.db.execute("SELECT staleness, COUNT(*) FROM results GROUP BY staleness").fetchall())
+
+    # ------------------------------------------------------------------ evaluations and rejections
+    def add_eval(self, step: int, samples: int, seconds: float, test_acc: float, test_loss: float) -> None:
+        self.db.execute("INSERT INTO evals (step, samples, seconds, test_acc, test_loss, at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (step, samples, seconds, test_acc, test_loss, time.time()))
+
+    def evals(self) -> list[dict]:
+        cur = self.db.execute("SELECT step, samples, seconds, test_acc, test_loss FROM evals ORDER BY at")
+        return [{"version": s, "samples": n, "seconds": sec, "test_acc": a, "test_loss": l}
+                for s, n, sec, a, l in cur.fetchall()]
+
+    def count_rejection(self, reason: str) -> None:
+        self.db.execute("INSERT INTO rejections (reason, count) VALUES (?, 1) "
+                        "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+
+    def rejections(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())
+
+    # ------------------------------------------------------------------ helpers
+    def transaction(self):
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error); nests by joining the outer one."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db, self.outer = db, False
+
+    def __enter__(self):
+        self.outer = not self.db.in_transaction
+        if self.outer:
+            self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.outer:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

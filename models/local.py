@@ -1,0 +1,120 @@
+"""One work unit's computation: a few local SGD steps from a base model state.
+
+Shared by the Python worker, the simulator and the coordinator's checks, so a unit with a
+given seed computes the same delta wherever it runs. States and deltas are plain
+``dict[str, np.ndarray]`` (float32), the currency of the wire contract and the strategies.
+
+What travels: every floating-point entry of the state_dict (parameters and buffers such as
+batch-norm running statistics, and a supermask model's fixed weights, which a worker needs
+to compute). What a delta carries (``delta_names``): the trainable parameters plus the
+floating-point buffers that training changes; a supermask model's fixed weights never change,
+so its deltas hold only scores and running statistics.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models import registry
+from models.augment import augment
+from models.recipe import Recipe
+from models.train import loss_fn, make_optimizer
+
+
+def state_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's floating-point state as float32 numpy copies (integer counters are dropped)."""
+    return {k: v.detach().cpu().float().numpy().copy() for k, v in model.state_dict().items()
+            if v.is_floating_point()}
+
+
+def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Copy ``arrays`` into the model's state; names and shapes must match exactly."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    missing, extra = sorted(set(state) - set(arrays)), sorted(set(arrays) - set(state))
+    if missing or extra:
+        raise ValueError(f"state mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, target in state.items():
+            value = torch.from_numpy(np.asarray(arrays[name], dtype=np.float32))
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"state '{name}': expected shape {tuple(target.shape)}, got {tuple(value.shape)}")
+            target.copy_(value)
+
+
+def delta_names(model: torch.nn.Module) -> list[str]:
+    """Names of the state entries a delta carries, in state_dict order."""
+    trainable = {id(p) for p in registry.trainable_parameters(model)}
+    params = dict(model.named_parameters())
+    names = []
+    for name, value in model.state_dict(keep_vars=True).items():
+        if name in params:
+            if id(params[name]) in trainable:
+                names.append(name)
+        elif value.is_floating_point() and name.rsplit(".", 1)[-1] in ("running_mean", "running_var"):
+            names.append(name)
+    return names
+
+
+def delta_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Expected names, shapes and dtypes of a delta for this model (for validation at the boundary)."""
+    state = model.state_dict()
+    return {n: (tuple(state[n].shape), "float32") for n in delta_names(model)}
+
+
+@dataclass
+class LocalResult:
+    delta: dict[str, np.ndarray]  # trained - base, for delta_names(model)
+    loss_before: float            # loss of the first batch, before any update
+    loss_after: float             # loss of the last batch, at its step
+    mean_loss: float              # mean batch loss over the unit
+    num_samples: int              # samples processed (steps * batch)
+    seconds: float                # compute time
+
+
+def batch_indices(n: int, steps: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """``steps`` batches drawn without replacement from ``n`` samples, reshuffling at each pass."""
+    order, out, pos = torch.randperm(n, generator=gen), [], 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            take = order[pos:]
+            order, pos = torch.randperm(n, generator=gen), batch_size - len(take)
+            out.append(torch.cat([take, order[:pos]]))
+        else:
+            out.append(order[pos:pos + batch_size])
+            pos += batch_size
+    return out
+
+
+def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y: np.ndarray,
+              recipe: Recipe, steps: int, lr: float, seed: int,
+              model: torch.nn.Module | None = None) -> LocalResult:
+    """Train ``steps`` SGD steps of ``recipe.batch_size`` from ``base`` on the shard (x_u8, y).
+
+    Momentum starts from zero in every unit (units are independent). ``model`` may be a
+    cached instance of ``model_name`` to avoid rebuilding it; its state is overwritten.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = model if model is not None else registry.build(model_name)
+    load_arrays(model, base)
+    model.train()
+    opt = make_optimizer(model, recipe)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x, labels = torch.from_numpy(np.ascontiguousarray(x_u8)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    batch = min(recipe.batch_size, len(labels))
+    losses = []
+    for idx in batch_indices(len(labels), steps, batch, gen):
+        loss = loss_fn(model(augment(x[idx], recipe.crop_pad, recipe.flip, gen)), labels[idx], recipe)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    trained = model.state_dict()
+    delta = {n: trained[n].detach().float().numpy() - base[n] for n in delta_names(model)}
+    return LocalResult(delta, losses[0], losses[-1], float(np.mean(losses)), len(losses) * batch,
+                       time.perf_counter() - t0)

@@ -1,0 +1,241 @@
+"""The coordinator over real HTTP on 127.0.0.1 (pytest-aiohttp), with a real SQLite store.
+
+Workers here are in-process (tests/helpers/fault_worker.py); real worker processes, kill -9
+and restarts are in tests/test_e2e.py.
+"""
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from contract.codecs import CODEC_IDS, decode_delta
+from contract.units import WorkUnit
+from coordinator.app import create_app
+from coordinator.config import CoordinatorConfig
+from coordinator.job import Job
+from coordinator.strategies import STRATEGIES
+from tests.helpers.fault_worker import Fault, body, compute
+from tests.helpers.tiny_cifar import tiny_cifar10
+
+DENSE_STRATEGIES = sorted(n for n in STRATEGIES if not n.startswith("supermask"))
+SUPERMASK_STRATEGIES = sorted(n for n in STRATEGIES if n.startswith("supermask"))
+
+
+def make_job(tmp_path, **overrides) -> Job:
+    cfg = CoordinatorConfig(state=tmp_path / "state", **{"model": "cnn", "shard_size": 64, "epochs": 4.0,
+                                                         "eval_every_s": 0.2, **overrides})
+    job = Job(cfg)
+    job.open(tiny_cifar10(n_train=256, n_test=64))
+    return job
+
+
+@pytest.fixture
+async def client_for(aiohttp_client, tmp_path):
+    async def make(**overrides):
+        job = make_job(tmp_path, **overrides)
+        return await aiohttp_client(create_app(job.config, job)), job
+    return make
+
+
+async def take_unit(client, worker="w1", **extra) -> WorkUnit:
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python",
+                                                          **extra})
+    assert resp.status == 200, await resp.text()
+    return WorkUnit.from_json(await resp.json())
+
+
+async def fetcher(client):
+    cache = {}
+
+    async def fetch_all(unit):
+        for blob in [unit.model_version, *unit.shard_ids]:
+            if blob not in cache:
+                resp = await client.get(f"/api/v1/blobs/{blob}")
+                assert resp.status == 200
+                cache[blob] = await resp.read()
+        return cache.__getitem__
+    return fetch_all
+
+
+async def submit(client, unit, data: bytes):
+    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data,
+                             headers={"Content-Type": "application/octet-stream"})
+    return resp.status, await resp.json()
+
+
+def snapshot(job):
+    totals = job.store.result_totals()
+    return (job.step, job.store.latest_version().blob, totals["accepted"], totals["samples"],
+            json.dumps(job.store.unit_counts(), sort_keys=True), {k: v.copy() for k, v in job.state.items()})
+
+
+def same(a, b):
+    return a[:5] == b[:5] and all(np.array_equal(a[5][k], b[5][k]) for k in a[5])
+
+
+async def test_unit_blobs_are_immutable_and_cached(client_for):
+    client, job = await client_for()
+    unit = await take_unit(client)
+    resp = await client.get(f"/api/v1/blobs/{unit.model_version}")
+    assert resp.status == 200
+    assert resp.headers["ETag"] == f'"{unit.model_version}"'
+    assert "immutable" in resp.headers["Cache-Control"]
+    again = await client.get(f"/api/v1/blobs/{unit.model_version}", headers={"If-None-Match": resp.headers["ETag"]})
+    assert again.status == 304
+    missing = await client.get("/api/v1/blobs/" + "a" * 64)
+    assert missing.status == 404 and (await missing.json())["error"]["code"] == "unknown_blob"
+
+
+@pytest.mark.parametrize("fault, status, code", [
+    (Fault.GARBAGE, 400, "invalid"),
+    (Fault.TRUNCATED, 400, "invalid"),
+    (Fault.NAN, 400, "invalid"),
+    (Fault.WRONG_SHAPE, 400, "invalid"),
+    (Fault.HUGE_NORM, 422, "norm_bound"),
+    (Fault.FORGED_LEASE, 403, "lease_invalid"),
+    (Fault.OTHER_WORKER, 403, "lease_invalid"),
+    (Fault.WRONG_BASE, 400, "invalid"),
+])
+async def test_bad_submissions_are_refused_and_change_nothing(client_for, fault, status, code):
+    client, job = await client_for(codec="fp32")
+    unit = await take_unit(client)
+    fetch = await (await fetcher(client))(unit)
+    honest = compute(unit, fetch, "w1")
+    before = snapshot(job)
+    got_status, got = await submit(client, unit, body(honest, fault))
+    assert got_status == status and got["error"]["code"] == code, got
+    assert got["error"]["message"] and "Traceback" not in json.dumps(got)
+    assert same(snapshot(job), before)
+    status_body = await (await client.get("/api/status")).json()
+    assert status_body["units_rejected"] == {code: 1}
+    ok_status, ok = await submit(client, unit, body(honest))  # the honest result still goes through
+    assert ok_status == 200 and ok["accepted"], ok
+
+
+async def test_oversize_body_is_refused_before_reading(client_for):
+    client, job = await client_for()
+    unit = await take_unit(client)
+    before = snapshot(job)
+    too_big = b"\0" * (job.max_body + 1)
+    status, got = await submit(client, unit, too_big)
+    assert status == 413 and got["error"]["code"] == "too_large"
+    assert same(snapshot(job), before)
+
+
+async def test_replayed_result_is_harmless(client_for):
+    client, job = await client_for(strategy="async_sgd")
+    unit = await take_unit(client)
+    fetch = await (await fetcher(client))(unit)
+    data = body(compute(unit, fetch, "w1"))
+    status, first = await submit(client, unit, data)
+    assert status == 200 and first["accepted"]
+    after_first = snapshot(job)
+    status, again = await submit(client, unit, data)
+    assert status == 409 and again["error"]["code"] == "duplicate"
+    assert same(snapshot(job), after_first)
+
+
+async def test_unknown_unit_and_bad_requests(client_for):
+    client, job = await client_for()
+    unit = await take_unit(client)
+    fetch = await (await fetcher(client))(unit)
+    data = body(compute(unit, fetch, "w1"))
+    resp = await client.post("/api/v1/units/ffffffffffffffff/result", data=data)
+    assert resp.status == 400  # the body names another unit than the URL
+    resp = await client.post("/api/v1/units/next", data=b"{nope")
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid"
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "w 1", "backend": "python"})
+    got = await resp.json()
+    assert resp.status == 400 and got["error"]["field"] == "request.worker_id", got
+    resp = await client.post("/api/v1/units/next", json={"protocol": 9, "worker_id": "w1", "backend": "python"})
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "unsupported_protocol"
+
+
+async def test_failed_and_returned_units_are_reissued(client_for):
+    client, job = await client_for(shard_size=256)   # one shard: the reissue must hand out the same one
+    unit = await take_unit(client)
+    fetch = await (await fetcher(client))(unit)
+    honest = compute(unit, fetch, "w1")
+    import dataclasses
+    returned = dataclasses.replace(honest, delta=b"", error="returned: worker stopping", loss_before=0.0,
+                                   loss_after=0.0, num_samples=0)
+    status, got = await submit(client, unit, body(returned))
+    assert status == 200 and got == {"accepted": False, "status": "returned"}
+    again = await take_unit(client, "w2")
+    assert again.shard_ids == unit.shard_ids and again.unit_id != unit.unit_id
+    status, got = await submit(client, unit, body(honest))   # the handed-back lease is over
+    assert status == 410 and got["error"]["code"] == "lease_expired"
+
+
+async def test_expired_lease_is_reissued_and_late_result_used_once(client_for):
+    client, job = await client_for(shard_size=256, lease_min_s=0.05, lease_first_s=0.05, lease_max_s=0.05,
+                                   strategy="async_sgd")
+    unit = await take_unit(client)
+    fetch = await (await fetcher(client))(unit)
+    honest = compute(unit, fetch, "w1")
+    await asyncio.sleep(1.5)   # the coordinator's expiry loop runs every second
+    assert job.store.unit(unit.unit_id)["status"] == "expired"
+    reissued = await take_unit(client, "w2")
+    assert reissued.shard_ids == unit.shard_ids
+    status, got = await submit(client, unit, body(honest))   # late but used (late_results="use")
+    assert status == 200 and got["late"] is True
+    status, got = await submit(client, unit, body(honest))
+    assert status == 409 and got["error"]["code"] == "duplicate"
+    assert job.store.result_totals()["accepted"] == 1
+
+
+async def run_units(client, job, n, workers=("w1", "w2")):
+    """Interleave ``n`` honest units from several workers (so async strategies see staleness)."""
+    fetch_all = await fetcher(client)
+    queue = [(w, await take_unit(client, w)) for w in workers]
+    for _ in range(n):
+        worker, unit = queue.pop(0)
+        status, got = await submit(client, unit, body(compute(unit, await fetch_all(unit), worker)))
+        assert status == 200 and got["accepted"], got
+        queue.append((worker, await take_unit(client, worker)))
+
+
+@pytest.mark.parametrize("strategy", DENSE_STRATEGIES)
+@pytest.mark.parametrize("codec", CODEC_IDS)
+async def test_every_strategy_and_codec_end_to_end(client_for, strategy, codec):
+    params = {"fedavg": {"clients_per_round": 2}, "fedbuff": {"buffer_size": 2}}.get(strategy, {})
+    client, job = await client_for(strategy=strategy, strategy_params=params,
+                                   codec="topk:0.25" if codec == "topk" else codec)
+    await run_units(client, job, 4)
+    assert job.step >= 1, f"{strategy}: no new version after 4 units"
+    assert job.store.result_totals()["applied"] >= 2
+    version0 = decode_delta(job.store.get_blob(job.store.version(0).blob))
+    assert any(not np.array_equal(v, version0[k]) for k, v in job.state.items())
+    assert all(np.isfinite(v).all() for v in job.state.values())
+    served = decode_delta(job.store.get_blob(job.store.latest_version().blob))
+    assert all(np.array_equal(served[k], v) for k, v in job.state.items()), "the served blob is the model"
+
+
+@pytest.mark.parametrize("strategy", SUPERMASK_STRATEGIES)
+async def test_supermask_strategies_end_to_end(client_for, strategy):
+    client, job = await client_for(model="supermask_fc", strategy=strategy, codec="fp32")
+    base = {k: v.copy() for k, v in job.state.items()}
+    await run_units(client, job, 4)
+    assert job.step >= 1
+    changed = {k for k in base if not np.array_equal(base[k], job.state[k])}
+    assert changed and all("score" in k for k in changed), changed
+
+
+async def test_status_metrics_and_dashboard(client_for):
+    client, job = await client_for(strategy="async_sgd")
+    await run_units(client, job, 2)
+    for _ in range(50):
+        status = await (await client.get("/api/status")).json()
+        if status["accuracy_history"] and status["accuracy_history"][-1]["version"] == job.step:
+            break
+        await asyncio.sleep(0.1)
+    for key in ("model_version", "units_issued", "units_accepted", "units_rejected", "workers_online",
+                "samples_per_second", "accuracy_history"):
+        assert key in status
+    assert status["units_accepted"] == 2 and status["workers_online"] == 2
+    assert all(0 <= row["test_acc"] <= 1 for row in status["accuracy_history"])
+    metrics = await (await client.get("/metrics")).text()
+    assert "crowdtrain_units_accepted_total 2" in metrics
+    page = await client.get("/dashboard")
+    assert page.status == 200 and "<html" in (await page.text()).lower()
