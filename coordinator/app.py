@@ -103,8 +103,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def prometheus(request: web.Request) -> web.Response:
     text = metrics.render(request.app[JOB].status())
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(text=text, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:
