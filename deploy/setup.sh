@@ -13,6 +13,16 @@ for arg in "$@"; do
   esac
 done
 
+# Browser tests drive Debian's Chromium (never a downloaded browser build).
+if [ "$want_test" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup.sh: installing Debian's chromium for the browser tests" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: /usr/bin/chromium is missing (apt-get install chromium); browser tests will skip" >&2
+  fi
+fi
+
 python=${PYTHON:-python3}
 if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   echo "setup.sh: crowdtrain needs Python 3.11 (torch 2.13.0 CPU wheel); $python is $("$python" --version 2>&1)" >&2
