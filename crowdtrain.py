@@ -8,7 +8,7 @@ SUBCOMMANDS = {
     "models": ("models.registry", "list the registered models with parameter counts"),
     "data": ("models.data", "check, decode and cache a CIFAR-10 copy (optionally download it)"),
     "coordinator": ("coordinator.main", "run a coordinator that hands out work units and aggregates deltas"),
-    "run": ("models.train", "the main job: train the default model on CIFAR-10 with embedded defaults"),
+    "run": ("coordinator.run", "the main job: a coordinator on CIFAR-10 plus local workers (prints the URL)"),
     "worker": ("worker_py.main", "run a headless worker that computes work units for a coordinator"),
 }
 

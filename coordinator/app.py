@@ -62,7 +62,7 @@ async def next_unit(request: web.Request) -> web.Response:
     if unit is None:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         if job.finished:
-            headers["X-Crowdtrain-Finished"] = "1"
+            headers["X-Crowdtrain-Finished"] = "true"
         return web.Response(status=204, headers=headers)
     return web.json_response(unit.to_json())
 

@@ -212,10 +212,7 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
 
 # ----------------------------------------------------------------------------- command line
 def build_parser(prog: str, command: str) -> argparse.ArgumentParser:
-    main_job = command == "run"
-    p = argparse.ArgumentParser(prog=prog, description=(
-        "The main job: train the default model on CIFAR-10 with its embedded defaults." if main_job
-        else "Train one registered model on CIFAR-10 in this process."))
+    p = argparse.ArgumentParser(prog=prog, description="Train one registered model on CIFAR-10 in this process.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}; "
                    "see `crowdtrain models`)")
     p.add_argument("--data", help="CIFAR-10: official archive or folder, or image-folder layout "

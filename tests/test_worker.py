@@ -1,0 +1,369 @@
+"""The Python worker (``crowdtrain worker``) against a small fake coordinator.
+
+The fake (aiohttp.web on 127.0.0.1, in a thread) serves real blobs (a model's fp32 state
+container, CTS1 shards of tiny CIFAR look-alikes), hands out units from a list, counts blob
+downloads and records the result bodies. The worker runs as a real subprocess.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from email.utils import formatdate
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from aiohttp import web
+
+from contract.codecs import decode_delta, encode_delta, get_codec
+from contract.errors import ContractError, error_body
+from contract.shards import encode_shard
+from contract.units import UnitRequest, UnitResult, WorkUnit, blob_id, check_result, unpack_result
+from models import registry
+from models.local import delta_spec, state_arrays
+from tests.helpers.tiny_cifar import tiny_cifar10
+from worker_py.client import BlobCache, Client, NoWork, backoff_delays, parse_retry_after
+
+ROOT = Path(__file__).resolve().parents[1]
+HAND_BACK = "returned: worker stopping"
+
+
+# ----------------------------------------------------------------------------- blobs
+def model_blob(name: str) -> bytes:
+    torch.manual_seed(0)
+    return encode_delta(get_codec("fp32"), state_arrays(registry.build(name)))
+
+
+@pytest.fixture(scope="module")
+def blobs() -> dict[str, bytes]:
+    """name -> bytes: two models, two 32-image shards, and a shard with labels out of range."""
+    data = tiny_cifar10(n_train=64, n_test=1)
+    bad_labels = np.full(8, 200, np.uint8)
+    return {"supermask_fc": model_blob("supermask_fc"), "cnn": model_blob("cnn"),
+            "s1": encode_shard(data.train_x[:32], data.train_y[:32]),
+            "s2": encode_shard(data.train_x[32:], data.train_y[32:]),
+            "corrupt": encode_shard(data.train_x[:8], bad_labels)}
+
+
+def ids(blobs: dict[str, bytes]) -> dict[str, str]:
+    return {name: blob_id(data) for name, data in blobs.items()}
+
+
+def unit(uid: str, model_blob_id: str, shard_ids: list[str], model: str = "supermask_fc", steps: int = 2,
+         batch: int = 16, codec: str = "fp32", **hyper: object) -> dict:
+    """A WorkUnit JSON dict without lease and deadline (the fake fills those in)."""
+    return {"protocol": 1, "job": "job1", "unit_id": uid, "model": model, "model_version": model_blob_id,
+            "base_step": 0, "shard_ids": shard_ids, "local_steps": steps, "batch_size": batch,
+            "hyper": {"lr": 0.05, **hyper}, "seed": 7, "codec": codec}
+
+
+# ----------------------------------------------------------------------------- the fake coordinator
+class FakeCoordinator:
+    """Serves ``blobs`` (by sha256), issues ``units`` in order, records every result.
+
+    ``down_first``: answer units/next with 503 that many times; ``replies``: (status, code) to
+    answer the first submissions with; ``finish``: say the job is over once the units run out;
+    ``clock``: seconds the fake's clock (Date header, deadlines) is ahead of the real one.
+    """
+
+    def __init__(self, blobs: list[bytes], units: list[dict], port: int = 0, down_first: int = 0,
+                 replies: list[tuple[int, str]] = (), finish: bool = False, clock: float = 0.0) -> None:
+        self.blobs = {blob_id(b): b for b in blobs}
+        self.units, self.port, self.down_first = list(units), port, down_first
+        self.replies, self.finish, self.clock = list(replies), finish, clock
+        self.blob_gets: Counter[str] = Counter()
+        self.requests: list[UnitRequest] = []
+        self.issued: dict[str, dict] = {}
+        self.results: list[UnitResult] = []
+        self.accepted: set[str] = set()
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def next_unit(self, request: web.Request) -> web.Response:
+        self.requests.append(UnitRequest.from_json(await request.json()))
+        if self.down_first > 0:
+            self.down_first -= 1
+            return web.Response(status=503, text="starting up")
+        if not self.units:
+            headers = {"Retry-After": "0.2", **({"X-Crowdtrain-Finished": "true"} if self.finish else {})}
+            return web.Response(status=204, headers=headers)
+        now = time.time() + self.clock
+        d = {"lease": "lease-" + os.urandom(4).hex(), "deadline": now + 600, **self.units.pop(0)}
+        self.issued[d["unit_id"]] = d
+        return web.json_response(d, headers={"Date": formatdate(now, usegmt=True)})
+
+    async def blob(self, request: web.Request) -> web.Response:
+        bid = request.match_info["bid"]
+        self.blob_gets[bid] += 1
+        if bid not in self.blobs:
+            return web.json_response({"error": {"code": "unknown_blob", "field": "", "message": "no such blob"}},
+                                     status=404)
+        return web.Response(body=self.blobs[bid], content_type="application/octet-stream",
+                            headers={"ETag": f'"{bid}"'})
+
+    async def result(self, request: web.Request) -> web.Response:
+        try:
+            result = unpack_result(await request.read())
+            issued = self.issued[request.match_info["uid"]]
+            try:
+                unit = WorkUnit.from_json(issued)
+            except ContractError:   # a malformed unit can only come back as a failure
+                assert result.error and (result.unit_id, result.lease) == (issued["unit_id"], issued["lease"])
+            else:
+                check_result(unit, result)
+        except ContractError as e:
+            return web.json_response(error_body(e), status=400)
+        self.results.append(result)
+        if self.replies:
+            status, code = self.replies.pop(0)
+            return web.json_response({"error": {"code": code, "field": "", "message": f"{code} (fake)"}},
+                                     status=status)
+        if result.unit_id in self.accepted:
+            return web.json_response({"error": {"code": "duplicate", "field": "", "message": "again"}}, status=409)
+        self.accepted.add(result.unit_id)
+        return web.json_response({"accepted": True, "staleness": 0})
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/api/v1/units/next", self.next_unit)
+        app.router.add_get("/api/v1/blobs/{bid}", self.blob)
+        app.router.add_post("/api/v1/units/{uid}/result", self.result)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def start(self) -> "FakeCoordinator":
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(url: str, cache: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "crowdtrain", "worker", "--coordinator", url, "--cache", str(cache),
+           "--threads", "1", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the worker did not exit in {timeout} s:\n{err}")
+    return proc.returncode, out + err
+
+
+def wait_for(cond, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.05)
+
+
+def check_delta(result: UnitResult, model: str) -> None:
+    """The delta decodes against the model's spec, is finite and not all zero."""
+    assert result.error is None
+    delta = decode_delta(result.delta, delta_spec(registry.build(model)))
+    assert all(np.isfinite(v).all() for v in delta.values())
+    assert any(np.abs(v).max() > 0 for v in delta.values())
+    assert result.num_samples > 0 and result.loss_before > 0 and result.compute_seconds > 0
+
+
+# ----------------------------------------------------------------------------- tests
+def test_worker_computes_units_and_downloads_each_blob_once(blobs, tmp_path):
+    b = ids(blobs)
+    units = [unit("u1", b["supermask_fc"], [b["s1"]]),
+             unit("u2", b["supermask_fc"], [b["s1"], b["s2"]], codec="int8", momentum=0.5, crop_pad=2),
+             unit("u3", b["cnn"], [b["s2"]], model="cnn", codec="topk:0.1")]
+    fake = FakeCoordinator(list(blobs.values()), units).start()
+    try:
+        code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "3", "--worker-id", "w-1"))
+        assert code == 0, log
+        assert [r.unit_id for r in fake.results] == ["u1", "u2", "u3"], log
+        for r, model in zip(fake.results, ["supermask_fc", "supermask_fc", "cnn"]):
+            check_delta(r, model)
+            assert r.worker_id == "w-1"
+        assert decode_delta(fake.results[1].delta)  # int8 container
+        assert fake.blob_gets == Counter({b["supermask_fc"]: 1, b["s1"]: 1, b["s2"]: 1, b["cnn"]: 1}), log
+        assert all(r.backend == "python" and r.worker_id == "w-1" for r in fake.requests)
+        assert "3 units done" in log and "Traceback" not in log
+
+        # A second worker on the same cache: nothing to download, except a blob corrupted on disk.
+        cached = BlobCache(tmp_path / "cache")
+        assert cached.get(b["s1"]) == blobs["s1"]
+        cached.path(b["s2"]).write_bytes(b"garbage")
+        fake.units = [unit("u4", b["supermask_fc"], [b["s1"], b["s2"]])]
+        fake.blob_gets.clear()
+        code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "1", "--no-progress"))
+        assert code == 0, log
+        check_delta(fake.results[-1], "supermask_fc")
+        assert fake.blob_gets == Counter({b["s2"]: 1}), log
+    finally:
+        fake.stop()
+
+
+def test_sigterm_mid_unit_hands_back_current_and_prefetched_unit(blobs, tmp_path):
+    b = ids(blobs)
+    units = [unit(f"long{i}", b["supermask_fc"], [b["s1"]], steps=100_000) for i in (1, 2, 3)]
+    fake = FakeCoordinator(list(blobs.values()), units).start()
+    try:
+        proc = start_worker(fake.url, tmp_path / "cache", "--grace", "0.5")
+        wait_for(lambda: len(fake.issued) == 2)   # computing long1, long2 prefetched
+        time.sleep(0.5)
+        assert list(fake.issued) == ["long1", "long2"], "prefetch depth is 1"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code, log = finish(proc)
+        assert code == 0, log
+        assert time.monotonic() - t0 < 15, log
+        assert sorted(r.unit_id for r in fake.results) == ["long1", "long2"], log
+        assert all(r.error == HAND_BACK and r.delta == b"" for r in fake.results)
+        assert "handed back unit long1" in log and "Traceback" not in log
+    finally:
+        fake.stop()
+
+
+def test_worker_waits_for_a_coordinator_that_comes_up_late_and_exits_when_the_job_is_finished(blobs, tmp_path):
+    b = ids(blobs)
+    port = free_port()
+    proc = start_worker(f"http://127.0.0.1:{port}", tmp_path / "cache")
+    fake = FakeCoordinator(list(blobs.values()), [unit("u1", b["supermask_fc"], [b["s1"]])], port=port,
+                           finish=True)
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None
+        fake.start()
+        code, log = finish(proc)
+        assert code == 0, log
+        assert [r.unit_id for r in fake.results] == ["u1"]
+        check_delta(fake.results[0], "supermask_fc")
+        assert log.count("cannot reach") == 1 and log.count("connected to") == 1, log
+        assert "job is finished" in log and "Traceback" not in log
+    finally:
+        fake.stop()
+
+
+def test_failing_units_are_reported_and_the_worker_carries_on(blobs, tmp_path):
+    b = ids(blobs)
+    units = [unit("bad-shard", b["supermask_fc"], [b["s1"], b["corrupt"]]),
+             unit("bad-model", b["supermask_fc"], [b["s1"]], model="no_such_model"),
+             unit("diverges", b["supermask_fc"], [b["s1"]], steps=3, lr=1e30),
+             unit("bad-hyper", b["supermask_fc"], [b["s1"]], momentum=2.0),
+             unit("good", b["supermask_fc"], [b["s2"]])]
+    fake = FakeCoordinator(list(blobs.values()), units, down_first=2).start()
+    try:
+        code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "1"))
+        assert code == 0, log
+        by_id = {r.unit_id: r for r in fake.results}
+        assert list(by_id) == ["bad-shard", "bad-model", "diverges", "bad-hyper", "good"], log
+        for uid in ("bad-shard", "bad-model", "diverges", "bad-hyper"):
+            assert by_id[uid].error and by_id[uid].delta == b"" and by_id[uid].num_samples == 0
+        assert "shard.labels" in by_id["bad-shard"].error
+        assert "no_such_model" in by_id["bad-model"].error
+        assert "unit.hyper.momentum" in by_id["bad-hyper"].error
+        check_delta(by_id["good"], "supermask_fc")
+        assert "failed" in log and "Traceback" not in log
+        assert log.count("cannot reach") == 1 and "HTTP 503" in log, log
+    finally:
+        fake.stop()
+
+
+def test_submit_refusals_drop_the_unit_or_count_it_done(blobs, tmp_path):
+    b = ids(blobs)
+    units = [unit(f"u{i}", b["supermask_fc"], [b["s1"]]) for i in range(1, 4)]
+    replies = [(410, "lease_expired"), (409, "too_stale"), (409, "duplicate")]
+    fake = FakeCoordinator(list(blobs.values()), units, replies=replies).start()
+    try:
+        code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "1", "--no-progress"))
+        assert code == 0, log
+        assert [r.unit_id for r in fake.results] == ["u1", "u2", "u3"], log
+        assert "lease_expired" in log and "too_stale" in log and "already done" in log
+        assert "Traceback" not in log
+    finally:
+        fake.stop()
+
+
+def test_unsupported_protocol_on_submit_exits_nonzero(blobs, tmp_path):
+    b = ids(blobs)
+    units = [unit(f"u{i}", b["supermask_fc"], [b["s1"]]) for i in (1, 2)]
+    fake = FakeCoordinator(list(blobs.values()), units, replies=[(400, "unsupported_protocol")]).start()
+    try:
+        code, log = finish(start_worker(fake.url, tmp_path / "cache", "--no-progress"))
+        assert code == 1, log
+        assert "upgrade the worker" in log and "Traceback" not in log
+        assert fake.results[0].unit_id == "u1"
+        assert [r.error for r in fake.results[1:]] in ([], [HAND_BACK]), "the prefetched unit is handed back"
+    finally:
+        fake.stop()
+
+
+def test_worker_never_imports_the_coordinator():
+    code = ("import worker_py.main, worker_py.runner, worker_py.client, sys; "
+            "bad = [m for m in sys.modules if m == 'coordinator' or m.startswith('coordinator.')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+# ----------------------------------------------------------------------------- client pieces
+def test_backoff_doubles_to_the_cap_with_jitter():
+    delays = backoff_delays()
+    got = [next(delays) for _ in range(10)]
+    for i, d in enumerate(got):
+        top = min(30.0, 0.5 * 2**i)
+        assert top / 2 <= d <= top
+    assert parse_retry_after("3") == 3 and parse_retry_after("soon") == 5.0 and parse_retry_after("-1") == 0
+
+
+def test_blob_cache_verifies_and_writes_atomically(tmp_path):
+    cache = BlobCache(tmp_path)
+    data = b"hello blob"
+    bid = blob_id(data)
+    assert cache.get(bid) is None
+    assert cache.put(bid, data) and cache.get(bid) == data
+    assert not list(cache.path(bid).parent.glob("*.tmp")), "no temporary files are left behind"
+    cache.path(bid).write_bytes(b"tampered")
+    assert cache.get(bid) is None and not cache.path(bid).exists(), "a corrupt entry is dropped"
+
+
+def test_client_fetches_blobs_reads_deadlines_and_the_finished_signal(blobs, tmp_path):
+    b = ids(blobs)
+    units = [unit("u1", b["supermask_fc"], [b["s1"]])]
+    fake = FakeCoordinator([blobs["s1"]], units, finish=True, clock=-3600).start()
+    try:
+        client = Client(fake.url, cache=BlobCache(tmp_path), log=lambda line: None)
+        bid = b["s1"]
+        assert client.fetch_blob(bid) == client.fetch_blob(bid) == blobs["s1"]
+        assert fake.blob_gets[bid] == 1 and client.blob_gets == 1
+        request = UnitRequest(worker_id="w", backend="python")
+        d = client.next_unit(request)
+        assert d["deadline"] < time.time(), "the fake's clock is an hour behind"
+        assert client.local_time(d["deadline"]) == pytest.approx(time.time() + 600, abs=5)
+        assert client.next_unit(request) == NoWork(0.2, finished=True)
+    finally:
+        fake.stop()

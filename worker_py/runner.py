@@ -1,0 +1,183 @@
+"""Computes one work unit: fetch and decode its blobs (``prepare``), train (``compute``).
+
+``prepare`` runs in the prefetch thread: it fetches the base model blob and the data shards
+through the client's verified cache and keeps the decoded arrays in memory (the latest model
+versions, and shards up to a byte budget), so each blob is downloaded and decoded once.
+``compute`` runs ``models.local.run_local`` (the one shared computation of a unit), encodes
+the delta with the unit's codec and returns the ``UnitResult``. A unit that fails for any
+reason becomes a result with ``error`` set and an empty delta; ``Cancelled`` (the worker is
+stopping and the grace period is over) is the only exception that leaves ``compute``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from contract.codecs import decode_delta, encode_delta, get_codec
+from contract.shards import decode_shard
+from contract.units import MAX_ERROR_CHARS, UnitResult, WorkUnit
+from models import registry
+from models.local import run_local
+from models.recipe import Recipe
+from worker_py.client import Client, Stopped
+
+HAND_BACK = "returned: worker stopping"   # error text of a unit handed back unstarted or unfinished
+MODEL_VERSIONS_KEPT = 2                    # decoded base models kept in memory (and on disk)
+SHARD_BYTES_KEPT = 1 << 30                 # decoded shards kept in memory, bytes
+MODELS_KEPT = 2                            # built torch modules kept for reuse
+
+
+class Cancelled(Exception):
+    """Training was abandoned because the worker is stopping; hand the unit back."""
+
+
+@dataclass
+class Prepared:
+    """A unit and its decoded inputs, or why it cannot run (``error``), or ``stopped`` before
+    its blobs were fetched (then it is handed back)."""
+
+    unit: WorkUnit
+    base: dict[str, np.ndarray] | None = None
+    x: np.ndarray | None = None   # uint8 [n, 3, 32, 32]: the unit's shards, concatenated
+    y: np.ndarray | None = None   # int64 [n]
+    error: str | None = None
+    stopped: bool = False
+
+
+def describe(e: BaseException) -> str:
+    """One line naming an exception, short enough for ``UnitResult.error``."""
+    text = " ".join(str(e).split()) or "(no message)"
+    return f"{type(e).__name__}: {text}"[:MAX_ERROR_CHARS]
+
+
+def failed_result(unit: WorkUnit, worker_id: str, error: str, seconds: float = 0.0) -> UnitResult:
+    """The result of a unit that failed or is handed back: ``error`` set, empty delta."""
+    return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker_id,
+                      base_version=unit.model_version, delta=b"", loss_before=0.0, loss_after=0.0,
+                      num_samples=0, compute_seconds=max(0.0, seconds),
+                      error=(error or "failed")[:MAX_ERROR_CHARS])
+
+
+class Runner:
+    """Prepares and computes units for one worker; keeps decoded blobs and built models."""
+
+    def __init__(self, client: Client, worker_id: str, shard_bytes: int = SHARD_BYTES_KEPT) -> None:
+        self.client = client
+        self.worker_id = worker_id
+        self.shard_bytes = shard_bytes
+        self._lock = threading.Lock()
+        self._states: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._shards: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._models: OrderedDict[str, nn.Module] = OrderedDict()
+        self._hook: tuple[Callable[[], bool] | None, Callable[[int, int], None] | None, int] | None = None
+        self._step = 0
+
+    # ------------------------------------------------------------------ blobs
+    def prepare(self, unit: WorkUnit, stop: threading.Event | None = None) -> Prepared:
+        """Fetch and decode the unit's blobs; a blob that is missing or malformed (or any other
+        failure) gives a ``Prepared`` with ``error``; ``stopped`` if the worker stops first."""
+        try:
+            base = self._state(unit.model_version, stop)
+            parts = [self._shard(sid, stop) for sid in unit.shard_ids]
+        except Stopped:
+            return Prepared(unit, stopped=True)
+        except Exception as e:   # BlobError, ContractError (a malformed blob), MemoryError, ...
+            return Prepared(unit, error=describe(e))
+        if len(parts) == 1:
+            x, y = parts[0]
+        else:
+            x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return Prepared(unit, base, x, y)
+
+    def _fetch(self, bid: str, stop: threading.Event | None) -> bytes:
+        if stop is not None and stop.is_set():
+            raise Stopped("stopping")
+        return self.client.retry(lambda: self.client.fetch_blob(bid), stop)
+
+    def _state(self, version: str, stop: threading.Event | None) -> dict[str, np.ndarray]:
+        """The decoded base model ``version`` (a CTD1 fp32 container of the float state)."""
+        with self._lock:
+            if version in self._states:
+                self._states.move_to_end(version)
+                return self._states[version]
+        state = decode_delta(self._fetch(version, stop), codec_id="fp32")
+        with self._lock:
+            self._states[version] = state
+            while len(self._states) > MODEL_VERSIONS_KEPT:
+                old, _ = self._states.popitem(last=False)
+                if self.client.cache is not None:   # old versions would only fill the disk
+                    self.client.cache.discard(old)
+        return state
+
+    def _shard(self, bid: str, stop: threading.Event | None) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if bid in self._shards:
+                self._shards.move_to_end(bid)
+                return self._shards[bid]
+        x, y = decode_shard(self._fetch(bid, stop))
+        x = x.copy()   # a writable array of its own (torch warns on read-only views of the blob bytes)
+        with self._lock:
+            self._shards[bid] = (x, y)
+            while len(self._shards) > 1 and sum(a.nbytes + b.nbytes for a, b in self._shards.values()) \
+                    > self.shard_bytes:
+                self._shards.popitem(last=False)
+        return x, y
+
+    # ------------------------------------------------------------------ training
+    def _model(self, name: str) -> nn.Module:
+        """A built module for ``name``, reused across units (``run_local`` overwrites its state)."""
+        if name in self._models:
+            self._models.move_to_end(name)
+            return self._models[name]
+        model = registry.build(name)
+        model.register_forward_pre_hook(self._on_forward)
+        self._models[name] = model
+        while len(self._models) > MODELS_KEPT:
+            self._models.popitem(last=False)
+        return model
+
+    def _on_forward(self, module: nn.Module, args: tuple) -> None:
+        """Runs before every forward pass (one per SGD step): progress, and the stop check."""
+        if self._hook is None:
+            return
+        should_stop, on_step, total = self._hook
+        if should_stop is not None and should_stop():
+            raise Cancelled("the worker is stopping")
+        self._step += 1
+        if on_step is not None:
+            on_step(self._step, total)
+
+    def compute(self, prepared: Prepared, should_stop: Callable[[], bool] | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> UnitResult:
+        """Train the unit and return its result (an error result if anything fails).
+
+        ``should_stop()`` is polled before each step; when it says yes, ``Cancelled`` is raised.
+        ``on_step(step, total)`` reports progress.
+        """
+        unit, t0 = prepared.unit, time.perf_counter()
+        if prepared.error is not None:
+            return failed_result(unit, self.worker_id, prepared.error)
+        try:
+            model = self._model(unit.model)
+            recipe = Recipe(batch_size=unit.batch_size, **{k: v for k, v in unit.hyper.items() if k != "lr"})
+            self._hook, self._step = (should_stop, on_step, unit.local_steps), 0
+            try:
+                res = run_local(unit.model, prepared.base, prepared.x, prepared.y, recipe, unit.local_steps,
+                                unit.hyper["lr"], unit.seed, model=model)
+            finally:
+                self._hook = None
+            delta = encode_delta(get_codec(unit.codec), res.delta)
+            return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=self.worker_id,
+                              base_version=unit.model_version, delta=delta, loss_before=res.loss_before,
+                              loss_after=res.loss_after, num_samples=res.num_samples,
+                              compute_seconds=res.seconds)
+        except Cancelled:
+            raise
+        except Exception as e:   # any failure of this unit is reported, and the worker carries on
+            return failed_result(unit, self.worker_id, describe(e), time.perf_counter() - t0)
