@@ -21,7 +21,7 @@ import torch
 from models import registry
 from models.augment import augment
 from models.recipe import Recipe
-from models.train import loss_fn, make_optimizer
+from models.train import channels_last, loss_fn, make_optimizer
 
 
 def state_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -53,9 +53,65 @@ def delta_names(model: torch.nn.Module) -> list[str]:
         if name in params:
             if id(params[name]) in trainable:
                 names.append(name)
-        elif value.is_floating_point() and name.rsplit(".", 1)[-1] in ("running_mean", "running_var"):
+        elif value.is_floating_point() and is_running_stat(name):
             names.append(name)
     return names
+
+
+STAT_SUFFIXES = ("running_mean", "running_var")
+
+
+def is_running_stat(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in STAT_SUFFIXES
+
+
+def rebase_running_stats(delta: dict[str, np.ndarray], base: dict[str, np.ndarray],
+                         current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Express a delta's batch-norm statistics relative to ``current`` instead of its ``base``.
+
+    Weights are gradients' sums and add up, but running statistics are estimates: a stale
+    delta added to statistics that moved meanwhile can push a variance below zero. Rebased,
+    the statistics part is (worker's statistic - current statistic), so any strategy that
+    scales a delta by a weight <= 1 mixes the statistics convexly. Other entries are unchanged.
+    """
+    out = dict(delta)
+    for name in delta:
+        if is_running_stat(name):
+            out[name] = (base[name] + delta[name] - current[name]).astype(np.float32)
+    return out
+
+
+def sanitize_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Last guard after aggregation: running variances stay >= 0 (a server step > 1 can overshoot)."""
+    return {k: np.maximum(v, 0.0) if k.endswith("running_var") else v for k, v in state.items()}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, x_u8: torch.Tensor, batch: int = 256) -> bool:
+    """Re-estimate batch-norm running statistics for the model's current weights.
+
+    Averaged or asynchronously applied deltas give weights that no worker's running
+    statistics were measured for; evaluating with those statistics can be far off. This runs
+    the (un-augmented) calibration images through the model with BN layers averaging over
+    all batches (momentum None), everything else in eval mode. Returns False when the model
+    has no batch norm (nothing to do).
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    was_training = model.training
+    model.eval()
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for i in range(0, len(x_u8), batch):
+        model(x_u8[i:i + batch].float().contiguous(memory_format=torch.channels_last))
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)
+    return True
 
 
 def delta_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -100,6 +156,7 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = model if model is not None else registry.build(model_name)
+    model.to(memory_format=torch.channels_last)
     load_arrays(model, base)
     model.train()
     opt = make_optimizer(model, recipe)
@@ -109,7 +166,7 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
     batch = min(recipe.batch_size, len(labels))
     losses = []
     for idx in batch_indices(len(labels), steps, batch, gen):
-        loss = loss_fn(model(augment(x[idx], recipe.crop_pad, recipe.flip, gen)), labels[idx], recipe)
+        loss = loss_fn(model(channels_last(augment(x[idx], recipe.crop_pad, recipe.flip, gen))), labels[idx], recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

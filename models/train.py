@@ -51,11 +51,16 @@ def lr_at(progress: float, recipe: Recipe) -> float:
     return recipe.lr
 
 
+NO_DECAY = ("forces",)  # parameter names (last part) that act like biases: never decayed
+
+
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum; weight decay on kernels and matrices only, not 1-D params."""
-    params = registry.trainable_parameters(model)
-    decay = [p for p in params if p.ndim > 1]
-    plain = [p for p in params if p.ndim <= 1]
+    """SGD with (Nesterov) momentum; weight decay on kernels, matrices and supermask scores only
+    (not on biases, batch-norm parameters, or a PhysicsLayer's forces and strength)."""
+    trainable = {id(p) for p in registry.trainable_parameters(model)}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in trainable]
+    decay = [p for n, p in named if p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY]
+    plain = [p for n, p in named if not (p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY)]
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=recipe.lr, momentum=recipe.momentum,
                            nesterov=recipe.nesterov and recipe.momentum > 0)
@@ -69,11 +74,16 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> torch.Tens
     return F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NHWC memory layout: 1.1-2x faster convolutions on CPU (models are moved by ``registry.build``'s caller)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generator) -> float:
     """One augmented SGD step on a uint8 batch; returns the batch loss."""
     for group in opt.param_groups:
         group["lr"] = lr
-    logits = model(augment(x_u8, recipe.crop_pad, recipe.flip, gen))
+    logits = model(channels_last(augment(x_u8, recipe.crop_pad, recipe.flip, gen)))
     loss = loss_fn(logits, y, recipe)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -89,7 +99,7 @@ def evaluate(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch:
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(y), batch):
-        logits = model(x_u8[i:i + batch].float())
+        logits = model(channels_last(x_u8[i:i + batch].float()))
         loss_sum += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
     model.train(was_training)
@@ -146,7 +156,7 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = registry.build(model_name)
+    model = registry.build(model_name).to(memory_format=torch.channels_last)
     model.train()
     opt = make_optimizer(model, recipe)
     x_train, y_train = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)

@@ -1,0 +1,94 @@
+"""Model registry: name -> how to build it, its default recipe, its kind; ``crowdtrain models``.
+
+Every model takes float32 [N, 3, 32, 32] with raw pixel values 0..255 and returns [N, 10]
+logits. ``build`` does not seed: the caller seeds torch first.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from models.alexnet import alexnet, physics_alexnet
+from models.cnn import SimpleCNN
+from models.recipe import Recipe
+from models.resnet_fast import ResNetFast
+from models.supermask import SupermaskConvNet, SupermaskFC
+
+KINDS = ("dense", "supermask")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., nn.Module]  # build(num_classes=10) -> a fresh module
+    recipe: Recipe                   # this model's default hyperparameters
+    kind: str                        # "dense" or "supermask"
+    description: str                 # one line, with provenance
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model '{self.name}': kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+
+# Nets without BatchNorm (cnn, alexnet) get a lower peak lr (checked only on short runs);
+# edge-popup follows the paper (SGD 0.1, momentum 0.9, wd 5e-4, cosine, batch 128); resnet_fast
+# follows Page's ResNet-9 (lr 0.4 on the mean loss, batch 512, label smoothing 0.2).
+_EDGE_POPUP = Recipe(batch_size=128, lr=0.1, nesterov=False, schedule="cosine", warmup=0.0)
+_ALEXNET = Recipe(batch_size=256, lr=0.02)
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in (
+    ModelSpec("cnn", SimpleCNN, Recipe(batch_size=256, lr=0.05), "dense",
+              "baseline CNN of the Physics-Driven AlexNet comparison (Keras cifar10_cnn layout)"),
+    ModelSpec("alexnet", alexnet, _ALEXNET, "dense",
+              "AlexNet (Krizhevsky 2012) for 32x32: 5 stride-1 convs, 3 pools, 3 linears, width x3/8"),
+    ModelSpec("physics_alexnet", physics_alexnet, _ALEXNET, "dense",
+              "Physics-Driven AlexNet: alexnet with every conv a PhysicsLayer (conv + strength * forces)"),
+    ModelSpec("supermask_fc", SupermaskFC, _EDGE_POPUP, "supermask",
+              "edge-popup (Ramanujan 2020) FC 3072-200-200-200-200-10, k=0.5, last layer k=1"),
+    ModelSpec("supermask_conv", SupermaskConvNet, _EDGE_POPUP, "supermask",
+              "edge-popup (Ramanujan 2020) conv net with residual blocks, non-affine BN, k=0.5"),
+    ModelSpec("resnet_fast", ResNetFast,
+              Recipe(batch_size=512, lr=0.4, label_smoothing=0.2, weight_decay=5e-4, epochs=10), "dense",
+              "default: small ResNet after Page's DAWNBench ResNet-9 / airbench, for 2 CPU cores"),
+)}
+
+
+def get(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model '{name}'; expected one of: {', '.join(MODELS)}") from None
+
+
+def build(name: str, num_classes: int = 10) -> nn.Module:
+    return get(name).build(num_classes=num_classes)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimiser should step (for a supermask model: only the scores)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, fixed supermask weights included; trainable ones). Buffers are not counted."""
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable_parameters(model))
+
+
+def table() -> str:
+    rows = [("name", "kind", "params", "trainable", "description")]
+    for spec in MODELS.values():
+        total, trainable = count_parameters(spec.build())
+        rows.append((spec.name, spec.kind, f"{total:,}", f"{trainable:,}", spec.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    fmt = "{:<%d}  {:<%d}  {:>%d}  {:>%d}  {}" % tuple(widths)
+    return "\n".join(fmt.format(*r) for r in rows)
+
+
+def cli(argv: list[str], prog: str = "crowdtrain models", command: str = "models") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="List the registered models with parameter counts.")
+    parser.parse_args(argv)
+    print(table())
+    return 0
