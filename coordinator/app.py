@@ -130,14 +130,15 @@ async def eval_loop(app: web.Application) -> None:
     job, seen = app[JOB], app[EVALS]
     while True:
         if job.step != seen.get("version"):
+            step = job.step
             try:
                 row = await asyncio.to_thread(job.evaluate_current)
                 job.record_eval(row)
-                seen["version"] = row["version"]
                 log.info("version %d: test accuracy %.2f%% after %d samples", row["version"], 100 * row["test_acc"],
                          row["samples"])
             except Exception:
-                log.exception("evaluation failed")
+                log.exception("evaluation of version %d failed", step)
+            seen["version"] = step   # never evaluate the same version in a loop
         await asyncio.sleep(app[CONFIG].eval_every_s if not job.finished else 1.0)
 
 

@@ -10,7 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_STRATEGY = {"dense": "fedbuff", "supermask": "supermask_max"}
+DEFAULT_STRATEGY = {"dense": "async_sgd", "supermask": "supermask_max"}
+# Parameters used with the default strategy when none are given: Downpour-style async SGD,
+# each delta damped by (1 + staleness)^-0.5 (after staleness-aware async SGD, Zhang et al. 2016).
+DEFAULT_STRATEGY_PARAMS = {"async_sgd": {"staleness": "polynomial"}}
 LATE_POLICIES = ("use", "drop")
 
 

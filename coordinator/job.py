@@ -25,13 +25,14 @@ from contract.errors import ContractError
 from contract.shards import encode_shard
 from contract.units import UnitRequest, WorkUnit, unpack_result
 from coordinator import leases
-from coordinator.config import DEFAULT_STRATEGY, CoordinatorConfig
+from coordinator.config import DEFAULT_STRATEGY, DEFAULT_STRATEGY_PARAMS, CoordinatorConfig
 from coordinator.scheduler import Deadlines, ShardQueue
 from coordinator.store import Store, Version
 from coordinator.strategies import StrategyState, Update, make_strategy
 from models import registry
 from models.data import Cifar10, load_cifar10
-from models.local import delta_spec, load_arrays, state_arrays
+from models.local import (delta_spec, is_running_stat, load_arrays, rebase_running_stats, recalibrate_bn,
+                          sanitize_state, state_arrays)
 from models.recipe import Recipe
 from models.train import evaluate, lr_at
 
@@ -39,6 +40,7 @@ FP32 = get_codec("fp32")
 HYPER_KEYS = ("momentum", "nesterov", "weight_decay", "label_smoothing", "loss", "focal_gamma", "crop_pad", "flip")
 ONLINE_S = 60.0      # a worker seen within this many seconds counts as online
 RATE_WINDOW_S = 60.0  # samples/s and units/s are measured over this window
+CALIBRATION_IMAGES = 1024  # training images that re-estimate batch-norm statistics before each evaluation
 
 
 class Rejection(Exception):
@@ -75,9 +77,11 @@ class Job:
         self.recipe: Recipe = dataclasses.replace(spec.recipe, **overrides)
         self.epochs = config.epochs if config.epochs is not None else float(self.recipe.epochs)
         self.strategy_name = config.strategy or DEFAULT_STRATEGY[self.kind]
-        self.strategy = make_strategy(self.strategy_name, **config.strategy_params)
+        params = config.strategy_params if config.strategy else {
+            **DEFAULT_STRATEGY_PARAMS.get(self.strategy_name, {}), **config.strategy_params}
+        self.strategy = make_strategy(self.strategy_name, **params)
         torch.manual_seed(config.seed)
-        self.model = registry.build(config.model)      # evaluation instance; also defines the delta spec
+        self.model = registry.build(config.model).to(memory_format=torch.channels_last)  # evaluation; delta spec
         self.spec = delta_spec(self.model)
         self.max_body = 4 * sum(math.prod(s) for s, _ in self.spec.values()) + config.body_slack_bytes
         self.lock = asyncio.Lock()
@@ -85,6 +89,7 @@ class Job:
         self.workers: dict[str, WorkerStats] = {}
         self.accepted_log: deque[tuple[float, int]] = deque()
         self.agg_times: list[float] = []
+        self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
         self.finished = False
 
     # ------------------------------------------------------------------ start-up (blocking)
@@ -96,6 +101,7 @@ class Job:
             data = dataclasses.replace(data, train_x=data.train_x[:cfg.limit_train],
                                        train_y=data.train_y[:cfg.limit_train])
         self.test_x, self.test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
+        self.calib_x = torch.from_numpy(np.ascontiguousarray(data.train_x[:CALIBRATION_IMAGES]))
         if cfg.eval_images:
             self.test_x, self.test_y = self.test_x[:cfg.eval_images], self.test_y[:cfg.eval_images]
         cfg.state.mkdir(parents=True, exist_ok=True)
@@ -260,6 +266,10 @@ class Job:
             if cap is not None and staleness > cap:
                 self._give_up(unit, "stale")
                 raise Rejection("too_stale", 409, f"staleness: expected <= {cap}, got {staleness}", "result.base_version")
+            if staleness and any(is_running_stat(n) for n in delta) and self.store.blob_path(version.blob) is None:
+                self._give_up(unit, "stale")
+                raise Rejection("too_stale", 409, f"staleness: base version {unit['base_step']} is no longer kept",
+                                "result.base_version")
             delta_blob = await asyncio.to_thread(self.store.put_blob, result.delta)
             seq = self.store.add_result(unit_id, result.worker_id, unit["base_step"], staleness, result.num_samples,
                                         result.loss_before, result.loss_after, result.compute_seconds, delta_blob)
@@ -273,8 +283,19 @@ class Job:
                 await self._finish()
         return {"accepted": True, "staleness": staleness, "model_version": self.step, "late": late}
 
+    def _state_at(self, step: int) -> dict:
+        if step == self.step:
+            return self.state
+        if step not in self._states:
+            if len(self._states) >= 4:
+                self._states.pop(min(self._states))
+            self._states[step] = decode_delta(self.store.get_blob(self.store.version(step).blob))
+        return self._states[step]
+
     def _offer(self, seq: int, delta, base_step: int, samples: int, worker_id: str, loss) -> bool:
         """Give an accepted result to the strategy; a result it drops is marked so in the log."""
+        if base_step != self.step and any(is_running_stat(n) for n in delta):
+            delta = rebase_running_stats(delta, self._state_at(base_step), self.state)
         dropped = self.strategy.describe().get("dropped", 0)
         due = self.strategy.add(Update(delta, base_step, samples, worker_id, loss), self.step)
         if self.strategy.describe().get("dropped", 0) > dropped:
@@ -300,6 +321,7 @@ class Job:
             return
         t0 = time.perf_counter()
         new_state, metrics = await asyncio.to_thread(self.strategy.aggregate, self.state, self.step)
+        new_state = sanitize_state(new_state)
         blob = await asyncio.to_thread(lambda: self.store.put_blob(encode_delta(FP32, new_state)))
         strategy_blob = self.store.put_blob(self.strategy.state_dict(include_buffer=False).to_bytes())
         samples = self.samples + sum(r["num_samples"] for r in pending)
@@ -316,7 +338,9 @@ class Job:
         self._prune_versions()
 
     def _prune_versions(self) -> None:
-        keep = set(self.store.leased_base_steps())
+        """Drop old model blobs, keeping the newest and every base a leased unit may come back with."""
+        cap = self.config.max_staleness
+        keep = self.store.needed_base_steps(self.step - cap if cap is not None else 0)
         keep.update(range(max(0, self.step - self.config.keep_versions + 1), self.step + 1))
         for step, blob in self.store.prunable_versions(self.step - self.config.keep_versions):
             if step not in keep:
@@ -336,12 +360,18 @@ class Job:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_current(self) -> dict:
-        """Test loss and accuracy of the current version (blocking; run it in a thread)."""
+        """Test loss and accuracy of the current version (blocking; run it in a thread).
+
+        Batch-norm statistics are re-estimated on ``CALIBRATION_IMAGES`` training images for
+        the evaluated weights (``recalibrate_bn``): aggregated statistics do not match
+        aggregated weights. The served model keeps its aggregated statistics.
+        """
         step, samples, state = self.step, self.samples, self.state
         load_arrays(self.model, state)
+        recalibrate_bn(self.model, self.calib_x)
         loss, acc = evaluate(self.model, self.test_x, self.test_y)
         return {"version": step, "samples": samples, "seconds": self.clock() - self.started,
-                "test_acc": acc, "test_loss": loss}
+                "test_acc": acc, "test_loss": loss if math.isfinite(loss) else None}
 
     def record_eval(self, row: dict) -> None:
         self.store.add_eval(row["version"], row["samples"], row["seconds"], row["test_acc"], row["test_loss"])

@@ -33,7 +33,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--data", help="CIFAR-10 path (default $CROWDTRAIN_DATA)")
     p.add_argument("--download", action="store_true", help="download the official archive if no data is found")
     p.add_argument("--model", default="resnet_fast", help="registered model (see `crowdtrain models`)")
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), help="aggregation (default: fedbuff, or supermask_max "
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), help="aggregation (default: async_sgd, or supermask_max "
                    "for supermask models)")
     p.add_argument("--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
                    help="a strategy parameter, e.g. --param buffer_size=4 (repeatable)")

@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS results (
     accepted REAL NOT NULL, applied_step INTEGER, dropped TEXT);
 CREATE TABLE IF NOT EXISTS evals (
     step INTEGER NOT NULL, samples INTEGER NOT NULL, seconds REAL NOT NULL,
-    test_acc REAL NOT NULL, test_loss REAL NOT NULL, at REAL NOT NULL);
+    test_acc REAL NOT NULL, test_loss REAL, at REAL NOT NULL);  -- test_loss NULL: not finite (diverged)
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
 
@@ -186,8 +186,12 @@ class Store:
     def leased_samples(self) -> int:
         return self.db.execute("SELECT COALESCE(SUM(samples), 0) FROM units WHERE status = 'leased'").fetchone()[0]
 
-    def leased_base_steps(self) -> list[int]:
-        return [s for (s,) in self.db.execute("SELECT DISTINCT base_step FROM units WHERE status = 'leased'")]
+    def needed_base_steps(self, since: int) -> set[int]:
+        """Base versions (>= ``since``) that a unit may still come back with, or a buffered result needs."""
+        rows = self.db.execute(
+            "SELECT base_step FROM units WHERE status IN ('leased', 'expired') AND base_step >= ? UNION "
+            "SELECT base_step FROM results WHERE applied_step IS NULL AND dropped IS NULL", (since,))
+        return {s for (s,) in rows}
 
     def unit_counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, COUNT(*) FROM units GROUP BY status").fetchall())

@@ -4,7 +4,8 @@
                       [--worker-id ID] [--cache DIR] [--no-progress] [--grace SECONDS]
 
 The main thread takes a prepared unit, trains it (``worker_py.runner``) and submits the
-result, while a prefetch thread asks for the next unit and fetches its blobs (depth 1).
+result, while a prefetch thread asks for the next unit and fetches its blobs (depth 1), as
+late in the current unit as the last fetch's duration allows.
 While the coordinator is unreachable both wait with exponential backoff. On SIGTERM or
 Ctrl-C the worker takes no more units, finishes the current one if it completes within the
 grace period, else hands it back (as does it the prefetched one), and exits 0.
@@ -40,6 +41,9 @@ PLAIN_EVERY = 10.0        # seconds between progress lines when stderr is not a 
 DRAW_EVERY = 0.2          # seconds between redraws of the terminal status line
 HAND_BACK_SECONDS = 5.0   # how long a stopping worker tries to reach the coordinator, per unit
 JOIN_SECONDS = 5.0        # how long shutdown waits for the prefetch thread
+PREFETCH_MARGIN = 2.0     # ask for the next unit when the current one has about this many times the
+                          # last fetch's duration left: late, so its base model is fresh (an early
+                          # ask adds staleness), early enough that its blobs arrive in time
 MIN_POLL = 0.05           # shortest wait between two units/next polls, seconds
 DROP_CODES = ("lease_expired", "too_stale", "unknown_unit", "lease_invalid", "norm_bound", "too_large")
 UPGRADE = "the coordinator speaks another protocol version; upgrade the worker"
@@ -202,6 +206,7 @@ class Prefetcher(threading.Thread):
         self._cond = threading.Condition()
         self._wanted = False
         self._item: Item | None = None
+        self.fetch_seconds = 0.0   # how long the last unit + blobs took to arrive
 
     def want(self) -> None:
         with self._cond:
@@ -247,7 +252,9 @@ class Prefetcher(threading.Thread):
                     self._cond.wait(0.5)
                 if self.stop.is_set():
                     return
+            t0 = time.monotonic()
             item = self._fetch()
+            self.fetch_seconds = time.monotonic() - t0
             with self._cond:
                 self._wanted = False
                 if item is not None:
@@ -312,6 +319,8 @@ class Worker:
         self.client, self.runner, self.request = client, runner, request
         self.stop, self.progress, self.max_units = stop, progress, max_units
         self.fatal = False
+        self.fetcher: Prefetcher | None = None
+        self._unit_started = 0.0
 
     def _need_more(self, in_flight: int) -> bool:
         return self.max_units is None or self.progress.done + in_flight < self.max_units
@@ -319,7 +328,7 @@ class Worker:
     def run(self) -> int:
         from worker_py.runner import Prepared
 
-        fetcher = Prefetcher(self.client, self.runner, self.request, self.stop, self.progress)
+        fetcher = self.fetcher = Prefetcher(self.client, self.runner, self.request, self.stop, self.progress)
         fetcher.start()
         fetcher.want()
         try:
@@ -333,8 +342,6 @@ class Worker:
                 if isinstance(item, Fatal):
                     self.progress.say(item.message)
                     return 1
-                if self._need_more(in_flight=1):
-                    fetcher.want()   # prefetch the next unit while this one trains
                 if isinstance(item, Invalid):
                     self.progress.say(item.message)
                     if item.result is not None:
@@ -366,13 +373,25 @@ class Worker:
             return
         try:
             result = self.runner.compute(item, should_stop=self.stop.abandon,
-                                         on_step=lambda i, n: self.progress.step(unit.unit_id, i, n))
+                                         on_step=lambda i, n: self._on_step(unit.unit_id, i, n))
         except Cancelled:
             self._hand_back(unit, "unfinished after the grace period")
             return
         if result.error is not None:
             self.progress.say(f"unit {unit.unit_id} failed: {result.error}")
         self._submit(result, self.client.local_time(unit.deadline))
+
+    def _on_step(self, unit_id: str, step: int, total: int) -> None:
+        """Called as step ``step`` of ``total`` starts: maybe time to ask for the next unit."""
+        self.progress.step(unit_id, step, total)
+        now = time.monotonic()
+        if step == 1:
+            self._unit_started = now
+        per_step = (now - self._unit_started) / (step - 1) if step > 1 else math.inf
+        left = (total - step + 1) * per_step
+        due = step == total or left <= PREFETCH_MARGIN * self.fetcher.fetch_seconds
+        if due and self._need_more(in_flight=1) and not self.fetcher.pending():
+            self.fetcher.want()
 
     def _send(self, result: UnitResult, deadline: float) -> None:
         """Submit, retrying while unreachable until ``deadline`` (or briefly, once stopping)."""
