@@ -3,88 +3,16 @@ real `crowdtrain worker` processes, worker kills and a `kill -9` of the coordina
 
 These need the real CIFAR-10 (CROWDTRAIN_DATA); each runs a short job on a small slice.
 """
-import json
 import os
 import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cluster import Cluster
+
 pytestmark = pytest.mark.skipif(not os.environ.get("CROWDTRAIN_DATA"),
                                 reason="set CROWDTRAIN_DATA to the folder or archive of CIFAR-10 (e.g. ../shared/data)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    def __init__(self, tmp_path: Path, *coordinator_args: str):
-        self.tmp, self.port, self.args = tmp_path, free_port(), coordinator_args
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state = tmp_path / "state"
-        self.env = {**os.environ, "CROWDTRAIN_CACHE": os.environ.get("CROWDTRAIN_CACHE", str(Path.home() / ".cache" /
-                                                                                              "crowdtrain"))}
-        self.coordinator: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
-
-    def start_coordinator(self) -> None:
-        log = open(self.tmp / "coordinator.log", "a")
-        self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "crowdtrain", "coordinator", "--state", str(self.state), "--port", str(self.port),
-             *self.args], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.coordinator.poll() is None, (self.tmp / "coordinator.log").read_text()
-            try:
-                self.status()
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError("coordinator did not come up")
-
-    def start_worker(self, name: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "crowdtrain", "worker", "--coordinator", self.url,
-                                 "--threads", "1", "--worker-id", name, "--no-progress",
-                                 "--cache", str(self.tmp / f"cache-{name}")],
-                                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.workers.append(proc)
-        return proc
-
-    def status(self) -> dict:
-        with urllib.request.urlopen(self.url + "/api/status", timeout=10) as r:
-            return json.load(r)
-
-    def wait(self, predicate, timeout: float, what: str) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                s = self.status()
-                if predicate(s):
-                    return s
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}; last status: {self.status()}")
-
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.state / "state.db")
-
-    def stop(self) -> None:
-        for p in [*self.workers, self.coordinator]:
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
 
 
 @pytest.fixture

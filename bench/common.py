@@ -1,0 +1,41 @@
+"""What every benchmark shares: a hardware line and its own section of docs/results.md."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def hardware() -> str:
+    """CPU model, cores, torch version: the line a result is reported with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU), Python {platform.python_version()}"
+
+
+def write_section(name: str, body: str, path: Path) -> None:
+    """Replace (or append) the section between ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    section = f"{begin}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Measured results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (for the docs), else absolute."""
+    root = Path(__file__).resolve().parents[1]
+    path = Path(path).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
