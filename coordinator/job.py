@@ -168,15 +168,14 @@ class Job:
         codec = self._codec_for(request.codecs)
         if codec is None:
             return None
-        inflight = self._inflight_samples()
-        if self.samples + self._buffered_samples() + inflight >= self.budget:
+        committed = self.samples + self._buffered_samples() + self.store.leased_samples()
+        if committed >= self.budget:
             return None
         shards = self.queue.take(set(self.store.leased_shards()))
         n = sum(self.shard_sizes[s] for s in shards)
         batch = min(self.recipe.batch_size, n)
         steps = self.config.local_steps or max(1, math.ceil(n / batch))
-        progress = (self.samples + self._buffered_samples() + inflight) / self.budget
-        lr = lr_at(progress, self.recipe)
+        lr = lr_at(committed / self.budget, self.recipe)
         if lr <= 0:
             lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
         unit_id, seed = secrets.token_hex(8), secrets.randbelow(2**31)
@@ -195,9 +194,6 @@ class Job:
         if wanted.split(":")[0] in offered:
             return wanted
         return next((c for c in CODEC_IDS if c in offered), None)
-
-    def _inflight_samples(self) -> int:
-        return self.store.leased_samples()
 
     def _buffered_samples(self) -> int:
         return sum(r["num_samples"] for r in self.store.pending_results())

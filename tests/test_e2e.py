@@ -11,8 +11,11 @@ import pytest
 
 from tests.helpers.cluster import Cluster
 
-pytestmark = pytest.mark.skipif(not os.environ.get("CROWDTRAIN_DATA"),
-                                reason="set CROWDTRAIN_DATA to the folder or archive of CIFAR-10 (e.g. ../shared/data)")
+pytestmark = [
+    pytest.mark.skipif(not os.environ.get("CROWDTRAIN_DATA"),
+                       reason="set CROWDTRAIN_DATA to the folder or archive of CIFAR-10 (e.g. ../shared/data)"),
+    pytest.mark.timeout(900),   # real jobs: ~40 s each on a quiet machine, much longer on a loaded one
+]
 
 
 @pytest.fixture
