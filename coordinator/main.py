@@ -72,14 +72,16 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         eval_images=args.eval_images, limit_train=args.limit_train)
 
 
-def open_job(config: CoordinatorConfig) -> Job:
-    """Build and open the job; errors a user can fix become one-line ``ValueError``s."""
+def open_job(args: argparse.Namespace) -> tuple[CoordinatorConfig, Job] | None:
+    """The config and the opened job; None after one ``error:`` line when the user can fix something."""
     try:
+        config = config_from_args(args)
         job = Job(config)
         job.open()
-        return job
-    except DataError as e:
-        raise ValueError(str(e)) from e
+        return config, job
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "coordinator") -> int:
@@ -90,12 +92,10 @@ def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "c
     torch.set_num_threads(max(1, args.threads))
     from coordinator.app import create_app
 
-    try:
-        config = config_from_args(args)
-        job = open_job(config)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = open_job(args)
+    if opened is None:
         return 2
+    config, job = opened
     url = f"http://{config.host}:{config.port}"
     print(f"coordinator for {config.model} ({job.strategy_name}) on {url}  dashboard: {url}/dashboard", flush=True)
     try:

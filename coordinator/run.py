@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from coordinator.main import build_parser as coordinator_parser
-from coordinator.main import config_from_args, open_job
+from coordinator.main import open_job
 
 POLL_S = 1.0
 
@@ -104,12 +104,10 @@ def cli(argv: list[str], prog: str = "crowdtrain run", command: str = "run") -> 
         print("error: no data: pass --data PATH (CIFAR-10 archive or folder), set CROWDTRAIN_DATA, or add --download",
               file=sys.stderr)
         return 2
-    try:
-        config = config_from_args(args)
-        job = open_job(config)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = open_job(args)
+    if opened is None:
         return 2
+    config, job = opened
     try:
         return asyncio.run(serve(config, job, args.workers, args.worker_threads))
     except OSError as e:
