@@ -22,13 +22,7 @@ NAMES = list(registry.MODELS)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches: one thread is as fast, and two stall badly when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_batch(n: int = 40, seed: int = 2024) -> tuple[torch.Tensor, torch.Tensor]:
