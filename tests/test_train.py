@@ -144,6 +144,7 @@ def test_every_model_learns_from_real_data(name, real_data):
 
 
 @needs_data
+@pytest.mark.timeout(1200)   # ~1-2 min on a quiet machine; much longer on a loaded one
 def test_cnn_one_epoch_on_real_cifar10_beats_chance(tmp_path):
     """The issue's check: `crowdtrain train --model cnn --epochs 1` on real data, well above 10%."""
     out = run_cli("train", "--model", "cnn", "--epochs", "1", "--out", str(tmp_path / "cnn"), "--no-progress",

@@ -31,6 +31,7 @@ from models import registry
 from models.local import delta_spec, state_arrays
 from tests.helpers.tiny_cifar import tiny_cifar10
 from worker_py.client import BlobCache, Client, NoWork, backoff_delays, parse_retry_after
+from worker_py.main import prefetch_due
 
 ROOT = Path(__file__).resolve().parents[1]
 HAND_BACK = "returned: worker stopping"
@@ -228,25 +229,37 @@ def test_worker_computes_units_and_downloads_each_blob_once(blobs, tmp_path):
         fake.stop()
 
 
-def test_sigterm_mid_unit_hands_back_current_and_prefetched_unit(blobs, tmp_path):
+def test_sigterm_mid_unit_hands_back_the_unit(blobs, tmp_path):
     b = ids(blobs)
-    units = [unit(f"long{i}", b["supermask_fc"], [b["s1"]], steps=100_000) for i in (1, 2, 3)]
+    units = [unit(f"long{i}", b["supermask_fc"], [b["s1"]], steps=100_000) for i in (1, 2)]
     fake = FakeCoordinator(list(blobs.values()), units).start()
     try:
         proc = start_worker(fake.url, tmp_path / "cache", "--grace", "0.5")
-        wait_for(lambda: len(fake.issued) == 2)   # computing long1, long2 prefetched
-        time.sleep(0.5)
-        assert list(fake.issued) == ["long1", "long2"], "prefetch depth is 1"
+        wait_for(lambda: len(fake.issued) == 1, timeout=120)
+        time.sleep(1.0)
+        assert list(fake.issued) == ["long1"], "the next unit is asked for only near the end of this one"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code, log = finish(proc)
         assert code == 0, log
         assert time.monotonic() - t0 < 15, log
-        assert sorted(r.unit_id for r in fake.results) == ["long1", "long2"], log
+        assert [r.unit_id for r in fake.results] == ["long1"], log
         assert all(r.error == HAND_BACK and r.delta == b"" for r in fake.results)
         assert "handed back unit long1" in log and "Traceback" not in log
     finally:
         fake.stop()
+
+
+@pytest.mark.parametrize("step, total, elapsed, fetch, due", [
+    (1, 1, 0.0, 0.0, True),       # a one-step unit: ask at once
+    (5, 5, 4.0, 0.0, True),       # the last step
+    (1, 10, 0.0, 100.0, False),   # no step timed yet
+    (2, 10, 1.0, 0.01, False),    # 9 s left, fetches take 10 ms: wait
+    (6, 10, 5.0, 3.0, True),      # 5 s left, a fetch takes 3 s: ask now (5 <= 2 * 3)
+    (3, 10, 2.0, 3.0, False),     # 8 s left: too early
+])
+def test_the_next_unit_is_asked_for_as_late_as_the_fetch_time_allows(step, total, elapsed, fetch, due):
+    assert prefetch_due(step, total, elapsed, fetch) is due
 
 
 def test_worker_waits_for_a_coordinator_that_comes_up_late_and_exits_when_the_job_is_finished(blobs, tmp_path):
@@ -256,10 +269,13 @@ def test_worker_waits_for_a_coordinator_that_comes_up_late_and_exits_when_the_jo
     fake = FakeCoordinator(list(blobs.values()), [unit("u1", b["supermask_fc"], [b["s1"]])], port=port,
                            finish=True)
     try:
-        time.sleep(1.5)
-        assert proc.poll() is None
+        seen: list[str] = []   # start the coordinator only once the worker has found it missing
+        while not any("cannot reach" in line for line in seen):
+            assert proc.poll() is None, "".join(seen)
+            seen.append(proc.stderr.readline())
         fake.start()
         code, log = finish(proc)
+        log = "".join(seen) + log
         assert code == 0, log
         assert [r.unit_id for r in fake.results] == ["u1"]
         check_delta(fake.results[0], "supermask_fc")

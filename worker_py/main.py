@@ -311,6 +311,20 @@ def _invalid_result(d: dict, e: ContractError, worker_id: str) -> UnitResult | N
 
 
 # ----------------------------------------------------------------------------- the loop
+def prefetch_due(step: int, total: int, elapsed: float, fetch_seconds: float) -> bool:
+    """Ask for the next unit as step ``step`` of ``total`` starts, ``elapsed`` seconds into the unit?
+
+    Yes at the last step, or when the steps left will take at most ``PREFETCH_MARGIN`` times
+    as long as the last fetch did; an earlier ask only makes the next unit's base older.
+    """
+    if step >= total:
+        return True
+    if step <= 1:
+        return False
+    left = (total - step + 1) * elapsed / (step - 1)
+    return left <= PREFETCH_MARGIN * fetch_seconds
+
+
 class Worker:
     """Takes units, computes, submits, reacts to the answers; ``run()`` gives the exit status."""
 
@@ -387,9 +401,7 @@ class Worker:
         now = time.monotonic()
         if step == 1:
             self._unit_started = now
-        per_step = (now - self._unit_started) / (step - 1) if step > 1 else math.inf
-        left = (total - step + 1) * per_step
-        due = step == total or left <= PREFETCH_MARGIN * self.fetcher.fetch_seconds
+        due = prefetch_due(step, total, now - self._unit_started, self.fetcher.fetch_seconds)
         if due and self._need_more(in_flight=1) and not self.fetcher.pending():
             self.fetcher.want()
 
