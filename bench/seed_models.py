@@ -1,0 +1,118 @@
+"""The seeds' table, reproduced at one equal budget.
+
+Claim under test (the "Physics-Driven AlexNet" paper): CIFAR-10 test accuracy CNN 70.02%,
+AlexNet 78.39%, Physics-Driven AlexNet 88.64%. We train those three plus the thesis's
+edge-popup models and our default net, every model for the same number of epochs with
+its own registered recipe, several seeds each, on one machine, and report mean and spread
+of the final test accuracy beside the claims, whatever it shows.
+
+    python bench/seed_models.py --data ../shared/data --epochs 4 --seeds 0 1
+
+Writes bench/out/seed_models-<date>/{config.json,results.json,<model>-s<seed>/...} and
+replaces the seed-models section of docs/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import hardware, shown, write_section  # noqa: E402
+from models import registry  # noqa: E402
+from models.data import load_cifar10  # noqa: E402
+from models.train import set_threads, train  # noqa: E402
+
+MODELS = ["cnn", "alexnet", "physics_alexnet", "supermask_fc", "supermask_conv", "resnet_fast"]
+CLAIMS = {"cnn": 70.02, "alexnet": 78.39, "physics_alexnet": 88.64}  # % test accuracy, paper's table
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    table = []
+    for name in dict.fromkeys(r["model"] for r in runs):
+        accs = [100 * r["test_acc"] for r in runs if r["model"] == name]
+        secs = [r["seconds"] for r in runs if r["model"] == name]
+        table.append({"model": name, "runs": len(accs), "mean_acc": statistics.mean(accs),
+                      "std_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                      "min_acc": min(accs), "max_acc": max(accs), "mean_seconds": statistics.mean(secs),
+                      "claim": CLAIMS.get(name)})
+    return table
+
+
+def markdown(table: list[dict], cfg: dict) -> str:
+    lines = [f"### Seed models at an equal budget ({cfg['date']})", "",
+             f"- Budget: {cfg['epochs']} epochs of the 50,000 training images for every model, each with its "
+             f"registered recipe (`crowdtrain models`; one-cycle or cosine schedule over those epochs); "
+             f"seeds {', '.join(map(str, cfg['seeds']))}.",
+             f"- Data: {cfg['data']} (the JPEG copy of CIFAR-10, quality 75; test split of 10,000).",
+             f"- Hardware: {cfg['hardware']}; {cfg['threads']} torch threads; the machine was shared with other "
+             "work during the run, so the seconds are indicative only (accuracies are not affected).",
+             f"- Command: `{cfg['command']}`; raw results in `{cfg['out']}`.", "",
+             "| model | params | test acc. mean (%) | spread (std; min-max) | paper's claim (%) | s / run |",
+             "|---|---:|---:|---|---:|---:|"]
+    for row in table:
+        claim = f"{row['claim']:.2f}" if row["claim"] is not None else "-"
+        lines.append(f"| `{row['model']}` | {cfg['params'][row['model']]:,} | {row['mean_acc']:.2f} | "
+                     f"{row['std_acc']:.2f}; {row['min_acc']:.2f}-{row['max_acc']:.2f} | {claim} | "
+                     f"{row['mean_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="CIFAR-10 path (default $CROWDTRAIN_DATA)")
+    p.add_argument("--epochs", type=int, default=4, help="the equal budget: epochs per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    args = p.parse_args()
+
+    threads = set_threads(args.threads)
+    data = load_cifar10(args.data)
+    date = time.strftime("%Y-%m-%d")
+    out = args.out or ROOT / "bench" / "out" / f"seed_models-{date}"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"date": date, "epochs": args.epochs, "seeds": args.seeds, "models": args.models,
+           "data": data.source, "data_digest": data.digest, "hardware": hardware(), "threads": threads,
+           "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+           "out": shown(out),
+           "params": {m: registry.count_parameters(registry.build(m))[0] for m in args.models},
+           "recipes": {m: dataclasses.replace(registry.get(m).recipe, epochs=args.epochs).to_dict()
+                       for m in args.models}}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    runs = []
+    for seed in args.seeds:          # seed-major order: a cut-short run still has every model once
+        for name in args.models:
+            recipe = dataclasses.replace(registry.get(name).recipe, epochs=args.epochs)
+            t0 = time.perf_counter()
+            result = train(name, data, recipe, out / f"{name}-s{seed}", seed=seed, progress=sys.stderr.isatty(),
+                           eval_every_epoch=True)
+            if result.interrupted:
+                print("interrupted: results so far are in", out, file=sys.stderr)
+                return 130
+            last = result.rows[-1]
+            runs.append({"model": name, "seed": seed, "test_acc": last["test_acc"], "test_loss": last["test_loss"],
+                         "seconds": time.perf_counter() - t0, "epochs": [r["test_acc"] for r in result.rows]})
+            print(f"{name} seed {seed}: {100 * last['test_acc']:.2f}% in {runs[-1]['seconds']:.0f} s", flush=True)
+            (out / "results.json").write_text(json.dumps({"config": cfg, "runs": runs}, indent=2) + "\n")
+
+    table = summarise(runs)
+    (out / "results.json").write_text(json.dumps({"config": cfg, "runs": runs, "table": table}, indent=2) + "\n")
+    section = markdown(table, cfg)
+    write_section("seed_models", section, args.docs)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
