@@ -155,7 +155,7 @@ class Job:
     def _create_version0(self) -> Version:
         blob = self.store.put_blob(encode_delta(FP32, state_arrays(self.model)))
         version = Version(0, blob, 0, 0, self.clock())
-        self.store.commit_version(version, [], {}, None)
+        self.store.commit_version(version, [], None)
         return version
 
     # ------------------------------------------------------------------ units
@@ -168,7 +168,7 @@ class Job:
         codec = self._codec_for(request.codecs)
         if codec is None:
             return None
-        committed = self.samples + self._buffered_samples() + self.store.leased_samples()
+        committed = self.samples + self.store.pending_samples() + self.store.leased_samples()
         if committed >= self.budget:
             return None
         shards = self.queue.take(set(self.store.leased_shards()))
@@ -194,9 +194,6 @@ class Job:
         if wanted.split(":")[0] in offered:
             return wanted
         return next((c for c in CODEC_IDS if c in offered), None)
-
-    def _buffered_samples(self) -> int:
-        return sum(r["num_samples"] for r in self.store.pending_results())
 
     def expire_leases(self) -> int:
         """Leases past their deadline: their shards go to the front of the queue."""
@@ -275,7 +272,7 @@ class Job:
             due = self._offer(seq, delta, unit["base_step"], result.num_samples, result.worker_id, result.loss_after)
             if due:
                 await self._aggregate()
-            if self.samples + self._buffered_samples() >= self.budget:
+            if self.samples + self.store.pending_samples() >= self.budget:
                 await self._finish()
         return {"accepted": True, "staleness": staleness, "model_version": self.step, "late": late}
 
@@ -323,7 +320,7 @@ class Job:
         samples = self.samples + sum(r["num_samples"] for r in pending)
         version = Version(self.step + 1, blob, samples, len(pending), self.clock())
         old_strategy = self.store.get_meta("strategy_state")
-        self.store.commit_version(version, [r["seq"] for r in pending], {}, {"blob": strategy_blob})
+        self.store.commit_version(version, [r["seq"] for r in pending], {"blob": strategy_blob})
         self.state, self.step, self.samples = new_state, version.step, samples
         self.agg_times.append(time.perf_counter() - t0)
         self.last_metrics = metrics

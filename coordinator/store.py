@@ -15,13 +15,14 @@ Invariants that make ``kill -9`` safe:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from contract.units import blob_id as content_id, is_blob_id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -43,10 +44,6 @@ CREATE TABLE IF NOT EXISTS evals (
     test_acc REAL NOT NULL, test_loss REAL, at REAL NOT NULL);  -- test_loss NULL: not finite (diverged)
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ class Store:
     # ------------------------------------------------------------------ blobs
     def put_blob(self, data: bytes) -> str:
         """Write ``data`` under its sha256 (atomic, durable); returns the id."""
-        blob_id = sha256_hex(data)
+        blob_id = content_id(data)
         path = self.blob_dir / blob_id
         if not path.exists():
             tmp = path.with_name(f".{blob_id}.{os.getpid()}.tmp")
@@ -88,7 +85,7 @@ class Store:
         return blob_id
 
     def blob_path(self, blob_id: str) -> Path | None:
-        if len(blob_id) != 64 or any(c not in "0123456789abcdef" for c in blob_id):
+        if not is_blob_id(blob_id):
             return None
         path = self.blob_dir / blob_id
         return path if path.is_file() else None
@@ -123,16 +120,13 @@ class Store:
                               (step,)).fetchone()
         return Version(*row) if row else None
 
-    def commit_version(self, version: Version, applied_seqs: list[int], dropped: dict[int, str],
-                       strategy_state: dict | None) -> None:
+    def commit_version(self, version: Version, applied_seqs: list[int], strategy_state: dict | None) -> None:
         """Record a new model version, the results folded into it and the strategy's state at once."""
         with self.transaction():
             self.db.execute("INSERT INTO versions (step, blob, samples, updates, created) VALUES (?, ?, ?, ?, ?)",
                             (version.step, version.blob, version.samples, version.updates, version.created))
             self.db.executemany("UPDATE results SET applied_step = ? WHERE seq = ?",
                                 [(version.step, s) for s in applied_seqs])
-            self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?",
-                                [(why, s) for s, why in dropped.items()])
             if strategy_state is not None:
                 self.set_meta("strategy_state", strategy_state)
 
@@ -225,6 +219,11 @@ class Store:
         cur = self.db.execute("SELECT * FROM results WHERE applied_step IS NULL AND dropped IS NULL ORDER BY seq")
         names = [c[0] for c in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def pending_samples(self) -> int:
+        """Samples of the accepted results not yet folded in nor dropped."""
+        return self.db.execute("SELECT COALESCE(SUM(num_samples), 0) FROM results "
+                               "WHERE applied_step IS NULL AND dropped IS NULL").fetchone()[0]
 
     def result_totals(self) -> dict:
         row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(num_samples), 0), COALESCE(SUM(applied_step IS NOT NULL),"
