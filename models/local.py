@@ -107,7 +107,7 @@ def recalibrate_bn(model: torch.nn.Module, x_u8: torch.Tensor, batch: int = 256)
         m.momentum = None
         m.train()
     for i in range(0, len(x_u8), batch):
-        model(x_u8[i:i + batch].float().contiguous(memory_format=torch.channels_last))
+        model(channels_last(x_u8[i:i + batch].float()))
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     model.train(was_training)
