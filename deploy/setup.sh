@@ -30,6 +30,19 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
+# The browser worker's assets: onnxruntime-web from npm, served by the coordinator itself
+# (a donor's browser loads nothing from third-party hosts); playwright-core drives Debian's
+# Chromium in the tests and benchmarks. Exact versions from worker_web/package-lock.json.
+if ! command -v npm >/dev/null; then
+  echo "setup.sh: npm is missing (apt-get install npm); the donate page needs onnxruntime-web from npm" >&2
+  exit 1
+fi
+npm_stamp="worker_web/node_modules/.setup-$(cat worker_web/package-lock.json | sha256sum | cut -c1-16)"
+if [ ! -f "$npm_stamp" ]; then
+  (cd worker_web && npm ci --no-audit --no-fund --loglevel=error)
+  touch "$npm_stamp"
+fi
+
 stamp=".venv/.setup-$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)-$want_test"
 if [ ! -f "$stamp" ]; then
   pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
