@@ -1,8 +1,9 @@
 """The coordinator's HTTP service: ``create_app(config)`` does all the wiring.
 
 Routes (docs/protocol.md): ``POST /api/v1/units/next``, ``GET /api/v1/blobs/<id>``,
-``POST /api/v1/units/<unit_id>/result``; for people and monitors: ``GET /api/status``,
-``GET /metrics``, ``GET /dashboard``. Handlers are short: domain errors become 4xx JSON
+``POST /api/v1/units/<unit_id>/result``, ``GET /api/v1/steps/<model>/<batch>`` (a browser
+worker's training-step graph, ``coordinator.steps``); for people and monitors: ``GET /``
+(the donate page, ``coordinator.web``), ``GET /api/status``, ``GET /metrics``, ``GET /dashboard``. Handlers are short: domain errors become 4xx JSON
 bodies that name the field, and no traceback ever reaches a client.
 """
 from __future__ import annotations
@@ -19,7 +20,10 @@ from contract.units import UnitRequest, is_blob_id
 from coordinator import metrics
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job, Rejection
-from coordinator.keys import CONFIG, EVALS, JOB
+from coordinator.keys import ASSETS, CONFIG, EVALS, JOB, STEPS, WARM
+from coordinator.steps import StepGraphs, StepUnavailable
+from coordinator.web import ISOLATION, Assets
+from models.data import default_cache_dir
 
 log = logging.getLogger("crowdtrain.coordinator")
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -58,6 +62,8 @@ async def next_unit(request: web.Request) -> web.Response:
         return error("invalid", 400, f"request: expected a JSON object, got invalid JSON ({e.msg})", "request")
     except ContractError as e:
         return error(e.code if e.code == "unsupported_protocol" else "invalid", 400, e.message, e.field)
+    if unit_request.backend == "browser" and not browser_ready(request.app):
+        return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S)})
     unit = job.next_unit(unit_request)
     if unit is None:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
@@ -65,6 +71,34 @@ async def next_unit(request: web.Request) -> web.Response:
             headers["X-Crowdtrain-Finished"] = "true"
         return web.Response(status=204, headers=headers)
     return web.json_response(unit.to_json())
+
+
+def browser_ready(app: web.Application) -> bool:
+    """Browser units only once the step graph of the job's batch size is built (and can be)."""
+    try:
+        return app[STEPS].manifest(app[JOB].recipe.batch_size) is not None
+    except StepUnavailable:
+        return False
+
+
+async def step_manifest(request: web.Request) -> web.Response:
+    job, model, raw = request.app[JOB], request.match_info["model"], request.match_info["batch"]
+    if model != job.config.model:
+        return error("unknown_model", 404, f"model: expected this job's model {job.config.model!r}, got {model!r}",
+                     "model")
+    batch = int(raw) if raw.isdigit() else 0
+    if not 1 <= batch <= job.recipe.batch_size:
+        return error("invalid", 400, f"batch: expected an integer in [1, {job.recipe.batch_size}], got {raw!r}",
+                     "batch")
+    try:
+        manifest = request.app[STEPS].manifest(batch)
+    except StepUnavailable as e:
+        return error("no_browser_step", 501, f"model {model!r} cannot be trained in a browser: {e}", "model")
+    if manifest is None:
+        busy = error("building", 503, f"the step graph for {model!r} at batch {batch} is being built; retry", "batch")
+        busy.headers["Retry-After"] = "2"
+        return busy
+    return web.json_response(manifest, headers={"Cache-Control": "no-cache"})
 
 
 async def get_blob(request: web.Request) -> web.Response:
@@ -111,7 +145,13 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 
 
 async def index(request: web.Request) -> web.Response:
-    raise web.HTTPFound("/dashboard")
+    """The donate page: opening it (and pressing Start) makes this tab a worker."""
+    return web.Response(text=request.app[ASSETS].page(), content_type="text/html",
+                        headers={"Cache-Control": "no-cache", **ISOLATION})
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    return await request.app[ASSETS].serve(request)
 
 
 # ---------------------------------------------------------------------------- background work
@@ -147,7 +187,11 @@ async def job_ctx(app: web.Application):
     job = app[JOB]
     if job.store is None:
         await asyncio.to_thread(job.open)
+    app[STEPS] = StepGraphs(job, default_cache_dir() / "steps")
     tasks = [asyncio.create_task(expire_loop(app)), asyncio.create_task(eval_loop(app))]
+    if app[WARM]:   # the first tab should not wait for the export and the compression
+        app[STEPS].manifest(job.recipe.batch_size)
+        tasks.append(asyncio.create_task(asyncio.to_thread(app[ASSETS].prepare)))
     yield
     for task in tasks:
         task.cancel()
@@ -155,10 +199,13 @@ async def job_ctx(app: web.Application):
     job.close()
 
 
-def create_app(config: CoordinatorConfig, job: Job | None = None) -> web.Application:
+def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = False) -> web.Application:
+    """The app for ``job``; ``warm`` builds the browser's step graph and gzips the page's assets
+    at start instead of on the first browser's request (servers do; most tests do not need to)."""
     job = job or Job(config)
     app = web.Application(middlewares=[errors_as_json], client_max_size=job.max_body)
     app[CONFIG], app[JOB], app[EVALS] = config, job, {}
+    app[ASSETS], app[WARM] = Assets(default_cache_dir()), warm
     app.cleanup_ctx.append(job_ctx)
     app.router.add_post("/api/v1/units/next", next_unit)
     app.router.add_get("/api/v1/blobs/{blob_id}", get_blob)
@@ -167,5 +214,7 @@ def create_app(config: CoordinatorConfig, job: Job | None = None) -> web.Applica
     app.router.add_get("/metrics", prometheus)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_static("/dashboard/", DASHBOARD)
+    app.router.add_get("/api/v1/steps/{model}/{batch}", step_manifest)
     app.router.add_get("/", index)
+    app.router.add_get("/static/{version}/{path:.+}", static)
     return app

@@ -5,7 +5,12 @@ from aiohttp import web
 
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
+from coordinator.steps import StepGraphs
+from coordinator.web import Assets
 
 CONFIG = web.AppKey("config", CoordinatorConfig)
 JOB = web.AppKey("job", Job)
 EVALS = web.AppKey("evals", dict)   # background-task bookkeeping: last evaluated version, errors
+STEPS = web.AppKey("steps", StepGraphs)    # browser step graphs of the job's model
+ASSETS = web.AppKey("assets", Assets)      # the donate page and its static files
+WARM = web.AppKey("warm", bool)             # prepare browser assets at start

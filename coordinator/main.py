@@ -99,7 +99,7 @@ def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "c
     url = f"http://{config.host}:{config.port}"
     print(f"coordinator for {config.model} ({job.strategy_name}) on {url}  dashboard: {url}/dashboard", flush=True)
     try:
-        web.run_app(create_app(config, job), host=config.host, port=config.port, print=None,
+        web.run_app(create_app(config, job, warm=True), host=config.host, port=config.port, print=None,
                     handle_signals=True, shutdown_timeout=5)
     except OSError as e:
         print(f"error: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)

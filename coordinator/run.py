@@ -56,7 +56,7 @@ def stop_workers(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
 async def serve(config, job, workers: int, worker_threads: int) -> int:
     from coordinator.app import create_app
 
-    runner = web.AppRunner(create_app(config, job), handle_signals=False)
+    runner = web.AppRunner(create_app(config, job, warm=True), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

@@ -418,3 +418,27 @@ def step_graph(model_name: str, batch_size: int, cache_dir: str | os.PathLike, *
         os.replace(Path(tmp) / "step.onnx", onnx_path)  # the spec last: it vouches for the bytes
         os.replace(Path(tmp) / "step.json", meta_path)
     return data, spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.onnx_step MODEL BATCH --cache DIR``: export into the cache (the
+    coordinator runs this in a subprocess so an export never stalls its event loop)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m models.onnx_step", description=main.__doc__)
+    p.add_argument("model")
+    p.add_argument("batch_size", type=int)
+    p.add_argument("--cache", required=True, help="cache folder for the graph and its spec")
+    p.add_argument("--no-momentum", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        data, spec = step_graph(args.model, args.batch_size, args.cache, momentum=not args.no_momentum)
+    except (ExportError, KeyError, ValueError) as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    print(f"{spec.model} batch {spec.batch_size}: {len(data):,} bytes", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

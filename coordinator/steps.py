@@ -1,0 +1,192 @@
+"""Training-step graphs for browser workers, served as immutable blobs with a known-answer check.
+
+A browser tab trains with onnxruntime-web by running one exported SGD step per batch
+(``models.onnx_step``). The coordinator exports the job's model once per batch size, in a
+subprocess (an export takes seconds to tens of seconds of CPU and must not stall the event
+loop), caches the graph on disk across jobs, stores it as a content-addressed blob of the job
+and publishes a *manifest* at ``GET /api/v1/steps/<model>/<batch>``:
+
+    {"model", "batch_size", "graph": <blob id>, "graph_bytes", "spec": {...StepSpec...},
+     "check": {"state": <blob id>, "shard": <blob id>, "hyper": {...},
+               "loss": float, "outputs": {name: {"norm": float, "proj": float}},
+               "tolerance": {"loss": rel, "norm": rel, "proj": rel}}}
+
+The check is a known-answer test for a backend the tab is unsure of (WebGPU): one step on
+inputs the tab can rebuild exactly (a model state blob, the first images of a data shard
+without augmentation, zero momentum, the dropout masks of ``check_mask``, the hyperparameters
+above), whose answer was computed here with onnxruntime's CPU kernels. For every output the
+manifest gives the L2 norm of (output - its input) and its projection on a +-1 pattern
+(``check_signs``), which catches a wrong sign as well as a wrong scale. Both functions are
+written in worker_web/worker.js too, with the same constants.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from contract.codecs import decode_delta, encode_delta, get_codec
+from contract.shards import decode_shard
+from models import registry
+from models.local import state_arrays
+from models.onnx_step import ExportError, StepSpec, step_graph
+
+log = logging.getLogger("crowdtrain.coordinator")
+ROOT = Path(__file__).resolve().parents[1]
+CHECK_SEED = 20261122                      # the check's model state: a fresh build with this seed
+CHECK_HYPER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "label_smoothing": 0.1}
+TOLERANCE = {"loss": 1e-3, "norm": 2e-2, "proj": 5e-2}   # relative; proj relative to the norm
+HASH_MUL = 2654435761                       # Knuth's multiplicative hash, 32 bits
+
+
+def check_hash(n: int) -> np.ndarray:
+    """uint32 hash of the element indices 0..n-1 (the JS worker computes the same)."""
+    i = np.arange(n, dtype=np.uint64)
+    return ((i * HASH_MUL) % (1 << 32)).astype(np.uint32)
+
+
+def check_mask(n: int, p: float) -> np.ndarray:
+    """The check's dropout keep-mask: element i is kept when hash(i) / 2^32 >= p."""
+    return (check_hash(n).astype(np.float64) / 2.0**32 >= p).astype(np.float32)
+
+
+def check_signs(n: int) -> np.ndarray:
+    """The +-1 pattern outputs are projected on: +1 where bit 16 of hash(i) is set."""
+    return np.where((check_hash(n) >> 16) & 1, 1.0, -1.0)
+
+
+def check_inputs(spec: StepSpec, state: dict[str, np.ndarray], x_u8: np.ndarray, y: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """The check step's feeds, built the way the browser rebuilds them."""
+    b = spec.batch_size
+    reps = math.ceil(b / len(y))
+    x, y = np.tile(x_u8, (reps, 1, 1, 1))[:b], np.tile(y, reps)[:b]
+    feeds = {}
+    for t in spec.inputs:
+        if t.role in ("param", "fixed", "stat"):
+            feeds[t.name] = state[t.state].astype(np.float32)
+        elif t.role == "momentum":
+            feeds[t.name] = np.zeros(t.shape, np.float32)
+        elif t.name == "x":
+            feeds["x"] = x.astype(np.float32)
+        elif t.name == "y":
+            feeds["y"] = y.astype(np.int64)
+        elif t.role == "dropout":
+            feeds[t.name] = check_mask(math.prod(t.shape), t.p).reshape(t.shape)
+        else:
+            feeds[t.name] = np.array(CHECK_HYPER[t.name], np.float32)
+    return feeds
+
+
+def check_answer(graph: bytes, spec: StepSpec, feeds: dict[str, np.ndarray]) -> dict:
+    """Run the check step on onnxruntime's CPU kernels: loss, and norm/projection per output."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    names = spec.output_names
+    out = dict(zip(names, session.run(names, feeds)))
+    outputs = {}
+    for t in spec.outputs[1:]:
+        change = (out[t.name].astype(np.float64) - feeds[t.feeds].astype(np.float64)).ravel()
+        outputs[t.name] = {"norm": float(np.linalg.norm(change)),
+                           "proj": float(change @ check_signs(change.size))}
+    return {"loss": float(out["loss"]), "outputs": outputs}
+
+
+class StepUnavailable(Exception):
+    """This model cannot be trained by a browser (the export failed); the message says why."""
+
+
+@dataclass
+class _Entry:
+    task: asyncio.Task | None = None
+    manifest: dict | None = None
+    error: str | None = None
+    waiters: list = field(default_factory=list)
+
+
+class StepGraphs:
+    """Step graphs of one job's model, per batch size: built on demand, one export at a time."""
+
+    def __init__(self, job, cache_dir: str | Path) -> None:
+        self.job = job
+        self.model = job.config.model
+        self.cache_dir = Path(cache_dir)
+        self.entries: dict[int, _Entry] = {}
+        self._one_at_a_time = asyncio.Lock()
+
+    def manifest(self, batch_size: int) -> dict | None:
+        """The manifest, or None while it is being built (the build starts if it has not).
+        Raises StepUnavailable when the export failed."""
+        entry = self.entries.get(batch_size)
+        if entry is None:
+            entry = self.entries[batch_size] = _Entry()
+            entry.task = asyncio.get_running_loop().create_task(self._build(batch_size, entry))
+        if entry.error is not None:
+            raise StepUnavailable(entry.error)
+        return entry.manifest
+
+    async def wait(self, batch_size: int) -> dict:
+        """The manifest, waiting for the build (tests and warm-up)."""
+        self.manifest(batch_size)
+        await asyncio.shield(self.entries[batch_size].task)
+        return self.manifest(batch_size)
+
+    async def _build(self, batch_size: int, entry: _Entry) -> None:
+        try:
+            async with self._one_at_a_time:
+                await self._export(batch_size)
+                entry.manifest = await asyncio.to_thread(self._make_manifest, batch_size)
+            log.info("browser step graph for %s at batch %d: blob %s (%d bytes)", self.model, batch_size,
+                     entry.manifest["graph"][:12], entry.manifest["graph_bytes"])
+        except (StepUnavailable, ExportError, ValueError, OSError) as e:
+            entry.error = str(e)
+            log.warning("no browser step graph for %s at batch %d: %s", self.model, batch_size, e)
+        except Exception as e:  # never leave a task with an unretrieved exception
+            entry.error = f"internal error while building the step graph ({type(e).__name__})"
+            log.exception("building the step graph for %s at batch %d failed", self.model, batch_size)
+
+    async def _export(self, batch_size: int) -> None:
+        """Export in a subprocess (CPU-heavy, and torch's exporter is not made for threads)."""
+        cmd = [sys.executable, "-m", "models.onnx_step", self.model, str(batch_size), "--cache", str(self.cache_dir)]
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+            why = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)
+            raise StepUnavailable(why or f"the export exited with {proc.returncode}: {' | '.join(lines[-3:])}")
+
+    def _make_manifest(self, batch_size: int) -> dict:
+        graph, spec = step_graph(self.model, batch_size, self.cache_dir)   # read from the cache
+        store = self.job.store
+        with torch.random.fork_rng():
+            torch.manual_seed(CHECK_SEED)
+            state = state_arrays(registry.build(self.model))
+        state_blob = store.put_blob(encode_delta(get_codec("fp32"), state))
+        state = decode_delta(store.get_blob(state_blob))   # exactly what the browser decodes
+        shard = self.job.shard_ids[0]
+        x, y = decode_shard(store.get_blob(shard))
+        answer = check_answer(graph, spec, check_inputs(spec, state, x[:batch_size], y[:batch_size]))
+        return {"model": self.model, "batch_size": batch_size, "graph": store.put_blob(graph),
+                "graph_bytes": len(graph), "spec": {"momentum": spec.momentum, "nesterov": spec.nesterov,
+                                                    "inputs": [_tensor(t) for t in spec.inputs],
+                                                    "outputs": [_tensor(t) for t in spec.outputs]},
+                "check": {"state": state_blob, "shard": shard, "hyper": dict(CHECK_HYPER), **answer,
+                          "tolerance": dict(TOLERANCE)}}
+
+
+def _tensor(t) -> dict:
+    d = {"name": t.name, "role": t.role, "shape": list(t.shape), "dtype": t.dtype}
+    for key in ("state", "feeds", "p"):
+        if getattr(t, key) is not None:
+            d[key] = getattr(t, key)
+    return d

@@ -1,0 +1,228 @@
+"""The browser worker end to end: a real coordinator process on 127.0.0.1 (tiny data it makes
+itself), Debian's headless Chromium driven by playwright-core (worker_web/drive.mjs) opening
+the donate page, pressing Start, and training real units with onnxruntime-web.
+
+Also, without a browser: the step-graph manifest (coordinator/steps.py) and its known-answer
+check, and the page's assets (versioned, immutable, compressed, cross-origin isolated).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contract.codecs import decode_delta
+from contract.shards import decode_shard
+from contract.units import blob_id
+from coordinator.steps import check_answer, check_inputs, check_mask, check_signs
+from models.onnx_step import StepSpec
+from tests.helpers.cluster import ROOT, Cluster
+from tests.helpers.tiny_cifar import write_official_archive
+
+DRIVER = ROOT / "worker_web" / "drive.mjs"
+NODE = shutil.which("node")
+HAVE_BROWSER = NODE is not None and Path("/usr/bin/chromium").exists() and \
+    (ROOT / "worker_web" / "node_modules" / "playwright-core").is_dir()
+needs_browser = pytest.mark.skipif(not HAVE_BROWSER, reason="needs node, /usr/bin/chromium and worker_web/node_modules "
+                                                            "(bash deploy/setup.sh --test installs them)")
+pytestmark = pytest.mark.timeout(900)
+
+# Small units on tiny data: 4 steps of 32 images from shards of 64.
+TINY = ("--batch-size", "32", "--shard-size", "64", "--local-steps", "4", "--eval-every", "2")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    write_official_archive(folder, n_train=512, n_test=100)
+    return folder
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = []
+
+    def make(*args):
+        c = Cluster(tmp_path, *args)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.stop()
+
+
+def get(url: str) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def manifest(c: Cluster, model: str, batch: int, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, headers, body = get(f"{c.url}/api/v1/steps/{model}/{batch}")
+        if status == 200:
+            return json.loads(body)
+        assert status == 503 and headers.get("Retry-After"), (status, body)
+        time.sleep(1)
+    raise AssertionError("the step graph was not built in time")
+
+
+def drive(url: str, *options: str, timeout: float = 400) -> dict:
+    proc = subprocess.run([NODE, str(DRIVER), url, *options], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout + 60)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"driver printed no result (exit {proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def results_of(c: Cluster, worker_id: str) -> list[tuple]:
+    with c.db() as db:
+        return db.execute("SELECT unit_id, loss_before, loss_after, num_samples, staleness FROM results "
+                          "WHERE worker_id = ? ORDER BY seq", (worker_id,)).fetchall()
+
+
+# ------------------------------------------------------------------------------ no browser
+def test_manifest_graph_and_known_answer(cluster, data):
+    c = cluster("--data", str(data), "--model", "cnn", *TINY)
+    c.start_coordinator()
+    m = manifest(c, "cnn", 32)
+    assert m["model"] == "cnn" and m["batch_size"] == 32
+    status, headers, graph = get(f"{c.url}/api/v1/blobs/{m['graph']}")
+    assert status == 200 and blob_id(graph) == m["graph"] and len(graph) == m["graph_bytes"]
+    assert "immutable" in headers["Cache-Control"]
+    spec = StepSpec.from_json(json.dumps({**m["spec"], "model": "cnn", "batch_size": 32, "opset": 18}))
+    # the answer is reproducible from the blobs the browser fetches
+    state = decode_delta(get(f"{c.url}/api/v1/blobs/{m['check']['state']}")[2])
+    x, y = decode_shard(get(f"{c.url}/api/v1/blobs/{m['check']['shard']}")[2])
+    feeds = check_inputs(spec, state, x[:32], y[:32])
+    again = check_answer(graph, spec, feeds)
+    assert again["loss"] == pytest.approx(m["check"]["loss"], rel=1e-6)
+    for name, want in m["check"]["outputs"].items():
+        assert again["outputs"][name]["norm"] == pytest.approx(want["norm"], rel=1e-5, abs=1e-7)
+    # and it catches a step that computes something else: a 10% larger learning rate
+    feeds["lr"] = np.array(m["check"]["hyper"]["lr"] * 1.1, np.float32)
+    wrong = check_answer(graph, spec, feeds)
+    tol = m["check"]["tolerance"]["norm"]
+    off = [n for n, w in m["check"]["outputs"].items() if n.startswith("new_p:")
+           and abs(wrong["outputs"][n]["norm"] - w["norm"]) > tol * w["norm"]]
+    assert off, "a 10% larger step must fail the norm check"
+    # refusals name the field
+    for path, code, field in (("/api/v1/steps/alexnet/32", 404, "model"), ("/api/v1/steps/cnn/0", 400, "batch"),
+                              ("/api/v1/steps/cnn/33", 400, "batch"), ("/api/v1/steps/cnn/x", 400, "batch")):
+        status, _, body = get(c.url + path)
+        assert status == code and json.loads(body)["error"]["field"] == field, (path, body)
+
+
+def test_check_patterns_are_the_documented_hash():
+    # worker.js rebuilds these with Math.imul(i, 2654435761) >>> 0; pin a few values
+    h = [(i * 2654435761) % 2**32 for i in range(6)]
+    assert list(check_mask(6, 0.5)) == [1.0 if v / 2**32 >= 0.5 else 0.0 for v in h]
+    assert list(check_signs(6)) == [1.0 if (v >> 16) & 1 else -1.0 for v in h]
+    assert 0.4 < check_mask(10000, 0.5).mean() < 0.6 and abs(check_signs(10000).mean()) < 0.05
+
+
+def test_page_and_assets(cluster, data):
+    c = cluster("--data", str(data), "--model", "cnn", *TINY)
+    c.start_coordinator()
+    status, headers, page = get(c.url + "/")
+    assert status == 200 and headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    assert headers["Cross-Origin-Opener-Policy"] == "same-origin" and "no-cache" in headers["Cache-Control"]
+    text = page.decode()
+    prefix = text.split('src="')[1].split("/main.js")[0]
+    assert prefix.startswith("/static/") and "{{" not in text
+    for rel in ("main.js", "worker.js", "contract.js", "style.css", "ort/ort.wasm.min.mjs",
+                "ort/ort-wasm-simd-threaded.wasm"):
+        status, headers, body = get(f"{c.url}{prefix}/{rel}")
+        assert status == 200, rel
+        assert "immutable" in headers["Cache-Control"] and headers["Content-Encoding"] == "gzip", rel
+        assert headers["Cross-Origin-Resource-Policy"] == "same-origin", rel
+        source = (ROOT / "worker_web" / rel) if not rel.startswith("ort/") else \
+            ROOT / "worker_web/node_modules/onnxruntime-web/dist" / rel[4:]
+        assert gzip.decompress(body) == source.read_bytes(), rel
+    assert get(f"{c.url}/static/0000000000000000/main.js")[0] == 404
+    assert get(f"{c.url}{prefix}/../../api/status")[0] == 404
+
+
+# ------------------------------------------------------------------------------ Chromium
+@needs_browser
+@pytest.mark.parametrize("model", ["cnn", "supermask_fc"])
+def test_tab_trains_units_the_coordinator_accepts(cluster, data, model):
+    c = cluster("--data", str(data), "--model", model, *TINY, "--epochs", "3")
+    c.start_coordinator()
+    out = drive(f"{c.url}/?throttle=100&threads=1", "--click", "--units", "6", "--timeout", "300")
+    assert out["ok"], out
+    state = out["state"]
+    assert state["backend"] == "wasm" and state["unitsDone"] >= 6, state
+    worker_id = state["workerId"]
+    rows = results_of(c, worker_id)
+    assert len(rows) >= 6, rows
+    status = c.status()
+    assert status["units_accepted"] >= 6
+    assert any(w["worker_id"] == worker_id and w["backend"] == "browser" for w in status["workers"])
+    # the loss goes down: within units, and across them as the model improves
+    befores, afters = [r[1] for r in rows], [r[2] for r in rows]
+    assert np.mean(afters) < np.mean(befores), rows
+    assert np.mean(befores[-2:]) < befores[0], rows
+    assert not [ln for ln in out["console"] if "error" in ln.lower()], out["console"]
+
+
+@needs_browser
+@pytest.mark.parametrize("model", ["cnn", "supermask_fc"])
+def test_webgpu_path_is_decided_by_the_known_answer_check(cluster, data, model):
+    # SwiftShader (WebGPU on the CPU) is slow: batches of 8, one step per unit. Seen here: the
+    # cnn passes the check and trains on WebGPU; supermask_fc's loss differs on WebGPU (2.59
+    # where 2.69 is right), so that tab falls back to WebAssembly.
+    c = cluster("--data", str(data), "--model", model, "--batch-size", "8", "--shard-size", "16",
+                "--local-steps", "1", "--epochs", "3")
+    c.start_coordinator()
+    out = drive(f"{c.url}/?throttle=100&threads=1&check=always", "--webgpu", "--click", "--units", "1",
+                "--timeout", "400")
+    assert out["ok"], out
+    state = out["state"]
+    verdict = state["knownAnswer"]
+    assert verdict is not None, f"the WebGPU check did not run: {state['backendReason']}"
+    assert verdict["ok"] == (state["backend"] == "webgpu"), state
+    if state["backend"] == "wasm":
+        assert "known-answer" in state["backendReason"], state
+        # the same check passes on WebAssembly (the CPU kernels the answer came from): the
+        # verdict is about WebGPU, not about how the tab rebuilt the check's inputs
+        assert state["knownAnswerWasm"]["ok"], state
+    assert len(results_of(c, state["workerId"])) >= 1
+
+
+@needs_browser
+def test_closed_tab_leaves_its_unit_to_be_reissued(cluster, data):
+    c = cluster("--data", str(data), "--model", "cnn", "--batch-size", "32", "--shard-size", "64",
+                "--local-steps", "40", "--lease-first", "8", "--lease-min", "3", "--epochs", "50")
+    c.start_coordinator()
+    manifest(c, "cnn", 32)
+    out = drive(f"{c.url}/?throttle=100&threads=1", "--click", "--close-at-step", "2", "--timeout", "300")
+    assert out["ok"] and out.get("closed_unit"), out
+    unit_id = out["closed_unit"]
+    with c.db() as db:
+        shards, status = db.execute("SELECT shard_ids, status FROM units WHERE unit_id = ?", (unit_id,)).fetchone()
+    assert status == "leased"
+    c.start_worker("py")   # someone else picks up the work once the lease runs out
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        with c.db() as db:
+            status = db.execute("SELECT status FROM units WHERE unit_id = ?", (unit_id,)).fetchone()[0]
+            redone = db.execute("SELECT r.unit_id FROM results r JOIN units u ON u.unit_id = r.unit_id "
+                                "WHERE u.shard_ids = ? AND r.unit_id != ?", (shards, unit_id)).fetchall()
+        if status == "expired" and redone:
+            break
+        time.sleep(1)
+    assert status == "expired" and redone, (status, redone)
+    assert results_of(c, out["state"]["workerId"]) == [], "the closed tab sent nothing for its unit"

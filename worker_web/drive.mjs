@@ -1,0 +1,95 @@
+// Drives the donate page in Debian's headless Chromium (playwright-core; never
+// `npx playwright install`). Used by tests/test_browser.py and bench/browser_step.py.
+//
+//   node worker_web/drive.mjs URL [options]      prints one JSON line with what happened
+//     --units N          wait until the page reports N accepted units (default 1)
+//     --timeout S        give up after S seconds (default 240)
+//     --click            press the Start button (otherwise the URL should say ?autostart=1)
+//     --close-at-step K  close the tab once a unit reaches step K (prints that unit's id)
+//     --profile DIR      user-data dir to use and keep (a repeat visit reuses it); default: a fresh one
+//     --webgpu           launch with --enable-unsafe-webgpu (SwiftShader here)
+//     --hold S           after reaching the goal keep the tab working S more seconds (throttle bench)
+//
+// Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type},
+//          requests, closed_unit?, console: [...], error?}
+import { chromium } from 'playwright-core';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const args = process.argv.slice(2);
+const url = args.shift();
+const opt = {units: 1, timeout: 240, click: false, closeAt: 0, profile: null, webgpu: false, hold: 0};
+while (args.length) {
+  const a = args.shift();
+  if (a === '--units') opt.units = +args.shift();
+  else if (a === '--timeout') opt.timeout = +args.shift();
+  else if (a === '--click') opt.click = true;
+  else if (a === '--close-at-step') opt.closeAt = +args.shift();
+  else if (a === '--profile') opt.profile = args.shift();
+  else if (a === '--webgpu') opt.webgpu = true;
+  else if (a === '--hold') opt.hold = +args.shift();
+  else { console.error(`drive.mjs: unknown option ${a}`); process.exit(2); }
+}
+
+const profile = opt.profile ?? mkdtempSync(join(tmpdir(), 'crowdtrain-chromium-'));
+const flags = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+               '--disable-component-update', '--disable-sync'];
+if (opt.webgpu) flags.push('--enable-unsafe-webgpu');
+const out = {ok: false, console: [], requests: 0, bytes: {total: 0, by_type: {}}};
+const t0 = Date.now();
+let ctx;
+try {
+  ctx = await chromium.launchPersistentContext(profile, {executablePath: '/usr/bin/chromium', headless: true, args: flags});
+  const page = ctx.pages()[0] ?? await ctx.newPage();
+  page.on('console', m => { if (out.console.length < 200) out.console.push(`${m.type()}: ${m.text()}`.slice(0, 500)); });
+  page.on('pageerror', e => out.console.push(`pageerror: ${e.message}`.slice(0, 500)));
+  page.on('requestfinished', async req => {
+    try {
+      const sizes = await req.sizes();   // responseBodySize: bytes on the wire (compressed); 0 when cached
+      const resp = await req.response();
+      const kind = new URL(req.url()).pathname.split('/').slice(0, 4).join('/').replace(/\/[0-9a-f]{16,}.*$/, '/<id>');
+      const n = sizes.responseBodySize + sizes.responseHeadersSize;
+      out.requests++;
+      out.bytes.total += n;
+      out.bytes.by_type[kind] = (out.bytes.by_type[kind] ?? 0) + n;
+      if (resp && resp.status() >= 400) out.console.push(`http ${resp.status()} ${req.url()}`);
+    } catch { /* the page is closing */ }
+  });
+  const tOpen = Date.now();
+  await page.goto(url);
+  if (opt.click) await page.click('#toggle');
+  const deadline = Date.now() + opt.timeout * 1000;
+  const state = () => page.evaluate(() => window.crowdtrainState);
+  let s = await state(), first = null;
+  for (;;) {
+    s = await state();
+    if (first === null && s.unitsDone > (out.startUnits ??= s.unitsDone)) first = (Date.now() - tOpen) / 1000;
+    if (opt.closeAt && s.step >= opt.closeAt && s.unitId && String(s.status).includes('step')) {
+      out.closed_unit = s.unitId;
+      out.closed_at_step = s.step;
+      await page.close();
+      break;
+    }
+    if (!opt.closeAt && s.unitsDone - out.startUnits >= opt.units) break;
+    if (Date.now() > deadline) { out.error = `timed out after ${opt.timeout} s: ${s.status}`; break; }
+    await page.waitForTimeout(100);
+  }
+  if (!out.error && opt.hold > 0) {
+    const before = await state();
+    await page.waitForTimeout(opt.hold * 1000);
+    out.held = {seconds: opt.hold, units_before: before.unitsDone, state: await state()};
+    s = out.held.state;
+  }
+  out.state = s;
+  out.seconds_to_first_unit = first;
+  out.ok = !out.error;
+} catch (e) {
+  out.error = String(e?.stack ?? e).slice(0, 2000);
+} finally {
+  out.seconds = (Date.now() - t0) / 1000;
+  if (ctx) await ctx.close().catch(() => {});
+  if (!opt.profile) rmSync(profile, {recursive: true, force: true});
+}
+console.log(JSON.stringify(out));
+process.exit(out.ok ? 0 : 1);

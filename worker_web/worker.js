@@ -1,0 +1,480 @@
+// The browser worker: a module Web Worker that owns onnxruntime-web and the training loop.
+//
+// The same contract as the Python worker (docs/protocol.md): ask for a unit, fetch its blobs
+// (model version, data shards; the training-step graph of coordinator/steps.py), run
+// unit.local_steps SGD steps of the exported graph, encode the delta with the unit's codec and
+// submit it. A unit that fails is reported with its error and the loop carries on; a unit
+// left unfinished by Pause is handed back ("returned: ...") so it is reissued at once.
+//
+// Backend: WebGPU when the browser has an adapter AND the step graph passes the known-answer
+// check of its manifest (one step on inputs rebuilt here, compared to the answer the
+// coordinator computed on CPU); otherwise WebAssembly (threads when cross-origin isolated).
+//
+// Messages in:  {type: 'init', workerId, assets, origin, threads, throttle, backend, check}
+//               {type: 'start'} {type: 'pause'} {type: 'throttle', value}
+// Messages out: {type: 'state', state: {...}, accepted?: {samples}, log?, isError?}
+
+import * as contract from './contract.js';
+
+const CODECS = ['fp32', 'fp16', 'int8', 'topk'];
+const BLOB_CACHE = 'crowdtrain-blobs-v1';
+const HASH_MUL = 2654435761;              // coordinator/steps.py: the known-answer check's hash
+const HAND_BACK = 'returned: paused in the browser';
+const MAX_ERROR_CHARS = 2000;
+
+const S = {
+  workerId: null, assets: null, origin: null, threads: 1, throttle: 0.5, backendWanted: 'auto', check: 'auto',
+  running: false, loop: null, wake: null,
+  ort: null, backend: null, backendReason: '', sessions: new Map(), versions: new Map(), shards: new Map(),
+  rate: {samples: 0, seconds: 0}, unitsFailed: 0,
+};
+
+// ------------------------------------------------------------------------------ reporting
+let lastPost = 0;
+function post(fields = {}, extra = {}) {
+  Object.assign(S.shown ??= {}, fields);
+  const now = performance.now();
+  if (!extra.log && !extra.accepted && !fields.backend && now - lastPost < 200) return;
+  lastPost = now;
+  postMessage({type: 'state', state: {...S.shown, running: S.running, backend: S.backend,
+    backendReason: S.backendReason, samplesPerSecond: S.rate.seconds ? S.rate.samples / S.rate.seconds : 0,
+    failed: S.unitsFailed}, ...extra});
+}
+const say = (status, log, isError = false) => post({status}, log ? {log, isError} : {});
+
+// ------------------------------------------------------------------------------ commands
+onmessage = ({data}) => {
+  if (data.type === 'init') {
+    Object.assign(S, {workerId: data.workerId, assets: data.assets, origin: data.origin, threads: data.threads,
+                      throttle: data.throttle, backendWanted: data.backend, check: data.check});
+  } else if (data.type === 'start') {
+    S.running = true;
+    if (!S.loop) S.loop = loop().finally(() => { S.loop = null; });
+    S.wake?.();
+  } else if (data.type === 'pause') {
+    S.running = false;
+    S.wake?.();
+    say('paused: press Start to contribute');
+  } else if (data.type === 'throttle') {
+    S.throttle = Math.min(1, Math.max(0.05, data.value));
+  }
+};
+
+// A sleep that Pause and Start cut short.
+function sleep(ms) {
+  return new Promise(resolve => {
+    const t = setTimeout(done, ms);
+    function done() { clearTimeout(t); S.wake = null; resolve(); }
+    S.wake = done;
+  });
+}
+
+// ------------------------------------------------------------------------------ the loop
+async function loop() {
+  let backoff = 1000;
+  while (S.running) {
+    let unit;
+    try {
+      unit = await nextUnit();
+      backoff = 1000;
+    } catch (e) {
+      say(`coordinator unreachable (${short(e)}); retrying in ${Math.round(backoff / 1000)} s`);
+      await sleep(backoff);
+      backoff = Math.min(30000, backoff * 2);
+      continue;
+    }
+    if (unit === null) continue;
+    await runUnit(unit);
+  }
+}
+
+async function nextUnit() {
+  const body = {protocol: 1, worker_id: S.workerId, backend: 'browser', codecs: CODECS, models: []};
+  const r = await fetch('/api/v1/units/next', {method: 'POST', body: JSON.stringify(body),
+                                                 headers: {'Content-Type': 'application/json'}});
+  if (r.status === 204) {
+    const finished = r.headers.get('X-Crowdtrain-Finished') === 'true';
+    const wait = 1000 * Math.max(1, +(r.headers.get('Retry-After') || 5));
+    say(finished ? 'the job is finished: thank you! (checking again now and then)' : 'no work right now; waiting');
+    await sleep(finished ? Math.max(wait, 30000) : wait);
+    return null;
+  }
+  if (!r.ok) throw new Error(await errorText(r));
+  return contract.checkUnit(await r.text());
+}
+
+async function runUnit(unit) {
+  const t0 = performance.now();
+  let step = 0;
+  try {
+    say(`unit ${unit.unit_id}: fetching`);
+    const manifest = await stepManifest(unit);
+    checkHyper(unit, manifest);
+    const session = await sessionFor(manifest);
+    const base = await modelVersion(unit.model_version);
+    const data = await shards(unit.shard_ids);
+    const feeds = initialFeeds(manifest.spec, base);
+    const rng = mulberry32(unit.seed);
+    const batches = batchIndices(data.n, unit.local_steps, unit.batch_size, rng);
+    const losses = [];
+    const tTrain = performance.now();
+    for (step = 0; step < unit.local_steps; step++) {
+      if (!S.running) throw new HandBack();
+      const ts = performance.now();
+      Object.assign(feeds, batchFeeds(manifest.spec, unit, data, batches[step], rng));
+      const out = await session.run(feeds);
+      const loss = out.loss.data[0];
+      if (!Number.isFinite(loss)) throw new Error(`the loss is ${loss} at step ${step + 1}`);
+      losses.push(loss);
+      for (const t of manifest.spec.outputs.slice(1)) feeds[t.feeds] = out[t.name];
+      const work = performance.now() - ts;
+      post({status: `unit ${unit.unit_id}: step ${step + 1} of ${unit.local_steps}`, lastLoss: loss,
+            unitId: unit.unit_id, step: step + 1, steps: unit.local_steps});
+      if (S.throttle < 1) await sleep(work * (1 / S.throttle - 1));
+    }
+    const seconds = (performance.now() - tTrain) / 1000;
+    const delta = deltaOf(manifest.spec, base, feeds);
+    const bytes = contract.encodeDelta(unit.codec, delta);
+    const samples = unit.local_steps * unit.batch_size;
+    const meta = resultMeta(unit, {loss_before: losses[0], loss_after: losses[losses.length - 1],
+                                   num_samples: samples, compute_seconds: seconds});
+    say(`unit ${unit.unit_id}: sending`);
+    const reply = await submit(unit, meta, bytes);
+    S.rate.samples += samples; S.rate.seconds += (performance.now() - t0) / 1000;
+    if (reply.ok) {
+      post({status: `unit ${unit.unit_id} accepted`}, {accepted: {samples}, log: `unit ${unit.unit_id}: ${samples} ` +
+           `samples, loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}, accepted`});
+    } else {
+      S.unitsFailed++;
+      say(`unit ${unit.unit_id} refused`, `unit ${unit.unit_id} refused: ${reply.text}`, true);
+    }
+  } catch (e) {
+    const handBack = e instanceof HandBack;
+    const text = handBack ? HAND_BACK : `browser worker (${S.backend ?? 'no backend'}) at step ${step + 1}: ${short(e)}`;
+    if (!handBack) { S.unitsFailed++; say(`unit ${unit.unit_id} failed`, `unit ${unit.unit_id} failed: ${text}`, true); }
+    const meta = resultMeta(unit, {loss_before: 0, loss_after: 0, num_samples: 0,
+                                   compute_seconds: (performance.now() - t0) / 1000, error: clip(text)});
+    try { await submit(unit, meta, new Uint8Array(0)); } catch { /* the lease expires and the unit is reissued */ }
+    if (handBack) say('paused: press Start to contribute', `unit ${unit.unit_id} handed back`);
+  }
+}
+
+class HandBack extends Error {}
+
+function checkHyper(unit, manifest) {
+  const h = unit.hyper;
+  if (h.loss !== undefined && h.loss !== 'ce') throw new Error(`loss '${h.loss}' is not in the browser's step graph`);
+  if (h.nesterov !== undefined && h.nesterov !== manifest.spec.nesterov) {
+    throw new Error(`hyper.nesterov=${h.nesterov} but the step graph was exported with nesterov=${manifest.spec.nesterov}`);
+  }
+}
+
+function resultMeta(unit, numbers) {
+  return {protocol: 1, unit_id: unit.unit_id, lease: unit.lease, worker_id: S.workerId,
+          base_version: unit.model_version, ...numbers, error: numbers.error ?? null};
+}
+
+async function submit(unit, meta, deltaBytes) {
+  const body = contract.packResult(meta, deltaBytes);
+  for (let attempt = 0; ; attempt++) {
+    let r;
+    try {
+      r = await fetch(`/api/v1/units/${encodeURIComponent(unit.unit_id)}/result`,
+                      {method: 'POST', body, headers: {'Content-Type': 'application/octet-stream'}});
+    } catch (e) {   // the coordinator may be restarting: the result stays valid until refused
+      if (attempt >= 8) throw e;
+      await new Promise(res => setTimeout(res, Math.min(30000, 1000 * 2 ** attempt)));
+      continue;
+    }
+    if (r.ok) return {ok: true, body: await r.json()};
+    if (r.status >= 500 && attempt < 8) { await new Promise(res => setTimeout(res, 1000 * 2 ** attempt)); continue; }
+    return {ok: false, text: await errorText(r)};
+  }
+}
+
+async function errorText(r) {
+  try { const e = (await r.json()).error; return `${r.status} ${e.code}: ${e.message}`; } catch { return `HTTP ${r.status}`; }
+}
+
+const short = e => clip(String(e?.message ?? e).split('\n')[0], 500);
+// At most n characters, cut between code points (a cut surrogate pair would make the text invalid).
+const clip = (text, n = MAX_ERROR_CHARS) => Array.from(text).slice(0, n).join('');
+
+// ------------------------------------------------------------------------------ blobs
+async function blob(id, {cache = true} = {}) {
+  const url = `/api/v1/blobs/${id}`;
+  const store = cache && self.caches ? await caches.open(BLOB_CACHE) : null;
+  let r = store ? await store.match(url) : undefined;
+  const fromCache = !!r;
+  if (!r) {
+    r = await fetch(url);
+    if (!r.ok) throw new Error(`blob ${id.slice(0, 12)}: ${await errorText(r)}`);
+    if (store) await store.put(url, r.clone());
+  }
+  const bytes = new Uint8Array(await r.arrayBuffer());
+  if (await contract.blobId(bytes) !== id) {
+    if (store) await store.delete(url);
+    throw new Error(`blob ${id.slice(0, 12)}: content does not match its id${fromCache ? ' (cached copy dropped)' : ''}`);
+  }
+  return bytes;
+}
+
+async function modelVersion(id) {
+  if (!S.versions.has(id)) {
+    S.versions.set(id, contract.decodeDelta(await blob(id, {cache: false})));
+    while (S.versions.size > 2) S.versions.delete(S.versions.keys().next().value);
+  }
+  return S.versions.get(id);
+}
+
+async function shards(ids) {
+  const parts = [];
+  for (const id of ids) {
+    if (!S.shards.has(id)) {
+      S.shards.set(id, contract.decodeShard(await blob(id)));
+      while (S.shards.size > 8) S.shards.delete(S.shards.keys().next().value);
+    }
+    parts.push(S.shards.get(id));
+  }
+  if (parts.length === 1) return parts[0];
+  const n = parts.reduce((a, p) => a + p.n, 0);
+  const x = new Uint8Array(n * 3072), y = new Uint8Array(n);
+  let at = 0;
+  for (const p of parts) { x.set(p.x, at * 3072); y.set(p.y, at); at += p.n; }
+  return {x, y, n};
+}
+
+async function stepManifest(unit) {
+  const url = `/api/v1/steps/${encodeURIComponent(unit.model)}/${unit.batch_size}`;
+  for (;;) {
+    const r = await fetch(url, {cache: 'no-cache'});
+    if (r.ok) return r.json();
+    if (r.status !== 503 || Date.now() / 1000 > unit.deadline) throw new Error(`step graph: ${await errorText(r)}`);
+    say(`unit ${unit.unit_id}: the coordinator is preparing the training graph`);
+    await new Promise(res => setTimeout(res, 1000 * +(r.headers.get('Retry-After') || 2)));
+  }
+}
+
+// ------------------------------------------------------------------------------ backend
+async function loadOrt(withWebGpu) {
+  if (S.ort) return S.ort;
+  const file = withWebGpu ? 'ort.min.mjs' : 'ort.wasm.min.mjs';
+  const ort = await import(`${S.assets}/ort/${file}`);
+  ort.env.wasm.wasmPaths = `${S.origin}${S.assets}/ort/`;
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? S.threads : 1;
+  ort.env.wasm.proxy = false;
+  ort.env.logLevel = 'error';
+  S.ort = ort;
+  return ort;
+}
+
+async function create(ort, graph, ep) {
+  return ort.InferenceSession.create(graph, {executionProviders: [ep], graphOptimizationLevel: 'all',
+                                           logSeverityLevel: 3});   // no warnings about CPU-placed shape ops
+}
+
+// The session for a manifest's graph; the first one also decides the backend.
+async function sessionFor(manifest) {
+  if (S.sessions.has(manifest.graph)) return S.sessions.get(manifest.graph);
+  const graph = await blob(manifest.graph);
+  let session = null;
+  if (S.backend === null || S.backend === 'webgpu') {
+    let adapter = null;
+    if (S.backendWanted !== 'wasm' && self.navigator.gpu) {
+      try { adapter = await navigator.gpu.requestAdapter(); } catch { adapter = null; }
+    }
+    const ort = await loadOrt(adapter !== null);
+    if (adapter) {
+      say('checking WebGPU with a known-answer step');
+      try {
+        const gpu = await create(ort, graph, 'webgpu');
+        const verdict = await knownAnswer(gpu, manifest);
+        S.knownAnswer = verdict;
+        if (verdict.ok) { session = gpu; setBackend('webgpu', 'known-answer check passed'); }
+        else { await gpu.release?.(); setBackend('wasm', `WebGPU failed the known-answer check: ${verdict.why}`); }
+      } catch (e) {
+        setBackend('wasm', `WebGPU could not run the step: ${short(e)}`);
+      }
+    } else {
+      setBackend('wasm', S.backendWanted === 'wasm' ? 'asked for' : 'no WebGPU adapter');
+    }
+  }
+  if (session === null) {
+    const ort = await loadOrt(false);
+    session = await create(ort, graph, 'wasm');
+    if (S.check === 'always' && !S.sessions.size) {
+      const verdict = await knownAnswer(session, manifest);
+      S.knownAnswerWasm = verdict;
+      post({knownAnswerWasm: verdict}, {log: `WebAssembly known-answer check: ${verdict.ok ? 'passed' : verdict.why}`});
+      if (!verdict.ok) throw new Error(`WebAssembly failed the known-answer check: ${verdict.why}`);
+    }
+  }
+  S.sessions.set(manifest.graph, session);
+  return session;
+}
+
+function setBackend(name, reason) {
+  S.backend = name; S.backendReason = reason;
+  const threads = name === 'wasm' ? `, ${S.ort.env.wasm.numThreads} thread${S.ort.env.wasm.numThreads > 1 ? 's' : ''}` : '';
+  S.backendReason = reason + threads;
+  post({backend: name, knownAnswer: S.knownAnswer ?? null}, {log: `backend: ${name} (${S.backendReason})`});
+}
+
+// One step on the manifest's check inputs, compared with the coordinator's CPU answer.
+async function knownAnswer(session, manifest) {
+  const {check, spec} = manifest;
+  const state = contract.decodeDelta(await blob(check.state));
+  const shard = contract.decodeShard(await blob(check.shard));
+  const B = spec.inputs.find(t => t.name === 'x').shape[0];
+  const feeds = initialFeeds(spec, state);
+  const x = new Float32Array(B * 3072), y = new BigInt64Array(B);
+  const take = Math.min(B, shard.n);
+  for (let i = 0; i < B; i++) {
+    const j = i % take;
+    for (let k = 0; k < 3072; k++) x[i * 3072 + k] = shard.x[j * 3072 + k];
+    y[i] = BigInt(shard.y[j]);
+  }
+  feeds.x = new S.ort.Tensor('float32', x, [B, 3, 32, 32]);
+  feeds.y = new S.ort.Tensor('int64', y, [B]);
+  for (const t of spec.inputs) {
+    if (t.role === 'dropout') {
+      const n = t.shape.reduce((a, b) => a * b, 1), m = new Float32Array(n);
+      for (let i = 0; i < n; i++) m[i] = hash(i) / 4294967296 >= t.p ? 1 : 0;
+      feeds[t.name] = new S.ort.Tensor('float32', m, t.shape);
+    } else if (t.role === 'hyper') {
+      feeds[t.name] = new S.ort.Tensor('float32', new Float32Array([check.hyper[t.name]]), []);
+    }
+  }
+  const out = await session.run(feeds);
+  const tol = check.tolerance, loss = out.loss.data[0];
+  if (!(Math.abs(loss - check.loss) <= tol.loss * Math.max(1, Math.abs(check.loss)))) {
+    return {ok: false, why: `loss ${loss} where ${check.loss} was expected`, loss};
+  }
+  for (const t of spec.outputs.slice(1)) {
+    const got = out[t.name].data, was = feeds[t.feeds].data, want = check.outputs[t.name];
+    let norm = 0, proj = 0;
+    for (let i = 0; i < got.length; i++) {
+      const d = got[i] - was[i];
+      norm += d * d;
+      proj += (hash(i) >>> 16) & 1 ? d : -d;
+    }
+    norm = Math.sqrt(norm);
+    if (!(Math.abs(norm - want.norm) <= tol.norm * want.norm + 1e-6) ||
+        !(Math.abs(proj - want.proj) <= tol.proj * want.norm + 1e-6)) {
+      return {ok: false, why: `${t.name}: change of norm ${norm.toPrecision(4)} / projection ${proj.toPrecision(4)} ` +
+                              `where ${want.norm.toPrecision(4)} / ${want.proj.toPrecision(4)} was expected`, loss};
+    }
+  }
+  return {ok: true, loss};
+}
+
+const hash = i => Math.imul(i, HASH_MUL) >>> 0;
+
+// ------------------------------------------------------------------------------ the step's feeds
+function tensorOf(entry, shape) {
+  return new S.ort.Tensor('float32', Float32Array.from(entry.data), shape);
+}
+
+// Parameters, fixed weights and statistics from the base state; momentum from zero.
+function initialFeeds(spec, base) {
+  const feeds = {};
+  for (const t of spec.inputs) {
+    if (t.role === 'param' || t.role === 'fixed' || t.role === 'stat') {
+      const entry = base.get(t.state);
+      if (!entry) throw new Error(`the model version has no '${t.state}'`);
+      feeds[t.name] = tensorOf(entry, t.shape);
+    } else if (t.role === 'momentum') {
+      feeds[t.name] = new S.ort.Tensor('float32', new Float32Array(t.shape.reduce((a, b) => a * b, 1)), t.shape);
+    }
+  }
+  return feeds;
+}
+
+// One batch: augmented images (random crop with zero padding, mirror), labels, dropout masks, scalars.
+function batchFeeds(spec, unit, data, idx, rng) {
+  const B = idx.length, pad = unit.hyper.crop_pad ?? 0, flip = unit.hyper.flip ?? false;
+  const x = new Float32Array(B * 3072), y = new BigInt64Array(B);
+  for (let b = 0; b < B; b++) {
+    const src = idx[b] * 3072, dst = b * 3072;
+    const dy = pad ? Math.floor(rng() * (2 * pad + 1)) - pad : 0;
+    const dx = pad ? Math.floor(rng() * (2 * pad + 1)) - pad : 0;
+    const mirror = flip && rng() < 0.5;
+    for (let c = 0; c < 3; c++) {
+      for (let i = 0; i < 32; i++) {
+        const si = i + dy;
+        if (si < 0 || si >= 32) continue;   // zero padding (x starts as zeros)
+        const row = src + c * 1024 + si * 32, out = dst + c * 1024 + i * 32;
+        for (let j = 0; j < 32; j++) {
+          const sj = (mirror ? 31 - j : j) + dx;
+          if (sj >= 0 && sj < 32) x[out + j] = data.x[row + sj];
+        }
+      }
+    }
+    y[b] = BigInt(data.y[idx[b]]);
+  }
+  const feeds = {x: new S.ort.Tensor('float32', x, [B, 3, 32, 32]), y: new S.ort.Tensor('int64', y, [B])};
+  for (const t of spec.inputs) {
+    if (t.role === 'dropout') {
+      const n = t.shape.reduce((a, c) => a * c, 1), m = new Float32Array(n);
+      for (let i = 0; i < n; i++) m[i] = rng() >= t.p ? 1 : 0;
+      feeds[t.name] = new S.ort.Tensor('float32', m, t.shape);
+    } else if (t.role === 'hyper') {
+      const v = unit.hyper[t.name] ?? 0;
+      feeds[t.name] = new S.ort.Tensor('float32', new Float32Array([v]), []);
+    }
+  }
+  return feeds;
+}
+
+// trained - base for the parameters and statistics, in the base state's order (as Python's).
+function deltaOf(spec, base, feeds) {
+  const trained = new Map();
+  for (const t of spec.inputs) if (t.role === 'param' || t.role === 'stat') trained.set(t.state, feeds[t.name].data);
+  const delta = new Map();
+  for (const [name, entry] of base) {
+    const now = trained.get(name);
+    if (!now) continue;
+    const d = new Float32Array(now.length);
+    for (let i = 0; i < d.length; i++) d[i] = now[i] - entry.data[i];
+    delta.set(name, {shape: entry.shape, data: d});
+  }
+  return delta;
+}
+
+// ------------------------------------------------------------------------------ randomness
+// A small seeded generator (mulberry32): the same unit seed gives the same batches, crops and
+// masks in every tab. It is not torch's generator: a browser unit and a Python unit with the
+// same seed see different (equally random) batches.
+function mulberry32(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6D2B79F5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function permutation(n, rng) {
+  const p = Array.from({length: n}, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) { const j = Math.floor(rng() * (i + 1)); [p[i], p[j]] = [p[j], p[i]]; }
+  return p;
+}
+
+// `steps` batches drawn without replacement, reshuffling at each pass (models.local.batch_indices).
+function batchIndices(n, steps, batch, rng) {
+  if (batch > n) throw new Error(`batch size ${batch} is larger than the unit's ${n} samples`);
+  let order = permutation(n, rng), pos = 0;
+  const out = [];
+  for (let s = 0; s < steps; s++) {
+    if (pos + batch > n) {
+      const take = order.slice(pos);
+      order = permutation(n, rng); pos = batch - take.length;
+      out.push(take.concat(order.slice(0, pos)));
+    } else {
+      out.push(order.slice(pos, pos + batch)); pos += batch;
+    }
+  }
+  return out;
+}
