@@ -2,13 +2,18 @@
 
 - ``delta_<codec>.bin``: ``sample()`` encoded with that codec; ``delta_<codec>.json``: the codec
   string, the input, and the expected decoded values (float32 values as exact JSON numbers).
+- ``edge_<name>.bin`` / ``edge_<name>.json``: the same for ``edge_sample()``, the corner cases of
+  the codecs (empty and scalar tensors, fp16 halfway values and subnormals, int8 quotients that are
+  exact halves, ties in |x| for topk, -0.0), so that another implementation can check its rounding.
 - ``unit.json``, ``result.json``, ``result_error.json``: example messages; ``result.bin``: the
-  ``POST .../result`` body of ``result.json`` with ``delta_int8.bin`` inside.
+  ``POST .../result`` body of ``result.json`` with ``delta_int8.bin`` inside; ``result_error.bin``:
+  the body of ``result_error.json`` (a failed unit: no delta).
 - ``invalid/*.bin`` with ``invalid.json``: malformed containers (and two spec mismatches), each
   with the error ``field`` a decoder must name.
 
 tests/test_contract.py checks that the files decode as stated and that ``build()`` reproduces
-them byte for byte (format drift fails the test); the browser's codec reads the same files.
+them byte for byte (format drift fails the test); the browser's codec (worker_web/contract.js,
+tested by worker_web/test/contract.test.mjs) reads the same files, the edge_* ones included.
 Only rerun this after a deliberate format change (which bumps the protocol, see docs).
 """
 from __future__ import annotations
@@ -37,6 +42,19 @@ def sample() -> dict[str, np.ndarray]:
     conv = (((i * 7919) % 101 - 50) / 1000).astype(np.float32).reshape(2, 3, 3, 3)
     bias = np.array([0.5, -0.25, 0.1, -1.0], np.float32)
     return {"conv.weight": conv, "fc.bias": bias}
+
+
+# file name -> codec string for edge_sample(); "topk" keeps 1 entry per tensor (a tie in "ties")
+EDGE_CODECS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "topk": "topk", "topk_half": "topk:0.5"}
+
+
+def edge_sample() -> dict[str, np.ndarray]:
+    """Corner cases: an empty and a scalar tensor, fp16 rounding edges, int8 and topk ties."""
+    halves = np.array([1 + 2**-11, 1 + 3 * 2**-11, 2**-25, 3 * 2**-25, 1.5 * 2**-25, 2**-24, 65504,
+                       -65519.99, -0.0, 6e-8, 1e-45, 2**-14 - 2**-25], np.float32)
+    ties = np.array([127, 0.5, 1.5, 2.5, -0.5, -2.5, -127, 3, -3, 3, 0, -0.0], np.float32)  # int8 scale = 1
+    return {"empty": np.zeros((0, 3), np.float32), "scalar": np.float32(-2.5), "halves": halves,
+            "ties": ties.reshape(2, 6)}
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict:
@@ -106,6 +124,14 @@ def build() -> dict[str, bytes]:
         expected = {"codec": spec, "bytes": len(data), "sha256": blob_id(data),
                     "input": _tensors(arrays), "decoded": _tensors(codec.decode(data))}
         files[f"delta_{name}.json"] = _json(expected)
+    edge = edge_sample()
+    for name, spec in EDGE_CODECS.items():
+        codec = get_codec(spec)
+        data = codec.encode(edge)
+        files[f"edge_{name}.bin"] = data
+        expected = {"codec": spec, "bytes": len(data), "sha256": blob_id(data),
+                    "input": _tensors(edge), "decoded": _tensors(codec.decode(data))}
+        files[f"edge_{name}.json"] = _json(expected)
     unit = example_unit()
     ids = {"unit_id": unit.unit_id, "lease": unit.lease, "base_version": unit.model_version}
     result = UnitResult(**ids, worker_id="w-py-7f3a", delta=deltas["int8"], loss_before=2.302585,
@@ -117,6 +143,7 @@ def build() -> dict[str, bytes]:
     files["result.json"] = _json(result.to_json())
     files["result_error.json"] = _json(failed.to_json())
     files["result.bin"] = pack_result(result)
+    files["result_error.bin"] = pack_result(failed)
     invalid, manifest = _invalid(deltas)
     files.update(invalid)
     files["invalid.json"] = _json(manifest)
