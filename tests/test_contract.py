@@ -208,6 +208,23 @@ def test_int8_round_trip_within_half_a_step():
     assert np.array_equal(out["zeros"], a["zeros"])
 
 
+def test_int8_that_would_decode_to_infinity_is_refused():
+    # 127 * float32(3.4028235e38 / 127) rounds above the float32 maximum: the decoded value is inf
+    big = {"w": np.array([3.4028235e38, 1.0], np.float32)}
+    with pytest.raises(ContractError) as e:
+        CODECS["int8"].encode(big)
+    assert e.value.field == "delta.tensors[w].values"
+    scale = np.float32(big["w"][0] / np.float32(127))   # a crafted container with that scale
+    data = codecs.encode_delta(CODECS["fp32"], {"w": np.zeros(2, np.float32)})
+    head = json.dumps({"codec": "int8", "tensors": [{"name": "w", "shape": [2], "dtype": "float32"}]},
+                      separators=(",", ":")).encode()
+    body = b"CTD1" + len(head).to_bytes(4, "little") + head + bytes(codecs.padding(8 + len(head)))
+    body += np.array([scale], "<f4").tobytes() + bytes([127, 1]) + bytes(2)
+    with pytest.raises(ContractError) as e:
+        decode_delta(body)
+    assert e.value.field == "delta.tensors[w].values"
+
+
 @pytest.mark.parametrize("spec, fraction", [("topk", 0.01), ("topk:0.2", 0.2), ("topk:1", 1.0)])
 def test_topk_keeps_largest_entries_exactly(spec, fraction):
     a = arrays(3)

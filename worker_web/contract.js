@@ -598,6 +598,7 @@ const CODECS = {
       if (scale > 0) {
         const q = new Int8Array(out.buffer, 4, x.length);
         for (let i = 0; i < x.length; i++) q[i] = Math.min(127, Math.max(-127, roundHalfEven(Math.fround(x[i] / scale))));
+        checkFinite(name, Float32Array.from(q, (v) => v * scale));   // what decode gives must be finite too
       }
       return { extra: {}, payload: out };
     },
@@ -607,9 +608,9 @@ const CODECS = {
         new JsonFloat(scale));
       const q = new Int8Array(bytes.buffer, bytes.byteOffset + offset + 4, n);
       if (q.includes(-128)) throw new ContractError(`delta.tensors[${name}].values`, "int8 values in [-127, 127]", -128);
-      // Like Python, no finiteness check here: a huge scale can give ±Infinity (see the report).
       const out = new Float32Array(n);
       for (let i = 0; i < n; i++) out[i] = q[i] * scale;   // exact in float64, one rounding to float32
+      checkFinite(name, out);   // as Python: a scale near the float32 maximum can overflow to ±Infinity
       return out;
     },
   },
