@@ -226,3 +226,29 @@ def test_closed_tab_leaves_its_unit_to_be_reissued(cluster, data):
         time.sleep(1)
     assert status == "expired" and redone, (status, redone)
     assert results_of(c, out["state"]["workerId"]) == [], "the closed tab sent nothing for its unit"
+
+
+@needs_browser
+def test_tab_carries_on_after_coordinator_restart_and_reload(cluster, data, tmp_path):
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "6")
+    c.start_coordinator()
+    manifest(c, "cnn", 32)
+    profile = tmp_path / "profile"
+    first = subprocess.Popen([NODE, str(DRIVER), f"{c.url}/?throttle=100&threads=1", "--click", "--units", "4",
+                              "--timeout", "300", "--profile", str(profile)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        c.wait(lambda s: s["units_accepted"] >= 1, 200, "the tab's first unit")
+        c.coordinator.kill()          # kill -9 mid-job: the tab keeps retrying
+        c.coordinator.wait(10)
+        time.sleep(2)
+        c.start_coordinator()
+        out = json.loads(first.communicate(timeout=400)[0].strip().splitlines()[-1])
+    finally:
+        first.kill()
+    assert out["ok"] and out["state"]["unitsDone"] >= 4, out
+    worker_id = out["state"]["workerId"]
+    # a reload (same browser profile, no click): the same anonymous id, and it starts by itself
+    again = drive(f"{c.url}/?threads=1&throttle=100", "--units", "1", "--timeout", "200", "--profile", str(profile))
+    assert again["ok"], again
+    assert again["state"]["workerId"] == worker_id and again["state"]["unitsDone"] >= 5, again["state"]
+    assert len(results_of(c, worker_id)) >= 5
