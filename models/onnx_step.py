@@ -74,14 +74,31 @@ class ExportError(ValueError):
 
 # ----------------------------------------------------------------------------- decompositions
 def _conv_backward(go, inp, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
-    """convolution_backward as a transposed conv (input gradient) and a batch-as-channel conv
-    (weight gradient); stride 1, dilation 1, one group only (all the registry's convs)."""
+    """convolution_backward as a transposed conv (input gradient) and one MatMul per kernel
+    offset (weight gradient); stride 1, dilation 1, one group only (all the registry's convs)."""
     if list(stride) != [1, 1] or list(dilation) != [1, 1] or groups != 1 or transposed:
         raise ExportError(f"step export: only stride-1, dilation-1, ungrouped 2-d convs are supported "
                           f"(got stride {list(stride)}, dilation {list(dilation)}, groups {groups})")
     gi = F.conv_transpose2d(go, w, padding=list(padding)) if mask[0] else None
-    gw = F.conv2d(inp.transpose(0, 1), go.transpose(0, 1), padding=list(padding)).transpose(0, 1) if mask[1] else None
+    gw = _conv_weight_grad(go, inp, tuple(w.shape), tuple(padding)) if mask[1] else None
     return gi, gw, (go.sum((0, 2, 3)) if mask[2] else None)
+
+
+def _conv_weight_grad(go, inp, w_shape, padding):
+    """dW[o, c, dy, dx] = sum over n, i, j of go[n, o, i, j] * x_pad[n, c, i + dy, j + dx].
+
+    As kh * kw MatMuls of go [O, N*H*W] by the shifted input [N*H*W, C]: GEMM is the best-tuned
+    kernel of onnxruntime's CPU and WASM builds. The earlier form, a conv with the batch as
+    channels, is a conv whose "kernel" is the whole image; it took 40% of the cnn's step.
+    """
+    n, c, _, _ = inp.shape
+    o, _, kh, kw = w_shape
+    ph, pw = padding
+    ho, wo = go.shape[2], go.shape[3]
+    x = F.pad(inp, (pw, pw, ph, ph)).permute(0, 2, 3, 1)          # [N, Hp, Wp, C], one transpose
+    g = go.permute(1, 0, 2, 3).reshape(o, n * ho * wo)             # [O, N*H*W]
+    cols = [g @ x[:, dy:dy + ho, dx:dx + wo, :].reshape(n * ho * wo, c) for dy in range(kh) for dx in range(kw)]
+    return torch.stack(cols, -1).reshape(o, c, kh, kw)
 
 
 def _check_pool(x, kernel_size, stride, padding, dilation, ceil_mode) -> None:
