@@ -62,8 +62,9 @@ async def next_unit(request: web.Request) -> web.Response:
         return error("invalid", 400, f"request: expected a JSON object, got invalid JSON ({e.msg})", "request")
     except ContractError as e:
         return error(e.code if e.code == "unsupported_protocol" else "invalid", 400, e.message, e.field)
-    if unit_request.backend == "browser" and not browser_ready(request.app):
-        return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S)})
+    why = browser_wait(request.app) if unit_request.backend == "browser" else None
+    if why is not None:
+        return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": why})
     unit = job.next_unit(unit_request)
     if unit is None:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
@@ -73,12 +74,14 @@ async def next_unit(request: web.Request) -> web.Response:
     return web.json_response(unit.to_json())
 
 
-def browser_ready(app: web.Application) -> bool:
-    """Browser units only once the step graph of the job's batch size is built (and can be)."""
+def browser_wait(app: web.Application) -> str | None:
+    """Why a browser gets no unit now (None: it may have one): browser units are handed out
+    only once the step graph of the job's batch size is built, and never if it cannot be."""
     try:
-        return app[STEPS].manifest(app[JOB].recipe.batch_size) is not None
-    except StepUnavailable:
-        return False
+        ready = app[STEPS].manifest(app[JOB].recipe.batch_size) is not None
+    except StepUnavailable as e:
+        return f"browser workers cannot train {app[JOB].config.model!r}: {e}"
+    return None if ready else "the coordinator is preparing the browser's training graph"
 
 
 async def step_manifest(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ check, and the page's assets (versioned, immutable, compressed, cross-origin iso
 """
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import shutil
@@ -123,6 +124,45 @@ def test_manifest_graph_and_known_answer(cluster, data):
                               ("/api/v1/steps/cnn/33", 400, "batch"), ("/api/v1/steps/cnn/x", 400, "batch")):
         status, _, body = get(c.url + path)
         assert status == code and json.loads(body)["error"]["field"] == field, (path, body)
+
+
+async def test_browser_units_wait_for_the_step_graph(aiohttp_client, tmp_path):
+    from coordinator.app import create_app
+    from coordinator.keys import STEPS
+    from tests.test_coordinator import make_job
+
+    job = make_job(tmp_path, batch_size=16)
+    app = create_app(job.config, job)   # not warm: the first browser request starts the export
+    client = await aiohttp_client(app)
+    ask = lambda backend: client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": f"w-{backend}",  # noqa: E731
+                                                                   "backend": backend})
+    resp = await ask("browser")
+    assert resp.status == 204 and "preparing" in resp.headers["X-Crowdtrain-Reason"]
+    assert (await ask("python")).status == 200     # Python workers do not wait for it
+    await app[STEPS].wait(16)
+    resp = await ask("browser")
+    assert resp.status == 200 and (await resp.json())["batch_size"] == 16
+
+
+async def test_a_model_the_browser_cannot_train_is_said_so(aiohttp_client, tmp_path, monkeypatch):
+    from coordinator.app import create_app
+    from coordinator.keys import STEPS
+    from coordinator.steps import StepGraphs, StepUnavailable
+    from tests.test_coordinator import make_job
+
+    async def fails(self, batch_size):
+        raise StepUnavailable("focal loss is not exported")
+    monkeypatch.setattr(StepGraphs, "_export", fails)
+    job = make_job(tmp_path, batch_size=16)
+    app = create_app(job.config, job)
+    client = await aiohttp_client(app)
+    await client.get("/api/v1/steps/cnn/16")
+    await asyncio.shield(app[STEPS].entries[16].task)
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "tab", "backend": "browser"})
+    assert resp.status == 204 and "focal loss is not exported" in resp.headers["X-Crowdtrain-Reason"]
+    resp = await client.get("/api/v1/steps/cnn/16")
+    body = await resp.json()
+    assert resp.status == 501 and body["error"]["code"] == "no_browser_step" and "focal" in body["error"]["message"]
 
 
 def test_check_patterns_are_the_documented_hash():

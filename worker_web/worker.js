@@ -95,7 +95,9 @@ async function nextUnit() {
   if (r.status === 204) {
     const finished = r.headers.get('X-Crowdtrain-Finished') === 'true';
     const wait = 1000 * Math.max(1, +(r.headers.get('Retry-After') || 5));
-    say(finished ? 'the job is finished: thank you! (checking again now and then)' : 'no work right now; waiting');
+    const why = r.headers.get('X-Crowdtrain-Reason');
+    say(finished ? 'the job is finished: thank you! (checking again now and then)'
+                 : `no work right now${why ? ` (${why})` : ''}; waiting`);
     await sleep(finished ? Math.max(wait, 30000) : wait);
     return null;
   }
