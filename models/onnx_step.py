@@ -74,12 +74,14 @@ class ExportError(ValueError):
 
 # ----------------------------------------------------------------------------- decompositions
 def _conv_backward(go, inp, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
-    """convolution_backward as a transposed conv (input gradient) and one MatMul per kernel
-    offset (weight gradient); stride 1, dilation 1, one group only (all the registry's convs)."""
+    """convolution_backward as a conv with the flipped, transposed kernel (input gradient; onnxruntime's
+    Conv is faster than its ConvTranspose) and one MatMul per kernel offset (weight gradient);
+    stride 1, dilation 1, one group only (all the registry's convs)."""
     if list(stride) != [1, 1] or list(dilation) != [1, 1] or groups != 1 or transposed:
         raise ExportError(f"step export: only stride-1, dilation-1, ungrouped 2-d convs are supported "
                           f"(got stride {list(stride)}, dilation {list(dilation)}, groups {groups})")
-    gi = F.conv_transpose2d(go, w, padding=list(padding)) if mask[0] else None
+    kh, kw = w.shape[2], w.shape[3]
+    gi = F.conv2d(go, w.flip(2, 3).transpose(0, 1), padding=[kh - 1 - padding[0], kw - 1 - padding[1]]) if mask[0] else None
     gw = _conv_weight_grad(go, inp, tuple(w.shape), tuple(padding)) if mask[1] else None
     return gi, gw, (go.sum((0, 2, 3)) if mask[2] else None)
 
