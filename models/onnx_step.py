@@ -124,8 +124,9 @@ def _max_pool_backward(go, x, kernel_size, stride, padding, dilation, ceil_mode,
     (ArgMax picks the first on ties; ties are common: flat image regions, crop padding, ReLU zeros)."""
     n, c, h, w = x.shape
     windows = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
-    first = windows.argmax(-1, keepdim=True) == torch.arange(4, device=x.device)
-    g = first.to(x.dtype) * go.unsqueeze(-1)
+    first = windows.argmax(-1)
+    zero = torch.zeros((), dtype=go.dtype)
+    g = torch.stack([torch.where(first == k, go, zero) for k in range(4)], -1)
     return g.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
 
 
