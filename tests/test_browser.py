@@ -292,3 +292,20 @@ def test_tab_carries_on_after_coordinator_restart_and_reload(cluster, data, tmp_
     assert again["ok"], again
     assert again["state"]["workerId"] == worker_id and again["state"]["unitsDone"] >= 5, again["state"]
     assert len(results_of(c, worker_id)) >= 5
+
+
+@needs_browser
+def test_a_failed_unit_is_reported_and_the_tab_carries_on(cluster, data):
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "3")
+    c.start_coordinator()
+    manifest(c, "cnn", 32)
+    # the tab's first blob (the step graph) arrives corrupted: its sha256 check fails the unit
+    out = drive(f"{c.url}/?throttle=100&threads=1", "--click", "--units", "2", "--timeout", "300",
+                "--corrupt-once", "/api/v1/blobs/")
+    assert out["ok"] and out.get("corrupted"), out
+    assert out["state"]["failed"] == 1 and out["state"]["unitsDone"] >= 2, out["state"]
+    with c.db() as db:
+        failed = db.execute("SELECT shard_ids FROM units WHERE status = 'failed' AND worker_id = ?",
+                            (out["state"]["workerId"],)).fetchall()
+    assert len(failed) == 1 and c.status()["units_failed"] == 1
+    assert len(results_of(c, out["state"]["workerId"])) >= 2

@@ -9,6 +9,8 @@
 //     --profile DIR      user-data dir to use and keep (a repeat visit reuses it); default: a fresh one
 //     --webgpu           launch with --enable-unsafe-webgpu (SwiftShader here)
 //     --hold S           after reaching the goal keep the tab working S more seconds (throttle bench)
+//     --corrupt-once S   answer the first request whose URL contains S with flipped bytes (a unit
+//                        that must fail, be reported, and not stop the tab)
 //
 // Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type},
 //          requests, closed_unit?, console: [...], error?}
@@ -19,7 +21,7 @@ import { join } from 'node:path';
 
 const args = process.argv.slice(2);
 const url = args.shift();
-const opt = {units: 1, timeout: 240, click: false, closeAt: 0, profile: null, webgpu: false, hold: 0};
+const opt = {units: 1, timeout: 240, click: false, closeAt: 0, profile: null, webgpu: false, hold: 0, corrupt: null};
 while (args.length) {
   const a = args.shift();
   if (a === '--units') opt.units = +args.shift();
@@ -29,6 +31,7 @@ while (args.length) {
   else if (a === '--profile') opt.profile = args.shift();
   else if (a === '--webgpu') opt.webgpu = true;
   else if (a === '--hold') opt.hold = +args.shift();
+  else if (a === '--corrupt-once') opt.corrupt = args.shift();
   else { console.error(`drive.mjs: unknown option ${a}`); process.exit(2); }
 }
 
@@ -41,6 +44,17 @@ const t0 = Date.now();
 let ctx;
 try {
   ctx = await chromium.launchPersistentContext(profile, {executablePath: '/usr/bin/chromium', headless: true, args: flags});
+  if (opt.corrupt) {
+    let done = false;
+    await ctx.route(u => !done && u.href.includes(opt.corrupt), async route => {
+      done = true;
+      const resp = await route.fetch();
+      const body = Buffer.from(await resp.body());
+      for (let i = 0; i < body.length; i += 97) body[i] ^= 0xff;
+      out.corrupted = route.request().url();
+      await route.fulfill({response: resp, body, headers: {...resp.headers(), 'cache-control': 'no-store'}});
+    });
+  }
   const page = ctx.pages()[0] ?? await ctx.newPage();
   page.on('console', m => { if (out.console.length < 200) out.console.push(`${m.type()}: ${m.text()}`.slice(0, 500)); });
   page.on('pageerror', e => out.console.push(`pageerror: ${e.message}`.slice(0, 500)));
