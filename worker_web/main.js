@@ -53,7 +53,7 @@ function render() {
     (state.backendReason ? ` (${state.backendReason})` : '') : 'not chosen yet';
   $('units').textContent = String(state.unitsDone);
   $('rate').textContent = state.samplesPerSecond ? state.samplesPerSecond.toFixed(1) : '–';
-  const share = jobSamples ? ` (${(100 * state.samplesDone / jobSamples).toFixed(2)}% of the job so far)` : '';
+  const share = jobSamples ? ` (${Math.min(100, 100 * state.samplesDone / jobSamples).toFixed(2)}% of the job so far)` : "";
   $('contribution').textContent = state.samplesDone ? `${state.samplesDone.toLocaleString()} samples${share}` : 'nothing yet';
   $('loss').textContent = state.lastLoss === null ? '–' : state.lastLoss.toFixed(4);
 }
