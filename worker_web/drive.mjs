@@ -13,7 +13,8 @@
 //                        that must fail, be reported, and not stop the tab)
 //
 // Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type},
-//          requests, closed_unit?, console: [...], error?}
+//          bytes_at_first_unit, requests, closed_unit?, console: [...], error?}; bytes are on the wire
+//          (compressed), by_type per static file and per API endpoint
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -62,7 +63,10 @@ try {
     try {
       const sizes = await req.sizes();   // responseBodySize: bytes on the wire (compressed); 0 when cached
       const resp = await req.response();
-      const kind = new URL(req.url()).pathname.split('/').slice(0, 4).join('/').replace(/\/[0-9a-f]{16,}.*$/, '/<id>');
+      const path = new URL(req.url()).pathname;
+      // static assets by file (the version prefix dropped); API calls by endpoint
+      const kind = path.startsWith('/static/') ? path.replace(/^\/static\/[0-9a-f]+\//, '/static/')
+        : path.split('/').slice(0, 4).join('/').replace(/\/[0-9a-f]{16,}.*$/, '/<id>');
       const n = sizes.responseBodySize + sizes.responseHeadersSize;
       out.requests++;
       out.bytes.total += n;
@@ -78,7 +82,10 @@ try {
   let s = await state(), first = null;
   for (;;) {
     s = await state();
-    if (first === null && s.unitsDone > (out.startUnits ??= s.unitsDone)) first = (Date.now() - tOpen) / 1000;
+    if (first === null && s.unitsDone > (out.startUnits ??= s.unitsDone)) {
+      first = (Date.now() - tOpen) / 1000;
+      out.bytes_at_first_unit = JSON.parse(JSON.stringify(out.bytes));   // before the next unit's downloads
+    }
     if (opt.closeAt && s.step >= opt.closeAt && s.unitId && String(s.status).includes('step')) {
       out.closed_unit = s.unitId;
       out.closed_at_step = s.step;

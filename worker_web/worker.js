@@ -27,6 +27,7 @@ const S = {
   running: false, loop: null, wake: null,
   ort: null, backend: null, backendReason: '', sessions: new Map(), versions: new Map(), shards: new Map(),
   rate: {samples: 0, seconds: 0}, unitsFailed: 0,
+  busySince: 0,   // performance.now() when the tab last stopped resting (the throttle's clock)
 };
 
 // ------------------------------------------------------------------------------ reporting
@@ -69,9 +70,19 @@ function sleep(ms) {
   });
 }
 
+// The throttle: a duty cycle. Everything since the last rest counts as work (the steps, and
+// also fetching, decoding, building feeds, encoding and submitting a unit); after work of t ms
+// the tab rests t * (1/share - 1) ms. Waiting for work (a 204) counts as rest.
+async function rest() {
+  const work = performance.now() - S.busySince;
+  if (S.throttle < 1 && work > 0) await sleep(work * (1 / S.throttle - 1));
+  S.busySince = performance.now();
+}
+
 // ------------------------------------------------------------------------------ the loop
 async function loop() {
   let backoff = 1000;
+  S.busySince = performance.now();
   while (S.running) {
     let unit;
     try {
@@ -99,6 +110,7 @@ async function nextUnit() {
     say(finished ? 'the job is finished: thank you! (checking again now and then)'
                  : `no work right now${why ? ` (${why})` : ''}; waiting`);
     await sleep(finished ? Math.max(wait, 30000) : wait);
+    S.busySince = performance.now();
     return null;
   }
   if (!r.ok) throw new Error(await errorText(r));
@@ -112,9 +124,9 @@ async function runUnit(unit) {
     say(`unit ${unit.unit_id}: fetching`);
     const manifest = await stepManifest(unit);
     checkHyper(unit, manifest);
-    const session = await sessionFor(manifest);
-    const base = await modelVersion(unit.model_version);
-    const data = await shards(unit.shard_ids);
+    // onnxruntime-web's start-up and the session overlap the downloads
+    const [session, base, data] = await Promise.all([sessionFor(manifest), modelVersion(unit.model_version),
+                                                     shards(unit.shard_ids)]);
     const feeds = initialFeeds(manifest.spec, base);
     const rng = mulberry32(unit.seed);
     const batches = batchIndices(data.n, unit.local_steps, unit.batch_size, rng);
@@ -122,17 +134,15 @@ async function runUnit(unit) {
     const tTrain = performance.now();
     for (step = 0; step < unit.local_steps; step++) {
       if (!S.running) throw new HandBack();
-      const ts = performance.now();
       Object.assign(feeds, batchFeeds(manifest.spec, unit, data, batches[step], rng));
       const out = await session.run(feeds);
       const loss = out.loss.data[0];
       if (!Number.isFinite(loss)) throw new Error(`the loss is ${loss} at step ${step + 1}`);
       losses.push(loss);
       for (const t of manifest.spec.outputs.slice(1)) feeds[t.feeds] = out[t.name];
-      const work = performance.now() - ts;
       post({status: `unit ${unit.unit_id}: step ${step + 1} of ${unit.local_steps}`, lastLoss: loss,
             unitId: unit.unit_id, step: step + 1, steps: unit.local_steps});
-      if (S.throttle < 1) await sleep(work * (1 / S.throttle - 1));
+      await rest();
     }
     const seconds = (performance.now() - tTrain) / 1000;
     const delta = deltaOf(manifest.spec, base, feeds);
@@ -143,6 +153,7 @@ async function runUnit(unit) {
     say(`unit ${unit.unit_id}: sending`);
     const reply = await submit(unit, meta, bytes);
     S.rate.samples += samples; S.rate.seconds += (performance.now() - t0) / 1000;
+    await rest();   // the work after the last step (delta, encoding, submitting) is paid for too
     if (reply.ok) {
       post({status: `unit ${unit.unit_id} accepted`}, {accepted: {samples}, log: `unit ${unit.unit_id}: ${samples} ` +
            `samples, loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}, accepted`});
