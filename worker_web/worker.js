@@ -28,7 +28,9 @@ const S = {
   ort: null, backend: null, backendReason: '', sessions: new Map(), versions: new Map(), shards: new Map(),
   rate: {samples: 0, seconds: 0}, unitsFailed: 0,
   busySince: 0,   // performance.now() when the tab last stopped resting (the throttle's clock)
+  marks: null,    // the first unit's timeline, ms since the worker started (shown to benchmarks)
 };
+const mark = name => { if (S.marks && !(name in S.marks)) S.marks[name] = Math.round(performance.now()); };
 
 // ------------------------------------------------------------------------------ reporting
 let lastPost = 0;
@@ -37,7 +39,7 @@ function post(fields = {}, extra = {}) {
   const now = performance.now();
   if (!extra.log && !extra.accepted && !fields.backend && now - lastPost < 200) return;
   lastPost = now;
-  postMessage({type: 'state', state: {...S.shown, running: S.running, backend: S.backend,
+  postMessage({type: 'state', state: {...S.shown, marks: S.marks, running: S.running, backend: S.backend,
     backendReason: S.backendReason, samplesPerSecond: S.rate.seconds ? S.rate.samples / S.rate.seconds : 0,
     failed: S.unitsFailed}, ...extra});
 }
@@ -50,6 +52,9 @@ onmessage = ({data}) => {
                       throttle: data.throttle, backendWanted: data.backend, check: data.check});
   } else if (data.type === 'start') {
     S.running = true;
+    S.marks ??= {start: Math.round(performance.now())};
+    S.ortReady ??= prepareOrt();
+    S.ortReady.catch(() => { S.ortReady = null; });   // retried by the first unit, which reports the error
     if (!S.loop) S.loop = loop().finally(() => { S.loop = null; });
     S.wake?.();
   } else if (data.type === 'pause') {
@@ -121,12 +126,15 @@ async function runUnit(unit) {
   const t0 = performance.now();
   let step = 0;
   try {
+    mark('unit');
     say(`unit ${unit.unit_id}: fetching`);
     const manifest = await stepManifest(unit);
     checkHyper(unit, manifest);
     // onnxruntime-web's start-up and the session overlap the downloads
-    const [session, base, data] = await Promise.all([sessionFor(manifest), modelVersion(unit.model_version),
-                                                     shards(unit.shard_ids)]);
+    mark('manifest');
+    const [session, base, data] = await Promise.all([sessionFor(manifest).then(x => (mark('session'), x)),
+                                                     modelVersion(unit.model_version).then(x => (mark('model'), x)),
+                                                     shards(unit.shard_ids).then(x => (mark('shards'), x))]);
     const feeds = initialFeeds(manifest.spec, base);
     const rng = mulberry32(unit.seed);
     const batches = batchIndices(data.n, unit.local_steps, unit.batch_size, rng);
@@ -145,13 +153,16 @@ async function runUnit(unit) {
       await rest();
     }
     const seconds = (performance.now() - tTrain) / 1000;
+    mark('trained');
     const delta = deltaOf(manifest.spec, base, feeds);
     const bytes = contract.encodeDelta(unit.codec, delta);
     const samples = unit.local_steps * unit.batch_size;
     const meta = resultMeta(unit, {loss_before: losses[0], loss_after: losses[losses.length - 1],
                                    num_samples: samples, compute_seconds: seconds});
     say(`unit ${unit.unit_id}: sending`);
+    mark('encoded');
     const reply = await submit(unit, meta, bytes);
+    mark('submitted');
     S.rate.samples += samples; S.rate.seconds += (performance.now() - t0) / 1000;
     await rest();   // the work after the last step (delta, encoding, submitting) is paid for too
     if (reply.ok) {
@@ -272,6 +283,7 @@ async function stepManifest(unit) {
 async function loadOrt(withWebGpu) {
   if (S.ort) return S.ort;
   const file = withWebGpu ? 'ort.min.mjs' : 'ort.wasm.min.mjs';
+  mark('ort-import');
   const ort = await import(`${S.assets}/ort/${file}`);
   ort.env.wasm.wasmPaths = `${S.origin}${S.assets}/ort/`;
   ort.env.wasm.numThreads = self.crossOriginIsolated ? S.threads : 1;
@@ -282,8 +294,21 @@ async function loadOrt(withWebGpu) {
 }
 
 async function create(ort, graph, ep) {
+  mark('session-create');
   return ort.InferenceSession.create(graph, {executionProviders: [ep], graphOptimizationLevel: 'all',
                                            logSeverityLevel: 3});   // no warnings about CPU-placed shape ops
+}
+
+// Look for a WebGPU adapter and load the onnxruntime-web build that fits (WebGPU + WASM, or the
+// smaller WASM-only one); started as soon as the donor presses Start, while the first unit is
+// still being fetched. Resolves to the adapter or null.
+async function prepareOrt() {
+  let adapter = null;
+  if (S.backendWanted !== 'wasm' && self.navigator.gpu) {
+    try { adapter = await navigator.gpu.requestAdapter(); } catch { adapter = null; }
+  }
+  await loadOrt(adapter !== null);
+  return adapter;
 }
 
 // The session for a manifest's graph; the first one also decides the backend.
@@ -292,11 +317,8 @@ async function sessionFor(manifest) {
   const graph = await blob(manifest.graph);
   let session = null;
   if (S.backend === null || S.backend === 'webgpu') {
-    let adapter = null;
-    if (S.backendWanted !== 'wasm' && self.navigator.gpu) {
-      try { adapter = await navigator.gpu.requestAdapter(); } catch { adapter = null; }
-    }
-    const ort = await loadOrt(adapter !== null);
+    const adapter = await (S.ortReady ??= prepareOrt());
+    const ort = S.ort;
     if (adapter) {
       say('checking WebGPU with a known-answer step');
       try {
