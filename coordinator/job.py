@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import random
 import secrets
 import time
 from collections import deque
@@ -69,8 +70,10 @@ class WorkerStats:
 
 
 class Job:
-    def __init__(self, config: CoordinatorConfig, clock=time.time):
-        self.config, self.clock = config, clock
+    def __init__(self, config: CoordinatorConfig, clock=time.time, rng: random.Random | None = None):
+        """``clock`` (unix seconds) and ``rng`` (unit ids and seeds; default ``secrets``) are
+        injected by the simulator for a simulated, reproducible run."""
+        self.config, self.clock, self.rng = config, clock, rng
         spec = registry.get(config.model)
         self.kind = spec.kind
         overrides = {k: v for k, v in (("batch_size", config.batch_size), ("lr", config.lr)) if v is not None}
@@ -105,7 +108,7 @@ class Job:
         if cfg.eval_images:
             self.test_x, self.test_y = self.test_x[:cfg.eval_images], self.test_y[:cfg.eval_images]
         cfg.state.mkdir(parents=True, exist_ok=True)
-        self.store = store = Store(cfg.state)
+        self.store = store = Store(cfg.state, clock=self.clock)
         self.key = leases.load_or_create_secret(cfg.state / "lease.key")
         self._check_same_job(data)
         self._cut_shards(data)
@@ -178,7 +181,10 @@ class Job:
         lr = lr_at(committed / self.budget, self.recipe)
         if lr <= 0:
             lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
-        unit_id, seed = secrets.token_hex(8), secrets.randbelow(2**31)
+        if self.rng is None:
+            unit_id, seed = secrets.token_hex(8), secrets.randbelow(2**31)
+        else:
+            unit_id, seed = f"{self.rng.getrandbits(64):016x}", self.rng.randrange(2**31)
         deadline = round(now + self.deadlines.lease_seconds(request.worker_id, steps * batch), 3)
         lease = leases.sign(self.key, self.config.job, unit_id, request.worker_id, self.step, deadline)
         version = self.store.version(self.step)

@@ -58,8 +58,8 @@ class Version:
 class Store:
     """One job's SQLite database (``state.db``) and blob folder (``blobs/``) under ``root``."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, clock=time.time):
+        self.root, self.clock = Path(root), clock  # clock: unix seconds (the simulator's is simulated)
         self.blob_dir = self.root / "blobs"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
@@ -144,7 +144,7 @@ class Store:
         self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
                         "samples, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased')",
                         (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
-                         time.time() if issued is None else issued, deadline, samples))
+                         self.clock() if issued is None else issued, deadline, samples))
 
     def unit(self, unit_id: str) -> dict | None:
         cur = self.db.execute("SELECT * FROM units WHERE unit_id = ?", (unit_id,))
@@ -157,7 +157,7 @@ class Store:
 
     def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased") -> bool:
         """Move a unit to ``status`` (from ``only_if`` when given); True when a row changed."""
-        sql, args = "UPDATE units SET status = ?, finished = ? WHERE unit_id = ?", [status, time.time(), unit_id]
+        sql, args = "UPDATE units SET status = ?, finished = ? WHERE unit_id = ?", [status, self.clock(), unit_id]
         if only_if is not None:
             sql, args = sql + " AND status = ?", args + [only_if]
         return self.db.execute(sql, args).rowcount == 1
@@ -200,10 +200,10 @@ class Store:
                     "INSERT INTO results (unit_id, worker_id, base_step, staleness, num_samples, loss_before, "
                     "loss_after, compute_seconds, delta_blob, accepted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
-                     compute_seconds, delta_blob, time.time()))
+                     compute_seconds, delta_blob, self.clock()))
             except sqlite3.IntegrityError:
                 return None
-            self.db.execute("UPDATE units SET status = 'done', finished = ? WHERE unit_id = ?", (time.time(), unit_id))
+            self.db.execute("UPDATE units SET status = 'done', finished = ? WHERE unit_id = ?", (self.clock(), unit_id))
             return int(cur.lastrowid)
 
     def mark_dropped(self, seq: int, why: str) -> None:
@@ -236,10 +236,10 @@ class Store:
     # ------------------------------------------------------------------ evaluations and rejections
     def add_eval(self, step: int, samples: int, seconds: float, test_acc: float, test_loss: float) -> None:
         self.db.execute("INSERT INTO evals (step, samples, seconds, test_acc, test_loss, at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (step, samples, seconds, test_acc, test_loss, time.time()))
+                        (step, samples, seconds, test_acc, test_loss, self.clock()))
 
     def evals(self) -> list[dict]:
-        cur = self.db.execute("SELECT step, samples, seconds, test_acc, test_loss FROM evals ORDER BY at")
+        cur = self.db.execute("SELECT step, samples, seconds, test_acc, test_loss FROM evals ORDER BY at, rowid")
         return [{"version": s, "samples": n, "seconds": sec, "test_acc": a, "test_loss": l}
                 for s, n, sec, a, l in cur.fetchall()]
 
