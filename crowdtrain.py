@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "coordinator": ("coordinator.main", "run a coordinator that hands out work units and aggregates deltas"),
     "run": ("coordinator.run", "the main job: a coordinator on CIFAR-10 plus local workers (prints the URL)"),
     "worker": ("worker_py.main", "run a headless worker that computes work units for a coordinator"),
+    "sim": ("coordinator.sim.main", "simulate volunteer workers with churn on a simulated clock, compare strategies"),
 }
 
 
