@@ -1,7 +1,9 @@
 """Training-step graphs for browser workers, served as immutable blobs with a known-answer check.
 
 A browser tab trains with onnxruntime-web by running one exported SGD step per batch
-(``models.onnx_step``). The coordinator exports the job's model once per batch size, in a
+(``models.onnx_step``), in one of two formulations: ``graph`` for onnxruntime's CPU kernels
+(WebAssembly) and ``webgpu.graph`` for its WebGPU kernels (``models.onnx_step.TARGETS``). The
+coordinator exports the job's model once per batch size, in a
 subprocess (an export takes seconds to tens of seconds of CPU and must not stall the event
 loop), caches the graph on disk across jobs, stores it as a content-addressed blob of the job
 and publishes a *manifest* at ``GET /api/v1/steps/<model>/<batch>``:
@@ -9,12 +11,14 @@ and publishes a *manifest* at ``GET /api/v1/steps/<model>/<batch>``:
     {"model", "batch_size", "graph": <blob id>, "graph_bytes", "spec": {...StepSpec...},
      "check": {"state": <blob id>, "shard": <blob id>, "hyper": {...},
                "loss": float, "outputs": {name: {"norm": float, "proj": float}},
-               "tolerance": {"loss": rel, "norm": rel, "proj": rel}}}
+               "tolerance": {"loss": rel, "norm": rel, "proj": rel}},
+     "webgpu": {"graph": <blob id>, "graph_bytes", "loss": float, "outputs": {...}}}
 
 The check is a known-answer test for a backend the tab is unsure of (WebGPU): one step on
 inputs the tab can rebuild exactly (a model state blob, the first images of a data shard
 without augmentation, zero momentum, the dropout masks of ``check_mask``, the hyperparameters
-above), whose answer was computed here with onnxruntime's CPU kernels. For every output the
+above), whose answer was computed here with onnxruntime's CPU kernels (for each graph: ``check``
+holds the CPU graph's answer, ``webgpu`` the WebGPU graph's). For every output the
 manifest gives the L2 norm of (output - its input) and its projection on a +-1 pattern
 (``check_signs``), which catches a wrong sign as well as a wrong scale. Both functions are
 written in worker_web/worker.js too, with the same constants.
@@ -35,7 +39,7 @@ from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.shards import decode_shard
 from models import registry
 from models.local import state_arrays
-from models.onnx_step import ExportError, StepSpec, step_graph
+from models.onnx_step import TARGETS, ExportError, StepSpec, step_graph
 
 log = logging.getLogger("crowdtrain.coordinator")
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +160,8 @@ class StepGraphs:
 
     async def _export(self, batch_size: int) -> None:
         """Export in a subprocess (CPU-heavy, and torch's exporter is not made for threads)."""
-        cmd = [sys.executable, "-m", "models.onnx_step", self.model, str(batch_size), "--cache", str(self.cache_dir)]
+        cmd = [sys.executable, "-m", "models.onnx_step", self.model, str(batch_size), "--cache", str(self.cache_dir),
+               "--target", *TARGETS]
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT)
         out, _ = await proc.communicate()
@@ -175,13 +180,18 @@ class StepGraphs:
         state = decode_delta(store.get_blob(state_blob))   # exactly what the browser decodes
         shard = self.job.shard_ids[0]
         x, y = decode_shard(store.get_blob(shard))
-        answer = check_answer(graph, spec, check_inputs(spec, state, x[:batch_size], y[:batch_size]))
+        feeds = check_inputs(spec, state, x[:batch_size], y[:batch_size])
+        gpu_graph, gpu_spec = step_graph(self.model, batch_size, self.cache_dir, target="webgpu")
+        if gpu_spec != spec:
+            raise StepUnavailable("the WebGPU step graph takes other tensors than the CPU one")
         return {"model": self.model, "batch_size": batch_size, "graph": store.put_blob(graph),
                 "graph_bytes": len(graph), "spec": {"momentum": spec.momentum, "nesterov": spec.nesterov,
                                                     "inputs": [_tensor(t) for t in spec.inputs],
                                                     "outputs": [_tensor(t) for t in spec.outputs]},
-                "check": {"state": state_blob, "shard": shard, "hyper": dict(CHECK_HYPER), **answer,
-                          "tolerance": dict(TOLERANCE)}}
+                "check": {"state": state_blob, "shard": shard, "hyper": dict(CHECK_HYPER),
+                          **check_answer(graph, spec, feeds), "tolerance": dict(TOLERANCE)},
+                "webgpu": {"graph": store.put_blob(gpu_graph), "graph_bytes": len(gpu_graph),
+                           **check_answer(gpu_graph, spec, feeds)}}
 
 
 def _tensor(t) -> dict:

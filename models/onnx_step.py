@@ -74,16 +74,38 @@ class ExportError(ValueError):
 
 # ----------------------------------------------------------------------------- decompositions
 def _conv_backward(go, inp, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
-    """convolution_backward as a conv with the flipped, transposed kernel (input gradient; onnxruntime's
-    Conv is faster than its ConvTranspose) and one MatMul per kernel offset (weight gradient);
-    stride 1, dilation 1, one group only (all the registry's convs)."""
+    """convolution_backward as a conv (input gradient, ``_conv_input_grad``) and one MatMul per
+    kernel offset (weight gradient); stride 1, dilation 1, one group only (all the registry's convs)."""
     if list(stride) != [1, 1] or list(dilation) != [1, 1] or groups != 1 or transposed:
         raise ExportError(f"step export: only stride-1, dilation-1, ungrouped 2-d convs are supported "
                           f"(got stride {list(stride)}, dilation {list(dilation)}, groups {groups})")
-    kh, kw = w.shape[2], w.shape[3]
-    gi = F.conv2d(go, w.flip(2, 3).transpose(0, 1), padding=[kh - 1 - padding[0], kw - 1 - padding[1]]) if mask[0] else None
+    gi = _conv_input_grad(go, w, list(padding)) if mask[0] else None
     gw = _conv_weight_grad(go, inp, tuple(w.shape), tuple(padding)) if mask[1] else None
     return gi, gw, (go.sum((0, 2, 3)) if mask[2] else None)
+
+
+def _conv_backward_webgpu(go, inp, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+                          mask):
+    """The WebGPU variant: ConvTranspose for the input gradient, and the weight gradient as a conv
+    with the batch as channels (what onnxruntime-web's WebGPU kernels compute right; see TARGETS)."""
+    if list(stride) != [1, 1] or list(dilation) != [1, 1] or groups != 1 or transposed:
+        raise ExportError(f"step export: only stride-1, dilation-1, ungrouped 2-d convs are supported "
+                          f"(got stride {list(stride)}, dilation {list(dilation)}, groups {groups})")
+    gi = F.conv_transpose2d(go, w, padding=list(padding)) if mask[0] else None
+    gw = F.conv2d(inp.transpose(0, 1), go.transpose(0, 1), padding=list(padding)).transpose(0, 1) if mask[1] else None
+    return gi, gw, (go.sum((0, 2, 3)) if mask[2] else None)
+
+
+def _conv_input_grad(go, w, padding):
+    """The input gradient of a stride-1 conv. For a "same" conv (padding (k - 1) / 2) it is a plain
+    conv with the flipped, transposed kernel and the same padding: onnxruntime's Conv is faster than
+    its ConvTranspose (resnet_fast's step 327 -> 280 ms). Other paddings keep ConvTranspose: as a
+    conv they need padding k - 1 - p, which onnxruntime-web's WebGPU Conv failed to run (cnn's
+    unpadded convs: "Failed to generate kernel's output" on SwiftShader)."""
+    kh, kw = w.shape[2], w.shape[3]
+    if [kh - 1 - padding[0], kw - 1 - padding[1]] == padding:
+        return F.conv2d(go, w.flip(2, 3).transpose(0, 1), padding=padding)
+    return F.conv_transpose2d(go, w, padding=padding)
 
 
 def _conv_weight_grad(go, inp, w_shape, padding):
@@ -130,16 +152,39 @@ def _max_pool_backward(go, x, kernel_size, stride, padding, dilation, ceil_mode,
     return g.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
 
 
+def _max_pool_backward_webgpu(go, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    """The WebGPU variant: the first maximum as a one-hot (ArgMax == arange(4)) times the gradient."""
+    n, c, h, w = x.shape
+    windows = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    first = windows.argmax(-1, keepdim=True) == torch.arange(4, device=x.device)
+    g = first.to(x.dtype) * go.unsqueeze(-1)
+    return g.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
+
+
 # Without torch's own batch-norm decompositions the exported graph runs but is wrong (the
 # exporter's train-mode batch norm: resnet_fast's loss off by 9e-3, running variances by 8e-2);
 # with them it matches torch to ~1e-6.
-DECOMPOSITIONS: dict = {
+_COMMON: dict = {
     **core_aten_decompositions(),
     **get_decompositions([aten.native_batch_norm, aten.native_batch_norm_backward,
                           aten._native_batch_norm_legit, aten._native_batch_norm_legit_functional]),
-    aten.convolution_backward.default: _conv_backward,
     aten.max_pool2d_with_indices.default: _max_pool,
-    aten.max_pool2d_with_indices_backward.default: _max_pool_backward,
+}
+# Two formulations of the same step, one per kind of kernel that runs it:
+#   "cpu"    for onnxruntime's CPU kernels (Python, and onnxruntime-web's WebAssembly): weight
+#            gradients as MatMuls, input gradients of "same" convs as Conv, pooling backward as
+#            Where. About 2x faster than "webgpu" there (cnn at batch 64: 223 -> 110 ms).
+#   "webgpu" for onnxruntime-web's WebGPU kernels, which compute the "cpu" graph wrong (seen in
+#            headless Chromium's SwiftShader: the cnn's first weight gradient 50x too small with
+#            the MatMul form, its loss wrong with the Where form; a padded-2 Conv fails to run).
+# Both match torch (tests/test_onnx_step.py); a tab runs a graph on WebGPU only after its
+# known-answer check passes (coordinator/steps.py).
+TARGETS = ("cpu", "webgpu")
+DECOMPOSITIONS: dict[str, dict] = {
+    "cpu": {**_COMMON, aten.convolution_backward.default: _conv_backward,
+            aten.max_pool2d_with_indices_backward.default: _max_pool_backward},
+    "webgpu": {**_COMMON, aten.convolution_backward.default: _conv_backward_webgpu,
+               aten.max_pool2d_with_indices_backward.default: _max_pool_backward_webgpu},
 }
 RANDOM_OPS = ("bernoulli", "rand", "native_dropout", "normal", "multinomial")  # must not be in a step graph
 
@@ -342,7 +387,7 @@ class _Graph(nn.Module):
         return tuple(out) if isinstance(out, (tuple, list)) else out
 
 
-def trace_step(model_name: str, batch_size: int, *, momentum: bool = True
+def trace_step(model_name: str, batch_size: int, *, momentum: bool = True, target: str = "cpu"
                ) -> tuple[torch.fx.GraphModule, StepSpec, list[torch.Tensor]]:
     """make_fx of one training step: (graph, spec, the example inputs it was traced with)."""
     recipe = registry.get(model_name).recipe
@@ -359,7 +404,9 @@ def trace_step(model_name: str, batch_size: int, *, momentum: bool = True
     spec = step_layout(model_name, model, recipe, batch_size, momentum, dropout)
     mask_dropout(model, dropout)
     args = example_inputs(spec, recipe, model)
-    graph = make_fx(make_step(model, spec), decomposition_table=DECOMPOSITIONS)(*args)
+    if target not in TARGETS:
+        raise ExportError(f"step export: target must be one of {', '.join(TARGETS)}, got {target!r}")
+    graph = make_fx(make_step(model, spec), decomposition_table=DECOMPOSITIONS[target])(*args)
     random = sorted({str(n.target) for n in graph.graph.nodes if any(r in str(n.target) for r in RANDOM_OPS)})
     if random:
         raise ExportError(f"step export: random ops left in the traced step: {', '.join(random)}")
@@ -374,9 +421,10 @@ def write_onnx(graph: torch.fx.GraphModule, args: list[torch.Tensor], path: str 
                       opset_version=OPSET, verbose=False)
 
 
-def export_step(model_name: str, batch_size: int, path: str | os.PathLike, *, momentum: bool = True) -> StepSpec:
+def export_step(model_name: str, batch_size: int, path: str | os.PathLike, *, momentum: bool = True,
+                target: str = "cpu") -> StepSpec:
     """Write one training step of ``model_name`` at ``batch_size`` as an ONNX graph to ``path``."""
-    graph, spec, args = trace_step(model_name, batch_size, momentum=momentum)
+    graph, spec, args = trace_step(model_name, batch_size, momentum=momentum, target=target)
     write_onnx(graph, args, path, spec.input_names, spec.output_names)
     check_io(path, spec)
     return spec
@@ -403,22 +451,24 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
-def cache_key(model_name: str, batch_size: int, momentum: bool = True) -> str:
+def cache_key(model_name: str, batch_size: int, momentum: bool = True, target: str = "cpu") -> str:
     import onnxscript
 
     parts = [model_name, str(batch_size), str(momentum), str(OPSET), torch.__version__,
-             onnxscript.__version__, source_hash()]
+             onnxscript.__version__, source_hash()] + ([target] if target != "cpu" else [])
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
 def step_graph(model_name: str, batch_size: int, cache_dir: str | os.PathLike, *,
-               momentum: bool = True) -> tuple[bytes, StepSpec]:
-    """The step graph's ONNX bytes and spec, exported once per (model, batch, momentum, opset,
-    torch and onnxscript versions, source of models/) and read from ``cache_dir`` after."""
+               momentum: bool = True, target: str = "cpu") -> tuple[bytes, StepSpec]:
+    """The step graph's ONNX bytes and spec, exported once per (model, batch, momentum, target,
+    opset, torch and onnxscript versions, source of models/) and read from ``cache_dir`` after."""
     registry.get(model_name)  # unknown names fail before any work
+    if target not in TARGETS:
+        raise ExportError(f"step export: target must be one of {', '.join(TARGETS)}, got {target!r}")
     cache = Path(cache_dir)
-    variant = "" if momentum else "-nomom"
-    stem = cache / f"{model_name}-b{batch_size}{variant}-{cache_key(model_name, batch_size, momentum)}"
+    variant = ("" if momentum else "-nomom") + ("" if target == "cpu" else f"-{target}")
+    stem = cache / f"{model_name}-b{batch_size}{variant}-{cache_key(model_name, batch_size, momentum, target)}"
     onnx_path, meta_path = stem.with_suffix(".onnx"), stem.with_suffix(".json")
     try:
         meta = json.loads(meta_path.read_text())
@@ -430,7 +480,7 @@ def step_graph(model_name: str, batch_size: int, cache_dir: str | os.PathLike, *
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         t0 = time.perf_counter()
-        spec = export_step(model_name, batch_size, Path(tmp) / "step.onnx", momentum=momentum)
+        spec = export_step(model_name, batch_size, Path(tmp) / "step.onnx", momentum=momentum, target=target)
         data = (Path(tmp) / "step.onnx").read_bytes()
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "export_seconds": round(time.perf_counter() - t0, 2),
                 "spec": json.loads(spec.to_json())}
@@ -441,8 +491,8 @@ def step_graph(model_name: str, batch_size: int, cache_dir: str | os.PathLike, *
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m models.onnx_step MODEL BATCH --cache DIR``: export into the cache (the
-    coordinator runs this in a subprocess so an export never stalls its event loop)."""
+    """``python -m models.onnx_step MODEL BATCH --cache DIR [--target cpu webgpu]``: export into
+    the cache (the coordinator runs this in a subprocess so an export never stalls its event loop)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m models.onnx_step", description=main.__doc__)
@@ -450,13 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("batch_size", type=int)
     p.add_argument("--cache", required=True, help="cache folder for the graph and its spec")
     p.add_argument("--no-momentum", action="store_true")
+    p.add_argument("--target", nargs="+", choices=TARGETS, default=["cpu"], help="graph variants to export")
     args = p.parse_args(argv)
-    try:
-        data, spec = step_graph(args.model, args.batch_size, args.cache, momentum=not args.no_momentum)
-    except (ExportError, KeyError, ValueError) as e:
-        print(f"error: {e}", flush=True)
-        return 2
-    print(f"{spec.model} batch {spec.batch_size}: {len(data):,} bytes", flush=True)
+    for target in args.target:
+        try:
+            data, spec = step_graph(args.model, args.batch_size, args.cache, momentum=not args.no_momentum,
+                                    target=target)
+        except (ExportError, KeyError, ValueError) as e:
+            print(f"error: {e}", flush=True)
+            return 2
+        print(f"{spec.model} batch {spec.batch_size} ({target}): {len(data):,} bytes", flush=True)
     return 0
 
 

@@ -112,6 +112,11 @@ def test_manifest_graph_and_known_answer(cluster, data):
     assert again["loss"] == pytest.approx(m["check"]["loss"], rel=1e-6)
     for name, want in m["check"]["outputs"].items():
         assert again["outputs"][name]["norm"] == pytest.approx(want["norm"], rel=1e-5, abs=1e-7)
+    # the WebGPU formulation is another graph of the same step: its own answer, nearly the same
+    gpu = get(f"{c.url}/api/v1/blobs/{m['webgpu']['graph']}")[2]
+    assert blob_id(gpu) == m["webgpu"]["graph"] != m["graph"]
+    assert check_answer(gpu, spec, feeds)["loss"] == pytest.approx(m["webgpu"]["loss"], rel=1e-6)
+    assert m["webgpu"]["loss"] == pytest.approx(m["check"]["loss"], rel=1e-4)
     # and it catches a step that computes something else: a 10% larger learning rate
     feeds["lr"] = np.array(m["check"]["hyper"]["lr"] * 1.1, np.float32)
     wrong = check_answer(graph, spec, feeds)
@@ -232,6 +237,7 @@ def test_webgpu_path_is_decided_by_the_known_answer_check(cluster, data, model):
     assert out["ok"], out
     state = out["state"]
     verdict = state["knownAnswer"]
+    print(f"{model}: backend {state['backend']} ({state['backendReason']})")
     assert verdict is not None, f"the WebGPU check did not run: {state['backendReason']}"
     assert verdict["ok"] == (state["backend"] == "webgpu"), state
     if state["backend"] == "wasm":

@@ -44,15 +44,15 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(cache_dir):
-    """model name -> (onnx bytes, spec), each exported once (through the cache) per test session."""
+    """(model name, target) -> (onnx bytes, spec), each exported once (through the cache) per test session."""
     done = {}
 
-    def get(name: str) -> tuple[bytes, onnx_step.StepSpec]:
-        if name not in done:
+    def get(name: str, target: str = "cpu") -> tuple[bytes, onnx_step.StepSpec]:
+        if (name, target) not in done:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the exporter's own deprecation notices
-                done[name] = onnx_step.step_graph(name, BATCH, cache_dir)
-        return done[name]
+                done[name, target] = onnx_step.step_graph(name, BATCH, cache_dir, target=target)
+        return done[name, target]
 
     return get
 
@@ -160,12 +160,15 @@ def well_conditioned_batch(name: str, spec: onnx_step.StepSpec, feed: dict[str, 
     raise AssertionError(f"{name}: no batch of 8 on which float32 torch matches float64 torch")
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_step_matches_torch_for_three_chained_steps(name: str, exported) -> None:
+@pytest.mark.parametrize("name, target", [(m, "cpu") for m in MODELS] +
+                         [(m, "webgpu") for m in ("cnn", "resnet_fast", "supermask_conv")])
+def test_step_matches_torch_for_three_chained_steps(name: str, target: str, exported) -> None:
     """Each step's outputs are the next step's inputs; each step is checked against torch's step
     from the same inputs (an independent torch chain would drift apart at the first supermask
-    score or pooled value that float32 rounding puts on the other side of a threshold)."""
-    data, spec = exported(name)
+    score or pooled value that float32 rounding puts on the other side of a threshold). Both
+    targets (two formulations of the backward pass) compute the same step."""
+    data, spec = exported(name, target)
+    assert spec == exported(name, "cpu")[1], "the targets' graphs take and give the same tensors"
     run = session(data)
     state = initial_feed(name, spec)
     for step in range(STEPS):
@@ -248,7 +251,8 @@ def test_without_momentum_is_plain_sgd(cache_dir) -> None:
     assert error <= 1, f"'{output}' off by {error:.2f} tolerances"
 
 
-def test_max_pool_gradient_goes_to_the_first_maximum_on_ties(tmp_path) -> None:
+@pytest.mark.parametrize("target", onnx_step.TARGETS)
+def test_max_pool_gradient_goes_to_the_first_maximum_on_ties(tmp_path, target) -> None:
     """Exact ties (flat image regions, crop padding, ReLU zeros): torch sends a window's gradient
     to its first maximum only; so does the decomposition, in torch and in onnxruntime."""
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -259,7 +263,7 @@ def test_max_pool_gradient_goes_to_the_first_maximum_on_ties(tmp_path) -> None:
     g = torch.Generator().manual_seed(0)
     x, go = torch.randint(0, 3, (2, 3, 8, 6), generator=g).float(), torch.randn(2, 3, 4, 3, generator=g)
     want = pool_grad(x, go)
-    graph = make_fx(pool_grad, decomposition_table=onnx_step.DECOMPOSITIONS)(x, go)
+    graph = make_fx(pool_grad, decomposition_table=onnx_step.DECOMPOSITIONS[target])(x, go)
     assert torch.equal(graph(x, go), want)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -314,7 +314,6 @@ async function prepareOrt() {
 // The session for a manifest's graph; the first one also decides the backend.
 async function sessionFor(manifest) {
   if (S.sessions.has(manifest.graph)) return S.sessions.get(manifest.graph);
-  const graph = await blob(manifest.graph);
   let session = null;
   if (S.backend === null || S.backend === 'webgpu') {
     const adapter = await (S.ortReady ??= prepareOrt());
@@ -322,13 +321,14 @@ async function sessionFor(manifest) {
     if (adapter) {
       say('checking WebGPU with a known-answer step');
       try {
-        const gpu = await create(ort, graph, 'webgpu');
-        const verdict = await knownAnswer(gpu, manifest);
+        const gpu = await create(ort, await blob(manifest.webgpu.graph), 'webgpu');   // the WebGPU formulation
+        const verdict = await knownAnswer(gpu, manifest, manifest.webgpu);
         S.knownAnswer = verdict;
         if (verdict.ok) { session = gpu; setBackend('webgpu', 'known-answer check passed'); }
         else { await gpu.release?.(); setBackend('wasm', `WebGPU failed the known-answer check: ${verdict.why}`); }
-      } catch (e) {
-        setBackend('wasm', `WebGPU could not run the step: ${short(e)}`);
+      } catch (e) {   // a step that cannot run fails the check as surely as a wrong answer
+        S.knownAnswer = {ok: false, why: `WebGPU could not run the step: ${short(e)}`};
+        setBackend('wasm', `WebGPU failed the known-answer check: ${S.knownAnswer.why}`);
       }
     } else {
       setBackend('wasm', S.backendWanted === 'wasm' ? 'asked for' : 'no WebGPU adapter');
@@ -336,7 +336,7 @@ async function sessionFor(manifest) {
   }
   if (session === null) {
     const ort = await loadOrt(false);
-    session = await create(ort, graph, 'wasm');
+    session = await create(ort, await blob(manifest.graph), 'wasm');
     if (S.check === 'always' && !S.sessions.size) {
       const verdict = await knownAnswer(session, manifest);
       S.knownAnswerWasm = verdict;
@@ -355,8 +355,10 @@ function setBackend(name, reason) {
   post({backend: name, knownAnswer: S.knownAnswer ?? null}, {log: `backend: ${name} (${S.backendReason})`});
 }
 
-// One step on the manifest's check inputs, compared with the coordinator's CPU answer.
-async function knownAnswer(session, manifest) {
+// One step on the manifest's check inputs, compared with the answer the coordinator computed
+// for the same graph on CPU (`answer`: manifest.check for the WASM graph, manifest.webgpu for
+// the WebGPU one; both carry {loss, outputs}).
+async function knownAnswer(session, manifest, answer = manifest.check) {
   const {check, spec} = manifest;
   const state = contract.decodeDelta(await blob(check.state));
   const shard = contract.decodeShard(await blob(check.shard));
@@ -382,11 +384,11 @@ async function knownAnswer(session, manifest) {
   }
   const out = await session.run(feeds);
   const tol = check.tolerance, loss = out.loss.data[0];
-  if (!(Math.abs(loss - check.loss) <= tol.loss * Math.max(1, Math.abs(check.loss)))) {
-    return {ok: false, why: `loss ${loss} where ${check.loss} was expected`, loss};
+  if (!(Math.abs(loss - answer.loss) <= tol.loss * Math.max(1, Math.abs(answer.loss)))) {
+    return {ok: false, why: `loss ${loss} where ${answer.loss} was expected`, loss};
   }
   for (const t of spec.outputs.slice(1)) {
-    const got = out[t.name].data, was = feeds[t.feeds].data, want = check.outputs[t.name];
+    const got = out[t.name].data, was = feeds[t.feeds].data, want = answer.outputs[t.name];
     let norm = 0, proj = 0;
     for (let i = 0; i < got.length; i++) {
       const d = got[i] - was[i];
