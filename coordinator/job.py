@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import random
 import secrets
@@ -36,6 +37,8 @@ from models.local import (delta_spec, is_running_stat, load_arrays, rebase_runni
                           sanitize_state, state_arrays)
 from models.recipe import Recipe
 from models.train import evaluate, lr_at
+
+log = logging.getLogger("crowdtrain.coordinator")
 
 FP32 = get_codec("fp32")
 HYPER_KEYS = ("momentum", "nesterov", "weight_decay", "label_smoothing", "loss", "focal_gamma", "crop_pad", "flip")
@@ -303,6 +306,8 @@ class Job:
 
     def _unit_failed(self, unit: dict, error: str) -> dict:
         status = "returned" if error.startswith("returned") else "failed"
+        if status == "failed":   # the operator sees why workers fail (a bad blob, a browser's backend, ...)
+            log.warning("unit %s failed on worker %s: %s", unit["unit_id"], unit["worker_id"], error[:500])
         self._give_up(unit, status)
         return {"accepted": False, "status": status}
 
