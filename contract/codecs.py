@@ -150,7 +150,8 @@ class Int8(Codec):
         scale = np.float32(peak / np.float32(127))
         if scale > 0:
             q = np.clip(np.rint(x / scale), -127, 127).astype("i1")
-            _finite(name, q.astype(np.float32) * scale)   # what decode gives must be finite too
+            with np.errstate(over="ignore"):   # an overflow is what _finite reports
+                _finite(name, q.astype(np.float32) * scale)   # what decode gives must be finite too
         else:
             q = np.zeros(x.size, "i1")
         return {}, np.array([scale], "<f4").tobytes() + q.tobytes()
@@ -165,7 +166,8 @@ class Int8(Codec):
         q = np.frombuffer(data, "i1", n, offset + 4)
         if n and q.min() < -127:
             raise ContractError(f"delta.tensors[{name}].values", "int8 values in [-127, 127]", -128)
-        values = q.astype(np.float32) * scale
+        with np.errstate(over="ignore"):   # an overflow is what _finite reports
+            values = q.astype(np.float32) * scale
         _finite(name, values)   # a scale near the float32 maximum can overflow to +-inf
         return values
 
