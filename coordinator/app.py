@@ -199,6 +199,7 @@ async def job_ctx(app: web.Application):
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await app[STEPS].close()
     job.close()
 
 

@@ -138,6 +138,13 @@ class StepGraphs:
             raise StepUnavailable(entry.error)
         return entry.manifest
 
+    async def close(self) -> None:
+        """Stop builds in progress (their export subprocesses are killed)."""
+        tasks = [e.task for e in self.entries.values() if e.task is not None and not e.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def wait(self, batch_size: int) -> dict:
         """The manifest, waiting for the build (tests and warm-up)."""
         self.manifest(batch_size)
@@ -164,7 +171,12 @@ class StepGraphs:
                "--target", *TARGETS]
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT)
-        out, _ = await proc.communicate()
+        try:
+            out, _ = await proc.communicate()
+        except asyncio.CancelledError:   # the coordinator is shutting down: no orphaned export
+            proc.kill()
+            await proc.wait()
+            raise
         if proc.returncode != 0:
             lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
             why = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)

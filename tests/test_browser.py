@@ -170,6 +170,32 @@ async def test_a_model_the_browser_cannot_train_is_said_so(aiohttp_client, tmp_p
     assert resp.status == 501 and body["error"]["code"] == "no_browser_step" and "focal" in body["error"]["message"]
 
 
+async def test_shutdown_stops_an_export_in_progress(aiohttp_server, tmp_path, monkeypatch):
+    from coordinator.app import create_app
+    from tests.test_coordinator import make_job
+
+    monkeypatch.setenv("CROWDTRAIN_CACHE", str(tmp_path / "fresh-cache"))   # nothing cached: a real export
+    job = make_job(tmp_path, batch_size=16)
+    server = await aiohttp_server(create_app(job.config, job, warm=True))
+
+    def exports() -> list[str]:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "models.onnx_step" in text and str(tmp_path / "fresh-cache") in text:
+                found.append(text)
+        return found
+    deadline = time.time() + 30
+    while not exports() and time.time() < deadline:
+        await asyncio.sleep(0.1)
+    assert exports(), "the warm start did not begin an export"
+    await server.close()
+    assert exports() == [], "the export outlived the coordinator"
+
+
 def test_check_patterns_are_the_documented_hash():
     # worker.js rebuilds these with Math.imul(i, 2654435761) >>> 0; pin a few values
     h = [(i * 2654435761) % 2**32 for i in range(6)]
