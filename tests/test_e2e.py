@@ -92,8 +92,8 @@ def test_kill_9_coordinator_loses_no_accepted_update(cluster):
         accepted = dict(db.execute("SELECT unit_id, num_samples FROM results").fetchall())
     assert len(accepted) >= before["units_accepted"]
     c.start_coordinator()       # same --state; the workers reconnect with backoff
-    after = c.status()
-    assert after["units_accepted"] == len(accepted)
+    after = c.status()   # (a worker may already have delivered a unit it finished during the outage)
+    assert after["units_accepted"] >= len(accepted)
     final = c.wait(lambda s: s["finished"], 300, "the job to finish after the restart")
     with c.db() as db:
         rows = db.execute("SELECT unit_id, num_samples, applied_step, dropped FROM results").fetchall()
