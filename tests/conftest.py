@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from tests.helpers.cluster import Cluster
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -10,3 +12,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """``cluster(*coordinator_args)`` -> a Cluster (coordinator and worker processes on 127.0.0.1),
+    every one of them stopped at the end of the test."""
+    made = []
+
+    def make(*args):
+        c = Cluster(tmp_path, *args)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.stop()

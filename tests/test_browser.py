@@ -47,19 +47,6 @@ def data(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(*args):
-        c = Cluster(tmp_path, *args)
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.stop()
-
-
 def get(url: str) -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
     try:

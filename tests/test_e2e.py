@@ -9,26 +9,12 @@ import time
 
 import pytest
 
-from tests.helpers.cluster import Cluster
 
 pytestmark = [
     pytest.mark.skipif(not os.environ.get("CROWDTRAIN_DATA"),
                        reason="set CROWDTRAIN_DATA to the folder or archive of CIFAR-10 (e.g. ../shared/data)"),
     pytest.mark.timeout(900),   # real jobs: ~40 s each on a quiet machine, much longer on a loaded one
 ]
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(*args):
-        c = Cluster(tmp_path, *args)
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.stop()
 
 
 COMMON = ("--model", "cnn", "--limit-train", "4000", "--shard-size", "500", "--batch-size", "128", "--local-steps", "8",
