@@ -73,27 +73,29 @@ class ExportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- decompositions
-def _conv_backward(go, inp, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask):
-    """convolution_backward as a conv (input gradient, ``_conv_input_grad``) and one MatMul per
-    kernel offset (weight gradient); stride 1, dilation 1, one group only (all the registry's convs)."""
-    if list(stride) != [1, 1] or list(dilation) != [1, 1] or groups != 1 or transposed:
-        raise ExportError(f"step export: only stride-1, dilation-1, ungrouped 2-d convs are supported "
-                          f"(got stride {list(stride)}, dilation {list(dilation)}, groups {groups})")
-    gi = _conv_input_grad(go, w, list(padding)) if mask[0] else None
-    gw = _conv_weight_grad(go, inp, tuple(w.shape), tuple(padding)) if mask[1] else None
-    return gi, gw, (go.sum((0, 2, 3)) if mask[2] else None)
+def _conv_backward_by(input_grad, weight_grad):
+    """A decomposition of convolution_backward that computes the input gradient with
+    ``input_grad(go, w, padding)`` and the weight gradient with ``weight_grad(go, inp, w, padding)``;
+    stride 1, dilation 1, one group only (all the registry's convs)."""
+    def convolution_backward(go, inp, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                             groups, mask):
+        if list(stride) != [1, 1] or list(dilation) != [1, 1] or groups != 1 or transposed:
+            raise ExportError(f"step export: only stride-1, dilation-1, ungrouped 2-d convs are supported "
+                              f"(got stride {list(stride)}, dilation {list(dilation)}, groups {groups})")
+        gi = input_grad(go, w, list(padding)) if mask[0] else None
+        gw = weight_grad(go, inp, w, list(padding)) if mask[1] else None
+        return gi, gw, (go.sum((0, 2, 3)) if mask[2] else None)
+    return convolution_backward
 
 
-def _conv_backward_webgpu(go, inp, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
-                          mask):
-    """The WebGPU variant: ConvTranspose for the input gradient, and the weight gradient as a conv
-    with the batch as channels (what onnxruntime-web's WebGPU kernels compute right; see TARGETS)."""
-    if list(stride) != [1, 1] or list(dilation) != [1, 1] or groups != 1 or transposed:
-        raise ExportError(f"step export: only stride-1, dilation-1, ungrouped 2-d convs are supported "
-                          f"(got stride {list(stride)}, dilation {list(dilation)}, groups {groups})")
-    gi = F.conv_transpose2d(go, w, padding=list(padding)) if mask[0] else None
-    gw = F.conv2d(inp.transpose(0, 1), go.transpose(0, 1), padding=list(padding)).transpose(0, 1) if mask[1] else None
-    return gi, gw, (go.sum((0, 2, 3)) if mask[2] else None)
+def _conv_transposed_input_grad(go, w, padding):
+    """The input gradient as ConvTranspose (the WebGPU formulation)."""
+    return F.conv_transpose2d(go, w, padding=padding)
+
+
+def _conv_weight_grad_batch_as_channels(go, inp, w, padding):
+    """The weight gradient as a conv with the batch as channels (the WebGPU formulation)."""
+    return F.conv2d(inp.transpose(0, 1), go.transpose(0, 1), padding=padding).transpose(0, 1)
 
 
 def _conv_input_grad(go, w, padding):
@@ -105,10 +107,10 @@ def _conv_input_grad(go, w, padding):
     kh, kw = w.shape[2], w.shape[3]
     if [kh - 1 - padding[0], kw - 1 - padding[1]] == padding:
         return F.conv2d(go, w.flip(2, 3).transpose(0, 1), padding=padding)
-    return F.conv_transpose2d(go, w, padding=padding)
+    return _conv_transposed_input_grad(go, w, padding)
 
 
-def _conv_weight_grad(go, inp, w_shape, padding):
+def _conv_weight_grad(go, inp, w, padding):
     """dW[o, c, dy, dx] = sum over n, i, j of go[n, o, i, j] * x_pad[n, c, i + dy, j + dx].
 
     As kh * kw MatMuls of go [O, N*H*W] by the shifted input [N*H*W, C]: GEMM is the best-tuned
@@ -116,7 +118,7 @@ def _conv_weight_grad(go, inp, w_shape, padding):
     channels, is a conv whose "kernel" is the whole image; it took 40% of the cnn's step.
     """
     n, c, _, _ = inp.shape
-    o, _, kh, kw = w_shape
+    o, _, kh, kw = w.shape
     ph, pw = padding
     ho, wo = go.shape[2], go.shape[3]
     x = F.pad(inp, (pw, pw, ph, ph)).permute(0, 2, 3, 1)          # [N, Hp, Wp, C], one transpose
@@ -141,24 +143,30 @@ def _max_pool(x, kernel_size, stride=(), padding=(0, 0), dilation=(1, 1), ceil_m
     return out, torch.zeros(out.shape, dtype=torch.int64)
 
 
-def _max_pool_backward(go, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
-    """Each window's gradient goes to its first maximum in row-major order, as torch's kernel
-    (ArgMax picks the first on ties; ties are common: flat image regions, crop padding, ReLU zeros)."""
-    n, c, h, w = x.shape
-    windows = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+def _max_pool_backward_by(route):
+    """A decomposition of the 2x2 max-pool backward: each window's gradient goes to its first
+    maximum in row-major order, as torch's kernel (ArgMax picks the first on ties; ties are common:
+    flat image regions, crop padding, ReLU zeros). ``route(windows [n, c, h/2, w/2, 4], go)`` gives
+    the gradient per window position, [n, c, h/2, w/2, 4]."""
+    def max_pool2d_with_indices_backward(go, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
+        n, c, h, w = x.shape
+        windows = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+        g = route(windows, go)
+        return g.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
+    return max_pool2d_with_indices_backward
+
+
+def _route_by_where(windows, go):
+    """One Where per window position (the CPU formulation)."""
     first = windows.argmax(-1)
     zero = torch.zeros((), dtype=go.dtype)
-    g = torch.stack([torch.where(first == k, go, zero) for k in range(4)], -1)
-    return g.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
+    return torch.stack([torch.where(first == k, go, zero) for k in range(4)], -1)
 
 
-def _max_pool_backward_webgpu(go, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
-    """The WebGPU variant: the first maximum as a one-hot (ArgMax == arange(4)) times the gradient."""
-    n, c, h, w = x.shape
-    windows = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
-    first = windows.argmax(-1, keepdim=True) == torch.arange(4, device=x.device)
-    g = first.to(x.dtype) * go.unsqueeze(-1)
-    return g.reshape(n, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
+def _route_by_one_hot(windows, go):
+    """The first maximum as a one-hot (ArgMax == arange(4)) times the gradient (the WebGPU formulation)."""
+    first = windows.argmax(-1, keepdim=True) == torch.arange(4, device=windows.device)
+    return first.to(go.dtype) * go.unsqueeze(-1)
 
 
 # Without torch's own batch-norm decompositions the exported graph runs but is wrong (the
@@ -181,10 +189,13 @@ _COMMON: dict = {
 # known-answer check passes (coordinator/steps.py).
 TARGETS = ("cpu", "webgpu")
 DECOMPOSITIONS: dict[str, dict] = {
-    "cpu": {**_COMMON, aten.convolution_backward.default: _conv_backward,
-            aten.max_pool2d_with_indices_backward.default: _max_pool_backward},
-    "webgpu": {**_COMMON, aten.convolution_backward.default: _conv_backward_webgpu,
-               aten.max_pool2d_with_indices_backward.default: _max_pool_backward_webgpu},
+    "cpu": {**_COMMON,
+            aten.convolution_backward.default: _conv_backward_by(_conv_input_grad, _conv_weight_grad),
+            aten.max_pool2d_with_indices_backward.default: _max_pool_backward_by(_route_by_where)},
+    "webgpu": {**_COMMON,
+               aten.convolution_backward.default: _conv_backward_by(_conv_transposed_input_grad,
+                                                                    _conv_weight_grad_batch_as_channels),
+               aten.max_pool2d_with_indices_backward.default: _max_pool_backward_by(_route_by_one_hot)},
 }
 RANDOM_OPS = ("bernoulli", "rand", "native_dropout", "normal", "multinomial")  # must not be in a step graph
 
