@@ -373,15 +373,7 @@ async function knownAnswer(session, manifest, answer = manifest.check) {
   }
   feeds.x = new S.ort.Tensor('float32', x, [B, 3, 32, 32]);
   feeds.y = new S.ort.Tensor('int64', y, [B]);
-  for (const t of spec.inputs) {
-    if (t.role === 'dropout') {
-      const n = t.shape.reduce((a, b) => a * b, 1), m = new Float32Array(n);
-      for (let i = 0; i < n; i++) m[i] = hash(i) / 4294967296 >= t.p ? 1 : 0;
-      feeds[t.name] = new S.ort.Tensor('float32', m, t.shape);
-    } else if (t.role === 'hyper') {
-      feeds[t.name] = new S.ort.Tensor('float32', new Float32Array([check.hyper[t.name]]), []);
-    }
-  }
+  Object.assign(feeds, maskAndHyperFeeds(spec, (i, p) => hash(i) / 4294967296 >= p, check.hyper));
   const out = await session.run(feeds);
   const tol = check.tolerance, loss = out.loss.data[0];
   if (!(Math.abs(loss - answer.loss) <= tol.loss * Math.max(1, Math.abs(answer.loss)))) {
@@ -421,7 +413,7 @@ function initialFeeds(spec, base) {
       if (!entry) throw new Error(`the model version has no '${t.state}'`);
       feeds[t.name] = tensorOf(entry, t.shape);
     } else if (t.role === 'momentum') {
-      feeds[t.name] = new S.ort.Tensor('float32', new Float32Array(t.shape.reduce((a, b) => a * b, 1)), t.shape);
+      feeds[t.name] = new S.ort.Tensor('float32', new Float32Array(numel(t.shape)), t.shape);
     }
   }
   return feeds;
@@ -449,19 +441,27 @@ function batchFeeds(spec, unit, data, idx, rng) {
     }
     y[b] = BigInt(data.y[idx[b]]);
   }
-  const feeds = {x: new S.ort.Tensor('float32', x, [B, 3, 32, 32]), y: new S.ort.Tensor('int64', y, [B])};
+  return {x: new S.ort.Tensor('float32', x, [B, 3, 32, 32]), y: new S.ort.Tensor('int64', y, [B]),
+          ...maskAndHyperFeeds(spec, (i, p) => rng() >= p, unit.hyper)};
+}
+
+// Dropout keep-masks (element i is kept when keep(i, p)) and the hyperparameter scalars
+// (from `hyper`; absent keys are 0).
+function maskAndHyperFeeds(spec, keep, hyper) {
+  const feeds = {};
   for (const t of spec.inputs) {
     if (t.role === 'dropout') {
-      const n = t.shape.reduce((a, c) => a * c, 1), m = new Float32Array(n);
-      for (let i = 0; i < n; i++) m[i] = rng() >= t.p ? 1 : 0;
+      const m = new Float32Array(numel(t.shape));
+      for (let i = 0; i < m.length; i++) m[i] = keep(i, t.p) ? 1 : 0;
       feeds[t.name] = new S.ort.Tensor('float32', m, t.shape);
     } else if (t.role === 'hyper') {
-      const v = unit.hyper[t.name] ?? 0;
-      feeds[t.name] = new S.ort.Tensor('float32', new Float32Array([v]), []);
+      feeds[t.name] = new S.ort.Tensor('float32', new Float32Array([hyper[t.name] ?? 0]), []);
     }
   }
   return feeds;
 }
+
+const numel = shape => shape.reduce((a, b) => a * b, 1);
 
 // trained - base for the parameters and statistics, in the base state's order (as Python's).
 function deltaOf(spec, base, feeds) {
