@@ -1,11 +1,10 @@
-// bench/browser_step.py's driver: headless Debian Chromium (playwright-core from
-// worker_web/node_modules; never `npx playwright install`) with one tab of
+// bench/browser_step.py's driver: headless Debian Chromium (worker_web/chromium.mjs) with one tab of
 // bench/browser_step.html per thread count, taking commands as JSON lines on stdin.
 //
 //   node bench/browser_step.mjs BASE_URL --threads 1,2
 //     prints {"ready": {threads: info}} once every tab has loaded onnxruntime-web, then for
 //     each stdin line {"id", "threads", "op", ...} the tab's answer {"id", ...} as one line.
-import { chromium } from '../worker_web/node_modules/playwright-core/index.mjs';
+import { launch } from '../worker_web/chromium.mjs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -19,13 +18,11 @@ while (args.length) {
   if (a === '--threads') threads = args.shift().split(',').map(Number);
   else { console.error(`browser_step.mjs: unknown option ${a}`); process.exit(2); }
 }
-const flags = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-               '--disable-component-update', '--disable-sync'];
 const profile = mkdtempSync(join(tmpdir(), 'crowdtrain-bench-chromium-'));
 const say = obj => process.stdout.write(JSON.stringify(obj) + '\n');
 let ctx;
 try {
-  ctx = await chromium.launchPersistentContext(profile, {executablePath: '/usr/bin/chromium', headless: true, args: flags});
+  ctx = await launch(profile);
   const pages = new Map(), ready = {};
   for (const t of threads) {
     const page = await ctx.newPage();

@@ -15,7 +15,7 @@
 // Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type},
 //          bytes_at_first_unit, requests, closed_unit?, console: [...], error?}; bytes are on the wire
 //          (compressed), by_type per static file and per API endpoint
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -37,14 +37,11 @@ while (args.length) {
 }
 
 const profile = opt.profile ?? mkdtempSync(join(tmpdir(), 'crowdtrain-chromium-'));
-const flags = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-               '--disable-component-update', '--disable-sync'];
-if (opt.webgpu) flags.push('--enable-unsafe-webgpu');
 const out = {ok: false, console: [], requests: 0, bytes: {total: 0, by_type: {}}};
 const t0 = Date.now();
 let ctx;
 try {
-  ctx = await chromium.launchPersistentContext(profile, {executablePath: '/usr/bin/chromium', headless: true, args: flags});
+  ctx = await launch(profile, {webgpu: opt.webgpu});
   if (opt.corrupt) {
     let done = false;
     await ctx.route(u => !done && u.href.includes(opt.corrupt), async route => {
