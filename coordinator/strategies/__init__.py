@@ -11,7 +11,7 @@ import inspect
 from typing import Any
 
 from .async_sgd import AsyncSGD
-from .base import BufferedStrategy, Pending, Strategy, StrategyState, Update
+from .base import Admission, BufferedStrategy, Drop, Folded, Pending, Strategy, StrategyState, Update
 from .fedasync import FedAsync
 from .fedavg import FedAvg
 from .fedbuff import FedBuff
@@ -52,7 +52,7 @@ def make_strategy(name: str, **params: Any) -> Strategy:
 
 __all__ = [
     "STRATEGIES", "WRAPPER_PARAMS", "make_strategy", "strategy_params",
-    "Strategy", "BufferedStrategy", "Wrapper", "Update", "Pending", "StrategyState",
+    "Strategy", "BufferedStrategy", "Wrapper", "Update", "Pending", "StrategyState", "Admission", "Drop", "Folded",
     "FedAvg", "AsyncSGD", "FedAsync", "FedBuff", "SupermaskMean", "SupermaskMax",
     "StalenessCap", "NormClip",
 ]

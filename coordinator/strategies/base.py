@@ -2,13 +2,21 @@
 
 A strategy sees updates one at a time as they arrive, and is asked for a new model when it
 says one is due (or when the scheduler's deadline fires; deadlines and sampling belong to
-the scheduler, not to strategies)::
+the scheduler, not to strategies). Every update's fate is stated by the strategy itself,
+never inferred from counters (after BOINC's explicit result outcomes)::
 
-    due = strategy.add(update, version)        # version: the coordinator's current version
-    if due:
-        new_model, metrics = strategy.aggregate(model, version)   # model at ``version``
-        if metrics["updates"]:                  # nothing folded -> keep the version
-            store(new_model, version + 1)
+    admission = strategy.offer(update, version)   # version: the coordinator's current version
+    ledger.drop(admission.dropped)                 # this update if refused, or buffered ones it evicted
+    if admission.due:
+        folded = strategy.fold(model, version)     # model at ``version``
+        ledger.apply(folded.folded); ledger.drop(folded.dropped)
+        if folded.folded:                          # nothing folded -> keep the version
+            store(folded.model, version + 1)
+
+``add(update, version) -> bool`` (is an aggregation due) and ``aggregate(model, version) ->
+(model, metrics)`` are the same two steps for a caller that needs no ledger (tests, tools).
+An ``Update`` carries an opaque ``key`` (the coordinator's result sequence number) by which
+the outcomes name it.
 
 Staleness is ``version - update.base_version``, measured when the update is added (as in
 FedBuff); the version is passed to ``add`` explicitly so an ``Update`` stays a plain record
@@ -46,6 +54,7 @@ class Update:
     num_samples: int
     worker_id: str = ""
     loss: float | None = None
+    key: int | str | None = None   # the caller's id for this update (the ledger's result seq)
 
     def __post_init__(self) -> None:
         if isinstance(self.base_version, bool) or not isinstance(self.base_version, int) or self.base_version < 0:
@@ -62,6 +71,37 @@ class Pending:
 
     update: Update
     staleness: int
+
+
+@dataclass(frozen=True)
+class Drop:
+    """An update the strategy will never fold, and why: ``reason`` is a short code for counting
+    (``stale``, ``off_round``, ``base_unknown``, ``incompatible``), ``detail`` a sentence."""
+
+    update: Update
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ``offer`` did: whether the update was buffered, whether an aggregation is due, and
+    every update dropped by this call (the offered one if refused, buffered ones it evicted)."""
+
+    admitted: bool
+    due: bool
+    dropped: tuple[Drop, ...] = ()
+
+
+@dataclass(frozen=True)
+class Folded:
+    """What ``fold`` did: the new model, its metrics, and the fate of every update it took out of
+    the buffer: ``folded`` went into ``model``, ``dropped`` did not (with the reason)."""
+
+    model: dict
+    metrics: dict
+    folded: tuple[Update, ...] = ()
+    dropped: tuple[Drop, ...] = ()
 
 
 @dataclass
@@ -136,12 +176,21 @@ class Strategy(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def add(self, update: Update, version: int) -> bool:
-        """Buffer ``update`` (or drop it); True when an aggregation is due."""
+    def offer(self, update: Update, version: int) -> Admission:
+        """Buffer ``update`` or drop it; says so, and whether an aggregation is due."""
 
     @abstractmethod
+    def fold(self, model: Model, version: int) -> Folded:
+        """Fold what is buffered into a new model; says which updates went in and which were dropped."""
+
+    def add(self, update: Update, version: int) -> bool:
+        """``offer`` for a caller without a ledger: True when an aggregation is due."""
+        return self.offer(update, version).due
+
     def aggregate(self, model: Model, version: int) -> tuple[Model, dict[str, Any]]:
-        """Fold what is buffered into a new model; ``metrics["updates"]`` says how many."""
+        """``fold`` for a caller without a ledger: the new model and its metrics."""
+        folded = self.fold(model, version)
+        return folded.model, folded.metrics
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -174,7 +223,8 @@ class BufferedStrategy(Strategy):
     """A buffer of ``Pending`` updates, the common checks and metrics; subclasses do the maths.
 
     A subclass sets ``buffer_size`` (aggregation is due once that many are buffered) and
-    implements ``_fold``; it may override ``_admit`` (drop on arrival), ``_reject`` (drop at
+    implements ``_fold``; it may override ``_admit`` (drop on arrival, with a reason),
+    ``_evict`` (drop buffered updates when a new one arrives), ``_reject`` (drop at
     aggregation time) and ``_extra_state`` / ``_load_extra`` (server-side state).
     ``aggregate`` folds whatever is buffered, even fewer than ``buffer_size`` (a deadline).
     """
@@ -186,11 +236,18 @@ class BufferedStrategy(Strategy):
         self.dropped = 0  # updates refused by ``add`` or discarded from the buffer, in total
 
     # --- hooks ---
-    def _admit(self, update: Update, version: int) -> bool:
-        return True
+    def _admit(self, update: Update, version: int) -> Drop | None:
+        """None to buffer ``update``, or the ``Drop`` saying why not."""
+        return None
 
-    def _reject(self, pending: Pending, model: Model, version: int) -> str | None:
-        return check_delta(pending.update.delta, model)
+    def _evict(self, version: int) -> list[Drop]:
+        """Buffered updates to discard before a new one is offered at ``version`` (removed here)."""
+        return []
+
+    def _reject(self, pending: Pending, model: Model, version: int) -> Drop | None:
+        """At aggregation time: None to fold ``pending``, or the ``Drop`` saying why not."""
+        problem = check_delta(pending.update.delta, model)
+        return None if problem is None else Drop(pending.update, "incompatible", problem)
 
     @abstractmethod
     def _fold(self, model: Model, pending: list[Pending], version: int) -> tuple[Model, dict[str, Any]]:
@@ -203,27 +260,33 @@ class BufferedStrategy(Strategy):
         pass
 
     # --- interface ---
-    def add(self, update: Update, version: int) -> bool:
+    def offer(self, update: Update, version: int) -> Admission:
         staleness = version - update.base_version
         if staleness < 0:
             raise ValueError(f"update base_version {update.base_version} is ahead of the current version {version}")
-        if not self._admit(update, version):
-            self.dropped += 1
-            return False
-        self._pending.append(Pending(update, staleness))
-        return len(self._pending) >= self.buffer_size
+        dropped = self._evict(version)
+        refused = self._admit(update, version)
+        if refused is not None:
+            dropped.append(refused)
+        else:
+            self._pending.append(Pending(update, staleness))
+        self.dropped += len(dropped)
+        return Admission(refused is None, len(self._pending) >= self.buffer_size, tuple(dropped))
 
-    def aggregate(self, model: Model, version: int) -> tuple[Model, dict[str, Any]]:
+    def fold(self, model: Model, version: int) -> Folded:
         pending, self._pending = self._pending, []
-        good, reasons = [], []
+        good, drops = [], []
         for p in pending:
-            reason = self._reject(p, model, version)
-            (reasons if reason else good).append(reason or p)
+            drop = self._reject(p, model, version)
+            if drop is None:
+                good.append(p)
+            else:
+                drops.append(drop)
         new, extra = self._fold(model, good, version) if good else (copy_model(model), {})
-        metrics = {**summarize(good, model, new), "rejected": len(reasons), **extra}
-        if reasons:
-            metrics["reject_reason"] = reasons[0]
-        return new, metrics
+        metrics = {**summarize(good, model, new), "rejected": len(drops), **extra}
+        if drops:
+            metrics["reject_reason"] = drops[0].detail or drops[0].reason
+        return Folded(new, metrics, tuple(p.update for p in good), tuple(drops))
 
     def describe(self) -> dict[str, Any]:
         return {

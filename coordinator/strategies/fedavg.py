@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import BufferedStrategy, Pending, Update, positive_float, positive_int
+from .base import BufferedStrategy, Drop, Pending, Update, positive_float, positive_int
 from .tensors import Model, add_scaled, weighted_mean
 
 
@@ -26,12 +26,15 @@ class FedAvg(BufferedStrategy):
         self.clients_per_round = self.buffer_size = positive_int("clients_per_round", clients_per_round)
         self.server_lr = positive_float("server_lr", server_lr)
 
-    def _admit(self, update: Update, version: int) -> bool:
+    def _evict(self, version: int) -> list[Drop]:
         old = [p for p in self._pending if p.update.base_version != version]
-        if old:
-            self._pending = [p for p in self._pending if p.update.base_version == version]
-            self.dropped += len(old)
-        return update.base_version == version
+        self._pending = [p for p in self._pending if p.update.base_version == version]
+        return [Drop(p.update, "off_round", f"round {p.update.base_version} ended at version {version}") for p in old]
+
+    def _admit(self, update: Update, version: int) -> Drop | None:
+        if update.base_version == version:
+            return None
+        return Drop(update, "off_round", f"computed on version {update.base_version}, the round is {version}")
 
     def _fold(self, model: Model, pending: list[Pending], version: int) -> tuple[Model, dict[str, Any]]:
         mean = weighted_mean([p.update.delta for p in pending], [p.update.num_samples for p in pending])

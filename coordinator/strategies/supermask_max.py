@@ -35,8 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from .base import BufferedStrategy, Pending, StrategyState, choice, join_arrays, positive_int, split_arrays
-from .tensors import Model, add_scaled, check_delta, max_merge
+from .base import (
+    BufferedStrategy, Drop, Folded, Pending, StrategyState, choice, join_arrays, positive_int, split_arrays,
+)
+from .tensors import Model, add_scaled, max_merge
 
 MISSING_BASE = ("drop", "current")
 COMPARE = ("value", "magnitude")
@@ -63,9 +65,9 @@ class SupermaskMax(BufferedStrategy):
             return snap
         return model if self.missing_base == "current" else None
 
-    def aggregate(self, model: Model, version: int) -> tuple[Model, dict[str, Any]]:
+    def fold(self, model: Model, version: int) -> Folded:
         self._remember(model, version)
-        return super().aggregate(model, version)
+        return super().fold(model, version)
 
     def _remember(self, model: Model, version: int) -> None:
         keys = {k for p in self._pending for k in p.update.delta if k in model}
@@ -74,11 +76,12 @@ class SupermaskMax(BufferedStrategy):
         for old in sorted(self._history)[:-(self.history + 1)]:
             del self._history[old]
 
-    def _reject(self, p: Pending, model: Model, version: int) -> str | None:
-        reason = check_delta(p.update.delta, model)
-        if reason is None and self._base(p, model, version) is None:
-            reason = f"scores of base version {p.update.base_version} no longer kept (history={self.history})"
-        return reason
+    def _reject(self, p: Pending, model: Model, version: int) -> Drop | None:
+        drop = super()._reject(p, model, version)
+        if drop is None and self._base(p, model, version) is None:
+            drop = Drop(p.update, "base_unknown",
+                        f"scores of base version {p.update.base_version} no longer kept (history={self.history})")
+        return drop
 
     def _fold(self, model: Model, pending: list[Pending], version: int) -> tuple[Model, dict[str, Any]]:
         reported = []

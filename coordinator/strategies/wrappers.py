@@ -10,14 +10,15 @@
 Compose them: ``StalenessCap(NormClip(FedBuff(), 5.0), 20)`` (cap first: a dropped update
 is never normed). A wrapper counts what it did in total (``describe``) and since the last
 aggregation (``metrics``); its state wraps the inner state's ``meta`` and passes the inner
-``arrays`` through unchanged.
+``arrays`` through unchanged. An update a wrapper drops is reported in the ``Admission``
+like any other drop, so the ledger records it with its reason.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from .base import Strategy, StrategyState, Update, positive_float
+from .base import Admission, Drop, Folded, Strategy, StrategyState, Update, positive_float
 from .tensors import Model, clip_by_global_norm
 
 
@@ -37,14 +38,14 @@ class Wrapper(Strategy):
         self.total += 1
         self.recent += 1
 
-    def add(self, update: Update, version: int) -> bool:
-        return self.inner.add(update, version)
+    def offer(self, update: Update, version: int) -> Admission:
+        return self.inner.offer(update, version)
 
-    def aggregate(self, model: Model, version: int) -> tuple[Model, dict[str, Any]]:
-        new, metrics = self.inner.aggregate(model, version)
-        metrics = {**metrics, self.counter: self.recent}
+    def fold(self, model: Model, version: int) -> Folded:
+        folded = self.inner.fold(model, version)
+        metrics = {**folded.metrics, self.counter: self.recent}
         self.recent = 0
-        return new, metrics
+        return dataclasses.replace(folded, metrics=metrics)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params(), self.counter: self.total,
@@ -74,11 +75,12 @@ class StalenessCap(Wrapper):
             raise ValueError(f"max_staleness: expected an integer >= 0, got {max_staleness!r}")
         self.max_staleness = max_staleness
 
-    def add(self, update: Update, version: int) -> bool:
-        if version - update.base_version > self.max_staleness:
+    def offer(self, update: Update, version: int) -> Admission:
+        staleness = version - update.base_version
+        if staleness > self.max_staleness:
             self._count()
-            return False
-        return self.inner.add(update, version)
+            return Admission(False, False, (Drop(update, "stale", f"staleness {staleness} > {self.max_staleness}"),))
+        return self.inner.offer(update, version)
 
 
 class NormClip(Wrapper):
@@ -91,9 +93,9 @@ class NormClip(Wrapper):
         super().__init__(inner)
         self.max_norm = positive_float("max_norm", max_norm)
 
-    def add(self, update: Update, version: int) -> bool:
+    def offer(self, update: Update, version: int) -> Admission:
         delta, factor = clip_by_global_norm(update.delta, self.max_norm)
         if factor < 1.0:
             self._count()
             update = dataclasses.replace(update, delta=delta)
-        return self.inner.add(update, version)
+        return self.inner.offer(update, version)
