@@ -31,7 +31,7 @@ from models import registry
 from models.local import delta_spec, state_arrays
 from tests.helpers.tiny_cifar import tiny_cifar10
 from worker_py.client import BlobCache, Client, NoWork, backoff_delays, parse_retry_after
-from worker_py.main import prefetch_due
+from worker_py.unit import prefetch_due
 
 ROOT = Path(__file__).resolve().parents[1]
 HAND_BACK = "returned: worker stopping"

@@ -41,9 +41,6 @@ PLAIN_EVERY = 10.0        # seconds between progress lines when stderr is not a 
 DRAW_EVERY = 0.2          # seconds between redraws of the terminal status line
 HAND_BACK_SECONDS = 5.0   # how long a stopping worker tries to reach the coordinator, per unit
 JOIN_SECONDS = 5.0        # how long shutdown waits for the prefetch thread
-PREFETCH_MARGIN = 2.0     # ask for the next unit when the current one has about this many times the
-                          # last fetch's duration left: late, so its base model is fresh (an early
-                          # ask adds staleness), early enough that its blobs arrive in time
 MIN_POLL = 0.05           # shortest wait between two units/next polls, seconds
 DROP_CODES = ("lease_expired", "too_stale", "unknown_unit", "lease_invalid", "norm_bound", "too_large")
 UPGRADE = "the coordinator speaks another protocol version; upgrade the worker"
@@ -236,7 +233,7 @@ class Prefetcher(threading.Thread):
         return item.unit if isinstance(item, Prepared) else None
 
     def run(self) -> None:
-        from worker_py.runner import describe
+        from worker_py.unit import describe
 
         try:
             self._loop()
@@ -311,20 +308,6 @@ def _invalid_result(d: dict, e: ContractError, worker_id: str) -> UnitResult | N
 
 
 # ----------------------------------------------------------------------------- the loop
-def prefetch_due(step: int, total: int, elapsed: float, fetch_seconds: float) -> bool:
-    """Ask for the next unit as step ``step`` of ``total`` starts, ``elapsed`` seconds into the unit?
-
-    Yes at the last step, or when the steps left will take at most ``PREFETCH_MARGIN`` times
-    as long as the last fetch did; an earlier ask only makes the next unit's base older.
-    """
-    if step >= total:
-        return True
-    if step <= 1:
-        return False
-    left = (total - step + 1) * elapsed / (step - 1)
-    return left <= PREFETCH_MARGIN * fetch_seconds
-
-
 class Worker:
     """Takes units, computes, submits, reacts to the answers; ``run()`` gives the exit status."""
 
@@ -397,6 +380,8 @@ class Worker:
 
     def _on_step(self, unit_id: str, step: int, total: int) -> None:
         """Called as step ``step`` of ``total`` starts: maybe time to ask for the next unit."""
+        from worker_py.unit import prefetch_due
+
         self.progress.step(unit_id, step, total)
         now = time.monotonic()
         if step == 1:
@@ -452,7 +437,7 @@ class Worker:
 
     def _hand_back(self, unit: WorkUnit, why: str) -> None:
         """Give a leased unit back: a result with ``error="returned: worker stopping"``."""
-        from worker_py.runner import HAND_BACK, failed_result
+        from worker_py.unit import HAND_BACK, failed_result
 
         result = failed_result(unit, self.request.worker_id, HAND_BACK)
         try:

@@ -3,9 +3,9 @@
 ``prepare`` runs in the prefetch thread: it fetches the base model blob and the data shards
 through the client's verified cache and keeps the decoded arrays in memory (the latest model
 versions, and shards up to a byte budget), so each blob is downloaded and decoded once.
-``compute`` runs ``models.local.run_local`` (the one shared computation of a unit), encodes
-the delta with the unit's codec and returns the ``UnitResult``. A unit that fails for any
-reason becomes a result with ``error`` set and an empty delta; ``Cancelled`` (the worker is
+``compute`` runs ``worker_py.unit.run_unit`` (the one shared computation of a unit) on a
+cached model with a per-step hook (progress, the stop check). A unit that fails for any
+reason becomes ``failed_result`` (``error`` set, empty delta); ``Cancelled`` (the worker is
 stopping and the grace period is over) is the only exception that leaves ``compute``.
 """
 from __future__ import annotations
@@ -19,15 +19,13 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
-from contract.codecs import decode_delta, encode_delta, get_codec
+from contract.codecs import decode_delta
 from contract.shards import decode_shard
-from contract.units import MAX_ERROR_CHARS, UnitResult, WorkUnit
+from contract.units import UnitResult, WorkUnit
 from models import registry
-from models.local import run_local
-from models.recipe import Recipe
 from worker_py.client import Client, Stopped
+from worker_py.unit import describe, failed_result, run_unit
 
-HAND_BACK = "returned: worker stopping"   # error text of a unit handed back unstarted or unfinished
 MODEL_VERSIONS_KEPT = 2                    # decoded base models kept in memory (and on disk)
 SHARD_BYTES_KEPT = 1 << 30                 # decoded shards kept in memory, bytes
 MODELS_KEPT = 2                            # built torch modules kept for reuse
@@ -48,20 +46,6 @@ class Prepared:
     y: np.ndarray | None = None   # int64 [n]
     error: str | None = None
     stopped: bool = False
-
-
-def describe(e: BaseException) -> str:
-    """One line naming an exception, short enough for ``UnitResult.error``."""
-    text = " ".join(str(e).split()) or "(no message)"
-    return f"{type(e).__name__}: {text}"[:MAX_ERROR_CHARS]
-
-
-def failed_result(unit: WorkUnit, worker_id: str, error: str, seconds: float = 0.0) -> UnitResult:
-    """The result of a unit that failed or is handed back: ``error`` set, empty delta."""
-    return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker_id,
-                      base_version=unit.model_version, delta=b"", loss_before=0.0, loss_after=0.0,
-                      num_samples=0, compute_seconds=max(0.0, seconds),
-                      error=(error or "failed")[:MAX_ERROR_CHARS])
 
 
 class Runner:
@@ -165,19 +149,11 @@ class Runner:
             return failed_result(unit, self.worker_id, prepared.error)
         try:
             model = self._model(unit.model)
-            recipe = Recipe(batch_size=unit.batch_size, **{k: v for k, v in unit.hyper.items() if k != "lr"})
             self._hook, self._step = (should_stop, on_step, unit.local_steps), 0
-            try:
-                res = run_local(unit.model, prepared.base, prepared.x, prepared.y, recipe, unit.local_steps,
-                                unit.hyper["lr"], unit.seed, model=model)
-            finally:
-                self._hook = None
-            delta = encode_delta(get_codec(unit.codec), res.delta)
-            return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=self.worker_id,
-                              base_version=unit.model_version, delta=delta, loss_before=res.loss_before,
-                              loss_after=res.loss_after, num_samples=res.num_samples,
-                              compute_seconds=res.seconds)
+            return run_unit(unit, prepared.base, prepared.x, prepared.y, self.worker_id, model=model)
         except Cancelled:
             raise
         except Exception as e:   # any failure of this unit is reported, and the worker carries on
             return failed_result(unit, self.worker_id, describe(e), time.perf_counter() - t0)
+        finally:
+            self._hook = None

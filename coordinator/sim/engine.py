@@ -28,20 +28,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from contract.codecs import decode_delta, encode_delta, get_codec
+from contract.codecs import decode_delta
 from contract.shards import decode_shard
-from contract.units import UnitRequest, UnitResult, WorkUnit, pack_result
+from contract.units import UnitRequest, WorkUnit, pack_result
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job, Rejection
 from coordinator.sim.scenario import Scenario, StrategySpec
 from models import registry
 from models.data import Cifar10
-from models.local import run_local
-from models.recipe import Recipe
-from worker_py.main import prefetch_due
+from worker_py.unit import failed_result, prefetch_due, run_unit
 
 RETRY_S = 5.0                      # "nothing to do now": ask again after this (the coordinator's Retry-After)
-HAND_BACK = "returned: worker leaving"
+HAND_BACK = "returned: worker leaving"   # error text of a unit a leaving worker hands back
 
 
 class SimClock:
@@ -215,19 +213,13 @@ class Simulation:
 
     def on_computed(self, t: float, w: Worker) -> None:
         unit = w.unit
-        hyper = dict(unit.hyper)
-        lr = hyper.pop("lr")
         xs, ys = zip(*(self._shard(s) for s in unit.shard_ids))
         if self.model is None:
             self.model = registry.build(unit.model)
-        out = run_local(unit.model, decode_delta(w.base), np.concatenate(xs), np.concatenate(ys),
-                        Recipe(batch_size=unit.batch_size, **hyper), unit.local_steps, lr, unit.seed, model=self.model)
-        self.samples_computed += out.num_samples
-        body = pack_result(UnitResult(
-            unit_id=unit.unit_id, lease=unit.lease, worker_id=w.wid, base_version=unit.model_version,
-            delta=encode_delta(get_codec(unit.codec), out.delta), loss_before=out.loss_before,
-            loss_after=out.loss_after, num_samples=out.num_samples,
-            compute_seconds=t - self.units[unit.unit_id]["issued_s"]))
+        result = run_unit(unit, decode_delta(w.base), np.concatenate(xs), np.concatenate(ys), w.wid, model=self.model,
+                          compute_seconds=t - self.units[unit.unit_id]["issued_s"])
+        self.samples_computed += result.num_samples
+        body = pack_result(result)
         self.push(t + self.transfer(w, len(body)), "submit", w, body)
 
     def _shard(self, blob: str) -> tuple[np.ndarray, np.ndarray]:
@@ -253,9 +245,7 @@ class Simulation:
             self.ask(w, answered)
 
     async def on_hand_back(self, t: float, w: Worker, unit: WorkUnit) -> None:
-        body = pack_result(UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=w.wid,
-                                      base_version=unit.model_version, delta=b"", loss_before=0.0, loss_after=0.0,
-                                      num_samples=0, compute_seconds=0.0, error=HAND_BACK))
+        body = pack_result(failed_result(unit, w.wid, HAND_BACK))
         try:
             await self.job.submit(unit.unit_id, body)
             self.units[unit.unit_id]["fate"] = "handed back"

@@ -1,7 +1,7 @@
 """A test worker driven by a ``Fault``: computes a unit honestly, then breaks the result on purpose.
 
-Faults come from here, never from copies of production code: the honest path is the real
-``models.local.run_local`` and the real contract encoders.
+Faults come from here, never from copies of production code: the honest path is the
+worker's own ``worker_py.unit.run_unit``, and the faults are hooks on its result (``body``).
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import numpy as np
 from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.shards import decode_shard
 from contract.units import UnitResult, WorkUnit, pack_result
-from models.local import run_local
-from models.recipe import Recipe
+from worker_py.unit import run_unit
 
 
 class Fault(enum.Enum):
@@ -34,13 +33,7 @@ def compute(unit: WorkUnit, fetch: Callable[[str], bytes], worker_id: str) -> Un
     """The honest result of ``unit``; ``fetch(blob_id)`` returns a blob's bytes."""
     base = decode_delta(fetch(unit.model_version))
     xs, ys = zip(*(decode_shard(fetch(s)) for s in unit.shard_ids))
-    hyper = dict(unit.hyper)
-    lr = hyper.pop("lr")
-    out = run_local(unit.model, base, np.concatenate(xs), np.concatenate(ys),
-                    Recipe(batch_size=unit.batch_size, **hyper), unit.local_steps, lr, unit.seed)
-    return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker_id, base_version=unit.model_version,
-                      delta=encode_delta(get_codec(unit.codec), out.delta), loss_before=out.loss_before,
-                      loss_after=out.loss_after, num_samples=out.num_samples, compute_seconds=out.seconds)
+    return run_unit(unit, base, np.concatenate(xs), np.concatenate(ys), worker_id)
 
 
 def body(result: UnitResult, fault: Fault = Fault.NONE) -> bytes:
