@@ -19,7 +19,8 @@ from contract.errors import ContractError
 from contract.units import UnitRequest, is_blob_id
 from coordinator import metrics
 from coordinator.config import CoordinatorConfig
-from coordinator.job import Job, Rejection
+from coordinator.intake import Rejection
+from coordinator.job import Job
 from coordinator.keys import ASSETS, CONFIG, EVALS, JOB, STEPS, WARM
 from coordinator.steps import StepGraphs, StepUnavailable
 from coordinator.web import ISOLATION, Assets
@@ -133,13 +134,13 @@ async def submit_result(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------------------- visibility
 async def status(request: web.Request) -> web.Response:
-    body = request.app[JOB].status()
+    body = request.app[JOB].status().to_json()
     body["donate_url"] = str(request.url.origin()) + "/"
     return web.json_response(body)
 
 
 async def prometheus(request: web.Request) -> web.Response:
-    text = metrics.render(request.app[JOB].status())
+    text = metrics.render(request.app[JOB].status().to_json())
     return web.Response(text=text, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
@@ -168,6 +169,19 @@ async def expire_loop(app: web.Application) -> None:
             log.exception("lease expiry failed")
 
 
+async def aggregate_loop(app: web.Application) -> None:
+    """The one place updates are folded in: woken by each accepted result, off the request path."""
+    job = app[JOB]
+    while True:
+        await job.work.wait()
+        job.work.clear()
+        try:
+            await job.settle()
+        except Exception:
+            log.exception("aggregation failed")
+            await asyncio.sleep(EXPIRE_EVERY_S)
+
+
 async def eval_loop(app: web.Application) -> None:
     """Evaluate the newest version every ``eval_every_s`` when it changed (off the request path)."""
     job, seen = app[JOB], app[EVALS]
@@ -191,7 +205,8 @@ async def job_ctx(app: web.Application):
     if job.store is None:
         await asyncio.to_thread(job.open)
     app[STEPS] = StepGraphs(job, default_cache_dir() / "steps")
-    tasks = [asyncio.create_task(expire_loop(app)), asyncio.create_task(eval_loop(app))]
+    tasks = [asyncio.create_task(loop(app)) for loop in (expire_loop, aggregate_loop, eval_loop)]
+    job.work.set()   # fold whatever the replay left due
     if app[WARM]:   # the first tab should not wait for the export and the compression
         app[STEPS].manifest(job.recipe.batch_size)
         tasks.append(asyncio.create_task(asyncio.to_thread(app[ASSETS].prepare)))

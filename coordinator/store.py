@@ -9,9 +9,12 @@ Invariants that make ``kill -9`` safe:
 - An accepted result is one row in the append-only ``results`` table, written (with its delta
   blob already on disk) before the worker is answered. ``unit_id`` is unique, so a replayed
   submission is recognised and never applied twice.
-- A new model version, the results it folds in (``applied_step``), and the strategy's state
-  are committed in one transaction: after a crash either all of it happened or none did,
-  and results still unapplied are replayed into the strategy's buffer on start.
+- A new model version, the results it folds in (``applied_step``), the results the strategy
+  dropped at that aggregation (``dropped``, with the reason) and the strategy's state are
+  committed in one transaction: after a crash either all of it happened or none did, and
+  results neither applied nor dropped are replayed into the strategy's buffer on start.
+- Each result's fate is written as the aggregator states it (applied to version N, or
+  dropped with a reason), never inferred from counters.
 """
 from __future__ import annotations
 
@@ -32,13 +35,14 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS units (
     unit_id TEXT PRIMARY KEY, worker_id TEXT NOT NULL, shard_ids TEXT NOT NULL, base_step INTEGER NOT NULL,
     lr REAL NOT NULL, seed INTEGER NOT NULL, issued REAL NOT NULL, deadline REAL NOT NULL,
-    samples INTEGER NOT NULL, status TEXT NOT NULL, finished REAL);
+    samples INTEGER NOT NULL, status TEXT NOT NULL, finished REAL, wire TEXT);
 CREATE INDEX IF NOT EXISTS units_status ON units (status, deadline);
 CREATE TABLE IF NOT EXISTS results (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, unit_id TEXT NOT NULL UNIQUE, worker_id TEXT NOT NULL,
     base_step INTEGER NOT NULL, staleness INTEGER NOT NULL, num_samples INTEGER NOT NULL,
     loss_before REAL, loss_after REAL, compute_seconds REAL, delta_blob TEXT NOT NULL,
     accepted REAL NOT NULL, applied_step INTEGER, dropped TEXT);
+CREATE INDEX IF NOT EXISTS results_blob ON results (delta_blob);
 CREATE TABLE IF NOT EXISTS evals (
     step INTEGER NOT NULL, samples INTEGER NOT NULL, seconds REAL NOT NULL,
     test_acc REAL NOT NULL, test_loss REAL, at REAL NOT NULL);  -- test_loss NULL: not finite (diverged)
@@ -66,6 +70,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(units)")}
+        if "wire" not in columns:   # a state directory from before units kept their wire form
+            self.db.execute("ALTER TABLE units ADD COLUMN wire TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -120,13 +127,17 @@ class Store:
                               (step,)).fetchone()
         return Version(*row) if row else None
 
-    def commit_version(self, version: Version, applied_seqs: list[int], strategy_state: dict | None) -> None:
-        """Record a new model version, the results folded into it and the strategy's state at once."""
+    def commit_version(self, version: Version | None, applied_seqs: list[int], strategy_state: dict | None,
+                       dropped: list[tuple[int, str]] = ()) -> None:
+        """Record at once a new model version (None: no new version), the results folded into it,
+        the results dropped (``(seq, reason)``) and the strategy's state."""
         with self.transaction():
-            self.db.execute("INSERT INTO versions (step, blob, samples, updates, created) VALUES (?, ?, ?, ?, ?)",
-                            (version.step, version.blob, version.samples, version.updates, version.created))
-            self.db.executemany("UPDATE results SET applied_step = ? WHERE seq = ?",
-                                [(version.step, s) for s in applied_seqs])
+            if version is not None:
+                self.db.execute("INSERT INTO versions (step, blob, samples, updates, created) VALUES (?, ?, ?, ?, ?)",
+                                (version.step, version.blob, version.samples, version.updates, version.created))
+                self.db.executemany("UPDATE results SET applied_step = ? WHERE seq = ?",
+                                    [(version.step, s) for s in applied_seqs])
+            self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?", [(why, s) for s, why in dropped])
             if strategy_state is not None:
                 self.set_meta("strategy_state", strategy_state)
 
@@ -140,13 +151,16 @@ class Store:
 
     # ------------------------------------------------------------------ units and leases
     def insert_unit(self, unit_id: str, worker_id: str, shard_ids: list[str], base_step: int, lr: float,
-                    seed: int, deadline: float, samples: int, issued: float | None = None) -> None:
+                    seed: int, deadline: float, samples: int, issued: float | None = None,
+                    wire: str | None = None) -> None:
+        """A leased unit; ``wire`` is its JSON as sent, so a result can be checked against it."""
         self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
-                        "samples, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased')",
+                        "samples, status, wire) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?)",
                         (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
-                         self.clock() if issued is None else issued, deadline, samples))
+                         self.clock() if issued is None else issued, deadline, samples, wire))
 
     def unit(self, unit_id: str) -> dict | None:
+        """The unit's row (``shard_ids`` as a list, ``wire`` as sent or None)."""
         cur = self.db.execute("SELECT * FROM units WHERE unit_id = ?", (unit_id,))
         row = cur.fetchone()
         if row is None:
@@ -206,8 +220,29 @@ class Store:
             self.db.execute("UPDATE units SET status = 'done', finished = ? WHERE unit_id = ?", (self.clock(), unit_id))
             return int(cur.lastrowid)
 
-    def mark_dropped(self, seq: int, why: str) -> None:
-        self.db.execute("UPDATE results SET dropped = ? WHERE seq = ?", (why, seq))
+    def mark_dropped(self, dropped: list[tuple[int, str]]) -> None:
+        """Results the strategy dropped on arrival: ``(seq, reason)``."""
+        self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?", [(why, s) for s, why in dropped])
+
+    def blob_pending(self, blob_id: str) -> bool:
+        """Whether a result neither applied nor dropped still needs this delta blob (replay)."""
+        return self.db.execute("SELECT 1 FROM results WHERE delta_blob = ? AND applied_step IS NULL "
+                               "AND dropped IS NULL LIMIT 1", (blob_id,)).fetchone() is not None
+
+    def dropped_counts(self) -> dict[str, int]:
+        """Dropped results by reason."""
+        return dict(self.db.execute("SELECT dropped, COUNT(*) FROM results WHERE dropped IS NOT NULL "
+                                    "GROUP BY dropped").fetchall())
+
+    def results(self) -> list[dict]:
+        """Every accepted result's record and fate, in acceptance order (reports, the simulator)."""
+        cur = self.db.execute("SELECT seq, unit_id, worker_id, base_step, staleness, num_samples, accepted, "
+                              "applied_step, dropped FROM results ORDER BY seq")
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def unit_statuses(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT unit_id, status FROM units").fetchall())
 
     def result_for_unit(self, unit_id: str) -> dict | None:
         cur = self.db.execute("SELECT * FROM results WHERE unit_id = ?", (unit_id,))
@@ -237,6 +272,11 @@ class Store:
     def add_eval(self, step: int, samples: int, seconds: float, test_acc: float, test_loss: float) -> None:
         self.db.execute("INSERT INTO evals (step, samples, seconds, test_acc, test_loss, at) VALUES (?, ?, ?, ?, ?, ?)",
                         (step, samples, seconds, test_acc, test_loss, self.clock()))
+
+    def best_eval_step(self) -> int | None:
+        """The evaluated version with the highest test accuracy (the latest of ties)."""
+        row = self.db.execute("SELECT step FROM evals ORDER BY test_acc DESC, step DESC LIMIT 1").fetchone()
+        return row[0] if row else None
 
     def evals(self) -> list[dict]:
         cur = self.db.execute("SELECT step, samples, seconds, test_acc, test_loss FROM evals ORDER BY at, rowid")

@@ -194,6 +194,7 @@ async def run_units(client, job, n, workers=("w1", "w2")):
         status, got = await submit(client, unit, body(compute(unit, await fetch_all(unit), worker)))
         assert status == 200 and got["accepted"], got
         queue.append((worker, await take_unit(client, worker)))
+    await job.settle()   # folding runs in the app's aggregation task; make sure it has caught up
 
 
 @pytest.mark.parametrize("strategy", DENSE_STRATEGIES)

@@ -1,0 +1,112 @@
+"""The unit factory: what to hand out next, to whom, for how long, at which learning rate.
+
+It owns the shard queue, the lease deadlines, the sample budget, the learning-rate schedule
+(driven by the samples committed so far), unit ids and seeds, and the signed lease; it turns
+a worker's request into a ``WorkUnit`` and records it in the store. It knows nothing of
+results or aggregation: the job tells it the current version and what is committed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import secrets
+from dataclasses import dataclass
+
+from contract.codecs import CODEC_IDS
+from contract.units import WorkUnit
+from coordinator import leases
+from coordinator.config import CoordinatorConfig
+from coordinator.scheduler import Deadlines, ShardQueue
+from coordinator.store import Store
+from models.recipe import Recipe
+from models.train import lr_at
+
+HYPER_KEYS = ("momentum", "nesterov", "weight_decay", "label_smoothing", "loss", "focal_gamma", "crop_pad", "flip")
+
+
+@dataclass(frozen=True)
+class Base:
+    """The model version units are cut from now: its step and blob id."""
+
+    step: int
+    blob: str
+
+
+class UnitFactory:
+    def __init__(self, config: CoordinatorConfig, recipe: Recipe, store: Store, key: bytes,
+                 shard_sizes: dict[str, int], budget: int, clock, rng: random.Random | None = None,
+                 hyper_overrides: dict | None = None):
+        """``rng`` (unit ids and seeds; default ``secrets``) is injected by the simulator.
+        ``hyper_overrides`` replace recipe values in every unit (e.g. local momentum 0 when the
+        strategy supplies momentum on the server)."""
+        self.config, self.recipe, self.store, self.key = config, recipe, store, key
+        self.shard_sizes, self.budget, self.clock, self.rng = shard_sizes, budget, clock, rng
+        self.hyper = {**{k: getattr(recipe, k) for k in HYPER_KEYS}, **(hyper_overrides or {})}
+        q = store.get_meta("queue", {"epoch": 0, "position": 0, "retry": []})
+        self.queue = ShardQueue(list(shard_sizes), config.shards_per_unit, config.seed, q["epoch"], q["position"])
+        self.queue.requeue(q["retry"])
+        self.deadlines = Deadlines(config.lease_min_s, config.lease_max_s, config.lease_factor, config.lease_first_s)
+
+    # ------------------------------------------------------------------ handing out
+    def codec_for(self, offered: tuple[str, ...]) -> str | None:
+        wanted = self.config.codec
+        if wanted.split(":")[0] in offered:
+            return wanted
+        return next((c for c in CODEC_IDS if c in offered), None)
+
+    def committed(self, applied: int) -> int:
+        """Samples applied, accepted and waiting to be folded, or out on a lease."""
+        return applied + self.store.pending_samples() + self.store.leased_samples()
+
+    def make(self, worker_id: str, codec: str, base: Base, applied: int) -> WorkUnit | None:
+        """A fresh unit for ``worker_id`` cut from ``base``, or None when the budget is committed."""
+        committed = self.committed(applied)
+        if committed >= self.budget:
+            return None
+        now = self.clock()
+        shards = self.queue.take(set(self.store.leased_shards()))
+        n = sum(self.shard_sizes[s] for s in shards)
+        batch = min(self.recipe.batch_size, n)
+        steps = self.config.local_steps or max(1, math.ceil(n / batch))
+        lr = lr_at(committed / self.budget, self.recipe)
+        if lr <= 0:
+            lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
+        if self.rng is None:
+            unit_id, seed = secrets.token_hex(8), secrets.randbelow(2**31)
+        else:
+            unit_id, seed = f"{self.rng.getrandbits(64):016x}", self.rng.randrange(2**31)
+        deadline = round(now + self.deadlines.lease_seconds(worker_id, steps * batch), 3)
+        lease = leases.sign(self.key, self.config.job, unit_id, worker_id, base.step, deadline)
+        unit = WorkUnit(job=self.config.job, unit_id=unit_id, model=self.config.model, model_version=base.blob,
+                        base_step=base.step, shard_ids=shards, local_steps=steps, batch_size=batch,
+                        hyper={"lr": lr, **self.hyper}, seed=seed, codec=codec, lease=lease, deadline=deadline)
+        self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
+                               wire=json.dumps(unit.to_json()))
+        self.store.set_meta("queue", self.queue.state())
+        return unit
+
+    # ------------------------------------------------------------------ units that will not come back
+    def give_up(self, unit: dict, status: str) -> None:
+        """``unit`` (a store row) will not be used: its shards go back in line (once)."""
+        if unit["status"] == "leased":
+            self.queue.requeue(unit["shard_ids"])
+            self.store.set_meta("queue", self.queue.state())
+        self.store.set_unit_status(unit["unit_id"], status, only_if=None)
+
+    def expire(self) -> int:
+        """Leases past their deadline: their shards go to the front of the queue."""
+        expired = self.store.expire_leases(self.clock())
+        for row in expired:
+            self.queue.requeue(row["shard_ids"])
+        if expired:
+            self.store.set_meta("queue", self.queue.state())
+        return len(expired)
+
+    def retrying(self) -> set[str]:
+        """Shards of units that will not come back, waiting to be handed out again first."""
+        return set(self.queue.retry)
+
+    def observe(self, worker_id: str, wall_s: float, samples: int) -> None:
+        """A finished unit's wall time (issue to result) tunes that worker's next leases."""
+        self.deadlines.observe(worker_id, wall_s, samples)

@@ -1,0 +1,139 @@
+"""The intake: checks a submitted result at the boundary and turns it into an accepted update.
+
+Every check a result must pass before anything reaches the strategy, in one place and in
+this order: the body parses (``contract.units.unpack_result``); it names a unit this
+coordinator issued; it answers that unit (``contract.units.check_result``: same id and
+lease, trained from the unit's base, no more samples than the unit holds) under the worker
+the lease was signed for; it is not a duplicate; the lease has not ended; the delta decodes
+against the model's spec; its norm and staleness are within the configured policy. A
+refusal is a ``Rejection`` (code, HTTP status, field, message, and what becomes of the unit);
+a worker's report that the unit failed is a ``Failure``; a result that passes is ``Accepted``.
+Nothing here writes to the store.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from contract.codecs import decode_delta, delta_norm
+from contract.errors import ContractError
+from contract.units import UnitResult, WorkUnit, check_result, staleness, unpack_result
+from coordinator import leases
+from coordinator.config import CoordinatorConfig
+from coordinator.store import Store
+from models.local import is_running_stat
+
+
+class Rejection(Exception):
+    """A refused request: an error code and HTTP status from docs/protocol.md, and the field.
+    ``give_up``: the unit's new status when the refusal also ends the unit (its shards go back)."""
+
+    def __init__(self, code: str, status: int, message: str, field: str = "", give_up: str | None = None):
+        super().__init__(message)
+        self.code, self.status, self.message, self.field, self.give_up = code, status, message, field, give_up
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "field": self.field, "message": self.message}}
+
+
+def contract_rejection(e: ContractError) -> Rejection:
+    code = e.code if e.code in ("invalid", "unsupported_protocol") else "invalid"
+    return Rejection(code, 400, e.message, e.field)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The worker reports that it could not compute the unit (or hands it back)."""
+
+    unit: dict
+    result: UnitResult
+
+    @property
+    def status(self) -> str:
+        return "returned" if self.result.error.startswith("returned") else "failed"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A result that passed every check: the unit's row, the result, its decoded delta."""
+
+    unit: dict
+    result: UnitResult
+    delta: dict[str, np.ndarray]
+    staleness: int
+    late: bool
+    norm: float
+
+
+class Intake:
+    def __init__(self, config: CoordinatorConfig, store: Store, key: bytes, spec: dict, clock):
+        self.config, self.store, self.key, self.spec, self.clock = config, store, key, spec, clock
+
+    def parse(self, unit_id: str, body: bytes) -> tuple[dict, UnitResult] | Failure:
+        """The cheap checks (no delta decoding): the unit, the lease, duplicates, a failure report."""
+        try:
+            result = unpack_result(body)
+        except ContractError as e:
+            raise contract_rejection(e) from e
+        if result.unit_id != unit_id:
+            raise Rejection("invalid", 400, f"result.unit_id: expected {unit_id!r} (the URL's), got "
+                            f"{result.unit_id!r}", "result.unit_id")
+        unit = self.store.unit(unit_id)
+        if unit is None:
+            raise Rejection("unknown_unit", 404, f"no unit {unit_id!r} was issued by this coordinator",
+                            "result.unit_id")
+        if unit["wire"] is None:
+            raise Rejection("lease_expired", 410, f"unit {unit_id!r} was issued by an earlier coordinator version; "
+                            "take a new unit", "result.lease")
+        issued = WorkUnit.from_json(json.loads(unit["wire"]))
+        if result.worker_id != unit["worker_id"] or not leases.verify(
+                self.key, result.lease, self.config.job, unit_id, unit["worker_id"], unit["base_step"],
+                unit["deadline"]):
+            raise Rejection("lease_invalid", 403, "result.lease: expected the lease issued for this unit to this "
+                            "worker", "result.lease")
+        try:
+            check_result(issued, result)
+        except ContractError as e:
+            raise contract_rejection(e) from e
+        if self.store.result_for_unit(unit_id) is not None or unit["status"] == "done":
+            raise Rejection("duplicate", 409, f"a result for unit {unit_id!r} was already accepted",
+                            "result.unit_id")
+        if result.error is not None:
+            return Failure(unit, result)
+        return unit, result
+
+    def accept(self, unit: dict, result: UnitResult, current_step: int) -> Accepted:
+        """The remaining checks, given the unit's row: lease time, samples, the delta, norm, staleness.
+        Decoding runs here: call it in a thread for large models."""
+        now = self.clock()
+        late = unit["status"] != "leased" or now > unit["deadline"]
+        if unit["status"] in ("failed", "returned", "stale") or (late and self.config.late_results == "drop"):
+            raise Rejection("lease_expired", 410, f"unit {unit['unit_id']!r}: the lease ended before the result "
+                            "arrived", "result.lease", give_up="expired")
+        if result.num_samples < 1:
+            raise Rejection("invalid", 400, f"result.num_samples: expected 1..{unit['samples']}, got "
+                            f"{result.num_samples}", "result.num_samples")
+        try:
+            delta = decode_delta(result.delta, self.spec)
+        except ContractError as e:
+            raise contract_rejection(e) from e
+        norm = delta_norm(delta)
+        cfg = self.config
+        if norm > cfg.max_delta_norm and cfg.on_large_norm == "refuse":
+            raise Rejection("norm_bound", 422, f"delta: expected a global L2 norm <= {cfg.max_delta_norm:g}, "
+                            f"got {norm:.4g}", "delta")
+        stale = staleness(unit["base_step"], current_step)
+        if cfg.max_staleness is not None and stale > cfg.max_staleness and cfg.on_stale == "refuse":
+            raise Rejection("too_stale", 409, f"staleness: expected <= {cfg.max_staleness}, got {stale}",
+                            "result.base_version", give_up="stale")
+        if stale and any(is_running_stat(n) for n in delta) and not self._kept(unit["base_step"]):
+            raise Rejection("too_stale", 409, f"staleness: base version {unit['base_step']} is no longer kept",
+                            "result.base_version", give_up="stale")
+        return Accepted(unit, result, delta, stale, late, norm)
+
+    def _kept(self, step: int) -> bool:
+        """Running statistics in a stale delta are rebased on its base version: is it still on disk?"""
+        version = self.store.version(step)
+        return version is not None and self.store.blob_path(version.blob) is not None
