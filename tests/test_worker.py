@@ -340,7 +340,7 @@ def test_unsupported_protocol_on_submit_exits_nonzero(blobs, tmp_path):
 
 
 def test_worker_never_imports_the_coordinator():
-    code = ("import worker_py.main, worker_py.runner, worker_py.client, sys; "
+    code = ("import worker_py.main, worker_py.loop, worker_py.runner, worker_py.client, sys; "
             "bad = [m for m in sys.modules if m == 'coordinator' or m.startswith('coordinator.')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
