@@ -292,6 +292,10 @@ def run(args: argparse.Namespace) -> int:
     if last and "test_acc" in last:
         print(f"{args.model}: test accuracy {100 * last['test_acc']:.2f}% after {last['epoch']} epoch(s); "
               f"wrote {out}/metrics.jsonl, model.pt, curves.png")
+    model_pt = out / "model.pt"
+    data = f" --data {args.data}" if args.data else ""
+    print(f"model: {model_pt} (crowdtrain eval --model {model_pt}{data} / "
+          f"crowdtrain export --model {model_pt} --format onnx)")
     if result.interrupted:
         print(f"interrupted: kept {len(result.rows)} finished epoch(s) in {out}", file=sys.stderr)
         return 130
