@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "run": ("coordinator.run", "the main job: a coordinator on CIFAR-10 plus local workers (prints the URL)"),
     "worker": ("worker_py.main", "run a headless worker that computes work units for a coordinator"),
     "sim": ("coordinator.sim.main", "simulate volunteer workers with churn on a simulated clock, compare strategies"),
+    "export": ("coordinator.model_out", "take a model version out of a coordinator's state as .onnx or .pt"),
+    "eval": ("models.export", "test accuracy of a .pt or .onnx model on the CIFAR-10 test split"),
 }
 
 

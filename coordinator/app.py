@@ -22,6 +22,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.intake import Rejection
 from coordinator.job import Job
 from coordinator.keys import ASSETS, CONFIG, EVALS, JOB, STEPS, WARM
+from coordinator.model_out import get_model
 from coordinator.steps import StepGraphs, StepUnavailable
 from coordinator.web import ISOLATION, Assets
 from models.data import default_cache_dir
@@ -234,6 +235,7 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app.router.add_get("/dashboard", dashboard)
     app.router.add_static("/dashboard/", DASHBOARD)
     app.router.add_get("/api/v1/steps/{model}/{batch}", step_manifest)
+    app.router.add_get("/api/v1/model", get_model)
     app.router.add_get("/", index)
     app.router.add_get("/static/{version}/{path:.+}", static)
     return app
