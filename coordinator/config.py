@@ -1,74 +1,347 @@
-"""The coordinator's configuration: one dataclass that checks itself.
+"""The coordinator's configuration: one dataclass that checks itself, and its flags.
 
-Defaults are the embedded defaults of the main job; every field has a ``crowdtrain
-coordinator`` flag of the same name. Unset model-dependent fields (batch size, learning
-rate, epochs) come from the model's registered recipe.
+Each field states its default, help, bounds or choices, group and flag once, in its
+metadata (``option(...)``). ``__post_init__`` checks values against it;
+``add_config_arguments`` / ``config_from_args`` make the ``crowdtrain coordinator`` (and
+``crowdtrain run``) flags from it; the simulator's scenario schema takes its
+``[coordinator]`` keys and the checks of its ``[model]`` keys from it. Unset model-dependent
+fields (batch size, learning rate, epochs) come from the model's registered recipe.
+
+One policy per concern: a result staler than ``max_staleness`` is refused or dropped
+(``on_stale``); a delta above ``max_delta_norm`` is refused or clipped (``on_large_norm``).
+The strategy wrappers' own ``max_staleness`` / ``max_norm`` parameters are therefore not
+accepted in ``strategy_params``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass, field
+import math
+import os
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_STRATEGY = {"dense": "async_sgd", "supermask": "supermask_max"}
 # Parameters used with the default strategy when none are given: Downpour-style async SGD,
 # each delta damped by (1 + staleness)^-0.5 (after staleness-aware async SGD, Zhang et al. 2016).
 DEFAULT_STRATEGY_PARAMS = {"async_sgd": {"staleness": "polynomial"}}
 LATE_POLICIES = ("use", "drop")
+STALE_POLICIES = ("refuse", "drop")
+NORM_POLICIES = ("refuse", "clip")
+
+# The help output's sections, in order.
+GROUPS = {
+    "job": "the job: model, aggregation, budget",
+    "data": "data",
+    "units": "work units",
+    "leases": "leases (how long a worker may hold a unit)",
+    "checks": "checks on results",
+    "evaluation": "evaluation",
+    "storage": "storage",
+    "service": "HTTP service",
+}
+
+# Strategy parameters that restate a coordinator policy: parameter -> (policy field, value, bound field).
+POLICY_PARAMS = {"max_staleness": ("on_stale", "drop", "max_staleness"),
+                 "max_norm": ("on_large_norm", "clip", "max_delta_norm")}
+
+
+class OptionError(ValueError):
+    """A bad option value: ``coordinator option 'NAME': expected ..., got ...``."""
+
+    def __init__(self, name: str, expected: str, got: Any):
+        self.name, self.expected, self.got = name, expected, got
+        super().__init__(f"coordinator option '{name}': expected {expected}, got {got!r}")
+
+
+def _models() -> tuple[str, ...]:
+    from models.registry import MODELS
+
+    return tuple(MODELS)
+
+
+def _strategies() -> tuple[str, ...]:
+    from coordinator.strategies import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
+def _is_codec(name: str) -> bool:
+    from contract.codecs import get_codec
+    from contract.errors import ContractError
+
+    try:
+        get_codec(name)
+    except ContractError:
+        return False
+    return True
+
+
+def option(kind: type, default: Any, help: str, group: str, *, flag: str | None = None, lo: float | None = None,
+           lo_open: bool = False, hi: float | None = None, choices: tuple[str, ...] | Callable[[], tuple] | None = None,
+           none: str | None = None, valid: Callable[[Any], bool] | None = None, expected: str | None = None,
+           at_least: str | None = None, cli_default: Any = MISSING, shown: str | None = None,
+           metavar: str | None = None) -> Any:
+    """A config field with everything the checks, the flags and the scenario schema need.
+
+    ``kind``: int, float, str, bool, Path or dict. ``lo``/``hi``: bounds (``lo_open``: > lo).
+    ``choices``: allowed strings, or a function returning them (a registry, read lazily).
+    ``none``: what None means, when it is allowed (shown as the default in --help).
+    ``valid``/``expected``: an extra check and its text. ``at_least``: another field this one
+    must not be below. ``cli_default``: the flag's default for a field without one.
+    ``shown``: the default as --help writes it.
+    """
+    assert group in GROUPS, group
+    meta = {"kind": kind, "help": help, "group": group, "flag": flag, "lo": lo, "lo_open": lo_open, "hi": hi,
+            "choices": choices, "none": none, "valid": valid, "expected": expected, "at_least": at_least,
+            "cli_default": cli_default, "shown": shown, "metavar": metavar}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    state: Path                          # directory for state.db, blobs/ and the lease key
-    data: str | None = None              # CIFAR-10 path (default $CROWDTRAIN_DATA)
-    download: bool = False               # fetch the official archive when no data is found
-    model: str = "resnet_fast"           # registered model name
-    strategy: str | None = None          # aggregation strategy (default by model kind)
-    strategy_params: dict = field(default_factory=dict)
-    job: str = "cifar10"
-    seed: int = 0                        # initial model, shard order, unit seeds
-    host: str = "127.0.0.1"
-    port: int = 8080
-    shard_size: int = 1000               # images per data shard blob
-    shards_per_unit: int = 1
-    local_steps: int | None = None       # SGD steps per unit (default: one pass over its shards)
-    batch_size: int | None = None        # samples per step (default: the model's recipe)
-    lr: float | None = None              # peak learning rate (default: the model's recipe)
-    epochs: float | None = None          # budget in passes over the training split (default: recipe)
-    codec: str = "fp16"                  # delta codec asked of workers
-    max_staleness: int | None = 64       # refuse results staler than this (None: no cap)
-    max_delta_norm: float = 1e4          # refuse deltas whose global L2 norm is above this
-    late_results: str = "use"            # a result after its lease expired: "use" or "drop"
-    lease_min_s: float = 20.0
-    lease_max_s: float = 1800.0
-    lease_first_s: float = 120.0
-    lease_factor: float = 3.0
-    eval_every_s: float = 30.0           # evaluate the current model at most this often
-    eval_images: int | None = None       # test images per evaluation (default: the whole split)
-    limit_train: int | None = None       # use only the first N training images (tests, demos)
-    keep_versions: int = 8               # model blobs kept besides those leased units still need
-    body_slack_bytes: int = 1 << 20      # body cap = fp32 size of a delta + this
+    # storage (state first: the one field without a default)
+    state: Path = option(Path, MISSING, "state directory: state.db, blobs/ and the lease key; the same directory "
+                         "resumes the job", "storage", cli_default=Path("state"), shown="./state", metavar="DIR")
+    keep_versions: int = option(int, 8, "model versions kept besides those that leased units still need",
+                                "storage", lo=1)
+    # job
+    model: str = option(str, "resnet_fast", "registered model (see `crowdtrain models`)", "job", choices=_models,
+                        metavar="NAME")
+    strategy: str | None = option(str, None, "aggregation strategy", "job", choices=_strategies,
+                                  none="async_sgd, or supermask_max for supermask models")
+    strategy_params: dict = option(dict, {}, "a strategy parameter, e.g. --param buffer_size=4; repeatable", "job",
+                                   flag="--param", shown="none; the default async_sgd runs with staleness=polynomial",
+                                   metavar="NAME=VALUE")
+    job: str = option(str, "cifar10", "job name", "job")
+    seed: int = option(int, 0, "seeds the initial model, the shard order and the unit seeds", "job", lo=0)
+    epochs: float | None = option(float, None, "sample budget, in passes over the training split", "job", lo=0,
+                                  lo_open=True, none="the model's recipe")
+    # data
+    data: str | None = option(str, None, "CIFAR-10 path: archive, folder or image-folder layout", "data",
+                              none="$CROWDTRAIN_DATA", metavar="PATH")
+    download: bool = option(bool, False, "download the official archive if no data is found", "data", shown="off")
+    limit_train: int | None = option(int, None, "use only the first N training images (tests, demos)", "data",
+                                     lo=1, none="the whole split", metavar="N")
+    shard_size: int = option(int, 1000, "images per data shard blob", "data", lo=1)
+    # units
+    shards_per_unit: int = option(int, 1, "data shards a unit trains on", "units", lo=1)
+    local_steps: int | None = option(int, None, "SGD steps per unit", "units", lo=1,
+                                     none="one pass over the unit's shards")
+    batch_size: int | None = option(int, None, "samples per SGD step", "units", lo=1, none="the model's recipe")
+    lr: float | None = option(float, None, "peak learning rate of the schedule", "units", lo=0, lo_open=True,
+                              none="the model's recipe")
+    codec: str = option(str, "fp16", "delta codec asked of workers: fp32, fp16, int8, topk[:fraction]", "units",
+                        valid=_is_codec, expected="a codec: fp32, fp16, int8 or topk:<fraction>")
+    # leases
+    lease_min_s: float = option(float, 20.0, "shortest lease, seconds", "leases", flag="--lease-min", lo=0,
+                                lo_open=True)
+    lease_max_s: float = option(float, 1800.0, "longest lease, seconds", "leases", flag="--lease-max", lo=0,
+                                lo_open=True, at_least="lease_min_s")
+    lease_first_s: float = option(float, 120.0, "lease of a worker's first unit (cold caches), seconds", "leases",
+                                  flag="--lease-first", lo=0, lo_open=True)
+    lease_factor: float = option(float, 3.0, "lease = factor x the worker's expected seconds + 10 s, clamped to "
+                                 "[lease-min, lease-max]", "leases", lo=0, lo_open=True)
+    late_results: str = option(str, "use", "a result that arrives after its lease expired: use it, or drop it "
+                               "(410 lease_expired)", "leases", choices=LATE_POLICIES)
+    # checks
+    max_staleness: int | None = option(int, 64, "versions a result's base may be behind the current model",
+                                       "checks", lo=0, none="no cap", metavar="N")
+    on_stale: str = option(str, "refuse", "a result staler than max-staleness: refuse it (409 too_stale), or "
+                           "accept it and let the aggregator drop it (reason recorded)", "checks",
+                           choices=STALE_POLICIES)
+    max_delta_norm: float = option(float, 1e4, "largest global L2 norm of a delta", "checks", lo=0, lo_open=True,
+                                   metavar="NORM")
+    on_large_norm: str = option(str, "refuse", "a delta whose norm is above max-delta-norm: refuse it (422 "
+                                "norm_bound), or clip it to that norm", "checks", choices=NORM_POLICIES)
+    body_slack_bytes: int = option(int, 1 << 20, "request body cap = fp32 size of a delta + this many bytes",
+                                   "checks", lo=1)
+    # evaluation
+    eval_every_s: float = option(float, 30.0, "evaluate the current model at most this often, seconds",
+                                 "evaluation", flag="--eval-every", lo=0, lo_open=True)
+    eval_images: int | None = option(int, None, "test images per evaluation", "evaluation", lo=1,
+                                     none="the whole test split", metavar="N")
+    # service
+    host: str = option(str, "127.0.0.1", "address to listen on", "service")
+    port: int = option(int, 8080, "TCP port to listen on", "service", lo=0, hi=65535)
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, expected: str) -> None:
-            if not ok:
-                raise ValueError(f"coordinator option '{name}': expected {expected}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, check_option(f.name, getattr(self, f.name)))
+        for f in dataclasses.fields(self):
+            other = f.metadata["at_least"]
+            if other and getattr(self, other) is not None and getattr(self, f.name) < getattr(self, other):
+                kind = "an integer" if f.metadata["kind"] is int else "a number"
+                raise OptionError(f.name, f"{kind} >= {other} ({getattr(self, other):g})", getattr(self, f.name))
+        for name in self.strategy_params:
+            if name in POLICY_PARAMS:
+                raise OptionError("strategy_params", policy_param_text(name), self.strategy_params)
 
-        positive_ints = ("shard_size", "shards_per_unit", "keep_versions", "body_slack_bytes")
-        for name in positive_ints:
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("local_steps", "batch_size", "eval_images", "limit_train", "max_staleness"):
-            value = getattr(self, name)
-            need(value is None or (isinstance(value, int) and value >= (0 if name == "max_staleness" else 1)),
-                 name, "a positive integer")
-        for name in ("lr", "epochs"):
-            need(getattr(self, name) is None or getattr(self, name) > 0, name, "a number > 0")
-        for name in ("max_delta_norm", "lease_min_s", "lease_max_s", "lease_first_s", "lease_factor", "eval_every_s"):
-            need(getattr(self, name) > 0, name, "a number > 0")
-        need(self.lease_min_s <= self.lease_max_s, "lease_max_s", f"at least lease_min_s ({self.lease_min_s})")
-        need(self.late_results in LATE_POLICIES, "late_results", f"one of {', '.join(LATE_POLICIES)}")
-        need(0 <= self.port <= 65535, "port", "a TCP port 0..65535")
-        need(isinstance(self.strategy_params, dict), "strategy_params", "a mapping of name -> value")
-
-    def replace(self, **changes) -> "CoordinatorConfig":
+    def replace(self, **changes) -> CoordinatorConfig:
         return dataclasses.replace(self, **changes)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(CoordinatorConfig)}
+
+
+# ---------------------------------------------------------------------------- checks from the metadata
+def choices_of(name: str) -> tuple[str, ...] | None:
+    choices = FIELDS[name].metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
+def expected(name: str, none_word: str | None = "none") -> str:
+    """What field ``name`` accepts, in words: ``an integer >= 1``, ``a number > 0``, ``a string, one of ...``."""
+    m = FIELDS[name].metadata
+    kind = m["kind"]
+    if m["expected"]:
+        text = m["expected"]
+    elif m["choices"]:
+        text = f"a string, one of {', '.join(choices_of(name))}"
+    elif kind in (int, float):
+        text = "an integer" if kind is int else "a number"
+        if m["lo"] is not None and m["hi"] is not None:
+            text += f" in [{m['lo']:g}, {m['hi']:g}]"
+        elif m["lo"] is not None:
+            text += f" {'>' if m['lo_open'] else '>='} {m['lo']:g}"
+    else:
+        text = {str: "a string", bool: "true or false", Path: "a path", dict: "a mapping of name -> value"}[kind]
+    return f"{text} or {none_word}" if none_word and m["none"] is not None and kind in (int, float) else text
+
+
+def check_option(name: str, value: Any) -> Any:
+    """``value`` checked against field ``name``'s metadata (ints as floats for float fields, strings as paths
+    for path fields); raises ``OptionError``."""
+    m = FIELDS[name].metadata
+    kind = m["kind"]
+    if value is None:
+        if m["none"] is None:
+            raise OptionError(name, expected(name), value)
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float:
+        ok = number and math.isfinite(value)
+        value = float(value) if ok else value
+    elif kind is int:
+        ok = number and isinstance(value, int)
+    elif kind is Path:
+        ok = isinstance(value, (str, os.PathLike))
+        value = Path(value) if ok else value
+    elif kind is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    else:
+        ok = isinstance(value, kind)
+    if ok and kind in (int, float):
+        lo, hi = m["lo"], m["hi"]
+        ok = (lo is None or (value > lo if m["lo_open"] else value >= lo)) and (hi is None or value <= hi)
+    if ok and m["choices"]:
+        ok = value in choices_of(name)
+    if ok and m["valid"]:
+        ok = m["valid"](value)
+    if not ok:
+        raise OptionError(name, expected(name), value)
+    return value
+
+
+def flag_of(name: str) -> str:
+    """The field's command-line flag: ``--lease-min`` for ``lease_min_s``, ``--batch-size`` for ``batch_size``."""
+    return FIELDS[name].metadata["flag"] or "--" + name.replace("_", "-")
+
+
+def policy_param_text(param: str) -> str:
+    policy, value, bound = POLICY_PARAMS[param]
+    return (f"no '{param}' (a coordinator policy: {flag_of(policy)} {value} with {flag_of(bound)} N; "
+            f"in a config {policy}='{value}')")
+
+
+def shown_default(name: str, default: Any = MISSING) -> str:
+    """The default as --help writes it."""
+    f = FIELDS[name]
+    m = f.metadata
+    if m["shown"] is not None:
+        return m["shown"]
+    if default is MISSING:
+        default = f.default if f.default is not MISSING else m["cli_default"]
+    numeric = m["kind"] in (int, float)
+    if default is None:
+        return f"none, {m['none']}" if numeric else m["none"]
+    text = f"{default:g}" if isinstance(default, float) else str(default)
+    return f"{text}; none: {m['none']}" if numeric and m["none"] is not None else text
+
+
+# ---------------------------------------------------------------------------- flags
+def parse_param(text: str) -> tuple[str, object]:
+    """``name=value`` with value read as int, float, bool or string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    name, raw = text.split("=", 1)
+    for cast in (int, float):
+        try:
+            return name, cast(raw)
+        except ValueError:
+            pass
+    return name, {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
+
+
+def _parser_type(name: str) -> Callable[[str], Any]:
+    m = FIELDS[name].metadata
+    kind = m["kind"]
+
+    def convert(text: str) -> Any:
+        if m["none"] is not None and kind in (int, float) and text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected(name)}, got {text!r}") from None
+    convert.__name__ = kind.__name__      # argparse names the type in its messages
+    return convert
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
+                         shown: dict[str, str] | None = None) -> None:
+    """One flag per ``CoordinatorConfig`` field, in one argument group per config group; help with the default.
+
+    ``defaults`` changes a flag's default value, ``shown`` how --help writes it (``crowdtrain run``'s
+    ``--state`` is None until it picks ``runs/job-<time>``)."""
+    defaults, shown = defaults or {}, shown or {}
+    groups = {g: parser.add_argument_group(title) for g, title in GROUPS.items()}
+    for f in dataclasses.fields(CoordinatorConfig):
+        m = f.metadata
+        if f.name in defaults:
+            default = defaults[f.name]
+        else:
+            default = m["cli_default"] if f.default is MISSING and f.default_factory is MISSING else f.default
+        text = shown.get(f.name) or shown_default(f.name, default if f.name in defaults else MISSING)
+        help_ = f"{m['help']} (default: {text})".replace("%", "%%")
+        group = groups[m["group"]]
+        if m["kind"] is bool:
+            group.add_argument(flag_of(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=help_)
+        elif m["kind"] is dict:
+            group.add_argument(flag_of(f.name), dest=f.name, action="append", type=parse_param, default=[],
+                               metavar=m["metavar"], help=help_)
+        else:
+            metavar = m["metavar"]
+            if metavar is None and m["choices"]:
+                metavar = "{" + ",".join(choices_of(f.name)) + "}"
+            elif metavar is None and m["kind"] in (int, float):
+                metavar = "N" if m["kind"] is int else "SECONDS" if f.name.endswith("_s") else "X"
+            group.add_argument(flag_of(f.name), dest=f.name, type=_parser_type(f.name), default=default,
+                               metavar=metavar, help=help_)
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    """The config from parsed flags; a bad value raises ``ValueError`` naming its flag:
+    ``argument --max-staleness: expected an integer >= 0 or none, got -1``."""
+    values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    values["strategy_params"] = dict(values.get("strategy_params") or [])
+    try:
+        return CoordinatorConfig(**values)
+    except OptionError as e:
+        got = " ".join(f"{k}={v}" for k, v in e.got.items()) if isinstance(e.got, dict) else e.got
+        raise ValueError(f"argument {flag_of(e.name)}: expected {e.expected}, got {got!r}") from None

@@ -24,12 +24,13 @@ POLL_S = 1.0
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = coordinator_parser(prog)
+    """The coordinator's flags plus the local workers'; ``--state`` defaults to None, then ``runs/job-<time>``."""
+    p = coordinator_parser(prog, state_default=None, state_shown="runs/job-<time>")
     p.description = ("The main job: a coordinator on CIFAR-10 with the embedded defaults plus local workers. "
                      "Open the printed URL in a browser to watch (and donate compute).")
-    p.add_argument("--workers", type=int, default=2, help="local Python worker processes (default 2)")
-    p.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker (default 1)")
-    p.set_defaults(state=None)
+    workers = p.add_argument_group("local workers")
+    workers.add_argument("--workers", type=int, default=2, help="local Python worker processes (default: 2)")
+    workers.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker (default: 1)")
     return p
 
 

@@ -3,6 +3,8 @@
 Every key has a checker and a default; a bad file gives one ``ScenarioError`` line naming
 the key and the expected type (``workers.count: expected an integer >= 1, got "eight"
 (a string)``). ``docs/simulator.md`` lists the keys; ``SCHEMA`` below is the reference.
+The ``[coordinator]`` section and the checks of the ``[model]`` keys come from
+``CoordinatorConfig``'s fields (coordinator/config.py): same names, defaults, bounds and help.
 
 A scenario expands into runs: one per ``[[strategies]]`` entry at every point of the
 optional ``[sweep]`` (dotted key -> list of values), e.g. K workers x M samples per unit.
@@ -13,17 +15,16 @@ import copy
 import itertools
 import math
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from contract.codecs import get_codec
-from contract.errors import ContractError
-from coordinator.config import LATE_POLICIES
+from coordinator import config as coordinator_config
+from coordinator.config import POLICY_PARAMS, CoordinatorConfig, OptionError
 from coordinator.strategies import STRATEGIES, make_strategy
-from models import registry
 
 DISTS = {"constant": ("value",), "lognormal": ("median", "sigma"), "uniform": ("low", "high"),
          "pareto": ("scale", "alpha"), "exponential": ("mean",)}
@@ -95,19 +96,6 @@ def string(choices: tuple[str, ...] | None = None) -> Check:
 def boolean(key: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise ScenarioError(key, "true or false", v)
-    return v
-
-
-def model_name(key: str, v: Any) -> str:
-    return string(tuple(registry.MODELS))(key, v)
-
-
-def codec(key: str, v: Any) -> str:
-    string()(key, v)
-    try:
-        get_codec(v)
-    except ContractError:
-        raise ScenarioError(key, "a codec: fp32, fp16, int8 or topk:<fraction>", v) from None
     return v
 
 
@@ -190,6 +178,33 @@ class Field:
     help: str
 
 
+def config_field(name: str, default: Any = MISSING, none: bool = False) -> Field:
+    """A scenario key backed by ``CoordinatorConfig.<name>``: its check, help and (unless given) default.
+    ``none``: the string "none" stands for None (TOML has no null), where the field allows it."""
+    meta = coordinator_config.FIELDS[name].metadata
+    none = none and meta["none"] is not None and meta["kind"] in (int, float)
+    expected = coordinator_config.expected(name, '"none"' if none else None)
+
+    def check(key: str, v: Any) -> Any:
+        try:
+            return coordinator_config.check_option(name, None if none and v == "none" else v)
+        except OptionError:
+            raise ScenarioError(key, expected, v) from None
+    help_ = meta["help"] + (f" (\"none\": {meta['none']})" if none else "")
+    return Field(check, coordinator_config.FIELDS[name].default if default is MISSING else default, help_)
+
+
+# [model] key -> CoordinatorConfig field, and the simulator's own defaults where the config's is the
+# model's recipe (a simulated unit is small: 4 SGD steps of 64 samples; shards of 500 images).
+MODEL_KEYS = {"name": "model", "batch_size": "batch_size", "lr": "lr", "local_steps": "local_steps",
+              "codec": "codec", "shard_size": "shard_size", "shards_per_unit": "shards_per_unit"}
+MODEL_DEFAULTS = {"batch_size": 64, "lr": 0.1, "local_steps": 4, "shard_size": 500}
+# [coordinator] keys: every CoordinatorConfig field of these groups (the state directory is the simulator's).
+COORDINATOR_GROUPS = ("leases", "checks", "storage")
+COORDINATOR_KEYS = tuple(name for name, f in coordinator_config.FIELDS.items()
+                         if f.metadata["group"] in COORDINATOR_GROUPS and name != "state")
+
+
 # The reference of every key (docs/simulator.md mirrors it). Units in the help text.
 SCHEMA: dict[str, Any] = {
     "name": Field(string(), "", "scenario name (default: the file's stem)"),
@@ -197,15 +212,7 @@ SCHEMA: dict[str, Any] = {
     "seed": Field(integer(0), 0, "seeds the model, the shard order, the units and every simulated draw"),
     "baseline": Field(string(), "", "label of the run the others are compared with (default: the first)"),
     "max_hours": Field(number(0.0, lo_open=True), 1000.0, "stop a run that has not finished by this simulated time"),
-    "model": {
-        "name": Field(model_name, "resnet_fast", "registered model (crowdtrain models)"),
-        "batch_size": Field(integer(1), 64, "samples per SGD step"),
-        "lr": Field(number(0.0, lo_open=True), 0.1, "peak learning rate of the model's schedule"),
-        "local_steps": Field(integer(1), 4, "SGD steps per unit (a unit is local_steps x batch_size samples)"),
-        "codec": Field(codec, "fp16", "delta codec the workers use"),
-        "shard_size": Field(integer(1), 500, "images per data shard"),
-        "shards_per_unit": Field(integer(1), 1, "shards a unit trains on"),
-    },
+    "model": {key: config_field(name, MODEL_DEFAULTS.get(key, MISSING)) for key, name in MODEL_KEYS.items()},
     "budget": {
         "train_images": Field(integer(0), 5000, "first N training images (0: the whole split)"),
         "epochs": Field(number(0.0, lo_open=True), 2.0, "passes over those images: the sample budget"),
@@ -232,16 +239,7 @@ SCHEMA: dict[str, Any] = {
         "latency_s": Field(dist(False), Dist("constant", 0.05), "one-way delay of each message, seconds"),
         "bandwidth_mbps": Field(number(0.0, lo_open=True), 20.0, "each worker's link, megabit/s (blobs, results)"),
     },
-    "coordinator": {  # CoordinatorConfig fields, same names and meaning (coordinator/config.py)
-        "max_staleness": Field(integer(0), 64, "refuse results staler than this"),
-        "late_results": Field(string(LATE_POLICIES), "use", "a result after its lease: use or drop"),
-        "lease_min_s": Field(number(0.0, lo_open=True), 20.0, "shortest lease, seconds"),
-        "lease_max_s": Field(number(0.0, lo_open=True), 1800.0, "longest lease, seconds"),
-        "lease_first_s": Field(number(0.0, lo_open=True), 120.0, "lease of a worker's first unit, seconds"),
-        "lease_factor": Field(number(0.0, lo_open=True), 3.0, "lease = factor x expected seconds + 10 s"),
-        "keep_versions": Field(integer(1), 8, "model versions kept"),
-        "max_delta_norm": Field(number(0.0, lo_open=True), 1e4, "refuse deltas with a larger L2 norm"),
-    },
+    "coordinator": {name: config_field(name, none=True) for name in COORDINATOR_KEYS},
 }
 SWEEPABLE = ("model", "budget", "workers", "churn", "network", "coordinator")
 
@@ -329,6 +327,11 @@ def _strategies(raw: Any) -> list[StrategySpec]:
         params = entry.get("params", {})
         if not isinstance(params, dict):
             raise ScenarioError(f"{key}.params", "a table of strategy parameters", params)
+        for param in params:
+            if param in POLICY_PARAMS:
+                policy, value, bound = POLICY_PARAMS[param]
+                raise ScenarioError(f"{key}.params.{param}", "", raw=f"a coordinator policy, not a strategy "
+                                    f"parameter: set coordinator.{policy} = \"{value}\" and coordinator.{bound}")
         try:
             make_strategy(name, **params)
         except (ValueError, TypeError) as e:
@@ -379,16 +382,23 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
     if "strategies" not in doc:
         raise ScenarioError("strategies", "", raw="missing; expected at least one [[strategies]] table")
     strategies = _strategies(doc["strategies"])
-    coordinator = values["coordinator"]
-    if coordinator["lease_min_s"] > coordinator["lease_max_s"]:
-        raise ScenarioError("coordinator.lease_max_s", f"a number >= lease_min_s ({coordinator['lease_min_s']:g})",
-                            coordinator["lease_max_s"])
+    _check_config(values)
     baseline = top["baseline"] or strategies[0].label
     if baseline not in {s.label for s in strategies}:
         raise ScenarioError("baseline", f"a strategy label ({', '.join(s.label for s in strategies)})", baseline)
     return Scenario(name=top["name"] or name, description=top["description"], seed=top["seed"], baseline=baseline,
                     max_hours=top["max_hours"], values=values, strategies=strategies,
                     sweep=_sweep(doc.get("sweep", {})))
+
+
+def _check_config(values: dict[str, dict[str, Any]]) -> None:
+    """What the config checks across fields (lease_max_s >= lease_min_s), named as the scenario's key."""
+    keys = {**{name: ("model", key) for key, name in MODEL_KEYS.items()},
+            **{name: ("coordinator", name) for name in COORDINATOR_KEYS}}
+    try:
+        CoordinatorConfig(state=Path("."), **{name: values[section][key] for name, (section, key) in keys.items()})
+    except OptionError as e:
+        raise ScenarioError(".".join(keys.get(e.name, ("coordinator", e.name))), e.expected, e.got) from None
 
 
 def override(scenario: Scenario, assignment: str) -> Scenario:
