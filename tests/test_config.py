@@ -14,6 +14,8 @@ from coordinator.main import build_parser
 from coordinator.run import build_parser as run_parser
 from coordinator.sim.scenario import COORDINATOR_KEYS, MODEL_KEYS, SCHEMA, ScenarioError, parse
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # A value other than the default for every field, as a flag's text and as the config holds it. A new field
 # must be added here (test_every_field_round_trips checks the set).
 VALUES = {
@@ -222,3 +224,8 @@ def test_scenario_policies_and_no_cap():
     values = parse(doc).values["coordinator"]
     assert (values["on_stale"], values["on_large_norm"], values["max_staleness"]) == ("drop", "clip", None)
     CoordinatorConfig(state=Path("s"), **values)     # the simulator builds its config from these keys
+
+
+def test_docs_list_every_scenario_coordinator_key():
+    text = (ROOT / "docs" / "simulator.md").read_text()
+    assert all(f"`{name}`" in text for name in COORDINATOR_KEYS)
