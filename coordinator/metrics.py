@@ -17,10 +17,11 @@ Sample = tuple[str, Labels, float]
 
 _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("units_issued_total", "units_issued", "Work units handed out to workers."),
-    ("units_accepted_total", "units_accepted", "Work units whose result was folded into the model."),
+    ("units_accepted_total", "units_accepted", "Work units whose result passed the checks and was logged."),
     ("units_failed_total", "units_failed", "Work units reported as failed by a worker."),
     ("units_expired_total", "units_expired", "Work units whose lease ran out before a result came back."),
     ("samples_total", "samples", "Training samples folded into the model."),
+    ("updates_applied_total", "updates_applied", "Accepted results folded into a model version."),
 )
 
 _GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -93,11 +94,11 @@ def _dict(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _rejections(status: Mapping[str, Any]) -> list[str]:
-    name = PREFIX + "units_rejected_total"
-    reasons = _dict(status.get("units_rejected"))
+def _by_reason(status: Mapping[str, Any], key: str, help_text: str) -> list[str]:
+    name = PREFIX + key + "_total"
+    reasons = _dict(status.get(key))
     samples = [(name, {"reason": str(r)}, _or0(n)) for r, n in sorted(reasons.items(), key=str)]
-    return _family(name, "counter", "Results rejected, by reason.", samples)
+    return _family(name, "counter", help_text, samples)
 
 
 def _staleness(status: Mapping[str, Any]) -> list[str]:
@@ -165,7 +166,8 @@ def render(status: Mapping[str, Any]) -> str:
     lines = _info(status)
     for suffix, key, help_text in _COUNTERS:
         lines += _simple(PREFIX + suffix, "counter", help_text, _or0(status.get(key)))
-    lines += _rejections(status)
+    lines += _by_reason(status, "units_rejected", "Results rejected, by reason.")
+    lines += _by_reason(status, "updates_dropped", "Accepted results the aggregator dropped, by reason.")
     for suffix, key, help_text in _GAUGES:
         lines += _simple(PREFIX + suffix, "gauge", help_text, _or0(status.get(key)))
     finished = 1.0 if status.get("finished") else 0.0

@@ -31,6 +31,7 @@ SAMPLE_STATUS: dict[str, Any] = {
     "finished": False,
     "units_issued": 130, "units_accepted": 120, "units_failed": 2, "units_expired": 3, "units_leased": 4,
     "units_rejected": {"norm_bound": 1, "lease_invalid": 2},
+    "updates_applied": 110, "updates_dropped": {"stale": 7}, "updates_pending": 3,
     "workers_online": 3,
     "workers": [
         {"worker_id": "ab12", "backend": "python", "units": 40, "samples_per_second": 812.5, "last_seen_s": 1.2},
@@ -47,6 +48,7 @@ SAMPLE_STATUS: dict[str, Any] = {
         {"version": 20, "samples": 80000, "seconds": 190.0, "test_acc": 0.52, "test_loss": 1.35},
         {"version": 42, "samples": 120000, "seconds": 290.0, "test_acc": 0.613, "test_loss": 1.1},
     ],
+    "best": {"version": 42, "samples": 120000, "test_acc": 0.613},
     "donate_url": "http://127.0.0.1:8080/",
 }
 
@@ -361,9 +363,54 @@ def test_page_renders_status(tmp_path: Path) -> None:
     assert "norm_bound" in dom and "lease_invalid" in dom
     assert "ab12" in dom and "cd34" in dom
     assert "fedbuff" in dom and "buffer_size" in dom
+    assert re.search(r"<td>dropped: stale</td><td[^>]*>7</td>", dom), "dropped updates by reason"
     assert re.search(r'id="bar" style="width: 24\.69', dom), "progress bar width"
     assert re.search(r'id="acc-note" style="display: none', dom), "the waiting note is hidden"
     assert 'class="show"' not in dom, "no unreachable banner"
+
+
+def real_status(tmp_path: Path) -> dict[str, Any]:
+    """The status of a real job (tiny data) after two results from two workers and one evaluation."""
+    from contract.units import UnitRequest
+    from coordinator.config import CoordinatorConfig
+    from coordinator.job import Job
+    from tests.helpers.fault_worker import body, compute
+    from tests.helpers.tiny_cifar import tiny_cifar10
+
+    job = Job(CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
+                                strategy="async_sgd"))
+    job.open(tiny_cifar10(n_train=256, n_test=64))
+
+    async def work() -> None:
+        units = [(w, job.next_unit(UnitRequest(worker_id=w, backend="python"))) for w in ("ab12", "cd34")]
+        for worker, unit in units:
+            result = compute(unit, job.store.get_blob, worker)
+            await job.submit(unit.unit_id, body(result))
+        await job.settle()
+
+    try:
+        asyncio.run(work())
+        job.record_eval(job.evaluate_current())
+        return {**job.status().to_json(), "donate_url": "http://127.0.0.1:8080/"}
+    finally:
+        job.close()
+
+
+def test_sample_status_has_the_real_status_fields(tmp_path: Path) -> None:
+    real = real_status(tmp_path)
+    assert set(SAMPLE_STATUS) == set(real), set(SAMPLE_STATUS) ^ set(real)
+    for key, value in real.items():
+        assert isinstance(SAMPLE_STATUS[key], type(value)) or value is None, key
+    assert real["updates_applied"] == 2 and real["updates_dropped"] == {} and real["samples"] == 128
+
+
+def test_page_renders_a_real_jobs_status(tmp_path: Path) -> None:
+    status = real_status(tmp_path)
+    dom = render_page(status, tmp_path)
+    assert text_of(dom, "k-version") == str(status["model_version"])
+    assert text_of(dom, "k-acc") == f"{100 * status['accuracy_history'][-1]['test_acc']:.1f}%"
+    assert re.search(r"<td>applied</td><td[^>]*>2</td>", dom), "the applied updates row"
+    assert "ab12" in dom and "cd34" in dom and "async_sgd" in dom
 
 
 def test_page_with_empty_history(tmp_path: Path) -> None:

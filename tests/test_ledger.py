@@ -1,0 +1,153 @@
+"""The ledger tells the truth: every accepted result is recorded as folded into a version or
+dropped with the aggregator's reason, and ``/api/status`` counts exactly those.
+
+Each strategy runs inside a real job behind the real app (pytest-aiohttp on 127.0.0.1, a
+real SQLite store), with wrappers built from the config's policies, with workers whose
+units overlap so that updates arrive stale.
+"""
+import asyncio
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from contract.codecs import decode_delta, delta_norm
+from contract.units import WorkUnit
+from coordinator.app import create_app
+from coordinator.config import CoordinatorConfig
+from coordinator.job import Job
+from models.local import is_running_stat
+from tests.helpers.fault_worker import body, compute
+from tests.helpers.tiny_cifar import tiny_cifar10
+
+WORKERS = ("w1", "w2", "w3")
+
+CASES = {
+    # strategy, its params, other config, the drop reason the run must produce (or None)
+    "staleness_cap": ("async_sgd", {"staleness": "constant"}, {"on_stale": "drop", "max_staleness": 0}, "stale"),
+    "norm_clip": ("async_sgd", {"staleness": "constant"}, {"on_large_norm": "clip", "max_delta_norm": 1e-4}, None),
+    "both_wrappers": ("fedbuff", {"buffer_size": 2},
+                      {"on_stale": "drop", "max_staleness": 0, "on_large_norm": "clip", "max_delta_norm": 1e-4},
+                      "stale"),
+    "fedavg_rounds": ("fedavg", {"clients_per_round": 2}, {}, "off_round"),
+    "supermask_max_history": ("supermask_max", {"history": 1}, {"model": "supermask_fc"}, "base_unknown"),
+}
+
+
+async def start(aiohttp_client, tmp_path, strategy, params, **config):
+    cfg = CoordinatorConfig(state=tmp_path / "state", **{
+        "model": "cnn", "shard_size": 64, "epochs": 8.0, "eval_every_s": 3600.0, "codec": "fp32",
+        "strategy": strategy, "strategy_params": params, **config})
+    job = Job(cfg)
+    job.open(tiny_cifar10(n_train=256, n_test=64))
+    return await aiohttp_client(create_app(cfg, job)), job
+
+
+async def take(client, worker) -> WorkUnit | None:
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python"})
+    assert resp.status in (200, 204), await resp.text()
+    return WorkUnit.from_json(await resp.json()) if resp.status == 200 else None
+
+
+async def honest(client, unit, worker):
+    blobs = {}
+    for blob in [unit.model_version, *unit.shard_ids]:
+        resp = await client.get(f"/api/v1/blobs/{blob}")
+        assert resp.status == 200
+        blobs[blob] = await resp.read()
+    return compute(unit, blobs.__getitem__, worker)
+
+
+async def post(client, unit, data: bytes):
+    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data,
+                             headers={"Content-Type": "application/octet-stream"})
+    return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_ledger_matches_what_the_model_folded(aiohttp_client, tmp_path, case):
+    strategy, params, config, reason = CASES[case]
+    client, job = await start(aiohttp_client, tmp_path, strategy, params, **config)
+    v0 = {k: v.copy() for k, v in job.state.items()}
+    deltas = {}
+    held = [(w, await take(client, w)) for w in WORKERS]      # three units cut from one version
+    for _ in range(10):
+        worker, unit = held.pop(0)
+        result = await honest(client, unit, worker)
+        deltas[unit.unit_id] = decode_delta(result.delta)
+        status, got = await post(client, unit, body(result))
+        assert status == 200 and got["accepted"], got
+        await job.settle()                                    # fold now, so the next results are stale
+        unit = await take(client, worker)
+        if unit is not None:
+            held.append((worker, unit))
+    await job.settle()
+
+    rows = {r["unit_id"]: r for r in job.store.results()}
+    applied = [r for r in rows.values() if r["applied_step"] is not None]
+    dropped = [r for r in rows.values() if r["dropped"] is not None]
+    pending = [r for r in rows.values() if r["applied_step"] is None and r["dropped"] is None]
+    assert not [r for r in applied if r["dropped"] is not None], "a result both applied and dropped"
+    assert len(pending) == job.aggregator.buffered, "results neither applied nor dropped are the strategy's buffer"
+    if reason is not None:
+        assert any(r["dropped"] == reason for r in dropped), (reason, Counter(r["dropped"] for r in dropped))
+    else:
+        assert not dropped
+
+    s = await (await client.get("/api/status")).json()
+    assert s["updates_applied"] == len(applied)
+    assert s["updates_dropped"] == dict(Counter(r["dropped"] for r in dropped))
+    assert s["updates_pending"] == len(pending)
+    assert s["samples"] == sum(r["num_samples"] for r in applied) == job.store.latest_version().samples
+    versions_updates = job.store.db.execute("SELECT COALESCE(SUM(updates), 0) FROM versions").fetchone()[0]
+    assert versions_updates == len(applied)
+    metrics = await (await client.get("/metrics")).text()
+    assert f"crowdtrain_updates_applied_total {len(applied)}" in metrics
+
+    if strategy == "async_sgd" and "max_delta_norm" not in config:
+        # Downpour with constant staleness weight and server_lr 1 adds every folded delta as it is:
+        # the model is version 0 plus exactly the deltas the ledger calls applied.
+        for name, start_value in v0.items():
+            if is_running_stat(name):
+                continue
+            expected = start_value + sum(deltas[r["unit_id"]][name] for r in applied)
+            np.testing.assert_allclose(job.state[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    if config.get("on_large_norm") == "clip":
+        described = job.strategy.describe()
+        while "clipped" not in described:
+            described = described["inner"]
+        offered = [u for u, r in rows.items() if r["dropped"] != "stale"]   # past the staleness cap
+        above = [u for u in offered if delta_norm(deltas[u]) > config["max_delta_norm"]]
+        assert len(above) >= len(offered) // 2, "the test's bound clips most deltas"
+        assert described["clipped"] == len(above), "every delta above the bound was clipped"
+
+
+async def test_a_submission_is_answered_while_an_aggregation_runs(aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+    started, gate = threading.Event(), threading.Event()
+    fold = job.aggregator.aggregate
+
+    def slow_aggregate():
+        started.set()
+        assert gate.wait(60), "the test never released the aggregation"
+        return fold()
+
+    job.aggregator.aggregate = slow_aggregate
+    try:
+        first, second = await take(client, "w1"), await take(client, "w2")
+        results = [await honest(client, first, "w1"), await honest(client, second, "w2")]
+        status, got = await post(client, first, body(results[0]))
+        assert status == 200 and got["accepted"]
+        for _ in range(200):                                  # the aggregation task has picked it up
+            if started.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert started.is_set(), "no aggregation started after an accepted result"
+        status, got = await asyncio.wait_for(post(client, second, body(results[1])), timeout=10)
+        assert status == 200 and got["accepted"] and got["model_version"] == 0
+        assert job.step == 0 and not gate.is_set(), "the answer came while the aggregation was still running"
+    finally:
+        gate.set()
+    await job.settle()
+    assert job.step >= 1 and job.store.result_totals()["applied"] == 2
