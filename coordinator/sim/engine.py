@@ -169,7 +169,7 @@ class Simulation:
         job = self.job
         w.asking = False
         job.expire_leases()
-        retry = set(job.queue.retry)
+        retry = job.factory.retrying()
         unit = job.next_unit(UnitRequest(worker_id=w.wid, backend="python"))
         if unit is None:
             if w.unit is not None:
@@ -235,6 +235,7 @@ class Simulation:
             record["fate"] = "accepted (late)" if answer.get("late") else "accepted"
         except Rejection as r:
             record["fate"] = f"rejected: {r.code}"
+        await self.job.settle()   # the coordinator's aggregation task, run at once on the simulated clock
         w.unit, w.base = None, b""
         answered = t + self.latency(w)
         if w.next is not None:
@@ -366,12 +367,8 @@ class Simulation:
 
     # ------------------------------------------------------------------ what it produced
     def _result(self, wall_s: float) -> RunResult:
-        db = self.job.store.db
-        cur = db.execute("SELECT seq, unit_id, worker_id, base_step, staleness, num_samples, accepted, applied_step, "
-                         "dropped FROM results ORDER BY seq")
-        names = [c[0] for c in cur.description]
-        updates = [dict(zip(names, row)) for row in cur.fetchall()]
-        status = dict(db.execute("SELECT unit_id, status FROM units").fetchall())
+        updates = self.job.store.results()
+        status = self.job.store.unit_statuses()
         dropped = {u["unit_id"]: u["dropped"] for u in updates if u["dropped"]}
         units = []
         for u in self.units.values():
