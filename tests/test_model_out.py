@@ -128,7 +128,8 @@ def test_bad_model_files_are_one_clear_line(tmp_path):
         with pytest.raises(export.ModelFileError) as e:
             export.load_predictor(tmp_path / name)
         assert words in str(e.value) and name in str(e.value) and "\n" not in str(e.value)
-    predictor = export.load_predictor(export.write_atomic(tmp_path / "ok.pt", export.to_pt("cnn", trained_like("cnn", 0))))
+    ok = export.write_atomic(tmp_path / "ok.pt", export.to_pt("cnn", trained_like("cnn", 0)))
+    predictor = export.load_predictor(ok)
     with pytest.raises(ValueError, match="uint8"):
         predictor(IMAGES.astype(np.float32))
 
