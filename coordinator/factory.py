@@ -60,16 +60,24 @@ class UnitFactory:
         return applied + self.store.pending_samples() + self.store.leased_samples()
 
     def make(self, worker_id: str, codec: str, base: Base, applied: int) -> WorkUnit | None:
-        """A fresh unit for ``worker_id`` cut from ``base``, or None when the budget is committed."""
+        """A fresh unit for ``worker_id`` cut from ``base``. Once the budget is committed: a second
+        copy of the oldest unit another worker still holds (the job's tail: the first result wins,
+        so one slow or vanished worker does not hold the end of the job), or None."""
         committed = self.committed(applied)
-        if committed >= self.budget:
+        if committed < self.budget:
+            shards = self.queue.take(set(self.store.leased_shards()))
+            return self._issue(worker_id, codec, base, shards, lr_at(committed / self.budget, self.recipe))
+        original = self.store.tail_candidate(worker_id)
+        if original is None:
             return None
+        return self._issue(worker_id, codec, base, original["shard_ids"], original["lr"], twin=original["unit_id"])
+
+    def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
+               twin: str | None = None) -> WorkUnit:
         now = self.clock()
-        shards = self.queue.take(set(self.store.leased_shards()))
         n = sum(self.shard_sizes[s] for s in shards)
         batch = min(self.recipe.batch_size, n)
         steps = self.config.local_steps or max(1, math.ceil(n / batch))
-        lr = lr_at(committed / self.budget, self.recipe)
         if lr <= 0:
             lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
         if self.rng is None:
@@ -82,14 +90,15 @@ class UnitFactory:
                         base_step=base.step, shard_ids=shards, local_steps=steps, batch_size=batch,
                         hyper={"lr": lr, **self.hyper}, seed=seed, codec=codec, lease=lease, deadline=deadline)
         self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
-                               wire=json.dumps(unit.to_json()))
+                               wire=json.dumps(unit.to_json()), twin=twin)
         self.store.set_meta("queue", self.queue.state())
         return unit
 
     # ------------------------------------------------------------------ units that will not come back
     def give_up(self, unit: dict, status: str) -> None:
-        """``unit`` (a store row) will not be used: its shards go back in line (once)."""
-        if unit["status"] == "leased":
+        """``unit`` (a store row) will not be used: its shards go back in line (once), unless its
+        second copy covers them."""
+        if unit["status"] == "leased" and not self.store.twin_alive(unit):
             self.queue.requeue(unit["shard_ids"])
             self.store.set_meta("queue", self.queue.state())
         self.store.set_unit_status(unit["unit_id"], status, only_if=None)
@@ -98,7 +107,8 @@ class UnitFactory:
         """Leases past their deadline: their shards go to the front of the queue."""
         expired = self.store.expire_leases(self.clock())
         for row in expired:
-            self.queue.requeue(row["shard_ids"])
+            if not self.store.twin_alive(row):
+                self.queue.requeue(row["shard_ids"])
         if expired:
             self.store.set_meta("queue", self.queue.state())
         return len(expired)

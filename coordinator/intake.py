@@ -7,7 +7,8 @@ lease, trained from the unit's base, no more samples than the unit holds) under 
 the lease was signed for; it is not a duplicate; the lease has not ended; the delta decodes
 against the model's spec; its norm and staleness are within the configured policy. A
 refusal is a ``Rejection`` (code, HTTP status, field, message, and what becomes of the unit);
-a worker's report that the unit failed is a ``Failure``; a result that passes is ``Accepted``.
+a worker's report that the unit failed is a ``Failure``; a result for a unit whose second
+copy already delivered is ``Superseded``; a result that passes is ``Accepted``.
 Nothing here writes to the store.
 """
 from __future__ import annotations
@@ -56,6 +57,14 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Superseded:
+    """A result for a unit whose second copy delivered first: answered politely, dropped."""
+
+    unit: dict
+    result: UnitResult
+
+
+@dataclass(frozen=True)
 class Accepted:
     """A result that passed every check: the unit's row, the result, its decoded delta."""
 
@@ -71,7 +80,7 @@ class Intake:
     def __init__(self, config: CoordinatorConfig, store: Store, key: bytes, spec: dict, clock):
         self.config, self.store, self.key, self.spec, self.clock = config, store, key, spec, clock
 
-    def parse(self, unit_id: str, body: bytes) -> tuple[dict, UnitResult] | Failure:
+    def parse(self, unit_id: str, body: bytes) -> tuple[dict, UnitResult] | Failure | Superseded:
         """The cheap checks (no delta decoding): the unit, the lease, duplicates, a failure report."""
         try:
             result = unpack_result(body)
@@ -100,6 +109,8 @@ class Intake:
         if self.store.result_for_unit(unit_id) is not None or unit["status"] == "done":
             raise Rejection("duplicate", 409, f"a result for unit {unit_id!r} was already accepted",
                             "result.unit_id")
+        if unit["status"] == "superseded":
+            return Superseded(unit, result)
         if result.error is not None:
             return Failure(unit, result)
         return unit, result

@@ -39,7 +39,7 @@ from coordinator.aggregator import Aggregation, Aggregator
 from coordinator.config import DEFAULT_STRATEGY, DEFAULT_STRATEGY_PARAMS, CoordinatorConfig
 from coordinator.evaluator import Evaluator
 from coordinator.factory import Base, UnitFactory
-from coordinator.intake import Accepted, Failure, Intake, Rejection
+from coordinator.intake import Accepted, Failure, Intake, Rejection, Superseded
 from coordinator.status import JobStatus, WorkerRow
 from coordinator.store import Store, Version
 from coordinator.strategies import NormClip, StalenessCap, Strategy, StrategyState, make_strategy
@@ -233,6 +233,9 @@ class Job:
             if isinstance(parsed, Failure):
                 self._seen(parsed.result.worker_id, None, self.clock())
                 return self._unit_failed(parsed)
+            if isinstance(parsed, Superseded):
+                self._seen(parsed.result.worker_id, None, self.clock())
+                return self._superseded(parsed)
             unit, result = parsed
             self._seen(result.worker_id, None, self.clock())
             accepted = await asyncio.to_thread(self.intake.accept, unit, result, self.step)
@@ -246,16 +249,32 @@ class Job:
     async def _log(self, a: Accepted) -> dict:
         r, unit = a.result, a.unit
         blob = await asyncio.to_thread(self.store.put_blob, r.delta)
+        if unit["twin"] and self.store.unit(unit["unit_id"])["status"] == "superseded":   # lost the race
+            if not self.store.blob_pending(blob):
+                self.store.delete_blob(blob)
+            return self._superseded(Superseded(unit, r))
         seq = self.store.add_result(unit["unit_id"], r.worker_id, unit["base_step"], a.staleness, r.num_samples,
                                     r.loss_before, r.loss_after, r.compute_seconds, blob)
         if seq is None:
             raise Rejection("duplicate", 409, f"a result for unit {unit['unit_id']!r} was already accepted",
                             "result.unit_id")
+        if unit["twin"]:   # the job's tail: the other copy's result, when it comes, is dropped
+            self.store.supersede(unit["twin"])
         now = self.clock()
         self._credit(r.worker_id, r.num_samples, r.compute_seconds, now, now - unit["issued"])
         self.inbox.append(Inbound(seq, a.delta, unit["base_step"], r.num_samples, r.worker_id, r.loss_after, blob))
         self.work.set()
         return {"accepted": True, "staleness": a.staleness, "model_version": self.step, "late": a.late}
+
+    def _superseded(self, late: Superseded) -> dict:
+        """The other copy of this tail unit delivered first: this result is recorded as dropped."""
+        r = late.result
+        if r.error is None:
+            seq = self.store.add_result(r.unit_id, r.worker_id, late.unit["base_step"], self.step - late.unit["base_step"],
+                                        r.num_samples, r.loss_before, r.loss_after, r.compute_seconds, "")
+            if seq is not None:
+                self.store.mark_dropped([(seq, "superseded")])
+        return {"accepted": False, "status": "superseded"}
 
     def _unit_failed(self, failure: Failure) -> dict:
         unit, status = failure.unit, failure.status

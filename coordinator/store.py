@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS units (
     unit_id TEXT PRIMARY KEY, worker_id TEXT NOT NULL, shard_ids TEXT NOT NULL, base_step INTEGER NOT NULL,
     lr REAL NOT NULL, seed INTEGER NOT NULL, issued REAL NOT NULL, deadline REAL NOT NULL,
-    samples INTEGER NOT NULL, status TEXT NOT NULL, finished REAL, wire TEXT);
+    samples INTEGER NOT NULL, status TEXT NOT NULL, finished REAL, wire TEXT, twin TEXT);
 CREATE INDEX IF NOT EXISTS units_status ON units (status, deadline);
 CREATE TABLE IF NOT EXISTS results (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, unit_id TEXT NOT NULL UNIQUE, worker_id TEXT NOT NULL,
@@ -71,8 +71,9 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(units)")}
-        if "wire" not in columns:   # a state directory from before units kept their wire form
-            self.db.execute("ALTER TABLE units ADD COLUMN wire TEXT")
+        for column in ("wire", "twin"):   # a state directory from before units kept these
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE units ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -152,12 +153,34 @@ class Store:
     # ------------------------------------------------------------------ units and leases
     def insert_unit(self, unit_id: str, worker_id: str, shard_ids: list[str], base_step: int, lr: float,
                     seed: int, deadline: float, samples: int, issued: float | None = None,
-                    wire: str | None = None) -> None:
-        """A leased unit; ``wire`` is its JSON as sent, so a result can be checked against it."""
-        self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
-                        "samples, status, wire) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?)",
-                        (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
-                         self.clock() if issued is None else issued, deadline, samples, wire))
+                    wire: str | None = None, twin: str | None = None) -> None:
+        """A leased unit; ``wire`` is its JSON as sent, so a result can be checked against it;
+        ``twin``: the leased unit this one is a second copy of (both rows name each other)."""
+        with self.transaction():
+            self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
+                            "samples, status, wire, twin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?)",
+                            (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
+                             self.clock() if issued is None else issued, deadline, samples, wire, twin))
+            if twin is not None:
+                self.db.execute("UPDATE units SET twin = ? WHERE unit_id = ?", (unit_id, twin))
+
+    def tail_candidate(self, worker_id: str) -> dict | None:
+        """The oldest unit leased to another worker and not copied yet (the job's tail)."""
+        row = self.db.execute("SELECT unit_id FROM units WHERE status = 'leased' AND twin IS NULL AND worker_id != ? "
+                              "ORDER BY issued LIMIT 1", (worker_id,)).fetchone()
+        return self.unit(row[0]) if row else None
+
+    def supersede(self, unit_id: str) -> None:
+        """The unit's other copy delivered: a result for this one will be dropped."""
+        self.db.execute("UPDATE units SET status = 'superseded', finished = ? WHERE unit_id = ? "
+                        "AND status IN ('leased', 'expired')", (self.clock(), unit_id))
+
+    def twin_alive(self, unit: dict) -> bool:
+        """Whether the unit's second copy is still out or already delivered (its shards are covered)."""
+        if not unit.get("twin"):
+            return False
+        twin = self.unit(unit["twin"])
+        return twin is not None and twin["status"] in ("leased", "done")
 
     def unit(self, unit_id: str) -> dict | None:
         """The unit's row (``shard_ids`` as a list, ``wire`` as sent or None)."""
@@ -178,8 +201,9 @@ class Store:
 
     def expire_leases(self, now: float) -> list[dict]:
         """Mark leases past their deadline expired; returns them (their shards go back in the queue)."""
-        cur = self.db.execute("SELECT unit_id, shard_ids FROM units WHERE status = 'leased' AND deadline < ?", (now,))
-        rows = [{"unit_id": u, "shard_ids": json.loads(s)} for u, s in cur.fetchall()]
+        cur = self.db.execute("SELECT unit_id, shard_ids, twin FROM units WHERE status = 'leased' AND deadline < ?",
+                              (now,))
+        rows = [{"unit_id": u, "shard_ids": json.loads(s), "twin": t} for u, s, t in cur.fetchall()]
         with self.transaction():
             self.db.executemany("UPDATE units SET status = 'expired', finished = ? WHERE unit_id = ? "
                                 "AND status = 'leased'", [(now, r["unit_id"]) for r in rows])

@@ -151,3 +151,39 @@ async def test_a_submission_is_answered_while_an_aggregation_runs(aiohttp_client
         gate.set()
     await job.settle()
     assert job.step >= 1 and job.store.result_totals()["applied"] == 2
+
+
+async def test_the_tail_is_handed_out_twice_and_applied_once(aiohttp_client, tmp_path):
+    """Once the budget is committed, an idle worker gets a second copy of the oldest unit another
+    worker holds; the first result wins and the other is recorded as dropped ("superseded")."""
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {}, epochs=1.0)   # 4 shards of 64
+    slow = [await take(client, "slow") for _ in range(4)]
+    assert all(slow) and await take(client, "slow") is None, "the slow worker holds the whole budget"
+    copy = await take(client, "idle")
+    assert copy is not None and copy.unit_id != slow[0].unit_id and copy.shard_ids == slow[0].shard_ids
+    second = await take(client, "idle")
+    assert second is not None and second.shard_ids == slow[1].shard_ids, "the next oldest, not the same twice"
+
+    status, got = await post(client, copy, body(await honest(client, copy, "idle")))
+    assert status == 200 and got["accepted"], got
+    status, got = await post(client, slow[0], body(await honest(client, slow[0], "slow")))
+    assert status == 200 and got == {"accepted": False, "status": "superseded"}, got
+    await job.settle()
+    rows = {r["unit_id"]: r for r in job.store.results()}
+    assert rows[copy.unit_id]["applied_step"] is not None and rows[copy.unit_id]["dropped"] is None
+    assert rows[slow[0].unit_id]["dropped"] == "superseded" and rows[slow[0].unit_id]["applied_step"] is None
+    s = await (await client.get("/api/status")).json()
+    assert s["updates_applied"] == 1 and s["updates_dropped"] == {"superseded": 1} and s["samples"] == 64
+
+    # the slow worker's second unit delivers first this time; the idle worker's copy is the one dropped
+    status, got = await post(client, slow[1], body(await honest(client, slow[1], "slow")))
+    assert status == 200 and got["accepted"], got
+    status, got = await post(client, second, body(await honest(client, second, "idle")))
+    assert status == 200 and got["status"] == "superseded", got
+    for unit in slow[2:]:
+        status, got = await post(client, unit, body(await honest(client, unit, "slow")))
+        assert status == 200 and got["accepted"], got
+    await job.settle()
+    s = await (await client.get("/api/status")).json()
+    assert s["finished"] and s["samples"] == s["budget_samples"] == 256
+    assert s["updates_applied"] == 4 and s["updates_dropped"] == {"superseded": 2}
