@@ -85,12 +85,29 @@ async def serve(config, job, workers: int, worker_threads: int) -> int:
         history = job.store.evals()
         await runner.cleanup()
     if stop.is_set():
-        print(f"stopped; the job is saved in {config.state}", file=sys.stderr)
+        print(f"stopped; the job is saved in {config.state} (export the model so far: crowdtrain export "
+              f"--state {config.state} --format onnx)", file=sys.stderr)
         return 130
     last = history[-1]
     print(f"finished: test accuracy {100 * last['test_acc']:.2f}% at version {last['version']} after "
           f"{last['samples']:,} samples in {last['seconds']:.0f} s")
+    write_models(config.state)
     return 0
+
+
+def write_models(state: Path) -> None:
+    """The final model as files a person can take away: STATE/model.pt and STATE/model.onnx."""
+    from coordinator.model_out import from_state
+
+    for fmt in ("pt", "onnx"):
+        try:
+            path, _ = from_state(state, fmt, state / f"model.{fmt}", "final", recalibrate=True)
+            print(f"model: {path}")
+        except Exception as e:   # the job itself is saved; say why the file is missing
+            print(f"model: could not write {state / f'model.{fmt}'} ({type(e).__name__}: {e}); "
+                  f"try: crowdtrain export --state {state} --format {fmt}", file=sys.stderr)
+    print(f"  (crowdtrain eval --model {state / 'model.onnx'} --data PATH; the best version: "
+          f"crowdtrain export --state {state} --version best)")
 
 
 def cli(argv: list[str], prog: str = "crowdtrain run", command: str = "run") -> int:

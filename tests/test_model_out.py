@@ -294,3 +294,17 @@ async def test_http_model_download(aiohttp_client, tmp_path):
     recalibrate_bn(model, torch.from_numpy(DATA.train_x))
     assert abs(acc - evaluate(model, torch.from_numpy(DATA.test_x), torch.from_numpy(DATA.test_y))[1]) < 1e-9
     assert abs(acc - recorded["test_acc"]) <= 1 / len(DATA.test_y)   # (a near-tie may fall either way)
+
+
+def test_run_writes_the_final_model_files(tmp_path, capsys):
+    """``crowdtrain run`` ends by writing STATE/model.pt and STATE/model.onnx and saying where they are."""
+    from coordinator.run import write_models
+
+    versions = {0: trained_like("cnn", seed=1), 1: trained_like("cnn", seed=2)}
+    state = make_state(tmp_path / "state", "cnn", versions, evals={1: 0.3})
+    write_models(state)
+    out = capsys.readouterr().out
+    assert f"model: {state / 'model.pt'}" in out and f"model: {state / 'model.onnx'}" in out
+    want = torch_logits("cnn", versions[1])
+    for fmt in ("pt", "onnx"):
+        assert_same_predictions(export.load_predictor(state / f"model.{fmt}")(IMAGES), want, f"run's model.{fmt}")
