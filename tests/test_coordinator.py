@@ -16,6 +16,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
 from coordinator.strategies import STRATEGIES
 from tests.helpers.fault_worker import Fault, body, compute
+from worker_py.unit import HAND_BACK, failed_result
 from tests.helpers.tiny_cifar import tiny_cifar10
 
 DENSE_STRATEGIES = sorted(n for n in STRATEGIES if not n.startswith("supermask"))
@@ -157,9 +158,7 @@ async def test_failed_and_returned_units_are_reissued(client_for):
     unit = await take_unit(client)
     fetch = await (await fetcher(client))(unit)
     honest = compute(unit, fetch, "w1")
-    import dataclasses
-    returned = dataclasses.replace(honest, delta=b"", error="returned: worker stopping", loss_before=0.0,
-                                   loss_after=0.0, num_samples=0)
+    returned = failed_result(unit, "w1", HAND_BACK)
     status, got = await submit(client, unit, body(returned))
     assert status == 200 and got == {"accepted": False, "status": "returned"}
     again = await take_unit(client, "w2")
