@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,8 @@ class Store:
         blob_id = content_id(data)
         path = self.blob_dir / blob_id
         if not path.exists():
-            tmp = path.with_name(f".{blob_id}.{os.getpid()}.tmp")
+            # a name of its own per writer: two threads may store the same bytes at once
+            tmp = path.with_name(f".{blob_id}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -187,3 +187,19 @@ async def test_the_tail_is_handed_out_twice_and_applied_once(aiohttp_client, tmp
     s = await (await client.get("/api/status")).json()
     assert s["finished"] and s["samples"] == s["budget_samples"] == 256
     assert s["updates_applied"] == 4 and s["updates_dropped"] == {"superseded": 2}
+
+
+def test_the_same_blob_stored_from_many_threads_at_once(tmp_path):
+    """Results are logged concurrently (decoding and storing run in threads): identical bytes
+    written by several threads at once end up as one intact blob."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from coordinator.store import Store
+
+    store = Store(tmp_path)
+    data = bytes(range(256)) * 4096
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda _: store.put_blob(data), range(64)))
+    assert len(set(ids)) == 1 and store.get_blob(ids[0]) == data
+    assert [p.name for p in (tmp_path / "blobs").iterdir()] == [ids[0]], "no temporary files left"
+    store.close()
