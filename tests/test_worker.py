@@ -30,7 +30,9 @@ from contract.units import UnitRequest, UnitResult, WorkUnit, blob_id, check_res
 from models import registry
 from models.local import delta_spec, state_arrays
 from tests.helpers.tiny_cifar import tiny_cifar10
-from worker_py.client import BlobCache, Client, NoWork, backoff_delays, parse_retry_after
+from worker_py.client import (
+    BlobCache, Client, GaveUp, NoWork, NotCoordinator, Stopped, Unreachable, backoff_delays, parse_retry_after,
+)
 from worker_py.unit import prefetch_due
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -383,3 +385,84 @@ def test_client_fetches_blobs_reads_deadlines_and_the_finished_signal(blobs, tmp
         assert client.next_unit(request) == NoWork(0.2, finished=True)
     finally:
         fake.stop()
+
+
+# ----------------------------------------------------------------------------- a URL that is not a coordinator
+class NotACoordinator:
+    """An HTTP server that is not a coordinator: ``http.server``'s 501 for POST, or an HTML 404 page."""
+
+    def __init__(self, status: int) -> None:
+        import http.server
+
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                outer.requests += 1
+                if status == 501:
+                    self.send_error(501)
+                    return
+                body = b"<html><body>Not Found</body></html>"
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status", [501, 404])
+def test_worker_gives_up_at_once_on_a_server_that_is_not_a_coordinator(status, tmp_path):
+    server = NotACoordinator(status)
+    try:
+        code, log = finish(start_worker(server.url, tmp_path / "cache", "--no-progress"))
+        assert code == 1, log
+        assert f"{server.url} is not a crowdtrain coordinator" in log and f"HTTP {status}" in log, log
+        assert server.requests == 1, "no retries"
+        assert "Traceback" not in log and "retrying" not in log
+    finally:
+        server.close()
+
+
+def test_worker_gives_up_on_an_unreachable_coordinator_after_max_retry_time(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    code, log = finish(start_worker(url, tmp_path / "cache", "--no-progress", "--max-retry-time", "2"))
+    assert code == 1, log
+    assert "cannot reach" in log and f"gave up: {url} unreachable for 2 s" in log, log
+    assert time.monotonic() - t0 < 30 and "Traceback" not in log
+
+
+def test_client_fails_fast_on_a_host_name_that_does_not_resolve():
+    client = Client("http://no-such-host.invalid:8080", log=lambda line: None, timeout=10)
+    with pytest.raises(NotCoordinator, match="the host name 'no-such-host.invalid' does not resolve"):
+        client.retry(lambda: client.next_unit(UnitRequest(worker_id="w", backend="python")))
+
+
+def test_client_retries_forever_without_max_retry_time_and_gives_up_with_it():
+    calls = []
+
+    def down() -> None:
+        calls.append(time.monotonic())
+        raise Unreachable("connection refused")
+
+    client = Client("http://127.0.0.1:9", log=lambda line: None, max_retry_time=0.6)
+    with pytest.raises(GaveUp, match="unreachable for 1 s"):
+        client.retry(down)
+    assert len(calls) >= 2 and calls[-1] - calls[0] < 0.6 + 0.5
+    forever = Client("http://127.0.0.1:9", log=lambda line: None, max_retry_time=None)
+    stop = threading.Event()
+    threading.Timer(1.5, stop.set).start()
+    with pytest.raises(Stopped):
+        forever.retry(down, stop)

@@ -6,7 +6,11 @@ the main thread. Expected conditions never raise a traceback at the user:
 
 - ``Unreachable``: connection refused, timeout, or a ``5xx`` answer; ``Client.retry`` waits
   (0.5 s doubling to 30 s, with jitter) and prints one line when the connection is lost and
-  one when it is back.
+  one when it is back; ``GaveUp`` once it has been unreachable for ``max_retry_time``
+  seconds (None: forever).
+- ``NotCoordinator``: before any crowdtrain answer, a host name that does not resolve or a
+  server that is not a coordinator (HTTP 501, an ``/api/`` error without the contract's
+  error body, a unit that is not JSON, not HTTP at all); retrying would not help.
 - ``Refused``: a ``4xx`` answer with the contract's error body (``code``, ``field``, ``message``).
 - ``BlobError``: a blob that is missing or whose sha256 is not its id.
 
@@ -16,9 +20,11 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import http.client
 import json
 import os
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -40,10 +46,20 @@ DEFAULT_RETRY_AFTER = 5.0                    # a 204 without Retry-After, second
 MAX_RETRY_AFTER = 300.0                      # longest Retry-After honoured, seconds
 REQUEST_TIMEOUT = 30.0                       # per HTTP request (a blob download included), seconds
 CLOCK_SLACK = 2.0                            # clock differences below this are ignored (Date has 1 s steps)
+MAX_RETRY_TIME = 300.0                       # default: give up after this long unreachable, seconds
 
 
 class Unreachable(Exception):
     """The coordinator cannot be reached, timed out, or answered 5xx (worth retrying)."""
+
+
+class NotCoordinator(Exception):
+    """The URL leads nowhere a coordinator could be: an unresolvable host name, or a server that
+    answers but is not a crowdtrain coordinator. Raised only before the first crowdtrain answer."""
+
+
+class GaveUp(Exception):
+    """The coordinator has been unreachable for longer than the client's ``max_retry_time``."""
 
 
 class Refused(Exception):
@@ -163,11 +179,14 @@ class Client:
     """The coordinator's HTTP API (docs/protocol.md, endpoints) for one worker.
 
     ``log`` prints one line (connection lost / back); ``cache`` is the disk cache of blobs
-    (None: no disk cache). ``blob_gets`` counts blob downloads, for tests and the summary.
+    (None: no disk cache); ``max_retry_time``: seconds ``retry`` keeps trying an unreachable
+    coordinator before it raises ``GaveUp`` (None: forever). ``blob_gets`` counts blob
+    downloads, for tests and the summary.
     """
 
     def __init__(self, base_url: str, cache: BlobCache | None = None,
-                 log: Callable[[str], None] = print, timeout: float = REQUEST_TIMEOUT) -> None:
+                 log: Callable[[str], None] = print, timeout: float = REQUEST_TIMEOUT,
+                 max_retry_time: float | None = MAX_RETRY_TIME) -> None:
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"coordinator URL: expected http(s)://host[:port], got {base_url!r}")
@@ -175,9 +194,11 @@ class Client:
         self.cache = cache
         self.log = log
         self.timeout = timeout
+        self.max_retry_time = max_retry_time
         self.blob_gets = 0
         self._lock = threading.Lock()
         self._down: str | None = None   # the reason while the coordinator is unreachable
+        self._down_since = 0.0          # time.monotonic() when it became unreachable
         self._ever_up = False
         self._cache_warned = False
         self.skew = 0.0                 # seconds the local clock is ahead of the coordinator's
@@ -196,11 +217,22 @@ class Client:
                 head = {k.lower(): v for k, v in resp.headers.items()}
         except urllib.error.HTTPError as e:
             data = _read_quietly(e)
+            if e.code == 501 or (400 <= e.code < 500 and e.code not in (408, 429) and not _is_error_body(data)):
+                self._not_coordinator(f"it answered {path} with HTTP {e.code} {e.reason}, not as a coordinator does")
             if e.code >= 500 or e.code in (408, 429):
                 raise Unreachable(f"HTTP {e.code} from {path}") from None
             self._mark_up()
             raise _refused(e.code, data) from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, socket.gaierror):
+                host = urllib.parse.urlsplit(self.base_url).hostname
+                self._not_coordinator(f"the host name {host!r} does not resolve ({e.reason.strerror or e.reason})",
+                                      plain=True)
+            raise Unreachable(_reason(e)) from None
+        except http.client.HTTPException as e:   # the other end does not speak HTTP
+            self._not_coordinator(f"it does not answer in HTTP ({type(e).__name__})")
+            raise Unreachable(_reason(e)) from None
+        except (OSError, ValueError) as e:
             raise Unreachable(_reason(e)) from None
         self._mark_up()
         self._note_clock(head.get("date"))
@@ -220,9 +252,18 @@ class Client:
         """A coordinator timestamp (a unit's ``deadline``) on the local clock."""
         return coordinator_time + (self.skew if abs(self.skew) > CLOCK_SLACK else 0.0)
 
+    def _not_coordinator(self, why: str, plain: bool = False) -> None:
+        """Raise ``NotCoordinator`` unless a coordinator has answered before (then it is a
+        passing fault, e.g. a proxy's page while the coordinator restarts: retried)."""
+        if not self._ever_up:
+            raise NotCoordinator(f"{self.base_url}: {why}" if plain else
+                                 f"{self.base_url} is not a crowdtrain coordinator: {why}")
+
     def _mark_down(self, reason: str) -> None:
         with self._lock:
             first, self._down = self._down is None, reason
+            if first:
+                self._down_since = time.monotonic()
         if first:
             verb = "lost the connection to" if self._ever_up else "cannot reach"
             self.log(f"{verb} {self.base_url} ({reason}); retrying with backoff")
@@ -236,14 +277,21 @@ class Client:
     def retry(self, call: Callable[[], T], stop: threading.Event | None = None,
               until: float | None = None) -> T:
         """``call()`` until it does not raise ``Unreachable``; ``Stopped`` once ``stop`` is set
-        or the wall clock passes ``until`` (unix seconds)."""
+        or the wall clock passes ``until`` (unix seconds); ``GaveUp`` once the coordinator has
+        been unreachable for ``max_retry_time`` seconds."""
         delays = backoff_delays()
         while True:
             try:
                 return call()
             except Unreachable as e:
                 self._mark_down(str(e))
+                down_for = time.monotonic() - self._down_since
+                if self.max_retry_time is not None and down_for >= self.max_retry_time:
+                    raise GaveUp(f"gave up: {self.base_url} unreachable for {down_for:.0f} s ({e}); "
+                                 f"--max-retry-time {self.max_retry_time:g} (--forever: never give up)") from None
                 wait = next(delays)
+                if self.max_retry_time is not None:
+                    wait = min(wait, max(0.05, self.max_retry_time - down_for))
                 if until is not None and time.time() + wait > until:
                     raise Stopped(f"gave up: {e}") from None
                 if stop is None:
@@ -262,6 +310,7 @@ class Client:
         try:
             d = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
+            self._not_coordinator(f"it answered units/next with HTTP {status} and no JSON")
             raise Refused(status, "invalid", "units/next: expected a WorkUnit JSON object") from None
         if isinstance(d, dict) and d.get("finished") is True and "unit_id" not in d:
             return NoWork(parse_retry_after(head.get("retry-after")), True)
@@ -319,6 +368,15 @@ def _refused(status: int, body: bytes) -> Refused:
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         text = body.decode("utf-8", "replace").strip().splitlines()
         return Refused(status, "", (text[0] if text else "")[:200])
+
+
+def _is_error_body(body: bytes) -> bool:
+    """The contract's 4xx body, ``{"error": {"code": ...}}``: every ``/api/`` error of a coordinator."""
+    try:
+        err = json.loads(body.decode("utf-8"))["error"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(err, dict) and "code" in err
 
 
 def _says_finished(head: dict[str, str], body: bytes) -> bool:

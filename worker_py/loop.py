@@ -4,9 +4,10 @@ coordinator's answer.
 
 The next unit is asked for as late in the current one as the last fetch's duration allows
 (``worker_py.unit.prefetch_due``). While the coordinator is unreachable both threads wait
-with exponential backoff. Once ``StopFlag`` is set no more units are taken; the current one
-finishes if it completes within the grace period, else it is handed back, as is the
-prefetched one.
+with exponential backoff, for at most the client's ``max_retry_time``; a URL that is not a
+coordinator ends the worker at once (exit status 1). Once ``StopFlag`` is set no more units
+are taken; the current one finishes if it completes within the grace period, else it is
+handed back (at once after a second signal), as is the prefetched one.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from contract.errors import ContractError
 from contract.units import UnitRequest, UnitResult, WorkUnit
 from models import registry
 from models.train import set_threads
-from worker_py.client import Client, NoWork, Refused, Stopped, backoff_delays
+from worker_py.client import Client, GaveUp, NoWork, NotCoordinator, Refused, Stopped, backoff_delays
 from worker_py.progress import Progress
 from worker_py.runner import Cancelled, Prepared, Runner
 from worker_py.stop import StopFlag
@@ -109,7 +110,10 @@ class Prefetcher(threading.Thread):
                 if self.stop.is_set():
                     return
             t0 = time.monotonic()
-            item = self._fetch()
+            try:
+                item = self._fetch()
+            except (GaveUp, NotCoordinator) as e:
+                item = Fatal(str(e))
             self.fetch_seconds = time.monotonic() - t0
             with self._cond:
                 self._wanted = False
@@ -224,7 +228,7 @@ class Worker:
             result = self.runner.compute(item, should_stop=self.stop.abandon,
                                          on_step=lambda i, n: self._on_step(unit.unit_id, i, n))
         except Cancelled:
-            self._hand_back(unit, "unfinished after the grace period")
+            self._hand_back(unit, "stopping now" if self.stop.forced else "unfinished after the grace period")
             return
         if result.error is not None:
             self.progress.say(f"unit {unit.unit_id} failed: {result.error}")
@@ -262,6 +266,11 @@ class Worker:
             self.progress.say(f"unit {uid}: could not reach the coordinator before the deadline; dropped")
             self.progress.record(result, accepted=False)
             return
+        except GaveUp as e:
+            self.progress.say(f"unit {uid} not delivered; {e}")
+            self.progress.record(result, accepted=False)
+            self.fatal = True
+            return
         except Refused as e:
             self._refused(result, e)
             return
@@ -291,7 +300,7 @@ class Worker:
         try:
             self.client.retry(lambda: self.client.submit(result), None,
                               until=min(self.client.local_time(unit.deadline), time.time() + HAND_BACK_SECONDS))
-        except Stopped:
+        except (Stopped, GaveUp):
             self.progress.say(f"could not hand back unit {unit.unit_id} (coordinator unreachable); "
                               "its lease will expire")
             return

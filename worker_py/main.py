@@ -2,15 +2,18 @@
 
     crowdtrain worker --coordinator http://host:8080 [--threads N] [--max-units N]
                       [--worker-id ID] [--cache DIR] [--no-progress] [--grace SECONDS]
+                      [--max-retry-time SECONDS | --forever]
 
 Parses the arguments, installs the SIGTERM/Ctrl-C handlers (``worker_py.stop``) and runs the
 loop (``worker_py.loop``: a prefetch thread fetches the next unit while the current one
 trains) with the progress display (``worker_py.progress``). On SIGTERM or Ctrl-C the worker
 takes no more units, finishes the current one if it completes within the grace period, else
-hands it back (as does it the prefetched one), and exits 0.
+hands it back (as it does the prefetched one), and exits 0; a second signal hands back at once.
 
 Exit status: 0 stopped, finished, or ``--max-units`` done; 1 the coordinator speaks another
-protocol (upgrade the worker); 2 bad arguments.
+protocol (upgrade the worker), the URL is not a coordinator (a host name that does not
+resolve, a server that answers otherwise), or it stayed unreachable for ``--max-retry-time``;
+2 bad arguments.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from contract.errors import ContractError
 from contract.units import UnitRequest
-from worker_py.client import BlobCache, Client
+from worker_py.client import MAX_RETRY_TIME, BlobCache, Client
 from worker_py.progress import Progress
 from worker_py.stop import GRACE, StopFlag, install_signals
 
@@ -56,16 +59,27 @@ def _seconds(text: str) -> float:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Compute work units for a crowdtrain coordinator.")
-    p.add_argument("--coordinator", required=True, metavar="URL", help="coordinator base URL, http(s)://host:port")
+    p = argparse.ArgumentParser(prog=prog, description="Compute work units for a crowdtrain coordinator. Ctrl-C or "
+                                "SIGTERM: take no more units, let the current one finish within --grace seconds or "
+                                "hand it back, exit 0; a second Ctrl-C: hand it back now.")
+    p.add_argument("--coordinator", required=True, metavar="URL",
+                   help="coordinator base URL, http(s)://host:port (required)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads (default: all cores)")
-    p.add_argument("--max-units", type=_positive_int, metavar="N", help="exit after N accepted units")
+    p.add_argument("--max-units", type=_positive_int, metavar="N",
+                   help="exit after N accepted units (default: none, until the job is finished)")
     p.add_argument("--worker-id", metavar="ID", help="worker id (default: random, stable for this process)")
     p.add_argument("--cache", type=Path, metavar="DIR",
                    help="blob cache folder (default: $CROWDTRAIN_CACHE/blobs or ~/.cache/crowdtrain/blobs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress line (messages only)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no status line, message lines only (default: off, a status line)")
     p.add_argument("--grace", type=_seconds, default=GRACE, metavar="SECONDS",
-                   help=f"on SIGTERM/Ctrl-C, let the current unit finish for this long (default {GRACE:g})")
+                   help=f"on SIGTERM/Ctrl-C, let the current unit finish for this long (default: {GRACE:g})")
+    retry = p.add_mutually_exclusive_group()
+    retry.add_argument("--max-retry-time", type=_seconds, default=MAX_RETRY_TIME, metavar="SECONDS",
+                       help="give up (exit 1) once the coordinator has been unreachable this long "
+                            f"(default: {MAX_RETRY_TIME:g})")
+    retry.add_argument("--forever", action="store_true",
+                       help="never give up on an unreachable coordinator (default: off)")
     return p
 
 
@@ -80,7 +94,8 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
     progress = Progress(enabled=not args.no_progress)
     cache = args.cache.expanduser() if args.cache else default_cache()
     try:
-        client = Client(args.coordinator, cache=BlobCache(cache), log=progress.say)
+        client = Client(args.coordinator, cache=BlobCache(cache), log=progress.say,
+                        max_retry_time=None if args.forever else args.max_retry_time)
     except ValueError as e:
         print(f"{prog}: --coordinator: {e}", file=sys.stderr)
         return 2
