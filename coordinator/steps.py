@@ -168,8 +168,9 @@ class StepGraphs:
         """Export in a subprocess (CPU-heavy, and torch's exporter is not made for threads)."""
         cmd = [sys.executable, "-m", "models.onnx_step", self.model, str(batch_size), "--cache", str(self.cache_dir),
                "--target", *TARGETS]
+        # its own session: a Ctrl-C in the coordinator's terminal is the coordinator's to handle (close() ends it)
         proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.STDOUT)
+                                                    stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         try:
             out, _ = await proc.communicate()
         except asyncio.CancelledError:   # the coordinator is shutting down: no orphaned export
@@ -191,7 +192,7 @@ class StepGraphs:
         marked = {**state, "known_answer_check": np.zeros(1, np.float32)}
         state_blob = store.put_blob(encode_delta(get_codec("fp32"), marked))
         state = decode_delta(store.get_blob(state_blob))   # exactly what the browser decodes
-        shard = self.job.shard_ids[0]
+        shard = next(iter(self.job.factory.shard_sizes))   # the job's first shard
         x, y = decode_shard(store.get_blob(shard))
         feeds = check_inputs(spec, state, x[:batch_size], y[:batch_size])
         gpu_graph, gpu_spec = step_graph(self.model, batch_size, self.cache_dir, target="webgpu")
