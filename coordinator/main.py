@@ -1,15 +1,24 @@
-"""``crowdtrain coordinator``: parse the options once, build the config, run the app.
+"""``crowdtrain coordinator``: parse the options once, check them all, then load and serve.
 
 The flags come from ``CoordinatorConfig``'s fields (``coordinator.config``); ``--threads``
-is this process's own option.
+and ``--public-url`` are this process's own options. Start-up fails fast, in this order,
+before any slow work (importing torch, loading and decoding the data): the values
+(``config_from_args``), the data path, the listening socket (``listen``: bound here and
+handed to the server, so a port in use is one line at once), the strategy and its
+parameters. A failed start leaves no state folder behind (``open_job``).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import shutil
+import socket
 import sys
+import urllib.parse
 from dataclasses import MISSING
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +26,10 @@ from aiohttp import web
 from coordinator.config import CoordinatorConfig, add_config_arguments, config_from_args, parse_param
 from models.data import DataError
 
-__all__ = ["Parser", "build_parser", "cli", "config_from_args", "open_job", "parse_param"]
+__all__ = ["Parser", "build_parser", "check_data", "cli", "config_from_args", "listen", "open_job", "parse_param",
+           "urls"]
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,28 +39,163 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+def _public_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"expected an http(s)://host[:port][/path] URL, got {text!r}")
+    return text.rstrip("/")
+
+
 def build_parser(prog: str, state_default: Any = MISSING, state_shown: str | None = None) -> argparse.ArgumentParser:
-    """Every ``CoordinatorConfig`` field as a flag, plus ``--threads``. ``crowdtrain run`` changes
-    ``--state``'s default (and how --help shows it)."""
+    """Every ``CoordinatorConfig`` field as a flag, plus ``--threads`` and ``--public-url``. ``crowdtrain run``
+    changes ``--state``'s default (and how --help shows it)."""
     p = Parser(prog=prog, description="Run a coordinator that owns one CIFAR-10 training job. Every option but "
-               "--threads is a CoordinatorConfig field (coordinator/config.py).")
+               "those under 'process' is a CoordinatorConfig field (coordinator/config.py). Strategies and their "
+               "--param names: `crowdtrain strategies`.")
     add_config_arguments(p, defaults={} if state_default is MISSING else {"state": state_default},
                          shown={"state": state_shown} if state_shown else {})
-    p.add_argument_group("process").add_argument(
-        "--threads", type=int, default=1, help="torch threads for evaluation (default: 1)")
+    process = p.add_argument_group("process")
+    process.add_argument("--threads", type=int, default=1, metavar="N",
+                         help="torch threads for evaluation (default: 1)")
+    process.add_argument("--public-url", type=_public_url, metavar="URL",
+                         help="the address people and workers reach this coordinator at, printed instead of "
+                              "http://HOST:PORT (behind a reverse proxy, or with --host 0.0.0.0) (default: none: "
+                              "http://HOST:PORT, with this machine's address for a wildcard HOST)")
     return p
+
+
+# ---------------------------------------------------------------------------- checks before slow work
+def check_data(config: CoordinatorConfig) -> None:
+    """The data path exists and holds a CIFAR-10 layout (a cheap look, no decoding); raises ``DataError``."""
+    if not config.download:
+        from models.data import resolve_data_path
+
+        resolve_data_path(config.data)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, bound now (the server adopts it), so a port in use is
+    refused before the data is loaded; raises ``ValueError`` naming --host or --port."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"argument --host: cannot listen on {host!r} ({e.strerror}); expected an address of "
+                         "this machine, e.g. 127.0.0.1 or 0.0.0.0 (every interface)") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        if e.errno in (98, 48, 10048):   # EADDRINUSE on Linux, macOS, Windows
+            raise ValueError(f"argument --port: {host}:{port} is in use ({e.strerror}); stop what listens there "
+                             f"or pick another port, e.g. --port {port + 1 if port else 8080} (--port 0: any free "
+                             "port)") from None
+        raise ValueError(f"argument --host/--port: cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _lan_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))   # TEST-NET-1: never routed anywhere, but picks the interface
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def _url_host(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+def urls(host: str, port: int, public_url: str | None = None) -> tuple[str, str]:
+    """(the URL to print for people and remote workers, the URL local workers use). A wildcard host
+    (0.0.0.0, ::) is not an address anyone can open: people get this machine's LAN address (its host
+    name if it has none), local workers the loopback."""
+    wildcard = host in WILDCARD_HOSTS
+    local = f"http://{'[::1]' if host == '::' else '127.0.0.1' if wildcard else _url_host(host)}:{port}"
+    if public_url:
+        return public_url.rstrip("/"), local
+    if wildcard:
+        return f"http://{_url_host(_lan_address() or socket.gethostname())}:{port}", local
+    return local, local
+
+
+def _new_dirs(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet (deepest first): what a failed start removes."""
+    made = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        made.append(p)
+    return made
+
+
+def _remove_new(dirs: list[Path]) -> None:
+    if dirs and dirs[0].exists():
+        shutil.rmtree(dirs[0], ignore_errors=True)
+    for d in dirs[1:]:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def open_job(args: argparse.Namespace, config: CoordinatorConfig | None = None):
     """The config (from ``args`` unless given) and the opened job; None after one ``error:`` line when the
-    user can fix something."""
-    from coordinator.job import Job
+    user can fix something. The strategy is built before the data is loaded; a start that fails leaves no
+    state folder behind. Returns ``(config, job, resumed)``: ``resumed`` says the state folder held the job."""
+    from coordinator.job import Job, build_strategy
+    from models import registry
 
+    new_dirs: list[Path] = []
     try:
         config = config or config_from_args(args)
+        try:
+            build_strategy(config, registry.get(config.model).kind)
+        except ValueError as e:
+            flag = "--param" if config.strategy_params else "--strategy"
+            raise ValueError(f"argument {flag}: {e} (see `crowdtrain strategies`)") from None
+        resumed = (config.state / "state.db").exists()
+        new_dirs = _new_dirs(config.state)
         job = Job(config)
         job.open()
-        return config, job
+        return config, job, resumed
+    except (ValueError, DataError) as e:
+        _remove_new(new_dirs)
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    except BaseException:   # Ctrl-C while the data loads, or a bug: keep nothing half made either
+        _remove_new(new_dirs)
+        raise
+
+
+def start_line(config: CoordinatorConfig, job, resumed: bool) -> str:
+    """What this start does with the state folder: a new job, or resuming one (from which version)."""
+    if not resumed:
+        return f"new job {config.job!r} in {config.state}"
+    if job.finished:
+        return (f"job {config.job!r} in {config.state} is already finished: version {job.step}, "
+                f"{job.samples:,} of {job.budget:,} samples")
+    return (f"resuming job {config.job!r} from version {job.step} ({job.samples:,} of {job.budget:,} samples) "
+            f"in {config.state}")
+
+
+def checked(args: argparse.Namespace) -> tuple[CoordinatorConfig, socket.socket] | None:
+    """Everything that can be checked before slow work: the values, the data path, the port.
+    None after one ``error:`` line."""
+    try:
+        config = config_from_args(args)
+        check_data(config)
+        return config, listen(config.host, config.port)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -56,29 +203,32 @@ def open_job(args: argparse.Namespace, config: CoordinatorConfig | None = None):
 
 def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "coordinator") -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        config = config_from_args(args)     # before the slow imports: a bad value is one line, at once
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    ready = checked(args)     # before the slow imports: a bad value or a busy port is one line, at once
+    if ready is None:
         return 2
+    config, sock = ready
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    import torch
-
-    torch.set_num_threads(max(1, args.threads))
-    from coordinator.app import create_app
-
-    opened = open_job(args, config)
-    if opened is None:
-        return 2
-    config, job = opened
-    url = f"http://{config.host}:{config.port}"
-    print(f"coordinator for {config.model} ({job.strategy_name}) on {url}  dashboard: {url}/dashboard", flush=True)
     try:
-        web.run_app(create_app(config, job, warm=True), host=config.host, port=config.port, print=None,
-                    handle_signals=True, shutdown_timeout=5)
-    except OSError as e:
-        print(f"error: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+        from coordinator.app import create_app
+
+        opened = open_job(args, config)
+    except KeyboardInterrupt:
+        sock.close()
+        print("interrupted before the job started", file=sys.stderr)
+        return 130
+    if opened is None:
+        sock.close()
         return 2
+    config, job, resumed = opened
+    url, _ = urls(config.host, sock.getsockname()[1], args.public_url)
+    print(f"coordinator for {config.model} ({job.strategy_name}) on {url}  dashboard: {url}/dashboard\n"
+          f"  {start_line(config, job, resumed)}", flush=True)
+    try:
+        web.run_app(create_app(config, job, warm=True), sock=sock, print=None, handle_signals=True,
+                    shutdown_timeout=5)
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0
