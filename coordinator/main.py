@@ -21,7 +21,6 @@ from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 
 from coordinator.config import CoordinatorConfig, add_config_arguments, config_from_args, parse_param
 from models.data import DataError
@@ -212,6 +211,8 @@ def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "c
         import torch
 
         torch.set_num_threads(max(1, args.threads))
+        from aiohttp import web
+
         from coordinator.app import create_app
 
         opened = open_job(args, config)

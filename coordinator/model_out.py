@@ -11,10 +11,11 @@ job's own shards in the state directory, so it is the model whose accuracy the d
 ``evals`` report (``--no-recalibrate``: the version's arrays as stored).
 
     crowdtrain export --state state/ --format onnx --out model.onnx [--version best]
+
+The arguments are parsed in ``coordinator.export_cli`` (torch-free, so ``--help`` answers at once).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 import sys
@@ -227,26 +228,8 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 # ----------------------------------------------------------------------------- crowdtrain export
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Take a model out as an ONNX inference graph (uint8 "
-                                "images [N,3,32,32] -> logits [N,10]) or a .pt checkpoint: a version from a "
-                                "coordinator's state directory (read only), or a `crowdtrain train` model.pt.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--state", type=Path, help="the coordinator's --state directory")
-    source.add_argument("--model", type=Path, help="a .pt checkpoint to convert (e.g. crowdtrain train's OUT/model.pt)")
-    p.add_argument("--format", choices=export.FORMATS, help="onnx or pt (default: from --out's suffix, else onnx)")
-    p.add_argument("--out", type=Path, help="output file (default: <job>-<model>-v<N>.<format> here, or "
-                   "--model's path with the format's suffix)")
-    p.add_argument("--version", default="final", help="with --state: a version number, 'final' (the latest; "
-                   "default) or 'best' (highest test accuracy still on disk)")
-    p.add_argument("--no-recalibrate", action="store_true", help="with --state: keep the version's batch-norm "
-                   "statistics as aggregated (default: re-estimated as the evaluator does)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    return p
-
-
-def cli(argv: list[str], prog: str = "crowdtrain export", command: str = "export") -> int:
-    args = build_parser(prog).parse_args(argv)
+def run_export(args) -> int:
+    """``crowdtrain export`` once its arguments are parsed (``coordinator.export_cli``)."""
     suffix = args.out.suffix.lstrip(".").lower() if args.out else ""
     fmt = args.format or (suffix if suffix in export.FORMATS else "onnx")
     if args.threads:

@@ -33,7 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-from aiohttp import web
 
 from coordinator.console import PLAIN_EVERY_S, Console, duration, last_eval, progress_text
 from coordinator.main import build_parser as coordinator_parser
@@ -156,6 +155,8 @@ class Session:
                 self.workers.signal(signal.SIGKILL)
 
     async def run(self) -> int:
+        from aiohttp import web
+
         from coordinator.app import create_app
 
         runner = web.AppRunner(create_app(self.config, self.job, warm=True), handle_signals=False)

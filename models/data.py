@@ -579,7 +579,7 @@ def cli(argv: list[str] | None, prog: str = "crowdtrain data", command: str = "d
                                      "(official pickles or train/ test/ image folders, folder or .tar.gz).")
     parser.add_argument("--data", metavar="PATH", help="folder or archive (default: $CROWDTRAIN_DATA)")
     parser.add_argument("--download", action="store_true",
-                        help=f"download {OFFICIAL_ARCHIVE} when no usable copy is given")
+                        help=f"download {OFFICIAL_ARCHIVE} when no usable copy is given (default: off)")
     parser.add_argument("--cache", metavar="DIR",
                         help="cache folder (default: $CROWDTRAIN_CACHE or ~/.cache/crowdtrain)")
     try:

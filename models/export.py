@@ -17,7 +17,6 @@ Input is what every trainer and the coordinator hold: a model name and its float
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -277,16 +276,8 @@ def evaluate(predictor: Predictor, x_u8: np.ndarray, y: np.ndarray) -> tuple[flo
     return float(F.cross_entropy(logits, labels, reduction="sum")) / n, int((logits.argmax(1) == labels).sum()) / n
 
 
-def cli(argv: list[str], prog: str = "crowdtrain eval", command: str = "eval") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Test accuracy of a .pt or .onnx model on the CIFAR-10 "
-                                "test split.")
-    p.add_argument("--model", required=True, help="model file: .pt (crowdtrain train / export) or .onnx (export)")
-    p.add_argument("--data", help="CIFAR-10 (as for `crowdtrain train`); default $CROWDTRAIN_DATA")
-    p.add_argument("--limit", type=int, help="only the first N test images")
-    p.add_argument("--threads", type=int, help="torch / onnxruntime threads (default: all cores)")
-    args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit: expected a positive integer")
+def run_eval(args) -> int:
+    """``crowdtrain eval`` once its arguments are parsed (``models.cli``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

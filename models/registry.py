@@ -2,20 +2,23 @@
 
 Every model takes float32 [N, 3, 32, 32] with raw pixel values 0..255 and returns [N, 10]
 logits. ``build`` does not seed: the caller seeds torch first.
+
+Importing the registry does not import torch: a spec names its builder as
+``"module:callable"``, imported on the first ``build``, and states its parameter counts
+(checked against the built model by tests/test_cli.py), so ``crowdtrain models``, the
+config's checks and every ``--help`` start in well under a second.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
-
-from models.alexnet import alexnet, physics_alexnet
-from models.cnn import SimpleCNN
 from models.recipe import Recipe
-from models.resnet_fast import ResNetFast
-from models.supermask import SupermaskConvNet, SupermaskFC
+
+if TYPE_CHECKING:
+    from torch import nn
 
 KINDS = ("dense", "supermask")
 
@@ -23,14 +26,23 @@ KINDS = ("dense", "supermask")
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    build: Callable[..., nn.Module]  # build(num_classes=10) -> a fresh module
+    builder: str | Callable[..., nn.Module]  # "module:callable" (imported on first use) or the callable;
+                                             # builder(num_classes=10) -> a fresh module
     recipe: Recipe                   # this model's default hyperparameters
     kind: str                        # "dense" or "supermask"
     description: str                 # one line, with provenance
+    params: tuple[int, int] = (0, 0)  # (all parameters, trainable ones), as count_parameters gives them
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"model '{self.name}': kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    def build(self, num_classes: int = 10) -> nn.Module:
+        builder = self.builder
+        if isinstance(builder, str):
+            module, _, attr = builder.partition(":")
+            builder = getattr(importlib.import_module(module), attr)
+        return builder(num_classes=num_classes)
 
 
 # Nets without BatchNorm (cnn, alexnet) get a lower peak lr (checked only on short runs);
@@ -40,19 +52,25 @@ _EDGE_POPUP = Recipe(batch_size=128, lr=0.1, nesterov=False, schedule="cosine", 
 _ALEXNET = Recipe(batch_size=256, lr=0.02)
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in (
-    ModelSpec("cnn", SimpleCNN, Recipe(batch_size=256, lr=0.05), "dense",
-              "baseline CNN of the Physics-Driven AlexNet comparison (Keras cifar10_cnn layout)"),
-    ModelSpec("alexnet", alexnet, _ALEXNET, "dense",
-              "AlexNet (Krizhevsky 2012) for 32x32: 5 stride-1 convs, 3 pools, 3 linears, width x3/8"),
-    ModelSpec("physics_alexnet", physics_alexnet, _ALEXNET, "dense",
-              "Physics-Driven AlexNet: alexnet with every conv a PhysicsLayer (conv + strength * forces)"),
-    ModelSpec("supermask_fc", SupermaskFC, _EDGE_POPUP, "supermask",
-              "edge-popup (Ramanujan 2020) FC 3072-200-200-200-200-10, k=0.5, last layer k=1"),
-    ModelSpec("supermask_conv", SupermaskConvNet, _EDGE_POPUP, "supermask",
-              "edge-popup (Ramanujan 2020) conv net with residual blocks, non-affine BN, k=0.5"),
-    ModelSpec("resnet_fast", ResNetFast,
+    ModelSpec("cnn", "models.cnn:SimpleCNN", Recipe(batch_size=256, lr=0.05), "dense",
+              "baseline CNN of the Physics-Driven AlexNet comparison (Keras cifar10_cnn layout)",
+              (2_168_362, 2_168_362)),
+    ModelSpec("alexnet", "models.alexnet:alexnet", _ALEXNET, "dense",
+              "AlexNet (Krizhevsky 2012) for 32x32: 5 stride-1 convs, 3 pools, 3 linears, width x3/8",
+              (5_262_106, 5_262_106)),
+    ModelSpec("physics_alexnet", "models.alexnet:physics_alexnet", _ALEXNET, "dense",
+              "Physics-Driven AlexNet: alexnet with every conv a PhysicsLayer (conv + strength * forces)",
+              (5_262_627, 5_262_627)),
+    ModelSpec("supermask_fc", "models.supermask:SupermaskFC", _EDGE_POPUP, "supermask",
+              "edge-popup (Ramanujan 2020) FC 3072-200-200-200-200-10, k=0.5, last layer k=1",
+              (1_472_800, 736_400)),
+    ModelSpec("supermask_conv", "models.supermask:SupermaskConvNet", _EDGE_POPUP, "supermask",
+              "edge-popup (Ramanujan 2020) conv net with residual blocks, non-affine BN, k=0.5",
+              (2_013_888, 1_006_944)),
+    ModelSpec("resnet_fast", "models.resnet_fast:ResNetFast",
               Recipe(batch_size=512, lr=0.4, label_smoothing=0.2, weight_decay=5e-4, epochs=10), "dense",
-              "default: small ResNet after Page's DAWNBench ResNet-9 / airbench, for 2 CPU cores"),
+              "default: small ResNet after Page's DAWNBench ResNet-9 / airbench, for 2 CPU cores",
+              (657_144, 657_144)),
 )}
 
 
@@ -80,15 +98,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def table() -> str:
     rows = [("name", "kind", "params", "trainable", "description")]
     for spec in MODELS.values():
-        total, trainable = count_parameters(spec.build())
+        total, trainable = spec.params
         rows.append((spec.name, spec.kind, f"{total:,}", f"{trainable:,}", spec.description))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     fmt = "{:<%d}  {:<%d}  {:>%d}  {:>%d}  {}" % tuple(widths)
     return "\n".join(fmt.format(*r) for r in rows)
 
 
+def recipes() -> str:
+    """Each model's default hyperparameters (what ``crowdtrain train`` and the coordinator use unset)."""
+    import dataclasses
+
+    lines = []
+    for spec in MODELS.values():
+        values = ", ".join(f"{f.name}={getattr(spec.recipe, f.name)}" for f in dataclasses.fields(Recipe))
+        lines.append(f"{spec.name}: {values}")
+    return "\n".join(lines)
+
+
 def cli(argv: list[str], prog: str = "crowdtrain models", command: str = "models") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="List the registered models with parameter counts.")
-    parser.parse_args(argv)
-    print(table())
+    parser.add_argument("--recipes", action="store_true",
+                        help="list each model's default hyperparameters instead (default: off)")
+    args = parser.parse_args(argv)
+    print(recipes() if args.recipes else table())
     return 0

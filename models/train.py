@@ -1,7 +1,8 @@
 """Single-process CIFAR-10 trainer: the baseline every distributed result is measured against.
 
 Reads top to bottom: setup, optimisation pieces (shared with the workers), evaluation,
-logging, the training loop, the command line. Hyperparameters live in ``models.recipe``.
+logging, the training loop, the command's ``run``. Hyperparameters live in ``models.recipe``;
+the arguments are parsed in ``models.cli`` (torch-free, so ``--help`` answers at once).
 
     crowdtrain train --model resnet_fast --data ../shared/data --epochs 10 --out runs/r1
 """
@@ -24,9 +25,9 @@ from tqdm import tqdm
 from models import registry
 from models.augment import augment
 from models.data import Cifar10, DataError, load_cifar10
-from models.recipe import LOSSES, SCHEDULES, Recipe
+from models.recipe import Recipe
 
-DEFAULT_MODEL = "resnet_fast"
+DEFAULT_MODEL = "resnet_fast"   # (models.cli states it too, for --help without torch)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -220,35 +221,6 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
 
 
 # ----------------------------------------------------------------------------- command line
-def build_parser(prog: str, command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train one registered model on CIFAR-10 in this process.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}; "
-                   "see `crowdtrain models`)")
-    p.add_argument("--data", help="CIFAR-10: official archive or folder, or image-folder layout "
-                   "(directory or .tar.gz); default $CROWDTRAIN_DATA")
-    p.add_argument("--download", action="store_true", help="download the official archive if no data is found")
-    p.add_argument("--out", type=Path, help="output directory (default runs/<model>-<time>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    hp = p.add_argument_group("hyperparameters (default: the model's recipe)")
-    hp.add_argument("--epochs", type=int)
-    hp.add_argument("--batch-size", type=int)
-    hp.add_argument("--lr", type=float, help="peak learning rate")
-    hp.add_argument("--momentum", type=float)
-    hp.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    hp.add_argument("--weight-decay", type=float)
-    hp.add_argument("--label-smoothing", type=float)
-    hp.add_argument("--loss", choices=LOSSES)
-    hp.add_argument("--focal-gamma", type=float)
-    hp.add_argument("--schedule", choices=SCHEDULES)
-    hp.add_argument("--warmup", type=float, help="fraction of the run spent warming up")
-    hp.add_argument("--crop-pad", type=int)
-    hp.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
-    return p
-
-
 def recipe_from_args(args: argparse.Namespace, base: Recipe) -> Recipe:
     fields = {f.name for f in dataclasses.fields(Recipe)}
     changes = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -261,16 +233,8 @@ def subset(data: Cifar10, n: int | None) -> Cifar10:
     return dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
 
 
-def cli(argv: list[str], prog: str = "crowdtrain train", command: str = "train") -> int:
-    args = build_parser(prog, command).parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
 def run(args: argparse.Namespace) -> int:
+    """``crowdtrain train`` once its arguments are parsed (``models.cli``)."""
     try:
         spec = registry.get(args.model)
         recipe = recipe_from_args(args, spec.recipe)

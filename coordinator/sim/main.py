@@ -13,16 +13,18 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Simulate many volunteer workers on a simulated clock: the "
                                 "coordinator's own scheduler, leases and strategies, real training on real data.")
     p.add_argument("scenario", type=Path, help="scenario file (TOML), e.g. scenarios/heavy_churn.toml")
-    p.add_argument("--out", type=Path, help="output folder (default runs/sim-<scenario name>)")
-    p.add_argument("--data", help="CIFAR-10 path (default $CROWDTRAIN_DATA)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="F times the scenario's sample budget (more distinct images first, then epochs)")
-    p.add_argument("--seed", type=int, help="override the scenario's seed")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/sim-<scenario name>)")
+    p.add_argument("--data", metavar="PATH", help="CIFAR-10 path (default: $CROWDTRAIN_DATA)")
+    p.add_argument("--scale", type=float, default=1.0, metavar="F",
+                   help="F times the scenario's sample budget (more distinct images first, then epochs) (default: 1)")
+    p.add_argument("--seed", type=int, metavar="N", help="override the scenario's seed (default: the scenario's)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one scenario key, e.g. --set budget.eval_images=2000 (repeatable)")
-    p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these strategy labels")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; results depend on it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="override one scenario key, e.g. --set budget.eval_images=2000; repeatable (default: none)")
+    p.add_argument("--only", nargs="+", metavar="LABEL",
+                   help="run only these strategy labels (default: all of the scenario's)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads; results depend on it (default: 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off, a progress bar)")
     return p
 
 
