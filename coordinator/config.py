@@ -68,6 +68,12 @@ def _strategies() -> tuple[str, ...]:
     return tuple(STRATEGIES)
 
 
+def _is_robust(spec: str) -> bool:
+    from coordinator.strategies.robust import is_robust_spec
+
+    return is_robust_spec(spec)
+
+
 def _is_codec(name: str) -> bool:
     from contract.codecs import get_codec
     from contract.errors import ContractError
@@ -117,6 +123,11 @@ class CoordinatorConfig:
     strategy_params: dict = option(dict, {}, "a strategy parameter, e.g. --param buffer_size=4; repeatable", "job",
                                    flag="--param", shown="none; the default async_sgd runs with staleness=polynomial",
                                    metavar="NAME=VALUE")
+    robust: str = option(str, "adaptive_clip", "robust aggregation around the strategy: none, adaptive_clip[:M] "
+                         "(clip above M x the median recent norm, M=4), centered_clip[:R], trimmed_mean[:F] or "
+                         "median (coordinate-wise, for buffers of 3 or more)", "job", valid=_is_robust,
+                         expected="none, adaptive_clip[:multiplier], centered_clip[:radius], trimmed_mean[:trim] "
+                         "or median", metavar="SPEC")
     job: str = option(str, "cifar10", "job name", "job")
     seed: int = option(int, 0, "seeds the initial model, the shard order and the unit seeds", "job", lo=0)
     epochs: float | None = option(float, None, "sample budget, in passes over the training split", "job", lo=0,
@@ -180,6 +191,9 @@ class CoordinatorConfig:
         for name in self.strategy_params:
             if name in POLICY_PARAMS:
                 raise OptionError("strategy_params", policy_param_text(name), self.strategy_params)
+            if name == "robust":
+                raise OptionError("strategy_params", "no 'robust' (a coordinator option: --robust SPEC)",
+                                  self.strategy_params)
 
     def replace(self, **changes) -> CoordinatorConfig:
         return dataclasses.replace(self, **changes)

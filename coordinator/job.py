@@ -82,11 +82,12 @@ class Inbound:
 
 def build_strategy(config: CoordinatorConfig, kind: str) -> tuple[str, Strategy]:
     """The job's strategy: the named one (or the default for the model kind) with its parameters,
-    wrapped as the config's policies say (``on_large_norm="clip"``, ``on_stale="drop"``)."""
+    inside the config's robust wrapper (``robust``), wrapped as the config's policies say
+    (``on_large_norm="clip"``, ``on_stale="drop"``)."""
     name = config.strategy or DEFAULT_STRATEGY[kind]
     params = config.strategy_params if config.strategy else {
         **DEFAULT_STRATEGY_PARAMS.get(name, {}), **config.strategy_params}
-    strategy = make_strategy(name, **params)
+    strategy = make_strategy(name, **params, robust=config.robust)
     if config.on_large_norm == "clip":
         strategy = NormClip(strategy, config.max_delta_norm)
     if config.on_stale == "drop" and config.max_staleness is not None:

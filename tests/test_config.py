@@ -25,6 +25,7 @@ VALUES = {
     "strategy": (["--strategy", "fedbuff"], "fedbuff"),
     "strategy_params": (["--param", "buffer_size=3", "--param", "server_momentum=0.5"],
                         {"buffer_size": 3, "server_momentum": 0.5}),
+    "robust": (["--robust", "trimmed_mean:0.25"], "trimmed_mean:0.25"),
     "job": (["--job", "j2"], "j2"),
     "seed": (["--seed", "7"], 7),
     "epochs": (["--epochs", "2.5"], 2.5),

@@ -2,8 +2,9 @@
 
 ``make_strategy("fedbuff", buffer_size=8, max_staleness=20, max_norm=5.0)`` builds
 ``StalenessCap(NormClip(FedBuff(buffer_size=8), 5.0), 20)``: the wrapper parameters
-``max_staleness`` and ``max_norm`` are accepted for every strategy. See ``base`` for the
-interface and the state format.
+``max_staleness``, ``max_norm`` and ``robust`` (a robust wrapper's spec, innermost:
+``robust="trimmed_mean:0.2"``; see ``robust``) are accepted for every strategy. See
+``base`` for the interface and the state format.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .base import Admission, BufferedStrategy, Drop, Folded, Pending, Strategy, 
 from .fedasync import FedAsync
 from .fedavg import FedAvg
 from .fedbuff import FedBuff
+from .robust import ROBUST, AdaptiveClip, CenteredClip, Median, TrimmedMean, wrap_robust
 from .supermask_max import SupermaskMax
 from .supermask_mean import SupermaskMean
 from .wrappers import NormClip, StalenessCap, Wrapper
@@ -22,7 +24,7 @@ from .wrappers import NormClip, StalenessCap, Wrapper
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (FedAvg, AsyncSGD, FedAsync, FedBuff, SupermaskMean, SupermaskMax)
 }
-WRAPPER_PARAMS = ("max_staleness", "max_norm")  # applied innermost-last: cap(clip(strategy))
+WRAPPER_PARAMS = ("max_staleness", "max_norm", "robust")  # applied innermost-last: cap(clip(robust(strategy)))
 
 
 def strategy_params(name: str) -> list[str]:
@@ -42,7 +44,8 @@ def make_strategy(name: str, **params: Any) -> Strategy:
         raise ValueError(f"unknown parameter {unknown[0]!r} for strategy {name!r}; choices: {', '.join(choices)}")
     max_staleness = params.pop("max_staleness", None)
     max_norm = params.pop("max_norm", None)
-    strategy: Strategy = STRATEGIES[name](**params)
+    robust = params.pop("robust", None)
+    strategy: Strategy = wrap_robust(STRATEGIES[name](**params), robust)
     if max_norm is not None:
         strategy = NormClip(strategy, max_norm)
     if max_staleness is not None:
@@ -54,5 +57,5 @@ __all__ = [
     "STRATEGIES", "WRAPPER_PARAMS", "make_strategy", "strategy_params",
     "Strategy", "BufferedStrategy", "Wrapper", "Update", "Pending", "StrategyState", "Admission", "Drop", "Folded",
     "FedAvg", "AsyncSGD", "FedAsync", "FedBuff", "SupermaskMean", "SupermaskMax",
-    "StalenessCap", "NormClip",
+    "StalenessCap", "NormClip", "ROBUST", "AdaptiveClip", "CenteredClip", "TrimmedMean", "Median",
 ]
