@@ -9,17 +9,18 @@ bodies that name the field, and no traceback ever reaches a client.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import re
 from pathlib import Path
 
 from aiohttp import web
 
-from contract.errors import ContractError
+from contract.codecs import strict_json
+from contract.errors import ContractError, Said
 from contract.units import UnitRequest, is_blob_id
 from coordinator import metrics
 from coordinator.config import CoordinatorConfig
-from coordinator.intake import Rejection
+from coordinator.intake import Rejection, contract_rejection
 from coordinator.job import Job
 from coordinator.keys import ASSETS, CONFIG, EVALS, JOB, STEPS, WARM
 from coordinator.model_out import get_model
@@ -32,6 +33,10 @@ DASHBOARD = Path(__file__).parent / "dashboard"
 IMMUTABLE = "public, max-age=31536000, immutable"
 RETRY_AFTER_S = 5
 EXPIRE_EVERY_S = 1.0
+REQUEST_MAX_BYTES = 64 * 1024   # a UnitRequest is a few hundred bytes
+JSON_MAX_DEPTH = 8              # a UnitRequest nests two levels (an object of lists)
+BATCH_RE = re.compile(r"[0-9]{1,9}")
+VERSION_RE = re.compile(r"final|best|[0-9]{1,15}")
 
 
 def error(code: str, status: int, message: str, field: str = "") -> web.Response:
@@ -46,24 +51,55 @@ async def errors_as_json(request: web.Request, handler):
     except Rejection as r:
         return web.json_response(r.body(), status=r.status)
     except web.HTTPException as e:
-        if e.status >= 400 and request.path.startswith("/api/"):
-            return error("http", e.status, e.reason)
+        if e.status >= 400 and (request.path.startswith("/api/") or request.path == "/metrics"):
+            code = "too_large" if e.status == 413 else "http"
+            return error(code, e.status, f"{request.method} {request.path}: {e.reason}")
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return error("internal", 500, "internal error; see the coordinator's log")
 
 
+# ---------------------------------------------------------------------------- input
+async def read_json(request: web.Request, field: str) -> object:
+    """The body as strict JSON (UTF-8, no duplicate keys, no NaN, at most ``JSON_MAX_DEPTH`` deep,
+    at most ``REQUEST_MAX_BYTES``); a ``Rejection`` naming ``field`` otherwise."""
+    too_large = f"body: expected at most {REQUEST_MAX_BYTES} bytes, got "
+    if request.content_length is not None and request.content_length > REQUEST_MAX_BYTES:
+        raise Rejection("too_large", 413, too_large + str(request.content_length), "body")
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 14):
+        raw += chunk
+        if len(raw) > REQUEST_MAX_BYTES:
+            raise Rejection("too_large", 413, too_large + "more", "body")
+    try:
+        value = strict_json(bytes(raw), field)
+        if json_depth(value) > JSON_MAX_DEPTH:
+            raise ContractError(field, f"JSON nested at most {JSON_MAX_DEPTH} levels deep", Said("deeper JSON"))
+    except ContractError as e:
+        raise contract_rejection(e) from None
+    return value
+
+
+def json_depth(value: object) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``[1]`` is 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 # ---------------------------------------------------------------------------- work
 async def next_unit(request: web.Request) -> web.Response:
     job = request.app[JOB]
+    raw = await read_json(request, "request")
     try:
-        raw = await request.json(loads=json.loads)
         unit_request = UnitRequest.from_json(raw)
-    except json.JSONDecodeError as e:
-        return error("invalid", 400, f"request: expected a JSON object, got invalid JSON ({e.msg})", "request")
     except ContractError as e:
-        return error(e.code if e.code == "unsupported_protocol" else "invalid", 400, e.message, e.field)
+        raise contract_rejection(e) from None
     why = browser_wait(request.app) if unit_request.backend == "browser" else None
     if why is not None:
         return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": why})
@@ -91,7 +127,7 @@ async def step_manifest(request: web.Request) -> web.Response:
     if model != job.config.model:
         return error("unknown_model", 404, f"model: expected this job's model {job.config.model!r}, got {model!r}",
                      "model")
-    batch = int(raw) if raw.isdigit() else 0
+    batch = int(raw) if BATCH_RE.fullmatch(raw) else 0
     if not 1 <= batch <= job.recipe.batch_size:
         return error("invalid", 400, f"batch: expected an integer in [1, {job.recipe.batch_size}], got {raw!r}",
                      "batch")
@@ -131,6 +167,15 @@ async def submit_result(request: web.Request) -> web.Response:
                      "body")
     body = await request.read()
     return web.json_response(await job.submit(request.match_info["unit_id"], body))
+
+
+async def model_file(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/model`` (``coordinator.model_out``), once ``version`` is one it can look up."""
+    version = request.query.get("version")
+    if version and not VERSION_RE.fullmatch(version):
+        return error("invalid", 400, f"version: expected a version number, 'final' or 'best', got {version[:40]!r}",
+                     "version")
+    return await get_model(request)
 
 
 # ---------------------------------------------------------------------------- visibility
@@ -235,7 +280,7 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app.router.add_get("/dashboard", dashboard)
     app.router.add_static("/dashboard/", DASHBOARD)
     app.router.add_get("/api/v1/steps/{model}/{batch}", step_manifest)
-    app.router.add_get("/api/v1/model", get_model)
+    app.router.add_get("/api/v1/model", model_file)
     app.router.add_get("/", index)
     app.router.add_get("/static/{version}/{path:.+}", static)
     return app
