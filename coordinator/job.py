@@ -34,7 +34,7 @@ import torch
 from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.shards import encode_shard
 from contract.units import UnitRequest, WorkUnit
-from coordinator import leases
+from coordinator import leases, strategy_docs
 from coordinator.aggregator import Aggregation, Aggregator
 from coordinator.config import DEFAULT_STRATEGY, DEFAULT_STRATEGY_PARAMS, CoordinatorConfig
 from coordinator.evaluator import Evaluator
@@ -54,7 +54,7 @@ log = logging.getLogger("crowdtrain.coordinator")
 
 FP32 = get_codec("fp32")
 ONLINE_S = 60.0      # a worker seen within this many seconds counts as online
-RATE_WINDOW_S = 60.0  # samples/s and units/s are measured over this window
+RATE_WINDOW_S = 60.0  # samples/s and units/s: over this window, per worker and in total (their sum)
 STATES_KEPT = 4      # decoded older versions kept for rebasing running statistics
 
 
@@ -117,7 +117,7 @@ class Job:
         self.inbox: deque[Inbound] = deque()
         self.store: Store | None = None
         self.workers: dict[str, WorkerStats] = {}
-        self.accepted_log: deque[tuple[float, int]] = deque()
+        self.accepted_log: deque[tuple[float, int, str, float]] = deque()   # (accepted, samples, worker, issued)
         self.agg_times: list[float] = []
         self.last_metrics: dict = {}
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
@@ -376,21 +376,48 @@ class Job:
         stats.units, stats.samples, stats.compute_seconds = (stats.units + 1, stats.samples + samples,
                                                              stats.compute_seconds + compute_s)
         self.factory.observe(worker_id, wall_s, samples)
-        self.accepted_log.append((now, samples))
+        issued = now - wall_s
+        self.accepted_log.append((now, samples, worker_id, issued))
+
+    def _rates(self, now: float) -> tuple[dict[str, float], float]:
+        """(samples/s per worker, units/s) over the last ``RATE_WINDOW_S`` seconds. A unit's samples are spread
+        over its time from lease to result (one that straddles the window's start counts for its part inside),
+        and a worker's rate runs to its last result, or to a unit's mean duration ago once that is later (a
+        unit in flight is not counted yet): steady for a steady worker, fading out for one that left."""
+        start = now - RATE_WINDOW_S
+        while self.accepted_log and self.accepted_log[0][0] < start:
+            self.accepted_log.popleft()
+        per_worker: dict[str, list[tuple[float, int, float]]] = {}
+        for done, n, worker, issued in self.accepted_log:
+            per_worker.setdefault(worker, []).append((done, n, issued))
+        rates: dict[str, float] = {}
+        units = 0.0
+        for worker, rows in per_worker.items():
+            begin = max(start, min(issued for _, _, issued in rows))
+            mean = sum(done - issued for done, _, issued in rows) / len(rows)
+            span = max(max(max(done for done, _, _ in rows), now - mean) - begin, 1.0)
+            inside = [1.0 if issued >= start or done <= issued else (done - start) / (done - issued)
+                      for done, _, issued in rows]
+            rate = sum(n * f for (_, n, _), f in zip(rows, inside)) / span
+            rates[worker] = float(round(rate) if rate >= 10 else round(rate, 1))   # as shown: the total is their sum
+            units += sum(inside) / span
+        return rates, units
 
     def status(self) -> JobStatus:
         now = self.clock()
-        while self.accepted_log and self.accepted_log[0][0] < now - RATE_WINDOW_S:
-            self.accepted_log.popleft()
-        window = min(RATE_WINDOW_S, max(now - self.started, 1e-9))
+        rates, units_rate = self._rates(now)
         counts = self.store.unit_counts()
         totals = self.store.result_totals()
         online = {w: s for w, s in self.workers.items() if now - s.last_seen <= ONLINE_S}
         agg = self.agg_times
         history = self.store.evals()
         best = max(history, key=lambda r: (r["test_acc"], r["version"]), default=None)
+        rows = [WorkerRow(w, s.backend, s.units, rates.get(w, 0.0), round(now - s.last_seen, 1))
+                for w, s in online.items()]
+        described = self.strategy.describe()
         return JobStatus(
-            job=self.config.job, model=self.config.model, strategy=self.strategy.describe(),
+            job=self.config.job, model=self.config.model, strategy=described,
+            strategy_settings=strategy_docs.settings(described),
             model_version=self.step, model_blob=self.store.version(self.step).blob,
             samples=self.samples, budget_samples=self.budget, finished=self.finished,
             units_issued=sum(counts.values()), units_accepted=totals["accepted"],
@@ -400,11 +427,8 @@ class Job:
             updates_applied=totals["applied"], updates_dropped=self.store.dropped_counts(),
             updates_pending=totals["accepted"] - totals["applied"] - totals["dropped"],
             workers_online=len(online),
-            workers=[WorkerRow(w, s.backend, s.units,
-                               s.samples / s.compute_seconds if s.compute_seconds else 0.0,
-                               round(now - s.last_seen, 1)) for w, s in online.items()],
-            samples_per_second=sum(n for _, n in self.accepted_log) / window,
-            units_per_second=len(self.accepted_log) / window,
+            workers=rows, samples_per_second=round(float(sum(r.samples_per_second for r in rows)), 1),
+            units_per_second=units_rate, rate_window_s=RATE_WINDOW_S,
             uptime_s=now - self.started,
             staleness_histogram={str(k): v for k, v in sorted(self.store.staleness_counts().items())},
             aggregation_seconds={"count": len(agg), "mean": sum(agg) / len(agg) if agg else 0.0,

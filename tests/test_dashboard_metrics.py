@@ -26,7 +26,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 SAMPLE_STATUS: dict[str, Any] = {
     "job": "cifar10", "model": "resnet_fast",
-    "strategy": {"name": "fedbuff", "params": {"buffer_size": 4, "server_lr": 1.0}, "buffered": 3},
+    "strategy": {"name": "fedbuff", "params": {"buffer_size": 4, "server_lr": 1.0}, "buffered": 3, "due": False},
+    "strategy_settings": [{"name": "fedbuff", "about": "FedBuff: Nguyen et al., AISTATS 2022.",
+                           "settings": [{"key": "buffer_size", "value": "4",
+                                         "about": "updates gathered before one aggregation (FedBuff's K)"},
+                                        {"key": "server_lr", "value": "1", "about": "server learning rate"}],
+                           "state": [{"key": "buffered", "label": "waiting", "value": "3",
+                                      "about": "updates in the buffer, not yet folded into the model"}]}],
     "model_version": 42, "model_blob": "ab" * 32, "samples": 123456, "budget_samples": 500000,
     "finished": False,
     "units_issued": 130, "units_accepted": 120, "units_failed": 2, "units_expired": 3, "units_leased": 4,
@@ -38,7 +44,7 @@ SAMPLE_STATUS: dict[str, Any] = {
         {"worker_id": "cd34", "backend": "web", "units": 35, "samples_per_second": 640.0, "last_seen_s": 0.4},
         {"worker_id": "ef56", "backend": "python", "units": 45, "samples_per_second": 947.5, "last_seen_s": 2.9},
     ],
-    "samples_per_second": 2400.0, "units_per_second": 0.8, "uptime_s": 3600.0,
+    "samples_per_second": 2400.0, "units_per_second": 0.8, "rate_window_s": 60.0, "uptime_s": 3600.0,
     "staleness_histogram": {"0": 50, "1": 40, "2": 10},
     "aggregation_seconds": {"count": 100, "mean": 0.004, "max": 0.02},
     "accuracy_history": [
@@ -363,6 +369,10 @@ def test_page_renders_status(tmp_path: Path) -> None:
     assert "norm_bound" in dom and "lease_invalid" in dom
     assert "ab12" in dom and "cd34" in dom
     assert "fedbuff" in dom and "buffer_size" in dom
+    assert "updates gathered before one aggregation (FedBuff's K)" in dom, "settings are explained"
+    assert re.search(r'<dt class="stat"[^>]*>waiting</dt><dd class="stat">3</dd>', dom), "state, named"
+    assert ">due<" not in dom and "false" not in dom, "no raw internals"
+    assert text_of(dom, "k-sps-l") == "samples / s (last 60 s)" and text_of(dom, "w-sps") == "samples/s (last 60 s)"
     assert re.search(r"<td>dropped: stale</td><td[^>]*>7</td>", dom), "dropped updates by reason"
     assert re.search(r'id="bar" style="width: 24\.69', dom), "progress bar width"
     assert re.search(r'id="acc-note" style="display: none', dom), "the waiting note is hidden"
@@ -402,6 +412,39 @@ def test_sample_status_has_the_real_status_fields(tmp_path: Path) -> None:
     for key, value in real.items():
         assert isinstance(SAMPLE_STATUS[key], type(value)) or value is None, key
     assert real["updates_applied"] == 2 and real["updates_dropped"] == {} and real["samples"] == 128
+
+
+def test_samples_per_second_is_smooth_and_the_sum_of_the_workers_rows(tmp_path: Path) -> None:
+    """Two workers finishing units of 512 and 256 samples every 4 s, then one leaves: the headline rate is
+    the sum of the rows and moves smoothly (no 0 -> 34 -> 512 jumps, no cliff when a worker leaves)."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.job import RATE_WINDOW_S, Job
+    from tests.helpers.tiny_cifar import tiny_cifar10
+
+    now = [1000.0]
+    job = Job(CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64), clock=lambda: now[0])
+    job.open(tiny_cifar10(n_train=128, n_test=16))
+    try:
+        series = []
+        for second in range(1, 301):   # b leaves after 180 s
+            now[0] = 1000.0 + second
+            for worker, samples, phase in (("a", 512, 0), ("b", 256, 2)):
+                if worker == "b" and second > 180:
+                    continue
+                job._seen(worker, "python", now[0])
+                if second > phase and (second - phase) % 4 == 0:
+                    job._credit(worker, samples, 3.5, now[0], 4.0)
+            status = job.status().to_json()
+            rows = {w["worker_id"]: w["samples_per_second"] for w in status["workers"]}
+            assert status["samples_per_second"] == pytest.approx(sum(rows.values())), status
+            assert status["rate_window_s"] == RATE_WINDOW_S
+            series.append(status["samples_per_second"])
+        assert series[179] == 192 and series[3] == 128, "128 + 64 samples/s, from the first unit on"
+        assert rows == {"a": 128}, "b left: its rate faded out, then it went offline"
+        for before, after in zip(series[5:], series[6:]):   # once both have delivered a unit
+            assert abs(after - before) <= 0.1 * before, series
+    finally:
+        job.close()
 
 
 def test_page_renders_a_real_jobs_status(tmp_path: Path) -> None:
