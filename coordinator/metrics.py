@@ -154,7 +154,12 @@ def _latest_eval(status: Mapping[str, Any]) -> list[str]:
 
 
 def _info(status: Mapping[str, Any]) -> list[str]:
-    strategy = _dict(status.get("strategy")).get("name", "")
+    strategy, level = "", _dict(status.get("strategy"))
+    for _ in range(8):      # past the wrappers (robust, clip, cap) to the strategy itself
+        strategy = level.get("name", "")
+        if not _dict(level.get("inner")):
+            break
+        level = _dict(level.get("inner"))
     labels = {"job": str(status.get("job", "")), "model": str(status.get("model", "")),
               "strategy": str(strategy)}
     name = PREFIX + "info"

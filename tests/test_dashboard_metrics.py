@@ -471,3 +471,9 @@ def test_page_shows_unreachable_banner(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r'id="banner" role="alert" class="show"[^>]*>Coordinator unreachable, retrying', proc.stdout)
     assert "HTTP 503" in proc.stdout
+
+
+def test_info_names_the_strategy_under_its_wrappers() -> None:
+    status = {"job": "j", "model": "cnn", "strategy": {"name": "staleness_cap", "inner": {
+        "name": "adaptive_clip", "inner": {"name": "fedbuff", "params": {}}}}}
+    assert 'crowdtrain_info{job="j",model="cnn",strategy="fedbuff"} 1' in render(status)
