@@ -174,7 +174,10 @@ class Session:
             if finished:
                 self.phase = "finishing"
             await self.stop_workers(finished)
-            await self.job.settle()   # fold what the workers delivered last, if the strategy says so
+            try:
+                await self.job.settle()   # fold what the workers delivered last, if the strategy says so
+            except Exception as e:       # the updates stay in the state and are replayed on resume
+                self.console.say(f"crowdtrain: could not fold the last updates now ({type(e).__name__}: {e})")
             self.console.clear()
             print(self.summary(finished), flush=True)
             if not finished:

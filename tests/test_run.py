@@ -7,6 +7,7 @@ with one thread and short units.
 """
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -170,12 +172,16 @@ def test_ctrl_c_gives_a_summary_and_a_restart_resumes_the_job(data, tmp_path):
     version, samples = latest_version(state)
     assert int(m.group(1).replace(",", "")) == samples > 0
 
-    again = Run(data, state, "--epochs", "3", "--local-steps", "10", "--exit-when-done")
+    again = Run(data, state, "--epochs", "3", "--local-steps", "10")
     try:
         again.wait_for("resuming job")
         assert f"resuming job 'cifar10' from version {version} ({samples:,} of 6,000 samples) in {state}" \
             in again.log, again.log
-        assert again.finish(timeout=300) == 0, again.log
+        again.wait_for(r"the dashboard stays up with the final result: http://127\.0\.0\.1:\d+/dashboard", 300)
+        with urllib.request.urlopen(f"http://127.0.0.1:{again.port}/api/status", timeout=10) as r:
+            assert json.load(r)["finished"] is True
+        again.proc.send_signal(signal.SIGINT)
+        assert again.finish() == 0, again.log
     finally:
         again.kill()
     log = again.log
