@@ -34,11 +34,12 @@ def last_eval(status: dict) -> dict | None:
 
 
 def progress_text(status: dict) -> str:
-    """One line from ``/api/status``: samples of the budget, test accuracy, samples/s, workers, ETA."""
+    """One line from ``/api/status``: samples of the budget, ETA, test accuracy, samples/s, workers (the
+    most useful first: a narrow terminal cuts the end)."""
     samples, budget = status["samples"], status["budget_samples"]
     pct = 100 * samples / budget if budget else 0.0
     ev = last_eval(status)
-    acc = f"test accuracy {100 * ev['test_acc']:.2f}% (v{ev['version']})" if ev else "test accuracy -"
+    acc = f"test acc {100 * ev['test_acc']:.1f}% (v{ev['version']})" if ev else "test acc -"
     rate = status["samples_per_second"]
     if status["finished"]:
         eta = "finished"
@@ -47,8 +48,8 @@ def progress_text(status: dict) -> str:
     else:
         eta = "ETA -"
     workers = status["workers_online"]
-    return (f"{samples:,}/{budget:,} samples ({pct:.1f}%), {acc}, {rate:,.0f} samples/s, "
-            f"{workers} worker{'' if workers == 1 else 's'}, {eta}")
+    return (f"{samples:,}/{budget:,} samples ({pct:.0f}%), {eta}, {acc}, {rate:,.0f} samples/s, "
+            f"{workers} worker{'' if workers == 1 else 's'}")
 
 
 class Console:

@@ -100,6 +100,17 @@ def test_the_printed_urls_are_reachable_addresses():
                                                                      "http://127.0.0.1:8080")
 
 
+def test_the_progress_line():
+    from coordinator.console import progress_text
+
+    status = {"samples": 123456, "budget_samples": 500000, "samples_per_second": 802.0, "finished": False,
+              "workers_online": 2, "accuracy_history": [{"version": 42, "test_acc": 0.613}]}
+    assert progress_text(status) == ("123,456/500,000 samples (25%), ETA 7m 50s, test acc 61.3% (v42), "
+                                     "802 samples/s, 2 workers")
+    start = {**status, "samples": 0, "samples_per_second": 0.0, "workers_online": 1, "accuracy_history": []}
+    assert progress_text(start) == "0/500,000 samples (0%), ETA -, test acc -, 0 samples/s, 1 worker"
+
+
 # ----------------------------------------------------------------------------- real runs
 class Run:
     """``crowdtrain run`` as a subprocess; its stdout and stderr together, read as they come."""
@@ -157,7 +168,7 @@ def test_ctrl_c_gives_a_summary_and_a_restart_resumes_the_job(data, tmp_path):
     run = Run(data, state, "--epochs", "3", "--local-steps", "10")
     try:
         run.wait_for(r"new job 'cifar10' in ")
-        run.wait_for(r"crowdtrain: [1-9][\d,]*/6,000 samples .*samples/s, 1 worker, ETA")   # a progress line
+        run.wait_for(r"crowdtrain: [1-9][\d,]*/6,000 samples \(\d+%\), ETA \S+.*, test acc .*samples/s, 1 worker\n")
         run.proc.send_signal(signal.SIGINT)
         assert run.finish() == 130, run.log
     finally:
