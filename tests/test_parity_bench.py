@@ -1,0 +1,48 @@
+"""bench/parity.py's pure parts: strategy specs and the scenario it writes for `crowdtrain sim`.
+
+The bench itself is not run here (its --quick smoke run takes minutes: three setups of real processes).
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.parity import Spec, parse_spec, scenario_toml, sim_scenario, unit_keys
+from coordinator.sim.scenario import load
+from tests.helpers.cluster import ROOT
+
+
+def args(**kw) -> argparse.Namespace:
+    base = {"model": "resnet_fast", "train_images": 10_000, "epochs": 3, "test_images": 10_000, "sim_evals": 6,
+            "sim_set": [], "seed": 0}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_spec_parsing_and_fedavg_round_per_worker():
+    spec = parse_spec("fedbuff:buffer_size=2,server_lr=0.5")
+    assert (spec.name, spec.params, spec.label) == ("fedbuff", {"buffer_size": 2, "server_lr": 0.5},
+                                                    "fedbuff:buffer_size=2,server_lr=0.5")
+    assert parse_spec("fedavg").at(8) == {"clients_per_round": 8}
+    assert parse_spec("fedavg:clients_per_round=3").at(8) == {"clients_per_round": 3}
+    assert Spec("async_sgd", {"staleness": "polynomial"}, default=True).label.endswith("(default)")
+    with pytest.raises(ValueError):
+        parse_spec("fedbuff:no_such_param=1")
+
+
+def test_units_match_the_coordinator_defaults():
+    keys = unit_keys(args())
+    assert keys["model.batch_size"] == 512 and keys["model.lr"] == 0.4          # resnet_fast's recipe
+    assert keys["model.shard_size"] == 1000 and keys["model.local_steps"] == 2  # one shard per unit, one pass
+
+
+@pytest.mark.parametrize("scenario", ["mild_churn", "heavy_churn", "churn_real"])
+def test_written_scenario_reads_back(tmp_path, scenario):
+    specs = [Spec("async_sgd", {"staleness": "polynomial"}, default=True), parse_spec("fedavg")]
+    sc = sim_scenario(args(sim_set=["workers.prefetch=true"]), ROOT / "scenarios" / f"{scenario}.toml", 32, specs)
+    path = tmp_path / "s.toml"
+    path.write_text(scenario_toml(sc.to_dict()))
+    back = load(path)
+    assert back.to_dict() == sc.to_dict()
+    assert back["workers.count"] == 32 and back["budget.train_images"] == 10_000 and back["workers.prefetch"]
+    assert [s.params for s in back.strategies] == [{"staleness": "polynomial"}, {"clients_per_round": 32}]
