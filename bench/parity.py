@@ -512,7 +512,9 @@ def section(cfg: dict, results: list[dict], out: Path) -> str:
                               f"{r['versions']} versions, mean staleness {r['staleness_mean']:.2f}, "
                               f"{sum(r['updates_dropped'].values())} updates dropped)" for r in real)
                   + ". To the final model evaluated: one process " f"{single['wall_s']:.0f} s, "
-                  + ", ".join(f"{r['label']} {r['wall_s']:.0f} s" for r in real) + "."]
+                  + ", ".join(f"{r['label']} {r['wall_s']:.0f} s" for r in real) + ". Load average (1 min) just "
+                  "before each timed run: " + ", ".join(f"{r['load_before']:.2f}" for r in [single, *real])
+                  + " (one process first)."]
     if sims:
         stalled = [f"{r['setup']} {r['label']}" for r in sims if r["stalled"]]
         if stalled:
@@ -601,13 +603,15 @@ def main(argv: list[str] | None = None) -> int:
     if "real" in args.setups and not args.no_warmup:
         log(f"warm-up coordinator (browser step-graph cache): {warm_up(args, data, out):.0f} s")
     if "single" in args.setups:
-        r = run_single(args, data, out / "single")
+        load = os.getloadavg()[0]
+        r = run_single(args, data, out / "single") | {"load_before": load}
         results.append(r)
         save()
         log(f"one process: {100 * r['final_test_acc']:.2f}% after {r['samples']:,} samples, {r['wall_s']:.0f} s")
     if "real" in args.setups:
         for spec in specs:
-            r = run_real(args, data, spec, out / "real" / slug(spec.label))
+            load = os.getloadavg()[0]
+            r = run_real(args, data, spec, out / "real" / slug(spec.label)) | {"load_before": load}
             results.append(r)
             save()
             log(f"real, {spec.label}: {100 * r['final_test_acc']:.2f}% after {r['samples']:,} samples, "
