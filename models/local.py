@@ -153,9 +153,9 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
     cached instance of ``model_name`` to avoid rebuilding it; its state is overwritten.
     """
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
+    model = model if model is not None else registry.build(model_name)   # before the seed: building draws
+    torch.manual_seed(seed)                                               # numbers (dropout uses what follows)
     gen = torch.Generator().manual_seed(seed)
-    model = model if model is not None else registry.build(model_name)
     model.to(memory_format=torch.channels_last)
     load_arrays(model, base)
     model.train()
