@@ -4,13 +4,16 @@ Routes (docs/protocol.md): ``POST /api/v1/units/next``, ``GET /api/v1/blobs/<id>
 ``POST /api/v1/units/<unit_id>/result``, ``GET /api/v1/steps/<model>/<batch>`` (a browser
 worker's training-step graph, ``coordinator.steps``); for people and monitors: ``GET /``
 (the donate page, ``coordinator.web``), ``GET /api/status``, ``GET /metrics``, ``GET /dashboard``. Handlers are short: domain errors become 4xx JSON
-bodies that name the field, and no traceback ever reaches a client.
+bodies that name the field, and no traceback ever reaches a client. Unit requests are rate
+limited per worker id and per address (429 ``rate_limited``), and with ``--worker-tokens`` the
+two worker routes need an operator's token (401 ``unauthorized``): ``coordinator.limits``.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -20,9 +23,10 @@ from contract.errors import ContractError, Said
 from contract.units import UnitRequest, is_blob_id
 from coordinator import metrics
 from coordinator.config import CoordinatorConfig
+from coordinator.limits import UnitLimits, bearer, client_address, load_tokens, retry_after
 from coordinator.intake import Rejection, contract_rejection
 from coordinator.job import Job
-from coordinator.keys import ASSETS, CONFIG, EVALS, JOB, STEPS, WARM
+from coordinator.keys import ASSETS, CONFIG, EVALS, JOB, LIMITS, STEPS, TOKENS, WARM
 from coordinator.model_out import get_model
 from coordinator.steps import StepGraphs, StepUnavailable
 from coordinator.web import ISOLATION, Assets
@@ -58,6 +62,17 @@ async def errors_as_json(request: web.Request, handler):
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return error("internal", 500, "internal error; see the coordinator's log")
+
+
+@web.middleware
+async def worker_tokens(request: web.Request, handler):
+    """With ``--worker-tokens``: a unit request or a result without a known bearer token is refused."""
+    tokens = request.app[TOKENS]
+    if (tokens and request.method == "POST" and request.path.startswith("/api/v1/units/")
+            and bearer(request.headers.get("Authorization")) not in tokens):
+        return error("unauthorized", 401, "Authorization: expected 'Bearer <token>' with a worker token this "
+                     "coordinator's operator issued", "Authorization")
+    return await handler(request)
 
 
 # ---------------------------------------------------------------------------- input
@@ -100,10 +115,21 @@ async def next_unit(request: web.Request) -> web.Response:
         unit_request = UnitRequest.from_json(raw)
     except ContractError as e:
         raise contract_rejection(e) from None
+    address = client_address(request.remote, request.headers.get("X-Forwarded-For"))
+    wait = request.app[LIMITS].wait(address, unit_request.worker_id)
+    if wait > 0:
+        job.store.count_rejection("rate_limited")
+        cfg = job.config
+        limits = " and ".join(f"{n:g} a minute per {what}" for n, what in ((cfg.unit_rate_worker, "worker"),
+                                                                          (cfg.unit_rate_address, "address")) if n)
+        limited = error("rate_limited", 429, f"request: expected at most {limits} unit requests; retry in "
+                        f"{retry_after(wait)} s", "request")
+        limited.headers["Retry-After"] = retry_after(wait)
+        return limited
     why = browser_wait(request.app) if unit_request.backend == "browser" else None
     if why is not None:
         return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": why})
-    unit = job.next_unit(unit_request)
+    unit = job.next_unit(unit_request, address)
     if unit is None:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         if job.finished:
@@ -268,8 +294,10 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     """The app for ``job``; ``warm`` builds the browser's step graph and gzips the page's assets
     at start instead of on the first browser's request (servers do; most tests do not need to)."""
     job = job or Job(config)
-    app = web.Application(middlewares=[errors_as_json], client_max_size=job.max_body)
+    app = web.Application(middlewares=[errors_as_json, worker_tokens], client_max_size=job.max_body)
     app[CONFIG], app[JOB], app[EVALS] = config, job, {}
+    app[LIMITS] = UnitLimits(config.unit_rate_worker, config.unit_rate_address, time.monotonic)
+    app[TOKENS] = load_tokens(config.worker_tokens) if config.worker_tokens else frozenset()
     app[ASSETS], app[WARM] = Assets(default_cache_dir()), warm
     app.cleanup_ctx.append(job_ctx)
     app.router.add_post("/api/v1/units/next", next_unit)

@@ -30,6 +30,7 @@ DEFAULT_STRATEGY_PARAMS = {"async_sgd": {"staleness": "polynomial"}}
 LATE_POLICIES = ("use", "drop")
 STALE_POLICIES = ("refuse", "drop")
 NORM_POLICIES = ("refuse", "clip")
+REPLICATION_POLICIES = ("off", "adaptive")
 
 # The help output's sections, in order.
 GROUPS = {
@@ -171,6 +172,14 @@ class CoordinatorConfig:
                                 "norm_bound), or clip it to that norm", "checks", choices=NORM_POLICIES)
     body_slack_bytes: int = option(int, 1 << 20, "request body cap = fp32 size of a delta + this many bytes",
                                    "checks", lo=1)
+    replication: str = option(str, "off", "replicated spot checks (coordinator/trust.py): off, or adaptive: another "
+                              "worker recomputes a result, which is held until the two agree; every result of a "
+                              "worker without 10 agreeing results in a row is checked, then 1 in that run (at least "
+                              "1 in 50); two lost checks quarantine a worker (its results are never folded)",
+                              "checks", choices=REPLICATION_POLICIES)
+    replica_wait_s: float = option(float, 120.0, "a held result whose replica has not come back after this many "
+                                   "seconds is recomputed by the coordinator itself", "checks", flag="--replica-wait",
+                                   lo=0, lo_open=True)
     # evaluation
     eval_every_s: float = option(float, 30.0, "evaluate the current model at most this often, seconds",
                                  "evaluation", flag="--eval-every", lo=0, lo_open=True)
@@ -179,6 +188,16 @@ class CoordinatorConfig:
     # service
     host: str = option(str, "127.0.0.1", "address to listen on", "service")
     port: int = option(int, 8080, "TCP port to listen on", "service", lo=0, hi=65535)
+    unit_rate_worker: float | None = option(float, 120.0, "unit requests a worker id may make per minute (bursts of "
+                                            "a sixth of it); above it: 429 with Retry-After; not for loopback "
+                                            "addresses", "service", lo=0, lo_open=True, none="no limit", metavar="N")
+    unit_rate_address: float | None = option(float, 600.0, "unit requests one address may make per minute, all its "
+                                             "worker ids together (bursts of a sixth of it); not for loopback "
+                                             "addresses", "service", lo=0, lo_open=True, none="no limit", metavar="N")
+    worker_tokens: Path | None = option(Path, None, "file of operator-issued worker tokens, one a line: unit "
+                                        "requests and results must carry 'Authorization: Bearer <token>' (401 "
+                                        "otherwise; closed deployments)", "service", none="anyone may work",
+                                        metavar="FILE")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

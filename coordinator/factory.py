@@ -4,9 +4,15 @@ It owns the shard queue, the lease deadlines, the sample budget, the learning-ra
 (driven by the samples committed so far), unit ids and seeds, and the signed lease; it turns
 a worker's request into a ``WorkUnit`` and records it in the store. It knows nothing of
 results or aggregation: the job tells it the current version and what is committed.
+
+A *replica* (``replicate``) is the same unit again for another worker, for a replicated
+check (``coordinator.trust``): same base version, shards, hyperparameters and seed, with its
+own id, lease and deadline. Its shards are covered by the result it checks, so they never go
+back in line when a replica expires or fails (the job asks for another replica instead).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -81,7 +87,7 @@ class UnitFactory:
         if lr <= 0:
             lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
         if self.rng is None:
-            unit_id, seed = secrets.token_hex(8), secrets.randbelow(2**31)
+            unit_id, seed = self._unit_id(), secrets.randbelow(2**31)
         else:
             unit_id, seed = f"{self.rng.getrandbits(64):016x}", self.rng.randrange(2**31)
         deadline = round(now + self.deadlines.lease_seconds(worker_id, steps * batch), 3)
@@ -94,11 +100,34 @@ class UnitFactory:
         self.store.set_meta("queue", self.queue.state())
         return unit
 
+    def replicate(self, worker_id: str, original: dict) -> WorkUnit:
+        """The unit of store row ``original`` again, for ``worker_id``: the same base, shards,
+        hyperparameters and seed (so an honest worker computes the same delta), its own id and lease."""
+        issued = WorkUnit.from_json(json.loads(original["wire"]))
+        now = self.clock()
+        unit_id = self._unit_id()
+        claim = issued.local_steps * issued.batch_size
+        deadline = round(now + self.deadlines.lease_seconds(worker_id, claim), 3)
+        lease = leases.sign(self.key, self.config.job, unit_id, worker_id, issued.base_step, deadline)
+        unit = dataclasses.replace(issued, unit_id=unit_id, lease=lease, deadline=deadline)
+        self.store.insert_unit(unit_id, worker_id, list(issued.shard_ids), issued.base_step, original["lr"],
+                               issued.seed, deadline, claim, now, wire=json.dumps(unit.to_json()),
+                               replica_of=original["unit_id"])
+        return unit
+
+    def _unit_id(self) -> str:
+        return secrets.token_hex(8) if self.rng is None else f"{self.rng.getrandbits(64):016x}"
+
+    def requeue(self, shards: list[str]) -> None:
+        """Shards whose result was not used (a quarantined or distrusted worker's): trained again first."""
+        self.queue.requeue(shards)
+        self.store.set_meta("queue", self.queue.state())
+
     # ------------------------------------------------------------------ units that will not come back
     def give_up(self, unit: dict, status: str) -> None:
         """``unit`` (a store row) will not be used: its shards go back in line (once), unless its
-        second copy covers them."""
-        if unit["status"] == "leased" and not self.store.twin_alive(unit):
+        second copy covers them or it is a replica."""
+        if unit["status"] == "leased" and not unit.get("replica_of") and not self.store.twin_alive(unit):
             self.queue.requeue(unit["shard_ids"])
             self.store.set_meta("queue", self.queue.state())
         self.store.set_unit_status(unit["unit_id"], status, only_if=None)
@@ -107,7 +136,7 @@ class UnitFactory:
         """Leases past their deadline: their shards go to the front of the queue."""
         expired = self.store.expire_leases(self.clock())
         for row in expired:
-            if not self.store.twin_alive(row):
+            if not row["replica_of"] and not self.store.twin_alive(row):
                 self.queue.requeue(row["shard_ids"])
         if expired:
             self.store.set_meta("queue", self.queue.state())

@@ -136,7 +136,8 @@ class Intake:
             raise Rejection("norm_bound", 422, f"delta: expected a global L2 norm <= {cfg.max_delta_norm:g}, "
                             f"got {norm:.4g}", "delta")
         stale = staleness(unit["base_step"], current_step)
-        if cfg.max_staleness is not None and stale > cfg.max_staleness and cfg.on_stale == "refuse":
+        replica = bool(unit.get("replica_of"))   # a check of a held result: its own staleness does not matter
+        if cfg.max_staleness is not None and stale > cfg.max_staleness and cfg.on_stale == "refuse" and not replica:
             raise Rejection("too_stale", 409, f"staleness: expected <= {cfg.max_staleness}, got {stale}",
                             "result.base_version", give_up="stale")
         if stale and any(is_running_stat(n) for n in delta) and not self._kept(unit["base_step"]):

@@ -15,6 +15,15 @@ one background task; the simulator calls it after each submission), which writes
 store exactly the fate the aggregator states for each update. The same ``Job`` runs under
 the simulator with a fake clock.
 
+Replicated checks (``--replication adaptive``, ``coordinator.trust``): a result the trust
+policy picks is logged and answered like any other but *held* (not offered to the
+aggregator) until a replica of its unit, computed by another worker of the same backend,
+comes back; ``settle`` compares the two, and on a disagreement, or when no replica came
+within ``replica_wait_s``, recomputes the unit itself (``worker_py.unit.run_unit``, in a
+thread). One agreeing copy goes on to the aggregator; the other is dropped (``replica``), a
+loser's copy and its other held results are dropped (``distrusted``), and a quarantined
+worker's results are dropped on arrival (``quarantined``).
+
 Everything that touches SQLite runs on the event loop's thread; numpy and torch work
 (decoding, aggregation, encoding, evaluation) goes to worker threads.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -29,24 +39,27 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from contract.codecs import decode_delta, encode_delta, get_codec
-from contract.shards import encode_shard
+from contract.shards import decode_shard, encode_shard
 from contract.units import UnitRequest, WorkUnit
 from coordinator import leases, strategy_docs
+from coordinator import trust as T
 from coordinator.aggregator import Aggregation, Aggregator
 from coordinator.config import DEFAULT_STRATEGY, DEFAULT_STRATEGY_PARAMS, CoordinatorConfig
 from coordinator.evaluator import Evaluator
 from coordinator.factory import Base, UnitFactory
 from coordinator.intake import Accepted, Failure, Intake, Rejection, Superseded
-from coordinator.status import JobStatus, WorkerRow
+from coordinator.status import JobStatus, TrustRow, WorkerRow
 from coordinator.store import Store, Version
 from coordinator.strategies import NormClip, StalenessCap, Strategy, StrategyState, make_strategy
 from models import registry
 from models.data import Cifar10, load_cifar10
 from models.local import delta_spec, state_arrays
 from models.recipe import Recipe
+from worker_py.unit import run_unit
 
 __all__ = ["Job", "Rejection", "build_strategy"]
 
@@ -56,6 +69,7 @@ FP32 = get_codec("fp32")
 ONLINE_S = 60.0      # a worker seen within this many seconds counts as online
 RATE_WINDOW_S = 60.0  # samples/s and units/s: over this window, per worker and in total (their sum)
 STATES_KEPT = 4      # decoded older versions kept for rebasing running statistics
+TRUST_ROWS = 100     # workers shown with their trust (the quarantined and the most recent)
 
 
 @dataclass
@@ -123,6 +137,10 @@ class Job:
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self.finished = False
+        self.policy = T.TrustPolicy()
+        self.checks: deque[int] = deque()    # seqs of replicas' results waiting for a verdict
+        self.check_counts = {"replicas_issued": 0, "agreed": 0, "disagreed": 0, "recomputed": 0}
+        self._draw = (rng or random.SystemRandom()).random   # which results are checked
 
     # ------------------------------------------------------------------ start-up (blocking)
     def open(self, data: Cifar10 | None = None) -> None:
@@ -150,6 +168,8 @@ class Job:
                                      latest.samples, self._state_at)
         self.factory = UnitFactory(cfg, self.recipe, store, self.key, shard_sizes, self.budget, self.clock, self.rng)
         self.intake = Intake(cfg, store, self.key, self.spec, self.clock)
+        self.trust = T.TrustBook(store, self.policy)
+        self.checks.extend(row["seq"] for row in store.waiting_replica_results())   # judged at the next settle
         self.started = store.get_meta("started") or self.clock()
         store.set_meta("started", self.started)
         self.finished = bool(store.get_meta("finished", False))
@@ -210,20 +230,56 @@ class Job:
         return self._states[step]
 
     # ------------------------------------------------------------------ units
-    def next_unit(self, request: UnitRequest) -> WorkUnit | None:
-        """A fresh unit for this worker, or None when there is nothing to do right now."""
+    def next_unit(self, request: UnitRequest, address: str = "") -> WorkUnit | None:
+        """A fresh unit for this worker (a replica of a held result first, when one is wanted and this
+        worker may check it), or None when there is nothing to do right now. ``address``: where the
+        request came from (a replica never goes to the original's remote address)."""
         self._seen(request.worker_id, request.backend, self.clock())
+        self.trust.seen(request.worker_id, request.backend, address)
         if self.finished or (request.models and self.config.model not in request.models):
             return None
         codec = self.factory.codec_for(request.codecs)
         if codec is None:
             return None
+        if self.replicating:
+            replica = self._replica_for(request, address)
+            if replica is not None:
+                return replica
         base = Base(self.step, self.store.version(self.step).blob)
         return self.factory.make(request.worker_id, codec, base, self.samples)
 
+    def _replica_for(self, request: UnitRequest, address: str) -> WorkUnit | None:
+        """The oldest held result's unit again, for this worker: another id, the same backend (a
+        browser draws its batches with another generator than torch), not the same remote address,
+        a codec it takes, and not a unit it already had a replica of."""
+        worker = request.worker_id
+        if self.trust.quarantined(worker):
+            return None
+        for row in self.store.wanted_replicas():
+            holder = self.trust.get(row["holder"])
+            if row["holder"] == worker or (holder is not None and holder.backend != request.backend):
+                continue
+            if holder is not None and T.same_host(holder.address, address):
+                continue
+            if json.loads(row["wire"])["codec"].split(":")[0] not in request.codecs:
+                continue
+            if any(r["worker_id"] == worker for r in self.store.replicas_of(row["unit_id"])):
+                continue
+            self.check_counts["replicas_issued"] += 1
+            return self.factory.replicate(worker, self.store.unit(row["unit_id"]))
+        return None
+
+    @property
+    def replicating(self) -> bool:
+        return self.config.replication != "off"
+
     def expire_leases(self) -> int:
-        """Leases past their deadline: their shards go to the front of the queue."""
-        return self.factory.expire()
+        """Leases past their deadline: their shards go to the front of the queue (a replica's: another
+        replica is wanted). Wakes the aggregation task when a held result waited too long for its replica."""
+        expired = self.factory.expire()
+        if self._overdue_holds():
+            self.work.set()
+        return expired
 
     # ------------------------------------------------------------------ results
     async def submit(self, unit_id: str, body: bytes) -> dict:
@@ -254,8 +310,16 @@ class Job:
             if not self.store.blob_pending(blob):
                 self.store.delete_blob(blob)
             return self._superseded(Superseded(unit, r))
-        seq = self.store.add_result(unit["unit_id"], r.worker_id, unit["base_step"], a.staleness, r.num_samples,
-                                    r.loss_before, r.loss_after, r.compute_seconds, blob)
+        # A quarantined worker's result, a held one and a replica's are answered like any other.
+        quarantined, replica_of = self.trust.quarantined(r.worker_id), unit.get("replica_of")
+        held = (self.replicating and not quarantined and not replica_of
+                and self._draw() < self.trust.probability(r.worker_id))
+        check = "replica" if replica_of else "held" if held else None
+        with self.store.transaction():   # the row and the worker's record: one commit
+            seq = self.store.add_result(unit["unit_id"], r.worker_id, unit["base_step"], a.staleness, r.num_samples,
+                                        r.loss_before, r.loss_after, r.compute_seconds, blob, check_state=check)
+            if seq is not None and not replica_of:
+                self.trust.result(r.worker_id, held, r.num_samples)
         if seq is None:
             raise Rejection("duplicate", 409, f"a result for unit {unit['unit_id']!r} was already accepted",
                             "result.unit_id")
@@ -263,7 +327,15 @@ class Job:
             self.store.supersede(unit["twin"])
         now = self.clock()
         self._credit(r.worker_id, r.num_samples, r.compute_seconds, now, now - unit["issued"])
-        self.inbox.append(Inbound(seq, a.delta, unit["base_step"], r.num_samples, r.worker_id, r.loss_after, blob))
+        if quarantined:
+            self.store.mark_dropped([(seq, "quarantined")])
+            self._delete_blobs([blob])
+            if not replica_of:
+                self.factory.requeue(unit["shard_ids"])
+        elif replica_of:
+            self.checks.append(seq)
+        elif not held:
+            self.inbox.append(Inbound(seq, a.delta, unit["base_step"], r.num_samples, r.worker_id, r.loss_after, blob))
         self.work.set()
         return {"accepted": True, "staleness": a.staleness, "model_version": self.step, "late": a.late}
 
@@ -291,6 +363,7 @@ class Job:
         budget is reached), and write each update's fate to the store. Returns the aggregation run,
         if any. Safe to call at any time; the HTTP service calls it from one background task."""
         async with self.lock:
+            await self._judge()
             self._offer_inbox()
             if self.finished:
                 return None
@@ -303,6 +376,123 @@ class Job:
                 self.finished = True
                 self.store.set_meta("finished", True)
             return agg
+
+    # ------------------------------------------------------------------ replicated checks (in settle)
+    async def _judge(self) -> None:
+        """Verdicts: each replica's result against the held result it recomputes; then at most one held
+        result whose replica did not come in time, against the coordinator's own computation."""
+        while self.checks:
+            replica = self.store.result(self.checks.popleft())
+            if replica is None or replica["dropped"] is not None or replica["check_state"] != "replica":
+                continue
+            original = self.store.result_for_unit(self.store.unit(replica["unit_id"])["replica_of"])
+            if original is None or original["check_state"] != "held" or original["dropped"] is not None:
+                # settled without it (the coordinator's own check came first): not a vote
+                self.store.mark_dropped([(replica["seq"], "replica")])
+                self._delete_blobs([replica["delta_blob"]])
+                continue
+            await self._check(original, replica)
+        overdue = self._overdue_holds()
+        if overdue:
+            await self._check(overdue[0], None)
+            if len(overdue) > 1:
+                self.work.set()   # one recomputation per settle: folding is not held up for long
+
+    def _overdue_holds(self) -> list[dict]:
+        """Held results that waited ``replica_wait_s`` without a replica's result in."""
+        cutoff = self.clock() - self.config.replica_wait_s
+        waiting = {self.store.unit(r["unit_id"])["replica_of"] for r in self.store.waiting_replica_results()}
+        return [r for r in self.store.held_results() if r["accepted"] <= cutoff and r["unit_id"] not in waiting]
+
+    async def _check(self, original: dict, replica: dict | None) -> None:
+        """Decide the held result ``original``: it and ``replica`` agree, or the coordinator recomputes
+        the unit and whoever agrees with that wins (with no replica: the coordinator's check alone)."""
+        rows = [original] + ([replica] if replica else [])
+        deltas = await asyncio.to_thread(lambda: [decode_delta(self.store.get_blob(r["delta_blob"])) for r in rows])
+        tolerance = self.policy.tolerance
+        if replica is not None and T.agree(T.compare(deltas[0], deltas[1]), tolerance):
+            self.check_counts["agreed"] += 1
+            self._verdict(rows, deltas, ["valid", "valid"])
+            return
+        if replica is not None:
+            self.check_counts["disagreed"] += 1
+        wire = self.store.unit(original["unit_id"])["wire"]
+        try:
+            reference = await asyncio.to_thread(self._recompute, wire)
+        except Exception:
+            log.exception("unit %s: the coordinator could not recompute it; its result is dropped",
+                          original["unit_id"])
+            self._verdict(rows, deltas, ["unchecked"] * len(rows))
+            return
+        self.check_counts["recomputed"] += 1
+        similar = [T.compare(d, reference) for d in deltas]
+        self._verdict(rows, deltas, [T.judge(s, tolerance) for s in similar], similar)
+
+    def _recompute(self, wire: str) -> dict:
+        """The unit as issued (its JSON), computed here as an honest worker would (blocking)."""
+        unit = WorkUnit.from_json(json.loads(wire))
+        base = decode_delta(self.store.get_blob(unit.model_version))
+        xs, ys = zip(*(decode_shard(self.store.get_blob(s)) for s in unit.shard_ids))
+        return decode_delta(run_unit(unit, base, np.concatenate(xs), np.concatenate(ys), "coordinator").delta)
+
+    def _verdict(self, rows: list[dict], deltas: list[dict], outcomes: list[str],
+                 similar: list[T.Similarity] | None = None) -> None:
+        """Write a check's outcome in one transaction: the first ``valid`` row (the original when it is
+        valid) goes on to the aggregator, other valid rows are dropped (``replica``), ``invalid`` ones
+        (``distrusted``) lose trust and so do their workers' other held results; ``inconclusive`` and
+        ``unchecked`` (the coordinator could not recompute the unit) rows are dropped with that reason."""
+        fold = next((i for i, o in enumerate(outcomes) if o == "valid"), None)
+        won = [True if o == "valid" else False if o == "invalid" else None for o in outcomes]
+        drops, states, shards, blobs = [], [], [], []
+        for i, (row, outcome) in enumerate(zip(rows, outcomes)):
+            states.append((row["seq"], outcome))
+            if i != fold:
+                drops.append((row["seq"], {"valid": "replica", "invalid": "distrusted"}.get(outcome, outcome)))
+                blobs.append(row["delta_blob"])
+        original = rows[0]
+        if fold is None:
+            shards.append(self.store.unit(original["unit_id"])["shard_ids"])
+        with self.store.transaction():
+            for row, w in zip(rows, won):
+                if w is not None:
+                    self.trust.verdict(row["worker_id"], w, row["num_samples"] if w else 0)
+            for row, w in zip(rows, won):
+                if w is False:   # the loser's other held results are withdrawn
+                    for other in self.store.held_results():
+                        if other["worker_id"] == row["worker_id"] and other["seq"] != original["seq"]:
+                            drops.append((other["seq"], "distrusted"))
+                            states.append((other["seq"], "withdrawn"))
+                            blobs.append(other["delta_blob"])
+                            shards.append(self.store.unit(other["unit_id"])["shard_ids"])
+                            self._supersede_replicas(other["unit_id"])
+            self._supersede_replicas(original["unit_id"])
+            self.store.set_check(states)
+            self.store.mark_dropped(drops)
+        for s in shards:
+            self.factory.requeue(s)
+        self._delete_blobs(blobs)
+        if fold is not None:
+            row = rows[fold]
+            self.inbox.append(Inbound(row["seq"], deltas[fold], row["base_step"], row["num_samples"], row["worker_id"],
+                                      row["loss_after"], row["delta_blob"]))
+        for i, (row, outcome) in enumerate(zip(rows, outcomes)):
+            if outcome not in ("valid", "unchecked"):
+                record = self.trust.get(row["worker_id"])
+                how = f" (cosine {similar[i].cosine:.4f}, norm difference {similar[i].norm_diff:.3g})" if similar else ""
+                log.warning("worker %s: check of unit %s %s against the coordinator's computation%s%s",
+                            row["worker_id"], original["unit_id"], "lost" if outcome == "invalid" else outcome, how,
+                            "; quarantined" if record and record.quarantined else "")
+
+    def _supersede_replicas(self, unit_id: str) -> None:
+        """The check of ``unit_id`` is decided: a replica still out is answered ``superseded`` when it comes."""
+        for replica in self.store.replicas_of(unit_id):
+            if replica["status"] == "leased":
+                self.store.supersede(replica["unit_id"])
+
+    def _delete_blobs(self, blobs: list[str]) -> None:
+        for blob in blobs:
+            if blob and not self.store.blob_pending(blob):
+                self.store.delete_blob(blob)
 
     def _offer_inbox(self) -> None:
         while self.inbox:
@@ -436,7 +626,20 @@ class Job:
             accuracy_history=history,
             best=None if best is None else {"version": best["version"], "samples": best["samples"],
                                             "test_acc": best["test_acc"]},
+            **self._trust_status(),
         )
+
+    def _trust_status(self) -> dict:
+        held = self.store.held_counts()
+        records = sorted(self.trust.records.values(), key=lambda r: (not r.quarantined, -self.workers.get(
+            r.worker_id, WorkerStats("")).last_seen, r.worker_id))[:TRUST_ROWS]
+        rows = [TrustRow(r.worker_id, r.backend, round(T.reputation(r, self.policy), 4),
+                         round(T.replication_probability(r, self.policy), 4), r.results, r.replicated, r.valid,
+                         r.invalid, r.consecutive_valid, r.quarantined, r.credit) for r in records]
+        replication = {"policy": self.config.replication, "held": held.get("held", 0),
+                       "replicas_waiting": held.get("replica", 0),
+                       "quarantined": sum(r.quarantined for r in self.trust.records.values()), **self.check_counts}
+        return {"updates_held": held.get("held", 0), "replication": replication, "trust": rows}
 
     def close(self) -> None:
         if self.store is not None:

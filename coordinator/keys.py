@@ -5,6 +5,7 @@ from aiohttp import web
 
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
+from coordinator.limits import UnitLimits
 from coordinator.steps import StepGraphs
 from coordinator.web import Assets
 
@@ -14,3 +15,5 @@ EVALS = web.AppKey("evals", dict)   # background-task bookkeeping: last evaluate
 STEPS = web.AppKey("steps", StepGraphs)    # browser step graphs of the job's model
 ASSETS = web.AppKey("assets", Assets)      # the donate page and its static files
 WARM = web.AppKey("warm", bool)             # prepare browser assets at start
+LIMITS = web.AppKey("limits", UnitLimits)   # rate limits of unit requests
+TOKENS = web.AppKey("tokens", frozenset)    # operator-issued worker tokens (empty: anyone may work)

@@ -23,6 +23,7 @@ from typing import Any
 
 
 from coordinator.config import CoordinatorConfig, add_config_arguments, config_from_args, parse_param
+from coordinator.limits import load_tokens
 from models.data import DataError
 
 __all__ = ["Parser", "build_parser", "check_data", "cli", "config_from_args", "listen", "open_job", "parse_param",
@@ -193,6 +194,8 @@ def checked(args: argparse.Namespace) -> tuple[CoordinatorConfig, socket.socket]
     None after one ``error:`` line."""
     try:
         config = config_from_args(args)
+        if config.worker_tokens:
+            load_tokens(config.worker_tokens)
         check_data(config)
         return config, listen(config.host, config.port)
     except (ValueError, DataError) as e:

@@ -32,6 +32,18 @@ _GAUGES: tuple[tuple[str, str, str], ...] = (
     ("units_leased", "units_leased", "Work units currently leased to workers."),
     ("budget_samples", "budget_samples", "Training budget in samples."),
     ("uptime_seconds", "uptime_s", "Seconds since the coordinator started."),
+    ("updates_held", "updates_held", "Accepted results held for a replicated check."),
+)
+
+# Per worker (label ``worker``), from /api/status ``trust``: metric suffix, key, type, help.
+_TRUST: tuple[tuple[str, str, str, str], ...] = (
+    ("worker_reputation", "reputation", "gauge", "Chance a result of the worker is used without a check."),
+    ("worker_replication_rate", "replication_rate", "gauge", "Chance the worker's next result is checked."),
+    ("worker_valid_checks_total", "valid", "counter", "Checks the worker passed."),
+    ("worker_disagreements_total", "disagreements", "counter", "Checks the worker lost."),
+    ("worker_quarantined", "quarantined", "gauge", "1 when the worker is quarantined (its results are not used)."),
+    ("worker_credit_samples_total", "credit", "counter", "Samples of the worker's results that passed a check or "
+     "were used unchecked."),
 )
 
 PREFIX = "crowdtrain_"
@@ -166,6 +178,25 @@ def _info(status: Mapping[str, Any]) -> list[str]:
     return _family(name, "gauge", "Job, model and strategy of this coordinator.", [(name, labels, 1.0)])
 
 
+def _trust(status: Mapping[str, Any]) -> list[str]:
+    rows = [r for r in status.get("trust") or [] if isinstance(r, Mapping)]
+    lines: list[str] = []
+    for suffix, key, kind, help_text in _TRUST:
+        name = PREFIX + suffix
+        lines += _family(name, kind, help_text, [(name, {"worker": str(r.get("worker_id", ""))}, _or0(r.get(key)))
+                                                 for r in rows])
+    replication = _dict(status.get("replication"))
+    lines += _simple(PREFIX + "replicas_issued_total", "counter", "Replicas of held results handed out.",
+                     _or0(replication.get("replicas_issued")))
+    name = PREFIX + "checks_total"
+    lines += _family(name, "counter", "Replicated checks decided: agreed, disagreed (then recomputed), and units "
+                     "the coordinator recomputed itself.",
+                     [(name, {"outcome": k}, _or0(replication.get(k))) for k in ("agreed", "disagreed", "recomputed")])
+    lines += _simple(PREFIX + "workers_quarantined", "gauge", "Workers quarantined.",
+                     _or0(replication.get("quarantined")))
+    return lines
+
+
 def render(status: Mapping[str, Any]) -> str:
     """The Prometheus text exposition (0.0.4) of a ``/api/status`` dict; ends with a newline."""
     lines = _info(status)
@@ -180,4 +211,5 @@ def render(status: Mapping[str, Any]) -> str:
     lines += _latest_eval(status)
     lines += _staleness(status)
     lines += _aggregation(status)
+    lines += _trust(status)
     return "\n".join(lines) + "\n"

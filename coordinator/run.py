@@ -36,6 +36,7 @@ from pathlib import Path
 
 from coordinator.console import PLAIN_EVERY_S, Console, duration, last_eval, progress_text
 from coordinator.main import build_parser as coordinator_parser
+from coordinator.limits import load_tokens
 from coordinator.main import checked, open_job, start_line, urls
 from worker_py.stop import GRACE
 
@@ -72,8 +73,10 @@ class LocalWorkers:
     """``crowdtrain worker`` processes in their own process group (a terminal's Ctrl-C does not reach
     them; this process passes signals on), their output shown through the console."""
 
-    def __init__(self, url: str, n: int, threads: int, console: Console) -> None:
+    def __init__(self, url: str, n: int, threads: int, console: Console, token: str | None = None) -> None:
+        """``token``: a worker token for a coordinator with --worker-tokens (given in $CROWDTRAIN_TOKEN)."""
         self.console = console
+        env = {**os.environ, "CROWDTRAIN_TOKEN": token} if token else None
         cmd = [sys.executable, "-m", "crowdtrain", "worker", "--coordinator", url, "--threads", str(threads),
                "--no-progress"]
         root = Path(__file__).resolve().parents[1]
@@ -81,7 +84,7 @@ class LocalWorkers:
         self._reported: set[str] = set()
         for i in range(n):
             name = f"local-{i + 1}"
-            proc = subprocess.Popen(cmd + ["--worker-id", name], cwd=root, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(cmd + ["--worker-id", name], cwd=root, stdout=subprocess.PIPE, env=env,
                                     stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
             self.procs[name] = proc
             threading.Thread(target=self._relay, args=(name, proc), daemon=True).start()
@@ -169,7 +172,9 @@ class Session:
             loop.add_signal_handler(sig, self.on_signal, signal.Signals(sig).name)
         try:
             if not self.job.finished:
-                self.workers = LocalWorkers(local_url, self.args.workers, self.args.worker_threads, self.console)
+                token = min(load_tokens(self.config.worker_tokens)) if self.config.worker_tokens else None
+                self.workers = LocalWorkers(local_url, self.args.workers, self.args.worker_threads, self.console,
+                                            token)
             finished = await self.train()
             if finished:
                 self.phase = "finishing"

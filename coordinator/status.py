@@ -5,7 +5,9 @@ updates folded into the model; ``updates_applied`` counts those updates and
 ``updates_dropped`` (reason -> count) the accepted updates the aggregator dropped.
 ``samples_per_second`` is the sum of the workers' rows, each over the last ``rate_window_s``
 seconds; ``strategy_settings`` is the strategy's ``describe()`` named and explained
-(``coordinator.strategy_docs.settings``).
+(``coordinator.strategy_docs.settings``). ``updates_held`` (part of ``updates_pending``) are
+results held for a replicated check; ``trust`` is each worker's record (``coordinator.trust``)
+and ``replication`` the checks' totals.
 """
 from __future__ import annotations
 
@@ -20,6 +22,21 @@ class WorkerRow:
     units: int
     samples_per_second: float        # accepted samples / s over the job's rate window
     last_seen_s: float
+
+
+@dataclass(frozen=True)
+class TrustRow:
+    worker_id: str
+    backend: str
+    reputation: float                # the chance a result of it is used without a check (0 when new)
+    replication_rate: float          # the chance its next result is checked
+    results: int                     # results accepted from it
+    checked: int                     # of those, held for a check
+    valid: int                       # checks it passed (its own results and replicas it computed)
+    disagreements: int               # checks it lost
+    consecutive_valid: int
+    quarantined: bool
+    credit: int                      # samples of its results that passed a check or were used unchecked
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,9 @@ class JobStatus:
     aggregation_seconds: dict
     accuracy_history: list[dict]
     best: dict | None = None         # the best evaluation so far: version, samples, test_acc
+    updates_held: int = 0            # accepted results held for a replicated check (within updates_pending)
+    replication: dict = dataclasses.field(default_factory=dict)   # policy and totals of the checks
+    trust: list[TrustRow] = dataclasses.field(default_factory=list)   # quarantined first, then most recent
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,6 +15,12 @@ Invariants that make ``kill -9`` safe:
   results neither applied nor dropped are replayed into the strategy's buffer on start.
 - Each result's fate is written as the aggregator states it (applied to version N, or
   dropped with a reason), never inferred from counters.
+- A replicated check (``coordinator.trust``) is explicit too: ``results.check_state`` is
+  ``held`` (an update waiting for its replica: neither folded nor offered to the strategy,
+  so not replayed into it on start), ``replica`` (a replica's result waiting for the
+  verdict), then ``valid`` or ``invalid``; ``units.replica_of`` names the unit a replica
+  recomputes. A verdict (the fates, the check states and the workers' trust records) is
+  one transaction.
 """
 from __future__ import annotations
 
@@ -36,14 +42,15 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS units (
     unit_id TEXT PRIMARY KEY, worker_id TEXT NOT NULL, shard_ids TEXT NOT NULL, base_step INTEGER NOT NULL,
     lr REAL NOT NULL, seed INTEGER NOT NULL, issued REAL NOT NULL, deadline REAL NOT NULL,
-    samples INTEGER NOT NULL, status TEXT NOT NULL, finished REAL, wire TEXT, twin TEXT);
+    samples INTEGER NOT NULL, status TEXT NOT NULL, finished REAL, wire TEXT, twin TEXT, replica_of TEXT);
 CREATE INDEX IF NOT EXISTS units_status ON units (status, deadline);
 CREATE TABLE IF NOT EXISTS results (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, unit_id TEXT NOT NULL UNIQUE, worker_id TEXT NOT NULL,
     base_step INTEGER NOT NULL, staleness INTEGER NOT NULL, num_samples INTEGER NOT NULL,
     loss_before REAL, loss_after REAL, compute_seconds REAL, delta_blob TEXT NOT NULL,
-    accepted REAL NOT NULL, applied_step INTEGER, dropped TEXT);
+    accepted REAL NOT NULL, applied_step INTEGER, dropped TEXT, check_state TEXT);
 CREATE INDEX IF NOT EXISTS results_blob ON results (delta_blob);
+CREATE TABLE IF NOT EXISTS trust (worker_id TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS evals (
     step INTEGER NOT NULL, samples INTEGER NOT NULL, seconds REAL NOT NULL,
     test_acc REAL NOT NULL, test_loss REAL, at REAL NOT NULL);  -- test_loss NULL: not finite (diverged)
@@ -72,9 +79,13 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(units)")}
-        for column in ("wire", "twin"):   # a state directory from before units kept these
+        for column in ("wire", "twin", "replica_of"):   # a state directory from before units kept these
             if column not in columns:
                 self.db.execute(f"ALTER TABLE units ADD COLUMN {column} TEXT")
+        if "check_state" not in {row[1] for row in self.db.execute("PRAGMA table_info(results)")}:
+            self.db.execute("ALTER TABLE results ADD COLUMN check_state TEXT")
+        self.db.execute("CREATE INDEX IF NOT EXISTS units_replica_of ON units (replica_of)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS results_check ON results (check_state)")
 
     def close(self) -> None:
         self.db.close()
@@ -155,21 +166,22 @@ class Store:
     # ------------------------------------------------------------------ units and leases
     def insert_unit(self, unit_id: str, worker_id: str, shard_ids: list[str], base_step: int, lr: float,
                     seed: int, deadline: float, samples: int, issued: float | None = None,
-                    wire: str | None = None, twin: str | None = None) -> None:
+                    wire: str | None = None, twin: str | None = None, replica_of: str | None = None) -> None:
         """A leased unit; ``wire`` is its JSON as sent, so a result can be checked against it;
-        ``twin``: the leased unit this one is a second copy of (both rows name each other)."""
+        ``twin``: the leased unit this one is a second copy of (both rows name each other);
+        ``replica_of``: the unit whose held result this one recomputes (a replicated check)."""
         with self.transaction():
             self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
-                            "samples, status, wire, twin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?)",
+                            "samples, status, wire, twin, replica_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?, ?)",
                             (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
-                             self.clock() if issued is None else issued, deadline, samples, wire, twin))
+                             self.clock() if issued is None else issued, deadline, samples, wire, twin, replica_of))
             if twin is not None:
                 self.db.execute("UPDATE units SET twin = ? WHERE unit_id = ?", (unit_id, twin))
 
     def tail_candidate(self, worker_id: str) -> dict | None:
         """The oldest unit leased to another worker and not copied yet (the job's tail)."""
-        row = self.db.execute("SELECT unit_id FROM units WHERE status = 'leased' AND twin IS NULL AND worker_id != ? "
-                              "ORDER BY issued LIMIT 1", (worker_id,)).fetchone()
+        row = self.db.execute("SELECT unit_id FROM units WHERE status = 'leased' AND twin IS NULL AND replica_of IS NULL "
+                              "AND worker_id != ? ORDER BY issued LIMIT 1", (worker_id,)).fetchone()
         return self.unit(row[0]) if row else None
 
     def supersede(self, unit_id: str) -> None:
@@ -203,9 +215,9 @@ class Store:
 
     def expire_leases(self, now: float) -> list[dict]:
         """Mark leases past their deadline expired; returns them (their shards go back in the queue)."""
-        cur = self.db.execute("SELECT unit_id, shard_ids, twin FROM units WHERE status = 'leased' AND deadline < ?",
-                              (now,))
-        rows = [{"unit_id": u, "shard_ids": json.loads(s), "twin": t} for u, s, t in cur.fetchall()]
+        cur = self.db.execute("SELECT unit_id, shard_ids, twin, replica_of FROM units WHERE status = 'leased' "
+                              "AND deadline < ?", (now,))
+        rows = [{"unit_id": u, "shard_ids": json.loads(s), "twin": t, "replica_of": r} for u, s, t, r in cur.fetchall()]
         with self.transaction():
             self.db.executemany("UPDATE units SET status = 'expired', finished = ? WHERE unit_id = ? "
                                 "AND status = 'leased'", [(now, r["unit_id"]) for r in rows])
@@ -218,7 +230,9 @@ class Store:
         return shards
 
     def leased_samples(self) -> int:
-        return self.db.execute("SELECT COALESCE(SUM(samples), 0) FROM units WHERE status = 'leased'").fetchone()[0]
+        """Samples out on leases (a replica's are its original's, already counted)."""
+        return self.db.execute("SELECT COALESCE(SUM(samples), 0) FROM units WHERE status = 'leased' "
+                               "AND replica_of IS NULL").fetchone()[0]
 
     def needed_base_steps(self, since: int) -> set[int]:
         """Base versions (>= ``since``) that a unit may still come back with, or a buffered result needs."""
@@ -232,15 +246,18 @@ class Store:
 
     # ------------------------------------------------------------------ results
     def add_result(self, unit_id: str, worker_id: str, base_step: int, staleness: int, num_samples: int,
-                   loss_before: float, loss_after: float, compute_seconds: float, delta_blob: str) -> int | None:
-        """Append an accepted result and close its unit; None when ``unit_id`` was already accepted."""
+                   loss_before: float, loss_after: float, compute_seconds: float, delta_blob: str,
+                   check_state: str | None = None) -> int | None:
+        """Append an accepted result and close its unit; None when ``unit_id`` was already accepted.
+        ``check_state``: ``held`` or ``replica`` for a result of a replicated check."""
         with self.transaction():
             try:
                 cur = self.db.execute(
                     "INSERT INTO results (unit_id, worker_id, base_step, staleness, num_samples, loss_before, "
-                    "loss_after, compute_seconds, delta_blob, accepted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "loss_after, compute_seconds, delta_blob, accepted, check_state) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
-                     compute_seconds, delta_blob, self.clock()))
+                     compute_seconds, delta_blob, self.clock(), check_state))
             except sqlite3.IntegrityError:
                 return None
             self.db.execute("UPDATE units SET status = 'done', finished = ? WHERE unit_id = ?", (self.clock(), unit_id))
@@ -263,7 +280,7 @@ class Store:
     def results(self) -> list[dict]:
         """Every accepted result's record and fate, in acceptance order (reports, the simulator)."""
         cur = self.db.execute("SELECT seq, unit_id, worker_id, base_step, staleness, num_samples, accepted, "
-                              "applied_step, dropped FROM results ORDER BY seq")
+                              "applied_step, dropped, check_state FROM results ORDER BY seq")
         names = [c[0] for c in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
@@ -276,15 +293,62 @@ class Store:
         return dict(zip([c[0] for c in cur.description], row)) if row else None
 
     def pending_results(self) -> list[dict]:
-        """Accepted results not yet folded into a version nor dropped, in acceptance order."""
-        cur = self.db.execute("SELECT * FROM results WHERE applied_step IS NULL AND dropped IS NULL ORDER BY seq")
-        names = [c[0] for c in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        """Accepted results not yet folded into a version nor dropped, in acceptance order: what the
+        strategy holds or will be offered (not those held for a check, nor replicas' results)."""
+        return self._rows("SELECT * FROM results WHERE applied_step IS NULL AND dropped IS NULL "
+                          "AND (check_state IS NULL OR check_state NOT IN ('held', 'replica')) ORDER BY seq")
 
     def pending_samples(self) -> int:
-        """Samples of the accepted results not yet folded in nor dropped."""
-        return self.db.execute("SELECT COALESCE(SUM(num_samples), 0) FROM results "
-                               "WHERE applied_step IS NULL AND dropped IS NULL").fetchone()[0]
+        """Samples of the accepted results not yet folded in nor dropped (a replica's result counts
+        for nothing: its samples are those of the held result it checks)."""
+        return self.db.execute("SELECT COALESCE(SUM(num_samples), 0) FROM results WHERE applied_step IS NULL "
+                               "AND dropped IS NULL AND (check_state IS NULL OR check_state != 'replica')").fetchone()[0]
+
+    # ------------------------------------------------------------------ replicated checks
+    def result(self, seq: int) -> dict | None:
+        rows = self._rows("SELECT * FROM results WHERE seq = ?", (seq,))
+        return rows[0] if rows else None
+
+    def held_results(self) -> list[dict]:
+        """Results held for a check (not folded, not dropped), oldest first."""
+        return self._rows("SELECT * FROM results WHERE check_state = 'held' AND applied_step IS NULL "
+                          "AND dropped IS NULL ORDER BY seq")
+
+    def waiting_replica_results(self) -> list[dict]:
+        """Replicas' results accepted and not judged yet (e.g. when the coordinator stopped), oldest first."""
+        return self._rows("SELECT * FROM results WHERE check_state = 'replica' AND dropped IS NULL ORDER BY seq")
+
+    def wanted_replicas(self) -> list[dict]:
+        """Units whose held result waits for a replica that is not out: none was issued yet, or the
+        last one expired, failed or was handed back. Oldest first; ``holder``: the original's worker."""
+        return self._rows(
+            "SELECT u.*, r.worker_id AS holder FROM results r JOIN units u ON u.unit_id = r.unit_id "
+            "WHERE r.check_state = 'held' AND r.applied_step IS NULL AND r.dropped IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM units x WHERE x.replica_of = r.unit_id AND x.status IN ('leased', 'done')) ORDER BY r.seq")
+
+    def replicas_of(self, unit_id: str) -> list[dict]:
+        """The replica units issued for ``unit_id`` (any status)."""
+        return self._rows("SELECT unit_id, worker_id, status FROM units WHERE replica_of = ?", (unit_id,))
+
+    def set_check(self, states: list[tuple[int, str]]) -> None:
+        """``(seq, check_state)`` for results whose check was decided."""
+        self.db.executemany("UPDATE results SET check_state = ? WHERE seq = ?", [(c, s) for s, c in states])
+
+    def held_counts(self) -> dict[str, int]:
+        """Results waiting on a check: ``held`` (originals) and ``replica`` (replicas' results not judged)."""
+        return dict(self.db.execute("SELECT check_state, COUNT(*) FROM results WHERE check_state IN ('held', 'replica') "
+                                    "AND applied_step IS NULL AND dropped IS NULL GROUP BY check_state").fetchall())
+
+    # ------------------------------------------------------------------ trust records (coordinator.trust)
+    def trust_record(self, worker_id: str) -> dict | None:
+        row = self.db.execute("SELECT record FROM trust WHERE worker_id = ?", (worker_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_trust(self, worker_id: str, record: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO trust (worker_id, record) VALUES (?, ?)", (worker_id, json.dumps(record)))
+
+    def trust_records(self) -> list[dict]:
+        return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM trust ORDER BY worker_id")]
 
     def result_totals(self) -> dict:
         row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(num_samples), 0), COALESCE(SUM(applied_step IS NOT NULL),"
@@ -319,6 +383,11 @@ class Store:
     # ------------------------------------------------------------------ helpers
     def transaction(self):
         return _Transaction(self.db)
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
+        cur = self.db.execute(sql, args)
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 class _Transaction:

@@ -48,10 +48,15 @@ VALUES = {
     "max_delta_norm": (["--max-delta-norm", "5"], 5.0),
     "on_large_norm": (["--on-large-norm", "clip"], "clip"),
     "body_slack_bytes": (["--body-slack-bytes", "4096"], 4096),
+    "replication": (["--replication", "adaptive"], "adaptive"),
+    "replica_wait_s": (["--replica-wait", "30"], 30.0),
     "eval_every_s": (["--eval-every", "2"], 2.0),
     "eval_images": (["--eval-images", "2000"], 2000),
     "host": (["--host", "0.0.0.0"], "0.0.0.0"),
     "port": (["--port", "0"], 0),
+    "unit_rate_worker": (["--unit-rate-worker", "none"], None),
+    "unit_rate_address": (["--unit-rate-address", "60"], 60.0),
+    "worker_tokens": (["--worker-tokens", "tokens.txt"], Path("tokens.txt")),
 }
 
 
@@ -184,7 +189,7 @@ def test_cli_unparsable_value_is_one_error_line_and_exit_2(argv, message, capsys
 def test_scenario_coordinator_section_is_the_configs():
     assert {"max_staleness", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
             "lease_max_s", "lease_first_s", "lease_factor", "keep_versions",
-            "body_slack_bytes"} == set(COORDINATOR_KEYS)
+            "body_slack_bytes", "replication", "replica_wait_s"} == set(COORDINATOR_KEYS)
     for name in COORDINATOR_KEYS:
         assert SCHEMA["coordinator"][name].default == C.FIELDS[name].default
         assert SCHEMA["coordinator"][name].help.startswith(C.FIELDS[name].metadata["help"])

@@ -55,6 +55,16 @@ SAMPLE_STATUS: dict[str, Any] = {
         {"version": 42, "samples": 120000, "seconds": 290.0, "test_acc": 0.613, "test_loss": 1.1},
     ],
     "best": {"version": 42, "samples": 120000, "test_acc": 0.613},
+    "updates_held": 2,
+    "replication": {"policy": "adaptive", "held": 2, "replicas_waiting": 1, "quarantined": 1, "replicas_issued": 30,
+                    "agreed": 25, "disagreed": 2, "recomputed": 3},
+    "trust": [
+        {"worker_id": "gh78", "backend": "python", "reputation": 0.0, "replication_rate": 0.0, "results": 6,
+         "checked": 6, "valid": 0, "disagreements": 2, "consecutive_valid": 0, "quarantined": True, "credit": 0},
+        {"worker_id": "ab12", "backend": "python", "reputation": 0.9333, "replication_rate": 0.0667, "results": 40,
+         "checked": 14, "valid": 15, "disagreements": 0, "consecutive_valid": 15, "quarantined": False,
+         "credit": 40000},
+    ],
     "donate_url": "http://127.0.0.1:8080/",
 }
 
@@ -377,6 +387,9 @@ def test_page_renders_status(tmp_path: Path) -> None:
     assert re.search(r'id="bar" style="width: 24\.69', dom), "progress bar width"
     assert re.search(r'id="acc-note" style="display: none', dom), "the waiting note is hidden"
     assert 'class="show"' not in dom, "no unreachable banner"
+    assert re.search(r'<td>gh78</td>(<td[^>]*>[^<]*</td>){5}<td class="quarantined">quarantined</td>', dom), "trust"
+    assert re.search(r"<td>ab12</td><td[^>]*>93\.3%</td>", dom) and "25 agreed, 2 disagreed" in dom
+    assert re.search(r"<td>of which held for a check</td><td[^>]*>2</td>", dom)
 
 
 def real_status(tmp_path: Path) -> dict[str, Any]:

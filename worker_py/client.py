@@ -186,11 +186,12 @@ class Client:
 
     def __init__(self, base_url: str, cache: BlobCache | None = None,
                  log: Callable[[str], None] = print, timeout: float = REQUEST_TIMEOUT,
-                 max_retry_time: float | None = MAX_RETRY_TIME) -> None:
+                 max_retry_time: float | None = MAX_RETRY_TIME, token: str | None = None) -> None:
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"coordinator URL: expected http(s)://host[:port], got {base_url!r}")
         self.base_url = base_url.rstrip("/")
+        self.token = token   # an operator-issued worker token (a closed deployment's --worker-tokens)
         self.cache = cache
         self.log = log
         self.timeout = timeout
@@ -210,6 +211,8 @@ class Client:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json, application/octet-stream"}
         if content_type:
             headers["Content-Type"] = content_type
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:

@@ -9,6 +9,9 @@ loop (``worker_py.loop``: a prefetch thread fetches the next unit while the curr
 trains) with the progress display (``worker_py.progress``). On SIGTERM or Ctrl-C the worker
 takes no more units, finishes the current one if it completes within the grace period, else
 hands it back (as it does the prefetched one), and exits 0; a second signal hands back at once.
+A coordinator of a closed deployment (``--worker-tokens``) needs the operator's token in
+``$CROWDTRAIN_TOKEN`` (sent as ``Authorization: Bearer <token>``; not a flag, so that it stays
+out of process listings).
 
 Exit status: 0 stopped, finished, or ``--max-units`` done; 1 the coordinator speaks another
 protocol (upgrade the worker), the URL is not a coordinator (a host name that does not
@@ -31,6 +34,8 @@ from contract.units import UnitRequest
 from worker_py.client import MAX_RETRY_TIME, BlobCache, Client
 from worker_py.progress import Progress
 from worker_py.stop import GRACE, StopFlag, install_signals
+
+TOKEN_ENV = "CROWDTRAIN_TOKEN"   # an operator-issued worker token, for a coordinator with --worker-tokens
 
 
 def default_cache() -> Path:
@@ -61,7 +66,9 @@ def _seconds(text: str) -> float:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Compute work units for a crowdtrain coordinator. Ctrl-C or "
                                 "SIGTERM: take no more units, let the current one finish within --grace seconds or "
-                                "hand it back, exit 0; a second Ctrl-C: hand it back now.")
+                                "hand it back, exit 0; a second Ctrl-C: hand it back now.",
+                                epilog=f"A closed deployment's coordinator (--worker-tokens) needs the operator's "
+                                f"worker token in ${TOKEN_ENV}.")
     p.add_argument("--coordinator", required=True, metavar="URL",
                    help="coordinator base URL, http(s)://host:port (required)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads (default: all cores)")
@@ -95,7 +102,8 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
     cache = args.cache.expanduser() if args.cache else default_cache()
     try:
         client = Client(args.coordinator, cache=BlobCache(cache), log=progress.say,
-                        max_retry_time=None if args.forever else args.max_retry_time)
+                        max_retry_time=None if args.forever else args.max_retry_time,
+                        token=os.environ.get(TOKEN_ENV) or None)
     except ValueError as e:
         print(f"{prog}: --coordinator: {e}", file=sys.stderr)
         return 2

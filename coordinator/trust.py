@@ -1,0 +1,220 @@
+"""Trust in workers: replicated spot checks and reputation, after BOINC's adaptive replication.
+
+A unit is deterministic given its base version, shards, hyperparameters and seed, so a second
+worker (a *replica*) can recompute it and the two deltas must agree. What to check and what a
+check means are decided here, in pure functions over one small record per worker id; the job
+(``coordinator.job``) holds the replicated updates and writes each verdict to the store.
+
+- **Replication rate** (``replication_probability``): a worker with fewer than
+  ``trusted_after`` (10) consecutive valid results has every result checked; after that a
+  result is checked with probability ``1 / consecutive_valid`` (BOINC's adaptive replication:
+  Anderson, "BOINC: A Platform for Volunteer Computing", J. Grid Computing 2020, section 6.4),
+  never below ``min_rate`` (so a long record does not buy a free lie). New ids start with no
+  record, so minting ids buys nothing.
+- **A check** (``compare``/``agree``): cosine similarity and relative norm difference of
+  the two deltas, over the weights and over the running statistics each, within ``Tolerance`` (measured between honest runs of the
+  same unit on different machines and thread counts: bench/replica_tolerance.py,
+  docs/results.md). Only workers of the same backend are compared: a browser draws its batches
+  with another generator than torch, so its delta for the same unit is a different (equally
+  honest) sample.
+- **A verdict** (``judge``, ``after_check``): when the two disagree, the coordinator recomputes
+  the unit; every party that agrees with that gains a valid result; a party it refutes loses:
+  its run of valid results restarts at 0 and it earns a strike (a party in between, the
+  inconclusive band, is not used and neither gains nor loses). ``quarantine_strikes`` (2) strikes before it earns ``trusted_after`` valid
+  results again quarantine it for good: its results are still accepted and answered as any
+  other, and recorded as dropped (``quarantined``), never folded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.local import is_running_stat
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Two deltas agree when their cosine similarity is at least ``min_cosine`` and their norms
+    differ by at most ``max_norm_diff`` of the larger one. Against the coordinator's own computation,
+    a delta is refuted (a lie) only when it is further off: cosine below ``refute_cosine`` or norms
+    more than ``refute_norm_diff`` apart; in between, the check is inconclusive (BOINC's word): the
+    result is not used, and nobody gains or loses trust. Measured (bench/replica_tolerance.py):
+    honest units of 2 to 4 steps agree to 1 - cosine <= 1.2e-3 across torch thread counts, a
+    16-step resnet_fast unit only to 0.947 (chaotic growth of rounding differences); every attack
+    and another honest unit were at cosine <= 0.84 or norm difference >= 0.9."""
+
+    min_cosine: float = 0.99
+    max_norm_diff: float = 0.05
+    refute_cosine: float = 0.9
+    refute_norm_diff: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    trusted_after: int = 10          # consecutive valid results before checks thin out
+    min_rate: float = 0.02           # the lowest replication probability of a trusted worker
+    quarantine_strikes: int = 2      # lost checks (before trust is earned again) that quarantine
+    tolerance: Tolerance = Tolerance()
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the coordinator knows of one worker id (a row of the store's ``trust`` table)."""
+
+    worker_id: str
+    backend: str = "unknown"
+    address: str = ""                # the address of its last unit request
+    results: int = 0                 # results accepted from it
+    replicated: int = 0              # of those, checked by a replica or the coordinator
+    consecutive_valid: int = 0
+    valid: int = 0                   # checks it passed (as the original or as the replica)
+    invalid: int = 0                 # checks it lost: its delta disagreed with the settled answer
+    strikes: int = 0
+    quarantined: bool = False
+    credit: int = 0                  # samples of its results that passed a check or were folded unchecked
+
+
+@dataclass(frozen=True)
+class Similarity:
+    cosine: float
+    norm_diff: float                 # |(|a| - |b|)| / max(|a|, |b|); 0 when both are 0
+
+
+# ---------------------------------------------------------------------------- the maths
+def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> Similarity:
+    """The worse of ``similarity`` over the weights and over the batch-norm running statistics, each
+    on its own: the statistics move alike in every unit (early in training the variances jump from
+    1 to the data's), so in one sum they would hide any difference in the weights."""
+    weights = similarity(*({k: v for k, v in d.items() if not is_running_stat(k)} for d in (a, b)))
+    stats = similarity(*({k: v for k, v in d.items() if is_running_stat(k)} for d in (a, b)))
+    return Similarity(min(weights.cosine, stats.cosine), max(weights.norm_diff, stats.norm_diff))
+
+
+def similarity(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> Similarity:
+    """Cosine similarity and relative norm difference of two deltas over all their tensors (float64
+    sums). A tensor present in only one counts as zeros in the other. Two zero deltas are identical
+    (cosine 1); a zero delta against a non-zero one has cosine 0 and norm difference 1."""
+    dot = na = nb = 0.0
+    for name in a.keys() | b.keys():
+        x = np.asarray(a[name], np.float64).ravel() if name in a else None
+        y = np.asarray(b[name], np.float64).ravel() if name in b else None
+        if x is not None:
+            na += float(x @ x)
+        if y is not None:
+            nb += float(y @ y)
+        if x is not None and y is not None and x.shape == y.shape:
+            dot += float(x @ y)
+    na, nb = math.sqrt(na), math.sqrt(nb)
+    if na == 0.0 and nb == 0.0:
+        return Similarity(1.0, 0.0)
+    if na == 0.0 or nb == 0.0:
+        return Similarity(0.0, 1.0)
+    return Similarity(min(1.0, max(-1.0, dot / (na * nb))), abs(na - nb) / max(na, nb))
+
+
+def agree(s: Similarity, tolerance: Tolerance) -> bool:
+    return s.cosine >= tolerance.min_cosine and s.norm_diff <= tolerance.max_norm_diff
+
+
+def judge(s: Similarity, tolerance: Tolerance) -> str:
+    """A delta against a trusted reference: ``valid`` (it agrees), ``invalid`` (refuted) or ``inconclusive``."""
+    if agree(s, tolerance):
+        return "valid"
+    if s.cosine < tolerance.refute_cosine or s.norm_diff > tolerance.refute_norm_diff:
+        return "invalid"
+    return "inconclusive"
+
+
+def replication_probability(record: Record | None, policy: TrustPolicy) -> float:
+    """The chance that this worker's next result is checked: 1 while it is new or distrusted,
+    ``max(min_rate, 1 / consecutive_valid)`` once it has ``trusted_after`` valid results in a row;
+    0 once quarantined (its results are not used, so there is nothing to check)."""
+    if record is None:
+        return 1.0
+    if record.quarantined:
+        return 0.0
+    if record.consecutive_valid < policy.trusted_after:
+        return 1.0
+    return max(policy.min_rate, 1.0 / record.consecutive_valid)
+
+
+def reputation(record: Record | None, policy: TrustPolicy) -> float:
+    """One number for people: the chance a result of this worker is used without a check
+    (0 for a new, distrusted or quarantined worker; 0.9 after 10 valid results in a row)."""
+    if record is None or record.quarantined:
+        return 0.0
+    return 1.0 - replication_probability(record, policy)
+
+
+def after_check(record: Record, won: bool, policy: TrustPolicy, samples: int = 0) -> Record:
+    """The record after a check: ``won`` (its delta agreed with the settled answer) or lost."""
+    if won:
+        run = record.consecutive_valid + 1
+        return dataclasses.replace(record, consecutive_valid=run, valid=record.valid + 1,
+                                   strikes=0 if run >= policy.trusted_after else record.strikes,
+                                   credit=record.credit + samples)
+    strikes = record.strikes + 1
+    return dataclasses.replace(record, consecutive_valid=0, invalid=record.invalid + 1, strikes=strikes,
+                               quarantined=record.quarantined or strikes >= policy.quarantine_strikes)
+
+
+def same_host(a: str, b: str) -> bool:
+    """Whether two request addresses are one machine that is not this one: a replica is never given
+    to the same remote address as the original (two ids of one volunteer would check themselves).
+    Loopback (workers the operator runs here) and unknown addresses do not count."""
+    if not a or not b or a != b:
+        return False
+    try:
+        return not ipaddress.ip_address(a).is_loopback
+    except ValueError:
+        return True
+
+
+# ---------------------------------------------------------------------------- the records, kept in the store
+class TrustBook:
+    """Every worker's ``Record``, read from the store once and written through on each change (the
+    store's ``trust`` table; a verdict writes them inside its transaction)."""
+
+    def __init__(self, store, policy: TrustPolicy):
+        self.store, self.policy = store, policy
+        fields = {f.name for f in dataclasses.fields(Record)}
+        self.records: dict[str, Record] = {}
+        for raw in store.trust_records():
+            record = Record(**{k: v for k, v in raw.items() if k in fields})
+            self.records[record.worker_id] = record
+
+    def get(self, worker_id: str) -> Record | None:
+        return self.records.get(worker_id)
+
+    def put(self, record: Record) -> None:
+        self.records[record.worker_id] = record
+        self.store.put_trust(record.worker_id, dataclasses.asdict(record))
+
+    def quarantined(self, worker_id: str) -> bool:
+        record = self.records.get(worker_id)
+        return record is not None and record.quarantined
+
+    def probability(self, worker_id: str) -> float:
+        return replication_probability(self.records.get(worker_id), self.policy)
+
+    def seen(self, worker_id: str, backend: str | None, address: str | None) -> None:
+        """A unit request: the worker's backend and address (written only when they change)."""
+        record = self.records.get(worker_id) or Record(worker_id)
+        changed = dataclasses.replace(record, backend=backend or record.backend, address=address or record.address)
+        if changed != record or worker_id not in self.records:
+            self.put(changed)
+
+    def result(self, worker_id: str, checked: bool, samples: int) -> None:
+        """An accepted result; ``checked``: held for a check (else credited now, used unchecked)."""
+        record = self.records.get(worker_id) or Record(worker_id)
+        self.put(dataclasses.replace(record, results=record.results + 1, replicated=record.replicated + checked,
+                                     credit=record.credit + (0 if checked or record.quarantined else samples)))
+
+    def verdict(self, worker_id: str, won: bool, samples: int = 0) -> Record:
+        record = after_check(self.records.get(worker_id) or Record(worker_id), won, self.policy, samples)
+        self.put(record)
+        return record

@@ -1,0 +1,456 @@
+"""Replicated spot checks, reputation and quarantine (coordinator/trust.py), rate limits and worker
+tokens (coordinator/limits.py).
+
+The policy's maths on their own; then inside a real job behind the real app (pytest-aiohttp, a
+real SQLite store, tiny data, as tests/test_ledger.py): a held result's replica goes to another
+worker, agreement folds exactly one copy, a lying worker (from tests/helpers/fault_worker.py)
+loses its checks and is quarantined with none of its updates folded, held results survive a
+restart, a replica that does not come is replaced by the coordinator's own computation, and
+/api/status, /metrics and the dashboard's data show it all.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from contract.codecs import decode_delta
+from contract.units import UnitRequest, WorkUnit, unpack_result
+from coordinator import trust as T
+from coordinator.app import create_app
+from coordinator.config import CoordinatorConfig
+from coordinator.job import Job
+from coordinator.limits import RateLimiter, UnitLimits, bearer, client_address, load_tokens
+from coordinator.metrics import render
+from models.local import is_running_stat
+from tests.helpers.fault_worker import Fault, body, compute
+from tests.helpers.tiny_cifar import tiny_cifar10
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+POLICY = T.TrustPolicy()
+
+
+# --- the policy's maths ----------------------------------------------------------------------------
+
+def test_new_workers_are_always_checked_then_one_in_their_run() -> None:
+    assert T.replication_probability(None, POLICY) == 1.0
+    record = T.Record("w")
+    for n in range(1, 30):
+        before = T.replication_probability(record, POLICY)
+        record = T.after_check(record, True, POLICY, samples=10)
+        assert before == (1.0 if n <= 10 else 1 / (n - 1))
+    assert record.consecutive_valid == record.valid == 29 and record.credit == 290
+    assert T.replication_probability(record, POLICY) == pytest.approx(1 / 29)
+    assert T.reputation(record, POLICY) == pytest.approx(1 - 1 / 29)
+    long_run = dataclasses.replace(record, consecutive_valid=10_000)
+    assert T.replication_probability(long_run, POLICY) == POLICY.min_rate   # a long record buys no free lie
+
+
+def test_a_disagreement_resets_the_run_and_two_quarantine() -> None:
+    record = T.Record("w", consecutive_valid=25, valid=25)
+    lost = T.after_check(record, False, POLICY)
+    assert (lost.consecutive_valid, lost.invalid, lost.strikes, lost.quarantined) == (0, 1, 1, False)
+    assert T.replication_probability(lost, POLICY) == 1.0 and T.reputation(lost, POLICY) == 0.0
+    again = T.after_check(lost, False, POLICY)
+    assert again.quarantined and T.replication_probability(again, POLICY) == 0.0
+    # a strike is forgiven once trust is earned again: a rare honest fluke does not add up over a long run
+    for _ in range(POLICY.trusted_after):
+        lost = T.after_check(lost, True, POLICY)
+    assert lost.strikes == 0 and not T.after_check(lost, False, POLICY).quarantined
+
+
+def test_similarity_and_agreement_on_tiny_arrays() -> None:
+    a = {"w": np.array([3.0, 4.0], np.float32), "b": np.array([1.0], np.float32)}
+    assert T.similarity(a, a) == T.Similarity(1.0, 0.0)
+    flip = {k: -v for k, v in a.items()}
+    assert T.similarity(a, flip).cosine == pytest.approx(-1.0)
+    scaled = {k: 10 * v for k, v in a.items()}
+    s = T.similarity(a, scaled)
+    assert s.cosine == pytest.approx(1.0) and s.norm_diff == pytest.approx(0.9)
+    zero = {k: np.zeros_like(v) for k, v in a.items()}
+    assert T.similarity(a, zero) == T.Similarity(0.0, 1.0) and T.similarity(zero, zero) == T.Similarity(1.0, 0.0)
+    assert T.similarity(a, {"w": a["w"]}).cosine == pytest.approx(5 / np.sqrt(26))   # a missing tensor is zeros
+    tol = T.Tolerance(min_cosine=0.99, max_norm_diff=0.05)
+    assert T.agree(T.similarity(a, {k: v * 1.01 for k, v in a.items()}), tol)
+    assert not T.agree(s, tol) and not T.agree(T.similarity(a, flip), tol)
+    # running statistics are compared on their own: large and alike, they must not hide the weights
+    stats = {"bn.running_var": np.full(100, 50.0, np.float32)}
+    liar = {**flip, **stats}
+    assert T.similarity({**a, **stats}, liar).cosine > 0.99
+    assert T.compare({**a, **stats}, liar).cosine == pytest.approx(-1.0)
+
+
+def test_a_replica_never_goes_to_the_same_remote_host() -> None:
+    assert T.same_host("203.0.113.5", "203.0.113.5")
+    assert not T.same_host("203.0.113.5", "203.0.113.6")
+    assert not T.same_host("127.0.0.1", "127.0.0.1") and not T.same_host("::1", "::1")   # the operator's own
+    assert not T.same_host("", "203.0.113.5")
+
+
+# --- rate limits and tokens --------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_token_bucket_bursts_then_paces() -> None:
+    clock = Clock()
+    limiter = RateLimiter(60, clock)                  # 1 a second, bursts of 10
+    assert [limiter.wait("a") for _ in range(10)] == [0.0] * 10
+    assert limiter.wait("a") == pytest.approx(1.0)
+    assert limiter.wait("b") == 0.0                   # another key has its own bucket
+    clock.t += 1.0
+    assert limiter.wait("a") == 0.0 and limiter.wait("a") > 0
+    small = RateLimiter(60, clock, max_keys=2)
+    for key in "xyz":
+        small.wait(key)
+    assert list(small.buckets) == ["y", "z"]
+
+
+def test_unit_limits_charge_the_address_first_and_spare_loopback() -> None:
+    clock = Clock()
+    limits = UnitLimits(per_worker=60, per_address=120, clock=clock)   # bursts of 10 and 20
+    assert all(limits.wait("127.0.0.1", "w") == 0 for _ in range(100))
+    assert all(limits.wait("203.0.113.5", "w1") == 0 for _ in range(10))
+    assert limits.wait("203.0.113.5", "w1") > 0                        # the id's bucket is empty
+    assert all(limits.wait("203.0.113.5", f"minted-{i}") == 0 for i in range(9))
+    assert limits.wait("203.0.113.5", "minted-x") > 0                  # minting ids: the address's bucket
+    assert limits.wait("198.51.100.7", "w9") == 0
+    assert UnitLimits(None, None, clock).wait("203.0.113.5", "w") == 0
+
+
+def test_client_address_trusts_forwarded_for_only_from_this_machine() -> None:
+    assert client_address("203.0.113.5", None) == "203.0.113.5"
+    assert client_address("203.0.113.5", "10.0.0.1") == "203.0.113.5"      # a remote peer cannot claim another
+    assert client_address("127.0.0.1", "10.0.0.1, 198.51.100.7") == "198.51.100.7"
+    assert client_address("127.0.0.1", "not an address") == "127.0.0.1"
+
+
+def test_worker_tokens_file(tmp_path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("# the lab's machines\nalpha-0123456789\n\n  beta-#9876543210  \n")
+    assert load_tokens(path) == {"alpha-0123456789", "beta-#9876543210"}
+    for text, message in (("# nothing\n", "holds no token"), ("short\n", "line 1"), ("has a space 12345\n", "line 1")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_tokens(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_tokens(tmp_path / "missing")
+    assert bearer("Bearer abc") == "abc" and bearer("bearer  abc ") == "abc"
+    assert bearer("Basic abc") is None and bearer("Bearer") is None and bearer(None) is None
+
+
+# --- inside a job --------------------------------------------------------------------------------------
+
+async def start(aiohttp_client, tmp_path, clock=None, data=None, **config):
+    cfg = CoordinatorConfig(state=tmp_path / "state", **{
+        "model": "cnn", "shard_size": 64, "epochs": 20.0, "eval_every_s": 3600.0, "codec": "fp32",
+        "strategy": "async_sgd", "strategy_params": {"staleness": "constant"}, "robust": "none",
+        "replication": "adaptive", **config})
+    job = Job(cfg, **({"clock": clock} if clock else {}))
+    job.open(data or tiny_cifar10(n_train=256, n_test=64))
+    return await aiohttp_client(create_app(cfg, job)), job
+
+
+async def take(client, worker, **headers) -> WorkUnit | None:
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python"},
+                             headers=headers)
+    assert resp.status in (200, 204), await resp.text()
+    return WorkUnit.from_json(await resp.json()) if resp.status == 200 else None
+
+
+async def fetch_all(client, unit):
+    blobs = {}
+    for blob in [unit.model_version, *unit.shard_ids]:
+        resp = await client.get(f"/api/v1/blobs/{blob}")
+        assert resp.status == 200
+        blobs[blob] = await resp.read()
+    return blobs.__getitem__
+
+
+async def work(client, unit, worker, fault=Fault.NONE) -> tuple[dict, dict]:
+    """Compute ``unit`` as ``worker`` (lying as ``fault`` says), submit it; (the answer, the delta sent)."""
+    data = body(compute(unit, await fetch_all(client, unit), worker), fault)
+    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data)
+    assert resp.status == 200, await resp.text()
+    return await resp.json(), decode_delta(unpack_result(data).delta)
+
+
+def weights(state: dict) -> dict:
+    return {k: np.asarray(v, np.float64) for k, v in state.items() if not is_running_stat(k)}
+
+
+async def ledger(client, job) -> dict:
+    """The ledger tells the truth: every accepted result applied, dropped with a reason, or pending (held,
+    a replica's waiting, or in the strategy's buffer), and /api/status counts exactly those."""
+    rows = job.store.results()
+    applied = [r for r in rows if r["applied_step"] is not None]
+    dropped = [r for r in rows if r["dropped"] is not None]
+    pending = [r for r in rows if r["applied_step"] is None and r["dropped"] is None]
+    assert not [r for r in applied if r["dropped"] is not None]
+    held = [r for r in pending if r["check_state"] in ("held", "replica")]
+    assert len(pending) - len(held) == job.aggregator.buffered + len(job.inbox)
+    s = await (await client.get("/api/status")).json()
+    assert s["updates_applied"] == len(applied) and s["updates_pending"] == len(pending)
+    assert s["updates_dropped"] == dict(Counter(r["dropped"] for r in dropped))
+    assert s["updates_held"] == sum(r["check_state"] == "held" for r in pending)
+    assert s["samples"] == sum(r["num_samples"] for r in applied) == job.store.latest_version().samples
+    return {"rows": rows, "applied": applied, "dropped": dropped, "status": s}
+
+
+def model_is_v0_plus(job, v0: dict, deltas: list[dict]) -> None:
+    """Downpour with constant weight and no robust wrapper adds every folded delta as it is."""
+    for name, start_value in weights(v0).items():
+        expected = start_value + sum(np.asarray(d[name], np.float64) for d in deltas)
+        np.testing.assert_allclose(weights(job.state)[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path)
+    v0 = dict(job.state)
+    unit = await take(client, "w1")
+    answer, sent = await work(client, unit, "w1")
+    assert answer["accepted"] and set(answer) == {"accepted", "staleness", "model_version", "late"}
+    await job.settle()
+    assert job.step == 0, "a new worker's result is held, not folded"
+    s = (await ledger(client, job))["status"]
+    assert s["updates_held"] == 1 and s["replication"]["held"] == 1
+
+    own = await take(client, "w1")
+    assert own.shard_ids != unit.shard_ids, "never a replica of one's own unit"
+    replica = await take(client, "w2")
+    assert replica.unit_id != unit.unit_id
+    same = ("model_version", "base_step", "shard_ids", "local_steps", "batch_size", "hyper", "seed", "codec")
+    assert all(getattr(replica, f) == getattr(unit, f) for f in same), "the same computation"
+    assert (await take(client, "w3")).shard_ids not in (unit.shard_ids, own.shard_ids), "one replica at a time"
+
+    answer, _ = await work(client, replica, "w2")
+    assert answer["accepted"]
+    await job.settle()
+    seen = await ledger(client, job)
+    fate = {r["unit_id"]: r for r in seen["rows"]}
+    assert fate[unit.unit_id]["applied_step"] == 1 and fate[unit.unit_id]["check_state"] == "valid"
+    assert fate[replica.unit_id]["dropped"] == "replica" and fate[replica.unit_id]["check_state"] == "valid"
+    model_is_v0_plus(job, v0, [sent])
+    trust = {r["worker_id"]: r for r in seen["status"]["trust"]}
+    assert trust["w1"]["valid"] == trust["w2"]["valid"] == 1 and trust["w1"]["credit"] == unit.batch_size
+    assert trust["w1"]["checked"] == 1 and trust["w2"]["checked"] == 0, "a replica is not a result of its own"
+    assert seen["status"]["replication"]["agreed"] == 1 and seen["status"]["replication"]["recomputed"] == 0
+
+
+@pytest.mark.parametrize("fault", [Fault.SIGN_FLIP, Fault.FREE_RIDE])
+async def test_a_liar_is_found_out_quarantined_and_never_folded(aiohttp_client, tmp_path, fault):
+    """Two honest workers and one liar, every result checked at first: each lie disagrees with its
+    replica, the coordinator's own computation settles it, the liar's copy is dropped (distrusted)
+    and, after its second lost check, it is quarantined: later results are answered as any other
+    and dropped (quarantined). The model is version 0 plus exactly the honest deltas folded."""
+    client, job = await start(aiohttp_client, tmp_path)
+    v0, sent = dict(job.state), {}
+    held = {w: await take(client, w) for w in ("liar", "h1", "h2")}
+    for _ in range(14):
+        for worker in ("liar", "h1", "h2"):
+            unit = held[worker]
+            answer, sent[unit.unit_id] = await work(client, unit, worker, fault if worker == "liar" else Fault.NONE)
+            assert answer["accepted"] is True, answer      # a liar learns nothing from the answer
+            await job.settle()
+            held[worker] = await take(client, worker)
+    for _ in range(3):
+        await job.settle()
+    seen = await ledger(client, job)
+    liar = [r for r in seen["rows"] if r["worker_id"] == "liar"]
+    assert not [r for r in liar if r["applied_step"] is not None], "no update of the liar was folded"
+    reasons = Counter(r["dropped"] for r in liar)
+    assert reasons["distrusted"] >= 2 and reasons["quarantined"] >= 1, reasons
+    assert not [r for r in seen["rows"] if r["worker_id"] != "liar" and r["dropped"] == "distrusted"]
+    trust = {r["worker_id"]: r for r in seen["status"]["trust"]}
+    assert trust["liar"]["quarantined"] and trust["liar"]["disagreements"] == 2 and trust["liar"]["credit"] == 0
+    assert seen["status"]["trust"][0]["worker_id"] == "liar", "the quarantined are listed first"
+    assert not trust["h1"]["quarantined"] and trust["h1"]["disagreements"] == 0 and trust["h1"]["valid"] >= 5
+    assert seen["status"]["replication"]["quarantined"] == 1 and seen["status"]["replication"]["recomputed"] >= 2
+    assert len(seen["applied"]) >= 10
+    model_is_v0_plus(job, v0, [sent[r["unit_id"]] for r in seen["applied"]])
+    metrics = await (await client.get("/metrics")).text()
+    assert 'crowdtrain_worker_quarantined{worker="liar"} 1' in metrics
+    assert 'crowdtrain_updates_dropped_total{reason="distrusted"}' in metrics
+
+
+async def test_a_liar_computing_a_replica_loses_too(aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path)
+    unit = await take(client, "honest")
+    await work(client, unit, "honest")
+    replica = await take(client, "liar")
+    assert replica.seed == unit.seed and replica.shard_ids == unit.shard_ids
+    await work(client, replica, "liar", Fault.SIGN_FLIP)
+    await job.settle()
+    seen = await ledger(client, job)
+    fate = {r["unit_id"]: r for r in seen["rows"]}
+    assert fate[unit.unit_id]["applied_step"] == 1, "the honest original wins against the coordinator's computation"
+    assert fate[replica.unit_id]["dropped"] == "distrusted"
+    trust = {r["worker_id"]: r for r in seen["status"]["trust"]}
+    assert trust["liar"]["disagreements"] == 1 and trust["honest"]["valid"] == 1
+
+
+async def test_held_results_survive_a_restart(tmp_path):
+    """kill -9 between the answer and the verdict: the held result is a row of the results table, so
+    the restarted job holds it again (it is not replayed into the strategy) and still wants a replica.
+    (The job is driven without the app, so no background task settles behind the test's back.)"""
+    cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=20.0, codec="fp32",
+                            strategy="async_sgd", robust="none", replication="adaptive")
+    data = tiny_cifar10(n_train=256, n_test=64)
+    job = Job(cfg)
+    job.open(data)
+
+    async def done(job, worker):
+        unit = job.next_unit(UnitRequest(worker_id=worker, backend="python"))
+        await job.submit(unit.unit_id, body(compute(unit, job.store.get_blob, worker)))
+        return unit
+
+    unit = await done(job, "w1")
+    replica = await done(job, "w2")             # the replica's result is in, not judged yet: the process dies
+    job.close()
+    again = Job(cfg)
+    again.open(data)
+    assert again.aggregator.buffered == 0 and not again.inbox, "held results are not replayed into the strategy"
+    assert list(again.checks) == [again.store.result_for_unit(replica.unit_id)["seq"]]
+    assert again.status().updates_held == 1
+    await again.settle()
+    fate = {r["unit_id"]: r for r in again.store.results()}
+    assert fate[unit.unit_id]["applied_step"] == 1 and fate[replica.unit_id]["dropped"] == "replica"
+
+    unit2 = await done(again, "w1")             # held, and its replica never issued before the next crash
+    again.close()
+    third = Job(cfg)
+    third.open(data)
+    assert [r["unit_id"] for r in third.store.wanted_replicas()] == [unit2.unit_id]
+    assert third.next_unit(UnitRequest(worker_id="w3", backend="python")).shard_ids == unit2.shard_ids
+    assert third.trust.get("w1").valid == 1, "trust records are in the store too"
+    third.close()
+
+
+async def test_a_replica_that_does_not_come_is_replaced_by_the_coordinators_computation(aiohttp_client, tmp_path):
+    clock = Clock(1_000_000.0)
+    client, job = await start(aiohttp_client, tmp_path, clock=clock, replica_wait_s=30.0)
+    v0 = dict(job.state)
+    unit = await take(client, "alone")
+    _, sent = await work(client, unit, "alone")
+    replica = await take(client, "slow")         # taken, never returned
+    await job.settle()
+    assert job.step == 0
+    clock.t += 31
+    job.expire_leases()
+    assert job.work.is_set()
+    await job.settle()
+    seen = await ledger(client, job)
+    fate = {r["unit_id"]: r for r in seen["rows"]}
+    assert fate[unit.unit_id]["applied_step"] == 1 and fate[unit.unit_id]["check_state"] == "valid"
+    model_is_v0_plus(job, v0, [sent])
+    assert seen["status"]["replication"]["recomputed"] == 1
+    resp = await client.post(f"/api/v1/units/{replica.unit_id}/result",
+                             data=body(compute(replica, await fetch_all(client, replica), "slow")))
+    assert resp.status == 200 and (await resp.json())["status"] == "superseded", "the late replica is not a vote"
+
+
+async def test_quarantined_worker_gets_polite_answers_and_its_shards_are_trained_again(aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path)
+    job.trust.put(T.Record("liar", backend="python", quarantined=True, strikes=2, invalid=2))
+    unit = await take(client, "liar")
+    assert unit is not None, "a quarantined worker is still given work"
+    answer, _ = await work(client, unit, "liar", Fault.SIGN_FLIP)
+    assert answer["accepted"] is True
+    await job.settle()
+    row = job.store.result_for_unit(unit.unit_id)
+    assert row["dropped"] == "quarantined" and row["applied_step"] is None
+    assert set(unit.shard_ids) <= job.factory.retrying(), "its shards go back in line"
+    assert (await ledger(client, job))["status"]["updates_dropped"] == {"quarantined": 1}
+
+
+async def test_replicas_go_to_workers_of_the_same_backend(aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path)
+    unit = await take(client, "py")
+    await work(client, unit, "py")
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "tab", "backend": "browser"})
+    assert resp.status == 204 or WorkUnit.from_json(await resp.json()).shard_ids != unit.shard_ids
+    assert (await take(client, "py2")).shard_ids == unit.shard_ids
+
+
+async def test_replication_off_holds_nothing(aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path, replication="off")
+    unit = await take(client, "w1")
+    await work(client, unit, "w1")
+    await job.settle()
+    assert job.step == 1 and job.store.results()[0]["check_state"] is None
+
+
+async def test_rate_limit_is_a_429_with_retry_after(aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path, unit_rate_worker=30.0, unit_rate_address=600.0)
+    remote = {"X-Forwarded-For": "203.0.113.5"}      # as a local reverse proxy passes a remote client on
+    answers = []
+    for _ in range(7):
+        resp = await client.post("/api/v1/units/next", headers=remote,
+                                 json={"protocol": 1, "worker_id": "greedy", "backend": "python"})
+        answers.append(resp.status)
+    assert answers[:5] == [200] * 5 and answers[5:] == [429, 429], answers   # bursts of 5 at 30 a minute
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert (await resp.json())["error"]["code"] == "rate_limited"
+    assert await take(client, "greedy") is not None, "loopback itself is not limited"
+    assert (await (await client.get("/api/status")).json())["units_rejected"]["rate_limited"] == 2
+
+
+async def test_worker_tokens_guard_the_worker_routes(aiohttp_client, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("lab-token-0001\n")
+    client, job = await start(aiohttp_client, tmp_path, worker_tokens=tokens, replication="off")
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "w", "backend": "python"})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "w", "backend": "python"},
+                             headers={"Authorization": "Bearer wrong-token-01"})
+    assert resp.status == 401
+    unit = await take(client, "w", Authorization="Bearer lab-token-0001")
+    data = body(compute(unit, await fetch_all(client, unit), "w"))
+    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data)
+    assert resp.status == 401
+    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data,
+                             headers={"Authorization": "Bearer lab-token-0001"})
+    assert resp.status == 200 and (await resp.json())["accepted"]
+    assert (await client.get("/api/status")).status == 200, "people's routes need no token"
+
+
+def test_metrics_show_trust_per_worker() -> None:
+    status = {"updates_held": 2, "replication": {"policy": "adaptive", "replicas_issued": 5, "agreed": 3,
+                                                  "disagreed": 1, "recomputed": 1, "quarantined": 1},
+              "trust": [{"worker_id": "bad\"one", "reputation": 0.0, "replication_rate": 0.0, "disagreements": 2,
+                         "valid": 0, "quarantined": True, "credit": 0},
+                        {"worker_id": "good", "reputation": 0.9, "replication_rate": 0.1, "disagreements": 0,
+                         "valid": 10, "quarantined": False, "credit": 640}]}
+    text = render(status)
+    assert "crowdtrain_updates_held 2" in text
+    assert 'crowdtrain_worker_reputation{worker="good"} 0.9' in text
+    assert 'crowdtrain_worker_quarantined{worker="bad\\"one"} 1' in text
+    assert 'crowdtrain_worker_disagreements_total{worker="bad\\"one"} 2' in text
+    assert 'crowdtrain_worker_replication_rate{worker="good"} 0.1' in text
+    assert 'crowdtrain_checks_total{outcome="agreed"} 3' in text
+    assert "crowdtrain_workers_quarantined 1" in text
+
+
+def test_a_unit_computes_the_same_delta_with_a_cached_model_or_a_fresh_one() -> None:
+    """Workers reuse a built model; the coordinator's own check builds one. Building draws random
+    numbers, so it must happen before the unit's seed (dropout masks follow it): found when every
+    coordinator check of a real worker's cnn unit disagreed (cosine 0.3-0.5)."""
+    from models import registry
+    from models.local import run_local, state_arrays
+    from models.recipe import Recipe
+
+    data = tiny_cifar10(n_train=64, n_test=8)
+    base = state_arrays(registry.build("cnn"))
+    recipe = Recipe(batch_size=32)
+    fresh = run_local("cnn", base, data.train_x, data.train_y, recipe, 2, 0.05, seed=5)
+    cached = run_local("cnn", base, data.train_x, data.train_y, recipe, 2, 0.05, seed=5, model=registry.build("cnn"))
+    for name in fresh.delta:
+        np.testing.assert_array_equal(fresh.delta[name], cached.delta[name], err_msg=name)
