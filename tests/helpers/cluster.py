@@ -45,9 +45,12 @@ class Cluster:
                 time.sleep(0.3)
         raise AssertionError("coordinator did not come up")
 
-    def start_worker(self, name: str) -> subprocess.Popen:
+    def start_worker(self, name: str, lie: str | None = None) -> subprocess.Popen:
+        """A ``crowdtrain worker`` process; ``lie``: a ``Fault`` value, for a worker that sends each delta
+        changed so (``tests.helpers.lying_worker``)."""
         log = open(self.tmp / f"{name}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "crowdtrain", "worker", "--coordinator", self.url,
+        command = ["crowdtrain", "worker"] if lie is None else ["tests.helpers.lying_worker", lie]
+        proc = subprocess.Popen([sys.executable, "-m", *command, "--coordinator", self.url,
                                  "--threads", str(self.worker_threads), "--worker-id", name, "--no-progress",
                                  "--cache", str(self.tmp / f"cache-{name}")],
                                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
