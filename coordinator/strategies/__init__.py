@@ -13,16 +13,19 @@ from typing import Any
 
 from .async_sgd import AsyncSGD
 from .base import Admission, BufferedStrategy, Drop, Folded, Pending, Strategy, StrategyState, Update
+from .delayed_nesterov import DelayedNesterov
 from .fedasync import FedAsync
 from .fedavg import FedAvg
 from .fedbuff import FedBuff
+from .ordered_momentum import OrderedMomentum
 from .robust import ROBUST, AdaptiveClip, CenteredClip, Median, TrimmedMean, wrap_robust
 from .supermask_max import SupermaskMax
 from .supermask_mean import SupermaskMean
 from .wrappers import NormClip, StalenessCap, Wrapper
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, AsyncSGD, FedAsync, FedBuff, SupermaskMean, SupermaskMax)
+    cls.name: cls for cls in (FedAvg, AsyncSGD, FedAsync, FedBuff, SupermaskMean, SupermaskMax, DelayedNesterov,
+                              OrderedMomentum)
 }
 WRAPPER_PARAMS = ("max_staleness", "max_norm", "robust")  # applied innermost-last: cap(clip(robust(strategy)))
 
