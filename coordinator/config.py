@@ -147,6 +147,11 @@ class CoordinatorConfig:
     batch_size: int | None = option(int, None, "samples per SGD step", "units", lo=1, none="the model's recipe")
     lr: float | None = option(float, None, "peak learning rate of the schedule", "units", lo=0, lo_open=True,
                               none="the model's recipe")
+    unit_batch_scale: float = option(
+        float, 0.5, "when --batch-size is not given, units train at this fraction of the recipe's batch size with "
+        "the learning rate scaled alike (linear scaling): more, smaller steps per sample keep each asynchronous "
+        "update small (measured: bench/parity_lab.py, docs/results.md); 1 = the recipe as is", "units", lo=0,
+        lo_open=True, hi=1.0)
     codec: str = option(str, "fp16", "delta codec asked of workers: fp32, fp16, int8, topk[:fraction]", "units",
                         valid=_is_codec, expected="a codec: fp32, fp16, int8 or topk:<fraction>")
     # leases

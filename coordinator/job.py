@@ -94,6 +94,18 @@ class Inbound:
     blob: str
 
 
+def unit_recipe(recipe: Recipe, config: CoordinatorConfig, kind: str) -> Recipe:
+    """The recipe units train with: the model's, with the config's batch size and peak lr; without an
+    explicit batch size, a dense model's batch is ``unit_batch_scale`` of the recipe's and its lr is
+    scaled alike (the linear scaling rule; ``--lr`` is then the lr at the recipe's batch size)."""
+    batch = config.batch_size or recipe.batch_size
+    lr = config.lr or recipe.lr
+    if config.batch_size is None and kind == "dense" and config.unit_batch_scale != 1:
+        batch = max(1, round(recipe.batch_size * config.unit_batch_scale))
+        lr *= batch / recipe.batch_size
+    return dataclasses.replace(recipe, batch_size=batch, lr=lr)
+
+
 def build_strategy(config: CoordinatorConfig, kind: str) -> tuple[str, Strategy]:
     """The job's strategy: the named one (or the default for the model kind) with its parameters,
     inside the config's robust wrapper (``robust``), wrapped as the config's policies say
@@ -117,8 +129,7 @@ class Job:
         self.config, self.clock, self.rng = config, clock, rng
         spec = registry.get(config.model)
         self.kind = spec.kind
-        overrides = {k: v for k, v in (("batch_size", config.batch_size), ("lr", config.lr)) if v is not None}
-        self.recipe: Recipe = dataclasses.replace(spec.recipe, **overrides)
+        self.recipe: Recipe = unit_recipe(spec.recipe, config, spec.kind)
         self.epochs = config.epochs if config.epochs is not None else float(self.recipe.epochs)
         self.strategy_name, self.strategy = build_strategy(config, self.kind)
         with torch.random.fork_rng():   # the initial model from the job's seed, without touching global state
