@@ -103,6 +103,37 @@ def measure(model: str, data, args) -> list[dict]:
     return rows
 
 
+def onnx_vs_torch(model: str, data, batch: int = 32, steps: int = 8) -> Similarity:
+    """The exported step graph in onnxruntime (CPU kernels, what a tab's WebAssembly backend runs)
+    against torch, each chained for ``steps`` steps on the same real images and dropout masks (the
+    reference functions of tests/test_onnx_step.py): the unit's delta compared as a check would."""
+    import warnings
+
+    from models import onnx_step
+    from tests import test_onnx_step as ref
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph, spec = onnx_step.step_graph(model, batch, ROOT / "bench" / "out" / "step-cache")
+    run = ref.session(graph)
+    start = ref.initial_feed(model, spec)
+    ort_state, torch_state = dict(start), dict(start)
+    for k in range(steps):
+        x = data.train_x[k * batch:(k + 1) * batch].astype(np.float32)
+        y = data.train_y[k * batch:(k + 1) * batch].astype(np.int64)
+        masks = ref.dropout_masks(spec, 100 + k)
+        feed = ort_state | {"x": x, "y": y} | masks
+        got = dict(zip(spec.output_names, run.run(None, feed)))
+        ort_state = feed | {t.feeds: got[t.name] for t in spec.outputs[1:]}
+        feed = torch_state | {"x": x, "y": y} | masks
+        want = ref.torch_step(model, spec, feed, 100 + k)
+        torch_state = feed | {t.feeds: want[t.name] for t in spec.outputs[1:]}
+
+    def delta(state: dict) -> dict:
+        return {t.state: state[t.name] - start[t.name] for t in spec.inputs if t.role in ("param", "stat")}
+    return compare(delta(ort_state), delta(torch_state))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="CIFAR-10 path (default: $CROWDTRAIN_DATA)")
@@ -114,7 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / f"replica_tolerance-{datetime.date.today()}")
     p.add_argument("--results-md", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--report-only", action="store_true", help="rebuild the docs section from --out's results")
+    p.add_argument("--onnx-only", action="store_true", help="only print onnxruntime vs torch for --models "
+                   "(8 chained steps of 32, same batches; not in the docs section)")
     args = p.parse_args(argv)
+    if args.onnx_only:
+        torch.set_num_threads(args.threads[0])
+        data = load_cifar10(args.data, progress=False)
+        for model in args.models:
+            s = onnx_vs_torch(model, data)
+            print(f"{model}: onnxruntime vs torch, 8 steps of 32: 1 - cosine {1 - s.cosine:.2e}, "
+                  f"norm difference {s.norm_diff:.2e}")
+        return 0
     if args.report_only:
         rows = json.loads((args.out / "results.json").read_text())
         hw = json.loads((args.out / "config.json").read_text())["hardware"]
