@@ -146,6 +146,7 @@ def derived_data(source: str, train_images: int, test_images: int, out: Path) ->
 def run_single(args, data: str, out: Path) -> dict:
     """``crowdtrain train`` in a subprocess; the curve from its metrics.jsonl, one point per epoch."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)     # an earlier run's, in the same --out
     cmd = [sys.executable, "-m", "crowdtrain", "train", "--model", args.model, "--data", data, "--out", str(out),
            "--epochs", str(args.epochs), "--limit-train", str(args.train_images), "--seed", str(args.seed),
            "--threads", str(args.threads), "--no-progress"]
@@ -270,15 +271,20 @@ def run_real(args, data: str, spec: Spec, out: Path) -> dict:
             rows = db.execute("SELECT staleness, applied_step, dropped FROM results").fetchall()
             evals = db.execute("SELECT step, samples, seconds, test_acc FROM evals ORDER BY at, rowid").fetchall()
             started = json.loads(db.execute("SELECT value FROM meta WHERE key = 'started'").fetchone()[0])
+            first = json.loads(db.execute("SELECT wire FROM units ORDER BY issued LIMIT 1").fetchone()[0])
     finally:
         cluster.stop()
         for blobs in [out / "state" / "blobs", *out.glob("cache-*")]:     # model versions, shards: 100+ MB
             shutil.rmtree(blobs, ignore_errors=True)
+    unit = {"batch_size": first["batch_size"], "local_steps": first["local_steps"], "lr": first["hyper"]["lr"]}
+    u = unit_keys(args)
+    if (unit["batch_size"], unit["local_steps"]) != (u["model.batch_size"], u["model.local_steps"]):
+        log(f"  warning: the coordinator's units ({unit}) are not those given to the simulator ({u})")
     offset = started - t0      # the coordinator's clock starts at job open; ours at launch
     history = [{"samples": n, "test_acc": acc, "seconds": sec + offset, "version": v} for v, n, sec, acc in evals]
     applied = [r[0] for r in rows if r[1] is not None]
     return {"setup": "real", "label": spec.label, "strategy": s["strategy"], "params": spec.at(args.workers),
-            "workers": args.workers, "history": history, "final_test_acc": history[-1]["test_acc"],
+            "workers": args.workers, "unit": unit, "history": history, "final_test_acc": history[-1]["test_acc"],
             "best_test_acc": max(h["test_acc"] for h in history), "samples": s["samples"],
             "budget_samples": s["budget_samples"], "versions": s["model_version"], "wall_s": wall,
             "seconds_to_model": t_budget, "startup_s": t_up, "evals": len(history),
@@ -323,16 +329,19 @@ def scenario_toml(doc: dict) -> str:
 
 
 def unit_keys(args) -> dict:
-    """The real coordinator's unit and budget settings as scenario keys (the simulator's own defaults are
-    smaller units), from ``CoordinatorConfig`` and the model's recipe."""
+    """The real coordinator's units and budget as scenario keys (the simulator's own defaults are smaller
+    units): its default config and the recipe its units train with (``coordinator.job.unit_recipe``), given to
+    the simulator explicitly."""
     from coordinator.config import CoordinatorConfig
+    from coordinator.job import unit_recipe
     from models.registry import get
 
     cfg = CoordinatorConfig(state=Path("."), model=args.model)
-    recipe = get(args.model).recipe
+    spec = get(args.model)
+    recipe = unit_recipe(spec.recipe, cfg, spec.kind)
     n = cfg.shard_size * cfg.shards_per_unit
-    batch = min(cfg.batch_size or recipe.batch_size, n)
-    return {"model.name": args.model, "model.batch_size": batch, "model.lr": cfg.lr or recipe.lr,
+    batch = min(recipe.batch_size, n)
+    return {"model.name": args.model, "model.batch_size": batch, "model.lr": recipe.lr,
             "model.local_steps": cfg.local_steps or max(1, math.ceil(n / batch)), "model.codec": cfg.codec,
             "model.shard_size": cfg.shard_size, "model.shards_per_unit": cfg.shards_per_unit,
             "budget.train_images": args.train_images, "budget.epochs": float(args.epochs),
@@ -471,26 +480,44 @@ def table(results: list[dict]) -> list[str]:
     return rows
 
 
+def measured(cfg: dict, results: list[dict]) -> str:
+    """Which commit each setup ran at (``+changes``: with uncommitted changes in the tree)."""
+    changes = f" (uncommitted changes in {', '.join(cfg['dirty'])})" if cfg["dirty"] else ""
+    parts: dict[tuple, list[str]] = {}
+    for r in results:
+        m = r.get("measured", {"at": cfg["date"], "commit": cfg["commit"]})
+        name = r["setup"].split(",")[0].replace("single", "one process")
+        parts.setdefault((m["at"], m["commit"]), [])
+        if name not in parts[(m["at"], m["commit"])]:
+            parts[(m["at"], m["commit"])].append(name)
+    if len(parts) <= 1:
+        return f"Commit: `{cfg['commit']}`{changes}."
+    return ("Measured in parts (`--keep`): " + "; ".join(f"{', '.join(names)} at {at}, commit `{commit}`"
+                                                         for (at, commit), names in parts.items())
+            + f"{changes}.")
+
+
 def section(cfg: dict, results: list[dict], out: Path) -> str:
     single = next((r for r in results if r["setup"] == "single"), None)
     real = [r for r in results if r["setup"] == "real"]
     sims = [r for r in results if r["setup"].startswith("sim")]
-    u = cfg["units"]
+    u, recipe = cfg["units"], cfg["recipe"]
     lines = [f"### Accuracy parity: one process vs the coordinator ({cfg['date']})", "",
-             f"- The same images, recipe and budget for every setup: `{cfg['model']}` with its registered recipe "
-             f"(batch {u['model.batch_size']}, peak lr {u['model.lr']:g}, one-cycle), the first "
+             f"- The same images and budget for every setup, and `{cfg['model']}`'s registered recipe (batch "
+             f"{recipe['batch_size']}, peak lr {recipe['lr']:g}, {recipe['schedule']}; one process trains with it as "
+             "is, the coordinator's units as its defaults say, below): the first "
              f"{cfg['train_images']:,} training images for {cfg['epochs']} epochs "
              f"({cfg['train_images'] * cfg['epochs']:,} samples; one process drops each epoch's last partial batch, "
              "a unit is whole SGD steps, so the counts differ a little: see the samples column), seed "
              f"{cfg['seed']}, test accuracy on the first {cfg['test_images']:,} test images. One run per cell.",
              f"- Data: `{cfg['data']}`. Hardware: {cfg['hardware']}; the machine was shared with other "
-             "work, so seconds are indicative. Commit: "
-             f"`{cfg['commit']}`{' with uncommitted changes in ' + ', '.join(cfg['dirty']) if cfg['dirty'] else ''}.",
+             f"work, so seconds are indicative. {measured(cfg, results)}",
              f"- One process: `crowdtrain train`, {cfg['threads']} torch threads, evaluated after each epoch; time: "
              "launch to the end of the last epoch's steps.",
              f"- Real: `crowdtrain coordinator` and {cfg['workers']} `crowdtrain worker` processes of 1 torch thread "
-             f"on 127.0.0.1 (the coordinator's units: {u['model.shard_size']:,}-image shards, "
-             f"{u['model.local_steps']} SGD steps of {u['model.batch_size']}, {u['model.codec']} deltas), evaluated "
+             f"on 127.0.0.1 (the coordinator's default units: {u['model.shard_size']:,}-image shards, "
+             f"{u['model.local_steps']} SGD steps of {u['model.batch_size']} at peak lr {u['model.lr']:g}, "
+             f"{u['model.codec']} deltas), evaluated "
              f"every {cfg['eval_every']:g} s (batch-norm statistics re-estimated, as in every coordinator "
              "evaluation); time: launch to the final model.",
              f"- Simulated: `crowdtrain sim` on {', '.join(f'`{s}`' for s in cfg['scenarios'])} with "
@@ -513,7 +540,8 @@ def section(cfg: dict, results: list[dict], out: Path) -> str:
                               f"{sum(r['updates_dropped'].values())} updates dropped)" for r in real)
                   + ". To the final model evaluated: one process " f"{single['wall_s']:.0f} s, "
                   + ", ".join(f"{r['label']} {r['wall_s']:.0f} s" for r in real) + ". Load average (1 min) just "
-                  "before each timed run: " + ", ".join(f"{r['load_before']:.2f}" for r in [single, *real])
+                  "before each timed run: "
+                  + ", ".join(f"{r['load_before']:.2f}" if "load_before" in r else "n/a" for r in [single, *real])
                   + " (one process first)."]
     if sims:
         stalled = [f"{r['setup']} {r['label']}" for r in sims if r["stalled"]]
@@ -523,6 +551,26 @@ def section(cfg: dict, results: list[dict], out: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+SAME = ("model", "data_digest", "train_images", "epochs", "test_images", "seed", "strategies", "units", "threads",
+        "workers", "eval_every", "scenarios", "sim_workers", "sim_evals", "sim_set")
+
+
+def kept(cfg: dict, path: Path) -> list[dict]:
+    """The results of setups not run now from an earlier ``results.json``, if measured the same way."""
+    if not path.exists():
+        return []
+    before = json.loads(path.read_text())
+    differ = [k for k in SAME if before["config"].get(k) != cfg[k]]
+    if differ:
+        raise SystemExit(f"error: --keep: {path} was measured with other {', '.join(differ)}")
+    old = {"at": before["config"]["date"], "commit": before["config"]["commit"]
+           + ("+changes" if before["config"]["dirty"] else "")}
+    setups = set(cfg["setups"])
+    out = [{"measured": old, **r} for r in before["results"] if r["setup"].split()[0] not in setups]
+    log(f"kept {len(out)} earlier results ({'; '.join(sorted({r['setup'] for r in out}))}) from {shown(path)}")
+    return out
+
+
 def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout
 
@@ -555,6 +603,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
     p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK} (no docs section)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    p.add_argument("--keep", action="store_true", help="keep the results of the setups not run now from "
+                   "OUT/results.json (for instance, rerun the timed setups on a quieter machine), when they were "
+                   "measured on the same images, budget, recipe, units, seed and strategies")
     p.add_argument("--out", type=Path, help="output folder (default: bench/out/parity-<date>[-quick])")
     args = p.parse_args(argv)
     if not args.data:
@@ -569,6 +620,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from models.data import load_cifar10
+    from models.registry import get as get_model
 
     date = time.strftime("%Y-%m-%d")
     out = (args.out or ROOT / "bench" / "out" / f"parity-{date}{'-quick' if args.quick else ''}").resolve()
@@ -588,14 +640,16 @@ def main(argv: list[str] | None = None) -> int:
            "seed": args.seed, "strategies": [{"label": s.label, "name": s.name, "params": s.params} for s in specs],
            "setups": args.setups, "threads": args.threads, "workers": args.workers, "eval_every": args.eval_every,
            "scenarios": args.scenarios, "sim_workers": args.sim_workers, "sim_evals": args.sim_evals,
-           "sim_set": args.sim_set, "units": unit_keys(args), "quick": args.quick, "hardware": hardware(),
+           "sim_set": args.sim_set, "recipe": get_model(args.model).recipe.to_dict(), "units": unit_keys(args),
+           "quick": args.quick, "hardware": hardware(),
            "commit": git("rev-parse", "--short", "HEAD").strip(), "dirty": dirty,
            "command": "python " + " ".join([shown(Path(sys.argv[0])), *sys.argv[1:]])}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     log(f"parity: {args.model}, {args.train_images:,} images x {args.epochs} epochs, {args.test_images:,} test "
         f"images; setups {', '.join(args.setups)}; strategies {', '.join(s.label for s in specs)}; -> {shown(out)}")
     t0 = time.time()
-    results: list[dict] = []
+    results: list[dict] = kept(cfg, out / "results.json") if args.keep else []
+    stamp = {"at": time.strftime("%Y-%m-%d %H:%M"), "commit": cfg["commit"] + ("+changes" if dirty else "")}
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps({"config": cfg, "results": results}, indent=2) + "\n")
@@ -604,24 +658,26 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warm-up coordinator (browser step-graph cache): {warm_up(args, data, out):.0f} s")
     if "single" in args.setups:
         load = os.getloadavg()[0]
-        r = run_single(args, data, out / "single") | {"load_before": load}
+        r = run_single(args, data, out / "single") | {"load_before": load, "measured": stamp}
         results.append(r)
         save()
         log(f"one process: {100 * r['final_test_acc']:.2f}% after {r['samples']:,} samples, {r['wall_s']:.0f} s")
     if "real" in args.setups:
         for spec in specs:
             load = os.getloadavg()[0]
-            r = run_real(args, data, spec, out / "real" / slug(spec.label)) | {"load_before": load}
+            r = run_real(args, data, spec, out / "real" / slug(spec.label)) | {"load_before": load, "measured": stamp}
             results.append(r)
             save()
             log(f"real, {spec.label}: {100 * r['final_test_acc']:.2f}% after {r['samples']:,} samples, "
                 f"{r['wall_s']:.0f} s")
     if "sim" in args.setups:
         for r in run_sims(args, data, specs, out / "sim"):
+            r["measured"] = stamp
             results.append(r)
             log(f"{r['setup']}, {r['label']}: {100 * r['final_test_acc']:.2f}% after {r['samples']:,} samples, "
                 f"{r['sim_time_s'] / 3600:.2f} sim. h")
         save()
+    results.sort(key=lambda r: SETUPS.index(r["setup"].split()[0]))     # kept ones too: one process, real, sim
     cfg["total_wall_s"] = round(time.time() - t0, 1)
     save()
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

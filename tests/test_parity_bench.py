@@ -5,10 +5,13 @@ The bench itself is not run here (its --quick smoke run takes minutes: three set
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 
 from bench.parity import Spec, parse_spec, scenario_toml, sim_scenario, unit_keys
+from coordinator.config import CoordinatorConfig
+from coordinator.job import Job
 from coordinator.sim.scenario import load
 from tests.helpers.cluster import ROOT
 
@@ -30,10 +33,12 @@ def test_spec_parsing_and_fedavg_round_per_worker():
         parse_spec("fedbuff:no_such_param=1")
 
 
-def test_units_match_the_coordinator_defaults():
+def test_units_match_the_coordinator_defaults(tmp_path):
     keys = unit_keys(args())
-    assert keys["model.batch_size"] == 512 and keys["model.lr"] == 0.4          # resnet_fast's recipe
-    assert keys["model.shard_size"] == 1000 and keys["model.local_steps"] == 2  # one shard per unit, one pass
+    job = Job(CoordinatorConfig(state=tmp_path, model="resnet_fast"))   # the recipe a default job's units get
+    assert (keys["model.batch_size"], keys["model.lr"]) == (job.recipe.batch_size, job.recipe.lr)
+    assert keys["model.shard_size"] == job.config.shard_size
+    assert keys["model.local_steps"] == math.ceil(job.config.shard_size / job.recipe.batch_size)  # one pass
 
 
 @pytest.mark.parametrize("scenario", ["mild_churn", "heavy_churn", "churn_real"])
