@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 from contract.codecs import decode_delta, delta_norm
-from contract.units import WorkUnit
-from coordinator.app import create_app
-from coordinator.config import CoordinatorConfig
-from coordinator.job import Job
 from models.local import is_running_stat
 from tests.helpers.fault_worker import body, compute
-from tests.helpers.tiny_cifar import tiny_cifar10
+from tests.helpers.protocol import fetch_all, post, start_job, take
 
 WORKERS = ("w1", "w2", "w3")
 
@@ -36,33 +32,11 @@ CASES = {
 
 
 async def start(aiohttp_client, tmp_path, strategy, params, **config):
-    cfg = CoordinatorConfig(state=tmp_path / "state", **{
-        "model": "cnn", "shard_size": 64, "epochs": 8.0, "eval_every_s": 3600.0, "codec": "fp32",
-        "strategy": strategy, "strategy_params": params, **config})
-    job = Job(cfg)
-    job.open(tiny_cifar10(n_train=256, n_test=64))
-    return await aiohttp_client(create_app(cfg, job)), job
-
-
-async def take(client, worker) -> WorkUnit | None:
-    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python"})
-    assert resp.status in (200, 204), await resp.text()
-    return WorkUnit.from_json(await resp.json()) if resp.status == 200 else None
+    return await start_job(aiohttp_client, tmp_path, strategy=strategy, strategy_params=params, **config)
 
 
 async def honest(client, unit, worker):
-    blobs = {}
-    for blob in [unit.model_version, *unit.shard_ids]:
-        resp = await client.get(f"/api/v1/blobs/{blob}")
-        assert resp.status == 200
-        blobs[blob] = await resp.read()
-    return compute(unit, blobs.__getitem__, worker)
-
-
-async def post(client, unit, data: bytes):
-    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data,
-                             headers={"Content-Type": "application/octet-stream"})
-    return resp.status, await resp.json()
+    return compute(unit, await fetch_all(client, unit), worker)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -15,7 +15,6 @@ import pytest
 
 from contract.codecs import decode_delta
 from contract.units import UnitRequest, WorkUnit, pack_result, unpack_result
-from coordinator.app import create_app
 from coordinator.config import CoordinatorConfig, OptionError
 from coordinator.job import Job, build_strategy
 from coordinator.strategies import (
@@ -46,6 +45,8 @@ from tests.helpers.fault_worker import (
     lie,
 )
 from tests.helpers.tiny_cifar import tiny_cifar10
+from tests.helpers.protocol import fetch_all, start_job
+from tests.helpers.protocol import take as take_http
 from worker_py.unit import run_unit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -327,26 +328,7 @@ def test_a_little_is_enough_shifts_inside_the_honest_spread(tiny_job) -> None:
 # --- inside a real job: the liar is bounded and the ledger still matches -----------------------
 
 async def start(aiohttp_client, tmp_path, **config):
-    cfg = CoordinatorConfig(state=tmp_path / "state", **{
-        "model": "cnn", "shard_size": 64, "epochs": 8.0, "eval_every_s": 3600.0, "codec": "fp32", **config})
-    job = Job(cfg)
-    job.open(tiny_cifar10(n_train=256, n_test=64))
-    return await aiohttp_client(create_app(cfg, job)), job
-
-
-async def take_http(client, worker) -> WorkUnit | None:
-    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python"})
-    assert resp.status in (200, 204), await resp.text()
-    return WorkUnit.from_json(await resp.json()) if resp.status == 200 else None
-
-
-async def fetch_all(client, unit):
-    blobs = {}
-    for blob in [unit.model_version, *unit.shard_ids]:
-        resp = await client.get(f"/api/v1/blobs/{blob}")
-        assert resp.status == 200
-        blobs[blob] = await resp.read()
-    return blobs.__getitem__
+    return await start_job(aiohttp_client, tmp_path, **config)
 
 
 async def ledger_matches(client, job) -> list[dict]:

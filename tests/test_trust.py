@@ -19,7 +19,6 @@ import pytest
 from contract.codecs import decode_delta
 from contract.units import UnitRequest, WorkUnit, unpack_result
 from coordinator import trust as T
-from coordinator.app import create_app
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
 from coordinator.limits import RateLimiter, UnitLimits, bearer, client_address, load_tokens
@@ -27,6 +26,7 @@ from coordinator.metrics import render
 from models.local import is_running_stat
 from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.tiny_cifar import tiny_cifar10
+from tests.helpers.protocol import fetch_all, start_job, take
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,29 +150,9 @@ def test_worker_tokens_file(tmp_path) -> None:
 # --- inside a job --------------------------------------------------------------------------------------
 
 async def start(aiohttp_client, tmp_path, clock=None, data=None, **config):
-    cfg = CoordinatorConfig(state=tmp_path / "state", **{
-        "model": "cnn", "shard_size": 64, "epochs": 20.0, "eval_every_s": 3600.0, "codec": "fp32",
-        "strategy": "async_sgd", "strategy_params": {"staleness": "constant"}, "robust": "none",
+    return await start_job(aiohttp_client, tmp_path, clock, data, **{
+        "epochs": 20.0, "strategy": "async_sgd", "strategy_params": {"staleness": "constant"}, "robust": "none",
         "replication": "adaptive", **config})
-    job = Job(cfg, **({"clock": clock} if clock else {}))
-    job.open(data or tiny_cifar10(n_train=256, n_test=64))
-    return await aiohttp_client(create_app(cfg, job)), job
-
-
-async def take(client, worker, **headers) -> WorkUnit | None:
-    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python"},
-                             headers=headers)
-    assert resp.status in (200, 204), await resp.text()
-    return WorkUnit.from_json(await resp.json()) if resp.status == 200 else None
-
-
-async def fetch_all(client, unit):
-    blobs = {}
-    for blob in [unit.model_version, *unit.shard_ids]:
-        resp = await client.get(f"/api/v1/blobs/{blob}")
-        assert resp.status == 200
-        blobs[blob] = await resp.read()
-    return blobs.__getitem__
 
 
 async def work(client, unit, worker, fault=Fault.NONE) -> tuple[dict, dict]:
