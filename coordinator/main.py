@@ -203,21 +203,13 @@ def checked(args: argparse.Namespace) -> tuple[CoordinatorConfig, socket.socket]
         return None
 
 
-def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "coordinator") -> int:
-    args = build_parser(prog).parse_args(argv)
-    ready = checked(args)     # before the slow imports: a bad value or a busy port is one line, at once
-    if ready is None:
-        return 2
-    config, sock = ready
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+def start_job(args: argparse.Namespace, config: CoordinatorConfig, sock) -> tuple | int:
+    """Load torch with ``--threads`` and open the job (data, state, replay): ``(config, job, resumed)``,
+    or the exit status after one line saying why not (``sock``, the bound port, is closed then)."""
     try:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-        from aiohttp import web
-
-        from coordinator.app import create_app
-
         opened = open_job(args, config)
     except KeyboardInterrupt:
         sock.close()
@@ -226,7 +218,24 @@ def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "c
     if opened is None:
         sock.close()
         return 2
+    return opened
+
+
+def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "coordinator") -> int:
+    args = build_parser(prog).parse_args(argv)
+    ready = checked(args)     # before the slow imports: a bad value or a busy port is one line, at once
+    if ready is None:
+        return 2
+    config, sock = ready
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    opened = start_job(args, config, sock)
+    if isinstance(opened, int):
+        return opened
     config, job, resumed = opened
+    from aiohttp import web
+
+    from coordinator.app import create_app
+
     url, _ = urls(config.host, sock.getsockname()[1], args.public_url)
     print(f"coordinator for {config.model} ({job.strategy_name}) on {url}  dashboard: {url}/dashboard\n"
           f"  {start_line(config, job, resumed)}", flush=True)

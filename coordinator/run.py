@@ -37,7 +37,7 @@ from pathlib import Path
 from coordinator.console import PLAIN_EVERY_S, Console, duration, last_eval, progress_text
 from coordinator.main import build_parser as coordinator_parser
 from coordinator.limits import load_tokens
-from coordinator.main import checked, open_job, start_line, urls
+from coordinator.main import checked, start_job, start_line, urls
 from worker_py.stop import GRACE
 
 POLL_S = 1.0
@@ -315,18 +315,9 @@ def cli(argv: list[str], prog: str = "crowdtrain run", command: str = "run") -> 
         return 2
     config, sock = ready
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
-        opened = open_job(args, config)
-    except KeyboardInterrupt:
-        sock.close()
-        print("interrupted before the job started", file=sys.stderr)
-        return 130
-    if opened is None:
-        sock.close()
-        return 2
+    opened = start_job(args, config, sock)
+    if isinstance(opened, int):
+        return opened
     config, job, resumed = opened
     try:
         return asyncio.run(Session(config, job, sock, args, resumed).run())
