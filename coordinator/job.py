@@ -288,7 +288,7 @@ class Job:
         """Leases past their deadline: their shards go to the front of the queue (a replica's: another
         replica is wanted). Wakes the aggregation task when a held result waited too long for its replica."""
         expired = self.factory.expire()
-        if self._overdue_holds():
+        if self.replicating and self._overdue_holds():
             self.work.set()
         return expired
 
