@@ -390,7 +390,8 @@ def test_state_is_for_one_strategy() -> None:
 # --- registry and parameters -------------------------------------------------------------------
 
 def test_registry_and_errors() -> None:
-    assert set(STRATEGIES) == {"fedavg", "async_sgd", "fedasync", "fedbuff", "supermask_mean", "supermask_max"}
+    assert set(STRATEGIES) == {"fedavg", "async_sgd", "fedasync", "fedbuff", "supermask_mean", "supermask_max",
+                               "delayed_nesterov", "ordered_momentum"}
     with pytest.raises(ValueError, match="unknown strategy 'fedprox'.*fedavg, async_sgd, fedasync, fedbuff"):
         make_strategy("fedprox")
     with pytest.raises(ValueError, match="unknown parameter 'k' for strategy 'fedbuff'.*buffer_size.*max_norm"):
