@@ -334,14 +334,14 @@ class Job:
         if seq is None:
             raise Rejection("duplicate", 409, f"a result for unit {unit['unit_id']!r} was already accepted",
                             "result.unit_id")
-        if unit["twin"]:   # the job's tail: the other copy's result, when it comes, is dropped
-            self.store.supersede(unit["twin"])
+        if unit["twin"] and not quarantined:   # the job's tail: the other copy's result, when it comes, is dropped
+            self.store.supersede(unit["twin"])  # (not for a quarantined worker's result: it will not be used)
         now = self.clock()
         self._credit(r.worker_id, r.num_samples, r.compute_seconds, now, now - unit["issued"])
         if quarantined:
             self.store.mark_dropped([(seq, "quarantined")])
             self._delete_blobs([blob])
-            if not replica_of:
+            if not replica_of and not self.store.twin_alive(unit):   # trained again, unless a copy covers them
                 self.factory.requeue(unit["shard_ids"])
         elif replica_of:
             self.checks.append(seq)

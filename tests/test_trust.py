@@ -434,3 +434,24 @@ def test_a_unit_computes_the_same_delta_with_a_cached_model_or_a_fresh_one() -> 
     cached = run_local("cnn", base, data.train_x, data.train_y, recipe, 2, 0.05, seed=5, model=registry.build("cnn"))
     for name in fresh.delta:
         np.testing.assert_array_equal(fresh.delta[name], cached.delta[name], err_msg=name)
+
+
+async def test_a_quarantined_workers_tail_copy_does_not_supersede_the_honest_original(aiohttp_client, tmp_path):
+    """At the job's tail an idle worker gets a copy of a unit another holds and the first result wins;
+    a quarantined worker's result is not used, so it must not make the honest original's result
+    superseded (found by bench/byzantine.py: the job never reached its budget)."""
+    client, job = await start(aiohttp_client, tmp_path, epochs=1.0, replication="off")   # 4 shards of 64
+    job.trust.put(T.Record("liar", backend="python", quarantined=True, strikes=2, invalid=2))
+    slow = [await take(client, "slow") for _ in range(4)]
+    copy = await take(client, "liar")
+    assert copy.shard_ids == slow[0].shard_ids
+    answer, _ = await work(client, copy, "liar", Fault.SIGN_FLIP)
+    assert answer["accepted"] is True
+    for unit in slow:
+        answer, _ = await work(client, unit, "slow")
+        assert answer["accepted"] is True, answer
+    await job.settle()
+    seen = await ledger(client, job)
+    assert seen["status"]["finished"] and seen["status"]["updates_dropped"] == {"quarantined": 1}
+    assert seen["status"]["samples"] == 256
+    assert not set(copy.shard_ids) & job.factory.retrying(), "its shards were covered by the original"
