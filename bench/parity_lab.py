@@ -17,10 +17,17 @@ split at the end; every point both with the model's own batch-norm statistics ("
 what ``crowdtrain train`` reports) and with statistics re-estimated on 1,024 training images
 ("recal", what the coordinator reports).
 
-    python bench/parity_lab.py baseline                       # one process, recipe batch
-    python bench/parity_lab.py run --workers 2                # coordinator defaults
-    python bench/parity_lab.py run --workers 8 --strategy fedbuff --param buffer_size=1 \\
-        --param server_momentum=0.9 --param staleness=constant --local-momentum 0
+    python bench/parity_lab.py baseline [--baseline-steps 60]  # one process, recipe batch
+    python bench/parity_lab.py run --workers 2                 # coordinator defaults
+    python bench/parity_lab.py run --workers 8 --no-prefetch --unit-batch 64 --local-lr-scale 0.125 \\
+        --strategy async_sgd --param staleness=polynomial --param staleness_a=1
+    python bench/parity_lab.py table                           # every result as a markdown table
+
+Coordinator-side variants measured here: ``--no-prefetch`` (a unit's model includes the
+worker's previous result), ``--unit-batch``/``--local-lr-scale`` (smaller units, lr scaled),
+``--shards-per-unit``/``--shard-size``, ``--local-momentum``, ``--rebase-weights`` (stale
+weights re-expressed against the current model, FedAsync mixing), ``--lookahead`` (units start
+from an extrapolated model), ``--lr-progress``. Readings: ``bench/results/parity_lab/README.md``.
 
 Results: ``bench/results/parity_lab/<tag>.json`` (config, unit hyper, accuracy curve, final
 accuracy, staleness, and the baseline's accuracy at the same samples when it was run).
@@ -101,6 +108,7 @@ class Fleet:
     local_steps: int | None = None    # None: one pass over the unit's images, as the coordinator
     unit_batch: int | None = None     # the unit's batch (None: the recipe's)
     rebase_weights: float = 0.0       # k: a stale delta's weights become d - k (current - base) (1: FedAsync mixing)
+    lookahead: float = 0.0            # L: a unit starts from v + L (v - (v-1)) (weights); its delta lands on v
     lr_progress: str = "committed"    # "committed" (coordinator: applied+received+leased) or "received"
 
 
@@ -176,6 +184,7 @@ class Unit:
     batch: int
     lr: float
     seed: int
+    start: dict | None = None   # the model the worker trains from (None: the base version)
 
     @property
     def samples(self) -> int:
@@ -191,7 +200,7 @@ class FleetSim:
         self.rng = random.Random(lab.seed)
         torch.manual_seed(lab.seed)
         self.state = state_arrays(registry.build(lab.model))
-        self.version, self.versions = 0, {0: self.state}
+        self.version, self.versions, self.previous = 0, {0: self.state}, None
         self.strategy = make_strategy(fleet.strategy, **fleet.params)
         self.shards = [(i, min(i + fleet.shard_size, len(y))) for i in range(0, len(y), fleet.shard_size)]
         self.shard_epoch, self.shard_order = -1, []
@@ -231,6 +240,10 @@ class FleetSim:
         lr = lr_at(done / self.budget, self.recipe)
         lr = (lr if lr > 0 else self.recipe.lr * 1e-3) * self.fleet.local_lr_scale
         unit = Unit(worker, self.version, shards, steps, batch, lr, self.rng.randrange(2**31))
+        if self.fleet.lookahead and self.previous is not None:
+            L = self.fleet.lookahead
+            unit.start = {k: v if is_running_stat(k) else (v + L * (v - self.previous[k])).astype(np.float32)
+                          for k, v in self.state.items()}
         self.leased += unit.samples
         return unit
 
@@ -240,7 +253,8 @@ class FleetSim:
         rows = np.concatenate([np.arange(*self.shards[s]) for s in unit.shards])
         recipe = Recipe(batch_size=unit.batch, **self.hyper)     # as worker_py/runner.py builds it
         base = self.versions[unit.base_version]
-        res = run_local(self.lab.model, base, self.x[rows], self.y[rows], recipe, unit.steps, unit.lr, unit.seed,
+        start = unit.start if unit.start is not None else base
+        res = run_local(self.lab.model, start, self.x[rows], self.y[rows], recipe, unit.steps, unit.lr, unit.seed,
                         model=self.worker_model)
         delta = res.delta
         if unit.base_version != self.version and any(is_running_stat(n) for n in delta):
@@ -258,6 +272,7 @@ class FleetSim:
     def aggregate(self) -> None:
         new, metrics = self.strategy.aggregate(self.state, self.version)
         if metrics["updates"]:
+            self.previous = self.state
             self.state = sanitize_state(new)
             self.version += 1
             self.versions[self.version] = self.state
@@ -374,10 +389,10 @@ def table(out: Path = OUT) -> str:
         params = ", ".join(f"{k}={v}" for k, v in f["params"].items())
         unit_batch = f["unit_batch"] or r["recipe"]["batch_size"]
         steps = f["local_steps"] or math.ceil(f["shard_size"] * f["shards_per_unit"] / unit_batch)
-        extras = [f"{k}={f[k]}" for k in ("rebase_weights", "lr_progress", "jitter", "speed_spread")
+        extras = [f"{k}={f[k]}" for k in ("rebase_weights", "lookahead", "lr_progress", "jitter", "speed_spread")
                   if f[k] != getattr(Fleet(), k)]
-        matched = baseline_path(Lab(**lab), math.ceil(r["samples"] / r["recipe"]["batch_size"])).stem
-        b = base.get(matched) or base.get(baseline_path(Lab(**lab)).stem)
+        same = [x for x in base.values() if {**Lab().__dict__, **x["lab"]} == {**Lab().__dict__, **lab}]
+        b = min(same, key=lambda x: abs(x["samples"] - r["samples"]), default=None)   # closest in samples
         bt = "-"
         if b:
             bt = f"{100 * b['curve'][-1]['acc']:.2f} / {100 * b['final_full']['acc']:.2f} ({b['steps']} steps)"
@@ -421,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int)
     p.add_argument("--unit-batch", type=int)
     p.add_argument("--rebase-weights", type=float, default=0.0)
+    p.add_argument("--lookahead", type=float, default=0.0)
     p.add_argument("--lr-progress", choices=("committed", "received"), default="committed")
     args = p.parse_args(argv)
     if args.mode == "table":
@@ -446,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                       local_momentum=args.local_momentum, nesterov=args.nesterov, local_lr_scale=args.local_lr_scale,
                       shard_size=args.shard_size, shards_per_unit=args.shards_per_unit, local_steps=args.local_steps,
                       unit_batch=args.unit_batch, rebase_weights=args.rebase_weights,
+                      lookahead=args.lookahead,
                       lr_progress=args.lr_progress)
         sim = FleetSim(lab, fleet, x, y, evaluator)
         record.update(kind="fleet", fleet=dataclasses.asdict(fleet), hyper=sim.hyper, **sim.run())
