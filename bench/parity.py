@@ -39,6 +39,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -209,11 +210,9 @@ def coordinator_flags(args, data: str, spec: Spec | None) -> list[str]:
 
 
 def warm_up(args, data: str, out: Path) -> float:
-    """Start a coordinator on a small slice and wait for its browser step graph (cached on disk across
-    jobs), so that no measured run pays the one-off export."""
-    from models.registry import get
-
-    batch = get(args.model).recipe.batch_size
+    """Start a coordinator on a small slice and wait for its browser step graph at the units' batch size
+    (cached on disk across jobs), so that no measured run pays the one-off export."""
+    batch = unit_keys(args)["model.batch_size"]
     tmp = out / "warmup"
     tmp.mkdir(parents=True, exist_ok=True)
     flags = ["--data", data, "--model", args.model, "--limit-train", str(min(args.train_images, 1000)),
@@ -619,6 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)    # kill: stop the processes started, as Ctrl-C
     from models.data import load_cifar10
     from models.registry import get as get_model
 
