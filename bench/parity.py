@@ -275,7 +275,7 @@ def run_real(args, data: str, spec: Spec, out: Path) -> dict:
         cluster.stop()
         for blobs in [out / "state" / "blobs", *out.glob("cache-*")]:     # model versions, shards: 100+ MB
             shutil.rmtree(blobs, ignore_errors=True)
-    unit = {"batch_size": first["batch_size"], "local_steps": first["local_steps"], "lr": first["hyper"]["lr"]}
+    unit = {"batch_size": first["batch_size"], "local_steps": first["local_steps"]}
     u = unit_keys(args)
     if (unit["batch_size"], unit["local_steps"]) != (u["model.batch_size"], u["model.local_steps"]):
         log(f"  warning: the coordinator's units ({unit}) are not those given to the simulator ({u})")
@@ -439,7 +439,7 @@ def plot(results: list[dict], path: Path) -> None:
     setups = list(dict.fromkeys(r["setup"] for r in results if r["setup"] not in ("single", "real")))
     styles = {"real": ("-", "o")} | {s: (("--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))[i % 4], "x.+^"[i % 4])
                                       for i, s in enumerate(setups)}
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(14, 5 + 0.2 * len(results)), gridspec_kw={"width_ratios": [2, 1]})
     for r in results:
         xs, ys = [h["samples"] for h in r["history"]], [100 * h["test_acc"] for h in r["history"]]
         if r["setup"] == "single":
@@ -456,10 +456,11 @@ def plot(results: list[dict], path: Path) -> None:
              title="one process vs real workers, same cores")
     for a in (ax, ax_t):
         a.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), ncol=2)
-    ax_t.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    ax_t.legend(fontsize=7, loc="lower right")
+    rows = math.ceil(len(results) / 2)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.035 * rows, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -484,16 +485,26 @@ def measured(cfg: dict, results: list[dict]) -> str:
     changes = f" (uncommitted changes in {', '.join(cfg['dirty'])})" if cfg["dirty"] else ""
     parts: dict[tuple, list[str]] = {}
     for r in results:
-        m = r.get("measured", {"at": cfg["date"], "commit": cfg["commit"]})
+        m = r.get("measured", {})
+        key = (m.get("at", cfg["date"]), m.get("commit", cfg["commit"]), m.get("command", cfg["command"]))
         name = r["setup"].split(",")[0].replace("single", "one process")
-        parts.setdefault((m["at"], m["commit"]), [])
-        if name not in parts[(m["at"], m["commit"])]:
-            parts[(m["at"], m["commit"])].append(name)
+        if name not in parts.setdefault(key, []):
+            parts[key].append(name)
     if len(parts) <= 1:
-        return f"Commit: `{cfg['commit']}`{changes}."
-    return ("Measured in parts (`--keep`): " + "; ".join(f"{', '.join(names)} at {at}, commit `{commit}`"
-                                                         for (at, commit), names in parts.items())
-            + f"{changes}.")
+        return f"Commit: `{cfg['commit']}`{changes}. Command: `{cfg['command']}`."
+    each = [f"{', '.join(names)} at {at}, commit `{commit}`, `{command}`"
+            for (at, commit, command), names in parts.items()]
+    return f"Measured in parts (`--keep`): {'; '.join(each)}{changes}."
+
+
+def sim_prefetch(sims: list[dict]) -> str:
+    """``workers.prefetch`` of the simulated runs (real workers prefetch), from the scenarios they ran."""
+    import tomllib
+
+    if not sims:
+        return ""
+    seen = {tomllib.loads((ROOT / r["folder"] / "scenario.toml").read_text())["workers"]["prefetch"] for r in sims}
+    return " / ".join("on" if v else "off (the real worker's prefetch is not modelled)" for v in sorted(seen))
 
 
 def section(cfg: dict, results: list[dict], out: Path) -> str:
@@ -522,12 +533,16 @@ def section(cfg: dict, results: list[dict], out: Path) -> str:
              f"- Simulated: `crowdtrain sim` on {', '.join(f'`{s}`' for s in cfg['scenarios'])} with "
              f"{' and '.join(str(w) for w in cfg['sim_workers'])} workers: the scenario's speeds, churn and crashes, "
              f"the real setup's units and budget, evaluated at {cfg['sim_evals']} points plus the initial model; "
-             "time: simulated hours to the budget."
+             f"workers prefetch: {sim_prefetch(sims)}; time: simulated hours to the budget."
              + (f" Extra keys: {', '.join(f'`{s}`' for s in cfg['sim_set'])}." if cfg["sim_set"] else ""),
-             "- FedAvg without `clients_per_round` waits for one unit per worker of the setup (2, 8 or 32) "
-             "and drops results computed from an older round.",
-             f"- Command: `{cfg['command']}`; raw results, config and every setup's logs and files in "
-             f"`{shown(out)}`; plot: `{shown(out / 'parity.png')}`.", "", *table(results)]
+             "- FedAvg without `clients_per_round` waits for one unit per worker of the setup "
+             f"({', '.join(str(n) for n in sorted({cfg['workers'], *cfg['sim_workers']}))}) and drops results "
+             "computed from an older round.",
+             f"- Raw results, config and every setup's logs and files in `{shown(out)}`; plot: "
+             f"`{shown(out / 'parity.png')}`.", "", *table(results)]
+    ran = {"- One process": single, "- Real": real, "- Simulated": sims,
+           "- FedAvg": [r for r in results if r.get("strategy") == "fedavg"]}
+    lines = [line for line in lines if all(ran[k] for k in ran if line.startswith(k))]
     if single is not None and real:
         lines += ["", "Wall time on the same cores, from launch to the final model (the budget spent; evaluations "
                   "during the run included, the final one not): one process "
@@ -563,9 +578,10 @@ def kept(cfg: dict, path: Path) -> list[dict]:
     if differ:
         raise SystemExit(f"error: --keep: {path} was measured with other {', '.join(differ)}")
     old = {"at": before["config"]["date"], "commit": before["config"]["commit"]
-           + ("+changes" if before["config"]["dirty"] else "")}
+           + ("+changes" if before["config"]["dirty"] else ""), "command": before["config"]["command"]}
     setups = set(cfg["setups"])
-    out = [{"measured": old, **r} for r in before["results"] if r["setup"].split()[0] not in setups]
+    out = [{**r, "measured": {**old, **r.get("measured", {})}} for r in before["results"]
+           if r["setup"].split()[0] not in setups]
     log(f"kept {len(out)} earlier results ({'; '.join(sorted({r['setup'] for r in out}))}) from {shown(path)}")
     return out
 
@@ -602,6 +618,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
     p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK} (no docs section)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: the plot and the section again "
+                   "from OUT/results.json")
     p.add_argument("--keep", action="store_true", help="keep the results of the setups not run now from "
                    "OUT/results.json (for instance, rerun the timed setups on a quieter machine), when they were "
                    "measured on the same images, budget, recipe, units, seed and strategies")
@@ -616,6 +634,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(cfg: dict, results: list[dict], out: Path, docs: bool) -> None:
+    plot(results, out / "parity.png")
+    body = section(cfg, results, out)
+    if docs:
+        write_section("parity", body, ROOT / "docs" / "results.md")
+    print(body)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)    # kill: stop the processes started, as Ctrl-C
@@ -625,6 +651,10 @@ def main(argv: list[str] | None = None) -> int:
     date = time.strftime("%Y-%m-%d")
     out = (args.out or ROOT / "bench" / "out" / f"parity-{date}{'-quick' if args.quick else ''}").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        saved = json.loads((out / "results.json").read_text())
+        report(saved["config"], saved["results"], out, not (args.quick or args.no_docs))
+        return 0
     specs = [parse_spec(s) for s in args.strategy] or [default_spec(args.model), parse_spec("fedavg")]
     full = load_cifar10(args.data, progress=False)
     args.train_images = min(args.train_images, len(full.train_y))
@@ -649,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         f"images; setups {', '.join(args.setups)}; strategies {', '.join(s.label for s in specs)}; -> {shown(out)}")
     t0 = time.time()
     results: list[dict] = kept(cfg, out / "results.json") if args.keep else []
-    stamp = {"at": time.strftime("%Y-%m-%d %H:%M"), "commit": cfg["commit"] + ("+changes" if dirty else "")}
+    stamp = {"at": time.strftime("%Y-%m-%d %H:%M"), "commit": cfg["commit"] + ("+changes" if dirty else ""),
+             "command": cfg["command"]}
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps({"config": cfg, "results": results}, indent=2) + "\n")
@@ -681,11 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg["total_wall_s"] = round(time.time() - t0, 1)
     save()
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    plot(results, out / "parity.png")
-    body = section(cfg, results, out)
-    if not (args.quick or args.no_docs):
-        write_section("parity", body, ROOT / "docs" / "results.md")
-    print(body)
+    report(cfg, results, out, not (args.quick or args.no_docs))
     log(f"done in {cfg['total_wall_s']:.0f} s: {shown(out)}")
     return 0
 
