@@ -73,7 +73,6 @@ class Accepted:
     delta: dict[str, np.ndarray]
     staleness: int
     late: bool
-    norm: float
 
 
 class Intake:
@@ -143,7 +142,7 @@ class Intake:
         if stale and any(is_running_stat(n) for n in delta) and not self._kept(unit["base_step"]):
             raise Rejection("too_stale", 409, f"staleness: base version {unit['base_step']} is no longer kept",
                             "result.base_version", give_up="stale")
-        return Accepted(unit, result, delta, stale, late, norm)
+        return Accepted(unit, result, delta, stale, late)
 
     def _kept(self, step: int) -> bool:
         """Running statistics in a stale delta are rebased on its base version: is it still on disk?"""

@@ -144,7 +144,6 @@ class Job:
         self.workers: dict[str, WorkerStats] = {}
         self.accepted_log: deque[tuple[float, int, str, float]] = deque()   # (accepted, samples, worker, issued)
         self.agg_times: list[float] = []
-        self.last_metrics: dict = {}
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self.finished = False
@@ -524,7 +523,6 @@ class Job:
         self.store.commit_version(version, list(agg.folded), {"blob": strategy_blob}, list(agg.dropped))
         self.aggregator.advance(agg)
         self.agg_times.append(agg.seconds)
-        self.last_metrics = agg.metrics
         self._forget([*agg.folded, *(s for s, _ in agg.dropped)])
         if old_strategy and old_strategy["blob"] != strategy_blob:
             self.store.delete_blob(old_strategy["blob"])
