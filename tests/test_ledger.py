@@ -177,3 +177,37 @@ def test_the_same_blob_stored_from_many_threads_at_once(tmp_path):
     assert len(set(ids)) == 1 and store.get_blob(ids[0]) == data
     assert [p.name for p in (tmp_path / "blobs").iterdir()] == [ids[0]], "no temporary files left"
     store.close()
+
+
+async def test_a_unit_asked_for_after_a_result_starts_from_a_model_with_it(aiohttp_client, tmp_path, monkeypatch):
+    """The next unit's base includes the asker's last result (one version fresher: bench/parity_lab.py),
+    and a request waits for that fold at most ``FRESH_BASE_WAIT_S``."""
+    import coordinator.app as app_module
+
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+    first = await take(client, "w1")
+    status, got = await post(client, first, body(await honest(client, first, "w1")))
+    assert status == 200 and got["accepted"]
+    second = await take(client, "w1")          # nobody called settle: the request folded it
+    assert (first.base_step, second.base_step, job.step) == (0, 1, 1)
+
+    monkeypatch.setattr(app_module, "FRESH_BASE_WAIT_S", 0.3)
+    gate = threading.Event()
+    fold = job.aggregator.aggregate
+
+    def stuck_aggregate():
+        assert gate.wait(60), "the test never released the aggregation"
+        return fold()
+
+    job.aggregator.aggregate = stuck_aggregate
+    try:
+        status, got = await post(client, second, body(await honest(client, second, "w1")))
+        assert status == 200 and got["accepted"]
+        t0 = asyncio.get_running_loop().time()
+        third = await asyncio.wait_for(take(client, "w1"), timeout=10)
+        waited = asyncio.get_running_loop().time() - t0
+        assert third.base_step == 1 and 0.25 <= waited < 5, waited   # cut from what was folded, not held up
+    finally:
+        gate.set()
+    await job.settle()
+    assert job.step == 2 and job.store.result_totals()["applied"] == 2

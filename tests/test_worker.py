@@ -87,6 +87,7 @@ class FakeCoordinator:
         self.issued: dict[str, dict] = {}
         self.results: list[UnitResult] = []
         self.accepted: set[str] = set()
+        self.events: list[str] = []      # "next" and "result <unit_id>", in the order they came in
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
 
@@ -96,6 +97,7 @@ class FakeCoordinator:
 
     async def next_unit(self, request: web.Request) -> web.Response:
         self.requests.append(UnitRequest.from_json(await request.json()))
+        self.events.append("next")
         if self.down_first > 0:
             self.down_first -= 1
             return web.Response(status=503, text="starting up")
@@ -129,6 +131,7 @@ class FakeCoordinator:
         except ContractError as e:
             return web.json_response(error_body(e), status=400)
         self.results.append(result)
+        self.events.append(f"result {result.unit_id}")
         if self.replies:
             status, code = self.replies.pop(0)
             return web.json_response({"error": {"code": code, "field": "", "message": f"{code} (fake)"}},
@@ -262,6 +265,23 @@ def test_sigterm_mid_unit_hands_back_the_unit(blobs, tmp_path):
 ])
 def test_the_next_unit_is_asked_for_as_late_as_the_fetch_time_allows(step, total, elapsed, fetch, due):
     assert prefetch_due(step, total, elapsed, fetch) is due
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_the_next_unit_is_asked_for_after_the_result_unless_prefetching(blobs, tmp_path, prefetch):
+    b = ids(blobs)
+    units = [unit(f"u{i}", b["supermask_fc"], [b["s1"]], steps=40) for i in (1, 2, 3)]
+    fake = FakeCoordinator(list(blobs.values()), units).start()
+    try:
+        extra = ("--prefetch",) if prefetch else ()
+        code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "3", "--no-progress", *extra))
+        assert code == 0, log
+        if prefetch:   # the second unit is asked for while the first one trains
+            assert fake.events.index("next", 1) < fake.events.index("result u1"), fake.events
+        else:          # so that its base can include the first one's result
+            assert fake.events == ["next", "result u1", "next", "result u2", "next", "result u3"], fake.events
+    finally:
+        fake.stop()
 
 
 def test_worker_waits_for_a_coordinator_that_comes_up_late_and_exits_when_the_job_is_finished(blobs, tmp_path):

@@ -1,9 +1,10 @@
-"""The worker's loop: a prefetch thread fetches the next unit and its blobs while the main
-thread trains the current one (``worker_py.runner``), submits the result and reacts to the
+"""The worker's loop: a fetch thread fetches the next unit and its blobs while the main thread
+trains the current one (``worker_py.runner``), submits the result and reacts to the
 coordinator's answer.
 
-The next unit is asked for as late in the current one as the last fetch's duration allows
-(``worker_py.unit.prefetch_due``). While the coordinator is unreachable both threads wait
+By default the next unit is asked for once the current one's result is submitted, so its base
+includes that result. With ``prefetch`` it is asked for during the current one, as late as the
+last fetch's duration allows (``worker_py.unit.prefetch_due``). While the coordinator is unreachable both threads wait
 with exponential backoff, for at most the client's ``max_retry_time``; a URL that is not a
 coordinator ends the worker at once (exit status 1). Once ``StopFlag`` is set no more units
 are taken; the current one finishes if it completes within the grace period, else it is
@@ -172,9 +173,10 @@ class Worker:
     """Takes units, computes, submits, reacts to the answers; ``run()`` gives the exit status."""
 
     def __init__(self, client: Client, runner: Runner, request: UnitRequest, stop: StopFlag,
-                 progress: Progress, max_units: int | None = None) -> None:
+                 progress: Progress, max_units: int | None = None, prefetch: bool = False) -> None:
         self.client, self.runner, self.request = client, runner, request
         self.stop, self.progress, self.max_units = stop, progress, max_units
+        self.prefetch = prefetch
         self.fatal = False
         self.fetcher: Prefetcher | None = None
         self._unit_started = 0.0
@@ -240,6 +242,8 @@ class Worker:
         now = time.monotonic()
         if step == 1:
             self._unit_started = now
+        if not self.prefetch:
+            return
         due = prefetch_due(step, total, now - self._unit_started, self.fetcher.fetch_seconds)
         if due and self._need_more(in_flight=1) and not self.fetcher.pending():
             self.fetcher.want()
@@ -312,11 +316,13 @@ class Worker:
 
 
 def work(client: Client, worker_id: str, stop: StopFlag, progress: Progress, threads: int | None = None,
-         max_units: int | None = None) -> int:
+         max_units: int | None = None, prefetch: bool = False) -> int:
     """Set torch's threads (``None``: all cores), then take, compute and submit units until the
-    job is finished, ``max_units`` are accepted or ``stop`` is set; returns the exit status."""
+    job is finished, ``max_units`` are accepted or ``stop`` is set; returns the exit status.
+    ``prefetch`` asks for the next unit before the current one is submitted: no idle fetch, but
+    every unit's base then lacks this worker's previous result (one version staler)."""
     request = UnitRequest(worker_id=worker_id, backend="python", models=tuple(registry.MODELS))
     threads = set_threads(threads)
     cache = client.cache.root if client.cache is not None else "none"
     progress.say(f"worker {worker_id} for {client.base_url}: {threads} threads, blob cache {cache}")
-    return Worker(client, Runner(client, worker_id), request, stop, progress, max_units).run()
+    return Worker(client, Runner(client, worker_id), request, stop, progress, max_units, prefetch).run()

@@ -77,6 +77,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--worker-id", metavar="ID", help="worker id (default: random, stable for this process)")
     p.add_argument("--cache", type=Path, metavar="DIR",
                    help="blob cache folder (default: $CROWDTRAIN_CACHE/blobs or ~/.cache/crowdtrain/blobs)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="ask for the next unit while the current one trains: no idle fetch, but each unit "
+                        "starts from a model without this worker's previous result, which costs accuracy at "
+                        "equal samples (default: off; worth it on a slow link to a large model)")
     p.add_argument("--no-progress", action="store_true",
                    help="no status line, message lines only (default: off, a status line)")
     p.add_argument("--grace", type=_seconds, default=GRACE, metavar="SECONDS",
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
         # signals are ours, and never for `crowdtrain worker --help` or bad arguments.
         from worker_py.loop import work
 
-        code = work(client, worker_id, stop, progress, args.threads, args.max_units)
+        code = work(client, worker_id, stop, progress, args.threads, args.max_units, args.prefetch)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
