@@ -355,6 +355,14 @@ class Store:
                               " 0), COALESCE(SUM(dropped IS NOT NULL), 0) FROM results").fetchone()
         return {"accepted": row[0], "samples": row[1], "applied": row[2], "dropped": row[3]}
 
+    def credit_totals(self) -> list[dict]:
+        """Per worker id, what counts as credit: results folded into a version and never dropped
+        (a held result counts once its check passed and it is folded), with their samples and the
+        time of the latest; highest samples first."""
+        return self._rows("SELECT worker_id, COUNT(*) AS units, SUM(num_samples) AS samples, MAX(accepted) AS last "
+                          "FROM results WHERE applied_step IS NOT NULL AND dropped IS NULL "
+                          "GROUP BY worker_id ORDER BY samples DESC, worker_id")
+
     def staleness_counts(self) -> dict[int, int]:
         return dict(self.db.execute("SELECT staleness, COUNT(*) FROM results GROUP BY staleness").fetchall())
 
