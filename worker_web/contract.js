@@ -12,7 +12,7 @@
  *   topk selection with ties going to the lower index).
  * - `packResult` / `unpackResult`: the `CTR1` result body (JSON metadata + delta), metadata
  *   serialised as Python's `json.dumps(separators=(",", ":"), ensure_ascii=False)` does.
- * - `checkUnit`, `checkRequest`, `checkResult`: the JSON messages, with the field rules and error
+ * - `checkUnit`, `checkRequest`, `checkResult`, `checkNameRequest`: the JSON messages, with the field rules and error
  *   field names of contract/units.py (`protocol` first -> code `unsupported_protocol`).
  * - `decodeShard`: the `CTS1` data-shard blob. `blobId`: sha256 hex (async).
  *
@@ -1021,6 +1021,37 @@ export function checkRequest(input) {
   need(Array.isArray(models), `${p}.models`, "a list of model names", models);
   models.forEach((m) => checkStr(`${p}.models`, m, MODEL_RE, `a model name matching ${MODEL_PATTERN}`));
   return { protocol, worker_id: workerId, backend, codecs: [...codecs], models: [...models] };
+}
+
+// --- display names (Python: contract/names.py) ---------------------------------------------------
+
+export const NAME_MAX_CHARS = 32;
+const NAME_FORBIDDEN_RE = /[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ufffe\uffff\ud800-\udfff]/u;
+const NAME_SPACES = " \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000";
+const NAME_EDGE_RE = new RegExp(`^[${NAME_SPACES}]|[${NAME_SPACES}]$`, "u");
+const NAME_RULE = `null or 1 to ${NAME_MAX_CHARS} printable characters (no control, format or invisible characters), ` +
+  "not starting or ending with a space";
+
+/** A display name (or null: no name), as Python's `contract.names.check_name`; throws ContractError naming `field`. */
+export function checkDisplayName(field, value) {
+  if (value === null) return null;
+  const ok = typeof value === "string" && codePoints(value) >= 1 && codePoints(value) <= NAME_MAX_CHARS &&
+    !NAME_FORBIDDEN_RE.test(value) && !NAME_EDGE_RE.test(value);
+  need(ok, field, NAME_RULE, value);
+  return value;
+}
+
+/**
+ * Validate a display-name request (Python: `NameRequest.from_json`), the body a worker POSTs to
+ * `/api/v1/workers/<worker_id>/name`: {protocol, name} (`name` null clears it). Returns it in
+ * Python's `to_json()` order. Throws ContractError "name_request.<key>".
+ */
+export function checkNameRequest(input) {
+  const p = "name_request";
+  const d = messageOf(input, p);
+  const get = fromJson(p, d, ["name", "protocol"]);
+  const protocol = checkProtocol(p, get("protocol"));
+  return { protocol, name: checkDisplayName(`${p}.name`, get("name")) };
 }
 
 const RESULT_FIELDS = ["unit_id", "lease", "worker_id", "base_version", "loss_before", "loss_after", "num_samples",

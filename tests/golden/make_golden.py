@@ -8,6 +8,8 @@
 - ``unit.json``, ``result.json``, ``result_error.json``: example messages; ``result.bin``: the
   ``POST .../result`` body of ``result.json`` with ``delta_int8.bin`` inside; ``result_error.bin``:
   the body of ``result_error.json`` (a failed unit: no delta).
+- ``names.json``: display-name request bodies (``contract.names``), each with the name it is
+  accepted as or the error ``field`` and ``code`` it is refused with.
 - ``invalid/*.bin`` with ``invalid.json``: malformed containers (and two spec mismatches), each
   with the error ``field`` a decoder must name.
 
@@ -30,6 +32,8 @@ if str(GOLDEN.parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(GOLDEN.parents[1]))
 
 from contract.codecs import get_codec  # noqa: E402
+from contract.errors import ContractError  # noqa: E402
+from contract.names import NAME_MAX_CHARS, NameRequest  # noqa: E402
 from contract.units import UnitResult, WorkUnit, blob_id, pack_result  # noqa: E402
 
 # file name -> codec string; topk keeps 7 of the kernel's 54 entries, and the 7th is a tie in |x|
@@ -114,6 +118,35 @@ def _invalid(deltas: dict[str, bytes]) -> tuple[dict[str, bytes], list[dict]]:
     return files, manifest
 
 
+# display-name request bodies (contract.names): each is accepted (with the name it stands for) or refused
+NAME_BODIES = [
+    {"protocol": 1, "name": "Ada"}, {"protocol": 1, "name": None}, {"protocol": 1, "name": "x" * NAME_MAX_CHARS},
+    {"protocol": 1, "name": "Zo\u00eb's lab \u2013 r\u00e9seau 7"}, {"protocol": 1, "name": "<script>alert(1)</script>"},
+    {"protocol": 1, "name": "\U0001f600" * NAME_MAX_CHARS}, {"protocol": 1, "name": "a b"},
+    {"protocol": 1, "name": "\u5b66\u7fd2\u30c1\u30fc\u30e0"}, {"name": "Ada", "protocol": 1},
+    {"protocol": 1, "name": ""}, {"protocol": 1, "name": "x" * (NAME_MAX_CHARS + 1)},
+    {"protocol": 1, "name": "\U0001f600" * (NAME_MAX_CHARS + 1)}, {"protocol": 1, "name": " Ada"},
+    {"protocol": 1, "name": "Ada "}, {"protocol": 1, "name": "Ada\u3000"}, {"protocol": 1, "name": "\u00a0Ada"},
+    {"protocol": 1, "name": "Ada\nLovelace"}, {"protocol": 1, "name": "Ada\tL"}, {"protocol": 1, "name": "A\u0000"},
+    {"protocol": 1, "name": "A\u0085B"}, {"protocol": 1, "name": "evil\u202etxt.exe"}, {"protocol": 1, "name": "a\u200bb"},
+    {"protocol": 1, "name": "a\u2066b"}, {"protocol": 1, "name": "\ufeffAda"}, {"protocol": 1, "name": "a\u00adb"},
+    {"protocol": 1, "name": "lone \ud800"}, {"protocol": 1, "name": 7}, {"protocol": 1, "name": ["Ada"]},
+    {"protocol": 1, "name": True}, {"protocol": 1}, {"name": "Ada"}, {"protocol": 2, "name": "Ada"},
+    {"protocol": "1", "name": "Ada"}, {"protocol": 1, "name": "Ada", "colour": "red"}, ["Ada"], "Ada", None,
+]
+
+
+def name_cases() -> list[dict]:
+    """Each body with Python's verdict: ``{"body", "name"}`` when accepted, ``{"body", "field", "code"}`` when not."""
+    cases = []
+    for body in NAME_BODIES:
+        try:
+            cases.append({"body": body, "name": NameRequest.from_json(body).name})
+        except ContractError as e:
+            cases.append({"body": body, "field": e.field, "code": e.code})
+    return cases
+
+
 def build() -> dict[str, bytes]:
     """Every golden file: relative path -> exact bytes."""
     arrays, files, deltas = sample(), {}, {}
@@ -147,6 +180,7 @@ def build() -> dict[str, bytes]:
     invalid, manifest = _invalid(deltas)
     files.update(invalid)
     files["invalid.json"] = _json(manifest)
+    files["names.json"] = _json({"max_chars": NAME_MAX_CHARS, "cases": name_cases()})
     return files
 
 

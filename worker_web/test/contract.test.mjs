@@ -511,3 +511,23 @@ describe("shards and blobs", () => {
     assert.ok(C.isBlobId(json("unit.json").model_version) && !C.isBlobId("ABC"));
   });
 });
+
+describe("display-name requests", () => {
+  const golden = json("names.json");
+
+  test("the limit is Python's", () => assert.equal(C.NAME_MAX_CHARS, golden.max_chars));
+
+  for (const [i, c] of golden.cases.entries()) {
+    test(`case ${i}: ${JSON.stringify(c.body).slice(0, 60)}`, () => {
+      for (const input of [JSON.stringify(c.body), c.body]) {
+        if (typeof input !== "string" && typeof c.body === "string") continue;   // a bare JS string is JSON text
+        if ("name" in c) {
+          assert.deepEqual(C.checkNameRequest(input), { protocol: 1, name: c.name });
+        } else {
+          const e = errorOf(() => C.checkNameRequest(input));
+          assert.deepEqual([e.field, e.code], [c.field, c.code]);
+        }
+      }
+    });
+  }
+});
