@@ -2,8 +2,10 @@
 
 Routes (docs/protocol.md): ``POST /api/v1/units/next``, ``GET /api/v1/blobs/<id>``,
 ``POST /api/v1/units/<unit_id>/result``, ``GET /api/v1/steps/<model>/<batch>`` (a browser
-worker's training-step graph, ``coordinator.steps``); for people and monitors: ``GET /``
-(the donate page, ``coordinator.web``), ``GET /api/status``, ``GET /metrics``, ``GET /dashboard``. Handlers are short: domain errors become 4xx JSON
+worker's training-step graph, ``coordinator.steps``), ``POST /api/v1/workers/<worker_id>/name``
+(a display name, ``coordinator.credit``); for people and monitors: ``GET /``
+(the donate page, ``coordinator.web``), ``GET /api/status``, ``GET /metrics``, ``GET /dashboard``,
+``GET /leaderboard`` and ``GET /api/v1/credit`` (credit), ``GET /api/v1/donate`` (what a tab downloads). Handlers are short: domain errors become 4xx JSON
 bodies that name the field, and no traceback ever reaches a client. Unit requests are rate
 limited per worker id and per address (429 ``rate_limited``), and with ``--worker-tokens`` the
 two worker routes need an operator's token (401 ``unauthorized``): ``coordinator.limits``.
@@ -20,10 +22,13 @@ from aiohttp import web
 
 from contract.codecs import strict_json
 from contract.errors import ContractError, Said
-from contract.units import UnitRequest, is_blob_id
+from contract.names import NameRequest
+from contract.units import ID_RE, UnitRequest, is_blob_id
 from coordinator import metrics
+from coordinator.credit import BOARD, LIST_DEFAULT, LIST_MAX, NAME_RATE_PER_MIN, CreditBoard, NamesFull, donate_info, \
+    render_page
 from coordinator.config import CoordinatorConfig
-from coordinator.limits import UnitLimits, bearer, client_address, load_tokens, retry_after
+from coordinator.limits import RateLimiter, UnitLimits, bearer, client_address, is_loopback, load_tokens, retry_after
 from coordinator.intake import Rejection, contract_rejection
 from coordinator.job import Job
 from coordinator.keys import ASSETS, CONFIG, EVALS, JOB, LIMITS, STEPS, TOKENS, WARM
@@ -42,6 +47,8 @@ REQUEST_MAX_BYTES = 64 * 1024   # a UnitRequest is a few hundred bytes
 JSON_MAX_DEPTH = 8              # a UnitRequest nests two levels (an object of lists)
 BATCH_RE = re.compile(r"[0-9]{1,9}")
 VERSION_RE = re.compile(r"final|best|[0-9]{1,15}")
+LIMIT_RE = re.compile(r"[0-9]{1,7}")
+NAME_LIMITS = web.AppKey("name_limits", RateLimiter)   # name changes per address
 
 
 def error(code: str, status: int, message: str, field: str = "") -> web.Response:
@@ -247,6 +254,66 @@ async def static(request: web.Request) -> web.StreamResponse:
     return await request.app[ASSETS].serve(request)
 
 
+# ---------------------------------------------------------------------------- credit (coordinator.credit)
+async def credit(request: web.Request) -> web.Response:
+    """``GET /api/v1/credit[?worker=ID][&limit=N]``: the ranking (names and anonymous tags, never
+    worker ids), totals, and with ``worker`` that worker's own row as ``me``."""
+    worker, limit = request.query.get("worker"), request.query.get("limit")
+    if worker is not None and not ID_RE.fullmatch(worker):
+        return error("invalid", 400, f"worker: expected a worker id matching {ID_RE.pattern}, got {worker[:40]!r}",
+                     "worker")
+    if limit is not None and not (LIMIT_RE.fullmatch(limit) and 1 <= int(limit) <= LIST_MAX):
+        return error("invalid", 400, f"limit: expected an integer in [1, {LIST_MAX}], got {limit[:40]!r}", "limit")
+    body = request.app[BOARD].answer(worker, int(limit) if limit else LIST_DEFAULT)
+    return web.json_response(body, headers={"Cache-Control": "no-cache"})
+
+
+async def set_name(request: web.Request) -> web.Response:
+    """``POST /api/v1/workers/<worker_id>/name`` with ``{"protocol": 1, "name": "..." | null}``: the id in
+    the path is the bearer of identity (a tab's id lives only in its localStorage)."""
+    worker_id = request.match_info["worker_id"]
+    tokens = request.app[TOKENS]
+    if tokens and bearer(request.headers.get("Authorization")) not in tokens:
+        return error("unauthorized", 401, "Authorization: expected 'Bearer <token>' with a worker token this "
+                     "coordinator's operator issued", "Authorization")
+    address = client_address(request.remote, request.headers.get("X-Forwarded-For"))
+    wait = 0.0 if not address or is_loopback(address) else request.app[NAME_LIMITS].wait(address)
+    if wait > 0:
+        limited = error("rate_limited", 429, f"request: expected at most {NAME_RATE_PER_MIN} name changes a minute "
+                        f"per address; retry in {retry_after(wait)} s", "request")
+        limited.headers["Retry-After"] = retry_after(wait)
+        return limited
+    if not ID_RE.fullmatch(worker_id):
+        return error("invalid", 400, f"worker_id: expected an id matching {ID_RE.pattern}, got {worker_id[:40]!r}",
+                     "worker_id")
+    raw = await read_json(request, "name_request")
+    try:
+        name = NameRequest.from_json(raw).name
+    except ContractError as e:
+        raise contract_rejection(e) from None
+    board = request.app[BOARD]
+    try:
+        board.names.set(worker_id, name)
+    except NamesFull as e:
+        return error("names_full", 409, f"name: {e}; this worker id can take part without one", "name")
+    return web.json_response({"name": name, "tag": board.names.tag(worker_id)})
+
+
+async def leaderboard(request: web.Request) -> web.Response:
+    """The public leaderboard, rendered here (every name HTML-escaped; no script on the page)."""
+    job = request.app[JOB]
+    text = render_page(request.app[BOARD].answer(), job.config.job, job.config.model)
+    return web.Response(text=text, content_type="text/html", headers={
+        "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"})
+
+
+async def donate(request: web.Request) -> web.Response:
+    """``GET /api/v1/donate``: what a tab downloads and computes (the donate page shows it before Start)."""
+    return web.json_response(donate_info(request.app[JOB], request.app[ASSETS], request.app.get(STEPS)),
+                             headers={"Cache-Control": "no-cache"})
+
+
 # ---------------------------------------------------------------------------- background work
 async def expire_loop(app: web.Application) -> None:
     job = app[JOB]
@@ -304,6 +371,7 @@ async def job_ctx(app: web.Application):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await app[STEPS].close()
+    app[BOARD].close()
     job.close()
 
 
@@ -316,6 +384,8 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app[LIMITS] = UnitLimits(config.unit_rate_worker, config.unit_rate_address, time.monotonic)
     app[TOKENS] = load_tokens(config.worker_tokens) if config.worker_tokens else frozenset()
     app[ASSETS], app[WARM] = Assets(default_cache_dir()), warm
+    app[BOARD] = CreditBoard(lambda: job.store)
+    app[NAME_LIMITS] = RateLimiter(NAME_RATE_PER_MIN, time.monotonic)
     app.cleanup_ctx.append(job_ctx)
     app.router.add_post("/api/v1/units/next", next_unit)
     app.router.add_get("/api/v1/blobs/{blob_id}", get_blob)
@@ -327,5 +397,9 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app.router.add_get("/api/v1/steps/{model}/{batch}", step_manifest)
     app.router.add_get("/api/v1/model", model_file)
     app.router.add_get("/", index)
+    app.router.add_get("/api/v1/credit", credit)
+    app.router.add_post("/api/v1/workers/{worker_id}/name", set_name)
+    app.router.add_get("/leaderboard", leaderboard)
+    app.router.add_get("/api/v1/donate", donate)
     app.router.add_get("/static/{version}/{path:.+}", static)
     return app

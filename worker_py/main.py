@@ -1,7 +1,7 @@
 """The ``crowdtrain worker`` command: a headless worker that computes units for a coordinator.
 
     crowdtrain worker --coordinator http://host:8080 [--threads N] [--max-units N]
-                      [--worker-id ID] [--cache DIR] [--no-progress] [--grace SECONDS]
+                      [--worker-id ID] [--name NAME] [--cache DIR] [--no-progress] [--grace SECONDS]
                       [--max-retry-time SECONDS | --forever]
 
 Parses the arguments, installs the SIGTERM/Ctrl-C handlers (``worker_py.stop``) and runs the
@@ -21,17 +21,20 @@ resolve, a server that answers otherwise), or it stayed unreachable for ``--max-
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import secrets
 import signal
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 from contract.errors import ContractError
+from contract.names import NameRequest
 from contract.units import UnitRequest
-from worker_py.client import MAX_RETRY_TIME, BlobCache, Client
+from worker_py.client import MAX_RETRY_TIME, BlobCache, Client, GaveUp, NotCoordinator, Refused, Stopped
 from worker_py.progress import Progress
 from worker_py.stop import GRACE, StopFlag, install_signals
 
@@ -75,6 +78,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--max-units", type=_positive_int, metavar="N",
                    help="exit after N accepted units (default: none, until the job is finished)")
     p.add_argument("--worker-id", metavar="ID", help="worker id (default: random, stable for this process)")
+    p.add_argument("--name", metavar="NAME",
+                   help="display name on the coordinator's leaderboard for this worker id (default: none, an "
+                        "anonymous tag); 1 to 32 printable characters")
     p.add_argument("--cache", type=Path, metavar="DIR",
                    help="blob cache folder (default: $CROWDTRAIN_CACHE/blobs or ~/.cache/crowdtrain/blobs)")
     p.add_argument("--prefetch", action="store_true",
@@ -102,6 +108,13 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
     except ContractError as e:
         print(f"{prog}: --worker-id: expected {e.expected}, got {worker_id!r}", file=sys.stderr)
         return 2
+    name = None
+    if args.name is not None:
+        try:
+            name = NameRequest(name=args.name).name
+        except ContractError as e:
+            print(f"{prog}: --name: expected {e.expected.removeprefix('null or ')}, got {args.name!r}", file=sys.stderr)
+            return 2
     progress = Progress(enabled=not args.no_progress)
     cache = args.cache.expanduser() if args.cache else default_cache()
     try:
@@ -112,6 +125,9 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
         print(f"{prog}: --coordinator: {e}", file=sys.stderr)
         return 2
     stop = StopFlag(args.grace)
+    if name is not None:
+        threading.Thread(target=set_name, args=(client, worker_id, name, stop, progress.say), daemon=True,
+                         name="set-name").start()
     previous = install_signals(stop, progress.say) if threading.current_thread() is threading.main_thread() else {}
     try:
         # The only deferred import: the loop pulls in torch, which takes seconds; imported once the
@@ -126,6 +142,26 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
     progress.say(f"{'stopped' if code == 0 else 'exiting'}: {progress.summary()}, "
                  f"{client.blob_gets} blob downloads")
     return code
+
+
+def set_name(client: Client, worker_id: str, name: str, stop, say) -> bool:
+    """``POST /api/v1/workers/<id>/name`` (retried while the coordinator is unreachable, beside the
+    work loop); says what happened. True when the coordinator took the name."""
+    body = json.dumps(NameRequest(name=name).to_json()).encode("utf-8")
+    path = f"/api/v1/workers/{urllib.parse.quote(worker_id, safe='')}/name"
+    try:
+        _, _, data = client.retry(lambda: client._request("POST", path, body, "application/json"), stop.event)
+    except Refused as e:
+        say(f"--name not set: {e.message or e.code} (HTTP {e.status})")
+        return False
+    except (GaveUp, Stopped, NotCoordinator):
+        return False   # the work loop says why
+    try:
+        tag = json.loads(data.decode("utf-8")).get("tag", "")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        tag = ""
+    say(f"leaderboard name set: {name!r}" + (f" ({tag})" if tag else ""))
+    return True
 
 
 def cli(argv: list[str], prog: str = "crowdtrain worker", command: str = "worker") -> int:
