@@ -328,3 +328,31 @@ def test_a_failed_unit_is_reported_and_the_tab_carries_on(cluster, data):
                             (out["state"]["workerId"],)).fetchall()
     assert len(failed) == 1 and c.status()["units_failed"] == 1
     assert len(results_of(c, out["state"]["workerId"])) >= 2
+
+
+@needs_browser
+def test_tab_shows_what_it_costs_and_its_credit_after_a_reload(cluster, data, tmp_path):
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "6")
+    c.start_coordinator()
+    m = manifest(c, "cnn", 32)
+    profile = tmp_path / "profile"
+    first = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "2", "--timeout", "300",
+                  "--profile", str(profile))
+    assert first["ok"], first
+    worker_id = first["state"]["workerId"]
+    # before Start the page said what it downloads, from the coordinator's real numbers
+    donate = first["state"]["donate"]
+    assert donate["once"]["step_graph"]["wasm_bytes"] == m["graph_bytes"]
+    assert f"{m['graph_bytes'] / 1e6:.2f} MB" in first["state"]["donateText"] and "1 of your" in first["state"]["donateText"]
+    c.wait(lambda s: s["updates_applied"] >= 2, 60, "the tab's units folded")
+    time.sleep(5.5)   # the credit ranking is cached up to 5 s
+    credited = json.loads(get(f"{c.url}/api/v1/credit?worker={worker_id}")[2])["me"]
+    assert credited["rank"] == 1 and credited["samples"] > 0, credited
+    # a reload (same profile): the same id, and the page shows the coordinator's credit for it
+    again = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--units", "1", "--timeout", "200",
+                  "--profile", str(profile))
+    assert again["ok"] and again["state"]["workerId"] == worker_id, again
+    shown = again["state"]["credit"]
+    assert again["state"]["creditFresh"] and shown["rank"] == 1 and shown["samples"] >= credited["samples"], shown
+    assert f"{shown['samples']:,} samples" in again["state"]["creditText"] and "rank 1 of" in again["state"]["creditText"]
+    assert not [ln for ln in first["console"] + again["console"] if "error" in ln.lower()], again["console"]

@@ -6,8 +6,13 @@
 //   crowdtrain.running    "1" while the donor wants this tab to work
 //   crowdtrain.throttle   10..100, the share of time spent computing
 //   crowdtrain.done       {units, samples} accepted by the coordinator for this id
+//   crowdtrain.credit     the last credit the coordinator reported for this id (shown at once on a reload,
+//                         then refreshed from GET /api/v1/credit?worker=<id>)
+//   crowdtrain.name       the display name this tab last saved (POST /api/v1/workers/<id>/name)
 // URL parameters (for operators and tests): ?autostart=1 &throttle=N &threads=N
 //   &backend=auto|wasm|webgpu &check=auto|always (run the known-answer check on WASM too)
+
+import { ContractError, checkNameRequest } from './contract.js';
 
 const settings = JSON.parse(document.getElementById('settings').textContent);
 const query = new URLSearchParams(location.search);
@@ -31,7 +36,11 @@ const done = store.get('done', {units: 0, samples: 0});
 let jobSamples = 0;
 const state = window.crowdtrainState = {workerId, running, throttle, backend: null, backendReason: '',
   status: 'loading', unitsDone: done.units, samplesDone: done.samples, samplesPerSecond: 0, lastLoss: null,
-  failed: 0, errors: [], knownAnswer: null, crossOriginIsolated: self.crossOriginIsolated};
+  failed: 0, errors: [], knownAnswer: null, crossOriginIsolated: self.crossOriginIsolated,
+  credit: store.get('credit', null), creditFresh: false, creditText: '', name: store.get('name', null),
+  nameStatus: '', donate: null, donateText: ''};
+// WebAssembly threads: the URL's, else half the cores (at most 4); more than one needs cross-origin isolation
+const threads = clamp(+(query.get('threads') ?? Math.min(4, Math.max(1, (navigator.hardwareConcurrency || 2) >> 1))), 1, 16);
 
 function clamp(x, lo, hi) { return Math.min(hi, Math.max(lo, Number.isFinite(x) ? x : hi)); }
 
@@ -56,6 +65,87 @@ function render() {
   const share = jobSamples ? ` (${Math.min(100, 100 * state.samplesDone / jobSamples).toFixed(2)}% of the job so far)` : "";
   $('contribution').textContent = state.samplesDone ? `${state.samplesDone.toLocaleString()} samples${share}` : 'nothing yet';
   $('loss').textContent = state.lastLoss === null ? '–' : state.lastLoss.toFixed(4);
+  state.creditText = creditText(state.credit);
+  $('credit').textContent = state.creditText + (state.credit && !state.creditFresh ? ' (last known)' : '');
+  $('tag').textContent = state.credit ? state.credit.tag : '…';
+  $('name-status').textContent = state.nameStatus;
+  state.donateText = donateText(state.donate);
+  $('donate-info').textContent = state.donateText;
+}
+
+function creditText(c) {
+  if (!c) return 'checking…';
+  if (!c.rank) return 'none yet: credit counts once your work is folded into the model';
+  return `${c.samples.toLocaleString()} samples in ${c.units.toLocaleString()} unit${c.units === 1 ? '' : 's'}, ` +
+    `rank ${c.rank} of ${c.of.toLocaleString()}`;
+}
+
+const MB = n => n === null || n === undefined ? '?' : `${(n / 1e6).toFixed(n < 1e7 ? 2 : 1)} MB`;
+
+// What Start costs, in words, from GET /api/v1/donate (real sizes from this coordinator) and this browser
+function donateText(d) {
+  if (!d) return 'Asking the server what a unit costs…';
+  const gpu = !!navigator.gpu && (query.get('backend') || 'auto') !== 'wasm';
+  const once = d.once, unit = d.per_unit, g = once.step_graph;
+  const runtime = once.runtime_bytes[gpu ? 'webgpu' : 'wasm'];
+  const graph = g.state === 'ready' ? MB(gpu ? g.webgpu_bytes : g.wasm_bytes)
+    : g.state === 'unavailable' ? 'none: this model cannot train in a browser' : 'being prepared, size not known yet';
+  const cores = navigator.hardwareConcurrency || '?';
+  const used = self.crossOriginIsolated ? threads : 1;
+  return `Downloads once (then kept by the browser): this page ${MB(once.page_bytes)}, onnxruntime-web ` +
+    `${MB(runtime)}, the ${d.model} training-step graph ${graph}. ` +
+    `Downloads per unit of work: the current model version ${MB(unit.model_version_bytes)} (when it changed since ` +
+    `the last unit) and ${unit.shards} data shard${unit.shards === 1 ? '' : 's'} of ${MB(unit.shard_bytes)} ` +
+    `(${unit.samples.toLocaleString()} training samples, ${unit.local_steps} steps of ${unit.batch_size}); ` +
+    `uploads one weight update per unit. ` +
+    `Uses ${used} of your ${cores} CPU threads, computing ${throttle}% of the time (the slider) and resting the rest; ` +
+    (gpu ? 'your browser offers WebGPU, so it will also use your GPU once a quick check passes (otherwise CPU only).'
+      : 'no WebGPU here, so CPU only (WebAssembly), no GPU.');
+}
+
+async function refreshDonate() {
+  try {
+    const r = await fetch('/api/v1/donate', {cache: 'no-store'});
+    if (r.ok) { state.donate = await r.json(); render(); }
+  } catch { /* shown as "asking" until the server answers */ }
+}
+
+async function refreshCredit() {
+  try {
+    const r = await fetch(`/api/v1/credit?worker=${encodeURIComponent(workerId)}&limit=1`, {cache: 'no-store'});
+    if (!r.ok) return;
+    const me = (await r.json()).me;
+    state.credit = me; state.creditFresh = true;
+    store.set('credit', me);
+    if (me.name && state.name === null) { state.name = me.name; $('name').value = me.name; }
+    render();
+  } catch { /* the coordinator may be restarting */ }
+}
+
+async function saveName(event) {
+  event.preventDefault();
+  const text = $('name').value.trim();
+  let body;
+  try {
+    body = checkNameRequest({protocol: 1, name: text === '' ? null : text});
+  } catch (e) {
+    if (!(e instanceof ContractError)) throw e;
+    state.nameStatus = `not saved: a name must be ${e.expected}`;
+    render();
+    return;
+  }
+  try {
+    const r = await fetch(`/api/v1/workers/${encodeURIComponent(workerId)}/name`, {method: 'POST',
+      headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+    const answer = await r.json();
+    if (!r.ok) { state.nameStatus = `not saved: ${answer.error?.message ?? r.status}`; render(); return; }
+    state.name = answer.name; store.set('name', answer.name);
+    state.nameStatus = answer.name ? `saved: the leaderboard shows you as "${answer.name}" (${answer.tag})`
+      : `cleared: the leaderboard shows you as ${answer.tag}`;
+  } catch {
+    state.nameStatus = 'not saved: the server did not answer; try again';
+  }
+  render();
 }
 
 if (settings.ortMissing && settings.ortMissing.length) {
@@ -71,13 +161,13 @@ if (settings.ortMissing && settings.ortMissing.length) {
         done.units += 1; done.samples += data.accepted.samples;
         store.set('done', done);
         state.unitsDone = done.units; state.samplesDone = done.samples;
+        setTimeout(refreshCredit, 1500);   // once the coordinator has folded it
       }
       if (data.log) log(data.log, data.isError);
       render();
     }
   };
   worker.onerror = e => { state.status = `the worker stopped: ${e.message}`; log(state.status, true); render(); };
-  const threads = clamp(+(query.get('threads') ?? Math.min(4, Math.max(1, (navigator.hardwareConcurrency || 2) >> 1))), 1, 16);
   worker.postMessage({type: 'init', workerId, assets: settings.assets, origin: location.origin, threads,
                       throttle: throttle / 100, backend: query.get('backend') || 'auto',
                       check: query.get('check') || 'auto'});
@@ -110,3 +200,8 @@ async function refreshJob() {
 }
 refreshJob();
 setInterval(refreshJob, 10000);
+$('name').value = state.name ?? '';
+$('name-form').onsubmit = saveName;
+refreshDonate();
+refreshCredit();
+setInterval(refreshCredit, 20000);
