@@ -327,3 +327,36 @@ async def test_what_a_tab_downloads_comes_from_the_job(aiohttp_client, tmp_path)
     assert info["once"]["page_bytes"] > 0
     for path in ("/", "/dashboard"):
         assert 'href="/leaderboard"' in await (await client.get(path)).text(), path
+
+
+# --- hostile input on the new routes: a 4xx naming the problem, never a 5xx ------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from tests.test_hostile import HOSTILE, app_client, check, headers, json_bodies, path_part  # noqa: E402,F401
+
+name_bodies = st.one_of(json_bodies, st.builds(lambda v: json.dumps({"protocol": 1, "name": v}).encode(),
+                                               st.one_of(st.text(max_size=50), st.integers(), st.none())))
+
+
+@HOSTILE
+@given(worker=path_part, data=name_bodies, extra=headers)
+async def test_hostile_names(app_client, worker, data, extra):
+    client, _ = app_client
+    if not worker:
+        return
+    resp = await client.post(f"/api/v1/workers/{worker}/name", data=data, headers=extra)
+    await check(resp, (worker[:40], data[:80]))
+    if resp.status >= 400 and resp.status not in (404, 405):   # "." or ".." segments: another route, or none
+        assert (await resp.json())["error"]["field"], "the error names a field"
+
+
+@HOSTILE
+@given(query=st.dictionaries(st.sampled_from(["worker", "limit", "x"]), st.text(max_size=300), max_size=3),
+       extra=headers)
+async def test_hostile_credit_and_pages(app_client, query, extra):
+    client, _ = app_client
+    await check(await client.get("/api/v1/credit", params=query, headers=extra), query)
+    for path in ("/leaderboard", "/api/v1/donate"):
+        resp = await client.get(path, params=query, headers=extra)
+        assert resp.status == 200, (path, resp.status)
