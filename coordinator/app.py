@@ -45,6 +45,8 @@ EXPIRE_EVERY_S = 1.0
 FRESH_BASE_WAIT_S = 2.0        # how long a unit request waits for results already logged to be folded
 REQUEST_MAX_BYTES = 64 * 1024   # a UnitRequest is a few hundred bytes
 JSON_MAX_DEPTH = 8              # a UnitRequest nests two levels (an object of lists)
+BODY_MIN_SECONDS = 10.0         # a body may take this long, plus its size at BODY_MIN_RATE
+BODY_MIN_RATE = 64 * 1024       # bytes/s: a slower sender is cut off with a 408 (it holds a connection)
 BATCH_RE = re.compile(r"[0-9]{1,9}")
 VERSION_RE = re.compile(r"final|best|[0-9]{1,15}")
 LIMIT_RE = re.compile(r"[0-9]{1,7}")
@@ -84,6 +86,25 @@ async def worker_tokens(request: web.Request, handler):
 
 
 # ---------------------------------------------------------------------------- input
+def body_seconds(size: int) -> float:
+    """How long a body of ``size`` bytes may take to arrive."""
+    return BODY_MIN_SECONDS + size / BODY_MIN_RATE
+
+
+def slow_sender(seconds: float, got: int) -> Rejection:
+    return Rejection("timeout", 408, f"body: expected it within {seconds:.0f} s, got {got} bytes by then", "body")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body (its Content-Length already checked), or a 408 ``Rejection`` for a slow sender."""
+    seconds = body_seconds(request.content_length or 0)
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()
+    except TimeoutError:
+        raise slow_sender(seconds, request.content.total_bytes) from None
+
+
 async def read_json(request: web.Request, field: str) -> object:
     """The body as strict JSON (UTF-8, no duplicate keys, no NaN, at most ``JSON_MAX_DEPTH`` deep,
     at most ``REQUEST_MAX_BYTES``); a ``Rejection`` naming ``field`` otherwise."""
@@ -91,10 +112,15 @@ async def read_json(request: web.Request, field: str) -> object:
     if request.content_length is not None and request.content_length > REQUEST_MAX_BYTES:
         raise Rejection("too_large", 413, too_large + str(request.content_length), "body")
     raw = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 14):
-        raw += chunk
-        if len(raw) > REQUEST_MAX_BYTES:
-            raise Rejection("too_large", 413, too_large + "more", "body")
+    seconds = body_seconds(REQUEST_MAX_BYTES)
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.content.iter_chunked(1 << 14):
+                raw += chunk
+                if len(raw) > REQUEST_MAX_BYTES:
+                    raise Rejection("too_large", 413, too_large + "more", "body")
+    except TimeoutError:
+        raise slow_sender(seconds, len(raw)) from None
     try:
         value = strict_json(bytes(raw), field)
         if json_depth(value) > JSON_MAX_DEPTH:
@@ -215,7 +241,7 @@ async def submit_result(request: web.Request) -> web.Response:
         size = "no Content-Length" if request.content_length is None else f"{request.content_length} bytes"
         return error("too_large", 413, f"body: expected a Content-Length of at most {job.max_body} bytes, got {size}",
                      "body")
-    body = await request.read()
+    body = await read_body(request)
     return web.json_response(await job.submit(request.match_info["unit_id"], body))
 
 

@@ -241,3 +241,32 @@ async def test_status_and_metrics(app_client, path, query, extra, body):
         resp = await client.post(path, data=body, headers=extra)
         await check(resp, body)
         assert resp.status == 405
+
+
+# --- slow senders ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/api/v1/units/next", "/api/v1/units/0123456789abcdef/result"])
+async def test_a_slow_sender_gets_a_408_and_its_connection_back(app_client, monkeypatch, path):
+    """A body that trickles in is cut off after BODY_MIN_SECONDS + size / BODY_MIN_RATE with a JSON 408;
+    the coordinator does not wait on it forever (a slow-loris holds a connection and a buffer)."""
+    import asyncio
+    import time
+
+    import coordinator.app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_MIN_SECONDS", 0.5)
+    monkeypatch.setattr(app_module, "BODY_MIN_RATE", 10 ** 9)
+    client, _ = app_client
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: 5000\r\n\r\n").encode()
+    writer.write(head + b"{" + b" " * 10)   # then nothing more
+    await writer.drain()
+    t0 = time.monotonic()
+    answer = await asyncio.wait_for(reader.read(4096), timeout=20)
+    waited = time.monotonic() - t0
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 408 " in status_line, answer[:300]
+    error = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "timeout" and error["field"] == "body" and "within" in error["message"], error
+    assert 0.4 <= waited < 10, waited
