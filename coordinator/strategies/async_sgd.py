@@ -16,11 +16,12 @@ import numpy as np
 
 from .base import BufferedStrategy, Pending, positive_float
 from .staleness import StalenessFn
-from .tensors import Model, add_scaled, weighted_sum
+from .tensors import Model, fused_step
 
 
 class AsyncSGD(BufferedStrategy):
     name = "async_sgd"
+    fused = True
 
     def __init__(self, server_lr: float = 1.0, staleness: str = "constant",
                  staleness_a: float | None = None, staleness_b: float | None = None) -> None:
@@ -31,5 +32,7 @@ class AsyncSGD(BufferedStrategy):
 
     def _fold(self, model: Model, pending: list[Pending], version: int) -> tuple[Model, dict[str, Any]]:
         weights = [self._s(p.staleness) for p in pending]
-        step = weighted_sum([p.update.delta for p in pending], weights)
-        return add_scaled(model, step, self.server_lr), {"staleness_weight_mean": float(np.mean(weights))}
+        new, info = fused_step(model, [p.update.delta for p in pending], weights, self.server_lr,
+                               known_sq=[p.sq for p in pending])
+        return new, {"staleness_weight_mean": float(np.mean(weights)), "_step_sq": info["step_sq"],
+                     "_delta_sq": info["delta_sq"]}

@@ -32,6 +32,7 @@ and re-``add``s them at the same version: the same buffer, staleness included.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import json
@@ -42,7 +43,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .tensors import Model, check_delta, copy_model, global_norm, subtract
+from .tensors import Model, NonFinite, check_delta, copy_model, global_norm, sq_norm, subtract
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Update:
     worker_id: str = ""
     loss: float | None = None
     key: int | str | None = None   # the caller's id for this update (the ledger's result seq)
+    norm: float | None = field(default=None, compare=False)   # its global L2 norm, when a wrapper measured it
 
     def __post_init__(self) -> None:
         if isinstance(self.base_version, bool) or not isinstance(self.base_version, int) or self.base_version < 0:
@@ -71,6 +73,7 @@ class Pending:
 
     update: Update
     staleness: int
+    sq: float | None = None   # the delta's squared global norm, once known (one pass computes it)
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ class BufferedStrategy(Strategy):
     """
 
     buffer_size: int = 1
+    fused = False   # ``_fold`` checks finiteness in its own pass (raises ``NonFinite``): ``_reject`` need not scan
 
     def __init__(self) -> None:
         self._pending: list[Pending] = []
@@ -246,7 +250,9 @@ class BufferedStrategy(Strategy):
 
     def _reject(self, pending: Pending, model: Model, version: int) -> Drop | None:
         """At aggregation time: None to fold ``pending``, or the ``Drop`` saying why not."""
-        problem = check_delta(pending.update.delta, model)
+        sq = pending.sq
+        finite = None if sq is None else math.isfinite(sq)
+        problem = check_delta(pending.update.delta, model, finite=True if (sq is None and self.fused) else finite)
         return None if problem is None else Drop(pending.update, "incompatible", problem)
 
     @abstractmethod
@@ -269,7 +275,8 @@ class BufferedStrategy(Strategy):
         if refused is not None:
             dropped.append(refused)
         else:
-            self._pending.append(Pending(update, staleness))
+            sq = update.norm * update.norm if update.norm is not None else None
+            self._pending.append(Pending(update, staleness, sq))
         self.dropped += len(dropped)
         return Admission(refused is None, len(self._pending) >= self.buffer_size, tuple(dropped))
 
@@ -282,8 +289,19 @@ class BufferedStrategy(Strategy):
                 good.append(p)
             else:
                 drops.append(drop)
-        new, extra = self._fold(model, good, version) if good else (copy_model(model), {})
-        metrics = {**summarize(good, model, new), "rejected": len(drops), **extra}
+        while True:
+            try:
+                new, extra = self._fold(model, good, version) if good else (copy_model(model), {})
+                break
+            except NonFinite as e:   # found in the fold's own pass: drop those, fold the others
+                bad = set(e.indices)
+                drops += [Drop(p.update, "incompatible", check_delta(p.update.delta, model, finite=False)
+                               or "non-finite values") for i, p in enumerate(good) if i in bad]
+                good = [p for i, p in enumerate(good) if i not in bad]
+        step_sq, delta_sq = extra.pop("_step_sq", None), extra.pop("_delta_sq", None)
+        if delta_sq is not None:
+            good = [p if p.sq is not None else dataclasses.replace(p, sq=sq) for p, sq in zip(good, delta_sq)]
+        metrics = {**summarize(good, model, new, step_sq), "rejected": len(drops), **extra}
         if drops:
             metrics["reject_reason"] = drops[0].detail or drops[0].reason
         return Folded(new, metrics, tuple(p.update for p in good), tuple(drops))
@@ -325,8 +343,9 @@ class BufferedStrategy(Strategy):
         self._load_extra(StrategyState(state.meta.get("extra", {}), other))
 
 
-def summarize(pending: list[Pending], model: Model, new: Model) -> dict[str, Any]:
-    """Metrics every aggregation reports (JSON-able): counts, staleness, samples, norms."""
+def summarize(pending: list[Pending], model: Model, new: Model, step_sq: float | None = None) -> dict[str, Any]:
+    """Metrics every aggregation reports (JSON-able): counts, staleness, samples, norms. Norms already
+    measured (``Pending.sq``, ``step_sq`` from the fold's own pass) are not measured again."""
     staleness = [p.staleness for p in pending]
     losses = [p.update.loss for p in pending if p.update.loss is not None]
     return {
@@ -335,7 +354,8 @@ def summarize(pending: list[Pending], model: Model, new: Model) -> dict[str, Any
         "workers": len({p.update.worker_id for p in pending}),
         "staleness_mean": float(np.mean(staleness)) if staleness else 0.0,
         "staleness_max": max(staleness, default=0),
-        "update_norm_mean": float(np.mean([global_norm(p.update.delta) for p in pending])) if pending else 0.0,
-        "step_norm": global_norm(subtract(new, model)),
+        "update_norm_mean": float(np.mean([math.sqrt(p.sq) if p.sq is not None else global_norm(p.update.delta)
+                                           for p in pending])) if pending else 0.0,
+        "step_norm": math.sqrt(step_sq) if step_sq is not None else global_norm(subtract(new, model)),
         "loss_mean": float(np.mean(losses)) if losses else None,
     }

@@ -21,11 +21,12 @@ from .base import (
     BufferedStrategy, Pending, StrategyState, in_range, join_arrays, positive_float, positive_int, split_arrays,
 )
 from .staleness import StalenessFn
-from .tensors import Model, add_scaled, momentum_step, scale, weighted_sum
+from .tensors import Model, fused_step
 
 
 class FedBuff(BufferedStrategy):
     name = "fedbuff"
+    fused = True
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, staleness: str = "polynomial",
                  staleness_a: float | None = None, staleness_b: float | None = None,
@@ -40,12 +41,14 @@ class FedBuff(BufferedStrategy):
 
     def _fold(self, model: Model, pending: list[Pending], version: int) -> tuple[Model, dict[str, Any]]:
         weights = [self._s(p.staleness) for p in pending]
-        step = scale(weighted_sum([p.update.delta for p in pending], weights), 1.0 / len(pending))
-        if self.server_momentum > 0:
-            self._momentum = {k: v.astype(np.float32)
-                              for k, v in momentum_step(self._momentum, step, self.server_momentum).items()}
-            step = self._momentum
-        return add_scaled(model, step, self.server_lr), {"staleness_weight_mean": float(np.mean(weights))}
+        scaled = [w / len(pending) for w in weights]
+        momentum = self._momentum if self.server_momentum > 0 else None
+        new, info = fused_step(model, [p.update.delta for p in pending], scaled, self.server_lr, momentum=momentum,
+                               beta=self.server_momentum, known_sq=[p.sq for p in pending])
+        if momentum is not None:
+            self._momentum = info["momentum"]
+        return new, {"staleness_weight_mean": float(np.mean(weights)), "_step_sq": info["step_sq"],
+                     "_delta_sq": info["delta_sq"]}
 
     def _extra_state(self) -> StrategyState:
         return StrategyState({}, join_arrays("momentum", self._momentum))

@@ -221,11 +221,13 @@ class AdaptiveClip(RobustWrapper):
 
     def offer(self, update, version: int) -> Admission:
         bound = self.bound
-        norm = global_norm(update.delta)
+        norm = update.norm if update.norm is not None else global_norm(update.delta)
         if norm > bound:
-            delta, _ = clip_by_global_norm(update.delta, bound)
-            update = dataclasses.replace(update, delta=delta)
+            delta, factor = clip_by_global_norm(update.delta, bound, norm)
+            update = dataclasses.replace(update, delta=delta, norm=norm * factor)
             self._count()
+        elif update.norm is None:
+            update = dataclasses.replace(update, norm=norm)   # measured once: the strategy needs it too
         admission = self.inner.offer(update, version)
         if admission.admitted:
             self._norms.append(min(norm, bound))
@@ -260,12 +262,14 @@ class FoldTimeRobust(RobustWrapper):
 
     def fold(self, model: Model, version: int) -> Folded:
         pending = self._buffer._pending
-        usable = [i for i, p in enumerate(pending) if check_delta(p.update.delta, model) is None]
+        usable = [i for i, p in enumerate(pending)
+                  if check_delta(p.update.delta, model, None if p.sq is None else math.isfinite(p.sq)) is None]
         if usable:
             new = self._rewrite([pending[i].update.delta for i in usable])
             for i, delta in zip(usable, new):
                 if delta is not pending[i].update.delta:
-                    pending[i] = Pending(dataclasses.replace(pending[i].update, delta=delta), pending[i].staleness)
+                    pending[i] = Pending(dataclasses.replace(pending[i].update, delta=delta, norm=None),
+                                         pending[i].staleness)
         return super().fold(model, version)
 
 

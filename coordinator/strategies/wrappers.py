@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any
 
 from .base import Admission, Drop, Folded, Strategy, StrategyState, Update, positive_float
-from .tensors import Model, clip_by_global_norm
+from .tensors import Model, clip_by_global_norm, global_norm
 
 
 class Wrapper(Strategy):
@@ -94,8 +94,10 @@ class NormClip(Wrapper):
         self.max_norm = positive_float("max_norm", max_norm)
 
     def offer(self, update: Update, version: int) -> Admission:
-        delta, factor = clip_by_global_norm(update.delta, self.max_norm)
+        norm = update.norm if update.norm is not None else global_norm(update.delta)
+        delta, factor = clip_by_global_norm(update.delta, self.max_norm, norm)
         if factor < 1.0:
             self._count()
-            update = dataclasses.replace(update, delta=delta)
+        if factor < 1.0 or update.norm is None:
+            update = dataclasses.replace(update, delta=delta, norm=norm * factor)
         return self.inner.offer(update, version)
