@@ -164,6 +164,7 @@ async def next_unit(request: web.Request) -> web.Response:
     if why is not None:
         return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": why})
     await fresh_base(job)
+    await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
     unit = job.next_unit(unit_request, address)
     if unit is None:
         headers = {"Retry-After": str(RETRY_AFTER_S)}

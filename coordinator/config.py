@@ -119,6 +119,12 @@ class CoordinatorConfig:
                          "resumes the job", "storage", cli_default=Path("state"), shown="./state", metavar="DIR")
     keep_versions: int = option(int, 8, "model versions kept besides those that leased units still need",
                                 "storage", lo=1)
+    persist_every_s: float = option(float, 10.0, "write the model and the strategy's state durably at most this "
+                                    "often, seconds (a unit's base is written when the unit is cut; after a crash "
+                                    "the result log replays what was folded since); 0: every version", "storage",
+                                    lo=0, metavar="S")
+    persist_every_versions: int = option(int, 100, "... or once this many versions were folded since the last "
+                                         "write, whichever comes first", "storage", lo=1, metavar="N")
     # job
     model: str = option(str, "resnet_fast", "registered model (see `crowdtrain models`)", "job", choices=_models,
                         metavar="NAME")

@@ -146,6 +146,11 @@ class Job:
         self.agg_times: list[float] = []
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
+        self._offered: dict[int, tuple[int, int]] = {}   # seq -> (version, rank) it was offered at, until decided
+        self._rank = 0                       # the next offer's place in the offer order (kept across restarts)
+        self._replay_blobs: list[tuple[int, str]] = []   # (offered at, delta blob) of decided results a replay needs
+        self.persisted_step = 0              # the newest version whose model and strategy state are durable
+        self._persisted_at = 0.0             # when (the job's clock)
         self.finished = False
         self.policy = T.TrustPolicy()
         self.checks: deque[int] = deque()    # seqs of replicas' results waiting for a verdict
@@ -171,11 +176,15 @@ class Job:
         shard_sizes = self._cut_shards(data)
         self.budget = int(self.epochs * len(data.train_y))
         latest = store.latest_version() or self._create_version0()
+        # the newest durable version (a state directory from before lazy writes: every version is)
+        persisted = store.version(store.get_meta("persisted_step", latest.step))
         saved = store.get_meta("strategy_state")
         if saved:
             self.strategy.load_state_dict(StrategyState.from_bytes(store.get_blob(saved["blob"])))
-        self.aggregator = Aggregator(self.strategy, decode_delta(store.get_blob(latest.blob)), latest.step,
-                                     latest.samples, self._state_at)
+        self.aggregator = Aggregator(self.strategy, decode_delta(store.get_blob(persisted.blob)), persisted.step,
+                                     persisted.samples, self._state_at)
+        self.persisted_step, self._persisted_at = persisted.step, self.clock()
+        self._rank = store.last_offer_rank() + 1
         self.factory = UnitFactory(cfg, self.recipe, store, self.key, shard_sizes, self.budget, self.clock, self.rng)
         self.intake = Intake(cfg, store, self.key, self.spec, self.clock)
         self.trust = T.TrustBook(store, self.policy)
@@ -183,10 +192,39 @@ class Job:
         self.started = store.get_meta("started") or self.clock()
         store.set_meta("started", self.started)
         self.finished = bool(store.get_meta("finished", False))
+        self._replay(latest.step)
         for row in store.pending_results():          # accepted but not yet folded in nor dropped: replay
             self.inbox.append(Inbound(row["seq"], decode_delta(store.get_blob(row["delta_blob"])), row["base_step"],
                                       row["num_samples"], row["worker_id"], row["loss_after"], row["delta_blob"]))
         self._offer_inbox()
+
+    def _replay(self, latest: int) -> None:
+        """Fold again, from the persisted version, every version committed since: the results offered at
+        each version, in their offer order, then the fold. The same offers and folds give the same model
+        (the ledger already holds their fates; nothing is written but the model, lazily, as usual)."""
+        store = self.store
+        for step in range(self.persisted_step, latest):
+            folded = set()
+            for row in store.offered_at(step):
+                delta = decode_delta(store.get_blob(row["delta_blob"]))
+                self.aggregator.add(row["seq"], delta, row["base_step"], row["num_samples"], row["worker_id"],
+                                    row["loss_after"])
+                if row["applied_step"] is not None:
+                    folded.add(row["seq"])
+            agg = self.aggregator.aggregate()
+            version = store.version(step + 1)
+            if set(agg.folded) != folded or agg.samples != version.samples:
+                raise RuntimeError(f"replay of version {step + 1} folded {sorted(agg.folded)} ({agg.samples} samples) "
+                                   f"where the log says {sorted(folded)} ({version.samples} samples)")
+            self.aggregator.advance(agg)
+            self._states.pop(step + 1, None)
+        if latest > self.persisted_step:
+            log.info("replayed versions %d..%d from the result log", self.persisted_step + 1, latest)
+        # Offers at the latest version that were decided (dropped on arrival) before the stop: the strategy
+        # restarts without them (as before), so the log says they were not offered to the one that folds next.
+        gone = store.clear_offered(latest)
+        self._replay_blobs = list(store.decided_blobs_since(self.persisted_step))
+        self._delete_blobs([b for b in gone if b not in {x for _, x in self._replay_blobs}])
 
     def _check_same_job(self, data: Cifar10) -> None:
         identity = {"job": self.config.job, "model": self.config.model, "data_digest": data.digest,
@@ -213,7 +251,9 @@ class Job:
     def _create_version0(self) -> Version:
         blob = self.store.put_blob(encode_delta(FP32, state_arrays(self.model)))
         version = Version(0, blob, 0, 0, self.clock())
-        self.store.commit_version(version, [], None)
+        with self.store.transaction():
+            self.store.commit_version(version, [], None)
+            self.store.set_meta("persisted_step", 0)
         return version
 
     # ------------------------------------------------------------------ the model now
@@ -231,6 +271,7 @@ class Job:
         return self.aggregator.state
 
     def _state_at(self, step: int) -> dict:
+        """An older version's arrays (a unit's base: written when the unit was cut)."""
         if step == self.step:
             return self.state
         if step not in self._states:
@@ -238,6 +279,30 @@ class Job:
                 self._states.pop(min(self._states))
             self._states[step] = decode_delta(self.store.get_blob(self.store.version(step).blob))
         return self._states[step]
+
+    def _write_current(self) -> tuple[int, str]:
+        """Write the current version's model blob if it is not yet (blocking; a unit names its base by
+        its hash). Returns (step, blob)."""
+        step, state = self.step, self.state
+        version = self.store.version(step)
+        if version.blob:
+            return step, version.blob
+        blob = self.store.put_blob(encode_delta(FP32, state))
+        return step, blob
+
+    async def publish(self) -> None:
+        """Make sure the current version's blob is written before a unit is cut from it (the encoding,
+        hashing and write run in a thread)."""
+        while not self.store.version(self.step).blob:
+            step, blob = await asyncio.to_thread(self._write_current)
+            if not self.store.version(step).blob:
+                self.store.set_version_blob(step, blob)
+
+    def _base(self) -> Base:
+        step, blob = self._write_current()   # normally already written by publish(); else here, blocking
+        if not self.store.version(step).blob:
+            self.store.set_version_blob(step, blob)
+        return Base(step, blob)
 
     # ------------------------------------------------------------------ units
     def next_unit(self, request: UnitRequest, address: str = "") -> WorkUnit | None:
@@ -255,8 +320,7 @@ class Job:
             replica = self._replica_for(request, address)
             if replica is not None:
                 return replica
-        base = Base(self.step, self.store.version(self.step).blob)
-        return self.factory.make(request.worker_id, codec, base, self.samples)
+        return self.factory.make(request.worker_id, codec, self._base(), self.samples)
 
     def _replica_for(self, request: UnitRequest, address: str) -> WorkUnit | None:
         """The oldest held result's unit again, for this worker: another id, the same backend (a
@@ -505,36 +569,79 @@ class Job:
                 self.store.delete_blob(blob)
 
     def _offer_inbox(self) -> None:
+        drops: list[tuple[int, str]] = []
         while self.inbox:
             u = self.inbox.popleft()
             self._blobs[u.seq] = u.blob
-            dropped = self.aggregator.add(u.seq, u.delta, u.base_step, u.samples, u.worker_id, u.loss)
-            if dropped:
-                self.store.mark_dropped(dropped)
-                self._forget([s for s, _ in dropped])
+            self._offered[u.seq] = (self.step, self._rank)
+            self._rank += 1
+            drops += self.aggregator.add(u.seq, u.delta, u.base_step, u.samples, u.worker_id, u.loss)
+        if drops:   # one commit for all of them, with where each was offered (a replay offers them again)
+            offered = self._take_offered([s for s, _ in drops])
+            self.store.mark_dropped(drops, offered)
+            self._decided(offered)
+
+    def _take_offered(self, seqs: list[int]) -> list[tuple[int, int, int]]:
+        return [(seq, *self._offered.pop(seq)) for seq in seqs if seq in self._offered]
 
     async def _commit(self, agg: Aggregation) -> None:
+        """The fold's ledger (the version's row, each update's fate and where it was offered) in one
+        commit; the model itself is written when the persistence policy says so (or a unit is cut
+        from it)."""
         version = None
         if agg.state is not None:
-            blob = await asyncio.to_thread(lambda: self.store.put_blob(encode_delta(FP32, agg.state)))
-            version = Version(agg.step, blob, agg.samples, len(agg.folded), self.clock())
-        strategy_blob = self.store.put_blob(self.strategy.state_dict(include_buffer=False).to_bytes())
-        old_strategy = self.store.get_meta("strategy_state")
-        self.store.commit_version(version, list(agg.folded), {"blob": strategy_blob}, list(agg.dropped))
+            version = Version(agg.step, "", agg.samples, len(agg.folded), self.clock())
+        offered = self._take_offered([*agg.folded, *(s for s, _ in agg.dropped)])
+        self.store.commit_version(version, list(agg.folded), None, list(agg.dropped), offered)
         self.aggregator.advance(agg)
         self.agg_times.append(agg.seconds)
-        self._forget([*agg.folded, *(s for s, _ in agg.dropped)])
+        self._decided(offered)
+        if version is not None and self._persist_due():
+            await self.persist()
+
+    def _persist_due(self) -> bool:
+        cfg = self.config
+        return (self.samples >= self.budget or self.step - self.persisted_step >= cfg.persist_every_versions
+                or self.clock() - self._persisted_at >= cfg.persist_every_s)
+
+    async def persist(self) -> None:
+        """Write the current model and the strategy's state durably (right after a fold: the strategy
+        holds no buffer then), mark the version persisted, and let go of what a replay no longer needs."""
+        if self.step == self.persisted_step:
+            return
+        step, blob = await asyncio.to_thread(self._write_current)
+        self._persist(step, blob)
+
+    def persist_now(self) -> None:
+        """``persist``, blocking (on shutdown)."""
+        if self.store is not None and self.step != self.persisted_step:
+            self._persist(*self._write_current())
+
+    def _persist(self, step: int, blob: str) -> None:
+        strategy_blob = self.store.put_blob(self.strategy.state_dict(include_buffer=False).to_bytes())
+        old_strategy = self.store.get_meta("strategy_state")
+        with self.store.transaction():
+            self.store.set_version_blob(step, blob)
+            self.store.set_meta("strategy_state", {"blob": strategy_blob})
+            self.store.set_meta("persisted_step", step)
+        self.persisted_step, self._persisted_at = step, self.clock()
         if old_strategy and old_strategy["blob"] != strategy_blob:
             self.store.delete_blob(old_strategy["blob"])
-        if version is not None:
-            self._prune_versions()
+        keep = [(s, b) for s, b in self._replay_blobs if s >= step]
+        gone = {b for s, b in self._replay_blobs if s < step} - {b for _, b in keep}
+        self._replay_blobs = keep
+        for b in gone:   # folded into a persisted version: no replay needs them
+            if b and not self.store.blob_pending(b):
+                self.store.delete_blob(b)
+        self._prune_versions()
 
-    def _forget(self, seqs: list[int]) -> None:
-        """Decided updates: their delta blobs go (unless another pending result has the same bytes)."""
-        for seq in seqs:
+    def _decided(self, offered: list[tuple[int, int, int]]) -> None:
+        """Updates the strategy decided on (``(seq, offered at, rank)``): their delta blobs stay until a
+        persisted version covers them (a replay from the last persisted version offers them again)."""
+        for seq, step, _ in offered:
             blob = self._blobs.pop(seq, None)
-            if blob is not None and not self.store.blob_pending(blob):
-                self.store.delete_blob(blob)
+            if blob is not None:
+                self._replay_blobs.append((step, blob))
 
     def _prune_versions(self) -> None:
         """Drop old model blobs, keeping the newest, the best evaluated, and every base a leased unit
@@ -652,4 +759,8 @@ class Job:
 
     def close(self) -> None:
         if self.store is not None:
+            try:
+                self.persist_now()
+            except Exception:
+                log.exception("writing the last version on shutdown failed; the result log replays it")
             self.store.close()

@@ -15,6 +15,12 @@ Invariants that make ``kill -9`` safe:
   results neither applied nor dropped are replayed into the strategy's buffer on start.
 - Each result's fate is written as the aggregator states it (applied to version N, or
   dropped with a reason), never inferred from counters.
+- Model versions are not all written: every fold commits its ``versions`` row (``blob`` is
+  ``''`` until written), and each result offered to the strategy records the version it was
+  offered at and its place in the offer order (``offered_step``, ``offer_rank``). The model
+  and the strategy's state are written durably on a policy (``meta.persisted_step``); a unit's
+  base is written when the unit is cut. On start, the folds after the persisted version are
+  replayed from the log, offer by offer, to the same model.
 - A replicated check (``coordinator.trust``) is explicit too: ``results.check_state`` is
   ``held`` (an update waiting for its replica: neither folded nor offered to the strategy,
   so not replayed into it on start), ``replica`` (a replica's result waiting for the
@@ -86,6 +92,14 @@ class Store:
             self.db.execute("ALTER TABLE results ADD COLUMN check_state TEXT")
         self.db.execute("CREATE INDEX IF NOT EXISTS units_replica_of ON units (replica_of)")
         self.db.execute("CREATE INDEX IF NOT EXISTS results_check ON results (check_state)")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
+        for column in ("offered_step", "offer_rank"):   # a state directory from before versions were written lazily
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE results ADD COLUMN {column} INTEGER")
+        # results neither folded nor dropped: a handful among all of them (settle and next_unit ask every time)
+        self.db.execute("CREATE INDEX IF NOT EXISTS results_open ON results (seq) "
+                        "WHERE applied_step IS NULL AND dropped IS NULL")
+        self.db.execute("CREATE INDEX IF NOT EXISTS results_offered ON results (offered_step, offer_rank)")
 
     def close(self) -> None:
         self.db.close()
@@ -142,9 +156,10 @@ class Store:
         return Version(*row) if row else None
 
     def commit_version(self, version: Version | None, applied_seqs: list[int], strategy_state: dict | None,
-                       dropped: list[tuple[int, str]] = ()) -> None:
-        """Record at once a new model version (None: no new version), the results folded into it,
-        the results dropped (``(seq, reason)``) and the strategy's state."""
+                       dropped: list[tuple[int, str]] = (), offered: list[tuple[int, int, int]] = ()) -> None:
+        """Record at once a new model version (None: no new version; ``blob`` ``''``: not written yet),
+        the results folded into it, the results dropped (``(seq, reason)``), where each was offered
+        (``(seq, step, rank)``) and the strategy's state."""
         with self.transaction():
             if version is not None:
                 self.db.execute("INSERT INTO versions (step, blob, samples, updates, created) VALUES (?, ?, ?, ?, ?)",
@@ -152,13 +167,42 @@ class Store:
                 self.db.executemany("UPDATE results SET applied_step = ? WHERE seq = ?",
                                     [(version.step, s) for s in applied_seqs])
             self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?", [(why, s) for s, why in dropped])
+            self.set_offered(offered)
             if strategy_state is not None:
                 self.set_meta("strategy_state", strategy_state)
 
+    def set_offered(self, offered: list[tuple[int, int, int]]) -> None:
+        """``(seq, step, rank)``: the version each result was offered to the strategy at, and the order."""
+        self.db.executemany("UPDATE results SET offered_step = ?, offer_rank = ? WHERE seq = ?",
+                            [(step, rank, seq) for seq, step, rank in offered])
+
+    def set_version_blob(self, step: int, blob: str) -> None:
+        """The model of version ``step`` is now written under ``blob``."""
+        self.db.execute("UPDATE versions SET blob = ?, pruned = 0 WHERE step = ?", (blob, step))
+
+    def offered_at(self, step: int) -> list[dict]:
+        """Results offered to the strategy at version ``step``, in offer order (a fold's replay)."""
+        return self._rows("SELECT * FROM results WHERE offered_step = ? ORDER BY offer_rank", (step,))
+
+    def clear_offered(self, step: int) -> list[str]:
+        """Forget where the decided results offered at ``step`` were offered; returns their delta blobs."""
+        with self.transaction():
+            blobs = [b for (b,) in self.db.execute("SELECT delta_blob FROM results WHERE offered_step = ?", (step,))]
+            self.db.execute("UPDATE results SET offered_step = NULL, offer_rank = NULL WHERE offered_step = ?", (step,))
+        return blobs
+
+    def last_offer_rank(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(offer_rank), -1) FROM results").fetchone()[0]
+
+    def decided_blobs_since(self, step: int) -> list[tuple[int, str]]:
+        """(offered_step, delta blob) of results offered at ``step`` or later and decided (kept for a replay)."""
+        return self.db.execute("SELECT offered_step, delta_blob FROM results WHERE offered_step >= ? AND "
+                               "(applied_step IS NOT NULL OR dropped IS NOT NULL)", (step,)).fetchall()
+
     def prunable_versions(self, below_step: int) -> list[tuple[int, str]]:
         """(step, blob) of versions older than ``below_step`` whose blob is still on disk."""
-        return self.db.execute("SELECT step, blob FROM versions WHERE step < ? AND pruned = 0 AND step > 0",
-                               (below_step,)).fetchall()
+        return self.db.execute("SELECT step, blob FROM versions WHERE step < ? AND pruned = 0 AND step > 0 "
+                               "AND blob != ''", (below_step,)).fetchall()
 
     def mark_version_pruned(self, step: int) -> None:
         self.db.execute("UPDATE versions SET pruned = 1 WHERE step = ?", (step,))
@@ -263,9 +307,12 @@ class Store:
             self.db.execute("UPDATE units SET status = 'done', finished = ? WHERE unit_id = ?", (self.clock(), unit_id))
             return int(cur.lastrowid)
 
-    def mark_dropped(self, dropped: list[tuple[int, str]]) -> None:
-        """Results the strategy dropped on arrival: ``(seq, reason)``."""
-        self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?", [(why, s) for s, why in dropped])
+    def mark_dropped(self, dropped: list[tuple[int, str]], offered: list[tuple[int, int, int]] = ()) -> None:
+        """Results dropped (by the strategy on arrival, or a check): ``(seq, reason)``; ``offered``:
+        where those the strategy saw were offered (``(seq, step, rank)``)."""
+        with self.transaction():
+            self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?", [(why, s) for s, why in dropped])
+            self.set_offered(offered)
 
     def blob_pending(self, blob_id: str) -> bool:
         """Whether a result neither applied nor dropped still needs this delta blob (replay)."""

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VALUES = {
     "state": (["--state", "st"], Path("st")),
     "keep_versions": (["--keep-versions", "3"], 3),
+    "persist_every_s": (["--persist-every-s", "2.5"], 2.5),
+    "persist_every_versions": (["--persist-every-versions", "7"], 7),
     "unit_batch_scale": (["--unit-batch-scale", "0.25"], 0.25),
     "model": (["--model", "cnn"], "cnn"),
     "strategy": (["--strategy", "fedbuff"], "fedbuff"),
@@ -189,7 +191,7 @@ def test_cli_unparsable_value_is_one_error_line_and_exit_2(argv, message, capsys
 
 def test_scenario_coordinator_section_is_the_configs():
     assert {"max_staleness", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
-            "lease_max_s", "lease_first_s", "lease_factor", "keep_versions",
+            "lease_max_s", "lease_first_s", "lease_factor", "keep_versions", "persist_every_s", "persist_every_versions",
             "body_slack_bytes", "replication", "replica_wait_s"} == set(COORDINATOR_KEYS)
     for name in COORDINATOR_KEYS:
         assert SCHEMA["coordinator"][name].default == C.FIELDS[name].default
