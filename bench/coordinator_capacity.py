@@ -7,7 +7,8 @@ measures side by side in one run:
   - aggregation: ``strategy.add`` + ``aggregate`` alone (async_sgd), against the bound
     3 * 4 * P bytes (read model, read delta, write model) at the measured copy bandwidth;
   - the whole path: real HTTP on 127.0.0.1 into ``create_app``, with the contract's decode and
-    checks, the SQLite log (fsync) and a durable model blob per version; precomputed valid
+    checks, the SQLite log (fsync) and the model written on the coordinator's default persistence
+    policy (``--persist-every-s`` / ``--persist-every-versions``); precomputed valid
     results (fp32 codec) from 4 concurrent clients; async_sgd (a version per aggregation: the
     aggregation task folds every update that arrived while it was busy) and fedbuff with
     K=10. Accepted/s counts until every result is folded into a version; answered/s until
@@ -166,8 +167,9 @@ def main() -> int:
              "- Aggregation: async_sgd `add` + `aggregate` alone. Bound: 12 bytes per parameter (read model, "
              "read delta, write model) at the `c = a + b` bandwidth measured in the same run.",
              "- Accepted/s: real HTTP on 127.0.0.1, 4 concurrent clients posting precomputed fp32 results, "
-             "until every result is folded into a version; includes decoding and checks, the SQLite log and a "
-             "durable (fsynced) blob per new model version. Answered/s: until every submission is answered "
+             "until every result is folded into a version; includes decoding and checks, the fsynced result log "
+             "(delta blob and SQLite row before each answer) and the model written on the default persistence policy "
+             "(every 10 s or 100 versions, and at the end). Answered/s: until every submission is answered "
              "(aggregation runs in a background task, off the request path).",
              "", "| params | aggregation (ms) | memory bound (ms) | ratio | accepted/s async_sgd | "
              "answered/s async_sgd | versions async_sgd | accepted/s fedbuff K=10 |",
