@@ -23,6 +23,22 @@ if [ "$want_test" = 1 ] && [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
+# The deployment test (tests/test_deploy.py) runs Debian's Caddy in a private network namespace
+# (unshare and ip: util-linux, iproute2).
+if [ "$want_test" = 1 ] && { ! command -v caddy >/dev/null || ! command -v ip >/dev/null; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup.sh: installing Debian's caddy and iproute2 for the deployment test" >&2
+    had_caddy=$(command -v caddy || true)
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy iproute2 >/dev/null
+    # the package enables its own service with a default site on :80; the test starts its own Caddy
+    if [ -z "$had_caddy" ] && [ -d /run/systemd/system ]; then
+      systemctl disable --now caddy.service >/dev/null 2>&1 || true
+    fi
+  else
+    echo "setup.sh: caddy or ip is missing (apt-get install caddy iproute2); the deployment test will skip" >&2
+  fi
+fi
+
 python=${PYTHON:-python3}
 if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   echo "setup.sh: crowdtrain needs Python 3.11 (torch 2.13.0 CPU wheel); $python is $("$python" --version 2>&1)" >&2
