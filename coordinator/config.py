@@ -161,6 +161,12 @@ class CoordinatorConfig:
         "the learning rate scaled alike (linear scaling): more, smaller steps per sample keep each asynchronous "
         "update small (measured: bench/parity_lab.py, docs/results.md); 1 = the recipe as is", "units", lo=0,
         lo_open=True, hi=1.0)
+    unit_seconds: float | None = option(
+        float, 30.0, "browser tabs: a tab's unit is sized from its measured speed (issue to result) to take about "
+        "this long, in steps at the step graph's one batch size (at most 4x its previous unit; off when --local-steps "
+        "is given); a tab whose speed is not known yet gets one step, on a slice of a shard and the model version as fp16, "
+        "so a first visit sees its first unit accepted within seconds; Python workers' units are not sized", "units",
+        lo=0, lo_open=True, none="tabs get the same units as Python workers", metavar="SECONDS")
     codec: str = option(str, "fp16", "delta codec asked of workers: fp32, fp16, int8, topk[:fraction]", "units",
                         valid=_is_codec, expected="a codec: fp32, fp16, int8 or topk:<fraction>")
     # leases

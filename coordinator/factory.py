@@ -9,6 +9,20 @@ A *replica* (``replicate``) is the same unit again for another worker, for a rep
 check (``coordinator.trust``): same base version, shards, hyperparameters and seed, with its
 own id, lease and deadline. Its shards are covered by the result it checks, so they never go
 back in line when a replica expires or fails (the job asks for another replica instead).
+
+**Units sized to the tab that asks** (``unit_seconds``). A browser tab trains at the one batch
+size its step graph was exported for, far slower than a Python worker (tens of samples/s on
+WebAssembly), so a tab's unit is a number of steps at that batch chosen from the tab's own
+measured speed (seconds per sample from issue to result, ``observe``) to take about
+``unit_seconds``, at most 4x its previous unit (``--local-steps``, when set, fixes every unit's
+steps, tabs' too, and turns this off). A tab
+whose speed is not known yet (its first unit) gets one step, on a *slice* of a shard (its first
+``batch`` images as a shard blob of their own, cut once per shard and kept) and the model
+version as fp16 (the CTD1 codec every worker decodes; the delta is taken against what the tab
+decoded), so that a first visit downloads little and sees its first unit accepted within
+seconds. The slices rotate over the shards and are extra samples: they never enter or leave the
+shard queue. The samples a unit claims are still ``local_steps * batch_size``: what was trained.
+Python workers' units are unchanged (``shards_per_unit`` shards, one pass or ``local_steps``).
 """
 from __future__ import annotations
 
@@ -19,7 +33,9 @@ import random
 import secrets
 from dataclasses import dataclass
 
-from contract.codecs import CODEC_IDS
+from contract.codecs import CODEC_IDS, decode_delta, encode_delta, get_codec
+from contract.errors import ContractError
+from contract.shards import decode_shard, encode_shard
 from contract.units import WorkUnit
 from coordinator import leases
 from coordinator.config import CoordinatorConfig
@@ -28,6 +44,10 @@ from coordinator.store import Store
 from models.recipe import Recipe
 from models.train import lr_at
 
+FIRST_STEPS = 1          # the first unit of a tab whose speed is not known yet
+GROWTH = 4               # a tab's unit is at most this many times its previous one (in steps)
+MAX_UNIT_SHARDS = 16     # a tab's unit covers at most this many shards' worth of samples
+SPEED_ALPHA = 0.5        # weight of the newest unit in a tab's speed estimate
 HYPER_KEYS = ("momentum", "nesterov", "weight_decay", "label_smoothing", "loss", "focal_gamma", "crop_pad", "flip")
 
 
@@ -53,6 +73,13 @@ class UnitFactory:
         self.queue = ShardQueue(list(shard_sizes), config.shards_per_unit, config.seed, q["epoch"], q["position"])
         self.queue.requeue(q["retry"])
         self.deadlines = Deadlines(config.lease_min_s, config.lease_max_s, config.lease_factor, config.lease_first_s)
+        self.speed: dict[str, float] = {}       # seconds per sample of each worker's units, issue to result
+        self.last_steps: dict[str, int] = {}    # steps of each tab's last unit
+        first = store.get_meta("first_units", {"next": 0, "slices": {}, "half": {}})
+        self._next_slice = first["next"]
+        self.slices: dict[str, list] = first["slices"]        # "<shard>:<n>" -> [slice blob, n]
+        self.slice_sizes = {b: n for b, n in self.slices.values()}
+        self.half: dict[str, dict] = first["half"]            # version blob -> {"blob": fp16 blob, "units": [...]}
 
     # ------------------------------------------------------------------ handing out
     def codec_for(self, offered: tuple[str, ...]) -> str | None:
@@ -65,25 +92,31 @@ class UnitFactory:
         """Samples applied, accepted and waiting to be folded, or out on a lease."""
         return applied + self.store.pending_samples() + self.store.leased_samples()
 
-    def make(self, worker_id: str, codec: str, base: Base, applied: int) -> WorkUnit | None:
+    def make(self, worker_id: str, codec: str, base: Base, applied: int, backend: str | None = None
+             ) -> WorkUnit | None:
         """A fresh unit for ``worker_id`` cut from ``base``. Once the budget is committed: a second
         copy of the oldest unit another worker still holds (the job's tail: the first result wins,
-        so one slow or vanished worker does not hold the end of the job), or None."""
+        so one slow or vanished worker does not hold the end of the job), or None. ``backend``: the
+        request's (a browser's unit is sized to its speed); when not given, the trust record's."""
         committed = self.committed(applied)
         if committed < self.budget:
+            lr = lr_at(committed / self.budget, self.recipe)
+            if self.config.unit_seconds is not None and not self.config.local_steps and \
+                    self._is_browser(worker_id, backend):
+                return self._issue_sized(worker_id, codec, base, lr)
             shards = self.queue.take(set(self.store.leased_shards()))
-            return self._issue(worker_id, codec, base, shards, lr_at(committed / self.budget, self.recipe))
+            return self._issue(worker_id, codec, base, shards, lr)
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None
         return self._issue(worker_id, codec, base, original["shard_ids"], original["lr"], twin=original["unit_id"])
 
     def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
-               twin: str | None = None) -> WorkUnit:
+               twin: str | None = None, steps: int | None = None, version_blob: str | None = None) -> WorkUnit:
         now = self.clock()
-        n = sum(self.shard_sizes[s] for s in shards)
+        n = sum(self.size_of(s) for s in shards)
         batch = min(self.recipe.batch_size, n)
-        steps = self.config.local_steps or max(1, math.ceil(n / batch))
+        steps = steps or self.config.local_steps or max(1, math.ceil(n / batch))
         if lr <= 0:
             lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
         if self.rng is None:
@@ -92,7 +125,8 @@ class UnitFactory:
             unit_id, seed = f"{self.rng.getrandbits(64):016x}", self.rng.randrange(2**31)
         deadline = round(now + self.deadlines.lease_seconds(worker_id, steps * batch), 3)
         lease = leases.sign(self.key, self.config.job, unit_id, worker_id, base.step, deadline)
-        unit = WorkUnit(job=self.config.job, unit_id=unit_id, model=self.config.model, model_version=base.blob,
+        unit = WorkUnit(job=self.config.job, unit_id=unit_id, model=self.config.model,
+                        model_version=version_blob or base.blob,
                         base_step=base.step, shard_ids=shards, local_steps=steps, batch_size=batch,
                         hyper={"lr": lr, **self.hyper}, seed=seed, codec=codec, lease=lease, deadline=deadline)
         self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
@@ -120,7 +154,7 @@ class UnitFactory:
 
     def requeue(self, shards: list[str]) -> None:
         """Shards whose result was not used (a quarantined or distrusted worker's): trained again first."""
-        self.queue.requeue(shards)
+        self.queue.requeue(self._queued(shards))
         self.store.set_meta("queue", self.queue.state())
 
     # ------------------------------------------------------------------ units that will not come back
@@ -128,7 +162,7 @@ class UnitFactory:
         """``unit`` (a store row) will not be used: its shards go back in line (once), unless its
         second copy covers them or it is a replica."""
         if unit["status"] == "leased" and not unit.get("replica_of") and not self.store.twin_alive(unit):
-            self.queue.requeue(unit["shard_ids"])
+            self.queue.requeue(self._queued(unit["shard_ids"]))
             self.store.set_meta("queue", self.queue.state())
         self.store.set_unit_status(unit["unit_id"], status, only_if=None)
 
@@ -137,7 +171,7 @@ class UnitFactory:
         expired = self.store.expire_leases(self.clock())
         for row in expired:
             if not row["replica_of"] and not self.store.twin_alive(row):
-                self.queue.requeue(row["shard_ids"])
+                self.queue.requeue(self._queued(row["shard_ids"]))
         if expired:
             self.store.set_meta("queue", self.queue.state())
         return len(expired)
@@ -147,5 +181,116 @@ class UnitFactory:
         return set(self.queue.retry)
 
     def observe(self, worker_id: str, wall_s: float, samples: int) -> None:
-        """A finished unit's wall time (issue to result) tunes that worker's next leases."""
+        """A finished unit's wall time (issue to result) tunes that worker's next leases, and the size
+        of a tab's next unit."""
         self.deadlines.observe(worker_id, wall_s, samples)
+        if samples > 0 and wall_s > 0:
+            old, rate = self.speed.get(worker_id), wall_s / samples
+            self.speed[worker_id] = rate if old is None else (1 - SPEED_ALPHA) * old + SPEED_ALPHA * rate
+
+    # ------------------------------------------------------------------ units sized to the tab
+    def size_of(self, shard: str) -> int:
+        """Images in a shard blob (one of the job's shards, or a first unit's slice of one)."""
+        n = self.shard_sizes.get(shard)
+        return self.slice_sizes[shard] if n is None else n
+
+    def _queued(self, shards: list[str]) -> list[str]:
+        """The job's own shards among ``shards`` (slices are extra samples: they never go back in line)."""
+        return [s for s in shards if s in self.shard_sizes]
+
+    def _is_browser(self, worker_id: str, backend: str | None) -> bool:
+        if backend is None:
+            record = self.store.trust_record(worker_id)
+            backend = record.get("backend") if record else None
+        return backend == "browser"
+
+    def sized_steps(self, worker_id: str) -> int:
+        """Steps of a tab's next unit at the job's batch: one while its speed is unknown, then
+        about ``unit_seconds`` of its measured seconds per sample, at most ``GROWTH`` x its last
+        unit and ``MAX_UNIT_SHARDS`` shards' worth of samples."""
+        cfg, batch = self.config, self.recipe.batch_size
+        rate = self.speed.get(worker_id)
+        if rate is None:
+            return FIRST_STEPS
+        steps = max(1, round(cfg.unit_seconds / (rate * batch)))
+        steps = min(steps, GROWTH * self.last_steps.get(worker_id, FIRST_STEPS))
+        return min(steps, max(1, MAX_UNIT_SHARDS * max(self.shard_sizes.values()) // batch))
+
+    def _issue_sized(self, worker_id: str, codec: str, base: Base, lr: float) -> WorkUnit:
+        """A tab's unit: ``sized_steps`` steps at the recipe's batch (the step graph's), on shards that
+        hold at least its samples; a tab of unknown speed gets a slice of a shard and an fp16 model."""
+        batch = self.recipe.batch_size
+        steps = self.sized_steps(worker_id)
+        samples = steps * batch
+        first = worker_id not in self.speed
+        shards = [self._slice(samples)] if first else []
+        if not shards or shards[0] is None:
+            shards = self._take(max(1, math.ceil(samples / max(self.shard_sizes.values()))), batch)
+        version = self._half_version(base) if first else None
+        unit = self._issue(worker_id, codec, base, shards, lr, steps=steps, version_blob=version)
+        self.last_steps[worker_id] = steps
+        if version is not None and version != base.blob:
+            self.half[base.blob]["units"].append(unit.unit_id)
+            self._save_first()
+        return unit
+
+    def _take(self, count: int, batch: int) -> list[str]:
+        """``count`` shards from the queue (more while they hold fewer than ``batch`` images)."""
+        per_unit, busy = self.queue.per_unit, set(self.store.leased_shards())
+        try:
+            self.queue.per_unit = max(1, min(count, len(self.shard_sizes)))
+            shards = self.queue.take(busy)
+            self.queue.per_unit = 1
+            while sum(self.shard_sizes[s] for s in shards) < batch and len(shards) < len(self.shard_sizes):
+                more = [s for s in self.queue.take(busy | set(shards)) if s not in shards]
+                if not more:
+                    break
+                shards += more
+        finally:
+            self.queue.per_unit = per_unit
+        return shards
+
+    def _slice(self, n: int) -> str | None:
+        """A shard blob of ``n`` images: the first ``n`` of the next job shard in rotation, cut once and
+        kept (at most one per shard and size). None when that shard holds no more than ``n`` images."""
+        shards = list(self.shard_sizes)
+        parent = shards[self._next_slice % len(shards)]
+        if self.shard_sizes[parent] <= n:
+            return None
+        self._next_slice += 1
+        key = f"{parent}:{n}"
+        known = self.slices.get(key)
+        if known is None or self.store.blob_path(known[0]) is None:
+            x, y = decode_shard(self.store.get_blob(parent))
+            blob = self.store.put_blob(encode_shard(x[:n], y[:n]))
+            self.slices[key] = [blob, n]
+            self.slice_sizes[blob] = n
+        self._save_first()
+        return self.slices[key][0]
+
+    def _half_version(self, base: Base) -> str:
+        """``base`` as an fp16 blob (made once per version; dropped once none of its units is out), or
+        ``base.blob`` when replicated checks are on (a replica must fetch the same bytes later) or a
+        value does not fit in fp16."""
+        if self.config.replication != "off":
+            return base.blob
+        entry = self.half.get(base.blob)
+        if entry is None or self.store.blob_path(entry["blob"]) is None:
+            try:
+                data = encode_delta(get_codec("fp16"), decode_delta(self.store.get_blob(base.blob)))
+            except ContractError:
+                return base.blob
+            entry = self.half[base.blob] = {"blob": self.store.put_blob(data), "units": []}
+        self._sweep_half(keep=base.blob)
+        return entry["blob"]
+
+    def _sweep_half(self, keep: str) -> None:
+        """Delete the fp16 copies of older versions whose units are no longer out."""
+        for version in [v for v in self.half if v != keep]:
+            units = [self.store.unit(u) for u in self.half[version]["units"]]
+            if all(u is None or u["status"] != "leased" for u in units):
+                self.store.delete_blob(self.half.pop(version)["blob"])
+        self._save_first()
+
+    def _save_first(self) -> None:
+        self.store.set_meta("first_units", {"next": self._next_slice, "slices": self.slices, "half": self.half})

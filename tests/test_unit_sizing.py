@@ -1,0 +1,178 @@
+"""Units sized to the tab that asks (coordinator/factory.py, ``unit_seconds``): pure factory tests.
+
+A real Store in a temporary folder, a handful of tiny shard blobs and a small model version; no
+HTTP, no training. A browser tab's unit is a number of steps at the recipe's (the step graph's)
+batch chosen from its measured seconds per sample; its first unit (speed unknown) is one step on
+a slice of a shard with the model version as fp16; Python workers' units are unchanged.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from contract.codecs import decode_delta, encode_delta, get_codec
+from contract.errors import ContractError
+from contract.shards import decode_shard, encode_shard
+from contract.units import UnitResult, WorkUnit, check_result
+from coordinator.config import CoordinatorConfig
+from coordinator.factory import FIRST_STEPS, GROWTH, MAX_UNIT_SHARDS, Base, UnitFactory
+from coordinator.store import Store
+from models.recipe import Recipe
+
+BATCH, SHARD, SHARDS = 16, 64, 8
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(tmp_path, **overrides):
+    """A factory over SHARDS shards of SHARD random images, batch BATCH, and version 0's blob."""
+    cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=SHARD, **overrides)
+    store = Store(tmp_path / "state")
+    rng = np.random.default_rng(0)
+    sizes = {}
+    for i in range(SHARDS):
+        x = rng.integers(0, 256, (SHARD, 3, 32, 32), dtype=np.uint8)
+        y = rng.integers(0, 10, SHARD, dtype=np.uint8)
+        sizes[store.put_blob(encode_shard(x, y))] = SHARD
+    state = {"w": rng.standard_normal((40, 30)).astype(np.float32), "bn.running_var": np.ones(30, np.float32)}
+    base = Base(0, store.put_blob(encode_delta(get_codec("fp32"), state)))
+    clock = Clock()
+    factory = UnitFactory(cfg, Recipe(batch_size=BATCH, lr=0.05), store, b"k" * 32, sizes, budget=10**7, clock=clock)
+    return factory, store, base, state, clock
+
+
+def issue(factory, worker: str, base: Base, backend: str) -> WorkUnit:
+    return factory.make(worker, "fp16", base, 0, backend=backend)
+
+
+def row(store: Store, unit: WorkUnit) -> dict:
+    return store.unit(unit.unit_id)
+
+
+def test_an_unknown_tab_gets_one_step_on_a_slice_and_an_fp16_model(tmp_path):
+    factory, store, base, state, _ = make(tmp_path)
+    unit = issue(factory, "web-1", base, "browser")
+    assert (unit.local_steps, unit.batch_size) == (FIRST_STEPS, BATCH)
+    assert row(store, unit)["samples"] == FIRST_STEPS * BATCH
+    # its one shard is a slice of a job shard: exactly the unit's samples, the parent's first images
+    [slice_id] = unit.shard_ids
+    assert slice_id not in factory.shard_sizes and factory.size_of(slice_id) == FIRST_STEPS * BATCH
+    x, y = decode_shard(store.get_blob(slice_id))
+    parent = next(iter(factory.shard_sizes))
+    px, py = decode_shard(store.get_blob(parent))
+    assert np.array_equal(x, px[:len(x)]) and np.array_equal(y, py[:len(y)])
+    # the model version is the base as fp16: half the bytes, the same values to fp16 precision
+    assert unit.model_version != base.blob
+    half = store.get_blob(unit.model_version)
+    assert json.loads(half[8:8 + int.from_bytes(half[4:8], "little")])["codec"] == "fp16"
+    assert len(half) < 0.6 * len(store.get_blob(base.blob))
+    got = decode_delta(half)
+    for name, value in state.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-3, atol=1e-4)
+    # a Python worker's unit is as before: one shard, one pass over it, the fp32 version
+    py_unit = issue(factory, "py-1", base, "python")
+    assert py_unit.local_steps == math.ceil(SHARD / BATCH) and py_unit.model_version == base.blob
+    assert [factory.size_of(s) for s in py_unit.shard_ids] == [SHARD]
+
+
+def test_a_measured_tab_gets_steps_for_the_target_seconds_growing_at_most_4x(tmp_path):
+    factory, store, base, _, clock = make(tmp_path, unit_seconds=20.0)
+    rate = 0.05                       # seconds per sample, a slow tab: 20 s is 400 samples = 25 steps of 16
+    want = round(20.0 / (rate * BATCH))
+    steps = []
+    for _ in range(5):
+        unit = issue(factory, "web-slow", base, "browser")
+        steps.append(unit.local_steps)
+        assert unit.batch_size == BATCH                      # the step graph's batch, always
+        samples = unit.local_steps * unit.batch_size
+        # its shards hold at least its samples (no pass repeats an image), all job shards after the first unit
+        assert sum(factory.size_of(s) for s in unit.shard_ids) >= samples
+        assert row(store, unit)["samples"] == samples
+        clock.t += rate * samples
+        factory.observe("web-slow", rate * samples, samples)
+    assert steps == [FIRST_STEPS, GROWTH * FIRST_STEPS, GROWTH ** 2 * FIRST_STEPS, want, want]
+    assert want * BATCH * rate == pytest.approx(20.0, rel=0.02)
+    # a tab twice as fast gets twice the steps once measured
+    factory.observe("web-fast", rate / 2 * BATCH, BATCH)
+    factory.last_steps["web-fast"] = want
+    assert factory.sized_steps("web-fast") == min(round(20.0 / (rate / 2 * BATCH)), MAX_UNIT_SHARDS * SHARD // BATCH)
+    # the later units' model version is the job's own (fp32) blob
+    assert issue(factory, "web-slow", base, "browser").model_version == base.blob
+
+
+def test_bounds(tmp_path):
+    factory, _, base, _, _ = make(tmp_path, unit_seconds=60.0)
+    # very slow: never less than one step
+    factory.observe("web-crawl", 1000.0, BATCH)
+    assert factory.sized_steps("web-crawl") == 1
+    # very fast: at most MAX_UNIT_SHARDS shards' worth of samples (and the growth cap)
+    factory.observe("web-gpu", 1e-4 * BATCH, BATCH)
+    factory.last_steps["web-gpu"] = 10**6
+    cap = MAX_UNIT_SHARDS * SHARD // BATCH
+    assert factory.sized_steps("web-gpu") == cap
+    unit = issue(factory, "web-gpu", base, "browser")
+    assert unit.local_steps == cap and len(unit.shard_ids) == SHARDS   # all the shards there are
+    # --local-steps fixes every unit's steps, tabs' too: no sizing, no slice, no fp16 copy
+    factory2, _, base2, _, _ = make(tmp_path / "b", unit_seconds=60.0, local_steps=3)
+    for speed in (None, 1e-4):
+        if speed is not None:
+            factory2.observe("web-gpu", speed * BATCH, BATCH)
+        unit = issue(factory2, "web-gpu", base2, "browser")
+        assert unit.local_steps == 3 and unit.model_version == base2.blob
+        assert [factory2.size_of(s) for s in unit.shard_ids] == [SHARD]
+    # unit_seconds none: tabs get the default units, like Python workers
+    factory3, _, base3, _, _ = make(tmp_path / "c", unit_seconds=None)
+    unit = issue(factory3, "web-new", base3, "browser")
+    assert unit.local_steps == math.ceil(SHARD / BATCH) and unit.model_version == base3.blob
+    with pytest.raises(ValueError, match="unit_seconds"):
+        CoordinatorConfig(state=tmp_path, unit_seconds=0.0)
+
+
+def test_the_claim_a_result_may_make_is_the_units_samples(tmp_path):
+    factory, store, base, state, _ = make(tmp_path)
+    delta = encode_delta(get_codec("fp16"), {k: np.zeros_like(v) for k, v in state.items()})
+    for worker, backend in (("web-claim", "browser"), ("py-claim", "python")):
+        unit = issue(factory, worker, base, backend)
+        samples = unit.local_steps * unit.batch_size
+        assert row(store, unit)["samples"] == samples        # what the intake bounds num_samples by
+
+        def result(n: int, unit: WorkUnit = unit, worker: str = worker) -> UnitResult:
+            return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker,
+                              base_version=unit.model_version, delta=delta, loss_before=2.3, loss_after=2.2,
+                              num_samples=n, compute_seconds=1.0)
+        check_result(unit, result(samples))
+        with pytest.raises(ContractError, match="num_samples"):
+            check_result(unit, result(samples + 1))
+
+
+def test_slices_never_enter_the_queue_and_fp16_copies_are_dropped_when_done(tmp_path):
+    factory, store, base, state, clock = make(tmp_path)
+    first = issue(factory, "web-a", base, "browser")
+    half = first.model_version
+    # the lease ends: the slice does not go back in line (it is an extra), the job's shards do
+    clock.t = first.deadline + 1
+    assert factory.expire() == 1
+    assert not set(factory.retrying()) & set(first.shard_ids)
+    # another first unit on a newer version: the old fp16 copy (its unit no longer out) is deleted
+    newer = Base(1, store.put_blob(encode_delta(get_codec("fp32"), {k: v + 1 for k, v in state.items()})))
+    second = issue(factory, "web-b", newer, "browser")
+    assert second.model_version not in (half, newer.blob)
+    assert store.blob_path(half) is None and store.blob_path(second.model_version) is not None
+    # while its unit is out, a newer version's first unit keeps it
+    newest = Base(2, store.put_blob(encode_delta(get_codec("fp32"), {k: v + 2 for k, v in state.items()})))
+    issue(factory, "web-c", newest, "browser")
+    assert store.blob_path(second.model_version) is not None
+    # slices rotate over the shards, one blob per shard, and a new factory on the same store knows them
+    slices = {issue(factory, f"web-{i}", newest, "browser").shard_ids[0] for i in range(SHARDS + 2)}
+    assert len(slices) == SHARDS
+    again = UnitFactory(factory.config, factory.recipe, store, b"k" * 32, factory.shard_sizes, 10**7, clock)
+    assert all(again.size_of(s) == BATCH for s in slices)
