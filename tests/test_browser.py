@@ -356,3 +356,39 @@ def test_tab_shows_what_it_costs_and_its_credit_after_a_reload(cluster, data, tm
     assert again["state"]["creditFresh"] and shown["rank"] == 1 and shown["samples"] >= credited["samples"], shown
     assert f"{shown['samples']:,} samples" in again["state"]["creditText"] and "rank 1 of" in again["state"]["creditText"]
     assert not [ln for ln in first["console"] + again["console"] if "error" in ln.lower()], again["console"]
+
+
+@needs_browser
+def test_a_new_tabs_first_unit_is_one_step_on_a_slice_and_is_accepted(cluster, data):
+    # default units of 8 steps (a shard of 256 images at batch 32, no --local-steps): a tab whose speed
+    # is not known yet gets one step on a 32-image slice of a shard and the model version as fp16
+    c = cluster("--data", str(data), "--model", "cnn", "--batch-size", "32", "--shard-size", "256",
+                "--eval-every", "2", "--epochs", "6")
+    c.start_coordinator()
+    m = manifest(c, "cnn", 32)
+    donate = json.loads(get(f"{c.url}/api/v1/donate")[2])["per_unit"]
+    assert (donate["local_steps"], donate["batch_size"]) == (8, 32), donate   # what a Python worker gets
+    # the step graph travels gzipped to a browser (it shrinks ~10x), the same bytes once decoded
+    req = urllib.request.Request(f"{c.url}/api/v1/blobs/{m['graph']}",
+                                 headers={"Accept-Encoding": "gzip, deflate, br", "Sec-Fetch-Mode": "cors"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        encoding, body = r.headers.get("Content-Encoding"), r.read()
+    assert encoding == "gzip" and len(body) < m["graph_bytes"] / 4 and blob_id(gzip.decompress(body)) == m["graph"]
+    out = drive(f"{c.url}/?throttle=100&threads=1", "--click", "--units", "2", "--timeout", "300")
+    assert out["ok"], out
+    worker_id = out["state"]["workerId"]
+    with c.db() as db:
+        units = [json.loads(w) for (w,) in db.execute("SELECT wire FROM units WHERE worker_id = ? ORDER BY issued",
+                                                      (worker_id,))]
+        shards = {s for s, _ in json.loads(db.execute("SELECT value FROM meta WHERE key = 'shards'").fetchone()[0])}
+    first = units[0]
+    assert (first["local_steps"], first["batch_size"]) == (1, 32), first
+    [piece] = first["shard_ids"]
+    x, _ = decode_shard(get(f"{c.url}/api/v1/blobs/{piece}")[2])
+    assert piece not in shards and len(x) == 32
+    version = get(f"{c.url}/api/v1/blobs/{first['model_version']}")[2]
+    assert json.loads(version[8:8 + int.from_bytes(version[4:8], "little")])["codec"] == "fp16"
+    rows = results_of(c, worker_id)
+    assert rows[0][0] == first["unit_id"] and rows[0][3] == 32, rows     # accepted, claiming what it trained
+    assert len(rows) >= 2 and all(u["batch_size"] == 32 for u in units), units
+    assert not [ln for ln in out["console"] if "error" in ln.lower()], out["console"]
