@@ -659,13 +659,21 @@ class Job:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_current(self) -> dict:
-        """Test loss and accuracy of the current version (blocking; run it in a thread)."""
+        """Test loss and accuracy of the current version (blocking; run it in a thread). An evaluated
+        version can be the job's best, which ``GET /api/v1/model?version=best`` and ``crowdtrain
+        export`` hand out, so its model is written here if the persistence policy has not yet (the
+        row's ``blob``; ``record_eval`` records it)."""
         step, samples, state = self.step, self.samples, self.state
         acc, loss = self.evaluator(state)
+        version = self.store.version(step)
+        blob = version.blob if version is not None and version.blob else self.store.put_blob(encode_delta(FP32, state))
         return {"version": step, "samples": samples, "seconds": self.clock() - self.started,
-                "test_acc": acc, "test_loss": loss}
+                "test_acc": acc, "test_loss": loss, "blob": blob}
 
     def record_eval(self, row: dict) -> None:
+        version = self.store.version(row["version"])
+        if version is not None and not version.blob and row.get("blob"):
+            self.store.set_version_blob(row["version"], row["blob"])
         self.store.add_eval(row["version"], row["samples"], row["seconds"], row["test_acc"], row["test_loss"])
 
     # ------------------------------------------------------------------ visibility

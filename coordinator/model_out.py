@@ -81,6 +81,14 @@ def choose(store: Store, which: int | str) -> Chosen:
     finished, note = bool(store.get_meta("finished", False)), ""
     if which == "final":
         version = latest
+        if not version.blob:   # folded after the last persisted version (a coordinator that died)
+            written = store.latest_written_version()
+            if written is None:
+                raise NotFound(f"final: version {latest.step} was not written and no version is")
+            version = written
+            note = (f"version {latest.step}, the newest, was not written (versions are persisted every few "
+                    f"seconds); took version {written.step}, the newest written; starting the coordinator "
+                    f"on this state replays the log and writes {latest.step}")
     elif which == "best":
         ranked = sorted(evaluated.values(), key=lambda r: (r["test_acc"], r["version"]), reverse=True)
         if not ranked:
@@ -200,6 +208,8 @@ async def get_model(request: web.Request) -> web.Response:
         which = parse_version(request.query.get("version"))
     except ValueError as e:
         return _error("invalid", 400, str(e), "version")
+    if which == "final" and not job.finished:
+        await job.publish()   # a live job: write the newest version if the persistence policy has not yet
     try:
         chosen = choose(job.store, which)
     except NotFound as e:

@@ -150,6 +150,12 @@ class Store:
                               "ORDER BY step DESC LIMIT 1").fetchone()
         return Version(*row) if row else None
 
+    def latest_written_version(self) -> Version | None:
+        """The newest version whose model is written (versions are persisted on a policy, not each one)."""
+        row = self.db.execute("SELECT step, blob, samples, updates, created FROM versions WHERE blob != '' "
+                              "AND pruned = 0 ORDER BY step DESC LIMIT 1").fetchone()
+        return Version(*row) if row else None
+
     def version(self, step: int) -> Version | None:
         row = self.db.execute("SELECT step, blob, samples, updates, created FROM versions WHERE step = ?",
                               (step,)).fetchone()

@@ -308,3 +308,35 @@ def test_run_writes_the_final_model_files(tmp_path, capsys):
     want = torch_logits("cnn", versions[1])
     for fmt in ("pt", "onnx"):
         assert_same_predictions(export.load_predictor(state / f"model.{fmt}")(IMAGES), want, f"run's model.{fmt}")
+
+
+async def test_versions_not_yet_persisted_still_come_out(aiohttp_client, tmp_path, capsys):
+    """Versions are written on a policy, not each one: a live job's final version, and an evaluated one
+    (it can be the best), are written on demand; a dead job's state falls back to the newest written."""
+    from tests.helpers.fault_worker import body, compute
+    from tests.helpers.protocol import fetch_all, post, start_job, take
+
+    client, job = await start_job(aiohttp_client, tmp_path, persist_every_s=1e6, persist_every_versions=10 ** 6)
+    for _ in range(2):
+        unit = await take(client, "w1")
+        status, got = await post(client, unit, body(compute(unit, await fetch_all(client, unit), "w1")))
+        assert status == 200 and got["accepted"], got
+    await job.settle()
+    assert job.step == 2 and not job.store.version(2).blob   # folded, not persisted
+    job.store.set_version_blob(1, "")                        # (as if no unit had been cut from it either)
+
+    resp = await client.get("/api/v1/model?format=pt&version=final")
+    assert resp.status == 200 and resp.headers["X-Crowdtrain-Version"] == "2", await resp.text()
+    assert job.store.version(2).blob and decode_delta(job.store.get_blob(job.store.version(2).blob)).keys() == \
+        job.state.keys()
+
+    state_dir = job.config.state
+    job.record_eval(job.evaluate_current())                  # version 2 is evaluated: it stays written
+    assert job.store.evals()[-1]["version"] == 2 and job.store.version(2).blob
+    job.close()
+    store = Store(state_dir)
+    store.set_version_blob(2, "")                            # as if killed before writing version 2
+    store.close()
+    assert export_cli("--state", state_dir, "--format", "pt", "--out", tmp_path / "m.pt") == 0
+    out = capsys.readouterr().out
+    assert "version 0" in out and "version 2, the newest, was not written" in out and "took version 0" in out
