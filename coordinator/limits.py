@@ -3,7 +3,7 @@ operator-issued worker tokens for closed deployments. Pure: a clock is injected,
 knows HTTP (``coordinator.app`` turns a refusal into 429 or 401).
 
 Rate limits are token buckets: ``rate`` requests per minute, bursts of a sixth of that (ten
-seconds' worth, at least 5). An honest worker asks once per unit (and every few seconds while
+seconds' worth, at least 5); an IPv6 client is limited per /64. An honest worker asks once per unit (and every few seconds while
 there is no work), far below the defaults; a worker that asks faster hoards leases or floods
 the coordinator, and so does one address minting worker ids. Loopback addresses (workers the
 operator runs on this machine, the tests, the benchmarks) are not limited; behind a reverse
@@ -56,10 +56,23 @@ class UnitLimits:
         is charged first, so minting worker ids does not get around it."""
         if not address or is_loopback(address):
             return 0.0
-        wait = self.address.wait(address) if self.address else 0.0
+        wait = self.address.wait(address_key(address)) if self.address else 0.0
         if wait == 0.0 and self.worker:
             wait = self.worker.wait(worker_id)
         return wait
+
+
+def address_key(address: str) -> str:
+    """The rate-limit key of an address: an IPv4 address itself, an IPv6 address its /64 (one
+    subscriber usually holds a whole /64, so per-address limits on single IPv6 addresses would be
+    64 bits of free ids)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip.ipv4_mapped or ip)
 
 
 def retry_after(seconds: float) -> str:

@@ -21,7 +21,7 @@ from contract.units import UnitRequest, WorkUnit, unpack_result
 from coordinator import trust as T
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
-from coordinator.limits import RateLimiter, UnitLimits, bearer, client_address, load_tokens
+from coordinator.limits import RateLimiter, UnitLimits, address_key, bearer, client_address, load_tokens
 from coordinator.metrics import render
 from models.local import is_running_stat
 from tests.helpers.fault_worker import Fault, body, compute
@@ -124,6 +124,16 @@ def test_unit_limits_charge_the_address_first_and_spare_loopback() -> None:
     assert limits.wait("203.0.113.5", "minted-x") > 0                  # minting ids: the address's bucket
     assert limits.wait("198.51.100.7", "w9") == 0
     assert UnitLimits(None, None, clock).wait("203.0.113.5", "w") == 0
+
+
+def test_an_ipv6_client_is_limited_per_64() -> None:
+    clock = Clock()
+    limits = UnitLimits(per_worker=None, per_address=60, clock=clock)   # bursts of 10
+    assert all(limits.wait(f"2001:db8:1:2::{i:x}", f"w{i}") == 0 for i in range(10))
+    assert limits.wait("2001:db8:1:2:ffff::1", "w-new") > 0            # a new address in the same /64
+    assert limits.wait("2001:db8:1:3::1", "w-other") == 0               # the next /64 is someone else
+    assert address_key("::ffff:203.0.113.5") == address_key("203.0.113.5") == "203.0.113.5"
+    assert address_key("not an address") == "not an address"
 
 
 def test_client_address_trusts_forwarded_for_only_from_this_machine() -> None:
