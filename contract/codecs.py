@@ -50,11 +50,25 @@ def topk_count(n: int, fraction: float) -> int:
     return min(n, max(1, math.ceil(fraction * n - 1e-9)))
 
 
+CHUNK = 1 << 13   # elements per chunk of the checks and the norm: in cache, and below the size at which
+                  # OpenBLAS spreads a dot product over threads (which spin on a busy machine)
+
+
 def _finite(name: str, values: np.ndarray) -> None:
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        where = Said(f"NaN or Inf at element {bad[0]}")
-        raise ContractError(f"delta.tensors[{name}].values", "finite numbers", where)
+    """Raise unless every value is finite. A chunk whose float32 sum of squares is finite holds only
+    finite values (a NaN or an Inf makes the sum NaN or Inf); only a chunk whose sum is not (a
+    non-finite value, or finite ones whose squares overflow) is checked value by value."""
+    flat = values.reshape(-1)
+    for i in range(0, flat.size, CHUNK):
+        c = flat[i:i + CHUNK]
+        if c.dtype == np.float32:
+            with np.errstate(over="ignore", invalid="ignore"):
+                if math.isfinite(float(np.dot(c, c))):
+                    continue
+        bad = np.flatnonzero(~np.isfinite(c))
+        if bad.size:
+            where = Said(f"NaN or Inf at element {i + bad[0]}")
+            raise ContractError(f"delta.tensors[{name}].values", "finite numbers", where)
 
 
 class Codec:
@@ -109,7 +123,7 @@ class Fp32(Codec):
         return 4 * n
 
     def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict) -> np.ndarray:
-        out = np.frombuffer(data, "<f4", n, offset).astype(np.float32)
+        out = np.frombuffer(data, "<f4", n, offset).astype(np.float32, copy=False)   # a view (read-only)
         _finite(name, out)
         return out
 
@@ -260,11 +274,21 @@ def get_codec(name: str) -> Codec:
 
 
 def delta_norm(arrays: Arrays) -> float:
-    """Global L2 norm of all tensors together (float64 accumulation)."""
+    """Global L2 norm of all tensors together: each chunk of ``CHUNK`` values is converted to float64
+    in a small buffer (the squares of float32 values are exact there and cannot overflow) and its
+    dot product summed in float64, without a float64 copy of the whole delta."""
     total = 0.0
+    buf = np.empty(0, np.float64)
     for value in arrays.values():
-        v = np.asarray(value, np.float64).ravel()
-        total += float(np.dot(v, v))
+        v = np.asarray(value)
+        flat = v.reshape(-1) if v.flags.c_contiguous else np.ravel(v)
+        if buf.size < min(CHUNK, flat.size):
+            buf = np.empty(min(CHUNK, max(flat.size, 1)), np.float64)
+        for i in range(0, flat.size, CHUNK):
+            c = flat[i:i + CHUNK]
+            b = buf[:c.size]
+            b[...] = c
+            total += float(np.dot(b, b))
     return math.sqrt(total)
 
 
@@ -372,11 +396,14 @@ def _check_spec(spec: Spec, shapes: dict[str, tuple[int, ...]]) -> None:
             raise ContractError(f"delta.tensors[{name}]", "only tensors the model has", Said("an unknown tensor"))
 
 
-def decode_delta(data: bytes, spec: Spec | None = None, codec_id: str | None = None) -> dict[str, np.ndarray]:
+def decode_delta(data: bytes, spec: Spec | None = None, codec_id: str | None = None,
+                 copy: bool = True) -> dict[str, np.ndarray]:
     """Decode a ``CTD1`` container to float32 arrays (in header order).
 
     ``spec`` (name -> (shape, dtype)) must match the tensors exactly when given; ``codec_id``
-    restricts the codec the container may use. Raises ``ContractError`` on anything malformed.
+    restricts the codec the container may use. ``copy=False``: fp32 tensors may be read-only views
+    of ``data`` (bytes, so they never change) instead of copies. Raises ``ContractError`` on
+    anything malformed.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ContractError("delta", "bytes", Said(type(data).__name__))
@@ -416,5 +443,8 @@ def decode_delta(data: bytes, spec: Spec | None = None, codec_id: str | None = N
         raise ContractError("delta.padding", "zero bytes", Said("non-zero padding"))
     out = {}
     for entry, (name, shape, n), (offset, _) in zip(tensors, checked, offsets):
-        out[name] = codec.unpack(name, data, offset, n, entry).reshape(shape)
+        values = codec.unpack(name, data, offset, n, entry)
+        if copy and not values.flags.writeable:
+            values = values.copy()
+        out[name] = values.reshape(shape)
     return out

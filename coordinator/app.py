@@ -99,9 +99,12 @@ def slow_sender(seconds: float, got: int) -> Rejection:
 async def read_body(request: web.Request) -> bytes:
     """The whole body (its Content-Length already checked), or a 408 ``Rejection`` for a slow sender."""
     seconds = body_seconds(request.content_length or 0)
+    chunks = []
     try:
-        async with asyncio.timeout(seconds):
-            return await request.read()
+        async with asyncio.timeout(seconds):   # the chunks joined once (request.read() copies twice)
+            async for chunk in request.content.iter_any():
+                chunks.append(chunk)
+            return b"".join(chunks)
     except TimeoutError:
         raise slow_sender(seconds, request.content.total_bytes) from None
 
@@ -167,6 +170,7 @@ async def next_unit(request: web.Request) -> web.Response:
     await fresh_base(job)
     await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
     unit = job.next_unit(unit_request, address)
+    await job.store.sync()   # the unit's row and lease are durable before the unit leaves
     if unit is None:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         if job.finished:

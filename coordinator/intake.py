@@ -126,7 +126,7 @@ class Intake:
             raise Rejection("invalid", 400, f"result.num_samples: expected 1..{unit['samples']}, got "
                             f"{result.num_samples}", "result.num_samples")
         try:
-            delta = decode_delta(result.delta, self.spec)
+            delta = decode_delta(result.delta, self.spec, copy=False)   # views of the body: nothing writes to a delta
         except ContractError as e:
             raise contract_rejection(e) from e
         norm = delta_norm(delta)

@@ -357,7 +357,14 @@ class Job:
 
     # ------------------------------------------------------------------ results
     async def submit(self, unit_id: str, body: bytes) -> dict:
-        """Check a result at the boundary, log it durably and answer; ``settle`` folds it in later."""
+        """Check a result at the boundary, log it durably and answer; ``settle`` folds it in later.
+        The answer waits until what it reports is durable (``Store.sync``: one fdatasync of the
+        SQLite log for every submission that commits meanwhile)."""
+        answer = await self._submit(unit_id, body)
+        await self.store.sync()
+        return answer
+
+    async def _submit(self, unit_id: str, body: bytes) -> dict:
         unit = None
         try:
             parsed = self.intake.parse(unit_id, body)
