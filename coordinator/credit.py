@@ -232,7 +232,7 @@ def donate_info(job, assets, steps) -> dict:
     once the coordinator has compressed them, the model version as stored (the job's codec),
     data shards as stored."""
     store, recipe, cfg = job.store, job.recipe, job.config
-    version = store.latest_version()
+    version = store.latest_written_version()   # versions are written on a policy: the newest written one
     version_path = store.blob_path(version.blob) if version else None
     shard_sizes = job.factory.shard_sizes
     first = next(iter(shard_sizes), None)
@@ -262,4 +262,25 @@ def donate_info(job, assets, steps) -> dict:
                      "shard_bytes": shard_path.stat().st_size if shard_path else None,
                      "shards": cfg.shards_per_unit, "samples": local_steps * batch, "batch_size": batch,
                      "local_steps": local_steps},
+        "tab_units": tab_units(job, version_path, shard_path, first),
     }
+
+
+def tab_units(job, version_path, shard_path, shard: str | None) -> dict | None:
+    """How a tab's units differ from the job's default unit when they are sized to it (``--unit-seconds``,
+    ``coordinator.factory``): the first is ``FIRST_STEPS`` steps on a slice of a shard with the model
+    version as fp16 (bytes estimated from the fp32 version and the shard, as the slice is cut on demand);
+    the later ones take about ``seconds`` each on the tab. None when tabs get the default unit."""
+    from coordinator.factory import FIRST_STEPS
+
+    cfg, batch = job.config, job.recipe.batch_size
+    if cfg.unit_seconds is None or cfg.local_steps:
+        return None
+    samples = FIRST_STEPS * batch
+    images = job.factory.shard_sizes.get(shard) if shard else None
+    shard_bytes = shard_path.stat().st_size if shard_path else None
+    return {"seconds": cfg.unit_seconds,
+            "first": {"samples": samples, "local_steps": FIRST_STEPS, "batch_size": batch,
+                      "model_version_bytes": version_path.stat().st_size // 2 if version_path else None,
+                      "shard_bytes": (shard_bytes * min(samples, images) // images) if shard_bytes and images else None,
+                      "estimated": True}}

@@ -323,6 +323,9 @@ async def test_what_a_tab_downloads_comes_from_the_job(aiohttp_client, tmp_path)
     shard = job.store.blob_path(issued.shard_ids[0]).stat().st_size
     assert unit["shard_bytes"] == shard and unit["shards"] == len(issued.shard_ids)
     assert unit["samples"] == issued.local_steps * issued.batch_size and unit["batch_size"] == issued.batch_size
+    first = info["tab_units"]["first"]   # a tab's first unit: one step on a slice, the model as fp16
+    assert info["tab_units"]["seconds"] == job.config.unit_seconds and first["samples"] == job.recipe.batch_size
+    assert first["model_version_bytes"] == unit["model_version_bytes"] // 2 and 0 < first["shard_bytes"] <= shard
     assert info["once"]["step_graph"]["state"] == "not built yet", "asking does not start an export"
     assert info["once"]["page_bytes"] > 0
     for path in ("/", "/dashboard"):

@@ -97,6 +97,10 @@ function donateText(d) {
     `Downloads per unit of work: the current model version ${MB(unit.model_version_bytes)} (when it changed since ` +
     `the last unit) and ${unit.shards} data shard${unit.shards === 1 ? '' : 's'} of ${MB(unit.shard_bytes)} ` +
     `(${unit.samples.toLocaleString()} training samples, ${unit.local_steps} steps of ${unit.batch_size}); ` +
+    (d.tab_units ? `this tab's first unit is smaller: ${d.tab_units.first.local_steps} step of ` +
+      `${d.tab_units.first.batch_size} samples, about ${MB(d.tab_units.first.model_version_bytes)} of model (half ` +
+      `precision) and ${MB(d.tab_units.first.shard_bytes)} of data; later units are sized to take about ` +
+      `${d.tab_units.seconds} s on this machine. ` : '') +
     `uploads one weight update per unit. ` +
     `Uses ${used} of your ${cores} CPU threads, computing ${throttle}% of the time (the slider) and resting the rest; ` +
     (gpu ? 'your browser offers WebGPU, so it will also use your GPU once a quick check passes (otherwise CPU only).'
