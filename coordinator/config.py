@@ -161,6 +161,12 @@ class CoordinatorConfig:
         "the learning rate scaled alike (linear scaling): more, smaller steps per sample keep each asynchronous "
         "update small (measured: bench/parity_lab.py, docs/results.md); 1 = the recipe as is", "units", lo=0,
         lo_open=True, hi=1.0)
+    unit_batch_workers: bool = option(
+        bool, True, "when --batch-size is not given, with more than 2 Python workers in flight a dense model's unit "
+        "batch is divided further by workers / 2 (a power of two, at least 32) with the learning rate scaled alike: "
+        "N units trained at once from one model act like one step at N times the batch, so smaller steps keep the "
+        "sequential depth (measured with 8 simulated workers: +5 to +6 points, docs/results.md); tabs keep the "
+        "step graph's batch", "units", shown="on")
     unit_seconds: float | None = option(
         float, 30.0, "browser tabs: a tab's unit is sized from its measured speed (issue to result) to take about "
         "this long, in steps at the step graph's one batch size (at most 4x its previous unit; off when --local-steps "

@@ -48,6 +48,9 @@ FIRST_STEPS = 1          # the first unit of a tab whose speed is not known yet
 GROWTH = 4               # a tab's unit is at most this many times its previous one (in steps)
 MAX_UNIT_SHARDS = 16     # a tab's unit covers at most this many shards' worth of samples
 SPEED_ALPHA = 0.5        # weight of the newest unit in a tab's speed estimate
+MIN_SPLIT_BATCH = 32     # ``unit_batch_workers`` divides a unit's batch down to this at most
+IN_FLIGHT_UNITS = 3      # a worker counts as in flight for this many of its unit durations after it asked
+IN_FLIGHT_MIN_S = 30.0   # ... and for at least this long (its first units, a fast worker)
 HYPER_KEYS = ("momentum", "nesterov", "weight_decay", "label_smoothing", "loss", "focal_gamma", "crop_pad", "flip")
 
 
@@ -74,6 +77,9 @@ class UnitFactory:
         self.queue.requeue(q["retry"])
         self.deadlines = Deadlines(config.lease_min_s, config.lease_max_s, config.lease_factor, config.lease_first_s)
         self.speed: dict[str, float] = {}       # seconds per sample of each worker's units, issue to result
+        self.asked: dict[str, tuple[float, int]] = {}   # Python worker -> (when it last asked, its unit's samples)
+        self.split_batch = config.unit_batch_workers and config.batch_size is None and \
+            config.unit_batch_scale != 1 and self._dense(config.model)
         self.last_steps: dict[str, int] = {}    # steps of each tab's last unit
         first = store.get_meta("first_units", {"next": 0, "slices": {}, "half": {}})
         self._next_slice = first["next"]
@@ -105,17 +111,21 @@ class UnitFactory:
                     self._is_browser(worker_id, backend):
                 return self._issue_sized(worker_id, codec, base, lr)
             shards = self.queue.take(set(self.store.leased_shards()))
-            return self._issue(worker_id, codec, base, shards, lr)
+            batch = self._split_batch(worker_id, sum(self.size_of(x) for x in shards))
+            return self._issue(worker_id, codec, base, shards, lr * batch / self.recipe.batch_size, batch=batch)
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None
-        return self._issue(worker_id, codec, base, original["shard_ids"], original["lr"], twin=original["unit_id"])
+        issued = json.loads(original["wire"]) if original.get("wire") else {}
+        return self._issue(worker_id, codec, base, original["shard_ids"], original["lr"], twin=original["unit_id"],
+                           steps=issued.get("local_steps"), batch=issued.get("batch_size"))
 
     def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
-               twin: str | None = None, steps: int | None = None, version_blob: str | None = None) -> WorkUnit:
+               twin: str | None = None, steps: int | None = None, version_blob: str | None = None,
+               batch: int | None = None) -> WorkUnit:
         now = self.clock()
         n = sum(self.size_of(s) for s in shards)
-        batch = min(self.recipe.batch_size, n)
+        batch = min(batch or self.recipe.batch_size, n)
         steps = steps or self.config.local_steps or max(1, math.ceil(n / batch))
         if lr <= 0:
             lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
@@ -187,6 +197,39 @@ class UnitFactory:
         if samples > 0 and wall_s > 0:
             old, rate = self.speed.get(worker_id), wall_s / samples
             self.speed[worker_id] = rate if old is None else (1 - SPEED_ALPHA) * old + SPEED_ALPHA * rate
+
+    # ------------------------------------------------------------------ batch split over workers in flight
+    @staticmethod
+    def _dense(model: str) -> bool:
+        from models import registry
+
+        return registry.get(model).kind == "dense"
+
+    def in_flight(self, now: float) -> int:
+        """Python workers in flight: those that asked for a unit within ``IN_FLIGHT_UNITS`` of their own
+        unit durations (their measured speed; ``IN_FLIGHT_MIN_S`` at least); forgets the others."""
+        for worker, (at, samples) in list(self.asked.items()):
+            rate = self.speed.get(worker)
+            window = max(IN_FLIGHT_MIN_S, IN_FLIGHT_UNITS * rate * samples if rate else self.deadlines.first_s)
+            if now - at > window:
+                del self.asked[worker]
+        return len(self.asked)
+
+    def _split_batch(self, worker_id: str, images: int) -> int:
+        """A Python worker's unit batch: the recipe's (already ``unit_batch_scale`` of the model's), divided
+        by (workers in flight) / 2 when more than 2 are, to a power of two of at least ``MIN_SPLIT_BATCH``
+        (``unit_batch_workers``; not with an explicit ``--batch-size``). With N workers each unit starts
+        from a model that lacks the other N - 1 units in flight, like one SGD step at N x the batch."""
+        now, batch = self.clock(), self.recipe.batch_size
+        self.asked[worker_id] = (now, images)
+        if not self.split_batch:
+            return batch
+        workers = self.in_flight(now)
+        if workers <= 2:
+            return batch
+        split = max(MIN_SPLIT_BATCH, batch * 2 // workers)
+        split = 1 << (split.bit_length() - 1)   # a power of two, at most batch * 2 / workers
+        return max(1, min(batch, max(split, MIN_SPLIT_BATCH)))
 
     # ------------------------------------------------------------------ units sized to the tab
     def size_of(self, shard: str) -> int:

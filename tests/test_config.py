@@ -25,6 +25,7 @@ VALUES = {
     "persist_every_versions": (["--persist-every-versions", "7"], 7),
     "unit_batch_scale": (["--unit-batch-scale", "0.25"], 0.25),
     "unit_seconds": (["--unit-seconds", "12"], 12.0),
+    "unit_batch_workers": (["--no-unit-batch-workers"], False),
     "model": (["--model", "cnn"], "cnn"),
     "strategy": (["--strategy", "fedbuff"], "fedbuff"),
     "strategy_params": (["--param", "buffer_size=3", "--param", "server_momentum=0.5"],

@@ -21,6 +21,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.factory import FIRST_STEPS, GROWTH, MAX_UNIT_SHARDS, Base, UnitFactory
 from coordinator.store import Store
 from models.recipe import Recipe
+from models.train import lr_at
 
 BATCH, SHARD, SHARDS = 16, 64, 8
 
@@ -176,3 +177,41 @@ def test_slices_never_enter_the_queue_and_fp16_copies_are_dropped_when_done(tmp_
     assert len(slices) == SHARDS
     again = UnitFactory(factory.config, factory.recipe, store, b"k" * 32, factory.shard_sizes, 10**7, clock)
     assert all(again.size_of(s) == BATCH for s in slices)
+
+
+# --- Python workers: the batch split over the workers in flight (``unit_batch_workers``) -------------------
+def split_factory(tmp_path, **overrides):
+    """As ``make``, at a recipe batch of 256 (the default job's unit batch) on shards of 1,024 images."""
+    global SHARD
+    old, SHARD = SHARD, 1024
+    try:
+        factory, store, base, state, clock = make(tmp_path, **overrides)
+    finally:
+        SHARD = old
+    factory.recipe = Recipe(batch_size=256, lr=0.2)
+    return factory, base, clock
+
+
+def test_python_units_split_their_batch_over_the_workers_in_flight(tmp_path):
+    factory, base, clock = split_factory(tmp_path)
+    lone = [issue(factory, f"w{i}", base, "python") for i in range(2)]
+    assert [(u.batch_size, u.local_steps) for u in lone] == [(256, 4)] * 2      # two workers: the recipe's units
+    for i in range(2, 8):                                                      # eight workers ask
+        schedule = lr_at(factory.committed(0) / factory.budget, factory.recipe)
+        unit = issue(factory, f"w{i}", base, "python")
+    assert (unit.batch_size, unit.local_steps) == (64, 16)                     # 256 * 2 / 8, the same samples
+    assert math.isclose(unit.hyper["lr"], schedule * 64 / 256, rel_tol=1e-9)   # the lr scaled alike
+    assert factory.store.unit(unit.unit_id)["samples"] == 64 * 16
+    for i in range(8, 40):
+        unit = issue(factory, f"w{i}", base, "python")
+    assert unit.batch_size == 32                                               # never below MIN_SPLIT_BATCH
+    clock.t += 10_000                                                          # they all went quiet
+    unit = issue(factory, "w0", base, "python")
+    assert (unit.batch_size, factory.in_flight(clock.t)) == (256, 1)
+
+
+def test_the_split_is_off_with_an_explicit_batch_or_the_option(tmp_path):
+    for overrides in ({"batch_size": 256}, {"unit_batch_workers": False}):
+        factory, base, _ = split_factory(tmp_path / str(len(overrides)) / next(iter(overrides)), **overrides)
+        units = [issue(factory, f"w{i}", base, "python") for i in range(8)]
+        assert {u.batch_size for u in units} == {256}, overrides
