@@ -134,13 +134,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="millions of parameters")
     p.add_argument("--submissions", type=int, default=40)
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients posting results")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.set_num_threads(1)
     date = time.strftime("%Y-%m-%d")
     out = args.out or ROOT / "bench" / "out" / f"coordinator_capacity-{date}"
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"date": date, "sizes_millions": args.sizes, "submissions": args.submissions, "clients": 4,
+    cfg = {"date": date, "sizes_millions": args.sizes, "submissions": args.submissions, "clients": args.clients,
            "hardware": hardware(), "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     rows = []
@@ -154,7 +155,7 @@ def main() -> int:
         row = {"model": name, "params": params, "aggregation_s": agg, "bandwidth_bound_s": bound,
                "bound_ratio": agg / bound, "copy_bandwidth_gb_s": bandwidth / 1e9}
         for strategy, sparams in (("async_sgd", {}), ("fedbuff", {"buffer_size": 10})):
-            row[strategy] = asyncio.run(http_rate(name, strategy, sparams, args.submissions))
+            row[strategy] = asyncio.run(http_rate(name, strategy, sparams, args.submissions, args.clients))
         rows.append(row)
         print(f"{name}: {params:,} params, aggregation {1e3 * agg:.2f} ms (bound {1e3 * bound:.2f} ms, "
               f"x{agg / bound:.1f}); HTTP accepted/s async_sgd {row['async_sgd']['accepted_per_s']:.1f} "
@@ -166,9 +167,11 @@ def main() -> int:
              f"- Command: `{cfg['command']}`; raw results in `{shown(out)}`.",
              "- Aggregation: async_sgd `add` + `aggregate` alone. Bound: 12 bytes per parameter (read model, "
              "read delta, write model) at the `c = a + b` bandwidth measured in the same run.",
-             "- Accepted/s: real HTTP on 127.0.0.1, 4 concurrent clients posting precomputed fp32 results, "
-             "until every result is folded into a version; includes decoding and checks, the fsynced result log "
-             "(delta blob and SQLite row before each answer) and the model written on the default persistence policy "
+             f"- Accepted/s: real HTTP on 127.0.0.1, {args.clients} concurrent clients (in the coordinator's process "
+             "and event loop) posting precomputed fp32 results, "
+             "until every result is folded into a version; includes decoding and checks, the durable result log "
+             "(delta blob fsynced, SQLite row made durable by a group fdatasync of the WAL, before each answer) "
+             "and the model written on the default persistence policy "
              "(every 10 s or 100 versions, and at the end). Answered/s: until every submission is answered "
              "(aggregation runs in a background task, off the request path).",
              "", "| params | aggregation (ms) | memory bound (ms) | ratio | accepted/s async_sgd | "

@@ -168,8 +168,8 @@ async def next_unit(request: web.Request) -> web.Response:
     if why is not None:
         return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": why})
     await fresh_base(job)
-    await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
-    unit = job.next_unit(unit_request, address)
+    base = await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
+    unit = job.next_unit(unit_request, address, base)
     await job.store.sync()   # the unit's row and lease are durable before the unit leaves
     if unit is None:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
@@ -385,6 +385,7 @@ async def expire_loop(app: web.Application) -> None:
         await asyncio.sleep(EXPIRE_EVERY_S)
         try:
             job.expire_leases()
+            await asyncio.to_thread(job.store.checkpoint)   # off the event loop
         except Exception:
             log.exception("lease expiry failed")
 
@@ -402,6 +403,17 @@ async def aggregate_loop(app: web.Application) -> None:
             await asyncio.sleep(EXPIRE_EVERY_S)
 
 
+async def finish_on_cancel(work):
+    """Await ``work`` (a thread that reads the store); when cancelled (shutdown), let it finish first:
+    the store must not close under a thread that is using it."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
 async def eval_loop(app: web.Application) -> None:
     """Evaluate the newest version every ``eval_every_s`` when it changed (off the request path)."""
     job, seen = app[JOB], app[EVALS]
@@ -409,7 +421,7 @@ async def eval_loop(app: web.Application) -> None:
         if job.step != seen.get("version"):
             step = job.step
             try:
-                row = await asyncio.to_thread(job.evaluate_current)
+                row = await finish_on_cancel(asyncio.to_thread(job.evaluate_current))
                 job.record_eval(row)
                 log.info("version %d: test accuracy %.2f%% after %d samples", row["version"], 100 * row["test_acc"],
                          row["samples"])

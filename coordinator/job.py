@@ -81,6 +81,18 @@ class WorkerStats:
     last_seen: float = 0.0
 
 
+@dataclass
+class AggTimes:
+    """Count, sum and maximum of the aggregations' seconds (a list of every one grew without bound)."""
+
+    count: int = 0
+    total: float = 0.0
+    max: float = 0.0
+
+    def append(self, seconds: float) -> None:
+        self.count, self.total, self.max = self.count + 1, self.total + seconds, max(self.max, seconds)
+
+
 @dataclass(frozen=True)
 class Inbound:
     """An accepted, logged update waiting for the aggregator."""
@@ -143,8 +155,9 @@ class Job:
         self.store: Store | None = None
         self.workers: dict[str, WorkerStats] = {}
         self.accepted_log: deque[tuple[float, int, str, float]] = deque()   # (accepted, samples, worker, issued)
-        self.agg_times: list[float] = []
+        self.agg_times = AggTimes()
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
+        self._publishing: dict[int, asyncio.Future] = {}   # step -> the write of its model blob in flight
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self._offered: dict[int, tuple[int, int]] = {}   # seq -> (version, rank) it was offered at, until decided
         self._rank = 0                       # the next offer's place in the offer order (kept across restarts)
@@ -290,13 +303,37 @@ class Job:
         blob = self.store.put_blob(encode_delta(FP32, state))
         return step, blob
 
-    async def publish(self) -> None:
-        """Make sure the current version's blob is written before a unit is cut from it (the encoding,
-        hashing and write run in a thread)."""
-        while not self.store.version(self.step).blob:
-            step, blob = await asyncio.to_thread(self._write_current)
+    async def _written_current(self) -> tuple[int, str]:
+        """``_write_current`` with the encoding, hashing and write in a thread (which never touches SQLite:
+        the store may close under a thread at shutdown)."""
+        step, state = self.step, self.state
+        version = self.store.version(step)
+        if version.blob:
+            return step, version.blob
+        return step, await asyncio.to_thread(lambda: self.store.put_blob(encode_delta(FP32, state)))
+
+    async def publish(self) -> Base:
+        """The newest version, written, to cut a unit from: the encoding, hashing and write run once in a
+        thread however many requests wait for it. A fold that lands meanwhile is not chased (under a
+        steady stream of results every request would wait for version after version): the unit is cut
+        from the version just written, one version staler."""
+        step = self.step
+        version = self.store.version(step)
+        if version.blob:
+            return Base(step, version.blob)
+        flight = self._publishing.get(step)
+        if flight is None:
+            flight = self._publishing[step] = asyncio.ensure_future(self._write_version(step))
+        return await asyncio.shield(flight)
+
+    async def _write_version(self, step: int) -> Base:
+        try:
+            step, blob = await self._written_current()
             if not self.store.version(step).blob:
                 self.store.set_version_blob(step, blob)
+            return Base(step, blob)
+        finally:
+            self._publishing.pop(step, None)
 
     def _base(self) -> Base:
         step, blob = self._write_current()   # normally already written by publish(); else here, blocking
@@ -305,10 +342,11 @@ class Job:
         return Base(step, blob)
 
     # ------------------------------------------------------------------ units
-    def next_unit(self, request: UnitRequest, address: str = "") -> WorkUnit | None:
+    def next_unit(self, request: UnitRequest, address: str = "", base: Base | None = None) -> WorkUnit | None:
         """A fresh unit for this worker (a replica of a held result first, when one is wanted and this
         worker may check it), or None when there is nothing to do right now. ``address``: where the
-        request came from (a replica never goes to the original's remote address)."""
+        request came from (a replica never goes to the original's remote address); ``base``: the
+        version ``publish`` wrote (else the current one, written here if it is not yet, blocking)."""
         self._seen(request.worker_id, request.backend, self.clock())
         self.trust.seen(request.worker_id, request.backend, address)
         if self.finished or (request.models and self.config.model not in request.models):
@@ -320,7 +358,9 @@ class Job:
             replica = self._replica_for(request, address)
             if replica is not None:
                 return replica
-        return self.factory.make(request.worker_id, codec, self._base(), self.samples)
+        if base is None or self.store.blob_path(base.blob) is None:
+            base = self._base()
+        return self.factory.make(request.worker_id, codec, base, self.samples)
 
     def _replica_for(self, request: UnitRequest, address: str) -> WorkUnit | None:
         """The oldest held result's unit again, for this worker: another id, the same backend (a
@@ -616,7 +656,7 @@ class Job:
         holds no buffer then), mark the version persisted, and let go of what a replay no longer needs."""
         if self.step == self.persisted_step:
             return
-        step, blob = await asyncio.to_thread(self._write_current)
+        step, blob = await self._written_current()
         self._persist(step, blob)
 
     def persist_now(self) -> None:
@@ -699,6 +739,8 @@ class Job:
         self.factory.observe(worker_id, wall_s, samples)
         issued = now - wall_s
         self.accepted_log.append((now, samples, worker_id, issued))
+        while self.accepted_log and self.accepted_log[0][0] < now - RATE_WINDOW_S:   # bounded without a status poll
+            self.accepted_log.popleft()
 
     def _rates(self, now: float) -> tuple[dict[str, float], float]:
         """(samples/s per worker, units/s) over the last ``RATE_WINDOW_S`` seconds. A unit's samples are spread
@@ -752,8 +794,8 @@ class Job:
             units_per_second=units_rate, rate_window_s=RATE_WINDOW_S,
             uptime_s=now - self.started,
             staleness_histogram={str(k): v for k, v in sorted(self.store.staleness_counts().items())},
-            aggregation_seconds={"count": len(agg), "mean": sum(agg) / len(agg) if agg else 0.0,
-                                 "max": max(agg, default=0.0)},
+            aggregation_seconds={"count": agg.count, "mean": agg.total / agg.count if agg.count else 0.0,
+                                 "max": agg.max},
             accuracy_history=history,
             best=None if best is None else {"version": best["version"], "samples": best["samples"],
                                             "test_acc": best["test_acc"]},

@@ -35,6 +35,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections import Counter
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ CREATE TABLE IF NOT EXISTS evals (
     test_acc REAL NOT NULL, test_loss REAL, at REAL NOT NULL);  -- test_loss NULL: not finite (diverged)
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
+
+
+CHECKPOINT_BYTES = 1 << 20   # WAL size above which ``Store.checkpoint`` copies it back
 
 
 @dataclass(frozen=True)
@@ -106,17 +110,42 @@ class Store:
                         "WHERE applied_step IS NULL AND dropped IS NULL")
         self.db.execute("CREATE INDEX IF NOT EXISTS results_offered ON results (offered_step, offer_rank)")
         self._wal_fd: int | None = None
+        self._closed = False
+        # units out on a lease, kept in memory (asked on every unit request): unit id -> (shards, samples
+        # counted: 0 for a replica), the shards' counts and the samples' sum; None: read the table again
+        self._leased: dict[str, tuple[list[str], int]] | None = None
+        self._busy: Counter[str] = Counter()
+        self._leased_samples = 0
         self._durable = -1               # total_changes covered by the last fdatasync of the WAL
         self._flight: asyncio.Future | None = None
         self.syncs = 0                   # fdatasyncs of the WAL (one per group of commits)
         self.sync_now()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.sync_now()
         self.db.close()
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL back into the database once it holds more than ``CHECKPOINT_BYTES`` (blocking:
+        run it in a thread; its own connection, so the event loop's commits go on meanwhile and
+        SQLite's own checkpoint, at 4 MiB, with its fsyncs on the committing thread, rarely comes)."""
+        try:
+            if os.path.getsize(self.root / "state.db-wal") < CHECKPOINT_BYTES:
+                return False
+        except FileNotFoundError:
+            return False
+        side = sqlite3.connect(self.root / "state.db", isolation_level=None)
+        try:
+            side.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            side.close()
+        return True
 
     # ------------------------------------------------------------------ durability (group commit)
     def _fdatasync_wal(self) -> None:
@@ -282,6 +311,8 @@ class Store:
                             "samples, status, wire, twin, replica_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?, ?)",
                             (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
                              self.clock() if issued is None else issued, deadline, samples, wire, twin, replica_of))
+            if self._leased is not None:
+                self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
             if twin is not None:
                 self.db.execute("UPDATE units SET twin = ? WHERE unit_id = ?", (unit_id, twin))
 
@@ -295,6 +326,7 @@ class Store:
         """The unit's other copy delivered: a result for this one will be dropped."""
         self.db.execute("UPDATE units SET status = 'superseded', finished = ? WHERE unit_id = ? "
                         "AND status IN ('leased', 'expired')", (self.clock(), unit_id))
+        self._unleased(unit_id)
 
     def twin_alive(self, unit: dict) -> bool:
         """Whether the unit's second copy is still out or already delivered (its shards are covered)."""
@@ -318,7 +350,12 @@ class Store:
         sql, args = "UPDATE units SET status = ?, finished = ? WHERE unit_id = ?", [status, self.clock(), unit_id]
         if only_if is not None:
             sql, args = sql + " AND status = ?", args + [only_if]
-        return self.db.execute(sql, args).rowcount == 1
+        changed = self.db.execute(sql, args).rowcount == 1
+        if changed and status == "leased":
+            self._leased = None
+        elif changed:
+            self._unleased(unit_id)
+        return changed
 
     def expire_leases(self, now: float) -> list[dict]:
         """Mark leases past their deadline expired; returns them (their shards go back in the queue)."""
@@ -328,18 +365,42 @@ class Store:
         with self.transaction():
             self.db.executemany("UPDATE units SET status = 'expired', finished = ? WHERE unit_id = ? "
                                 "AND status = 'leased'", [(now, r["unit_id"]) for r in rows])
+        for r in rows:
+            self._unleased(r["unit_id"])
         return rows
 
     def leased_shards(self) -> list[str]:
-        shards: list[str] = []
-        for (s,) in self.db.execute("SELECT shard_ids FROM units WHERE status = 'leased'"):
-            shards.extend(json.loads(s))
-        return shards
+        """The shards of the units out on a lease, each once."""
+        self._leased_map()
+        return list(self._busy)
+
+    def _leased_map(self) -> dict[str, tuple[list[str], int]]:
+        if self._leased is None:
+            self._leased, self._busy, self._leased_samples = {}, Counter(), 0
+            for u, s, n, r in self.db.execute("SELECT unit_id, shard_ids, samples, replica_of FROM units "
+                                              "WHERE status = 'leased'"):
+                self._add_leased(u, json.loads(s), 0 if r else n)
+        return self._leased
+
+    def _add_leased(self, unit_id: str, shards: list[str], samples: int) -> None:
+        self._leased[unit_id] = (shards, samples)
+        self._busy.update(shards)
+        self._leased_samples += samples
+
+    def _unleased(self, unit_id: str) -> None:
+        entry = self._leased.pop(unit_id, None) if self._leased is not None else None
+        if entry is not None:
+            shards, samples = entry
+            self._busy.subtract(shards)
+            for s in set(shards):
+                if self._busy[s] <= 0:
+                    del self._busy[s]
+            self._leased_samples -= samples
 
     def leased_samples(self) -> int:
         """Samples out on leases (a replica's are its original's, already counted)."""
-        return self.db.execute("SELECT COALESCE(SUM(samples), 0) FROM units WHERE status = 'leased' "
-                               "AND replica_of IS NULL").fetchone()[0]
+        self._leased_map()
+        return self._leased_samples
 
     def needed_base_steps(self, since: int) -> set[int]:
         """Base versions (>= ``since``) that a unit may still come back with, or a buffered result needs."""
@@ -368,6 +429,7 @@ class Store:
             except sqlite3.IntegrityError:
                 return None
             self.db.execute("UPDATE units SET status = 'done', finished = ? WHERE unit_id = ?", (self.clock(), unit_id))
+            self._unleased(unit_id)
             return int(cur.lastrowid)
 
     def mark_dropped(self, dropped: list[tuple[int, str]], offered: list[tuple[int, int, int]] = ()) -> None:
@@ -500,7 +562,10 @@ class Store:
 
     # ------------------------------------------------------------------ helpers
     def transaction(self):
-        return _Transaction(self.db)
+        return _Transaction(self.db, self._rolled_back)
+
+    def _rolled_back(self) -> None:
+        self._leased = None   # what is leased is read again from the table
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
         cur = self.db.execute(sql, args)
@@ -511,8 +576,8 @@ class Store:
 class _Transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error); nests by joining the outer one."""
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db, self.outer = db, False
+    def __init__(self, db: sqlite3.Connection, on_rollback=None):
+        self.db, self.outer, self.on_rollback = db, False, on_rollback
 
     def __enter__(self):
         self.outer = not self.db.in_transaction
@@ -523,4 +588,6 @@ class _Transaction:
     def __exit__(self, exc_type, exc, tb):
         if self.outer:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type and self.on_rollback is not None:
+                self.on_rollback()
         return False

@@ -1,0 +1,336 @@
+"""Load test: many concurrent protocol clients against one real coordinator process on 127.0.0.1.
+
+Claim (issue 12): one coordinator serves 1,000 concurrent workers with no errors, a p99 of
+``units/next`` under 50 ms and memory that stays flat after warm-up. Each simulated worker (an
+asyncio client speaking the real protocol, all of them in one client process with aiohttp,
+separate from the coordinator's) asks for a unit, holds it ``--hold`` seconds, then hands it back
+(``error="returned: ..."``, as a worker that stops does) or, with probability 1 / ``--results-every``,
+submits a precomputed delta (tiny values, in the unit's codec: pass ``--extra --codec topk`` for small
+ones), and asks again. Clients start
+spread over the first ``--hold`` seconds.
+
+Reported: p50/p95/p99/max latency per route (request sent to answer read, in the client), counts
+by HTTP status, errors (a 5xx, a refused connection, a timeout, or a 4xx the protocol does not
+expect), accepted/s, and the coordinator's RSS (``/proc/<pid>/status``) sampled every
+``--sample-s`` seconds; "after warm-up" is from ``--warmup`` seconds on.
+
+    python bench/load.py [--clients 1000] [--duration 120] [--hold 5] [--model cnn] [--out DIR]
+
+Writes bench/out/load-<date>/{config,results}.json and the ``load`` section of docs/results.md
+(unless ``--no-docs``). ``run_load`` is what tests/test_load.py runs, smaller.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HAND_BACK = "returned: load test"
+WINDOW_S = 10   # seconds per window of the latency timeline
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    v = sorted(values)
+
+    def at(q: float) -> float:
+        return v[min(len(v) - 1, int(q * len(v)))]
+
+    return {"n": len(v), "p50_ms": 1e3 * at(0.50), "p95_ms": 1e3 * at(0.95), "p99_ms": 1e3 * at(0.99),
+            "max_ms": 1e3 * v[-1]}
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------- the client process
+async def clients(url: str, n: int, duration: float, hold: float, results_every: int, warmup: float) -> dict:
+    import aiohttp
+    import numpy as np
+
+    from contract.codecs import decode_delta, encode_delta, get_codec
+    from contract.units import UnitResult, WorkUnit, pack_result
+
+    lat: dict[str, list[tuple[float, float]]] = {"units/next": [], "result": [], "hand_back": []}
+    statuses: dict[str, dict[str, int]] = {k: {} for k in lat}
+    errors: list[str] = []
+    accepted = [0]
+    deltas: dict[str, bytes] = {}      # codec -> a precomputed delta for this job's model
+    t0 = time.perf_counter()
+    end = t0 + duration
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+
+    async def delta_for(session, unit: WorkUnit) -> bytes:
+        if unit.codec not in deltas:
+            async with session.get(f"{url}/api/v1/blobs/{unit.model_version}") as r:
+                model = decode_delta(await r.read())
+            deltas[unit.codec] = encode_delta(get_codec(unit.codec),
+                                              {k: np.full(v.shape, 1e-5, np.float32) for k, v in model.items()})
+        return deltas[unit.codec]
+
+    def record(route: str, started: float, status: int | str) -> None:
+        lat[route].append((started - t0, time.perf_counter() - started))
+        statuses[route][str(status)] = statuses[route].get(str(status), 0) + 1
+
+    async def worker(k: int, session) -> None:
+        wid = f"load-{k:04d}"
+        rng = random.Random(k)
+        await asyncio.sleep(rng.uniform(0, hold))
+        units = 0
+        while time.perf_counter() < end:
+            started = time.perf_counter()
+            try:
+                async with session.post(f"{url}/api/v1/units/next", json={
+                        "protocol": 1, "worker_id": wid, "backend": "python"}) as r:
+                    body = await r.read()
+                    record("units/next", started, r.status)
+                    if r.status == 204:
+                        await asyncio.sleep(min(hold, float(r.headers.get("Retry-After", "1"))))
+                        continue
+                    if r.status != 200:
+                        errors.append(f"units/next {r.status}: {body[:200]!r}")
+                        await asyncio.sleep(1.0)
+                        continue
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                record("units/next", started, type(e).__name__)
+                errors.append(f"units/next {type(e).__name__}: {e}")
+                await asyncio.sleep(1.0)
+                continue
+            unit = WorkUnit.from_json(json.loads(body))
+            units += 1
+            await asyncio.sleep(hold)
+            real = results_every > 0 and rng.random() < 1 / results_every
+            if real:
+                raw = await delta_for(session, unit)
+                result = UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=wid,
+                                    base_version=unit.model_version, delta=raw, loss_before=2.3, loss_after=2.2,
+                                    num_samples=unit.local_steps * unit.batch_size, compute_seconds=hold)
+            else:
+                result = UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=wid,
+                                    base_version=unit.model_version, delta=b"", loss_before=0.0, loss_after=0.0,
+                                    num_samples=0, compute_seconds=hold, error=HAND_BACK)
+            route = "result" if real else "hand_back"
+            started = time.perf_counter()
+            try:
+                async with session.post(f"{url}/api/v1/units/{unit.unit_id}/result", data=pack_result(result),
+                                        headers={"Content-Type": "application/octet-stream"}) as r:
+                    body = await r.read()
+                    record(route, started, r.status)
+                    if r.status != 200:
+                        errors.append(f"{route} {r.status}: {body[:200]!r}")
+                    elif real and json.loads(body).get("accepted"):
+                        accepted[0] += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                record(route, started, type(e).__name__)
+                errors.append(f"{route} {type(e).__name__}: {e}")
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(k, session) for k in range(n)))
+    wall = time.perf_counter() - t0
+    return {
+        "routes": {route: {"all": percentiles([x for _, x in v]),
+                           "after_warmup": percentiles([x for t, x in v if t >= warmup]),
+                           "statuses": statuses[route]} for route, v in lat.items()},
+        "timeline": {route: [percentiles([x for t, x in v if w <= t < w + WINDOW_S]) | {"from_s": w}
+                             for w in range(0, int(duration) + 1, WINDOW_S)] for route, v in lat.items() if v},
+        "errors": len(errors), "error_examples": errors[:10], "accepted": accepted[0],
+        "accepted_per_s": accepted[0] / wall, "wall_s": wall,
+    }
+
+
+# ---------------------------------------------------------------------------- the run
+def coordinator_command(state: Path, port: int, model: str, limit_train: int, extra: list[str]) -> list[str]:
+    data = os.environ.get("CROWDTRAIN_DATA", str(ROOT.parent / "shared" / "data"))
+    return [sys.executable, "-m", "crowdtrain", "coordinator", "--state", str(state), "--port", str(port),
+            "--model", model, "--data", data, "--no-download", "--limit-train", str(limit_train),
+            "--eval-every", "100000", "--eval-images", "1000", "--epochs", "1000", *extra]
+
+
+def settle(url: str, pid: int, timeout: float = 300.0) -> dict:
+    """Wait for the coordinator's start-up work (the evaluation of version 0, and the browser's step
+    graph, built in the background) to finish: version 0 evaluated, then RSS steady (within 2 MB over
+    3 s). Returns the RSS when it came up and when settled, and the seconds it took."""
+    t0, first = time.time(), rss_mb(pid)
+    while time.time() - t0 < timeout:
+        with urllib.request.urlopen(url + "/api/status", timeout=30) as r:
+            if json.load(r).get("accuracy_history"):
+                break
+        time.sleep(0.5)
+    last: list[float] = []
+    while time.time() - t0 < timeout:
+        last = (last + [rss_mb(pid) or 0.0])[-4:]
+        if len(last) == 4 and max(last) - min(last) < 2.0:
+            break
+        time.sleep(1.0)
+    return {"rss_up_mb": first, "rss_settled_mb": last[-1] if last else None, "seconds": time.time() - t0}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", limit_train: int = 5000,
+             results_every: int = 0, warmup: float = 30.0, sample_s: float = 2.0, extra: list[str] = (),
+             workdir: Path | None = None, python_path: Path = ROOT, settle_first: bool = True) -> dict:
+    """Start a coordinator (from ``python_path``'s code), let its start-up work finish (``settle``),
+    run the clients in another process, return the measurements."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = open(tmp / "coordinator.log", "w")
+        coordinator = subprocess.Popen(coordinator_command(tmp / "state", port, model, limit_train, list(extra)),
+                                       cwd=python_path, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while True:
+                if coordinator.poll() is not None:
+                    raise RuntimeError("coordinator exited:\n" + (tmp / "coordinator.log").read_text()[-3000:])
+                try:
+                    with urllib.request.urlopen(url + "/api/status", timeout=5):
+                        break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError("coordinator did not come up") from None
+                    time.sleep(0.3)
+            started = settle(url, coordinator.pid) if settle_first else {}
+            rss: list[tuple[float, float]] = []
+            stop = threading.Event()
+            t0 = time.time()
+
+            def sample() -> None:
+                while not stop.is_set():
+                    value = rss_mb(coordinator.pid)
+                    if value is not None:
+                        rss.append((time.time() - t0, value))
+                    stop.wait(sample_s)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            out = tmp / "clients.json"
+            client = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-clients", url,
+                                     "--clients", str(clients_n), "--duration", str(duration), "--hold", str(hold),
+                                     "--results-every", str(results_every), "--warmup", str(warmup),
+                                     "--client-out", str(out)], cwd=ROOT, capture_output=True, text=True)
+            stop.set()
+            sampler.join()
+            if client.returncode != 0:
+                raise RuntimeError("client process failed:\n" + client.stderr[-3000:])
+            result = json.loads(out.read_text())
+            with urllib.request.urlopen(url + "/api/status", timeout=30) as r:
+                status = json.load(r)
+            result["coordinator_log_errors"] = [line for line in (tmp / "coordinator.log").read_text().splitlines()
+                                                if "Traceback" in line or "ERROR" in line][:10]
+        finally:
+            coordinator.send_signal(signal.SIGTERM)
+            try:
+                coordinator.wait(60)
+            except subprocess.TimeoutExpired:
+                coordinator.kill()
+                coordinator.wait(10)
+    warm = [v for t, v in rss if t >= warmup]
+    result["startup"] = started
+    result["rss_mb"] = rss
+    result["rss_summary"] = {"start": rss[0][1] if rss else None, "end": rss[-1][1] if rss else None,
+                             "at_warmup": warm[0] if warm else None, "max": max((v for _, v in rss), default=None),
+                             "growth_after_warmup": (warm[-1] - warm[0]) if warm else None}
+    result["units"] = {k: status.get(k) for k in ("units_issued", "units_accepted", "units_failed", "units_leased",
+                                                  "units_expired", "units_rejected", "updates_applied")}
+    return result
+
+
+def summary_lines(r: dict) -> list[str]:
+    lines = []
+    for route, v in r["routes"].items():
+        a, w = v["all"], v["after_warmup"]
+        if a.get("n"):
+            lines.append(f"| {route} | {a['n']} | {a['p50_ms']:.1f} | {a['p95_ms']:.1f} | {a['p99_ms']:.1f} | "
+                         f"{a['max_ms']:.0f} | {w.get('p99_ms', float('nan')):.1f} | "
+                         f"{', '.join(f'{k}: {n}' for k, n in sorted(v['statuses'].items()))} |")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=1000)
+    p.add_argument("--duration", type=float, default=120.0, help="seconds the clients run")
+    p.add_argument("--hold", type=float, default=5.0, help="seconds a client holds each unit")
+    p.add_argument("--results-every", type=int, default=0,
+                   help="a unit gets a real result with probability 1/N (0: never)")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--limit-train", type=int, default=5000)
+    p.add_argument("--warmup", type=float, default=30.0)
+    p.add_argument("--sample-s", type=float, default=2.0)
+    p.add_argument("--no-settle", action="store_true", help="start the clients as soon as the coordinator answers")
+    p.add_argument("--code", type=Path, default=ROOT, help="repository whose coordinator to run (old vs new)")
+    p.add_argument("--label", default="")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--run-clients", metavar="URL", help=argparse.SUPPRESS)
+    p.add_argument("--client-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more coordinator flags")
+    args = p.parse_args()
+    if args.run_clients:
+        result = asyncio.run(clients(args.run_clients, args.clients, args.duration, args.hold, args.results_every,
+                                     args.warmup))
+        args.client_out.write_text(json.dumps(result))
+        return 0
+    from bench.common import hardware, shown, write_section
+    date = time.strftime("%Y-%m-%d")
+    out = args.out or ROOT / "bench" / "out" / f"load-{date}"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"date": date, "clients": args.clients, "duration_s": args.duration, "hold_s": args.hold,
+           "results_every": args.results_every, "model": args.model, "limit_train": args.limit_train,
+           "warmup_s": args.warmup, "code": str(args.code), "label": args.label, "extra": args.extra,
+           "hardware": hardware(), "load_before": os.getloadavg(), "command": "python " + " ".join(sys.argv)}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    r = run_load(args.clients, args.duration, args.hold, args.model, args.limit_train, args.results_every,
+                 args.warmup, args.sample_s, args.extra, python_path=args.code, settle_first=not args.no_settle)
+    cfg["load_after"] = os.getloadavg()
+    (out / "results.json").write_text(json.dumps({"config": cfg, "result": r}, indent=2) + "\n")
+    s = r["rss_summary"]
+    print(json.dumps({k: r[k] for k in ("errors", "error_examples", "accepted_per_s", "units")}, indent=1))
+    print(json.dumps({route: v["all"] | {"after_warmup_p99_ms": v["after_warmup"].get("p99_ms")}
+                      for route, v in r["routes"].items()}, indent=1))
+    print("rss", s)
+    if not args.no_docs:
+        lines = [f"### Load: {args.clients} clients, one coordinator ({date})", "",
+                 f"- Hardware: {cfg['hardware']}; load average {cfg['load_before'][0]:.1f} before the run.",
+                 f"- Command: `{cfg['command']}`; raw results in `{shown(out)}`.",
+                 "", "| route | requests | p50 ms | p95 ms | p99 ms | max ms | p99 after warm-up | statuses |",
+                 "|---|---:|---:|---:|---:|---:|---:|---|", *summary_lines(r), "",
+                 f"Errors: {r['errors']}. Coordinator RSS: {r['startup'].get('rss_up_mb') or 0:.0f} MB when it "
+                 f"answered, {r['startup'].get('rss_settled_mb') or 0:.0f} MB once its start-up work was done "
+                 f"({r['startup'].get('seconds', 0):.0f} s; the clients start then), {s['at_warmup']:.0f} MB "
+                 f"at {args.warmup:.0f} s of load, {s['end']:.0f} MB at the end (max {s['max']:.0f} MB)."]
+        write_section("load", "\n".join(lines), ROOT / "docs" / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
