@@ -164,6 +164,11 @@ def test_bundled_scenarios_load():
     assert heavy["churn.leave_per_hour"] == 0.3 and heavy["workers.speed"].kind == "lognormal"
     sweep = load(ROOT / "scenarios" / "edge_popup_sweep.toml")
     assert {s.name for s in sweep.strategies} == {"supermask_max", "supermask_mean"} and len(sweep.points()) == 6
+    liars = load(ROOT / "scenarios" / "liars.toml")   # issue 11: 20% of 10 workers lying, every defence
+    assert liars["liars.fraction"] * liars["workers.count"] == 2 and liars["liars.fault"] == ("sign_flip",)
+    assert [s.coordinator.get("robust") for s in liars.strategies] == [
+        "none", "adaptive_clip", "centered_clip", "trimmed_mean:0.34", "adaptive_clip"]
+    assert liars.strategies[-1].coordinator["replication"] == "adaptive"
 
 
 def test_cli_writes_results_csvs_and_plots(tmp_path, monkeypatch, one_thread, capsys):
@@ -200,3 +205,110 @@ def test_prefetch_asks_early_so_bases_are_staler(tmp_path, data, one_thread):
     s = churn[0].summary
     assert s["finished"] and s["units_lost"] + s["units_handed_back"] > 0 and s["units_reissued"] > 0
     assert "in flight" not in {u["fate"] for u in churn[0].units if u["store_status"] != "leased"}
+
+
+# --- lying workers ([liars]) -----------------------------------------------------------------------
+LIARS = """
+[liars]
+fraction = 0.5
+fault = ["sign_flip", "free_ride"]
+"""
+DEFENDED = """
+[[strategies]]
+name = "async_sgd"
+label = "undefended"
+params = { staleness = "polynomial" }
+coordinator = { robust = "none" }
+[[strategies]]
+name = "async_sgd"
+label = "replication"
+params = { staleness = "polynomial" }
+coordinator = { replication = "adaptive" }
+"""
+
+
+def liar_text(liars: str = LIARS) -> str:
+    """TINY with ``liars`` and two runs: undefended, and replication + reputation + quarantine."""
+    return TINY.split("[[strategies]]")[0].replace("epochs = 1.5", "epochs = 3") + liars + DEFENDED
+
+
+def test_liars_are_quarantined_and_never_folded_after(tmp_path, data, one_thread):
+    doc, (undefended, defended) = simulate(tmp_path, liar_text(), data)
+    # the same two liars (drawn from the seed, 2 of 4) with their faults in turn, in both runs
+    assert undefended.summary["liars"] == defended.summary["liars"]
+    assert sorted(defended.summary["liars"].values()) == ["free_ride", "sign_flip"]
+    # undefended: nothing checks, their lies are folded and nobody is quarantined
+    assert undefended.summary["liar_units_folded"] > 0
+    assert set(undefended.summary["quarantined_after_units"].values()) == {None}
+    assert undefended.summary["units_replica"] == 0 and undefended.summary["replication_overhead"] == 0
+    s = defended.summary
+    assert s["finished"] and s["samples_applied"] >= s["budget_samples"]
+    for liar, units in s["quarantined_after_units"].items():
+        assert units is not None and 1 <= units <= s["liar_units_sent"][liar], (liar, s)
+    # a new worker's every result is held for a check, so nothing of theirs was folded, before or after
+    assert s["liar_units_folded"] == s["liar_units_folded_after_quarantine"] == 0
+    # the coordinator's own log agrees: every liar's result after its quarantine was dropped as such (or as
+    # superseded: a replica whose check was decided without it), none folded
+    for liar, at in s["quarantined_at_s"].items():
+        mine = [u for u in defended.updates if u["worker_id"] == liar]
+        assert all(u["applied_step"] is None for u in mine)
+        later = [u for u in mine if u["accepted"] > at]
+        assert later and "quarantined" in {u["dropped"] for u in later}, later
+        assert {u["dropped"] for u in later} <= {"quarantined", "superseded"}, later
+    # replication cost: replicas computed by the workers, and the coordinator's own recomputations
+    assert s["units_replica"] > 0 and s["checks"]["disagreed"] > 0 and s["coordinator_recomputed"] > 0
+    assert s["replication_overhead"] == pytest.approx(
+        (s["units_replica"] + s["coordinator_recomputed"]) / (s["units_computed"] + s["coordinator_recomputed"]),
+        abs=1e-6)
+    row = next(r for r in doc["comparison"] if r["label"] == "replication")
+    assert json.loads(row["quarantined_after_units"]) == s["quarantined_after_units"]
+
+
+def test_no_liars_by_default_and_the_same_fleet_with_them(tmp_path, data, one_thread):
+    _, clean = simulate(tmp_path, liar_text(""), data, "clean", only=["undefended"])
+    _, lying = simulate(tmp_path, liar_text(), data, "lying", only=["undefended"])
+    assert clean[0].summary["liars"] == {} and clean[0].summary["liar_units_folded"] == 0
+    # the liars' draw is apart from the fleet's: the same units go to the same workers at the same times
+    first = [(u["worker_id"], u["issued_s"]) for u in clean[0].units][:4]
+    assert first == [(u["worker_id"], u["issued_s"]) for u in lying[0].units][:4]
+
+
+@pytest.mark.parametrize("change, message", [
+    (("fraction = 0.5", "fraction = 1.5"), "liars.fraction: expected a number in [0, 1], got 1.5 (a float)"),
+    (('fault = ["sign_flip", "free_ride"]', 'fault = "lie"'),
+     ('liars.fault: expected a fault (sign_flip, scale, noise, free_ride, label_flip, replay, a_little) or an '
+      'array of them, got "lie" (a string)')),
+    (('"free_ride"]', '"nan"]'), 'liars.fault[1]: expected a fault (sign_flip'),
+    (('fault = ["sign_flip", "free_ride"]', "fault = []"), "liars.fault: expected a fault"),
+    (("fraction = 0.5", "fraction = 0.5\ncolude = true"),
+     "liars.colude: unknown key; expected one of fraction, fault, collude, z, window"),
+    (("fraction = 0.5", 'fraction = 0.5\nz = "big"'), 'liars.z: expected "auto" or a number >= 0, got "big"'),
+    (("fraction = 0.5", "fraction = 0.5\nwindow = 1"), "liars.window: expected an integer >= 2, got 1"),
+    (("fraction = 0.5", "fraction = 0.5\ncollude = 1"), "liars.collude: expected true or false, got 1"),
+    (('replication = "adaptive"', 'replicaton = "adaptive"'),
+     "strategies[1].coordinator.replicaton: unknown key; expected one of"),
+    (('replication = "adaptive"', 'replication = "always"'),
+     'strategies[1].coordinator.replication: expected a string, one of off, adaptive, got "always"'),
+    (('robust = "none"', 'robust = "krum"'), "strategies[0].coordinator.robust: expected none, adaptive_clip"),
+])
+def test_bad_liars_or_defence_is_one_line_naming_the_key(tmp_path, change, message, capsys):
+    text = liar_text()
+    assert change[0] in text
+    path = scenario_file(tmp_path, text.replace(*change, 1))
+    with pytest.raises(ScenarioError) as e:
+        load(path)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert crowdtrain.main(["sim", str(path), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_liars_sweep_and_override():
+    import tomllib
+    scenario = parse(tomllib.loads(liar_text() + '[sweep]\n"liars.fault" = ["noise", ["replay", "a_little"]]\n'))
+    assert [p["liars.fault"] for p in scenario.points()] == [("noise",), ("replay", "a_little")]
+    assert override(scenario, "liars.fraction=0")["liars.fraction"] == 0.0
+    assert override(scenario, 'liars.fault="label_flip"')["liars.fault"] == ("label_flip",)
+    assert scenario.strategies[1].coordinator == {"replication": "adaptive"}
+    with pytest.raises(ScenarioError, match="liars.fraction: expected a number in"):
+        override(scenario, "liars.fraction=2")

@@ -10,6 +10,12 @@ is its samples divided by the worker's simulated speed, plus network delays.
 One event queue, ordered by (simulated time, insertion number); every random draw comes
 from a generator seeded by (scenario seed, worker lineage), so one seed gives one result,
 and every strategy in a scenario meets the same workers (speeds, lifetimes, arrivals).
+
+Lying workers (``[liars]``): a liar computes each unit honestly and sends what its ``Liar``
+(``coordinator/sim/faults.py``, the same code as the tests' attack workers) makes of it; which
+workers lie is drawn from the seed, apart from the workers' own generators, so a clean run and
+a run with liars meet the same fleet. A run reports the liars' folded units, when each was
+quarantined (in its own results sent, and simulated seconds), and what replication cost.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from contract.shards import decode_shard
 from contract.units import UnitRequest, WorkUnit, pack_result
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job, Rejection
+from coordinator.sim.faults import Collusion, Fault, Liar, a_little_z, flip_labels
 from coordinator.sim.scenario import Scenario, StrategySpec
 from models import registry
 from models.data import Cifar10
@@ -68,6 +75,8 @@ class Worker:
     next: tuple | None = None     # a prefetched unit: (unit, base, blobs in at, issued at, speed jitter)
     asking: bool = False          # a request for a unit is on its way
     fetch_s: float = 0.0          # how long the last unit request and its downloads took
+    liar: Liar | None = None      # a lying worker: what it sends for each unit it computed honestly
+    sent: int = 0                 # results it sent (its units, replicas included)
 
 
 @dataclass
@@ -112,7 +121,8 @@ class Simulation:
             local_steps=self.model_cfg["local_steps"], batch_size=self.model_cfg["batch_size"],
             lr=self.model_cfg["lr"], epochs=budget["epochs"], codec=self.model_cfg["codec"],
             eval_images=budget["eval_images"] or None, limit_train=budget["train_images"] or None,
-            **v["coordinator"])
+            **{**v["coordinator"], **strategy.coordinator})
+        self.liars_cfg = v["liars"]
         self.job = Job(self.config, clock=self.clock, rng=random.Random(scenario.seed))
         self.events: list[tuple] = []
         self.seq = 0
@@ -123,6 +133,11 @@ class Simulation:
         self.shard_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.model: torch.nn.Module | None = None
         self.stalled = ""
+        self.units_computed = 0          # by workers (replicas included)
+        self.refused_in_a_row = 0
+        self.replicas_computed = 0
+        self.quarantined: dict[str, dict] = {}   # liar id -> {units, sim_time_s, folded before}
+        self._init_liars()
 
     # ------------------------------------------------------------------ events
     def push(self, t: float, kind: str, worker: Worker | None = None, payload: Any = None) -> None:
@@ -135,12 +150,42 @@ class Simulation:
     def transfer(self, w: Worker, nbytes: int) -> float:
         return self.latency(w) + nbytes * 8 / (self.net["bandwidth_mbps"] * 1e6)
 
-    def spawn(self, wid: str, key: tuple[int, ...], t: float, restarts: int = 0) -> Worker:
+    # ------------------------------------------------------------------ liars
+    def _init_liars(self) -> None:
+        """Which of the workers at time 0 lie, and with which fault: round(fraction x count) of them, drawn
+        from their own generator (the fleet's draws do not change), faults given in turn."""
+        cfg, count = self.liars_cfg, self.workers_cfg["count"]
+        n = math.floor(cfg["fraction"] * count + 0.5)
+        chosen = sorted(np.random.default_rng([self.sc.seed, 0x11A5]).choice(count, size=n, replace=False).tolist())
+        self.faults = [Fault(f) for f in cfg["fault"]]
+        self.initial_liars = {i: self.faults[j % len(self.faults)] for j, i in enumerate(chosen)}
+        z = a_little_z(count, max(1, n)) if cfg["z"] == "auto" else cfg["z"]
+        self.collusion = Collusion(z=z, window=cfg["window"])
+
+    def _fault_for(self, key: tuple[int, ...], inherited: Fault | None) -> Fault | None:
+        if inherited is not None or key[0] == 3:            # a restart keeps its lineage's fault (or honesty)
+            return inherited
+        if key[0] == 0:
+            return self.initial_liars.get(key[1])
+        rng = np.random.default_rng([self.sc.seed, 0x11A5, *key])   # an arrival: lies with the fraction's chance
+        if rng.random() < self.liars_cfg["fraction"]:
+            return self.faults[int(rng.integers(len(self.faults)))]
+        return None
+
+    def _liar(self, wid: str, fault: Fault | None) -> Liar | None:
+        if fault is None:
+            return None
+        collusion = self.collusion if self.liars_cfg["collude"] else Collusion(z=self.collusion.z,
+                                                                               window=self.collusion.window)
+        return Liar(wid, fault, collusion)
+
+    def spawn(self, wid: str, key: tuple[int, ...], t: float, restarts: int = 0, fault: Fault | None = None) -> Worker:
         rng = np.random.default_rng([self.sc.seed, *key])
         speed = self.workers_cfg["speed"].sample(rng)
         if rng.random() < self.workers_cfg["stragglers"]:
             speed /= self.workers_cfg["straggler_slowdown"]
         w = Worker(wid, key, len(self.workers), speed, rng, restarts=restarts)
+        w.liar = self._liar(wid, self._fault_for(key, fault))
         self.workers[wid] = w
         rate = self.churn["leave_per_hour"] / 3600.0
         if rate > 0:
@@ -216,9 +261,18 @@ class Simulation:
         xs, ys = zip(*(self._shard(s) for s in unit.shard_ids))
         if self.model is None:
             self.model = registry.build(unit.model)
-        result = run_unit(unit, decode_delta(w.base), np.concatenate(xs), np.concatenate(ys), w.wid, model=self.model,
-                          compute_seconds=t - self.units[unit.unit_id]["issued_s"])
+        x, y, base = np.concatenate(xs), np.concatenate(ys), decode_delta(w.base)
+        seconds = t - self.units[unit.unit_id]["issued_s"]
+
+        def honest(u: WorkUnit, flip: bool = False):
+            return run_unit(u, base, x, flip_labels(y) if flip else y, w.wid, model=self.model,
+                            compute_seconds=seconds)
+        result = honest(unit) if w.liar is None else w.liar.result(unit, honest)
         self.samples_computed += result.num_samples
+        self.units_computed += 1
+        if (self.job.store.unit(unit.unit_id) or {}).get("replica_of"):
+            self.replicas_computed += 1
+            self.units[unit.unit_id]["replica"] = True
         body = pack_result(result)
         self.push(t + self.transfer(w, len(body)), "submit", w, body)
 
@@ -230,12 +284,18 @@ class Simulation:
     async def on_submit(self, t: float, w: Worker, body: bytes) -> None:
         unit_id = w.unit.unit_id
         record = self.units[unit_id]
+        trust = self.job.trust.get(w.wid)      # trusted when it sends: its results are checked only now and then
+        record["trusted"] = trust is not None and trust.consecutive_valid >= self.job.policy.trusted_after
         try:
             answer = await self.job.submit(unit_id, body)
             record["fate"] = "accepted (late)" if answer.get("late") else "accepted"
+            self.refused_in_a_row = 0
         except Rejection as r:
             record["fate"] = f"rejected: {r.code}"
+            self.refused_in_a_row += 1
+        w.sent += 1
         await self.job.settle()   # the coordinator's aggregation task, run at once on the simulated clock
+        self._watch_trust(t)
         w.unit, w.base = None, b""
         answered = t + self.latency(w)
         if w.next is not None:
@@ -269,7 +329,19 @@ class Simulation:
         root, restarts = w.wid.split(".")[0], w.restarts + 1
         key = w.key[:2] + (3, restarts)
         back = self.churn["restart_s"].sample(w.rng)
-        self.push(t + back, "restart", None, (f"{root}.{restarts}", key, restarts))
+        self.push(t + back, "restart", None, (f"{root}.{restarts}", key, restarts, w.liar and w.liar.fault))
+
+    def _watch_trust(self, t: float) -> None:
+        """After each settle: a liar newly quarantined (when, after how many of its results, and what of it
+        was folded by then)."""
+        trust = self.job.trust
+        for w in self.workers.values():
+            if w.liar is not None and w.wid not in self.quarantined and trust.quarantined(w.wid):
+                self.quarantined[w.wid] = {"units": w.sent, "sim_time_s": round(t, 6),
+                                           "folded_before": self._folded(w.wid)}
+
+    def _folded(self, wid: str) -> int:
+        return sum(1 for r in self.job.store.results() if r["worker_id"] == wid and r["applied_step"] is not None)
 
     def on_schedule(self, t: float, leave: int, join: int) -> None:
         alive = sorted((w for w in self.workers.values() if w.alive), key=lambda w: w.order)
@@ -316,9 +388,17 @@ class Simulation:
         bar = tqdm(total=job.budget, desc=self.label, unit="sample", disable=not self.progress, leave=True,
                    dynamic_ncols=True)
         shown = 0
+        unit_samples = self.model_cfg["local_steps"] * self.model_cfg["batch_size"]
+        max_units = 4 * math.ceil(job.budget / unit_samples) + 50   # replicas and dropped lies fit well within
+        refusals = max(20, 3 * self.workers_cfg["count"])          # results refused in a row: nothing will pass
         while not job.finished:
             if not self.events:
                 self.stalled = "no worker left and none arriving"
+                break
+            if self.units_computed > max_units or self.refused_in_a_row >= refusals:   # e.g. a model diverged by
+                refused = ", ".join(f"{k} {v}" for k, v in sorted(job.store.rejections().items())) or "none"  # lies
+                self.stalled = (f"{self.units_computed} units computed, {self.refused_in_a_row} refused in a row "
+                                f"(refused: {refused})")
                 break
             t, _, kind, w, token, payload = heapq.heappop(self.events)
             if t > limit:
@@ -344,8 +424,8 @@ class Simulation:
             elif kind == "crash":
                 self.on_crash(t, w)
             elif kind == "restart":
-                wid, key, restarts = payload
-                self.spawn(wid, key, t, restarts)
+                wid, key, restarts, fault = payload
+                self.spawn(wid, key, t, restarts, fault)
             elif kind == "arrive":
                 self.arrived += 1
                 self.spawn(f"a{self.arrived}", (1, self.arrived), t)
@@ -400,9 +480,44 @@ class Simulation:
             "staleness_max": max(applied, default=0),
             "staleness_histogram": {str(k): hist[k] for k in sorted(hist)},
             "workers_seen": len(self.workers),
+            **self._trust_summary(updates),
         }
         return RunResult(self.label, self.strategy.label, self.strategy.name, dict(self.strategy.params), {}, summary,
                          self.evals, updates, units, wall_s)
+
+
+    def _trust_summary(self, updates: list[dict]) -> dict:
+        """Liars and replication: what the liars got folded, when each was quarantined, what checks cost."""
+        liars = {w.wid: w.liar.fault.value for w in self.workers.values() if w.liar is not None}
+        folded = {wid: sum(1 for u in updates if u["worker_id"] == wid and u["applied_step"] is not None)
+                  for wid in liars}
+        recomputed = int(self.job.check_counts["recomputed"])
+        work = self.units_computed + recomputed
+        out = {
+            "liars": liars,
+            "liar_units_sent": {wid: self.workers[wid].sent for wid in liars},
+            "liar_units_folded": sum(folded.values()),
+            "liar_units_folded_after_quarantine": sum(folded[wid] - q["folded_before"]
+                                                      for wid, q in self.quarantined.items()),
+            "quarantined_after_units": {wid: self.quarantined[wid]["units"] if wid in self.quarantined else None
+                                        for wid in liars},
+            "quarantined_at_s": {wid: self.quarantined[wid]["sim_time_s"] if wid in self.quarantined else None
+                                 for wid in liars},
+            "units_computed": self.units_computed, "units_replica": self.replicas_computed,
+            "coordinator_recomputed": recomputed,
+            "replication_overhead": round((self.replicas_computed + recomputed) / work, 6) if work else 0.0,
+            "checks": {k: int(v) for k, v in self.job.check_counts.items()},
+        }
+        # Once trusted: of the honest workers' own results sent while trusted (10 agreeing checks in a row),
+        # the share held for a check; each costs one more computation (a replica, or the coordinator's).
+        liar_ids = set(liars)
+        sent = {u["unit_id"]: u for u in self.units.values()}
+        trusted = [u for u in updates if u["worker_id"] not in liar_ids and sent.get(u["unit_id"], {}).get("trusted")
+                   and not sent[u["unit_id"]].get("replica")]
+        out["trusted_results"] = len(trusted)
+        out["replication_overhead_trusted"] = (round(sum(u["check_state"] is not None for u in trusted) / len(trusted), 6)
+                                               if trusted else None)
+        return out
 
 
 def run_label(strategy: StrategySpec, point: dict) -> str:

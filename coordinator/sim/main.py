@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,14 @@ def summary_table(doc: dict) -> str:
                      f"{r['sim_time_s'] / 3600:.2f}", "-" if ttt is None else f"{ttt / 3600:.2f}",
                      "-" if r.get("speedup_vs_baseline") is None else f"{r['speedup_vs_baseline']:.2f}x",
                      f"{r['staleness_mean']:.2f}", str(r["units_lost"]), str(r["units_reissued"])))
+    if any(r.get("liar_units_folded") is not None and (json.loads(r.get("quarantined_after_units") or "{}")
+                                                        or r.get("units_replica")) for r in doc["comparison"]):
+        rows[0] += ("liars folded", "quarantined after (units)", "replication")
+        for row, r in zip(rows[1:], doc["comparison"]):
+            q = json.loads(r["quarantined_after_units"])
+            rows[rows.index(row)] = row + (str(r["liar_units_folded"]),
+                                           ", ".join("not" if v is None else str(v) for v in q.values()) or "-",
+                                           f"{100 * r['replication_overhead']:.1f}%")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in rows)

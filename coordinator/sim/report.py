@@ -27,7 +27,9 @@ UNIT_FIELDS = ("unit_id", "worker_id", "issued_s", "deadline_s", "base_version",
 SUMMARY_FIELDS = ("label", "strategy", "point", "final_test_acc", "acc_vs_baseline_points", "time_to_target_s",
                   "speedup_vs_baseline", "sim_time_s", "samples_applied", "samples_computed", "versions",
                   "staleness_mean", "staleness_max", "units_issued", "units_lost", "units_reissued",
-                  "units_dropped_by_strategy", "stalled")
+                  "units_dropped_by_strategy", "stalled", "liar_units_folded", "liar_units_folded_after_quarantine",
+                  "quarantined_after_units", "units_computed", "units_replica", "coordinator_recomputed",
+                  "replication_overhead", "replication_overhead_trusted")
 
 
 def slug(label: str) -> str:
@@ -46,7 +48,8 @@ def compare(scenario: Scenario, runs: list[RunResult]) -> list[dict]:
         base = next((r for r in runs if r.point == run.point and r.strategy_label == scenario.baseline), None)
         s = run.summary
         row = {"label": run.label, "strategy": run.strategy, "point": json.dumps(run.point, sort_keys=True),
-               **{k: s[k] for k in SUMMARY_FIELDS if k in s}}
+               **{k: json.dumps(s[k], sort_keys=True) if isinstance(s[k], dict) else s[k]
+                  for k in SUMMARY_FIELDS if k in s}}
         if base is not None:
             target = base.summary["final_test_acc"]
             mine, theirs = time_to(run.evals, target), time_to(base.evals, target)

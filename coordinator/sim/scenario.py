@@ -8,10 +8,14 @@ The ``[coordinator]`` section and the checks of the ``[model]`` keys come from
 
 A scenario expands into runs: one per ``[[strategies]]`` entry at every point of the
 optional ``[sweep]`` (dotted key -> list of values), e.g. K workers x M samples per unit.
+A strategy entry may change ``[coordinator]`` keys for its runs alone (``coordinator =
+{robust = "none"}``), so defences can be compared side by side. ``[liars]`` makes some
+simulated workers lie with the faults of ``coordinator/sim/faults.py``.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import tomllib
@@ -24,6 +28,7 @@ import numpy as np
 
 from coordinator import config as coordinator_config
 from coordinator.config import POLICY_PARAMS, CoordinatorConfig, OptionError
+from coordinator.sim.faults import LIES
 from coordinator.strategies import STRATEGIES, make_strategy
 
 DISTS = {"constant": ("value",), "lognormal": ("median", "sigma"), "uniform": ("low", "high"),
@@ -199,10 +204,33 @@ def config_field(name: str, default: Any = MISSING, none: bool = False) -> Field
 MODEL_KEYS = {"name": "model", "batch_size": "batch_size", "lr": "lr", "local_steps": "local_steps",
               "codec": "codec", "shard_size": "shard_size", "shards_per_unit": "shards_per_unit"}
 MODEL_DEFAULTS = {"batch_size": 64, "lr": 0.1, "local_steps": 4, "shard_size": 500}
-# [coordinator] keys: every CoordinatorConfig field of these groups (the state directory is the simulator's).
+# [coordinator] keys: every CoordinatorConfig field of these groups (the state directory is the simulator's),
+# and the robust aggregation around the strategy (the defence, with checks' ``replication``).
 COORDINATOR_GROUPS = ("leases", "checks", "storage")
 COORDINATOR_KEYS = tuple(name for name, f in coordinator_config.FIELDS.items()
-                         if f.metadata["group"] in COORDINATOR_GROUPS and name != "state")
+                         if (f.metadata["group"] in COORDINATOR_GROUPS and name != "state") or name == "robust")
+FAULT_NAMES = tuple(f.value for f in LIES)
+
+
+def faults(key: str, v: Any) -> tuple[str, ...]:
+    """A fault name of ``coordinator/sim/faults.py``'s well-formed lies, or a non-empty array of them."""
+    expected = f"a fault ({', '.join(FAULT_NAMES)}) or an array of them"
+    values = v if isinstance(v, list) else [v]
+    if not values:
+        raise ScenarioError(key, expected, v)
+    for i, name in enumerate(values):
+        if not isinstance(name, str) or name not in FAULT_NAMES:
+            raise ScenarioError(key if not isinstance(v, list) else f"{key}[{i}]", expected, name)
+    return tuple(values)
+
+
+def auto_or_number(key: str, v: Any) -> float | str:
+    if v == "auto":
+        return v
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    if not ok:
+        raise ScenarioError(key, "\"auto\" or a number >= 0", v)
+    return float(v)
 
 
 # The reference of every key (docs/simulator.md mirrors it). Units in the help text.
@@ -240,8 +268,20 @@ SCHEMA: dict[str, Any] = {
         "bandwidth_mbps": Field(number(0.0, lo_open=True), 20.0, "each worker's link, megabit/s (blobs, results)"),
     },
     "coordinator": {name: config_field(name, none=True) for name in COORDINATOR_KEYS},
+    "liars": {
+        "fraction": Field(number(0.0, hi=1.0), 0.0, "fraction of workers that lie: round(fraction x workers.count) "
+                          "of those at time 0 (drawn from the seed), each later arrival with this chance; a crashed "
+                          "liar comes back lying under its new id"),
+        "fault": Field(faults, ("sign_flip",), "the lie (coordinator/sim/faults.py): sign_flip, scale, noise, "
+                       "free_ride, label_flip, replay or a_little; an array: given to the liars in turn"),
+        "collude": Field(boolean, True, "a_little liars share the honest deltas they compute (false: each uses "
+                         "its own)"),
+        "z": Field(auto_or_number, "auto", "a_little's shift in honest standard deviations (\"auto\": Baruch et "
+                   "al.'s z for the liars among workers.count)"),
+        "window": Field(integer(2), 8, "a_little: the newest honest deltas its mean and spread are taken over"),
+    },
 }
-SWEEPABLE = ("model", "budget", "workers", "churn", "network", "coordinator")
+SWEEPABLE = ("model", "budget", "workers", "churn", "network", "coordinator", "liars")
 
 
 @dataclass(frozen=True)
@@ -249,6 +289,7 @@ class StrategySpec:
     name: str
     label: str
     params: dict
+    coordinator: dict = dataclasses.field(default_factory=dict)   # [coordinator] keys changed for its runs
 
 
 @dataclass
@@ -303,7 +344,8 @@ class Scenario:
         return {"name": self.name, "description": self.description, "seed": self.seed, "baseline": self.baseline,
                 "max_hours": self.max_hours,
                 **{s: {k: plain(v) for k, v in vals.items()} for s, vals in self.values.items()},
-                "strategies": [{"name": s.name, "label": s.label, "params": s.params} for s in self.strategies],
+                "strategies": [{"name": s.name, "label": s.label, "params": s.params,
+                                **({"coordinator": s.coordinator} if s.coordinator else {})} for s in self.strategies],
                 "sweep": {k: [plain(x) for x in v] for k, v in self.sweep.items()}}
 
 
@@ -318,8 +360,8 @@ def _strategies(raw: Any) -> list[StrategySpec]:
     for i, entry in enumerate(raw):
         key = f"strategies[{i}]"
         for name in entry:
-            if name not in ("name", "label", "params"):
-                raise _unknown(f"{key}.{name}", ("name", "label", "params"))
+            if name not in ("name", "label", "params", "coordinator"):
+                raise _unknown(f"{key}.{name}", ("name", "label", "params", "coordinator"))
         if "name" not in entry:
             raise ScenarioError(f"{key}.name", "", raw=f"missing; expected one of {', '.join(STRATEGIES)}")
         name = string(tuple(STRATEGIES))(f"{key}.name", entry["name"])
@@ -339,7 +381,15 @@ def _strategies(raw: Any) -> list[StrategySpec]:
         if label in labels:
             raise ScenarioError(f"{key}.label", "a label no other strategy has", label)
         labels.add(label)
-        out.append(StrategySpec(name, label, dict(params)))
+        changes = entry.get("coordinator", {})
+        if not isinstance(changes, dict):
+            raise ScenarioError(f"{key}.coordinator", "a table of [coordinator] keys", changes)
+        checked = {}
+        for sub, value in changes.items():
+            if sub not in SCHEMA["coordinator"]:
+                raise _unknown(f"{key}.coordinator.{sub}", SCHEMA["coordinator"])
+            checked[sub] = SCHEMA["coordinator"][sub].check(f"{key}.coordinator.{sub}", value)
+        out.append(StrategySpec(name, label, dict(params), checked))
     return out
 
 
@@ -383,6 +433,10 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
         raise ScenarioError("strategies", "", raw="missing; expected at least one [[strategies]] table")
     strategies = _strategies(doc["strategies"])
     _check_config(values)
+    for i, spec in enumerate(strategies):
+        if spec.coordinator:
+            _check_config({**values, "coordinator": {**values["coordinator"], **spec.coordinator}},
+                          f"strategies[{i}].coordinator")
     baseline = top["baseline"] or strategies[0].label
     if baseline not in {s.label for s in strategies}:
         raise ScenarioError("baseline", f"a strategy label ({', '.join(s.label for s in strategies)})", baseline)
@@ -391,14 +445,16 @@ def parse(doc: dict, name: str = "scenario") -> Scenario:
                     sweep=_sweep(doc.get("sweep", {})))
 
 
-def _check_config(values: dict[str, dict[str, Any]]) -> None:
-    """What the config checks across fields (lease_max_s >= lease_min_s), named as the scenario's key."""
+def _check_config(values: dict[str, dict[str, Any]], where: str = "coordinator") -> None:
+    """What the config checks across fields (lease_max_s >= lease_min_s), named as the scenario's key
+    (``where``: the [coordinator] table, or a strategy's own changes to it)."""
     keys = {**{name: ("model", key) for key, name in MODEL_KEYS.items()},
-            **{name: ("coordinator", name) for name in COORDINATOR_KEYS}}
+            **{name: (where, name) for name in COORDINATOR_KEYS}}
     try:
-        CoordinatorConfig(state=Path("."), **{name: values[section][key] for name, (section, key) in keys.items()})
+        CoordinatorConfig(state=Path("."), **{name: values["coordinator" if section == where else section][key]
+                                              for name, (section, key) in keys.items()})
     except OptionError as e:
-        raise ScenarioError(".".join(keys.get(e.name, ("coordinator", e.name))), e.expected, e.got) from None
+        raise ScenarioError(".".join(keys.get(e.name, (where, e.name))), e.expected, e.got) from None
 
 
 def override(scenario: Scenario, assignment: str) -> Scenario:
