@@ -18,7 +18,14 @@ own, replicas) plus units the coordinator recomputed, over the units applied. On
 
     python bench/byzantine.py --data ../shared/data [--workers 3 --liars 1] [--attacks ...] [--defences ...]
 
-Writes bench/out/byzantine-<date>/{config,results}.json and its section of docs/results.md.
+``--sim SCENARIO`` measures the same in the simulator instead (``crowdtrain sim``: the scenario's
+``[[strategies]]`` are the defences, its ``[liars]`` the liars; ``--set`` changes its keys): for each
+attack the scenario runs with ``liars.fault`` set to it (``none``: ``liars.fraction = 0``), every
+defence on the same fleet, for each of ``--seeds``.
+
+    python bench/byzantine.py --sim scenarios/liars.toml --data ../shared/data --seeds 0 1 --section byzantine_sim
+
+Writes bench/out/<section>-<date>/{config,results}.json and its section of docs/results.md.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import argparse
 import asyncio
 import json
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -155,6 +163,119 @@ def run_one(args, defence: str, attack: str, liars: int, data) -> dict:
             "dropped": {k: v for k, v in status.updates_dropped.items()}, "refused": dict(refused)}
 
 
+def sim_scenario(args, attack: str = "none", seed: int = 0):
+    """The scenario with ``--set``, set up for ``attack`` and ``seed``."""
+    from coordinator.sim.scenario import load, override
+
+    scenario = load(args.sim)
+    for assignment in args.set:
+        scenario = override(scenario, assignment)
+    scenario = override(scenario, "liars.fraction=0") if attack == "none" else \
+        override(scenario, f'liars.fault="{attack}"')
+    scenario.seed = seed
+    return scenario
+
+
+def sim_rows(args, attack: str, seed: int, data, skip: set) -> list[dict]:
+    """The scenario's defences (strategy labels; ``--defences`` if given) against ``attack``, simulated
+    with ``seed``, but those in ``skip``."""
+    from coordinator.sim.engine import run_scenario
+
+    scenario = sim_scenario(args, attack, seed)
+    labels = [s.label for s in scenario.strategies]
+    only = [d for d in (args.defences if args.defences_given else labels) if d in labels and d not in skip]
+    if not only:
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="crowdtrain-byz-") as tmp:
+        for run in run_scenario(scenario, data, only=only, workdir=Path(tmp)):
+            s = run.summary
+            rows.append({"defence": run.label, "attack": attack, "seed": seed, "liars": len(s["liars"]),
+                         "workers": scenario["workers.count"], "finished": s["finished"],
+                         "test_acc": s["final_test_acc"], "samples": s["samples_applied"],
+                         "liar_applied": s["liar_units_folded"],
+                         "liar_applied_after_quarantine": s["liar_units_folded_after_quarantine"],
+                         "quarantined_after": s["quarantined_after_units"], "liar_sent": s["liar_units_sent"],
+                         "units_computed": s["units_computed"], "units_replica": s["units_replica"],
+                         "coordinator_recomputed": s["coordinator_recomputed"],
+                         "overhead": s["replication_overhead"], "overhead_trusted": s["replication_overhead_trusted"],
+                         "trusted_results": s["trusted_results"], "seconds": run.wall_s})
+            r = rows[-1]
+            print(f"seed {seed} {r['defence']:18s} {attack:11s} acc {100 * r['test_acc']:5.2f}%  overhead "
+                  f"{100 * r['overhead']:5.1f}%  liar applied {r['liar_applied']:3d}  quarantined after "
+                  f"{r['quarantined_after']}  {r['seconds']:.0f} s", flush=True)
+    return rows
+
+
+def sim_section(args, cfg: dict, rows: list[dict], out: Path) -> str:
+    """The simulator's table: per defence and attack, the mean over seeds (each seed's value in brackets)."""
+    v = sim_scenario(args).values
+    seeds = sorted({r["seed"] for r in rows})
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["defence"], r["attack"]), []).append(r)
+
+    def each(values, fmt) -> str:
+        """The mean of the known values, then every seed's value when there are several ("-": none, "n/a":
+        not measured, a row from before the count existed)."""
+        known = [x for x in values if isinstance(x, (int, float))]
+        mean = fmt(sum(known) / len(known)) if known else "n/a" if "n/a" in values else "-"
+        if len(values) == 1:
+            return mean
+        return mean + " (" + " / ".join(fmt(x) if isinstance(x, (int, float)) else x or "-" for x in values) + ")"
+
+    def versus(rs, clean_rows) -> str:
+        clean = {c["seed"]: c for c in clean_rows}
+        paired = [100 * (r["test_acc"] - clean[r["seed"]]["test_acc"]) if r["seed"] in clean else None for r in rs]
+        return each(paired, lambda x: f"{x:+.2f}")
+
+    n = max((r["liars"] for r in rows), default=0)
+    speed = v["workers"]["speed"]
+    speeds = (f"{speed.a:g} samples per simulated second each" if speed.kind == "constant" else
+              f"{speed.kind} speeds, {', '.join(f'{k} {x:g}' for k, x in list(speed.to_toml().items())[1:])}")
+    lines = [f"### Lying workers in the simulator, {n} of {v['workers']['count']} ({cfg['date']})", "",
+             f"- `crowdtrain sim {shown(Path(args.sim))}`: `{v['model']['name']}` on the first "
+             f"{v['budget']['train_images']:,} training images of the JPEG copy of CIFAR-10, "
+             f"{v['budget']['epochs']:g} epochs of applied samples (equal for every run), units of "
+             f"{v['model']['local_steps']} steps of {v['model']['batch_size']}, peak lr {v['model']['lr']}; test "
+             f"accuracy on {v['budget']['eval_images']:,} test images. {v['workers']['count']} simulated workers "
+             f"({speeds}), the liars drawn from the seed and computing with `coordinator/sim/faults.py` (the "
+             "tests' attack workers' code); every defence meets the same fleet.",
+             f"- Hardware: {cfg['hardware']}; {args.threads} torch thread. Seeds: {', '.join(map(str, seeds))} "
+             "(a cell with several shows their mean, then each seed's value).",
+             "- Commands: " + "; ".join(f"`{c}`" for c in cfg["commands"]) + f"; raw results in `{shown(out)}`.",
+             "- Compute overhead: units computed as replicas by the workers plus units the coordinator recomputed, "
+             "over all units computed (the liars' own included). Once trusted: of the honest workers' own results "
+             "sent while they had 10 or more agreeing checks in a row, the share held for a check (each costs one more "
+             "computation; \"-\": no worker was trusted in the run; \"n/a\": not counted, a run from before this count was "
+             "added). Stopped: the simulator stopped the run before its "
+             "budget, when max(20, 3 x workers) results in a row were refused (a model diverged by lies). Quarantined "
+             "after: each liar's results sent (its units, replicas included) when it was quarantined.", "",
+             "| defence | attack | test acc. (%) | vs its clean run (points) | vs undefended clean (points) | "
+             "overhead (%) | once trusted (%) | liar's updates applied | quarantined after |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    defences, attacks = ({name: i for i, name in enumerate(names)} for names in (DEFENCES, ATTACKS))
+    for (defence, attack), rs in sorted(cells.items(), key=lambda kv: (defences.get(kv[0][0], 99),
+                                                                       attacks.get(kv[0][1], 99))):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        acc = each([100 * r["test_acc"] for r in rs], lambda x: f"{x:.2f}")
+        stopped = sum(not r["finished"] for r in rs)
+        acc += f" (stopped{'' if len(rs) == 1 else f': {stopped} of {len(rs)}'})" if stopped else ""
+        own = "" if attack == "none" else versus(rs, cells.get((defence, "none"), []))
+        undefended = "" if (defence, attack) == ("none", "none") else versus(rs, cells.get(("none", "none"), []))
+        overhead = each([100 * r["overhead"] for r in rs], lambda x: f"{x:.1f}")
+        trusted = each(["n/a" if "trusted_results" not in r else None if r["overhead_trusted"] is None
+                        else 100.0 * r["overhead_trusted"] for r in rs], lambda x: f"{x:.1f}")
+        if all(r["units_replica"] == 0 and r["coordinator_recomputed"] == 0 for r in rs):
+            trusted = ""                                    # no replication in these runs
+        q = [u for r in rs for u in r["quarantined_after"].values()]
+        qtext = "-" if not q else "not" if set(q) == {None} else ", ".join("not" if u is None else str(u)
+                                                                            for u in q) + " units"
+        lines.append(f"| {defence} | {attack} | {acc} | {own} | {undefended} | {overhead} | {trusted} | "
+                     f"{sum(r['liar_applied'] for r in rs)} | {qtext} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="CIFAR-10 path (default: $CROWDTRAIN_DATA)")
@@ -175,7 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--section", default="byzantine", help="the docs/results.md section to write")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out's results.json")
+    p.add_argument("--sim", type=Path, default=None, metavar="SCENARIO",
+                   help="measure in the simulator with this scenario (its strategies are the defences)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="--sim: change a scenario key, as crowdtrain sim --set; repeatable")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="--sim: seeds (default: --seed)")
+    p.add_argument("--merge", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="--sim: add the rows (and commands) of these earlier --out folders to the table")
+    p.add_argument("--table-only", action="store_true", help="--sim: run nothing, write the table from the rows")
     args = p.parse_args(argv)
+    args.defences_given = argv is not None and "--defences" in argv or argv is None and "--defences" in sys.argv
+    if args.sim is not None:
+        return main_sim(args)
     torch.set_num_threads(args.threads)
     date = time.strftime("%Y-%m-%d")
     out = args.out or ROOT / "bench" / "out" / f"{args.section}-{date}"
@@ -223,6 +355,36 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['defence']} | {r['attack']} | {acc} | {diff} | {100 * r['honest_overhead']:.1f} | "
                      f"{100 * r['late_checked_share']:.0f} | {r['liar_applied']} | {qtext} |")
     write_section(args.section, "\n".join(lines), ROOT / "docs" / "results.md")
+    return 0
+
+
+def main_sim(args) -> int:
+    torch.set_num_threads(args.threads)
+    date = time.strftime("%Y-%m-%d")
+    out = args.out or ROOT / "bench" / "out" / f"{args.section}-{date}"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "merge" else v
+           for k, v in vars(args).items()}
+    cfg.update(date=date, hardware=hardware(), command="python " + shlex.join(sys.argv))
+    rows, commands = [], []
+    for folder in ([out] if args.resume or args.table_only else []) + list(args.merge):
+        doc = json.loads((folder / "results.json").read_text())
+        known = {(r["defence"], r["attack"], r["seed"]) for r in rows}
+        rows += [r for r in doc["rows"] if (r["defence"], r["attack"], r["seed"]) not in known]
+        commands += [c for c in doc["config"].get("commands", [doc["config"]["command"]]) if c not in commands]
+    cfg["commands"] = commands + ([] if args.table_only else [cfg["command"]])
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if args.table_only:
+        (out / "results.json").write_text(json.dumps({"config": cfg, "rows": rows}, indent=2) + "\n")
+        write_section(args.section, sim_section(args, cfg, rows, out), ROOT / "docs" / "results.md")
+        return 0
+    data = load_cifar10(args.data, progress=False)
+    for seed in args.seeds or [args.seed]:
+        for attack in args.attacks:
+            done = {r["defence"] for r in rows if (r["attack"], r["seed"]) == (attack, seed)}
+            rows += sim_rows(args, attack, seed, data, done)
+            (out / "results.json").write_text(json.dumps({"config": cfg, "rows": rows}, indent=2) + "\n")
+    write_section(args.section, sim_section(args, cfg, rows, out), ROOT / "docs" / "results.md")
     return 0
 
 
