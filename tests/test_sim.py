@@ -120,7 +120,7 @@ def test_no_churn_loses_nothing(tmp_path, data, one_thread):
     (("count = 4", 'count = "eight"'), 'workers.count: expected an integer >= 1, got "eight" (a string)'),
     (("count = 4", "count = 0"), "workers.count: expected an integer >= 1, got 0 (an integer)"),
     (("evals = 3", "evals = 2.5"), "budget.evals: expected an integer >= 1, got 2.5 (a float)"),
-    (("lr = 0.01", 'lr = "fast"'), 'model.lr: expected a number > 0, got "fast" (a string)'),
+    (("lr = 0.01", 'lr = "fast"'), 'model.lr: expected a number > 0 or "none", got "fast" (a string)'),
     (("median = 2.0", "median = -1"), "workers.speed.median: expected a number > 0, got -1 (an integer)"),
     (('dist = "lognormal", median = 2.0, sigma = 0.5', 'dist = "lognormal", median = 2.0'),
      'workers.speed.sigma: missing; expected a number (dist = "lognormal")'),
@@ -141,6 +141,27 @@ def test_bad_scenario_is_one_line_naming_the_key(tmp_path, change, message, caps
     assert crowdtrain.main(["sim", str(path), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_none_gives_the_coordinators_own_units(tmp_path, data, one_thread):
+    """model.batch_size / lr / local_steps = "none": the coordinator's units (the recipe's batch and lr at
+    ``unit_batch_scale``, split over the Python workers in flight), as `crowdtrain coordinator` cuts them."""
+    from coordinator.sim.engine import Simulation
+
+    text = TINY.replace("shard_size = 32", "shard_size = 128").replace("count = 4", "count = 8")
+    sc = load(scenario_file(tmp_path, text))
+    for key in ("batch_size", "lr", "local_steps"):
+        sc = override(sc, f'model.{key}="none"')
+    sim = Simulation(sc, sc.strategies[1], data, tmp_path / "run", "async_sgd")
+    cfg, recipe = sim.config, sim.job.recipe
+    assert (cfg.batch_size, cfg.lr, cfg.local_steps) == (None, None, None)
+    sim.run()
+    import sqlite3
+    with sqlite3.connect(tmp_path / "run" / "state" / "state.db") as db:
+        batches = [json.loads(wire)["batch_size"] for (wire,) in
+                   db.execute("SELECT wire FROM units WHERE replica_of IS NULL ORDER BY rowid")]
+    assert batches[:2] == [recipe.batch_size] * 2              # two workers in flight: the recipe's unit batch
+    assert batches[2] == recipe.batch_size // 2 < recipe.batch_size   # the third of eight: split (a power of two)
 
 
 def test_override_and_sweep_points():

@@ -388,7 +388,9 @@ class Simulation:
         bar = tqdm(total=job.budget, desc=self.label, unit="sample", disable=not self.progress, leave=True,
                    dynamic_ncols=True)
         shown = 0
-        unit_samples = self.model_cfg["local_steps"] * self.model_cfg["batch_size"]
+        batch = self.model_cfg["batch_size"] or job.recipe.batch_size   # "none": the coordinator's units
+        unit_samples = batch * (self.model_cfg["local_steps"] or max(1, math.ceil(
+            self.model_cfg["shard_size"] * self.model_cfg["shards_per_unit"] / batch)))
         max_units = 4 * math.ceil(job.budget / unit_samples) + 50   # replicas and dropped lies fit well within
         refusals = max(20, 3 * self.workers_cfg["count"])          # results refused in a row: nothing will pass
         while not job.finished:

@@ -204,6 +204,7 @@ def config_field(name: str, default: Any = MISSING, none: bool = False) -> Field
 MODEL_KEYS = {"name": "model", "batch_size": "batch_size", "lr": "lr", "local_steps": "local_steps",
               "codec": "codec", "shard_size": "shard_size", "shards_per_unit": "shards_per_unit"}
 MODEL_DEFAULTS = {"batch_size": 64, "lr": 0.1, "local_steps": 4, "shard_size": 500}
+MODEL_NONE = ("batch_size", "lr", "local_steps")   # "none": the coordinator's own units (the recipe's, scaled)
 # [coordinator] keys: every CoordinatorConfig field of these groups (the state directory is the simulator's),
 # and the robust aggregation around the strategy (the defence, with checks' ``replication``).
 COORDINATOR_GROUPS = ("leases", "checks", "storage")
@@ -240,7 +241,8 @@ SCHEMA: dict[str, Any] = {
     "seed": Field(integer(0), 0, "seeds the model, the shard order, the units and every simulated draw"),
     "baseline": Field(string(), "", "label of the run the others are compared with (default: the first)"),
     "max_hours": Field(number(0.0, lo_open=True), 1000.0, "stop a run that has not finished by this simulated time"),
-    "model": {key: config_field(name, MODEL_DEFAULTS.get(key, MISSING)) for key, name in MODEL_KEYS.items()},
+    "model": {key: config_field(name, MODEL_DEFAULTS.get(key, MISSING), none=key in MODEL_NONE)
+              for key, name in MODEL_KEYS.items()},
     "budget": {
         "train_images": Field(integer(0), 5000, "first N training images (0: the whole split)"),
         "epochs": Field(number(0.0, lo_open=True), 2.0, "passes over those images: the sample budget"),
