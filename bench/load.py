@@ -11,7 +11,7 @@ spread over the first ``--hold`` seconds.
 
 Reported: p50/p95/p99/max latency per route (request sent to answer read, in the client), counts
 by HTTP status, errors (a 5xx, a refused connection, a timeout, or a 4xx the protocol does not
-expect), accepted/s, and the coordinator's RSS (``/proc/<pid>/status``) sampled every
+expect; a result refused as ``too_stale`` or ``lease_expired`` is counted apart), accepted/s, and the coordinator's RSS (``/proc/<pid>/status``) sampled every
 ``--sample-s`` seconds; "after warm-up" is from ``--warmup`` seconds on.
 
     python bench/load.py [--clients 1000] [--duration 120] [--hold 5] [--model cnn] [--out DIR]
@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 HAND_BACK = "returned: load test"
 WINDOW_S = 10   # seconds per window of the latency timeline
+REFUSALS = ("too_stale", "lease_expired")   # a result the protocol refuses by design: counted, not an error
 
 
 def percentiles(values: list[float]) -> dict:
@@ -75,6 +76,7 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
     lat: dict[str, list[tuple[float, float]]] = {"units/next": [], "result": [], "hand_back": []}
     statuses: dict[str, dict[str, int]] = {k: {} for k in lat}
     errors: list[str] = []
+    refused: dict[str, int] = {}       # results the protocol refuses by design (too stale, lease ended)
     accepted = [0]
     deltas: dict[str, bytes] = {}      # codec -> a precomputed delta for this job's model
     t0 = time.perf_counter()
@@ -138,7 +140,10 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
                                         headers={"Content-Type": "application/octet-stream"}) as r:
                     body = await r.read()
                     record(route, started, r.status)
-                    if r.status != 200:
+                    code = json.loads(body)["error"]["code"] if r.status >= 400 and body.startswith(b"{") else ""
+                    if r.status in (409, 410) and code in REFUSALS:
+                        refused[code] = refused.get(code, 0) + 1
+                    elif r.status != 200:
                         errors.append(f"{route} {r.status}: {body[:200]!r}")
                     elif real and json.loads(body).get("accepted"):
                         accepted[0] += 1
@@ -155,7 +160,7 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
                            "statuses": statuses[route]} for route, v in lat.items()},
         "timeline": {route: [percentiles([x for t, x in v if w <= t < w + WINDOW_S]) | {"from_s": w}
                              for w in range(0, int(duration) + 1, WINDOW_S)] for route, v in lat.items() if v},
-        "errors": len(errors), "error_examples": errors[:10], "accepted": accepted[0],
+        "errors": len(errors), "error_examples": errors[:10], "refused": refused, "accepted": accepted[0],
         "accepted_per_s": accepted[0] / wall, "wall_s": wall,
     }
 

@@ -160,6 +160,7 @@ class Job:
         self._publishing: dict[int, asyncio.Future] = {}   # step -> the write of its model blob in flight
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self._offered: dict[int, tuple[int, int]] = {}   # seq -> (version, rank) it was offered at, until decided
+        self._undecided: dict[int, str] = {}  # seq -> worker, for updates offered and not yet folded nor dropped
         self._rank = 0                       # the next offer's place in the offer order (kept across restarts)
         self._replay_blobs: list[tuple[int, str]] = []   # (offered at, delta blob) of decided results a replay needs
         self.persisted_step = 0              # the newest version whose model and strategy state are durable
@@ -619,6 +620,7 @@ class Job:
         drops: list[tuple[int, str]] = []
         while self.inbox:
             u = self.inbox.popleft()
+            self._undecided[u.seq] = u.worker_id
             self._blobs[u.seq] = u.blob
             self._offered[u.seq] = (self.step, self._rank)
             self._rank += 1
@@ -629,7 +631,14 @@ class Job:
             self._decided(offered)
 
     def _take_offered(self, seqs: list[int]) -> list[tuple[int, int, int]]:
+        for seq in seqs:
+            self._undecided.pop(seq, None)
         return [(seq, *self._offered.pop(seq)) for seq in seqs if seq in self._offered]
+
+    def awaits_fold(self, worker_id: str) -> bool:
+        """Whether a result of this worker is logged but not yet folded in nor dropped (a unit cut for it
+        now would lack it)."""
+        return any(u.worker_id == worker_id for u in self.inbox) or worker_id in self._undecided.values()
 
     async def _commit(self, agg: Aggregation) -> None:
         """The fold's ledger (the version's row, each update's fate and where it was offered) in one
