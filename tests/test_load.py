@@ -1,0 +1,82 @@
+"""A bounded load test (bench/load.py, smaller): 200 concurrent protocol clients against a real
+coordinator process on 127.0.0.1 for 20 s (resnet_fast, top-k deltas), each holding a unit 2 s and
+handing it back, or (one unit in five, at random) answering it with a real result.
+
+Asserts what an operator relies on under load: no errors (no 5xx, no refused or timed-out
+connection, no unexpected 4xx), every route's p99 under a generous bound for a shared 2-core
+machine (the issue's targets, measured with 1,000 clients, are in docs/results.md), results
+accepted, and the coordinator's memory growing by less than a bound after warm-up. Needs the
+real CIFAR-10 (CROWDTRAIN_DATA).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.load import run_load
+
+pytestmark = pytest.mark.timeout(300)
+
+P99_BOUND_MS = 1000      # generous: other processes share the 2 cores (the bench's target is 50 ms)
+RSS_GROWTH_MB = 80       # from 5 s of load on (start-up work done before the clients start), over 15 s: a gross leak
+
+
+@pytest.mark.skipif(not os.environ.get("CROWDTRAIN_DATA"),
+                    reason="set CROWDTRAIN_DATA to the folder or archive of CIFAR-10 (e.g. ../shared/data)")
+def test_200_clients_no_errors_bounded_latency_and_memory(tmp_path):
+    r = run_load(clients_n=200, duration=20, hold=2.0, model="resnet_fast", limit_train=2000, results_every=5,
+                 warmup=5.0, sample_s=1.0, extra=["--codec", "topk"], workdir=tmp_path)
+    assert r["errors"] == 0, r["error_examples"]
+    assert not r["coordinator_log_errors"], r["coordinator_log_errors"]
+    routes = r["routes"]
+    assert routes["units/next"]["all"]["n"] >= 500, routes["units/next"]
+    assert routes["hand_back"]["all"]["n"] >= 200 and routes["result"]["all"]["n"] >= 50, routes
+    assert r["accepted"] + sum(r["refused"].values()) == routes["result"]["all"]["n"], "accepted or refused by design"
+    assert r["units"]["units_accepted"] == r["accepted"]
+    for route, v in routes.items():
+        assert set(v["statuses"]) <= {"200", "204", "409"}, (route, v["statuses"])   # 409: too stale, by design
+        assert v["all"]["p99_ms"] < P99_BOUND_MS, (route, v["all"])
+    growth = r["rss_summary"]["growth_after_warmup"]
+    assert growth is not None and growth < RSS_GROWTH_MB, r["rss_mb"]
+
+
+def test_leased_view_in_memory_matches_the_table(tmp_path):
+    """What is out on a lease is kept in memory (asked on every unit request, 1,000 rows a time under
+    load): after issuing, expiring, superseding, finishing, handing back and a rolled-back transaction
+    it says what the units table says."""
+    import json
+
+    from coordinator.store import Store
+
+    store = Store(tmp_path)
+
+    def from_table() -> tuple[list[str], int]:
+        rows = store.db.execute("SELECT shard_ids, samples, replica_of FROM units WHERE status = 'leased'").fetchall()
+        return sorted({s for r in rows for s in json.loads(r[0])}), sum(n for _, n, r in rows if r is None)
+
+    def check() -> None:
+        assert (sorted(store.leased_shards()), store.leased_samples()) == from_table()
+
+    for i in range(8):
+        store.insert_unit(f"u{i}", f"w{i % 3}", [f"s{i % 4}", f"s{(i + 1) % 4}"], 0, 0.1, i, 100.0 + i, 10 + i)
+        check()
+    store.insert_unit("r0", "w9", ["s0", "s1"], 0, 0.1, 0, 500.0, 10, replica_of="u0")
+    check()
+    store.expire_leases(101.5)                       # u0, u1
+    check()
+    store.supersede("u2")
+    check()
+    store.add_result("u3", "w0", 0, 0, 13, 2.3, 2.2, 1.0, "b" * 64)
+    check()
+    store.set_unit_status("u4", "returned", only_if=None)
+    check()
+    try:
+        with store.transaction():
+            store.insert_unit("x", "w1", ["s3"], 0, 0.1, 1, 900.0, 5)
+            raise RuntimeError("rolled back")
+    except RuntimeError:
+        pass
+    check()
+    assert "x" not in {u for (u,) in store.db.execute("SELECT unit_id FROM units")}
+    store.close()
