@@ -78,6 +78,7 @@ class UnitFactory:
         self.deadlines = Deadlines(config.lease_min_s, config.lease_max_s, config.lease_factor, config.lease_first_s)
         self.speed: dict[str, float] = {}       # seconds per sample of each worker's units, issue to result
         self.asked: dict[str, tuple[float, int]] = {}   # Python worker -> (when it last asked, its unit's samples)
+        self._pruned = -math.inf
         self.split_batch = config.unit_batch_workers and config.batch_size is None and \
             config.unit_batch_scale != 1 and self._dense(config.model)
         self.last_steps: dict[str, int] = {}    # steps of each tab's last unit
@@ -207,7 +208,11 @@ class UnitFactory:
 
     def in_flight(self, now: float) -> int:
         """Python workers in flight: those that asked for a unit within ``IN_FLIGHT_UNITS`` of their own
-        unit durations (their measured speed; ``IN_FLIGHT_MIN_S`` at least); forgets the others."""
+        unit durations (their measured speed; ``IN_FLIGHT_MIN_S`` at least); forgets the others (at most
+        once a second: with a thousand workers a pass on every request costs)."""
+        if now - self._pruned < 1.0:
+            return len(self.asked)
+        self._pruned = now
         for worker, (at, samples) in list(self.asked.items()):
             rate = self.speed.get(worker)
             window = max(IN_FLIGHT_MIN_S, IN_FLIGHT_UNITS * rate * samples if rate else self.deadlines.first_s)
