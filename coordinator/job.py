@@ -361,7 +361,7 @@ class Job:
                 return replica
         if base is None or self.store.blob_path(base.blob) is None:
             base = self._base()
-        return self.factory.make(request.worker_id, codec, base, self.samples)
+        return self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend)
 
     def _replica_for(self, request: UnitRequest, address: str) -> WorkUnit | None:
         """The oldest held result's unit again, for this worker: another id, the same backend (a
