@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -46,10 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.browser_step import NODE, drive, wait_manifest  # noqa: E402
 from bench.common import hardware, shown, write_section  # noqa: E402
 
-DRIVE = ROOT / "worker_web" / "drive.mjs"
-NODE = shutil.which("node") or "node"
 GOALS = {"start_to_accepted_s": 10.0, "bytes_mb": 6.0}
 
 
@@ -59,27 +57,6 @@ def http_json(url: str, timeout: float = 30) -> tuple[int, dict | None]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, None
-
-
-def wait_manifest(url: str, model: str, batch: int, timeout: float = 900) -> float:
-    t0 = time.time()
-    while time.time() < t0 + timeout:
-        status, _ = http_json(f"{url}/api/v1/steps/{model}/{batch}")
-        if status == 200:
-            return time.time() - t0
-        if status != 503:
-            raise RuntimeError(f"step manifest: HTTP {status}")
-        time.sleep(0.5)
-    raise RuntimeError("the step graph was not built in time")
-
-
-def drive(url: str, *options: str, timeout: float = 240) -> dict:
-    proc = subprocess.run([NODE, str(DRIVE), url, *options, "--timeout", str(int(timeout))], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout + 90)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"drive.mjs printed no result (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(lines[-1])
 
 
 ACCESS = re.compile(r'^(\S+ \S+) INFO \S+ \[[^]]*\] "(\w+) (\S+) HTTP/[\d.]+" (\d+) (\d+) "[^"]*" "([^"]*)"')
@@ -167,8 +144,7 @@ def one_run(i: int, args, tmp: Path) -> dict:
         cluster.start_coordinator()
         _, donate = http_json(cluster.url + "/api/v1/donate")
         model, batch = donate["model"], donate["per_unit"]["batch_size"]
-        waited = wait_manifest(cluster.url, model, batch)
-        _, manifest = http_json(f"{cluster.url}/api/v1/steps/{model}/{batch}")
+        waited, manifest = wait_manifest(cluster.url, model, batch, timeout=900)
         print(f"run {i}: coordinator up and step graph ready after {time.time() - t0:.1f} s", flush=True)
         out = drive(f"{cluster.url}/?throttle={args.throttle}", "--click", "--units", "1", timeout=args.timeout)
         if not out.get("ok"):
