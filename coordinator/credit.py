@@ -34,6 +34,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from coordinator.factory import FIRST_STEPS
+
 CACHE_S = 5.0            # the ranking is at most this old
 LIST_DEFAULT = 100       # rows of /api/v1/credit and of the page unless ?limit= says otherwise
 LIST_MAX = 1000
@@ -271,8 +273,6 @@ def tab_units(job, version_path, shard_path, shard: str | None) -> dict | None:
     ``coordinator.factory``): the first is ``FIRST_STEPS`` steps on a slice of a shard with the model
     version as fp16 (bytes estimated from the fp32 version and the shard, as the slice is cut on demand);
     the later ones take about ``seconds`` each on the tab. None when tabs get the default unit."""
-    from coordinator.factory import FIRST_STEPS
-
     cfg, batch = job.config, job.recipe.batch_size
     if cfg.unit_seconds is None or cfg.local_steps:
         return None
