@@ -184,8 +184,8 @@ class Job:
             test_x, test_y = test_x[:cfg.eval_images], test_y[:cfg.eval_images]
         self.evaluator = Evaluator(self.model, test_x, test_y, data.train_x)
         cfg.state.mkdir(parents=True, exist_ok=True)
-        self.store = store = Store(cfg.state, clock=self.clock)
-        self.key = leases.load_or_create_secret(cfg.state / "lease.key")
+        self.store, self.key = self.open_store()
+        store = self.store
         self._check_same_job(data)
         shard_sizes = self._cut_shards(data)
         self.budget = int(self.epochs * len(data.train_y))
@@ -211,6 +211,11 @@ class Job:
             self.inbox.append(Inbound(row["seq"], decode_delta(store.get_blob(row["delta_blob"])), row["base_step"],
                                       row["num_samples"], row["worker_id"], row["loss_after"], row["delta_blob"]))
         self._offer_inbox()
+
+    def open_store(self) -> tuple[Store, bytes]:
+        """The job's store and lease-signing key (``coordinator.cluster`` opens a Redis one instead)."""
+        cfg = self.config
+        return Store(cfg.state, clock=self.clock), leases.load_or_create_secret(cfg.state / "lease.key")
 
     def _replay(self, latest: int) -> None:
         """Fold again, from the persisted version, every version committed since: the results offered at

@@ -222,12 +222,20 @@ def start_job(args: argparse.Namespace, config: CoordinatorConfig, sock) -> tupl
 
 
 def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "coordinator") -> int:
-    args = build_parser(prog).parse_args(argv)
+    from coordinator.cluster import add_cluster_arguments
+
+    parser = build_parser(prog)
+    add_cluster_arguments(parser)
+    args = parser.parse_args(argv)
     ready = checked(args)     # before the slow imports: a bad value or a busy port is one line, at once
     if ready is None:
         return 2
     config, sock = ready
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.redis:   # several processes, the job's state in Redis (coordinator.cluster)
+        from coordinator.cluster import serve
+
+        return serve(args, config, sock)
     opened = start_job(args, config, sock)
     if isinstance(opened, int):
         return opened

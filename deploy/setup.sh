@@ -39,6 +39,20 @@ if [ "$want_test" = 1 ] && { ! command -v caddy >/dev/null || ! command -v ip >/
   fi
 fi
 
+# The Redis tests (tests/test_redis.py) start Debian's redis-server on a free loopback port of their own.
+if [ "$want_test" = 1 ] && ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup.sh: installing Debian's redis-server for the Redis tests" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    # the package enables its own service on :6379; the tests start their own (deploy/README.md configures it)
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now redis-server.service >/dev/null 2>&1 || true
+    fi
+  else
+    echo "setup.sh: redis-server is missing (apt-get install redis-server); the Redis tests will skip" >&2
+  fi
+fi
+
 python=${PYTHON:-python3}
 if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   echo "setup.sh: crowdtrain needs Python 3.11 (torch 2.13.0 CPU wheel); $python is $("$python" --version 2>&1)" >&2

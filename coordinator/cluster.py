@@ -1,0 +1,337 @@
+"""Several coordinator processes for one job, its state in Redis: ``crowdtrain coordinator --redis URL``.
+
+Every process serves the job's whole protocol on its own port (workers and tabs notice nothing):
+
+- **One leader** at a time (``coordinator.leader.LeaderLock``, a lease in Redis) runs the ``Job``
+  on a ``RedisStore`` (``coordinator.redis_store``): it cuts units, checks and logs results,
+  folds them, evaluates. Its HTTP service (``coordinator.app``, unchanged) listens on a loopback
+  port of its own (``--advertise-host``), announced in Redis.
+- **Every process**, the leader's included, answers on its public port: blob downloads that are
+  not a browser's gzip request straight from the shared blob directory (``--blob-dir``), and
+  everything else forwarded to the leader's service, with the client's address appended to
+  ``X-Forwarded-For`` (rate limits and the replica address check still see the real client).
+  While no leader answers (a takeover), a worker's request gets ``503`` with ``Retry-After``:
+  the Python worker and the tab retry 5xx answers with backoff.
+- **Takeover**: the leader renews its lease every ``ttl / 4``; once it stops (``kill -9``),
+  another process takes the lock within ``--leader-ttl`` seconds, opens the job from Redis
+  exactly as a restart does from SQLite (the folds after the persisted version replayed from
+  the result log, results neither folded nor dropped offered again), and announces itself.
+  Every write of a leader is fenced by its lock token (``RedisStore``), so a leader that lost
+  its lock writes nothing more, and it exits (status 75) at once; a supervisor restarts it as a
+  process that waits for the lock again.
+
+Only the leader writes, so the ledger's guarantees are SQLite's: a unit's result is logged once
+(``r:unit``), each result's fate is written with the fold that decides it, in one atomic script.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+log = logging.getLogger("crowdtrain.coordinator")
+
+POLL_S = 0.5                 # how often a process that does not lead tries the lock
+ADDRESS_CACHE_S = 1.0        # how long a process trusts the leader address it read
+RETRY_AFTER_S = 1            # a request that found no leader: retry this soon
+LOST_EXIT = 75               # exit status of a leader that lost its lock (EX_TEMPFAIL: restart me)
+HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+               "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes (Redis)")
+    g.add_argument("--redis", metavar="URL", type=_redis_url,
+                   help="keep the job's state in Redis (redis://HOST:PORT/DB) instead of STATE/state.db; any "
+                        "number of processes started so serve the job, one aggregates (default: none: SQLite)")
+    g.add_argument("--blob-dir", type=Path, metavar="DIR",
+                   help="with --redis: the blob directory every process of the job reads and the leader writes "
+                        "(a shared filesystem across hosts) (default: STATE/blobs)")
+    g.add_argument("--leader-ttl", type=_ttl, default=5.0, metavar="S",
+                   help="with --redis: seconds a silent leader keeps the lock; another process takes over "
+                        "after that (default: 5)")
+    g.add_argument("--advertise-host", default="127.0.0.1", metavar="HOST",
+                   help="with --redis: the address the leader's own service listens on, which the other "
+                        "processes forward to (default: 127.0.0.1: every process on this host)")
+
+
+def _redis_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        raise argparse.ArgumentTypeError(f"expected redis://HOST:PORT/DB, got {text!r}")
+    return text
+
+
+def _ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 1.0 <= value <= 300.0:
+        raise argparse.ArgumentTypeError(f"expected seconds in [1, 300], got {text!r}")
+    return value
+
+
+class Unreachable(RuntimeError):
+    """Redis does not answer (yet): worth starting again later, unlike a wrong option."""
+
+
+def check_cluster(args: argparse.Namespace, config) -> None:
+    """What can be checked before slow work: the options fit (``ValueError``), Redis answers
+    (``Unreachable``)."""
+    import redis
+
+    if config.replication != "off":
+        raise ValueError("argument --replication: replicated checks are not supported with --redis yet; "
+                         "use --replication off")
+    try:
+        client = redis.Redis.from_url(args.redis, socket_timeout=5)
+    except ValueError as e:
+        raise ValueError(f"argument --redis: {e}") from None
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise Unreachable(f"argument --redis: cannot reach {args.redis} ({e})") from None
+
+
+def blob_dir(args: argparse.Namespace, config) -> Path:
+    return Path(args.blob_dir) if args.blob_dir else config.state / "blobs"
+
+
+# ---------------------------------------------------------------------------- the leader's job
+def cluster_job(config, url: str, blobs: Path, lock):
+    """A ``Job`` whose store is Redis (fenced by ``lock``) with its blobs under ``blobs``."""
+    from coordinator.job import Job
+    from coordinator.redis_store import RedisStore
+
+    class ClusterJob(Job):
+        def open_store(self):
+            store = RedisStore(url, self.config.job, blobs, root=self.config.state, clock=self.clock, fence=lock)
+            return store, store.secret()
+
+    return ClusterJob(config)
+
+
+class Node:
+    """One process of the job: its public service, the election, and (while it leads) the job."""
+
+    def __init__(self, args: argparse.Namespace, config):
+        from coordinator.leader import LeaderLock
+        from coordinator.redis_store import prefix
+
+        self.args, self.config = args, config
+        self.url, self.blobs = args.redis, blob_dir(args, config)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.lock = LeaderLock(self.url, prefix(config.job) + "leader", args.leader_ttl)
+        self.addr_key = prefix(config.job) + "leader:addr"
+        self.name = f"{os.getpid()}-{secrets.token_hex(3)}"
+        self.leader_url: str | None = None      # the leader's service (cached ADDRESS_CACHE_S)
+        self._read_at = -1e9
+        self.job = None
+        self.runner = None
+        self.data = None
+        self.session = None
+
+    # ------------------------------------------------------------------ election
+    async def elect(self) -> None:
+        """Try the lock every ``POLL_S`` until this process leads, then open the job and serve it."""
+        import redis
+
+        from models.data import load_cifar10
+
+        cfg = self.config
+        self.data = await asyncio.to_thread(load_cifar10, cfg.data, download=cfg.download, progress=False)
+        while True:
+            try:
+                if await asyncio.to_thread(self.lock.try_acquire):
+                    break
+            except redis.RedisError as e:
+                log.warning("leader election: %s", e)
+            await asyncio.sleep(POLL_S)
+        self.lock.keep(self._lost)
+        began = time.monotonic()
+        log.info("process %s leads job %r; opening it from Redis", self.name, cfg.job)
+        await self._lead()
+        log.info("process %s serves job %r as leader at %s (version %d, took over in %.1f s)", self.name, cfg.job,
+                 self.leader_url, self.job.step, time.monotonic() - began)
+
+    def _lost(self) -> None:
+        """The lock is another's: stop at once (every write would be refused anyway)."""
+        log.error("process %s lost the leader lock; exiting (status %d) so that it starts again as a follower",
+                  self.name, LOST_EXIT)
+        logging.shutdown()
+        os._exit(LOST_EXIT)
+
+    async def _lead(self) -> None:
+        from aiohttp import web
+
+        from coordinator.app import create_app
+
+        job = cluster_job(self.config, self.url, self.blobs, self.lock)
+        await asyncio.to_thread(job.open, self.data)
+        self.job = job
+        self.runner = web.AppRunner(create_app(self.config, job, warm=True), handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.args.advertise_host, 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        host = self.args.advertise_host
+        self.leader_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self._read_at = time.monotonic() + 1e9   # this process knows its own address
+        job.store.announce(self.addr_key, self.leader_url)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()   # the job persists its model (fenced: the lock is still held)
+        await asyncio.to_thread(self.lock.release)
+        if self.session is not None:
+            await self.session.close()
+
+    # ------------------------------------------------------------------ forwarding
+    async def leader(self, fresh: bool = False) -> str | None:
+        if fresh or time.monotonic() - self._read_at > ADDRESS_CACHE_S:
+            try:
+                self.leader_url = await asyncio.to_thread(self.lock.r.get, self.addr_key)
+                self._read_at = time.monotonic()
+            except Exception as e:   # Redis unreachable: the request is answered 503
+                log.warning("reading the leader's address: %s", e)
+                return None
+        return self.leader_url
+
+
+def no_leader(why: str):
+    from aiohttp import web
+
+    return web.json_response({"error": {"code": "no_leader", "field": "",
+                                        "message": f"no coordinator process leads this job right now ({why}); "
+                                                   f"retry in {RETRY_AFTER_S} s"}},
+                             status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def public_app(node: Node):
+    """The process's public service: local blobs, the cluster's state, everything else forwarded."""
+    import aiohttp
+    from aiohttp import web
+
+    from contract.units import is_blob_id
+    from coordinator.app import IMMUTABLE, gzip_for_browser
+    from coordinator.limits import client_address
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        target = await node.leader()
+        if target is None:
+            return no_leader("none announced yet")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        headers["Host"] = request.host
+        forwarded = request.headers.get("X-Forwarded-For")
+        client = client_address(request.remote, forwarded)
+        headers["X-Forwarded-For"] = f"{forwarded}, {client}" if forwarded else client
+        body = None
+        if request.body_exists:
+            body = request.content
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        answer = None
+        try:
+            async with node.session.request(request.method, target + request.rel_url.raw_path_qs, headers=headers,
+                                            data=body, allow_redirects=False) as r:
+                answer = web.StreamResponse(status=r.status, reason=r.reason)
+                for k, v in r.headers.items():
+                    if k.lower() not in HOP_HEADERS:
+                        answer.headers.add(k, v)
+                if r.content_length is not None:
+                    answer.content_length = r.content_length
+                await answer.prepare(request)
+                async for chunk in r.content.iter_any():
+                    await answer.write(chunk)
+                await answer.write_eof()
+                return answer
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            if answer is not None and answer.prepared:
+                raise   # the leader went away mid-answer: the client sees a cut connection, and retries
+            await node.leader(fresh=True)
+            return no_leader(f"the leader at {target} did not answer: {type(e).__name__}")
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        blob_id = request.match_info["blob_id"]
+        path = node.blobs / blob_id if is_blob_id(blob_id) else None
+        if path is None or gzip_for_browser(request) or not path.is_file():
+            return await forward(request)   # a browser may get a gzipped graph; an unknown id: the leader says
+        headers = {"ETag": f'"{blob_id}"', "Cache-Control": IMMUTABLE}
+        if request.headers.get("If-None-Match") in (f'"{blob_id}"', blob_id):
+            return web.Response(status=304, headers=headers)
+        try:
+            body = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return await forward(request)
+        return web.Response(body=body, headers=headers, content_type="application/octet-stream")
+
+    async def cluster(request: web.Request) -> web.Response:
+        leader = await node.leader()
+        return web.json_response({"process": node.name, "pid": os.getpid(), "leader": node.lock.held,
+                                  "leader_url": leader, "job": node.config.job},
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def lifecycle(app: web.Application):
+        node.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=5), connector=aiohttp.TCPConnector(limit=0))
+        election = asyncio.create_task(node.elect())
+        election.add_done_callback(_fatal_if_failed)
+        yield
+        election.cancel()
+        await asyncio.gather(election, return_exceptions=True)
+        await node.stop()
+
+    app = web.Application(client_max_size=1 << 40)   # bodies are streamed to the leader, which caps them
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/api/v1/blobs/{blob_id}", blob)
+    app.router.add_get("/api/v1/cluster", cluster)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+def _fatal_if_failed(task: asyncio.Task) -> None:
+    """The election or the job's opening failed: the process cannot serve; exit with the reason."""
+    if task.cancelled() or task.exception() is None:
+        return
+    e = task.exception()
+    from coordinator.redis_store import Fenced
+
+    if isinstance(e, Fenced):
+        log.error("lost the leader lock while opening the job: %s", e)
+        os._exit(LOST_EXIT)
+    log.error("the job cannot be served: %s", e, exc_info=e)
+    logging.shutdown()
+    os._exit(1)
+
+
+def serve(args: argparse.Namespace, config, sock) -> int:
+    """``crowdtrain coordinator --redis URL``: this process's public service on ``sock`` until stopped."""
+    from aiohttp import web
+
+    from coordinator.main import urls
+
+    try:
+        check_cluster(args, config)
+    except (ValueError, Unreachable) as e:
+        sock.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    node = Node(args, config)
+    url, _ = urls(config.host, sock.getsockname()[1], args.public_url)
+    print(f"coordinator process {node.name} for job {config.job!r} ({config.model}) on {url}, state in {args.redis}, "
+          f"blobs in {node.blobs}; waiting for the leader lock or forwarding to its holder", flush=True)
+    try:
+        web.run_app(public_app(node), sock=sock, print=None, handle_signals=True, shutdown_timeout=5)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    return 0

@@ -1,0 +1,669 @@
+"""The job's state in Redis instead of SQLite: ``RedisStore`` keeps the same contract as ``Store``.
+
+Several coordinator processes serve one job (``coordinator.cluster``); the one that holds the
+leader lock (``coordinator.leader``) runs the ``Job`` on a ``RedisStore`` and is the only writer.
+Blobs stay content-addressed files in a blob directory every process reads (``--blob-dir``;
+a shared filesystem across hosts).
+
+Layout (every key under ``ct:<job>:``; each row's columns are hash fields, each value JSON, so a
+float such as a lease deadline comes back bit for bit):
+
+    meta               hash  key -> value (as Store.get_meta / set_meta)
+    v, vz, vkept       versions: hash step -> [blob, samples, updates, created, pruned]; all steps;
+                       the written, unpruned ones (zsets scored by step)
+    u:<id>             a unit's row; u:all (list, issue order), u:leased (zset by issued),
+                       u:deadline (zset by deadline, leased only), u:expired (set), u:count (by status),
+                       replicas:<id> (the replicas issued for a unit)
+    r:<seq>            a result's row; r:seq (counter), r:unit (unit id -> seq: a unit is accepted
+                       once), r:all (list, acceptance order), r:open (neither folded nor dropped),
+                       off:<step> (zset seq -> offer rank: the log a replay folds again), r:rank
+    tot, dropc, stale  counters (accepted, samples, applied, dropped; drops by reason; staleness)
+    cr:units, cr:samples, cr:last   credit per worker (folded, never dropped)
+    trust, evals, rej  trust records, evaluations, rejections by reason
+    secret             the job's lease-signing key (hex), the same for every process
+
+Writes are fenced: a transaction's commands are applied by one Lua script that first checks
+that the leader lock still holds this process's token (``Fenced`` otherwise), so a leader that
+lost its lock (paused past its lease, partitioned) can never write after another took over; the
+script is atomic, so a transaction is all or nothing, as SQLite's is. ``fence=None`` (tests, the
+export command) writes with MULTI/EXEC and no check.
+
+Durability is Redis's (``appendonly yes``; ``appendfsync always`` makes every answered write
+survive a power loss, ``everysec`` loses at most a second of them). A coordinator's ``kill -9``
+loses nothing: what it wrote is in Redis; what it had not written was never answered.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis
+
+from coordinator.store import Store, Version
+
+FENCED_EXEC = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED this process no longer holds the leader lock')
+end
+local cmds = cjson.decode(ARGV[2])
+for _, c in ipairs(cmds) do redis.call(unpack(c)) end
+return #cmds
+"""
+
+UNIT_FIELDS = ("unit_id", "worker_id", "shard_ids", "base_step", "lr", "seed", "issued", "deadline", "samples",
+               "status", "finished", "wire", "twin", "replica_of")
+RESULT_FIELDS = ("seq", "unit_id", "worker_id", "base_step", "staleness", "num_samples", "loss_before", "loss_after",
+                 "compute_seconds", "delta_blob", "accepted", "applied_step", "dropped", "check_state",
+                 "offered_step", "offer_rank")
+
+
+class Fenced(RuntimeError):
+    """A write refused: this process no longer holds the leader lock (another process leads)."""
+
+
+def prefix(job: str) -> str:
+    return f"ct:{job}:"
+
+
+class RedisStore:
+    """One job's rows in Redis (``url``: ``redis://HOST:PORT/DB``) and its blobs under ``blob_dir``.
+    ``root``: where process-local files live (names.db). ``fence``: the leader lock whose token every
+    write checks (``coordinator.leader.LeaderLock``), or None."""
+
+    def __init__(self, url: str, job: str, blob_dir: str | Path, root: str | Path | None = None, clock=time.time,
+                 fence=None):
+        self.url, self.job, self.clock, self.fence = url, job, clock, fence
+        self.blob_dir = Path(blob_dir)
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root) if root is not None else self.blob_dir.parent
+        self.p = prefix(job)
+        self.r = redis.Redis.from_url(url, decode_responses=True)
+        self._exec = self.r.register_script(FENCED_EXEC)
+        self._buffer: list[list[str]] | None = None   # commands of the open transaction
+        self._depth = 0
+        self._rows_r: dict[int, dict] = {}   # changes of the open transaction, read back by later reads in it
+        self._rows_u: dict[str, dict] = {}
+        self._leased: dict[str, tuple[list[str], int]] | None = None
+        self._busy: Counter[str] = Counter()
+        self._leased_samples = 0
+        self._closed = False
+        self.syncs = 0
+        self.r.ping()
+
+    # ------------------------------------------------------------------ lifecycle and durability
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.r.close()
+
+    def checkpoint(self) -> bool:
+        return False
+
+    @property
+    def dirty(self) -> bool:
+        return False
+
+    def sync_now(self) -> None:
+        """Writes are in Redis once their command returned (durable as its appendfsync says)."""
+
+    async def sync(self) -> None:
+        return None
+
+    def secret(self) -> bytes:
+        """The job's lease-signing key, created once for every process of the job."""
+        key = self.p + "secret"
+        self.r.set(key, secrets.token_hex(32), nx=True)
+        return bytes.fromhex(self.r.get(key))
+
+    # ------------------------------------------------------------------ blobs (files, as Store's)
+    put_blob = Store.put_blob
+    blob_path = Store.blob_path
+    get_blob = Store.get_blob
+    delete_blob = Store.delete_blob
+
+    # ------------------------------------------------------------------ writes (fenced, transactional)
+    def transaction(self):
+        return _Transaction(self)
+
+    def _w(self, *cmd) -> None:
+        command = [str(c) for c in cmd]
+        if self._buffer is not None:
+            self._buffer.append(command)
+        else:
+            self._flush([command])
+
+    def _flush(self, commands: list[list[str]]) -> None:
+        if not commands:
+            return
+        token = self.fence.token if self.fence is not None else ""
+        if self.fence is not None and not token:
+            self._leased = None
+            raise Fenced("this process no longer holds the leader lock")
+        lock = self.fence.key if self.fence is not None else self.p + "leader"
+        try:
+            self._exec(keys=[lock], args=[token, json.dumps(commands)])
+        except redis.ResponseError as e:
+            if "FENCED" in str(e):
+                self._leased = None
+                raise Fenced(str(e)) from None
+            raise
+
+    def _begin(self) -> None:
+        if self._depth == 0:
+            self._buffer, self._rows_r, self._rows_u = [], {}, {}
+        self._depth += 1
+
+    def _end(self, ok: bool) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
+        commands, self._buffer, self._rows_r, self._rows_u = self._buffer, None, {}, {}
+        if not ok:
+            self._leased = None   # what is leased is read again
+            return
+        try:
+            self._flush(commands)
+        except BaseException:
+            self._leased = None
+            raise
+
+    # ------------------------------------------------------------------ rows
+    @staticmethod
+    def _decode(raw: dict) -> dict:
+        return {k: json.loads(v) for k, v in raw.items()}
+
+    def _hset(self, key: str, values: dict) -> None:
+        args = []
+        for k, v in values.items():
+            args += [k, json.dumps(v)]
+        self._w("HSET", key, *args)
+
+    def _result_row(self, seq: int) -> dict | None:
+        raw = self.r.hgetall(f"{self.p}r:{seq}")
+        if not raw and seq not in self._rows_r:
+            return None
+        row = {f: None for f in RESULT_FIELDS}
+        row.update(self._decode(raw))
+        row.update(self._rows_r.get(seq, {}))
+        return row
+
+    def _result_rows(self, seqs) -> list[dict]:
+        seqs = [int(s) for s in seqs]
+        pipe = self.r.pipeline(transaction=False)
+        for s in seqs:
+            pipe.hgetall(f"{self.p}r:{s}")
+        rows = []
+        for s, raw in zip(seqs, pipe.execute()):
+            if raw or s in self._rows_r:
+                row = {f: None for f in RESULT_FIELDS}
+                row.update(self._decode(raw))
+                row.update(self._rows_r.get(s, {}))
+                rows.append(row)
+        return rows
+
+    def _set_result(self, seq: int, values: dict) -> None:
+        self._hset(f"{self.p}r:{seq}", values)
+        if self._buffer is not None:
+            self._rows_r.setdefault(seq, {}).update(values)
+
+    def _unit_rows(self, ids) -> list[dict]:
+        ids = list(ids)
+        pipe = self.r.pipeline(transaction=False)
+        for u in ids:
+            pipe.hgetall(f"{self.p}u:{u}")
+        rows = []
+        for u, raw in zip(ids, pipe.execute()):
+            if raw or u in self._rows_u:
+                row = {f: None for f in UNIT_FIELDS}
+                row.update(self._decode(raw))
+                row.update(self._rows_u.get(u, {}))
+                rows.append(row)
+        return rows
+
+    def _set_unit(self, unit_id: str, values: dict) -> None:
+        self._hset(f"{self.p}u:{unit_id}", values)
+        if self._buffer is not None:
+            self._rows_u.setdefault(unit_id, {}).update(values)
+
+    # ------------------------------------------------------------------ meta
+    def get_meta(self, key: str, default=None):
+        raw = self.r.hget(self.p + "meta", key)
+        return json.loads(raw) if raw is not None else default
+
+    def set_meta(self, key: str, value) -> None:
+        self._w("HSET", self.p + "meta", key, json.dumps(value))
+
+    # ------------------------------------------------------------------ versions
+    def _versions(self, steps) -> list[Version]:
+        steps = [int(s) for s in steps]
+        if not steps:
+            return []
+        raws = self.r.hmget(self.p + "v", steps)
+        out = []
+        for s, raw in zip(steps, raws):
+            if raw is not None:
+                blob, samples, updates, created, _ = json.loads(raw)
+                out.append(Version(s, blob, samples, updates, created))
+        return out
+
+    def _version_raw(self, step: int) -> list | None:
+        raw = self.r.hget(self.p + "v", step)
+        return json.loads(raw) if raw is not None else None
+
+    def latest_version(self) -> Version | None:
+        top = self.r.zrevrange(self.p + "vz", 0, 0)
+        return (self._versions(top) or [None])[0]
+
+    def latest_written_version(self) -> Version | None:
+        top = self.r.zrevrange(self.p + "vkept", 0, 0)
+        return (self._versions(top) or [None])[0]
+
+    def version(self, step: int) -> Version | None:
+        return (self._versions([step]) or [None])[0]
+
+    def commit_version(self, version: Version | None, applied_seqs: list[int], strategy_state: dict | None,
+                       dropped: list[tuple[int, str]] = (), offered: list[tuple[int, int, int]] = ()) -> None:
+        with self.transaction():
+            if version is not None:
+                self._w("HSET", self.p + "v", version.step,
+                        json.dumps([version.blob, version.samples, version.updates, version.created, 0]))
+                self._w("ZADD", self.p + "vz", version.step, version.step)
+                if version.blob:
+                    self._w("ZADD", self.p + "vkept", version.step, version.step)
+                for row in self._result_rows(applied_seqs):
+                    self._decide(row, applied_step=version.step)
+            self._drop(dropped)
+            self.set_offered(offered)
+            if strategy_state is not None:
+                self.set_meta("strategy_state", strategy_state)
+
+    def _decide(self, row: dict, applied_step: int | None = None, dropped: str | None = None) -> None:
+        """One result folded into ``applied_step`` or dropped (``dropped``): its row and every counter."""
+        seq, w = row["seq"], row["worker_id"]
+        if applied_step is not None:
+            self._set_result(seq, {"applied_step": applied_step})
+            self._w("HINCRBY", self.p + "tot", "applied", 1)
+            if row["dropped"] is None:
+                self._w("HINCRBY", self.p + "cr:units", w, 1)
+                self._w("HINCRBY", self.p + "cr:samples", w, row["num_samples"])
+                self._w("HSET", self.p + "cr:last", w, json.dumps(row["accepted"]))   # acceptance order: the latest
+        if dropped is not None:
+            if row["dropped"] is not None:
+                self._w("HINCRBY", self.p + "dropc", row["dropped"], -1)
+                self._w("HINCRBY", self.p + "tot", "dropped", -1)
+            elif row["applied_step"] is not None:   # folded, then dropped after all: no credit
+                self._w("HINCRBY", self.p + "cr:units", w, -1)
+                self._w("HINCRBY", self.p + "cr:samples", w, -row["num_samples"])
+            self._set_result(seq, {"dropped": dropped})
+            self._w("HINCRBY", self.p + "dropc", dropped, 1)
+            self._w("HINCRBY", self.p + "tot", "dropped", 1)
+        self._w("SREM", self.p + "r:open", seq)
+
+    def _drop(self, dropped) -> None:
+        dropped = list(dropped)
+        rows = {r["seq"]: r for r in self._result_rows([s for s, _ in dropped])}
+        for seq, why in dropped:
+            if seq in rows:
+                self._decide(rows[seq], dropped=why)
+                rows[seq] = {**rows[seq], "dropped": why}
+
+    def set_offered(self, offered: list[tuple[int, int, int]]) -> None:
+        offered = list(offered)
+        if not offered:
+            return
+        rows = {r["seq"]: r for r in self._result_rows([s for s, _, _ in offered])}
+        top = -1
+        for seq, step, rank in offered:
+            old = rows.get(seq, {}).get("offered_step")
+            if old is not None and old != step:
+                self._w("ZREM", f"{self.p}off:{old}", seq)
+            self._set_result(seq, {"offered_step": step, "offer_rank": rank})
+            self._w("ZADD", f"{self.p}off:{step}", rank, seq)
+            top = max(top, rank)
+        if top > self.last_offer_rank():
+            self._w("SET", self.p + "r:rank", top)
+
+    def set_version_blob(self, step: int, blob: str) -> None:
+        raw = self._version_raw(step)
+        if raw is None:
+            return
+        raw[0], raw[4] = blob, 0
+        self._w("HSET", self.p + "v", step, json.dumps(raw))
+        self._w("ZADD", self.p + "vkept", step, step)
+
+    def offered_at(self, step: int) -> list[dict]:
+        return self._result_rows(self.r.zrange(f"{self.p}off:{step}", 0, -1))
+
+    def clear_offered(self, step: int) -> list[str]:
+        rows = self.offered_at(step)
+        with self.transaction():
+            for row in rows:
+                self._set_result(row["seq"], {"offered_step": None, "offer_rank": None})
+            self._w("DEL", f"{self.p}off:{step}")
+        return [row["delta_blob"] for row in rows]
+
+    def last_offer_rank(self) -> int:
+        raw = self.r.get(self.p + "r:rank")
+        return int(raw) if raw is not None else -1
+
+    def decided_blobs_since(self, step: int) -> list[tuple[int, str]]:
+        latest = self.latest_version()
+        out = []
+        for s in range(step, (latest.step if latest else step) + 1):
+            for row in self.offered_at(s):
+                if row["applied_step"] is not None or row["dropped"] is not None:
+                    out.append((s, row["delta_blob"]))
+        return out
+
+    def prunable_versions(self, below_step: int) -> list[tuple[int, str]]:
+        if below_step <= 1:
+            return []
+        steps = self.r.zrangebyscore(self.p + "vkept", 1, f"({below_step}")
+        return [(v.step, v.blob) for v in self._versions(steps) if v.blob]
+
+    def mark_version_pruned(self, step: int) -> None:
+        raw = self._version_raw(step)
+        if raw is None:
+            return
+        raw[4] = 1
+        self._w("HSET", self.p + "v", step, json.dumps(raw))
+        self._w("ZREM", self.p + "vkept", step)
+
+    # ------------------------------------------------------------------ units and leases
+    def insert_unit(self, unit_id: str, worker_id: str, shard_ids: list[str], base_step: int, lr: float,
+                    seed: int, deadline: float, samples: int, issued: float | None = None,
+                    wire: str | None = None, twin: str | None = None, replica_of: str | None = None) -> None:
+        issued = self.clock() if issued is None else issued
+        with self.transaction():
+            self._set_unit(unit_id, {"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
+                                     "base_step": base_step, "lr": lr, "seed": seed, "issued": issued,
+                                     "deadline": deadline, "samples": samples, "status": "leased", "finished": None,
+                                     "wire": wire, "twin": twin, "replica_of": replica_of})
+            self._w("RPUSH", self.p + "u:all", unit_id)
+            self._w("ZADD", self.p + "u:leased", repr(issued), unit_id)
+            self._w("ZADD", self.p + "u:deadline", repr(deadline), unit_id)
+            self._w("HINCRBY", self.p + "u:count", "leased", 1)
+            if replica_of is not None:
+                self._w("SADD", f"{self.p}replicas:{replica_of}", unit_id)
+            if twin is not None:
+                self._set_unit(twin, {"twin": unit_id})
+        if self._leased is not None:
+            self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
+
+    def _move(self, unit: dict, status: str, finished: float) -> None:
+        """A unit's status changes (its indexes and counts with it)."""
+        old, uid = unit["status"], unit["unit_id"]
+        self._set_unit(uid, {"status": status, "finished": finished})
+        self._w("HINCRBY", self.p + "u:count", old, -1)
+        self._w("HINCRBY", self.p + "u:count", status, 1)
+        if old == "leased":
+            self._w("ZREM", self.p + "u:leased", uid)
+            self._w("ZREM", self.p + "u:deadline", uid)
+        if old == "expired":
+            self._w("SREM", self.p + "u:expired", uid)
+        if status == "leased":
+            self._w("ZADD", self.p + "u:leased", repr(unit["issued"]), uid)
+            self._w("ZADD", self.p + "u:deadline", repr(unit["deadline"]), uid)
+        if status == "expired":
+            self._w("SADD", self.p + "u:expired", uid)
+        if status == "leased":
+            self._leased = None
+        else:
+            self._unleased(uid)
+
+    def tail_candidate(self, worker_id: str) -> dict | None:
+        for row in self._unit_rows(self.r.zrange(self.p + "u:leased", 0, -1)):
+            if row["status"] == "leased" and row["twin"] is None and row["replica_of"] is None \
+                    and row["worker_id"] != worker_id:
+                return row
+        return None
+
+    def supersede(self, unit_id: str) -> None:
+        unit = self.unit(unit_id)
+        if unit is not None and unit["status"] in ("leased", "expired"):
+            with self.transaction():
+                self._move(unit, "superseded", self.clock())
+
+    def twin_alive(self, unit: dict) -> bool:
+        if not unit.get("twin"):
+            return False
+        twin = self.unit(unit["twin"])
+        return twin is not None and twin["status"] in ("leased", "done")
+
+    def unit(self, unit_id: str) -> dict | None:
+        return (self._unit_rows([unit_id]) or [None])[0]
+
+    def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased") -> bool:
+        unit = self.unit(unit_id)
+        if unit is None or (only_if is not None and unit["status"] != only_if):
+            return False
+        with self.transaction():
+            self._move(unit, status, self.clock())
+        return True
+
+    def expire_leases(self, now: float) -> list[dict]:
+        ids = self.r.zrangebyscore(self.p + "u:deadline", "-inf", f"({now!r}")
+        rows = [u for u in self._unit_rows(ids) if u["status"] == "leased" and u["deadline"] < now]
+        with self.transaction():
+            for u in rows:
+                self._move(u, "expired", now)
+        return [{"unit_id": u["unit_id"], "shard_ids": u["shard_ids"], "twin": u["twin"],
+                 "replica_of": u["replica_of"]} for u in rows]
+
+    def leased_shards(self) -> list[str]:
+        self._leased_map()
+        return list(self._busy)
+
+    def _leased_map(self) -> dict[str, tuple[list[str], int]]:
+        if self._leased is None:
+            self._leased, self._busy, self._leased_samples = {}, Counter(), 0
+            for u in self._unit_rows(self.r.zrange(self.p + "u:leased", 0, -1)):
+                if u["status"] == "leased":
+                    self._add_leased(u["unit_id"], u["shard_ids"], 0 if u["replica_of"] else u["samples"])
+        return self._leased
+
+    def _add_leased(self, unit_id: str, shards: list[str], samples: int) -> None:
+        self._leased[unit_id] = (shards, samples)
+        self._busy.update(shards)
+        self._leased_samples += samples
+
+    def _unleased(self, unit_id: str) -> None:
+        entry = self._leased.pop(unit_id, None) if self._leased is not None else None
+        if entry is not None:
+            shards, samples = entry
+            self._busy.subtract(shards)
+            for s in set(shards):
+                if self._busy[s] <= 0:
+                    del self._busy[s]
+            self._leased_samples -= samples
+
+    def leased_samples(self) -> int:
+        self._leased_map()
+        return self._leased_samples
+
+    def needed_base_steps(self, since: int) -> set[int]:
+        ids = self.r.zrange(self.p + "u:leased", 0, -1) + list(self.r.smembers(self.p + "u:expired"))
+        steps = {u["base_step"] for u in self._unit_rows(ids) if u["status"] in ("leased", "expired")
+                 and u["base_step"] >= since}
+        return steps | {r["base_step"] for r in self._open_rows()}
+
+    def unit_counts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(self.p + "u:count").items() if int(v)}
+
+    # ------------------------------------------------------------------ results
+    def add_result(self, unit_id: str, worker_id: str, base_step: int, staleness: int, num_samples: int,
+                   loss_before: float, loss_after: float, compute_seconds: float, delta_blob: str,
+                   check_state: str | None = None) -> int | None:
+        """Append an accepted result and close its unit; None when ``unit_id`` was already accepted
+        (only the leader writes, so the look and the write cannot interleave with another writer's)."""
+        if self.r.hexists(self.p + "r:unit", unit_id):
+            return None
+        seq = int(self.r.incr(self.p + "r:seq"))
+        now = self.clock()
+        with self.transaction():
+            self._w("HSET", self.p + "r:unit", unit_id, seq)
+            self._set_result(seq, {"seq": seq, "unit_id": unit_id, "worker_id": worker_id, "base_step": base_step,
+                                   "staleness": staleness, "num_samples": num_samples, "loss_before": loss_before,
+                                   "loss_after": loss_after, "compute_seconds": compute_seconds,
+                                   "delta_blob": delta_blob, "accepted": now, "applied_step": None, "dropped": None,
+                                   "check_state": check_state, "offered_step": None, "offer_rank": None})
+            self._w("RPUSH", self.p + "r:all", seq)
+            self._w("SADD", self.p + "r:open", seq)
+            self._w("HINCRBY", self.p + "tot", "accepted", 1)
+            self._w("HINCRBY", self.p + "tot", "samples", num_samples)
+            self._w("HINCRBY", self.p + "stale", staleness, 1)
+            unit = self.unit(unit_id)
+            if unit is not None:
+                self._move(unit, "done", now)
+        return seq
+
+    def mark_dropped(self, dropped: list[tuple[int, str]], offered: list[tuple[int, int, int]] = ()) -> None:
+        with self.transaction():
+            self._drop(dropped)
+            self.set_offered(offered)
+
+    def _open_rows(self) -> list[dict]:
+        rows = self._result_rows(sorted(int(s) for s in self.r.smembers(self.p + "r:open")))
+        return [r for r in rows if r["applied_step"] is None and r["dropped"] is None]
+
+    def blob_pending(self, blob_id: str) -> bool:
+        return any(r["delta_blob"] == blob_id for r in self._open_rows())
+
+    def dropped_counts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(self.p + "dropc").items() if int(v)}
+
+    def results(self) -> list[dict]:
+        keys = ("seq", "unit_id", "worker_id", "base_step", "staleness", "num_samples", "accepted", "applied_step",
+                "dropped", "check_state")
+        return [{k: r[k] for k in keys} for r in self._result_rows(self.r.lrange(self.p + "r:all", 0, -1))]
+
+    def ledger(self) -> list[dict]:
+        """Every result's whole row, offers included, in acceptance order (tests, reports)."""
+        return self._result_rows(self.r.lrange(self.p + "r:all", 0, -1))
+
+    def unit_statuses(self) -> dict[str, str]:
+        return {u["unit_id"]: u["status"] for u in self._unit_rows(self.r.lrange(self.p + "u:all", 0, -1))}
+
+    def result_for_unit(self, unit_id: str) -> dict | None:
+        seq = self.r.hget(self.p + "r:unit", unit_id)
+        return self._result_row(int(seq)) if seq is not None else None
+
+    def pending_results(self) -> list[dict]:
+        return [r for r in self._open_rows() if r["check_state"] not in ("held", "replica")]
+
+    def pending_samples(self) -> int:
+        return sum(r["num_samples"] for r in self._open_rows() if r["check_state"] != "replica")
+
+    # ------------------------------------------------------------------ replicated checks
+    def result(self, seq: int) -> dict | None:
+        return self._result_row(int(seq))
+
+    def held_results(self) -> list[dict]:
+        return [r for r in self._open_rows() if r["check_state"] == "held"]
+
+    def waiting_replica_results(self) -> list[dict]:
+        return [r for r in self._open_rows() if r["check_state"] == "replica"]
+
+    def wanted_replicas(self) -> list[dict]:
+        out = []
+        for r in self.held_results():
+            replicas = self._unit_rows(self.r.smembers(f"{self.p}replicas:{r['unit_id']}"))
+            if any(x["status"] in ("leased", "done") for x in replicas):
+                continue
+            unit = self.unit(r["unit_id"])
+            if unit is not None:
+                out.append({**unit, "holder": r["worker_id"]})
+        return out
+
+    def replicas_of(self, unit_id: str) -> list[dict]:
+        return [{"unit_id": u["unit_id"], "worker_id": u["worker_id"], "status": u["status"]}
+                for u in self._unit_rows(self.r.smembers(f"{self.p}replicas:{unit_id}"))]
+
+    def set_check(self, states: list[tuple[int, str]]) -> None:
+        with self.transaction():
+            for seq, state in states:
+                self._set_result(seq, {"check_state": state})
+
+    def held_counts(self) -> dict[str, int]:
+        return dict(Counter(r["check_state"] for r in self._open_rows() if r["check_state"] in ("held", "replica")))
+
+    # ------------------------------------------------------------------ trust records
+    def trust_record(self, worker_id: str) -> dict | None:
+        raw = self.r.hget(self.p + "trust", worker_id)
+        return json.loads(raw) if raw is not None else None
+
+    def put_trust(self, worker_id: str, record: dict) -> None:
+        self._w("HSET", self.p + "trust", worker_id, json.dumps(record))
+
+    def trust_records(self) -> list[dict]:
+        raw = self.r.hgetall(self.p + "trust")
+        return [json.loads(raw[w]) for w in sorted(raw)]
+
+    def result_totals(self) -> dict:
+        t = {k: int(v) for k, v in self.r.hgetall(self.p + "tot").items()}
+        return {k: t.get(k, 0) for k in ("accepted", "samples", "applied", "dropped")}
+
+    def credit_totals(self) -> list[dict]:
+        pipe = self.r.pipeline(transaction=False)
+        for name in ("cr:units", "cr:samples", "cr:last"):
+            pipe.hgetall(self.p + name)
+        units, samples, last = pipe.execute()
+        rows = [{"worker_id": w, "units": int(n), "samples": int(samples.get(w, 0)),
+                 "last": json.loads(last[w]) if w in last else None} for w, n in units.items() if int(n) > 0]
+        return sorted(rows, key=lambda r: (-r["samples"], r["worker_id"]))
+
+    def staleness_counts(self) -> dict[int, int]:
+        return {int(k): int(v) for k, v in self.r.hgetall(self.p + "stale").items()}
+
+    # ------------------------------------------------------------------ evaluations and rejections
+    def add_eval(self, step: int, samples: int, seconds: float, test_acc: float, test_loss: float) -> None:
+        self._w("RPUSH", self.p + "evals", json.dumps({"version": step, "samples": samples, "seconds": seconds,
+                                                        "test_acc": test_acc, "test_loss": test_loss,
+                                                        "at": self.clock()}))
+
+    def evals(self) -> list[dict]:
+        rows = [json.loads(x) for x in self.r.lrange(self.p + "evals", 0, -1)]
+        return [{k: r[k] for k in ("version", "samples", "seconds", "test_acc", "test_loss")} for r in rows]
+
+    def best_eval_step(self) -> int | None:
+        rows = self.evals()
+        if not rows:
+            return None
+        return max(rows, key=lambda r: (r["test_acc"], r["version"]))["version"]
+
+    def count_rejection(self, reason: str) -> None:
+        self._w("HINCRBY", self.p + "rej", reason, 1)
+
+    def rejections(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(self.p + "rej").items()}
+
+    def announce(self, key: str, value: str) -> None:
+        """Set ``key`` (fenced: only while this process leads), e.g. the leader's address."""
+        self._w("SET", key, value)
+
+    # ------------------------------------------------------------------ the whole job
+    def wipe(self) -> int:
+        """Delete every key of this job (an operator starting over; tests). Returns how many."""
+        keys = list(self.r.scan_iter(match=self.p + "*", count=1000))
+        if keys:
+            self.r.delete(*keys)
+        return len(keys)
+
+
+class _Transaction:
+    """Buffers the writes of ``with store.transaction():`` and applies them at the outermost exit in
+    one fenced script (nothing on error); nests by joining the outer one."""
+
+    def __init__(self, store: RedisStore):
+        self.store = store
+
+    def __enter__(self):
+        self.store._begin()
+        return self.store
+
+    def __exit__(self, exc_type, exc, tb):
+        self.store._end(exc_type is None)
+        return False

@@ -1,0 +1,405 @@
+"""The job's state in Redis (``coordinator.redis_store``, ``coordinator.leader``, ``coordinator.cluster``).
+
+A real ``redis-server`` (Debian's; ``deploy/setup.sh --test`` installs it) on a free loopback port
+in the test's folder; skipped with the reason where it is missing. The store contract runs
+against SQLite and Redis alike; the leader's writes are fenced; a job reopened from Redis by
+another holder of the lock (in-process, then two real coordinator processes and ``kill -9``)
+holds exactly the model the ledger says: version 0 plus each folded delta once.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contract.codecs import decode_delta, encode_delta, get_codec
+from contract.units import UnitRequest, UnitResult, WorkUnit, pack_result
+from coordinator.store import Store, Version
+from tests.helpers.cluster import ROOT, free_port
+
+REDIS = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (apt-get install redis-server, "
+                                "or bash deploy/setup.sh --test as root)")
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A private redis-server on 127.0.0.1 (no persistence: its data lives as long as the test)."""
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.time() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            assert proc.poll() is None and time.time() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield url
+    proc.kill()
+    proc.wait(10)
+
+
+# ---------------------------------------------------------------------------- the store contract, both engines
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = Store(tmp_path / "state")
+    else:
+        from coordinator.redis_store import RedisStore
+
+        s = RedisStore(request.getfixturevalue("redis_url"), "job", tmp_path / "blobs", root=tmp_path)
+    yield s
+    s.close()
+
+
+def add(store, unit_id, worker="w1", base=0, samples=10, blob="b" * 64, staleness=0):
+    return store.add_result(unit_id, worker, base, staleness, samples, 2.3, 2.2, 1.0, blob)
+
+
+def lease(store, unit_id, shards, worker="w1", base=0, deadline=1e12, samples=10, **kw):
+    store.insert_unit(unit_id, worker, shards, base, 0.1, 7, deadline, samples, wire="{}", **kw)
+
+
+def test_units_and_leases(store):
+    lease(store, "u1", ["s1", "s2"], deadline=100.0)
+    lease(store, "u2", ["s3"], worker="w2", base=1, deadline=1e12 + 0.125, samples=20)
+    assert sorted(store.leased_shards()) == ["s1", "s2", "s3"] and store.leased_samples() == 30
+    u2 = store.unit("u2")
+    assert (u2["shard_ids"], u2["deadline"], u2["status"], u2["worker_id"]) == (["s3"], 1e12 + 0.125, "leased", "w2")
+    assert store.tail_candidate("w2")["unit_id"] == "u1" and store.tail_candidate("w1")["unit_id"] == "u2"
+    assert [r["unit_id"] for r in store.expire_leases(200.0)] == ["u1"]
+    assert store.expire_leases(200.0) == [] and store.leased_shards() == ["s3"] and store.leased_samples() == 20
+    assert store.needed_base_steps(0) == {0, 1} and store.needed_base_steps(1) == {1}
+    assert not store.set_unit_status("u1", "failed") and store.set_unit_status("u1", "failed", only_if=None)
+    assert store.unit_counts() == {"leased": 1, "failed": 1}
+    lease(store, "u3", ["s3"], worker="w3", twin="u2")
+    assert store.unit("u2")["twin"] == "u3" and store.twin_alive(store.unit("u2"))
+    store.supersede("u3")
+    assert store.unit("u3")["status"] == "superseded" and not store.twin_alive(store.unit("u2"))
+    assert store.unit("nope") is None and store.unit_statuses() == {"u1": "failed", "u2": "leased", "u3": "superseded"}
+
+
+def test_results_each_have_one_fate_and_the_log_replays_in_offer_order(store):
+    for u in ("u1", "u2", "u3", "u4"):
+        lease(store, u, [u + "s"])
+    s1, s2, s3 = add(store, "u1", blob="a" * 64), add(store, "u2", "w2", blob="c" * 64, staleness=1), add(store, "u3")
+    assert add(store, "u1") is None, "a unit's result is logged once"
+    assert store.unit("u1")["status"] == "done" and store.leased_shards() == ["u4s"]
+    assert [r["seq"] for r in store.pending_results()] == [s1, s2, s3] and store.pending_samples() == 30
+    assert store.blob_pending("a" * 64) and store.result_for_unit("u2")["worker_id"] == "w2"
+    store.commit_version(Version(1, "", 20, 2, 5.0), [s2, s1], None, [(s3, "too_stale")],
+                         offered=[(s2, 0, 0), (s1, 0, 1), (s3, 0, 2)])
+    assert store.pending_results() == [] and store.pending_samples() == 0 and not store.blob_pending("a" * 64)
+    assert [r["seq"] for r in store.offered_at(0)] == [s2, s1, s3] and store.last_offer_rank() == 2
+    assert store.result_totals() == {"accepted": 3, "samples": 30, "applied": 2, "dropped": 1}
+    assert store.dropped_counts() == {"too_stale": 1} and store.staleness_counts() == {0: 2, 1: 1}
+    assert [(r["worker_id"], r["units"], r["samples"]) for r in store.credit_totals()] == [("w1", 1, 10), ("w2", 1, 10)]
+    assert sorted(store.decided_blobs_since(0)) == sorted([(0, "a" * 64), (0, "c" * 64), (0, "b" * 64)])
+    fates = {r["seq"]: (r["applied_step"], r["dropped"]) for r in store.results()}
+    assert fates == {s1: (1, None), s2: (1, None), s3: (None, "too_stale")}
+    assert sorted(store.clear_offered(0)) == sorted(["a" * 64, "c" * 64, "b" * 64]) and store.offered_at(0) == []
+    s4 = add(store, "u4")
+    store.mark_dropped([(s4, "quarantined")], [(s4, 1, 3)])
+    assert store.result(s4)["dropped"] == "quarantined" and store.result(s4)["offer_rank"] == 3
+    assert store.dropped_counts() == {"too_stale": 1, "quarantined": 1}
+
+
+def test_versions_meta_trust_evals(store):
+    store.commit_version(Version(0, "v0" * 32, 0, 0, 1.0), [], None)
+    store.commit_version(Version(1, "", 10, 1, 2.0), [], None)
+    store.commit_version(Version(2, "", 20, 1, 3.0), [], None)
+    assert store.latest_version().step == 2 and store.latest_written_version().step == 0
+    store.set_version_blob(2, "v2" * 32)
+    assert store.latest_written_version() == Version(2, "v2" * 32, 20, 1, 3.0)
+    store.set_version_blob(1, "v1" * 32)
+    assert store.prunable_versions(2) == [(1, "v1" * 32)]
+    store.mark_version_pruned(1)
+    assert store.prunable_versions(3) == [(2, "v2" * 32)] and store.version(1).blob == "v1" * 32
+    with store.transaction():
+        store.set_meta("queue", {"epoch": 1, "retry": ["s"]})
+        store.put_trust("w1", {"worker_id": "w1", "results": 3})
+    assert store.get_meta("queue") == {"epoch": 1, "retry": ["s"]} and store.get_meta("none", 5) == 5
+    assert store.trust_record("w1")["results"] == 3 and store.trust_records() == [{"worker_id": "w1", "results": 3}]
+    store.add_eval(1, 10, 1.5, 0.25, 2.0)
+    store.add_eval(2, 20, 2.5, 0.5, None)
+    assert store.best_eval_step() == 2 and store.evals()[1] == {"version": 2, "samples": 20, "seconds": 2.5,
+                                                                 "test_acc": 0.5, "test_loss": None}
+    store.count_rejection("duplicate")
+    store.count_rejection("duplicate")
+    assert store.rejections() == {"duplicate": 2}
+    blob = store.put_blob(b"bytes")
+    assert store.get_blob(blob) == b"bytes" and store.blob_path("x") is None
+
+
+def test_a_failed_transaction_writes_nothing(store):
+    lease(store, "u1", ["s1"])
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.set_meta("k", 1)
+            store.set_unit_status("u1", "failed")
+            raise RuntimeError("in the middle")
+    assert store.get_meta("k") is None and store.unit("u1")["status"] == "leased" and store.leased_shards() == ["s1"]
+
+
+# ---------------------------------------------------------------------------- the leader lock and fencing
+def test_a_leader_that_lost_its_lock_writes_nothing(redis_url, tmp_path):
+    from coordinator.leader import LeaderLock
+    from coordinator.redis_store import Fenced, RedisStore
+
+    a, b = LeaderLock(redis_url, "ct:job:leader", 1.0), LeaderLock(redis_url, "ct:job:leader", 1.0)
+    assert a.try_acquire() and not b.try_acquire()
+    store = RedisStore(redis_url, "job", tmp_path / "blobs", fence=a)
+    store.set_meta("written", 1)
+    time.sleep(1.2)   # a paused leader: its lease ran out, another takes the lock
+    assert b.try_acquire() and a.token != b.token and not a.renew()
+    with pytest.raises(Fenced):
+        with store.transaction():
+            store.set_meta("written", 2)
+            store.set_meta("other", 3)
+    assert store.get_meta("written") == 1 and store.get_meta("other") is None
+    lost = []
+    b.keep(lambda: lost.append(1))
+    time.sleep(0.8)
+    assert b.renew() and lost == [], "the holder keeps its lock by renewing it"
+    b.r.set("ct:job:leader", "someone else")
+    deadline = time.time() + 3
+    while not lost and time.time() < deadline:
+        time.sleep(0.05)
+    assert lost == [1] and not b.held
+    b.release()
+
+
+# ---------------------------------------------------------------------------- a job reopened by the next leader
+def fp32(arrays: dict) -> bytes:
+    return encode_delta(get_codec("fp32"), arrays)
+
+
+def test_the_next_leader_reopens_the_job_with_every_update_folded_once(redis_url, tmp_path):
+    """Leader A folds some results (none persisted but version 0) and stops answering with results
+    logged but not folded; B takes the lock and opens the job from Redis: the same versions, the
+    unfolded results folded once, and A's writes refused."""
+    import asyncio
+
+    from coordinator.cluster import cluster_job
+    from coordinator.config import CoordinatorConfig
+    from coordinator.leader import LeaderLock
+    from coordinator.redis_store import Fenced
+    from tests.helpers.tiny_cifar import tiny_cifar10
+
+    data = tiny_cifar10(n_train=256, n_test=64)
+    cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
+                            local_steps=2, batch_size=32, persist_every_s=1e5, persist_every_versions=1000,
+                            strategy="async_sgd", strategy_params={"staleness": "polynomial", "staleness_a": 1.0})
+    blobs = tmp_path / "blobs"
+    lock_a, lock_b = LeaderLock(redis_url, "ct:job:leader", 1.0), LeaderLock(redis_url, "ct:job:leader", 1.0)
+    assert lock_a.try_acquire()
+    lock_a.keep(lambda: None)
+    a = cluster_job(cfg, redis_url, blobs, lock_a)
+    a.open(data)
+    v0 = {k: v.copy() for k, v in a.state.items()}
+    rng = np.random.default_rng(0)
+    deltas = {}
+
+    async def round_of(job, n: int, fold: bool) -> None:
+        units = [job.next_unit(UnitRequest(worker_id=f"w{i}", backend="python")) for i in range(n)]
+        for i, u in enumerate(units):
+            d = {k: (1e-3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in v0.items()}
+            body = pack_result(UnitResult(unit_id=u.unit_id, lease=u.lease, worker_id=f"w{i}", base_version=u.model_version,
+                                          delta=fp32(d), loss_before=2.3, loss_after=2.2, num_samples=u.batch_size,
+                                          compute_seconds=1.0))
+            assert (await job.submit(u.unit_id, body))["accepted"]
+            deltas[u.unit_id] = d
+            if fold:
+                await job.settle()
+
+    asyncio.run(round_of(a, 3, fold=True))
+    asyncio.run(round_of(a, 2, fold=False))   # logged, answered, not folded: then A goes silent
+    assert a.step == 3 and a.persisted_step == 0 and len(a.store.pending_results()) == 2
+    folded_by_a = a.state
+    lock_a._stop.set()   # A goes silent (as after kill -9): its lease runs out
+    time.sleep(1.2)
+    assert lock_b.try_acquire()
+    b = cluster_job(cfg, redis_url, blobs, lock_b)
+    b.open(data)
+    assert (b.step, b.samples) == (3, a.samples)
+    for k, v in folded_by_a.items():   # the folds A never persisted, replayed from the log
+        np.testing.assert_allclose(b.state[k], v, rtol=0, atol=1e-6, err_msg=k)
+    asyncio.run(b.settle())
+    assert b.step == 4 and b.store.pending_results() == [] and b.store.result_totals()["applied"] == 5
+    with pytest.raises(Fenced):   # A, still holding its two results, cannot fold them a second time
+        asyncio.run(a.settle())
+    rows = b.store.ledger()
+    assert all((r["applied_step"] is None) != (r["dropped"] is None) for r in rows), "one fate each"
+    assert {r["unit_id"] for r in rows if r["applied_step"] is not None} == set(deltas)
+    want = {k: v.astype(np.float64) for k, v in v0.items()}
+    for r in rows:
+        for k, d in deltas[r["unit_id"]].items():
+            want[k] += d.astype(np.float64) / (1 + r["offered_step"] - r["base_step"])
+    for k, v in want.items():
+        np.testing.assert_allclose(b.state[k], v, rtol=0, atol=2e-6, err_msg=k)
+    assert b.samples == sum(r["num_samples"] for r in rows)
+    b.close()
+
+
+# ---------------------------------------------------------------------------- two processes, kill -9 the leader
+ARGS = ("--model", "cnn", "--shard-size", "64", "--batch-size", "32", "--local-steps", "2", "--codec", "fp32",
+        "--strategy", "async_sgd", "--param", "staleness=polynomial", "--param", "staleness_a=1.0",
+        "--eval-every", "100000", "--epochs", "50", "--persist-every-s", "100000", "--persist-every-versions", "1000",
+        "--leader-ttl", "2")
+
+
+def call(url: str, payload: bytes | None = None, retry_s: float = 0.0) -> tuple[int, bytes]:
+    """One request (POST when ``payload``); 503s and refused connections retried for ``retry_s`` seconds,
+    as a worker does."""
+    deadline = time.time() + retry_s
+    while True:
+        req = urllib.request.Request(url, data=payload, method="POST" if payload is not None else "GET",
+                                     headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or time.time() > deadline:
+                return e.code, e.read()
+        except OSError:
+            if time.time() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+class Processes:
+    """Two ``crowdtrain coordinator --redis`` processes sharing one state folder (its blobs)."""
+
+    def __init__(self, tmp: Path, url: str, data: Path):
+        self.tmp, self.redis, self.data = tmp, url, data
+        self.ports = [free_port(), free_port()]
+        self.procs: list[subprocess.Popen | None] = [None, None]
+
+    def start(self, i: int) -> None:
+        log = open(self.tmp / f"coordinator{i}.log", "a")
+        self.procs[i] = subprocess.Popen(
+            [sys.executable, "-m", "crowdtrain", "coordinator", "--state", str(self.tmp / "state"), "--port",
+             str(self.ports[i]), "--data", str(self.data), "--redis", self.redis, *ARGS],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def cluster(self, i: int) -> dict:
+        return json.loads(call(self.url(i) + "/api/v1/cluster", retry_s=30)[1])
+
+    def status(self, i: int) -> dict:
+        code, raw = call(self.url(i) + "/api/status", retry_s=60)
+        assert code == 200, raw
+        return json.loads(raw)
+
+    def leader(self) -> int:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            for i in (0, 1):
+                assert self.procs[i] is None or self.procs[i].poll() is None, self.logs()
+                if self.procs[i] is not None and self.cluster(i)["leader"]:
+                    return i
+            time.sleep(0.3)
+        raise AssertionError("no leader: " + self.logs())
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-3000:] for p in sorted(self.tmp.glob("coordinator*.log")))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def take(base: str, worker: str) -> WorkUnit:
+    code, raw = call(base + "/api/v1/units/next", json.dumps({"protocol": 1, "worker_id": worker,
+                                                              "backend": "python"}).encode(), retry_s=30)
+    assert code == 200, raw
+    return WorkUnit.from_json(json.loads(raw))
+
+
+def submit(base: str, unit: WorkUnit, worker: str, seed: int, like: dict, retry_s: float = 0.0) -> dict:
+    rng = np.random.default_rng(seed)
+    delta = {k: (1e-3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in like.items()}
+    body = pack_result(UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker,
+                                  base_version=unit.model_version, delta=fp32(delta), loss_before=2.3, loss_after=2.2,
+                                  num_samples=unit.batch_size, compute_seconds=1.0))
+    code, raw = call(f"{base}/api/v1/units/{unit.unit_id}/result", body, retry_s=retry_s)
+    assert code == 200 and json.loads(raw)["accepted"], raw
+    return delta
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_the_leader_another_process_takes_over_and_folds_each_update_once(redis_url, tmp_path):
+    from coordinator.redis_store import RedisStore
+    from tests.helpers.tiny_cifar import write_official_archive
+
+    data = write_official_archive(tmp_path / "data", n_train=256, n_test=50)
+    ps = Processes(tmp_path, redis_url, data)
+    try:
+        ps.start(0)
+        ps.start(1)
+        first = ps.leader()
+        other = 1 - first
+        store = RedisStore(redis_url, "cifar10", tmp_path / "state" / "blobs")   # to read the ledger
+        take(ps.url(other), "probe")
+        v0 = decode_delta(store.get_blob(store.version(0).blob))
+        deltas: dict[str, dict] = {}
+        # both processes hand out units and take results; the leader folds each
+        for r in range(2):
+            units = [(w, take(ps.url(i % 2), w)) for i, w in enumerate(("w1", "w2", "w3"))]
+            for i, (w, u) in enumerate(units):
+                deltas[u.unit_id] = submit(ps.url((i + 1) % 2), u, w, 10 * r + i, v0)
+        before = ps.status(other)
+        assert before["units_accepted"] == 6
+        units = [(w, take(ps.url(other), w)) for w in ("w1", "w2", "w3")]   # out on a lease when the leader dies
+        ps.procs[first].send_signal(signal.SIGKILL)
+        ps.procs[first].wait(10)
+        killed = time.time()
+        for i, (w, u) in enumerate(units):   # the workers notice nothing: their results go in once it answers
+            deltas[u.unit_id] = submit(ps.url(other), u, w, 100 + i, v0, retry_s=60)
+        took_over = time.time() - killed
+        assert ps.cluster(other)["leader"]
+        deadline = time.time() + 60
+        while True:
+            after = ps.status(other)
+            if after["updates_applied"] + sum(after["updates_dropped"].values()) == 9 or time.time() > deadline:
+                break
+            time.sleep(0.3)
+        assert after["units_accepted"] == 9 and after["updates_applied"] == 9 and after["updates_dropped"] == {}, after
+        ps.start(first)   # the killed process comes back as a follower and forwards to the new leader
+        assert not ps.cluster(first)["leader"] and ps.status(first)["model_version"] == after["model_version"]
+
+        rows = store.ledger()
+        assert len(rows) == 9 and {r["unit_id"] for r in rows} == set(deltas), "every accepted result logged once"
+        assert all(r["applied_step"] is not None and r["dropped"] is None for r in rows), "one fate each: folded"
+        want = {k: v.astype(np.float64) for k, v in v0.items()}
+        for r in rows:
+            for k, d in deltas[r["unit_id"]].items():
+                want[k] += d.astype(np.float64) / (1 + r["offered_step"] - r["base_step"])
+        base = take(ps.url(first), "probe2").base_step   # the model a unit is cut from now, written in full
+        assert base == after["model_version"]
+        served = decode_delta(store.get_blob(store.version(base).blob))
+        for k, v in want.items():
+            np.testing.assert_allclose(served[k], v, rtol=0, atol=2e-6, err_msg=k)
+        assert after["samples"] == sum(r["num_samples"] for r in rows)
+        print(f"takeover: results accepted again {took_over:.1f} s after the kill")
+        assert took_over < 30, ps.logs()
+    finally:
+        ps.stop()
