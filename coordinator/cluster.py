@@ -137,6 +137,8 @@ class Node:
         self.runner = None
         self.data = None
         self.session = None
+        self.max_body = result_cap(config)
+
 
     # ------------------------------------------------------------------ election
     async def elect(self) -> None:
@@ -205,6 +207,20 @@ class Node:
         return self.leader_url
 
 
+def result_cap(config) -> int:
+    """The largest body the job takes (``Job.max_body``: 4 bytes a float of the delta + the slack)."""
+    import math
+
+    import torch
+
+    from models import registry
+    from models.local import delta_spec
+
+    with torch.random.fork_rng():
+        spec = delta_spec(registry.build(config.model))
+    return 4 * sum(math.prod(s) for s, _ in spec.values()) + config.body_slack_bytes
+
+
 def no_leader(why: str):
     from aiohttp import web
 
@@ -220,43 +236,67 @@ def public_app(node: Node):
     from aiohttp import web
 
     from contract.units import is_blob_id
-    from coordinator.app import IMMUTABLE, gzip_for_browser
+    from coordinator.app import IMMUTABLE, body_seconds, gzip_for_browser, slow_sender
     from coordinator.limits import client_address
 
+    async def read_all(request: web.Request) -> bytes | web.Response:
+        """The whole body, at most the job's cap (read before forwarding: a request is answered only
+        once its body is in, which a proxy in front needs, and it can be sent again)."""
+        cap, size = node.max_body, request.content_length
+        if size is not None and size > cap:
+            return web.json_response({"error": {"code": "too_large", "field": "body", "message":
+                                      f"body: expected a Content-Length of at most {cap} bytes, got {size} bytes"}},
+                                     status=413)
+        chunks, got = [], 0
+        seconds = body_seconds(size or cap)
+        try:
+            async with asyncio.timeout(seconds):
+                async for chunk in request.content.iter_any():
+                    got += len(chunk)
+                    if got > cap:
+                        return web.json_response({"error": {"code": "too_large", "field": "body", "message":
+                                                  f"body: expected at most {cap} bytes, got more"}}, status=413)
+                    chunks.append(chunk)
+        except TimeoutError:
+            return web.json_response(slow_sender(seconds, got).body(), status=408)
+        return b"".join(chunks)
+
     async def forward(request: web.Request) -> web.StreamResponse:
-        target = await node.leader()
-        if target is None:
-            return no_leader("none announced yet")
+        body = None
+        if request.body_exists:
+            body = await read_all(request)
+            if isinstance(body, web.Response):
+                return body
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         headers["Host"] = request.host
         forwarded = request.headers.get("X-Forwarded-For")
         client = client_address(request.remote, forwarded)
         headers["X-Forwarded-For"] = f"{forwarded}, {client}" if forwarded else client
-        body = None
-        if request.body_exists:
-            body = request.content
-            if request.content_length is not None:
-                headers["Content-Length"] = str(request.content_length)
-        answer = None
-        try:
-            async with node.session.request(request.method, target + request.rel_url.raw_path_qs, headers=headers,
-                                            data=body, allow_redirects=False) as r:
-                answer = web.StreamResponse(status=r.status, reason=r.reason)
-                for k, v in r.headers.items():
-                    if k.lower() not in HOP_HEADERS:
-                        answer.headers.add(k, v)
-                if r.content_length is not None:
-                    answer.content_length = r.content_length
-                await answer.prepare(request)
-                async for chunk in r.content.iter_any():
-                    await answer.write(chunk)
-                await answer.write_eof()
-                return answer
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
-            if answer is not None and answer.prepared:
-                raise   # the leader went away mid-answer: the client sees a cut connection, and retries
-            await node.leader(fresh=True)
-            return no_leader(f"the leader at {target} did not answer: {type(e).__name__}")
+        for attempt in (0, 1):
+            target = await node.leader(fresh=attempt > 0)
+            if target is None:
+                return no_leader("none announced yet")
+            answer = None
+            try:
+                async with node.session.request(request.method, target + request.rel_url.raw_path_qs,
+                                                headers=headers, data=body, allow_redirects=False) as r:
+                    answer = web.StreamResponse(status=r.status, reason=r.reason)
+                    for k, v in r.headers.items():
+                        if k.lower() not in HOP_HEADERS:
+                            answer.headers.add(k, v)
+                    if r.content_length is not None:
+                        answer.content_length = r.content_length
+                    await answer.prepare(request)
+                    async for chunk in r.content.iter_any():
+                        await answer.write(chunk)
+                    await answer.write_eof()
+                    return answer
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+                if answer is not None and answer.prepared:
+                    raise   # the leader went away mid-answer: the client sees a cut connection, and retries
+                why = f"the leader at {target} did not answer: {type(e).__name__}"
+            # once more (a kept-alive connection the leader had closed, or a new leader announced meanwhile)
+        return no_leader(why)
 
     async def blob(request: web.Request) -> web.StreamResponse:
         blob_id = request.match_info["blob_id"]

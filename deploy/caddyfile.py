@@ -29,9 +29,10 @@ SIZE_RE = re.compile(r"[0-9]+([KMG]i?B)?")
 
 def render(site: str, upstreams: list[str] | None = None, *, email: str | None = None, tls_internal: bool = False,
            max_body: str = DEFAULT_MAX_BODY, http_port: int | None = None, https_port: int | None = None,
-           admin: str | None = None, template: str | None = None) -> str:
+           admin: str | None = None, template: str | None = None, health_uri: str | None = None) -> str:
     """The Caddyfile text. ``site``: a public name (``volunteer.example.org``) or an address
-    (``https://127.0.0.1:8443``); ``upstreams``: ``host:port`` of each coordinator process."""
+    (``https://127.0.0.1:8443``); ``upstreams``: ``host:port`` of each coordinator process; ``health_uri``:
+    a path each upstream answers itself (active health checks every second)."""
     upstreams = upstreams or [DEFAULT_UPSTREAM]
     if not SITE_RE.fullmatch(site):
         raise ValueError(f"site: expected a host name or https://host[:port], got {site!r}")
@@ -42,6 +43,8 @@ def render(site: str, upstreams: list[str] | None = None, *, email: str | None =
         raise ValueError(f"max body: expected a size like 64MiB, got {max_body!r}")
     if email is not None and not re.fullmatch(r"[^\s{}@]+@[^\s{}@]+", email):
         raise ValueError(f"email: expected an address, got {email!r}")
+    if health_uri is not None and not re.fullmatch(r"/[A-Za-z0-9/_.\-]*", health_uri):
+        raise ValueError(f"health uri: expected a path like /api/v1/cluster, got {health_uri!r}")
     if admin is not None and not re.fullmatch(r"off|[A-Za-z0-9.\-\[\]]*:[0-9]{1,5}", admin):
         raise ValueError(f"admin: expected off or host:port, got {admin!r}")
     global_lines = []
@@ -61,6 +64,7 @@ def render(site: str, upstreams: list[str] | None = None, *, email: str | None =
         "TLS": ["tls internal"] if tls_internal else [],
         "MAX_BODY": [max_body],
         "UPSTREAMS": [f"to {u}" for u in upstreams],
+        "HEALTH": [f"health_uri {health_uri}", "health_interval 1s", "health_timeout 2s"] if health_uri else [],
     }
     text = template if template is not None else TEMPLATE.read_text()
 
@@ -92,11 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--https-port", type=int, help="Caddy's HTTPS port (default 443)")
     p.add_argument("--admin", help="Caddy's admin endpoint, host:port or off (default: localhost:2019, which "
                                    "`systemctl reload caddy` uses)")
+    p.add_argument("--health-uri", metavar="PATH",
+                   help="a path every upstream answers itself, checked every second: /api/v1/cluster with "
+                        "several `crowdtrain coordinator --redis` processes, so that Caddy stops sending to a dead "
+                        "one at once (default: none: an upstream is avoided for 10 s after a failed connection)")
     p.add_argument("--out", type=Path, help="write here (default: standard output)")
     a = p.parse_args(argv)
     try:
         text = render(a.site, a.upstream, email=a.email, tls_internal=a.tls_internal, max_body=a.max_body,
-                      http_port=a.http_port, https_port=a.https_port, admin=a.admin)
+                      http_port=a.http_port, https_port=a.https_port, admin=a.admin, health_uri=a.health_uri)
     except ValueError as e:
         p.error(str(e))
     if a.out:

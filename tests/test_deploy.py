@@ -212,7 +212,9 @@ def test_systemd_units_verify(tmp_path):
             "/etc/crowdtrain/worker.env": str(ROOT / "deploy/worker.env.example")}
     units = []
     for template, instance in (("crowdtrain-coordinator@.service", "crowdtrain-coordinator@8080.service"),
-                               ("crowdtrain-worker@.service", "crowdtrain-worker@1.service")):
+                               ("crowdtrain-worker@.service", "crowdtrain-worker@1.service"),
+                               ("crowdtrain-cluster@.service", "crowdtrain-cluster@8080.service"),
+                               ("crowdtrain-redis.service", "crowdtrain-redis.service")):
         text = (ROOT / "deploy" / "systemd" / template).read_text()
         for old, new in subs.items():
             text = text.replace(old, new)
