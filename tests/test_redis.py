@@ -403,3 +403,51 @@ def test_kill_9_of_the_leader_another_process_takes_over_and_folds_each_update_o
         assert took_over < 30, ps.logs()
     finally:
         ps.stop()
+
+
+def test_the_shipped_redis_conf_keeps_every_write_through_kill_9_of_redis(tmp_path):
+    """deploy/redis.conf (append-only file fsynced on every write): what the store wrote before
+    redis-server was killed with kill -9 is all there once it restarts on the same directory."""
+    import redis
+
+    from coordinator.redis_store import RedisStore
+
+    port = free_port()
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([REDIS, str(ROOT / "deploy" / "redis.conf"), "--port", str(port), "--dir",
+                                 str(tmp_path), "--supervised", "no"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 10
+        while True:
+            try:
+                redis.Redis(port=port).ping()
+                return proc
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.time() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    proc = start()
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        store = RedisStore(url, "job", tmp_path / "blobs")
+        assert store.r.config_get("appendfsync") == {"appendfsync": "always"}
+        seqs = []
+        for i in range(20):
+            lease(store, f"u{i}", [f"s{i}"])
+            seqs.append(add(store, f"u{i}"))
+        store.commit_version(Version(1, "", 100, 10, 1.0), seqs[:10], None, [(seqs[10], "too_stale")])
+        store.close()
+        proc.kill()
+        proc.wait(10)
+        proc = start()
+        again = RedisStore(url, "job", tmp_path / "blobs")
+        rows = again.ledger()
+        assert [r["unit_id"] for r in rows] == [f"u{i}" for i in range(20)]
+        assert again.result_totals() == {"accepted": 20, "samples": 200, "applied": 10, "dropped": 1}
+        assert len(again.pending_results()) == 9 and again.latest_version().step == 1
+        assert set(again.unit_statuses().values()) == {"done"}
+        again.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
