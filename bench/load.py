@@ -67,6 +67,7 @@ def rss_mb(pid: int) -> float | None:
 
 # ---------------------------------------------------------------------------- the client process
 async def clients(url: str, n: int, duration: float, hold: float, results_every: int, warmup: float) -> dict:
+    """``url``: one coordinator, or several comma-separated (client k uses the k-th, round robin)."""
     import aiohttp
     import numpy as np
 
@@ -84,7 +85,9 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
     timeout = aiohttp.ClientTimeout(total=60)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
 
-    async def delta_for(session, unit: WorkUnit) -> bytes:
+    urls = url.split(",")
+
+    async def delta_for(session, unit: WorkUnit, url: str) -> bytes:
         if unit.codec not in deltas:
             async with session.get(f"{url}/api/v1/blobs/{unit.model_version}") as r:
                 model = decode_delta(await r.read())
@@ -97,7 +100,7 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
         statuses[route][str(status)] = statuses[route].get(str(status), 0) + 1
 
     async def worker(k: int, session) -> None:
-        wid = f"load-{k:04d}"
+        wid, url = f"load-{k:04d}", urls[k % len(urls)]
         rng = random.Random(k)
         await asyncio.sleep(rng.uniform(0, hold))
         units = 0
@@ -125,7 +128,7 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
             await asyncio.sleep(hold)
             real = results_every > 0 and rng.random() < 1 / results_every
             if real:
-                raw = await delta_for(session, unit)
+                raw = await delta_for(session, unit, url)
                 result = UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=wid,
                                     base_version=unit.model_version, delta=raw, loss_before=2.3, loss_after=2.2,
                                     num_samples=unit.local_steps * unit.batch_size, compute_seconds=hold)
@@ -201,28 +204,49 @@ def free_port() -> int:
 
 def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", limit_train: int = 5000,
              results_every: int = 0, warmup: float = 30.0, sample_s: float = 2.0, extra: list[str] = (),
-             workdir: Path | None = None, python_path: Path = ROOT, settle_first: bool = True) -> dict:
+             workdir: Path | None = None, python_path: Path = ROOT, settle_first: bool = True,
+             redis: int = 0) -> dict:
     """Start a coordinator (from ``python_path``'s code), let its start-up work finish (``settle``),
-    run the clients in another process, return the measurements."""
+    run the clients in another process, return the measurements. ``redis``: instead, a redis-server
+    (append-only file, fsync every second) and that many ``--redis`` coordinator processes sharing
+    one blob directory, the clients spread over them; RSS is then the sum over the processes and Redis."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = open(tmp / "coordinator.log", "w")
-        coordinator = subprocess.Popen(coordinator_command(tmp / "state", port, model, limit_train, list(extra)),
-                                       cwd=python_path, stdout=log, stderr=subprocess.STDOUT)
+        procs: list[subprocess.Popen] = []
+        ports = [free_port() for _ in range(max(1, redis))]
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        url = urls[0]
+        extra = list(extra)
+        if redis:
+            rport = free_port()
+            (tmp / "redis").mkdir()
+            procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                           "--appendonly", "yes", "--appendfsync", "everysec", "--dir",
+                                           str(tmp / "redis")], stdout=open(tmp / "redis.log", "w"),
+                                          stderr=subprocess.STDOUT))
+            extra += ["--redis", f"redis://127.0.0.1:{rport}/0"]
+        for i, port in enumerate(ports):
+            log = open(tmp / f"coordinator{i}.log", "w")
+            procs.append(subprocess.Popen(coordinator_command(tmp / "state", port, model, limit_train, extra),
+                                          cwd=python_path, stdout=log, stderr=subprocess.STDOUT))
+        coordinator = procs[-len(ports)]
+
+        def logs() -> str:
+            return "\n".join(p.read_text()[-3000:] for p in sorted(tmp.glob("*.log")))
+
         try:
-            deadline = time.time() + 300
-            while True:
-                if coordinator.poll() is not None:
-                    raise RuntimeError("coordinator exited:\n" + (tmp / "coordinator.log").read_text()[-3000:])
-                try:
-                    with urllib.request.urlopen(url + "/api/status", timeout=5):
-                        break
-                except OSError:
-                    if time.time() > deadline:
-                        raise RuntimeError("coordinator did not come up") from None
-                    time.sleep(0.3)
+            for u in urls:
+                deadline = time.time() + 300
+                while True:
+                    if any(p.poll() is not None for p in procs):
+                        raise RuntimeError("a coordinator exited:\n" + logs())
+                    try:
+                        with urllib.request.urlopen(u + "/api/status", timeout=5):
+                            break
+                    except OSError:
+                        if time.time() > deadline:
+                            raise RuntimeError("coordinator did not come up") from None
+                        time.sleep(0.3)
             started = settle(url, coordinator.pid) if settle_first else {}
             rss: list[tuple[float, float]] = []
             stop = threading.Event()
@@ -230,15 +254,15 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
 
             def sample() -> None:
                 while not stop.is_set():
-                    value = rss_mb(coordinator.pid)
-                    if value is not None:
-                        rss.append((time.time() - t0, value))
+                    values = [rss_mb(p.pid) for p in procs]
+                    if all(v is not None for v in values):
+                        rss.append((time.time() - t0, sum(values)))
                     stop.wait(sample_s)
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             out = tmp / "clients.json"
-            client = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-clients", url,
+            client = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-clients", ",".join(urls),
                                      "--clients", str(clients_n), "--duration", str(duration), "--hold", str(hold),
                                      "--results-every", str(results_every), "--warmup", str(warmup),
                                      "--client-out", str(out)], cwd=ROOT, capture_output=True, text=True)
@@ -249,15 +273,17 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
             result = json.loads(out.read_text())
             with urllib.request.urlopen(url + "/api/status", timeout=30) as r:
                 status = json.load(r)
-            result["coordinator_log_errors"] = [line for line in (tmp / "coordinator.log").read_text().splitlines()
+            result["coordinator_log_errors"] = [line for f in sorted(tmp.glob("coordinator*.log"))
+                                                for line in f.read_text().splitlines()
                                                 if "Traceback" in line or "ERROR" in line][:10]
         finally:
-            coordinator.send_signal(signal.SIGTERM)
-            try:
-                coordinator.wait(60)
-            except subprocess.TimeoutExpired:
-                coordinator.kill()
-                coordinator.wait(10)
+            for p in reversed(procs):   # the coordinators first, Redis last
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
     warm = [v for t, v in rss if t >= warmup]
     result["startup"] = started
     result["rss_mb"] = rss
@@ -298,6 +324,9 @@ def main() -> int:
     p.add_argument("--no-docs", action="store_true")
     p.add_argument("--run-clients", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--client-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--redis", type=int, default=0, metavar="N",
+                   help="N coordinator processes on one redis-server (crowdtrain coordinator --redis), the clients "
+                        "spread over them (default: 0: one process with SQLite)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more coordinator flags")
     args = p.parse_args()
     if args.run_clients:
@@ -310,12 +339,13 @@ def main() -> int:
     out = args.out or ROOT / "bench" / "out" / f"load-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"date": date, "clients": args.clients, "duration_s": args.duration, "hold_s": args.hold,
-           "results_every": args.results_every, "model": args.model, "limit_train": args.limit_train,
+           "results_every": args.results_every, "redis_processes": args.redis, "model": args.model, "limit_train": args.limit_train,
            "warmup_s": args.warmup, "code": str(args.code), "label": args.label, "extra": args.extra,
            "hardware": hardware(), "load_before": os.getloadavg(), "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     r = run_load(args.clients, args.duration, args.hold, args.model, args.limit_train, args.results_every,
-                 args.warmup, args.sample_s, args.extra, python_path=args.code, settle_first=not args.no_settle)
+                 args.warmup, args.sample_s, args.extra, python_path=args.code, settle_first=not args.no_settle,
+                 redis=args.redis)
     cfg["load_after"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps({"config": cfg, "result": r}, indent=2) + "\n")
     s = r["rss_summary"]

@@ -12,7 +12,8 @@ float such as a lease deadline comes back bit for bit):
     v, vz, vkept       versions: hash step -> [blob, samples, updates, created, pruned]; all steps;
                        the written, unpruned ones (zsets scored by step)
     u:<id>             a unit's row; u:all (list, issue order), u:leased (zset by issued),
-                       u:deadline (zset by deadline, leased only), u:expired (set), u:count (by status),
+                       u:deadline (zset by deadline, leased only), u:expired (zset by base step),
+                       u:count (by status),
                        replicas:<id> (the replicas issued for a unit)
     r:<seq>            a result's row; r:seq (counter), r:unit (unit id -> seq: a unit is accepted
                        once), r:all (list, acceptance order), r:open (neither folded nor dropped),
@@ -403,12 +404,12 @@ class RedisStore:
             self._w("ZREM", self.p + "u:leased", uid)
             self._w("ZREM", self.p + "u:deadline", uid)
         if old == "expired":
-            self._w("SREM", self.p + "u:expired", uid)
+            self._w("ZREM", self.p + "u:expired", uid)
         if status == "leased":
             self._w("ZADD", self.p + "u:leased", repr(unit["issued"]), uid)
             self._w("ZADD", self.p + "u:deadline", repr(unit["deadline"]), uid)
         if status == "expired":
-            self._w("SADD", self.p + "u:expired", uid)
+            self._w("ZADD", self.p + "u:expired", unit["base_step"], uid)
         if status == "leased":
             self._leased = None
         else:
@@ -485,7 +486,7 @@ class RedisStore:
         return self._leased_samples
 
     def needed_base_steps(self, since: int) -> set[int]:
-        ids = self.r.zrange(self.p + "u:leased", 0, -1) + list(self.r.smembers(self.p + "u:expired"))
+        ids = self.r.zrange(self.p + "u:leased", 0, -1) + self.r.zrangebyscore(self.p + "u:expired", since, "+inf")
         steps = {u["base_step"] for u in self._unit_rows(ids) if u["status"] in ("leased", "expired")
                  and u["base_step"] >= since}
         return steps | {r["base_step"] for r in self._open_rows()}
