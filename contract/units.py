@@ -28,6 +28,7 @@ MAX_META_BYTES = 1 << 16        # JSON metadata of a result body, bytes
 MAX_ERROR_CHARS = 2000          # a failed unit's error text
 MAX_LOCAL_STEPS = 100_000       # SGD steps in one unit
 MAX_BATCH_SIZE = 65_536         # samples per step
+MAX_HELD = 4                    # model versions a unit request may say it holds
 BACKENDS = ("python", "browser")
 LOSSES = ("ce", "focal")
 ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")     # job, unit and worker ids (URL-safe)
@@ -142,6 +143,7 @@ class UnitRequest:
     backend: str                                  # "python" or "browser"
     codecs: tuple[str, ...] = CODEC_IDS           # codec ids the worker can encode
     models: tuple[str, ...] = ()                  # model names it can train; empty = any
+    held: tuple[str, ...] = ()                    # blob ids of model versions it holds (version deltas)
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -155,16 +157,24 @@ class UnitRequest:
         _need(isinstance(self.models, (list, tuple)), "request.models", "a list of model names", self.models)
         for m in self.models:
             _str("request.models", m, MODEL_RE, f"a model name matching {MODEL_RE.pattern}")
+        _need(isinstance(self.held, (list, tuple)) and len(self.held) <= MAX_HELD, "request.held",
+              f"a list of at most {MAX_HELD} blob ids", self.held)
+        for i, bid in enumerate(self.held):
+            _str(f"request.held[{i}]", bid, HEX_RE, "a sha256 hex blob id")
         object.__setattr__(self, "codecs", tuple(self.codecs))
         object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "held", tuple(self.held))
 
     def to_json(self) -> dict:
-        return {"protocol": self.protocol, "worker_id": self.worker_id, "backend": self.backend,
-                "codecs": list(self.codecs), "models": list(self.models)}
+        d = {"protocol": self.protocol, "worker_id": self.worker_id, "backend": self.backend,
+             "codecs": list(self.codecs), "models": list(self.models)}
+        if self.held:
+            d["held"] = list(self.held)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "UnitRequest":
-        return _from_json(cls, "request", d, optional=("codecs", "models"))
+        return _from_json(cls, "request", d, optional=("codecs", "models", "held"))
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,7 @@ class WorkUnit:
     codec: str                    # codec string for the delta: a codec id or "topk:<fraction>"
     lease: str                    # opaque signed token; echoed back in the result
     deadline: float               # unix seconds; results after it are refused
+    base_delta: dict | None = None   # {"from": held blob id, "blob": version delta blob id}, or None
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -208,6 +219,15 @@ class WorkUnit:
             raise ContractError(f"{p}.codec", e.expected, self.codec) from None
         _str(f"{p}.lease", self.lease, LEASE_RE, "a token of 1..1024 printable ASCII characters")
         deadline = _num(f"{p}.deadline", self.deadline, 0, lo_open=True, expected="unix seconds > 0")
+        if self.base_delta is not None:
+            bd = self.base_delta
+            _need(isinstance(bd, dict), f"{p}.base_delta", 'null or an object {"from", "blob"}', bd)
+            for key in bd:
+                _need(key in ("from", "blob"), f"{p}.base_delta.{key}", "a known field (from, blob)",
+                      Said("an unknown field"))
+            for key in ("from", "blob"):
+                _str(f"{p}.base_delta.{key}", bd.get(key, MISSING), HEX_RE, "a sha256 hex blob id")
+            object.__setattr__(self, "base_delta", {"from": bd["from"], "blob": bd["blob"]})
         object.__setattr__(self, "shard_ids", tuple(self.shard_ids))
         object.__setattr__(self, "hyper", hyper)
         object.__setattr__(self, "deadline", deadline)
@@ -215,11 +235,13 @@ class WorkUnit:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["shard_ids"] = list(self.shard_ids)
+        if self.base_delta is None:   # only units cut from a version delta carry it
+            del d["base_delta"]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "WorkUnit":
-        return _from_json(cls, "unit", d)
+        return _from_json(cls, "unit", d, optional=("base_delta",))
 
 
 @dataclass(frozen=True)

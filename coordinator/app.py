@@ -172,6 +172,7 @@ async def next_unit(request: web.Request) -> web.Response:
         return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": why})
     await fresh_base(job, unit_request.worker_id)
     base = await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
+    await job.prepare_download(unit_request, base)   # and a version delta to it from what the worker holds
     unit = job.next_unit(unit_request, address, base)
     await job.store.sync()   # the unit's row and lease are durable before the unit leaves
     if unit is None:

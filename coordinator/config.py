@@ -175,6 +175,10 @@ class CoordinatorConfig:
         lo=0, lo_open=True, none="tabs get the same units as Python workers", metavar="SECONDS")
     codec: str = option(str, "fp16", "delta codec asked of workers: fp32, fp16, int8, topk[:fraction]", "units",
                         valid=_is_codec, expected="a codec: fp32, fp16, int8 or topk:<fraction>")
+    version_download: str = option(
+        str, "delta", "how a unit's model version reaches a worker: delta (a compressed difference from a version the "
+        "worker says it holds, else fp16), fp16 (the whole version as fp16), fp32 (the whole version; a tab's first "
+        "unit still gets fp16); with --replication, fp32", "units", choices=("delta", "fp16", "fp32"))
     # leases
     lease_min_s: float = option(float, 20.0, "shortest lease, seconds", "leases", flag="--lease-min", lo=0,
                                 lo_open=True)

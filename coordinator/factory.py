@@ -31,12 +31,14 @@ import json
 import math
 import random
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from contract.codecs import CODEC_IDS, decode_delta, encode_delta, get_codec
 from contract.errors import ContractError
 from contract.shards import decode_shard, encode_shard
 from contract.units import WorkUnit
+from contract.versions import make_version_delta, version_blob
 from coordinator import leases
 from coordinator.config import CoordinatorConfig
 from coordinator.scheduler import Deadlines, ShardQueue
@@ -51,6 +53,9 @@ SPEED_ALPHA = 0.5        # weight of the newest unit in a tab's speed estimate
 MIN_SPLIT_BATCH = 32     # ``unit_batch_workers`` divides a unit's batch down to this at most
 IN_FLIGHT_UNITS = 3      # a worker counts as in flight for this many of its unit durations after it asked
 IN_FLIGHT_MIN_S = 30.0   # ... and for at least this long (its first units, a fast worker)
+HALF_KEPT = 4            # fp16 copies of the newest versions kept after their units are back (warm workers hold them)
+DERIVED_KEPT = 32        # reconstructions (fp32 blobs) and their version deltas kept once no unit that names them is out
+VERSIONS_SEEN = 64       # version blobs remembered (blob -> step), to recognise what a worker says it holds
 HYPER_KEYS = ("momentum", "nesterov", "weight_decay", "label_smoothing", "loss", "focal_gamma", "crop_pad", "flip")
 
 
@@ -86,7 +91,13 @@ class UnitFactory:
         self._next_slice = first["next"]
         self.slices: dict[str, list] = first["slices"]        # "<shard>:<n>" -> [slice blob, n]
         self.slice_sizes = {b: n for b, n in self.slices.values()}
-        self.half: dict[str, dict] = first["half"]            # version blob -> {"blob": fp16 blob, "units": [...]}
+        self.half: dict[str, dict] = first["half"]            # version blob -> {"blob": fp16 blob, "until": deadline}
+        # version deltas (docs/protocol.md): reconstruction blob -> {"blob", "step", "delta", "until"}, oldest first
+        saved = store.get_meta("version_deltas", {"derived": []})["derived"]
+        self.derived: OrderedDict[str, dict] = OrderedDict((e["blob"], e) for e in saved)
+        self.pairs = {(e["from"], e["target"]): e["blob"] for e in saved if "from" in e}
+        self.seen: OrderedDict[str, int] = OrderedDict()      # version blob -> step, for units cut from it lately
+        self._target: tuple[str, dict] | None = None          # the last decoded version (a version delta's target)
 
     # ------------------------------------------------------------------ handing out
     def codec_for(self, offered: tuple[str, ...]) -> str | None:
@@ -99,32 +110,41 @@ class UnitFactory:
         """Samples applied, accepted and waiting to be folded, or out on a lease."""
         return applied + self.store.pending_samples() + self.store.leased_samples()
 
-    def make(self, worker_id: str, codec: str, base: Base, applied: int, backend: str | None = None
-             ) -> WorkUnit | None:
+    def make(self, worker_id: str, codec: str, base: Base, applied: int, backend: str | None = None,
+             held: tuple[str, ...] = ()) -> WorkUnit | None:
         """A fresh unit for ``worker_id`` cut from ``base``. Once the budget is committed: a second
         copy of the oldest unit another worker still holds (the job's tail: the first result wins,
         so one slow or vanished worker does not hold the end of the job), or None. ``backend``: the
-        request's (a browser's unit is sized to its speed); when not given, the trust record's."""
+        request's (a browser's unit is sized to its speed); when not given, the trust record's. ``held``: the
+        model versions the worker says it holds (``_download``)."""
+        self.seen[base.blob] = base.step
+        self.seen.move_to_end(base.blob)
+        while len(self.seen) > VERSIONS_SEEN:
+            self.seen.popitem(last=False)
         committed = self.committed(applied)
         if committed < self.budget:
             lr = lr_at(committed / self.budget, self.recipe)
             if self.config.unit_seconds is not None and not self.config.local_steps and \
                     self._is_browser(worker_id, backend):
-                return self._issue_sized(worker_id, codec, base, lr)
+                return self._issue_sized(worker_id, codec, base, lr, held)
             shards = self.queue.take(set(self.store.leased_shards()))
             batch = self._split_batch(worker_id, sum(self.size_of(x) for x in shards))
-            return self._issue(worker_id, codec, base, shards, lr * batch / self.recipe.batch_size, batch=batch)
+            return self._issue(worker_id, codec, base, shards, lr * batch / self.recipe.batch_size, batch=batch,
+                               held=held)
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None
         issued = json.loads(original["wire"]) if original.get("wire") else {}
         return self._issue(worker_id, codec, base, original["shard_ids"], original["lr"], twin=original["unit_id"],
-                           steps=issued.get("local_steps"), batch=issued.get("batch_size"))
+                           steps=issued.get("local_steps"), batch=issued.get("batch_size"), held=held)
 
     def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
                twin: str | None = None, steps: int | None = None, version_blob: str | None = None,
-               batch: int | None = None) -> WorkUnit:
+               batch: int | None = None, held: tuple[str, ...] = ()) -> WorkUnit:
         now = self.clock()
+        base_delta = None
+        if version_blob is None:
+            version_blob, base_delta = self._download(base, held)
         n = sum(self.size_of(s) for s in shards)
         batch = min(batch or self.recipe.batch_size, n)
         steps = steps or self.config.local_steps or max(1, math.ceil(n / batch))
@@ -137,12 +157,14 @@ class UnitFactory:
         deadline = round(now + self.deadlines.lease_seconds(worker_id, steps * batch), 3)
         lease = leases.sign(self.key, self.config.job, unit_id, worker_id, base.step, deadline)
         unit = WorkUnit(job=self.config.job, unit_id=unit_id, model=self.config.model,
-                        model_version=version_blob or base.blob,
+                        model_version=version_blob,
                         base_step=base.step, shard_ids=shards, local_steps=steps, batch_size=batch,
-                        hyper={"lr": lr, **self.hyper}, seed=seed, codec=codec, lease=lease, deadline=deadline)
+                        hyper={"lr": lr, **self.hyper}, seed=seed, codec=codec, lease=lease, deadline=deadline,
+                        base_delta=base_delta)
         self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
                                wire=json.dumps(unit.to_json()), twin=twin)
         self.store.set_meta("queue", self.queue.state())
+        self._named(unit)
         return unit
 
     def replicate(self, worker_id: str, original: dict) -> WorkUnit:
@@ -154,7 +176,8 @@ class UnitFactory:
         claim = issued.local_steps * issued.batch_size
         deadline = round(now + self.deadlines.lease_seconds(worker_id, claim), 3)
         lease = leases.sign(self.key, self.config.job, unit_id, worker_id, issued.base_step, deadline)
-        unit = dataclasses.replace(issued, unit_id=unit_id, lease=lease, deadline=deadline)
+        # the whole base (a replica's worker may not hold the version the original's delta started from)
+        unit = dataclasses.replace(issued, unit_id=unit_id, lease=lease, deadline=deadline, base_delta=None)
         self.store.insert_unit(unit_id, worker_id, list(issued.shard_ids), issued.base_step, original["lr"],
                                issued.seed, deadline, claim, now, wire=json.dumps(unit.to_json()),
                                replica_of=original["unit_id"])
@@ -264,7 +287,7 @@ class UnitFactory:
         steps = min(steps, GROWTH * self.last_steps.get(worker_id, FIRST_STEPS))
         return min(steps, max(1, MAX_UNIT_SHARDS * max(self.shard_sizes.values()) // batch))
 
-    def _issue_sized(self, worker_id: str, codec: str, base: Base, lr: float) -> WorkUnit:
+    def _issue_sized(self, worker_id: str, codec: str, base: Base, lr: float, held: tuple[str, ...] = ()) -> WorkUnit:
         """A tab's unit: ``sized_steps`` steps at the recipe's batch (the step graph's), on shards that
         hold at least its samples; a tab of unknown speed gets a slice of a shard and an fp16 model."""
         batch = self.recipe.batch_size
@@ -274,12 +297,9 @@ class UnitFactory:
         shards = [self._slice(samples)] if first else []
         if not shards or shards[0] is None:
             shards = self._take(max(1, math.ceil(samples / max(self.shard_sizes.values()))), batch)
-        version = self._half_version(base) if first else None
-        unit = self._issue(worker_id, codec, base, shards, lr, steps=steps, version_blob=version)
+        version = self._half_version(base) if first and not held else None
+        unit = self._issue(worker_id, codec, base, shards, lr, steps=steps, version_blob=version, held=held)
         self.last_steps[worker_id] = steps
-        if version is not None and version != base.blob:
-            self.half[base.blob]["units"].append(unit.unit_id)
-            self._save_first()
         return unit
 
     def _take(self, count: int, batch: int) -> list[str]:
@@ -329,16 +349,137 @@ class UnitFactory:
             except ContractError:
                 return base.blob
             entry = self.half[base.blob] = {"blob": self.store.put_blob(data), "units": []}
-        self._sweep_half(keep=base.blob)
+            self._sweep_half(keep=base.blob)   # once per new copy (each request would cost a pass over the units)
         return entry["blob"]
 
     def _sweep_half(self, keep: str) -> None:
-        """Delete the fp16 copies of older versions whose units are no longer out."""
-        for version in [v for v in self.half if v != keep]:
-            units = [self.store.unit(u) for u in self.half[version]["units"]]
-            if all(u is None or u["status"] != "leased" for u in units):
+        """Delete the fp16 copies of older versions whose units are no longer out, but (unless
+        ``version_download`` is fp32) the newest ``HALF_KEPT``: a worker that trained from one may name it
+        as held (``_download``)."""
+        kept = HALF_KEPT if self.config.version_download != "fp32" else 0
+        older = [v for v in self.half if v != keep]
+        now = self.clock()
+        for version in older[:max(0, len(older) - kept)]:
+            units = [self.store.unit(u) for u in self.half[version]["units"]]   # (a state from before "until")
+            if self.half[version].get("until", 0.0) < now and all(u is None or u["status"] != "leased" for u in units):
                 self.store.delete_blob(self.half.pop(version)["blob"])
         self._save_first()
 
     def _save_first(self) -> None:
         self.store.set_meta("first_units", {"next": self._next_slice, "slices": self.slices, "half": self.half})
+
+    # ------------------------------------------------------------------ what a unit's worker downloads
+    def _download(self, base: Base, held: tuple[str, ...]) -> tuple[str, dict | None]:
+        """(model_version, base_delta) of a unit cut from ``base`` for a worker that holds ``held``
+        (``version_download``, docs/protocol.md "Version deltas"): the version it holds if that is
+        ``base`` (or a copy of it), else a version delta from the newest held version this factory
+        knows, else ``base`` as fp16. A held id that is no model version of this job, or one already
+        deleted, counts as not held. With replicated checks or ``fp32``: ``base`` itself."""
+        mode = self.config.version_download
+        if mode == "fp32" or self.config.replication != "off":
+            return base.blob, None
+        best = self._best_held(base, held)
+        if best is not None and best[1] == base.step:
+            return best[0], None
+        if best is not None and mode == "delta":
+            entry = self._pair(best[0], base)
+            if entry is None:
+                try:
+                    entry = self.add_pair(self.make_pair(best[0], base))   # blocking: see ``wanted_pair``
+                except (ContractError, OSError, KeyError):   # not a model blob of this job after all, or deleted
+                    entry = None
+            if entry is not None:
+                return entry["blob"], {"from": best[0], "blob": entry["delta"]}
+        return self._half_version(base), None
+
+    def _best_held(self, base: Base, held: tuple[str, ...]) -> tuple[str, int] | None:
+        """(blob, step) of the newest version in ``held`` that this factory knows, not newer than ``base``."""
+        best = None
+        for h in held:
+            step = self._known_step(h)
+            if step is not None and step <= base.step and (best is None or step > best[1]):
+                best = (h, step)
+        return best
+
+    def _known_step(self, blob: str) -> int | None:
+        """The version step that ``blob`` (a version, its fp16 copy or a reconstruction) stands for, if it
+        is still kept; None for anything else."""
+        step = self.seen.get(blob)
+        if step is None and blob in self.derived:
+            step = self.derived[blob]["step"]
+        if step is None:
+            step = next((self.seen.get(v) for v, e in self.half.items() if e["blob"] == blob), None)
+        return step if step is not None and self.store.blob_path(blob) is not None else None
+
+    def _pair(self, held: str, base: Base) -> dict | None:
+        """The kept reconstruction of ``base`` from ``held`` and its delta, if both blobs are still there."""
+        known = self.pairs.get((held, base.blob))
+        entry = self.derived.get(known) if known else None
+        if entry is None or self.store.blob_path(entry["blob"]) is None or self.store.blob_path(entry["delta"]) is None:
+            return None
+        return entry
+
+    def wanted_pair(self, base: Base, held: tuple[str, ...]) -> str | None:
+        """The held version a unit for this request would need a new version delta from (None: none
+        needed, or made already). The HTTP service makes it in a thread first (``make_pair`` then
+        ``add_pair``), so that the event loop does not spend a tenth of a second of zlib on it."""
+        if self.config.version_download != "delta" or self.config.replication != "off":
+            return None
+        best = self._best_held(base, held)
+        if best is None or best[1] == base.step or self._pair(best[0], base) is not None:
+            return None
+        return best[0]
+
+    def make_pair(self, held: str, base: Base) -> dict:
+        """The reconstruction of ``base`` from ``held`` and its version delta, written as blobs (blocking;
+        touches nothing but blobs, so it may run in a thread). ``ContractError`` when ``held`` is not a
+        model version with ``base``'s tensors."""
+        target = self._target
+        if target is None or target[0] != base.blob:
+            target = self._target = (base.blob, decode_delta(self.store.get_blob(base.blob)))
+        blob, recon = make_version_delta(decode_delta(self.store.get_blob(held)), target[1])
+        return {"blob": self.store.put_blob(version_blob(recon)), "delta": self.store.put_blob(blob),
+                "step": base.step, "from": held, "target": base.blob, "until": 0.0}
+
+    def add_pair(self, entry: dict) -> dict:
+        """Keep a pair from ``make_pair`` (the oldest beyond the bound are deleted)."""
+        self.derived.pop(entry["blob"], None)
+        self.derived[entry["blob"]] = entry
+        self.pairs[(entry["from"], entry["target"])] = entry["blob"]
+        self._sweep_derived()
+        return entry
+
+    def _named(self, unit: WorkUnit) -> None:
+        """A unit names its base blob: keep that blob (an fp16 copy or a reconstruction) while it is out."""
+        entry = self.derived.get(unit.model_version)
+        if entry is not None:
+            first, entry["until"] = not entry["until"], max(entry["until"], unit.deadline)
+            if first:   # saved once named (a restart keeps it while the first unit is out), not on every unit
+                self._save_derived()
+        half = next((e for e in self.half.values() if e["blob"] == unit.model_version), None)
+        if half is not None:   # kept until the last deadline of the units that name it
+            first, half["until"] = not half.get("until"), max(half.get("until", 0.0), unit.deadline)
+            if first:
+                self._save_first()
+
+    def _sweep_derived(self) -> None:
+        """Delete the oldest reconstructions and their deltas beyond ``DERIVED_KEPT`` whose units are back (or
+        past their deadline); beyond 4x that, the oldest whatever (their workers reconstruct from the delta
+        they already have, or fail the unit with a clear error)."""
+        now, used = self.clock(), set(self.seen) | {e["blob"] for e in self.half.values()}
+        while len(self.derived) > DERIVED_KEPT:
+            victim = next((b for b, e in self.derived.items() if e["until"] < now), None)
+            if victim is None:
+                if len(self.derived) <= 4 * DERIVED_KEPT:
+                    break
+                victim = next(iter(self.derived))
+            entry = self.derived.pop(victim)
+            self.pairs = {k: v for k, v in self.pairs.items() if v != victim}
+            others = {b for e in self.derived.values() for b in (e["blob"], e["delta"])}
+            for b in (entry["blob"], entry["delta"]):
+                if b not in used and b not in others:
+                    self.store.delete_blob(b)
+        self._save_derived()
+
+    def _save_derived(self) -> None:
+        self.store.set_meta("version_deltas", {"derived": list(self.derived.values())})

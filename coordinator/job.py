@@ -366,7 +366,22 @@ class Job:
                 return replica
         if base is None or self.store.blob_path(base.blob) is None:
             base = self._base()
-        return self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend)
+        return self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend,
+                                 held=request.held)
+
+    async def prepare_download(self, request: UnitRequest, base: Base) -> None:
+        """Make, in a thread, the version delta that a unit cut from ``base`` for this request would carry
+        (``UnitFactory.wanted_pair``); ``next_unit`` would otherwise make it on the event loop. A held id
+        that is not a model version of this job is left to ``next_unit`` (which then sends the whole base)."""
+        held = self.factory.wanted_pair(base, request.held) if request.held and not self.finished else None
+        if held is None:
+            return
+        try:
+            entry = await asyncio.to_thread(self.factory.make_pair, held, base)
+        except Exception as e:   # ContractError for a blob that is no model version; a deleted blob
+            log.debug("version delta from %s not made: %s", held[:12], e)
+            return
+        self.factory.add_pair(entry)
 
     def _replica_for(self, request: UnitRequest, address: str) -> WorkUnit | None:
         """The oldest held result's unit again, for this worker: another id, the same backend (a

@@ -3,6 +3,7 @@ real `crowdtrain worker` processes, worker kills and a `kill -9` of the coordina
 
 These need the real CIFAR-10 (CROWDTRAIN_DATA); each runs a short job on a small slice.
 """
+import json
 import os
 import signal
 import time
@@ -37,7 +38,12 @@ def test_short_job_with_real_workers_improves_accuracy(cluster):
         assert w.wait(60) == 0, "workers exit 0 when the job is finished"
     with c.db() as db:
         per_worker = dict(db.execute("SELECT worker_id, COUNT(*) FROM results GROUP BY worker_id").fetchall())
+        wires = [json.loads(w) for (w,) in db.execute("SELECT wire FROM units ORDER BY issued")]
     assert set(per_worker) == {"w1", "w2"} and min(per_worker.values()) >= 5
+    # after its first unit a worker names the versions it holds and gets its base as a version delta
+    # (hash-checked; a worker whose check fails downloads the whole base and says so in its log)
+    assert sum(1 for u in wires if u.get("base_delta")) >= len(wires) // 2, wires
+    assert not any("version delta not usable" in (c.tmp / f"{name}.log").read_text() for name in ("w1", "w2"))
 
 
 def test_killed_worker_unit_is_reissued_and_done_once(cluster):

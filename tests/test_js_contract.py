@@ -267,6 +267,10 @@ def test_work_unit_validation_agrees():
                                  "crop_pad", "flip", "warmup"]))
             unit["hyper"] = {**unit["hyper"], hk: value} if rng.random() < 0.8 else {hk: value}
         texts.append(json.dumps(unit))
+    bid = "ab" * 32   # a version delta's fields (docs/protocol.md): valid, null, and broken
+    for bd in ({"from": bid, "blob": bid}, None, {"blob": bid, "from": bid}, {"from": bid}, {"from": bid, "blob": 7},
+               {"from": bid, "blob": bid, "x": 1}, [bid], bid, {}):
+        texts.append(json.dumps({**_unit(), "base_delta": bd}))
     answers = run_cli([{"op": "unit", "text": t} for t in texts])
     ok = 0
     for text, answer in zip(texts, answers):

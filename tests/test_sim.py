@@ -36,6 +36,7 @@ count = 4
 speed = { dist = "lognormal", median = 2.0, sigma = 0.5 }
 [coordinator]
 lease_first_s = 60
+version_download = "fp32"   # whole versions, the download times these scenarios were tuned with
 [[strategies]]
 name = "fedavg"
 params = { clients_per_round = 3 }
@@ -331,3 +332,17 @@ def test_liars_sweep_and_override():
     assert scenario.strategies[1].coordinator == {"replication": "adaptive"}
     with pytest.raises(ScenarioError, match="liars.fraction: expected a number in"):
         override(scenario, "liars.fraction=2")
+
+
+def test_version_deltas_rebuild_the_bases_of_warm_workers(tmp_path, data, one_thread):
+    # the default download: a virtual worker's later units come as version deltas from the version it
+    # holds, rebuilt and hash-checked as worker_py does (engine._base raises on a mismatch)
+    text = TINY.replace('version_download = "fp32"', 'version_download = "delta"')
+    _, (run,) = simulate(tmp_path, text, data, only=["async_sgd"])
+    assert run.summary["finished"]
+    first, warm = {}, []
+    for u in sorted(run.units, key=lambda u: u["issued_s"]):
+        (warm if u["worker_id"] in first else []).append(u["model_bytes"])
+        first.setdefault(u["worker_id"], u["model_bytes"])
+    whole = max(first.values())   # the version as fp16
+    assert warm and max(warm) < 0.3 * whole and min(first.values()) == whole, (first, warm)

@@ -12,6 +12,7 @@ handed back (at once after a second signal), as is the prefetched one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -129,7 +130,8 @@ class Prefetcher(threading.Thread):
         refusals = backoff_delays()
         while not self.stop.is_set():
             try:
-                answer = self.client.retry(lambda: self.client.next_unit(self.request), self.stop.event)
+                request = dataclasses.replace(self.request, held=self.runner.held())   # what it holds now
+                answer = self.client.retry(lambda: self.client.next_unit(request), self.stop.event)
             except Stopped:
                 return None
             except Refused as e:

@@ -20,10 +20,12 @@ import numpy as np
 from torch import nn
 
 from contract.codecs import decode_delta
+from contract.errors import ContractError
 from contract.shards import decode_shard
-from contract.units import UnitResult, WorkUnit
+from contract.units import MAX_HELD, UnitResult, WorkUnit
+from contract.versions import reconstruct_checked
 from models import registry
-from worker_py.client import Client, Stopped
+from worker_py.client import BlobError, Client, Stopped
 from worker_py.unit import describe, failed_result, run_unit
 
 MODEL_VERSIONS_KEPT = 2                    # decoded base models kept in memory (and on disk)
@@ -67,7 +69,7 @@ class Runner:
         """Fetch and decode the unit's blobs; a blob that is missing or malformed (or any other
         failure) gives a ``Prepared`` with ``error``; ``stopped`` if the worker stops first."""
         try:
-            base = self._state(unit.model_version, stop)
+            base = self._base(unit, stop)
             parts = [self._shard(sid, stop) for sid in unit.shard_ids]
         except Stopped:
             return Prepared(unit, stopped=True)
@@ -84,13 +86,38 @@ class Runner:
             raise Stopped("stopping")
         return self.client.retry(lambda: self.client.fetch_blob(bid), stop)
 
+    def held(self) -> tuple[str, ...]:
+        """The model versions this worker holds decoded, newest first (``UnitRequest.held``)."""
+        with self._lock:
+            return tuple(reversed(self._states))[:MAX_HELD]
+
+    def _base(self, unit: WorkUnit, stop: threading.Event | None) -> dict[str, np.ndarray]:
+        """The unit's base model: rebuilt from a held version and the unit's version delta when it
+        names one (checked by hash: docs/protocol.md, version deltas), else downloaded whole. A
+        reconstruction that fails its check (a version this worker no longer holds, a corrupt delta)
+        falls back to downloading ``model_version`` whole."""
+        bd = unit.base_delta
+        with self._lock:
+            held = self._states.get(bd["from"]) if bd is not None and unit.model_version not in self._states else None
+        if held is not None:
+            try:
+                data = self._fetch(bd["blob"], stop)
+                if self.client.cache is not None:   # used once: not worth the disk
+                    self.client.cache.discard(bd["blob"])
+                return self._keep(unit.model_version, reconstruct_checked(held, data, unit.model_version))
+            except (ContractError, BlobError) as e:
+                self.client.log(f"unit {unit.unit_id}: version delta not usable ({e}); downloading the whole base")
+        return self._state(unit.model_version, stop)
+
     def _state(self, version: str, stop: threading.Event | None) -> dict[str, np.ndarray]:
-        """The decoded base model ``version`` (a CTD1 fp32 container of the float state)."""
+        """The decoded base model ``version`` (a CTD1 container of the float state: fp32, or fp16)."""
         with self._lock:
             if version in self._states:
                 self._states.move_to_end(version)
                 return self._states[version]
-        state = decode_delta(self._fetch(version, stop), codec_id="fp32")
+        return self._keep(version, decode_delta(self._fetch(version, stop)))
+
+    def _keep(self, version: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             self._states[version] = state
             while len(self._states) > MODEL_VERSIONS_KEPT:

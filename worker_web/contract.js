@@ -40,6 +40,7 @@ export const MAX_META_BYTES = 2 ** 16;        // JSON metadata of a result body,
 export const MAX_ERROR_CHARS = 2000;          // a failed unit's error text (code points)
 export const MAX_LOCAL_STEPS = 100000;
 export const MAX_BATCH_SIZE = 65536;
+export const MAX_HELD = 4;                    // model versions a unit request may say it holds
 export const MAX_IMAGES = 2 ** 20;            // images in one data shard
 export const NUM_CLASSES = 10;
 export const BACKENDS = Object.freeze(["python", "browser"]);
@@ -875,6 +876,71 @@ export function isBlobId(text) {
   return typeof text === "string" && HEX_RE.test(text);
 }
 
+// --- version deltas (Python: contract/versions.py) -----------------------------------------------
+
+/**
+ * Inflate a zlib stream (RFC 1950; `DecompressionStream("deflate")`) to at most `limit` bytes.
+ * Throws ContractError "version_delta" for anything that is not one whole zlib stream, or too long.
+ */
+export async function inflate(bytes, limit) {
+  need(isBytes(bytes), "version_delta", "bytes", new Said(pyTypeName(bytes)));
+  const reader = new Blob([asBytes(bytes)]).stream().pipeThrough(new DecompressionStream("deflate")).getReader();
+  const chunks = [];
+  let total = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      total += value.length;
+      if (total > limit) {
+        reader.cancel().catch(() => {});
+        throw new ContractError("version_delta", `at most ${limit} bytes inflated`, new Said("more"));
+      }
+      chunks.push(value);
+    }
+  } catch (e) {
+    if (e instanceof ContractError) throw e;
+    throw new ContractError("version_delta", "one complete zlib stream", new Said(String(e?.message ?? e).slice(0, 60)));
+  }
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const c of chunks) { out.set(c, at); at += c.length; }
+  return out;
+}
+
+/**
+ * A unit's base rebuilt from a held model version and the unit's version delta blob (Python:
+ * `reconstruct_checked`): `held` (a Map as `decodeDelta` gives) plus the delta's values, added in
+ * float32 (a Float32Array store rounds the exact double sum once: float32 addition), in the delta's
+ * tensor order. With `want` (the unit's `model_version`), the fp32 container of the result must hash
+ * to it. Throws ContractError: "version_delta..." (malformed, other tensors), "unit.model_version".
+ */
+export async function reconstructBase(held, blob, want = null) {
+  need(held instanceof Map && held.size > 0, "version_delta.from", "a held model version", new Said("none"));
+  let limit = 8 + MAX_HEADER_BYTES + 4;
+  const spec = new Map();
+  for (const [name, t] of held) {
+    limit += 4 * t.data.length + 4;
+    spec.set(name, [t.shape, DTYPE]);
+  }
+  const delta = decodeDelta(await inflate(blob, limit), spec);
+  const out = new Map();
+  for (const [name, d] of delta) {
+    const h = held.get(name).data, x = d.data, sum = new Float32Array(x.length);
+    for (let i = 0; i < x.length; i++) sum[i] = h[i] + x[i];
+    for (let i = 0; i < sum.length; i++) {
+      if (!Number.isFinite(sum[i])) throw new ContractError(`version_delta.tensors[${name}]`, "finite sums", new Said("an overflow"));
+    }
+    out.set(name, { shape: [...d.shape], data: sum });
+  }
+  if (want !== null) {
+    const got = await blobId(encodeDelta("fp32", out));
+    need(got === want, "unit.model_version", `the reconstruction's hash ${want.slice(0, 12)}...`,
+      new Said(`${got.slice(0, 12)}... (the held version is not the one named, or the delta is corrupt)`));
+  }
+  return out;
+}
+
 // --- messages ----------------------------------------------------------------------------------
 
 function checkStr(field, value, re, expected) {
@@ -958,7 +1024,7 @@ function messageOf(input, prefix) {
 }
 
 const UNIT_FIELDS = ["job", "unit_id", "model", "model_version", "base_step", "shard_ids", "local_steps", "batch_size",
-  "hyper", "seed", "codec", "lease", "deadline", "protocol"];
+  "hyper", "seed", "codec", "lease", "deadline", "base_delta", "protocol"];
 
 /**
  * Validate a WorkUnit (Python: `WorkUnit.from_json`), the body of `POST /api/v1/units/next`.
@@ -972,7 +1038,7 @@ const UNIT_FIELDS = ["job", "unit_id", "model", "model_version", "base_step", "s
 export function checkUnit(input) {
   const p = "unit";
   const d = messageOf(input, p);
-  const get = fromJson(p, d, UNIT_FIELDS);
+  const get = fromJson(p, d, UNIT_FIELDS, ["base_delta"]);
   const idRule = `an id matching ${ID_PATTERN}`;
   const unit = { job: null, unit_id: null, model: null, model_version: null, base_step: null, shard_ids: null,
     local_steps: null, batch_size: null, hyper: null, seed: null, codec: null, lease: null, deadline: null,
@@ -998,6 +1064,18 @@ export function checkUnit(input) {
   unit.codec = get("codec");
   unit.lease = checkStr(`${p}.lease`, get("lease"), LEASE_RE, "a token of 1..1024 printable ASCII characters");
   unit.deadline = checkNum(`${p}.deadline`, get("deadline"), { lo: 0, loOpen: true, expected: "unix seconds > 0" });
+  const bd = hasKey(d, "base_delta") ? get("base_delta") : null;
+  if (bd !== null) {   // only a unit cut from a version delta carries it (and then with an object)
+    need(isObject(bd), `${p}.base_delta`, 'null or an object {"from", "blob"}', bd);
+    for (const key of keysOf(bd)) {
+      need(key === "from" || key === "blob", `${p}.base_delta.${key}`, "a known field (from, blob)", new Said("an unknown field"));
+    }
+    const [from, blob] = ["from", "blob"].map((k) =>
+      checkStr(`${p}.base_delta.${k}`, hasKey(bd, k) ? getKey(bd, k) : MISSING, HEX_RE, "a sha256 hex blob id"));
+    const { protocol } = unit;
+    delete unit.protocol;
+    Object.assign(unit, { base_delta: { from, blob }, protocol });   // Python's to_json() order
+  }
   return unit;
 }
 

@@ -105,7 +105,9 @@ async function loop() {
 }
 
 async function nextUnit() {
-  const body = {protocol: 1, worker_id: S.workerId, backend: 'browser', codecs: CODECS, models: []};
+  // the model versions this tab holds, newest first: a unit may then come as a version delta
+  const held = [...S.versions.keys()].reverse().slice(0, contract.MAX_HELD);
+  const body = {protocol: 1, worker_id: S.workerId, backend: 'browser', codecs: CODECS, models: [], held};
   const r = await fetch('/api/v1/units/next', {method: 'POST', body: JSON.stringify(body),
                                                  headers: {'Content-Type': 'application/json'}});
   if (r.status === 204) {
@@ -133,7 +135,7 @@ async function runUnit(unit) {
     // onnxruntime-web's start-up and the session overlap the downloads
     mark('manifest');
     const [session, base, data] = await Promise.all([sessionFor(manifest).then(x => (mark('session'), x)),
-                                                     modelVersion(unit.model_version).then(x => (mark('model'), x)),
+                                                     modelVersion(unit).then(x => (mark('model'), x)),
                                                      shards(unit.shard_ids).then(x => (mark('shards'), x))]);
     const feeds = initialFeeds(manifest.spec, base);
     const rng = mulberry32(unit.seed);
@@ -243,11 +245,29 @@ async function blob(id, {cache = true} = {}) {
   return bytes;
 }
 
-async function modelVersion(id) {
+// The unit's base model: one this tab holds, or rebuilt from a held version and the unit's version
+// delta (checked by hash: docs/protocol.md, version deltas), or downloaded whole (also when the
+// reconstruction fails its check). Kept decoded, the newest two.
+async function modelVersion(unit) {
+  const id = unit.model_version, bd = unit.base_delta;
   if (!S.versions.has(id)) {
-    S.versions.set(id, contract.decodeDelta(await blob(id, {cache: false})));
+    let state = null;
+    if (bd && S.versions.has(bd.from)) {
+      try {
+        state = await contract.reconstructBase(S.versions.get(bd.from), await blob(bd.blob, {cache: false}), id);
+        S.deltaUnits = (S.deltaUnits ?? 0) + 1;   // shown to tests and benchmarks
+      } catch (e) {
+        say(`unit ${unit.unit_id}: fetching`, `version delta not usable (${short(e)}); downloading the whole base`);
+      }
+    }
+    S.versions.set(id, state ?? contract.decodeDelta(await blob(id, {cache: false})));
     while (S.versions.size > 2) S.versions.delete(S.versions.keys().next().value);
+  } else {
+    const state = S.versions.get(id);   // most recently used last (Map order): it stays held
+    S.versions.delete(id);
+    S.versions.set(id, state);
   }
+  post({deltaUnits: S.deltaUnits ?? 0});
   return S.versions.get(id);
 }
 

@@ -36,13 +36,15 @@ from tqdm import tqdm
 
 from contract.codecs import decode_delta
 from contract.shards import decode_shard
-from contract.units import UnitRequest, WorkUnit, pack_result
+from contract.units import MAX_HELD, UnitRequest, WorkUnit, pack_result
+from contract.versions import reconstruct_checked
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job, Rejection
 from coordinator.sim.faults import Collusion, Fault, Liar, a_little_z, flip_labels
 from coordinator.sim.scenario import Scenario, StrategySpec
 from models import registry
 from models.data import Cifar10
+from worker_py.runner import MODEL_VERSIONS_KEPT
 from worker_py.unit import failed_result, prefetch_due, run_unit
 
 RETRY_S = 5.0                      # "nothing to do now": ask again after this (the coordinator's Retry-After)
@@ -71,7 +73,8 @@ class Worker:
     restarts: int = 0
     shards: set[str] = field(default_factory=set)
     unit: WorkUnit | None = None  # the unit being computed (or about to be)
-    base: bytes = b""
+    base: dict | None = None      # the decoded base model of ``unit``
+    versions: dict = field(default_factory=dict)   # model versions it holds decoded (blob id -> arrays), oldest first
     next: tuple | None = None     # a prefetched unit: (unit, base, blobs in at, issued at, speed jitter)
     asking: bool = False          # a request for a unit is on its way
     fetch_s: float = 0.0          # how long the last unit request and its downloads took
@@ -198,7 +201,8 @@ class Simulation:
         for unit in self.held(w):
             if fate is not None:
                 self.units[unit.unit_id]["fate"] = fate
-        w.alive, w.token, w.unit, w.base, w.next = False, w.token + 1, None, b"", None
+        w.alive, w.token, w.unit, w.base, w.next = False, w.token + 1, None, None, None
+        w.versions.clear()
 
     @staticmethod
     def held(w: Worker) -> list[WorkUnit]:
@@ -215,7 +219,8 @@ class Simulation:
         w.asking = False
         job.expire_leases()
         retry = job.factory.retrying()
-        unit = job.next_unit(UnitRequest(worker_id=w.wid, backend="python"))
+        held = tuple(reversed(w.versions))[:MAX_HELD]
+        unit = job.next_unit(UnitRequest(worker_id=w.wid, backend="python", held=held))
         if unit is None:
             if w.unit is not None:
                 return                          # a prefetch came back empty: ask again after submitting
@@ -226,21 +231,41 @@ class Simulation:
             return
         jitter = math.exp(self.workers_cfg["jitter"] * w.rng.standard_normal())   # this unit's speed noise
         new_shards = [s for s in unit.shard_ids if s not in w.shards]
-        base = job.store.get_blob(unit.model_version)
-        nbytes = len(base) + sum(job.store.blob_path(s).stat().st_size for s in new_shards)
+        base, model_bytes = self._base(w, unit)
+        nbytes = model_bytes + sum(job.store.blob_path(s).stat().st_size for s in new_shards)
         w.shards.update(new_shards)
         ready = t + self.latency(w) + self.transfer(w, nbytes)
         w.fetch_s = ready - t
         self.units[unit.unit_id] = {
             "unit_id": unit.unit_id, "worker_id": w.wid, "issued_s": t, "base_version": unit.base_step,
             "samples": unit.local_steps * unit.batch_size, "deadline_s": unit.deadline,
-            "reissue": bool(retry & set(unit.shard_ids)), "fate": "in flight"}
+            "reissue": bool(retry & set(unit.shard_ids)), "fate": "in flight", "model_bytes": model_bytes}
         if w.unit is None:
             self.start(w, unit, base, ready, t, jitter)
         else:
             w.next = (unit, base, ready, t, jitter)
 
-    def start(self, w: Worker, unit: WorkUnit, base: bytes, at: float, issued: float, jitter: float) -> None:
+    def _base(self, w: Worker, unit: WorkUnit) -> tuple[dict, int]:
+        """The unit's base model as the Python worker gets it (``worker_py.runner``): a version it holds,
+        rebuilt from one it holds and the unit's version delta (hash-checked), or downloaded whole;
+        and the bytes downloaded for it."""
+        store, bd, nbytes = self.job.store, unit.base_delta, 0
+        if unit.model_version in w.versions:
+            state = w.versions.pop(unit.model_version)
+            if self.job.config.version_download == "fp32":   # charged anyway, as before version deltas existed
+                nbytes = len(store.get_blob(unit.model_version))
+        elif bd is not None and bd["from"] in w.versions:
+            data = store.get_blob(bd["blob"])
+            state, nbytes = reconstruct_checked(w.versions[bd["from"]], data, unit.model_version), len(data)
+        else:
+            data = store.get_blob(unit.model_version)
+            state, nbytes = decode_delta(data), len(data)
+        w.versions[unit.model_version] = state
+        while len(w.versions) > MODEL_VERSIONS_KEPT:
+            w.versions.pop(next(iter(w.versions)))
+        return state, nbytes
+
+    def start(self, w: Worker, unit: WorkUnit, base: dict, at: float, issued: float, jitter: float) -> None:
         """The worker starts computing ``unit`` (issued at ``issued``) at ``at``; a crash falls anywhere
         between issue and the end. With prefetch it asks for the next unit when ``worker_py``'s own
         rule (``prefetch_due``) says so, from the duration of its last fetch."""
@@ -261,7 +286,7 @@ class Simulation:
         xs, ys = zip(*(self._shard(s) for s in unit.shard_ids))
         if self.model is None:
             self.model = registry.build(unit.model)
-        x, y, base = np.concatenate(xs), np.concatenate(ys), decode_delta(w.base)
+        x, y, base = np.concatenate(xs), np.concatenate(ys), w.base
         seconds = t - self.units[unit.unit_id]["issued_s"]
 
         def honest(u: WorkUnit, flip: bool = False):
@@ -296,7 +321,7 @@ class Simulation:
         w.sent += 1
         await self.job.settle()   # the coordinator's aggregation task, run at once on the simulated clock
         self._watch_trust(t)
-        w.unit, w.base = None, b""
+        w.unit, w.base = None, None
         answered = t + self.latency(w)
         if w.next is not None:
             unit, base, ready, issued, jitter = w.next

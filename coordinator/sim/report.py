@@ -23,7 +23,7 @@ UPDATE_FIELDS = ("seq", "unit_id", "worker_id", "base_step", "staleness", "num_s
                  "dropped")
 STYLES = ("-", "--", ":", "-.")
 UNIT_FIELDS = ("unit_id", "worker_id", "issued_s", "deadline_s", "base_version", "samples", "reissue", "fate",
-               "store_status")
+               "store_status", "model_bytes")
 SUMMARY_FIELDS = ("label", "strategy", "point", "final_test_acc", "acc_vs_baseline_points", "time_to_target_s",
                   "speedup_vs_baseline", "sim_time_s", "samples_applied", "samples_computed", "versions",
                   "staleness_mean", "staleness_max", "units_issued", "units_lost", "units_reissued",

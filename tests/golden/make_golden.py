@@ -10,6 +10,9 @@
   the body of ``result_error.json`` (a failed unit: no delta).
 - ``names.json``: display-name request bodies (``contract.names``), each with the name it is
   accepted as or the error ``field`` and ``code`` it is refused with.
+- ``version_delta.bin`` with ``version_delta.json``: a version delta (``contract.versions``) taking the
+  model version ``delta_fp32.bin`` (read as a held model version) to ``version_target()``, the blob id
+  and values of the reconstruction, and malformed variants with the error ``field`` they are refused with.
 - ``invalid/*.bin`` with ``invalid.json``: malformed containers (and two spec mismatches), each
   with the error ``field`` a decoder must name.
 
@@ -35,6 +38,7 @@ from contract.codecs import get_codec  # noqa: E402
 from contract.errors import ContractError  # noqa: E402
 from contract.names import NAME_MAX_CHARS, NameRequest  # noqa: E402
 from contract.units import UnitResult, WorkUnit, blob_id, pack_result  # noqa: E402
+from contract.versions import make_version_delta, version_blob  # noqa: E402
 
 # file name -> codec string; topk keeps 7 of the kernel's 54 entries, and the 7th is a tie in |x|
 SAMPLE_CODECS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "topk": "topk:0.125"}
@@ -59,6 +63,25 @@ def edge_sample() -> dict[str, np.ndarray]:
     ties = np.array([127, 0.5, 1.5, 2.5, -0.5, -2.5, -127, 3, -3, 3, 0, -0.0], np.float32)  # int8 scale = 1
     return {"empty": np.zeros((0, 3), np.float32), "scalar": np.float32(-2.5), "halves": halves,
             "ties": ties.reshape(2, 6)}
+
+
+def version_target() -> dict[str, np.ndarray]:
+    """Where the golden version delta goes from ``sample()``: small moves, one tensor unchanged."""
+    arrays = sample()
+    i = np.arange(54, dtype=np.float32).reshape(2, 3, 3, 3)
+    return {"conv.weight": arrays["conv.weight"] + np.float32(1e-3) * np.sin(i).astype(np.float32),
+            "fc.bias": arrays["fc.bias"]}
+
+
+def _version_delta(held_bytes: bytes) -> dict[str, bytes]:
+    """The golden version delta, its reconstruction, and malformed variants (field named)."""
+    blob, recon = make_version_delta(sample(), version_target())
+    cases = [{"name": "truncated", "hex": blob[:-3].hex(), "field": "version_delta"},
+             {"name": "not_zlib", "hex": blob[2:].hex(), "field": "version_delta"},
+             {"name": "other_held", "held": "delta_fp16.bin", "hex": blob.hex(), "field": "unit.model_version"}]
+    doc = {"held": "delta_fp32.bin", "held_sha256": blob_id(held_bytes), "bytes": len(blob), "sha256": blob_id(blob),
+           "reconstruction_sha256": blob_id(version_blob(recon)), "reconstructed": _tensors(recon), "invalid": cases}
+    return {"version_delta.bin": blob, "version_delta.json": _json(doc)}
 
 
 def _tensors(arrays: dict[str, np.ndarray]) -> dict:
@@ -180,6 +203,7 @@ def build() -> dict[str, bytes]:
     invalid, manifest = _invalid(deltas)
     files.update(invalid)
     files["invalid.json"] = _json(manifest)
+    files.update(_version_delta(deltas["fp32"]))
     files["names.json"] = _json({"max_chars": NAME_MAX_CHARS, "cases": name_cases()})
     return files
 

@@ -531,3 +531,39 @@ describe("display-name requests", () => {
     });
   }
 });
+
+describe("version deltas", () => {
+  const golden = json("version_delta.json");
+  const held = () => C.decodeDelta(bin(golden.held));
+  const asyncFieldOf = async (promise) => {
+    try {
+      await promise;
+    } catch (e) {
+      assert.ok(e instanceof C.ContractError, `expected a ContractError, got ${e?.stack ?? e}`);
+      return e.field;
+    }
+    assert.fail("expected a ContractError, nothing was thrown");
+  };
+
+  test("the golden delta rebuilds the reconstruction bit for bit and its hash checks", async () => {
+    const blob = bin("version_delta.bin");
+    assert.equal(await C.blobId(blob), golden.sha256);
+    const state = await C.reconstructBase(held(), blob, golden.reconstruction_sha256);
+    assert.deepEqual([...state.keys()], Object.keys(golden.reconstructed));
+    for (const [name, t] of state) {
+      assert.deepEqual(t.shape, golden.reconstructed[name].shape);
+      assertSameFloats(t.data, golden.reconstructed[name].values, name);
+    }
+    assert.equal(await C.blobId(C.encodeDelta("fp32", state)), golden.reconstruction_sha256);
+  });
+
+  test("malformed deltas and a held version that is not the one named are refused naming the field", async () => {
+    for (const c of golden.invalid) {
+      const from = c.held ? C.decodeDelta(bin(c.held)) : held();
+      const got = await asyncFieldOf(C.reconstructBase(from, Uint8Array.from(Buffer.from(c.hex, "hex")),
+        golden.reconstruction_sha256));
+      assert.equal(got, c.field, c.name);
+    }
+    assert.equal(await asyncFieldOf(C.inflate(bin("version_delta.bin"), 10)), "version_delta");   // a zip bomb
+  });
+});
