@@ -7,11 +7,14 @@ Every process serves the job's whole protocol on its own port (workers and tabs 
   folds them, evaluates. Its HTTP service (``coordinator.app``, unchanged) listens on a loopback
   port of its own (``--advertise-host``), announced in Redis.
 - **Every process**, the leader's included, answers on its public port: blob downloads that are
-  not a browser's gzip request straight from the shared blob directory (``--blob-dir``), and
-  everything else forwarded to the leader's service, with the client's address appended to
-  ``X-Forwarded-For`` (rate limits and the replica address check still see the real client).
-  While no leader answers (a takeover), a worker's request gets ``503`` with ``Retry-After``:
-  the Python worker and the tab retry 5xx answers with backoff.
+  not a browser's gzip request straight from the shared blob directory (``--blob-dir``); a result,
+  in a process that does not lead, checked and logged there (``LocalIntake``: the leader's own
+  intake checks on the rows in Redis, the delta's blob written, the row appended atomically while
+  its unit is out), and the leader folds it (``Node.ingest``); everything else (unit requests,
+  failure reports, refusals, the dashboard) forwarded to the leader's service, the body read
+  first, with the client's address appended to ``X-Forwarded-For`` (rate limits and the replica
+  address check still see the real client). While no leader answers (a takeover), a forwarded
+  request gets ``503`` with ``Retry-After``: the Python worker and the tab retry 5xx answers.
 - **Takeover**: the leader renews its lease every ``ttl / 4``; once it stops (``kill -9``),
   another process takes the lock within ``--leader-ttl`` seconds, opens the job from Redis
   exactly as a restart does from SQLite (the folds after the persisted version replayed from
@@ -20,8 +23,10 @@ Every process serves the job's whole protocol on its own port (workers and tabs 
   its lock writes nothing more, and it exits (status 75) at once; a supervisor restarts it as a
   process that waits for the lock again.
 
-Only the leader writes, so the ledger's guarantees are SQLite's: a unit's result is logged once
-(``r:unit``), each result's fate is written with the fold that decides it, in one atomic script.
+The ledger's guarantees are SQLite's: a unit's result is logged once (``r:unit``, checked in the
+same atomic script that appends it, whoever appends it), each result's fate is written by the
+leader with the fold that decides it, in one atomic script, and the leader's own moves of a unit
+are skipped when the unit changed since it read it (another process logged its result).
 """
 from __future__ import annotations
 
@@ -115,7 +120,80 @@ def cluster_job(config, url: str, blobs: Path, lock):
             store = RedisStore(url, self.config.job, blobs, root=self.config.state, clock=self.clock, fence=lock)
             return store, store.secret()
 
+        def take_remote(self, row: dict, delta: dict) -> None:
+            """A result another process checked and logged (``LocalIntake``): what ``Job._log`` does after
+            its own intake, the row aside: the worker's record and speed, then the inbox."""
+            from coordinator.job import Inbound
+
+            now, worker = self.clock(), row["worker_id"]
+            unit = self.store.unit(row["unit_id"])
+            self.store._unleased(row["unit_id"])
+            self._seen(worker, None, now)
+            self._credit(worker, row["num_samples"], row["compute_seconds"] or 0.0, now,
+                         max(0.0, row["accepted"] - (unit["issued"] if unit else row["accepted"])))
+            with self.store.transaction():
+                self.trust.result(worker, False, row["num_samples"])
+            self.inbox.append(Inbound(row["seq"], delta, row["base_step"], row["num_samples"], worker,
+                                      row["loss_after"], row["delta_blob"]))
+            self.work.set()
+
     return ClusterJob(config)
+
+
+class LocalIntake:
+    """How a process that does not lead takes a result itself: the leader's intake checks (the same
+    ``Intake``, on the rows in Redis), the delta's blob written, the row appended in one atomic step
+    while the unit is out (``RedisStore.append_result``); the leader folds it (``Node.ingest``).
+    Everything else goes to the leader: a failure report or a hand-back (its shards go back in the
+    leader's queue), any refusal (the leader refuses it again, counts it, and ends the unit if the
+    refusal does), a tail unit's copy, a quarantined worker, a unit that ended meanwhile."""
+
+    def __init__(self, node: "Node"):
+        from coordinator.intake import Intake
+        from coordinator.limits import load_tokens
+        from coordinator.redis_store import RedisStore
+
+        cfg = node.config
+        self.store = RedisStore(node.url, cfg.job, node.blobs, root=cfg.state)
+        self.intake = Intake(cfg, self.store, self.store.secret(), node.spec, time.time)
+        self.tokens = load_tokens(cfg.worker_tokens) if cfg.worker_tokens else frozenset()
+        self.taken = self.passed = 0
+
+    def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int] | None:
+        """(answer, HTTP status) when this process logged the result (or it is a duplicate); None when the
+        leader must decide. Blocking: run it in a thread."""
+        from coordinator.intake import Rejection
+        from coordinator.limits import bearer
+
+        if self.tokens and bearer(authorization) not in self.tokens:
+            return None
+        try:
+            parsed = self.intake.parse(unit_id, body)
+            if not isinstance(parsed, tuple):
+                return None
+            unit, result = parsed
+            if unit.get("twin") or unit.get("replica_of"):
+                return None
+            record = self.store.trust_record(result.worker_id)
+            if record and record.get("quarantined"):
+                return None
+            latest = self.store.latest_version()
+            step = latest.step if latest else 0
+            accepted = self.intake.accept(unit, result, step)
+        except Rejection:
+            return None
+        blob = self.store.put_blob(result.delta)
+        seq = self.store.append_result(unit_id, result.worker_id, unit["base_step"], accepted.staleness,
+                                       result.num_samples, result.loss_before, result.loss_after,
+                                       result.compute_seconds, blob)
+        if seq == -1:
+            return {"error": {"code": "duplicate", "field": "result.unit_id",
+                              "message": f"a result for unit {unit_id!r} was already accepted"}}, 409
+        if seq < 0:
+            return None
+        self.taken += 1
+        return {"accepted": True, "staleness": accepted.staleness, "model_version": step,
+                "late": accepted.late}, 200
 
 
 class Node:
@@ -137,8 +215,9 @@ class Node:
         self.runner = None
         self.data = None
         self.session = None
-        self.max_body = result_cap(config)
-
+        self.max_body, self.spec = result_cap(config)
+        self.local: LocalIntake | None = None   # results taken here while another process leads
+        self.ingesting: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ election
     async def elect(self) -> None:
@@ -149,6 +228,7 @@ class Node:
 
         cfg = self.config
         self.data = await asyncio.to_thread(load_cifar10, cfg.data, download=cfg.download, progress=False)
+        self.local = await asyncio.to_thread(LocalIntake, self)
         while True:
             try:
                 if await asyncio.to_thread(self.lock.try_acquire):
@@ -186,9 +266,33 @@ class Node:
         host = self.args.advertise_host
         self.leader_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         self._read_at = time.monotonic() + 1e9   # this process knows its own address
+        self.ingesting = asyncio.create_task(self.ingest(job))
+        self.ingesting.add_done_callback(_fatal_if_failed)
         job.store.announce(self.addr_key, self.leader_url)
 
+    async def ingest(self, job) -> None:
+        """Results the other processes logged, into the job's inbox once each. Those the job already holds
+        (``open`` loaded every open result) or that are decided are skipped; one taken from the list and
+        lost with this process is still open in Redis, so the next leader's ``open`` loads it."""
+        from contract.codecs import decode_delta
+
+        store = job.store
+        held = {u.seq for u in job.inbox} | set(job._undecided) | set(job._blobs)
+        while True:
+            seqs = await asyncio.to_thread(store.take_remote, 1.0)
+            if not seqs:
+                continue
+            for row in await asyncio.to_thread(store.result_rows, seqs):
+                if row["seq"] in held or row["applied_step"] is not None or row["dropped"] is not None:
+                    continue
+                delta = await asyncio.to_thread(lambda b=row["delta_blob"]: decode_delta(store.get_blob(b)))
+                held.add(row["seq"])
+                job.take_remote(row, delta)
+
     async def stop(self) -> None:
+        if self.ingesting is not None:
+            self.ingesting.cancel()
+            await asyncio.gather(self.ingesting, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()   # the job persists its model (fenced: the lock is still held)
         await asyncio.to_thread(self.lock.release)
@@ -207,8 +311,9 @@ class Node:
         return self.leader_url
 
 
-def result_cap(config) -> int:
-    """The largest body the job takes (``Job.max_body``: 4 bytes a float of the delta + the slack)."""
+def result_cap(config) -> tuple[int, dict]:
+    """The largest body the job takes (``Job.max_body``: 4 bytes a float of the delta + the slack), and the
+    delta's spec (names, shapes, dtypes) a result is checked against."""
     import math
 
     import torch
@@ -218,7 +323,7 @@ def result_cap(config) -> int:
 
     with torch.random.fork_rng():
         spec = delta_spec(registry.build(config.model))
-    return 4 * sum(math.prod(s) for s, _ in spec.values()) + config.body_slack_bytes
+    return 4 * sum(math.prod(s) for s, _ in spec.values()) + config.body_slack_bytes, spec
 
 
 def no_leader(why: str):
@@ -261,9 +366,8 @@ def public_app(node: Node):
             return web.json_response(slow_sender(seconds, got).body(), status=408)
         return b"".join(chunks)
 
-    async def forward(request: web.Request) -> web.StreamResponse:
-        body = None
-        if request.body_exists:
+    async def forward(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
+        if body is None and request.body_exists:
             body = await read_all(request)
             if isinstance(body, web.Response):
                 return body
@@ -298,6 +402,24 @@ def public_app(node: Node):
             # once more (a kept-alive connection the leader had closed, or a new leader announced meanwhile)
         return no_leader(why)
 
+    async def result(request: web.Request) -> web.StreamResponse:
+        """A result: taken here while another process leads (``LocalIntake``), else the leader's."""
+        if node.lock.held or node.local is None:
+            return await forward(request)
+        body = await read_all(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            answer = await asyncio.to_thread(node.local.take, request.match_info["unit_id"], body,
+                                             request.headers.get("Authorization"))
+        except Exception:   # Redis or the blob folder in trouble: the leader may still take it
+            log.exception("taking a result here failed; passing it to the leader")
+            answer = None
+        if answer is None:
+            node.local.passed += 1
+            return await forward(request, body)
+        return web.json_response(answer[0], status=answer[1])
+
     async def blob(request: web.Request) -> web.StreamResponse:
         blob_id = request.match_info["blob_id"]
         path = node.blobs / blob_id if is_blob_id(blob_id) else None
@@ -314,8 +436,11 @@ def public_app(node: Node):
 
     async def cluster(request: web.Request) -> web.Response:
         leader = await node.leader()
+        local = node.local
         return web.json_response({"process": node.name, "pid": os.getpid(), "leader": node.lock.held,
-                                  "leader_url": leader, "job": node.config.job},
+                                  "leader_url": leader, "job": node.config.job,
+                                  "results_taken": local.taken if local else 0,
+                                  "results_passed_to_leader": local.passed if local else 0},
                                  headers={"Cache-Control": "no-cache"})
 
     async def lifecycle(app: web.Application):
@@ -332,6 +457,7 @@ def public_app(node: Node):
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/api/v1/blobs/{blob_id}", blob)
     app.router.add_get("/api/v1/cluster", cluster)
+    app.router.add_post("/api/v1/units/{unit_id}/result", result)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 

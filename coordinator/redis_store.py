@@ -50,8 +50,51 @@ if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED this process no longer holds the leader lock')
 end
 local cmds = cjson.decode(ARGV[2])
-for _, c in ipairs(cmds) do redis.call(unpack(c)) end
+local i = 1
+while i <= #cmds do
+  local c = cmds[i]
+  if c[1] == 'CAS' then   -- {'CAS', key, field, expected, n}: skip the next n commands unless the field holds expected
+    if redis.call('HGET', c[2], c[3]) ~= c[4] then i = i + tonumber(c[5]) end
+  else
+    redis.call(unpack(c))
+  end
+  i = i + 1
+end
 return #cmds
+"""
+
+# Append one accepted result and end its unit, in one atomic step. ARGV: prefix, unit id, the row's
+# fields (JSON list), samples, staleness, finished (JSON), the lock key and token ('': no fence), '1' when
+# the unit must still be out (a process that does not lead: else -2, the leader decides), '1' to tell the
+# leader (r:remote). -1: the unit already has a result.
+APPEND_RESULT = """
+local p, unit_id = ARGV[1], ARGV[2]
+if ARGV[8] ~= '' and redis.call('GET', ARGV[7]) ~= ARGV[8] then
+  return redis.error_reply('FENCED this process no longer holds the leader lock')
+end
+if redis.call('HEXISTS', p .. 'r:unit', unit_id) == 1 then return -1 end
+local ukey = p .. 'u:' .. unit_id
+local st = redis.call('HGET', ukey, 'status')
+if ARGV[9] == '1' and st ~= '"leased"' and st ~= '"expired"' then return -2 end
+local seq = redis.call('INCR', p .. 'r:seq')
+local fields = cjson.decode(ARGV[3])
+redis.call('HSET', p .. 'r:unit', unit_id, seq)
+redis.call('HSET', p .. 'r:' .. seq, 'seq', seq, unpack(fields))
+redis.call('RPUSH', p .. 'r:all', seq)
+redis.call('SADD', p .. 'r:open', seq)
+redis.call('HINCRBY', p .. 'tot', 'accepted', 1)
+redis.call('HINCRBY', p .. 'tot', 'samples', ARGV[4])
+redis.call('HINCRBY', p .. 'stale', ARGV[5], 1)
+if st then
+  redis.call('HSET', ukey, 'status', '"done"', 'finished', ARGV[6])
+  redis.call('HINCRBY', p .. 'u:count', string.sub(st, 2, -2), -1)
+  redis.call('HINCRBY', p .. 'u:count', 'done', 1)
+  redis.call('ZREM', p .. 'u:leased', unit_id)
+  redis.call('ZREM', p .. 'u:deadline', unit_id)
+  redis.call('ZREM', p .. 'u:expired', unit_id)
+end
+if ARGV[10] == '1' then redis.call('RPUSH', p .. 'r:remote', seq) end
+return seq
 """
 
 UNIT_FIELDS = ("unit_id", "worker_id", "shard_ids", "base_step", "lr", "seed", "issued", "deadline", "samples",
@@ -83,6 +126,7 @@ class RedisStore:
         self.p = prefix(job)
         self.r = redis.Redis.from_url(url, decode_responses=True)
         self._exec = self.r.register_script(FENCED_EXEC)
+        self._append = self.r.register_script(APPEND_RESULT)
         self._buffer: list[list[str]] | None = None   # commands of the open transaction
         self._depth = 0
         self._rows_r: dict[int, dict] = {}   # changes of the open transaction, read back by later reads in it
@@ -190,6 +234,10 @@ class RedisStore:
         row.update(self._decode(raw))
         row.update(self._rows_r.get(seq, {}))
         return row
+
+    def result_rows(self, seqs) -> list[dict]:
+        """The rows of results ``seqs`` (those that exist), in that order."""
+        return self._result_rows(seqs)
 
     def _result_rows(self, seqs) -> list[dict]:
         seqs = [int(s) for s in seqs]
@@ -395,7 +443,22 @@ class RedisStore:
             self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
 
     def _move(self, unit: dict, status: str, finished: float) -> None:
-        """A unit's status changes (its indexes and counts with it)."""
+        """A unit's status changes (its indexes and counts with it), only if it still has the status read
+        (``CAS``: a process that does not lead may have logged its result meanwhile)."""
+        old, uid = unit["status"], unit["unit_id"]
+        guard = ["CAS", f"{self.p}u:{uid}", "status", json.dumps(old), 0]
+        if self._buffer is not None:
+            self._buffer.append(guard)
+            start = len(self._buffer)
+            self._move_commands(unit, status, finished)
+            guard[4] = str(len(self._buffer) - start)
+        else:
+            with self.transaction():
+                self._buffer.append(guard)
+                self._move_commands(unit, status, finished)
+                guard[4] = str(len(self._buffer) - 1)
+
+    def _move_commands(self, unit: dict, status: str, finished: float) -> None:
         old, uid = unit["status"], unit["unit_id"]
         self._set_unit(uid, {"status": status, "finished": finished})
         self._w("HINCRBY", self.p + "u:count", old, -1)
@@ -443,6 +506,8 @@ class RedisStore:
             return False
         with self.transaction():
             self._move(unit, status, self.clock())
+        if self._depth == 0:   # the move is guarded: another process may have logged the unit's result first
+            return (self.unit(unit_id) or {}).get("status") == status
         return True
 
     def expire_leases(self, now: float) -> list[dict]:
@@ -451,6 +516,9 @@ class RedisStore:
         with self.transaction():
             for u in rows:
                 self._move(u, "expired", now)
+        if rows and self._depth == 0:   # a result another process logged meanwhile wins: not expired
+            now_in = {u["unit_id"]: u["status"] for u in self._unit_rows([u["unit_id"] for u in rows])}
+            rows = [u for u in rows if now_in.get(u["unit_id"]) == "expired"]
         return [{"unit_id": u["unit_id"], "shard_ids": u["shard_ids"], "twin": u["twin"],
                  "replica_of": u["replica_of"]} for u in rows]
 
@@ -498,28 +566,61 @@ class RedisStore:
     def add_result(self, unit_id: str, worker_id: str, base_step: int, staleness: int, num_samples: int,
                    loss_before: float, loss_after: float, compute_seconds: float, delta_blob: str,
                    check_state: str | None = None) -> int | None:
-        """Append an accepted result and close its unit; None when ``unit_id`` was already accepted
-        (only the leader writes, so the look and the write cannot interleave with another writer's)."""
-        if self.r.hexists(self.p + "r:unit", unit_id):
+        """Append an accepted result and close its unit; None when ``unit_id`` was already accepted (here
+        or by another process: the look and the write are one script). Applied at once, also inside a
+        transaction (the writes buffered before it go first)."""
+        seq = self._append_script(unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
+                                  compute_seconds, delta_blob, check_state, leader=True)
+        if seq < 0:
             return None
-        seq = int(self.r.incr(self.p + "r:seq"))
-        now = self.clock()
-        with self.transaction():
-            self._w("HSET", self.p + "r:unit", unit_id, seq)
-            self._set_result(seq, {"seq": seq, "unit_id": unit_id, "worker_id": worker_id, "base_step": base_step,
-                                   "staleness": staleness, "num_samples": num_samples, "loss_before": loss_before,
-                                   "loss_after": loss_after, "compute_seconds": compute_seconds,
-                                   "delta_blob": delta_blob, "accepted": now, "applied_step": None, "dropped": None,
-                                   "check_state": check_state, "offered_step": None, "offer_rank": None})
-            self._w("RPUSH", self.p + "r:all", seq)
-            self._w("SADD", self.p + "r:open", seq)
-            self._w("HINCRBY", self.p + "tot", "accepted", 1)
-            self._w("HINCRBY", self.p + "tot", "samples", num_samples)
-            self._w("HINCRBY", self.p + "stale", staleness, 1)
-            unit = self.unit(unit_id)
-            if unit is not None:
-                self._move(unit, "done", now)
+        self._unleased(unit_id)
         return seq
+
+    def _append_script(self, unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
+                       compute_seconds, delta_blob, check_state, leader: bool) -> int:
+        fields = []
+        for k, v in (("unit_id", unit_id), ("worker_id", worker_id), ("base_step", base_step),
+                     ("staleness", staleness), ("num_samples", num_samples), ("loss_before", loss_before),
+                     ("loss_after", loss_after), ("compute_seconds", compute_seconds), ("delta_blob", delta_blob),
+                     ("accepted", self.clock()), ("applied_step", None), ("dropped", None),
+                     ("check_state", check_state), ("offered_step", None), ("offer_rank", None)):
+            fields += [k, json.dumps(v)]
+        token, lock = "", self.p + "leader"
+        if leader and self.fence is not None:
+            token, lock = self.fence.token, self.fence.key
+            if not token:
+                raise Fenced("this process no longer holds the leader lock")
+        if leader and self._buffer:   # what the transaction wrote so far goes first
+            pending, self._buffer[:] = list(self._buffer), []
+            self._flush(pending)
+        try:
+            return int(self._append(args=[self.p, unit_id, json.dumps(fields), int(num_samples), int(staleness),
+                                          json.dumps(self.clock()), lock, token, "" if leader else "1",
+                                          "" if leader else "1"]))
+        except redis.ResponseError as e:
+            if "FENCED" in str(e):
+                raise Fenced(str(e)) from None
+            raise
+
+    def append_result(self, unit_id: str, worker_id: str, base_step: int, staleness: int, num_samples: int,
+                      loss_before: float, loss_after: float, compute_seconds: float, delta_blob: str) -> int:
+        """A result checked by a process that does not lead, logged in one atomic step while its unit is
+        still out; the leader takes it from ``r:remote`` (``take_remote``). Returns its seq, -1 when the unit
+        already has a result, -2 when the unit is no longer out (the leader decides then)."""
+        return self._append_script(unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
+                                   compute_seconds, delta_blob, None, leader=False)
+
+    def take_remote(self, block_s: float = 0.0) -> list[int]:
+        """Seqs of results other processes logged since the last call (waiting up to ``block_s`` for one)."""
+        key = self.p + "r:remote"
+        out = []
+        if block_s > 0:
+            first = self.r.blpop([key], timeout=block_s)
+            if first is None:
+                return []
+            out.append(int(first[1]))
+        more = self.r.lpop(key, 1000)
+        return out + [int(x) for x in more or []]
 
     def mark_dropped(self, dropped: list[tuple[int, str]], offered: list[tuple[int, int, int]] = ()) -> None:
         with self.transaction():
