@@ -10,7 +10,8 @@ Every process serves the job's whole protocol on its own port (workers and tabs 
   not a browser's gzip request straight from the shared blob directory (``--blob-dir``); a result,
   in a process that does not lead, checked and logged there (``LocalIntake``: the leader's own
   intake checks on the rows in Redis, the delta's blob written, the row appended atomically while
-  its unit is out), and the leader folds it (``Node.ingest``); everything else (unit requests,
+  its unit is out), and the leader folds it (``Node.ingest``; the answer waits until the leader
+  holds it, ``Node.until_ingested``); everything else (unit requests,
   failure reports, refusals, the dashboard) forwarded to the leader's service, the body read
   first, with the client's address appended to ``X-Forwarded-For`` (rate limits and the replica
   address check still see the real client). While no leader answers (a takeover), a forwarded
@@ -45,6 +46,8 @@ log = logging.getLogger("crowdtrain.coordinator")
 POLL_S = 0.5                 # how often a process that does not lead tries the lock
 ADDRESS_CACHE_S = 1.0        # how long a process trusts the leader address it read
 RETRY_AFTER_S = 1            # a request that found no leader: retry this soon
+INGEST_WAIT_S = 2.0          # a result taken here is answered once the leader holds it, or after this long
+INGEST_POLL_S = 0.01         # how often a waiting process looks whether the leader took its results
 LOST_EXIT = 75               # exit status of a leader that lost its lock (EX_TEMPFAIL: restart me)
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
                "transfer-encoding", "upgrade", "host", "content-length"}
@@ -159,9 +162,9 @@ class LocalIntake:
         self.tokens = load_tokens(cfg.worker_tokens) if cfg.worker_tokens else frozenset()
         self.taken = self.passed = 0
 
-    def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int] | None:
-        """(answer, HTTP status) when this process logged the result (or it is a duplicate); None when the
-        leader must decide. Blocking: run it in a thread."""
+    def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int, int | None] | None:
+        """(answer, HTTP status, the result's seq) when this process logged the result (or it is a duplicate:
+        no seq); None when the leader must decide. Blocking: run it in a thread."""
         from coordinator.intake import Rejection
         from coordinator.limits import bearer
 
@@ -188,12 +191,12 @@ class LocalIntake:
                                        result.compute_seconds, blob)
         if seq == -1:
             return {"error": {"code": "duplicate", "field": "result.unit_id",
-                              "message": f"a result for unit {unit_id!r} was already accepted"}}, 409
+                              "message": f"a result for unit {unit_id!r} was already accepted"}}, 409, None
         if seq < 0:
             return None
         self.taken += 1
         return {"accepted": True, "staleness": accepted.staleness, "model_version": step,
-                "late": accepted.late}, 200
+                "late": accepted.late}, 200, seq
 
 
 class Node:
@@ -218,6 +221,9 @@ class Node:
         self.max_body, self.spec = result_cap(config)
         self.local: LocalIntake | None = None   # results taken here while another process leads
         self.ingesting: asyncio.Task | None = None
+        self.ingested_key = prefix(config.job) + "r:ingested"
+        self._waiters: list[tuple[int, asyncio.Future]] = []   # results taken here the leader has not yet
+        self._watching: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ election
     async def elect(self) -> None:
@@ -288,6 +294,35 @@ class Node:
                 delta = await asyncio.to_thread(lambda b=row["delta_blob"]: decode_delta(store.get_blob(b)))
                 held.add(row["seq"])
                 job.take_remote(row, delta)
+            await asyncio.to_thread(store.r.set, self.ingested_key, max(seqs))   # the processes that took them answer
+
+    async def until_ingested(self, seq: int) -> bool:
+        """Wait (at most ``INGEST_WAIT_S``) until the leader holds result ``seq``: the worker's next unit,
+        cut by the leader, then starts from a model with it folded in, as with one process (app.fresh_base).
+        True when it does."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, future))
+        if self._watching is None or self._watching.done():
+            self._watching = asyncio.create_task(self._watch())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), INGEST_WAIT_S)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._waiters = [(s, f) for s, f in self._waiters if f is not future]
+
+    async def _watch(self) -> None:
+        """One look at what the leader took every ``INGEST_POLL_S`` while results wait for it."""
+        while self._waiters:
+            try:
+                raw = await asyncio.to_thread(self.lock.r.get, self.ingested_key)
+            except Exception:   # Redis in trouble: the waits end by their timeout
+                raw = None
+            done = int(raw) if raw is not None else -1
+            for seq, future in self._waiters:
+                if seq <= done and not future.done():
+                    future.set_result(True)
+            await asyncio.sleep(INGEST_POLL_S)
 
     async def stop(self) -> None:
         if self.ingesting is not None:
@@ -418,7 +453,10 @@ def public_app(node: Node):
         if answer is None:
             node.local.passed += 1
             return await forward(request, body)
-        return web.json_response(answer[0], status=answer[1])
+        body_out, status, seq = answer
+        if seq is not None:
+            await node.until_ingested(seq)
+        return web.json_response(body_out, status=status)
 
     async def blob(request: web.Request) -> web.StreamResponse:
         blob_id = request.match_info["blob_id"]
