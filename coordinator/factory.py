@@ -98,6 +98,7 @@ class UnitFactory:
         self.pairs = {(e["from"], e["target"]): e["blob"] for e in saved if "from" in e}
         self.seen: OrderedDict[str, int] = OrderedDict()      # version blob -> step, for units cut from it lately
         self._target: tuple[str, dict] | None = None          # the last decoded version (a version delta's target)
+        self._no_half: set[str] = set()                       # versions with a value beyond fp16's range
 
     # ------------------------------------------------------------------ handing out
     def codec_for(self, offered: tuple[str, ...]) -> str | None:
@@ -340,17 +341,40 @@ class UnitFactory:
         """``base`` as an fp16 blob (made once per version; dropped once none of its units is out), or
         ``base.blob`` when replicated checks are on (a replica must fetch the same bytes later) or a
         value does not fit in fp16."""
-        if self.config.replication != "off":
+        if self.config.replication != "off" or base.blob in self._no_half:
             return base.blob
         entry = self.half.get(base.blob)
         if entry is None or self.store.blob_path(entry["blob"]) is None:
-            try:
-                data = encode_delta(get_codec("fp16"), decode_delta(self.store.get_blob(base.blob)))
-            except ContractError:
-                return base.blob
-            entry = self.half[base.blob] = {"blob": self.store.put_blob(data), "units": []}
+            entry = self.add_half(base, self.make_half(base))   # blocking: see ``wanted_half``
+        return base.blob if entry is None else entry["blob"]
+
+    def wanted_half(self, base: Base, held: tuple[str, ...]) -> bool:
+        """Would a unit for this request name ``base``'s fp16 copy, not made yet? (The HTTP service makes
+        it in a thread first: ``make_half`` then ``add_half``.)"""
+        if self.config.version_download == "fp32" or self.config.replication != "off" or base.blob in self._no_half:
+            return False
+        entry = self.half.get(base.blob)
+        return (entry is None or self.store.blob_path(entry["blob"]) is None) and self._best_held(base, held) is None
+
+    def make_half(self, base: Base) -> str | None:
+        """``base`` as an fp16 container, written as a blob (blocking; touches nothing but blobs); None
+        when a value does not fit in fp16."""
+        try:
+            data = encode_delta(get_codec("fp16"), decode_delta(self.store.get_blob(base.blob)))
+        except ContractError:
+            return None
+        return self.store.put_blob(data)
+
+    def add_half(self, base: Base, blob: str | None) -> dict | None:
+        """Keep ``make_half``'s copy of ``base`` (older copies are swept once per new copy)."""
+        if blob is None:
+            self._no_half.add(base.blob)
+            return None
+        entry = self.half.get(base.blob)
+        if entry is None or self.store.blob_path(entry["blob"]) is None:
+            entry = self.half[base.blob] = {"blob": blob, "units": []}
             self._sweep_half(keep=base.blob)   # once per new copy (each request would cost a pass over the units)
-        return entry["blob"]
+        return entry
 
     def _sweep_half(self, keep: str) -> None:
         """Delete the fp16 copies of older versions whose units are no longer out, but (unless

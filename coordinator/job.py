@@ -158,6 +158,7 @@ class Job:
         self.agg_times = AggTimes()
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
         self._publishing: dict[int, asyncio.Future] = {}   # step -> the write of its model blob in flight
+        self._halving: dict[str, asyncio.Future] = {}      # version blob -> the write of its fp16 copy in flight
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self._offered: dict[int, tuple[int, int]] = {}   # seq -> (version, rank) it was offered at, until decided
         self._undecided: dict[int, str] = {}  # seq -> worker, for updates offered and not yet folded nor dropped
@@ -373,7 +374,19 @@ class Job:
         """Make, in a thread, the version delta that a unit cut from ``base`` for this request would carry
         (``UnitFactory.wanted_pair``); ``next_unit`` would otherwise make it on the event loop. A held id
         that is not a model version of this job is left to ``next_unit`` (which then sends the whole base)."""
-        held = self.factory.wanted_pair(base, request.held) if request.held and not self.finished else None
+        if self.finished:
+            return
+        if self.factory.wanted_half(base, request.held):   # the whole version as fp16, made once per version
+            flight = self._halving.get(base.blob)
+            if flight is None:
+                flight = self._halving[base.blob] = asyncio.ensure_future(asyncio.to_thread(self.factory.make_half, base))
+                flight.add_done_callback(lambda _: self._halving.pop(base.blob, None))
+            try:
+                self.factory.add_half(base, await asyncio.shield(flight))
+            except Exception as e:   # the version blob was pruned meanwhile: next_unit takes the current one
+                log.debug("fp16 copy of version %d not made: %s", base.step, e)
+            return
+        held = self.factory.wanted_pair(base, request.held) if request.held else None
         if held is None:
             return
         try:
