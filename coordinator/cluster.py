@@ -59,8 +59,8 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the job's state in Redis (redis://HOST:PORT/DB) instead of STATE/state.db; any "
                         "number of processes started so serve the job, one aggregates (default: none: SQLite)")
     g.add_argument("--blob-dir", type=Path, metavar="DIR",
-                   help="with --redis: the blob directory every process of the job reads and the leader writes "
-                        "(a shared filesystem across hosts) (default: STATE/blobs)")
+                   help="with --redis: the blob directory every process of the job shares (model versions, shards, "
+                        "results' deltas; a shared filesystem across hosts) (default: STATE/blobs)")
     g.add_argument("--leader-ttl", type=_ttl, default=5.0, metavar="S",
                    help="with --redis: seconds a silent leader keeps the lock; another process takes over "
                         "after that (default: 5)")
