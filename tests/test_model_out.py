@@ -45,7 +45,9 @@ def trained_like(name: str, seed: int) -> dict[str, np.ndarray]:
 def torch_logits(name: str, arrays, images=IMAGES, calibrate: np.ndarray | None = None) -> np.ndarray:
     model = export.build_model(name, arrays)
     if calibrate is not None:
-        recalibrate_bn(model, torch.from_numpy(np.ascontiguousarray(calibrate)))
+        recipe = registry.get(name).recipe     # augmented as the model trains, as the coordinator does
+        recalibrate_bn(model, torch.from_numpy(np.ascontiguousarray(calibrate)), crop_pad=recipe.crop_pad,
+                       flip=recipe.flip)
     with torch.no_grad():
         return model(torch.from_numpy(images).float()).numpy()
 
@@ -291,7 +293,8 @@ async def test_http_model_download(aiohttp_client, tmp_path):
     (tmp_path / "best.onnx").write_bytes(await resp.read())
     _, acc = export.evaluate(export.load_predictor(tmp_path / "best.onnx"), DATA.test_x, DATA.test_y)
     model = export.build_model("resnet_fast", arrays)
-    recalibrate_bn(model, torch.from_numpy(DATA.train_x))
+    recipe = registry.get("resnet_fast").recipe
+    recalibrate_bn(model, torch.from_numpy(DATA.train_x), crop_pad=recipe.crop_pad, flip=recipe.flip)
     assert abs(acc - evaluate(model, torch.from_numpy(DATA.test_x), torch.from_numpy(DATA.test_y))[1]) < 1e-9
     assert abs(acc - recorded["test_acc"]) <= 1 / len(DATA.test_y)   # (a near-tie may fall either way)
 

@@ -119,6 +119,24 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
     assert (out_dir / "curves.png").exists()
 
 
+def test_recalibration_augments_like_training_and_is_deterministic():
+    """Batch-norm statistics re-estimated on images cropped and flipped as the recipe trains (the
+    evaluator's and the export's), reproducibly: the same seed gives the same statistics."""
+    torch.manual_seed(0)
+    model = registry.build("resnet_fast")
+    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8)
+
+    def stats(**aug) -> dict:
+        recalibrate_bn(model, x, batch=32, **aug)
+        return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
+
+    plain, first, again = stats(), stats(crop_pad=4, flip=True), stats(crop_pad=4, flip=True)
+    other_seed = stats(crop_pad=4, flip=True, seed=1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.allclose(first[k], plain[k]) for k in first), "augmentation changed no statistic"
+    assert not all(torch.equal(first[k], other_seed[k]) for k in first), "the seed changed nothing"
+
+
 def test_cli_help_lists_subcommands():
     out = subprocess.run([*CROWDTRAIN, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and all(c in out.stdout for c in ("train", "models", "data", "run"))
