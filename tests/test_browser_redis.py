@@ -1,0 +1,83 @@
+"""A real Chromium tab (worker_web/drive.mjs, as tests/test_browser.py drives it) trains through the
+process that does not lead of two ``crowdtrain coordinator --redis`` processes, and the leader is
+killed with ``kill -9`` while it does: the tab carries on through the takeover, every result it
+sent is accepted and folded once, and the ledger in Redis says so.
+
+About a minute on 2 cores, so it runs only when asked (``CROWDTRAIN_BROWSER_REDIS=1``); the Redis
+tests that CI runs are tests/test_redis.py and tests/test_deploy_redis.py.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests import test_redis as TR
+from tests.helpers.cluster import free_port
+from tests.helpers.tiny_cifar import write_official_archive
+from tests.test_browser import HAVE_BROWSER, drive, get
+
+pytestmark = [
+    pytest.mark.skipif(not os.environ.get("CROWDTRAIN_BROWSER_REDIS"),
+                       reason="set CROWDTRAIN_BROWSER_REDIS=1 (about a minute: a tab through two Redis-backed "
+                              "processes, kill -9 of the leader)"),
+    pytest.mark.skipif(TR.REDIS is None, reason="redis-server is not installed"),
+    pytest.mark.skipif(not HAVE_BROWSER, reason="needs node, /usr/bin/chromium and worker_web/node_modules"),
+    pytest.mark.timeout(600),
+]
+
+ARGS = ("--model", "cnn", "--batch-size", "32", "--shard-size", "64", "--local-steps", "4", "--eval-every", "2",
+        "--epochs", "3", "--leader-ttl", "2")
+
+
+def test_a_tab_trains_through_the_other_process_across_kill_9_of_the_leader(tmp_path, monkeypatch):
+    from coordinator.redis_store import RedisStore
+
+    port = free_port()
+    redis_proc = subprocess.Popen([TR.REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    monkeypatch.setattr(TR, "ARGS", ARGS)
+    ps = TR.Processes(tmp_path, url, write_official_archive(tmp_path / "data", n_train=512, n_test=100))
+    try:
+        ps.start(0)
+        ps.start(1)
+        first = ps.leader()
+        other = 1 - first
+        deadline = time.time() + 300
+        while get(f"{ps.url(other)}/api/v1/steps/cnn/32")[0] != 200:   # the browser's step graph
+            assert time.time() < deadline, ps.logs()
+            time.sleep(1)
+        killed = []
+
+        def kill_the_leader() -> None:
+            while ps.status(other)["units_accepted"] < 3:
+                time.sleep(0.3)
+            killed.append(ps.cluster(other)["results_taken"])
+            ps.procs[first].send_signal(signal.SIGKILL)
+
+        threading.Thread(target=kill_the_leader, daemon=True).start()
+        out = drive(f"{ps.url(other)}/?throttle=100&threads=1", "--click", "--units", "8", "--timeout", "300")
+        assert out["ok"], out
+        assert killed and killed[0] >= 1, "the tab's results were taken by the process it talks to, before the kill"
+        assert out["state"]["unitsDone"] >= 8 and ps.cluster(other)["leader"]
+        deadline = time.time() + 60
+        while (job := ps.status(other))["updates_applied"] < job["units_accepted"]:
+            assert time.time() < deadline, job
+            time.sleep(0.5)
+        store = RedisStore(url, "cifar10", tmp_path / "state" / "blobs")
+        rows = store.ledger()
+        assert len(rows) == len({r["unit_id"] for r in rows}) == job["units_accepted"] >= 8
+        assert all(r["applied_step"] is not None and r["dropped"] is None for r in rows), "each folded once"
+        assert job["samples"] == sum(r["num_samples"] for r in rows)
+        print(f"tab: {out['state']['unitsDone']} units, {killed[0]} results taken by the other process before the "
+              f"kill; console: {[ln for ln in out['console'] if 'error' in ln.lower()]}")
+    finally:
+        ps.stop()
+        redis_proc.kill()
+        redis_proc.wait(10)
