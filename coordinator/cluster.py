@@ -285,16 +285,29 @@ class Node:
         store = job.store
         held = {u.seq for u in job.inbox} | set(job._undecided) | set(job._blobs)
         while True:
-            seqs = await asyncio.to_thread(store.take_remote, 1.0)
-            if not seqs:
+            try:
+                seqs = await asyncio.to_thread(store.take_remote, 1.0)
+                rows = await asyncio.to_thread(store.result_rows, seqs) if seqs else []
+            except Exception:   # Redis in trouble: the lock's renewal decides whether this process still leads
+                log.exception("taking the other processes' results failed; trying again")
+                await asyncio.sleep(1.0)
                 continue
-            for row in await asyncio.to_thread(store.result_rows, seqs):
+            for row in rows:
                 if row["seq"] in held or row["applied_step"] is not None or row["dropped"] is not None:
                     continue
-                delta = await asyncio.to_thread(lambda b=row["delta_blob"]: decode_delta(store.get_blob(b)))
+                try:
+                    delta = await asyncio.to_thread(lambda b=row["delta_blob"]: decode_delta(store.get_blob(b)))
+                except Exception:   # its row stays open: the next leader's open() offers it again
+                    log.exception("result %d (unit %s): its delta could not be read; left for a restart", row["seq"],
+                                  row["unit_id"])
+                    continue
                 held.add(row["seq"])
                 job.take_remote(row, delta)
-            await asyncio.to_thread(store.r.set, self.ingested_key, max(seqs))   # the processes that took them answer
+            if seqs:
+                try:
+                    await asyncio.to_thread(store.r.set, self.ingested_key, max(seqs))   # their processes answer
+                except Exception:
+                    log.exception("marking results taken failed (their answers wait at most %.0f s)", INGEST_WAIT_S)
 
     async def until_ingested(self, seq: int) -> bool:
         """Wait (at most ``INGEST_WAIT_S``) until the leader holds result ``seq``: the worker's next unit,
