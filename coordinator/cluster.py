@@ -16,7 +16,7 @@ Every process serves the job's whole protocol on its own port (workers and tabs 
   first, with the client's address appended to ``X-Forwarded-For`` (rate limits and the replica
   address check still see the real client). While no leader answers (a takeover), a forwarded
   request gets ``503`` with ``Retry-After``: the Python worker and the tab retry 5xx answers.
-- **Takeover**: the leader renews its lease every ``ttl / 4``; once it stops (``kill -9``),
+- **Takeover**: the leader renews its lease every ``ttl / 6``; once it stops (``kill -9``),
   another process takes the lock within ``--leader-ttl`` seconds, opens the job from Redis
   exactly as a restart does from SQLite (the folds after the persisted version replayed from
   the result log, results neither folded nor dropped offered again), and announces itself.
@@ -125,7 +125,8 @@ def cluster_job(config, url: str, blobs: Path, lock):
 
         def take_remote(self, row: dict, delta: dict) -> None:
             """A result another process checked and logged (``LocalIntake``): what ``Job._log`` does after
-            its own intake, the row aside: the worker's record and speed, then the inbox."""
+            its own intake, the row aside: the worker's record and speed, a tail copy superseded, then the
+            inbox (or dropped, ``quarantined``, if the worker was quarantined since)."""
             from coordinator.job import Inbound
 
             now, worker = self.clock(), row["worker_id"]
@@ -136,8 +137,17 @@ def cluster_job(config, url: str, blobs: Path, lock):
                          max(0.0, row["accepted"] - (unit["issued"] if unit else row["accepted"])))
             with self.store.transaction():
                 self.trust.result(worker, False, row["num_samples"])
-            self.inbox.append(Inbound(row["seq"], delta, row["base_step"], row["num_samples"], worker,
-                                      row["loss_after"], row["delta_blob"]))
+            quarantined = self.trust.quarantined(worker)   # since the other process looked
+            if unit is not None and unit.get("twin") and not quarantined:   # a tail copy issued meanwhile
+                self.store.supersede(unit["twin"])
+            if quarantined:
+                self.store.mark_dropped([(row["seq"], "quarantined")])
+                self._delete_blobs([row["delta_blob"]])
+                if unit is not None and not self.store.twin_alive(unit):
+                    self.factory.requeue(unit["shard_ids"])
+            else:
+                self.inbox.append(Inbound(row["seq"], delta, row["base_step"], row["num_samples"], worker,
+                                          row["loss_after"], row["delta_blob"]))
             self.work.set()
 
     return ClusterJob(config)

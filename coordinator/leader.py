@@ -33,7 +33,7 @@ return 0
 
 
 class LeaderLock:
-    """``key``'s lease; ``ttl_s``: how long a silent leader keeps it; renewed every ``ttl_s / 4``."""
+    """``key``'s lease; ``ttl_s``: how long a silent leader keeps it; renewed every ``ttl_s / 6``."""
 
     def __init__(self, url: str, key: str, ttl_s: float = 5.0):
         self.url, self.key, self.ttl_ms = url, key, int(ttl_s * 1000)
@@ -65,11 +65,12 @@ class LeaderLock:
         return bool(self.token) and bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
 
     def keep(self, on_lost) -> None:
-        """Renew in a thread every ``ttl / 4``; ``on_lost()`` (in that thread) once the lock is lost, or
-        once renewals failed (Redis unreachable) for longer than the lease lasts."""
+        """Renew in a thread every ``ttl / 6``; ``on_lost()`` (in that thread) once the lock is lost, or
+        once renewals failed (Redis unreachable) for longer than the lease lasts. A process starved of CPU
+        for longer than the lease (a host far busier than its cores) loses it too: a longer ``ttl`` then."""
         def run():
             last_ok = time.monotonic()
-            while not self._stop.wait(self.ttl_ms / 4000):
+            while not self._stop.wait(self.ttl_ms / 6000):
                 try:
                     if self.renew():
                         last_ok = time.monotonic()

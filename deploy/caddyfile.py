@@ -64,7 +64,7 @@ def render(site: str, upstreams: list[str] | None = None, *, email: str | None =
         "TLS": ["tls internal"] if tls_internal else [],
         "MAX_BODY": [max_body],
         "UPSTREAMS": [f"to {u}" for u in upstreams],
-        "HEALTH": [f"health_uri {health_uri}", "health_interval 1s", "health_timeout 2s"] if health_uri else [],
+        "HEALTH": [f"health_uri {health_uri}", "health_interval 1s", "health_timeout 5s"] if health_uri else [],
     }
     text = template if template is not None else TEMPLATE.read_text()
 

@@ -31,7 +31,7 @@ pytestmark = [
 ]
 
 ARGS = ("--model", "cnn", "--batch-size", "32", "--shard-size", "64", "--local-steps", "4", "--eval-every", "2",
-        "--epochs", "3", "--leader-ttl", "2")
+        "--epochs", "3", "--leader-ttl", "3")
 
 
 def test_a_tab_trains_through_the_other_process_across_kill_9_of_the_leader(tmp_path, monkeypatch):

@@ -289,7 +289,7 @@ def test_the_next_leader_reopens_the_job_with_every_update_folded_once(redis_url
 ARGS = ("--model", "cnn", "--shard-size", "64", "--batch-size", "32", "--local-steps", "2", "--codec", "fp32",
         "--strategy", "async_sgd", "--param", "staleness=polynomial", "--param", "staleness_a=1.0",
         "--eval-every", "100000", "--epochs", "50", "--persist-every-s", "100000", "--persist-every-versions", "1000",
-        "--leader-ttl", "2")
+        "--leader-ttl", "3")
 
 
 def call(url: str, payload: bytes | None = None, retry_s: float = 0.0) -> tuple[int, bytes]:
@@ -490,3 +490,42 @@ def test_the_shipped_redis_conf_keeps_every_write_through_kill_9_of_redis(tmp_pa
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_leader_folds_what_other_processes_logged(redis_url, tmp_path):
+    """``ClusterJob.take_remote``: a result another process appended goes to the inbox and is folded once
+    (the worker's record counts it); one from a worker quarantined since is dropped (``quarantined``)."""
+    import asyncio
+    import dataclasses
+
+    from coordinator.cluster import cluster_job
+    from coordinator.config import CoordinatorConfig
+    from coordinator.leader import LeaderLock
+    from coordinator.redis_store import RedisStore
+    from coordinator.trust import Record
+    from tests.helpers.tiny_cifar import tiny_cifar10
+
+    cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
+                            local_steps=2, batch_size=32)
+    lock = LeaderLock(redis_url, "ct:cifar10:leader", 5.0)
+    assert lock.try_acquire()
+    lock.keep(lambda: None)
+    job = cluster_job(cfg, redis_url, tmp_path / "blobs", lock)
+    job.open(tiny_cifar10(n_train=256, n_test=64))
+    other = RedisStore(redis_url, "cifar10", tmp_path / "blobs")
+    zeros = {k: np.zeros_like(v) for k, v in job.state.items()}
+    taken = []
+    for worker in ("w1", "wq"):
+        u = job.next_unit(UnitRequest(worker_id=worker, backend="python"))
+        seq = other.append_result(u.unit_id, worker, u.base_step, 0, u.batch_size, 2.3, 2.2, 1.0,
+                                  other.put_blob(fp32(zeros)))
+        taken.append(seq)
+    job.trust.put(dataclasses.replace(job.trust.get("wq") or Record("wq"), quarantined=True))
+    assert job.store.take_remote() == taken
+    for row in job.store.result_rows(taken):
+        job.take_remote(row, decode_delta(job.store.get_blob(row["delta_blob"])))
+    asyncio.run(job.settle())
+    fates = {r["worker_id"]: (r["applied_step"], r["dropped"]) for r in job.store.ledger()}
+    assert fates == {"w1": (1, None), "wq": (None, "quarantined")}
+    assert job.trust.get("w1").results == 1 and job.workers["w1"].units == 1 and job.step == 1
+    lock.release()
