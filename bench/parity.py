@@ -31,6 +31,7 @@ files), and its section of docs/results.md (not for --quick or --no-docs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import io
 import json
@@ -74,11 +75,12 @@ class Spec:
     name: str
     params: dict = field(default_factory=dict)
     default: bool = False
+    flags: tuple[str, ...] = ()     # more `crowdtrain coordinator` flags (real setups only)
 
     @property
     def label(self) -> str:
         text = self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params.items()) if self.params else "")
-        return text + (" (default)" if self.default else "")
+        return text + (" (default)" if self.default else "") + "".join(f" {f}" for f in self.flags)
 
     def at(self, workers: int) -> dict:
         """The parameters for a setup of ``workers`` workers (a FedAvg round: one unit from each)."""
@@ -87,11 +89,17 @@ class Spec:
         return dict(self.params)
 
 
-def parse_spec(text: str) -> Spec:
-    """``NAME[:k=v,...]``, checked against the strategy registry."""
+def parse_spec(text: str, model: str = "resnet_fast") -> Spec:
+    """``NAME[:k=v,...][+FLAG...]``, checked against the strategy registry; ``default`` is the coordinator's
+    default strategy; each ``+FLAG`` is one more coordinator flag (``default+--unit-lr-linear``)."""
     from coordinator.config import parse_param
     from coordinator.strategies import make_strategy
 
+    text, *flags = text.split("+")
+    if flags:
+        return dataclasses.replace(parse_spec(text, model), flags=tuple(f.strip() for f in flags))
+    if text.strip() == "default":
+        return default_spec(model)
     name, _, rest = text.partition(":")
     params = dict(parse_param(kv) for kv in rest.split(",") if kv.strip()) if rest else {}
     make_strategy(name.strip(), **params)      # an unknown name or parameter fails here, before anything runs
@@ -206,7 +214,7 @@ def coordinator_flags(args, data: str, spec: Spec | None) -> list[str]:
         flags += ["--strategy", spec.name]
         for k, v in spec.at(args.workers).items():
             flags += ["--param", f"{k}={v}"]
-    return flags
+    return flags + list(spec.flags if spec is not None else ())
 
 
 def warm_up(args, data: str, out: Path) -> float:
@@ -600,9 +608,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="passes over them: the sample budget")
     p.add_argument("--test-images", type=int, default=None, help="the first N test images (default: the whole split)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", action="append", default=[], metavar="NAME[:k=v,...]",
+    p.add_argument("--strategy", action="append", default=[], metavar="NAME[:k=v,...][+FLAG]",
                    help="a strategy for the real and simulated setups; repeatable (default: the coordinator's "
-                   "default, then fedavg)")
+                   "default, then fedavg); 'default' names the coordinator's default; '+FLAG' adds a coordinator "
+                   "flag, real setups only (e.g. default+--unit-lr-linear)")
     p.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="one process: torch threads")
     p.add_argument("--workers", type=int, default=2, help="real: worker processes (1 torch thread each)")
@@ -655,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((out / "results.json").read_text())
         report(saved["config"], saved["results"], out, not (args.quick or args.no_docs))
         return 0
-    specs = [parse_spec(s) for s in args.strategy] or [default_spec(args.model), parse_spec("fedavg")]
+    specs = [parse_spec(s, args.model) for s in args.strategy] or [default_spec(args.model), parse_spec("fedavg")]
+    if "sim" in args.setups and any(s.flags for s in specs):
+        raise SystemExit("parity.py: coordinator flags (+FLAG) apply to the real setups only; for the simulator "
+                         "use --sim-set coordinator.KEY=VALUE")
     full = load_cifar10(args.data, progress=False)
     args.train_images = min(args.train_images, len(full.train_y))
     args.test_images = min(args.test_images or len(full.test_y), len(full.test_y))

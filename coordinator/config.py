@@ -157,16 +157,21 @@ class CoordinatorConfig:
     lr: float | None = option(float, None, "peak learning rate of the schedule", "units", lo=0, lo_open=True,
                               none="the model's recipe")
     unit_batch_scale: float = option(
-        float, 0.5, "when --batch-size is not given, units train at this fraction of the recipe's batch size with "
-        "the learning rate scaled alike (linear scaling): more, smaller steps per sample keep each asynchronous "
-        "update small (measured: bench/parity_lab.py, docs/results.md); 1 = the recipe as is", "units", lo=0,
-        lo_open=True, hi=1.0)
+        float, 0.5, "when --batch-size is not given, units train at this fraction of the recipe's batch size (at the "
+        "recipe's learning rate unless --unit-lr-linear): two units in flight, each folded at about half weight, "
+        "then act like one step of the recipe's batch (measured: bench/parity_lab.py, docs/results.md); 1 = the "
+        "recipe's batch", "units", lo=0, lo_open=True, hi=1.0)
     unit_batch_workers: bool = option(
         bool, True, "when --batch-size is not given, with more than 2 Python workers in flight a dense model's unit "
-        "batch is divided further by workers / 2 (a power of two, at least 32) with the learning rate scaled alike: "
-        "N units trained at once from one model act like one step at N times the batch, so smaller steps keep the "
-        "sequential depth (measured with 8 simulated workers: +5 to +6 points, docs/results.md); tabs keep the "
-        "step graph's batch", "units", shown="on")
+        "batch is divided further by workers / 2 (a power of two, at least 32): N units trained at once from one "
+        "model, each folded at about 1/N weight, act like local SGD at N times the unit batch, so the recipe's "
+        "batch is kept (measured with 8 simulated workers, docs/results.md); tabs keep the step graph's batch",
+        "units", shown="on")
+    unit_lr_linear: bool = option(
+        bool, False, "scale a unit's learning rate with its batch (the linear scaling rule: lr x unit batch / "
+        "recipe batch) instead of training every unit at the recipe's schedule; off, because each delta is then "
+        "damped again by its staleness weight and the job learns at about half the recipe's rate per sample "
+        "(measured: -5.1 against -1.6 points with 2 workers, docs/results.md)", "units", shown="off")
     unit_seconds: float | None = option(
         float, 30.0, "browser tabs: a tab's unit is sized from its measured speed (issue to result) to take about "
         "this long, in steps at the step graph's one batch size (at most 4x its previous unit; off when --local-steps "

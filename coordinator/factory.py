@@ -130,8 +130,9 @@ class UnitFactory:
                 return self._issue_sized(worker_id, codec, base, lr, held)
             shards = self.queue.take(set(self.store.leased_shards()))
             batch = self._split_batch(worker_id, sum(self.size_of(x) for x in shards))
-            return self._issue(worker_id, codec, base, shards, lr * batch / self.recipe.batch_size, batch=batch,
-                               held=held)
+            if self.config.unit_lr_linear:
+                lr *= batch / self.recipe.batch_size
+            return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held)
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None

@@ -26,6 +26,7 @@ VALUES = {
     "unit_batch_scale": (["--unit-batch-scale", "0.25"], 0.25),
     "unit_seconds": (["--unit-seconds", "12"], 12.0),
     "unit_batch_workers": (["--no-unit-batch-workers"], False),
+    "unit_lr_linear": (["--unit-lr-linear"], True),
     "model": (["--model", "cnn"], "cnn"),
     "strategy": (["--strategy", "fedbuff"], "fedbuff"),
     "strategy_params": (["--param", "buffer_size=3", "--param", "server_momentum=0.5"],
@@ -243,14 +244,17 @@ def test_docs_list_every_scenario_coordinator_key():
     assert all(f"`{name}`" in text for name in COORDINATOR_KEYS)
 
 
-def test_unit_batch_scale_halves_batch_and_lr_unless_a_batch_is_given():
+def test_unit_batch_scale_halves_the_batch_unless_a_batch_is_given():
     from coordinator.job import unit_recipe
     from models import registry
 
     recipe = registry.get("resnet_fast").recipe
     scaled = unit_recipe(recipe, CoordinatorConfig(state=Path("s")), "dense")
-    assert (scaled.batch_size, scaled.lr) == (recipe.batch_size // 2, recipe.lr / 2)
-    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0), "dense").lr == 0.5
+    assert (scaled.batch_size, scaled.lr) == (recipe.batch_size // 2, recipe.lr)    # at the recipe's lr
+    linear = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_lr_linear=True), "dense")
+    assert (linear.batch_size, linear.lr) == (recipe.batch_size // 2, recipe.lr / 2)
+    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0), "dense").lr == 1.0
+    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0, unit_lr_linear=True), "dense").lr == 0.5
     given = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), batch_size=64, lr=0.1), "dense")
     assert (given.batch_size, given.lr) == (64, 0.1)
     assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_batch_scale=1.0), "dense") == recipe
