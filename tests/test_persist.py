@@ -28,7 +28,8 @@ pytestmark = [
 
 ARGS = ("--model", "cnn", "--limit-train", "2000", "--shard-size", "250", "--batch-size", "32", "--local-steps", "2",
         "--codec", "fp32", "--strategy", "async_sgd", "--param", "staleness=polynomial", "--param", "staleness_a=1.0",
-        "--eval-every", "100000", "--epochs", "50", "--persist-every-s", "100000", "--persist-every-versions", "1000")
+        "--eval-every", "100000", "--epochs", "50", "--persist-every-s", "100000", "--persist-every-versions", "1000",
+        "--version-download", "fp32")   # a unit's base is then the coordinator's model itself (fp16 or deltas otherwise)
 
 
 def post(url: str, payload: bytes, content_type: str) -> tuple[int, bytes]:
