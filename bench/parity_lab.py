@@ -391,6 +391,8 @@ def table(out: Path = OUT) -> str:
         steps = f["local_steps"] or math.ceil(f["shard_size"] * f["shards_per_unit"] / unit_batch)
         extras = [f"{k}={f[k]}" for k in ("rebase_weights", "lookahead", "lr_progress", "jitter", "speed_spread")
                   if f[k] != getattr(Fleet(), k)]
+        if f.get("momentum_tail"):    # a variant tried once and removed (README, "Second round")
+            extras.append(f"momentum_tail={f['momentum_tail']}")
         same = [x for x in base.values() if {**Lab().__dict__, **x["lab"]} == {**Lab().__dict__, **lab}]
         b = min(same, key=lambda x: abs(x["samples"] - r["samples"]), default=None)   # closest in samples
         bt = "-"
