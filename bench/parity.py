@@ -91,7 +91,7 @@ class Spec:
 
 def parse_spec(text: str, model: str = "resnet_fast") -> Spec:
     """``NAME[:k=v,...][+FLAG...]``, checked against the strategy registry; ``default`` is the coordinator's
-    default strategy; each ``+FLAG`` is one more coordinator flag (``default+--unit-lr-linear``)."""
+    default strategy; each ``+FLAG`` is one more coordinator flag (``default+--unit-lr=linear``)."""
     from coordinator.config import parse_param
     from coordinator.strategies import make_strategy
 
@@ -611,7 +611,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategy", action="append", default=[], metavar="NAME[:k=v,...][+FLAG]",
                    help="a strategy for the real and simulated setups; repeatable (default: the coordinator's "
                    "default, then fedavg); 'default' names the coordinator's default; '+FLAG' adds a coordinator "
-                   "flag, real setups only (e.g. default+--unit-lr-linear)")
+                   "flag, real setups only (e.g. default+--unit-lr=linear)")
     p.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="one process: torch threads")
     p.add_argument("--workers", type=int, default=2, help="real: worker processes (1 torch thread each)")

@@ -158,7 +158,7 @@ class CoordinatorConfig:
                               none="the model's recipe")
     unit_batch_scale: float = option(
         float, 0.5, "when --batch-size is not given, units train at this fraction of the recipe's batch size (at the "
-        "recipe's learning rate unless --unit-lr-linear): two units in flight, each folded at about half weight, "
+        "recipe's learning rate, see --unit-lr): two units in flight, each folded at about half weight, "
         "then act like one step of the recipe's batch (measured: bench/parity_lab.py, docs/results.md); 1 = the "
         "recipe's batch", "units", lo=0, lo_open=True, hi=1.0)
     unit_batch_workers: bool = option(
@@ -167,11 +167,13 @@ class CoordinatorConfig:
         "model, each folded at about 1/N weight, act like local SGD at N times the unit batch, so the recipe's "
         "batch is kept (measured with 8 simulated workers, docs/results.md); tabs keep the step graph's batch",
         "units", shown="on")
-    unit_lr_linear: bool = option(
-        bool, False, "scale a unit's learning rate with its batch (the linear scaling rule: lr x unit batch / "
-        "recipe batch) instead of training every unit at the recipe's schedule; off, because each delta is then "
-        "damped again by its staleness weight and the job learns at about half the recipe's rate per sample "
-        "(measured: -5.1 against -1.6 points with 2 workers, docs/results.md)", "units", shown="off")
+    unit_lr: str = option(
+        str, "recipe", "the learning rate of a unit whose batch is smaller than the recipe's: recipe (the schedule's "
+        "lr whatever the batch), split (the schedule's lr at the unit batch scale, scaled down alike when the batch "
+        "is split over the workers in flight) or linear (scaled with the batch, the linear scaling rule); each "
+        "delta is also weighted by its staleness, so linear learns at about half the recipe's rate per sample "
+        "with 2 workers (measured, docs/results.md: -5.1 points against -1.6 for recipe)", "units",
+        choices=("recipe", "split", "linear"))
     unit_seconds: float | None = option(
         float, 30.0, "browser tabs: a tab's unit is sized from its measured speed (issue to result) to take about "
         "this long, in steps at the step graph's one batch size (at most 4x its previous unit; off when --local-steps "

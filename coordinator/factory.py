@@ -130,7 +130,7 @@ class UnitFactory:
                 return self._issue_sized(worker_id, codec, base, lr, held)
             shards = self.queue.take(set(self.store.leased_shards()))
             batch = self._split_batch(worker_id, sum(self.size_of(x) for x in shards))
-            if self.config.unit_lr_linear:
+            if self.config.unit_lr != "recipe":     # split, linear: scaled with the split of the batch
                 lr *= batch / self.recipe.batch_size
             return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held)
         original = self.store.tail_candidate(worker_id)

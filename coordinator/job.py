@@ -109,13 +109,13 @@ class Inbound:
 def unit_recipe(recipe: Recipe, config: CoordinatorConfig, kind: str) -> Recipe:
     """The recipe units train with: the model's, with the config's batch size and peak lr; without an
     explicit batch size, a dense model's batch is ``unit_batch_scale`` of the recipe's, at the same lr
-    (``unit_lr_linear``: the lr scaled alike, the linear scaling rule; ``--lr`` is then the lr at the
+    (``unit_lr="linear"``: the lr scaled alike, the linear scaling rule; ``--lr`` is then the lr at the
     recipe's batch size)."""
     batch = config.batch_size or recipe.batch_size
     lr = config.lr or recipe.lr
     if config.batch_size is None and kind == "dense" and config.unit_batch_scale != 1:
         batch = max(1, round(recipe.batch_size * config.unit_batch_scale))
-        if config.unit_lr_linear:
+        if config.unit_lr == "linear":
             lr *= batch / recipe.batch_size
     return dataclasses.replace(recipe, batch_size=batch, lr=lr)
 

@@ -26,7 +26,7 @@ VALUES = {
     "unit_batch_scale": (["--unit-batch-scale", "0.25"], 0.25),
     "unit_seconds": (["--unit-seconds", "12"], 12.0),
     "unit_batch_workers": (["--no-unit-batch-workers"], False),
-    "unit_lr_linear": (["--unit-lr-linear"], True),
+    "unit_lr": (["--unit-lr", "split"], "split"),
     "model": (["--model", "cnn"], "cnn"),
     "strategy": (["--strategy", "fedbuff"], "fedbuff"),
     "strategy_params": (["--param", "buffer_size=3", "--param", "server_momentum=0.5"],
@@ -197,7 +197,7 @@ def test_scenario_coordinator_section_is_the_configs():
     assert {"max_staleness", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
             "lease_max_s", "lease_first_s", "lease_factor", "keep_versions", "persist_every_s", "persist_every_versions",
             "body_slack_bytes", "replication", "replica_wait_s", "robust", "version_download",
-            "unit_lr_linear"} == set(COORDINATOR_KEYS)
+            "unit_lr"} == set(COORDINATOR_KEYS)
     for name in COORDINATOR_KEYS:
         assert SCHEMA["coordinator"][name].default == C.FIELDS[name].default
         assert SCHEMA["coordinator"][name].help.startswith(C.FIELDS[name].metadata["help"])
@@ -252,10 +252,12 @@ def test_unit_batch_scale_halves_the_batch_unless_a_batch_is_given():
     recipe = registry.get("resnet_fast").recipe
     scaled = unit_recipe(recipe, CoordinatorConfig(state=Path("s")), "dense")
     assert (scaled.batch_size, scaled.lr) == (recipe.batch_size // 2, recipe.lr)    # at the recipe's lr
-    linear = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_lr_linear=True), "dense")
+    linear = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_lr="linear"), "dense")
+    split = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_lr="split"), "dense")
+    assert (split.batch_size, split.lr) == (recipe.batch_size // 2, recipe.lr)
     assert (linear.batch_size, linear.lr) == (recipe.batch_size // 2, recipe.lr / 2)
     assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0), "dense").lr == 1.0
-    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0, unit_lr_linear=True), "dense").lr == 0.5
+    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0, unit_lr="linear"), "dense").lr == 0.5
     given = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), batch_size=64, lr=0.1), "dense")
     assert (given.batch_size, given.lr) == (64, 0.1)
     assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_batch_scale=1.0), "dense") == recipe

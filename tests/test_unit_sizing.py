@@ -212,8 +212,9 @@ def test_python_units_split_their_batch_over_the_workers_in_flight(tmp_path):
     assert (unit.batch_size, factory.in_flight(clock.t)) == (256, 1)
 
 
-def test_unit_lr_linear_scales_a_split_units_lr_with_its_batch(tmp_path):
-    factory, base, _ = split_factory(tmp_path, unit_lr_linear=True)
+@pytest.mark.parametrize("rule", ["split", "linear"])
+def test_unit_lr_split_and_linear_scale_a_split_units_lr_with_its_batch(tmp_path, rule):
+    factory, base, _ = split_factory(tmp_path, unit_lr=rule)
     for i in range(8):
         schedule = lr_at(factory.committed(0) / factory.budget, factory.recipe)
         unit = issue(factory, f"w{i}", base, "python")
