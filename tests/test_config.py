@@ -26,7 +26,7 @@ VALUES = {
     "unit_batch_scale": (["--unit-batch-scale", "0.25"], 0.25),
     "unit_seconds": (["--unit-seconds", "12"], 12.0),
     "unit_batch_workers": (["--no-unit-batch-workers"], False),
-    "unit_lr": (["--unit-lr", "split"], "split"),
+    "unit_lr": (["--unit-lr", "recipe"], "recipe"),
     "model": (["--model", "cnn"], "cnn"),
     "strategy": (["--strategy", "fedbuff"], "fedbuff"),
     "strategy_params": (["--param", "buffer_size=3", "--param", "server_momentum=0.5"],

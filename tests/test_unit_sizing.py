@@ -202,7 +202,7 @@ def test_python_units_split_their_batch_over_the_workers_in_flight(tmp_path):
         schedule = lr_at(factory.committed(0) / factory.budget, factory.recipe)
         unit = issue(factory, f"w{i}", base, "python")
     assert (unit.batch_size, unit.local_steps) == (64, 16)                     # 256 * 2 / 8, the same samples
-    assert math.isclose(unit.hyper["lr"], schedule, rel_tol=1e-9)              # at the schedule's lr
+    assert math.isclose(unit.hyper["lr"], schedule * 64 / 256, rel_tol=1e-9)   # scaled with the split (unit_lr)
     assert factory.store.unit(unit.unit_id)["samples"] == 64 * 16
     for i in range(8, 40):
         unit = issue(factory, f"w{i}", base, "python")
@@ -212,13 +212,13 @@ def test_python_units_split_their_batch_over_the_workers_in_flight(tmp_path):
     assert (unit.batch_size, factory.in_flight(clock.t)) == (256, 1)
 
 
-@pytest.mark.parametrize("rule", ["split", "linear"])
-def test_unit_lr_split_and_linear_scale_a_split_units_lr_with_its_batch(tmp_path, rule):
+@pytest.mark.parametrize("rule, scale", [("split", 64 / 256), ("linear", 64 / 256), ("recipe", 1.0)])
+def test_unit_lr_rule_of_a_split_unit(tmp_path, rule, scale):
     factory, base, _ = split_factory(tmp_path, unit_lr=rule)
     for i in range(8):
         schedule = lr_at(factory.committed(0) / factory.budget, factory.recipe)
         unit = issue(factory, f"w{i}", base, "python")
-    assert unit.batch_size == 64 and math.isclose(unit.hyper["lr"], schedule * 64 / 256, rel_tol=1e-9)
+    assert unit.batch_size == 64 and math.isclose(unit.hyper["lr"], schedule * scale, rel_tol=1e-9)
 
 
 def test_the_split_is_off_with_an_explicit_batch_or_the_option(tmp_path):
