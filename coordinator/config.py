@@ -163,9 +163,9 @@ class CoordinatorConfig:
         "recipe's batch", "units", lo=0, lo_open=True, hi=1.0)
     unit_batch_workers: bool = option(
         bool, True, "when --batch-size is not given, with more than 2 Python workers in flight a dense model's unit "
-        "batch is divided further by workers / 2 (a power of two, at least 32): N units trained at once from one "
-        "model, each folded at about 1/N weight, act like local SGD at N times the unit batch, so the recipe's "
-        "batch is kept (measured with 8 simulated workers, docs/results.md); tabs keep the step graph's batch",
+        "batch is divided further by workers / 2 (a power of two, at least 32), its lr alike with --unit-lr split: "
+        "N units trained at once from one model act like one step at N times the batch, so smaller steps keep the "
+        "sequential depth (measured with 8 simulated workers, docs/results.md); tabs keep the step graph's batch",
         "units", shown="on")
     unit_lr: str = option(
         str, "split", "the learning rate of a unit whose batch is smaller than the recipe's: split (the schedule's "
