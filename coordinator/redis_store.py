@@ -43,7 +43,7 @@ from pathlib import Path
 
 import redis
 
-from coordinator.store import Store, Version
+from coordinator.store import LeasedIndex, Store, Version
 
 FENCED_EXEC = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -112,7 +112,7 @@ def prefix(job: str) -> str:
     return f"ct:{job}:"
 
 
-class RedisStore:
+class RedisStore(LeasedIndex):
     """One job's rows in Redis (``url``: ``redis://HOST:PORT/DB``) and its blobs under ``blob_dir``.
     ``root``: where process-local files live (names.db). ``fence``: the leader lock whose token every
     write checks (``coordinator.leader.LeaderLock``), or None."""
@@ -131,9 +131,7 @@ class RedisStore:
         self._depth = 0
         self._rows_r: dict[int, dict] = {}   # changes of the open transaction, read back by later reads in it
         self._rows_u: dict[str, dict] = {}
-        self._leased: dict[str, tuple[list[str], int]] | None = None
-        self._busy: Counter[str] = Counter()
-        self._leased_samples = 0
+        self._init_leased()
         self._closed = False
         self.syncs = 0
         self.r.ping()
@@ -522,36 +520,10 @@ class RedisStore:
         return [{"unit_id": u["unit_id"], "shard_ids": u["shard_ids"], "twin": u["twin"],
                  "replica_of": u["replica_of"]} for u in rows]
 
-    def leased_shards(self) -> list[str]:
-        self._leased_map()
-        return list(self._busy)
-
-    def _leased_map(self) -> dict[str, tuple[list[str], int]]:
-        if self._leased is None:
-            self._leased, self._busy, self._leased_samples = {}, Counter(), 0
-            for u in self._unit_rows(self.r.zrange(self.p + "u:leased", 0, -1)):
-                if u["status"] == "leased":
-                    self._add_leased(u["unit_id"], u["shard_ids"], 0 if u["replica_of"] else u["samples"])
-        return self._leased
-
-    def _add_leased(self, unit_id: str, shards: list[str], samples: int) -> None:
-        self._leased[unit_id] = (shards, samples)
-        self._busy.update(shards)
-        self._leased_samples += samples
-
-    def _unleased(self, unit_id: str) -> None:
-        entry = self._leased.pop(unit_id, None) if self._leased is not None else None
-        if entry is not None:
-            shards, samples = entry
-            self._busy.subtract(shards)
-            for s in set(shards):
-                if self._busy[s] <= 0:
-                    del self._busy[s]
-            self._leased_samples -= samples
-
-    def leased_samples(self) -> int:
-        self._leased_map()
-        return self._leased_samples
+    def _leased_rows(self):
+        for u in self._unit_rows(self.r.zrange(self.p + "u:leased", 0, -1)):
+            if u["status"] == "leased":
+                yield u["unit_id"], u["shard_ids"], 0 if u["replica_of"] else u["samples"]
 
     def needed_base_steps(self, since: int) -> set[int]:
         ids = self.r.zrange(self.p + "u:leased", 0, -1) + self.r.zrangebyscore(self.p + "u:expired", since, "+inf")

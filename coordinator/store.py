@@ -78,7 +78,54 @@ class Version:
     created: float
 
 
-class Store:
+class LeasedIndex:
+    """Units out on a lease, kept in memory (asked on every unit request), for a store that says how to
+    read them (``_leased_rows``): unit id -> (shards, samples counted: 0 for a replica), the shards'
+    counts and the samples' sum. ``self._leased = None`` makes the next read load them again."""
+
+    def _init_leased(self) -> None:
+        self._leased: dict[str, tuple[list[str], int]] | None = None
+        self._busy: Counter[str] = Counter()
+        self._leased_samples = 0
+
+    def _leased_rows(self):
+        """(unit id, shards, samples counted) of every unit out on a lease."""
+        raise NotImplementedError
+
+    def leased_shards(self) -> list[str]:
+        """The shards of the units out on a lease, each once."""
+        self._leased_map()
+        return list(self._busy)
+
+    def _leased_map(self) -> dict[str, tuple[list[str], int]]:
+        if self._leased is None:
+            self._leased, self._busy, self._leased_samples = {}, Counter(), 0
+            for unit_id, shards, samples in self._leased_rows():
+                self._add_leased(unit_id, shards, samples)
+        return self._leased
+
+    def _add_leased(self, unit_id: str, shards: list[str], samples: int) -> None:
+        self._leased[unit_id] = (shards, samples)
+        self._busy.update(shards)
+        self._leased_samples += samples
+
+    def _unleased(self, unit_id: str) -> None:
+        entry = self._leased.pop(unit_id, None) if self._leased is not None else None
+        if entry is not None:
+            shards, samples = entry
+            self._busy.subtract(shards)
+            for s in set(shards):
+                if self._busy[s] <= 0:
+                    del self._busy[s]
+            self._leased_samples -= samples
+
+    def leased_samples(self) -> int:
+        """Samples out on leases (a replica's are its original's, already counted)."""
+        self._leased_map()
+        return self._leased_samples
+
+
+class Store(LeasedIndex):
     """One job's SQLite database (``state.db``) and blob folder (``blobs/``) under ``root``."""
 
     def __init__(self, root: str | os.PathLike, clock=time.time):
@@ -111,11 +158,7 @@ class Store:
         self.db.execute("CREATE INDEX IF NOT EXISTS results_offered ON results (offered_step, offer_rank)")
         self._wal_fd: int | None = None
         self._closed = False
-        # units out on a lease, kept in memory (asked on every unit request): unit id -> (shards, samples
-        # counted: 0 for a replica), the shards' counts and the samples' sum; None: read the table again
-        self._leased: dict[str, tuple[list[str], int]] | None = None
-        self._busy: Counter[str] = Counter()
-        self._leased_samples = 0
+        self._init_leased()
         self._durable = -1               # total_changes covered by the last fdatasync of the WAL
         self._flight: asyncio.Future | None = None
         self.syncs = 0                   # fdatasyncs of the WAL (one per group of commits)
@@ -369,38 +412,10 @@ class Store:
             self._unleased(r["unit_id"])
         return rows
 
-    def leased_shards(self) -> list[str]:
-        """The shards of the units out on a lease, each once."""
-        self._leased_map()
-        return list(self._busy)
-
-    def _leased_map(self) -> dict[str, tuple[list[str], int]]:
-        if self._leased is None:
-            self._leased, self._busy, self._leased_samples = {}, Counter(), 0
-            for u, s, n, r in self.db.execute("SELECT unit_id, shard_ids, samples, replica_of FROM units "
-                                              "WHERE status = 'leased'"):
-                self._add_leased(u, json.loads(s), 0 if r else n)
-        return self._leased
-
-    def _add_leased(self, unit_id: str, shards: list[str], samples: int) -> None:
-        self._leased[unit_id] = (shards, samples)
-        self._busy.update(shards)
-        self._leased_samples += samples
-
-    def _unleased(self, unit_id: str) -> None:
-        entry = self._leased.pop(unit_id, None) if self._leased is not None else None
-        if entry is not None:
-            shards, samples = entry
-            self._busy.subtract(shards)
-            for s in set(shards):
-                if self._busy[s] <= 0:
-                    del self._busy[s]
-            self._leased_samples -= samples
-
-    def leased_samples(self) -> int:
-        """Samples out on leases (a replica's are its original's, already counted)."""
-        self._leased_map()
-        return self._leased_samples
+    def _leased_rows(self):
+        for u, s, n, r in self.db.execute("SELECT unit_id, shard_ids, samples, replica_of FROM units "
+                                          "WHERE status = 'leased'"):
+            yield u, json.loads(s), 0 if r else n
 
     def needed_base_steps(self, since: int) -> set[int]:
         """Base versions (>= ``since``) that a unit may still come back with, or a buffered result needs."""
