@@ -144,6 +144,7 @@ class UnitRequest:
     codecs: tuple[str, ...] = CODEC_IDS           # codec ids the worker can encode
     models: tuple[str, ...] = ()                  # model names it can train; empty = any
     held: tuple[str, ...] = ()                    # blob ids of model versions it holds (version deltas)
+    error_feedback: bool = False                  # it keeps an error-feedback residual (units may say use it)
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -161,6 +162,7 @@ class UnitRequest:
               f"a list of at most {MAX_HELD} blob ids", self.held)
         for i, bid in enumerate(self.held):
             _str(f"request.held[{i}]", bid, HEX_RE, "a sha256 hex blob id")
+        _bool("request.error_feedback", self.error_feedback)
         object.__setattr__(self, "codecs", tuple(self.codecs))
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "held", tuple(self.held))
@@ -170,11 +172,13 @@ class UnitRequest:
              "codecs": list(self.codecs), "models": list(self.models)}
         if self.held:
             d["held"] = list(self.held)
+        if self.error_feedback:
+            d["error_feedback"] = True
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "UnitRequest":
-        return _from_json(cls, "request", d, optional=("codecs", "models", "held"))
+        return _from_json(cls, "request", d, optional=("codecs", "models", "held", "error_feedback"))
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,7 @@ class WorkUnit:
     lease: str                    # opaque signed token; echoed back in the result
     deadline: float               # unix seconds; results after it are refused
     base_delta: dict | None = None   # {"from": held blob id, "blob": version delta blob id}, or None
+    error_feedback: bool = False  # the worker may add its error-feedback residual to this unit's delta
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -228,6 +233,7 @@ class WorkUnit:
             for key in ("from", "blob"):
                 _str(f"{p}.base_delta.{key}", bd.get(key, MISSING), HEX_RE, "a sha256 hex blob id")
             object.__setattr__(self, "base_delta", {"from": bd["from"], "blob": bd["blob"]})
+        _bool(f"{p}.error_feedback", self.error_feedback)
         object.__setattr__(self, "shard_ids", tuple(self.shard_ids))
         object.__setattr__(self, "hyper", hyper)
         object.__setattr__(self, "deadline", deadline)
@@ -237,11 +243,13 @@ class WorkUnit:
         d["shard_ids"] = list(self.shard_ids)
         if self.base_delta is None:   # only units cut from a version delta carry it
             del d["base_delta"]
+        if not self.error_feedback:   # only units for a worker that said it keeps a residual carry it
+            del d["error_feedback"]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "WorkUnit":
-        return _from_json(cls, "unit", d, optional=("base_delta",))
+        return _from_json(cls, "unit", d, optional=("base_delta", "error_feedback"))
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,21 @@ def test_unit_request_defaults_and_validation():
     assert UnitRequest.from_json(req.to_json()) == req
     assert field_of(lambda: UnitRequest(worker_id="w1", backend="gpu")) == "request.backend"
     assert field_of(lambda: UnitRequest(worker_id="w1", backend="python", codecs=["gzip"])) == "request.codecs"
+    assert req.error_feedback is False and "error_feedback" not in req.to_json()
+
+
+def test_error_feedback_flags_are_optional_booleans_sent_only_when_true():
+    """A worker that keeps an error-feedback residual says so; a unit that may carry it says so; neither
+    appears on the wire otherwise, so workers and coordinators that do not know the field never see it."""
+    req = UnitRequest(worker_id="w1", backend="python", error_feedback=True)
+    assert req.to_json()["error_feedback"] is True and UnitRequest.from_json(req.to_json()) == req
+    assert field_of(lambda: UnitRequest(worker_id="w1", backend="python", error_feedback=1)) == "request.error_feedback"
+    unit = make_golden.example_unit()
+    assert unit.error_feedback is False and "error_feedback" not in unit.to_json()
+    on = dataclasses.replace(unit, error_feedback=True)
+    assert on.to_json()["error_feedback"] is True and WorkUnit.from_json(on.to_json()) == on
+    assert WorkUnit.from_json({**unit.to_json(), "error_feedback": False}) == unit
+    assert field_of(lambda: WorkUnit.from_json({**unit.to_json(), "error_feedback": "yes"})) == "unit.error_feedback"
 
 
 def test_result_body_round_trip_and_check_against_unit():

@@ -1024,7 +1024,7 @@ function messageOf(input, prefix) {
 }
 
 const UNIT_FIELDS = ["job", "unit_id", "model", "model_version", "base_step", "shard_ids", "local_steps", "batch_size",
-  "hyper", "seed", "codec", "lease", "deadline", "base_delta", "protocol"];
+  "hyper", "seed", "codec", "lease", "deadline", "base_delta", "error_feedback", "protocol"];
 
 /**
  * Validate a WorkUnit (Python: `WorkUnit.from_json`), the body of `POST /api/v1/units/next`.
@@ -1032,13 +1032,13 @@ const UNIT_FIELDS = ["job", "unit_id", "model", "model_version", "base_step", "s
  * `input`: the JSON text (string or bytes: exact Python semantics, `2.0` is not an integer) or
  * an already parsed object. Returns a plain object with the keys in Python's `to_json()` order
  * (job, unit_id, model, model_version, base_step, shard_ids, local_steps, batch_size, hyper,
- * seed, codec, lease, deadline, protocol). Throws ContractError: field "unit.<key>" (e.g.
+ * seed, codec, lease, deadline, [base_delta], [error_feedback: true], protocol). Throws ContractError: field "unit.<key>" (e.g.
  * "unit.hyper.lr", "unit.shard_ids[1]", "unit.codec"); `unit.protocol` has code "unsupported_protocol".
  */
 export function checkUnit(input) {
   const p = "unit";
   const d = messageOf(input, p);
-  const get = fromJson(p, d, UNIT_FIELDS, ["base_delta"]);
+  const get = fromJson(p, d, UNIT_FIELDS, ["base_delta", "error_feedback"]);
   const idRule = `an id matching ${ID_PATTERN}`;
   const unit = { job: null, unit_id: null, model: null, model_version: null, base_step: null, shard_ids: null,
     local_steps: null, batch_size: null, hyper: null, seed: null, codec: null, lease: null, deadline: null,
@@ -1076,6 +1076,12 @@ export function checkUnit(input) {
     delete unit.protocol;
     Object.assign(unit, { base_delta: { from, blob }, protocol });   // Python's to_json() order
   }
+  // only a unit for a worker that said it keeps an error-feedback residual carries it (true)
+  if (checkBool(`${p}.error_feedback`, hasKey(d, "error_feedback") ? get("error_feedback") : false)) {
+    const { protocol } = unit;
+    delete unit.protocol;
+    Object.assign(unit, { error_feedback: true, protocol });
+  }
   return unit;
 }
 
@@ -1087,7 +1093,8 @@ export function checkUnit(input) {
 export function checkRequest(input) {
   const p = "request";
   const d = messageOf(input, p);
-  const get = fromJson(p, d, ["worker_id", "backend", "codecs", "models", "protocol"], ["codecs", "models"]);
+  const get = fromJson(p, d, ["worker_id", "backend", "codecs", "models", "error_feedback", "protocol"],
+    ["codecs", "models", "error_feedback"]);
   const has = (k) => hasKey(d, k);
   const protocol = checkProtocol(p, get("protocol"));
   const workerId = checkStr(`${p}.worker_id`, get("worker_id"), ID_RE, `an id matching ${ID_PATTERN}`);
@@ -1098,7 +1105,9 @@ export function checkRequest(input) {
   const models = has("models") ? get("models") : [];
   need(Array.isArray(models), `${p}.models`, "a list of model names", models);
   models.forEach((m) => checkStr(`${p}.models`, m, MODEL_RE, `a model name matching ${MODEL_PATTERN}`));
-  return { protocol, worker_id: workerId, backend, codecs: [...codecs], models: [...models] };
+  const feedback = checkBool(`${p}.error_feedback`, has("error_feedback") ? get("error_feedback") : false);
+  return { protocol, worker_id: workerId, backend, codecs: [...codecs], models: [...models],
+    ...(feedback ? { error_feedback: true } : {}) };
 }
 
 // --- display names (Python: contract/names.py) ---------------------------------------------------
