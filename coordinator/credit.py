@@ -213,7 +213,7 @@ def render_page(body: dict, job: str, model: str, template: Path = TEMPLATE) -> 
 
 
 # ---------------------------------------------------------------------------- what a tab downloads
-WEB_FILES = ("main.js", "worker.js", "contract.js", "style.css")
+WEB_FILES = ("main.js", "worker.js", "contract.js", "feedback.js", "style.css")
 RUNTIME_FILES = {"wasm": ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
                  "webgpu": ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")}
 

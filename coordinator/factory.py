@@ -112,12 +112,14 @@ class UnitFactory:
         return applied + self.store.pending_samples() + self.store.leased_samples()
 
     def make(self, worker_id: str, codec: str, base: Base, applied: int, backend: str | None = None,
-             held: tuple[str, ...] = ()) -> WorkUnit | None:
+             held: tuple[str, ...] = (), error_feedback: bool = False) -> WorkUnit | None:
         """A fresh unit for ``worker_id`` cut from ``base``. Once the budget is committed: a second
         copy of the oldest unit another worker still holds (the job's tail: the first result wins,
         so one slow or vanished worker does not hold the end of the job), or None. ``backend``: the
         request's (a browser's unit is sized to its speed); when not given, the trust record's. ``held``: the
-        model versions the worker says it holds (``_download``)."""
+        model versions the worker says it holds (``_download``). ``error_feedback``: the worker keeps an
+        error-feedback residual (``feedback_allowed``)."""
+        feedback = self.feedback_allowed(codec, error_feedback)
         self.seen[base.blob] = base.step
         self.seen.move_to_end(base.blob)
         while len(self.seen) > VERSIONS_SEEN:
@@ -127,22 +129,31 @@ class UnitFactory:
             lr = lr_at(committed / self.budget, self.recipe)
             if self.config.unit_seconds is not None and not self.config.local_steps and \
                     self._is_browser(worker_id, backend):
-                return self._issue_sized(worker_id, codec, base, lr, held)
+                return self._issue_sized(worker_id, codec, base, lr, held, feedback=feedback)
             shards = self.queue.take(set(self.store.leased_shards()))
             batch = self._split_batch(worker_id, sum(self.size_of(x) for x in shards))
             if self.config.unit_lr != "recipe":     # split, linear: scaled with the split of the batch
                 lr *= batch / self.recipe.batch_size
-            return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held)
+            return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held, feedback=feedback)
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None
         issued = json.loads(original["wire"]) if original.get("wire") else {}
         return self._issue(worker_id, codec, base, original["shard_ids"], original["lr"], twin=original["unit_id"],
-                           steps=issued.get("local_steps"), batch=issued.get("batch_size"), held=held)
+                           steps=issued.get("local_steps"), batch=issued.get("batch_size"), held=held,
+                           feedback=feedback)
+
+    def feedback_allowed(self, codec: str, asked: bool) -> bool:
+        """Whether a unit may carry the worker's error-feedback residual (``WorkUnit.error_feedback``): the
+        worker asked (it keeps one), the codec is lossy (fp32 drops nothing), and replicated checks are
+        off: a replica, and the coordinator's own recomputation, must get the same delta as the original
+        from the unit alone (coordinator/trust.py), and the result to be checked is drawn only when it
+        comes in, so with checks on no unit carries it."""
+        return asked and self.config.replication == "off" and get_codec(codec).id != "fp32"
 
     def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
                twin: str | None = None, steps: int | None = None, version_blob: str | None = None,
-               batch: int | None = None, held: tuple[str, ...] = ()) -> WorkUnit:
+               batch: int | None = None, held: tuple[str, ...] = (), feedback: bool = False) -> WorkUnit:
         now = self.clock()
         base_delta = None
         if version_blob is None:
@@ -162,7 +173,7 @@ class UnitFactory:
                         model_version=version_blob,
                         base_step=base.step, shard_ids=shards, local_steps=steps, batch_size=batch,
                         hyper={"lr": lr, **self.hyper}, seed=seed, codec=codec, lease=lease, deadline=deadline,
-                        base_delta=base_delta)
+                        base_delta=base_delta, error_feedback=feedback)
         self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
                                wire=json.dumps(unit.to_json()), twin=twin)
         self.store.set_meta("queue", self.queue.state())
@@ -289,7 +300,8 @@ class UnitFactory:
         steps = min(steps, GROWTH * self.last_steps.get(worker_id, FIRST_STEPS))
         return min(steps, max(1, MAX_UNIT_SHARDS * max(self.shard_sizes.values()) // batch))
 
-    def _issue_sized(self, worker_id: str, codec: str, base: Base, lr: float, held: tuple[str, ...] = ()) -> WorkUnit:
+    def _issue_sized(self, worker_id: str, codec: str, base: Base, lr: float, held: tuple[str, ...] = (),
+                     feedback: bool = False) -> WorkUnit:
         """A tab's unit: ``sized_steps`` steps at the recipe's batch (the step graph's), on shards that
         hold at least its samples; a tab of unknown speed gets a slice of a shard and an fp16 model."""
         batch = self.recipe.batch_size
@@ -300,7 +312,8 @@ class UnitFactory:
         if not shards or shards[0] is None:
             shards = self._take(max(1, math.ceil(samples / max(self.shard_sizes.values()))), batch)
         version = self._half_version(base) if first and not held else None
-        unit = self._issue(worker_id, codec, base, shards, lr, steps=steps, version_blob=version, held=held)
+        unit = self._issue(worker_id, codec, base, shards, lr, steps=steps, version_blob=version, held=held,
+                           feedback=feedback)
         self.last_steps[worker_id] = steps
         return unit
 

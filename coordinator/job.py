@@ -370,7 +370,7 @@ class Job:
         if base is None or self.store.blob_path(base.blob) is None:
             base = self._base()
         return self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend,
-                                 held=request.held)
+                                 held=request.held, error_feedback=request.error_feedback)
 
     async def prepare_download(self, request: UnitRequest, base: Base) -> None:
         """Make, in a thread, the version delta that a unit cut from ``base`` for this request would carry

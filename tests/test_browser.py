@@ -338,6 +338,27 @@ def test_a_failed_unit_is_reported_and_the_tab_carries_on(cluster, data):
 
 
 @needs_browser
+def test_tab_uploads_with_error_feedback_on_a_lossy_codec(cluster, data):
+    """The tab asks for error feedback; the coordinator's units (top-k, no replicated checks) allow it;
+    the tab's accepted uploads after its first carry the residual of the earlier ones (worker_web/feedback.js,
+    whose arithmetic tests/test_js_contract.py checks against Python's)."""
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "3", "--codec", "topk:0.05")
+    c.start_coordinator()
+    out = drive(f"{c.url}/?throttle=100&threads=1", "--click", "--units", "4", "--timeout", "300")
+    assert out["ok"], out
+    state = out["state"]
+    worker_id = state["workerId"]
+    with c.db() as db:
+        wires = [json.loads(w) for (w,) in db.execute("SELECT wire FROM units WHERE worker_id = ? ORDER BY issued",
+                                                      (worker_id,))]
+    assert len(wires) >= 4 and all(u["codec"] == "topk:0.05" and u.get("error_feedback") is True for u in wires)
+    rows = results_of(c, worker_id)
+    assert len(rows) >= 4 and state["failed"] == 0, (rows, state)
+    assert state.get("feedbackUnits", 0) >= 3, state      # every accepted upload after the first
+    assert not [ln for ln in out["console"] if "error" in ln.lower()], out["console"]
+
+
+@needs_browser
 def test_tab_shows_what_it_costs_and_its_credit_after_a_reload(cluster, data, tmp_path):
     c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "6")
     c.start_coordinator()

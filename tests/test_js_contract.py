@@ -271,6 +271,9 @@ def test_work_unit_validation_agrees():
     for bd in ({"from": bid, "blob": bid}, None, {"blob": bid, "from": bid}, {"from": bid}, {"from": bid, "blob": 7},
                {"from": bid, "blob": bid, "x": 1}, [bid], bid, {}):
         texts.append(json.dumps({**_unit(), "base_delta": bd}))
+    for ef in (True, False, None, 1, 0, "true", [True]):   # error feedback allowed (docs/protocol.md): a bool or absent
+        texts.append(json.dumps({**_unit(), "error_feedback": ef}))
+        texts.append(json.dumps({**_unit(), "base_delta": {"from": bid, "blob": bid}, "error_feedback": ef}))
     answers = run_cli([{"op": "unit", "text": t} for t in texts])
     ok = 0
     for text, answer in zip(texts, answers):
@@ -327,6 +330,51 @@ def test_result_bodies_agree():
             assert js_error(answer) == value, f"Python refuses with {value}, JavaScript says {answer} for {body[:200]!r}"
         else:
             assert _meta(answer["ok"]["meta"]) == value.to_json() and unb64(answer["ok"]["delta"]) == value.delta
+
+
+def test_error_feedback_agrees():
+    """worker_web/feedback.js against worker_py/feedback.py: the same sequence of deltas through error
+    feedback gives byte-identical uploads and bit-identical residuals (float32 d + r and difference),
+    for every codec and flavour of values, or the same refusal."""
+    from worker_py.feedback import feedback_step
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for kind in KINDS:
+        for shapes in ([(7,), (3, 5)], [(1000,)], [(2, 3, 3, 3), ()], [(0,), (17, 13)]):
+            names = [str(n) for n in rng.choice(NAMES, size=len(shapes), replace=False)]
+            steps = [{n: random_values(rng, int(np.prod(s, dtype=np.int64)), kind).reshape(s)
+                      for n, s in zip(names, shapes)} for _ in range(int(rng.integers(2, 7)))]
+            for codec in ("fp32", "fp16", "int8", "topk", "topk:0.1", "topk:0.5"):
+                cases.append((codec, steps))
+    same = [np.full(4, 0.25, np.float32)] * 8   # constant deltas: top-k rotates through every coordinate
+    cases += [("topk:0.25", [{"w": x} for x in same]), ("int8", [{"w": np.array([1.0, np.nan], np.float32)}])]
+    answers = run_cli([{"op": "feedback", "codec": codec, "deltas": [tensors_arg(d) for d in steps]}
+                       for codec, steps in cases])
+
+    def python(codec, steps):
+        residual, sent = None, []
+        for d in steps:
+            data, residual = feedback_step(get_codec(codec), d, residual)
+            sent.append(data)
+        return sent, residual
+
+    compared = 0
+    for (codec, steps), answer in zip(cases, answers):
+        verdict, value = py_verdict(lambda: python(codec, steps))
+        where = f"{codec} over {len(steps)} deltas of {[(k, v.shape, v.dtype.name) for k, v in steps[0].items()]}"
+        if verdict == "error":
+            assert js_error(answer) == value, f"{where}: Python refuses with {value}, JavaScript says {answer}"
+            continue
+        assert "ok" in answer, f"{where}: Python runs, JavaScript refuses: {answer}"
+        sent, residual = value
+        assert [unb64(x) for x in answer["ok"]["sent"]] == sent, f"{where}: uploads differ"
+        js_residual = {name: np.frombuffer(unb64(x), "<f4") for name, x in answer["ok"]["residual"]}
+        assert list(js_residual) == list(residual), where
+        for name, r in residual.items():
+            assert js_residual[name].tobytes() == r.astype("<f4").ravel().tobytes(), f"{where}: residual {name} differs"
+        compared += 1
+    assert compared > 0.7 * len(cases)
 
 
 def test_codec_strings_agree():

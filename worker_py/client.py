@@ -91,6 +91,7 @@ class Accepted:
     """A 200 from a result submission."""
 
     staleness: int | None
+    accepted: bool = True      # false: answered but not taken (a failed unit, or "superseded": another copy won)
 
 
 def backoff_delays(start: float = BACKOFF_START, cap: float = BACKOFF_CAP,
@@ -349,10 +350,11 @@ class Client:
         path = f"/api/v1/units/{urllib.parse.quote(result.unit_id, safe='')}/result"
         _, _, data = self._request("POST", path, pack_result(result), "application/octet-stream")
         try:
-            staleness = json.loads(data.decode("utf-8")).get("staleness")
+            answer = json.loads(data.decode("utf-8"))
+            staleness, accepted = answer.get("staleness"), answer.get("accepted", True)
         except (UnicodeDecodeError, ValueError, AttributeError):
-            staleness = None
-        return Accepted(staleness if type(staleness) is int else None)
+            staleness, accepted = None, True
+        return Accepted(staleness if type(staleness) is int else None, accepted is not False)
 
 
 def _read_quietly(e: urllib.error.HTTPError) -> bytes:

@@ -23,7 +23,8 @@ from contract.errors import ContractError
 from contract.units import UnitRequest, UnitResult, WorkUnit
 from models import registry
 from models.train import set_threads
-from worker_py.client import Client, GaveUp, NoWork, NotCoordinator, Refused, Stopped, backoff_delays
+from worker_py.client import Accepted, Client, GaveUp, NoWork, NotCoordinator, Refused, Stopped, backoff_delays
+from worker_py.feedback import ErrorFeedback
 from worker_py.progress import Progress
 from worker_py.runner import Cancelled, Prepared, Runner
 from worker_py.stop import StopFlag
@@ -250,37 +251,41 @@ class Worker:
         if due and self._need_more(in_flight=1) and not self.fetcher.pending():
             self.fetcher.want()
 
-    def _send(self, result: UnitResult, deadline: float) -> None:
+    def _send(self, result: UnitResult, deadline: float) -> Accepted:
         """Submit, retrying while unreachable until ``deadline`` (or briefly, once stopping)."""
-        def call() -> object:
+        def call() -> Accepted:
             return self.client.submit(result)
 
         if not self.stop.is_set():
             try:
-                self.client.retry(call, self.stop.event, until=deadline)
-                return
+                return self.client.retry(call, self.stop.event, until=deadline)
             except Stopped:
                 if not self.stop.is_set():
                     raise
-        self.client.retry(call, None, until=min(deadline, time.time() + HAND_BACK_SECONDS))
+        return self.client.retry(call, None, until=min(deadline, time.time() + HAND_BACK_SECONDS))
 
     def _submit(self, result: UnitResult, deadline: float = math.inf) -> None:
         uid = result.unit_id
         try:
-            self._send(result, deadline)
+            answer = self._send(result, deadline)
         except Stopped:
             self.progress.say(f"unit {uid}: could not reach the coordinator before the deadline; dropped")
             self.progress.record(result, accepted=False)
+            self.runner.settled(uid, False)
             return
         except GaveUp as e:
             self.progress.say(f"unit {uid} not delivered; {e}")
             self.progress.record(result, accepted=False)
+            self.runner.settled(uid, False)
             self.fatal = True
             return
         except Refused as e:
             self._refused(result, e)
             return
         self.progress.record(result, accepted=True)
+        # folded or held for folding: its residual is kept; a failed unit's answer, or "superseded" (the
+        # other copy of a tail unit came first), leaves the previous residual
+        self.runner.settled(uid, result.error is None and answer.accepted)
 
     def _refused(self, result: UnitResult, e: Refused) -> None:
         """React to a 4xx on submit, per the error codes of docs/protocol.md."""
@@ -288,6 +293,7 @@ class Worker:
         if e.code == "duplicate":
             self.progress.say(f"unit {uid}: already done (duplicate)")
             self.progress.record(result, accepted=True)
+            self.runner.settled(uid, result.error is None)   # an earlier try of this very result was accepted
             return
         if e.code == "unsupported_protocol":
             self.progress.say(f"{UPGRADE} ({e.message})")
@@ -299,6 +305,7 @@ class Worker:
         else:
             self.progress.say(f"unit {uid} refused ({why})")
         self.progress.record(result, accepted=False)
+        self.runner.settled(uid, False)
 
     def _hand_back(self, unit: WorkUnit, why: str) -> None:
         """Give a leased unit back: a result with ``error="returned: worker stopping"``."""
@@ -318,13 +325,17 @@ class Worker:
 
 
 def work(client: Client, worker_id: str, stop: StopFlag, progress: Progress, threads: int | None = None,
-         max_units: int | None = None, prefetch: bool = False) -> int:
+         max_units: int | None = None, prefetch: bool = False, error_feedback: bool = True) -> int:
     """Set torch's threads (``None``: all cores), then take, compute and submit units until the
     job is finished, ``max_units`` are accepted or ``stop`` is set; returns the exit status.
     ``prefetch`` asks for the next unit before the current one is submitted: no idle fetch, but
-    every unit's base then lacks this worker's previous result (one version staler)."""
-    request = UnitRequest(worker_id=worker_id, backend="python", models=tuple(registry.MODELS))
+    every unit's base then lacks this worker's previous result (one version staler). ``error_feedback``:
+    keep what a lossy upload codec drops and add it to the next unit's delta (``worker_py.feedback``),
+    for the units the coordinator allows it."""
+    request = UnitRequest(worker_id=worker_id, backend="python", models=tuple(registry.MODELS),
+                          error_feedback=error_feedback)
     threads = set_threads(threads)
     cache = client.cache.root if client.cache is not None else "none"
     progress.say(f"worker {worker_id} for {client.base_url}: {threads} threads, blob cache {cache}")
-    return Worker(client, Runner(client, worker_id), request, stop, progress, max_units, prefetch).run()
+    runner = Runner(client, worker_id, feedback=ErrorFeedback() if error_feedback else None)
+    return Worker(client, runner, request, stop, progress, max_units, prefetch).run()

@@ -87,6 +87,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="ask for the next unit while the current one trains: no idle fetch, but each unit "
                         "starts from a model without this worker's previous result, which costs accuracy at "
                         "equal samples (default: off; worth it on a slow link to a large model)")
+    p.add_argument("--no-error-feedback", action="store_true",
+                   help="send each unit's delta as the unit's codec encodes it, without the residual that "
+                        "a lossy codec (fp16, int8, topk) dropped from earlier units (default: off, i.e. error "
+                        "feedback on: the residual is kept in memory and added to the next unit's delta, for "
+                        "the units the coordinator allows it: never with replicated checks)")
     p.add_argument("--no-progress", action="store_true",
                    help="no status line, message lines only (default: off, a status line)")
     p.add_argument("--grace", type=_seconds, default=GRACE, metavar="SECONDS",
@@ -134,7 +139,8 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
         # signals are ours, and never for `crowdtrain worker --help` or bad arguments.
         from worker_py.loop import work
 
-        code = work(client, worker_id, stop, progress, args.threads, args.max_units, args.prefetch)
+        code = work(client, worker_id, stop, progress, args.threads, args.max_units, args.prefetch,
+                    error_feedback=not args.no_error_feedback)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

@@ -26,6 +26,7 @@ from contract.units import MAX_HELD, UnitResult, WorkUnit
 from contract.versions import reconstruct_checked
 from models import registry
 from worker_py.client import BlobError, Client, Stopped
+from worker_py.feedback import ErrorFeedback
 from worker_py.unit import describe, failed_result, run_unit
 
 MODEL_VERSIONS_KEPT = 2                    # decoded base models kept in memory (and on disk)
@@ -53,9 +54,11 @@ class Prepared:
 class Runner:
     """Prepares and computes units for one worker; keeps decoded blobs and built models."""
 
-    def __init__(self, client: Client, worker_id: str, shard_bytes: int = SHARD_BYTES_KEPT) -> None:
+    def __init__(self, client: Client, worker_id: str, shard_bytes: int = SHARD_BYTES_KEPT,
+                 feedback: ErrorFeedback | None = None) -> None:
         self.client = client
         self.worker_id = worker_id
+        self.feedback = feedback     # the error-feedback residual between units (None: off)
         self.shard_bytes = shard_bytes
         self._lock = threading.Lock()
         self._states: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -177,10 +180,20 @@ class Runner:
         try:
             model = self._model(unit.model)
             self._hook, self._step = (should_stop, on_step, unit.local_steps), 0
-            return run_unit(unit, prepared.base, prepared.x, prepared.y, self.worker_id, model=model)
+            return run_unit(unit, prepared.base, prepared.x, prepared.y, self.worker_id, model=model,
+                            feedback=self.feedback)
         except Cancelled:
             raise
         except Exception as e:   # any failure of this unit is reported, and the worker carries on
             return failed_result(unit, self.worker_id, describe(e), time.perf_counter() - t0)
         finally:
             self._hook = None
+
+    def settled(self, unit_id: str, accepted: bool) -> None:
+        """The coordinator's answer to ``unit_id``'s result: an accepted result's error-feedback residual
+        is kept; otherwise (failed, refused, superseded, undelivered) the previous one stays."""
+        if self.feedback is not None:
+            if accepted:
+                self.feedback.commit(unit_id)
+            else:
+                self.feedback.discard(unit_id)

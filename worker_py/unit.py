@@ -14,6 +14,7 @@ from torch import nn
 
 from contract.codecs import encode_delta, get_codec
 from contract.units import MAX_ERROR_CHARS, UnitResult, WorkUnit
+from worker_py.feedback import ErrorFeedback
 from models.local import run_local
 from models.recipe import Recipe
 
@@ -24,20 +25,28 @@ PREFETCH_MARGIN = 2.0     # ask for the next unit when the current one has about
 
 
 def run_unit(unit: WorkUnit, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, worker_id: str,
-             model: nn.Module | None = None, compute_seconds: float | None = None) -> UnitResult:
+             model: nn.Module | None = None, compute_seconds: float | None = None,
+             feedback: ErrorFeedback | None = None) -> UnitResult:
     """Train ``unit`` from the decoded base state on its shards (``x`` uint8 [n, 3, 32, 32], ``y``)
     and return its result, the delta encoded with the unit's codec.
 
     ``model``: a built ``unit.model`` to reuse (its state is overwritten). ``compute_seconds``:
-    reported instead of the measured training time (the simulator's clock). Any failure raises;
+    reported instead of the measured training time (the simulator's clock). ``feedback``: the
+    worker's error-feedback state, used when the unit says so (``unit.error_feedback``); the caller
+    commits or discards it once it knows whether the result was accepted. Any failure raises;
     a caller that carries on sends ``failed_result(unit, worker_id, describe(e))``.
     """
     hyper = dict(unit.hyper)
     lr = hyper.pop("lr")
     out = run_local(unit.model, base, x, y, Recipe(batch_size=unit.batch_size, **hyper), unit.local_steps, lr,
                     unit.seed, model=model)
+    codec = get_codec(unit.codec)
+    if feedback is None:
+        delta = encode_delta(codec, out.delta)
+    else:
+        delta = feedback.encode(unit.job, unit.unit_id, codec, out.delta, use=unit.error_feedback)
     return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker_id, base_version=unit.model_version,
-                      delta=encode_delta(get_codec(unit.codec), out.delta), loss_before=out.loss_before,
+                      delta=delta, loss_before=out.loss_before,
                       loss_after=out.loss_after, num_samples=out.num_samples,
                       compute_seconds=out.seconds if compute_seconds is None else compute_seconds)
 

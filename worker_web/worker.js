@@ -15,6 +15,7 @@
 // Messages out: {type: 'state', state: {...}, accepted?: {samples}, log?, isError?}
 
 import * as contract from './contract.js';
+import { ErrorFeedback } from './feedback.js';
 
 const CODECS = ['fp32', 'fp16', 'int8', 'topk'];
 const BLOB_CACHE = 'crowdtrain-blobs-v1';
@@ -27,6 +28,7 @@ const S = {
   running: false, loop: null, wake: null,
   ort: null, backend: null, backendReason: '', sessions: new Map(), versions: new Map(), shards: new Map(),
   rate: {samples: 0, seconds: 0}, unitsFailed: 0,
+  feedback: new ErrorFeedback(),   // what lossy upload codecs dropped, added to the next unit's delta (in memory)
   busySince: 0,   // performance.now() when the tab last stopped resting (the throttle's clock)
   marks: null,    // the first unit's timeline, ms since the worker started (shown to benchmarks)
 };
@@ -107,7 +109,8 @@ async function loop() {
 async function nextUnit() {
   // the model versions this tab holds, newest first: a unit may then come as a version delta
   const held = [...S.versions.keys()].reverse().slice(0, contract.MAX_HELD);
-  const body = {protocol: 1, worker_id: S.workerId, backend: 'browser', codecs: CODECS, models: [], held};
+  const body = {protocol: 1, worker_id: S.workerId, backend: 'browser', codecs: CODECS, models: [], held,
+                error_feedback: true};
   const r = await fetch('/api/v1/units/next', {method: 'POST', body: JSON.stringify(body),
                                                  headers: {'Content-Type': 'application/json'}});
   if (r.status === 204) {
@@ -157,7 +160,8 @@ async function runUnit(unit) {
     const seconds = (performance.now() - tTrain) / 1000;
     mark('trained');
     const delta = deltaOf(manifest.spec, base, feeds);
-    const bytes = contract.encodeDelta(unit.codec, delta);
+    // C(d + r) with this tab's error-feedback residual when the unit allows it (worker_web/feedback.js)
+    const bytes = S.feedback.encode(unit.job, unit.unit_id, unit.codec, delta, unit.error_feedback === true);
     const samples = unit.local_steps * unit.batch_size;
     const meta = resultMeta(unit, {loss_before: losses[0], loss_after: losses[losses.length - 1],
                                    num_samples: samples, compute_seconds: seconds});
@@ -167,6 +171,10 @@ async function runUnit(unit) {
     mark('submitted');
     S.rate.samples += samples; S.rate.seconds += (performance.now() - t0) / 1000;
     await rest();   // the work after the last step (delta, encoding, submitting) is paid for too
+    // the residual is kept only when the coordinator took the result (not "superseded": another copy won)
+    if (reply.ok && reply.body?.accepted !== false) S.feedback.commit(unit.unit_id);
+    else S.feedback.discard(unit.unit_id);
+    post({feedbackUnits: S.feedback.carried});   // shown to tests and benchmarks
     if (reply.ok) {
       post({status: `unit ${unit.unit_id} accepted`}, {accepted: {samples}, log: `unit ${unit.unit_id}: ${samples} ` +
            `samples, loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}, accepted`});
@@ -175,6 +183,7 @@ async function runUnit(unit) {
       say(`unit ${unit.unit_id} refused`, `unit ${unit.unit_id} refused: ${reply.text}`, true);
     }
   } catch (e) {
+    S.feedback.discard(unit.unit_id);
     const handBack = e instanceof HandBack;
     const text = handBack ? HAND_BACK : `browser worker (${S.backend ?? 'no backend'}) at step ${step + 1}: ${short(e)}`;
     if (!handBack) { S.unitsFailed++; say(`unit ${unit.unit_id} failed`, `unit ${unit.unit_id} failed: ${text}`, true); }

@@ -45,14 +45,14 @@ class Cluster:
                 time.sleep(0.3)
         raise AssertionError("coordinator did not come up")
 
-    def start_worker(self, name: str, lie: str | None = None) -> subprocess.Popen:
+    def start_worker(self, name: str, lie: str | None = None, *extra: str) -> subprocess.Popen:
         """A ``crowdtrain worker`` process; ``lie``: a ``Fault`` value, for a worker that sends each delta
-        changed so (``tests.helpers.lying_worker``)."""
+        changed so (``tests.helpers.lying_worker``); ``extra``: more worker flags."""
         log = open(self.tmp / f"{name}.log", "a")
         command = ["crowdtrain", "worker"] if lie is None else ["tests.helpers.lying_worker", lie]
         proc = subprocess.Popen([sys.executable, "-m", *command, "--coordinator", self.url,
                                  "--threads", str(self.worker_threads), "--worker-id", name, "--no-progress",
-                                 "--cache", str(self.tmp / f"cache-{name}")],
+                                 "--cache", str(self.tmp / f"cache-{name}"), *extra],
                                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.workers.append(proc)
         return proc

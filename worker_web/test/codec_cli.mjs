@@ -14,11 +14,15 @@
  *   {"op": "unit", "text": JSON text} -> the validated unit
  *   {"op": "codec", "text": codec string} -> {id, fraction, name, ratio}
  *   {"op": "shard", "data": b64} -> {n, h, w, x: b64, y: b64}
+ *   {"op": "feedback", "codec": str, "deltas": [[[name, shape, kind, b64], ...], ...]}
+ *       -> {"sent": [b64 container, ...], "residual": [[name, b64 f4], ...]}: error feedback (../feedback.js)
+ *          over the deltas in turn, each step's residual kept (feedbackStep)
  *
  * Run without arguments (as `node --test worker_web/test/` does with every file here) it does nothing.
  */
 import { readFileSync } from "node:fs";
 import * as contract from "../contract.js";
+import { feedbackStep } from "../feedback.js";
 
 const b64 = (bytes) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("base64");
 
@@ -45,6 +49,17 @@ const OPS = {
   },
   unit: (r) => contract.checkUnit(r.text),
   codec: (r) => ({ ...contract.parseCodec(r.text) }),
+  feedback: (r) => {
+    let residual = null;
+    const sent = [];
+    for (const tensors of r.deltas) {
+      const delta = new Map(tensors.map(([name, shape, kind, data]) => [name, { shape, data: fromB64(data, kind) }]));
+      const [bytes, next] = feedbackStep(r.codec, delta, residual);
+      sent.push(b64(bytes));
+      residual = next;
+    }
+    return { sent, residual: [...(residual ?? new Map())].map(([name, x]) => [name, b64(x)]) };
+  },
   shard: (r) => {
     const { n, h, w, x, y } = contract.decodeShard(fromB64(r.data));
     return { n, h, w, x: b64(x), y: b64(y) };
