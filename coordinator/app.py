@@ -27,7 +27,7 @@ from contract.codecs import strict_json
 from contract.errors import ContractError, Said
 from contract.names import NameRequest
 from contract.units import ID_RE, UnitRequest, is_blob_id
-from coordinator import metrics
+from coordinator import observe
 from coordinator.credit import BOARD, LIST_DEFAULT, LIST_MAX, NAME_RATE_PER_MIN, CreditBoard, NamesFull, donate_info, \
     render_page
 from coordinator.config import CoordinatorConfig
@@ -309,8 +309,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def prometheus(request: web.Request) -> web.Response:
-    text = metrics.render(request.app[JOB].status().to_json())
-    return web.Response(text=text, headers={"Content-Type": metrics.CONTENT_TYPE})
+    """``GET /metrics``: the job's state, this process's memory and request latencies (``coordinator.observe``)."""
+    return request.app[observe.OBSERVER].exposition(request.headers.get("Accept"),
+                                                    request.headers.get("Accept-Encoding"))
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:
@@ -481,11 +482,34 @@ async def job_ctx(app: web.Application):
     job.close()
 
 
+# Every route but the dashboard's files (DASHBOARD_FILES); coordinator.cluster forwards the same templates.
+ROUTES = (
+    ("POST", "/api/v1/units/next", next_unit),
+    ("GET", "/api/v1/blobs/{blob_id}", get_blob),
+    ("POST", "/api/v1/units/{unit_id}/result", submit_result),
+    ("GET", "/api/status", status),
+    ("GET", "/metrics", prometheus),
+    ("GET", "/dashboard", dashboard),
+    ("GET", "/api/v1/steps/{model}/{batch}", step_manifest),
+    ("GET", "/api/v1/model", model_file),
+    ("GET", "/", index),
+    ("GET", "/api/v1/credit", credit),
+    ("POST", "/api/v1/workers/{worker_id}/name", set_name),
+    ("GET", "/leaderboard", leaderboard),
+    ("GET", "/api/v1/donate", donate),
+    ("GET", "/static/{version}/{path:.+}", static),
+)
+DASHBOARD_FILES = "/dashboard/"   # its route template (the access log, the histogram): /dashboard/{filename}
+
+
 def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = False) -> web.Application:
     """The app for ``job``; ``warm`` builds the browser's step graph and gzips the page's assets
     at start instead of on the first browser's request (servers do; most tests do not need to)."""
     job = job or Job(config)
-    app = web.Application(middlewares=[errors_as_json, worker_tokens], client_max_size=job.max_body)
+    app = web.Application(middlewares=[observe.middleware, errors_as_json, worker_tokens],
+                          client_max_size=job.max_body)
+    app[observe.OBSERVER] = observe.Observer(lambda: job.status().to_json() if job.store is not None else None,
+                                             config.access_log)
     app[CONFIG], app[JOB], app[EVALS] = config, job, {}
     app[LIMITS] = UnitLimits(config.unit_rate_worker, config.unit_rate_address, time.monotonic)
     app[TOKENS] = load_tokens(config.worker_tokens) if config.worker_tokens else frozenset()
@@ -493,19 +517,10 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app[BOARD] = CreditBoard(lambda: job.store)
     app[NAME_LIMITS] = RateLimiter(NAME_RATE_PER_MIN, time.monotonic)
     app.cleanup_ctx.append(job_ctx)
-    app.router.add_post("/api/v1/units/next", next_unit)
-    app.router.add_get("/api/v1/blobs/{blob_id}", get_blob)
-    app.router.add_post("/api/v1/units/{unit_id}/result", submit_result)
-    app.router.add_get("/api/status", status)
-    app.router.add_get("/metrics", prometheus)
-    app.router.add_get("/dashboard", dashboard)
-    app.router.add_static("/dashboard/", DASHBOARD)
-    app.router.add_get("/api/v1/steps/{model}/{batch}", step_manifest)
-    app.router.add_get("/api/v1/model", model_file)
-    app.router.add_get("/", index)
-    app.router.add_get("/api/v1/credit", credit)
-    app.router.add_post("/api/v1/workers/{worker_id}/name", set_name)
-    app.router.add_get("/leaderboard", leaderboard)
-    app.router.add_get("/api/v1/donate", donate)
-    app.router.add_get("/static/{version}/{path:.+}", static)
+    for method, path, handler in ROUTES:
+        if method == "GET":
+            app.router.add_get(path, handler)   # and HEAD
+        else:
+            app.router.add_route(method, path, handler)
+    app.router.add_static(DASHBOARD_FILES, DASHBOARD)
     return app

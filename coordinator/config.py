@@ -236,6 +236,9 @@ class CoordinatorConfig:
                                         "requests and results must carry 'Authorization: Bearer <token>' (401 "
                                         "otherwise; closed deployments)", "service", none="anyone may work",
                                         metavar="FILE")
+    access_log: str = option(str, "off", "json: one JSON line per request on stderr (logger crowdtrain.access: time, "
+                             "method, route template, status, duration_ms, bytes, client address); off: no access "
+                             "log (a proxy in front, e.g. Caddy, can keep its own)", "service", choices=("off", "json"))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -232,6 +232,10 @@ def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "c
         return 2
     config, sock = ready
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if config.access_log == "json":
+        from coordinator.observe import log_access_to
+
+        log_access_to(sys.stderr)
     if args.redis:   # several processes, the job's state in Redis (coordinator.cluster)
         from coordinator.cluster import serve
 
@@ -249,7 +253,7 @@ def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "c
           f"  {start_line(config, job, resumed)}", flush=True)
     try:
         web.run_app(create_app(config, job, warm=True), sock=sock, print=None, handle_signals=True,
-                    shutdown_timeout=5)
+                    shutdown_timeout=5, access_log=None)   # --access-log: coordinator.observe
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0

@@ -1,19 +1,26 @@
-"""Prometheus text exposition (format 0.0.4) of the coordinator's ``/api/status`` dict.
+"""The job's metrics for Prometheus: a ``prometheus_client`` collector over the ``/api/status`` dict.
 
-``render(status)`` is a pure function: no I/O, no global state. Missing or malformed keys are
-tolerated: counters and gauges read them as 0, the latest test accuracy/loss are omitted when
-there is no evaluation yet, and an empty staleness histogram still has its ``+Inf`` bucket.
+``JobCollector(status)`` reads ``status()`` (a ``/api/status`` dict, or None when there is none to
+read) on each scrape and yields the job's metric families; ``render(status)`` is the text
+exposition of one dict (no I/O, no global state). The HTTP side (a registry per app, the request
+histograms, process memory, the exposition's content negotiation) is ``coordinator.observe``.
+
+Missing or malformed keys are tolerated: counters and gauges read them as 0, the latest test
+accuracy/loss are omitted when there is no evaluation yet, and an empty staleness histogram still
+has its ``+Inf`` bucket.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+                                    SummaryMetricFamily)
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.exposition import generate_latest
 
-Labels = Mapping[str, str]
-Sample = tuple[str, Labels, float]
+PREFIX = "crowdtrain_"
 
 _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("units_issued_total", "units_issued", "Work units handed out to workers."),
@@ -46,7 +53,12 @@ _TRUST: tuple[tuple[str, str, str, str], ...] = (
      "were used unchecked."),
 )
 
-PREFIX = "crowdtrain_"
+# The job's metric family names (as exposed, counters with ``_total``): docs/protocol.md lists them.
+JOB_METRICS = tuple(PREFIX + n for n in (
+    "info", *(s for s, _, _ in _COUNTERS), "units_rejected_total", "updates_dropped_total",
+    *(s for s, _, _ in _GAUGES), "finished", "test_accuracy", "test_loss", "staleness", "aggregation_seconds",
+    "aggregation_seconds_max", *(s for s, _, _, _ in _TRUST), "replicas_issued_total", "checks_total",
+    "workers_quarantined"))
 
 
 def _num(value: Any) -> float | None:
@@ -64,74 +76,26 @@ def _or0(value: Any) -> float:
     return 0.0 if num is None else num
 
 
-def format_value(value: float) -> str:
-    """A sample value: integers without a fraction, ``+Inf``/``-Inf``/``NaN`` spelt out."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def escape_label(value: str) -> str:
-    """Label value escaping: backslash, double quote and newline."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def escape_help(text: str) -> str:
-    """HELP text escaping: backslash and newline."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _sample_line(name: str, labels: Labels, value: float) -> str:
-    if labels:
-        inner = ",".join(f'{k}="{escape_label(str(v))}"' for k, v in labels.items())
-        return f"{name}{{{inner}}} {format_value(value)}"
-    return f"{name} {format_value(value)}"
-
-
-def _family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> list[str]:
-    lines = [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
-    lines.extend(_sample_line(n, labels, v) for n, labels, v in samples)
-    return lines
-
-
-def _simple(name: str, kind: str, help_text: str, value: float) -> list[str]:
-    return _family(name, kind, help_text, [(name, {}, value)])
-
-
 def _dict(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _by_reason(status: Mapping[str, Any], key: str, help_text: str) -> list[str]:
-    name = PREFIX + key + "_total"
-    reasons = _dict(status.get(key))
-    samples = [(name, {"reason": str(r)}, _or0(n)) for r, n in sorted(reasons.items(), key=str)]
-    return _family(name, "counter", help_text, samples)
+def _family(kind: str, name: str, help_text: str, labels: tuple[str, ...] = ()) -> Metric:
+    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    return cls(name, help_text, labels=list(labels))
 
 
-def _staleness(status: Mapping[str, Any]) -> list[str]:
-    """The staleness histogram ``{"0": n0, "1": n1, ...}`` as cumulative Prometheus buckets."""
-    name = PREFIX + "staleness"
-    buckets: dict[float, float] = {}
-    for key, count in _dict(status.get("staleness_histogram")).items():
-        bound, num = _num_key(key), _or0(count)
-        if bound is not None and math.isfinite(bound):
-            buckets[bound] = buckets.get(bound, 0.0) + num
-    samples: list[Sample] = []
-    cumulative = total = 0.0
-    for bound in sorted(buckets):
-        cumulative += buckets[bound]
-        total += bound * buckets[bound]
-        samples.append((name + "_bucket", {"le": format_value(bound)}, cumulative))
-    samples.append((name + "_bucket", {"le": "+Inf"}, cumulative))
-    samples.append((name + "_sum", {}, total))
-    samples.append((name + "_count", {}, cumulative))
-    help_text = "Staleness (model versions behind) of accepted results."
-    return _family(name, "histogram", help_text, samples)
+def _simple(kind: str, name: str, help_text: str, value: float) -> Metric:
+    family = _family(kind, name, help_text)
+    family.add_metric([], value)
+    return family
+
+
+def _by_reason(status: Mapping[str, Any], key: str, help_text: str) -> Metric:
+    family = _family("counter", PREFIX + key + "_total", help_text, ("reason",))
+    for reason, n in sorted(_dict(status.get(key)).items(), key=str):
+        family.add_metric([str(reason)], _or0(n))
+    return family
 
 
 def _num_key(key: Any) -> float | None:
@@ -141,75 +105,111 @@ def _num_key(key: Any) -> float | None:
         return None
 
 
-def _aggregation(status: Mapping[str, Any]) -> list[str]:
-    name = PREFIX + "aggregation_seconds"
+def _staleness(status: Mapping[str, Any]) -> Metric:
+    """The staleness histogram ``{"0": n0, "1": n1, ...}`` as cumulative Prometheus buckets."""
+    counts: dict[float, float] = {}
+    for key, count in _dict(status.get("staleness_histogram")).items():
+        bound = _num_key(key)
+        if bound is not None and math.isfinite(bound):
+            counts[bound] = counts.get(bound, 0.0) + _or0(count)
+    buckets, cumulative, total = [], 0.0, 0.0
+    for bound in sorted(counts):
+        cumulative += counts[bound]
+        total += bound * counts[bound]
+        buckets.append((_bound(bound), cumulative))
+    buckets.append(("+Inf", cumulative))
+    return HistogramMetricFamily(PREFIX + "staleness", "Staleness (model versions behind) of accepted results.",
+                                 buckets=buckets, sum_value=total)
+
+
+def _bound(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _aggregation(status: Mapping[str, Any]) -> Iterator[Metric]:
     agg = _dict(status.get("aggregation_seconds"))
     count = _or0(agg.get("count"))
-    samples = [(name + "_sum", {}, _or0(agg.get("mean")) * count), (name + "_count", {}, count)]
-    lines = _family(name, "summary", "Time spent folding results into the model.", samples)
-    lines += _simple(name + "_max", "gauge", "Longest aggregation so far, in seconds.", _or0(agg.get("max")))
-    return lines
+    yield SummaryMetricFamily(PREFIX + "aggregation_seconds", "Time spent folding results into the model.",
+                              count_value=count, sum_value=_or0(agg.get("mean")) * count)
+    yield _simple("gauge", PREFIX + "aggregation_seconds_max", "Longest aggregation so far, in seconds.",
+                  _or0(agg.get("max")))
 
 
-def _latest_eval(status: Mapping[str, Any]) -> list[str]:
+def _latest_eval(status: Mapping[str, Any]) -> Iterator[Metric]:
     history = status.get("accuracy_history")
     if not isinstance(history, list) or not history:
-        return []
+        return
     last = _dict(history[-1])
-    lines: list[str] = []
     acc, loss = _num(last.get("test_acc")), _num(last.get("test_loss"))
     if acc is not None:
-        lines += _simple(PREFIX + "test_accuracy", "gauge", "Latest test accuracy (fraction).", acc)
+        yield _simple("gauge", PREFIX + "test_accuracy", "Latest test accuracy (fraction).", acc)
     if loss is not None:
-        lines += _simple(PREFIX + "test_loss", "gauge", "Latest test loss.", loss)
-    return lines
+        yield _simple("gauge", PREFIX + "test_loss", "Latest test loss.", loss)
 
 
-def _info(status: Mapping[str, Any]) -> list[str]:
+def _info(status: Mapping[str, Any]) -> Metric:
     strategy, level = "", _dict(status.get("strategy"))
     for _ in range(8):      # past the wrappers (robust, clip, cap) to the strategy itself
         strategy = level.get("name", "")
         if not _dict(level.get("inner")):
             break
         level = _dict(level.get("inner"))
-    labels = {"job": str(status.get("job", "")), "model": str(status.get("model", "")),
-              "strategy": str(strategy)}
-    name = PREFIX + "info"
-    return _family(name, "gauge", "Job, model and strategy of this coordinator.", [(name, labels, 1.0)])
+    family = _family("gauge", PREFIX + "info", "Job, model and strategy of this coordinator.",
+                     ("job", "model", "strategy"))
+    family.add_metric([str(status.get("job", "")), str(status.get("model", "")), str(strategy)], 1.0)
+    return family
 
 
-def _trust(status: Mapping[str, Any]) -> list[str]:
+def _trust(status: Mapping[str, Any]) -> Iterator[Metric]:
     rows = [r for r in status.get("trust") or [] if isinstance(r, Mapping)]
-    lines: list[str] = []
     for suffix, key, kind, help_text in _TRUST:
-        name = PREFIX + suffix
-        lines += _family(name, kind, help_text, [(name, {"worker": str(r.get("worker_id", ""))}, _or0(r.get(key)))
-                                                 for r in rows])
+        family = _family(kind, PREFIX + suffix, help_text, ("worker",))
+        for r in rows:
+            family.add_metric([str(r.get("worker_id", ""))], _or0(r.get(key)))
+        yield family
     replication = _dict(status.get("replication"))
-    lines += _simple(PREFIX + "replicas_issued_total", "counter", "Replicas of held results handed out.",
-                     _or0(replication.get("replicas_issued")))
-    name = PREFIX + "checks_total"
-    lines += _family(name, "counter", "Replicated checks decided: agreed, disagreed (then recomputed), and units "
-                     "the coordinator recomputed itself.",
-                     [(name, {"outcome": k}, _or0(replication.get(k))) for k in ("agreed", "disagreed", "recomputed")])
-    lines += _simple(PREFIX + "workers_quarantined", "gauge", "Workers quarantined.",
-                     _or0(replication.get("quarantined")))
-    return lines
+    yield _simple("counter", PREFIX + "replicas_issued_total", "Replicas of held results handed out.",
+                  _or0(replication.get("replicas_issued")))
+    checks = _family("counter", PREFIX + "checks_total", "Replicated checks decided: agreed, disagreed (then "
+                     "recomputed), and units the coordinator recomputed itself.", ("outcome",))
+    for outcome in ("agreed", "disagreed", "recomputed"):
+        checks.add_metric([outcome], _or0(replication.get(outcome)))
+    yield checks
+    yield _simple("gauge", PREFIX + "workers_quarantined", "Workers quarantined.",
+                  _or0(replication.get("quarantined")))
+
+
+def families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """The job's metric families from one ``/api/status`` dict, in a fixed order."""
+    yield _info(status)
+    for suffix, key, help_text in _COUNTERS:
+        yield _simple("counter", PREFIX + suffix, help_text, _or0(status.get(key)))
+    yield _by_reason(status, "units_rejected", "Results rejected, by reason.")
+    yield _by_reason(status, "updates_dropped", "Accepted results the aggregator dropped, by reason.")
+    for suffix, key, help_text in _GAUGES:
+        yield _simple("gauge", PREFIX + suffix, help_text, _or0(status.get(key)))
+    yield _simple("gauge", PREFIX + "finished", "1 once the sample budget is reached.",
+                  1.0 if status.get("finished") else 0.0)
+    yield from _latest_eval(status)
+    yield _staleness(status)
+    yield from _aggregation(status)
+    yield from _trust(status)
+
+
+class JobCollector(Collector):
+    """The job's families, read from ``status()`` at each scrape (nothing when it returns None)."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any] | None]):
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status()
+        if status is not None:
+            yield from families(status)
 
 
 def render(status: Mapping[str, Any]) -> str:
-    """The Prometheus text exposition (0.0.4) of a ``/api/status`` dict; ends with a newline."""
-    lines = _info(status)
-    for suffix, key, help_text in _COUNTERS:
-        lines += _simple(PREFIX + suffix, "counter", help_text, _or0(status.get(key)))
-    lines += _by_reason(status, "units_rejected", "Results rejected, by reason.")
-    lines += _by_reason(status, "updates_dropped", "Accepted results the aggregator dropped, by reason.")
-    for suffix, key, help_text in _GAUGES:
-        lines += _simple(PREFIX + suffix, "gauge", help_text, _or0(status.get(key)))
-    finished = 1.0 if status.get("finished") else 0.0
-    lines += _simple(PREFIX + "finished", "gauge", "1 once the sample budget is reached.", finished)
-    lines += _latest_eval(status)
-    lines += _staleness(status)
-    lines += _aggregation(status)
-    lines += _trust(status)
-    return "\n".join(lines) + "\n"
+    """The text exposition (format 0.0.4) of the job's families of a ``/api/status`` dict."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobCollector(lambda: status))
+    return generate_latest(registry).decode("utf-8")

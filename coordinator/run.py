@@ -162,7 +162,7 @@ class Session:
 
         from coordinator.app import create_app
 
-        runner = web.AppRunner(create_app(self.config, self.job, warm=True), handle_signals=False)
+        runner = web.AppRunner(create_app(self.config, self.job, warm=True), handle_signals=False, access_log=None)
         await runner.setup()
         await web.SockSite(runner, self.sock).start()
         url, local_url = urls(self.config.host, self.sock.getsockname()[1], self.args.public_url)
@@ -315,6 +315,10 @@ def cli(argv: list[str], prog: str = "crowdtrain run", command: str = "run") -> 
         return 2
     config, sock = ready
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if config.access_log == "json":
+        from coordinator.observe import log_access_to
+
+        log_access_to(sys.stderr)
     opened = start_job(args, config, sock)
     if isinstance(opened, int):
         return opened

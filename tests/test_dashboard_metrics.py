@@ -1,4 +1,4 @@
-"""Prometheus exposition (``coordinator.metrics.render``) and the live dashboard page.
+"""Prometheus exposition (``coordinator.metrics.render``, through prometheus_client) and the live dashboard page.
 
 The metrics output is checked with a small strict parser of text format 0.0.4 written here.
 The page is served by a tiny aiohttp app (static dashboard + a fake ``/api/status``) and
@@ -258,7 +258,7 @@ def test_label_escaping_round_trips() -> None:
     text = render({"units_rejected": {reason: 5, "ok": 1}})
     prefix = "crowdtrain_units_rejected_total{"
     line = next(ln for ln in text.splitlines() if ln.startswith(prefix) and "bad" in ln)
-    assert line == 'crowdtrain_units_rejected_total{reason="bad \\"quote\\"\\nsecond line \\\\ backslash"} 5'
+    assert line == 'crowdtrain_units_rejected_total{reason="bad \\"quote\\"\\nsecond line \\\\ backslash"} 5.0'   # values as prometheus_client writes them
     fams = parse_exposition(text)
     assert value(fams, "crowdtrain_units_rejected_total", reason=reason) == 5
 

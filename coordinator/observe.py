@@ -1,0 +1,197 @@
+"""What an operator watches of one coordinator process: ``/metrics`` and the access log.
+
+- ``Observer``: one ``prometheus_client`` registry per app (never the global default registry, so
+  several apps in one process do not collide) holding the job's collector
+  (``coordinator.metrics.JobCollector``), this process's memory and CPU (``ProcessCollector``:
+  ``process_resident_memory_bytes`` and others, on Linux) and Python's garbage collector, and the
+  request histogram ``crowdtrain_http_request_duration_seconds{route, method, status}``.
+- ``middleware``: times every request once (from the handler's start to its response, body not
+  yet sent) and uses that one measurement for the histogram and the access log line.
+- Labels stay bounded whatever clients send: ``route`` is the matched route's template
+  (``/api/v1/units/{unit_id}/result``, never the raw path; ``unmatched`` for a 404 or 405 the router
+  answers), ``method`` one of ``METHODS`` or ``other``, ``status`` the class (``2xx`` .. ``5xx``).
+- The access log (``--access-log json``): one JSON object a line on the logger ``crowdtrain.access``
+  with ``time`` (UTC, ms), ``method``, ``route``, ``status``, ``duration_ms``, ``bytes`` (the body's
+  size; null for a file streamed from disk) and ``client`` (``coordinator.limits.client_address``:
+  the last X-Forwarded-For entry when the peer is a local proxy). The raw path is not logged: a
+  worker id in a path (``/api/v1/workers/{worker_id}/name``) is the bearer of that identity.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+from aiohttp import web
+from prometheus_client import GCCollector, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.registry import CollectorRegistry
+
+from coordinator.limits import client_address
+from coordinator.metrics import JobCollector
+
+ACCESS_LOG = logging.getLogger("crowdtrain.access")
+ACCESS_LOG_MODES = ("off", "json")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+UNMATCHED = "unmatched"
+CLIENT_CLOSED = 499   # the client went away before its answer (nginx's code), in the histogram's 4xx
+# Seconds: the load test's target is a p99 of units/next under 50 ms; results and blobs take longer.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REQUEST_SECONDS = "crowdtrain_http_request_duration_seconds"
+
+
+def route_of(request: web.Request) -> str:
+    """The template of the route ``request`` matched, or ``unmatched``."""
+    resource = getattr(request.match_info.route, "resource", None)
+    if resource is None:
+        return UNMATCHED
+    if isinstance(resource, web.StaticResource):
+        return resource.canonical.rstrip("/") + "/{filename}"
+    return resource.canonical
+
+
+def method_of(request: web.Request) -> str:
+    return request.method if request.method in METHODS else "other"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+class Observer:
+    """One app's registry: the job's families (``status`` returns a ``/api/status`` dict, or None when
+    there is none to read), process memory, and the request histogram; and whether to log requests."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any] | None] | None, access_log: str = "off"):
+        if access_log not in ACCESS_LOG_MODES:
+            raise ValueError(f"access_log: expected one of {', '.join(ACCESS_LOG_MODES)}, got {access_log!r}")
+        self.registry = CollectorRegistry(auto_describe=False)
+        if status is not None:
+            self.registry.register(JobCollector(status))
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.requests = Histogram(REQUEST_SECONDS, "Seconds from a request's arrival at its handler to its response "
+                                  "(the body not yet sent), by route template, method and status class.",
+                                  ("route", "method", "status"), buckets=BUCKETS, registry=self.registry)
+        self.access_log = access_log == "json"
+
+    def record(self, request: web.Request, status: int, seconds: float, size: int | None) -> None:
+        route, method = route_of(request), method_of(request)
+        self.requests.labels(route, method, status_class(status)).observe(seconds)
+        if self.access_log and ACCESS_LOG.isEnabledFor(logging.INFO):
+            ACCESS_LOG.info(access_line(request, route, method, status, seconds, size))
+
+    def exposition(self, accept: str | None, accept_encoding: str | None = None) -> web.Response:
+        """``/metrics``: the registry in the format the scraper asked for (``Accept``; text 0.0.4 by default)."""
+        encode, content_type = choose_encoder(accept or "")
+        response = web.Response(body=encode(self.registry), headers={"Content-Type": content_type,
+                                                                     "Cache-Control": "no-cache"})
+        if gzip_accepted(accept_encoding or ""):
+            response.enable_compression()
+        return response
+
+
+def access_line(request: web.Request, route: str, method: str, status: int, seconds: float,
+                size: int | None) -> str:
+    """One request as a JSON object on one line."""
+    now = datetime.now(timezone.utc)
+    return json.dumps({"time": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+                       "method": method, "route": route, "status": status,
+                       "duration_ms": round(seconds * 1e3, 3), "bytes": size,
+                       "client": client_address(request.remote, request.headers.get("X-Forwarded-For"))},
+                      separators=(",", ":"))
+
+
+def body_size(response: web.StreamResponse) -> int | None:
+    """The response body's size in bytes: what was sent of a streamed answer, a ``Response``'s body;
+    None for a file (``FileResponse`` reads its size only when it sends)."""
+    if response.prepared:
+        return response.body_length
+    return response.content_length
+
+
+OBSERVER = web.AppKey("observer", Observer)
+
+
+@web.middleware
+async def middleware(request: web.Request, handler):
+    """Time the request once; record it in the histogram and, when on, the access log."""
+    started, status, size = time.perf_counter(), 500, None
+    try:
+        response = await handler(request)
+        status, size = response.status, body_size(response)
+        return response
+    except web.HTTPException as e:   # the router's 404/405 and aiohttp's own refusals
+        status, size = e.status, body_size(e)
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        request.app[OBSERVER].record(request, status, time.perf_counter() - started, size)
+
+
+def log_access_to(stream: TextIO = sys.stderr) -> None:
+    """Send ``crowdtrain.access`` records, as they are (one JSON object a line), to ``stream``, apart from
+    the other logs (whose lines carry a time and a level); idempotent."""
+    if not any(getattr(h, "crowdtrain_access", False) for h in ACCESS_LOG.handlers):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.crowdtrain_access = True
+        ACCESS_LOG.addHandler(handler)
+    ACCESS_LOG.setLevel(logging.INFO)
+    ACCESS_LOG.propagate = False
+
+
+# ---------------------------------------------------------------------------- reading the histogram back
+def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile of a histogram's cumulative ``(upper bound, count)`` buckets (ending with +Inf),
+    interpolated linearly inside the bucket it falls in, as Prometheus' ``histogram_quantile`` does (in the
+    +Inf bucket: the highest finite bound). None for an empty histogram."""
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def request_latency(expositions: list[str]) -> dict[str, dict[str, Any]]:
+    """``METHOD route`` -> requests, p50/p95/p99 in ms (bucket-interpolated) and statuses, from the
+    ``/metrics`` texts of one or more processes, their histograms summed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[str, dict[float, float]] = {}
+    statuses: dict[str, dict[str, float]] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text):
+            if family.name != REQUEST_SECONDS:
+                continue
+            for sample in family.samples:
+                key = f"{sample.labels.get('method')} {sample.labels.get('route')}"
+                if sample.name == REQUEST_SECONDS + "_bucket":
+                    le = float(sample.labels["le"])
+                    buckets.setdefault(key, {})[le] = buckets.get(key, {}).get(le, 0.0) + sample.value
+                elif sample.name == REQUEST_SECONDS + "_count":
+                    s = statuses.setdefault(key, {})
+                    s[sample.labels["status"]] = s.get(sample.labels["status"], 0.0) + sample.value
+    out = {}
+    for key, by_bound in sorted(buckets.items()):
+        cumulative = sorted(by_bound.items())
+        row: dict[str, Any] = {"n": int(cumulative[-1][1])}
+        for q in (0.50, 0.95, 0.99):
+            value = quantile(cumulative, q)
+            row[f"p{round(q * 100)}_ms"] = None if value is None else 1e3 * value
+        row["statuses"] = {k: int(v) for k, v in sorted(statuses.get(key, {}).items())}
+        out[key] = row
+    return out
