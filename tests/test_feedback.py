@@ -202,3 +202,18 @@ def test_a_worker_process_sends_error_feedback_uploads(tmp_path):
     for r in plain.results:
         codec = next(c for uid, c, _ in plan if uid == r.unit_id)
         assert r.delta == encode_delta(get_codec(codec), true[r.unit_id]), f"{r.unit_id}: --no-error-feedback"
+
+
+# ----------------------------------------------------------------------------- the bench's helpers
+def test_upload_bench_parses_variants_and_sizes_uploads_from_the_model():
+    from bench.upload_codecs import container_bytes, parse_variant
+    from models import registry
+    from models.local import delta_spec
+
+    assert parse_variant("topk:0.05+ef") == ("topk:0.05", True) and parse_variant("fp16") == ("fp16", False)
+    for bad in ("int9", "int8+EF", "topk:2+ef"):
+        with pytest.raises(SystemExit, match="--variants"):
+            parse_variant(bad)
+    zeros = {k: np.zeros(shape, np.float32) for k, (shape, _) in delta_spec(registry.build("supermask_fc")).items()}
+    for codec in ("fp16", "int8", "topk:0.05"):
+        assert container_bytes("supermask_fc", codec) == len(encode_delta(get_codec(codec), zeros))
