@@ -63,6 +63,16 @@ async def test_metrics_parse_with_the_job_process_memory_and_content_type(serve)
     assert count_of(families, "/api/v1/units/next", "POST", "2xx") == 1
 
 
+async def test_a_scraper_that_accepts_gzip_gets_gzip(serve):
+    client, _ = await serve()
+    resp = await client.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert resp.headers["Content-Encoding"] == "gzip"
+    import gzip
+    assert b"crowdtrain_units_issued_total" in gzip.decompress(await resp.read())
+    plain = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers
+
+
 async def test_openmetrics_is_served_when_asked_for(serve):
     client, _ = await serve()
     resp = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
