@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -274,7 +275,9 @@ class Node:
         job = cluster_job(self.config, self.url, self.blobs, self.lock)
         await asyncio.to_thread(job.open, self.data)
         self.job = job
-        self.runner = web.AppRunner(create_app(self.config, job, warm=True), handle_signals=False)
+        # the leader's own service logs no access lines: the public app of this process logs each request once
+        own = dataclasses.replace(self.config, access_log="off")
+        self.runner = web.AppRunner(create_app(own, job, warm=True), handle_signals=False, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.args.advertise_host, 0)
         await site.start()
@@ -394,13 +397,20 @@ def no_leader(why: str):
 
 
 def public_app(node: Node):
-    """The process's public service: local blobs, the cluster's state, everything else forwarded."""
+    """The process's public service: local blobs, the cluster's state, ``/metrics`` (this process's
+    requests and memory, the job's state as the leader's ``/api/status`` says), everything else
+    forwarded, under the leader's route templates (``coordinator.app.ROUTES``: the histogram's and the
+    access log's ``route``)."""
     import aiohttp
     from aiohttp import web
 
     from contract.units import is_blob_id
-    from coordinator.app import IMMUTABLE, body_seconds, gzip_for_browser, slow_sender
+    from coordinator import observe
+    from coordinator.app import DASHBOARD_FILES, IMMUTABLE, ROUTES, body_seconds, gzip_for_browser, slow_sender
     from coordinator.limits import client_address
+
+    job_status: list[dict | None] = [None]   # the leader's /api/status, read for the scrape being answered
+    observer = observe.Observer(lambda: job_status[0], node.config.access_log)
 
     async def read_all(request: web.Request) -> bytes | web.Response:
         """The whole body, at most the job's cap (read before forwarding: a request is answered only
@@ -504,6 +514,21 @@ def public_app(node: Node):
                                   "results_passed_to_leader": local.passed if local else 0},
                                  headers={"Cache-Control": "no-cache"})
 
+    async def leader_status() -> dict | None:
+        target = await node.leader()
+        if target is None or node.session is None:
+            return None
+        try:
+            async with node.session.get(target + "/api/status", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return await r.json() if r.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError):
+            return None
+
+    async def metrics(request: web.Request) -> web.Response:
+        """This process's request histogram and memory; the job's families while a leader answers."""
+        job_status[0] = await leader_status()
+        return observer.exposition(request.headers.get("Accept"), request.headers.get("Accept-Encoding"))
+
     async def lifecycle(app: web.Application):
         node.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=5), connector=aiohttp.TCPConnector(limit=0))
@@ -514,12 +539,20 @@ def public_app(node: Node):
         await asyncio.gather(election, return_exceptions=True)
         await node.stop()
 
-    app = web.Application(client_max_size=1 << 40)   # bodies are streamed to the leader, which caps them
+    app = web.Application(client_max_size=1 << 40,   # bodies are streamed to the leader, which caps them
+                          middlewares=[observe.middleware])
+    app[observe.OBSERVER] = observer
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/api/v1/blobs/{blob_id}", blob)
+    own = {"/api/v1/blobs/{blob_id}": blob, "/api/v1/units/{unit_id}/result": result, "/metrics": metrics}
     app.router.add_get("/api/v1/cluster", cluster)
-    app.router.add_post("/api/v1/units/{unit_id}/result", result)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    for method, path, _ in ROUTES:
+        handler = own.get(path, forward)
+        if method == "GET":
+            app.router.add_get(path, handler)
+        else:
+            app.router.add_route(method, path, handler)
+    app.router.add_get(DASHBOARD_FILES + "{filename:.+}", forward)
+    app.router.add_route("*", "/{tail:.*}", forward)   # anything else: the leader answers (a 404, a 405)
     return app
 
 
@@ -558,7 +591,8 @@ def serve(args: argparse.Namespace, config, sock) -> int:
     print(f"coordinator process {node.name} for job {config.job!r} ({config.model}) on {url}, state in {args.redis}, "
           f"blobs in {node.blobs}; waiting for the leader lock or forwarding to its holder", flush=True)
     try:
-        web.run_app(public_app(node), sock=sock, print=None, handle_signals=True, shutdown_timeout=5)
+        web.run_app(public_app(node), sock=sock, print=None, handle_signals=True, shutdown_timeout=5,
+                    access_log=None)   # --access-log: coordinator.observe
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0

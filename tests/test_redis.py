@@ -319,11 +319,11 @@ class Processes:
         self.ports = [free_port(), free_port()]
         self.procs: list[subprocess.Popen | None] = [None, None]
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, *extra: str) -> None:
         log = open(self.tmp / f"coordinator{i}.log", "a")
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "crowdtrain", "coordinator", "--state", str(self.tmp / "state"), "--port",
-             str(self.ports[i]), "--data", str(self.data), "--redis", self.redis, *ARGS],
+             str(self.ports[i]), "--data", str(self.data), "--redis", self.redis, *ARGS, *extra],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def url(self, i: int) -> str:
@@ -529,3 +529,43 @@ def test_the_leader_folds_what_other_processes_logged(redis_url, tmp_path):
     assert fates == {"w1": (1, None), "wq": (None, "quarantined")}
     assert job.trust.get("w1").results == 1 and job.workers["w1"].units == 1 and job.step == 1
     lock.release()
+
+
+@pytest.mark.timeout(300)
+def test_each_process_serves_its_own_request_metrics_and_the_jobs_state(redis_url, tmp_path):
+    """``/metrics`` on each process's port: its own request histogram (under the route templates, though it
+    forwards) and memory, and the job's families as the leader reports them; ``--access-log json``: one
+    JSON line per request, in the process that answered it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from coordinator.observe import REQUEST_SECONDS, request_latency
+    from tests.helpers.tiny_cifar import write_official_archive
+
+    data = write_official_archive(tmp_path / "data", n_train=256, n_test=50)
+    ps = Processes(tmp_path, redis_url, data)
+    try:
+        for i in (0, 1):
+            ps.start(i, "--access-log", "json")
+        first = ps.leader()
+        other = 1 - first
+        take(ps.url(other), "m1")
+        take(ps.url(other), "m2")
+        take(ps.url(first), "m3")
+        texts = [call(ps.url(i) + "/metrics")[1].decode() for i in (0, 1)]
+        families = [{f.name: f for f in text_string_to_metric_families(t)} for t in texts]
+        for fams in families:
+            assert fams["crowdtrain_units_issued"].samples[0].value == 3, "the job's, the same on each process"
+            assert fams["process_resident_memory_bytes"].samples[0].value > 10e6
+            assert fams[REQUEST_SECONDS].type == "histogram"
+        # this process's requests: 2xx the units it handed out (a 503 while the new leader opens the job is
+        # retried, as a worker does, and counted as 5xx)
+        answered = request_latency([texts[other]])["POST /api/v1/units/next"]
+        assert answered["statuses"]["2xx"] == 2 and set(answered["statuses"]) <= {"2xx", "5xx"}, answered
+        assert request_latency([texts[first]])["POST /api/v1/units/next"]["statuses"]["2xx"] == 1
+        lines = [json.loads(line) for line in (tmp_path / f"coordinator{other}.log").read_text().splitlines()
+                 if line.startswith("{")]
+        units = [line for line in lines if line["route"] == "/api/v1/units/next"]
+        assert len(units) == answered["n"] and all(u["client"] == "127.0.0.1" for u in units), lines
+        assert [u["status"] for u in units if u["status"] != 503] == [200, 200], lines
+    finally:
+        ps.stop()
