@@ -9,7 +9,10 @@ submits a precomputed delta (tiny values, in the unit's codec: pass ``--extra --
 ones), and asks again. Clients start
 spread over the first ``--hold`` seconds.
 
-Reported: p50/p95/p99/max latency per route (request sent to answer read, in the client), counts
+Reported: p50/p95/p99/max latency per route (request sent to answer read, in the client) and, from
+the coordinators' own histogram at the end (``/metrics``: ``crowdtrain_http_request_duration_seconds``,
+handler start to response, summed over the processes; p50/p95/p99 interpolated in its buckets), the
+server-side latency of the routes the clients used, counts
 by HTTP status, errors (a 5xx, a refused connection, a timeout, or a 4xx the protocol does not
 expect; a result refused as ``too_stale`` or ``lease_expired`` is counted apart), accepted/s, and the coordinator's RSS (``/proc/<pid>/status``) sampled every
 ``--sample-s`` seconds; "after warm-up" is from ``--warmup`` seconds on.
@@ -41,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 HAND_BACK = "returned: load test"
 WINDOW_S = 10   # seconds per window of the latency timeline
 REFUSALS = ("too_stale", "lease_expired")   # a result the protocol refuses by design: counted, not an error
+# the routes the clients use, as the coordinator's histogram names them (results and hand-backs share one)
+SERVER_ROUTES = ("POST /api/v1/units/next", "POST /api/v1/units/{unit_id}/result")
 
 
 def percentiles(values: list[float]) -> dict:
@@ -195,6 +200,31 @@ def settle(url: str, pid: int, timeout: float = 300.0) -> dict:
     return {"rss_up_mb": first, "rss_settled_mb": last[-1] if last else None, "seconds": time.time() - t0}
 
 
+def server_latency(urls: list[str]) -> dict:
+    """The coordinators' request histograms (``/metrics`` of each process, summed) of the routes the clients
+    use: ``METHOD route template`` -> requests, p50/p95/p99 ms, statuses (``coordinator.observe``). Empty
+    when a coordinator has no such histogram (``--code`` older than it)."""
+    from coordinator.observe import request_latency
+
+    texts = []
+    for u in urls:
+        with urllib.request.urlopen(u + "/metrics", timeout=30) as r:
+            texts.append(r.read().decode())
+    return {k: v for k, v in request_latency(texts).items() if k in SERVER_ROUTES}
+
+
+def server_lines(r: dict) -> list[str]:
+    return [f"| {route} | {v['n']} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} | {v['p99_ms']:.1f} | "
+            f"{', '.join(f'{k}: {n}' for k, n in v['statuses'].items())} |"
+            for route, v in r.get("server", {}).items() if v["n"]]
+
+
+def bucket_bounds() -> str:
+    from coordinator.observe import BUCKETS
+
+    return ", ".join(f"{1e3 * b:g}" for b in BUCKETS)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -273,6 +303,7 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
             result = json.loads(out.read_text())
             with urllib.request.urlopen(url + "/api/status", timeout=30) as r:
                 status = json.load(r)
+            result["server"] = server_latency(urls)
             result["coordinator_log_errors"] = [line for f in sorted(tmp.glob("coordinator*.log"))
                                                 for line in f.read_text().splitlines()
                                                 if "Traceback" in line or "ERROR" in line][:10]
@@ -352,6 +383,7 @@ def main() -> int:
     print(json.dumps({k: r[k] for k in ("errors", "error_examples", "accepted_per_s", "units")}, indent=1))
     print(json.dumps({route: v["all"] | {"after_warmup_p99_ms": v["after_warmup"].get("p99_ms")}
                       for route, v in r["routes"].items()}, indent=1))
+    print("server-side (the coordinators' histograms):", json.dumps(r["server"], indent=1))
     print("rss", s)
     if not args.no_docs:
         lines = [f"### Load: {args.clients} clients, one coordinator ({date})", "",
@@ -359,6 +391,12 @@ def main() -> int:
                  f"- Command: `{cfg['command']}`; raw results in `{shown(out)}`.",
                  "", "| route | requests | p50 ms | p95 ms | p99 ms | max ms | p99 after warm-up | statuses |",
                  "|---|---:|---:|---:|---:|---:|---:|---|", *summary_lines(r), "",
+                 "Server-side, from the coordinators' `crowdtrain_http_request_duration_seconds` at the end (handler "
+                 "start to response, so without the network and the client's own wait; p50/p95/p99 interpolated inside "
+                 f"its buckets (bounds {bucket_bounds()} ms), so no finer than they are; results and hand-backs share "
+                 "one route):", "",
+                 "| route | requests | p50 ms | p95 ms | p99 ms | statuses |", "|---|---:|---:|---:|---:|---|",
+                 *server_lines(r), "",
                  f"Errors: {r['errors']}. Coordinator RSS: {r['startup'].get('rss_up_mb') or 0:.0f} MB when it "
                  f"answered, {r['startup'].get('rss_settled_mb') or 0:.0f} MB once its start-up work was done "
                  f"({r['startup'].get('seconds', 0):.0f} s; the clients start then), {s['at_warmup']:.0f} MB "

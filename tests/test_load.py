@@ -34,6 +34,11 @@ def test_200_clients_no_errors_bounded_latency_and_memory(tmp_path):
     assert routes["hand_back"]["all"]["n"] >= 200 and routes["result"]["all"]["n"] >= 50, routes
     assert r["accepted"] + sum(r["refused"].values()) == routes["result"]["all"]["n"], "accepted or refused by design"
     assert r["units"]["units_accepted"] == r["accepted"]
+    # the coordinator's own histogram (/metrics) saw each of these requests under its route template
+    server = r["server"]
+    assert server["POST /api/v1/units/next"]["n"] == routes["units/next"]["all"]["n"], server
+    assert server["POST /api/v1/units/{unit_id}/result"]["n"] == (routes["result"]["all"]["n"]
+                                                                   + routes["hand_back"]["all"]["n"]), server
     for route, v in routes.items():
         assert set(v["statuses"]) <= {"200", "204", "409"}, (route, v["statuses"])   # 409: too stale, by design
         assert v["all"]["p99_ms"] < P99_BOUND_MS, (route, v["all"])
