@@ -44,8 +44,6 @@ sys.path.insert(0, str(ROOT))
 HAND_BACK = "returned: load test"
 WINDOW_S = 10   # seconds per window of the latency timeline
 REFUSALS = ("too_stale", "lease_expired")   # a result the protocol refuses by design: counted, not an error
-# the routes the clients use, as the coordinator's histogram names them (results and hand-backs share one)
-SERVER_ROUTES = ("POST /api/v1/units/next", "POST /api/v1/units/{unit_id}/result")
 
 
 def percentiles(values: list[float]) -> dict:
@@ -204,13 +202,13 @@ def server_latency(urls: list[str]) -> dict:
     """The coordinators' request histograms (``/metrics`` of each process, summed) of the routes the clients
     use: ``METHOD route template`` -> requests, p50/p95/p99 ms, statuses (``coordinator.observe``). Empty
     when a coordinator has no such histogram (``--code`` older than it)."""
-    from coordinator.observe import request_latency
+    from coordinator.observe import WORK_ROUTES, request_latency
 
     texts = []
     for u in urls:
         with urllib.request.urlopen(u + "/metrics", timeout=30) as r:
             texts.append(r.read().decode())
-    return {k: v for k, v in request_latency(texts).items() if k in SERVER_ROUTES}
+    return {k: v for k, v in request_latency(texts).items() if k in WORK_ROUTES}
 
 
 def server_lines(r: dict) -> list[str]:

@@ -305,6 +305,7 @@ async def model_file(request: web.Request) -> web.StreamResponse:
 async def status(request: web.Request) -> web.Response:
     body = request.app[JOB].status().to_json()
     body["donate_url"] = str(request.url.origin()) + "/"
+    body["request_latency"] = request.app[observe.OBSERVER].work_latency()   # this process's, since it started
     return web.json_response(body)
 
 

@@ -23,12 +23,13 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from aiohttp import web
 from prometheus_client import GCCollector, Histogram, ProcessCollector
+from prometheus_client.metrics_core import Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
@@ -46,6 +47,8 @@ CLIENT_CLOSED = 499   # the client went away before its answer (nginx's code), i
 BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0,
            10.0, 30.0)
 REQUEST_SECONDS = "crowdtrain_http_request_duration_seconds"
+# The protocol's two busy routes (results and hand-backs share one): the load test's and the dashboard's.
+WORK_ROUTES = ("POST /api/v1/units/next", "POST /api/v1/units/{unit_id}/result")
 
 
 def route_of(request: web.Request) -> str:
@@ -88,6 +91,10 @@ class Observer:
         self.requests.labels(route, method, status_class(status)).observe(seconds)
         if self.access_log and ACCESS_LOG.isEnabledFor(logging.INFO):
             ACCESS_LOG.info(access_line(request, route, method, status, seconds, size))
+
+    def work_latency(self) -> dict[str, dict[str, Any]]:
+        """``latency`` of this process's ``WORK_ROUTES`` since it started (``/api/status``, the dashboard)."""
+        return {k: v for k, v in latency(self.requests.collect()).items() if k in WORK_ROUTES}
 
     def exposition(self, accept: str | None, accept_encoding: str | None = None) -> web.Response:
         """``/metrics``: the registry in the format the scraper asked for (``Accept``; text 0.0.4 by default)."""
@@ -170,24 +177,28 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 
 
 def request_latency(expositions: list[str]) -> dict[str, dict[str, Any]]:
-    """``METHOD route`` -> requests, p50/p95/p99 in ms (bucket-interpolated) and statuses, from the
-    ``/metrics`` texts of one or more processes, their histograms summed."""
+    """``latency`` of the ``/metrics`` texts of one or more processes, their histograms summed."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    return latency(family for text in expositions for family in text_string_to_metric_families(text))
+
+
+def latency(families: Iterable[Metric]) -> dict[str, dict[str, Any]]:
+    """``METHOD route`` -> requests, p50/p95/p99 in ms (interpolated in the buckets) and requests by
+    status class, from the request histogram's families (several: summed)."""
     buckets: dict[str, dict[float, float]] = {}
     statuses: dict[str, dict[str, float]] = {}
-    for text in expositions:
-        for family in text_string_to_metric_families(text):
-            if family.name != REQUEST_SECONDS:
-                continue
-            for sample in family.samples:
-                key = f"{sample.labels.get('method')} {sample.labels.get('route')}"
-                if sample.name == REQUEST_SECONDS + "_bucket":
-                    le = float(sample.labels["le"])
-                    buckets.setdefault(key, {})[le] = buckets.get(key, {}).get(le, 0.0) + sample.value
-                elif sample.name == REQUEST_SECONDS + "_count":
-                    s = statuses.setdefault(key, {})
-                    s[sample.labels["status"]] = s.get(sample.labels["status"], 0.0) + sample.value
+    for family in families:
+        if family.name != REQUEST_SECONDS:
+            continue
+        for sample in family.samples:
+            key = f"{sample.labels.get('method')} {sample.labels.get('route')}"
+            if sample.name == REQUEST_SECONDS + "_bucket":
+                le = float(sample.labels["le"])
+                buckets.setdefault(key, {})[le] = buckets.get(key, {}).get(le, 0.0) + sample.value
+            elif sample.name == REQUEST_SECONDS + "_count":
+                s = statuses.setdefault(key, {})
+                s[sample.labels["status"]] = s.get(sample.labels["status"], 0.0) + sample.value
     out = {}
     for key, by_bound in sorted(buckets.items()):
         cumulative = sorted(by_bound.items())

@@ -66,6 +66,8 @@ SAMPLE_STATUS: dict[str, Any] = {
          "credit": 40000},
     ],
     "donate_url": "http://127.0.0.1:8080/",
+    "request_latency": {"POST /api/v1/units/next": {"n": 900, "p50_ms": 4.8, "p95_ms": 21.0, "p99_ms": 37.25,
+                                                    "statuses": {"2xx": 900}}},
 }
 
 # --------------------------------------------------------------------------- strict parser
@@ -376,6 +378,7 @@ def test_page_renders_status(tmp_path: Path) -> None:
     assert text_of(dom, "k-acc") == "61.3%"
     assert text_of(dom, "k-workers") == "3"
     assert text_of(dom, "k-version") == "42"
+    assert text_of(dom, "k-lat") == "4.8 / 37 ms", "units/next p50 / p99"
     assert "norm_bound" in dom and "lease_invalid" in dom
     assert "ab12" in dom and "cd34" in dom
     assert "fedbuff" in dom and "buffer_size" in dom
@@ -414,7 +417,8 @@ def real_status(tmp_path: Path) -> dict[str, Any]:
     try:
         asyncio.run(work())
         job.record_eval(job.evaluate_current())
-        return {**job.status().to_json(), "donate_url": "http://127.0.0.1:8080/"}
+        return {**job.status().to_json(), "donate_url": "http://127.0.0.1:8080/",   # added by coordinator.app
+                "request_latency": {}}
     finally:
         job.close()
 
@@ -466,6 +470,7 @@ def test_page_renders_a_real_jobs_status(tmp_path: Path) -> None:
     assert text_of(dom, "k-version") == str(status["model_version"])
     assert text_of(dom, "k-acc") == f"{100 * status['accuracy_history'][-1]['test_acc']:.1f}%"
     assert re.search(r"<td>applied</td><td[^>]*>2</td>", dom), "the applied updates row"
+    assert text_of(dom, "k-lat") == "–", "no unit requests timed by this process"
     assert "ab12" in dom and "cd34" in dom and "async_sgd" in dom
 
 

@@ -174,3 +174,15 @@ async def test_request_latency_sums_processes(serve):
     two = request_latency([text, text])["POST /api/v1/units/next"]
     assert one["n"] == 3 and two["n"] == 6 and one["statuses"] == {"2xx": 3}
     assert one["p50_ms"] == two["p50_ms"] and 0 < one["p50_ms"] <= one["p99_ms"]
+
+
+async def test_api_status_has_this_process_unit_request_latency(serve):
+    """What the dashboard shows: units/next p50 / p99 of this process since it started."""
+    client, _ = await serve()
+    await take_unit(client, worker="w-a")
+    await take_unit(client, worker="w-b")
+    status = await (await client.get("/api/status")).json()
+    latency = status["request_latency"]
+    assert set(latency) == {"POST /api/v1/units/next"}, "only the work routes, and only those requested"
+    row = latency["POST /api/v1/units/next"]
+    assert row["n"] == 2 and row["statuses"] == {"2xx": 2} and 0 < row["p50_ms"] <= row["p99_ms"]
