@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "strategies": ("coordinator.strategy_docs", "the aggregation strategies and their --param names, with defaults"),
     "data": ("models.data", "check, decode and cache a CIFAR-10 copy (optionally download it)"),
     "sim": ("coordinator.sim.main", "simulate volunteer workers with churn on a simulated clock, compare strategies"),
+    "jobs": ("coordinator.jobs_cli", "list, add, pause, resume, remove the jobs of a running coordinator (admin API)"),
     "export": ("coordinator.export_cli", "take a model version out of a coordinator's state as .onnx or .pt"),
     "eval": ("models.cli", "test accuracy of a .pt or .onnx model on the CIFAR-10 test split"),
 }

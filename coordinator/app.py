@@ -5,7 +5,8 @@ Routes (docs/protocol.md): ``POST /api/v1/units/next``, ``GET /api/v1/blobs/<id>
 worker's training-step graph, ``coordinator.steps``), ``POST /api/v1/workers/<worker_id>/name``
 (a display name, ``coordinator.credit``); for people and monitors: ``GET /``
 (the donate page, ``coordinator.web``), ``GET /api/status``, ``GET /metrics``, ``GET /dashboard``,
-``GET /leaderboard`` and ``GET /api/v1/credit`` (credit), ``GET /api/v1/donate`` (what a tab downloads). Handlers are short: domain errors become 4xx JSON
+``GET /leaderboard`` and ``GET /api/v1/credit`` (credit), ``GET /api/v1/donate`` (what a tab downloads); for the operator: ``/api/v1/admin/jobs`` (several jobs
+in one process, ``coordinator.jobs``; each job's dashboard at ``/jobs/<job>/dashboard``). Handlers are short: domain errors become 4xx JSON
 bodies that name the field, and no traceback ever reaches a client. Unit requests are rate
 limited per worker id and per address (429 ``rate_limited``), and with ``--worker-tokens`` the
 two worker routes need an operator's token (401 ``unauthorized``): ``coordinator.limits``.
@@ -16,6 +17,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import gzip
+import hmac
 import logging
 import re
 import time
@@ -34,7 +36,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.limits import RateLimiter, UnitLimits, bearer, client_address, is_loopback, load_tokens, retry_after
 from coordinator.intake import Rejection, contract_rejection
 from coordinator.job import Job
-from coordinator.keys import ASSETS, CONFIG, EVALS, JOB, LIMITS, STEPS, TOKENS, WARM
+from coordinator.jobs import Entry, JobError, JobRegistry
+from coordinator.keys import ADMIN, ASSETS, CONFIG, EVALS, JOB, JOBS, LIMITS, STEPS, TOKENS, WARM
 from coordinator.model_out import get_model
 from coordinator.steps import StepGraphs, StepUnavailable
 from coordinator.web import ISOLATION, Assets
@@ -68,8 +71,10 @@ async def errors_as_json(request: web.Request, handler):
         return await handler(request)
     except Rejection as r:
         return web.json_response(r.body(), status=r.status)
+    except JobError as e:
+        return error(e.code, e.status, str(e), e.field)
     except web.HTTPException as e:
-        if e.status >= 400 and (request.path.startswith("/api/") or request.path == "/metrics"):
+        if e.status >= 400 and (request.path.startswith(("/api/", "/jobs/")) or request.path == "/metrics"):
             code = "too_large" if e.status == 413 else "http"
             return error(code, e.status, f"{request.method} {request.path}: {e.reason}")
         raise
@@ -150,7 +155,10 @@ def json_depth(value: object) -> int:
 
 # ---------------------------------------------------------------------------- work
 async def next_unit(request: web.Request) -> web.Response:
-    job = request.app[JOB]
+    """A unit from the first active job, least recently served first, that cuts one for this worker
+    (``JobRegistry.candidates``); with one job, that job's unit or its 204."""
+    registry = request.app[JOBS]
+    job = registry.first.job
     raw = await read_json(request, "request")
     try:
         unit_request = UnitRequest.from_json(raw)
@@ -167,20 +175,27 @@ async def next_unit(request: web.Request) -> web.Response:
                         f"{retry_after(wait)} s", "request")
         limited.headers["Retry-After"] = retry_after(wait)
         return limited
-    why = browser_wait(request.app) if unit_request.backend == "browser" else None
-    if why is not None:
-        return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": why})
-    await fresh_base(job, unit_request.worker_id)
-    base = await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
-    await job.prepare_download(unit_request, base)   # and a version delta to it from what the worker holds
-    unit = job.next_unit(unit_request, address, base)
-    await job.store.sync()   # the unit's row and lease are durable before the unit leaves
-    if unit is None:
-        headers = {"Retry-After": str(RETRY_AFTER_S)}
-        if job.finished:
-            headers["X-Crowdtrain-Finished"] = "true"
-        return web.Response(status=204, headers=headers)
-    return web.json_response(unit.to_json())
+    reason = None
+    for entry in registry.candidates():
+        job = entry.job
+        why = browser_wait(entry) if unit_request.backend == "browser" else None
+        if why is not None:
+            reason = reason or why
+            continue
+        await fresh_base(job, unit_request.worker_id)
+        base = await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
+        await job.prepare_download(unit_request, base)   # and a version delta to it from what the worker holds
+        unit = job.next_unit(unit_request, address, base)
+        await job.store.sync()   # the unit's row and lease are durable before the unit leaves
+        if unit is not None:
+            entry.served = time.monotonic()
+            return web.json_response(unit.to_json())
+    if reason is not None:
+        return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": reason})
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+    if registry.finished():   # every job's budget is spent (a paused job that is not keeps workers waiting)
+        headers["X-Crowdtrain-Finished"] = "true"
+    return web.Response(status=204, headers=headers)
 
 
 async def fresh_base(job: Job, worker_id: str | None = None) -> None:
@@ -203,27 +218,35 @@ async def fresh_base(job: Job, worker_id: str | None = None) -> None:
         log.warning("folding before a unit request failed: %s", e)
 
 
-def browser_wait(app: web.Application) -> str | None:
-    """Why a browser gets no unit now (None: it may have one): browser units are handed out
-    only once the step graph of the job's batch size is built, and never if it cannot be."""
+def browser_wait(entry: Entry) -> str | None:
+    """Why a browser gets no unit of this job now (None: it may have one): browser units are handed
+    out only once the step graph of the job's batch size is built, and never if it cannot be."""
+    if entry.steps is None:
+        return "the coordinator is preparing the browser's training graph"
     try:
-        ready = app[STEPS].manifest(app[JOB].recipe.batch_size) is not None
+        ready = entry.steps.manifest(entry.job.recipe.batch_size) is not None
     except StepUnavailable as e:
-        return f"browser workers cannot train {app[JOB].config.model!r}: {e}"
+        return f"browser workers cannot train {entry.job.config.model!r}: {e}"
     return None if ready else "the coordinator is preparing the browser's training graph"
 
 
 async def step_manifest(request: web.Request) -> web.Response:
-    job, model, raw = request.app[JOB], request.match_info["model"], request.match_info["batch"]
-    if model != job.config.model:
-        return error("unknown_model", 404, f"model: expected this job's model {job.config.model!r}, got {model!r}",
-                     "model")
+    """A step graph of a job's model (the job with that model and the largest batch, the first job first)."""
+    model, raw = request.match_info["model"], request.match_info["batch"]
+    entries = [e for e in request.app[JOBS].entries.values() if e.steps is not None]
+    with_model = [e for e in entries if e.job.config.model == model]
+    if not with_model:
+        models = sorted({e.job.config.model for e in entries})
+        wanted = f"this job's model {models[0]!r}" if len(models) == 1 else f"one of this coordinator's models {models}"
+        return error("unknown_model", 404, f"model: expected {wanted}, got {model!r}", "model")
+    entry = max(with_model, key=lambda e: e.job.recipe.batch_size)
+    job = entry.job
     batch = int(raw) if BATCH_RE.fullmatch(raw) else 0
     if not 1 <= batch <= job.recipe.batch_size:
         return error("invalid", 400, f"batch: expected an integer in [1, {job.recipe.batch_size}], got {raw!r}",
                      "batch")
     try:
-        manifest = request.app[STEPS].manifest(batch)
+        manifest = entry.steps.manifest(batch)
     except StepUnavailable as e:
         return error("no_browser_step", 501, f"model {model!r} cannot be trained in a browser: {e}", "model")
     if manifest is None:
@@ -235,7 +258,7 @@ async def step_manifest(request: web.Request) -> web.Response:
 
 async def get_blob(request: web.Request) -> web.Response:
     blob_id = request.match_info["blob_id"]
-    path = request.app[JOB].store.blob_path(blob_id) if is_blob_id(blob_id) else None
+    path = request.app[JOBS].blob_path(blob_id) if is_blob_id(blob_id) else None
     if path is None:
         return error("unknown_blob", 404, f"blob: expected the id of a model version or data shard, got {blob_id!r}",
                      "blob")
@@ -268,7 +291,7 @@ def is_step_graph(app: web.Application, blob_id: str) -> bool:
     """A step graph blob (ONNX: names and shapes, no weights) shrinks about 12x with gzip; model
     versions and shards hardly shrink, so they are sent as stored."""
     return any(e.manifest is not None and blob_id in (e.manifest["graph"], e.manifest["webgpu"]["graph"])
-               for e in app[STEPS].entries.values())
+               for job in app[JOBS].entries.values() if job.steps is not None for e in job.steps.entries.values())
 
 
 async def gzipped_graph(blob_id: str, body: bytes) -> bytes:
@@ -282,7 +305,7 @@ async def gzipped_graph(blob_id: str, body: bytes) -> bytes:
 
 
 async def submit_result(request: web.Request) -> web.Response:
-    job = request.app[JOB]
+    job = request.app[JOBS].job_of_unit(request.match_info["unit_id"])
     if request.content_length is None or request.content_length > job.max_body:
         job.store.count_rejection("too_large")
         size = "no Content-Length" if request.content_length is None else f"{request.content_length} bytes"
@@ -303,7 +326,12 @@ async def model_file(request: web.Request) -> web.StreamResponse:
 
 # ---------------------------------------------------------------------------- visibility
 async def status(request: web.Request) -> web.Response:
-    body = request.app[JOB].status().to_json()
+    """``/api/status`` (the first job; ``?job=NAME`` another) and ``/jobs/<job>/api/status`` (its dashboard's)."""
+    registry = request.app[JOBS]
+    name = request.match_info.get("job", request.query.get("job"))
+    entry = registry.first if name is None else registry.get(name)
+    body = entry.job.status().to_json()
+    body["jobs"] = [e.describe(public=True) for e in registry.entries.values()]
     body["donate_url"] = str(request.url.origin()) + "/"
     body["request_latency"] = request.app[observe.OBSERVER].work_latency()   # this process's, since it started
     return web.json_response(body)
@@ -316,6 +344,10 @@ async def prometheus(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:
+    """The dashboard page (the first job's at ``/dashboard``, a job's at ``/jobs/<job>/dashboard``: the page
+    reads the ``api/status`` next to its own path)."""
+    if "job" in request.match_info:
+        request.app[JOBS].get(request.match_info["job"])
     return web.FileResponse(DASHBOARD / "index.html", headers={"Cache-Control": "no-cache"})
 
 
@@ -407,9 +439,9 @@ def release_memory() -> None:
 _TRIM = None
 
 
-async def expire_loop(app: web.Application) -> None:
+async def expire_loop(job: Job) -> None:
     """Lease expiry every second; a WAL checkpoint and a trim of the C heap when due, in threads."""
-    job, trimmed = app[JOB], time.monotonic()
+    trimmed = time.monotonic()
     while True:
         await asyncio.sleep(EXPIRE_EVERY_S)
         try:
@@ -422,9 +454,8 @@ async def expire_loop(app: web.Application) -> None:
             log.exception("lease expiry failed")
 
 
-async def aggregate_loop(app: web.Application) -> None:
-    """The one place updates are folded in: woken by each accepted result, off the request path."""
-    job = app[JOB]
+async def aggregate_loop(job: Job) -> None:
+    """The one place a job's updates are folded in: woken by each accepted result, off the request path."""
     while True:
         await job.work.wait()
         job.work.clear()
@@ -446,9 +477,8 @@ async def finish_on_cancel(work):
         raise
 
 
-async def eval_loop(app: web.Application) -> None:
+async def eval_loop(job: Job, seen: dict) -> None:
     """Evaluate the newest version every ``eval_every_s`` when it changed (off the request path)."""
-    job, seen = app[JOB], app[EVALS]
     while True:
         if job.step != seen.get("version"):
             step = job.step
@@ -460,27 +490,110 @@ async def eval_loop(app: web.Application) -> None:
             except Exception:
                 log.exception("evaluation of version %d failed", step)
             seen["version"] = step   # never evaluate the same version in a loop
-        await asyncio.sleep(app[CONFIG].eval_every_s if not job.finished else 1.0)
+        await asyncio.sleep(job.config.eval_every_s if not job.finished else 1.0)
+
+
+def start_entry(app: web.Application, entry: Entry) -> None:
+    """A job's background tasks (lease expiry, aggregation, evaluation) and its browser step graphs."""
+    job = entry.job
+    entry.steps = StepGraphs(job, default_cache_dir() / "steps")
+    entry.tasks = [asyncio.create_task(expire_loop(job)), asyncio.create_task(aggregate_loop(job)),
+                   asyncio.create_task(eval_loop(job, entry.evals))]
+    job.work.set()   # fold whatever the replay left due
+    if app[WARM]:   # the first tab should not wait for the export
+        entry.steps.manifest(job.recipe.batch_size)
+
+
+async def stop_entry(entry: Entry) -> None:
+    """Stop a job's tasks, then close it (its last version written)."""
+    for task in entry.tasks:
+        task.cancel()
+    await asyncio.gather(*entry.tasks, return_exceptions=True)
+    if entry.steps is not None:
+        await entry.steps.close()
+    entry.job.close()
 
 
 async def job_ctx(app: web.Application):
-    """Open the job (data, store, replay) before serving; stop the tasks and close on shutdown."""
-    job = app[JOB]
-    if job.store is None:
-        await asyncio.to_thread(job.open)
-    app[STEPS] = StepGraphs(job, default_cache_dir() / "steps")
-    tasks = [asyncio.create_task(loop(app)) for loop in (expire_loop, aggregate_loop, eval_loop)]
-    job.work.set()   # fold whatever the replay left due
-    if app[WARM]:   # the first tab should not wait for the export and the compression
-        app[STEPS].manifest(job.recipe.batch_size)
-        tasks.append(asyncio.create_task(asyncio.to_thread(app[ASSETS].prepare)))
+    """Open the first job (data, store, replay) and bring back the registry's others before serving;
+    stop the tasks and close every job on shutdown."""
+    registry = app[JOBS]
+    first = registry.first
+    if first.job.store is None:
+        await asyncio.to_thread(first.job.open)
+    registry.start, registry.stop = (lambda entry: start_entry(app, entry)), stop_entry
+    start_entry(app, first)
+    app[STEPS] = first.steps
+    await registry.restore()
+    tasks = [asyncio.create_task(asyncio.to_thread(app[ASSETS].prepare))] if app[WARM] else []
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await app[STEPS].close()
+    for entry in list(registry.entries.values())[1:]:
+        await stop_entry(entry)
     app[BOARD].close()
-    job.close()
+    await stop_entry(first)
+
+
+# ---------------------------------------------------------------------------- the operator (coordinator.jobs)
+def admin_registry(request: web.Request) -> JobRegistry:
+    """The registry, for a request with an operator token (compared in constant time); a ``JobError`` (404: the
+    admin API is off; 401: no such token) otherwise."""
+    registry, tokens = request.app[JOBS], request.app[ADMIN]
+    if not tokens or not registry.several:
+        why = ("this coordinator keeps its job in Redis (--redis), which runs one job" if not registry.several else
+               "start the coordinator with --admin-token-file FILE")
+        raise JobError("admin_off", 404, f"the admin API is off: {why}", "")
+    given = (bearer(request.headers.get("Authorization")) or "").encode("utf-8", "replace")
+    known = False
+    for token in tokens:   # every token compared, each in constant time
+        known |= hmac.compare_digest(given, token.encode())
+    if not known:
+        raise JobError("unauthorized", 401, "Authorization: expected 'Bearer <token>' with an operator token of "
+                       "this coordinator's --admin-token-file", "Authorization")
+    return registry
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    return web.json_response({"jobs": admin_registry(request).listing()}, headers={"Cache-Control": "no-cache"})
+
+
+ADD_KEYS = ("job", "options")
+
+
+async def add_job(request: web.Request) -> web.Response:
+    """``POST /api/v1/admin/jobs`` with ``{"job": NAME, "options": {FIELD: VALUE, ...}}``: 201 once it is open."""
+    registry = admin_registry(request)
+    raw = await read_json(request, "body")
+    if not isinstance(raw, dict):
+        raise JobError("invalid", 400, f"body: expected an object with {' and '.join(ADD_KEYS)}, got "
+                       f"{type(raw).__name__}", "body")
+    for key in raw:
+        if key not in ADD_KEYS:
+            raise JobError("invalid", 400, f"{key[:40]}: expected only {', '.join(ADD_KEYS)}, got an unknown key",
+                           key[:40])
+    if "job" not in raw:
+        raise JobError("invalid", 400, "job: expected the new job's name, got none", "job")
+    entry = await registry.add(raw["job"], raw.get("options", {}))
+    return web.json_response({"job": entry.describe()}, status=201)
+
+
+async def pause_job(request: web.Request) -> web.Response:
+    return web.json_response({"job": admin_registry(request).pause(request.match_info["job"]).describe()})
+
+
+async def resume_job(request: web.Request) -> web.Response:
+    return web.json_response({"job": admin_registry(request).resume(request.match_info["job"]).describe()})
+
+
+async def remove_job(request: web.Request) -> web.Response:
+    """``DELETE /api/v1/admin/jobs/<job>[?delete_state=true]``: its state stays on disk unless asked."""
+    registry = admin_registry(request)
+    delete = request.query.get("delete_state", "false")
+    if delete not in ("true", "false"):
+        raise JobError("invalid", 400, f"delete_state: expected true or false, got {delete[:40]!r}", "delete_state")
+    return web.json_response(await registry.remove(request.match_info["job"], delete_state=delete == "true"))
 
 
 # Every route but the dashboard's files (DASHBOARD_FILES); coordinator.cluster forwards the same templates.
@@ -491,6 +604,13 @@ ROUTES = (
     ("GET", "/api/status", status),
     ("GET", "/metrics", prometheus),
     ("GET", "/dashboard", dashboard),
+    ("GET", "/jobs/{job}/dashboard", dashboard),
+    ("GET", "/jobs/{job}/api/status", status),
+    ("GET", "/api/v1/admin/jobs", list_jobs),
+    ("POST", "/api/v1/admin/jobs", add_job),
+    ("POST", "/api/v1/admin/jobs/{job}/pause", pause_job),
+    ("POST", "/api/v1/admin/jobs/{job}/resume", resume_job),
+    ("DELETE", "/api/v1/admin/jobs/{job}", remove_job),
     ("GET", "/api/v1/steps/{model}/{batch}", step_manifest),
     ("GET", "/api/v1/model", model_file),
     ("GET", "/", index),
@@ -503,15 +623,21 @@ ROUTES = (
 DASHBOARD_FILES = "/dashboard/"   # its route template (the access log, the histogram): /dashboard/{filename}
 
 
-def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = False) -> web.Application:
-    """The app for ``job``; ``warm`` builds the browser's step graph and gzips the page's assets
-    at start instead of on the first browser's request (servers do; most tests do not need to)."""
+def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = False,
+               several: bool = True) -> web.Application:
+    """The app for ``job`` (the first of its registry, ``coordinator.jobs``; ``several``: False where the job's
+    state is not this process's alone, ``--redis``); ``warm`` builds the browser's step graph and gzips the
+    page's assets at start instead of on the first browser's request (servers do; most tests do not need to)."""
     job = job or Job(config)
     app = web.Application(middlewares=[observe.middleware, errors_as_json, worker_tokens],
                           client_max_size=job.max_body)
     app[observe.OBSERVER] = observe.Observer(lambda: job.status().to_json() if job.store is not None else None,
                                              config.access_log)
-    app[CONFIG], app[JOB], app[EVALS] = config, job, {}
+    app[CONFIG], app[JOB] = config, job
+    app[JOBS] = JobRegistry(config, job, several)
+    app[EVALS] = app[JOBS].first.evals
+    app[ADMIN] = (load_tokens(config.admin_token_file, "--admin-token-file") if config.admin_token_file and several
+                  else frozenset())
     app[LIMITS] = UnitLimits(config.unit_rate_worker, config.unit_rate_address, time.monotonic)
     app[TOKENS] = load_tokens(config.worker_tokens) if config.worker_tokens else frozenset()
     app[ASSETS], app[WARM] = Assets(default_cache_dir()), warm

@@ -99,6 +99,9 @@ def check_cluster(args: argparse.Namespace, config) -> None:
     if config.replication != "off":
         raise ValueError("argument --replication: replicated checks are not supported with --redis yet; "
                          "use --replication off")
+    if config.admin_token_file:
+        raise ValueError("argument --admin-token-file: several jobs in one deployment need the embedded SQLite "
+                         "store (one process, no --redis); with --redis a deployment runs one job")
     try:
         client = redis.Redis.from_url(args.redis, socket_timeout=5)
     except ValueError as e:
@@ -277,7 +280,7 @@ class Node:
         self.job = job
         # the leader's own service logs no access lines: the public app of this process logs each request once
         own = dataclasses.replace(self.config, access_log="off")
-        self.runner = web.AppRunner(create_app(own, job, warm=True), handle_signals=False, access_log=None)
+        self.runner = web.AppRunner(create_app(own, job, warm=True, several=False), handle_signals=False, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.args.advertise_host, 0)
         await site.start()

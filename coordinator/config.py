@@ -236,6 +236,11 @@ class CoordinatorConfig:
                                         "requests and results must carry 'Authorization: Bearer <token>' (401 "
                                         "otherwise; closed deployments)", "service", none="anyone may work",
                                         metavar="FILE")
+    admin_token_file: Path | None = option(Path, None, "file of operator tokens, one a line: the admin API "
+                                           "(/api/v1/admin/jobs: list, add, pause, resume and remove jobs of this "
+                                           "process; `crowdtrain jobs`) takes requests carrying 'Authorization: "
+                                           "Bearer <token>' (401 otherwise); the embedded SQLite store only",
+                                           "service", none="the admin API is off (404)", metavar="FILE")
     access_log: str = option(str, "off", "json: one JSON line per request on stderr (logger crowdtrain.access: time, "
                              "method, route template, status, duration_ms, bytes, client address); off: no access "
                              "log (a proxy in front, e.g. Caddy, can keep its own)", "service", choices=("off", "json"))
@@ -260,6 +265,10 @@ class CoordinatorConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(CoordinatorConfig)}
+# What a job added to a running coordinator may set (coordinator.jobs, `crowdtrain jobs add`): every field but
+# this process's (the service group), its name (given apart) and its state directory (STATE/jobs/<name>).
+JOB_FIELDS = tuple(name for name, f in FIELDS.items()
+                   if f.metadata["group"] != "service" and name not in ("state", "job"))
 
 
 # ---------------------------------------------------------------------------- checks from the metadata
@@ -377,14 +386,17 @@ def _parser_type(name: str) -> Callable[[str], Any]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
-                         shown: dict[str, str] | None = None) -> None:
-    """One flag per ``CoordinatorConfig`` field, in one argument group per config group; help with the default.
+                         shown: dict[str, str] | None = None, only: tuple[str, ...] | None = None) -> None:
+    """One flag per ``CoordinatorConfig`` field (``only``: these fields), in one argument group per config group;
+    help with the default.
 
     ``defaults`` changes a flag's default value, ``shown`` how --help writes it (``crowdtrain run``'s
     ``--state`` is None until it picks ``runs/job-<time>``)."""
     defaults, shown = defaults or {}, shown or {}
-    groups = {g: parser.add_argument_group(title) for g, title in GROUPS.items()}
-    for f in dataclasses.fields(CoordinatorConfig):
+    fields = [f for f in dataclasses.fields(CoordinatorConfig) if only is None or f.name in only]
+    used = {f.metadata["group"] for f in fields}
+    groups = {g: parser.add_argument_group(title) for g, title in GROUPS.items() if g in used}
+    for f in fields:
         m = f.metadata
         if f.name in defaults:
             default = defaults[f.name]

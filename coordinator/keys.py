@@ -5,6 +5,7 @@ from aiohttp import web
 
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
+from coordinator.jobs import JobRegistry
 from coordinator.limits import UnitLimits
 from coordinator.steps import StepGraphs
 from coordinator.web import Assets
@@ -17,3 +18,5 @@ ASSETS = web.AppKey("assets", Assets)      # the donate page and its static file
 WARM = web.AppKey("warm", bool)             # prepare browser assets at start
 LIMITS = web.AppKey("limits", UnitLimits)   # rate limits of unit requests
 TOKENS = web.AppKey("tokens", frozenset)    # operator-issued worker tokens (empty: anyone may work)
+JOBS = web.AppKey("jobs", JobRegistry)      # the jobs of this process (coordinator.jobs); JOB is its first
+ADMIN = web.AppKey("admin", frozenset)      # operator tokens of the admin API (empty: the admin API is off)

@@ -102,24 +102,24 @@ def client_address(peer: str | None, forwarded_for: str | None) -> str:
     return peer
 
 
-def load_tokens(path: str | Path) -> frozenset[str]:
+def load_tokens(path: str | Path, flag: str = "--worker-tokens") -> frozenset[str]:
     """The worker tokens in ``path``: one a line, blank lines and lines starting with ``#`` ignored; a token is
     8..256 printable ASCII characters without spaces. Raises ``ValueError`` naming the problem."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"argument --worker-tokens: cannot read {path}: {e}") from None
+        raise ValueError(f"argument {flag}: cannot read {path}: {e}") from None
     tokens = set()
     for n, line in enumerate(text.splitlines(), 1):
         token = line.strip()
         if not token or token.startswith("#"):
             continue
         if not (8 <= len(token) <= 256 and all(0x21 <= ord(c) <= 0x7e for c in token)):
-            raise ValueError(f"argument --worker-tokens: {path} line {n}: expected a token of 8..256 printable "
+            raise ValueError(f"argument {flag}: {path} line {n}: expected a token of 8..256 printable "
                              "ASCII characters without spaces")
         tokens.add(token)
     if not tokens:
-        raise ValueError(f"argument --worker-tokens: {path} holds no token")
+        raise ValueError(f"argument {flag}: {path} holds no token")
     return frozenset(tokens)
 
 

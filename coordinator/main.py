@@ -196,6 +196,8 @@ def checked(args: argparse.Namespace) -> tuple[CoordinatorConfig, socket.socket]
         config = config_from_args(args)
         if config.worker_tokens:
             load_tokens(config.worker_tokens)
+        if config.admin_token_file:
+            load_tokens(config.admin_token_file, "--admin-token-file")
         check_data(config)
         return config, listen(config.host, config.port)
     except (ValueError, DataError) as e:

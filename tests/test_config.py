@@ -64,6 +64,7 @@ VALUES = {
     "unit_rate_worker": (["--unit-rate-worker", "none"], None),
     "unit_rate_address": (["--unit-rate-address", "60"], 60.0),
     "worker_tokens": (["--worker-tokens", "tokens.txt"], Path("tokens.txt")),
+    "admin_token_file": (["--admin-token-file", "admin.txt"], Path("admin.txt")),
     "access_log": (["--access-log", "json"], "json"),
 }
 

@@ -270,3 +270,72 @@ async def test_a_slow_sender_gets_a_408_and_its_connection_back(app_client, monk
     error = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["code"] == "timeout" and error["field"] == "body" and "within" in error["message"], error
     assert 0.4 <= waited < 10, waited
+
+
+# --- the admin API (coordinator/jobs.py): hostile bodies, names and tokens -----------------------
+ADMIN_TOKEN = "operator-token-0123456789"
+
+
+@pytest.fixture
+async def admin_client(aiohttp_client, tmp_path, caplog):
+    from coordinator.keys import JOBS
+
+    tokens = tmp_path / "admin-tokens"
+    tokens.write_text(ADMIN_TOKEN + "\n")
+    data = tiny_cifar10(n_train=256, n_test=64)
+    cfg = CoordinatorConfig(state=tmp_path / "state", model=MODEL, shard_size=64, epochs=4.0, eval_every_s=3600.0,
+                            codec="fp32", admin_token_file=tokens)
+    job = Job(cfg)
+    job.open(data)
+    caplog.set_level(logging.WARNING)
+    app = create_app(cfg, job)
+    app[JOBS].load_data = lambda config: data   # a valid add opens a job on the same tiny data
+    client = await aiohttp_client(app)
+    yield client
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
+
+
+def _job_options():
+    from coordinator.config import FIELDS
+
+    return st.dictionaries(st.one_of(st.sampled_from(sorted(FIELDS)), st.text(max_size=12)), json_values, max_size=3)
+
+
+add_bodies = st.one_of(
+    st.binary(max_size=256), raw_json_texts, json_values.map(lambda v: json.dumps(v).encode()),
+    st.builds(deep, st.integers(JSON_MAX_DEPTH + 1, 200_000), st.sampled_from(["array", "object", "open"])),
+    st.builds(lambda name, options, extra: json.dumps({"job": name, "options": options, **extra}).encode(),
+              st.one_of(st.text(max_size=20), st.sampled_from(["b", "cifar10", "..", "a" * 65]), json_values),
+              st.one_of(_job_options(), json_values),
+              st.dictionaries(st.sampled_from(["x", "protocol"]), json_values, max_size=1)),
+)
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@HOSTILE
+@given(data=add_bodies, extra=headers)
+async def test_admin_add(admin_client, data, extra):
+    resp = await admin_client.post("/api/v1/admin/jobs", data=data, headers={**extra, **ADMIN_AUTH})
+    await check(resp, data[:80])
+
+
+@HOSTILE
+@given(method=st.sampled_from(["GET", "POST", "DELETE", "PUT"]), name=path_part,
+       action=st.sampled_from(["", "/pause", "/resume", "/other"]),
+       query=st.dictionaries(st.sampled_from(["delete_state", "job", "x"]), st.text(max_size=10), max_size=2),
+       authorization=st.one_of(st.just(ADMIN_AUTH["Authorization"]), st.text(alphabet=string.printable.strip(),
+                                                                            max_size=40)))
+async def test_admin_job_routes(admin_client, method, name, action, query, authorization):
+    resp = await admin_client.request(method, f"/api/v1/admin/jobs/{name}{action}", params=query,
+                                      headers={"Authorization": authorization})
+    await check(resp, (method, name, action, query, authorization))
+    if authorization != ADMIN_AUTH["Authorization"] and resp.status not in (404, 405):
+        assert resp.status == 401   # no token, no answer (a route that does not exist is a 404 or 405 first)
+
+
+@HOSTILE
+@given(name=path_part, query=st.dictionaries(st.sampled_from(["job", "x"]), st.text(max_size=10), max_size=2))
+async def test_job_status_and_dashboard(admin_client, name, query):
+    for path in (f"/jobs/{name}/api/status", f"/jobs/{name}/dashboard", "/api/status"):
+        await check(await admin_client.get(path, params=query), (path, query))
