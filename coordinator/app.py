@@ -177,16 +177,18 @@ async def next_unit(request: web.Request) -> web.Response:
         return limited
     reason = None
     for entry in registry.candidates():
-        job = entry.job
+        if entry.removed:   # removed while an earlier candidate was asked
+            continue
         why = browser_wait(entry) if unit_request.backend == "browser" else None
         if why is not None:
             reason = reason or why
             continue
-        await fresh_base(job, unit_request.worker_id)
-        base = await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
-        await job.prepare_download(unit_request, base)   # and a version delta to it from what the worker holds
-        unit = job.next_unit(unit_request, address, base)
-        await job.store.sync()   # the unit's row and lease are durable before the unit leaves
+        with entry.using() as job:
+            await fresh_base(job, unit_request.worker_id)
+            base = await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
+            await job.prepare_download(unit_request, base)   # and a version delta to it from what the worker holds
+            unit = job.next_unit(unit_request, address, base)
+            await job.store.sync()   # the unit's row and lease are durable before the unit leaves
         if unit is not None:
             entry.served = time.monotonic()
             return web.json_response(unit.to_json())
@@ -305,7 +307,11 @@ async def gzipped_graph(blob_id: str, body: bytes) -> bytes:
 
 
 async def submit_result(request: web.Request) -> web.Response:
-    job = request.app[JOBS].job_of_unit(request.match_info["unit_id"])
+    with request.app[JOBS].entry_of_unit(request.match_info["unit_id"]).using() as job:
+        return await take_result(request, job)
+
+
+async def take_result(request: web.Request, job: Job) -> web.Response:
     if request.content_length is None or request.content_length > job.max_body:
         job.store.count_rejection("too_large")
         size = "no Content-Length" if request.content_length is None else f"{request.content_length} bytes"

@@ -18,12 +18,13 @@ Which job serves a unit request (``candidates``): the active jobs, least recentl
 (the order they were added breaks ties); the app asks each in turn and the first that cuts a unit
 for this worker serves it (a job whose model the worker does not take, whose codecs it cannot
 encode, whose budget is spent or whose shards are all out gives none). Every other route finds the
-job from what the worker sends anyway: a result from its unit id (``job_of_unit``), a blob from its
+job from what the worker sends anyway: a result from its unit id (``entry_of_unit``), a blob from its
 id (``blob_path``), a step graph from its model name.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ log = logging.getLogger("crowdtrain.coordinator")
 
 REGISTRY_FILE = "jobs.json"
 JOBS_DIR = "jobs"
+REMOVE_WAIT_S = 30.0   # how long a removal waits for the requests using the job
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")   # an id (docs/protocol.md) that is also a folder name
 JOB_OPTIONS = JOB_FIELDS   # what an added job may set
 INHERITED = ("data", "download")   # unless given, an added job's are the first job's (the deployment's data)
@@ -67,6 +69,16 @@ class Entry:
     evals: dict = field(default_factory=dict)   # the evaluation task's bookkeeping
     tasks: list = field(default_factory=list)   # its background tasks
     served: float = 0.0    # monotonic time it last handed out a unit (least recently served goes first)
+    removed: bool = False  # set when its removal starts: no request starts using it after that
+    inflight: int = 0      # requests using it now (unit requests, results): its removal waits for them
+
+    @contextlib.contextmanager
+    def using(self):
+        self.inflight += 1
+        try:
+            yield self.job
+        finally:
+            self.inflight -= 1
 
     @property
     def state(self) -> str:
@@ -139,13 +151,13 @@ class JobRegistry:
         """Every job's budget is spent (workers may stop): a paused job that is not finished keeps them."""
         return all(e.job.finished for e in self.entries.values())
 
-    def job_of_unit(self, unit_id: str) -> Job:
+    def entry_of_unit(self, unit_id: str) -> Entry:
         """The job that issued ``unit_id`` (the first job when none did: it answers ``unknown_unit``)."""
         if len(self.entries) > 1:
             for entry in self.entries.values():
                 if entry.job.store is not None and entry.job.store.unit(unit_id) is not None:
-                    return entry.job
-        return self.first.job
+                    return entry
+        return self.first
 
     def blob_path(self, blob_id: str) -> Path | None:
         for entry in self.entries.values():
@@ -242,8 +254,13 @@ class JobRegistry:
             raise JobError("job_busy", 409, f"job: {name!r} is being removed", "job")
         self._busy.add(name)
         try:
+            entry.removed = True
             del self.entries[name]
             self.save()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + REMOVE_WAIT_S
+            while entry.inflight and loop.time() < deadline:   # requests already using it finish first
+                await asyncio.sleep(0.05)
             if self.stop is not None:
                 await self.stop(entry)
             state = entry.job.config.state

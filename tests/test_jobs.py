@@ -167,6 +167,33 @@ async def test_remove_stops_a_job_and_keeps_or_deletes_its_state(start, tmp_path
     assert again["version"] == 0 and app[JOBS].get(out.job).job.store.unit(out.unit_id) is not None
 
 
+async def test_removal_waits_for_a_result_being_posted(start):
+    """A job removed while one of its results is arriving: the result is answered (not a 5xx from a closed
+    store), then the job is closed."""
+    client, app = await start()
+    await add_second(client)
+    out = await take(client, "w1", models=["resnet_fast"])
+    data = await result_of(client, out)
+    go = asyncio.Event()
+
+    async def slow():
+        yield data[:10]
+        await go.wait()
+        yield data[10:]
+    posting = asyncio.create_task(client.post(f"/api/v1/units/{out.unit_id}/result", data=slow(), headers={
+        "Content-Type": "application/octet-stream", "Content-Length": str(len(data))}))
+    await asyncio.sleep(0.5)
+    entry = app[JOBS].get("b")
+    assert entry.inflight == 1
+    removing = asyncio.create_task(client.delete(f"{ADMIN}/b", headers=auth()))
+    await asyncio.sleep(0.5)
+    assert not removing.done() and entry.job.store is not None
+    go.set()
+    resp = await posting
+    assert resp.status == 200 and (await resp.json())["accepted"]
+    assert (await removing).status == 200 and entry.inflight == 0 and "b" not in app[JOBS].entries
+
+
 async def test_the_admin_api_needs_an_operator_token(start):
     client, _ = await start()
     for headers in ({}, auth("wrong-token-0123456789"), {"Authorization": "Basic " + TOKEN}, auth(TOKEN + "x")):
