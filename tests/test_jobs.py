@@ -9,6 +9,7 @@ operator token, a restart that brings the jobs back, the CLI. The end-to-end tes
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -108,6 +109,29 @@ async def test_two_jobs_serve_one_worker_and_fold_into_their_own_models(start, t
     missing = await client.get("/jobs/nope/dashboard")
     assert missing.status == 404 and (await missing.json())["error"]["code"] == "unknown_job"
     assert (tmp_path / "state" / "jobs" / "b" / "state.db").is_file()
+
+
+async def test_each_jobs_dashboard_shows_its_job_and_links_the_others(start, tmp_path):
+    """Headless Chromium on /jobs/b/dashboard of the real app: the page reads b's status and links both jobs."""
+    from tests.test_dashboard_metrics import CHROMIUM
+
+    if not CHROMIUM.exists():
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    client, _ = await start()
+    await add_second(client)
+    await client.post(f"{ADMIN}/b/pause", headers=auth())
+    proc = await asyncio.create_subprocess_exec(
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000", "--dump-dom", str(client.make_url("/jobs/b/dashboard")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)   # the loop keeps serving meanwhile
+    dom, _ = await asyncio.wait_for(proc.communicate(), 120)
+    dom = dom.decode()
+    assert re.search(r'id="title"[^>]*>b · resnet_fast · ', dom), dom[:3000]
+    assert re.search(r'id="state"[^>]*>paused<', dom)
+    jobs = re.search(r'id="jobs"[^>]*>(.*?)</span>', dom, re.S).group(1)
+    assert re.findall(r'<a href="([^"]+)"[^>]*>([^<]+)</a>', jobs) == [
+        ("/jobs/cifar10/dashboard", "cifar10 (cnn, active)"), ("/jobs/b/dashboard", "b (resnet_fast, paused)")]
 
 
 async def test_a_worker_that_takes_one_model_gets_only_that_jobs_units(start):
