@@ -322,12 +322,13 @@ async def take_result(request: web.Request, job: Job) -> web.Response:
 
 
 async def model_file(request: web.Request) -> web.StreamResponse:
-    """``GET /api/v1/model`` (``coordinator.model_out``), once ``version`` is one it can look up."""
+    """``GET /api/v1/model[?job=NAME]`` (``coordinator.model_out``), once ``version`` is one it can look up."""
     version = request.query.get("version")
     if version and not VERSION_RE.fullmatch(version):
         return error("invalid", 400, f"version: expected a version number, 'final' or 'best', got {version[:40]!r}",
                      "version")
-    return await get_model(request)
+    name = request.query.get("job")   # another job's model (coordinator.jobs); the first job's by default
+    return await get_model(request, None if name is None else request.app[JOBS].get(name).job)
 
 
 # ---------------------------------------------------------------------------- visibility

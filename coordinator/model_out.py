@@ -199,9 +199,10 @@ def _error(code: str, status: int, message: str, field: str) -> web.Response:
     return web.json_response({"error": {"code": code, "field": field, "message": message}}, status=status)
 
 
-async def get_model(request: web.Request) -> web.Response:
-    """``GET /api/v1/model?format=onnx|pt[&version=N|final|best]``: the job's model as a download."""
-    job = request.app[JOB]
+async def get_model(request: web.Request, job=None) -> web.Response:
+    """``GET /api/v1/model?format=onnx|pt[&version=N|final|best]``: the job's model as a download (``job``: the
+    app's first job unless given)."""
+    job = job or request.app[JOB]
     fmt = request.query.get("format", "onnx")
     if fmt not in export.FORMATS:
         return _error("invalid", 400, f"format: expected one of {', '.join(export.FORMATS)}, got {fmt!r}", "format")

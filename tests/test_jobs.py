@@ -134,6 +134,16 @@ async def test_each_jobs_dashboard_shows_its_job_and_links_the_others(start, tmp
         ("/jobs/cifar10/dashboard", "cifar10 (cnn, active)"), ("/jobs/b/dashboard", "b (resnet_fast, paused)")]
 
 
+async def test_each_jobs_model_is_downloadable(start):
+    client, _ = await start()
+    await add_second(client)
+    resp = await client.get("/api/v1/model", params={"job": "b", "format": "pt", "version": "0"})
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Content-Disposition"] == 'attachment; filename="b-resnet_fast-v0.pt"'
+    resp = await client.get("/api/v1/model", params={"job": "nope", "format": "pt"})
+    assert resp.status == 404 and (await resp.json())["error"]["field"] == "job"
+
+
 async def test_a_worker_that_takes_one_model_gets_only_that_jobs_units(start):
     client, _ = await start()
     await add_second(client)
