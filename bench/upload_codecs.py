@@ -73,6 +73,21 @@ def container_bytes(model: str, codec: str) -> int:
     return len(encode_delta(get_codec(codec), delta))
 
 
+def run_dir(out: Path, seed: int, codec: str, ef: bool) -> Path:
+    return out / f"s{seed}-{codec.replace(':', '')}{'-ef' if ef else ''}"
+
+
+def staleness_mean(run: Path) -> float | None:
+    """Mean staleness of the applied results of a finished run (its state.db), or None without one."""
+    import sqlite3
+
+    if not (run / "state" / "state.db").is_file():
+        return None
+    with sqlite3.connect(run / "state" / "state.db") as db:
+        applied = [st for st, step in db.execute("SELECT staleness, applied_step FROM results") if step is not None]
+    return sum(applied) / len(applied) if applied else 0.0
+
+
 def run_variant(args, data: str, seed: int, codec: str, ef: bool, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     flags = ["--data", data, "--model", args.model, "--limit-train", str(args.train_images), "--epochs",
@@ -103,6 +118,7 @@ def run_variant(args, data: str, seed: int, codec: str, ef: bool, out: Path) -> 
         wall = time.time() - t0
         with cluster.db() as db:
             rows = db.execute("SELECT delta_blob, dropped, worker_id FROM results").fetchall()
+            applied = [st for st, step in db.execute("SELECT staleness, applied_step FROM results") if step is not None]
             units = [json.loads(w) for (w,) in db.execute("SELECT wire FROM units").fetchall()]
         sizes = [p.stat().st_size for blob, _, _ in rows if blob and (p := out / "state" / "blobs" / blob).is_file()]
     finally:
@@ -118,6 +134,7 @@ def run_variant(args, data: str, seed: int, codec: str, ef: bool, out: Path) -> 
     return {"codec": codec, "error_feedback": ef, "label": label, "seed": seed, "final_test_acc": hist[-1]["test_acc"],
             "samples": s["samples"], "versions": s["model_version"], "wall_s": wall, "results": len(rows),
             "dropped": sum(d is not None for _, d, _ in rows), "units": len(units), "units_with_feedback": flagged,
+            "staleness_mean": sum(applied) / len(applied) if applied else 0.0,
             "bytes_per_unit": expected, "blobs_checked": len(sizes),
             "fp32_bytes": container_bytes(args.model, "fp32")}
 
@@ -138,15 +155,15 @@ def section(cfg: dict, results: list[dict], out: Path) -> str:
              f"(load average {cfg['load']}), so seconds are indicative.",
              f"- Command: `{cfg['command']}` at commit `{cfg['commit']}`; config, results and every run's logs in "
              f"`{shown(out)}`.", "",
-             "| codec | error feedback | seed | bytes per unit | vs fp32 | vs fp16 | final test acc. (%) | vs fp16 (points) | wall (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| codec | error feedback | seed | bytes per unit | vs fp32 | vs fp16 | final test acc. (%) | vs fp16 (points) | mean staleness | wall (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fp16 = next((r["bytes_per_unit"] for r in results if r["codec"] == "fp16"), None)
     for r in results:
         vs = f"{100 * (r['final_test_acc'] - base[r['seed']]):+.2f}" if r["seed"] in base else "-"
         rel16 = f"{100 * r['bytes_per_unit'] / fp16:.1f}%" if fp16 else "-"
         lines.append(f"| {r['codec']} | {'on' if r['error_feedback'] else 'off'} | {r['seed']} | "
                      f"{r['bytes_per_unit']:,} | {100 * r['bytes_per_unit'] / r['fp32_bytes']:.1f}% | {rel16} | "
-                     f"{100 * r['final_test_acc']:.2f} | {vs} | {r['wall_s']:.0f} |")
+                     f"{100 * r['final_test_acc']:.2f} | {vs} | {r.get('staleness_mean') or 0:.2f} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -198,17 +215,31 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("model", "train_images", "epochs", "test_images", "workers"):
             if old[key] != cfg[key]:
                 raise SystemExit(f"--append: {out} was run with {key}={old[key]!r}, not {cfg[key]!r}")
-        cfg["seeds"] = sorted(set(old["seeds"]) | set(args.seeds))
-        cfg["command"] = old["command"] + "; then " + cfg["command"]
-        cfg["commit"] = old["commit"] if old["commit"] == cfg["commit"] else f"{old['commit']}, then {cfg['commit']}"
+        done = {(r["seed"], r["codec"], r["error_feedback"]) for r in results}
+        todo = [(seed, c, ef) for seed in args.seeds for c, ef in variants if (seed, c, ef) not in done]
+        if old["date"] != cfg["date"] and todo:
+            cfg["date"] = f"{old['date'].split(' to ')[0]} to {cfg['date']}"
+        elif not todo:
+            cfg["date"] = old["date"]
+        cfg["seeds"] = sorted(set(old["seeds"]) | {seed for seed, _, _ in todo})
+        cfg["variants"] = list(dict.fromkeys(old["variants"] + [f"{c}{'+ef' if ef else ''}" for _, c, ef in todo]))
+        if todo:    # a run that measures nothing (the section again) leaves the record as it was
+            cfg["command"] = old["command"] + "; then " + cfg["command"]
+            if old["commit"] != cfg["commit"]:
+                cfg["commit"] = f"{old['commit']}, then {cfg['commit']}"
+        else:
+            cfg["command"], cfg["commit"] = old["command"], old["commit"]
         loads = [float(x) for x in old["load"].split("-")]
+        for r in results:   # runs before this number was recorded
+            if "staleness_mean" not in r:
+                r["staleness_mean"] = staleness_mean(run_dir(out, r["seed"], r["codec"], r["error_feedback"]))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for seed in args.seeds:
         for codec, ef in variants:
             if any(r["seed"] == seed and r["codec"] == codec and r["error_feedback"] == ef for r in results):
                 continue
             loads.append(os.getloadavg()[0])
-            results.append(run_variant(args, data, seed, codec, ef, out / f"s{seed}-{codec.replace(':', '')}{'-ef' if ef else ''}"))
+            results.append(run_variant(args, data, seed, codec, ef, run_dir(out, seed, codec, ef)))
             r = results[-1]
             log(f"  {r['label']}, seed {seed}: {100 * r['final_test_acc']:.2f}%, {r['bytes_per_unit']:,} bytes per unit, "
                 f"{r['wall_s']:.0f} s")
