@@ -27,7 +27,11 @@ Coordinator-side variants measured here: ``--no-prefetch`` (a unit's model inclu
 worker's previous result), ``--unit-batch``/``--local-lr-scale`` (smaller units, lr scaled),
 ``--shards-per-unit``/``--shard-size``, ``--local-momentum``, ``--rebase-weights`` (stale
 weights re-expressed against the current model, FedAsync mixing), ``--lookahead`` (units start
-from an extrapolated model), ``--lr-progress``. Readings: ``bench/results/parity_lab/README.md``.
+from an extrapolated model), ``--lr-progress``, ``--delay-comp`` (DC-ASGD, Zheng et al. ICML 2017,
+on deltas: ``d - lambda d*d (current - base) / (unit lr x steps)``, weights only) and
+``--dc-diagnose`` (each stale unit is also recomputed from the current model, not folded: how much
+the delta changes and how well DC's direction predicts it). Readings:
+``bench/results/parity_lab/README.md``.
 
 Results: ``bench/results/parity_lab/<tag>.json`` (config, unit hyper, accuracy curve, final
 accuracy, staleness, and the baseline's accuracy at the same samples when it was run).
@@ -110,6 +114,9 @@ class Fleet:
     rebase_weights: float = 0.0       # k: a stale delta's weights become d - k (current - base) (1: FedAsync mixing)
     lookahead: float = 0.0            # L: a unit starts from v + L (v - (v-1)) (weights); its delta lands on v
     lr_progress: str = "committed"    # "committed" (coordinator: applied+received+leased) or "received"
+    delay_comp: float = 0.0           # lambda: DC-ASGD on deltas, d - lambda d*d (current - base) / (lr steps)
+    dc_diagnose: bool = False         # also recompute each stale unit at the current model (not folded): how
+                                      # well DC's correction predicts the true change of the delta
 
 
 def load_data(lab: Lab):
@@ -209,6 +216,8 @@ class FleetSim:
         self.buffered = 0
         self.in_flight: list[Unit] = []
         self.staleness: list[int] = []
+        self.dc_ratio: list[float] = []   # |correction| / |delta| per compensated delta (--delay-comp)
+        self.diag: list[dict] = []        # --dc-diagnose, per stale unit
         self.metrics: list[dict] = []
         self.worker_model = registry.build(lab.model)
         speeds = [1.0 + fleet.speed_spread * (2 * self.rng.random() - 1) for _ in range(fleet.workers)]
@@ -263,11 +272,52 @@ class FleetSim:
             k = self.fleet.rebase_weights
             delta = {n: d if is_running_stat(n) else (d - k * (self.state[n] - base[n])).astype(np.float32)
                      for n, d in delta.items()}
+        if unit.base_version != self.version and self.fleet.dc_diagnose:
+            self.diagnose(delta, base, unit, rows, recipe)
+        if unit.base_version != self.version and self.fleet.delay_comp:
+            delta = self.delay_compensate(delta, base, unit)
         self.staleness.append(self.version - unit.base_version)
         self.received += res.num_samples
         if self.strategy.add(Update(delta, unit.base_version, res.num_samples, f"w{unit.worker}", res.loss_after),
                              self.version):
             self.aggregate()
+
+    def delay_compensate(self, delta: dict, base: dict, unit: Unit) -> dict:
+        """DC-ASGD (Zheng et al., ICML 2017) on a unit's delta: with g ~ -d / (lr k), the first-order
+        change of d from the base model w_b to the current w_t, with the Hessian approximated by
+        lambda g * g (elementwise), is -lr k lambda g*g (w_t - w_b) = -lambda d*d (w_t - w_b) / (lr k).
+        Weights only (running statistics are rebased, not compensated)."""
+        lam, scale = self.fleet.delay_comp, 1.0 / (unit.lr * unit.steps)
+        out, corr_sq, d_sq = {}, 0.0, 0.0
+        for n, d in delta.items():
+            if is_running_stat(n) or not np.issubdtype(d.dtype, np.floating):
+                out[n] = d
+                continue
+            c = (lam * scale) * d * d * (self.state[n] - base[n])
+            out[n] = (d - c).astype(np.float32)
+            corr_sq += float(np.dot(c.ravel(), c.ravel()))
+            d_sq += float(np.dot(d.ravel().astype(np.float64), d.ravel()))
+        self.dc_ratio.append(math.sqrt(corr_sq / d_sq) if d_sq else 0.0)
+        return out
+
+    def diagnose(self, delta: dict, base: dict, unit: Unit, rows, recipe: Recipe) -> None:
+        """The same unit (images, seed, lr) recomputed from the current model: the true change of
+        the delta t = d(w_t) - d(w_b) against DC's direction -d*d (w_t - w_b) / (lr k) (weights only).
+        Records |t| / |d|, the cosine, and the least-squares lambda (t ~ lambda x direction)."""
+        fresh = run_local(self.lab.model, self.state, self.x[rows], self.y[rows], recipe, unit.steps, unit.lr,
+                          unit.seed, model=self.worker_model).delta
+        tt = tc = cc = dd = 0.0
+        for n, d in delta.items():
+            if is_running_stat(n) or not np.issubdtype(d.dtype, np.floating):
+                continue
+            d64 = d.astype(np.float64).ravel()
+            t = fresh[n].astype(np.float64).ravel() - d64
+            c = -(d64 * d64 * (self.state[n] - base[n]).astype(np.float64).ravel()) / (unit.lr * unit.steps)
+            tt, tc, cc, dd = tt + t @ t, tc + t @ c, cc + c @ c, dd + d64 @ d64
+        self.diag.append({"true_rel": math.sqrt(tt / dd), "cos": tc / math.sqrt(tt * cc) if tt and cc else 0.0,
+                          "lambda_fit": tc / cc if cc else 0.0,
+                          "drift_rel": math.sqrt(sum(float(np.sum((self.state[n] - base[n]).astype(np.float64) ** 2))
+                                                     for n in delta if not is_running_stat(n)) / dd)})
 
     def aggregate(self) -> None:
         new, metrics = self.strategy.aggregate(self.state, self.version)
@@ -321,7 +371,10 @@ class FleetSim:
         s = self.staleness
         return {"curve": curve, "samples": self.applied, "versions": self.version, "units": len(s),
                 "staleness": {"mean": float(np.mean(s)), "max": int(max(s)), "min": int(min(s))},
-                "aggregations": self.metrics, "final_full": self.evaluator(self.state, full=True)}
+                "aggregations": self.metrics, "final_full": self.evaluator(self.state, full=True),
+                **({"dc_ratio": {"mean": float(np.mean(self.dc_ratio)), "max": float(max(self.dc_ratio)),
+                                 "per_unit": [round(r, 5) for r in self.dc_ratio]}} if self.dc_ratio else {}),
+                **({"dc_diagnose": self.diag} if self.diag else {})}
 
 
 # ----------------------------------------------------------------------------- logging
@@ -389,7 +442,8 @@ def table(out: Path = OUT) -> str:
         params = ", ".join(f"{k}={v}" for k, v in f["params"].items())
         unit_batch = f["unit_batch"] or r["recipe"]["batch_size"]
         steps = f["local_steps"] or math.ceil(f["shard_size"] * f["shards_per_unit"] / unit_batch)
-        extras = [f"{k}={f[k]}" for k in ("rebase_weights", "lookahead", "lr_progress", "jitter", "speed_spread")
+        extras = [f"{k}={f[k]}" for k in ("rebase_weights", "lookahead", "lr_progress", "jitter", "speed_spread",
+                                          "delay_comp", "dc_diagnose")
                   if f[k] != getattr(Fleet(), k)]
         if f.get("momentum_tail"):    # a variant tried once and removed (README, "Second round")
             extras.append(f"momentum_tail={f['momentum_tail']}")
@@ -440,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebase-weights", type=float, default=0.0)
     p.add_argument("--lookahead", type=float, default=0.0)
     p.add_argument("--lr-progress", choices=("committed", "received"), default="committed")
+    p.add_argument("--dc-diagnose", action="store_true",
+                   help="recompute each stale unit from the current model (not folded) and compare with DC")
+    p.add_argument("--delay-comp", type=float, default=0.0,
+                   help="lambda of DC-ASGD on deltas: d - lambda d*d (current - base) / (unit lr x steps)")
     args = p.parse_args(argv)
     if args.mode == "table":
         print(table())
@@ -465,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                       shard_size=args.shard_size, shards_per_unit=args.shards_per_unit, local_steps=args.local_steps,
                       unit_batch=args.unit_batch, rebase_weights=args.rebase_weights,
                       lookahead=args.lookahead,
-                      lr_progress=args.lr_progress)
+                      lr_progress=args.lr_progress, delay_comp=args.delay_comp,
+                      dc_diagnose=args.dc_diagnose)
         sim = FleetSim(lab, fleet, x, y, evaluator)
         record.update(kind="fleet", fleet=dataclasses.asdict(fleet), hyper=sim.hyper, **sim.run())
         matched = baseline_path(lab, math.ceil(record["samples"] / lab.recipe().batch_size))
