@@ -1,4 +1,6 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and how the suite is split over two test processes."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,3 +29,19 @@ def cluster(tmp_path):
     yield make
     for c in made:
         c.stop()
+
+
+# Test files whose tests start several processes of their own (coordinators, workers, Chromium, Redis,
+# Caddy) and measure time or latency: they run in one test process, one after another, so two of them
+# never share the 2 cores (pyproject.toml: `-n 2 --dist loadgroup`). Every other file is a group of its
+# own, so module-scoped fixtures (exported step graphs, decoded CIFAR-10) are built once.
+PROCESS_HEAVY = {"test_e2e.py", "test_e2e_trust.py", "test_browser.py", "test_browser_redis.py", "test_run.py",
+                 "test_load.py", "test_deploy.py", "test_deploy_redis.py", "test_persist.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        name = Path(str(item.fspath)).name
+        item.add_marker(pytest.mark.xdist_group("processes" if name in PROCESS_HEAVY else name))
