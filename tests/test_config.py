@@ -23,7 +23,7 @@ VALUES = {
     "keep_versions": (["--keep-versions", "3"], 3),
     "persist_every_s": (["--persist-every-s", "2.5"], 2.5),
     "persist_every_versions": (["--persist-every-versions", "7"], 7),
-    "unit_batch_scale": (["--unit-batch-scale", "0.25"], 0.25),
+    "unit_batch_scale": (["--unit-batch-scale", "0.5"], 0.5),
     "unit_seconds": (["--unit-seconds", "12"], 12.0),
     "unit_batch_workers": (["--no-unit-batch-workers"], False),
     "unit_lr": (["--unit-lr", "recipe"], "recipe"),
@@ -247,19 +247,21 @@ def test_docs_list_every_scenario_coordinator_key():
     assert all(f"`{name}`" in text for name in COORDINATOR_KEYS)
 
 
-def test_unit_batch_scale_halves_the_batch_unless_a_batch_is_given():
+def test_unit_batch_scale_quarters_the_batch_unless_a_batch_is_given():
     from coordinator.job import unit_recipe
     from models import registry
 
     recipe = registry.get("resnet_fast").recipe
     scaled = unit_recipe(recipe, CoordinatorConfig(state=Path("s")), "dense")
-    assert (scaled.batch_size, scaled.lr) == (recipe.batch_size // 2, recipe.lr)    # at the recipe's lr
+    assert (scaled.batch_size, scaled.lr) == (recipe.batch_size // 4, recipe.lr)    # at the recipe's lr
     linear = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_lr="linear"), "dense")
     split = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_lr="split"), "dense")
-    assert (split.batch_size, split.lr) == (recipe.batch_size // 2, recipe.lr)
-    assert (linear.batch_size, linear.lr) == (recipe.batch_size // 2, recipe.lr / 2)
+    assert (split.batch_size, split.lr) == (recipe.batch_size // 4, recipe.lr)
+    assert (linear.batch_size, linear.lr) == (recipe.batch_size // 4, recipe.lr / 4)
     assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0), "dense").lr == 1.0
-    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0, unit_lr="linear"), "dense").lr == 0.5
+    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0, unit_lr="linear"), "dense").lr == 0.25
+    half = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_batch_scale=0.5), "dense")
+    assert (half.batch_size, half.lr) == (recipe.batch_size // 2, recipe.lr)
     given = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), batch_size=64, lr=0.1), "dense")
     assert (given.batch_size, given.lr) == (64, 0.1)
     assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_batch_scale=1.0), "dense") == recipe
