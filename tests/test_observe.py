@@ -10,20 +10,15 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.app import ROUTES, create_app
+from coordinator.app import ROUTES
 from coordinator.config import CoordinatorConfig, OptionError
 from coordinator.observe import ACCESS_LOG, REQUEST_SECONDS, Observer, quantile, request_latency, status_class
-from tests.test_coordinator import make_job, take_unit
+from tests.test_coordinator import client_for, take_unit
 
 RESULT_ROUTE = "/api/v1/units/{unit_id}/result"
 
 
-@pytest.fixture
-async def serve(aiohttp_client, tmp_path):
-    async def make(**overrides):
-        job = make_job(tmp_path, **overrides)
-        return await aiohttp_client(create_app(job.config, job)), job
-    return make
+serve = client_for   # a job on tiny data behind the real app (tests/test_coordinator.py's fixture)
 
 
 async def scrape(client, **headers) -> tuple[dict, str]:
