@@ -39,7 +39,7 @@ from coordinator.job import Job
 from coordinator.jobs import Entry, JobError, JobRegistry
 from coordinator.keys import ADMIN, ASSETS, CONFIG, EVALS, JOB, JOBS, LIMITS, STEPS, TOKENS, WARM
 from coordinator.model_out import get_model
-from coordinator.steps import StepGraphs, StepUnavailable
+from coordinator.steps import StepGraphs, StepUnavailable, step_cache_dir
 from coordinator.web import ISOLATION, Assets
 from models.data import default_cache_dir
 
@@ -503,7 +503,7 @@ async def eval_loop(job: Job, seen: dict) -> None:
 def start_entry(app: web.Application, entry: Entry) -> None:
     """A job's background tasks (lease expiry, aggregation, evaluation) and its browser step graphs."""
     job = entry.job
-    entry.steps = StepGraphs(job, default_cache_dir() / "steps")
+    entry.steps = StepGraphs(job, step_cache_dir())
     entry.tasks = [asyncio.create_task(expire_loop(job)), asyncio.create_task(aggregate_loop(job)),
                    asyncio.create_task(eval_loop(job, entry.evals))]
     job.work.set()   # fold whatever the replay left due

@@ -35,6 +35,7 @@ from pathlib import Path
 from aiohttp import web
 
 from coordinator.factory import FIRST_STEPS
+from coordinator.web import PAGE_FILES
 
 CACHE_S = 5.0            # the ranking is at most this old
 LIST_DEFAULT = 100       # rows of /api/v1/credit and of the page unless ?limit= says otherwise
@@ -213,7 +214,6 @@ def render_page(body: dict, job: str, model: str, template: Path = TEMPLATE) -> 
 
 
 # ---------------------------------------------------------------------------- what a tab downloads
-WEB_FILES = ("main.js", "worker.js", "contract.js", "feedback.js", "style.css")
 RUNTIME_FILES = {"wasm": ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
                  "webgpu": ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")}
 
@@ -250,7 +250,7 @@ def donate_info(job, assets, steps) -> dict:
     else:
         m = entry.manifest
         graph = {"state": "ready", "wasm_bytes": m["graph_bytes"], "webgpu_bytes": m.get("webgpu", {}).get("graph_bytes")}
-    page = [_asset_bytes(assets, rel) for rel in WEB_FILES if rel in assets.files]
+    page = [_asset_bytes(assets, rel) for rel in PAGE_FILES if rel in assets.files]
     runtime = {}
     for backend, names in RUNTIME_FILES.items():
         sizes = [_asset_bytes(assets, f"ort/{n}") for n in names if f"ort/{n}" in assets.files]

@@ -19,7 +19,8 @@ Replicated checks (``--replication adaptive``, ``coordinator.trust``): a result 
 policy picks is logged and answered like any other but *held* (not offered to the
 aggregator) until a replica of its unit, computed by another worker of the same backend,
 comes back; ``settle`` compares the two, and on a disagreement, or when no replica came
-within ``replica_wait_s``, recomputes the unit itself (``worker_py.unit.run_unit``, in a
+within ``replica_wait_s``, recomputes the unit itself (``worker_py.unit.run_unit``, or for a browser
+tab's ``models.browser_unit.run_browser_unit``, in a
 thread). One agreeing copy goes on to the aggregator; the other is dropped (``replica``), a
 loser's copy and its other held results are dropped (``distrusted``), and a quarantined
 worker's results are dropped on arrival (``quarantined``).
@@ -53,9 +54,11 @@ from coordinator.evaluator import Evaluator
 from coordinator.factory import Base, UnitFactory
 from coordinator.intake import Accepted, Failure, Intake, Rejection, Superseded
 from coordinator.status import JobStatus, TrustRow, WorkerRow
+from coordinator.steps import step_cache_dir
 from coordinator.store import Store, Version
 from coordinator.strategies import NormClip, StalenessCap, Strategy, StrategyState, make_strategy
 from models import registry
+from models.browser_unit import run_browser_unit
 from models.data import Cifar10, load_cifar10
 from models.local import delta_spec, state_arrays
 from models.recipe import Recipe
@@ -574,8 +577,10 @@ class Job:
         if replica is not None:
             self.check_counts["disagreed"] += 1
         wire = self.store.unit(original["unit_id"])["wire"]
+        holder = self.trust.get(original["worker_id"])
+        backend = holder.backend if holder is not None else "unknown"
         try:
-            reference = await asyncio.to_thread(self._recompute, wire)
+            reference = await asyncio.to_thread(self._recompute, wire, backend)
         except Exception:
             log.exception("unit %s: the coordinator could not recompute it; its result is dropped",
                           original["unit_id"])
@@ -583,14 +588,24 @@ class Job:
             return
         self.check_counts["recomputed"] += 1
         similar = [T.compare(d, reference) for d in deltas]
+        log.info("unit %s (%s worker): recomputed here; %s", original["unit_id"], backend,
+                 ", ".join(f"{r['worker_id']} cosine {s.cosine:.6f}, norm difference {s.norm_diff:.3g}"
+                           for r, s in zip(rows, similar)))
         self._verdict(rows, deltas, [T.judge(s, tolerance) for s in similar], similar)
 
-    def _recompute(self, wire: str) -> dict:
-        """The unit as issued (its JSON), computed here as an honest worker would (blocking)."""
+    def _recompute(self, wire: str, backend: str = "python") -> dict:
+        """The unit as issued (its JSON), computed here as an honest worker of ``backend`` would
+        (blocking): a browser tab's as the tab draws and steps (``models.browser_unit``: its seeded
+        batches, crops and masks, the same step graph on onnxruntime's CPU kernels), any other's as
+        the Python worker does (``worker_py.unit.run_unit``). Either goes through the unit's codec."""
         unit = WorkUnit.from_json(json.loads(wire))
         base = decode_delta(self.store.get_blob(unit.model_version))
         xs, ys = zip(*(decode_shard(self.store.get_blob(s)) for s in unit.shard_ids))
-        return decode_delta(run_unit(unit, base, np.concatenate(xs), np.concatenate(ys), "coordinator").delta)
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        if backend == "browser":
+            delta = run_browser_unit(unit, base, x, y, step_cache_dir())
+            return decode_delta(encode_delta(get_codec(unit.codec), delta))
+        return decode_delta(run_unit(unit, base, x, y, "coordinator").delta)
 
     def _verdict(self, rows: list[dict], deltas: list[dict], outcomes: list[str],
                  similar: list[T.Similarity] | None = None) -> None:

@@ -38,6 +38,7 @@ import torch
 from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.shards import decode_shard
 from models import registry
+from models.data import default_cache_dir
 from models.local import state_arrays
 from models.onnx_step import TARGETS, ExportError, StepSpec, step_graph
 
@@ -47,6 +48,11 @@ CHECK_SEED = 20261122                      # the check's model state: a fresh bu
 CHECK_HYPER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "label_smoothing": 0.1}
 TOLERANCE = {"loss": 1e-3, "norm": 2e-2, "proj": 5e-2}   # relative; proj relative to the norm
 HASH_MUL = 2654435761                       # Knuth's multiplicative hash, 32 bits
+
+
+def step_cache_dir() -> Path:
+    """Where exported step graphs are cached, across jobs (``$CROWDTRAIN_CACHE``/steps)."""
+    return default_cache_dir() / "steps"
 
 
 def check_hash(n: int) -> np.ndarray:

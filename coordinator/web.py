@@ -27,7 +27,7 @@ from aiohttp import web
 log = logging.getLogger("crowdtrain.coordinator")
 WEB_DIR = Path(__file__).resolve().parents[1] / "worker_web"
 ORT_DIST = WEB_DIR / "node_modules" / "onnxruntime-web" / "dist"
-PAGE_FILES = ("main.js", "worker.js", "contract.js", "feedback.js", "style.css")
+PAGE_FILES = ("main.js", "worker.js", "contract.js", "feedback.js", "draw.js", "style.css")
 # The WebGPU build (jsep: WebGPU and WASM kernels) and the smaller WASM-only build; a tab
 # loads the second when it has no WebGPU adapter.
 ORT_FILES = ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm",

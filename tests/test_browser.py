@@ -420,3 +420,34 @@ def test_a_new_tabs_first_unit_is_one_step_on_a_slice_and_is_accepted(cluster, d
     assert rows[0][0] == first["unit_id"] and rows[0][3] == 32, rows     # accepted, claiming what it trained
     assert len(rows) >= 2 and all(u["batch_size"] == 32 for u in units), units
     assert not [ln for ln in out["console"] if "error" in ln.lower()], out["console"]
+
+
+@needs_browser
+def test_a_lone_tabs_results_are_checked_by_the_coordinator_and_pass(cluster, data):
+    """With replicated checks on and no second tab to replicate its units, each held result of the
+    tab waits --replica-wait and is then recomputed by the coordinator as a tab computes it
+    (models/browser_unit.py: the tab's draws, the same step graph on onnxruntime's CPU kernels).
+    An honest tab passes every check and its results are folded; recomputed with torch (as before),
+    the same results were refuted as another seed's and the honest tab quarantined."""
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "3", "--replication", "adaptive",
+                "--replica-wait", "1")
+    c.start_coordinator()
+    out = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "4", "--timeout", "300")
+    assert out["ok"], out
+    worker_id = out["state"]["workerId"]
+    deadline, states = time.time() + 120, []
+    while time.time() < deadline:   # every result the tab sent is decided (the coordinator checks one per settle)
+        with c.db() as db:
+            states = [s for (s,) in db.execute("SELECT check_state FROM results WHERE worker_id = ? ORDER BY seq",
+                                               (worker_id,))]
+        if len(states) >= 4 and "held" not in states:
+            break
+        time.sleep(1)
+    assert len(states) >= 4 and set(states) == {"valid"}, states
+    row = next(r for r in c.status()["trust"] if r["worker_id"] == worker_id)
+    assert row["backend"] == "browser" and not row["quarantined"], row
+    assert row["valid"] >= 4 and row["disagreements"] == 0 and row["credit"] > 0, row
+    with c.db() as db:
+        folded = db.execute("SELECT COUNT(*) FROM results WHERE worker_id = ? AND applied_step IS NOT NULL",
+                            (worker_id,)).fetchone()[0]
+    assert folded >= 3, folded   # (the last may still wait for the next aggregation)

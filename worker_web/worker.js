@@ -16,6 +16,7 @@
 
 import * as contract from './contract.js';
 import { ErrorFeedback } from './feedback.js';
+import { augmentBatch, batchIndices, keepMask, mulberry32 } from './draw.js';
 
 const CODECS = ['fp32', 'fp16', 'int8', 'topk'];
 const BLOB_CACHE = 'crowdtrain-blobs-v1';
@@ -448,29 +449,12 @@ function initialFeeds(spec, base) {
   return feeds;
 }
 
-// One batch: augmented images (random crop with zero padding, mirror), labels, dropout masks, scalars.
+// One batch: augmented images (random crop with zero padding, mirror), labels, dropout masks, scalars
+// (the draws of worker_web/draw.js, in its order).
 function batchFeeds(spec, unit, data, idx, rng) {
-  const B = idx.length, pad = unit.hyper.crop_pad ?? 0, flip = unit.hyper.flip ?? false;
-  const x = new Float32Array(B * 3072), y = new BigInt64Array(B);
-  for (let b = 0; b < B; b++) {
-    const src = idx[b] * 3072, dst = b * 3072;
-    const dy = pad ? Math.floor(rng() * (2 * pad + 1)) - pad : 0;
-    const dx = pad ? Math.floor(rng() * (2 * pad + 1)) - pad : 0;
-    const mirror = flip && rng() < 0.5;
-    for (let c = 0; c < 3; c++) {
-      for (let i = 0; i < 32; i++) {
-        const si = i + dy;
-        if (si < 0 || si >= 32) continue;   // zero padding (x starts as zeros)
-        const row = src + c * 1024 + si * 32, out = dst + c * 1024 + i * 32;
-        for (let j = 0; j < 32; j++) {
-          const sj = (mirror ? 31 - j : j) + dx;
-          if (sj >= 0 && sj < 32) x[out + j] = data.x[row + sj];
-        }
-      }
-    }
-    y[b] = BigInt(data.y[idx[b]]);
-  }
-  return {x: new S.ort.Tensor('float32', x, [B, 3, 32, 32]), y: new S.ort.Tensor('int64', y, [B]),
+  const {x, y} = augmentBatch(data, idx, rng, unit.hyper.crop_pad ?? 0, unit.hyper.flip ?? false);
+  return {x: new S.ort.Tensor('float32', x, [idx.length, 3, 32, 32]),
+          y: new S.ort.Tensor('int64', BigInt64Array.from(y, BigInt), [idx.length]),
           ...maskAndHyperFeeds(spec, (i, p) => rng() >= p, unit.hyper)};
 }
 
@@ -480,9 +464,7 @@ function maskAndHyperFeeds(spec, keep, hyper) {
   const feeds = {};
   for (const t of spec.inputs) {
     if (t.role === 'dropout') {
-      const m = new Float32Array(numel(t.shape));
-      for (let i = 0; i < m.length; i++) m[i] = keep(i, t.p) ? 1 : 0;
-      feeds[t.name] = new S.ort.Tensor('float32', m, t.shape);
+      feeds[t.name] = new S.ort.Tensor('float32', keepMask(numel(t.shape), t.p, keep), t.shape);
     } else if (t.role === 'hyper') {
       feeds[t.name] = new S.ort.Tensor('float32', new Float32Array([hyper[t.name] ?? 0]), []);
     }
@@ -507,40 +489,3 @@ function deltaOf(spec, base, feeds) {
   return delta;
 }
 
-// ------------------------------------------------------------------------------ randomness
-// A small seeded generator (mulberry32): the same unit seed gives the same batches, crops and
-// masks in every tab. It is not torch's generator: a browser unit and a Python unit with the
-// same seed see different (equally random) batches.
-function mulberry32(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6D2B79F5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-function permutation(n, rng) {
-  const p = Array.from({length: n}, (_, i) => i);
-  for (let i = n - 1; i > 0; i--) { const j = Math.floor(rng() * (i + 1)); [p[i], p[j]] = [p[j], p[i]]; }
-  return p;
-}
-
-// `steps` batches drawn without replacement, reshuffling at each pass (models.local.batch_indices).
-function batchIndices(n, steps, batch, rng) {
-  if (batch > n) throw new Error(`batch size ${batch} is larger than the unit's ${n} samples`);
-  let order = permutation(n, rng), pos = 0;
-  const out = [];
-  for (let s = 0; s < steps; s++) {
-    if (pos + batch > n) {
-      const take = order.slice(pos);
-      order = permutation(n, rng); pos = batch - take.length;
-      out.push(take.concat(order.slice(0, pos)));
-    } else {
-      out.push(order.slice(pos, pos + batch)); pos += batch;
-    }
-  }
-  return out;
-}

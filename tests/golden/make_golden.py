@@ -13,6 +13,9 @@
 - ``version_delta.bin`` with ``version_delta.json``: a version delta (``contract.versions``) taking the
   model version ``delta_fp32.bin`` (read as a held model version) to ``version_target()``, the blob id
   and values of the reconstruction, and malformed variants with the error ``field`` they are refused with.
+- ``browser_draw.json``: what a browser unit draws from its seed (``models.browser_unit``, which
+  worker_web/draw.js must match draw for draw): generator values, permutations, batch orders
+  across passes, augmented batches (by sha256 of their float32 bytes) and dropout masks.
 - ``invalid/*.bin`` with ``invalid.json``: malformed containers (and two spec mismatches), each
   with the error ``field`` a decoder must name.
 
@@ -38,6 +41,7 @@ from contract.codecs import get_codec  # noqa: E402
 from contract.errors import ContractError  # noqa: E402
 from contract.names import NAME_MAX_CHARS, NameRequest  # noqa: E402
 from contract.units import UnitResult, WorkUnit, blob_id, pack_result  # noqa: E402
+from models import browser_unit as draw  # noqa: E402  (numpy only at import)
 from contract.versions import make_version_delta, version_blob  # noqa: E402
 
 # file name -> codec string; topk keeps 7 of the kernel's 54 entries, and the 7th is a tie in |x|
@@ -170,6 +174,36 @@ def name_cases() -> list[dict]:
     return cases
 
 
+def draw_images() -> tuple[np.ndarray, np.ndarray]:
+    """Three 32x32 RGB "images" whose every pixel differs from its neighbours (a crop or a mirror
+    shows), and their labels."""
+    x = (np.arange(3 * 3 * 32 * 32, dtype=np.int64) * 7 % 251).astype(np.uint8).reshape(3, 3, 32, 32)
+    return x, np.array([4, 9, 1], np.uint8)
+
+
+def browser_draw() -> dict:
+    """worker_web/draw.js's draws, as models.browser_unit makes them."""
+    seeds = [0, 1, 7, 2**31 - 1, 4294967295]
+    out = {"mulberry32": [{"seed": s, "values": draw.Mulberry32(s).take(6).tolist()} for s in seeds]}
+    out["permutation"] = [{"n": n, "seed": s, "order": draw.permutation(n, draw.Mulberry32(s))}
+                          for n, s in ((1, 3), (2, 3), (10, 5), (37, 11))]
+    out["batch_indices"] = [{"n": n, "steps": k, "batch": b, "seed": s,
+                             "batches": draw.batch_indices(n, k, b, draw.Mulberry32(s))}
+                            for n, k, b, s in ((10, 5, 4, 7), (6, 3, 6, 2), (9, 4, 2, 13))]
+    x, y = draw_images()
+    out["images"] = {"x_sha256": blob_id(x.tobytes()), "shape": list(x.shape), "y": y.tolist()}
+    batches = []
+    for pad, flip, seed in ((0, False, 1), (4, True, 11), (2, False, 12), (0, True, 13)):
+        rng = draw.Mulberry32(seed)
+        xb, yb = draw.augment_batch(x, y, [2, 0, 1, 2, 0], rng, pad, flip)
+        batches.append({"idx": [2, 0, 1, 2, 0], "pad": pad, "flip": flip, "seed": seed,
+                        "x_sha256": blob_id(xb.astype("<f4").tobytes()), "y": yb.tolist(), "next": rng()})
+    out["augment_batch"] = batches
+    out["keep_mask"] = [{"n": n, "p": p, "seed": s, "mask": draw.keep_mask(n, p, draw.Mulberry32(s)).astype(int).tolist()}
+                        for n, p, s in ((20, 0.3, 3), (8, 0.5, 4), (5, 0.0, 5))]
+    return out
+
+
 def build() -> dict[str, bytes]:
     """Every golden file: relative path -> exact bytes."""
     arrays, files, deltas = sample(), {}, {}
@@ -205,6 +239,7 @@ def build() -> dict[str, bytes]:
     files["invalid.json"] = _json(manifest)
     files.update(_version_delta(deltas["fp32"]))
     files["names.json"] = _json({"max_chars": NAME_MAX_CHARS, "cases": name_cases()})
+    files["browser_draw.json"] = _json(browser_draw())
     return files
 
 

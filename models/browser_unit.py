@@ -1,0 +1,175 @@
+"""A browser tab's work unit, computed in Python: what the coordinator recomputes to check a tab.
+
+A tab (worker_web/worker.js) trains with the exported step graph (``models.onnx_step``) in
+onnxruntime-web and draws its batches, crops, mirrors and dropout masks from the unit's seed
+with its own small generator (worker_web/draw.js), not torch's. So a Python worker's delta for
+the same unit is a different (equally honest) sample, and a tab's result can only be checked
+against a computation that draws exactly as the tab does and runs the same graph: this one.
+It mirrors worker_web/draw.js draw for draw (the order is in that file and in
+tests/golden/browser_draw.json, which both languages are tested against) and runs the graph
+with onnxruntime's CPU kernels, the kernels the tab's WebAssembly backend runs.
+
+``run_browser_unit`` is the tab's ``runUnit`` without the network: it returns the delta
+(trained - base, float32) before the upload codec, as ``worker_py.unit.run_unit``'s callers
+decode it.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+
+_MUL = np.uint32(0x6D2B79F5)
+_SESSIONS_KEPT = 2
+
+
+class Mulberry32:
+    """worker_web/draw.js's ``mulberry32``: a stream of floats in [0, 1). Its state only counts up,
+    so ``take(n)`` draws n values at once."""
+
+    def __init__(self, seed: int) -> None:
+        self.a = int(seed) & 0xFFFFFFFF
+
+    def take(self, n: int) -> np.ndarray:
+        k = np.arange(1, n + 1, dtype=np.uint64)
+        a = ((self.a + k * int(_MUL)) & 0xFFFFFFFF).astype(np.uint32)
+        self.a = (self.a + n * int(_MUL)) & 0xFFFFFFFF
+        with np.errstate(over="ignore"):
+            t = (a ^ (a >> np.uint32(15))) * (a | np.uint32(1))
+            t = t ^ (t + (t ^ (t >> np.uint32(7))) * (t | np.uint32(61)))
+            t = t ^ (t >> np.uint32(14))
+        return t.astype(np.float64) / 4294967296.0
+
+    def __call__(self) -> float:
+        return float(self.take(1)[0])
+
+
+def permutation(n: int, rng: Mulberry32) -> list[int]:
+    """Fisher-Yates from the end, one draw per swap (draw.js ``permutation``)."""
+    p = list(range(n))
+    if n < 2:
+        return p
+    draws = rng.take(n - 1)
+    for k, i in enumerate(range(n - 1, 0, -1)):
+        j = int(math.floor(draws[k] * (i + 1)))
+        p[i], p[j] = p[j], p[i]
+    return p
+
+
+def batch_indices(n: int, steps: int, batch: int, rng: Mulberry32) -> list[list[int]]:
+    """``steps`` batches without replacement, reshuffling at each pass (draw.js ``batchIndices``)."""
+    if batch > n:
+        raise ValueError(f"batch size {batch} is larger than the unit's {n} samples")
+    order, pos, out = permutation(n, rng), 0, []
+    for _ in range(steps):
+        if pos + batch > n:
+            take = order[pos:]
+            order = permutation(n, rng)
+            pos = batch - len(take)
+            out.append(take + order[:pos])
+        else:
+            out.append(order[pos:pos + batch])
+            pos += batch
+    return out
+
+
+def augment_batch(x: np.ndarray, y: np.ndarray, idx: list[int], rng: Mulberry32, pad: int, flip: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """One batch (float32 NCHW of the uint8 pixels, int64 labels): per image a crop row and column
+    in [-pad, pad] (zero padding) and a mirror, drawn in that order (draw.js ``augmentBatch``)."""
+    per = (2 if pad else 0) + (1 if flip else 0)
+    draws = rng.take(per * len(idx)).reshape(len(idx), per) if per else np.zeros((len(idx), 0))
+    out = np.zeros((len(idx), 3, 32, 32), np.float32)
+    j = np.arange(32)
+    for b, i in enumerate(idx):
+        dy = int(math.floor(draws[b, 0] * (2 * pad + 1))) - pad if pad else 0
+        dx = int(math.floor(draws[b, 1] * (2 * pad + 1))) - pad if pad else 0
+        mirror = bool(flip and draws[b, per - 1] < 0.5)
+        rows, cols = j + dy, (31 - j if mirror else j) + dx
+        r_ok, c_ok = (rows >= 0) & (rows < 32), (cols >= 0) & (cols < 32)
+        out[b][:, np.flatnonzero(r_ok)[:, None], np.flatnonzero(c_ok)[None, :]] = \
+            x[i][:, rows[r_ok][:, None], cols[c_ok][None, :]]
+    return out, np.asarray(y, np.int64)[idx]
+
+
+def keep_mask(n: int, p: float, rng: Mulberry32) -> np.ndarray:
+    """A dropout keep-mask: element i is kept when its draw is >= p (draw.js ``keepMask``)."""
+    return (rng.take(n) >= p).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- the unit
+_sessions: OrderedDict = OrderedDict()
+_lock = threading.Lock()
+
+
+def _session(model: str, batch_size: int, cache_dir: str | Path):
+    """onnxruntime's CPU session of the tab's step graph (the WebAssembly formulation), and its spec."""
+    import onnxruntime as ort
+
+    from models.onnx_step import step_graph   # torch: only when a unit is run, not for the draws
+
+    key = (model, batch_size, str(cache_dir))
+    with _lock:
+        if key in _sessions:
+            _sessions.move_to_end(key)
+            return _sessions[key]
+    graph, spec = step_graph(model, batch_size, cache_dir)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    entry = (ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"]), spec)
+    with _lock:
+        _sessions[key] = entry
+        while len(_sessions) > _SESSIONS_KEPT:
+            _sessions.popitem(last=False)
+    return entry
+
+
+def run_browser_unit(unit, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+                     cache_dir: str | Path) -> dict[str, np.ndarray]:
+    """The delta a tab computes for ``unit`` (a ``contract.units.WorkUnit``) from ``base`` on the
+    unit's images ``x`` (uint8, N x 3 x 32 x 32) and labels ``y``: ``local_steps`` steps of the
+    step graph at ``batch_size``, momentum from zero, batches and masks drawn from ``unit.seed``.
+    Raises ValueError on a unit a tab would refuse (a loss outside the graph, a non-finite loss)."""
+    session, spec = _session(unit.model, unit.batch_size, cache_dir)
+    return _run(session, spec, unit, base, x, y)
+
+
+def _run(session, spec, unit, base, x, y) -> dict[str, np.ndarray]:
+    hyper = unit.hyper
+    if hyper.get("loss", "ce") != "ce":
+        raise ValueError(f"loss '{hyper['loss']}' is not in the browser's step graph")
+    if "nesterov" in hyper and bool(hyper["nesterov"]) != spec.nesterov:
+        raise ValueError(f"hyper.nesterov={hyper['nesterov']} but the step graph was exported with "
+                         f"nesterov={spec.nesterov}")
+    feeds: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        if t.role in ("param", "fixed", "stat"):
+            if t.state not in base:
+                raise ValueError(f"the model version has no '{t.state}'")
+            feeds[t.name] = np.asarray(base[t.state], np.float32).reshape(t.shape)
+        elif t.role == "momentum":
+            feeds[t.name] = np.zeros(t.shape, np.float32)
+    rng = Mulberry32(unit.seed)
+    batches = batch_indices(len(y), unit.local_steps, unit.batch_size, rng)
+    names = spec.output_names
+    for step, idx in enumerate(batches):
+        feeds["x"], feeds["y"] = augment_batch(x, y, idx, rng, int(hyper.get("crop_pad") or 0),
+                                               bool(hyper.get("flip") or False))
+        for t in spec.inputs:
+            if t.role == "dropout":
+                feeds[t.name] = keep_mask(math.prod(t.shape), t.p, rng).reshape(t.shape)
+            elif t.role == "hyper":
+                feeds[t.name] = np.array(hyper.get(t.name) or 0, np.float32)
+        out = dict(zip(names, session.run(names, feeds)))
+        loss = float(np.asarray(out["loss"]).reshape(-1)[0])
+        if not math.isfinite(loss):
+            raise ValueError(f"the loss is {loss} at step {step + 1}")
+        for t in spec.outputs[1:]:
+            feeds[t.feeds] = out[t.name]
+    trained = {t.state: feeds[t.name] for t in spec.inputs if t.role in ("param", "stat")}
+    return {name: (trained[name].reshape(np.shape(v)) - np.asarray(v, np.float32)).astype(np.float32)
+            for name, v in base.items() if name in trained}
