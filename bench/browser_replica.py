@@ -1,0 +1,161 @@
+"""How close the coordinator's recomputation of a browser tab's unit is to the tab's own result:
+the tolerance of a replicated check of a tab (coordinator/trust.py, models/browser_unit.py).
+
+Claim under test: a real tab (Debian's headless Chromium, onnxruntime-web's WebAssembly backend)
+and the coordinator's Python twin of the tab's unit (the same seeded draws, worker_web/draw.js,
+and the same step graph on onnxruntime's native CPU kernels) return deltas that agree within the
+trust policy's tolerance (cosine >= 0.99, norms within 5%), on every model asked for, with the
+units the coordinator gives a tab on real data.
+
+For each model: a coordinator with ``--replication adaptive --replica-wait 1`` on the first
+``--images`` CIFAR-10 training images; one tab (``worker_web/drive.mjs``, ``--threads`` WASM
+threads) computes ``--units`` units. With no second tab, each held result waits a second and is
+recomputed by the coordinator, which logs the cosine and norm difference (``recomputed here``);
+this script reads them from the coordinator's log, with each unit's steps x batch from the store.
+
+    python bench/browser_replica.py --data ../shared/data [--models cnn resnet_fast] [--units 6]
+
+Writes bench/out/browser_replica-<date>/{config,results}.json and its section of docs/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.browser_step import drive  # noqa: E402
+from bench.common import hardware, shown, write_section  # noqa: E402
+
+LINE = re.compile(r"unit (\w+) \((\w+) worker\): recomputed here; (\S+) cosine ([0-9.eE+-]+), "
+                  r"norm difference ([0-9.eE+-]+)")
+
+
+def chromium_version() -> str:
+    try:
+        return subprocess.run(["/usr/bin/chromium", "--version"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def one_model(model: str, args, tmp: Path) -> dict:
+    from coordinator.trust import Tolerance, judge, Similarity
+    from tests.helpers.cluster import Cluster
+
+    folder = tmp / model
+    folder.mkdir(parents=True)
+    cluster = Cluster(folder, "--data", str(args.data), "--model", model, "--limit-train", str(args.images),
+                      "--replication", "adaptive", "--replica-wait", "1", "--eval-every", "600")
+    try:
+        cluster.start_coordinator()
+        t0 = time.time()
+        out = drive(f"{cluster.url}/?throttle=100&threads={args.threads}&backend=wasm", "--click", "--units",
+                    str(args.units), timeout=args.timeout)
+        if not out.get("ok"):
+            raise RuntimeError(f"{model}: the tab failed: {out.get('error')} {out.get('console', [])[-8:]}")
+        worker = out["state"]["workerId"]
+        deadline, seen = time.time() + args.timeout, {}
+        while time.time() < deadline:   # every result the tab sent is decided
+            with cluster.db() as db:
+                states = db.execute("SELECT check_state FROM results WHERE worker_id = ?", (worker,)).fetchall()
+            if len(states) >= args.units and all(s != "held" for (s,) in states):
+                break
+            time.sleep(1)
+        text = (folder / "coordinator.log").read_text(errors="replace")
+        for m in LINE.finditer(text):
+            if m.group(3) == worker:
+                seen[m.group(1)] = {"backend": m.group(2), "cosine": float(m.group(4)),
+                                    "norm_diff": float(m.group(5))}
+        rows = []
+        with cluster.db() as db:
+            for unit_id, wire, state in db.execute(
+                    "SELECT u.unit_id, u.wire, r.check_state FROM results r JOIN units u ON u.unit_id = r.unit_id "
+                    "WHERE r.worker_id = ? ORDER BY r.seq", (worker,)):
+                u = json.loads(wire)
+                s = seen.get(unit_id)
+                verdict = judge(Similarity(s["cosine"], s["norm_diff"]), Tolerance()) if s else None
+                rows.append({"unit_id": unit_id, "steps": u["local_steps"], "batch": u["batch_size"],
+                             "check_state": state, **(s or {}), "verdict": verdict})
+        print(f"{model}: {len(rows)} results in {time.time() - t0:.0f} s, backend {out['state'].get('backend')}",
+              flush=True)
+        for r in rows:
+            print(f"    {r['steps']} x {r['batch']}: {r['check_state']}, cosine {r.get('cosine')}, "
+                  f"norm difference {r.get('norm_diff')}", flush=True)
+        return {"model": model, "backend": out["state"].get("backend"),
+                "backend_reason": out["state"].get("backendReason"), "rows": rows}
+    finally:
+        cluster.stop()
+
+
+def report(cfg: dict, results: list[dict], out: Path) -> str:
+    from coordinator.trust import Tolerance
+
+    tol = Tolerance()
+    lines = [f"### A browser tab's unit, recomputed by the coordinator ({cfg['date']})", "",
+             f"- What: a real tab (Debian's headless {cfg['chromium']}, onnxruntime-web's WebAssembly backend, "
+             f"{cfg['threads']} thread(s), driven by `worker_web/drive.mjs`) computes {cfg['units']} units per model "
+             f"on the first {cfg['images']:,} CIFAR-10 training images; the coordinator (`--replication adaptive "
+             f"--replica-wait 1`, no second tab) recomputes each held result with `models/browser_unit.py` (the tab's "
+             "seeded draws, the same step graph on onnxruntime's native CPU kernels) and compares, weights and "
+             "batch-norm statistics each on their own, the worse counted.",
+             f"- Tolerance (coordinator/trust.py): agree at cosine >= {tol.min_cosine} and norm difference <= "
+             f"{tol.max_norm_diff}; refuted below cosine {tol.refute_cosine} or above {tol.refute_norm_diff}.",
+             f"- Hardware: {cfg['hardware']}. Commit `{cfg['commit']}`.",
+             f"- Command: `{cfg['command']}`; raw results in `{shown(out)}`.", "",
+             "| model | backend | unit (steps x batch) | 1 - cosine | norm difference | verdict | check state |",
+             "|---|---|---|---:|---:|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            one_minus = f"{1 - r['cosine']:.2e}" if "cosine" in r else "-"
+            nd = f"{r['norm_diff']:.2e}" if "norm_diff" in r else "-"
+            lines.append(f"| `{res['model']}` | {res['backend']} | {r['steps']} x {r['batch']} | {one_minus} | {nd} | "
+                         f"{r['verdict'] or '-'} | {r['check_state']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.environ.get("CROWDTRAIN_DATA"), help="CIFAR-10 (default $CROWDTRAIN_DATA)")
+    p.add_argument("--models", nargs="+", default=["cnn", "resnet_fast"])
+    p.add_argument("--units", type=int, default=6)
+    p.add_argument("--images", type=int, default=5000, help="the first N training images")
+    p.add_argument("--threads", type=int, default=1, help="the tab's WebAssembly threads")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / f"browser_replica-{datetime.date.today()}")
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args(argv)
+    if not args.data:
+        p.error("--data (or $CROWDTRAIN_DATA) is needed: the CIFAR-10 archive or folder")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    cfg = {"date": str(datetime.date.today()), "models": args.models, "units": args.units, "images": args.images,
+           "threads": args.threads, "hardware": hardware(), "chromium": chromium_version(),
+           "commit": commit + ("+changes" if dirty else ""),
+           "command": "python bench/browser_replica.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps(cfg, indent=1))
+    with tempfile.TemporaryDirectory(prefix="browser_replica-") as tmp:
+        results = [one_model(m, args, Path(tmp)) for m in args.models]
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    text = report(cfg, results, args.out)
+    print(text)
+    if not args.no_docs:
+        write_section("browser_replica", text, ROOT / "docs" / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
