@@ -187,7 +187,7 @@ class CoordinatorConfig:
     version_download: str = option(
         str, "delta", "how a unit's model version reaches a worker: delta (a compressed difference from a version the "
         "worker says it holds, else fp16), fp16 (the whole version as fp16), fp32 (the whole version; a tab's first "
-        "unit still gets fp16); with --replication, fp32", "units", choices=("delta", "fp16", "fp32"))
+        "unit still gets fp16); a replica gets the blob its original trained from", "units", choices=("delta", "fp16", "fp32"))
     # leases
     lease_min_s: float = option(float, 20.0, "shortest lease, seconds", "leases", flag="--lease-min", lo=0,
                                 lo_open=True)
@@ -219,6 +219,11 @@ class CoordinatorConfig:
     replica_wait_s: float = option(float, 120.0, "a held result whose replica has not come back after this many "
                                    "seconds is recomputed by the coordinator itself", "checks", flag="--replica-wait",
                                    lo=0, lo_open=True)
+    check_max_steps: int = option(int, 8, "with --replication adaptive, the most SGD steps of a unit (units are cut "
+                                  "to it): two honest computations of a longer unit drift apart past the check's "
+                                  "tolerance (measured: a tab's resnet_fast unit against the coordinator's "
+                                  "recomputation, 1 - cosine 2.3e-3 at 9 steps of 128, 0.03 to 0.06 at 12 and 13; "
+                                  "docs/results.md)", "checks", lo=1, metavar="N")
     # evaluation
     eval_every_s: float = option(float, 30.0, "evaluate the current model at most this often, seconds",
                                  "evaluation", flag="--eval-every", lo=0, lo_open=True)
@@ -254,6 +259,9 @@ class CoordinatorConfig:
             if other and getattr(self, other) is not None and getattr(self, f.name) < getattr(self, other):
                 kind = "an integer" if f.metadata["kind"] is int else "a number"
                 raise OptionError(f.name, f"{kind} >= {other} ({getattr(self, other):g})", getattr(self, f.name))
+        if self.replication != "off" and self.local_steps is not None and self.local_steps > self.check_max_steps:
+            raise OptionError("local_steps", f"an integer <= check_max_steps ({self.check_max_steps}) with "
+                              f"--replication {self.replication}", self.local_steps)
         for name in self.strategy_params:
             if name in POLICY_PARAMS:
                 raise OptionError("strategy_params", policy_param_text(name), self.strategy_params)

@@ -161,6 +161,8 @@ class UnitFactory:
         n = sum(self.size_of(s) for s in shards)
         batch = min(batch or self.recipe.batch_size, n)
         steps = steps or self.config.local_steps or max(1, math.ceil(n / batch))
+        if self.config.replication != "off":   # a check of a longer unit is inconclusive (``check_max_steps``)
+            steps = min(steps, self.config.check_max_steps)
         if lr <= 0:
             lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
         if self.rng is None:
@@ -189,11 +191,13 @@ class UnitFactory:
         claim = issued.local_steps * issued.batch_size
         deadline = round(now + self.deadlines.lease_seconds(worker_id, claim), 3)
         lease = leases.sign(self.key, self.config.job, unit_id, worker_id, issued.base_step, deadline)
-        # the whole base (a replica's worker may not hold the version the original's delta started from)
+        # the blob the original trained from (an fp16 copy or a reconstruction, kept while the result is held:
+        # ``checked_bases``), downloaded whole: the replica's worker may not hold the version a delta starts from
         unit = dataclasses.replace(issued, unit_id=unit_id, lease=lease, deadline=deadline, base_delta=None)
         self.store.insert_unit(unit_id, worker_id, list(issued.shard_ids), issued.base_step, original["lr"],
                                issued.seed, deadline, claim, now, wire=json.dumps(unit.to_json()),
                                replica_of=original["unit_id"])
+        self._named(unit)
         return unit
 
     def _unit_id(self) -> str:
@@ -291,13 +295,15 @@ class UnitFactory:
     def sized_steps(self, worker_id: str) -> int:
         """Steps of a tab's next unit at the job's batch: one while its speed is unknown, then
         about ``unit_seconds`` of its measured seconds per sample, at most ``GROWTH`` x its last
-        unit and ``MAX_UNIT_SHARDS`` shards' worth of samples."""
+        unit and ``MAX_UNIT_SHARDS`` shards' worth of samples (and ``check_max_steps`` with checks on)."""
         cfg, batch = self.config, self.recipe.batch_size
         rate = self.speed.get(worker_id)
         if rate is None:
             return FIRST_STEPS
         steps = max(1, round(cfg.unit_seconds / (rate * batch)))
         steps = min(steps, GROWTH * self.last_steps.get(worker_id, FIRST_STEPS))
+        if cfg.replication != "off":
+            steps = min(steps, cfg.check_max_steps)
         return min(steps, max(1, MAX_UNIT_SHARDS * max(self.shard_sizes.values()) // batch))
 
     def _issue_sized(self, worker_id: str, codec: str, base: Base, lr: float, held: tuple[str, ...] = (),
@@ -352,10 +358,9 @@ class UnitFactory:
         return self.slices[key][0]
 
     def _half_version(self, base: Base) -> str:
-        """``base`` as an fp16 blob (made once per version; dropped once none of its units is out), or
-        ``base.blob`` when replicated checks are on (a replica must fetch the same bytes later) or a
-        value does not fit in fp16."""
-        if self.config.replication != "off" or base.blob in self._no_half:
+        """``base`` as an fp16 blob (made once per version; dropped once none of its units is out and no
+        result cut from it is held for a check), or ``base.blob`` when a value does not fit in fp16."""
+        if base.blob in self._no_half:
             return base.blob
         entry = self.half.get(base.blob)
         if entry is None or self.store.blob_path(entry["blob"]) is None:
@@ -365,7 +370,7 @@ class UnitFactory:
     def wanted_half(self, base: Base, held: tuple[str, ...]) -> bool:
         """Would a unit for this request name ``base``'s fp16 copy, not made yet? (The HTTP service makes
         it in a thread first: ``make_half`` then ``add_half``.)"""
-        if self.config.version_download == "fp32" or self.config.replication != "off" or base.blob in self._no_half:
+        if self.config.version_download == "fp32" or base.blob in self._no_half:
             return False
         entry = self.half.get(base.blob)
         return (entry is None or self.store.blob_path(entry["blob"]) is None) and self._best_held(base, held) is None
@@ -393,12 +398,14 @@ class UnitFactory:
     def _sweep_half(self, keep: str) -> None:
         """Delete the fp16 copies of older versions whose units are no longer out, but (unless
         ``version_download`` is fp32) the newest ``HALF_KEPT``: a worker that trained from one may name it
-        as held (``_download``)."""
+        as held (``_download``); and none that a result held for a check was computed from."""
         kept = HALF_KEPT if self.config.version_download != "fp32" else 0
         older = [v for v in self.half if v != keep]
-        now = self.clock()
+        now, checked = self.clock(), self.checked_bases()
         for version in older[:max(0, len(older) - kept)]:
             units = [self.store.unit(u) for u in self.half[version]["units"]]   # (a state from before "until")
+            if self.half[version]["blob"] in checked:
+                continue
             if self.half[version].get("until", 0.0) < now and all(u is None or u["status"] != "leased" for u in units):
                 self.store.delete_blob(self.half.pop(version)["blob"])
         self._save_first()
@@ -412,9 +419,10 @@ class UnitFactory:
         (``version_download``, docs/protocol.md "Version deltas"): the version it holds if that is
         ``base`` (or a copy of it), else a version delta from the newest held version this factory
         knows, else ``base`` as fp16. A held id that is no model version of this job, or one already
-        deleted, counts as not held. With replicated checks or ``fp32``: ``base`` itself."""
+        deleted, counts as not held. With ``fp32``: ``base`` itself. (With replicated checks too: a
+        replica names the same blob, which is kept while the result to check is held: ``checked_bases``.)"""
         mode = self.config.version_download
-        if mode == "fp32" or self.config.replication != "off":
+        if mode == "fp32":
             return base.blob, None
         best = self._best_held(base, held)
         if best is not None and best[1] == base.step:
@@ -461,7 +469,7 @@ class UnitFactory:
         """The held version a unit for this request would need a new version delta from (None: none
         needed, or made already). The HTTP service makes it in a thread first (``make_pair`` then
         ``add_pair``), so that the event loop does not spend a tenth of a second of zlib on it."""
-        if self.config.version_download != "delta" or self.config.replication != "off":
+        if self.config.version_download != "delta":
             return None
         best = self._best_held(base, held)
         if best is None or best[1] == base.step or self._pair(best[0], base) is not None:
@@ -500,17 +508,32 @@ class UnitFactory:
             if first:
                 self._save_first()
 
+    def checked_bases(self) -> set[str]:
+        """The blobs (``model_version``) that results held for a replicated check were computed from: a
+        replica names the same blob and the coordinator's own recomputation reads it, so they stay."""
+        if self.config.replication == "off":
+            return set()
+        bases = set()
+        for row in self.store.held_results():
+            unit = self.store.unit(row["unit_id"])
+            if unit is not None and unit.get("wire"):
+                bases.add(json.loads(unit["wire"])["model_version"])
+        return bases
+
     def _sweep_derived(self) -> None:
         """Delete the oldest reconstructions and their deltas beyond ``DERIVED_KEPT`` whose units are back (or
         past their deadline); beyond 4x that, the oldest whatever (their workers reconstruct from the delta
         they already have, or fail the unit with a clear error)."""
         now, used = self.clock(), set(self.seen) | {e["blob"] for e in self.half.values()}
+        checked = self.checked_bases()
         while len(self.derived) > DERIVED_KEPT:
-            victim = next((b for b, e in self.derived.items() if e["until"] < now), None)
+            victim = next((b for b, e in self.derived.items() if e["until"] < now and b not in checked), None)
             if victim is None:
                 if len(self.derived) <= 4 * DERIVED_KEPT:
                     break
-                victim = next(iter(self.derived))
+                victim = next((b for b in self.derived if b not in checked), None)
+                if victim is None:
+                    break
             entry = self.derived.pop(victim)
             self.pairs = {k: v for k, v in self.pairs.items() if v != victim}
             others = {b for e in self.derived.values() for b in (e["blob"], e["delta"])}

@@ -57,6 +57,7 @@ VALUES = {
     "body_slack_bytes": (["--body-slack-bytes", "4096"], 4096),
     "replication": (["--replication", "adaptive"], "adaptive"),
     "replica_wait_s": (["--replica-wait", "30"], 30.0),
+    "check_max_steps": (["--check-max-steps", "12"], 12),
     "eval_every_s": (["--eval-every", "2"], 2.0),
     "eval_images": (["--eval-images", "2000"], 2000),
     "host": (["--host", "0.0.0.0"], "0.0.0.0"),
@@ -198,7 +199,7 @@ def test_cli_unparsable_value_is_one_error_line_and_exit_2(argv, message, capsys
 def test_scenario_coordinator_section_is_the_configs():
     assert {"max_staleness", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
             "lease_max_s", "lease_first_s", "lease_factor", "keep_versions", "persist_every_s", "persist_every_versions",
-            "body_slack_bytes", "replication", "replica_wait_s", "robust", "version_download",
+            "body_slack_bytes", "replication", "replica_wait_s", "check_max_steps", "robust", "version_download",
             "unit_lr"} == set(COORDINATOR_KEYS)
     for name in COORDINATOR_KEYS:
         assert SCHEMA["coordinator"][name].default == C.FIELDS[name].default

@@ -140,6 +140,23 @@ def test_bounds(tmp_path):
         CoordinatorConfig(state=tmp_path, unit_seconds=0.0)
 
 
+def test_replicated_checks_keep_units_short(tmp_path):
+    """With checks on, no unit has more than check_max_steps steps (two honest computations of a longer one
+    drift apart past the check's tolerance): a fast tab's units are cut to it, a Python worker's too."""
+    factory, _, base, _, _ = make(tmp_path, unit_seconds=60.0, replication="adaptive", check_max_steps=3,
+                                  shards_per_unit=2)
+    factory.observe("web-gpu", 1e-4 * BATCH, BATCH)
+    factory.last_steps["web-gpu"] = 10**6
+    assert factory.sized_steps("web-gpu") == 3
+    assert issue(factory, "web-gpu", base, "browser").local_steps == 3
+    assert issue(factory, "py-1", base, "python").local_steps == 3     # 2 shards of 64 at 16: 8 steps otherwise
+    off, _, base_off, _, _ = make(tmp_path / "off", shards_per_unit=2)
+    assert issue(off, "py-1", base_off, "python").local_steps == 2 * SHARD // BATCH
+    with pytest.raises(ValueError, match="local_steps.*check_max_steps"):
+        CoordinatorConfig(state=tmp_path, replication="adaptive", local_steps=9)
+    assert CoordinatorConfig(state=tmp_path, local_steps=9).local_steps == 9   # no cap without checks
+
+
 def test_the_claim_a_result_may_make_is_the_units_samples(tmp_path):
     factory, store, base, state, _ = make(tmp_path)
     delta = encode_delta(get_codec("fp16"), {k: np.zeros_like(v) for k, v in state.items()})

@@ -154,8 +154,41 @@ def test_a_worker_that_lies_about_what_it_holds_fails_the_hash_check_and_downloa
     assert blob_id(version_blob(prepared.base)) == unit.model_version
 
 
-def test_replicated_checks_and_fp32_keep_the_whole_version(tmp_path):
-    for overrides in ({"replication": "adaptive"}, {"version_download": "fp32"}):
-        factory, _, bases, _, _ = make(tmp_path / str(len(overrides)) / next(iter(overrides)), **overrides)
-        unit = factory.make("py-1", "fp16", bases[1], 0, backend="python", held=(bases[0].blob,))
-        assert unit.model_version == bases[1].blob and unit.base_delta is None
+def test_fp32_keeps_the_whole_version(tmp_path):
+    factory, _, bases, _, _ = make(tmp_path, version_download="fp32")
+    unit = factory.make("py-1", "fp16", bases[1], 0, backend="python", held=(bases[0].blob,))
+    assert unit.model_version == bases[1].blob and unit.base_delta is None
+
+
+def test_replicated_checks_keep_the_blob_a_held_result_was_computed_from(tmp_path, monkeypatch):
+    """With checks on, units still come as fp16 copies or version deltas; a replica names the blob its
+    original trained from (no delta: its worker may hold nothing), and that blob outlives the sweeps
+    while the original's result is held, then goes like any other."""
+    import coordinator.factory as F
+
+    factory, store, bases, _, _ = make(tmp_path, replication="adaptive")
+    first = factory.make("py-1", "fp16", bases[0], 0, backend="python")
+    assert first.model_version != bases[0].blob and first.base_delta is None          # the fp16 copy
+    unit = factory.make("py-1", "fp16", bases[1], 0, backend="python", held=(first.model_version,))
+    assert unit.base_delta is not None and unit.base_delta["from"] == first.model_version   # a version delta
+    fake = store.put_blob(b"a delta")
+    for u in (first, unit):
+        store.add_result(u.unit_id, "py-1", u.base_step, 0, 16, 2.3, 2.2, 1.0, fake, check_state="held")
+    assert factory.checked_bases() == {first.model_version, unit.model_version}
+    replica = factory.replicate("py-2", store.unit(unit.unit_id))
+    assert replica.model_version == unit.model_version and replica.base_delta is None
+    assert (replica.shard_ids, replica.seed, replica.local_steps) == (unit.shard_ids, unit.seed, unit.local_steps)
+    # every deadline long past, nothing kept for re-use: the held results' bases stay all the same
+    monkeypatch.setattr(F, "DERIVED_KEPT", 0)
+    monkeypatch.setattr(F, "HALF_KEPT", 0)
+    factory.clock = lambda: 1e12
+    store.expire_leases(1e12)   # the replica's lease too
+    factory._sweep_derived()
+    factory._sweep_half(keep="another version")
+    assert store.blob_path(unit.model_version) is not None and store.blob_path(first.model_version) is not None
+    # once the checks are settled (here: dropped), the next sweeps delete them
+    store.mark_dropped([(r["seq"], "replica") for r in store.held_results()])
+    assert factory.checked_bases() == set()
+    factory._sweep_derived()
+    factory._sweep_half(keep="another version")
+    assert store.blob_path(unit.model_version) is None and store.blob_path(first.model_version) is None
