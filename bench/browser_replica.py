@@ -4,7 +4,8 @@ the tolerance of a replicated check of a tab (coordinator/trust.py, models/brows
 Claim under test: a real tab (Debian's headless Chromium, onnxruntime-web's WebAssembly backend)
 and the coordinator's Python twin of the tab's unit (the same seeded draws, worker_web/draw.js,
 and the same step graph on onnxruntime's native CPU kernels) return deltas that agree within the
-trust policy's tolerance (cosine >= 0.99, norms within 5%), on every model asked for, with the
+trust policy's tolerance for a tab (cosine >= 0.95, norms within 5%; units of at most
+``check_max_steps`` steps), on every model asked for, with the
 units the coordinator gives a tab on real data.
 
 For each model: a coordinator with ``--replication adaptive --replica-wait 1`` on the first
@@ -50,7 +51,7 @@ def chromium_version() -> str:
 
 
 def one_model(model: str, args, tmp: Path) -> dict:
-    from coordinator.trust import Tolerance, judge, Similarity
+    from coordinator.trust import Similarity, TrustPolicy, judge
     from tests.helpers.cluster import Cluster
 
     folder = tmp / model
@@ -84,7 +85,8 @@ def one_model(model: str, args, tmp: Path) -> dict:
                     "WHERE r.worker_id = ? ORDER BY r.seq", (worker,)):
                 u = json.loads(wire)
                 s = seen.get(unit_id)
-                verdict = judge(Similarity(s["cosine"], s["norm_diff"]), Tolerance()) if s else None
+                verdict = judge(Similarity(s["cosine"], s["norm_diff"]), TrustPolicy().tolerance_for("browser")) \
+                    if s else None
                 rows.append({"unit_id": unit_id, "steps": u["local_steps"], "batch": u["batch_size"],
                              "check_state": state, **(s or {}), "verdict": verdict})
         print(f"{model}: {len(rows)} results in {time.time() - t0:.0f} s, backend {out['state'].get('backend')}",
@@ -99,9 +101,9 @@ def one_model(model: str, args, tmp: Path) -> dict:
 
 
 def report(cfg: dict, results: list[dict], out: Path) -> str:
-    from coordinator.trust import Tolerance
+    from coordinator.trust import TrustPolicy
 
-    tol = Tolerance()
+    tol = TrustPolicy().tolerance_for("browser")
     lines = [f"### A browser tab's unit, recomputed by the coordinator ({cfg['date']})", "",
              f"- What: a real tab (Debian's headless {cfg['chromium']}, onnxruntime-web's WebAssembly backend, "
              f"{cfg['threads']} thread(s), driven by `worker_web/drive.mjs`) computes {cfg['units']} units per model "
@@ -109,7 +111,7 @@ def report(cfg: dict, results: list[dict], out: Path) -> str:
              f"--replica-wait 1`, no second tab) recomputes each held result with `models/browser_unit.py` (the tab's "
              "seeded draws, the same step graph on onnxruntime's native CPU kernels) and compares, weights and "
              "batch-norm statistics each on their own, the worse counted.",
-             f"- Tolerance (coordinator/trust.py): agree at cosine >= {tol.min_cosine} and norm difference <= "
+             f"- Tolerance of a tab's check (coordinator/trust.py): agree at cosine >= {tol.min_cosine} and norm difference <= "
              f"{tol.max_norm_diff}; refuted below cosine {tol.refute_cosine} or above {tol.refute_norm_diff}.",
              f"- Hardware: {cfg['hardware']}. Commit `{cfg['commit']}`.",
              f"- Command: `{cfg['command']}`; raw results in `{shown(out)}`.", "",

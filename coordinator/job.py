@@ -569,7 +569,9 @@ class Job:
         the unit and whoever agrees with that wins (with no replica: the coordinator's check alone)."""
         rows = [original] + ([replica] if replica else [])
         deltas = await asyncio.to_thread(lambda: [decode_delta(self.store.get_blob(r["delta_blob"])) for r in rows])
-        tolerance = self.policy.tolerance
+        holder = self.trust.get(original["worker_id"])
+        backend = holder.backend if holder is not None else "unknown"
+        tolerance = self.policy.tolerance_for(backend)
         if replica is not None and T.agree(T.compare(deltas[0], deltas[1]), tolerance):
             self.check_counts["agreed"] += 1
             self._verdict(rows, deltas, ["valid", "valid"])
@@ -577,8 +579,6 @@ class Job:
         if replica is not None:
             self.check_counts["disagreed"] += 1
         wire = self.store.unit(original["unit_id"])["wire"]
-        holder = self.trust.get(original["worker_id"])
-        backend = holder.backend if holder is not None else "unknown"
         try:
             reference = await asyncio.to_thread(self._recompute, wire, backend)
         except Exception:
