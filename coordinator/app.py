@@ -423,9 +423,11 @@ async def leaderboard(request: web.Request) -> web.Response:
 
 
 async def donate(request: web.Request) -> web.Response:
-    """``GET /api/v1/donate``: what a tab downloads and computes (the donate page shows it before Start)."""
-    return web.json_response(donate_info(request.app[JOB], request.app[ASSETS], request.app.get(STEPS)),
-                             headers={"Cache-Control": "no-cache"})
+    """``GET /api/v1/donate``: what a tab downloads and computes (the donate page shows it before Start), and
+    whether only invited volunteers may work (``invited_only``: the operator's worker tokens are on)."""
+    body = donate_info(request.app[JOB], request.app[ASSETS], request.app.get(STEPS))
+    body["invited_only"] = bool(request.app[TOKENS])   # --worker-tokens: a tab needs a link with a token
+    return web.json_response(body, headers={"Cache-Control": "no-cache"})
 
 
 # ---------------------------------------------------------------------------- background work

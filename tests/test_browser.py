@@ -451,3 +451,31 @@ def test_a_lone_tabs_results_are_checked_by_the_coordinator_and_pass(cluster, da
         folded = db.execute("SELECT COUNT(*) FROM results WHERE worker_id = ? AND applied_step IS NOT NULL",
                             (worker_id,)).fetchone()[0]
     assert folded >= 3, folded   # (the last may still wait for the next aggregation)
+
+
+@needs_browser
+def test_an_invited_tab_works_with_the_token_of_its_link_and_an_uninvited_one_is_told(cluster, data, tmp_path):
+    """A closed deployment (--worker-tokens): the page says before Start that only invited volunteers may work;
+    a tab without a token stops at the first 401 and says how to get one; a tab opened from the link with
+    #token=... trains, and keeps the token across a reload without it."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("invite-token-0001\n")
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "3", "--worker-tokens", str(tokens))
+    c.start_coordinator()
+    manifest(c, "cnn", 32)
+    out = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "1", "--timeout", "30")
+    state = out["state"]
+    assert not out["ok"] and state["unitsDone"] == 0, out
+    assert state["donate"]["invited_only"] and "open the link with your token" in state["donateText"], state
+    assert state["needsToken"] and not state["running"] and "invited" in state["status"], state
+    profile = tmp_path / "profile"
+    invited = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm#token=invite-token-0001", "--click", "--units",
+                    "2", "--timeout", "300", "--profile", str(profile))
+    assert invited["ok"] and invited["state"]["hasToken"] and not invited["state"]["needsToken"], invited
+    worker_id = invited["state"]["workerId"]
+    assert len(results_of(c, worker_id)) >= 2
+    assert "this browser holds the token" in invited["state"]["donateText"]
+    again = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--units", "1", "--timeout", "200",
+                  "--profile", str(profile))
+    assert again["ok"] and again["state"]["workerId"] == worker_id and again["state"]["hasToken"], again
+    assert not [ln for ln in invited["console"] + again["console"] if "error" in ln.lower()], again["console"]

@@ -9,6 +9,9 @@
 //   crowdtrain.credit     the last credit the coordinator reported for this id (shown at once on a reload,
 //                         then refreshed from GET /api/v1/credit?worker=<id>)
 //   crowdtrain.name       the display name this tab last saved (POST /api/v1/workers/<id>/name)
+//   crowdtrain.token      an operator-issued worker token (coordinators started with --worker-tokens), taken
+//                         from the link's fragment, #token=..., which is then removed from the address bar
+//                         (a fragment never reaches a server or a Referer header)
 // URL parameters (for operators and tests): ?autostart=1 &throttle=N &threads=N
 //   &backend=auto|wasm|webgpu &check=auto|always (run the known-answer check on WASM too)
 
@@ -28,6 +31,16 @@ function newWorkerId() {
 }
 const workerId = store.get('workerId', null) || newWorkerId();
 store.set('workerId', workerId);
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.has('token')) {
+  const given = fragment.get('token').trim();
+  store.set('token', given || null);   // #token= (empty) forgets it
+  fragment.delete('token');
+  const rest = fragment.toString();
+  history.replaceState(null, '', location.pathname + location.search + (rest ? '#' + rest : ''));
+}
+const token = store.get('token', null);
+const auth = () => token ? {Authorization: `Bearer ${token}`} : {};
 $('worker-id').textContent = workerId;
 
 let throttle = clamp(+(query.get('throttle') ?? store.get('throttle', 50)), 10, 100);
@@ -36,7 +49,7 @@ const done = store.get('done', {units: 0, samples: 0});
 let jobSamples = 0;
 const state = window.crowdtrainState = {workerId, running, throttle, backend: null, backendReason: '',
   status: 'loading', unitsDone: done.units, samplesDone: done.samples, samplesPerSecond: 0, lastLoss: null,
-  failed: 0, errors: [], knownAnswer: null, crossOriginIsolated: self.crossOriginIsolated,
+  failed: 0, errors: [], knownAnswer: null, hasToken: token !== null, needsToken: false, crossOriginIsolated: self.crossOriginIsolated,
   credit: store.get('credit', null), creditFresh: false, creditText: '', name: store.get('name', null),
   nameStatus: '', donate: null, donateText: ''};
 // WebAssembly threads: the URL's, else half the cores (at most 4); more than one needs cross-origin isolation
@@ -92,7 +105,11 @@ function donateText(d) {
     : g.state === 'unavailable' ? 'none: this model cannot train in a browser' : 'being prepared, size not known yet';
   const cores = navigator.hardwareConcurrency || '?';
   const used = self.crossOriginIsolated ? threads : 1;
-  return `Downloads once (then kept by the browser): this page ${MB(once.page_bytes)}, onnxruntime-web ` +
+  const invited = d.invited_only ? (state.hasToken ? 'This coordinator takes work only from invited volunteers; ' +
+    'this browser holds the token of your invitation link. ' : 'This coordinator takes work only from invited ' +
+    'volunteers: open the link with your token (…/#token=YOUR-TOKEN) from its operator, or Start will be refused. ')
+    : '';
+  return invited + `Downloads once (then kept by the browser): this page ${MB(once.page_bytes)}, onnxruntime-web ` +
     `${MB(runtime)}, the ${d.model} training-step graph ${graph}. ` +
     `Downloads per unit of work: the current model version ${MB(unit.model_version_bytes)} (when it changed since ` +
     `the last unit) and ${unit.shards} data shard${unit.shards === 1 ? '' : 's'} of ${MB(unit.shard_bytes)} ` +
@@ -140,7 +157,7 @@ async function saveName(event) {
   }
   try {
     const r = await fetch(`/api/v1/workers/${encodeURIComponent(workerId)}/name`, {method: 'POST',
-      headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+      headers: {'Content-Type': 'application/json', ...auth()}, body: JSON.stringify(body)});
     const answer = await r.json();
     if (!r.ok) { state.nameStatus = `not saved: ${answer.error?.message ?? r.status}`; render(); return; }
     state.name = answer.name; store.set('name', answer.name);
@@ -168,13 +185,14 @@ if (settings.ortMissing && settings.ortMissing.length) {
         setTimeout(refreshCredit, 1500);   // once the coordinator has folded it
       }
       if (data.log) log(data.log, data.isError);
+      if (data.state.needsToken) { state.running = false; store.set('running', false); }
       render();
     }
   };
   worker.onerror = e => { state.status = `the worker stopped: ${e.message}`; log(state.status, true); render(); };
   worker.postMessage({type: 'init', workerId, assets: settings.assets, origin: location.origin, threads,
                       throttle: throttle / 100, backend: query.get('backend') || 'auto',
-                      check: query.get('check') || 'auto'});
+                      check: query.get('check') || 'auto', token});
   const toggle = $('toggle');
   toggle.disabled = false;
   toggle.onclick = () => {

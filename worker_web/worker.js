@@ -10,7 +10,7 @@
 // check of its manifest (one step on inputs rebuilt here, compared to the answer the
 // coordinator computed on CPU); otherwise WebAssembly (threads when cross-origin isolated).
 //
-// Messages in:  {type: 'init', workerId, assets, origin, threads, throttle, backend, check}
+// Messages in:  {type: 'init', workerId, assets, origin, threads, throttle, backend, check, token}
 //               {type: 'start'} {type: 'pause'} {type: 'throttle', value}
 // Messages out: {type: 'state', state: {...}, accepted?: {samples}, log?, isError?}
 
@@ -25,7 +25,7 @@ const HAND_BACK = 'returned: paused in the browser';
 const MAX_ERROR_CHARS = 2000;
 
 const S = {
-  workerId: null, assets: null, origin: null, threads: 1, throttle: 0.5, backendWanted: 'auto', check: 'auto',
+  workerId: null, token: null, assets: null, origin: null, threads: 1, throttle: 0.5, backendWanted: 'auto', check: 'auto',
   running: false, loop: null, wake: null,
   ort: null, backend: null, backendReason: '', sessions: new Map(), versions: new Map(), shards: new Map(),
   rate: {samples: 0, seconds: 0}, unitsFailed: 0,
@@ -52,7 +52,8 @@ const say = (status, log, isError = false) => post({status}, log ? {log, isError
 onmessage = ({data}) => {
   if (data.type === 'init') {
     Object.assign(S, {workerId: data.workerId, assets: data.assets, origin: data.origin, threads: data.threads,
-                      throttle: data.throttle, backendWanted: data.backend, check: data.check});
+                      throttle: data.throttle, backendWanted: data.backend, check: data.check,
+                      token: data.token || null});
   } else if (data.type === 'start') {
     S.running = true;
     S.marks ??= {start: Math.round(performance.now())};
@@ -97,6 +98,11 @@ async function loop() {
       unit = await nextUnit();
       backoff = 1000;
     } catch (e) {
+      if (e instanceof Unauthorized) {   // retrying cannot help: the donor needs a token from the operator
+        S.running = false;
+        post({status: NEEDS_TOKEN, needsToken: true}, {log: `${NEEDS_TOKEN} (${e.message})`, isError: true});
+        break;
+      }
       say(`coordinator unreachable (${short(e)}); retrying in ${Math.round(backoff / 1000)} s`);
       await sleep(backoff);
       backoff = Math.min(30000, backoff * 2);
@@ -113,7 +119,8 @@ async function nextUnit() {
   const body = {protocol: 1, worker_id: S.workerId, backend: 'browser', codecs: CODECS, models: [], held,
                 error_feedback: true};
   const r = await fetch('/api/v1/units/next', {method: 'POST', body: JSON.stringify(body),
-                                                 headers: {'Content-Type': 'application/json'}});
+                                                 headers: {'Content-Type': 'application/json', ...auth()}});
+  if (r.status === 401) throw new Unauthorized(await errorText(r));
   if (r.status === 204) {
     const finished = r.headers.get('X-Crowdtrain-Finished') === 'true';
     const wait = 1000 * Math.max(1, +(r.headers.get('Retry-After') || 5));
@@ -196,6 +203,11 @@ async function runUnit(unit) {
 }
 
 class HandBack extends Error {}
+class Unauthorized extends Error {}
+const NEEDS_TOKEN = 'this coordinator takes work only from volunteers its operator invited: open the link with ' +
+  'your token (…/#token=YOUR-TOKEN), or ask the operator for one';
+// The operator-issued worker token (coordinators started with --worker-tokens), when the page was given one.
+const auth = () => S.token ? {Authorization: `Bearer ${S.token}`} : {};
 
 function checkHyper(unit, manifest) {
   const h = unit.hyper;
@@ -216,7 +228,7 @@ async function submit(unit, meta, deltaBytes) {
     let r;
     try {
       r = await fetch(`/api/v1/units/${encodeURIComponent(unit.unit_id)}/result`,
-                      {method: 'POST', body, headers: {'Content-Type': 'application/octet-stream'}});
+                      {method: 'POST', body, headers: {'Content-Type': 'application/octet-stream', ...auth()}});
     } catch (e) {   // the coordinator may be restarting: the result stays valid until refused
       if (attempt >= 8) throw e;
       await new Promise(res => setTimeout(res, Math.min(30000, 1000 * 2 ** attempt)));
