@@ -217,7 +217,8 @@ class CoordinatorConfig:
                               "1 in 50); two lost checks quarantine a worker (its results are never folded)",
                               "checks", choices=REPLICATION_POLICIES)
     replica_wait_s: float = option(float, 120.0, "a held result whose replica has not come back after this many "
-                                   "seconds is recomputed by the coordinator itself", "checks", flag="--replica-wait",
+                                   "seconds is recomputed by the coordinator itself (at once when no other worker "
+                                   "of its backend asked for work within as many seconds)", "checks", flag="--replica-wait",
                                    lo=0, lo_open=True)
     check_max_steps: int = option(int, 8, "with --replication adaptive, the most SGD steps of a unit (units are cut "
                                   "to it): two honest computations of a longer unit drift apart past the check's "

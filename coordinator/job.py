@@ -19,7 +19,7 @@ Replicated checks (``--replication adaptive``, ``coordinator.trust``): a result 
 policy picks is logged and answered like any other but *held* (not offered to the
 aggregator) until a replica of its unit, computed by another worker of the same backend,
 comes back; ``settle`` compares the two, and on a disagreement, or when no replica came
-within ``replica_wait_s``, recomputes the unit itself (``worker_py.unit.run_unit``, or for a browser
+within ``replica_wait_s`` (at once when no other worker of its backend is about), recomputes the unit itself (``worker_py.unit.run_unit``, or for a browser
 tab's ``models.browser_unit.run_browser_unit``, in a
 thread). One agreeing copy goes on to the aggregator; the other is dropped (``replica``), a
 loser's copy and its other held results are dropped (``distrusted``), and a quarantined
@@ -559,10 +559,24 @@ class Job:
                 self.work.set()   # one recomputation per settle: folding is not held up for long
 
     def _overdue_holds(self) -> list[dict]:
-        """Held results that waited ``replica_wait_s`` without a replica's result in."""
+        """Held results that waited ``replica_wait_s`` without a replica's result in, and at once those no
+        other worker could replicate: no other worker of the holder's backend asked for work within
+        ``replica_wait_s`` (a lone tab's results are checked now, not folded two minutes stale)."""
         cutoff = self.clock() - self.config.replica_wait_s
         waiting = {self.store.unit(r["unit_id"])["replica_of"] for r in self.store.waiting_replica_results()}
-        return [r for r in self.store.held_results() if r["accepted"] <= cutoff and r["unit_id"] not in waiting]
+        active: dict[str, set[str]] = {}   # backend -> workers that may take a replica now
+        for worker, stats in self.workers.items():
+            if stats.last_seen >= cutoff and not self.trust.quarantined(worker):
+                active.setdefault(stats.backend, set()).add(worker)
+        due = []
+        for r in self.store.held_results():
+            if r["unit_id"] in waiting:
+                continue
+            holder = self.trust.get(r["worker_id"])
+            others = active.get(holder.backend if holder is not None else "unknown", set()) - {r["worker_id"]}
+            if r["accepted"] <= cutoff or not others:
+                due.append(r)
+        return due
 
     async def _check(self, original: dict, replica: dict | None) -> None:
         """Decide the held result ``original``: it and ``replica`` agree, or the coordinator recomputes

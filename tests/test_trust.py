@@ -220,6 +220,7 @@ async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(aio
     client, job = await start(aiohttp_client, tmp_path)
     v0 = dict(job.state)
     unit = await take(client, "w1")
+    await take(client, "w2")   # another Python worker is about: w1's result waits for its replica
     answer, sent = await work(client, unit, "w1")
     assert answer["accepted"] and set(answer) == {"accepted", "staleness", "model_version", "late"}
     await job.settle()
@@ -288,6 +289,7 @@ async def test_a_liar_is_found_out_quarantined_and_never_folded(aiohttp_client, 
 async def test_a_liar_computing_a_replica_loses_too(aiohttp_client, tmp_path):
     client, job = await start(aiohttp_client, tmp_path)
     unit = await take(client, "honest")
+    await take(client, "liar")   # about before the result comes: it is held for a replica
     await work(client, unit, "honest")
     replica = await take(client, "liar")
     assert replica.seed == unit.seed and replica.shard_ids == unit.shard_ids
@@ -343,6 +345,7 @@ async def test_a_replica_that_does_not_come_is_replaced_by_the_coordinators_comp
     client, job = await start(aiohttp_client, tmp_path, clock=clock, replica_wait_s=30.0)
     v0 = dict(job.state)
     unit = await take(client, "alone")
+    await take(client, "slow")                   # about, so "alone"'s result waits for a replica
     _, sent = await work(client, unit, "alone")
     replica = await take(client, "slow")         # taken, never returned
     await job.settle()
@@ -359,6 +362,35 @@ async def test_a_replica_that_does_not_come_is_replaced_by_the_coordinators_comp
     resp = await client.post(f"/api/v1/units/{replica.unit_id}/result",
                              data=body(compute(replica, await fetch_all(client, replica), "slow")))
     assert resp.status == 200 and (await resp.json())["status"] == "superseded", "the late replica is not a vote"
+
+
+async def test_a_result_no_other_worker_could_replicate_is_checked_at_once(aiohttp_client, tmp_path):
+    """No other worker of its backend asked for work within replica_wait: the coordinator checks the held
+    result at the next settle instead of after the wait (a lone tab's results are not folded minutes stale)."""
+    clock = Clock(1_000_000.0)
+    client, job = await start(aiohttp_client, tmp_path, clock=clock, replica_wait_s=600.0)
+    v0 = dict(job.state)
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "a-tab", "backend": "browser"})
+    assert resp.status in (200, 204)   # a tab is about, but it cannot replicate a Python worker's unit
+    unit = await take(client, "alone")
+    _, sent = await work(client, unit, "alone")
+    await job.settle()
+    seen = await ledger(client, job)
+    fate = {r["unit_id"]: r for r in seen["rows"]}
+    assert fate[unit.unit_id]["check_state"] == "valid" and fate[unit.unit_id]["applied_step"] == 1
+    assert seen["status"]["replication"]["recomputed"] == 1
+    model_is_v0_plus(job, v0, [sent])
+    # with another Python worker about, the next result waits for its replica (and a worker seen longer
+    # than replica_wait ago does not count)
+    await take(client, "other")
+    second = await take(client, "alone")
+    await work(client, second, "alone")
+    await job.settle()
+    assert {r["unit_id"]: r for r in job.store.results()}[second.unit_id]["check_state"] == "held"
+    clock.t += 601
+    job.expire_leases()
+    await job.settle()
+    assert {r["unit_id"]: r for r in job.store.results()}[second.unit_id]["check_state"] == "valid"
 
 
 async def test_quarantined_worker_gets_polite_answers_and_its_shards_are_trained_again(aiohttp_client, tmp_path):
