@@ -492,7 +492,7 @@ class UnitFactory:
         self.derived.pop(entry["blob"], None)
         self.derived[entry["blob"]] = entry
         self.pairs[(entry["from"], entry["target"])] = entry["blob"]
-        self._sweep_derived()
+        self._sweep_derived(keep=entry["blob"])   # not the pair a unit is about to name (no unit names it yet)
         return entry
 
     def _named(self, unit: WorkUnit) -> None:
@@ -520,18 +520,18 @@ class UnitFactory:
                 bases.add(json.loads(unit["wire"])["model_version"])
         return bases
 
-    def _sweep_derived(self) -> None:
+    def _sweep_derived(self, keep: str | None = None) -> None:
         """Delete the oldest reconstructions and their deltas beyond ``DERIVED_KEPT`` whose units are back (or
         past their deadline); beyond 4x that, the oldest whatever (their workers reconstruct from the delta
         they already have, or fail the unit with a clear error)."""
         now, used = self.clock(), set(self.seen) | {e["blob"] for e in self.half.values()}
-        checked = self.checked_bases()
+        spared = self.checked_bases() | {keep}
         while len(self.derived) > DERIVED_KEPT:
-            victim = next((b for b, e in self.derived.items() if e["until"] < now and b not in checked), None)
+            victim = next((b for b, e in self.derived.items() if e["until"] < now and b not in spared), None)
             if victim is None:
                 if len(self.derived) <= 4 * DERIVED_KEPT:
                     break
-                victim = next((b for b in self.derived if b not in checked), None)
+                victim = next((b for b in self.derived if b not in spared), None)
                 if victim is None:
                     break
             entry = self.derived.pop(victim)

@@ -192,3 +192,19 @@ def test_replicated_checks_keep_the_blob_a_held_result_was_computed_from(tmp_pat
     factory._sweep_derived()
     factory._sweep_half(keep="another version")
     assert store.blob_path(unit.model_version) is None and store.blob_path(first.model_version) is None
+
+
+def test_a_new_version_delta_is_not_swept_before_its_unit_names_it(tmp_path, monkeypatch):
+    """With more reconstructions than DERIVED_KEPT all named by units still out, the one just made was the
+    only one past its (zero) deadline and was deleted at once: the unit named blobs that were gone (the
+    simulator's KeyError with 32 workers)."""
+    import coordinator.factory as F
+
+    monkeypatch.setattr(F, "DERIVED_KEPT", 1)
+    factory, store, bases, _, _ = make(tmp_path)
+    factory.make("a", "fp16", bases[0], 0, backend="python")            # the factory knows version 0
+    units = [factory.make(w, "fp16", bases[k], 0, backend="python", held=(bases[0].blob,))
+             for w, k in (("a", 1), ("b", 2), ("c", 3))]
+    for unit in units:
+        assert unit.base_delta is not None
+        assert store.blob_path(unit.model_version) is not None and store.blob_path(unit.base_delta["blob"]) is not None
