@@ -145,6 +145,7 @@ class UnitRequest:
     models: tuple[str, ...] = ()                  # model names it can train; empty = any
     held: tuple[str, ...] = ()                    # blob ids of model versions it holds (version deltas)
     error_feedback: bool = False                  # it keeps an error-feedback residual (units may say use it)
+    computes: tuple[str, ...] = ()                # other backends whose units it computes exactly as they do
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -163,6 +164,11 @@ class UnitRequest:
         for i, bid in enumerate(self.held):
             _str(f"request.held[{i}]", bid, HEX_RE, "a sha256 hex blob id")
         _bool("request.error_feedback", self.error_feedback)
+        _need(isinstance(self.computes, (list, tuple)) and len(self.computes) <= len(BACKENDS), "request.computes",
+              f"a list of at most {len(BACKENDS)} backends", self.computes)
+        for b in self.computes:
+            _choice("request.computes", b, BACKENDS)
+        object.__setattr__(self, "computes", tuple(self.computes))
         object.__setattr__(self, "codecs", tuple(self.codecs))
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "held", tuple(self.held))
@@ -174,11 +180,13 @@ class UnitRequest:
             d["held"] = list(self.held)
         if self.error_feedback:
             d["error_feedback"] = True
+        if self.computes:
+            d["computes"] = list(self.computes)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "UnitRequest":
-        return _from_json(cls, "request", d, optional=("codecs", "models", "held", "error_feedback"))
+        return _from_json(cls, "request", d, optional=("codecs", "models", "held", "error_feedback", "computes"))
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,7 @@ class WorkUnit:
     deadline: float               # unix seconds; results after it are refused
     base_delta: dict | None = None   # {"from": held blob id, "blob": version delta blob id}, or None
     error_feedback: bool = False  # the worker may add its error-feedback residual to this unit's delta
+    compute_as: str | None = None  # a replica of another backend's unit: compute it as that backend does
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -234,6 +243,8 @@ class WorkUnit:
                 _str(f"{p}.base_delta.{key}", bd.get(key, MISSING), HEX_RE, "a sha256 hex blob id")
             object.__setattr__(self, "base_delta", {"from": bd["from"], "blob": bd["blob"]})
         _bool(f"{p}.error_feedback", self.error_feedback)
+        if self.compute_as is not None:
+            _choice(f"{p}.compute_as", self.compute_as, BACKENDS)
         object.__setattr__(self, "shard_ids", tuple(self.shard_ids))
         object.__setattr__(self, "hyper", hyper)
         object.__setattr__(self, "deadline", deadline)
@@ -245,11 +256,13 @@ class WorkUnit:
             del d["base_delta"]
         if not self.error_feedback:   # only units for a worker that said it keeps a residual carry it
             del d["error_feedback"]
+        if self.compute_as is None:   # only a replica for a worker of another backend carries it
+            del d["compute_as"]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "WorkUnit":
-        return _from_json(cls, "unit", d, optional=("base_delta", "error_feedback"))
+        return _from_json(cls, "unit", d, optional=("base_delta", "error_feedback", "compute_as"))
 
 
 @dataclass(frozen=True)

@@ -182,9 +182,10 @@ class UnitFactory:
         self._named(unit)
         return unit
 
-    def replicate(self, worker_id: str, original: dict) -> WorkUnit:
+    def replicate(self, worker_id: str, original: dict, compute_as: str | None = None) -> WorkUnit:
         """The unit of store row ``original`` again, for ``worker_id``: the same base, shards,
-        hyperparameters and seed (so an honest worker computes the same delta), its own id and lease."""
+        hyperparameters and seed (so an honest worker computes the same delta), its own id and lease;
+        ``compute_as``: the original's backend, for a worker of another backend that computes as it does."""
         issued = WorkUnit.from_json(json.loads(original["wire"]))
         now = self.clock()
         unit_id = self._unit_id()
@@ -193,7 +194,8 @@ class UnitFactory:
         lease = leases.sign(self.key, self.config.job, unit_id, worker_id, issued.base_step, deadline)
         # the blob the original trained from (an fp16 copy or a reconstruction, kept while the result is held:
         # ``checked_bases``), downloaded whole: the replica's worker may not hold the version a delta starts from
-        unit = dataclasses.replace(issued, unit_id=unit_id, lease=lease, deadline=deadline, base_delta=None)
+        unit = dataclasses.replace(issued, unit_id=unit_id, lease=lease, deadline=deadline, base_delta=None,
+                                   error_feedback=False, compute_as=compute_as)
         self.store.insert_unit(unit_id, worker_id, list(issued.shard_ids), issued.base_step, original["lr"],
                                issued.seed, deadline, claim, now, wire=json.dumps(unit.to_json()),
                                replica_of=original["unit_id"])

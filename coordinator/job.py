@@ -78,6 +78,7 @@ TRUST_ROWS = 100     # workers shown with their trust (the quarantined and the m
 @dataclass
 class WorkerStats:
     backend: str
+    computes: tuple[str, ...] = ()   # other backends whose units it computes as they do (its last request's)
     units: int = 0
     samples: int = 0
     compute_seconds: float = 0.0
@@ -360,6 +361,7 @@ class Job:
         request came from (a replica never goes to the original's remote address); ``base``: the
         version ``publish`` wrote (else the current one, written here if it is not yet, blocking)."""
         self._seen(request.worker_id, request.backend, self.clock())
+        self.workers[request.worker_id].computes = request.computes
         self.trust.seen(request.worker_id, request.backend, address)
         if self.finished or (request.models and self.config.model not in request.models):
             return None
@@ -403,14 +405,19 @@ class Job:
 
     def _replica_for(self, request: UnitRequest, address: str) -> WorkUnit | None:
         """The oldest held result's unit again, for this worker: another id, the same backend (a
-        browser draws its batches with another generator than torch), not the same remote address,
-        a codec it takes, and not a unit it already had a replica of."""
+        browser draws its batches with another generator than torch) or one it says it computes as
+        that backend does (``UnitRequest.computes``: a Python worker computes a tab's unit as the tab,
+        ``WorkUnit.compute_as``), not the same remote address, a codec it takes, and not a unit it
+        already had a replica of."""
         worker = request.worker_id
         if self.trust.quarantined(worker):
             return None
         for row in self.store.wanted_replicas():
             holder = self.trust.get(row["holder"])
-            if row["holder"] == worker or (holder is not None and holder.backend != request.backend):
+            if row["holder"] == worker:
+                continue
+            other = holder is not None and holder.backend != request.backend
+            if other and holder.backend not in request.computes:
                 continue
             if holder is not None and T.same_host(holder.address, address):
                 continue
@@ -419,7 +426,8 @@ class Job:
             if any(r["worker_id"] == worker for r in self.store.replicas_of(row["unit_id"])):
                 continue
             self.check_counts["replicas_issued"] += 1
-            return self.factory.replicate(worker, self.store.unit(row["unit_id"]))
+            return self.factory.replicate(worker, self.store.unit(row["unit_id"]),
+                                          compute_as=holder.backend if other else None)
         return None
 
     @property
@@ -561,13 +569,15 @@ class Job:
     def _overdue_holds(self) -> list[dict]:
         """Held results that waited ``replica_wait_s`` without a replica's result in, and at once those no
         other worker could replicate: no other worker of the holder's backend asked for work within
-        ``replica_wait_s`` (a lone tab's results are checked now, not folded two minutes stale)."""
+        ``replica_wait_s``, nor one that computes as it does (a lone tab's results are checked now, not
+        folded two minutes stale)."""
         cutoff = self.clock() - self.config.replica_wait_s
         waiting = {self.store.unit(r["unit_id"])["replica_of"] for r in self.store.waiting_replica_results()}
-        active: dict[str, set[str]] = {}   # backend -> workers that may take a replica now
+        active: dict[str, set[str]] = {}   # backend -> workers that may take a replica of its units now
         for worker, stats in self.workers.items():
             if stats.last_seen >= cutoff and not self.trust.quarantined(worker):
-                active.setdefault(stats.backend, set()).add(worker)
+                for backend in (stats.backend, *stats.computes):
+                    active.setdefault(backend, set()).add(worker)
         due = []
         for r in self.store.held_results():
             if r["unit_id"] in waiting:

@@ -9,15 +9,20 @@ It mirrors worker_web/draw.js draw for draw (the order is in that file and in
 tests/golden/browser_draw.json, which both languages are tested against) and runs the graph
 with onnxruntime's CPU kernels, the kernels the tab's WebAssembly backend runs.
 
-``run_browser_unit`` is the tab's ``runUnit`` without the network: it returns the delta
-(trained - base, float32) before the upload codec, as ``worker_py.unit.run_unit``'s callers
-decode it.
+``run_browser_unit`` is the tab's ``runUnit`` without the network, on the graph of the local
+step-graph cache (the coordinator's); ``run_with_graph`` the same on a graph given as bytes (a
+Python worker computing a replica of a tab's unit, with the graph the coordinator serves). Both
+return the delta (trained - base, float32) before the upload codec, and the first and last
+step's losses, as the tab reports them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,22 +107,25 @@ def keep_mask(n: int, p: float, rng: Mulberry32) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- the unit
+@dataclass(frozen=True)
+class BrowserRun:
+    delta: dict[str, np.ndarray]     # trained - base, float32, in the base's order
+    loss_before: float               # the first step's loss (as the tab reports it)
+    loss_after: float                # the last step's
+
+
 _sessions: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
 
-def _session(model: str, batch_size: int, cache_dir: str | Path):
-    """onnxruntime's CPU session of the tab's step graph (the WebAssembly formulation), and its spec."""
+def _session(key: tuple, graph: bytes, spec):
+    """onnxruntime's CPU session of a step graph (one thread), kept for the next unit."""
     import onnxruntime as ort
 
-    from models.onnx_step import step_graph   # torch: only when a unit is run, not for the draws
-
-    key = (model, batch_size, str(cache_dir))
     with _lock:
         if key in _sessions:
             _sessions.move_to_end(key)
             return _sessions[key]
-    graph, spec = step_graph(model, batch_size, cache_dir)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     entry = (ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"]), spec)
@@ -128,17 +136,42 @@ def _session(model: str, batch_size: int, cache_dir: str | Path):
     return entry
 
 
+def spec_of_manifest(manifest: dict):
+    """The ``StepSpec`` of a step manifest (``GET /api/v1/steps/<model>/<batch>``, coordinator/steps.py)."""
+    from models.onnx_step import StepSpec
+
+    return StepSpec.from_json(json.dumps({**manifest["spec"], "model": manifest["model"],
+                                          "batch_size": manifest["batch_size"], "opset": 0}))
+
+
 def run_browser_unit(unit, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
                      cache_dir: str | Path) -> dict[str, np.ndarray]:
     """The delta a tab computes for ``unit`` (a ``contract.units.WorkUnit``) from ``base`` on the
     unit's images ``x`` (uint8, N x 3 x 32 x 32) and labels ``y``: ``local_steps`` steps of the
-    step graph at ``batch_size``, momentum from zero, batches and masks drawn from ``unit.seed``.
-    Raises ValueError on a unit a tab would refuse (a loss outside the graph, a non-finite loss)."""
-    session, spec = _session(unit.model, unit.batch_size, cache_dir)
-    return _run(session, spec, unit, base, x, y)
+    step graph at ``batch_size`` (from the step-graph cache ``cache_dir``, exported there if missing),
+    momentum from zero, batches and masks drawn from ``unit.seed``. Raises ValueError on a unit a tab
+    would refuse (a loss outside the graph, a non-finite loss)."""
+    from models.onnx_step import step_graph   # torch: only when a unit is run, not for the draws
+
+    key = (unit.model, unit.batch_size, str(cache_dir))
+    with _lock:
+        known = _sessions.get(key)
+    if known is None:
+        graph, spec = step_graph(unit.model, unit.batch_size, cache_dir)
+        known = _session(key, graph, spec)
+    return _run(*known, unit, base, x, y).delta
 
 
-def _run(session, spec, unit, base, x, y) -> dict[str, np.ndarray]:
+def run_with_graph(unit, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, graph: bytes,
+                   spec) -> BrowserRun:
+    """``run_browser_unit`` on a given step graph (its bytes, as the coordinator serves them) and spec."""
+    if spec.model != unit.model or spec.batch_size != unit.batch_size:
+        raise ValueError(f"the step graph is for {spec.model} at batch {spec.batch_size}, the unit is "
+                         f"{unit.model} at batch {unit.batch_size}")
+    return _run(*_session(("graph", hashlib.sha256(graph).hexdigest()), graph, spec), unit, base, x, y)
+
+
+def _run(session, spec, unit, base, x, y) -> BrowserRun:
     hyper = unit.hyper
     if hyper.get("loss", "ce") != "ce":
         raise ValueError(f"loss '{hyper['loss']}' is not in the browser's step graph")
@@ -155,7 +188,7 @@ def _run(session, spec, unit, base, x, y) -> dict[str, np.ndarray]:
             feeds[t.name] = np.zeros(t.shape, np.float32)
     rng = Mulberry32(unit.seed)
     batches = batch_indices(len(y), unit.local_steps, unit.batch_size, rng)
-    names = spec.output_names
+    names, losses = spec.output_names, []
     for step, idx in enumerate(batches):
         feeds["x"], feeds["y"] = augment_batch(x, y, idx, rng, int(hyper.get("crop_pad") or 0),
                                                bool(hyper.get("flip") or False))
@@ -168,8 +201,10 @@ def _run(session, spec, unit, base, x, y) -> dict[str, np.ndarray]:
         loss = float(np.asarray(out["loss"]).reshape(-1)[0])
         if not math.isfinite(loss):
             raise ValueError(f"the loss is {loss} at step {step + 1}")
+        losses.append(loss)
         for t in spec.outputs[1:]:
             feeds[t.feeds] = out[t.name]
     trained = {t.state: feeds[t.name] for t in spec.inputs if t.role in ("param", "stat")}
-    return {name: (trained[name].reshape(np.shape(v)) - np.asarray(v, np.float32)).astype(np.float32)
-            for name, v in base.items() if name in trained}
+    delta = {name: (trained[name].reshape(np.shape(v)) - np.asarray(v, np.float32)).astype(np.float32)
+             for name, v in base.items() if name in trained}
+    return BrowserRun(delta, losses[0], losses[-1])

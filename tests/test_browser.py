@@ -479,3 +479,37 @@ def test_an_invited_tab_works_with_the_token_of_its_link_and_an_uninvited_one_is
                   "--profile", str(profile))
     assert again["ok"] and again["state"]["workerId"] == worker_id and again["state"]["hasToken"], again
     assert not [ln for ln in invited["console"] + again["console"] if "error" in ln.lower()], again["console"]
+
+
+@needs_browser
+def test_a_python_worker_replicates_a_tabs_units_as_the_tab_computes_them(cluster, data):
+    """A tab and a Python worker, checks on: the tab's held results go to the Python worker as replicas
+    (compute_as "browser": the tab's draws and step graph, models/browser_unit.py), which agree with
+    the tab's; the coordinator recomputes none of them."""
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "6", "--replication", "adaptive")
+    c.start_coordinator()
+    manifest(c, "cnn", 32)
+    c.start_worker("py-1", None, "--max-units", "30")
+    c.wait(lambda s: any(w["worker_id"] == "py-1" for w in s["workers"]), 120, "the Python worker to ask")
+    out = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "3", "--timeout", "300")
+    assert out["ok"], out
+    tab = out["state"]["workerId"]
+    deadline, rows = time.time() + 180, []
+    while time.time() < deadline:
+        with c.db() as db:
+            rows = db.execute("SELECT r.check_state, u.unit_id FROM results r JOIN units u ON u.unit_id = r.unit_id "
+                              "WHERE r.worker_id = ? ORDER BY r.seq", (tab,)).fetchall()
+            replicas = db.execute("SELECT u.worker_id, u.wire, r.check_state FROM units u JOIN results r ON "
+                                  "r.unit_id = u.unit_id WHERE u.replica_of IN (SELECT unit_id FROM results WHERE "
+                                  "worker_id = ?)", (tab,)).fetchall()
+        if len(rows) >= 3 and "held" not in {s for s, _ in rows} and replicas:
+            break
+        time.sleep(1)
+    assert len(rows) >= 3 and {s for s, _ in rows} == {"valid"}, rows
+    assert replicas and all(w == "py-1" and json.loads(wire)["compute_as"] == "browser" for w, wire, _ in replicas)
+    assert {s for _, _, s in replicas} == {"valid"}, replicas
+    assert "(browser worker): recomputed here" not in (c.tmp / "coordinator.log").read_text()
+    status = c.status()
+    assert status["replication"]["agreed"] >= len(replicas) and status["replication"]["disagreed"] == 0, status
+    trust = {r["worker_id"]: r for r in status["trust"]}
+    assert trust[tab]["valid"] >= 3 and trust["py-1"]["disagreements"] == 0 and not trust[tab]["quarantined"]

@@ -97,3 +97,25 @@ def test_units_a_tab_would_refuse_are_refused(cnn_unit):
         B.run_browser_unit(dataclasses.replace(unit, hyper={**unit.hyper, "loss": "focal"}), base, x, y, cache)
     with pytest.raises(ValueError, match="the model version has no"):
         B.run_browser_unit(unit, {k: v for k, v in list(base.items())[1:]}, x, y, cache)
+
+
+def test_a_python_worker_computes_a_replica_of_a_tabs_unit_as_the_tab(cnn_unit):
+    """``worker_py.unit.run_unit`` on a unit with ``compute_as="browser"`` and the tab's step graph gives the
+    tab's delta (the coordinator's recomputation), bit for bit; without the graph it refuses."""
+    import dataclasses as dc
+
+    from contract.codecs import decode_delta
+    from models.onnx_step import step_graph
+
+    unit, base, x, y, cache = cnn_unit
+    replica = dc.replace(unit, compute_as="browser")
+    graph, spec = step_graph("cnn", 32, cache)
+    result = run_unit(replica, base, x, y, "py-1", step_graph=(graph, spec))
+    want = B.run_browser_unit(unit, base, x, y, cache)
+    got = decode_delta(result.delta)
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert result.num_samples == 3 * 32 and 0 < result.loss_after and result.loss_before > 0
+    with pytest.raises(ValueError, match="step graph"):
+        run_unit(replica, base, x, y, "py-1")
+    with pytest.raises(ValueError, match="batch 64"):
+        B.run_with_graph(dc.replace(replica, batch_size=64), base, x, y, graph, spec)

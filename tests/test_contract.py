@@ -165,6 +165,24 @@ def test_error_feedback_flags_are_optional_booleans_sent_only_when_true():
     assert field_of(lambda: WorkUnit.from_json({**unit.to_json(), "error_feedback": "yes"})) == "unit.error_feedback"
 
 
+def test_replicas_of_another_backend_are_optional_fields_sent_only_when_used():
+    """A Python worker that can compute a tab's unit as the tab does says so (``computes``); a replica of a
+    tab's unit for it says how to compute it (``compute_as``); neither is on the wire otherwise."""
+    req = UnitRequest(worker_id="w1", backend="python", computes=["browser"])
+    assert req.to_json()["computes"] == ["browser"] and UnitRequest.from_json(req.to_json()) == req
+    assert "computes" not in UnitRequest(worker_id="w1", backend="python").to_json()
+    for bad in (["gpu"], "browser", ["browser", "python", "browser"]):
+        assert field_of(lambda: UnitRequest(worker_id="w1", backend="python", computes=bad)) == "request.computes"
+    unit = make_golden.example_unit()
+    assert unit.compute_as is None and "compute_as" not in unit.to_json()
+    replica = dataclasses.replace(unit, compute_as="browser")
+    assert replica.to_json()["compute_as"] == "browser" and WorkUnit.from_json(replica.to_json()) == replica
+    assert list(replica.to_json())[-2:] == ["compute_as", "protocol"]
+    assert WorkUnit.from_json({**unit.to_json(), "compute_as": None}) == unit
+    for bad in ("gpu", 1, ["browser"]):
+        assert field_of(lambda: WorkUnit.from_json({**unit.to_json(), "compute_as": bad})) == "unit.compute_as"
+
+
 def test_result_body_round_trip_and_check_against_unit():
     unit = make_golden.example_unit()
     result = unpack_result((GOLDEN / "result.bin").read_bytes())

@@ -274,6 +274,9 @@ def test_work_unit_validation_agrees():
     for ef in (True, False, None, 1, 0, "true", [True]):   # error feedback allowed (docs/protocol.md): a bool or absent
         texts.append(json.dumps({**_unit(), "error_feedback": ef}))
         texts.append(json.dumps({**_unit(), "base_delta": {"from": bid, "blob": bid}, "error_feedback": ef}))
+    for how in ("browser", "python", None, "gpu", 1, ["browser"]):   # a replica for another backend's worker
+        texts.append(json.dumps({**_unit(), "compute_as": how}))
+        texts.append(json.dumps({**_unit(), "error_feedback": True, "compute_as": how}))
     answers = run_cli([{"op": "unit", "text": t} for t in texts])
     ok = 0
     for text, answer in zip(texts, answers):

@@ -320,6 +320,19 @@ class Client:
             return NoWork(parse_retry_after(head.get("retry-after")), True)
         return d
 
+    def step_manifest(self, model: str, batch_size: int) -> dict:
+        """``GET /api/v1/steps/<model>/<batch>``: the browser step graph's manifest (coordinator/steps.py);
+        ``Unreachable`` while the coordinator is still building it (503), so ``retry`` waits for it."""
+        path = f"/api/v1/steps/{urllib.parse.quote(model, safe='')}/{int(batch_size)}"
+        _, _, data = self._request("GET", path)
+        try:
+            manifest = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise Refused(200, "invalid", f"{path}: expected a step manifest") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("graph"), str):
+            raise Refused(200, "invalid", f"{path}: expected a step manifest with a graph blob")
+        return manifest
+
     def fetch_blob(self, bid: str, attempts: int = 2) -> bytes:
         """The blob ``bid`` from the disk cache, else downloaded, verified and cached.
 

@@ -324,6 +324,15 @@ class Worker:
         self.progress.say(f"handed back unit {unit.unit_id} ({why})")
 
 
+def computes_tabs() -> bool:
+    """Whether this worker can compute a replica of a browser tab's unit as the tab does (onnxruntime)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def work(client: Client, worker_id: str, stop: StopFlag, progress: Progress, threads: int | None = None,
          max_units: int | None = None, prefetch: bool = False, error_feedback: bool = True) -> int:
     """Set torch's threads (``None``: all cores), then take, compute and submit units until the
@@ -333,7 +342,7 @@ def work(client: Client, worker_id: str, stop: StopFlag, progress: Progress, thr
     keep what a lossy upload codec drops and add it to the next unit's delta (``worker_py.feedback``),
     for the units the coordinator allows it."""
     request = UnitRequest(worker_id=worker_id, backend="python", models=tuple(registry.MODELS),
-                          error_feedback=error_feedback)
+                          error_feedback=error_feedback, computes=("browser",) if computes_tabs() else ())
     threads = set_threads(threads)
     cache = client.cache.root if client.cache is not None else "none"
     progress.say(f"worker {worker_id} for {client.base_url}: {threads} threads, blob cache {cache}")

@@ -47,6 +47,7 @@ class Prepared:
     base: dict[str, np.ndarray] | None = None
     x: np.ndarray | None = None   # uint8 [n, 3, 32, 32]: the unit's shards, concatenated
     y: np.ndarray | None = None   # int64 [n]
+    step_graph: tuple | None = None   # (graph bytes, StepSpec) of a replica of a tab's unit (compute_as)
     error: str | None = None
     stopped: bool = False
 
@@ -74,6 +75,7 @@ class Runner:
         try:
             base = self._base(unit, stop)
             parts = [self._shard(sid, stop) for sid in unit.shard_ids]
+            graph = self._step_graph(unit, stop) if unit.compute_as == "browser" else None
         except Stopped:
             return Prepared(unit, stopped=True)
         except Exception as e:   # BlobError, ContractError (a malformed blob), MemoryError, ...
@@ -82,7 +84,15 @@ class Runner:
             x, y = parts[0]
         else:
             x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        return Prepared(unit, base, x, y)
+        return Prepared(unit, base, x, y, step_graph=graph)
+
+    def _step_graph(self, unit: WorkUnit, stop: threading.Event | None) -> tuple:
+        """The tab's step graph for a replica of a tab's unit: the coordinator's manifest, then its graph
+        blob (through the verified blob cache)."""
+        from models.browser_unit import spec_of_manifest
+
+        manifest = self.client.retry(lambda: self.client.step_manifest(unit.model, unit.batch_size), stop)
+        return self._fetch(manifest["graph"], stop), spec_of_manifest(manifest)
 
     def _fetch(self, bid: str, stop: threading.Event | None) -> bytes:
         if stop is not None and stop.is_set():
@@ -181,7 +191,7 @@ class Runner:
             model = self._model(unit.model)
             self._hook, self._step = (should_stop, on_step, unit.local_steps), 0
             return run_unit(unit, prepared.base, prepared.x, prepared.y, self.worker_id, model=model,
-                            feedback=self.feedback)
+                            feedback=self.feedback, step_graph=prepared.step_graph)
         except Cancelled:
             raise
         except Exception as e:   # any failure of this unit is reported, and the worker carries on

@@ -12,9 +12,12 @@ from typing import Any, Mapping
 import numpy as np
 from torch import nn
 
+import time
+
 from contract.codecs import encode_delta, get_codec
 from contract.units import MAX_ERROR_CHARS, UnitResult, WorkUnit
 from worker_py.feedback import ErrorFeedback
+from models.browser_unit import run_with_graph
 from models.local import run_local
 from models.recipe import Recipe
 
@@ -26,7 +29,7 @@ PREFETCH_MARGIN = 2.0     # ask for the next unit when the current one has about
 
 def run_unit(unit: WorkUnit, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, worker_id: str,
              model: nn.Module | None = None, compute_seconds: float | None = None,
-             feedback: ErrorFeedback | None = None) -> UnitResult:
+             feedback: ErrorFeedback | None = None, step_graph: tuple[bytes, Any] | None = None) -> UnitResult:
     """Train ``unit`` from the decoded base state on its shards (``x`` uint8 [n, 3, 32, 32], ``y``)
     and return its result, the delta encoded with the unit's codec.
 
@@ -35,7 +38,21 @@ def run_unit(unit: WorkUnit, base: dict[str, np.ndarray], x: np.ndarray, y: np.n
     worker's error-feedback state, used when the unit says so (``unit.error_feedback``); the caller
     commits or discards it once it knows whether the result was accepted. Any failure raises;
     a caller that carries on sends ``failed_result(unit, worker_id, describe(e))``.
+
+    A replica of a tab's unit (``unit.compute_as == "browser"``) is computed as the tab computes it
+    (``models.browser_unit``: its seeded draws, its step graph, given as ``step_graph`` = (the graph's
+    bytes, its ``StepSpec``)); such a unit never carries the error-feedback residual.
     """
+    if unit.compute_as == "browser":
+        if step_graph is None:
+            raise ValueError("a replica of a browser tab's unit needs the tab's step graph")
+        t0 = time.perf_counter()
+        run = run_with_graph(unit, base, x, y, *step_graph)
+        return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker_id,
+                          base_version=unit.model_version, delta=encode_delta(get_codec(unit.codec), run.delta),
+                          loss_before=run.loss_before, loss_after=run.loss_after,
+                          num_samples=unit.local_steps * unit.batch_size,
+                          compute_seconds=time.perf_counter() - t0 if compute_seconds is None else compute_seconds)
     hyper = dict(unit.hyper)
     lr = hyper.pop("lr")
     out = run_local(unit.model, base, x, y, Recipe(batch_size=unit.batch_size, **hyper), unit.local_steps, lr,

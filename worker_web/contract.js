@@ -1024,7 +1024,7 @@ function messageOf(input, prefix) {
 }
 
 const UNIT_FIELDS = ["job", "unit_id", "model", "model_version", "base_step", "shard_ids", "local_steps", "batch_size",
-  "hyper", "seed", "codec", "lease", "deadline", "base_delta", "error_feedback", "protocol"];
+  "hyper", "seed", "codec", "lease", "deadline", "base_delta", "error_feedback", "compute_as", "protocol"];
 
 /**
  * Validate a WorkUnit (Python: `WorkUnit.from_json`), the body of `POST /api/v1/units/next`.
@@ -1032,13 +1032,13 @@ const UNIT_FIELDS = ["job", "unit_id", "model", "model_version", "base_step", "s
  * `input`: the JSON text (string or bytes: exact Python semantics, `2.0` is not an integer) or
  * an already parsed object. Returns a plain object with the keys in Python's `to_json()` order
  * (job, unit_id, model, model_version, base_step, shard_ids, local_steps, batch_size, hyper,
- * seed, codec, lease, deadline, [base_delta], [error_feedback: true], protocol). Throws ContractError: field "unit.<key>" (e.g.
+ * seed, codec, lease, deadline, [base_delta], [error_feedback: true], [compute_as], protocol). Throws ContractError: field "unit.<key>" (e.g.
  * "unit.hyper.lr", "unit.shard_ids[1]", "unit.codec"); `unit.protocol` has code "unsupported_protocol".
  */
 export function checkUnit(input) {
   const p = "unit";
   const d = messageOf(input, p);
-  const get = fromJson(p, d, UNIT_FIELDS, ["base_delta", "error_feedback"]);
+  const get = fromJson(p, d, UNIT_FIELDS, ["base_delta", "error_feedback", "compute_as"]);
   const idRule = `an id matching ${ID_PATTERN}`;
   const unit = { job: null, unit_id: null, model: null, model_version: null, base_step: null, shard_ids: null,
     local_steps: null, batch_size: null, hyper: null, seed: null, codec: null, lease: null, deadline: null,
@@ -1082,6 +1082,14 @@ export function checkUnit(input) {
     delete unit.protocol;
     Object.assign(unit, { error_feedback: true, protocol });
   }
+  // only a replica for a worker of another backend carries it: compute the unit as that backend does
+  const as = hasKey(d, "compute_as") ? get("compute_as") : null;
+  if (as !== null) {
+    checkChoice(`${p}.compute_as`, as, BACKENDS);
+    const { protocol } = unit;
+    delete unit.protocol;
+    Object.assign(unit, { compute_as: as, protocol });
+  }
   return unit;
 }
 
@@ -1093,8 +1101,8 @@ export function checkUnit(input) {
 export function checkRequest(input) {
   const p = "request";
   const d = messageOf(input, p);
-  const get = fromJson(p, d, ["worker_id", "backend", "codecs", "models", "error_feedback", "protocol"],
-    ["codecs", "models", "error_feedback"]);
+  const get = fromJson(p, d, ["worker_id", "backend", "codecs", "models", "error_feedback", "computes", "protocol"],
+    ["codecs", "models", "error_feedback", "computes"]);
   const has = (k) => hasKey(d, k);
   const protocol = checkProtocol(p, get("protocol"));
   const workerId = checkStr(`${p}.worker_id`, get("worker_id"), ID_RE, `an id matching ${ID_PATTERN}`);
@@ -1106,8 +1114,12 @@ export function checkRequest(input) {
   need(Array.isArray(models), `${p}.models`, "a list of model names", models);
   models.forEach((m) => checkStr(`${p}.models`, m, MODEL_RE, `a model name matching ${MODEL_PATTERN}`));
   const feedback = checkBool(`${p}.error_feedback`, has("error_feedback") ? get("error_feedback") : false);
+  const computes = has("computes") ? get("computes") : [];
+  need(Array.isArray(computes) && computes.length <= BACKENDS.length, `${p}.computes`,
+    `a list of at most ${BACKENDS.length} backends`, computes);
+  computes.forEach((b) => checkChoice(`${p}.computes`, b, BACKENDS));
   return { protocol, worker_id: workerId, backend, codecs: [...codecs], models: [...models],
-    ...(feedback ? { error_feedback: true } : {}) };
+    ...(feedback ? { error_feedback: true } : {}), ...(computes.length ? { computes: [...computes] } : {}) };
 }
 
 // --- display names (Python: contract/names.py) ---------------------------------------------------
