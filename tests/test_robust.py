@@ -290,8 +290,12 @@ def test_label_flip_trains_honestly_on_shifted_labels(tiny_job) -> None:
     x, y = (a.copy() for a in decode_shard(fetch(unit.shard_ids[0])))
     assert np.array_equal(flip_labels(y), (y.astype(int) + 1) % 10) and flip_labels(y).dtype == y.dtype
     again = run_unit(unit, decode_delta(fetch(unit.model_version)), x, flip_labels(y), "flipper")
-    np.testing.assert_allclose(flat(decode_delta(flipped.delta)), flat(decode_delta(again.delta)), atol=1e-6)
-    assert not np.allclose(flat(decode_delta(flipped.delta)), flat(decode_delta(honest.delta)), atol=1e-4)
+    f, a, h = (flat(decode_delta(r.delta)) for r in (flipped, again, honest))
+    np.testing.assert_allclose(f, a, atol=1e-6)
+    # relative to the honest delta's size: a unit cut at the start of the schedule (the first unit of the job,
+    # when this test runs first) has a tiny lr, so both deltas are ~1e-7 and any absolute tolerance passes
+    assert np.linalg.norm(h) > 0 and np.linalg.norm(f - h) > 0.05 * np.linalg.norm(h), \
+        (np.linalg.norm(f - h), np.linalg.norm(h))
 
 
 def test_replay_sends_its_first_delta_again_with_a_full_claim(tiny_job) -> None:
