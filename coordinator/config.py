@@ -187,7 +187,8 @@ class CoordinatorConfig:
     version_download: str = option(
         str, "delta", "how a unit's model version reaches a worker: delta (a compressed difference from a version the "
         "worker says it holds, else fp16), fp16 (the whole version as fp16), fp32 (the whole version; a tab's first "
-        "unit still gets fp16); a replica gets the blob its original trained from", "units", choices=("delta", "fp16", "fp32"))
+        "unit still gets fp16); a replica gets the blob its original trained from", "units",
+        choices=("delta", "fp16", "fp32"))
     # leases
     lease_min_s: float = option(float, 20.0, "shortest lease, seconds", "leases", flag="--lease-min", lo=0,
                                 lo_open=True)
@@ -218,7 +219,8 @@ class CoordinatorConfig:
                               "checks", choices=REPLICATION_POLICIES)
     replica_wait_s: float = option(float, 120.0, "a held result whose replica has not come back after this many "
                                    "seconds is recomputed by the coordinator itself (at once when no other worker "
-                                   "of its backend asked for work within as many seconds)", "checks", flag="--replica-wait",
+                                   "of its backend asked for work within as many seconds)", "checks",
+                                   flag="--replica-wait",
                                    lo=0, lo_open=True)
     check_max_steps: int = option(int, 8, "with --replication adaptive, the most SGD steps of a unit (units are cut "
                                   "to it): two honest computations of a longer unit drift apart past the check's "

@@ -17,10 +17,11 @@ the simulator with a fake clock.
 
 Replicated checks (``--replication adaptive``, ``coordinator.trust``): a result the trust
 policy picks is logged and answered like any other but *held* (not offered to the
-aggregator) until a replica of its unit, computed by another worker of the same backend,
-comes back; ``settle`` compares the two, and on a disagreement, or when no replica came
-within ``replica_wait_s`` (at once when no other worker of its backend is about), recomputes the unit itself (``worker_py.unit.run_unit``, or for a browser
-tab's ``models.browser_unit.run_browser_unit``, in a
+aggregator) until a replica of its unit, computed by another worker of the same backend (or
+one that computes as it does: a Python worker computes a tab's unit as the tab), comes back;
+``settle`` compares the two, and on a disagreement, or when no replica came within
+``replica_wait_s`` (at once when no worker could take one), recomputes the unit itself
+(``worker_py.unit.run_unit``, or for a tab ``models.browser_unit.run_browser_unit``, in a
 thread). One agreeing copy goes on to the aggregator; the other is dropped (``replica``), a
 loser's copy and its other held results are dropped (``distrusted``), and a quarantined
 worker's results are dropped on arrival (``quarantined``).
