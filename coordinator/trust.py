@@ -9,8 +9,10 @@ check means are decided here, in pure functions over one small record per worker
   ``trusted_after`` (10) consecutive valid results has every result checked; after that a
   result is checked with probability ``1 / consecutive_valid`` (BOINC's adaptive replication:
   Anderson, "BOINC: A Platform for Volunteer Computing", J. Grid Computing 2020, section 6.4),
-  never below ``min_rate`` (so a long record does not buy a free lie). New ids start with no
-  record, so minting ids buys nothing.
+  never below ``min_rate`` (so a long record does not buy a free lie). A trusted worker's results
+  used unchecked count toward its run too (``after_unchecked``), as BOINC counts the results that
+  pass without replication, so its rate falls as 1/n instead of staying near 1/``trusted_after``; a
+  lost check still resets the run to 0. New ids start with no record, so minting ids buys nothing.
 - **A check** (``compare``/``agree``): cosine similarity and relative norm difference of
   the two deltas, over the weights and over the running statistics each, within ``Tolerance`` (measured between honest runs of the
   same unit on different machines and thread counts: bench/replica_tolerance.py,
@@ -172,6 +174,14 @@ def after_check(record: Record, won: bool, policy: TrustPolicy, samples: int = 0
                                quarantined=record.quarantined or strikes >= policy.quarantine_strikes)
 
 
+def after_unchecked(record: Record, policy: TrustPolicy) -> Record:
+    """The record after a result used without a check: a trusted worker's run grows by one (its checks
+    thin out as 1/n); a worker still earning trust, or quarantined, is unchanged."""
+    if record.quarantined or record.consecutive_valid < policy.trusted_after:
+        return record
+    return dataclasses.replace(record, consecutive_valid=record.consecutive_valid + 1)
+
+
 def same_host(a: str, b: str) -> bool:
     """Whether two request addresses are one machine that is not this one: a replica is never given
     to the same remote address as the original (two ids of one volunteer would check themselves).
@@ -221,8 +231,9 @@ class TrustBook:
     def result(self, worker_id: str, checked: bool, samples: int) -> None:
         """An accepted result; ``checked``: held for a check (else credited now, used unchecked)."""
         record = self.records.get(worker_id) or Record(worker_id)
-        self.put(dataclasses.replace(record, results=record.results + 1, replicated=record.replicated + checked,
-                                     credit=record.credit + (0 if checked or record.quarantined else samples)))
+        record = dataclasses.replace(record, results=record.results + 1, replicated=record.replicated + checked,
+                                     credit=record.credit + (0 if checked or record.quarantined else samples))
+        self.put(record if checked else after_unchecked(record, self.policy))
 
     def verdict(self, worker_id: str, won: bool, samples: int = 0) -> Record:
         record = after_check(self.records.get(worker_id) or Record(worker_id), won, self.policy, samples)

@@ -49,6 +49,24 @@ def test_new_workers_are_always_checked_then_one_in_their_run() -> None:
     assert T.replication_probability(long_run, POLICY) == POLICY.min_rate   # a long record buys no free lie
 
 
+def test_a_trusted_workers_unchecked_results_thin_its_checks_as_one_in_n() -> None:
+    """BOINC's rule: results that pass without a check count toward the run once the worker is trusted,
+    so the rate falls as 1/n; before trust is earned, and for the quarantined, they count for nothing."""
+    new = T.Record("w", consecutive_valid=3, valid=3)
+    assert T.after_unchecked(new, POLICY) == new
+    jailed = T.Record("w", consecutive_valid=20, quarantined=True)
+    assert T.after_unchecked(jailed, POLICY) == jailed
+    record = T.Record("w", consecutive_valid=POLICY.trusted_after, valid=POLICY.trusted_after)
+    for _ in range(30):
+        record = T.after_unchecked(record, POLICY)
+    assert record.consecutive_valid == 40 and record.valid == POLICY.trusted_after   # runs, not checks passed
+    assert T.replication_probability(record, POLICY) == pytest.approx(1 / 40)   # (never below min_rate, 1/50)
+    assert T.after_check(record, False, POLICY).consecutive_valid == 0   # one lost check resets the run
+    # so the expected checks over a long trusted run grow as log(n), not as n / trusted_after
+    expected = sum(max(POLICY.min_rate, 1 / k) for k in range(POLICY.trusted_after, 500))
+    assert expected < 0.1 * (500 - POLICY.trusted_after)
+
+
 def test_a_disagreement_resets_the_run_and_two_quarantine() -> None:
     record = T.Record("w", consecutive_valid=25, valid=25)
     lost = T.after_check(record, False, POLICY)
