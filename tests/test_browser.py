@@ -513,3 +513,26 @@ def test_a_python_worker_replicates_a_tabs_units_as_the_tab_computes_them(cluste
     assert status["replication"]["agreed"] >= len(replicas) and status["replication"]["disagreed"] == 0, status
     trust = {r["worker_id"]: r for r in status["trust"]}
     assert trust[tab]["valid"] >= 3 and trust["py-1"]["disagreements"] == 0 and not trust[tab]["quarantined"]
+
+
+@needs_browser
+def test_a_lying_tab_is_found_out_by_the_coordinators_check_and_never_folded(cluster, data):
+    """A donor whose tab's results leave the browser sign-flipped x10 (drive.mjs --lie): every result is
+    answered as any other, each check (the coordinator recomputes the tab's unit as a tab computes it)
+    refutes it, the tab is quarantined after two, and none of its updates is folded."""
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "6", "--replication", "adaptive")
+    c.start_coordinator()
+    manifest(c, "cnn", 32)
+    out = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "4", "--timeout", "300",
+                "--lie", "sign_flip")
+    assert out["ok"] and out.get("lies", 0) >= 4, out            # the liar's page saw its units accepted
+    liar = out["state"]["workerId"]
+    status = c.wait(lambda s: any(r["worker_id"] == liar and r["quarantined"] for r in s["trust"]), 120,
+                    "the lying tab quarantined")
+    row = next(r for r in status["trust"] if r["worker_id"] == liar)
+    assert row["disagreements"] == 2 and row["credit"] == 0 and row["backend"] == "browser", row
+    with c.db() as db:
+        fates = db.execute("SELECT applied_step, dropped, check_state FROM results WHERE worker_id = ?",
+                           (liar,)).fetchall()
+    assert len(fates) >= 4 and all(applied is None for applied, _, _ in fates), fates
+    assert {d for _, d, _ in fates} <= {"distrusted", "quarantined"} and "distrusted" in {d for _, d, _ in fates}

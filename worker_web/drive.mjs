@@ -11,6 +11,9 @@
 //     --hold S           after reaching the goal keep the tab working S more seconds (throttle bench)
 //     --corrupt-once S   answer the first request whose URL contains S with flipped bytes (a unit
 //                        that must fail, be reported, and not stop the tab)
+//     --lie sign_flip    a lying donor: every result the tab sends leaves the browser with its delta
+//                        multiplied by -10 (tests/helpers/fault_worker.py's sign flip), rewritten on
+//                        the wire with worker_web/contract.js; the page itself is unchanged
 //
 // Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type},
 //          bytes_at_first_unit, requests, closed_unit?, console: [...], error?}; bytes are on the wire
@@ -22,7 +25,8 @@ import { join } from 'node:path';
 
 const args = process.argv.slice(2);
 const url = args.shift();
-const opt = {units: 1, timeout: 240, click: false, closeAt: 0, profile: null, webgpu: false, hold: 0, corrupt: null};
+const opt = {units: 1, timeout: 240, click: false, closeAt: 0, profile: null, webgpu: false, hold: 0, corrupt: null,
+             lie: null};
 while (args.length) {
   const a = args.shift();
   if (a === '--units') opt.units = +args.shift();
@@ -33,6 +37,7 @@ while (args.length) {
   else if (a === '--webgpu') opt.webgpu = true;
   else if (a === '--hold') opt.hold = +args.shift();
   else if (a === '--corrupt-once') opt.corrupt = args.shift();
+  else if (a === '--lie') opt.lie = args.shift();
   else { console.error(`drive.mjs: unknown option ${a}`); process.exit(2); }
 }
 
@@ -51,6 +56,24 @@ try {
       for (let i = 0; i < body.length; i += 97) body[i] ^= 0xff;
       out.corrupted = route.request().url();
       await route.fulfill({response: resp, body, headers: {...resp.headers(), 'cache-control': 'no-store'}});
+    });
+  }
+  if (opt.lie) {
+    if (opt.lie !== 'sign_flip') { console.error(`drive.mjs: --lie ${opt.lie}: only sign_flip`); process.exit(2); }
+    const C = await import('./contract.js');
+    await ctx.route(u => /\/api\/v1\/units\/[^/]+\/result$/.test(u.pathname), async route => {
+      try {
+        const {meta, delta} = C.unpackResult(new Uint8Array(route.request().postDataBuffer()));
+        if (meta.error === null && delta.length) {
+          const length = new DataView(delta.buffer, delta.byteOffset).getUint32(4, true);
+          const codec = JSON.parse(new TextDecoder().decode(delta.subarray(8, 8 + length))).codec;
+          const tensors = C.decodeDelta(delta);
+          for (const t of tensors.values()) for (let i = 0; i < t.data.length; i++) t.data[i] *= -10;
+          out.lies = (out.lies ?? 0) + 1;
+          return await route.continue({postData: Buffer.from(C.packResult(meta, C.encodeDelta(codec, tensors)))});
+        }
+      } catch (e) { out.console.push(`drive.mjs --lie: ${e.message}`.slice(0, 500)); }
+      return await route.continue();
     });
   }
   const page = ctx.pages()[0] ?? await ctx.newPage();
