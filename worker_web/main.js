@@ -49,7 +49,8 @@ const done = store.get('done', {units: 0, samples: 0});
 let jobSamples = 0;
 const state = window.crowdtrainState = {workerId, running, throttle, backend: null, backendReason: '',
   status: 'loading', unitsDone: done.units, samplesDone: done.samples, samplesPerSecond: 0, lastLoss: null,
-  failed: 0, errors: [], knownAnswer: null, hasToken: token !== null, needsToken: false, crossOriginIsolated: self.crossOriginIsolated,
+  failed: 0, errors: [], knownAnswer: null, hasToken: token !== null, needsToken: false,
+  crossOriginIsolated: self.crossOriginIsolated,
   credit: store.get('credit', null), creditFresh: false, creditText: '', name: store.get('name', null),
   nameStatus: '', donate: null, donateText: ''};
 // WebAssembly threads: the URL's, else half the cores (at most 4); more than one needs cross-origin isolation

@@ -25,7 +25,8 @@ const HAND_BACK = 'returned: paused in the browser';
 const MAX_ERROR_CHARS = 2000;
 
 const S = {
-  workerId: null, token: null, assets: null, origin: null, threads: 1, throttle: 0.5, backendWanted: 'auto', check: 'auto',
+  workerId: null, token: null, assets: null, origin: null, threads: 1, throttle: 0.5, backendWanted: 'auto',
+  check: 'auto',
   running: false, loop: null, wake: null,
   ort: null, backend: null, backendReason: '', sessions: new Map(), versions: new Map(), shards: new Map(),
   rate: {samples: 0, seconds: 0}, unitsFailed: 0,
