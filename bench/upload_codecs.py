@@ -118,7 +118,6 @@ def run_variant(args, data: str, seed: int, codec: str, ef: bool, out: Path) -> 
         wall = time.time() - t0
         with cluster.db() as db:
             rows = db.execute("SELECT delta_blob, dropped, worker_id FROM results").fetchall()
-            applied = [st for st, step in db.execute("SELECT staleness, applied_step FROM results") if step is not None]
             units = [json.loads(w) for (w,) in db.execute("SELECT wire FROM units").fetchall()]
         sizes = [p.stat().st_size for blob, _, _ in rows if blob and (p := out / "state" / "blobs" / blob).is_file()]
     finally:
@@ -134,7 +133,7 @@ def run_variant(args, data: str, seed: int, codec: str, ef: bool, out: Path) -> 
     return {"codec": codec, "error_feedback": ef, "label": label, "seed": seed, "final_test_acc": hist[-1]["test_acc"],
             "samples": s["samples"], "versions": s["model_version"], "wall_s": wall, "results": len(rows),
             "dropped": sum(d is not None for _, d, _ in rows), "units": len(units), "units_with_feedback": flagged,
-            "staleness_mean": sum(applied) / len(applied) if applied else 0.0,
+            "staleness_mean": staleness_mean(out),
             "bytes_per_unit": expected, "blobs_checked": len(sizes),
             "fp32_bytes": container_bytes(args.model, "fp32")}
 
