@@ -21,7 +21,7 @@ aggregator) until a replica of its unit, computed by another worker of the same 
 one that computes as it does: a Python worker computes a tab's unit as the tab), comes back;
 ``settle`` compares the two, and on a disagreement, or when no replica came within
 ``replica_wait_s`` (at once when no worker could take one), recomputes the unit itself
-(``worker_py.unit.run_unit``, or for a tab ``models.browser_unit.run_browser_unit``, in a
+(``worker_py.unit.run_unit``; a tab's as the tab computes it, ``models.browser_unit``; in a
 thread). One agreeing copy goes on to the aggregator; the other is dropped (``replica``), a
 loser's copy and its other held results are dropped (``distrusted``), and a quarantined
 worker's results are dropped on arrival (``quarantined``).
@@ -59,9 +59,9 @@ from coordinator.steps import step_cache_dir
 from coordinator.store import Store, Version
 from coordinator.strategies import NormClip, StalenessCap, Strategy, StrategyState, make_strategy
 from models import registry
-from models.browser_unit import run_browser_unit
 from models.data import Cifar10, load_cifar10
 from models.local import delta_spec, state_arrays
+from models.onnx_step import step_graph
 from models.recipe import Recipe
 from worker_py.unit import run_unit
 
@@ -626,11 +626,12 @@ class Job:
         unit = WorkUnit.from_json(json.loads(wire))
         base = decode_delta(self.store.get_blob(unit.model_version))
         xs, ys = zip(*(decode_shard(self.store.get_blob(s)) for s in unit.shard_ids))
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        if backend == "browser":
-            delta = run_browser_unit(unit, base, x, y, step_cache_dir())
-            return decode_delta(encode_delta(get_codec(unit.codec), delta))
-        return decode_delta(run_unit(unit, base, x, y, "coordinator").delta)
+        graph = None
+        if backend == "browser":   # the step graph of this coordinator's cache, the one it serves the tabs
+            unit = dataclasses.replace(unit, compute_as="browser")
+            graph = step_graph(unit.model, unit.batch_size, step_cache_dir())
+        return decode_delta(run_unit(unit, base, np.concatenate(xs), np.concatenate(ys), "coordinator",
+                                     step_graph=graph).delta)
 
     def _verdict(self, rows: list[dict], deltas: list[dict], outcomes: list[str],
                  similar: list[T.Similarity] | None = None) -> None:

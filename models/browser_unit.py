@@ -9,11 +9,11 @@ It mirrors worker_web/draw.js draw for draw (the order is in that file and in
 tests/golden/browser_draw.json, which both languages are tested against) and runs the graph
 with onnxruntime's CPU kernels, the kernels the tab's WebAssembly backend runs.
 
-``run_browser_unit`` is the tab's ``runUnit`` without the network, on the graph of the local
-step-graph cache (the coordinator's); ``run_with_graph`` the same on a graph given as bytes (a
-Python worker computing a replica of a tab's unit, with the graph the coordinator serves). Both
-return the delta (trained - base, float32) before the upload codec, and the first and last
-step's losses, as the tab reports them.
+``run_with_graph`` is the tab's ``runUnit`` without the network, on a step graph given as bytes
+with its spec: it returns the delta (trained - base, float32) before the upload codec, and the first
+and last step's losses, as the tab reports them. Units are run through ``worker_py.unit.run_unit``
+(``WorkUnit.compute_as == "browser"``), by a Python worker computing a replica of a tab's unit (the
+graph the coordinator serves) and by the coordinator checking a tab (the graph of its cache).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -118,10 +117,11 @@ _sessions: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
 
-def _session(key: tuple, graph: bytes, spec):
-    """onnxruntime's CPU session of a step graph (one thread), kept for the next unit."""
+def _session(graph: bytes, spec):
+    """onnxruntime's CPU session of a step graph (one thread), kept for the next units (by the graph's hash)."""
     import onnxruntime as ort
 
+    key = hashlib.sha256(graph).hexdigest()
     with _lock:
         if key in _sessions:
             _sessions.move_to_end(key)
@@ -144,31 +144,17 @@ def spec_of_manifest(manifest: dict):
                                           "batch_size": manifest["batch_size"], "opset": 0}))
 
 
-def run_browser_unit(unit, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-                     cache_dir: str | Path) -> dict[str, np.ndarray]:
-    """The delta a tab computes for ``unit`` (a ``contract.units.WorkUnit``) from ``base`` on the
-    unit's images ``x`` (uint8, N x 3 x 32 x 32) and labels ``y``: ``local_steps`` steps of the
-    step graph at ``batch_size`` (from the step-graph cache ``cache_dir``, exported there if missing),
-    momentum from zero, batches and masks drawn from ``unit.seed``. Raises ValueError on a unit a tab
-    would refuse (a loss outside the graph, a non-finite loss)."""
-    from models.onnx_step import step_graph   # torch: only when a unit is run, not for the draws
-
-    key = (unit.model, unit.batch_size, str(cache_dir))
-    with _lock:
-        known = _sessions.get(key)
-    if known is None:
-        graph, spec = step_graph(unit.model, unit.batch_size, cache_dir)
-        known = _session(key, graph, spec)
-    return _run(*known, unit, base, x, y).delta
-
-
 def run_with_graph(unit, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, graph: bytes,
                    spec) -> BrowserRun:
-    """``run_browser_unit`` on a given step graph (its bytes, as the coordinator serves them) and spec."""
+    """What a tab computes for ``unit`` (a ``contract.units.WorkUnit``) from ``base`` on the unit's images
+    ``x`` (uint8, N x 3 x 32 x 32) and labels ``y``: ``local_steps`` steps of the step graph ``graph`` (its
+    bytes) with ``spec`` (its ``StepSpec``) at ``batch_size``, momentum from zero, batches and masks drawn
+    from ``unit.seed``. Raises ValueError on a graph of another model or batch, and on a unit a tab would
+    refuse (a loss outside the graph, a non-finite loss)."""
     if spec.model != unit.model or spec.batch_size != unit.batch_size:
         raise ValueError(f"the step graph is for {spec.model} at batch {spec.batch_size}, the unit is "
                          f"{unit.model} at batch {unit.batch_size}")
-    return _run(*_session(("graph", hashlib.sha256(graph).hexdigest()), graph, spec), unit, base, x, y)
+    return _run(*_session(graph, spec), unit, base, x, y)
 
 
 def _run(session, spec, unit, base, x, y) -> BrowserRun:

@@ -74,15 +74,22 @@ def cnn_unit(tmp_path_factory):
     return unit, base, x, y, step_cache_dir()
 
 
+def tab_delta(unit, base, x, y, cache) -> dict:
+    """What a tab computes for ``unit``, with the step graph of the coordinator's cache."""
+    from models.onnx_step import step_graph
+
+    return B.run_with_graph(unit, base, x, y, *step_graph(unit.model, unit.batch_size, cache)).delta
+
+
 def test_a_tab_unit_is_reproducible_and_is_not_a_torch_unit(cnn_unit):
     unit, base, x, y, cache = cnn_unit
-    a = B.run_browser_unit(unit, base, x, y, cache)
-    b = B.run_browser_unit(unit, base, x, y, cache)
+    a = tab_delta(unit, base, x, y, cache)
+    b = tab_delta(unit, base, x, y, cache)
     assert set(a) <= set(base) and all(a[k].dtype == np.float32 and a[k].shape == base[k].shape for k in a)
     assert all(np.array_equal(a[k], b[k]) for k in a)              # the same seed: the same delta, bit for bit
     assert sum(float(np.abs(v).sum()) for v in a.values()) > 0      # and it trained
     tol = Tolerance()
-    other = B.run_browser_unit(dataclasses.replace(unit, seed=43), base, x, y, cache)
+    other = tab_delta(dataclasses.replace(unit, seed=43), base, x, y, cache)
     assert judge(compare(a, other), tol) == "invalid"                # another seed is another sample
     # a Python worker's delta for the same unit draws with torch's generator: as far as another seed,
     # which is why the coordinator must recompute a tab's unit with this module, not with run_unit
@@ -94,9 +101,9 @@ def test_a_tab_unit_is_reproducible_and_is_not_a_torch_unit(cnn_unit):
 def test_units_a_tab_would_refuse_are_refused(cnn_unit):
     unit, base, x, y, cache = cnn_unit
     with pytest.raises(ValueError, match="loss 'focal'"):
-        B.run_browser_unit(dataclasses.replace(unit, hyper={**unit.hyper, "loss": "focal"}), base, x, y, cache)
+        tab_delta(dataclasses.replace(unit, hyper={**unit.hyper, "loss": "focal"}), base, x, y, cache)
     with pytest.raises(ValueError, match="the model version has no"):
-        B.run_browser_unit(unit, {k: v for k, v in list(base.items())[1:]}, x, y, cache)
+        tab_delta(unit, {k: v for k, v in list(base.items())[1:]}, x, y, cache)
 
 
 def test_a_python_worker_computes_a_replica_of_a_tabs_unit_as_the_tab(cnn_unit):
@@ -111,7 +118,7 @@ def test_a_python_worker_computes_a_replica_of_a_tabs_unit_as_the_tab(cnn_unit):
     replica = dc.replace(unit, compute_as="browser")
     graph, spec = step_graph("cnn", 32, cache)
     result = run_unit(replica, base, x, y, "py-1", step_graph=(graph, spec))
-    want = B.run_browser_unit(unit, base, x, y, cache)
+    want = tab_delta(unit, base, x, y, cache)
     got = decode_delta(result.delta)
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
     assert result.num_samples == 3 * 32 and 0 < result.loss_after and result.loss_before > 0

@@ -48,24 +48,22 @@ def run_unit(unit: WorkUnit, base: dict[str, np.ndarray], x: np.ndarray, y: np.n
             raise ValueError("a replica of a browser tab's unit needs the tab's step graph")
         t0 = time.perf_counter()
         run = run_with_graph(unit, base, x, y, *step_graph)
-        return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker_id,
-                          base_version=unit.model_version, delta=encode_delta(get_codec(unit.codec), run.delta),
-                          loss_before=run.loss_before, loss_after=run.loss_after,
-                          num_samples=unit.local_steps * unit.batch_size,
-                          compute_seconds=time.perf_counter() - t0 if compute_seconds is None else compute_seconds)
-    hyper = dict(unit.hyper)
-    lr = hyper.pop("lr")
-    out = run_local(unit.model, base, x, y, Recipe(batch_size=unit.batch_size, **hyper), unit.local_steps, lr,
-                    unit.seed, model=model)
+        trained, losses = run.delta, (run.loss_before, run.loss_after)
+        samples, seconds, feedback = unit.local_steps * unit.batch_size, time.perf_counter() - t0, None
+    else:
+        hyper = dict(unit.hyper)
+        lr = hyper.pop("lr")
+        out = run_local(unit.model, base, x, y, Recipe(batch_size=unit.batch_size, **hyper), unit.local_steps, lr,
+                        unit.seed, model=model)
+        trained, losses, samples, seconds = out.delta, (out.loss_before, out.loss_after), out.num_samples, out.seconds
     codec = get_codec(unit.codec)
     if feedback is None:
-        delta = encode_delta(codec, out.delta)
+        delta = encode_delta(codec, trained)
     else:
-        delta = feedback.encode(unit.job, unit.unit_id, codec, out.delta, use=unit.error_feedback)
+        delta = feedback.encode(unit.job, unit.unit_id, codec, trained, use=unit.error_feedback)
     return UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker_id, base_version=unit.model_version,
-                      delta=delta, loss_before=out.loss_before,
-                      loss_after=out.loss_after, num_samples=out.num_samples,
-                      compute_seconds=out.seconds if compute_seconds is None else compute_seconds)
+                      delta=delta, loss_before=losses[0], loss_after=losses[1], num_samples=samples,
+                      compute_seconds=seconds if compute_seconds is None else compute_seconds)
 
 
 def failed_result(unit: WorkUnit | Mapping[str, Any], worker_id: str, error: str,
