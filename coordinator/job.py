@@ -361,8 +361,7 @@ class Job:
         worker may check it), or None when there is nothing to do right now. ``address``: where the
         request came from (a replica never goes to the original's remote address); ``base``: the
         version ``publish`` wrote (else the current one, written here if it is not yet, blocking)."""
-        self._seen(request.worker_id, request.backend, self.clock())
-        self.workers[request.worker_id].computes = request.computes
+        self._seen(request.worker_id, request.backend, self.clock(), request.computes)
         self.trust.seen(request.worker_id, request.backend, address)
         if self.finished or (request.models and self.config.model not in request.models):
             return None
@@ -809,12 +808,15 @@ class Job:
         self.store.add_eval(row["version"], row["samples"], row["seconds"], row["test_acc"], row["test_loss"])
 
     # ------------------------------------------------------------------ visibility
-    def _seen(self, worker_id: str, backend: str | None, now: float) -> None:
+    def _seen(self, worker_id: str, backend: str | None, now: float, computes: tuple[str, ...] | None = None) -> None:
+        """A request of ``worker_id``; a unit request also says its ``backend`` and what else it ``computes``."""
         stats = self.workers.get(worker_id)
         if stats is None:
             stats = self.workers[worker_id] = WorkerStats(backend or "unknown")
         elif backend:
             stats.backend = backend
+        if computes is not None:
+            stats.computes = computes
         stats.last_seen = now
 
     def _credit(self, worker_id: str, samples: int, compute_s: float, now: float, wall_s: float) -> None:
