@@ -121,6 +121,11 @@ async def test_units_next_named_cases(app_client):
             yield b" " * 4096
     resp = await client.post("/api/v1/units/next", data=chunked())
     assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
+    for computes in ("browser", ["gpu"], [1], ["browser"] * 3, {"browser": 1}, [None]):   # an optional field
+        resp = await client.post("/api/v1/units/next", json={**VALID_REQUEST, "computes": computes})
+        assert resp.status == 400 and (await resp.json())["error"]["field"] == "request.computes", computes
+    resp = await client.post("/api/v1/units/next", json={**VALID_REQUEST, "computes": ["browser"]})
+    assert resp.status in (200, 204)
     resp = await client.post("/api/v1/units/next", json=VALID_REQUEST)      # still serving
     assert resp.status == 200
 
