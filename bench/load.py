@@ -181,13 +181,17 @@ def coordinator_command(state: Path, port: int, model: str, limit_train: int, ex
 
 def settle(url: str, pid: int, timeout: float = 300.0) -> dict:
     """Wait for the coordinator's start-up work (the evaluation of version 0, and the browser's step
-    graph, built in the background) to finish: version 0 evaluated, then RSS steady (within 2 MB over
-    3 s). Returns the RSS when it came up and when settled, and the seconds it took."""
+    graph, built in the background, whose known-answer check loads onnxruntime sessions into the
+    coordinator) to finish: version 0 evaluated and the step graph no longer ``building``
+    (``/api/status`` ``browser_graph``), then RSS steady (within 2 MB over 3 s). A steady RSS alone is
+    not enough on a busy machine: the graph's export can stall for seconds, then the check adds
+    ~200 MB. Returns the RSS when it came up and when settled, and the seconds it took."""
     t0, first = time.time(), rss_mb(pid)
     while time.time() - t0 < timeout:
         with urllib.request.urlopen(url + "/api/status", timeout=30) as r:
-            if json.load(r).get("accuracy_history"):
-                break
+            status = json.load(r)
+        if status.get("accuracy_history") and status.get("browser_graph") != "building":
+            break
         time.sleep(0.5)
     last: list[float] = []
     while time.time() - t0 < timeout:

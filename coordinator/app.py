@@ -340,6 +340,7 @@ async def status(request: web.Request) -> web.Response:
     body = entry.job.status().to_json()
     body["jobs"] = [e.describe(public=True) for e in registry.entries.values()]
     body["donate_url"] = str(request.url.origin()) + "/"
+    body["browser_graph"] = entry.steps.state(entry.job.recipe.batch_size) if entry.steps is not None else "not started"
     body["request_latency"] = request.app[observe.OBSERVER].work_latency()   # this process's, since it started
     return web.json_response(body)
 

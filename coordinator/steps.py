@@ -143,6 +143,16 @@ class StepGraphs:
             raise StepUnavailable(entry.error)
         return entry.manifest
 
+    def state(self, batch_size: int) -> str:
+        """Where the step graph at this batch size stands, without starting a build: ``ready``,
+        ``building``, ``not started`` or ``unavailable: <why>``."""
+        entry = self.entries.get(batch_size)
+        if entry is None:
+            return "not started"
+        if entry.error is not None:
+            return f"unavailable: {entry.error}"
+        return "building" if entry.manifest is None else "ready"
+
     async def close(self) -> None:
         """Stop builds in progress (their export subprocesses are killed)."""
         tasks = [e.task for e in self.entries.values() if e.task is not None and not e.task.done()]

@@ -126,12 +126,16 @@ async def test_browser_units_wait_for_the_step_graph(aiohttp_client, tmp_path):
     job = make_job(tmp_path, batch_size=16)
     app = create_app(job.config, job)   # not warm: the first browser request starts the export
     client = await aiohttp_client(app)
+    graph = lambda: client.get("/api/status")  # noqa: E731
+    assert (await (await graph()).json())["browser_graph"] == "not started"   # asking status starts nothing
     ask = lambda backend: client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": f"w-{backend}",  # noqa: E731
                                                                    "backend": backend})
     resp = await ask("browser")
     assert resp.status == 204 and "preparing" in resp.headers["X-Crowdtrain-Reason"]
     assert (await ask("python")).status == 200     # Python workers do not wait for it
+    assert (await (await graph()).json())["browser_graph"] == "building"
     await app[STEPS].wait(16)
+    assert (await (await graph()).json())["browser_graph"] == "ready"
     resp = await ask("browser")
     assert resp.status == 200 and (await resp.json())["batch_size"] == 16
 
@@ -155,6 +159,8 @@ async def test_a_model_the_browser_cannot_train_is_said_so(aiohttp_client, tmp_p
     resp = await client.get("/api/v1/steps/cnn/16")
     body = await resp.json()
     assert resp.status == 501 and body["error"]["code"] == "no_browser_step" and "focal" in body["error"]["message"]
+    state = (await (await client.get("/api/status")).json())["browser_graph"]
+    assert state == "unavailable: focal loss is not exported", state
 
 
 async def test_shutdown_stops_an_export_in_progress(aiohttp_server, tmp_path, monkeypatch):
