@@ -131,10 +131,13 @@ class UnitFactory:
                     self._is_browser(worker_id, backend):
                 return self._issue_sized(worker_id, codec, base, lr, held, feedback=feedback)
             shards = self.queue.take(set(self.store.leased_shards()))
-            batch = self._split_batch(worker_id, sum(self.size_of(x) for x in shards))
+            images = sum(self.size_of(x) for x in shards)
+            batch = self._split_batch(worker_id, images)
             if self.config.unit_lr != "recipe":     # split, linear: scaled with the split of the batch
                 lr *= batch / self.recipe.batch_size
-            return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held, feedback=feedback)
+            steps = self._dynamic_steps(worker_id, images, batch) if self.config.dynamic_steps else None
+            return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held, feedback=feedback,
+                               steps=steps)
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None
@@ -261,6 +264,17 @@ class UnitFactory:
             if now - at > window:
                 del self.asked[worker]
         return len(self.asked)
+
+    def _dynamic_steps(self, worker_id: str, images: int, batch: int) -> int | None:
+        """``dynamic_steps``: a whole unit's steps (one pass over ``images``) times (the fastest worker in
+        flight's seconds per sample) / (this worker's), at least 1; None (a whole unit) while this worker's
+        speed is unknown or with ``--local-steps``."""
+        rate = self.speed.get(worker_id)
+        if rate is None or self.config.local_steps:
+            return None
+        whole = max(1, math.ceil(images / max(1, min(batch, images))))
+        fastest = min([self.speed[w] for w in self.asked if w in self.speed] + [rate])
+        return max(1, min(whole, round(whole * fastest / rate)))
 
     def _split_batch(self, worker_id: str, images: int) -> int:
         """A Python worker's unit batch: the recipe's (already ``unit_batch_scale`` of the model's), divided

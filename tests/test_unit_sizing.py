@@ -243,3 +243,21 @@ def test_the_split_is_off_with_an_explicit_batch_or_the_option(tmp_path):
         factory, base, _ = split_factory(tmp_path / str(len(overrides)) / next(iter(overrides)), **overrides)
         units = [issue(factory, f"w{i}", base, "python") for i in range(8)]
         assert {u.batch_size for u in units} == {256}, overrides
+
+
+def test_dynamic_steps_cut_a_slow_workers_unit_to_the_fastest_ones_time(tmp_path):
+    """``--dynamic-steps``: a Python worker k times slower than the fastest one in flight trains 1/k of a whole
+    unit's steps (at least one); unknown speed, or the option off, a whole unit."""
+    whole = SHARD // BATCH   # one pass over one shard
+    for on in (False, True):
+        factory, _, base, _, _ = make(tmp_path / str(on), dynamic_steps=on)
+        assert issue(factory, "new", base, "python").local_steps == whole   # speed not known yet
+        for worker, rate in (("fast", 0.01), ("half", 0.02), ("quarter", 0.04), ("crawl", 10.0)):
+            issue(factory, worker, base, "python")   # in flight: it asked
+            factory.observe(worker, rate * SHARD, SHARD)
+        steps = {w: issue(factory, w, base, "python").local_steps for w in ("fast", "half", "quarter", "crawl")}
+        want = {"fast": whole, "half": whole // 2, "quarter": whole // 4, "crawl": 1} if on else \
+            dict.fromkeys(steps, whole)
+        assert steps == want, (on, steps)
+        unit = issue(factory, "half", base, "python")
+        assert factory.store.unit(unit.unit_id)["samples"] == unit.local_steps * unit.batch_size
