@@ -131,13 +131,11 @@ class UnitFactory:
                     self._is_browser(worker_id, backend):
                 return self._issue_sized(worker_id, codec, base, lr, held, feedback=feedback)
             shards = self.queue.take(set(self.store.leased_shards()))
-            images = sum(self.size_of(x) for x in shards)
-            batch = self._split_batch(worker_id, images)
+            batch = self._split_batch(worker_id, sum(self.size_of(x) for x in shards))
             if self.config.unit_lr != "recipe":     # split, linear: scaled with the split of the batch
                 lr *= batch / self.recipe.batch_size
-            steps = self._dynamic_steps(worker_id, images, batch) if self.config.dynamic_steps else None
             return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held, feedback=feedback,
-                               steps=steps)
+                               pace=self._pace(worker_id) if self.config.dynamic_steps else 1.0)
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None
@@ -156,14 +154,17 @@ class UnitFactory:
 
     def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
                twin: str | None = None, steps: int | None = None, version_blob: str | None = None,
-               batch: int | None = None, held: tuple[str, ...] = (), feedback: bool = False) -> WorkUnit:
+               batch: int | None = None, held: tuple[str, ...] = (), feedback: bool = False,
+               pace: float = 1.0) -> WorkUnit:
+        """``pace`` (in (0, 1]): the share of one pass over the shards a unit without ``steps`` or
+        ``--local-steps`` trains, at least one step (``dynamic_steps``)."""
         now = self.clock()
         base_delta = None
         if version_blob is None:
             version_blob, base_delta = self._download(base, held)
         n = sum(self.size_of(s) for s in shards)
         batch = min(batch or self.recipe.batch_size, n)
-        steps = steps or self.config.local_steps or max(1, math.ceil(n / batch))
+        steps = steps or self.config.local_steps or max(1, round(math.ceil(n / batch) * pace))
         if self.config.replication != "off":   # a check of a longer unit is inconclusive (``check_max_steps``)
             steps = min(steps, self.config.check_max_steps)
         if lr <= 0:
@@ -265,16 +266,13 @@ class UnitFactory:
                 del self.asked[worker]
         return len(self.asked)
 
-    def _dynamic_steps(self, worker_id: str, images: int, batch: int) -> int | None:
-        """``dynamic_steps``: a whole unit's steps (one pass over ``images``) times (the fastest worker in
-        flight's seconds per sample) / (this worker's), at least 1; None (a whole unit) while this worker's
-        speed is unknown or with ``--local-steps``."""
+    def _pace(self, worker_id: str) -> float:
+        """``dynamic_steps``: (the fastest worker in flight's seconds per sample) / (this worker's), the
+        share of a whole unit this worker gets; 1 while its speed is unknown."""
         rate = self.speed.get(worker_id)
-        if rate is None or self.config.local_steps:
-            return None
-        whole = max(1, math.ceil(images / max(1, min(batch, images))))
-        fastest = min([self.speed[w] for w in self.asked if w in self.speed] + [rate])
-        return max(1, min(whole, round(whole * fastest / rate)))
+        if rate is None:
+            return 1.0
+        return min([self.speed[w] for w in self.asked if w in self.speed] + [rate]) / rate
 
     def _split_batch(self, worker_id: str, images: int) -> int:
         """A Python worker's unit batch: the recipe's (already ``unit_batch_scale`` of the model's), divided
