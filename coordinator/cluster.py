@@ -96,9 +96,6 @@ def check_cluster(args: argparse.Namespace, config) -> None:
     (``Unreachable``)."""
     import redis
 
-    if config.replication != "off":
-        raise ValueError("argument --replication: replicated checks are not supported with --redis yet; "
-                         "use --replication off")
     if config.admin_token_file:
         raise ValueError("argument --admin-token-file: several jobs in one deployment need the embedded SQLite "
                          "store (one process, no --redis); with --redis a deployment runs one job")
@@ -117,8 +114,9 @@ def blob_dir(args: argparse.Namespace, config) -> Path:
 
 
 # ---------------------------------------------------------------------------- the leader's job
-def cluster_job(config, url: str, blobs: Path, lock):
-    """A ``Job`` whose store is Redis (fenced by ``lock``) with its blobs under ``blobs``."""
+def cluster_job(config, url: str, blobs: Path, lock, **job_args):
+    """A ``Job`` whose store is Redis (fenced by ``lock``) with its blobs under ``blobs``; ``job_args``: the
+    ``Job``'s own (a clock)."""
     from coordinator.job import Job
     from coordinator.redis_store import RedisStore
 
@@ -154,7 +152,7 @@ def cluster_job(config, url: str, blobs: Path, lock):
                                           row["loss_after"], row["delta_blob"]))
             self.work.set()
 
-    return ClusterJob(config)
+    return ClusterJob(config, **job_args)
 
 
 class LocalIntake:
@@ -163,7 +161,9 @@ class LocalIntake:
     while the unit is out (``RedisStore.append_result``); the leader folds it (``Node.ingest``).
     Everything else goes to the leader: a failure report or a hand-back (its shards go back in the
     leader's queue), any refusal (the leader refuses it again, counts it, and ends the unit if the
-    refusal does), a tail unit's copy, a quarantined worker, a unit that ended meanwhile."""
+    refusal does), a tail unit's copy, a quarantined worker, a unit that ended meanwhile, and every
+    result while replicated checks are on (``--replication``: the leader decides, from the worker's
+    trust record, whether the result is held for a replica, and it issues and judges the replicas)."""
 
     def __init__(self, node: "Node"):
         from coordinator.intake import Intake
@@ -175,6 +175,7 @@ class LocalIntake:
         self.intake = Intake(cfg, self.store, self.store.secret(), node.spec, time.time)
         self.tokens = load_tokens(cfg.worker_tokens) if cfg.worker_tokens else frozenset()
         self.taken = self.passed = 0
+        self.checks = cfg.replication != "off"
 
     def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int, int | None] | None:
         """(answer, HTTP status, the result's seq) when this process logged the result (or it is a duplicate:
@@ -182,7 +183,7 @@ class LocalIntake:
         from coordinator.intake import Rejection
         from coordinator.limits import bearer
 
-        if self.tokens and bearer(authorization) not in self.tokens:
+        if self.checks or (self.tokens and bearer(authorization) not in self.tokens):
             return None
         try:
             parsed = self.intake.parse(unit_id, body)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.helpers.cluster import Cluster
+from tests.helpers.redis_server import MISSING, REDIS, redis_server
 
 
 @pytest.fixture(scope="module")
@@ -14,6 +15,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A private redis-server on 127.0.0.1 for the test (skipped with the reason where it is missing)."""
+    if REDIS is None:
+        pytest.skip(MISSING)
+    with redis_server(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

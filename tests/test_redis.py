@@ -9,7 +9,6 @@ holds exactly the model the ledger says: version 0 plus each folded delta once.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,32 +24,9 @@ from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.units import UnitRequest, UnitResult, WorkUnit, pack_result
 from coordinator.store import Store, Version
 from tests.helpers.cluster import ROOT, free_port
+from tests.helpers.redis_server import MISSING, REDIS
 
-REDIS = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (apt-get install redis-server, "
-                                "or bash deploy/setup.sh --test as root)")
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    """A private redis-server on 127.0.0.1 (no persistence: its data lives as long as the test)."""
-    import redis
-
-    port = free_port()
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.time() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            assert proc.poll() is None and time.time() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield url
-    proc.kill()
-    proc.wait(10)
+pytestmark = pytest.mark.skipif(REDIS is None, reason=MISSING)
 
 
 # ---------------------------------------------------------------------------- the store contract, both engines
@@ -567,5 +543,50 @@ def test_each_process_serves_its_own_request_metrics_and_the_jobs_state(redis_ur
         units = [line for line in lines if line["route"] == "/api/v1/units/next"]
         assert len(units) == answered["n"] and all(u["client"] == "127.0.0.1" for u in units), lines
         assert [u["status"] for u in units if u["status"] != 503] == [200, 200], lines
+    finally:
+        ps.stop()
+
+
+@pytest.mark.timeout(300)
+def test_replicated_checks_with_two_processes(redis_url, tmp_path):
+    """``--replication adaptive`` with ``--redis``: a result sent to the process that does not lead goes to the
+    leader, which holds it (a new worker's result waits for a replica), hands the replica to another worker
+    through either process, and folds the original once the replica agrees."""
+    from tests.helpers.fault_worker import body, compute
+    from tests.helpers.tiny_cifar import write_official_archive
+
+    data = write_official_archive(tmp_path / "data", n_train=256, n_test=50)
+    ps = Processes(tmp_path, redis_url, data)
+
+    def fetch(base: str):
+        return lambda blob: call(f"{base}/api/v1/blobs/{blob}", retry_s=30)[1]
+
+    def send(base: str, unit: WorkUnit, worker: str) -> dict:
+        code, raw = call(f"{base}/api/v1/units/{unit.unit_id}/result", body(compute(unit, fetch(base), worker)),
+                         retry_s=30)
+        assert code == 200, raw
+        return json.loads(raw)
+
+    try:
+        ps.start(0, "--replication", "adaptive")
+        ps.start(1, "--replication", "adaptive")
+        other = 1 - ps.leader()
+        base = ps.url(other)
+        unit = take(base, "w1")
+        take(base, "w2")   # another Python worker is about: w1's result waits for its replica
+        assert send(base, unit, "w1")["accepted"]
+        status = ps.status(other)
+        assert status["updates_held"] == 1 and status["updates_applied"] == 0, status
+        cluster = ps.cluster(other)
+        assert cluster["results_taken"] == 0 and cluster["results_passed_to_leader"] == 1, cluster
+        replica = take(ps.url(1 - other), "w2")
+        same = ("base_step", "shard_ids", "local_steps", "batch_size", "seed")
+        assert all(getattr(replica, f) == getattr(unit, f) for f in same), "w2 recomputes w1's unit"
+        assert send(base, replica, "w2")["accepted"]
+        deadline = time.time() + 30
+        while (status := ps.status(other))["updates_applied"] < 1 and time.time() < deadline:
+            time.sleep(0.2)
+        assert status["updates_applied"] == 1 and status["updates_held"] == 0, status
+        assert status["updates_dropped"] == {"replica": 1} and status["replication"]["agreed"] == 1, status
     finally:
         ps.stop()

@@ -20,13 +20,12 @@ from contract.codecs import decode_delta
 from contract.units import UnitRequest, WorkUnit, unpack_result
 from coordinator import trust as T
 from coordinator.config import CoordinatorConfig
-from coordinator.job import Job
 from coordinator.limits import RateLimiter, UnitLimits, address_key, bearer, client_address, load_tokens
 from coordinator.metrics import render
 from models.local import is_running_stat
 from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.tiny_cifar import tiny_cifar10
-from tests.helpers.protocol import fetch_all, start_job, take
+from tests.helpers.protocol import fetch_all, open_job, start_job, take
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,8 +190,16 @@ def test_worker_tokens_file(tmp_path) -> None:
 
 # --- inside a job --------------------------------------------------------------------------------------
 
-async def start(aiohttp_client, tmp_path, clock=None, data=None, **config):
-    return await start_job(aiohttp_client, tmp_path, clock, data, **{
+@pytest.fixture(params=["sqlite", "redis"])
+def engine(request) -> str | None:
+    """Where the job keeps its state: None for SQLite, else the URL of a private Redis, the job opened as the
+    leader of ``crowdtrain coordinator --redis`` opens it (``tests.helpers.protocol.open_job``). A test names
+    it before ``aiohttp_client``, so Redis outlives the app's clean-up (fixtures end in reverse order)."""
+    return request.getfixturevalue("redis_url") if request.param == "redis" else None
+
+
+async def start(aiohttp_client, tmp_path, clock=None, data=None, engine=None, **config):
+    return await start_job(aiohttp_client, tmp_path, clock, data, redis_url=engine, **{
         "epochs": 20.0, "strategy": "async_sgd", "strategy_params": {"staleness": "constant"}, "robust": "none",
         "replication": "adaptive", **config})
 
@@ -234,8 +241,8 @@ def model_is_v0_plus(job, v0: dict, deltas: list[dict]) -> None:
         np.testing.assert_allclose(weights(job.state)[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(aiohttp_client, tmp_path):
-    client, job = await start(aiohttp_client, tmp_path)
+async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(engine, aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path, engine=engine)
     v0 = dict(job.state)
     unit = await take(client, "w1")
     await take(client, "w2")   # another Python worker is about: w1's result waits for its replica
@@ -269,12 +276,12 @@ async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(aio
 
 
 @pytest.mark.parametrize("fault", [Fault.SIGN_FLIP, Fault.FREE_RIDE])
-async def test_a_liar_is_found_out_quarantined_and_never_folded(aiohttp_client, tmp_path, fault):
+async def test_a_liar_is_found_out_quarantined_and_never_folded(engine, aiohttp_client, tmp_path, fault):
     """Two honest workers and one liar, every result checked at first: each lie disagrees with its
     replica, the coordinator's own computation settles it, the liar's copy is dropped (distrusted)
     and, after its second lost check, it is quarantined: later results are answered as any other
     and dropped (quarantined). The model is version 0 plus exactly the honest deltas folded."""
-    client, job = await start(aiohttp_client, tmp_path)
+    client, job = await start(aiohttp_client, tmp_path, engine=engine)
     v0, sent = dict(job.state), {}
     held = {w: await take(client, w) for w in ("liar", "h1", "h2")}
     for _ in range(14):
@@ -304,8 +311,8 @@ async def test_a_liar_is_found_out_quarantined_and_never_folded(aiohttp_client, 
     assert 'crowdtrain_updates_dropped_total{reason="distrusted"}' in metrics
 
 
-async def test_a_liar_computing_a_replica_loses_too(aiohttp_client, tmp_path):
-    client, job = await start(aiohttp_client, tmp_path)
+async def test_a_liar_computing_a_replica_loses_too(engine, aiohttp_client, tmp_path):
+    client, job = await start(aiohttp_client, tmp_path, engine=engine)
     unit = await take(client, "honest")
     await take(client, "liar")   # about before the result comes: it is held for a replica
     await work(client, unit, "honest")
@@ -321,15 +328,15 @@ async def test_a_liar_computing_a_replica_loses_too(aiohttp_client, tmp_path):
     assert trust["liar"]["disagreements"] == 1 and trust["honest"]["valid"] == 1
 
 
-async def test_held_results_survive_a_restart(tmp_path):
-    """kill -9 between the answer and the verdict: the held result is a row of the results table, so
-    the restarted job holds it again (it is not replayed into the strategy) and still wants a replica.
+async def test_held_results_survive_a_restart(engine, tmp_path):
+    """kill -9 between the answer and the verdict: the held result is a row of the results table (or of
+    Redis: the next leader's job), so the restarted job holds it again (it is not replayed into the
+    strategy) and still wants a replica.
     (The job is driven without the app, so no background task settles behind the test's back.)"""
     cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=20.0, codec="fp32",
                             strategy="async_sgd", robust="none", replication="adaptive")
     data = tiny_cifar10(n_train=256, n_test=64)
-    job = Job(cfg)
-    job.open(data)
+    job = open_job(cfg, data, redis_url=engine)
 
     async def done(job, worker):
         unit = job.next_unit(UnitRequest(worker_id=worker, backend="python"))
@@ -339,8 +346,7 @@ async def test_held_results_survive_a_restart(tmp_path):
     unit = await done(job, "w1")
     replica = await done(job, "w2")             # the replica's result is in, not judged yet: the process dies
     job.close()
-    again = Job(cfg)
-    again.open(data)
+    again = open_job(cfg, data, redis_url=engine)
     assert again.aggregator.buffered == 0 and not again.inbox, "held results are not replayed into the strategy"
     assert list(again.checks) == [again.store.result_for_unit(replica.unit_id)["seq"]]
     assert again.status().updates_held == 1
@@ -350,17 +356,17 @@ async def test_held_results_survive_a_restart(tmp_path):
 
     unit2 = await done(again, "w1")             # held, and its replica never issued before the next crash
     again.close()
-    third = Job(cfg)
-    third.open(data)
+    third = open_job(cfg, data, redis_url=engine)
     assert [r["unit_id"] for r in third.store.wanted_replicas()] == [unit2.unit_id]
     assert third.next_unit(UnitRequest(worker_id="w3", backend="python")).shard_ids == unit2.shard_ids
     assert third.trust.get("w1").valid == 1, "trust records are in the store too"
     third.close()
 
 
-async def test_a_replica_that_does_not_come_is_replaced_by_the_coordinators_computation(aiohttp_client, tmp_path):
+async def test_a_replica_that_does_not_come_is_replaced_by_the_coordinators_computation(engine, aiohttp_client,
+                                                                                          tmp_path):
     clock = Clock(1_000_000.0)
-    client, job = await start(aiohttp_client, tmp_path, clock=clock, replica_wait_s=30.0)
+    client, job = await start(aiohttp_client, tmp_path, clock=clock, engine=engine, replica_wait_s=30.0)
     v0 = dict(job.state)
     unit = await take(client, "alone")
     await take(client, "slow")                   # about, so "alone"'s result waits for a replica
@@ -411,8 +417,9 @@ async def test_a_result_no_other_worker_could_replicate_is_checked_at_once(aioht
     assert {r["unit_id"]: r for r in job.store.results()}[second.unit_id]["check_state"] == "valid"
 
 
-async def test_quarantined_worker_gets_polite_answers_and_its_shards_are_trained_again(aiohttp_client, tmp_path):
-    client, job = await start(aiohttp_client, tmp_path)
+async def test_quarantined_worker_gets_polite_answers_and_its_shards_are_trained_again(engine, aiohttp_client,
+                                                                                       tmp_path):
+    client, job = await start(aiohttp_client, tmp_path, engine=engine)
     job.trust.put(T.Record("liar", backend="python", quarantined=True, strikes=2, invalid=2))
     unit = await take(client, "liar")
     assert unit is not None, "a quarantined worker is still given work"

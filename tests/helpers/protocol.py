@@ -14,11 +14,36 @@ from tests.helpers.tiny_cifar import tiny_cifar10
 TINY_JOB = {"model": "cnn", "shard_size": 64, "epochs": 8.0, "eval_every_s": 3600.0, "codec": "fp32"}
 
 
-async def start_job(aiohttp_client, tmp_path, clock=None, data=None, **config):
-    """(the test client, the opened job): cnn on 256 tiny images unless ``config`` says otherwise."""
+def open_job(cfg: CoordinatorConfig, data, clock=None, redis_url: str | None = None) -> Job:
+    """The job of ``cfg``, opened: its state in SQLite under ``cfg.state``, or with ``redis_url`` in that
+    Redis, as the leader of ``crowdtrain coordinator --redis`` keeps it (``coordinator.cluster``: it takes
+    the job's leader lock, released by ``job.close()``)."""
+    if redis_url is None:
+        job = Job(cfg, **({"clock": clock} if clock else {}))
+    else:
+        from coordinator.cluster import cluster_job
+        from coordinator.leader import LeaderLock
+        from coordinator.redis_store import prefix
+
+        lock = LeaderLock(redis_url, prefix(cfg.job) + "leader", 30.0)
+        assert lock.try_acquire(), "another holder of the job's leader lock"
+        lock.keep(lambda: None)
+        job = cluster_job(cfg, redis_url, cfg.state / "blobs", lock, **({"clock": clock} if clock else {}))
+        close = job.close
+
+        def close_and_release() -> None:
+            close()
+            lock.release()
+        job.close = close_and_release
+    job.open(data)
+    return job
+
+
+async def start_job(aiohttp_client, tmp_path, clock=None, data=None, redis_url: str | None = None, **config):
+    """(the test client, the opened job): cnn on 256 tiny images unless ``config`` says otherwise; its state
+    in SQLite, or in Redis with ``redis_url`` (``open_job``)."""
     cfg = CoordinatorConfig(state=tmp_path / "state", **{**TINY_JOB, **config})
-    job = Job(cfg, **({"clock": clock} if clock else {}))
-    job.open(data or tiny_cifar10(n_train=256, n_test=64))
+    job = open_job(cfg, data or tiny_cifar10(n_train=256, n_test=64), clock, redis_url)
     return await aiohttp_client(create_app(cfg, job)), job
 
 
