@@ -9,7 +9,8 @@ measures side by side in one run:
   - the whole path: real HTTP on 127.0.0.1 into ``create_app``, with the contract's decode and
     checks, the SQLite log (fsync) and the model written on the coordinator's default persistence
     policy (``--persist-every-s`` / ``--persist-every-versions``); precomputed valid
-    results (fp32 codec) from 4 concurrent clients; async_sgd (a version per aggregation: the
+    results (fp32 codec) from 4 concurrent clients (a process of their own unless
+    ``--in-process-clients``); async_sgd (a version per aggregation: the
     aggregation task folds every update that arrived while it was busy) and fedbuff with
     K=10. Accepted/s counts until every result is folded into a version; answered/s until
     every submission is answered (folding runs off the request path).
@@ -84,7 +85,37 @@ def aggregation_time(state: dict, repeats: int) -> float:
     return float(np.median(times[1:]))
 
 
-async def http_rate(model: str, strategy: str, params: dict, submissions: int, clients: int = 4) -> dict:
+async def post_all(url: str, units: list[dict], raw: bytes, clients: int, wait_go: bool = False) -> None:
+    """The clients: ``clients`` concurrent connections posting one result per unit (bodies packed before;
+    ``wait_go``: then say ``ready`` and start on a line of stdin)."""
+    from aiohttp import ClientSession
+
+    bodies = [pack_result(UnitResult(unit_id=u["unit_id"], lease=u["lease"], worker_id=u["worker"],
+                                     base_version=u["model_version"], delta=raw, loss_before=2.3, loss_after=2.2,
+                                     num_samples=u["batch_size"], compute_seconds=1.0)) for u in units]
+    async with ClientSession() as session:
+        async def client(k: int) -> None:
+            for i in range(k, len(units), clients):
+                async with session.post(f"{url}/api/v1/units/{units[i]['unit_id']}/result", data=bodies[i]) as r:
+                    assert r.status == 200, await r.text()
+        if wait_go:
+            print("ready", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)   # "go"
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    if wait_go:
+        print("done", flush=True)
+
+
+def client_process(argv: list[str]) -> int:
+    """``--post URL PLAN CLIENTS``: the clients in a process of their own (``--clients-process``)."""
+    url, plan, clients = argv
+    units = json.loads(Path(plan).read_text())
+    asyncio.run(post_all(url, units, Path(plan).with_suffix(".delta").read_bytes(), int(clients), wait_go=True))
+    return 0
+
+
+async def http_rate(model: str, strategy: str, params: dict, submissions: int, clients: int = 4,
+                    own_process: bool = False) -> dict:
     from aiohttp import ClientSession
     from aiohttp.test_utils import TestServer
 
@@ -106,29 +137,36 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
                     units.append(WorkUnit.from_json(await r.json()))
             delta = {k: np.full(s, 1e-4, np.float32) for k, (s, _) in job.spec.items()}
             raw = encode_delta(get_codec("fp32"), delta)
-            bodies = [pack_result(UnitResult(unit_id=u.unit_id, lease=u.lease, worker_id=f"c{i % clients}",
-                                             base_version=u.model_version, delta=raw, loss_before=2.3,
-                                             loss_after=2.2, num_samples=u.batch_size, compute_seconds=1.0))
-                      for i, u in enumerate(units)]
-
-            async def client(k: int) -> None:
-                for i in range(k, submissions, clients):
-                    async with session.post(f"{url}/api/v1/units/{units[i].unit_id}/result", data=bodies[i]) as r:
-                        assert r.status == 200, await r.text()
-
-            t, cpu = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(client(k) for k in range(clients)))
-            answered = time.perf_counter() - t
+            plan = [{"unit_id": u.unit_id, "lease": u.lease, "worker": f"c{i % clients}",
+                     "model_version": u.model_version, "batch_size": u.batch_size} for i, u in enumerate(units)]
+            if own_process:
+                (Path(tmp) / "plan.json").write_text(json.dumps(plan))
+                (Path(tmp) / "plan.delta").write_bytes(raw)
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, __file__, "--post", url, str(Path(tmp) / "plan.json"), str(clients),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                assert (await proc.stdout.readline()).strip() == b"ready"
+                t, cpu = time.perf_counter(), time.process_time()
+                proc.stdin.write(b"go\n")
+                await proc.stdin.drain()
+                assert (await proc.stdout.readline()).strip() == b"done", "a client failed"
+                answered = time.perf_counter() - t
+            else:
+                t, cpu = time.perf_counter(), time.process_time()
+                await post_all(url, plan, raw, clients)
+                answered = time.perf_counter() - t
             while job.inbox or job.aggregator.due:   # the aggregation task catches up (a partial
                 await job.settle()                     # FedBuff buffer stays buffered, by design)
             seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+            if own_process:
+                assert await proc.wait() == 0   # after the clock: the clients' interpreter takes a while to exit
         versions = job.step
         totals = job.store.result_totals()
         assert totals["applied"] + job.aggregator.buffered == totals["accepted"] == submissions, totals
         await server.close()
     return {"accepted_per_s": submissions / seconds, "answered_per_s": submissions / answered, "seconds": seconds,
             "cpu_seconds": cpu, "accepted_per_cpu_s": submissions / cpu,
-            "submissions": submissions, "versions": versions, "body_bytes": len(bodies[0])}
+            "submissions": submissions, "versions": versions, "delta_bytes": len(raw)}
 
 
 def main() -> int:
@@ -136,14 +174,19 @@ def main() -> int:
     p.add_argument("--sizes", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="millions of parameters")
     p.add_argument("--submissions", type=int, default=40)
     p.add_argument("--clients", type=int, default=4, help="concurrent clients posting results")
+    p.add_argument("--in-process-clients", action="store_true",
+                   help="the clients in the coordinator's process and event loop, as before 2026-12-02 (default: "
+                        "a process of their own, so the coordinator's CPU is its own)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     args = p.parse_args()
+    own = not args.in_process_clients
     torch.set_num_threads(1)
     date = time.strftime("%Y-%m-%d")
     out = args.out or ROOT / "bench" / "out" / f"coordinator_capacity-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"date": date, "sizes_millions": args.sizes, "submissions": args.submissions, "clients": args.clients,
-           "hardware": hardware(), "command": "python " + " ".join(sys.argv)}
+           "clients_process": own, "hardware": hardware(), "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     rows = []
     for millions in args.sizes:
@@ -156,7 +199,7 @@ def main() -> int:
         row = {"model": name, "params": params, "aggregation_s": agg, "bandwidth_bound_s": bound,
                "bound_ratio": agg / bound, "copy_bandwidth_gb_s": bandwidth / 1e9}
         for strategy, sparams in (("async_sgd", {}), ("fedbuff", {"buffer_size": 10})):
-            row[strategy] = asyncio.run(http_rate(name, strategy, sparams, args.submissions, args.clients))
+            row[strategy] = asyncio.run(http_rate(name, strategy, sparams, args.submissions, args.clients, own))
         rows.append(row)
         print(f"{name}: {params:,} params, aggregation {1e3 * agg:.2f} ms (bound {1e3 * bound:.2f} ms, "
               f"x{agg / bound:.1f}); HTTP accepted/s async_sgd {row['async_sgd']['accepted_per_s']:.1f} "
@@ -169,14 +212,16 @@ def main() -> int:
              f"- Command: `{cfg['command']}`; raw results in `{shown(out)}`.",
              "- Aggregation: async_sgd `add` + `aggregate` alone. Bound: 12 bytes per parameter (read model, "
              "read delta, write model) at the `c = a + b` bandwidth measured in the same run.",
-             f"- Accepted/s: real HTTP on 127.0.0.1, {args.clients} concurrent clients (in the coordinator's process "
-             "and event loop) posting precomputed fp32 results, "
+             f"- Accepted/s: real HTTP on 127.0.0.1, {args.clients} concurrent clients ("
+             + ("in a process of their own" if own else "in the coordinator's process and event loop")
+             + ") posting precomputed fp32 results, "
              "until every result is folded into a version; includes decoding and checks, the durable result log "
              "(delta blob fsynced, SQLite row made durable by a group fdatasync of the WAL, before each answer) "
              "and the model written on the default persistence policy "
              "(every 10 s or 100 versions, and at the end). Answered/s: until every submission is answered "
              "(aggregation runs in a background task, off the request path). Per CPU-second: accepted results "
-             "per second of the process's CPU time (all threads, the clients' share included) over the same "
+             "per second of the coordinator process's CPU time (all threads"
+             + (")" if own else ", the clients' share included)") + " over the same "
              "interval: about the rate with a core to itself, on a shared machine (the fsync waits overlap "
              "other work only with enough concurrent clients).",
              "", "| params | aggregation (ms) | memory bound (ms) | ratio | accepted/s async_sgd | "
@@ -188,9 +233,10 @@ def main() -> int:
                      f"{r['bound_ratio']:.1f} | {a['accepted_per_s']:.1f} | {a['answered_per_s']:.1f} | "
                      f"{a['accepted_per_cpu_s']:.1f} | "
                      f"{a['versions']} | {r['fedbuff']['accepted_per_s']:.1f} |")
-    write_section("coordinator_capacity", "\n".join(lines), ROOT / "docs" / "results.md")
+    if not args.no_docs:
+        write_section("coordinator_capacity", "\n".join(lines), ROOT / "docs" / "results.md")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(client_process(sys.argv[2:]) if sys.argv[1:2] == ["--post"] else main())
