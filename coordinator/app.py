@@ -187,8 +187,11 @@ async def next_unit(request: web.Request) -> web.Response:
             await fresh_base(job, unit_request.worker_id)
             base = await job.publish()   # the unit's base model is written (off the event loop) before the unit names it
             await job.prepare_download(unit_request, base)   # and a version delta to it from what the worker holds
+            # answered without waiting for the unit's row to be durable (an fdatasync): kill -9 loses no
+            # written row, and a power loss only the units issued in its last moments, whose results are
+            # then refused as unknown_unit; an accepted result's own fdatasync covers its unit's row
+            # (SQLite commits in order)
             unit = job.next_unit(unit_request, address, base)
-            await job.store.sync()   # the unit's row and lease are durable before the unit leaves
         if unit is not None:
             entry.served = time.monotonic()
             return web.json_response(unit.to_json())

@@ -211,3 +211,19 @@ async def test_a_unit_asked_for_after_a_result_starts_from_a_model_with_it(aioht
         gate.set()
     await job.settle()
     assert job.step == 2 and job.store.result_totals()["applied"] == 2
+
+
+async def test_a_unit_leaves_without_an_fdatasync_and_a_results_answer_covers_its_units_row(aiohttp_client, tmp_path):
+    """``units/next`` answers without waiting for the WAL's fdatasync (a power loss costs only the units of its
+    last moments: their results are refused as ``unknown_unit``); a result's answer waits for one, and that
+    one covers every commit before it, the unit rows included (SQLite commits in order)."""
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+    await take(client, "w0")   # the first request writes version 0's blob and the job's rows
+    await job.store.sync()
+    syncs = job.store.syncs
+    units = [await take(client, w) for w in WORKERS]
+    assert job.store.syncs == syncs and job.store.dirty, "three units out, their rows written, no fdatasync"
+    issued = job.store.db.total_changes
+    status, got = await post(client, units[0], body(await honest(client, units[0], "w1")))
+    assert status == 200 and got["accepted"]
+    assert job.store.syncs > syncs and job.store._durable >= issued, "the answer waited for a covering fdatasync"
