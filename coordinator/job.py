@@ -445,10 +445,13 @@ class Job:
     # ------------------------------------------------------------------ results
     async def submit(self, unit_id: str, body: bytes) -> dict:
         """Check a result at the boundary, log it durably and answer; ``settle`` folds it in later.
-        The answer waits until what it reports is durable (``Store.sync``: one fdatasync of the
-        SQLite log for every submission that commits meanwhile)."""
+        An accepted result's answer waits until it is durable (``Store.sync``: one fdatasync of the
+        SQLite log for every submission that commits meanwhile). Other answers (a failure report or a
+        hand-back, a tail copy superseded) do not: on a power loss the unit is out on its lease again,
+        and its shards go back in line when the lease expires; no accepted work is lost."""
         answer = await self._submit(unit_id, body)
-        await self.store.sync()
+        if answer.get("accepted"):
+            await self.store.sync()
         return answer
 
     async def _submit(self, unit_id: str, body: bytes) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from contract.codecs import decode_delta, delta_norm
+from contract.units import UnitResult, pack_result
 from models.local import is_running_stat
 from tests.helpers.fault_worker import body, compute
 from tests.helpers.protocol import fetch_all, post, start_job, take
@@ -214,15 +215,22 @@ async def test_a_unit_asked_for_after_a_result_starts_from_a_model_with_it(aioht
 
 
 async def test_a_unit_leaves_without_an_fdatasync_and_a_results_answer_covers_its_units_row(aiohttp_client, tmp_path):
-    """``units/next`` answers without waiting for the WAL's fdatasync (a power loss costs only the units of its
-    last moments: their results are refused as ``unknown_unit``); a result's answer waits for one, and that
-    one covers every commit before it, the unit rows included (SQLite commits in order)."""
+    """``units/next`` and a hand-back answer without waiting for the WAL's fdatasync (a power loss costs only
+    the units of its last moments: their results are refused as ``unknown_unit``; a unit handed back is out on
+    its lease again); an accepted result's answer waits for one, and that one covers every commit before it,
+    the unit rows included (SQLite commits in order)."""
     client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
     await take(client, "w0")   # the first request writes version 0's blob and the job's rows
     await job.store.sync()
     syncs = job.store.syncs
     units = [await take(client, w) for w in WORKERS]
-    assert job.store.syncs == syncs and job.store.dirty, "three units out, their rows written, no fdatasync"
+    back = units[2]
+    status, got = await post(client, back, pack_result(UnitResult(
+        unit_id=back.unit_id, lease=back.lease, worker_id="w3", base_version=back.model_version, delta=b"",
+        loss_before=0.0, loss_after=0.0, num_samples=0, compute_seconds=1.0, error="returned: the donor paused")))
+    assert status == 200 and got == {"accepted": False, "status": "returned"}, got
+    assert job.store.unit(back.unit_id)["status"] == "returned"
+    assert job.store.syncs == syncs and job.store.dirty, "three units out, one back, their rows written, no fdatasync"
     issued = job.store.db.total_changes
     status, got = await post(client, units[0], body(await honest(client, units[0], "w1")))
     assert status == 200 and got["accepted"]
