@@ -324,7 +324,8 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
                              "at_warmup": warm[0] if warm else None, "max": max((v for _, v in rss), default=None),
                              "growth_after_warmup": (warm[-1] - warm[0]) if warm else None}
     result["units"] = {k: status.get(k) for k in ("units_issued", "units_accepted", "units_failed", "units_leased",
-                                                  "units_expired", "units_rejected", "updates_applied")}
+                                                  "units_expired", "units_rejected", "updates_applied",
+                                                  "model_version", "staleness_histogram")}
     return result
 
 
