@@ -12,11 +12,11 @@ Measured per run:
 - ``start_to_accepted_s``: the worker's own clock (worker.js marks) from the Start message to the
   answer of its first accepted result; ``open_to_accepted_s``: drive.mjs's clock from opening the
   page (page load included) to the page showing the accepted unit;
-- bytes on the wire up to the first accepted unit, from the coordinator's access log (each
-  response to the browser, compressed when the server compressed it, headers included), up to and
-  including the answer to its first result (drive.mjs's own count runs until the page shows the
-  unit, by which time the tab is already fetching its next unit's blobs, so it is reported but not
-  used), per static file and per blob (model version, shard, step graph);
+- bytes on the wire up to the first accepted unit, as the browser received them (drive.mjs, from
+  Chromium's own count of each response: compressed when the server compressed it, headers
+  included), up to and including the answer to its first result, per static file, API endpoint and
+  blob (model version, shard, step graph). Until 2026-12-02 they were read from the coordinator's
+  access log, which since then logs routes, not paths (coordinator/observe.py);
 - the first unit as issued (steps, batch, samples, shards, the model version's codec and size).
 
     python bench/first_unit.py --data ../shared/data [--runs 3] [--label after] [--coordinator-arg=--unit-seconds=none]
@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -59,33 +58,13 @@ def http_json(url: str, timeout: float = 30) -> tuple[int, dict | None]:
         return e.code, None
 
 
-ACCESS = re.compile(r'^(\S+ \S+) INFO \S+ \[[^]]*\] "(\w+) (\S+) HTTP/[\d.]+" (\d+) (\d+) "[^"]*" "([^"]*)"')
-
-
-def access_bytes(log: Path, kinds: dict[str, str]) -> tuple[dict[str, int], int]:
-    """Bytes the browser was sent up to the answer to its first accepted result, per item, and the
-    number of requests (the coordinator's access log; the bench's own requests are not the browser's)."""
-    items: dict[str, int] = {}
-    count = 0
-    for line in log.read_text(errors="replace").splitlines():
-        m = ACCESS.match(line)
-        if not m or "Chrome" not in m.group(6):
-            continue
-        method, path, status, size = m.group(2), m.group(3).split("?")[0], int(m.group(4)), int(m.group(5))
-        if path.startswith("/static/"):
-            item = "/static/" + path.split("/", 3)[3]
-        elif path.startswith("/api/v1/blobs/"):
-            blob = path.rsplit("/", 1)[-1]
-            item = f"blob: {kinds.get(blob, 'other')} {blob[:8]}"
-        elif path.startswith("/api/v1/units/") and path.endswith("/result"):
-            item = "POST /api/v1/units/<id>/result"
-        else:
-            item = f"{method} {path}"
-        items[item] = items.get(item, 0) + size
-        count += 1
-        if item == "POST /api/v1/units/<id>/result" and status == 200:
-            break
-    return items, count
+def browser_bytes(counted: dict, kinds: dict[str, str]) -> dict[str, int]:
+    """Bytes per item as the browser received them (drive.mjs: on the wire, headers included): static files and
+    API endpoints by path, blobs by what they are (``kinds``: blob id -> model version, shard, graph)."""
+    items = {k: n for k, n in counted["by_type"].items() if k != "/api/v1/blobs"}
+    for blob, n in counted.get("by_blob", {}).items():
+        items[f"blob: {kinds.get(blob, 'other')} {blob[:8]}"] = n
+    return items
 
 
 def blob_kind(cluster, manifest: dict) -> dict[str, str]:
@@ -151,16 +130,17 @@ def one_run(i: int, args, tmp: Path) -> dict:
             raise RuntimeError(f"run {i} failed: {out.get('error')} {out.get('console', [])[-8:]}")
         state = out["state"]
         marks = state.get("marks") or {}
-        counted = out.get("bytes_at_first_unit") or out["bytes"]
-        time.sleep(0.5)   # the access log is written after each response
-        by_item, requests = access_bytes(folder / "coordinator.log", blob_kind(cluster, manifest))
+        counted = out.get("bytes_at_first_result")
+        if counted is None:
+            raise RuntimeError(f"run {i}: drive.mjs saw no answer to a result: {out.get('console', [])[-8:]}")
+        by_item = browser_bytes(counted, blob_kind(cluster, manifest))
         unit = first_unit(cluster, state["workerId"])
         start_to = (marks["submitted"] - marks["start"]) / 1000 if "submitted" in marks and "start" in marks else None
         run = {"start_to_accepted_s": start_to, "open_to_accepted_s": out["seconds_to_first_unit"],
                "marks_ms": {k: v - marks.get("start", 0) for k, v in marks.items()},
-               "bytes_total": sum(by_item.values()), "requests": requests,
+               "bytes_total": sum(by_item.values()),
                "bytes_by_item": dict(sorted(by_item.items(), key=lambda kv: -kv[1])),
-               "drive_bytes_when_page_showed_it": counted, "backend": state.get("backend"),
+               "backend": state.get("backend"),
                "backend_reason": state.get("backendReason"), "unit": unit, "manifest_wait_s": waited,
                "graph_bytes": manifest["graph_bytes"]}
         print(f"run {i}: Start -> accepted {start_to:.2f} s (page open -> accepted {run['open_to_accepted_s']:.2f} s), "
@@ -211,7 +191,7 @@ def report(cfg: dict, res: dict, out: Path) -> str:
                      f"{r['bytes_total'] / 1e6:.3f} | {r['unit']['local_steps']} x {r['unit']['batch_size']} |")
     lines.append(f"| median | {med['start_to_accepted_s']:.2f} | {med['open_to_accepted_s']:.2f} | "
                  f"{med['bytes_total'] / 1e6:.3f} | |")
-    lines += ["", "Bytes per item up to the answer to the first result (the coordinator's access log: on the wire, "
+    lines += ["", "Bytes per item up to the answer to the first result (as the browser received them: on the wire, "
               "headers included; median of the runs):", "",
               "| item | bytes |", "|---|---:|"]
     for k in items:

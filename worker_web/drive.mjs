@@ -15,9 +15,10 @@
 //                        multiplied by -10 (tests/helpers/fault_worker.py's sign flip), rewritten on
 //                        the wire with worker_web/contract.js; the page itself is unchanged
 //
-// Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type},
-//          bytes_at_first_unit, requests, closed_unit?, console: [...], error?}; bytes are on the wire
-//          (compressed), by_type per static file and per API endpoint
+// Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type, by_blob},
+//          bytes_at_first_unit, bytes_at_first_result (up to the answer to the first result the coordinator
+//          took, that request included), requests, closed_unit?, console: [...], error?}; bytes are on the wire
+//          (compressed), by_type per static file and per API endpoint, by_blob per blob id
 import { launch } from './chromium.mjs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -42,7 +43,7 @@ while (args.length) {
 }
 
 const profile = opt.profile ?? mkdtempSync(join(tmpdir(), 'crowdtrain-chromium-'));
-const out = {ok: false, console: [], requests: 0, bytes: {total: 0, by_type: {}}};
+const out = {ok: false, console: [], requests: 0, bytes: {total: 0, by_type: {}, by_blob: {}}};
 const t0 = Date.now();
 let ctx;
 try {
@@ -91,6 +92,14 @@ try {
       out.requests++;
       out.bytes.total += n;
       out.bytes.by_type[kind] = (out.bytes.by_type[kind] ?? 0) + n;
+      if (path.startsWith('/api/v1/blobs/')) {   // and per blob id (a model version, a shard, a graph)
+        const id = path.split('/')[4];
+        out.bytes.by_blob[id] = (out.bytes.by_blob[id] ?? 0) + n;
+      }
+      if (!out.bytes_at_first_result && req.method() === 'POST' && path.endsWith('/result') && resp
+          && resp.status() === 200) {
+        out.bytes_at_first_result = JSON.parse(JSON.stringify(out.bytes));   // up to the first result's answer
+      }
       if (resp && resp.status() >= 400) out.console.push(`http ${resp.status()} ${req.url()}`);
     } catch { /* the page is closing */ }
   });
