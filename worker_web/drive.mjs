@@ -16,8 +16,8 @@
 //                        the wire with worker_web/contract.js; the page itself is unchanged
 //
 // Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type, by_blob},
-//          bytes_at_first_unit, bytes_at_first_result (up to the answer to the first result the coordinator
-//          took, that request included), requests, closed_unit?, console: [...], error?}; bytes are on the wire
+//          bytes_at_first_unit, bytes_at_first_result (up to the first result answered 200, that request
+//          included), requests, closed_unit?, console: [...], error?}; bytes are on the wire
 //          (compressed), by_type per static file and per API endpoint, by_blob per blob id
 import { launch } from './chromium.mjs';
 import { mkdtempSync, rmSync } from 'node:fs';
