@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 
 from tests import test_redis as TR
-from tests.helpers.cluster import free_port
 from tests.helpers.tiny_cifar import write_official_archive
 from tests.test_browser import HAVE_BROWSER, drive, get
 
@@ -34,14 +32,10 @@ ARGS = ("--model", "cnn", "--batch-size", "32", "--shard-size", "64", "--local-s
         "--epochs", "3", "--leader-ttl", "3")
 
 
-def test_a_tab_trains_through_the_other_process_across_kill_9_of_the_leader(tmp_path, monkeypatch):
+def test_a_tab_trains_through_the_other_process_across_kill_9_of_the_leader(redis_url, tmp_path, monkeypatch):
     from coordinator.redis_store import RedisStore
 
-    port = free_port()
-    redis_proc = subprocess.Popen([TR.REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = redis_url
     monkeypatch.setattr(TR, "ARGS", ARGS)
     ps = TR.Processes(tmp_path, url, write_official_archive(tmp_path / "data", n_train=512, n_test=100))
     try:
@@ -79,5 +73,3 @@ def test_a_tab_trains_through_the_other_process_across_kill_9_of_the_leader(tmp_
               f"kill; console: {[ln for ln in out['console'] if 'error' in ln.lower()]}")
     finally:
         ps.stop()
-        redis_proc.kill()
-        redis_proc.wait(10)
