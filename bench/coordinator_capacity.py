@@ -85,14 +85,18 @@ def aggregation_time(state: dict, repeats: int) -> float:
     return float(np.median(times[1:]))
 
 
-async def post_all(url: str, units: list[dict], raw: bytes, clients: int, wait_go: bool = False) -> None:
-    """The clients: ``clients`` concurrent connections posting one result per unit (bodies packed before;
-    ``wait_go``: then say ``ready`` and start on a line of stdin)."""
+def pack_bodies(units: list[dict], raw: bytes) -> list[bytes]:
+    """One result body per unit of the plan, every one carrying the delta ``raw`` (packed before the clock)."""
+    return [pack_result(UnitResult(unit_id=u["unit_id"], lease=u["lease"], worker_id=u["worker"],
+                                   base_version=u["model_version"], delta=raw, loss_before=2.3, loss_after=2.2,
+                                   num_samples=u["batch_size"], compute_seconds=1.0)) for u in units]
+
+
+async def post_all(url: str, units: list[dict], bodies: list[bytes], clients: int, wait_go: bool = False) -> None:
+    """The clients: ``clients`` concurrent connections posting one result per unit (``wait_go``: say ``ready``
+    first and start on a line of stdin)."""
     from aiohttp import ClientSession
 
-    bodies = [pack_result(UnitResult(unit_id=u["unit_id"], lease=u["lease"], worker_id=u["worker"],
-                                     base_version=u["model_version"], delta=raw, loss_before=2.3, loss_after=2.2,
-                                     num_samples=u["batch_size"], compute_seconds=1.0)) for u in units]
     async with ClientSession() as session:
         async def client(k: int) -> None:
             for i in range(k, len(units), clients):
@@ -107,10 +111,12 @@ async def post_all(url: str, units: list[dict], raw: bytes, clients: int, wait_g
 
 
 def client_process(argv: list[str]) -> int:
-    """``--post URL PLAN CLIENTS``: the clients in a process of their own (``--clients-process``)."""
+    """``--post URL PLAN CLIENTS``: the clients in a process of their own (the default; not with
+    ``--in-process-clients``)."""
     url, plan, clients = argv
     units = json.loads(Path(plan).read_text())
-    asyncio.run(post_all(url, units, Path(plan).with_suffix(".delta").read_bytes(), int(clients), wait_go=True))
+    bodies = pack_bodies(units, Path(plan).with_suffix(".delta").read_bytes())
+    asyncio.run(post_all(url, units, bodies, int(clients), wait_go=True))
     return 0
 
 
@@ -152,8 +158,9 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
                 assert (await proc.stdout.readline()).strip() == b"done", "a client failed"
                 answered = time.perf_counter() - t
             else:
+                bodies = pack_bodies(plan, raw)
                 t, cpu = time.perf_counter(), time.process_time()
-                await post_all(url, plan, raw, clients)
+                await post_all(url, plan, bodies, clients)
                 answered = time.perf_counter() - t
             while job.inbox or job.aggregator.due:   # the aggregation task catches up (a partial
                 await job.settle()                     # FedBuff buffer stays buffered, by design)
