@@ -136,7 +136,9 @@ class Fp16(Codec):
     def pack(self, name: str, x: np.ndarray) -> tuple[dict, bytes]:
         with np.errstate(over="ignore"):
             half = x.astype("<f2")
-        if not np.isfinite(half).all():
+        # an fp16 value is Inf or NaN when its five exponent bits are all ones (an integer test: numpy's
+        # isfinite on float16 runs element by element in software, ~15x slower)
+        if (half.view(np.uint16) & 0x7C00 == 0x7C00).any():
             raise ContractError(f"delta[{name}]", "values within the fp16 range (|x| <= 65504)",
                                 Said(f"max |x| = {float(np.abs(x).max())}"))
         return {}, half.tobytes()

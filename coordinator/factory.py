@@ -53,6 +53,7 @@ SPEED_ALPHA = 0.5        # weight of the newest unit in a tab's speed estimate
 MIN_SPLIT_BATCH = 32     # ``unit_batch_workers`` divides a unit's batch down to this at most
 IN_FLIGHT_UNITS = 3      # a worker counts as in flight for this many of its unit durations after it asked
 IN_FLIGHT_MIN_S = 30.0   # ... and for at least this long (its first units, a fast worker)
+FIRST_SAVE_S = 1.0       # the list of fp16 copies is saved at most this often (``UnitFactory._save_first``)
 HALF_KEPT = 4            # fp16 copies of the newest versions kept after their units are back (warm workers hold them)
 DERIVED_KEPT = 32        # reconstructions (fp32 blobs) and their version deltas kept once no unit that names them is out
 VERSIONS_SEEN = 64       # version blobs remembered (blob -> step), to recognise what a worker says it holds
@@ -92,6 +93,8 @@ class UnitFactory:
         self.slices: dict[str, list] = first["slices"]        # "<shard>:<n>" -> [slice blob, n]
         self.slice_sizes = {b: n for b, n in self.slices.values()}
         self.half: dict[str, dict] = first["half"]            # version blob -> {"blob": fp16 blob, "until": deadline}
+        self._half_of = {e["blob"]: v for v, e in self.half.items()}   # fp16 blob -> version blob
+        self._first_saved, self._first_dirty = -math.inf, False   # ``_save_first``
         # version deltas (docs/protocol.md): reconstruction blob -> {"blob", "step", "delta", "until"}, oldest first
         saved = store.get_meta("version_deltas", {"derived": []})["derived"]
         self.derived: OrderedDict[str, dict] = OrderedDict((e["blob"], e) for e in saved)
@@ -406,6 +409,7 @@ class UnitFactory:
         entry = self.half.get(base.blob)
         if entry is None or self.store.blob_path(entry["blob"]) is None:
             entry = self.half[base.blob] = {"blob": blob, "units": []}
+            self._half_of[blob] = base.blob
             self._sweep_half(keep=base.blob)   # once per new copy (each request would cost a pass over the units)
         return entry
 
@@ -421,11 +425,32 @@ class UnitFactory:
             if self.half[version]["blob"] in checked:
                 continue
             if self.half[version].get("until", 0.0) < now and all(u is None or u["status"] != "leased" for u in units):
-                self.store.delete_blob(self.half.pop(version)["blob"])
+                gone = self.half.pop(version)["blob"]
+                self._half_of.pop(gone, None)
+                self.store.delete_blob(gone)
         self._save_first()
 
     def _save_first(self) -> None:
+        """Save the first units' slices and the list of fp16 copies (``first_units``), at most every
+        ``FIRST_SAVE_S`` (``flush`` saves what is left): the list holds every copy a unit out names, one
+        per version, and was saved twice per version. After a ``kill -9`` a restart may miss what its last
+        second changed: a copy made then is never swept (a blob left on disk), one first named then may
+        be swept while a unit out names it (that unit's worker fetched it as it got the unit, or fails it
+        and the unit goes back in line); a slice is cut again."""
+        now = self.clock()
+        if now - self._first_saved < FIRST_SAVE_S:
+            self._first_dirty = True
+            return
+        self._first_saved, self._first_dirty = now, False
         self.store.set_meta("first_units", {"next": self._next_slice, "slices": self.slices, "half": self.half})
+
+    def flush(self, now: bool = False) -> None:
+        """Save what ``_save_first`` has put off, once ``FIRST_SAVE_S`` has passed since the last save (the
+        job asks at each settle), or ``now`` (on close)."""
+        if self._first_dirty:
+            if now:
+                self._first_saved = -math.inf
+            self._save_first()
 
     # ------------------------------------------------------------------ what a unit's worker downloads
     def _download(self, base: Base, held: tuple[str, ...]) -> tuple[str, dict | None]:
@@ -467,8 +492,8 @@ class UnitFactory:
         step = self.seen.get(blob)
         if step is None and blob in self.derived:
             step = self.derived[blob]["step"]
-        if step is None:
-            step = next((self.seen.get(v) for v, e in self.half.items() if e["blob"] == blob), None)
+        if step is None and blob in self._half_of:
+            step = self.seen.get(self._half_of[blob])
         return step if step is not None and self.store.blob_path(blob) is not None else None
 
     def _pair(self, held: str, base: Base) -> dict | None:
@@ -516,7 +541,8 @@ class UnitFactory:
             first, entry["until"] = not entry["until"], max(entry["until"], unit.deadline)
             if first:   # saved once named (a restart keeps it while the first unit is out), not on every unit
                 self._save_derived()
-        half = next((e for e in self.half.values() if e["blob"] == unit.model_version), None)
+        version = self._half_of.get(unit.model_version)
+        half = self.half.get(version) if version is not None else None
         if half is not None:   # kept until the last deadline of the units that name it
             first, half["until"] = not half.get("until"), max(half.get("until", 0.0), unit.deadline)
             if first:
@@ -538,7 +564,7 @@ class UnitFactory:
         """Delete the oldest reconstructions and their deltas beyond ``DERIVED_KEPT`` whose units are back (or
         past their deadline); beyond 4x that, the oldest whatever (their workers reconstruct from the delta
         they already have, or fail the unit with a clear error)."""
-        now, used = self.clock(), set(self.seen) | {e["blob"] for e in self.half.values()}
+        now, used = self.clock(), set(self.seen) | set(self._half_of)
         spared = self.checked_bases() | {keep}
         while len(self.derived) > DERIVED_KEPT:
             victim = next((b for b, e in self.derived.items() if e["until"] < now and b not in spared), None)

@@ -536,6 +536,7 @@ class Job:
         async with self.lock:
             await self._judge()
             self._offer_inbox()
+            self.factory.flush()
             if self.finished:
                 return None
             at_end = self.samples + self.store.pending_samples() >= self.budget
@@ -574,6 +575,9 @@ class Job:
         other worker could replicate: no other worker of the holder's backend asked for work within
         ``replica_wait_s``, nor one that computes as it does (a lone tab's results are checked now, not
         folded two minutes stale)."""
+        held = self.store.held_results()
+        if not held:   # (every settle asks: no pass over every worker seen for nothing)
+            return []
         cutoff = self.clock() - self.config.replica_wait_s
         waiting = {self.store.unit(r["unit_id"])["replica_of"] for r in self.store.waiting_replica_results()}
         active: dict[str, set[str]] = {}   # backend -> workers that may take a replica of its units now
@@ -582,7 +586,7 @@ class Job:
                 for backend in (stats.backend, *stats.computes):
                     active.setdefault(backend, set()).add(worker)
         due = []
-        for r in self.store.held_results():
+        for r in held:
             if r["unit_id"] in waiting:
                 continue
             holder = self.trust.get(r["worker_id"])
@@ -907,6 +911,8 @@ class Job:
     def close(self) -> None:
         if self.store is not None:
             try:
+                if getattr(self, "factory", None) is not None:   # (not when opening failed before it)
+                    self.factory.flush(now=True)
                 self.persist_now()
             except Exception:
                 log.exception("writing the last version on shutdown failed; the result log replays it")

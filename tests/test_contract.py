@@ -381,6 +381,11 @@ def test_encode_rejects_bad_input():
     assert field_of(lambda: CODECS["fp32"].encode({"w": np.arange(3)})) == "delta[w]"
     assert field_of(lambda: CODECS["int8"].encode({"w": np.array([1, np.nan], np.float32)})) == "delta[w]"
     assert field_of(lambda: CODECS["fp16"].encode({"w": np.array([1e6], np.float32)})) == "delta[w]"
+    # the edge of binary16: 65519 rounds down to its largest value 65504, 65520 rounds up to Inf
+    edge = CODECS["fp16"].decode(CODECS["fp16"].encode({"w": np.array([65504, -65519, 6e-8], np.float32)}))
+    assert edge["w"].tolist() == [65504, -65504, np.float32(np.float16(6e-8))]
+    for x in (65520.0, -65520.0):
+        assert field_of(lambda: CODECS["fp16"].encode({"w": np.array([0, x], np.float32)})) == "delta[w]"
     assert field_of(lambda: CODECS["fp32"].encode({"bad name": np.ones(1, np.float32)})) == "delta"
 
 

@@ -18,7 +18,7 @@ from contract.errors import ContractError
 from contract.shards import decode_shard, encode_shard
 from contract.units import UnitResult, WorkUnit, check_result
 from coordinator.config import CoordinatorConfig
-from coordinator.factory import FIRST_STEPS, GROWTH, MAX_UNIT_SHARDS, Base, UnitFactory
+from coordinator.factory import FIRST_SAVE_S, FIRST_STEPS, GROWTH, MAX_UNIT_SHARDS, Base, UnitFactory
 from coordinator.store import Store
 from models.recipe import Recipe
 from models.train import lr_at
@@ -194,8 +194,28 @@ def test_slices_never_enter_the_queue_and_fp16_copies_are_dropped_when_done(tmp_
     # slices rotate over the shards, one blob per shard, and a new factory on the same store knows them
     slices = {issue(factory, f"web-{i}", newest, "browser").shard_ids[0] for i in range(SHARDS + 2)}
     assert len(slices) == SHARDS
+    factory.flush(now=True)   # as the job does on close (saves are at most every FIRST_SAVE_S)
     again = UnitFactory(factory.config, factory.recipe, store, b"k" * 32, factory.shard_sizes, 10**7, clock)
     assert all(again.size_of(s) == BATCH for s in slices)
+
+
+def test_the_list_of_fp16_copies_is_saved_at_most_every_first_save_s_and_on_flush(tmp_path):
+    """One copy per version, each saved when made and when first named: the list's JSON was written twice
+    per version. Now at most every FIRST_SAVE_S: the job flushes at each settle (once due) and on close."""
+    factory, store, base, state, clock = make(tmp_path)
+    saved = lambda: store.get_meta("first_units")["half"]
+    issue(factory, "web-a", base, "browser")   # the slice it cuts is saved at once, then its copy is made
+    assert base.blob in factory.half and base.blob not in saved()   # within FIRST_SAVE_S: put off
+    factory.flush()
+    assert base.blob not in saved()                                   # a settle's flush: not before FIRST_SAVE_S
+    factory.flush(now=True)
+    assert saved() == json.loads(json.dumps(factory.half))          # on close: the list as it is
+    newer = Base(1, store.put_blob(encode_delta(get_codec("fp32"), {k: v + 1 for k, v in state.items()})))
+    issue(factory, "web-b", newer, "browser")
+    assert newer.blob in factory.half and newer.blob not in saved()
+    clock.t += FIRST_SAVE_S
+    factory._sweep_half(keep=newer.blob)                              # (once per new copy: it saves the list)
+    assert newer.blob in saved()                                      # FIRST_SAVE_S later: saved at once
 
 
 # --- Python workers: the batch split over the workers in flight (``unit_batch_workers``) -------------------
