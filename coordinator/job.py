@@ -165,6 +165,8 @@ class Job:
         self.agg_times = AggTimes()
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
         self._publishing: dict[int, asyncio.Future] = {}   # step -> the write of its model blob in flight
+        self._published: Base | None = None   # the newest version written for units (``publish``)
+        self._folded: dict[str, int] = {}     # worker -> the version that folded its latest result
         self._halving: dict[str, asyncio.Future] = {}      # version blob -> the write of its fp16 copy in flight
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self._offered: dict[int, tuple[int, int]] = {}   # seq -> (version, rank) it was offered at, until decided
@@ -326,26 +328,40 @@ class Job:
             return step, version.blob
         return step, await asyncio.to_thread(lambda: self.store.put_blob(encode_delta(FP32, state)))
 
-    async def publish(self) -> Base:
+    async def publish(self, worker_id: str | None = None) -> Base:
         """The newest version, written, to cut a unit from: the encoding, hashing and write run once in a
         thread however many requests wait for it. A fold that lands meanwhile is not chased (under a
         steady stream of results every request would wait for version after version): the unit is cut
-        from the version just written, one version staler."""
+        from the version just written, one version staler. For a unit request (``worker_id``) whose
+        worker has no result in a version newer than the last one written, the newest version's write
+        is started and the unit is cut from the last one written at once: only a worker whose own
+        result is in it waits for it (``app.fresh_base``: a unit whose base lacks its worker's own
+        result costs accuracy), and under a stream of results (a fold every few tens of milliseconds)
+        every other request would wait for a write too."""
         step = self.step
         version = self.store.version(step)
         if version.blob:
-            return Base(step, version.blob)
+            return self._newest_written(Base(step, version.blob))
         flight = self._publishing.get(step)
         if flight is None:
             flight = self._publishing[step] = asyncio.ensure_future(self._write_version(step))
+        last = self._published
+        if (worker_id is not None and last is not None and self._folded.get(worker_id, -1) <= last.step
+                and self.store.blob_path(last.blob) is not None):
+            return last
         return await asyncio.shield(flight)
+
+    def _newest_written(self, base: Base) -> Base:
+        if self._published is None or base.step > self._published.step:
+            self._published = base
+        return base
 
     async def _write_version(self, step: int) -> Base:
         try:
             step, blob = await self._written_current()
             if not self.store.version(step).blob:
                 self.store.set_version_blob(step, blob)
-            return Base(step, blob)
+            return self._newest_written(Base(step, blob))
         finally:
             self._publishing.pop(step, None)
 
@@ -729,6 +745,9 @@ class Job:
         version = None
         if agg.state is not None:
             version = Version(agg.step, "", agg.samples, len(agg.folded), self.clock())
+            for seq in agg.folded:   # whose results this version holds (``publish``)
+                if seq in self._undecided:
+                    self._folded[self._undecided[seq]] = agg.step
         offered = self._take_offered([*agg.folded, *(s for s, _ in agg.dropped)])
         self.store.commit_version(version, list(agg.folded), None, list(agg.dropped), offered)
         self.aggregator.advance(agg)

@@ -235,3 +235,39 @@ async def test_a_unit_leaves_without_an_fdatasync_and_a_results_answer_covers_it
     status, got = await post(client, units[0], body(await honest(client, units[0], "w1")))
     assert status == 200 and got["accepted"]
     assert job.store.syncs > syncs and job.store._durable >= issued, "the answer waited for a covering fdatasync"
+
+
+async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its_write(aiohttp_client, tmp_path):
+    """A unit request starts the write of the newest version, but a worker with no result in it gets a unit
+    cut from the last version written at once (under a stream of results every request would otherwise
+    wait for a write); the worker whose own result it holds waits for it, and gets it."""
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+    u1, u2 = await take(client, "w1"), await take(client, "w2")
+    assert u1.base_step == u2.base_step == 0
+    status, got = await post(client, u1, body(await honest(client, u1, "w1")))
+    assert status == 200 and got["accepted"]
+    await job.settle()
+    assert (await take(client, "w1")).base_step == 1, "its own result is in version 1"
+    status, got = await post(client, u2, body(await honest(client, u2, "w2")))
+    assert status == 200 and got["accepted"]
+    await job.settle()
+    assert job.step == 2 and not job.store.version(2).blob
+    gate = threading.Event()
+    write = job._written_current
+
+    async def held_up():   # version 2's write takes its time
+        await asyncio.to_thread(gate.wait, 10)
+        return await write()
+
+    job._written_current = held_up
+    try:
+        others = [await asyncio.wait_for(take(client, w), timeout=5) for w in ("w3", "w1")]
+        assert [u.base_step for u in others] == [1, 1], "no result of theirs in version 2: the last one written"
+        own = asyncio.ensure_future(take(client, "w2"))
+        await asyncio.sleep(0.3)
+        assert not own.done(), "w2's own result is in version 2: it waits for the write"
+    finally:
+        gate.set()
+    assert (await asyncio.wait_for(own, timeout=10)).base_step == 2
+    assert job.store.version(2).blob
+    assert (await take(client, "w3")).base_step == 2, "once written, the newest version for everyone"
