@@ -237,10 +237,16 @@ async def test_a_unit_leaves_without_an_fdatasync_and_a_results_answer_covers_it
     assert job.store.syncs > syncs and job.store._durable >= issued, "the answer waited for a covering fdatasync"
 
 
-async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its_write(aiohttp_client, tmp_path):
+@pytest.mark.parametrize("lag_max", [4, 0])
+async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its_write(aiohttp_client, tmp_path,
+                                                                                         monkeypatch, lag_max):
     """A unit request starts the write of the newest version, but a worker with no result in it gets a unit
     cut from the last version written at once (under a stream of results every request would otherwise
-    wait for a write); the worker whose own result it holds waits for it, and gets it."""
+    wait for a write), unless that one is more than PUBLISH_LAG_MAX folds behind; the worker whose own
+    result the newest holds waits for it, and gets it."""
+    import coordinator.job as job_module
+
+    monkeypatch.setattr(job_module, "PUBLISH_LAG_MAX", lag_max)
     client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
     u1, u2 = await take(client, "w1"), await take(client, "w2")
     assert u1.base_step == u2.base_step == 0
@@ -260,6 +266,13 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
         return await write()
 
     job._written_current = held_up
+    if lag_max == 0:   # one fold behind is too far: everyone waits for the write
+        waiting = asyncio.ensure_future(take(client, "w3"))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        gate.set()
+        assert (await asyncio.wait_for(waiting, timeout=10)).base_step == 2
+        return
     try:
         others = [await asyncio.wait_for(take(client, w), timeout=5) for w in ("w3", "w1")]
         assert [u.base_step for u in others] == [1, 1], "no result of theirs in version 2: the last one written"
