@@ -74,6 +74,7 @@ ONLINE_S = 60.0      # a worker seen within this many seconds counts as online
 RATE_WINDOW_S = 60.0  # samples/s and units/s: over this window, per worker and in total (their sum)
 STATES_KEPT = 4      # decoded older versions kept for rebasing running statistics
 PUBLISH_LAG_MAX = 4  # a unit is cut from the last version written only while it is at most this many folds behind
+PUBLISH_LAG_SHARE = 16  # ... and at most max_staleness / this (a unit must not start near the staleness cap)
 TRUST_ROWS = 100     # workers shown with their trust (the quarantined and the most recent)
 
 
@@ -336,10 +337,11 @@ class Job:
         from the version just written, one version staler. For a unit request (``worker_id``) whose
         worker has no result in a version newer than the last one written, the newest version's write
         is started and the unit is cut from the last one written at once (unless that one is more than
-        ``PUBLISH_LAG_MAX`` folds behind, as after a while without unit requests): only a worker whose own
-        result is in it waits for it (``app.fresh_base``: a unit whose base lacks its worker's own
-        result costs accuracy), and under a stream of results (a fold every few tens of milliseconds)
-        every other request would wait for a write too."""
+        ``PUBLISH_LAG_MAX`` folds behind, as after a while without unit requests, or than a sixteenth of
+        ``max_staleness``: a worker whose last result was dropped as stale must not get a stale unit
+        again): only a worker whose own result is in it waits for it (``app.fresh_base``: a unit whose
+        base lacks its worker's own result costs accuracy), and under a stream of results (a fold every
+        few tens of milliseconds) every other request would wait for a write too."""
         step = self.step
         version = self.store.version(step)
         if version.blob:
@@ -347,9 +349,10 @@ class Job:
         flight = self._publishing.get(step)
         if flight is None:
             flight = self._publishing[step] = asyncio.ensure_future(self._write_version(step))
-        last = self._published
+        last, cap = self._published, self.config.max_staleness
+        lag_max = PUBLISH_LAG_MAX if cap is None else min(PUBLISH_LAG_MAX, cap // PUBLISH_LAG_SHARE)
         if (worker_id is not None and last is not None and self._folded.get(worker_id, -1) <= last.step
-                and step - last.step <= PUBLISH_LAG_MAX and self.store.blob_path(last.blob) is not None):
+                and step - last.step <= lag_max and self.store.blob_path(last.blob) is not None):
             return last
         return await asyncio.shield(flight)
 
