@@ -444,11 +444,11 @@ class UnitFactory:
         self._first_saved, self._first_dirty = now, False
         self.store.set_meta("first_units", {"next": self._next_slice, "slices": self.slices, "half": self.half})
 
-    def flush(self, now: bool = False) -> None:
+    def flush(self, force: bool = False) -> None:
         """Save what ``_save_first`` has put off, once ``FIRST_SAVE_S`` has passed since the last save (the
-        job asks at each settle), or ``now`` (on close)."""
+        job asks at each settle), or at once with ``force`` (on close)."""
         if self._first_dirty:
-            if now:
+            if force:
                 self._first_saved = -math.inf
             self._save_first()
 

@@ -936,7 +936,7 @@ class Job:
         if self.store is not None:
             try:
                 if getattr(self, "factory", None) is not None:   # (not when opening failed before it)
-                    self.factory.flush(now=True)
+                    self.factory.flush(force=True)
                 self.persist_now()
             except Exception:
                 log.exception("writing the last version on shutdown failed; the result log replays it")

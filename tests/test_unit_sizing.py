@@ -194,7 +194,7 @@ def test_slices_never_enter_the_queue_and_fp16_copies_are_dropped_when_done(tmp_
     # slices rotate over the shards, one blob per shard, and a new factory on the same store knows them
     slices = {issue(factory, f"web-{i}", newest, "browser").shard_ids[0] for i in range(SHARDS + 2)}
     assert len(slices) == SHARDS
-    factory.flush(now=True)   # as the job does on close (saves are at most every FIRST_SAVE_S)
+    factory.flush(force=True)   # as the job does on close (saves are at most every FIRST_SAVE_S)
     again = UnitFactory(factory.config, factory.recipe, store, b"k" * 32, factory.shard_sizes, 10**7, clock)
     assert all(again.size_of(s) == BATCH for s in slices)
 
@@ -208,7 +208,7 @@ def test_the_list_of_fp16_copies_is_saved_at_most_every_first_save_s_and_on_flus
     assert base.blob in factory.half and base.blob not in saved()   # within FIRST_SAVE_S: put off
     factory.flush()
     assert base.blob not in saved()                                   # a settle's flush: not before FIRST_SAVE_S
-    factory.flush(now=True)
+    factory.flush(force=True)
     assert saved() == json.loads(json.dumps(factory.half))          # on close: the list as it is
     newer = Base(1, store.put_blob(encode_delta(get_codec("fp32"), {k: v + 1 for k, v in state.items()})))
     issue(factory, "web-b", newer, "browser")
