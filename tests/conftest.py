@@ -42,11 +42,17 @@ def cluster(tmp_path):
 
 
 # Test files whose tests start several processes of their own (coordinators, workers, Chromium, Redis,
-# Caddy) and measure time or latency: they run in one test process, one after another, so two of them
-# never share the 2 cores (pyproject.toml: `-n 2 --dist loadgroup`). Every other file is a group of its
-# own, so module-scoped fixtures (exported step graphs, decoded CIFAR-10) are built once.
-PROCESS_HEAVY = {"test_e2e.py", "test_e2e_trust.py", "test_browser.py", "test_browser_redis.py", "test_run.py",
-                 "test_load.py", "test_deploy.py", "test_deploy_redis.py", "test_persist.py"}
+# Caddy): within each of the two groups below they run one after another, so that at most two such tests
+# share the 2 cores (pyproject.toml: `-n 2 --dist loadgroup`). Two groups of about equal time, not one:
+# with one, that group was the suite's critical path (980 s of a 980 s run on 2026-12-02, the other test
+# process idle for its last minutes). Every other file is a group of its own, so module-scoped fixtures
+# (exported step graphs, decoded CIFAR-10) are built once.
+PROCESS_HEAVY = {
+    "test_browser.py": "browser", "test_browser_redis.py": "browser",
+    "test_e2e.py": "processes", "test_e2e_trust.py": "processes", "test_run.py": "processes",
+    "test_load.py": "processes", "test_deploy.py": "processes", "test_deploy_redis.py": "processes",
+    "test_persist.py": "processes",
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,4 +60,4 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("xdist_group"):
             continue
         name = Path(str(item.fspath)).name
-        item.add_marker(pytest.mark.xdist_group("processes" if name in PROCESS_HEAVY else name))
+        item.add_marker(pytest.mark.xdist_group(PROCESS_HEAVY.get(name, name)))
