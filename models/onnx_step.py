@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -463,31 +464,45 @@ def source_hash() -> str:
 
 
 def cache_key(model_name: str, batch_size: int, momentum: bool = True, target: str = "cpu") -> str:
-    import onnxscript
-
+    # onnxscript's version from its metadata: importing it costs a second and a half of CPU, and a
+    # coordinator reads a cached graph at every start
     parts = [model_name, str(batch_size), str(momentum), str(OPSET), torch.__version__,
-             onnxscript.__version__, source_hash()] + ([target] if target != "cpu" else [])
+             importlib.metadata.version("onnxscript"), source_hash()] + ([target] if target != "cpu" else [])
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def _cache_stem(model_name: str, batch_size: int, cache_dir: str | os.PathLike, momentum: bool, target: str) -> Path:
+    registry.get(model_name)  # unknown names fail before any work
+    if target not in TARGETS:
+        raise ExportError(f"step export: target must be one of {', '.join(TARGETS)}, got {target!r}")
+    variant = ("" if momentum else "-nomom") + ("" if target == "cpu" else f"-{target}")
+    return Path(cache_dir) / f"{model_name}-b{batch_size}{variant}-{cache_key(model_name, batch_size, momentum, target)}"
+
+
+def cached_step_graph(model_name: str, batch_size: int, cache_dir: str | os.PathLike, *,
+                      momentum: bool = True, target: str = "cpu") -> tuple[bytes, StepSpec] | None:
+    """``step_graph``'s answer when ``cache_dir`` holds it intact, else None (never exports)."""
+    stem = _cache_stem(model_name, batch_size, cache_dir, momentum, target)
+    try:
+        meta = json.loads(stem.with_suffix(".json").read_text())
+        data = stem.with_suffix(".onnx").read_bytes()
+        if hashlib.sha256(data).hexdigest() == meta["sha256"]:
+            return data, StepSpec.from_json(json.dumps(meta["spec"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or damaged
+    return None
 
 
 def step_graph(model_name: str, batch_size: int, cache_dir: str | os.PathLike, *,
                momentum: bool = True, target: str = "cpu") -> tuple[bytes, StepSpec]:
     """The step graph's ONNX bytes and spec, exported once per (model, batch, momentum, target,
     opset, torch and onnxscript versions, source of models/) and read from ``cache_dir`` after."""
-    registry.get(model_name)  # unknown names fail before any work
-    if target not in TARGETS:
-        raise ExportError(f"step export: target must be one of {', '.join(TARGETS)}, got {target!r}")
-    cache = Path(cache_dir)
-    variant = ("" if momentum else "-nomom") + ("" if target == "cpu" else f"-{target}")
-    stem = cache / f"{model_name}-b{batch_size}{variant}-{cache_key(model_name, batch_size, momentum, target)}"
+    cached = cached_step_graph(model_name, batch_size, cache_dir, momentum=momentum, target=target)
+    if cached is not None:
+        return cached
+    stem = _cache_stem(model_name, batch_size, cache_dir, momentum, target)
     onnx_path, meta_path = stem.with_suffix(".onnx"), stem.with_suffix(".json")
-    try:
-        meta = json.loads(meta_path.read_text())
-        data = onnx_path.read_bytes()
-        if hashlib.sha256(data).hexdigest() == meta["sha256"]:
-            return data, StepSpec.from_json(json.dumps(meta["spec"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # missing or damaged: export again
+    cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         t0 = time.perf_counter()

@@ -140,6 +140,47 @@ async def test_browser_units_wait_for_the_step_graph(aiohttp_client, tmp_path):
     assert resp.status == 200 and (await resp.json())["batch_size"] == 16
 
 
+async def test_a_warm_cache_builds_the_manifest_without_an_export_or_a_check_run(tmp_path, monkeypatch):
+    # every coordinator start builds the manifest (servers warm it up): with the graphs and the check's
+    # answers cached, that costs no export subprocess and no onnxruntime run
+    import coordinator.steps as steps
+    from tests.test_coordinator import make_job
+
+    job = make_job(tmp_path, batch_size=16)
+    first = await steps.StepGraphs(job, steps.step_cache_dir()).wait(16)   # exports only on a cold cache
+
+    async def no_export(self, batch_size):
+        raise AssertionError("exported although every target's graph is cached")
+
+    def no_run(*args):
+        raise AssertionError("ran the check although its answer is cached")
+    monkeypatch.setattr(steps.StepGraphs, "_export", no_export)
+    monkeypatch.setattr(steps, "_run_check", no_run)
+    again = await steps.StepGraphs(job, steps.step_cache_dir()).wait(16)
+    assert again == first
+
+
+def test_known_answers_are_cached_per_graph_and_feeds(tmp_path, monkeypatch):
+    import coordinator.steps as steps
+
+    runs = []
+
+    def run(ort, graph, spec, feeds):
+        runs.append(graph)
+        return {"loss": float(len(runs)), "outputs": {"new_p:w": {"norm": 1.0, "proj": 0.5}}}
+    monkeypatch.setattr(steps, "_run_check", run)
+    feeds = {"x": np.ones((2, 3), np.float32), "lr": np.array(0.05, np.float32)}
+    first = check_answer(b"graph", None, feeds, tmp_path)
+    assert check_answer(b"graph", None, feeds, tmp_path) == first and len(runs) == 1    # read back
+    assert check_answer(b"graph", None, dict(feeds, lr=np.array(0.06, np.float32)), tmp_path)["loss"] == 2.0
+    assert check_answer(b"other", None, feeds, tmp_path)["loss"] == 3.0                   # another graph
+    assert check_answer(b"graph", None, {**feeds, "x": feeds["x"].reshape(3, 2)}, tmp_path)["loss"] == 4.0
+    for f in (tmp_path / "answers").iterdir():   # a damaged entry is computed again, not trusted
+        f.write_text("{not json")
+    assert check_answer(b"graph", None, feeds, tmp_path)["loss"] == 5.0
+    assert check_answer(b"graph", None, feeds)["loss"] == 6.0 and len(runs) == 6         # no cache: always run
+
+
 async def test_a_model_the_browser_cannot_train_is_said_so(aiohttp_client, tmp_path, monkeypatch):
     from coordinator.app import create_app
     from coordinator.keys import STEPS
@@ -149,6 +190,7 @@ async def test_a_model_the_browser_cannot_train_is_said_so(aiohttp_client, tmp_p
     async def fails(self, batch_size):
         raise StepUnavailable("focal loss is not exported")
     monkeypatch.setattr(StepGraphs, "_export", fails)
+    monkeypatch.setattr(StepGraphs, "_cached", lambda self, batch_size: False)   # such a graph is never cached
     job = make_job(tmp_path, batch_size=16)
     app = create_app(job.config, job)
     client = await aiohttp_client(app)
