@@ -38,13 +38,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("step-cache")
+def cache_dir():
+    """The step cache every coordinator reads (``$CROWDTRAIN_CACHE``/steps). A graph is exported again whenever
+    what defines it changes (models/ source, opset, torch and onnxscript versions: ``cache_key``), so the graphs
+    checked here are the ones the coordinator would serve; the exporter itself runs wherever they are not
+    cached yet (a clean machine, a change to models/), and in test_browser.py's fresh-cache test."""
+    from coordinator.steps import step_cache_dir
+
+    return step_cache_dir()
 
 
 @pytest.fixture(scope="module")
 def exported(cache_dir):
-    """(model name, target) -> (onnx bytes, spec), each exported once (through the cache) per test session."""
+    """(model name, target) -> (onnx bytes, spec), read from the cache (exported into it when missing)."""
     done = {}
 
     def get(name: str, target: str = "cpu") -> tuple[bytes, onnx_step.StepSpec]:
