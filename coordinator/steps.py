@@ -202,9 +202,10 @@ class StepGraphs:
     async def _build(self, batch_size: int, entry: _Entry) -> None:
         try:
             async with self._one_at_a_time:
-                if not await asyncio.to_thread(self._cached, batch_size):
+                graphs = await asyncio.to_thread(self._cached, batch_size)
+                if graphs is None:
                     await self._export(batch_size)
-                entry.manifest = await asyncio.to_thread(self._make_manifest, batch_size)
+                entry.manifest = await asyncio.to_thread(self._make_manifest, batch_size, graphs)
             log.info("browser step graph for %s at batch %d: blob %s (%d bytes)", self.model, batch_size,
                      entry.manifest["graph"][:12], entry.manifest["graph_bytes"])
         except (StepUnavailable, ExportError, ValueError, OSError) as e:
@@ -232,13 +233,17 @@ class StepGraphs:
             why = next((ln[len("error: "):] for ln in lines if ln.startswith("error: ")), None)
             raise StepUnavailable(why or f"the export exited with {proc.returncode}: {' | '.join(lines[-3:])}")
 
-    def _cached(self, batch_size: int) -> bool:
-        """Whether the cache holds every target's graph (then no export subprocess is started: it would
-        spend seconds of CPU importing torch only to read them)."""
-        return all(cached_step_graph(self.model, batch_size, self.cache_dir, target=t) is not None for t in TARGETS)
+    def _cached(self, batch_size: int) -> dict[str, tuple[bytes, StepSpec]] | None:
+        """Every target's graph and spec from the cache, or None when one is missing (only then is the export
+        subprocess started: it would spend seconds of CPU importing torch only to read them)."""
+        graphs = {t: cached_step_graph(self.model, batch_size, self.cache_dir, target=t) for t in TARGETS}
+        return None if any(g is None for g in graphs.values()) else graphs
 
-    def _make_manifest(self, batch_size: int) -> dict:
-        graph, spec = step_graph(self.model, batch_size, self.cache_dir)   # read from the cache
+    def _make_manifest(self, batch_size: int, graphs: dict[str, tuple[bytes, StepSpec]] | None = None) -> dict:
+        """``graphs``: ``_cached``'s answer; None after an export (then read from the cache it wrote)."""
+        if graphs is None:
+            graphs = {t: step_graph(self.model, batch_size, self.cache_dir, target=t) for t in TARGETS}
+        graph, spec = graphs["cpu"]
         store = self.job.store
         with torch.random.fork_rng():
             torch.manual_seed(CHECK_SEED)
@@ -250,7 +255,7 @@ class StepGraphs:
         shard = next(iter(self.job.factory.shard_sizes))   # the job's first shard
         x, y = decode_shard(store.get_blob(shard))
         feeds = check_inputs(spec, state, x[:batch_size], y[:batch_size])
-        gpu_graph, gpu_spec = step_graph(self.model, batch_size, self.cache_dir, target="webgpu")
+        gpu_graph, gpu_spec = graphs["webgpu"]
         if gpu_spec != spec:
             raise StepUnavailable("the WebGPU step graph takes other tensors than the CPU one")
         return {"model": self.model, "batch_size": batch_size, "graph": store.put_blob(graph),

@@ -43,9 +43,9 @@ def cluster(tmp_path):
 
 # Test files whose tests start several processes of their own (coordinators, workers, Chromium, Redis,
 # Caddy): within each of the two groups below they run one after another, so that at most two such tests
-# share the 2 cores (pyproject.toml: `-n 3 --dist loadgroup`; the third test process runs the others). Two groups of about equal time, not one:
-# with one, that group was the suite's critical path (980 s of a 980 s run on 2026-12-02, the other test
-# process idle for its last minutes). Every other file is a group of its own, so module-scoped fixtures
+# share the 2 cores (pyproject.toml: `-n 3 --dist loadgroup`; the third test process runs the others).
+# Two groups of about equal time, not one: with one, that group was the suite's critical path (980 s of a
+# 980 s run on 2026-12-02). Every other file is a group of its own, so module-scoped fixtures
 # (exported step graphs, decoded CIFAR-10) are built once.
 PROCESS_HEAVY = {
     "test_browser.py": "browser", "test_browser_redis.py": "browser",

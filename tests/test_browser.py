@@ -190,7 +190,7 @@ async def test_a_model_the_browser_cannot_train_is_said_so(aiohttp_client, tmp_p
     async def fails(self, batch_size):
         raise StepUnavailable("focal loss is not exported")
     monkeypatch.setattr(StepGraphs, "_export", fails)
-    monkeypatch.setattr(StepGraphs, "_cached", lambda self, batch_size: False)   # such a graph is never cached
+    monkeypatch.setattr(StepGraphs, "_cached", lambda self, batch_size: None)   # such a graph is never cached
     job = make_job(tmp_path, batch_size=16)
     app = create_app(job.config, job)
     client = await aiohttp_client(app)
