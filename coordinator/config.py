@@ -182,6 +182,11 @@ class CoordinatorConfig:
         "al. 2024, 'Asynchronous Local-SGD Training for Language Modeling'); a worker whose speed is not known "
         "yet gets a whole unit. Measured without gain: 8 and 32 simulated workers under heavy churn, 100k samples, "
         "+0.6 and -1.1 points, and the job took longer (docs/results.md)", "units", shown="off")
+    flight_samples: int | None = option(
+        int, None, "Python workers: with more workers in flight than this many samples' worth of whole units, a "
+        "unit trains about this / (workers in flight) samples (a random part of its shards, at least one step), so "
+        "that the samples a unit's base lacks stay about this many whatever the fleet's size", "units", lo=1,
+        none="a unit trains its whole shards", metavar="SAMPLES")
     unit_seconds: float | None = option(
         float, 30.0, "browser tabs: a tab's unit is sized from its measured speed (issue to result) to take about "
         "this long, in steps at the step graph's one batch size (at most 4x its previous unit; off when --local-steps "

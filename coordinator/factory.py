@@ -134,11 +134,13 @@ class UnitFactory:
                     self._is_browser(worker_id, backend):
                 return self._issue_sized(worker_id, codec, base, lr, held, feedback=feedback)
             shards = self.queue.take(set(self.store.leased_shards()))
-            batch = self._split_batch(worker_id, sum(self.size_of(x) for x in shards))
+            images = sum(self.size_of(x) for x in shards)
+            batch = self._split_batch(worker_id, images)
             if self.config.unit_lr != "recipe":     # split, linear: scaled with the split of the batch
                 lr *= batch / self.recipe.batch_size
+            pace = self._pace(worker_id) if self.config.dynamic_steps else 1.0
             return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held, feedback=feedback,
-                               pace=self._pace(worker_id) if self.config.dynamic_steps else 1.0)
+                               pace=pace * self._flight_share(images))
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None
@@ -276,6 +278,14 @@ class UnitFactory:
         if rate is None:
             return 1.0
         return min([self.speed[w] for w in self.asked if w in self.speed] + [rate]) / rate
+
+    def _flight_share(self, images: int) -> float:
+        """``flight_samples``: the share of a unit of ``images`` samples to train so that the workers in flight
+        hold about ``flight_samples`` samples of units between them (1 when they hold fewer, or it is off).
+        Call after ``_split_batch`` (which records the asking worker)."""
+        if not self.config.flight_samples or self.config.local_steps:
+            return 1.0
+        return min(1.0, self.config.flight_samples / (max(1, self.in_flight(self.clock())) * images))
 
     def _split_batch(self, worker_id: str, images: int) -> int:
         """A Python worker's unit batch: the recipe's (already ``unit_batch_scale`` of the model's), divided

@@ -281,3 +281,27 @@ def test_dynamic_steps_cut_a_slow_workers_unit_to_the_fastest_ones_time(tmp_path
         assert steps == want, (on, steps)
         unit = issue(factory, "half", base, "python")
         assert factory.store.unit(unit.unit_id)["samples"] == unit.local_steps * unit.batch_size
+
+
+def test_flight_samples_shrink_python_units_as_more_workers_are_in_flight(tmp_path):
+    """``--flight-samples F``: with N workers in flight a Python worker's unit trains about F / N samples of its
+    shard (at least one step), and claims what it trains; fewer than F / shard workers, or the option off, a
+    whole shard; ``--local-steps`` fixes the steps whatever F."""
+    whole = SHARD // BATCH
+    for flight in (None, 2 * SHARD):
+        factory, store, base, _, clock = make(tmp_path / str(flight), flight_samples=flight)
+        lone = [issue(factory, f"w{i}", base, "python") for i in range(2)]
+        assert [u.local_steps for u in lone] == [whole] * 2                     # 2 in flight: 2 shards' worth
+        clock.t += 1.0                                                           # (in_flight prunes once a second)
+        crowd = [issue(factory, f"w{i}", base, "python") for i in range(2, 8)]  # 8 in flight
+        want = whole if flight is None else whole * 2 // 8                       # F / 8 = a quarter of a shard
+        assert crowd[-1].local_steps == want, (flight, [u.local_steps for u in crowd])
+        assert store.unit(crowd[-1].unit_id)["samples"] == want * BATCH
+        for i in range(8, 200):
+            clock.t += 1.0
+            unit = issue(factory, f"w{i}", base, "python")
+        assert unit.local_steps == (whole if flight is None else 1)              # 200 in flight: one step at least
+        clock.t += 10_000                                                         # they all went quiet
+        assert issue(factory, "w0", base, "python").local_steps == whole
+    factory, _, base, _, _ = make(tmp_path / "fixed", flight_samples=SHARD, local_steps=3)
+    assert {issue(factory, f"w{i}", base, "python").local_steps for i in range(8)} == {3}
