@@ -491,11 +491,24 @@ async def finish_on_cancel(work):
         raise
 
 
+EVAL_SHARE = 0.1   # evaluations take at most this share of the time (of one core) between them
+
+
+def eval_pause(every_s: float, took_s: float) -> float:
+    """Seconds to wait after an evaluation that took ``took_s``: ``every_s``, or longer so that evaluating
+    takes at most ``EVAL_SHARE`` of the time. The evaluator shares the machine with whatever else runs there
+    (local workers on the same cores: a 10 s evaluation of the whole test split every 30 s took a tenth of
+    two cores' time from a 2-worker job, docs/results.md)."""
+    return max(every_s, took_s * (1 - EVAL_SHARE) / EVAL_SHARE)
+
+
 async def eval_loop(job: Job, seen: dict) -> None:
-    """Evaluate the newest version every ``eval_every_s`` when it changed (off the request path)."""
+    """Evaluate the newest version every ``eval_every_s`` when it changed (off the request path), at most
+    ``EVAL_SHARE`` of the time (``eval_pause``); the final version as soon as the job finishes."""
     while True:
+        took = 0.0
         if job.step != seen.get("version"):
-            step = job.step
+            step, started = job.step, time.perf_counter()
             try:
                 row = await finish_on_cancel(asyncio.to_thread(job.evaluate_current))
                 job.record_eval(row)
@@ -504,7 +517,12 @@ async def eval_loop(job: Job, seen: dict) -> None:
             except Exception:
                 log.exception("evaluation of version %d failed", step)
             seen["version"] = step   # never evaluate the same version in a loop
-        await asyncio.sleep(job.config.eval_every_s if not job.finished else 1.0)
+            took = time.perf_counter() - started
+        until = time.monotonic() + eval_pause(job.config.eval_every_s, took)
+        while True:
+            await asyncio.sleep(1.0 if job.finished else max(0.0, min(1.0, until - time.monotonic())))
+            if job.finished or time.monotonic() >= until:
+                break
 
 
 def start_entry(app: web.Application, entry: Entry) -> None:

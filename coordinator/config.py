@@ -239,7 +239,9 @@ class CoordinatorConfig:
                                   "recomputation, 1 - cosine 2.3e-3 at 9 steps of 128, 0.03 to 0.06 at 12 and 13; "
                                   "docs/results.md)", "checks", lo=1, metavar="N")
     # evaluation
-    eval_every_s: float = option(float, 30.0, "evaluate the current model at most this often, seconds",
+    eval_every_s: float = option(float, 30.0, "evaluate the current model at most this often, seconds, and "
+                                 "evaluating at most a tenth of the time (after an evaluation that took t s, at "
+                                 "least 9t s later); the final model as soon as the job finishes",
                                  "evaluation", flag="--eval-every", lo=0, lo_open=True)
     eval_images: int | None = option(int, None, "test images per evaluation", "evaluation", lo=1,
                                      none="the whole test split", metavar="N")
