@@ -51,6 +51,7 @@ CHECK_SEED = 20261122                      # the check's model state: a fresh bu
 CHECK_HYPER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "label_smoothing": 0.1}
 TOLERANCE = {"loss": 1e-3, "norm": 2e-2, "proj": 5e-2}   # relative; proj relative to the norm
 HASH_MUL = 2654435761                       # Knuth's multiplicative hash, 32 bits
+ANSWERS_KEPT = 256                          # known answers kept in the cache (``_prune_answers``)
 
 
 def step_cache_dir() -> Path:
@@ -115,6 +116,7 @@ def check_answer(graph: bytes, spec: StepSpec, feeds: dict[str, np.ndarray], cac
         try:
             known = json.loads(path.read_text())
             if isinstance(known.get("loss"), float) and isinstance(known.get("outputs"), dict):
+                os.utime(path)   # recently used: kept by ``_prune_answers``
                 return known
         except (OSError, ValueError, AttributeError):
             pass  # not computed yet, or damaged: computed again
@@ -125,9 +127,22 @@ def check_answer(graph: bytes, spec: StepSpec, feeds: dict[str, np.ndarray], cac
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(answer))
             os.replace(tmp, path)
+            _prune_answers(path.parent)
         except OSError as e:
             log.warning("cannot cache the known answer in %s: %s", path.parent, e)
     return answer
+
+
+def _prune_answers(folder: Path) -> None:
+    """Keep the ``ANSWERS_KEPT`` most recently used known answers (about 1 KB each; one per graph and job)."""
+    entries = []
+    for p in folder.glob("*.json"):
+        try:
+            entries.append((p.stat().st_mtime, p))
+        except OSError:
+            pass   # removed meanwhile by another coordinator
+    for _, p in sorted(entries, reverse=True)[ANSWERS_KEPT:]:
+        p.unlink(missing_ok=True)
 
 
 def _run_check(ort, graph: bytes, spec: StepSpec, feeds: dict[str, np.ndarray]) -> dict:

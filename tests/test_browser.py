@@ -181,6 +181,30 @@ def test_known_answers_are_cached_per_graph_and_feeds(tmp_path, monkeypatch):
     assert check_answer(b"graph", None, feeds)["loss"] == 6.0 and len(runs) == 6         # no cache: always run
 
 
+def test_the_known_answers_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
+    import os
+
+    import coordinator.steps as steps
+
+    runs = []
+    monkeypatch.setattr(steps, "_run_check", lambda ort, graph, spec, feeds: runs.append(graph) or
+                        {"loss": float(len(runs)), "outputs": {}})
+    monkeypatch.setattr(steps, "ANSWERS_KEPT", 3)
+    feeds = {"x": np.ones(2, np.float32)}
+    for i, graph in enumerate([b"a", b"b", b"c"]):
+        check_answer(graph, None, feeds, tmp_path)
+        for f in (tmp_path / "answers").iterdir():   # distinct ages whatever the file system's time resolution
+            os.utime(f, (f.stat().st_mtime - 10, f.stat().st_mtime - 10))
+    check_answer(b"a", None, feeds, tmp_path)        # read back: "a" is the most recently used now
+    check_answer(b"d", None, feeds, tmp_path)        # a fourth: the least recently used ("b") goes
+    assert len(list((tmp_path / "answers").glob("*.json"))) == 3 and len(runs) == 4
+    for graph in (b"a", b"c", b"d"):
+        check_answer(graph, None, feeds, tmp_path)
+    assert len(runs) == 4                            # still cached
+    check_answer(b"b", None, feeds, tmp_path)
+    assert len(runs) == 5                            # pruned: computed again
+
+
 async def test_a_model_the_browser_cannot_train_is_said_so(aiohttp_client, tmp_path, monkeypatch):
     from coordinator.app import create_app
     from coordinator.keys import STEPS
