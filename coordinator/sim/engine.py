@@ -39,6 +39,7 @@ from contract.shards import decode_shard
 from contract.units import MAX_HELD, UnitRequest, WorkUnit, pack_result
 from contract.versions import reconstruct_checked
 from coordinator.config import CoordinatorConfig
+from coordinator.factory import MIN_SPLIT_BATCH
 from coordinator.job import Job, Rejection
 from coordinator.sim.faults import Collusion, Fault, Liar, a_little_z, flip_labels
 from coordinator.sim.scenario import Scenario, StrategySpec
@@ -416,6 +417,9 @@ class Simulation:
         batch = self.model_cfg["batch_size"] or job.recipe.batch_size   # "none": the coordinator's units
         unit_samples = batch * (self.model_cfg["local_steps"] or max(1, math.ceil(
             self.model_cfg["shard_size"] * self.model_cfg["shards_per_unit"] / batch)))
+        if job.config.flight_samples:   # units shrink with the workers in flight (churn: up to about twice the count)
+            smallest = job.config.flight_samples // (2 * self.workers_cfg["count"])
+            unit_samples = min(unit_samples, max(MIN_SPLIT_BATCH, smallest))
         max_units = 4 * math.ceil(job.budget / unit_samples) + 50   # replicas and dropped lies fit well within
         refusals = max(20, 3 * self.workers_cfg["count"])          # results refused in a row: nothing will pass
         while not job.finished:
