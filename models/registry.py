@@ -33,6 +33,12 @@ class ModelSpec:
     description: str                 # one line, with provenance
     params: tuple[int, int] = (0, 0)  # (all parameters, trainable ones), as count_parameters gives them
 
+    @property
+    def distributed(self) -> bool:
+        """Whether work units can carry this recipe: a batch-norm lr scale and lookahead are one process's
+        only (a unit's hyperparameters do not carry them), so the coordinator does not offer such a model."""
+        return self.recipe.bn_lr_scale == 1 and not self.recipe.lookahead
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"model '{self.name}': kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
@@ -67,6 +73,11 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("supermask_conv", "models.supermask:SupermaskConvNet", _EDGE_POPUP, "supermask",
               "edge-popup (Ramanujan 2020) conv net with residual blocks, non-affine BN, k=0.5",
               (2_013_888, 1_006_944)),
+    ModelSpec("airbench", "models.airbench:AirbenchNet",
+              Recipe(batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.33e-3, label_smoothing=0.2, crop_pad=2,
+                     warmup=0.23, epochs=10, bn_lr_scale=64.0, lookahead=True, tta=2), "dense",
+              "best one-process recipe: airbench94's net (whitened 2x2 stem, widths 64-256-256), one process only",
+              (1_972_792, 1_971_352)),
     ModelSpec("resnet_fast", "models.resnet_fast:ResNetFast",
               Recipe(batch_size=512, lr=0.4, label_smoothing=0.2, weight_decay=5e-4, epochs=10), "dense",
               "default: small ResNet after Page's DAWNBench ResNet-9 / airbench, for 2 CPU cores",
@@ -83,6 +94,14 @@ def get(name: str) -> ModelSpec:
 
 def build(name: str, num_classes: int = 10) -> nn.Module:
     return get(name).build(num_classes=num_classes)
+
+
+def init_from_data(model: nn.Module, x_u8) -> None:
+    """A model that sets part of itself from training images (``init_from_data(x_u8)``, e.g. airbench's
+    whitening filters) does it here; deterministic given the images. Others are left as built."""
+    init = getattr(model, "init_from_data", None)
+    if init is not None:
+        init(x_u8)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

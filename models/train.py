@@ -56,14 +56,38 @@ NO_DECAY = ("forces",)  # parameter names (last part) that act like biases: neve
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
     """SGD with (Nesterov) momentum; weight decay on kernels, matrices and supermask scores only
-    (not on biases, batch-norm parameters, or a PhysicsLayer's forces and strength)."""
+    (not on biases, batch-norm parameters, or a PhysicsLayer's forces and strength); batch-norm
+    parameters at ``recipe.bn_lr_scale`` times the lr (a group's ``lr_scale``, read by ``sgd_step``)."""
     trainable = {id(p) for p in registry.trainable_parameters(model)}
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+          for p in m.parameters()} if recipe.bn_lr_scale != 1 else set()
     named = [(n, p) for n, p in model.named_parameters() if id(p) in trainable]
     decay = [p for n, p in named if p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY]
-    plain = [p for n, p in named if not (p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY)]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    plain = [p for n, p in named if not (p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY) and id(p) not in bn]
+    scaled = [p for n, p in named if id(p) in bn]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0},
+              {"params": scaled, "weight_decay": 0.0, "lr_scale": recipe.bn_lr_scale}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=recipe.lr, momentum=recipe.momentum,
                            nesterov=recipe.nesterov and recipe.momentum > 0)
+
+
+class Lookahead:
+    """Weights averaged along the run (airbench94's lookahead): every ``EVERY`` steps the model's
+    floating-point state moves to an average that trails it by a decay of 0.95^EVERY x progress^3
+    (none at the start, most at the end), and the model continues from that average."""
+
+    EVERY = 5
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.avg = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, progress: float) -> None:
+        decay = 0.95 ** self.EVERY * min(max(progress, 0.0), 1.0) ** 3
+        state = model.state_dict()
+        for k, avg in self.avg.items():
+            avg.lerp_(state[k], 1 - decay)
+            state[k].copy_(avg)
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> torch.Tensor:
@@ -82,7 +106,7 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generator) -> float:
     """One augmented SGD step on a uint8 batch; returns the batch loss."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     logits = model(channels_last(augment(x_u8, recipe.crop_pad, recipe.flip, gen)))
     loss = loss_fn(logits, y, recipe)
     opt.zero_grad(set_to_none=True)
@@ -92,14 +116,32 @@ def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generato
 
 
 # ----------------------------------------------------------------------------- evaluation
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits of float images ``x`` (0..255) with test-time augmentation: 0 none, 1 the mean over the image
+    and its mirror, 2 half that plus half the same over the image shifted one pixel up-left and down-right
+    (edges replicated)."""
+    logits = model(channels_last(x))
+    if level == 0:
+        return logits
+    logits = 0.5 * (logits + model(channels_last(x.flip(3))))
+    if level == 1:
+        return logits
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[2:]
+    shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+    return 0.5 * logits + 0.25 * sum(tta_logits(model, s, 1) for s in shifted)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in [0, 1]) on un-augmented images; restores train mode."""
+def evaluate(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch: int = 1000,
+             tta: int = 0) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) on un-augmented images (``tta``: ``tta_logits``); restores
+    train mode."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(y), batch):
-        logits = model(channels_last(x_u8[i:i + batch].float()))
+        logits = tta_logits(model, x_u8[i:i + batch].float(), tta)
         loss_sum += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
     model.train(was_training)
@@ -158,8 +200,10 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
     gen = torch.Generator().manual_seed(seed)
     model = registry.build(model_name).to(memory_format=torch.channels_last)
     model.train()
-    opt = make_optimizer(model, recipe)
     x_train, y_train = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
+    registry.init_from_data(model, x_train)
+    opt = make_optimizer(model, recipe)
+    lookahead = Lookahead(model) if recipe.lookahead else None
     x_test, y_test = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
     steps_per_epoch = max(len(y_train) // recipe.batch_size, 1)
     total_steps = steps_per_epoch * recipe.epochs
@@ -192,14 +236,19 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
                 step, seen, loss_sum = step + 1, seen + len(idx), loss_sum + loss * len(idx)
+                if lookahead is not None and (step % Lookahead.EVERY == 0 or step == total_steps):
+                    lookahead.update(model, step / total_steps)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
                 bar.update()
             bar.close()
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(seen, 1),
                    "samples_per_second": seen / seconds, "seconds": seconds, "lr": lr}
-            if eval_every_epoch or epoch == recipe.epochs or step >= total_steps:
-                row["test_loss"], row["test_acc"] = evaluate(model, x_test, y_test)
+            last = epoch == recipe.epochs or step >= total_steps
+            if eval_every_epoch or last:   # test-time augmentation (6 passes at level 2) on the last only
+                row["test_loss"], row["test_acc"] = evaluate(model, x_test, y_test, tta=recipe.tta if last else 0)
+                if last and recipe.tta:
+                    row["test_acc_plain"] = evaluate(model, x_test, y_test)[1]
             row["elapsed"] = time.perf_counter() - started
             rows.append(row)
             if progress:
@@ -254,7 +303,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     last = result.rows[-1] if result.rows else None
     if last and "test_acc" in last:
-        print(f"{args.model}: test accuracy {100 * last['test_acc']:.2f}% after {last['epoch']} epoch(s); "
+        tta = f" (test-time augmentation {recipe.tta}; without: {100 * last['test_acc_plain']:.2f}%)" \
+            if "test_acc_plain" in last else ""
+        print(f"{args.model}: test accuracy {100 * last['test_acc']:.2f}%{tta} after {last['epoch']} epoch(s); "
               f"wrote {out}/metrics.jsonl, model.pt, curves.png")
     model_pt = out / "model.pt"
     data = f" --data {args.data}" if args.data else ""

@@ -183,10 +183,11 @@ def test_supermask_model_score_grads_nonzero(name: str) -> None:
         assert m.scores.grad is not None and m.scores.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if registry.get(n).distributed])
 def test_training_step_traces_into_exportable_ops(name: str) -> None:
     """make_fx of forward + backward + update (the first stage of the ONNX step export) works,
-    and every conv / max-pool in it is of the kinds the export's decompositions handle."""
+    and every conv / max-pool in it is of the kinds the export's decompositions handle (for the models the
+    coordinator offers: a one-process recipe never reaches a browser)."""
     torch.manual_seed(0)
     model = registry.build(name).train()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -224,7 +225,9 @@ def test_unknown_model_names_the_choices() -> None:
 
 
 def test_specs_are_complete() -> None:
-    assert set(NAMES) == {"cnn", "alexnet", "physics_alexnet", "supermask_fc", "supermask_conv", "resnet_fast"}
+    assert set(NAMES) == {"cnn", "alexnet", "physics_alexnet", "supermask_fc", "supermask_conv", "resnet_fast",
+                          "airbench"}
+    assert [n for n in NAMES if not registry.get(n).distributed] == ["airbench"]
     for name, spec in registry.MODELS.items():
         assert spec.name == name and spec.kind in ("dense", "supermask") and spec.description
         assert spec.kind == ("supermask" if name.startswith("supermask") else "dense")
@@ -248,3 +251,60 @@ def test_crowdtrain_models_lists_every_model_with_counts() -> None:
         assert row, f"{name} missing from:\n{out}"
         counts = tuple(int(c.replace(",", "")) for c in row.group(2, 3))
         assert counts == registry.count_parameters(registry.build(name))
+
+
+def test_airbench_whitening_filters_decorrelate_the_patches_they_were_set_from() -> None:
+    """``init_from_data``: the first 12 filters map 2x2 patches to components of covariance ~identity
+    (scaled by lambda / (lambda + eps)), the other 12 are their negatives; deterministic given the images."""
+    from models.airbench import WHITEN_EPS
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (64, 3, 8, 8), generator=gen).float()
+    x = torch.nn.functional.interpolate(base, size=32, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
+    model = registry.build("airbench")
+    assert torch.count_nonzero(model.whiten.weight) > 0   # a random stem before
+    model.init_from_data(x)
+    w = model.whiten.weight.detach()
+    assert torch.equal(w[12:], -w[:12]) and not model.whiten.weight.requires_grad
+    patches = model.normalize(x.float()).unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    out = patches.double() @ w[:12].reshape(12, 12).double().T
+    cov = out.T @ out / len(out)
+    values = torch.linalg.eigvalsh((patches.double().T @ patches.double()) / len(out)).flip(0)
+    assert torch.allclose(cov, torch.diag(values / (values + WHITEN_EPS)), atol=1e-4)
+    again = registry.build("airbench")
+    again.init_from_data(x)
+    assert torch.equal(again.whiten.weight, model.whiten.weight)
+
+
+def test_batch_norm_lr_scale_lookahead_and_test_time_augmentation() -> None:
+    from models.recipe import Recipe
+    from models.train import Lookahead, make_optimizer, sgd_step, tta_logits
+
+    torch.manual_seed(0)
+    model = registry.build("airbench")
+    opt = make_optimizer(model, Recipe(bn_lr_scale=64.0))
+    scaled = [g for g in opt.param_groups if g.get("lr_scale") == 64.0]
+    bn_shifts = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(scaled) == 1 and {id(p) for p in scaled[0]["params"]} == bn_shifts and scaled[0]["weight_decay"] == 0
+    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    sgd_step(model, opt, x, y, Recipe(bn_lr_scale=64.0, crop_pad=0, flip=False), 0.01, torch.Generator())
+    assert {g.get("lr_scale", 1.0) * 0.01 for g in opt.param_groups} == {g["lr"] for g in opt.param_groups} == \
+        {0.01, 0.64}
+    # lookahead: none at progress 0 (the model stays), a trailing average later (the model moves back)
+    la = Lookahead(model)
+    head = model.head.weight.detach().clone()
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    la.update(model, 0.0)
+    assert torch.allclose(model.head.weight, head + 1.0)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    la.update(model, 1.0)
+    decay = 0.95 ** Lookahead.EVERY
+    assert torch.allclose(model.head.weight, head + 1.0 + (1 - decay), atol=1e-6)
+    # test-time augmentation: level 1 is the mean over the image and its mirror
+    model.eval()
+    xf = x.float()
+    with torch.no_grad():
+        assert torch.allclose(tta_logits(model, xf, 1), 0.5 * (model(xf) + model(xf.flip(3))), atol=1e-5)
+        assert tta_logits(model, xf, 2).shape == (8, 10)

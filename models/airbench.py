@@ -1,0 +1,81 @@
+"""The best one-process recipe: a net after airbench94 (Jordan, "94% on CIFAR-10 in 3.29 seconds on a
+single GPU", 2024), written here from the paper's description.
+
+A fixed 2x2 *whitening* convolution first (its 24 filters are the 12 eigenvectors of the covariance of
+2x2 patches of training images, scaled by 1/sqrt(eigenvalue), and their negatives; set from data by
+``init_from_data`` before training, then never trained), GELU, three groups of conv -> max-pool ->
+batch norm -> GELU -> conv -> batch norm -> GELU at widths 64, 256, 256, a 3x3 max-pool and a linear
+layer whose logits are scaled by 1/9. Convolutions start as identities on their first channels
+(Dirac), batch-norm scales are fixed at 1 (only the shifts train, at a higher learning rate: the
+recipe's ``bn_lr_scale``). The recipe (``models.registry``) adds label smoothing, Nesterov SGD at
+batch 1,024, lookahead averaging of the weights and flip-and-shift test-time augmentation.
+
+Left out of airbench94: the whitening bias frozen after 3 epochs, flips alternating per epoch instead
+of random, reflection padding for the crops, the fp16 arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.layers import Normalize
+
+WHITEN_IMAGES = 5000   # training images whose 2x2 patches set the whitening filters
+WHITEN_EPS = 5e-4      # added to the eigenvalues before the square root
+
+
+def _conv(in_ch: int, out_ch: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:in_ch])   # the first in_ch filters pass their input through
+    return conv
+
+
+def _norm(ch: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(ch, momentum=0.4, eps=1e-12)
+    bn.weight.requires_grad_(False)   # scales fixed at 1: only the shifts train
+    return bn
+
+
+class Group(nn.Module):
+    """conv -> pool -> bn -> GELU -> conv -> bn -> GELU; halves the spatial size (rounding down)."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(_conv(in_ch, out_ch), nn.MaxPool2d(2), _norm(out_ch), nn.GELU(),
+                                    _conv(out_ch, out_ch), _norm(out_ch), nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class AirbenchNet(nn.Module):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (64, 256, 256),
+                 logit_scale: float = 1 / 9) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        self.whiten = nn.Conv2d(3, 24, 2, bias=True)   # 32x32 -> 31x31
+        self.whiten.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.whiten.bias.zero_()
+        chans = (24, *widths)
+        self.groups = nn.Sequential(*(Group(a, b) for a, b in zip(chans, chans[1:])))   # 31 -> 15 -> 7 -> 3
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(nn.functional.gelu(self.whiten(self.normalize(x))))
+        return self.head(x.amax(dim=(2, 3))) * self.logit_scale
+
+    @torch.no_grad()
+    def init_from_data(self, x_u8: torch.Tensor) -> None:
+        """Set the whitening filters from the 2x2 patches of (the first ``WHITEN_IMAGES`` of) ``x_u8``
+        [N, 3, 32, 32] uint8: deterministic given the images."""
+        x = self.normalize(x_u8[:WHITEN_IMAGES].float())
+        patches = x.unfold(2, 2, 1).unfold(3, 2, 1)                    # N, 3, 31, 31, 2, 2
+        flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+        cov = flat.T @ flat / len(flat)
+        values, vectors = torch.linalg.eigh(cov)                     # ascending
+        filters = (vectors.T / torch.sqrt(values.clamp(min=0) + WHITEN_EPS)[:, None]).flip(0)
+        filters = filters.reshape(12, 3, 2, 2).float()
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
