@@ -52,8 +52,6 @@ def train_parser(prog: str = "crowdtrain train") -> argparse.ArgumentParser:
                     help=f"random-crop padding, 0: no crop (default: {RECIPE})")
     hp.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                     help=f"random horizontal flips (default: {RECIPE})")
-    hp.add_argument("--bn-lr-scale", type=float, metavar="X",
-                    help=f"learning-rate multiplier of batch-norm parameters (default: {RECIPE})")
     hp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                     help=f"average the weights along the run (default: {RECIPE})")
     hp.add_argument("--tta", type=int, choices=(0, 1, 2),

@@ -28,7 +28,6 @@ class Recipe:
     crop_pad: int = 4              # random-crop padding in pixels (0 = no crop)
     flip: bool = True              # random horizontal flip
     epochs: int = 10               # passes over the training split
-    bn_lr_scale: float = 1.0       # lr multiplier of batch-norm parameters (airbench: 64 for the shifts)
     lookahead: bool = False        # one process: average the weights along the run (``models.train.Lookahead``)
     tta: int = 0                   # test-time augmentation of evaluations: 0 none, 1 flip, 2 flip and shift
 
@@ -48,7 +47,6 @@ class Recipe:
         need(0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
         need(isinstance(self.crop_pad, int) and 0 <= self.crop_pad <= 16, "crop_pad", "an integer in [0, 16]")
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
-        need(self.bn_lr_scale > 0, "bn_lr_scale", "a number > 0")
         need(self.tta in (0, 1, 2), "tta", "0, 1 or 2")
 
     def to_dict(self) -> dict:

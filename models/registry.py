@@ -35,9 +35,9 @@ class ModelSpec:
 
     @property
     def distributed(self) -> bool:
-        """Whether work units can carry this recipe: a batch-norm lr scale and lookahead are one process's
-        only (a unit's hyperparameters do not carry them), so the coordinator does not offer such a model."""
-        return self.recipe.bn_lr_scale == 1 and not self.recipe.lookahead
+        """Whether work units can carry this recipe: lookahead is one process's only (it averages the weights
+        along one run), so the coordinator does not offer a model whose recipe has it."""
+        return not self.recipe.lookahead
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -75,9 +75,9 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               (2_013_888, 1_006_944)),
     ModelSpec("airbench", "models.airbench:AirbenchNet",
               Recipe(batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.33e-3, label_smoothing=0.2, crop_pad=2,
-                     warmup=0.23, epochs=10, bn_lr_scale=64.0, lookahead=True, tta=2), "dense",
+                     warmup=0.23, epochs=10, lookahead=True, tta=2), "dense",
               "best one-process recipe: airbench94's net (whitened 2x2 stem, widths 64-256-256), one process only",
-              (1_972_792, 1_971_352)),
+              (1_971_640, 1_971_352)),
     ModelSpec("resnet_fast", "models.resnet_fast:ResNetFast",
               Recipe(batch_size=512, lr=0.4, label_smoothing=0.2, weight_decay=5e-4, epochs=10), "dense",
               "default: small ResNet after Page's DAWNBench ResNet-9 / airbench, for 2 CPU cores",

@@ -56,17 +56,12 @@ NO_DECAY = ("forces",)  # parameter names (last part) that act like biases: neve
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
     """SGD with (Nesterov) momentum; weight decay on kernels, matrices and supermask scores only
-    (not on biases, batch-norm parameters, or a PhysicsLayer's forces and strength); batch-norm
-    parameters at ``recipe.bn_lr_scale`` times the lr (a group's ``lr_scale``, read by ``sgd_step``)."""
+    (not on biases, batch-norm parameters, or a PhysicsLayer's forces and strength)."""
     trainable = {id(p) for p in registry.trainable_parameters(model)}
-    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-          for p in m.parameters()} if recipe.bn_lr_scale != 1 else set()
     named = [(n, p) for n, p in model.named_parameters() if id(p) in trainable]
     decay = [p for n, p in named if p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY]
-    plain = [p for n, p in named if not (p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY) and id(p) not in bn]
-    scaled = [p for n, p in named if id(p) in bn]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0},
-              {"params": scaled, "weight_decay": 0.0, "lr_scale": recipe.bn_lr_scale}]
+    plain = [p for n, p in named if not (p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY)]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=recipe.lr, momentum=recipe.momentum,
                            nesterov=recipe.nesterov and recipe.momentum > 0)
 
@@ -106,7 +101,7 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generator) -> float:
     """One augmented SGD step on a uint8 batch; returns the batch loss."""
     for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
     logits = model(channels_last(augment(x_u8, recipe.crop_pad, recipe.flip, gen)))
     loss = loss_fn(logits, y, recipe)
     opt.zero_grad(set_to_none=True)

@@ -276,20 +276,26 @@ def test_airbench_whitening_filters_decorrelate_the_patches_they_were_set_from()
     assert torch.equal(again.whiten.weight, model.whiten.weight)
 
 
-def test_batch_norm_lr_scale_lookahead_and_test_time_augmentation() -> None:
-    from models.recipe import Recipe
-    from models.train import Lookahead, make_optimizer, sgd_step, tta_logits
+def test_shift_norm_trains_its_shift_as_batch_norm_at_64_times_the_lr_and_lookahead_and_tta() -> None:
+    from models.airbench import SHIFT_GAIN, ShiftNorm
+    from models.train import Lookahead, tta_logits
 
     torch.manual_seed(0)
+    shifted, plain = ShiftNorm(4), torch.nn.BatchNorm2d(4, momentum=0.4, eps=1e-12)
+    plain.weight.requires_grad_(False)
+    opts = [torch.optim.SGD([shifted.shift], lr=0.01, momentum=0.85, nesterov=True),
+            torch.optim.SGD([plain.bias], lr=0.01 * SHIFT_GAIN ** 2, momentum=0.85, nesterov=True)]
+    for _ in range(3):
+        x, r = torch.randn(8, 4, 5, 5), torch.randn(8, 4, 5, 5)
+        for module, opt in zip((shifted, plain), opts):
+            opt.zero_grad()
+            ((module(x) + 0.5) ** 2 * r).sum().backward()
+            opt.step()
+    assert torch.allclose(SHIFT_GAIN * shifted.shift, plain.bias, atol=1e-5)
+    assert torch.count_nonzero(plain.bias) == 4
     model = registry.build("airbench")
-    opt = make_optimizer(model, Recipe(bn_lr_scale=64.0))
-    scaled = [g for g in opt.param_groups if g.get("lr_scale") == 64.0]
-    bn_shifts = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    assert len(scaled) == 1 and {id(p) for p in scaled[0]["params"]} == bn_shifts and scaled[0]["weight_decay"] == 0
-    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (8,))
-    sgd_step(model, opt, x, y, Recipe(bn_lr_scale=64.0, crop_pad=0, flip=False), 0.01, torch.Generator())
-    assert {g.get("lr_scale", 1.0) * 0.01 for g in opt.param_groups} == {g["lr"] for g in opt.param_groups} == \
-        {0.01, 0.64}
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.ndim == 1 and not n.endswith("shift")
+                and n != "whiten.bias"]   # batch norm: no scale, only shifts
     # lookahead: none at progress 0 (the model stays), a trailing average later (the model moves back)
     la = Lookahead(model)
     head = model.head.weight.detach().clone()
@@ -304,7 +310,7 @@ def test_batch_norm_lr_scale_lookahead_and_test_time_augmentation() -> None:
     assert torch.allclose(model.head.weight, head + 1.0 + (1 - decay), atol=1e-6)
     # test-time augmentation: level 1 is the mean over the image and its mirror
     model.eval()
-    xf = x.float()
+    xf = torch.randint(0, 256, (8, 3, 32, 32)).float()
     with torch.no_grad():
         assert torch.allclose(tta_logits(model, xf, 1), 0.5 * (model(xf) + model(xf.flip(3))), atol=1e-5)
         assert tta_logits(model, xf, 2).shape == (8, 10)
