@@ -83,7 +83,7 @@ class UnitFactory:
         self.queue.requeue(q["retry"])
         self.deadlines = Deadlines(config.lease_min_s, config.lease_max_s, config.lease_factor, config.lease_first_s)
         self.speed: dict[str, float] = {}       # seconds per sample of each worker's units, issue to result
-        self.asked: dict[str, tuple[float, int]] = {}   # Python worker -> (when it last asked, its unit's samples)
+        self.asked: dict[str, tuple[float, int]] = {}   # Python worker -> (when it last asked, the samples it got)
         self._pruned = -math.inf
         self.split_batch = config.unit_batch_workers and config.batch_size is None and \
             config.unit_batch_scale != 1 and self._dense(config.model)
@@ -172,6 +172,8 @@ class UnitFactory:
         steps = steps or self.config.local_steps or max(1, round(math.ceil(n / batch) * pace))
         if self.config.replication != "off":   # a check of a longer unit is inconclusive (``check_max_steps``)
             steps = min(steps, self.config.check_max_steps)
+        if worker_id in self.asked:   # in flight for a few of *this* unit's durations (``in_flight``), not a shard's
+            self.asked[worker_id] = (self.asked[worker_id][0], steps * batch)
         if lr <= 0:
             lr = self.recipe.lr * 1e-3  # the schedule's first instant; a unit needs lr > 0
         if self.rng is None:

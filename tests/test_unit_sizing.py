@@ -305,3 +305,22 @@ def test_flight_samples_shrink_python_units_as_more_workers_are_in_flight(tmp_pa
         assert issue(factory, "w0", base, "python").local_steps == whole
     factory, _, base, _, _ = make(tmp_path / "fixed", flight_samples=SHARD, local_steps=3)
     assert {issue(factory, f"w{i}", base, "python").local_steps for i in range(8)} == {3}
+
+
+def test_a_worker_with_a_shrunk_unit_counts_in_flight_for_a_few_of_that_units_durations(tmp_path):
+    """A worker that left stops counting as in flight after ``IN_FLIGHT_UNITS`` durations of the unit it got,
+    not of a whole shard: with ``--flight-samples`` shrinking units, a fleet under churn is not overcounted."""
+    from coordinator.factory import IN_FLIGHT_MIN_S, IN_FLIGHT_UNITS
+    factory, _, base, _, clock = make(tmp_path, flight_samples=2 * SHARD)
+    rate = 4 * IN_FLIGHT_MIN_S / SHARD            # seconds per sample: a whole shard takes 4 x IN_FLIGHT_MIN_S
+    for i in range(8):
+        factory.observe(f"w{i}", rate * SHARD, SHARD)
+        issue(factory, f"w{i}", base, "python")   # the first ones get more: fewer were in flight yet
+    clock.t += 1.0                                # (in_flight prunes once a second)
+    again = [issue(factory, f"w{i}", base, "python") for i in range(8)]
+    assert {u.local_steps * u.batch_size for u in again} == {SHARD // 4}   # 8 in flight: a quarter shard each
+    got = SHARD // 4
+    clock.t += IN_FLIGHT_UNITS * rate * got + 1.0  # past 3 of its quarter-shard units, within 3 whole shards
+    assert IN_FLIGHT_UNITS * rate * got + 1.0 < IN_FLIGHT_UNITS * rate * SHARD
+    assert factory.in_flight(clock.t) == 0        # all went quiet: none counted (a shard's window kept all 8)
+    assert issue(factory, "w0", base, "python").local_steps == SHARD // BATCH
