@@ -111,37 +111,44 @@ def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generato
 
 
 # ----------------------------------------------------------------------------- evaluation
-def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
-    """Logits of float images ``x`` (0..255) with test-time augmentation: 0 none, 1 the mean over the image
-    and its mirror, 2 half that plus half the same over the image shifted one pixel up-left and down-right
-    (edges replicated)."""
-    logits = model(channels_last(x))
+def tta_views(model: torch.nn.Module, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain logits, logits with test-time augmentation) of float images ``x`` (0..255): level 0 none, 1 the
+    mean over the image and its mirror, 2 half that plus half the same over the image shifted one pixel
+    up-left and down-right (edges replicated). The plain logits are the first view's, computed once."""
+    plain = model(channels_last(x))
     if level == 0:
-        return logits
-    logits = 0.5 * (logits + model(channels_last(x.flip(3))))
+        return plain, plain
+    mirrored = 0.5 * (plain + model(channels_last(x.flip(3))))
     if level == 1:
-        return logits
+        return plain, mirrored
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
     h, w = x.shape[2:]
     shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
-    return 0.5 * logits + 0.25 * sum(tta_logits(model, s, 1) for s in shifted)
+    return plain, 0.5 * mirrored + 0.25 * sum(tta_views(model, s, 1)[1] for s in shifted)
+
+
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits of float images ``x`` (0..255) with test-time augmentation ``level`` (``tta_views``)."""
+    return tta_views(model, x, level)[1]
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch: int = 1000,
-             tta: int = 0) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in [0, 1]) on un-augmented images (``tta``: ``tta_logits``); restores
-    train mode."""
+             tta: int = 0, with_plain: bool = False) -> tuple[float, ...]:
+    """(mean cross-entropy, accuracy in [0, 1]) on un-augmented images (``tta``: ``tta_views``), and with
+    ``with_plain`` the accuracy without test-time augmentation too (from the same passes); restores train
+    mode."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, correct_plain = 0.0, 0, 0
     for i in range(0, len(y), batch):
-        logits = tta_logits(model, x_u8[i:i + batch].float(), tta)
+        plain, logits = tta_views(model, x_u8[i:i + batch].float(), tta)
         loss_sum += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+        correct_plain += int((plain.argmax(1) == y[i:i + batch]).sum())
     model.train(was_training)
     n = max(len(y), 1)
-    return loss_sum / n, correct / n
+    return (loss_sum / n, correct / n, correct_plain / n) if with_plain else (loss_sum / n, correct / n)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -241,9 +248,10 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
                    "samples_per_second": seen / seconds, "seconds": seconds, "lr": lr}
             last = epoch == recipe.epochs or step >= total_steps
             if eval_every_epoch or last:   # test-time augmentation (6 passes at level 2) on the last only
-                row["test_loss"], row["test_acc"] = evaluate(model, x_test, y_test, tta=recipe.tta if last else 0)
-                if last and recipe.tta:
-                    row["test_acc_plain"] = evaluate(model, x_test, y_test)[1]
+                tta = recipe.tta if last else 0
+                row["test_loss"], row["test_acc"], plain = evaluate(model, x_test, y_test, tta=tta, with_plain=True)
+                if tta:
+                    row["test_acc_plain"] = plain
             row["elapsed"] = time.perf_counter() - started
             rows.append(row)
             if progress:

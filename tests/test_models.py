@@ -278,7 +278,7 @@ def test_airbench_whitening_filters_decorrelate_the_patches_they_were_set_from()
 
 def test_shift_norm_trains_its_shift_as_batch_norm_at_64_times_the_lr_and_lookahead_and_tta() -> None:
     from models.airbench import SHIFT_GAIN, ShiftNorm
-    from models.train import Lookahead, tta_logits
+    from models.train import Lookahead, evaluate, tta_logits
 
     torch.manual_seed(0)
     shifted, plain = ShiftNorm(4), torch.nn.BatchNorm2d(4, momentum=0.4, eps=1e-12)
@@ -313,4 +313,13 @@ def test_shift_norm_trains_its_shift_as_batch_norm_at_64_times_the_lr_and_lookah
     xf = torch.randint(0, 256, (8, 3, 32, 32)).float()
     with torch.no_grad():
         assert torch.allclose(tta_logits(model, xf, 1), 0.5 * (model(xf) + model(xf.flip(3))), atol=1e-5)
-        assert tta_logits(model, xf, 2).shape == (8, 10)
+        padded = torch.nn.functional.pad(xf, (1, 1, 1, 1), mode="replicate")
+        views = [xf, padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
+        mirrored = [0.5 * (model(v) + model(v.flip(3))) for v in views]
+        assert torch.allclose(tta_logits(model, xf, 2), 0.5 * mirrored[0] + 0.25 * (mirrored[1] + mirrored[2]),
+                              atol=1e-5)
+    # one evaluation gives the accuracy with test-time augmentation and without (from its first view)
+    y = torch.randint(0, 10, (8,))
+    x_u8 = xf.to(torch.uint8)
+    _, with_tta, plain = evaluate(model, x_u8, y, batch=3, tta=2, with_plain=True)
+    assert (with_tta, plain) == (evaluate(model, x_u8, y, tta=2)[1], evaluate(model, x_u8, y)[1])
