@@ -301,9 +301,12 @@ def test_tab_trains_units_the_coordinator_accepts(cluster, data, model):
     status = c.status()
     assert status["units_accepted"] >= 6
     assert any(w["worker_id"] == worker_id and w["backend"] == "browser" for w in status["workers"])
-    # the loss goes down: within units, and across them as the model improves
+    # the loss goes down as the tab trains: the losses at each unit's start and end, in order, fall (a
+    # least-squares slope; one unit's before/after are single batches near chance, too noisy to compare
+    # alone: 6 units' means once differed by 0.001), and the last units start lower than the first
     befores, afters = [r[1] for r in rows], [r[2] for r in rows]
-    assert np.mean(afters) < np.mean(befores), rows
+    losses = [loss for pair in zip(befores, afters) for loss in pair]
+    assert np.polyfit(np.arange(len(losses)), losses, 1)[0] < 0, rows
     assert np.mean(befores[-2:]) < befores[0], rows
     assert not [ln for ln in out["console"] if "error" in ln.lower()], out["console"]
     # after the first unit the tab says which versions it holds: units come as version deltas, which it
