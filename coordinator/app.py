@@ -508,7 +508,6 @@ async def eval_loop(job: Job, seen: dict) -> None:
     workers start and pays one-off costs: 52 s against ~30 s for the next ones in a 2-worker run,
     docs/results.md, so its share would hold the next back 470 s); the final version as soon as the job
     finishes."""
-    evaluations = 0
     while True:
         took = 0.0
         if job.step != seen.get("version"):
@@ -520,9 +519,8 @@ async def eval_loop(job: Job, seen: dict) -> None:
                          row["samples"])
             except Exception:
                 log.exception("evaluation of version %d failed", step)
+            took = time.perf_counter() - started if "version" in seen else 0.0
             seen["version"] = step   # never evaluate the same version in a loop
-            evaluations += 1
-            took = time.perf_counter() - started if evaluations > 1 else 0.0
         until = time.monotonic() + eval_pause(job.config.eval_every_s, took)
         while True:
             await asyncio.sleep(1.0 if job.finished else max(0.0, min(1.0, until - time.monotonic())))
