@@ -8,10 +8,14 @@ batch norm -> GELU -> conv -> batch norm -> GELU at widths 64, 256, 256, a 3x3 m
 layer whose logits are scaled by 1/9. Convolutions start as identities on their first channels
 (Dirac), batch-norm scales are fixed at 1 (only the shifts train, at 64 times the learning rate:
 ``ShiftNorm``). The recipe (``models.registry``) adds label smoothing, Nesterov SGD at
-batch 1,024, lookahead averaging of the weights and flip-and-shift test-time augmentation.
+batch 1,024, lookahead averaging of the weights, flip-and-shift test-time augmentation, and for one
+process airbench's finer points: the lr from 0.2x the peak up to it and down to 0.07x, crops padded
+by reflection, flips alternating per epoch, the batch-norm shifts and the whitening bias decayed like
+the kernels (``decayed_vectors``) and that bias trained for the first 3 epochs only (``start_epoch``).
 
-Left out of airbench94: the whitening bias frozen after 3 epochs, flips alternating per epoch instead
-of random, reflection padding for the crops, the fp16 arithmetic.
+Left out of airbench94: the fp16 arithmetic; the test-time shifts pad by repeating the edge
+(``models.train.tta_views``), not by reflection. Work units carry none of the one-process points
+above (their flips are random and their crops zero-padded).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from models.layers import Normalize
 WHITEN_IMAGES = 5000   # training images whose 2x2 patches set the whitening filters
 WHITEN_EPS = 5e-4      # added to the eigenvalues before the square root
 SHIFT_GAIN = 8.0       # batch-norm shifts train as at 8 ** 2 = 64 times the lr (``ShiftNorm``)
+WHITEN_BIAS_EPOCHS = 3 # the whitening bias trains for this many epochs, then stays as it is
 
 
 def _conv(in_ch: int, out_ch: int) -> nn.Conv2d:
@@ -75,6 +80,18 @@ class AirbenchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(nn.functional.gelu(self.whiten(self.normalize(x))))
         return self.head(x.amax(dim=(2, 3))) * self.logit_scale
+
+    @property
+    def decayed_vectors(self) -> list[str]:
+        """1-D parameters weight decay applies to (``models.train.make_optimizer``): airbench decays the
+        batch-norm shifts and the whitening bias as it does the kernels. A stored shift is the shift over
+        ``SHIFT_GAIN``, so decaying it by a fraction decays the shift by the same fraction."""
+        return ["whiten.bias"] + [n for n, _ in self.named_parameters() if n.endswith(".shift")]
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the one-process trainer before epoch ``epoch`` (1-based): the whitening bias trains for
+        the first ``WHITEN_BIAS_EPOCHS`` epochs only."""
+        self.whiten.bias.requires_grad_(epoch <= WHITEN_BIAS_EPOCHS)
 
     @torch.no_grad()
     def init_from_data(self, x_u8: torch.Tensor) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import torch
 
 
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad ``x`` [N, C, H, W] by ``pad`` pixels and cut one random HxW window per image."""
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, reflect: bool = False) -> torch.Tensor:
+    """Pad ``x`` [N, C, H, W] by ``pad`` pixels (zeros, or with ``reflect`` the edges mirrored) and cut one
+    random HxW window per image."""
     if pad == 0:
         return x
     n, c, h, w = x.shape
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect" if reflect else "constant")
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w + 2 * pad)
@@ -28,9 +29,9 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def augment(x_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+def augment(x_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator, reflect: bool = False) -> torch.Tensor:
     """uint8 images [N, 3, 32, 32] -> augmented float32 in 0..255 (models normalise inside)."""
-    x = random_crop(x_u8, pad, gen)
+    x = random_crop(x_u8, pad, gen, reflect)
     if flip:
         x = random_flip(x, gen)
     return x.float()

@@ -48,10 +48,19 @@ def train_parser(prog: str = "crowdtrain train") -> argparse.ArgumentParser:
     hp.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule, per step (default: {RECIPE})")
     hp.add_argument("--warmup", type=float, metavar="F",
                     help=f"fraction of the run spent warming up (default: {RECIPE})")
+    hp.add_argument("--lr-start", type=float, metavar="F",
+                    help=f"lr where the warmup starts, a fraction of the peak (default: {RECIPE})")
+    hp.add_argument("--lr-end", type=float, metavar="F",
+                    help=f"lr at the end of the run, a fraction of the peak (default: {RECIPE})")
     hp.add_argument("--crop-pad", type=int, metavar="PIXELS",
                     help=f"random-crop padding, 0: no crop (default: {RECIPE})")
+    hp.add_argument("--crop-reflect", action=argparse.BooleanOptionalAction, default=None,
+                    help=f"pad crops by mirroring the edges instead of with zeros; one process (default: {RECIPE})")
     hp.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                     help=f"random horizontal flips (default: {RECIPE})")
+    hp.add_argument("--alt-flip", action=argparse.BooleanOptionalAction, default=None,
+                    help=f"each image's flip alternates epoch to epoch from a random first one; one process "
+                    f"(default: {RECIPE})")
     hp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                     help=f"average the weights along the run (default: {RECIPE})")
     hp.add_argument("--tta", type=int, choices=(0, 1, 2),

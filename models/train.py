@@ -39,15 +39,16 @@ def set_threads(threads: int | None) -> int:
 
 # ----------------------------------------------------------------------------- optimisation
 def lr_at(progress: float, recipe: Recipe) -> float:
-    """Learning rate at ``progress`` (0..1 through the run) under the recipe's schedule."""
+    """Learning rate at ``progress`` (0..1 through the run) under the recipe's schedule: a linear warmup from
+    ``lr_start`` x the peak, then (onecycle, cosine) down to ``lr_end`` x the peak."""
     p, w = min(max(progress, 0.0), 1.0), recipe.warmup
     if w > 0 and p < w:
-        return recipe.lr * p / w
-    rest = (p - w) / (1 - w)
+        return recipe.lr * (recipe.lr_start + (1 - recipe.lr_start) * p / w)
+    rest, end = (p - w) / (1 - w), recipe.lr_end
     if recipe.schedule == "onecycle":
-        return recipe.lr * (1 - rest)
+        return recipe.lr * (1 - (1 - end) * rest)
     if recipe.schedule == "cosine":
-        return recipe.lr * 0.5 * (1 + math.cos(math.pi * rest))
+        return recipe.lr * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * rest)))
     return recipe.lr
 
 
@@ -56,11 +57,14 @@ NO_DECAY = ("forces",)  # parameter names (last part) that act like biases: neve
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.SGD:
     """SGD with (Nesterov) momentum; weight decay on kernels, matrices and supermask scores only
-    (not on biases, batch-norm parameters, or a PhysicsLayer's forces and strength)."""
+    (not on biases, batch-norm parameters, or a PhysicsLayer's forces and strength), and on the 1-D
+    parameters a model names in ``decayed_vectors``."""
     trainable = {id(p) for p in registry.trainable_parameters(model)}
     named = [(n, p) for n, p in model.named_parameters() if id(p) in trainable]
-    decay = [p for n, p in named if p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY]
-    plain = [p for n, p in named if not (p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY)]
+    also = set(getattr(model, "decayed_vectors", ()))    # 1-D parameters a model asks to decay (airbench's shifts)
+    decayed = {n for n, p in named if (p.ndim > 1 and n.rsplit(".", 1)[-1] not in NO_DECAY) or n in also}
+    decay = [p for n, p in named if n in decayed]
+    plain = [p for n, p in named if n not in decayed]
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=recipe.lr, momentum=recipe.momentum,
                            nesterov=recipe.nesterov and recipe.momentum > 0)
@@ -99,15 +103,24 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generator) -> float:
-    """One augmented SGD step on a uint8 batch; returns the batch loss."""
+    """One augmented SGD step on a uint8 batch; returns the batch loss. With ``recipe.alt_flip`` the caller
+    has flipped the batch (``alternate_flips``), so no random flip is drawn here."""
     for group in opt.param_groups:
         group["lr"] = lr
-    logits = model(channels_last(augment(x_u8, recipe.crop_pad, recipe.flip, gen)))
+    flip = recipe.flip and not recipe.alt_flip
+    logits = model(channels_last(augment(x_u8, recipe.crop_pad, flip, gen, recipe.crop_reflect)))
     loss = loss_fn(logits, y, recipe)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+def alternate_flips(x_u8: torch.Tensor, first: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flips: image i is mirrored in epoch 1 if ``first[i]`` (a coin drawn once per
+    run), and in each later epoch the other way from the one before. ``first`` is indexed like the batch."""
+    mirror = first ^ (epoch % 2 == 0)
+    return torch.where(mirror[:, None, None, None], x_u8.flip(3), x_u8)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -206,6 +219,7 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
     registry.init_from_data(model, x_train)
     opt = make_optimizer(model, recipe)
     lookahead = Lookahead(model) if recipe.lookahead else None
+    first_flips = torch.rand(len(y_train), generator=gen) < 0.5 if recipe.alt_flip else None
     x_test, y_test = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
     steps_per_epoch = max(len(y_train) // recipe.batch_size, 1)
     total_steps = steps_per_epoch * recipe.epochs
@@ -226,6 +240,8 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
         for epoch in range(1, recipe.epochs + 1):
             if step >= total_steps:
                 break
+            if hasattr(model, "start_epoch"):
+                model.start_epoch(epoch)    # e.g. airbench freezes its whitening bias after 3 epochs
             order = torch.randperm(len(y_train), generator=gen)
             n_steps = min(steps_per_epoch, total_steps - step)
             bar = tqdm(total=n_steps, desc=f"epoch {epoch}/{recipe.epochs}", unit="step",
@@ -234,7 +250,8 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
             for i in range(n_steps):
                 idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
                 lr = lr_at(step / total_steps, recipe)
-                loss = sgd_step(model, opt, x_train[idx], y_train[idx], recipe, lr, gen)
+                x = alternate_flips(x_train[idx], first_flips[idx], epoch) if recipe.alt_flip else x_train[idx]
+                loss = sgd_step(model, opt, x, y_train[idx], recipe, lr, gen)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
                 step, seen, loss_sum = step + 1, seen + len(idx), loss_sum + loss * len(idx)

@@ -6,7 +6,7 @@ import torch
 
 from models.augment import augment, random_crop, random_flip
 from models.recipe import Recipe
-from models.train import lr_at
+from models.train import alternate_flips, lr_at
 
 
 def test_crop_without_padding_is_identity():
@@ -26,6 +26,32 @@ def test_crop_is_a_shifted_window_of_the_padded_image():
         assert hits, f"image {i} is not a window of its padded original"
         offsets.add(hits[0])
     assert len(offsets) > 5, "crops should use many different offsets"
+
+
+def test_reflect_crop_is_a_window_of_the_mirrored_edges_and_draws_the_same_offsets():
+    x = torch.randint(1, 255, (64, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop(x, 2, torch.Generator().manual_seed(1), reflect=True)
+    zeros = random_crop(x, 2, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    assert torch.equal(padded[0, 0, 0, 2:10], x[0, 0, 2])          # the row above the image mirrors row 1
+    moved = 0
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
+        assert hits, f"image {i} is not a window of its reflect-padded original"
+        assert torch.equal(zeros[i], torch.nn.functional.pad(x[i], (2, 2, 2, 2))[:, hits[0][0]:hits[0][0] + 8,
+                                                                                      hits[0][1]:hits[0][1] + 8])
+        moved += hits[0] != (2, 2)
+    assert moved > 40 and int((out == 0).sum()) == 0      # shifted windows, and no zero border (x has none)
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch_from_its_first_coin():
+    x = torch.randint(0, 255, (6, 3, 4, 4), dtype=torch.uint8)
+    first = torch.tensor([True, False, True, True, False, False])
+    for epoch in (1, 2, 3, 4):
+        out = alternate_flips(x, first, epoch)
+        mirrored = first if epoch % 2 == 1 else ~first
+        for i in range(len(x)):
+            assert torch.equal(out[i], x[i].flip(2) if mirrored[i] else x[i]), (epoch, i)
 
 
 def test_flip_mirrors_about_half_the_images():
@@ -53,6 +79,18 @@ def test_schedule_warms_up_linearly(schedule):
     assert lr_at(0.25, r) == pytest.approx(0.4)
 
 
+def test_schedule_starts_and_ends_at_fractions_of_the_peak():
+    """airbench's shape: 0.2 x the peak -> the peak at 23% of the run -> 0.07 x the peak at the end."""
+    r = Recipe(lr=1.5, warmup=0.23, lr_start=0.2, lr_end=0.07)
+    assert lr_at(0.0, r) == pytest.approx(0.3)
+    assert lr_at(0.115, r) == pytest.approx(1.5 * 0.6)
+    assert lr_at(0.23, r) == pytest.approx(1.5)
+    assert lr_at(0.23 + 0.77 / 2, r) == pytest.approx(1.5 * (1 + 0.07) / 2)
+    assert lr_at(1.0, r) == pytest.approx(1.5 * 0.07)
+    cos = Recipe(lr=1.0, warmup=0.0, schedule="cosine", lr_end=0.1)
+    assert lr_at(0.5, cos) == pytest.approx(0.55) and lr_at(1.0, cos) == pytest.approx(0.1)
+
+
 def test_schedule_shapes_after_warmup():
     one, cos, const = (Recipe(lr=1.0, warmup=0.0, schedule=s) for s in ("onecycle", "cosine", "constant"))
     assert lr_at(0.5, one) == pytest.approx(0.5) and lr_at(1.0, one) == pytest.approx(0.0)
@@ -66,5 +104,9 @@ def test_recipe_rejects_bad_fields_by_name():
         Recipe(lr=-1)
     with pytest.raises(ValueError, match="'loss'.*ce, focal"):
         Recipe(loss="mse")
+    with pytest.raises(ValueError, match="'lr_end'.*fraction"):
+        Recipe(lr_end=1.5)
+    with pytest.raises(ValueError, match="'alt_flip'"):
+        Recipe(flip=False, alt_flip=True)
     with pytest.raises(ValueError, match="unknown field.*bogus"):
         Recipe.from_dict({"bogus": 1})

@@ -276,6 +276,33 @@ def test_airbench_whitening_filters_decorrelate_the_patches_they_were_set_from()
     assert torch.equal(again.whiten.weight, model.whiten.weight)
 
 
+def test_airbench_decays_its_shifts_and_trains_its_whitening_bias_for_three_epochs_only() -> None:
+    """airbench94's optimizer: batch-norm shifts and the whitening bias decayed like the kernels, the
+    bias frozen after ``WHITEN_BIAS_EPOCHS``; other models decay no 1-D parameter."""
+    from models.airbench import WHITEN_BIAS_EPOCHS
+    from models.train import make_optimizer, sgd_step
+
+    model = registry.build("airbench")
+    recipe = registry.get("airbench").recipe
+    opt = make_optimizer(model, recipe)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    shifts = {n for n in names.values() if n.endswith(".shift")}
+    assert len(shifts) == 6 and shifts | {"whiten.bias"} <= decayed
+    assert {"head.weight", "groups.0.layers.0.weight"} <= decayed and "whiten.weight" not in decayed
+    plain_model = registry.build("resnet_fast")
+    plain_opt = make_optimizer(plain_model, registry.get("resnet_fast").recipe)
+    assert all(p.ndim > 1 for g in plain_opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
+    x, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4)
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(1, WHITEN_BIAS_EPOCHS + 2):
+        model.start_epoch(epoch)
+        before = model.whiten.bias.detach().clone()
+        sgd_step(model, opt, x, y, recipe, 0.1, gen)
+        moved = not torch.equal(before, model.whiten.bias)
+        assert moved == (epoch <= WHITEN_BIAS_EPOCHS), epoch
+
+
 def test_shift_norm_trains_its_shift_as_batch_norm_at_64_times_the_lr_and_lookahead_and_tta() -> None:
     from models.airbench import SHIFT_GAIN, ShiftNorm
     from models.train import Lookahead, evaluate, tta_logits
