@@ -63,7 +63,7 @@ class OptionError(ValueError):
 def _models() -> tuple[str, ...]:
     from models.registry import MODELS
 
-    return tuple(name for name, spec in MODELS.items() if spec.distributed)
+    return tuple(MODELS)
 
 
 def _strategies() -> tuple[str, ...]:

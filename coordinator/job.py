@@ -151,6 +151,10 @@ class Job:
         spec = registry.get(config.model)
         self.kind = spec.kind
         self.recipe: Recipe = unit_recipe(spec.recipe, config, spec.kind)
+        one_process = [f for f in ("lookahead", "crop_reflect", "alt_flip") if getattr(self.recipe, f)]
+        if one_process:
+            log.info("%s's recipe sets %s: one process's only, work units train without", config.model,
+                     ", ".join(one_process))
         self.epochs = config.epochs if config.epochs is not None else float(self.recipe.epochs)
         self.strategy_name, self.strategy = build_strategy(config, self.kind)
         with torch.random.fork_rng():   # the initial model from the job's seed, without touching global state
@@ -201,7 +205,10 @@ class Job:
         self._check_same_job(data)
         shard_sizes = self._cut_shards(data)
         self.budget = int(self.epochs * len(data.train_y))
-        latest = store.latest_version() or self._create_version0()
+        latest = store.latest_version()
+        if latest is None:   # a new job: a model that sets part of itself from images (airbench's whitening) does
+            registry.init_from_data(self.model, torch.from_numpy(data.train_x))
+            latest = self._create_version0()
         # the newest durable version (a state directory from before lazy writes: every version is)
         persisted = store.version(store.get_meta("persisted_step", latest.step))
         saved = store.get_meta("strategy_state")

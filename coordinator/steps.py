@@ -179,10 +179,13 @@ class StepGraphs:
         self.cache_dir = Path(cache_dir)
         self.entries: dict[int, _Entry] = {}
         self._one_at_a_time = asyncio.Lock()
+        self.unavailable = registry.get(self.model).browser   # known without an export: why not, or None
 
     def manifest(self, batch_size: int) -> dict | None:
         """The manifest, or None while it is being built (the build starts if it has not).
-        Raises StepUnavailable when the export failed."""
+        Raises StepUnavailable when the export failed, or when the model is known not to export."""
+        if self.unavailable:
+            raise StepUnavailable(self.unavailable)
         entry = self.entries.get(batch_size)
         if entry is None:
             entry = self.entries[batch_size] = _Entry()
@@ -194,6 +197,8 @@ class StepGraphs:
     def state(self, batch_size: int) -> str:
         """Where the step graph at this batch size stands, without starting a build: ``ready``,
         ``building``, ``not started`` or ``unavailable: <why>``."""
+        if self.unavailable:
+            return f"unavailable: {self.unavailable}"
         entry = self.entries.get(batch_size)
         if entry is None:
             return "not started"

@@ -32,12 +32,7 @@ class ModelSpec:
     kind: str                        # "dense" or "supermask"
     description: str                 # one line, with provenance
     params: tuple[int, int] = (0, 0)  # (all parameters, trainable ones), as count_parameters gives them
-
-    @property
-    def distributed(self) -> bool:
-        """Whether work units can carry this recipe: lookahead is one process's only (it averages the weights
-        along one run), so the coordinator does not offer a model whose recipe has it."""
-        return not self.recipe.lookahead
+    browser: str | None = None       # why a browser tab cannot train it (its step graph), or None: it can
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,8 +72,9 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               Recipe(batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.33e-3, label_smoothing=0.2, crop_pad=2,
                      warmup=0.23, lr_start=0.2, lr_end=0.07, crop_reflect=True, alt_flip=True, epochs=10,
                      lookahead=True, tta=2), "dense",
-              "best one-process recipe: airbench94's net (whitened 2x2 stem, widths 64-256-256), one process only",
-              (1_971_640, 1_971_352)),
+              "best one-process recipe: airbench94's net (whitened 2x2 stem, widths 64-256-256); Python workers only",
+              (1_971_640, 1_971_352),
+              browser="its 2x2 max-pooling of 31x31 maps is not among the step graph's ops (models.onnx_step)"),
     ModelSpec("resnet_fast", "models.resnet_fast:ResNetFast",
               Recipe(batch_size=512, lr=0.4, label_smoothing=0.2, weight_decay=5e-4, epochs=10), "dense",
               "default: small ResNet after Page's DAWNBench ResNet-9 / airbench, for 2 CPU cores",

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from contract.codecs import CODEC_IDS, decode_delta
 from contract.units import WorkUnit
@@ -15,6 +16,7 @@ from coordinator.app import create_app
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
 from coordinator.strategies import STRATEGIES
+from models import registry
 from tests.helpers.fault_worker import Fault, body, compute
 from worker_py.unit import HAND_BACK, failed_result
 from tests.helpers.tiny_cifar import tiny_cifar10
@@ -225,6 +227,26 @@ async def test_supermask_strategies_end_to_end(client_for, strategy):
     assert job.step >= 1
     changed = {k for k in base if not np.array_equal(base[k], job.state[k])}
     assert changed and all("score" in k for k in changed), changed
+
+
+async def test_airbench_job_sets_its_whitening_stem_from_the_images_and_python_workers_train_it(client_for):
+    """A model that sets part of itself from training images (airbench's whitening stem): the job's version 0
+    carries the stem as one process's ``init_from_data`` sets it, units train the rest and leave the stem
+    alone, and a tab is told plainly that it cannot train this model."""
+    client, job = await client_for(model="airbench", codec="fp32")
+    version0 = decode_delta(job.store.get_blob(job.store.version(0).blob))
+    want = registry.build("airbench")
+    registry.init_from_data(want, torch.from_numpy(tiny_cifar10(n_train=256, n_test=64).train_x))
+    assert np.array_equal(version0["whiten.weight"], want.whiten.weight.numpy())
+    assert np.count_nonzero(version0["whiten.weight"]) > 0
+    await run_units(client, job, 3)
+    assert job.step >= 1 and all(np.isfinite(v).all() for v in job.state.values())
+    assert np.array_equal(job.state["whiten.weight"], version0["whiten.weight"])
+    assert not np.array_equal(job.state["head.weight"], version0["head.weight"])
+    resp = await client.get(f"/api/v1/steps/airbench/{job.recipe.batch_size}")   # known at once, no export
+    got = await resp.json()
+    assert resp.status == 501 and "cannot be trained in a browser" in got["error"]["message"], got
+    assert "31x31" in got["error"]["message"], got
 
 
 async def test_status_metrics_and_dashboard(client_for):
