@@ -229,11 +229,13 @@ async def test_supermask_strategies_end_to_end(client_for, strategy):
     assert changed and all("score" in k for k in changed), changed
 
 
-async def test_airbench_job_sets_its_whitening_stem_from_the_images_and_python_workers_train_it(client_for):
+async def test_airbench_job_sets_its_whitening_stem_from_the_images_and_python_workers_train_it(aiohttp_client,
+                                                                                             tmp_path):
     """A model that sets part of itself from training images (airbench's whitening stem): the job's version 0
     carries the stem as one process's ``init_from_data`` sets it, units train the rest and leave the stem
     alone, and a tab is told plainly that it cannot train this model."""
-    client, job = await client_for(model="airbench", codec="fp32")
+    job = make_job(tmp_path, model="airbench", codec="fp32")
+    client = await aiohttp_client(create_app(job.config, job, warm=True))   # as `crowdtrain coordinator` starts
     version0 = decode_delta(job.store.get_blob(job.store.version(0).blob))
     want = registry.build("airbench")
     registry.init_from_data(want, torch.from_numpy(tiny_cifar10(n_train=256, n_test=64).train_x))
