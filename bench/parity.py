@@ -250,6 +250,7 @@ def warm_up(args, data: str, out: Path) -> float:
 def run_real(args, data: str, spec: Spec, out: Path) -> dict:
     """A coordinator and ``args.workers`` worker processes until the budget is folded and evaluated."""
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "state", ignore_errors=True)   # a new job: an earlier run's state (its blobs deleted) is not resumed
     flags = coordinator_flags(args, data, spec) + ["--eval-every", str(args.eval_every)]
     log(f"real, {spec.label}: crowdtrain coordinator {' '.join(flags)} + {args.workers} workers")
     cluster = Cluster(out, *flags, worker_threads=1)
