@@ -59,7 +59,7 @@ def train_parser(prog: str = "crowdtrain train") -> argparse.ArgumentParser:
     hp.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                     help=f"random horizontal flips (default: {RECIPE})")
     hp.add_argument("--alt-flip", action=argparse.BooleanOptionalAction, default=None,
-                    help=f"each image's flip alternates epoch to epoch from a random first one; one process "
+                    help=f"with --flip, each image's flip alternates epoch to epoch from a random first one; one process "
                     f"(default: {RECIPE})")
     hp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                     help=f"average the weights along the run (default: {RECIPE})")

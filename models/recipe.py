@@ -30,7 +30,7 @@ class Recipe:
     crop_pad: int = 4              # random-crop padding in pixels (0 = no crop)
     crop_reflect: bool = False     # one process: crops pad by mirroring the edges (airbench), not with zeros
     flip: bool = True              # random horizontal flip
-    alt_flip: bool = False         # one process: each image's flip alternates epoch to epoch from a random first one (airbench)
+    alt_flip: bool = False         # one process, with flip: each image's flip alternates epoch to epoch from a random first one (airbench)
     epochs: int = 10               # passes over the training split
     lookahead: bool = False        # one process: average the weights along the run (``models.train.Lookahead``)
     tta: int = 0                   # test-time augmentation of evaluations: 0 none, 1 flip, 2 flip and shift
@@ -51,7 +51,6 @@ class Recipe:
         need(0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
         need(0 <= self.lr_start <= 1, "lr_start", "a fraction of the peak lr in [0, 1]")
         need(0 <= self.lr_end <= 1, "lr_end", "a fraction of the peak lr in [0, 1]")
-        need(self.flip or not self.alt_flip, "alt_flip", "false when flip is false")
         need(isinstance(self.crop_pad, int) and 0 <= self.crop_pad <= 16, "crop_pad", "an integer in [0, 16]")
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
         need(self.tta in (0, 1, 2), "tta", "0, 1 or 2")

@@ -103,8 +103,8 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generator) -> float:
-    """One augmented SGD step on a uint8 batch; returns the batch loss. With ``recipe.alt_flip`` the caller
-    has flipped the batch (``alternate_flips``), so no random flip is drawn here."""
+    """One augmented SGD step on a uint8 batch; returns the batch loss. With ``recipe.flip`` and ``alt_flip`` the
+    caller has flipped the batch (``alternate_flips``), so no random flip is drawn here."""
     for group in opt.param_groups:
         group["lr"] = lr
     flip = recipe.flip and not recipe.alt_flip
@@ -219,7 +219,8 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
     registry.init_from_data(model, x_train)
     opt = make_optimizer(model, recipe)
     lookahead = Lookahead(model) if recipe.lookahead else None
-    first_flips = torch.rand(len(y_train), generator=gen) < 0.5 if recipe.alt_flip else None
+    alternating = recipe.flip and recipe.alt_flip
+    first_flips = torch.rand(len(y_train), generator=gen) < 0.5 if alternating else None
     x_test, y_test = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
     steps_per_epoch = max(len(y_train) // recipe.batch_size, 1)
     total_steps = steps_per_epoch * recipe.epochs
@@ -250,7 +251,7 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
             for i in range(n_steps):
                 idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
                 lr = lr_at(step / total_steps, recipe)
-                x = alternate_flips(x_train[idx], first_flips[idx], epoch) if recipe.alt_flip else x_train[idx]
+                x = alternate_flips(x_train[idx], first_flips[idx], epoch) if alternating else x_train[idx]
                 loss = sgd_step(model, opt, x, y_train[idx], recipe, lr, gen)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")

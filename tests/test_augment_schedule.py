@@ -106,7 +106,5 @@ def test_recipe_rejects_bad_fields_by_name():
         Recipe(loss="mse")
     with pytest.raises(ValueError, match="'lr_end'.*fraction"):
         Recipe(lr_end=1.5)
-    with pytest.raises(ValueError, match="'alt_flip'"):
-        Recipe(flip=False, alt_flip=True)
     with pytest.raises(ValueError, match="unknown field.*bogus"):
         Recipe.from_dict({"bogus": 1})

@@ -66,6 +66,20 @@ def test_same_seed_same_run(tmp_path):
     assert a["train_loss"] == b["train_loss"] and a["test_loss"] == b["test_loss"]
 
 
+def test_alternating_flips_change_the_run_only_when_flips_are_on():
+    """``alt_flip`` chooses how flips are drawn: with ``flip`` off it is moot (no error, the same run), with it on
+    it draws once per image instead of once per step (another run from the same seed)."""
+    data = tiny_cifar10(n_train=128, n_test=32)
+    torch.set_num_threads(1)
+
+    def loss(**fields) -> float:
+        return train("cnn", data, Recipe(batch_size=32, lr=0.05, epochs=2, **fields), None, seed=5,
+                     progress=False).rows[-1]["train_loss"]
+
+    assert loss(flip=False, alt_flip=True) == loss(flip=False)
+    assert loss(alt_flip=True) != loss()
+
+
 def test_bad_data_path_is_one_clear_line(tmp_path):
     missing = tmp_path / "nope"
     out = run_cli("train", "--data", str(missing), "--out", str(tmp_path / "o"), cache=tmp_path / "c")
@@ -150,7 +164,7 @@ def test_every_model_learns_from_real_data(name, real_data):
     n = 256
     x, y = real_data.train_x[:n], real_data.train_y[:n]
     spec = registry.get(name)
-    recipe = Recipe(**{**spec.recipe.to_dict(), "batch_size": 64, "crop_pad": 0, "flip": False})
+    recipe = Recipe(**{**spec.recipe.to_dict(), "batch_size": 64, "crop_pad": 0, "flip": False})   # (alt_flip moot)
     lr = spec.recipe.lr * min(1.0, 64 / spec.recipe.batch_size)   # the recipe's lr, scaled to batch 64
     model = registry.build(name)
     base = state_arrays(model)
