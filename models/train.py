@@ -103,12 +103,10 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generator) -> float:
-    """One augmented SGD step on a uint8 batch; returns the batch loss. With ``recipe.flip`` and ``alt_flip`` the
-    caller has flipped the batch (``alternate_flips``), so no random flip is drawn here."""
+    """One augmented SGD step on a uint8 batch; returns the batch loss."""
     for group in opt.param_groups:
         group["lr"] = lr
-    flip = recipe.flip and not recipe.alt_flip
-    logits = model(channels_last(augment(x_u8, recipe.crop_pad, flip, gen, recipe.crop_reflect)))
+    logits = model(channels_last(augment(x_u8, recipe.crop_pad, recipe.flip, gen, recipe.crop_reflect)))
     loss = loss_fn(logits, y, recipe)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -221,6 +219,8 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
     lookahead = Lookahead(model) if recipe.lookahead else None
     alternating = recipe.flip and recipe.alt_flip
     first_flips = torch.rand(len(y_train), generator=gen) < 0.5 if alternating else None
+    # with alternating flips the batches come flipped (``alternate_flips``): the step draws no flip of its own
+    step_recipe = dataclasses.replace(recipe, flip=False) if alternating else recipe
     x_test, y_test = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
     steps_per_epoch = max(len(y_train) // recipe.batch_size, 1)
     total_steps = steps_per_epoch * recipe.epochs
@@ -252,7 +252,7 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
                 idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
                 lr = lr_at(step / total_steps, recipe)
                 x = alternate_flips(x_train[idx], first_flips[idx], epoch) if alternating else x_train[idx]
-                loss = sgd_step(model, opt, x, y_train[idx], recipe, lr, gen)
+                loss = sgd_step(model, opt, x, y_train[idx], step_recipe, lr, gen)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
                 step, seen, loss_sum = step + 1, seen + len(idx), loss_sum + loss * len(idx)
