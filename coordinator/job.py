@@ -52,7 +52,7 @@ from coordinator import trust as T
 from coordinator.aggregator import Aggregation, Aggregator
 from coordinator.config import DEFAULT_STRATEGY, DEFAULT_STRATEGY_PARAMS, CoordinatorConfig
 from coordinator.evaluator import Evaluator
-from coordinator.factory import Base, UnitFactory
+from coordinator.factory import HYPER_KEYS, Base, UnitFactory
 from coordinator.intake import Accepted, Failure, Intake, Rejection, Superseded
 from coordinator.status import JobStatus, TrustRow, WorkerRow
 from coordinator.steps import step_cache_dir
@@ -151,7 +151,8 @@ class Job:
         spec = registry.get(config.model)
         self.kind = spec.kind
         self.recipe: Recipe = unit_recipe(spec.recipe, config, spec.kind)
-        one_process = [f for f in ("lookahead", "crop_reflect", "alt_flip") if getattr(self.recipe, f)]
+        one_process = [f.name for f in dataclasses.fields(Recipe)   # switches on that units do not carry
+                       if f.name not in HYPER_KEYS and getattr(self.recipe, f.name) is True]
         if one_process:
             log.info("%s's recipe sets %s: one process's only, work units train without", config.model,
                      ", ".join(one_process))
