@@ -305,13 +305,15 @@ async def test_evaluations_take_at_most_their_share_of_the_time_and_the_final_on
         while len(starts) < 4:
             await asyncio.sleep(0.01)
         monkeypatch.setattr(app_module, "EVAL_SHARE", 1e-4)   # the fourth (0.3 s) pauses 0.3 s x 9,999...
-        await asyncio.sleep(0.5)                              # it is over: its pause began
+        while job.step < 5:                                   # the fourth is recorded...
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)                              # ... and its pause began
         finished_at = time.monotonic()
         job.finished = True                                  # ... but the job is done
         while len(starts) < 5:
             await asyncio.sleep(0.01)
             assert time.monotonic() - finished_at < 3.0
-        assert starts[4][0] == job.step - 1
+        assert starts[4][0] == 5   # the final version (read before the test could see its record_eval)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
