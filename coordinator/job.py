@@ -57,7 +57,7 @@ from coordinator.intake import Accepted, Failure, Intake, Rejection, Superseded
 from coordinator.status import JobStatus, TrustRow, WorkerRow
 from coordinator.steps import step_cache_dir
 from coordinator.store import Store, Version
-from coordinator.strategies import NormClip, StalenessCap, Strategy, StrategyState, make_strategy
+from coordinator.strategies import Lookahead, NormClip, StalenessCap, Strategy, StrategyState, make_strategy
 from models import registry
 from models.data import Cifar10, load_cifar10
 from models.local import delta_spec, state_arrays
@@ -113,6 +113,11 @@ class Inbound:
     blob: str
 
 
+# recipe switches the coordinator itself carries out (units need not): the lookahead is a running average of
+# the versions (``strategies.wrappers.Lookahead``, wrapped around the job's strategy in ``Job.open``)
+COORDINATOR_SIDE = ("lookahead",)
+
+
 def unit_recipe(recipe: Recipe, config: CoordinatorConfig, kind: str) -> Recipe:
     """The recipe units train with: the model's, with the config's batch size and peak lr; without an
     explicit batch size, a dense model's batch is ``unit_batch_scale`` of the recipe's, at the same lr
@@ -152,7 +157,8 @@ class Job:
         self.kind = spec.kind
         self.recipe: Recipe = unit_recipe(spec.recipe, config, spec.kind)
         one_process = [f.name for f in dataclasses.fields(Recipe)   # switches on that units do not carry
-                       if f.name not in HYPER_KEYS and getattr(self.recipe, f.name) is True]
+                       if f.name not in HYPER_KEYS and f.name not in COORDINATOR_SIDE
+                       and getattr(self.recipe, f.name) is True]
         if one_process:
             log.info("%s's recipe sets %s: one process's only, work units train without", config.model,
                      ", ".join(one_process))
@@ -206,6 +212,9 @@ class Job:
         self._check_same_job(data)
         shard_sizes = self._cut_shards(data)
         self.budget = int(self.epochs * len(data.train_y))
+        if self.recipe.lookahead and not isinstance(self.strategy, Lookahead):   # the versions' running average
+            batch = registry.get(cfg.model).recipe.batch_size                     # one process's step
+            self.strategy = Lookahead(self.strategy, max(self.budget, 1), Lookahead.PER_SYNC * batch)
         latest = store.latest_version()
         if latest is None:   # a new job: a model that sets part of itself from images (airbench's whitening) does
             registry.init_from_data(self.model, torch.from_numpy(data.train_x))

@@ -44,6 +44,8 @@ PARAMS: dict[str, str] = {
     "radius": "clip radius = radius x the median recent distance to the reference",
     "beta": "reference <- beta x reference + (1 - beta) x mean of the clipped deltas",
     "trim": "fraction of the largest and of the smallest values dropped per coordinate",
+    "total_samples": "the job's budget of samples (the lookahead's progress is folded samples over it)",
+    "every_samples": "folded samples between two lookahead syncs (5 of one process's batches)",
 }
 
 # the state a strategy's describe() reports besides its parameters: key -> (label, explanation)
@@ -59,6 +61,7 @@ STATE: dict[str, tuple[str, str]] = {
     "norms": ("norms seen", "recent norms in the window"),
     "tau": ("clip radius now", "the current clipping radius (none yet while warming up)"),
     "distances": ("distances seen", "recent distances in the window"),
+    "syncs": ("lookahead syncs", "times the model was moved to the versions' running average"),
 }
 HIDDEN = ("name", "params", "inner", "due")   # "due" is the aggregation loop's business, not a person's
 
@@ -70,6 +73,8 @@ WRAPPERS: dict[str, str] = {
     "centered_clip": "clips each delta around the previous aggregate (--robust centered_clip)",
     "trimmed_mean": "replaces the buffer by its coordinate-wise trimmed mean (--robust trimmed_mean)",
     "median": "replaces the buffer by its coordinate-wise median (--robust median)",
+    "lookahead": "moves the model to a running average of its versions, more so late in the run "
+                 "(airbench94's lookahead; a recipe with lookahead, e.g. airbench's)",
 }
 
 

@@ -65,3 +65,11 @@ class Recipe:
         if unknown:
             raise ValueError(f"recipe: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
         return cls(**d)
+
+
+def lookahead_decay(progress: float, steps: float) -> float:
+    """airbench94's lookahead: the share of the weights' running average kept at a sync ``steps`` SGD steps
+    after the previous one, ``progress`` (0..1) into the run: 0.95^steps x progress^3 (none at the start, most
+    at the end). One process syncs every 5 steps (``models.train.Lookahead``); the coordinator after the
+    folds of as many samples (``coordinator.strategies.wrappers.Lookahead``)."""
+    return 0.95 ** steps * min(max(progress, 0.0), 1.0) ** 3

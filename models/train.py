@@ -25,7 +25,7 @@ from tqdm import tqdm
 from models import registry
 from models.augment import augment
 from models.data import Cifar10, DataError, load_cifar10
-from models.recipe import Recipe
+from models.recipe import Recipe, lookahead_decay
 
 DEFAULT_MODEL = "resnet_fast"   # (models.cli states it too, for --help without torch)
 
@@ -82,7 +82,7 @@ class Lookahead:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, progress: float) -> None:
-        decay = 0.95 ** self.EVERY * min(max(progress, 0.0), 1.0) ** 3
+        decay = lookahead_decay(progress, self.EVERY)
         state = model.state_dict()
         for k, avg in self.avg.items():
             avg.lerp_(state[k], 1 - decay)

@@ -245,6 +245,14 @@ async def test_airbench_job_sets_its_whitening_stem_from_the_images_and_python_w
     assert job.step >= 1 and all(np.isfinite(v).all() for v in job.state.values())
     assert np.array_equal(job.state["whiten.weight"], version0["whiten.weight"])
     assert not np.array_equal(job.state["head.weight"], version0["head.weight"])
+    # the recipe's lookahead is the coordinator's: a running average of the versions, synced every 5 of one
+    # process's steps of folded samples, by the job's progress through its budget
+    from coordinator.strategies import Lookahead
+    assert isinstance(job.strategy, Lookahead) and job.strategy.total_samples == job.budget
+    assert job.strategy.every_samples == 5 * registry.get("airbench").recipe.batch_size
+    assert job.strategy.folded_samples == job.aggregator.samples > 0
+    status = await (await client.get("/api/status")).json()
+    assert status["strategy"]["name"] == "lookahead", status["strategy"]
     resp = await client.get(f"/api/v1/steps/airbench/{job.recipe.batch_size}")   # known at once, no export
     got = await resp.json()
     assert resp.status == 501 and "cannot be trained in a browser" in got["error"]["message"], got

@@ -426,3 +426,61 @@ def test_defaults_and_params_rebuild(name: str) -> None:
 def test_parameter_validation_names_the_parameter(name: str, params: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         make_strategy(name, **params)
+
+
+# --- the coordinator's lookahead ------------------------------------------------------------
+
+def test_lookahead_syncs_to_the_running_average_by_progress() -> None:
+    """Syncs after every ``every_samples`` folded samples and at the end of the budget: avg moves
+    (1 - d) of the way to the folded model, d = 0.95^steps x progress^3, and the new version is avg;
+    nothing changes early in the run (d = 0) and integer tensors pass through."""
+    from coordinator.strategies import Lookahead
+    from models.recipe import lookahead_decay
+
+    la = Lookahead(AsyncSGD(), total_samples=100, every_samples=20)   # a step is 4 samples
+    model = {"w": arr(0.0), "count": np.array([7], dtype=np.int64)}
+    la.add(upd(0, 10, w=arr(1.0), count=np.array([0])), 0)
+    model, m = la.aggregate(model, 0)      # 10 samples: no sync yet
+    close({"w": model["w"]}, w=arr(1.0))
+    assert m["syncs"] == 0 and "lookahead_decay" not in m
+    la.add(upd(1, 10, w=arr(1.0), count=np.array([0])), 1)
+    model, m = la.aggregate(model, 1)      # 20 samples: a sync at progress 0.2 (avg was 0, the model 2)
+    d = lookahead_decay(0.2, 5)
+    assert m["syncs"] == 1 and m["lookahead_decay"] == pytest.approx(d) and 0 < d < 0.01
+    close({"w": model["w"]}, w=arr(2 * (1 - d)))
+    assert model["count"].dtype == np.int64 and model["count"][0] == 7
+    avg = 2 * (1 - d)
+    la.add(upd(2, 80, w=arr(10.0), count=np.array([0])), 2)
+    model, m = la.aggregate(model, 2)      # the budget: a sync at progress 1 after 80 samples (20 steps)
+    d = lookahead_decay(1.0, 20)
+    assert d == pytest.approx(0.95 ** 20)
+    close({"w": model["w"]}, w=arr(avg + (1 - d) * (avg + 10.0 - avg)))
+
+
+def test_lookahead_state_round_trip_gives_the_same_versions() -> None:
+    """Its average and counters are part of the state: a strategy restored mid-run folds as the original."""
+    from coordinator.strategies import Lookahead
+
+    def fresh() -> Lookahead:
+        return Lookahead(StalenessCap(AsyncSGD(), 8), total_samples=60, every_samples=8)
+
+    rng = np.random.default_rng(0)
+    deltas = [rng.normal(size=3).astype(np.float32) for _ in range(10)]
+    a, model = fresh(), {"w": arr(0.0, 0.0, 0.0)}
+    for i, dl in enumerate(deltas[:5]):
+        a.add(upd(i, 6, w=dl), i)
+        model, _ = a.aggregate(model, i)
+    b = fresh()
+    state = a.state_dict(include_buffer=False)
+    b.load_state_dict(StrategyState.from_bytes(state.to_bytes()))
+    assert json.loads(json.dumps(state.meta)) == state.meta
+    ma, mb = model, {k: v.copy() for k, v in model.items()}
+    for i, dl in enumerate(deltas[5:], start=5):
+        for s, which in ((a, "a"), (b, "b")):
+            s.add(upd(i, 6, w=dl), i)
+        ma, _ = a.aggregate(ma, i)
+        mb, _ = b.aggregate(mb, i)
+        np.testing.assert_array_equal(ma["w"], mb["w"])
+    assert a.describe()["syncs"] == b.describe()["syncs"] == 5   # every 2 folds of 6 samples
+    with pytest.raises(ValueError, match="every_samples"):
+        Lookahead(AsyncSGD(), total_samples=10, every_samples=0)
