@@ -182,11 +182,12 @@ def test_every_model_learns_from_real_data(name, real_data):
 @pytest.mark.timeout(900)   # ~30 s on a quiet machine; several times that on a loaded one
 def test_cnn_one_epoch_on_real_cifar10_beats_chance(tmp_path):
     """The issue's check, `crowdtrain train --model cnn --epochs 1` on real data well above chance (10%), on a
-    quarter of the training split so the suite stays within its time (the whole epoch took 72 s quiet and
-    reached > 35%; bench/seed_models.py measures full runs). Measured: 21.3% on the whole test split."""
-    out = run_cli("train", "--model", "cnn", "--epochs", "1", "--limit-train", "12500", "--out", str(tmp_path / "cnn"),
-                  "--no-progress", timeout=800)
+    tenth of the training split at batch 64 so the suite stays within its time (the whole epoch took 72 s
+    quiet and reached > 35%; bench/seed_models.py measures full runs). Measured: 26.25% on the whole test
+    split (48 s of training on a loaded machine; 12,500 images at batch 256 took 87 s in the suite for 21.3%)."""
+    out = run_cli("train", "--model", "cnn", "--epochs", "1", "--limit-train", "5000", "--batch-size", "64",
+                  "--out", str(tmp_path / "cnn"), "--no-progress", timeout=800)
     assert out.returncode == 0, out.stderr
-    assert "training cnn on 12500 images" in out.stdout + out.stderr
+    assert "training cnn on 5000 images" in out.stdout + out.stderr
     row = json.loads((tmp_path / "cnn" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["epoch"] == 1 and row["step"] == 12500 // 256 and row["test_acc"] > 0.16, row
+    assert row["epoch"] == 1 and row["step"] == 5000 // 64 and row["test_acc"] > 0.16, row
