@@ -138,6 +138,11 @@ class CoordinatorConfig:
                          "median (coordinate-wise, for buffers of 3 or more)", "job", valid=_is_robust,
                          expected="none, adaptive_clip[:multiplier], centered_clip[:radius], trimmed_mean[:trim] "
                          "or median", metavar="SPEC")
+    lookahead: str = option(
+        str, "recipe", "a running average of the versions, synced every 5 of one process's batches of folded samples "
+        "and kept more of as the job nears its budget (airbench94's lookahead, done by the coordinator; "
+        "strategies.wrappers.Lookahead): recipe (when the model's recipe says lookahead, e.g. airbench), on or off",
+        "job", choices=("recipe", "on", "off"))
     job: str = option(str, "cifar10", "job name", "job")
     seed: int = option(int, 0, "seeds the initial model, the shard order and the unit seeds", "job", lo=0)
     epochs: float | None = option(float, None, "sample budget, in passes over the training split", "job", lo=0,

@@ -157,8 +157,8 @@ class Job:
         self.kind = spec.kind
         self.recipe: Recipe = unit_recipe(spec.recipe, config, spec.kind)
         one_process = [f.name for f in dataclasses.fields(Recipe)   # switches on that units do not carry
-                       if f.name not in HYPER_KEYS and f.name not in COORDINATOR_SIDE
-                       and getattr(self.recipe, f.name) is True]
+                       if f.name not in HYPER_KEYS and getattr(self.recipe, f.name) is True
+                       and (f.name not in COORDINATOR_SIDE or config.lookahead == "off")]
         if one_process:
             log.info("%s's recipe sets %s: one process's only, work units train without", config.model,
                      ", ".join(one_process))
@@ -212,7 +212,8 @@ class Job:
         self._check_same_job(data)
         shard_sizes = self._cut_shards(data)
         self.budget = int(self.epochs * len(data.train_y))
-        if self.recipe.lookahead and not isinstance(self.strategy, Lookahead):   # the versions' running average
+        lookahead = cfg.lookahead == "on" or (cfg.lookahead == "recipe" and self.recipe.lookahead)
+        if lookahead and not isinstance(self.strategy, Lookahead):   # the versions' running average
             batch = registry.get(cfg.model).recipe.batch_size                     # one process's step
             self.strategy = Lookahead(self.strategy, max(self.budget, 1), Lookahead.PER_SYNC * batch)
         latest = store.latest_version()

@@ -34,6 +34,7 @@ VALUES = {
     "strategy_params": (["--param", "buffer_size=3", "--param", "server_momentum=0.5"],
                         {"buffer_size": 3, "server_momentum": 0.5}),
     "robust": (["--robust", "trimmed_mean:0.25"], "trimmed_mean:0.25"),
+    "lookahead": (["--lookahead", "on"], "on"),
     "version_download": (["--version-download", "fp16"], "fp16"),
     "job": (["--job", "j2"], "j2"),
     "seed": (["--seed", "7"], 7),
@@ -202,7 +203,7 @@ def test_scenario_coordinator_section_is_the_configs():
     assert {"max_staleness", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
             "lease_max_s", "lease_first_s", "lease_factor", "keep_versions", "persist_every_s", "persist_every_versions",
             "body_slack_bytes", "replication", "replica_wait_s", "check_max_steps", "robust", "version_download",
-            "unit_lr", "dynamic_steps", "flight_samples"} == set(COORDINATOR_KEYS)
+            "unit_lr", "dynamic_steps", "flight_samples", "lookahead"} == set(COORDINATOR_KEYS)
     for name in COORDINATOR_KEYS:
         assert SCHEMA["coordinator"][name].default == C.FIELDS[name].default
         assert SCHEMA["coordinator"][name].help.startswith(C.FIELDS[name].metadata["help"])

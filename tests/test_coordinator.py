@@ -264,6 +264,19 @@ async def test_airbench_job_sets_its_whitening_stem_from_the_images_and_python_w
     assert "31x31" in got["error"]["message"], got
 
 
+def test_the_lookahead_follows_the_recipe_unless_the_operator_says(tmp_path, caplog):
+    """``--lookahead recipe`` (the default) wraps the strategy of a recipe with lookahead only; ``on`` any
+    job's, ``off`` none (and the coordinator then says units and it leave the recipe's lookahead out)."""
+    from coordinator.strategies import Lookahead
+    assert not isinstance(make_job(tmp_path / "a").strategy, Lookahead)   # cnn's recipe: no lookahead
+    job = make_job(tmp_path / "b", lookahead="on")
+    assert isinstance(job.strategy, Lookahead) and job.strategy.every_samples == 5 * registry.get("cnn").recipe.batch_size
+    with caplog.at_level("INFO", logger="crowdtrain.coordinator"):
+        job = make_job(tmp_path / "c", model="airbench", lookahead="off")
+    assert not isinstance(job.strategy, Lookahead)
+    assert any("alt_flip, lookahead: one process" in r.getMessage() for r in caplog.records), caplog.text
+
+
 async def test_status_metrics_and_dashboard(client_for):
     client, job = await client_for(strategy="async_sgd")
     await run_units(client, job, 2)

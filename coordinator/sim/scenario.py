@@ -206,12 +206,13 @@ MODEL_KEYS = {"name": "model", "batch_size": "batch_size", "lr": "lr", "local_st
 MODEL_DEFAULTS = {"batch_size": 64, "lr": 0.1, "local_steps": 4, "shard_size": 500}
 MODEL_NONE = ("batch_size", "lr", "local_steps")   # "none": the coordinator's own units (the recipe's, scaled)
 # [coordinator] keys: every CoordinatorConfig field of these groups (the state directory is the simulator's),
-# the robust aggregation around the strategy (the defence, with checks' ``replication``), and how model
+# the robust aggregation around the strategy (the defence, with checks' ``replication``), the lookahead, and how model
 # versions reach the workers (``version_download``: version deltas side by side with whole versions).
 COORDINATOR_GROUPS = ("leases", "checks", "storage")
 COORDINATOR_KEYS = tuple(name for name, f in coordinator_config.FIELDS.items()
                          if (f.metadata["group"] in COORDINATOR_GROUPS and name != "state")
-                         or name in ("robust", "version_download", "unit_lr", "dynamic_steps", "flight_samples"))
+                         or name in ("robust", "version_download", "unit_lr", "dynamic_steps", "flight_samples",
+                                     "lookahead"))
 FAULT_NAMES = tuple(f.value for f in LIES)
 
 
