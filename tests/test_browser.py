@@ -538,9 +538,10 @@ def test_an_invited_tab_works_with_the_token_of_its_link_and_an_uninvited_one_is
     c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "3", "--worker-tokens", str(tokens))
     c.start_coordinator()
     manifest(c, "cnn", 32)
-    out = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "1", "--timeout", "30")
+    out = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "1", "--until", "needsToken",
+                "--timeout", "60")
     state = out["state"]
-    assert not out["ok"] and state["unitsDone"] == 0, out
+    assert out["ok"] and out["until"] == "needsToken" and state["unitsDone"] == 0, out
     assert state["donate"]["invited_only"] and "open the link with your token" in state["donateText"], state
     assert state["needsToken"] and not state["running"] and "invited" in state["status"], state
     profile = tmp_path / "profile"

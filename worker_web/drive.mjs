@@ -6,6 +6,8 @@
 //     --timeout S        give up after S seconds (default 240)
 //     --click            press the Start button (otherwise the URL should say ?autostart=1)
 //     --close-at-step K  close the tab once a unit reaches step K (prints that unit's id)
+//     --until KEY        stop waiting as soon as window.crowdtrainState[KEY] is truthy (a tab expected to stop
+//                        by itself, e.g. needsToken: its state is then read at once, not at the timeout)
 //     --profile DIR      user-data dir to use and keep (a repeat visit reuses it); default: a fresh one
 //     --webgpu           launch with --enable-unsafe-webgpu (SwiftShader here)
 //     --hold S           after reaching the goal keep the tab working S more seconds (throttle bench)
@@ -27,13 +29,14 @@ import { join } from 'node:path';
 const args = process.argv.slice(2);
 const url = args.shift();
 const opt = {units: 1, timeout: 240, click: false, closeAt: 0, profile: null, webgpu: false, hold: 0, corrupt: null,
-             lie: null};
+             lie: null, until: null};
 while (args.length) {
   const a = args.shift();
   if (a === '--units') opt.units = +args.shift();
   else if (a === '--timeout') opt.timeout = +args.shift();
   else if (a === '--click') opt.click = true;
   else if (a === '--close-at-step') opt.closeAt = +args.shift();
+  else if (a === '--until') opt.until = args.shift();
   else if (a === '--profile') opt.profile = args.shift();
   else if (a === '--webgpu') opt.webgpu = true;
   else if (a === '--hold') opt.hold = +args.shift();
@@ -122,6 +125,7 @@ try {
       break;
     }
     if (!opt.closeAt && s.unitsDone - out.startUnits >= opt.units) break;
+    if (opt.until && s[opt.until]) { out.until = opt.until; break; }
     if (Date.now() > deadline) { out.error = `timed out after ${opt.timeout} s: ${s.status}`; break; }
     await page.waitForTimeout(100);
   }
