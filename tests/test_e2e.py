@@ -76,7 +76,7 @@ def test_killed_worker_unit_is_reissued_and_done_once(cluster):
 
 
 def test_kill_9_coordinator_loses_no_accepted_update(cluster):
-    c = cluster(*COMMON, "--epochs", "3", "--strategy", "fedbuff", "--param", "buffer_size=3")
+    c = cluster(*COMMON, "--epochs", "2", "--strategy", "fedbuff", "--param", "buffer_size=3")   # 16 units, 7 before the kill
     c.start_coordinator()
     for name in ("w1", "w2"):
         c.start_worker(name)
