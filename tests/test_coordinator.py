@@ -277,6 +277,29 @@ def test_the_lookahead_follows_the_recipe_unless_the_operator_says(tmp_path, cap
     assert any("alt_flip, lookahead: one process" in r.getMessage() for r in caplog.records), caplog.text
 
 
+@pytest.mark.parametrize("persist_every", [10_000, 5])
+async def test_a_lookahead_job_killed_replays_to_the_same_model(client_for, monkeypatch, persist_every):
+    """The lookahead's average is strategy state: a job opened again from its state directory (as after
+    kill -9: the first is never closed) replays the result log, from version 0 (nothing persisted since)
+    or from a persisted version whose state holds the average, through the same syncs to the same model
+    and the same average."""
+    from coordinator.strategies import Lookahead
+    monkeypatch.setattr(Lookahead, "PER_SYNC", 1)   # a sync every 256 samples (cnn's batch), not 1,280
+    client, job = await client_for(lookahead="on", persist_every_s=1e6, persist_every_versions=persist_every)
+    await run_units(client, job, 14)
+    la = job.strategy
+    assert la.describe()["syncs"] >= 2, la.describe()
+    assert (0 if persist_every > 14 else 5) <= job.persisted_step < job.step, (job.persisted_step, job.step)
+    assert job.persisted_step == 0 or job.store.get_meta("strategy_state")
+    again = Job(job.config)
+    again.open(tiny_cifar10(n_train=256, n_test=64))
+    assert again.step == job.step and again.strategy.folded_samples == la.folded_samples
+    for k, v in job.state.items():
+        assert np.array_equal(again.state[k], v), k
+    for k, v in la.avg.items():
+        assert np.array_equal(again.strategy.avg[k], v), k
+
+
 async def test_status_metrics_and_dashboard(client_for):
     client, job = await client_for(strategy="async_sgd")
     await run_units(client, job, 2)
