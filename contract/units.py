@@ -108,6 +108,7 @@ HYPER = {
     "loss": lambda n, v: _choice(n, v, LOSSES),
     "focal_gamma": lambda n, v: _num(n, v, 0, expected="a finite number >= 0"),
     "crop_pad": lambda n, v: _int(n, v, 0, 16),
+    "crop_reflect": _bool,   # crops padded by reflection instead of zeros (sent only when true)
     "flip": _bool,
 }
 

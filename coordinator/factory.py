@@ -57,7 +57,9 @@ FIRST_SAVE_S = 1.0       # the list of fp16 copies is saved at most this often (
 HALF_KEPT = 4            # fp16 copies of the newest versions kept after their units are back (warm workers hold them)
 DERIVED_KEPT = 32        # reconstructions (fp32 blobs) and their version deltas kept once no unit that names them is out
 VERSIONS_SEEN = 64       # version blobs remembered (blob -> step), to recognise what a worker says it holds
-HYPER_KEYS = ("momentum", "nesterov", "weight_decay", "label_smoothing", "loss", "focal_gamma", "crop_pad", "flip")
+HYPER_KEYS = ("momentum", "nesterov", "weight_decay", "label_smoothing", "loss", "focal_gamma", "crop_pad", "flip",
+              "crop_reflect")
+WHEN_SET = ("crop_reflect",)   # keys a unit carries only when true (units without them read as before)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class UnitFactory:
         strategy supplies momentum on the server)."""
         self.config, self.recipe, self.store, self.key = config, recipe, store, key
         self.shard_sizes, self.budget, self.clock, self.rng = shard_sizes, budget, clock, rng
-        self.hyper = {**{k: getattr(recipe, k) for k in HYPER_KEYS}, **(hyper_overrides or {})}
+        self.hyper = {**{k: getattr(recipe, k) for k in HYPER_KEYS if k not in WHEN_SET or getattr(recipe, k)},
+                      **(hyper_overrides or {})}
         q = store.get_meta("queue", {"epoch": 0, "position": 0, "retry": []})
         self.queue = ShardQueue(list(shard_sizes), config.shards_per_unit, config.seed, q["epoch"], q["position"])
         self.queue.requeue(q["retry"])

@@ -81,10 +81,11 @@ def batch_indices(n: int, steps: int, batch: int, rng: Mulberry32) -> list[list[
     return out
 
 
-def augment_batch(x: np.ndarray, y: np.ndarray, idx: list[int], rng: Mulberry32, pad: int, flip: bool
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def augment_batch(x: np.ndarray, y: np.ndarray, idx: list[int], rng: Mulberry32, pad: int, flip: bool,
+                  reflect: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One batch (float32 NCHW of the uint8 pixels, int64 labels): per image a crop row and column
-    in [-pad, pad] (zero padding) and a mirror, drawn in that order (draw.js ``augmentBatch``)."""
+    in [-pad, pad] (zero padding, or with ``reflect`` the edges mirrored: row -1 reads row 1, row 32
+    row 30, as torch's reflect padding) and a mirror, drawn in that order (draw.js ``augmentBatch``)."""
     per = (2 if pad else 0) + (1 if flip else 0)
     draws = rng.take(per * len(idx)).reshape(len(idx), per) if per else np.zeros((len(idx), 0))
     out = np.zeros((len(idx), 3, 32, 32), np.float32)
@@ -94,6 +95,9 @@ def augment_batch(x: np.ndarray, y: np.ndarray, idx: list[int], rng: Mulberry32,
         dx = int(math.floor(draws[b, 1] * (2 * pad + 1))) - pad if pad else 0
         mirror = bool(flip and draws[b, per - 1] < 0.5)
         rows, cols = j + dy, (31 - j if mirror else j) + dx
+        if reflect:
+            rows, cols = np.abs(rows), np.abs(cols)
+            rows, cols = np.where(rows > 31, 62 - rows, rows), np.where(cols > 31, 62 - cols, cols)
         r_ok, c_ok = (rows >= 0) & (rows < 32), (cols >= 0) & (cols < 32)
         out[b][:, np.flatnonzero(r_ok)[:, None], np.flatnonzero(c_ok)[None, :]] = \
             x[i][:, rows[r_ok][:, None], cols[c_ok][None, :]]
@@ -177,7 +181,7 @@ def _run(session, spec, unit, base, x, y) -> BrowserRun:
     names, losses = spec.output_names, []
     for step, idx in enumerate(batches):
         feeds["x"], feeds["y"] = augment_batch(x, y, idx, rng, int(hyper.get("crop_pad") or 0),
-                                               bool(hyper.get("flip") or False))
+                                               bool(hyper.get("flip") or False), bool(hyper.get("crop_reflect")))
         for t in spec.inputs:
             if t.role == "dropout":
                 feeds[t.name] = keep_mask(math.prod(t.shape), t.p, rng).reshape(t.shape)

@@ -172,7 +172,8 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
     batch = min(recipe.batch_size, len(labels))
     losses = []
     for idx in batch_indices(len(labels), steps, batch, gen):
-        loss = loss_fn(model(channels_last(augment(x[idx], recipe.crop_pad, recipe.flip, gen))), labels[idx], recipe)
+        x_aug = augment(x[idx], recipe.crop_pad, recipe.flip, gen, recipe.crop_reflect)
+        loss = loss_fn(model(channels_last(x_aug)), labels[idx], recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

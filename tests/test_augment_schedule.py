@@ -108,3 +108,28 @@ def test_recipe_rejects_bad_fields_by_name():
         Recipe(lr_end=1.5)
     with pytest.raises(ValueError, match="unknown field.*bogus"):
         Recipe.from_dict({"bogus": 1})
+
+
+def test_a_unit_crops_with_reflection_when_its_hyperparameters_say_so():
+    """``run_local`` (what a Python worker's unit runs) pads its crops as the unit's ``crop_reflect`` says:
+    the same seed gives another delta with reflection than with zeros, and the same one without crops."""
+    import numpy as np
+
+    from models import registry
+    from models.local import run_local, state_arrays
+
+    torch.manual_seed(0)
+    base = state_arrays(registry.build("cnn"))
+    x = np.random.default_rng(1).integers(0, 256, (32, 3, 32, 32)).astype(np.uint8)
+    y = np.arange(32) % 10
+
+    def delta(pad: int, reflect: bool) -> dict:
+        recipe = Recipe(batch_size=16, crop_pad=pad, flip=False, crop_reflect=reflect)
+        return run_local("cnn", base, x, y, recipe, steps=2, lr=0.05, seed=3).delta
+
+    def same(a: dict, b: dict) -> bool:
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    assert not same(delta(4, True), delta(4, False))
+    assert same(delta(0, True), delta(0, False))
+    assert same(delta(4, True), delta(4, True))

@@ -57,6 +57,23 @@ def test_augment_crops_with_zeros_and_mirrors():
         assert found, f"image {k} is no crop/mirror of its source"
 
 
+def test_augment_reflects_as_torch_pads():
+    """With ``reflect`` every crop is a window of the image padded by reflection (numpy's and torch's
+    "reflect": the edge row is not repeated), maybe mirrored: no zeros come in."""
+    x = np.random.default_rng(0).integers(1, 256, (2, 3, 32, 32)).astype(np.uint8)
+    out, _ = B.augment_batch(x, np.array([3, 5]), [0, 1, 0, 1, 1, 0], B.Mulberry32(9), 4, True, reflect=True)
+    assert (out > 0).all()
+    shifted = 0
+    for k, src in enumerate([0, 1, 0, 1, 1, 0]):
+        padded = np.pad(x[src].astype(np.float32), ((0, 0), (4, 4), (4, 4)), mode="reflect")
+        hits = [(dy, dx) for mirror in (False, True) for dy in range(-4, 5) for dx in range(-4, 5)
+                if np.array_equal(out[k], padded[:, np.arange(32) + dy + 4][:, :, (31 - np.arange(32) if mirror
+                                                                                   else np.arange(32)) + dx + 4])]
+        assert hits, f"image {k} is no reflected crop of its source"
+        shifted += any(h != (0, 0) for h in hits)
+    assert shifted >= 3   # the draws did shift (a reflected edge, not only the image itself)
+
+
 @pytest.fixture(scope="module")
 def cnn_unit(tmp_path_factory):
     """A cnn unit of 3 steps of 32 on 64 random images, a fresh base, and the step-graph cache."""

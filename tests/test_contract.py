@@ -80,6 +80,7 @@ def test_error_message_names_field_expectation_and_value():
     ({"hyper": {"lr": 0.1, "momentum": 1.0}}, "unit.hyper.momentum"),
     ({"hyper": {"lr": 0.1, "loss": "mse"}}, "unit.hyper.loss"),
     ({"hyper": {"lr": 0.1, "flip": 1}}, "unit.hyper.flip"),
+    ({"hyper": {"lr": 0.1, "crop_reflect": "yes"}}, "unit.hyper.crop_reflect"),
     ({"hyper": {"lr": 0.1, "warmup": 0.2}}, "unit.hyper.warmup"),
     ({"local_steps": 0}, "unit.local_steps"),
     ({"local_steps": 2.0}, "unit.local_steps"),

@@ -258,6 +258,8 @@ async def test_airbench_job_sets_its_whitening_stem_from_the_images_and_python_w
     assert job.strategy.folded_samples == job.aggregator.samples > 0
     status = await (await client.get("/api/status")).json()
     assert status["strategy"]["name"] == "lookahead", status["strategy"]
+    # its crops are padded by reflection, in units too (a recipe without it sends no such key)
+    assert (await take_unit(client, "w3")).hyper["crop_reflect"] is True
     resp = await client.get(f"/api/v1/steps/airbench/{job.recipe.batch_size}")   # known at once, no export
     got = await resp.json()
     assert resp.status == 501 and "cannot be trained in a browser" in got["error"]["message"], got
@@ -286,6 +288,7 @@ async def test_a_lookahead_job_killed_replays_to_the_same_model(client_for, monk
     from coordinator.strategies import Lookahead
     monkeypatch.setattr(Lookahead, "PER_SYNC", 1)   # a sync every 256 samples (cnn's batch), not 1,280
     client, job = await client_for(lookahead="on", persist_every_s=1e6, persist_every_versions=persist_every)
+    assert "crop_reflect" not in (await take_unit(client, "w0")).hyper   # cnn's recipe pads with zeros
     await run_units(client, job, 14)
     la = job.strategy
     assert la.describe()["syncs"] >= 2, la.describe()

@@ -989,6 +989,7 @@ const HYPER = {
   loss: (f, v) => checkChoice(f, v, LOSSES),
   focal_gamma: (f, v) => checkNum(f, v, { lo: 0, expected: "a finite number >= 0" }),
   crop_pad: (f, v) => checkInt(f, v, 0, 16),
+  crop_reflect: checkBool,   // crops padded by reflection instead of zeros (sent only when true)
   flip: checkBool,
 };
 export const HYPER_KEYS = Object.freeze(Object.keys(HYPER));

@@ -43,9 +43,12 @@ export function batchIndices(n, steps, batch, rng) {
   return out;
 }
 
-// One batch of images (uint8 pixels as float32, NCHW 32x32), augmented: a random crop with zero
-// padding `pad` and a mirror when `flip`; and its labels.
-export function augmentBatch(data, idx, rng, pad, flip) {
+// One batch of images (uint8 pixels as float32, NCHW 32x32), augmented: a random crop with padding
+// `pad` (zeros, or with `reflect` the edges mirrored: row -1 reads row 1, row 32 reads row 30) and a
+// mirror when `flip`; and its labels.
+const reflectIndex = i => (i < 0 ? -i : i > 31 ? 62 - i : i);
+
+export function augmentBatch(data, idx, rng, pad, flip, reflect = false) {
   const B = idx.length;
   const x = new Float32Array(B * 3072), y = new Array(B);
   for (let b = 0; b < B; b++) {
@@ -55,11 +58,11 @@ export function augmentBatch(data, idx, rng, pad, flip) {
     const mirror = flip && rng() < 0.5;
     for (let c = 0; c < 3; c++) {
       for (let i = 0; i < 32; i++) {
-        const si = i + dy;
+        const si = reflect ? reflectIndex(i + dy) : i + dy;
         if (si < 0 || si >= 32) continue;   // zero padding (x starts as zeros)
         const row = src + c * 1024 + si * 32, out = dst + c * 1024 + i * 32;
         for (let j = 0; j < 32; j++) {
-          const sj = (mirror ? 31 - j : j) + dx;
+          const sj = reflect ? reflectIndex((mirror ? 31 - j : j) + dx) : (mirror ? 31 - j : j) + dx;
           if (sj >= 0 && sj < 32) x[out + j] = data.x[row + sj];
         }
       }

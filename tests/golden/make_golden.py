@@ -193,10 +193,12 @@ def browser_draw() -> dict:
     x, y = draw_images()
     out["images"] = {"x_sha256": blob_id(x.tobytes()), "shape": list(x.shape), "y": y.tolist()}
     batches = []
-    for pad, flip, seed in ((0, False, 1), (4, True, 11), (2, False, 12), (0, True, 13)):
+    for pad, flip, seed, reflect in ((0, False, 1, False), (4, True, 11, False), (2, False, 12, False),
+                                     (0, True, 13, False), (4, True, 14, True), (16, False, 15, True)):
         rng = draw.Mulberry32(seed)
-        xb, yb = draw.augment_batch(x, y, [2, 0, 1, 2, 0], rng, pad, flip)
+        xb, yb = draw.augment_batch(x, y, [2, 0, 1, 2, 0], rng, pad, flip, reflect)
         batches.append({"idx": [2, 0, 1, 2, 0], "pad": pad, "flip": flip, "seed": seed,
+                        **({"reflect": True} if reflect else {}),
                         "x_sha256": blob_id(xb.astype("<f4").tobytes()), "y": yb.tolist(), "next": rng()})
     out["augment_batch"] = batches
     out["keep_mask"] = [{"n": n, "p": p, "seed": s, "mask": draw.keep_mask(n, p, draw.Mulberry32(s)).astype(int).tolist()}

@@ -332,6 +332,7 @@ describe("messages", () => {
     [{ hyper: { lr: 0.1, momentum: 1.0 } }, "unit.hyper.momentum"],
     [{ hyper: { lr: 0.1, loss: "mse" } }, "unit.hyper.loss"],
     [{ hyper: { lr: 0.1, flip: 1 } }, "unit.hyper.flip"],
+    [{ hyper: { lr: 0.1, crop_reflect: "yes" } }, "unit.hyper.crop_reflect"],
     [{ hyper: { lr: 0.1, warmup: 0.2 } }, "unit.hyper.warmup"],
     [{ hyper: { lr: 0.1, toString: 1 } }, "unit.hyper.toString"],
     [{ hyper: [] }, "unit.hyper"],

@@ -41,9 +41,9 @@ test("augmentBatch crops and mirrors as the golden batches, and draws no more th
   const data = images();
   for (const c of G.augment_batch) {
     const rng = mulberry32(c.seed);
-    const {x, y} = augmentBatch(data, c.idx, rng, c.pad, c.flip);
+    const {x, y} = augmentBatch(data, c.idx, rng, c.pad, c.flip, c.reflect ?? false);
     const bytes = new Uint8Array(x.buffer, x.byteOffset, x.byteLength);   // little-endian float32
-    assert.equal(sha256(bytes), c.x_sha256, JSON.stringify({pad: c.pad, flip: c.flip}));
+    assert.equal(sha256(bytes), c.x_sha256, JSON.stringify({pad: c.pad, flip: c.flip, reflect: c.reflect}));
     assert.deepEqual(Array.from(y), c.y);
     assert.equal(rng(), c.next);
   }
