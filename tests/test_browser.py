@@ -37,7 +37,8 @@ needs_browser = pytest.mark.skipif(not HAVE_BROWSER, reason="needs node, /usr/bi
 pytestmark = pytest.mark.timeout(900)
 
 # Small units on tiny data: 4 steps of 32 images from shards of 64.
-TINY = ("--batch-size", "32", "--shard-size", "64", "--local-steps", "4", "--eval-every", "2")
+# evaluations every 30 s: no test here reads accuracy, and each one is CPU the tab and the workers share
+TINY = ("--batch-size", "32", "--shard-size", "64", "--local-steps", "4", "--eval-every", "30")
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +467,7 @@ def test_a_new_tabs_first_unit_is_one_step_on_a_slice_and_is_accepted(cluster, d
     # default units of 8 steps (a shard of 256 images at batch 32, no --local-steps): a tab whose speed
     # is not known yet gets one step on a 32-image slice of a shard and the model version as fp16
     c = cluster("--data", str(data), "--model", "cnn", "--batch-size", "32", "--shard-size", "256",
-                "--eval-every", "2", "--epochs", "6")
+                "--eval-every", "30", "--epochs", "6")
     c.start_coordinator()
     m = manifest(c, "cnn", 32)
     donate = json.loads(get(f"{c.url}/api/v1/donate")[2])["per_unit"]
