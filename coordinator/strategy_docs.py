@@ -156,8 +156,9 @@ def text(names: list[str] | None = None, full: bool = False, width: int = 100) -
                  "the boundary, 409 too_stale)"),
                 ("--on-large-norm clip --max-delta-norm X", "clip deltas to norm X (default: refused, 422 "
                  "norm_bound)")]
-        if "robust" in FIELDS:
-            rows.append(("--robust SPEC", FIELDS["robust"].metadata["help"]))
+        for name, flag in (("robust", "--robust SPEC"), ("lookahead", "--lookahead {recipe,on,off}")):
+            if name in FIELDS:
+                rows.append((flag, FIELDS[name].metadata["help"]))
         col = max(len(flag) for flag, _ in rows) + 4
         for flag, about in rows:
             out.append(textwrap.fill(about, width, initial_indent=f"  {flag:<{col - 2}}", subsequent_indent=" " * col))
