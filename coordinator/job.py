@@ -113,11 +113,6 @@ class Inbound:
     blob: str
 
 
-# recipe switches the coordinator itself carries out (units need not): the lookahead is a running average of
-# the versions (``strategies.wrappers.Lookahead``, wrapped around the job's strategy in ``Job.open``)
-COORDINATOR_SIDE = ("lookahead",)
-
-
 def unit_recipe(recipe: Recipe, config: CoordinatorConfig, kind: str) -> Recipe:
     """The recipe units train with: the model's, with the config's batch size and peak lr; without an
     explicit batch size, a dense model's batch is ``unit_batch_scale`` of the recipe's, at the same lr
@@ -156,9 +151,11 @@ class Job:
         spec = registry.get(config.model)
         self.kind = spec.kind
         self.recipe: Recipe = unit_recipe(spec.recipe, config, spec.kind)
+        # the recipe's lookahead is the coordinator's own (``strategies.wrappers.Lookahead``, from ``open``)
+        self.lookahead = config.lookahead == "on" or (config.lookahead == "recipe" and self.recipe.lookahead)
         one_process = [f.name for f in dataclasses.fields(Recipe)   # switches on that units do not carry
                        if f.name not in HYPER_KEYS and getattr(self.recipe, f.name) is True
-                       and (f.name not in COORDINATOR_SIDE or config.lookahead == "off")]
+                       and not (f.name == "lookahead" and self.lookahead)]
         if one_process:
             log.info("%s's recipe sets %s: one process's only, work units train without", config.model,
                      ", ".join(one_process))
@@ -212,8 +209,7 @@ class Job:
         self._check_same_job(data)
         shard_sizes = self._cut_shards(data)
         self.budget = int(self.epochs * len(data.train_y))
-        lookahead = cfg.lookahead == "on" or (cfg.lookahead == "recipe" and self.recipe.lookahead)
-        if lookahead and not isinstance(self.strategy, Lookahead):   # the versions' running average
+        if self.lookahead and not isinstance(self.strategy, Lookahead):   # the versions' running average
             batch = registry.get(cfg.model).recipe.batch_size                     # one process's step
             self.strategy = Lookahead(self.strategy, max(self.budget, 1), Lookahead.PER_SYNC * batch)
         latest = store.latest_version()

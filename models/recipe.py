@@ -28,11 +28,11 @@ class Recipe:
     lr_start: float = 0.0          # lr where the warmup starts, as a fraction of the peak (airbench: 0.2)
     lr_end: float = 0.0            # lr at the end of the run (onecycle / cosine), as a fraction of the peak (airbench: 0.07)
     crop_pad: int = 4              # random-crop padding in pixels (0 = no crop)
-    crop_reflect: bool = False     # one process: crops pad by mirroring the edges (airbench), not with zeros
+    crop_reflect: bool = False     # crops pad by mirroring the edges (airbench), not with zeros (units: hyper.crop_reflect)
     flip: bool = True              # random horizontal flip
     alt_flip: bool = False         # one process, with flip: each image's flip alternates epoch to epoch from a random first one (airbench)
     epochs: int = 10               # passes over the training split
-    lookahead: bool = False        # one process: average the weights along the run (``models.train.Lookahead``)
+    lookahead: bool = False        # average the weights along the run (``models.train.Lookahead``; a job: the coordinator's)
     tta: int = 0                   # test-time augmentation of evaluations: 0 none, 1 flip, 2 flip and shift
 
     def __post_init__(self) -> None:

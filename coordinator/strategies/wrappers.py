@@ -28,7 +28,7 @@ import numpy as np
 from models.recipe import lookahead_decay
 
 from .base import Admission, Drop, Folded, Strategy, StrategyState, Update, positive_float, positive_int
-from .tensors import Model, clip_by_global_norm, copy_model, global_norm
+from .tensors import Model, clip_by_global_norm, global_norm
 
 
 class Wrapper(Strategy):
@@ -142,7 +142,7 @@ class Lookahead(Wrapper):
         if samples and (self.since >= self.every_samples or self.folded_samples >= self.total_samples):
             steps = self.since * self.PER_SYNC / self.every_samples
             decay = lookahead_decay(self.folded_samples / self.total_samples, steps)
-            new = copy_model(folded.model)
+            new = dict(folded.model)   # the inner fold's own model: its tensors are replaced, none is changed
             for k, avg in self.avg.items():
                 if k in new:
                     avg += (1.0 - decay) * (new[k].astype(avg.dtype, copy=False) - avg)
