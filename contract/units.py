@@ -110,6 +110,7 @@ HYPER = {
     "crop_pad": lambda n, v: _int(n, v, 0, 16),
     "crop_reflect": _bool,   # crops padded by reflection instead of zeros (sent only when true)
     "flip": _bool,
+    "flip_parity": lambda n, v: _int(n, v, 0, 1),   # flips alternate per epoch: mirror when the image's coin xor this
 }
 
 

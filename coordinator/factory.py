@@ -150,7 +150,7 @@ class UnitFactory:
         issued = json.loads(original["wire"]) if original.get("wire") else {}
         return self._issue(worker_id, codec, base, original["shard_ids"], original["lr"], twin=original["unit_id"],
                            steps=issued.get("local_steps"), batch=issued.get("batch_size"), held=held,
-                           feedback=feedback)
+                           feedback=feedback, parity=issued.get("hyper", {}).get("flip_parity"))
 
     def feedback_allowed(self, codec: str, asked: bool) -> bool:
         """Whether a unit may carry the worker's error-feedback residual (``WorkUnit.error_feedback``): the
@@ -163,9 +163,11 @@ class UnitFactory:
     def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
                twin: str | None = None, steps: int | None = None, version_blob: str | None = None,
                batch: int | None = None, held: tuple[str, ...] = (), feedback: bool = False,
-               pace: float = 1.0) -> WorkUnit:
+               pace: float = 1.0, parity: int | None = None) -> WorkUnit:
         """``pace`` (in (0, 1]): the share of one pass over the shards a unit without ``steps`` or
-        ``--local-steps`` trains, at least one step (``dynamic_steps``)."""
+        ``--local-steps`` trains, at least one step (``dynamic_steps``). A recipe whose flips alternate
+        (``alt_flip``) sends ``hyper.flip_parity``: ``parity`` (a tail copy's, its original's) or the parity
+        of the epoch the shard queue is in (``models.flips``)."""
         now = self.clock()
         base_delta = None
         if version_blob is None:
@@ -188,13 +190,19 @@ class UnitFactory:
         unit = WorkUnit(job=self.config.job, unit_id=unit_id, model=self.config.model,
                         model_version=version_blob,
                         base_step=base.step, shard_ids=shards, local_steps=steps, batch_size=batch,
-                        hyper={"lr": lr, **self.hyper}, seed=seed, codec=codec, lease=lease, deadline=deadline,
+                        hyper=self._hyper(lr, parity), seed=seed, codec=codec, lease=lease, deadline=deadline,
                         base_delta=base_delta, error_feedback=feedback)
         self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
                                wire=json.dumps(unit.to_json()), twin=twin)
         self.store.set_meta("queue", self.queue.state())
         self._named(unit)
         return unit
+
+    def _hyper(self, lr: float, parity: int | None) -> dict:
+        hyper = {"lr": lr, **self.hyper}
+        if self.recipe.flip and self.recipe.alt_flip:
+            hyper["flip_parity"] = self.queue.epoch % 2 if parity is None else parity
+        return hyper
 
     def replicate(self, worker_id: str, original: dict, compute_as: str | None = None) -> WorkUnit:
         """The unit of store row ``original`` again, for ``worker_id``: the same base, shards,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.flips import mirrors
 
 _MUL = np.uint32(0x6D2B79F5)
 _SESSIONS_KEPT = 2
@@ -82,18 +83,22 @@ def batch_indices(n: int, steps: int, batch: int, rng: Mulberry32) -> list[list[
 
 
 def augment_batch(x: np.ndarray, y: np.ndarray, idx: list[int], rng: Mulberry32, pad: int, flip: bool,
-                  reflect: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  reflect: bool = False, parity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One batch (float32 NCHW of the uint8 pixels, int64 labels): per image a crop row and column
     in [-pad, pad] (zero padding, or with ``reflect`` the edges mirrored: row -1 reads row 1, row 32
-    row 30, as torch's reflect padding) and a mirror, drawn in that order (draw.js ``augmentBatch``)."""
-    per = (2 if pad else 0) + (1 if flip else 0)
+    row 30, as torch's reflect padding) and a mirror, drawn in that order (draw.js ``augmentBatch``);
+    with ``parity`` (0 or 1: alternating flips) the mirror is not drawn but the image's coin
+    (``models.flips.image_coins``) xor ``parity``."""
+    alternate = flip and parity is not None
+    per = (2 if pad else 0) + (1 if flip and not alternate else 0)
     draws = rng.take(per * len(idx)).reshape(len(idx), per) if per else np.zeros((len(idx), 0))
+    coins = mirrors(x[np.asarray(idx, dtype=np.int64)], parity) if alternate else None
     out = np.zeros((len(idx), 3, 32, 32), np.float32)
     j = np.arange(32)
     for b, i in enumerate(idx):
         dy = int(math.floor(draws[b, 0] * (2 * pad + 1))) - pad if pad else 0
         dx = int(math.floor(draws[b, 1] * (2 * pad + 1))) - pad if pad else 0
-        mirror = bool(flip and draws[b, per - 1] < 0.5)
+        mirror = bool(coins[b]) if alternate else bool(flip and draws[b, per - 1] < 0.5)
         rows, cols = j + dy, (31 - j if mirror else j) + dx
         if reflect:
             rows, cols = np.abs(rows), np.abs(cols)
@@ -181,7 +186,8 @@ def _run(session, spec, unit, base, x, y) -> BrowserRun:
     names, losses = spec.output_names, []
     for step, idx in enumerate(batches):
         feeds["x"], feeds["y"] = augment_batch(x, y, idx, rng, int(hyper.get("crop_pad") or 0),
-                                               bool(hyper.get("flip") or False), bool(hyper.get("crop_reflect")))
+                                               bool(hyper.get("flip") or False), bool(hyper.get("crop_reflect")),
+                                               hyper.get("flip_parity"))
         for t in spec.inputs:
             if t.role == "dropout":
                 feeds[t.name] = keep_mask(math.prod(t.shape), t.p, rng).reshape(t.shape)

@@ -20,8 +20,9 @@ import torch
 
 from models import registry
 from models.augment import augment
+from models.flips import image_coins
 from models.recipe import Recipe
-from models.train import channels_last, loss_fn, make_optimizer
+from models.train import alternate_flips, channels_last, loss_fn, make_optimizer
 
 
 def state_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -152,11 +153,13 @@ def batch_indices(n: int, steps: int, batch_size: int, gen: torch.Generator) -> 
 
 def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y: np.ndarray,
               recipe: Recipe, steps: int, lr: float, seed: int,
-              model: torch.nn.Module | None = None) -> LocalResult:
+              model: torch.nn.Module | None = None, flip_parity: int | None = None) -> LocalResult:
     """Train ``steps`` SGD steps of ``recipe.batch_size`` from ``base`` on the shard (x_u8, y).
 
     Momentum starts from zero in every unit (units are independent). ``model`` may be a
     cached instance of ``model_name`` to avoid rebuilding it; its state is overwritten.
+    ``flip_parity`` (a unit's ``hyper.flip_parity``, with ``recipe.flip``): alternating flips, image i
+    mirrored when its coin xor the parity (``models.flips``), instead of a random mirror per step.
     """
     t0 = time.perf_counter()
     model = model if model is not None else registry.build(model_name)   # before the seed: building draws
@@ -169,10 +172,13 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
     for group in opt.param_groups:
         group["lr"] = lr
     x, labels = torch.from_numpy(np.ascontiguousarray(x_u8)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    flip = recipe.flip
+    if flip and flip_parity is not None:   # the unit's images mirrored once, as this epoch alternates them
+        x, flip = alternate_flips(x, torch.from_numpy(image_coins(x_u8)), flip_parity + 1), False
     batch = min(recipe.batch_size, len(labels))
     losses = []
     for idx in batch_indices(len(labels), steps, batch, gen):
-        x_aug = augment(x[idx], recipe.crop_pad, recipe.flip, gen, recipe.crop_reflect)
+        x_aug = augment(x[idx], recipe.crop_pad, flip, gen, recipe.crop_reflect)
         loss = loss_fn(model(channels_last(x_aug)), labels[idx], recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()

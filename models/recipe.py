@@ -30,7 +30,7 @@ class Recipe:
     crop_pad: int = 4              # random-crop padding in pixels (0 = no crop)
     crop_reflect: bool = False     # crops pad by mirroring the edges (airbench), not with zeros (units: hyper.crop_reflect)
     flip: bool = True              # random horizontal flip
-    alt_flip: bool = False         # one process, with flip: each image's flip alternates epoch to epoch from a random first one (airbench)
+    alt_flip: bool = False         # with flip, each image's flip alternates epoch to epoch (airbench; units: hyper.flip_parity)
     epochs: int = 10               # passes over the training split
     lookahead: bool = False        # average the weights along the run (``models.train.Lookahead``; a job: the coordinator's)
     tta: int = 0                   # test-time augmentation of evaluations: 0 none, 1 flip, 2 flip and shift

@@ -133,3 +133,54 @@ def test_a_unit_crops_with_reflection_when_its_hyperparameters_say_so():
     assert not same(delta(4, True), delta(4, False))
     assert same(delta(0, True), delta(0, False))
     assert same(delta(4, True), delta(4, True))
+
+
+def test_image_coins_are_the_images_own_fair_and_fixed():
+    """``models.flips.image_coins``: the same image gets the same coin wherever it is in a batch, about half
+    the images get each side, one changed pixel draws the coin again, and a parity flips every coin."""
+    import numpy as np
+
+    from models.flips import image_coins, mirrors
+
+    x = np.random.default_rng(5).integers(0, 256, (4000, 3, 32, 32)).astype(np.uint8)
+    coins = image_coins(x)
+    assert coins.dtype == bool and 0.46 < coins.mean() < 0.54
+    order = np.random.default_rng(6).permutation(4000)
+    assert np.array_equal(image_coins(x[order]), coins[order])
+    nudged = x.copy()
+    nudged[:, 2, 31, 31] ^= 1
+    assert 0.44 < (image_coins(nudged) != coins).mean() < 0.56
+    assert np.array_equal(mirrors(x, 0), coins) and np.array_equal(mirrors(x, 1), ~coins)
+    with pytest.raises(ValueError, match="uint8 images of 3072 bytes"):
+        image_coins(x.astype(np.int16))
+
+
+def test_a_unit_with_a_flip_parity_mirrors_each_image_by_its_coin_instead_of_drawing():
+    """``run_local`` with ``flip_parity`` (a unit of a recipe whose flips alternate) trains on the images its
+    coins xor the parity mirror, with no flip drawn: the same delta as the plain run on those images mirrored
+    beforehand, and another delta at the other parity."""
+    import numpy as np
+
+    from models import registry
+    from models.flips import mirrors
+    from models.local import run_local, state_arrays
+
+    torch.manual_seed(0)
+    base = state_arrays(registry.build("cnn"))
+    x = np.random.default_rng(2).integers(0, 256, (32, 3, 32, 32)).astype(np.uint8)
+    y = np.arange(32) % 10
+
+    def delta(images, flip: bool, parity=None) -> dict:
+        recipe = Recipe(batch_size=16, crop_pad=2, flip=flip)
+        return run_local("cnn", base, images, y, recipe, steps=2, lr=0.05, seed=3, flip_parity=parity).delta
+
+    def same(a: dict, b: dict) -> bool:
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    for parity in (0, 1):
+        m = mirrors(x, parity)
+        assert 0 < m.sum() < len(m)
+        flipped = np.where(m[:, None, None, None], x[..., ::-1], x)
+        assert same(delta(x, True, parity), delta(flipped, False))
+    assert not same(delta(x, True, 0), delta(x, True, 1))
+    assert same(delta(x, False, 1), delta(x, False))   # no flips asked: the parity changes nothing

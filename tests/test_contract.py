@@ -81,6 +81,7 @@ def test_error_message_names_field_expectation_and_value():
     ({"hyper": {"lr": 0.1, "loss": "mse"}}, "unit.hyper.loss"),
     ({"hyper": {"lr": 0.1, "flip": 1}}, "unit.hyper.flip"),
     ({"hyper": {"lr": 0.1, "crop_reflect": "yes"}}, "unit.hyper.crop_reflect"),
+    ({"hyper": {"lr": 0.1, "flip_parity": 2}}, "unit.hyper.flip_parity"),
     ({"hyper": {"lr": 0.1, "warmup": 0.2}}, "unit.hyper.warmup"),
     ({"local_steps": 0}, "unit.local_steps"),
     ({"local_steps": 2.0}, "unit.local_steps"),

@@ -52,9 +52,9 @@ def run_unit(unit: WorkUnit, base: dict[str, np.ndarray], x: np.ndarray, y: np.n
         samples, seconds, feedback = unit.local_steps * unit.batch_size, time.perf_counter() - t0, None
     else:
         hyper = dict(unit.hyper)
-        lr = hyper.pop("lr")
+        lr, parity = hyper.pop("lr"), hyper.pop("flip_parity", None)
         out = run_local(unit.model, base, x, y, Recipe(batch_size=unit.batch_size, **hyper), unit.local_steps, lr,
-                        unit.seed, model=model)
+                        unit.seed, model=model, flip_parity=parity)
         trained, losses, samples, seconds = out.delta, (out.loss_before, out.loss_after), out.num_samples, out.seconds
     codec = get_codec(unit.codec)
     if feedback is None:

@@ -991,6 +991,7 @@ const HYPER = {
   crop_pad: (f, v) => checkInt(f, v, 0, 16),
   crop_reflect: checkBool,   // crops padded by reflection instead of zeros (sent only when true)
   flip: checkBool,
+  flip_parity: (f, v) => checkInt(f, v, 0, 1),   // flips alternate per epoch: mirror when the image's coin xor this
 };
 export const HYPER_KEYS = Object.freeze(Object.keys(HYPER));
 

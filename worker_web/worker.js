@@ -462,11 +462,11 @@ function initialFeeds(spec, base) {
   return feeds;
 }
 
-// One batch: augmented images (random crop with zero padding, mirror), labels, dropout masks, scalars
-// (the draws of worker_web/draw.js, in its order).
+// One batch: augmented images (random crop, mirror), labels, dropout masks, scalars (the draws of
+// worker_web/draw.js, in its order).
 function batchFeeds(spec, unit, data, idx, rng) {
   const {x, y} = augmentBatch(data, idx, rng, unit.hyper.crop_pad ?? 0, unit.hyper.flip ?? false,
-                                 unit.hyper.crop_reflect ?? false);
+                                 unit.hyper.crop_reflect ?? false, unit.hyper.flip_parity ?? null);
   return {x: new S.ort.Tensor('float32', x, [idx.length, 3, 32, 32]),
           y: new S.ort.Tensor('int64', BigInt64Array.from(y, BigInt), [idx.length]),
           ...maskAndHyperFeeds(spec, (i, p) => rng() >= p, unit.hyper)};

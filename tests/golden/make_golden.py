@@ -15,7 +15,8 @@
   and values of the reconstruction, and malformed variants with the error ``field`` they are refused with.
 - ``browser_draw.json``: what a browser unit draws from its seed (``models.browser_unit``, which
   worker_web/draw.js must match draw for draw): generator values, permutations, batch orders
-  across passes, augmented batches (by sha256 of their float32 bytes) and dropout masks.
+  across passes, augmented batches (by sha256 of their float32 bytes), dropout masks and the images' own
+  coins of alternating flips (``models.flips``).
 - ``invalid/*.bin`` with ``invalid.json``: malformed containers (and two spec mismatches), each
   with the error ``field`` a decoder must name.
 
@@ -42,6 +43,7 @@ from contract.errors import ContractError  # noqa: E402
 from contract.names import NAME_MAX_CHARS, NameRequest  # noqa: E402
 from contract.units import UnitResult, WorkUnit, blob_id, pack_result  # noqa: E402
 from models import browser_unit as draw  # noqa: E402  (numpy only at import)
+from models import flips  # noqa: E402  (numpy only)
 from contract.versions import make_version_delta, version_blob  # noqa: E402
 
 # file name -> codec string; topk keeps 7 of the kernel's 54 entries, and the 7th is a tie in |x|
@@ -181,6 +183,12 @@ def draw_images() -> tuple[np.ndarray, np.ndarray]:
     return x, np.array([4, 9, 1], np.uint8)
 
 
+def coin_images(n: int = 16) -> np.ndarray:
+    """Images for the coin golden: pixel k (flat, C, H, W) of image i is (k * 7 + i * 13) % 251."""
+    k, i = np.arange(3 * 32 * 32), np.arange(n)[:, None]
+    return ((k * 7 + i * 13) % 251).astype(np.uint8).reshape(n, 3, 32, 32)
+
+
 def browser_draw() -> dict:
     """worker_web/draw.js's draws, as models.browser_unit makes them."""
     seeds = [0, 1, 7, 2**31 - 1, 4294967295]
@@ -193,14 +201,19 @@ def browser_draw() -> dict:
     x, y = draw_images()
     out["images"] = {"x_sha256": blob_id(x.tobytes()), "shape": list(x.shape), "y": y.tolist()}
     batches = []
-    for pad, flip, seed, reflect in ((0, False, 1, False), (4, True, 11, False), (2, False, 12, False),
-                                     (0, True, 13, False), (4, True, 14, True), (16, False, 15, True)):
+    for pad, flip, seed, reflect, parity in ((0, False, 1, False, None), (4, True, 11, False, None),
+                                             (2, False, 12, False, None), (0, True, 13, False, None),
+                                             (4, True, 14, True, None), (16, False, 15, True, None),
+                                             (2, True, 16, True, 0), (2, True, 16, True, 1), (0, True, 17, False, 1)):
         rng = draw.Mulberry32(seed)
-        xb, yb = draw.augment_batch(x, y, [2, 0, 1, 2, 0], rng, pad, flip, reflect)
+        xb, yb = draw.augment_batch(x, y, [2, 0, 1, 2, 0], rng, pad, flip, reflect, parity)
         batches.append({"idx": [2, 0, 1, 2, 0], "pad": pad, "flip": flip, "seed": seed,
-                        **({"reflect": True} if reflect else {}),
+                        **({"reflect": True} if reflect else {}), **({"parity": parity} if parity is not None else {}),
                         "x_sha256": blob_id(xb.astype("<f4").tobytes()), "y": yb.tolist(), "next": rng()})
     out["augment_batch"] = batches
+    coin_x = coin_images()
+    out["image_coins"] = {"rule": "pixel k of image i is (k * 7 + i * 13) % 251", "shape": list(coin_x.shape),
+                          "coins": flips.image_coins(coin_x).astype(int).tolist()}
     out["keep_mask"] = [{"n": n, "p": p, "seed": s, "mask": draw.keep_mask(n, p, draw.Mulberry32(s)).astype(int).tolist()}
                         for n, p, s in ((20, 0.3, 3), (8, 0.5, 4), (5, 0.0, 5))]
     return out

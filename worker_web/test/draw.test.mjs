@@ -9,7 +9,7 @@ import { readFileSync } from "node:fs";
 import { createHash } from "node:crypto";
 import { test } from "node:test";
 
-import { augmentBatch, batchIndices, keepMask, mulberry32, permutation } from "../draw.js";
+import { augmentBatch, batchIndices, imageCoin, keepMask, mulberry32, permutation } from "../draw.js";
 
 const G = JSON.parse(readFileSync(new URL("../../tests/golden/browser_draw.json", import.meta.url), "utf8"));
 const sha256 = (bytes) => createHash("sha256").update(bytes).digest("hex");
@@ -41,12 +41,22 @@ test("augmentBatch crops and mirrors as the golden batches, and draws no more th
   const data = images();
   for (const c of G.augment_batch) {
     const rng = mulberry32(c.seed);
-    const {x, y} = augmentBatch(data, c.idx, rng, c.pad, c.flip, c.reflect ?? false);
+    const {x, y} = augmentBatch(data, c.idx, rng, c.pad, c.flip, c.reflect ?? false, c.parity ?? null);
     const bytes = new Uint8Array(x.buffer, x.byteOffset, x.byteLength);   // little-endian float32
-    assert.equal(sha256(bytes), c.x_sha256, JSON.stringify({pad: c.pad, flip: c.flip, reflect: c.reflect}));
+    assert.equal(sha256(bytes), c.x_sha256, JSON.stringify({pad: c.pad, flip: c.flip, reflect: c.reflect,
+                                                            parity: c.parity}));
     assert.deepEqual(Array.from(y), c.y);
     assert.equal(rng(), c.next);
   }
+});
+
+test("imageCoin gives each golden image its coin, and the coins are not all alike", () => {
+  const [n, , ,] = G.image_coins.shape;
+  const x = new Uint8Array(n * 3072);
+  for (let i = 0; i < n; i++) for (let k = 0; k < 3072; k++) x[i * 3072 + k] = (k * 7 + i * 13) % 251;
+  const coins = Array.from({length: n}, (_, i) => (imageCoin(x, i * 3072) ? 1 : 0));
+  assert.deepEqual(coins, G.image_coins.coins);
+  assert.ok(coins.includes(0) && coins.includes(1));
 });
 
 test("keepMask keeps the golden elements", () => {
