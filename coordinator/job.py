@@ -57,7 +57,7 @@ from coordinator.intake import Accepted, Failure, Intake, Rejection, Superseded
 from coordinator.status import JobStatus, TrustRow, WorkerRow
 from coordinator.steps import step_cache_dir
 from coordinator.store import Store, Version
-from coordinator.strategies import Lookahead, NormClip, StalenessCap, Strategy, StrategyState, make_strategy
+from coordinator.strategies import Freeze, Lookahead, NormClip, StalenessCap, Strategy, StrategyState, make_strategy
 from models import registry
 from models.data import Cifar10, load_cifar10
 from models.local import delta_spec, state_arrays
@@ -155,6 +155,7 @@ class Job:
         self.lookahead = config.lookahead == "on" or (config.lookahead == "recipe" and self.recipe.lookahead)
         one_process = [f.name for f in dataclasses.fields(Recipe)   # switches on that units do not carry
                        if f.name not in HYPER_KEYS and getattr(self.recipe, f.name) is True
+                       and f.name != "alt_flip"                 # units carry it as hyper.flip_parity
                        and not (f.name == "lookahead" and self.lookahead)]
         if one_process:
             log.info("%s's recipe sets %s: one process's only, work units train without", config.model,
@@ -209,6 +210,10 @@ class Job:
         self._check_same_job(data)
         shard_sizes = self._cut_shards(data)
         self.budget = int(self.epochs * len(data.train_y))
+        train_epochs = getattr(self.model, "train_epochs", {})   # tensors the model trains for its first epochs only
+        if train_epochs and not isinstance(self.strategy, (Freeze, Lookahead)):
+            after = {name: max(1, int(epochs * len(data.train_y))) for name, epochs in train_epochs.items()}
+            self.strategy = Freeze(self.strategy, after)
         if self.lookahead and not isinstance(self.strategy, Lookahead):   # the versions' running average
             batch = registry.get(cfg.model).recipe.batch_size                     # one process's step
             self.strategy = Lookahead(self.strategy, max(self.budget, 1), Lookahead.PER_SYNC * batch)

@@ -46,6 +46,7 @@ PARAMS: dict[str, str] = {
     "trim": "fraction of the largest and of the smallest values dropped per coordinate",
     "total_samples": "the job's budget of samples (the lookahead's progress is folded samples over it)",
     "every_samples": "folded samples between two lookahead syncs (5 of one process's batches)",
+    "after": "tensor -> folded samples after which each new version keeps it as it was (the model's train_epochs)",
 }
 
 # the state a strategy's describe() reports besides its parameters: key -> (label, explanation)
@@ -62,6 +63,7 @@ STATE: dict[str, tuple[str, str]] = {
     "tau": ("clip radius now", "the current clipping radius (none yet while warming up)"),
     "distances": ("distances seen", "recent distances in the window"),
     "syncs": ("lookahead syncs", "times the model was moved to the versions' running average"),
+    "held": ("folds holding a tensor", "folds whose new version kept a frozen tensor as it was"),
 }
 HIDDEN = ("name", "params", "inner", "due")   # "due" is the aggregation loop's business, not a person's
 
@@ -75,6 +77,8 @@ WRAPPERS: dict[str, str] = {
     "median": "replaces the buffer by its coordinate-wise median (--robust median)",
     "lookahead": "moves the model to a running average of its versions, more so late in the run "
                  "(airbench94's lookahead; a recipe with lookahead, e.g. airbench's)",
+    "freeze": "keeps a tensor the model trains for its first epochs only as it is once those epochs of samples "
+              "are folded (airbench's whitening bias after 3)",
 }
 
 

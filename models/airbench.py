@@ -14,8 +14,10 @@ by reflection, flips alternating per epoch, the batch-norm shifts and the whiten
 the kernels (``decayed_vectors``) and that bias trained for the first 3 epochs only (``start_epoch``).
 
 Left out of airbench94: the fp16 arithmetic; the test-time shifts pad by repeating the edge
-(``models.train.tta_views``), not by reflection. Work units carry none of the one-process points
-above (their flips are random and their crops zero-padded).
+(``models.train.tta_views``), not by reflection. Work units carry the reflection (``hyper.crop_reflect``)
+and the alternating flips (``hyper.flip_parity``: each image's coin is a hash of its pixels,
+``models.flips``, not a draw per run); the coordinator does the lookahead and the bias freeze
+(``coordinator.strategies.wrappers``).
 """
 from __future__ import annotations
 
@@ -88,10 +90,15 @@ class AirbenchNet(nn.Module):
         ``SHIFT_GAIN``, so decaying it by a fraction decays the shift by the same fraction."""
         return ["whiten.bias"] + [n for n, _ in self.named_parameters() if n.endswith(".shift")]
 
+    # tensors trained for their first epochs only: one process stops training them (``start_epoch``), the
+    # coordinator keeps them as they are once that many epochs of samples are folded (``strategies.Freeze``)
+    train_epochs = {"whiten.bias": WHITEN_BIAS_EPOCHS}
+
     def start_epoch(self, epoch: int) -> None:
         """Called by the one-process trainer before epoch ``epoch`` (1-based): the whitening bias trains for
-        the first ``WHITEN_BIAS_EPOCHS`` epochs only."""
-        self.whiten.bias.requires_grad_(epoch <= WHITEN_BIAS_EPOCHS)
+        the first ``WHITEN_BIAS_EPOCHS`` epochs only (``train_epochs``)."""
+        for name, epochs in self.train_epochs.items():
+            self.get_parameter(name).requires_grad_(epoch <= epochs)
 
     @torch.no_grad()
     def init_from_data(self, x_u8: torch.Tensor) -> None:

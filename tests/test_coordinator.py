@@ -276,7 +276,39 @@ def test_the_lookahead_follows_the_recipe_unless_the_operator_says(tmp_path, cap
     with caplog.at_level("INFO", logger="crowdtrain.coordinator"):
         job = make_job(tmp_path / "c", model="airbench", lookahead="off")
     assert not isinstance(job.strategy, Lookahead)
-    assert any("alt_flip, lookahead: one process" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("sets lookahead: one process" in r.getMessage() for r in caplog.records), caplog.text
+
+
+async def test_airbench_units_alternate_their_flips_by_epoch_and_the_whitening_bias_stops_after_3_epochs(
+        aiohttp_client, tmp_path):
+    """airbench's alternating flips travel with its units (``hyper.flip_parity``: the parity of the epoch the
+    shard queue is in), and its whitening bias, which one process trains for 3 epochs only, stays as it is in
+    every version folded once 3 epochs of samples are in (``strategies.Freeze``), while the rest trains on."""
+    from coordinator.strategies import Freeze
+    job = make_job(tmp_path, model="airbench", codec="fp32", lookahead="off")   # 4 shards of 64: 4 units an epoch
+    assert isinstance(job.strategy, Freeze) and job.strategy.after == {"whiten.bias": 3 * 256}
+    client = await aiohttp_client(create_app(job.config, job))
+    fetch_all = await fetcher(client)
+    parities, bias, head = [], [job.state["whiten.bias"].copy()], [job.state["head.weight"].copy()]
+    for _ in range(16):
+        unit = await take_unit(client, "w1")
+        parities.append(unit.hyper["flip_parity"])
+        status, got = await submit(client, unit, body(compute(unit, await fetch_all(unit), "w1")))
+        assert status == 200 and got["accepted"], got
+        await job.settle()
+        bias.append(job.state["whiten.bias"].copy())
+        head.append(job.state["head.weight"].copy())
+    assert job.step == 16 and job.aggregator.samples == 16 * 64
+    assert parities == [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4
+    moved = [not np.array_equal(a, b) for a, b in zip(bias, bias[1:])]
+    assert moved == [True] * 12 + [False] * 4, moved     # the 13th fold starts at 768 samples folded: held
+    assert all(not np.array_equal(a, b) for a, b in zip(head, head[1:]))
+    assert job.strategy.describe()["held"] == 4
+    status = await (await client.get("/api/status")).json()
+    assert status["strategy"]["name"] == "freeze", status["strategy"]
+    again = Job(job.config)   # the folded samples are strategy state: opened again, it still holds the bias
+    again.open(tiny_cifar10(n_train=256, n_test=64))
+    assert again.strategy.folded_samples == 16 * 64
 
 
 @pytest.mark.parametrize("persist_every", [10_000, 5])

@@ -484,3 +484,37 @@ def test_lookahead_state_round_trip_gives_the_same_versions() -> None:
     assert a.describe()["syncs"] == b.describe()["syncs"] == 5   # every 2 folds of 6 samples
     with pytest.raises(ValueError, match="every_samples"):
         Lookahead(AsyncSGD(), total_samples=10, every_samples=0)
+
+
+def test_freeze_keeps_a_tensor_once_its_samples_are_folded() -> None:
+    """``Freeze``: a named tensor takes its folds until ``after`` samples are folded (the fold crossing the mark
+    whole), then each new version keeps it as the version folded into had it; the others train on. The
+    samples folded are state: restored mid-run, it holds the same tensor at the same fold."""
+    from coordinator.strategies import Freeze
+
+    def fresh() -> Freeze:
+        return Freeze(AsyncSGD(), {"b": 20})
+
+    fz, model = fresh(), {"w": arr(0.0), "b": arr(0.0)}
+    seen = []
+    for i in range(2):   # 2 x 12 samples: the second fold starts at 12 < 20, so it moves b too
+        fz.add(upd(i, 12, w=arr(1.0), b=arr(1.0)), i)
+        model, m = fz.aggregate(model, i)
+        seen.append((float(model["w"][0]), float(model["b"][0]), m["held"]))
+    restored = fresh()
+    restored.load_state_dict(StrategyState.from_bytes(fz.state_dict(include_buffer=False).to_bytes()))
+    for s in (fz, restored):
+        s.add(upd(2, 12, w=arr(1.0), b=arr(1.0)), 2)
+    held, _ = restored.aggregate({k: v.copy() for k, v in model.items()}, 2)
+    model, m = fz.aggregate(model, 2)
+    seen.append((float(model["w"][0]), float(model["b"][0]), m["held"]))
+    assert seen[0][0] > 0 and seen[0][1] == seen[0][0] and seen[0][2] == 0
+    assert seen[1][1] == seen[1][0] > seen[0][1] and seen[1][2] == 0
+    assert seen[2][0] > seen[1][0] and seen[2][1] == seen[1][1] and seen[2][2] == 1
+    np.testing.assert_array_equal(held["b"], model["b"])
+    np.testing.assert_array_equal(held["w"], model["w"])
+    assert fz.describe()["held"] == 1 and fz.params() == {"after": {"b": 20}}
+    with pytest.raises(ValueError, match="after"):
+        Freeze(AsyncSGD(), {})
+    with pytest.raises(ValueError, match=r"after\[b\]"):
+        Freeze(AsyncSGD(), {"b": 0})

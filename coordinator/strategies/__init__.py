@@ -21,7 +21,7 @@ from .ordered_momentum import OrderedMomentum
 from .robust import ROBUST, AdaptiveClip, CenteredClip, Median, TrimmedMean, wrap_robust
 from .supermask_max import SupermaskMax
 from .supermask_mean import SupermaskMean
-from .wrappers import Lookahead, NormClip, StalenessCap, Wrapper
+from .wrappers import Freeze, Lookahead, NormClip, StalenessCap, Wrapper
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (FedAvg, AsyncSGD, FedAsync, FedBuff, SupermaskMean, SupermaskMax, DelayedNesterov,
@@ -60,5 +60,5 @@ __all__ = [
     "STRATEGIES", "WRAPPER_PARAMS", "make_strategy", "strategy_params",
     "Strategy", "BufferedStrategy", "Wrapper", "Update", "Pending", "StrategyState", "Admission", "Drop", "Folded",
     "FedAvg", "AsyncSGD", "FedAsync", "FedBuff", "SupermaskMean", "SupermaskMax",
-    "StalenessCap", "NormClip", "Lookahead", "ROBUST", "AdaptiveClip", "CenteredClip", "TrimmedMean", "Median",
+    "StalenessCap", "NormClip", "Lookahead", "Freeze", "ROBUST", "AdaptiveClip", "CenteredClip", "TrimmedMean", "Median",
 ]

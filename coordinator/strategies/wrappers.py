@@ -11,6 +11,9 @@
   coordinator: a running average of the versions, synced after every ``every_samples`` folded
   samples by ``models.recipe.lookahead_decay`` of the job's progress; the new version is the
   average (none of it early in the run, most at the end), and units train on from it.
+- ``Freeze(inner, after)``: tensors a model trains for its first epochs only (airbench's whitening
+  bias, 3 epochs): once ``after[name]`` samples are folded, each new version keeps the tensor as the
+  version folded into had it (units still train it; what they did to it is not applied).
 
 Compose them: ``StalenessCap(NormClip(FedBuff(), 5.0), 20)`` (cap first: a dropped update
 is never normed). A wrapper counts what it did in total (``describe``) and since the last
@@ -167,3 +170,43 @@ class Lookahead(Wrapper):
         avg = {k[len(prefix):]: np.array(v, copy=True) for k, v in state.arrays.items() if k.startswith(prefix)}
         self.avg = avg or None
         self.folded_samples, self.since = int(state.meta["folded_samples"]), int(state.meta["since"])
+
+
+class Freeze(Wrapper):
+    """Once ``after[name]`` samples are folded, the new version's ``name`` is the one the fold started
+    from: the tensor stays as it is, as one process stops training it (``models.airbench``: the
+    whitening bias after 3 epochs, ``start_epoch``). The fold that crosses the mark is applied whole.
+    ``held`` counts the folds that kept a tensor."""
+
+    name = "freeze"
+    counter = "held"
+
+    def __init__(self, inner: Strategy, after: dict[str, int]) -> None:
+        super().__init__(inner)
+        if not isinstance(after, dict) or not after:
+            raise ValueError(f"after: expected a non-empty dict of tensor name -> samples, got {after!r}")
+        self.after = {str(k): positive_int(f"after[{k}]", v) for k, v in after.items()}
+        self.folded_samples = 0
+
+    def fold(self, model: Model, version: int) -> Folded:
+        folded = self.inner.fold(model, version)
+        frozen = [k for k, n in self.after.items() if self.folded_samples >= n and k in model and k in folded.model]
+        self.folded_samples += sum(u.num_samples for u in folded.folded)
+        if frozen and folded.folded:
+            new = dict(folded.model)   # the inner fold's own model: its tensors are replaced, none is changed
+            for k in frozen:
+                new[k] = np.array(model[k], copy=True)
+            self._count()
+            folded = dataclasses.replace(folded, model=new)
+        metrics = {**folded.metrics, self.counter: self.recent}
+        self.recent = 0
+        return dataclasses.replace(folded, metrics=metrics)
+
+    def state_dict(self, include_buffer: bool = True) -> StrategyState:
+        state = super().state_dict(include_buffer)
+        state.meta.update(folded_samples=self.folded_samples)
+        return state
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        super().load_state_dict(state)
+        self.folded_samples = int(state.meta["folded_samples"])
