@@ -203,7 +203,8 @@ class Job:
         test_x, test_y = data.test_x, data.test_y
         if cfg.eval_images:
             test_x, test_y = test_x[:cfg.eval_images], test_y[:cfg.eval_images]
-        self.evaluator = Evaluator(self.model, test_x, test_y, data.train_x, self.recipe.crop_pad, self.recipe.flip)
+        self.evaluator = Evaluator(self.model, test_x, test_y, data.train_x, self.recipe.crop_pad, self.recipe.flip,
+                                   self.recipe.crop_reflect)
         cfg.state.mkdir(parents=True, exist_ok=True)
         self.store, self.key = self.open_store()
         store = self.store

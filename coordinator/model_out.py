@@ -167,7 +167,8 @@ def convert(store: Store, model: str, job: str, chosen: Chosen, fmt: str, shards
         images = calibration_images(store, shards)
         net = export.build_model(model, arrays)
         recipe = registry.get(model).recipe     # the job's units augment as the model's recipe does
-        recalibrate_bn(net, torch.from_numpy(np.ascontiguousarray(images)), crop_pad=recipe.crop_pad, flip=recipe.flip)
+        recalibrate_bn(net, torch.from_numpy(np.ascontiguousarray(images)), crop_pad=recipe.crop_pad, flip=recipe.flip,
+                       reflect=recipe.crop_reflect)
         arrays, recalibrated = state_arrays(net), len(images)
     info = {"job": job, "version": v.step, "samples": v.samples, "created": v.created,
             "bn_recalibration_images": recalibrated}
