@@ -247,6 +247,18 @@ def warm_up(args, data: str, out: Path) -> float:
     return time.time() - t0
 
 
+def keep_model(out: Path) -> None:
+    """The job's final model as ``crowdtrain export`` writes it (batch-norm statistics re-estimated), to
+    ``out/model.pt`` before the state's blobs are deleted, so that it can be evaluated again later."""
+    from coordinator.model_out import from_state
+
+    try:
+        path, _ = from_state(out / "state", "pt", out / "model.pt", "final", True)
+        log(f"  the final model: {path}")
+    except Exception as e:   # a run that never made a version: nothing to keep, and nothing to fail for
+        log(f"  the final model was not kept: {type(e).__name__}: {e}")
+
+
 def run_real(args, data: str, spec: Spec, out: Path) -> dict:
     """A coordinator and ``args.workers`` worker processes until the budget is folded and evaluated."""
     out.mkdir(parents=True, exist_ok=True)
@@ -285,6 +297,7 @@ def run_real(args, data: str, spec: Spec, out: Path) -> dict:
             first = json.loads(db.execute("SELECT wire FROM units ORDER BY issued LIMIT 1").fetchone()[0])
     finally:
         cluster.stop()
+        keep_model(out)
         for blobs in [out / "state" / "blobs", *out.glob("cache-*")]:     # model versions, shards: 100+ MB
             shutil.rmtree(blobs, ignore_errors=True)
     unit = {"batch_size": first["batch_size"], "local_steps": first["local_steps"]}
