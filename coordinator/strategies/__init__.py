@@ -60,5 +60,6 @@ __all__ = [
     "STRATEGIES", "WRAPPER_PARAMS", "make_strategy", "strategy_params",
     "Strategy", "BufferedStrategy", "Wrapper", "Update", "Pending", "StrategyState", "Admission", "Drop", "Folded",
     "FedAvg", "AsyncSGD", "FedAsync", "FedBuff", "SupermaskMean", "SupermaskMax",
-    "StalenessCap", "NormClip", "Lookahead", "Freeze", "ROBUST", "AdaptiveClip", "CenteredClip", "TrimmedMean", "Median",
+    "StalenessCap", "NormClip", "Lookahead", "Freeze",
+    "ROBUST", "AdaptiveClip", "CenteredClip", "TrimmedMean", "Median",
 ]
