@@ -23,10 +23,14 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, reflect: bool =
     return xp.gather(3, cols)
 
 
+def mirror(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """``x`` [N, C, H, W] with the images ``which`` (bool [N]) mirrored left-right."""
+    return torch.where(which[:, None, None, None], x.flip(3), x)
+
+
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return mirror(x, torch.rand(x.shape[0], generator=gen) < 0.5)
 
 
 def augment(x_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator, reflect: bool = False) -> torch.Tensor:

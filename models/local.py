@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from models import registry
-from models.augment import augment
-from models.flips import image_coins
+from models.augment import augment, mirror
+from models.flips import mirrors
 from models.recipe import Recipe
-from models.train import alternate_flips, channels_last, loss_fn, make_optimizer
+from models.train import channels_last, loss_fn, make_optimizer
 
 
 def state_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -176,7 +176,7 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
     x, labels = torch.from_numpy(np.ascontiguousarray(x_u8)), torch.from_numpy(np.asarray(y, dtype=np.int64))
     flip = recipe.flip
     if flip and flip_parity is not None:   # the unit's images mirrored once, as this epoch alternates them
-        x, flip = alternate_flips(x, torch.from_numpy(image_coins(x_u8)), flip_parity + 1), False
+        x, flip = mirror(x, torch.from_numpy(mirrors(x_u8, flip_parity))), False
     batch = min(recipe.batch_size, len(labels))
     losses = []
     for idx in batch_indices(len(labels), steps, batch, gen):

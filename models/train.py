@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import registry
-from models.augment import augment
+from models.augment import augment, mirror
 from models.data import Cifar10, DataError, load_cifar10
 from models.recipe import Recipe, lookahead_decay
 
@@ -117,8 +117,7 @@ def sgd_step(model, opt, x_u8, y, recipe: Recipe, lr: float, gen: torch.Generato
 def alternate_flips(x_u8: torch.Tensor, first: torch.Tensor, epoch: int) -> torch.Tensor:
     """airbench's alternating flips: image i is mirrored in epoch 1 if ``first[i]`` (a coin drawn once per
     run), and in each later epoch the other way from the one before. ``first`` is indexed like the batch."""
-    mirror = first ^ (epoch % 2 == 0)
-    return torch.where(mirror[:, None, None, None], x_u8.flip(3), x_u8)
+    return mirror(x_u8, first ^ (epoch % 2 == 0))
 
 
 # ----------------------------------------------------------------------------- evaluation
