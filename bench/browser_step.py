@@ -59,7 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import commit, hardware, shown, write_section  # noqa: E402
 from models import registry  # noqa: E402
 from models.data import default_cache_dir  # noqa: E402
 from models.onnx_step import example_inputs, step_graph  # noqa: E402
@@ -680,18 +680,6 @@ def goals(res: dict) -> list[str]:
     return out
 
 
-def git_commit() -> str:
-    """HEAD, with '+dirty' when models/ differs from it (the step graph is built from models/)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "models"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=30).stdout.strip()
-        return head + ("+dirty models/" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-
-
 def versions() -> dict:
     import onnxruntime
 
@@ -730,7 +718,7 @@ def main() -> int:
     out = args.out or ROOT / "bench" / "out" / f"browser_step-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"date": date, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-           "hardware": hardware(), **versions(), "nice": os.nice(0), "commit": git_commit(),
+           "hardware": hardware(), **versions(), "nice": os.nice(0), "commit": commit("models"),
            "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     res: dict = {}

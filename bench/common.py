@@ -1,8 +1,9 @@
-"""What every benchmark shares: a hardware line and its own section of docs/results.md."""
+"""What every benchmark shares: a hardware line, the commit it ran, and its own section of docs/results.md."""
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -19,6 +20,20 @@ def hardware() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU), Python {platform.python_version()}"
+
+
+def commit(*paths: str) -> str:
+    """The checkout's short HEAD, with ``+changes`` when tracked files (under ``paths``, if given) differ
+    from it; ``unknown`` outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
 
 
 def write_section(name: str, body: str, path: Path) -> None:

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.browser_step import NODE, drive, wait_manifest  # noqa: E402
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import commit, hardware, shown, write_section  # noqa: E402
 
 GOALS = {"start_to_accepted_s": 10.0, "bytes_mb": 6.0}
 
@@ -247,7 +247,7 @@ def main() -> None:
            "chromium": chromium.replace("Chromium ", "").split()[0] if chromium else "?",
            "node": subprocess.run([NODE, "--version"], capture_output=True, text=True).stdout.strip(),
            "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()), "platform": platform.platform(),
-           "command": "python bench/first_unit.py " + " ".join(sys.argv[1:]), "commit": git_head()}
+           "command": "python bench/first_unit.py " + " ".join(sys.argv[1:]), "commit": commit()}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     runs = []
     with tempfile.TemporaryDirectory(prefix="first_unit-") as tmp:
@@ -268,14 +268,6 @@ def main() -> None:
     if not args.no_doc:
         name = "first_unit" + (f"_{args.label}" if args.label else "")
         write_section(name, text, ROOT / "docs" / "results.md")
-
-
-def git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
 
 
 if __name__ == "__main__":

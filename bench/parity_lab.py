@@ -44,7 +44,6 @@ import heapq
 import json
 import math
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import hardware  # noqa: E402
+from bench.common import commit, hardware  # noqa: E402
 from coordinator.strategies import Update, make_strategy  # noqa: E402
 from models import registry  # noqa: E402
 from models.data import load_cifar10  # noqa: E402
@@ -378,14 +377,6 @@ class FleetSim:
 
 
 # ----------------------------------------------------------------------------- logging
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def baseline_path(lab: Lab, steps: int | None = None) -> Path:
     r = lab.recipe()
     extra = "".join(f"-{k}{v}" for k, v in (("lr", lab.lr), ("m", lab.momentum), ("steps", steps)) if v is not None)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import commit, hardware, shown, write_section  # noqa: E402
 from models import registry  # noqa: E402
 from models.data import load_cifar10  # noqa: E402
 from models.train import set_threads, train  # noqa: E402
@@ -56,7 +56,8 @@ def markdown(table: list[dict], cfg: dict) -> str:
              f"- Data: {cfg['data']} (the JPEG copy of CIFAR-10, quality 75; test split of 10,000).",
              f"- Hardware: {cfg['hardware']}; {cfg['threads']} torch threads; the machine was shared with other "
              "work during the run, so the seconds are indicative only (accuracies are not affected).",
-             f"- Command: `{cfg['command']}`; raw results in `{cfg['out']}`.", "",
+             f"- Command{'s' if len(cfg['commands']) > 1 else ''}: "
+             f"{'; '.join(f'`{c}`' for c in cfg['commands'])}; raw results in `{cfg['out']}`.", "",
              "| model | params | test acc. mean (%) | spread (std; min-max) | paper's claim (%) | s / run |",
              "|---|---:|---:|---|---:|---:|"]
     for row in table:
@@ -76,6 +77,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out's results.json (same epochs) and run only the missing "
+                        "model x seed pairs: a long table can be built over several sittings")
     p.add_argument("--section", default="seed_models",
                    help="the docs section to replace (another name keeps a longer budget's table beside the 4-epoch one)")
     args = p.parse_args()
@@ -92,11 +96,27 @@ def main() -> int:
            "params": {m: registry.count_parameters(registry.build(m))[0] for m in args.models},
            "recipes": {m: dataclasses.replace(registry.get(m).recipe, epochs=args.epochs).to_dict()
                        for m in args.models}}
+    runs = []
+    if args.resume and (out / "results.json").exists():
+        before = json.loads((out / "results.json").read_text())
+        if before["config"]["epochs"] != args.epochs:
+            p.error(f"--resume: {out / 'results.json'} holds runs of {before['config']['epochs']} epochs, "
+                    f"not {args.epochs}")
+        runs = before["runs"]
+        cfg["seeds"] = sorted(set(before["config"]["seeds"]) | set(args.seeds))
+        cfg["models"] = list(dict.fromkeys(before["config"]["models"] + args.models))
+        cfg["params"] = {**before["config"]["params"], **cfg["params"]}
+        cfg["recipes"] = {**before["config"]["recipes"], **cfg["recipes"]}
+        cfg["commands"] = before["config"].get("commands", [before["config"]["command"]]) + [cfg["command"]]
+        print(f"resuming: {len(runs)} run(s) kept from {out / 'results.json'}", file=sys.stderr)
+    cfg.setdefault("commands", [cfg["command"]])
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
-    runs = []
+    done = {(r["model"], r["seed"]) for r in runs}
     for seed in args.seeds:          # seed-major order: a cut-short run still has every model once
         for name in args.models:
+            if (name, seed) in done:
+                continue
             recipe = dataclasses.replace(registry.get(name).recipe, epochs=args.epochs)
             t0 = time.perf_counter()
             result = train(name, data, recipe, out / f"{name}-s{seed}", seed=seed, progress=sys.stderr.isatty(),
@@ -106,7 +126,8 @@ def main() -> int:
                 return 130
             last = result.rows[-1]
             runs.append({"model": name, "seed": seed, "test_acc": last["test_acc"], "test_loss": last["test_loss"],
-                         "seconds": time.perf_counter() - t0, "epochs": [r["test_acc"] for r in result.rows]})
+                         "seconds": time.perf_counter() - t0, "epochs": [r["test_acc"] for r in result.rows],
+                         "date": time.strftime("%Y-%m-%d"), "commit": commit()})
             print(f"{name} seed {seed}: {100 * last['test_acc']:.2f}% in {runs[-1]['seconds']:.0f} s", flush=True)
             (out / "results.json").write_text(json.dumps({"config": cfg, "runs": runs}, indent=2) + "\n")
 
