@@ -119,7 +119,7 @@ def main() -> int:
                 continue
             recipe = dataclasses.replace(registry.get(name).recipe, epochs=args.epochs)
             t0 = time.perf_counter()
-            result = train(name, data, recipe, out / f"{name}-s{seed}", seed=seed, progress=sys.stderr.isatty(),
+            result = train(name, data, recipe, out / f"{name}-s{seed}", seed=seed, progress=True,
                            eval_every_epoch=True)
             if result.interrupted:
                 print("interrupted: results so far are in", out, file=sys.stderr)

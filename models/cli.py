@@ -30,7 +30,7 @@ def train_parser(prog: str = "crowdtrain train") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: all cores)")
     p.add_argument("--limit-train", type=int, default=None, metavar="N",
                    help="use only the first N training images (default: the whole split)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off, a progress bar)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output (default: off: a line per epoch, and a progress bar on a terminal)")
     hp = p.add_argument_group(f"hyperparameters (default: {RECIPE}; `crowdtrain models --recipes` lists them)")
     hp.add_argument("--epochs", type=int, metavar="N", help=f"passes over the training split (default: {RECIPE})")
     hp.add_argument("--batch-size", type=int, metavar="N", help=f"samples per SGD step (default: {RECIPE})")

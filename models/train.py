@@ -207,6 +207,8 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
 
     Writes ``out/metrics.jsonl`` (one line per epoch), ``out/model.pt`` and ``out/curves.png``
     when ``out`` is given. Ctrl-C stops after the current step and keeps what was written.
+    ``progress``: a line per epoch on stderr, and a progress bar within the epoch when stderr is a
+    terminal (a log file gets the epoch lines only).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -245,7 +247,7 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
             order = torch.randperm(len(y_train), generator=gen)
             n_steps = min(steps_per_epoch, total_steps - step)
             bar = tqdm(total=n_steps, desc=f"epoch {epoch}/{recipe.epochs}", unit="step",
-                       disable=not progress, leave=False, dynamic_ncols=True)
+                       disable=not (progress and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
             t0, loss_sum, seen = time.perf_counter(), 0.0, 0
             for i in range(n_steps):
                 idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
