@@ -175,7 +175,7 @@ class Job:
         self.accepted_log: deque[tuple[float, int, str, float]] = deque()   # (accepted, samples, worker, issued)
         self.agg_times = AggTimes()
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
-        self._publishing: dict[int, asyncio.Future] = {}   # step -> the write of its model blob in flight
+        self._writer: asyncio.Future | None = None   # the write of the newest version's model blob in flight
         self._published: Base | None = None   # the newest version written for units (``publish``)
         self._folded: dict[str, int] = {}     # worker -> the version that folded its latest result
         self._halving: dict[str, asyncio.Future] = {}      # version blob -> the write of its fp16 copy in flight
@@ -351,10 +351,12 @@ class Job:
         return step, await asyncio.to_thread(lambda: self.store.put_blob(encode_delta(FP32, state)))
 
     async def publish(self, worker_id: str | None = None) -> Base:
-        """The newest version, written, to cut a unit from: the encoding, hashing and write run once in a
-        thread however many requests wait for it. A fold that lands meanwhile is not chased (under a
-        steady stream of results every request would wait for version after version): the unit is cut
-        from the version just written, one version staler. For a unit request (``worker_id``) whose
+        """The newest version, written, to cut a unit from: the encoding, hashing and write run in a
+        thread, one write at a time however many requests wait (``_writing``), so under a stream of folds
+        the versions that land during a write are skipped, not written one by one (each costs a model's
+        encoding, hash, fsync and fp16 copy: at tens of folds a second those writes were the coordinator's
+        queue). A request waits for a write of at least the version that was newest when it asked (at most
+        the write in flight and the next one). For a unit request (``worker_id``) whose
         worker has no result in a version newer than the last one written, the newest version's write
         is started and the unit is cut from the last one written at once (unless that one is more than
         ``PUBLISH_LAG_MAX`` folds behind, as after a while without unit requests, or than a sixteenth of
@@ -366,29 +368,35 @@ class Job:
         version = self.store.version(step)
         if version.blob:
             return self._newest_written(Base(step, version.blob))
-        flight = self._publishing.get(step)
-        if flight is None:
-            flight = self._publishing[step] = asyncio.ensure_future(self._write_version(step))
+        flight = self._writing()
         last, cap = self._published, self.config.max_staleness
         lag_max = PUBLISH_LAG_MAX if cap is None else min(PUBLISH_LAG_MAX, cap // PUBLISH_LAG_SHARE)
         if (worker_id is not None and last is not None and self._folded.get(worker_id, -1) <= last.step
                 and step - last.step <= lag_max and self.store.blob_path(last.blob) is not None):
             return last
-        return await asyncio.shield(flight)
+        while True:
+            base = await asyncio.shield(flight)
+            if base.step >= step:
+                return base
+            flight = self._writing()   # the write in flight began before this request's version was folded
+
+    def _writing(self) -> asyncio.Future:
+        """The model write in flight, or a new one of the newest version (``_write_version``)."""
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_version())
+        return self._writer
 
     def _newest_written(self, base: Base) -> Base:
         if self._published is None or base.step > self._published.step:
             self._published = base
         return base
 
-    async def _write_version(self, step: int) -> Base:
-        try:
-            step, blob = await self._written_current()
-            if not self.store.version(step).blob:
-                self.store.set_version_blob(step, blob)
-            return self._newest_written(Base(step, blob))
-        finally:
-            self._publishing.pop(step, None)
+    async def _write_version(self) -> Base:
+        """Write the newest version (as it is when this starts) and record its blob."""
+        step, blob = await self._written_current()
+        if not self.store.version(step).blob:
+            self.store.set_version_blob(step, blob)
+        return self._newest_written(Base(step, blob))
 
     def _base(self) -> Base:
         step, blob = self._write_current()   # normally already written by publish(); else here, blocking

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from contract.codecs import decode_delta, delta_norm
+from contract.codecs import decode_delta, delta_norm, encode_delta, get_codec
 from contract.units import UnitResult, pack_result
 from models.local import is_running_stat
 from tests.helpers.fault_worker import body, compute
@@ -284,3 +284,40 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
     assert (await asyncio.wait_for(own, timeout=10)).base_step == 2
     assert job.store.version(2).blob
     assert (await take(client, "w3")).base_step == 2, "once written, the newest version for everyone"
+
+
+async def test_one_model_write_at_a_time_and_the_versions_folded_meanwhile_are_skipped(aiohttp_client, tmp_path):
+    """Under a stream of folds the newest version's write is not repeated for every version: while one write
+    is in flight, the versions folded meanwhile are not written one by one; when it ends, one write of the
+    newest serves every request that waits for a newer one. Each worker whose own result was folded gets a
+    base that holds it."""
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+    workers = ("w1", "w2", "w3", "w4")
+    units = {w: await take(client, w) for w in workers}
+    assert {u.base_step for u in units.values()} == {0}
+    gate, writes = threading.Event(), []
+
+    async def held_up():   # as Job._written_current (the version as it is now), each write held up by the gate
+        step, state = job.step, job.state
+        writes.append(step)
+        await asyncio.to_thread(gate.wait, 10)
+        return step, await asyncio.to_thread(job.store.put_blob, encode_delta(get_codec("fp32"), state))
+
+    job._written_current = held_up
+    waiting = {}
+    try:
+        for w in workers:
+            status, got = await post(client, units[w], body(await honest(client, units[w], w)))
+            assert status == 200 and got["accepted"]
+            await job.settle()
+            waiting[w] = (job.step, asyncio.ensure_future(take(client, w)))   # its own result is in job.step
+            await asyncio.sleep(0.2)
+            assert not waiting[w][1].done(), "its own result is in a version not yet written: it waits"
+    finally:
+        gate.set()
+    got = {w: await asyncio.wait_for(f, timeout=10) for w, (_, f) in waiting.items()}
+    assert job.step == 4
+    assert all(got[w].base_step >= own for w, (own, _) in waiting.items()), "a base that holds its own result"
+    assert writes == [1, 4], "the write in flight (version 1), then one of the newest (4); 2 and 3 skipped"
+    assert not job.store.version(2).blob and not job.store.version(3).blob
+    assert [got[w].base_step for w in workers] == [1, 4, 4, 4]
