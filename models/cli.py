@@ -77,6 +77,10 @@ def eval_parser(prog: str = "crowdtrain eval") -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="PATH", help="CIFAR-10, as for `crowdtrain train` (default: $CROWDTRAIN_DATA)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N test images (default: all 10,000)")
     p.add_argument("--threads", type=int, metavar="N", help="torch / onnxruntime threads (default: all cores)")
+    p.add_argument("--tta", type=int, choices=(0, 1, 2),
+                   help="test-time augmentation: 0 none, 1 flip, 2 flip and one-pixel shifts; the accuracy without "
+                   "it is printed beside (default: the model's recipe, as `crowdtrain train` reports its last "
+                   "evaluation; 0 for most models, 2 for airbench)")
     return p
 
 

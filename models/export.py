@@ -268,12 +268,26 @@ def _first_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- crowdtrain eval
-def evaluate(predictor: Predictor, x_u8: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in [0, 1]), as ``models.train.evaluate`` computes them."""
-    logits = torch.from_numpy(predictor(x_u8))
+def evaluate(predictor: Predictor, x_u8: np.ndarray, y: np.ndarray, tta: int = 0) -> tuple[float, float, float]:
+    """(mean cross-entropy, accuracy in [0, 1], accuracy without test-time augmentation), as
+    ``models.train.evaluate`` computes them; ``tta``: the level of ``models.train.tta_views`` (its views of
+    uint8 images are uint8 images again, so a predictor sees what the module would)."""
+    from models.train import tta_views
+
+    plain, logits = tta_views(lambda v: torch.from_numpy(predictor(v.to(torch.uint8))),
+                              torch.from_numpy(np.ascontiguousarray(x_u8)).float(), tta)
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     n = max(len(labels), 1)
-    return float(F.cross_entropy(logits, labels, reduction="sum")) / n, int((logits.argmax(1) == labels).sum()) / n
+    return (float(F.cross_entropy(logits, labels, reduction="sum")) / n, int((logits.argmax(1) == labels).sum()) / n,
+            int((plain.argmax(1) == labels).sum()) / n)
+
+
+def recipe_tta(model: str) -> int:
+    """The test-time augmentation level of a registered model's recipe (0 for a model not registered)."""
+    try:
+        return registry.get(model).recipe.tta
+    except ValueError:   # a file whose model is not registered here
+        return 0
 
 
 def run_eval(args) -> int:
@@ -287,7 +301,9 @@ def run_eval(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     x, y = data.test_x[:args.limit], data.test_y[:args.limit]
-    loss, acc = evaluate(predictor, x, y)
-    print(f"{predictor.path} ({predictor.model}, {predictor.kind}): test accuracy {100 * acc:.2f}% "
+    tta = recipe_tta(predictor.model) if args.tta is None else args.tta
+    loss, acc, plain = evaluate(predictor, x, y, tta)
+    views = f" (test-time augmentation {tta}; without: {100 * plain:.2f}%)" if tta else ""
+    print(f"{predictor.path} ({predictor.model}, {predictor.kind}): test accuracy {100 * acc:.2f}%{views} "
           f"on {len(y):,} CIFAR-10 test images (loss {loss:.4f}; {data.source})")
     return 0

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,25 +122,28 @@ def alternate_flips(x_u8: torch.Tensor, first: torch.Tensor, epoch: int) -> torc
 
 
 # ----------------------------------------------------------------------------- evaluation
-def tta_views(model: torch.nn.Module, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(plain logits, logits with test-time augmentation) of float images ``x`` (0..255): level 0 none, 1 the
-    mean over the image and its mirror, 2 half that plus half the same over the image shifted one pixel
-    up-left and down-right (edges replicated). The plain logits are the first view's, computed once."""
-    plain = model(channels_last(x))
+def tta_views(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain logits, logits with test-time augmentation) of float images ``x`` (0..255), ``run`` giving a
+    batch's logits (a module, or a model file's predictor): level 0 none, 1 the mean over the image and its
+    mirror, 2 half that plus half the same over the image shifted one pixel up-left and down-right (edges
+    replicated; the views of whole-valued images stay whole-valued). The plain logits are the first view's,
+    computed once."""
+    plain = run(x)
     if level == 0:
         return plain, plain
-    mirrored = 0.5 * (plain + model(channels_last(x.flip(3))))
+    mirrored = 0.5 * (plain + run(x.flip(3)))
     if level == 1:
         return plain, mirrored
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
     h, w = x.shape[2:]
     shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
-    return plain, 0.5 * mirrored + 0.25 * sum(tta_views(model, s, 1)[1] for s in shifted)
+    return plain, 0.5 * mirrored + 0.25 * sum(tta_views(run, s, 1)[1] for s in shifted)
 
 
 def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
     """Logits of float images ``x`` (0..255) with test-time augmentation ``level`` (``tta_views``)."""
-    return tta_views(model, x, level)[1]
+    return tta_views(lambda v: model(channels_last(v)), x, level)[1]
 
 
 @torch.no_grad()
@@ -152,7 +156,7 @@ def evaluate(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch:
     model.eval()
     loss_sum, correct, correct_plain = 0.0, 0, 0
     for i in range(0, len(y), batch):
-        plain, logits = tta_views(model, x_u8[i:i + batch].float(), tta)
+        plain, logits = tta_views(lambda v: model(channels_last(v)), x_u8[i:i + batch].float(), tta)
         loss_sum += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
         correct_plain += int((plain.argmax(1) == y[i:i + batch]).sum())

@@ -18,6 +18,7 @@ from coordinator.job import Job
 from coordinator.store import Store, Version
 from models import export, registry
 from models.local import recalibrate_bn, state_arrays
+from models.data import load_cifar10
 from models.train import evaluate, save_checkpoint
 from tests.helpers.tiny_cifar import tiny_cifar10, write_official_archive
 
@@ -240,6 +241,19 @@ def test_eval_prints_the_accuracy_train_measured(tmp_path, capsys, monkeypatch):
     assert crowdtrain.main(["eval", "--model", str(out / "model.onnx"), "--limit", "30"]) == 0
     assert f"(cnn, onnx): test accuracy {100 * acc:.2f}% on 30 CIFAR-10" in capsys.readouterr().out
 
+    # test-time augmentation (airbench's recipe has level 2; cnn's none): the same views as one process's last
+    # evaluation, from the .pt and from the ONNX graph, with the plain accuracy beside
+    _, module, _ = export.read_pt(out / "model.pt")
+    data = load_cifar10(str(archive), progress=False)
+    _, want, want_plain = evaluate(module, torch.from_numpy(data.test_x), torch.from_numpy(data.test_y), tta=2,
+                                   with_plain=True)
+    assert want_plain == acc
+    for fmt in ("pt", "onnx"):
+        assert crowdtrain.main(["eval", "--model", str(out / f"model.{fmt}"), "--tta", "2"]) == 0
+        assert (f"(cnn, {fmt}): test accuracy {100 * want:.2f}% (test-time augmentation 2; without: "
+                f"{100 * acc:.2f}%) on 30 CIFAR-10") in capsys.readouterr().out
+    assert export.recipe_tta("airbench") == 2 and export.recipe_tta("cnn") == 0 and export.recipe_tta("nonet") == 0
+
     assert crowdtrain.main(["eval", "--model", str(tmp_path / "none.pt"), "--data", str(archive)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "none.pt: no such file" in err and len(err.splitlines()) == 1
@@ -291,7 +305,7 @@ async def test_http_model_download(aiohttp_client, tmp_path):
     resp = await client.get("/api/v1/model?format=onnx&version=best")
     assert resp.status == 200 and resp.headers["X-Crowdtrain-Version"] == str(recorded["version"])
     (tmp_path / "best.onnx").write_bytes(await resp.read())
-    _, acc = export.evaluate(export.load_predictor(tmp_path / "best.onnx"), DATA.test_x, DATA.test_y)
+    _, acc, _ = export.evaluate(export.load_predictor(tmp_path / "best.onnx"), DATA.test_x, DATA.test_y)
     model = export.build_model("resnet_fast", arrays)
     recipe = registry.get("resnet_fast").recipe
     recalibrate_bn(model, torch.from_numpy(DATA.train_x), crop_pad=recipe.crop_pad, flip=recipe.flip)
