@@ -192,6 +192,7 @@ def run_single(args, data: str, out: Path) -> dict:
     # the final model exists once the last epoch's steps are done, before its evaluation
     to_model = startup + (rows[-2]["elapsed"] if len(rows) > 1 else 0.0) + rows[-1]["seconds"]
     return {"setup": "single", "label": "one process", "history": history, "final_test_acc": history[-1]["test_acc"],
+            "final_test_acc_tta": history[-1].get("test_acc_tta"),
             "best_test_acc": max(h["test_acc"] for h in history), "samples": history[-1]["samples"],
             "wall_s": wall, "seconds_to_model": to_model, "train_s": sum(r["seconds"] for r in rows),
             "evals": len(history),
@@ -247,7 +248,7 @@ def warm_up(args, data: str, out: Path) -> float:
     return time.time() - t0
 
 
-def keep_model(out: Path) -> None:
+def keep_model(out: Path) -> Path | None:
     """The job's final model as ``crowdtrain export`` writes it (batch-norm statistics re-estimated), to
     ``out/model.pt`` before the state's blobs are deleted, so that it can be evaluated again later."""
     from coordinator.model_out import from_state
@@ -255,8 +256,29 @@ def keep_model(out: Path) -> None:
     try:
         path, _ = from_state(out / "state", "pt", out / "model.pt", "final", True)
         log(f"  the final model: {path}")
+        return path
     except Exception as e:   # a run that never made a version: nothing to keep, and nothing to fail for
         log(f"  the final model was not kept: {type(e).__name__}: {e}")
+        return None
+
+
+def tta_accuracy(args, data: str, path: Path | None) -> float | None:
+    """The kept final model's test accuracy with its recipe's test-time augmentation (as one process's last
+    evaluation has it, ``final_test_acc_tta``); None for a recipe without it or no model kept."""
+    from models.data import load_cifar10
+    from models.export import evaluate, load_predictor, recipe_tta
+
+    level = recipe_tta(args.model)
+    if not level or path is None:
+        return None
+    test = load_cifar10(data, progress=False)
+    n = args.test_images or len(test.test_y)
+    return evaluate(load_predictor(path, threads=args.threads), test.test_x[:n], test.test_y[:n], level)[1]
+
+
+def tta_note(r: dict) -> str:
+    tta = r.get("final_test_acc_tta")
+    return "" if tta is None else f" ({100 * tta:.2f}% with the recipe's test-time augmentation)"
 
 
 def run_real(args, data: str, spec: Spec, out: Path) -> dict:
@@ -297,7 +319,7 @@ def run_real(args, data: str, spec: Spec, out: Path) -> dict:
             first = json.loads(db.execute("SELECT wire FROM units ORDER BY issued LIMIT 1").fetchone()[0])
     finally:
         cluster.stop()
-        keep_model(out)
+        kept = keep_model(out)
         for blobs in [out / "state" / "blobs", *out.glob("cache-*")]:     # model versions, shards: 100+ MB
             shutil.rmtree(blobs, ignore_errors=True)
     unit = {"batch_size": first["batch_size"], "local_steps": first["local_steps"]}
@@ -309,6 +331,7 @@ def run_real(args, data: str, spec: Spec, out: Path) -> dict:
     applied = [r[0] for r in rows if r[1] is not None]
     return {"setup": "real", "label": spec.label, "strategy": s["strategy"], "params": spec.at(args.workers),
             "workers": args.workers, "unit": unit, "history": history, "final_test_acc": history[-1]["test_acc"],
+            "final_test_acc_tta": tta_accuracy(args, data, kept),
             "best_test_acc": max(h["test_acc"] for h in history), "samples": s["samples"],
             "budget_samples": s["budget_samples"], "versions": s["model_version"], "wall_s": wall,
             "seconds_to_model": t_budget, "startup_s": t_up, "evals": len(history),
@@ -721,14 +744,15 @@ def main(argv: list[str] | None = None) -> int:
         r = run_single(args, data, out / "single") | {"load_before": load, "measured": stamp}
         results.append(r)
         save()
-        log(f"one process: {100 * r['final_test_acc']:.2f}% after {r['samples']:,} samples, {r['wall_s']:.0f} s")
+        log(f"one process: {100 * r['final_test_acc']:.2f}%{tta_note(r)} after {r['samples']:,} samples, "
+            f"{r['wall_s']:.0f} s")
     if "real" in args.setups:
         for spec in specs:
             load = os.getloadavg()[0]
             r = run_real(args, data, spec, out / "real" / slug(spec.label)) | {"load_before": load, "measured": stamp}
             results.append(r)
             save()
-            log(f"real, {spec.label}: {100 * r['final_test_acc']:.2f}% after {r['samples']:,} samples, "
+            log(f"real, {spec.label}: {100 * r['final_test_acc']:.2f}%{tta_note(r)} after {r['samples']:,} samples, "
                 f"{r['wall_s']:.0f} s")
     if "sim" in args.setups:
         for r in run_sims(args, data, specs, out / "sim"):

@@ -51,3 +51,30 @@ def test_written_scenario_reads_back(tmp_path, scenario):
     assert back.to_dict() == sc.to_dict()
     assert back["workers.count"] == 32 and back["budget.train_images"] == 10_000 and back["workers.prefetch"]
     assert [s.params for s in back.strategies] == [{"staleness": "polynomial"}, {"clients_per_round": 32}]
+
+
+def test_the_kept_model_is_scored_with_its_recipes_test_time_augmentation(tmp_path):
+    """A real run's kept model.pt is scored as one process's last evaluation is (airbench: level 2), so the two
+    compare alike; a recipe without it (resnet_fast) gets no such number."""
+    import torch
+
+    from bench.parity import tta_accuracy
+    from models import registry
+    from models.data import load_cifar10
+    from models.train import evaluate, save_checkpoint
+    from tests.helpers.tiny_cifar import write_official_archive
+
+    archive = write_official_archive(tmp_path / "data", n_train=20, n_test=200)
+    torch.manual_seed(2)
+    model = registry.build("airbench")
+    registry.init_from_data(model, torch.from_numpy(load_cifar10(str(archive), progress=False).train_x))
+    model.eval()
+    save_checkpoint(tmp_path / "model.pt", model, {"model": "airbench"}, None)
+    test = load_cifar10(str(archive), progress=False)
+    want = evaluate(model, torch.from_numpy(test.test_x), torch.from_numpy(test.test_y), tta=2)[1]
+    plain = evaluate(model, torch.from_numpy(test.test_x), torch.from_numpy(test.test_y))[1]
+    assert want != plain, "the augmented views change some answers here: the check below tells them apart"
+    got = tta_accuracy(args(model="airbench", test_images=200, threads=1), str(archive), tmp_path / "model.pt")
+    assert got == want
+    assert tta_accuracy(args(test_images=200, threads=1), str(archive), tmp_path / "model.pt") is None
+    assert tta_accuracy(args(model="airbench", test_images=200, threads=1), str(archive), None) is None
