@@ -44,6 +44,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         table.append({"model": name, "runs": len(accs), "mean_acc": statistics.mean(accs),
                       "std_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "min_acc": min(accs), "max_acc": max(accs), "mean_seconds": statistics.mean(secs),
+                      "best_epoch_acc": statistics.mean(100 * max(r["epochs"]) for r in runs if r["model"] == name),
                       "claim": CLAIMS.get(name)})
     return table
 
@@ -58,12 +59,14 @@ def markdown(table: list[dict], cfg: dict) -> str:
              "work during the run, so the seconds are indicative only (accuracies are not affected).",
              f"- Command{'s' if len(cfg['commands']) > 1 else ''}: "
              f"{'; '.join(f'`{c}`' for c in cfg['commands'])}; raw results in `{cfg['out']}`.", "",
-             "| model | params | test acc. mean (%) | spread (std; min-max) | paper's claim (%) | s / run |",
-             "|---|---:|---:|---|---:|---:|"]
+             "| model | params | test acc. mean (%) | spread (std; min-max) | best epoch, mean (%) | paper's claim (%) "
+             "| s / run |",
+             "|---|---:|---:|---|---:|---:|---:|"]
     for row in table:
         claim = f"{row['claim']:.2f}" if row["claim"] is not None else "-"
         lines.append(f"| `{row['model']}` | {cfg['params'][row['model']]:,} | {row['mean_acc']:.2f} | "
-                     f"{row['std_acc']:.2f}; {row['min_acc']:.2f}-{row['max_acc']:.2f} | {claim} | "
+                     f"{row['std_acc']:.2f}; {row['min_acc']:.2f}-{row['max_acc']:.2f} | {row['best_epoch_acc']:.2f} | "
+                     f"{claim} | "
                      f"{row['mean_seconds']:.0f} |")
     return "\n".join(lines)
 
