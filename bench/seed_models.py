@@ -110,7 +110,10 @@ def main() -> int:
         cfg["models"] = list(dict.fromkeys(before["config"]["models"] + args.models))
         cfg["params"] = {**before["config"]["params"], **cfg["params"]}
         cfg["recipes"] = {**before["config"]["recipes"], **cfg["recipes"]}
-        cfg["commands"] = before["config"].get("commands", [before["config"]["command"]]) + [cfg["command"]]
+        done = {(r["model"], r["seed"]) for r in runs}
+        trains = any((m, seed) not in done for seed in args.seeds for m in args.models)
+        cfg["commands"] = before["config"].get("commands", [before["config"]["command"]]) + \
+            ([cfg["command"]] if trains else [])   # a sitting that only writes the table is not a command of it
         print(f"resuming: {len(runs)} run(s) kept from {out / 'results.json'}", file=sys.stderr)
     cfg.setdefault("commands", [cfg["command"]])
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
