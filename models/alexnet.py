@@ -4,7 +4,8 @@ The shape of AlexNet, scaled for CIFAR-10 on a 2-core CPU: five convs (5x5, 5x5,
 3x3; stride 1), a 2x2 max-pool after conv 1, 2 and 5 (32 -> 16 -> 8 -> 4), then three linear
 layers with dropout 0.5 before the first two. The channel widths keep AlexNet's ratios
 96:256:384:384:256 and the hidden linear width its 4096, all times ``width`` (default 3/8:
-36-96-144-144-96 channels, 1536 hidden, 60-75 s per CIFAR-10 epoch on 2 cores). Local
+36-96-144-144-96 channels, 1536 hidden; a CIFAR-10 epoch took 60-75 s on 2 cores on 2026-11-22 and
+210-230 s on 2026-12-03's slower machine, about 85 GFLOP per step of 256). Local
 response normalisation is left out (later work found it does not help). No BatchNorm: after a
 ``PhysicsLayer`` it would subtract the per-channel forces again, so they would never learn.
 
