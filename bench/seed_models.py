@@ -99,7 +99,7 @@ def main() -> int:
            "params": {m: registry.count_parameters(registry.build(m))[0] for m in args.models},
            "recipes": {m: dataclasses.replace(registry.get(m).recipe, epochs=args.epochs).to_dict()
                        for m in args.models}}
-    runs = []
+    runs, earlier = [], []
     if args.resume and (out / "results.json").exists():
         before = json.loads((out / "results.json").read_text())
         if before["config"]["epochs"] != args.epochs:
@@ -110,15 +110,14 @@ def main() -> int:
         cfg["models"] = list(dict.fromkeys(before["config"]["models"] + args.models))
         cfg["params"] = {**before["config"]["params"], **cfg["params"]}
         cfg["recipes"] = {**before["config"]["recipes"], **cfg["recipes"]}
-        done = {(r["model"], r["seed"]) for r in runs}
-        trains = any((m, seed) not in done for seed in args.seeds for m in args.models)
-        cfg["commands"] = before["config"].get("commands", [before["config"]["command"]]) + \
-            ([cfg["command"]] if trains else [])   # a sitting that only writes the table is not a command of it
+        earlier = before["config"].get("commands", [before["config"]["command"]])
         print(f"resuming: {len(runs)} run(s) kept from {out / 'results.json'}", file=sys.stderr)
-    cfg.setdefault("commands", [cfg["command"]])
+    done = {(r["model"], r["seed"]) for r in runs}
+    trains = any((m, seed) not in done for seed in args.seeds for m in args.models)
+    # a sitting that only writes the table is not one of its commands
+    cfg["commands"] = earlier + [cfg["command"]] if trains or not earlier else earlier
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
-    done = {(r["model"], r["seed"]) for r in runs}
     for seed in args.seeds:          # seed-major order: a cut-short run still has every model once
         for name in args.models:
             if (name, seed) in done:
