@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 
 import numpy as np
@@ -235,6 +236,25 @@ def test_cache_returns_the_same_bytes_without_exporting(exported, cache_dir, mon
     monkeypatch.setattr(onnx_step, "source_hash", lambda: "changed models/")
     with pytest.raises(AssertionError, match="exported again"):
         onnx_step.step_graph("supermask_fc", BATCH, cache_dir)
+
+
+def test_the_cache_key_follows_the_code_not_its_comments(tmp_path, monkeypatch) -> None:
+    """A docstring, a comment or the layout of models/ changes no cache key (nothing is exported again);
+    a change to the code does, in any module of models/."""
+    models = tmp_path / "models"
+    models.mkdir()
+    code = '"""A module."""\nimport torch\n\n\ndef scale(x):\n    """Twice x."""\n    return 2 * x  # doubled\n'
+    (models / "layer.py").write_text(code)
+    monkeypatch.setattr(onnx_step, "MODELS_DIR", models)
+    keys = []
+    for text in (code, code.replace("Twice x.", "Two times x.").replace("# doubled", "# times two"),
+                 code.replace('"""A module."""\n', "").replace("2 * x", "2*x"), code.replace("2 * x", "3 * x")):
+        (models / "layer.py").write_text(text)
+        os.utime(models / "layer.py", ns=(len(keys), len(keys)))   # a new time: read again
+        keys.append(onnx_step.cache_key("cnn", BATCH))
+    assert keys[0] == keys[1] == keys[2] != keys[3]
+    (models / "other.py").write_text("X = 1\n")
+    assert onnx_step.cache_key("cnn", BATCH) not in keys
 
 
 def test_focal_loss_is_refused(monkeypatch) -> None:
