@@ -117,7 +117,7 @@ def one_run(i: int, args, tmp: Path) -> dict:
 
     folder = tmp / f"run{i}"
     folder.mkdir(parents=True)
-    cluster = Cluster(folder, "--data", str(args.data), *args.coordinator_arg)
+    cluster = Cluster(folder, "--data", str(args.data), "--browser-graph", "at-start", *args.coordinator_arg)   # as served
     try:
         t0 = time.time()
         cluster.start_coordinator()

@@ -535,7 +535,9 @@ def start_entry(app: web.Application, entry: Entry) -> None:
     entry.tasks = [asyncio.create_task(expire_loop(job)), asyncio.create_task(aggregate_loop(job)),
                    asyncio.create_task(eval_loop(job, entry.evals))]
     job.work.set()   # fold whatever the replay left due
-    if app[WARM] and entry.steps.unavailable is None:   # the first tab should not wait for the export
+    # the first tab should not wait for the export (--browser-graph on-demand: it does, and a coordinator
+    # that no tab visits never exports)
+    if app[WARM] and app[CONFIG].browser_graph == "at-start" and entry.steps.unavailable is None:
         entry.steps.manifest(job.recipe.batch_size)
 
 

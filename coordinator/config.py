@@ -273,6 +273,11 @@ class CoordinatorConfig:
     access_log: str = option(str, "off", "json: one JSON line per request on stderr (logger crowdtrain.access: time, "
                              "method, route template, status, duration_ms, bytes, client address); off: no access "
                              "log (a proxy in front, e.g. Caddy, can keep its own)", "service", choices=("off", "json"))
+    browser_graph: str = option(str, "at-start", "when to build the browser's training step graph of a job's model "
+                                "and batch size (an ONNX export: a minute or more of one core the first time, then "
+                                "read from the cache): at-start, so that the first tab does not wait for it; "
+                                "on-demand, when the first tab asks (a coordinator for headless workers only never "
+                                "spends it)", "service", choices=("at-start", "on-demand"))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -124,8 +124,9 @@ async def test_browser_units_wait_for_the_step_graph(aiohttp_client, tmp_path):
     from coordinator.keys import STEPS
     from tests.test_coordinator import make_job
 
-    job = make_job(tmp_path, batch_size=16)
-    app = create_app(job.config, job)   # not warm: the first browser request starts the export
+    job = make_job(tmp_path, batch_size=32, browser_graph="on-demand")
+    # as `crowdtrain coordinator --browser-graph on-demand` starts: the first browser request starts the export
+    app = create_app(job.config, job, warm=True)
     client = await aiohttp_client(app)
     graph = lambda: client.get("/api/status")  # noqa: E731
     assert (await (await graph()).json())["browser_graph"] == "not started"   # asking status starts nothing
@@ -135,10 +136,10 @@ async def test_browser_units_wait_for_the_step_graph(aiohttp_client, tmp_path):
     assert resp.status == 204 and "preparing" in resp.headers["X-Crowdtrain-Reason"]
     assert (await ask("python")).status == 200     # Python workers do not wait for it
     assert (await (await graph()).json())["browser_graph"] == "building"
-    await app[STEPS].wait(16)
+    await app[STEPS].wait(32)
     assert (await (await graph()).json())["browser_graph"] == "ready"
     resp = await ask("browser")
-    assert resp.status == 200 and (await resp.json())["batch_size"] == 16
+    assert resp.status == 200 and (await resp.json())["batch_size"] == 32
 
 
 async def test_a_warm_cache_builds_the_manifest_without_an_export_or_a_check_run(tmp_path, monkeypatch):
@@ -147,8 +148,8 @@ async def test_a_warm_cache_builds_the_manifest_without_an_export_or_a_check_run
     import coordinator.steps as steps
     from tests.test_coordinator import make_job
 
-    job = make_job(tmp_path, batch_size=16)
-    first = await steps.StepGraphs(job, steps.step_cache_dir()).wait(16)   # exports only on a cold cache
+    job = make_job(tmp_path, batch_size=32)
+    first = await steps.StepGraphs(job, steps.step_cache_dir()).wait(32)   # exports only on a cold cache
 
     async def no_export(self, batch_size):
         raise AssertionError("exported although every target's graph is cached")
@@ -157,7 +158,7 @@ async def test_a_warm_cache_builds_the_manifest_without_an_export_or_a_check_run
         raise AssertionError("ran the check although its answer is cached")
     monkeypatch.setattr(steps.StepGraphs, "_export", no_export)
     monkeypatch.setattr(steps, "_run_check", no_run)
-    again = await steps.StepGraphs(job, steps.step_cache_dir()).wait(16)
+    again = await steps.StepGraphs(job, steps.step_cache_dir()).wait(32)
     assert again == first
 
 
@@ -216,14 +217,14 @@ async def test_a_model_the_browser_cannot_train_is_said_so(aiohttp_client, tmp_p
         raise StepUnavailable("focal loss is not exported")
     monkeypatch.setattr(StepGraphs, "_export", fails)
     monkeypatch.setattr(StepGraphs, "_cached", lambda self, batch_size: None)   # such a graph is never cached
-    job = make_job(tmp_path, batch_size=16)
+    job = make_job(tmp_path, batch_size=32)
     app = create_app(job.config, job)
     client = await aiohttp_client(app)
-    await client.get("/api/v1/steps/cnn/16")
-    await asyncio.shield(app[STEPS].entries[16].task)
+    await client.get("/api/v1/steps/cnn/32")
+    await asyncio.shield(app[STEPS].entries[32].task)
     resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "tab", "backend": "browser"})
     assert resp.status == 204 and "focal loss is not exported" in resp.headers["X-Crowdtrain-Reason"]
-    resp = await client.get("/api/v1/steps/cnn/16")
+    resp = await client.get("/api/v1/steps/cnn/32")
     body = await resp.json()
     assert resp.status == 501 and body["error"]["code"] == "no_browser_step" and "focal" in body["error"]["message"]
     state = (await (await client.get("/api/status")).json())["browser_graph"]
@@ -235,7 +236,7 @@ async def test_shutdown_stops_an_export_in_progress(aiohttp_server, tmp_path, mo
     from tests.test_coordinator import make_job
 
     monkeypatch.setenv("CROWDTRAIN_CACHE", str(tmp_path / "fresh-cache"))   # nothing cached: a real export
-    job = make_job(tmp_path, batch_size=16)
+    job = make_job(tmp_path, batch_size=32)
     server = await aiohttp_server(create_app(job.config, job, warm=True))
 
     def exports() -> list[str]:

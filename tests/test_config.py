@@ -70,6 +70,7 @@ VALUES = {
     "worker_tokens": (["--worker-tokens", "tokens.txt"], Path("tokens.txt")),
     "admin_token_file": (["--admin-token-file", "admin.txt"], Path("admin.txt")),
     "access_log": (["--access-log", "json"], "json"),
+    "browser_graph": (["--browser-graph", "on-demand"], "on-demand"),
 }
 
 

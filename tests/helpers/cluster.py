@@ -22,6 +22,11 @@ def free_port() -> int:
 
 class Cluster:
     def __init__(self, tmp_path: Path, *coordinator_args: str, worker_threads: int = 1):
+        # the browser's step graph is built when a tab first asks, not at start: a test of headless workers
+        # would otherwise spend a minute of CPU exporting it (cold cache) beside its workers, or kill that
+        # export half done and repeat it in the next test (a test may still pass --browser-graph at-start)
+        if "--browser-graph" not in coordinator_args:
+            coordinator_args = (*coordinator_args, "--browser-graph", "on-demand")
         self.tmp, self.port, self.args, self.worker_threads = tmp_path, free_port(), coordinator_args, worker_threads
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = tmp_path / "state"
