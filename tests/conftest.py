@@ -1,4 +1,8 @@
 """Fixtures shared by the test modules, and how the suite is split over two test processes."""
+import json
+import os
+import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +65,29 @@ def pytest_collection_modifyitems(config, items):
             continue
         name = Path(str(item.fspath)).name
         item.add_marker(pytest.mark.xdist_group(PROCESS_HEAVY.get(name, name)))
+
+
+# CROWDTRAIN_TEST_CPU=FILE: one JSON line per test (setup, call and teardown together) with its wall time and
+# the CPU seconds it cost, this test process's and its reaped subprocesses' (coordinators, workers, Chromium,
+# exports). CPU seconds hardly depend on what else shares the cores, so they rank the suite's costs even on a
+# busy machine, where wall times triple; the suite's least wall time on 2 cores is about their sum / 2.
+_CPU_REPORT = os.environ.get("CROWDTRAIN_TEST_CPU")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _CPU_REPORT:
+        yield
+        return
+    before, t0 = _cpu_now(), time.monotonic()
+    yield
+    after = _cpu_now()
+    row = {"test": item.nodeid, "wall_s": round(time.monotonic() - t0, 2),
+           "cpu_s": round(after[0] - before[0], 2), "children_cpu_s": round(after[1] - before[1], 2)}
+    with open(_CPU_REPORT, "a") as f:   # one short append per line: the test processes do not interleave
+        f.write(json.dumps(row) + "\n")
+
+
+def _cpu_now() -> tuple[float, float]:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
