@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.browser_step import drive  # noqa: E402
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import commit, hardware, shown, write_section  # noqa: E402
 
 LINE = re.compile(r"unit (\w+) \((\w+) worker\): recomputed here; (\S+) cosine ([0-9.eE+-]+), "
                   r"norm difference ([0-9.eE+-]+)")
@@ -139,13 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.data:
         p.error("--data (or $CROWDTRAIN_DATA) is needed: the CIFAR-10 archive or folder")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
     cfg = {"date": str(datetime.date.today()), "models": args.models, "units": args.units, "images": args.images,
            "threads": args.threads, "hardware": hardware(), "chromium": chromium_version(),
-           "commit": commit + ("+changes" if dirty else ""),
+           "commit": commit(),
            "command": "python bench/browser_replica.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import commit, hardware, shown, write_section  # noqa: E402
 from bench.parity import derived_data  # noqa: E402
 from tests.helpers.cluster import Cluster  # noqa: E402
 
@@ -166,10 +165,6 @@ def section(cfg: dict, results: list[dict], out: Path) -> str:
     return "\n".join(lines)
 
 
-def git(*a: str) -> str:
-    return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.environ.get("CROWDTRAIN_DATA"), help="CIFAR-10 path (default: $CROWDTRAIN_DATA)")
@@ -203,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"date": date, "model": args.model, "train_images": args.train_images, "epochs": args.epochs,
            "test_images": args.test_images, "seeds": args.seeds, "variants": args.variants, "workers": args.workers,
            "eval_every": args.eval_every, "data_source": args.data, "hardware": hardware(),
-           "commit": git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain") else ""),
+           "commit": commit(),
            "command": "python bench/upload_codecs.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "load": f"{os.getloadavg()[0]:.1f}"}
     results: list[dict] = []

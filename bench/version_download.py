@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import commit, hardware, shown, write_section  # noqa: E402
 
 MODES = ("fp32", "fp16", "delta")   # --modes picks among these (fp32 first: the baseline)
 STRATEGY = ('name = "async_sgd"\nparams = { staleness = "polynomial", staleness_a = 1.0 }\n')
@@ -185,13 +185,9 @@ def main() -> None:
         config = json.loads((out / "config.json").read_text())
         runs = json.loads((out / "results.json").read_text())
     else:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
         config = {"models": args.models, "seeds": args.seeds, "modes": args.modes, "workers": args.workers,
                   "train_images": args.train_images, "epochs": args.epochs, "eval_images": args.eval_images,
-                  "threads": args.threads, "jobs": args.jobs, "hardware": hardware(), "commit": commit + ("+changes" if dirty else ""),
+                  "threads": args.threads, "jobs": args.jobs, "hardware": hardware(), "commit": commit(),
                   "out": shown(out), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         (out / "config.json").write_text(json.dumps(config, indent=1))
         from concurrent.futures import ThreadPoolExecutor
