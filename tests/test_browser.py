@@ -356,7 +356,9 @@ def test_closed_tab_leaves_its_unit_to_be_reissued(cluster, data):
     unit_id = out["closed_unit"]
     with c.db() as db:
         shards, status = db.execute("SELECT shard_ids, status FROM units WHERE unit_id = ?", (unit_id,)).fetchone()
-    assert status == "leased"
+    # the tab neither finished nor handed back its unit: still leased, or already expired when the cores are
+    # busy (its first lease is 8 s; the check came 9+ s after it on a loaded machine)
+    assert status in ("leased", "expired"), status
     c.start_worker("py")   # someone else picks up the work once the lease runs out
     deadline = time.time() + 300
     while time.time() < deadline:
