@@ -12,13 +12,14 @@ from tests.helpers.cluster import Cluster
 from tests.helpers.redis_server import MISSING, REDIS, redis_server
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Small batches: one torch thread is as fast, and two stall badly when other jobs share the cores."""
-    threads = torch.get_num_threads()
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts with one torch thread (a test may set more). Three test processes share the 2 cores
+    (pyproject.toml), and a second thread each only burns CPU waiting for the other: test_train's
+    every-model test took 139 CPU-seconds with 2 threads and 39 with 1 while the cores were shared
+    (2026-12-03), in 54 s of wall time instead of 141. A command a test runs in-process may set its own
+    count (`crowdtrain eval` takes all cores by default): it is back to one for the next test."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from coordinator.credit import BOARD, CreditBoard, rank
 from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.protocol import fetch_all, post, start_job, take
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 

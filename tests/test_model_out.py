@@ -22,7 +22,6 @@ from models.data import load_cifar10
 from models.train import evaluate, save_checkpoint
 from tests.helpers.tiny_cifar import tiny_cifar10, write_official_archive
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = tiny_cifar10(n_train=300, n_test=40)
 IMAGES = DATA.test_x[:9]
 

@@ -22,9 +22,6 @@ NAMES = list(registry.MODELS)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def synthetic_batch(n: int = 40, seed: int = 2024) -> tuple[torch.Tensor, torch.Tensor]:
     """Ten classes, each a fixed random 8x8 colour pattern blown up to 32x32, plus noise; 0..255.
     (A seed of its own: with the models' seed 0 the templates would repeat their init draws.)"""

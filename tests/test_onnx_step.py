@@ -35,9 +35,6 @@ MODELS = ["cnn", "resnet_fast", "supermask_fc", "supermask_conv", "alexnet", "ph
 HYPER = {"momentum": 0.9, "weight_decay": 5e-3, "label_smoothing": 0.1}  # lr: the recipe's
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def cache_dir():
     """The step cache every coordinator reads (``$CROWDTRAIN_CACHE``/steps). A graph is exported again whenever

@@ -49,8 +49,6 @@ from tests.helpers.protocol import fetch_all, start_job
 from tests.helpers.protocol import take as take_http
 from worker_py.unit import run_unit
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def arr(*values: float) -> np.ndarray:
     return np.array(values, dtype=np.float32)

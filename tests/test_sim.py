@@ -72,7 +72,7 @@ def simulate(tmp_path, text, data, out="out", **kw):
     return json.loads((tmp_path / out / "results.json").read_text()), runs
 
 
-def test_same_seed_same_results_other_seed_others(tmp_path, data, one_thread):
+def test_same_seed_same_results_other_seed_others(tmp_path, data):
     text = TINY.replace("[coordinator]", CHURN + "[coordinator]")
     first, _ = simulate(tmp_path, text, data, "a", only=["async_sgd"])
     second, _ = simulate(tmp_path, text, data, "b", only=["async_sgd"])
@@ -84,7 +84,7 @@ def test_same_seed_same_results_other_seed_others(tmp_path, data, one_thread):
     assert first["runs"][0]["summary"]["finished"] and first["runs"][0]["summary"]["samples_applied"] >= 384
 
 
-def test_churn_loses_and_reissues_units_through_the_coordinator(tmp_path, data, one_thread):
+def test_churn_loses_and_reissues_units_through_the_coordinator(tmp_path, data):
     doc, runs = simulate(tmp_path, TINY.replace("[coordinator]", CHURN + "[coordinator]"), data)
     for run in runs:
         s = run.summary
@@ -110,7 +110,7 @@ def test_churn_loses_and_reissues_units_through_the_coordinator(tmp_path, data, 
     assert len(units_csv) == runs[1].summary["units_issued"] + 1
 
 
-def test_no_churn_loses_nothing(tmp_path, data, one_thread):
+def test_no_churn_loses_nothing(tmp_path, data):
     doc, runs = simulate(tmp_path, TINY, data, only=["async_sgd"])
     s = runs[0].summary
     assert s["units_lost"] == s["units_reissued"] == s["units_expired"] == 0
@@ -148,7 +148,7 @@ def assert_one_line_error(path: Path, message: str, tmp_path: Path, capsys) -> N
     assert err.startswith(f"error: {path}: ") and message in err and "\n" not in err and "Traceback" not in err
 
 
-def test_none_gives_the_coordinators_own_units(tmp_path, data, one_thread):
+def test_none_gives_the_coordinators_own_units(tmp_path, data):
     """model.batch_size / lr / local_steps = "none": the coordinator's units (the recipe's batch and lr at
     ``unit_batch_scale``, split over the Python workers in flight), as `crowdtrain coordinator` cuts them."""
     from coordinator.sim.engine import Simulation
@@ -197,7 +197,7 @@ def test_bundled_scenarios_load():
     assert liars.strategies[-1].coordinator["replication"] == "adaptive"
 
 
-def test_cli_writes_results_csvs_and_plots(tmp_path, monkeypatch, one_thread, capsys):
+def test_cli_writes_results_csvs_and_plots(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CROWDTRAIN_CACHE", str(tmp_path / "cache"))
     archive = write_image_folder(tmp_path / "data", n_train_per_class=12, n_test_per_class=4)
     path = scenario_file(tmp_path, TINY.replace("train_images = 256", "train_images = 96")
@@ -217,7 +217,7 @@ def test_cli_writes_results_csvs_and_plots(tmp_path, monkeypatch, one_thread, ca
     assert "async_sgd" in capsys.readouterr().out
 
 
-def test_prefetch_asks_early_so_bases_are_staler(tmp_path, data, one_thread):
+def test_prefetch_asks_early_so_bases_are_staler(tmp_path, data):
     text = TINY.replace("local_steps = 2", "local_steps = 4")
     _, plain = simulate(tmp_path, text, data, "plain", only=["async_sgd"])
     text = text.replace("[workers]", "[workers]\nprefetch = true")
@@ -258,7 +258,7 @@ def liar_text(liars: str = LIARS) -> str:
     return TINY.split("[[strategies]]")[0].replace("epochs = 1.5", "epochs = 3") + liars + DEFENDED
 
 
-def test_liars_are_quarantined_and_never_folded_after(tmp_path, data, one_thread):
+def test_liars_are_quarantined_and_never_folded_after(tmp_path, data):
     doc, (undefended, defended) = simulate(tmp_path, liar_text(), data)
     # the same two liars (drawn from the seed, 2 of 4) with their faults in turn, in both runs
     assert undefended.summary["liars"] == defended.summary["liars"]
@@ -290,7 +290,7 @@ def test_liars_are_quarantined_and_never_folded_after(tmp_path, data, one_thread
     assert json.loads(row["quarantined_after_units"]) == s["quarantined_after_units"]
 
 
-def test_no_liars_by_default_and_the_same_fleet_with_them(tmp_path, data, one_thread):
+def test_no_liars_by_default_and_the_same_fleet_with_them(tmp_path, data):
     _, clean = simulate(tmp_path, liar_text(""), data, "clean", only=["undefended"])
     _, lying = simulate(tmp_path, liar_text(), data, "lying", only=["undefended"])
     assert clean[0].summary["liars"] == {} and clean[0].summary["liar_units_folded"] == 0
@@ -334,7 +334,7 @@ def test_liars_sweep_and_override():
         override(scenario, "liars.fraction=2")
 
 
-def test_version_deltas_rebuild_the_bases_of_warm_workers(tmp_path, data, one_thread):
+def test_version_deltas_rebuild_the_bases_of_warm_workers(tmp_path, data):
     # the default download: a virtual worker's later units come as version deltas from the version it
     # holds, rebuilt and hash-checked as worker_py does (engine._base raises on a mismatch)
     text = TINY.replace('version_download = "fp32"', 'version_download = "delta"')

@@ -37,7 +37,6 @@ def real_data():
 
 
 def test_train_writes_metrics_checkpoint_and_curves(tmp_path):
-    torch.set_num_threads(1)
     data = tiny_cifar10(n_train=256, n_test=64)
     recipe = Recipe(batch_size=32, lr=0.1, epochs=4, warmup=0.1)
     result = train("resnet_fast", data, recipe, tmp_path, seed=0, progress=False)
@@ -60,7 +59,6 @@ def test_train_writes_metrics_checkpoint_and_curves(tmp_path):
 def test_same_seed_same_run(tmp_path):
     data = tiny_cifar10(n_train=128, n_test=32)
     recipe = Recipe(batch_size=32, lr=0.05, epochs=1)
-    torch.set_num_threads(1)
     a = train("cnn", data, recipe, None, seed=5, progress=False).rows[-1]
     b = train("cnn", data, recipe, None, seed=5, progress=False).rows[-1]
     assert a["train_loss"] == b["train_loss"] and a["test_loss"] == b["test_loss"]
@@ -70,7 +68,6 @@ def test_alternating_flips_change_the_run_only_when_flips_are_on():
     """``alt_flip`` chooses how flips are drawn: with ``flip`` off it is moot (no error, the same run), with it on
     it draws once per image instead of once per step (another run from the same seed)."""
     data = tiny_cifar10(n_train=128, n_test=32)
-    torch.set_num_threads(1)
 
     def loss(**fields) -> float:
         return train("cnn", data, Recipe(batch_size=32, lr=0.05, epochs=2, **fields), None, seed=5,
@@ -177,7 +174,6 @@ def test_cli_help_lists_subcommands():
 def test_every_model_learns_from_real_data(name, real_data):
     """A few steps on a fixed slice of real CIFAR-10 lower the loss on that slice."""
     torch.manual_seed(0)
-    torch.set_num_threads(2)
     n = 256
     x, y = real_data.train_x[:n], real_data.train_y[:n]
     spec = registry.get(name)
@@ -203,7 +199,7 @@ def test_cnn_one_epoch_on_real_cifar10_beats_chance(tmp_path):
     quiet and reached > 35%; bench/seed_models.py measures full runs). Measured: 26.25% on the whole test
     split (48 s of training on a loaded machine; 12,500 images at batch 256 took 87 s in the suite for 21.3%)."""
     out = run_cli("train", "--model", "cnn", "--epochs", "1", "--limit-train", "5000", "--batch-size", "64",
-                  "--out", str(tmp_path / "cnn"), "--no-progress", timeout=800)
+                  "--out", str(tmp_path / "cnn"), "--no-progress", "--threads", "1", timeout=800)
     assert out.returncode == 0, out.stderr
     assert "training cnn on 5000 images" in out.stdout + out.stderr
     row = json.loads((tmp_path / "cnn" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -27,7 +27,6 @@ from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.tiny_cifar import tiny_cifar10
 from tests.helpers.protocol import fetch_all, open_job, start_job, take
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 POLICY = T.TrustPolicy()
 
