@@ -462,8 +462,8 @@ def source_hash() -> str:
     tree without docstrings, so that a change to a comment, a docstring or the layout exports nothing again
     (an export is a minute of CPU per model, batch size and target; every coordinator start and test
     suite after such a change paid it). Read again only when a file's size or time changed."""
-    files = sorted(MODELS_DIR.glob("*.py"))
-    return _code_hash(tuple((f, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    stats = [(f, f.stat()) for f in sorted(MODELS_DIR.glob("*.py"))]
+    return _code_hash(tuple((f, st.st_mtime_ns, st.st_size) for f, st in stats))
 
 
 @functools.lru_cache(maxsize=4)

@@ -15,8 +15,6 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pytest
-
 from contract.errors import ContractError
 from contract.names import NAME_MAX_CHARS, NameRequest
 from coordinator.credit import BOARD, CreditBoard, rank
