@@ -80,6 +80,7 @@ class UnitFactory:
         self.config, self.recipe, self.store, self.key = config, recipe, store, key
         self.shard_sizes, self.budget, self.clock, self.rng = shard_sizes, budget, clock, rng
         self.hyper = {**{k: getattr(recipe, k) for k in HYPER_KEYS if k not in WHEN_SET or getattr(recipe, k)},
+                      **({"momentum": config.unit_momentum} if config.unit_momentum is not None else {}),
                       **(hyper_overrides or {})}
         q = store.get_meta("queue", {"epoch": 0, "position": 0, "retry": []})
         self.queue = ShardQueue(list(shard_sizes), config.shards_per_unit, config.seed, q["epoch"], q["position"])

@@ -28,6 +28,7 @@ VALUES = {
     "unit_batch_workers": (["--no-unit-batch-workers"], False),
     "dynamic_steps": (["--dynamic-steps"], True),
     "flight_samples": (["--flight-samples", "8000"], 8000),
+    "unit_momentum": (["--unit-momentum", "0.5"], 0.5),
     "unit_lr": (["--unit-lr", "recipe"], "recipe"),
     "model": (["--model", "cnn"], "cnn"),
     "strategy": (["--strategy", "fedbuff"], "fedbuff"),
@@ -204,7 +205,7 @@ def test_scenario_coordinator_section_is_the_configs():
     assert {"max_staleness", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
             "lease_max_s", "lease_first_s", "lease_factor", "keep_versions", "persist_every_s", "persist_every_versions",
             "body_slack_bytes", "replication", "replica_wait_s", "check_max_steps", "robust", "version_download",
-            "unit_lr", "dynamic_steps", "flight_samples", "lookahead"} == set(COORDINATOR_KEYS)
+            "unit_lr", "dynamic_steps", "flight_samples", "unit_momentum", "lookahead"} == set(COORDINATOR_KEYS)
     for name in COORDINATOR_KEYS:
         assert SCHEMA["coordinator"][name].default == C.FIELDS[name].default
         assert SCHEMA["coordinator"][name].help.startswith(C.FIELDS[name].metadata["help"])
