@@ -22,17 +22,24 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU), Python {platform.python_version()}"
 
 
-def commit(*paths: str) -> str:
-    """The checkout's short HEAD, with ``+changes`` when tracked files (under ``paths``, if given) differ
-    from it; ``unknown`` outside a git checkout."""
+def checkout(*paths: str) -> tuple[str, list[str]]:
+    """The checkout's short HEAD and its tracked files (under ``paths``, if given) that differ from it;
+    ``("unknown", [])`` outside a git checkout."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=root,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=root,
+                                capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", []
+    return head, [line[3:] for line in status.splitlines() if line.strip()]
+
+
+def commit(*paths: str) -> str:
+    """The checkout's short HEAD, with ``+changes`` when tracked files (under ``paths``, if given) differ
+    from it; ``unknown`` outside a git checkout."""
+    head, dirty = checkout(*paths)
     return head + ("+changes" if dirty else "")
 
 

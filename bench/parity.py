@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import checkout, hardware, shown, write_section  # noqa: E402
 from tests.helpers.cluster import Cluster  # noqa: E402
 
 SETUPS = ("single", "real", "sim")
@@ -634,10 +634,6 @@ def kept(cfg: dict, path: Path) -> list[dict]:
     return out
 
 
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -716,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         data = str(derived_data(args.data, args.train_images, args.test_images, out))
         log(f"data: the first {args.train_images:,} training and {args.test_images:,} test images of {args.data} "
             f"-> {shown(Path(data))}")
-    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
+    head, dirty = checkout()
     cfg = {"date": date, "model": args.model, "data": args.data, "data_used": data, "data_digest": full.digest,
            "train_images": args.train_images, "epochs": args.epochs, "test_images": args.test_images,
            "seed": args.seed, "strategies": [{"label": s.label, "name": s.name, "params": s.params} for s in specs],
@@ -724,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
            "scenarios": args.scenarios, "sim_workers": args.sim_workers, "sim_evals": args.sim_evals,
            "sim_set": args.sim_set, "recipe": get_model(args.model).recipe.to_dict(), "units": unit_keys(args),
            "quick": args.quick, "hardware": hardware(),
-           "commit": git("rev-parse", "--short", "HEAD").strip(), "dirty": dirty,
+           "commit": head, "dirty": dirty,
            "command": "python " + " ".join([shown(Path(sys.argv[0])), *sys.argv[1:]])}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     log(f"parity: {args.model}, {args.train_images:,} images x {args.epochs} epochs, {args.test_images:,} test "
