@@ -141,9 +141,15 @@ def tta_views(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return plain, 0.5 * mirrored + 0.25 * sum(tta_views(run, s, 1)[1] for s in shifted)
 
 
+def model_views(model: torch.nn.Module, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain logits, logits with test-time augmentation ``level``) of float images ``x`` (0..255): ``tta_views``
+    through ``model`` in channels-last layout."""
+    return tta_views(lambda v: model(channels_last(v)), x, level)
+
+
 def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
     """Logits of float images ``x`` (0..255) with test-time augmentation ``level`` (``tta_views``)."""
-    return tta_views(lambda v: model(channels_last(v)), x, level)[1]
+    return model_views(model, x, level)[1]
 
 
 @torch.no_grad()
@@ -156,7 +162,7 @@ def evaluate(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch:
     model.eval()
     loss_sum, correct, correct_plain = 0.0, 0, 0
     for i in range(0, len(y), batch):
-        plain, logits = tta_views(lambda v: model(channels_last(v)), x_u8[i:i + batch].float(), tta)
+        plain, logits = model_views(model, x_u8[i:i + batch].float(), tta)
         loss_sum += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
         correct_plain += int((plain.argmax(1) == y[i:i + batch]).sum())
