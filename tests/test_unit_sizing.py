@@ -324,3 +324,11 @@ def test_a_worker_with_a_shrunk_unit_counts_in_flight_for_a_few_of_that_units_du
     assert IN_FLIGHT_UNITS * rate * got + 1.0 < IN_FLIGHT_UNITS * rate * SHARD
     assert factory.in_flight(clock.t) == 0        # all went quiet: none counted (a shard's window kept all 8)
     assert issue(factory, "w0", base, "python").local_steps == SHARD // BATCH
+
+
+def test_unit_momentum_replaces_the_recipes_in_every_unit(tmp_path):
+    """``--unit-momentum``: every unit's ``hyper.momentum``, a Python worker's or a tab's; without it the recipe's."""
+    factory, _, base, _, _ = make(tmp_path / "recipe")
+    assert issue(factory, "w", base, "python").hyper["momentum"] == Recipe().momentum
+    factory, _, base, _, _ = make(tmp_path / "set", unit_momentum=0.5)
+    assert {issue(factory, w, base, b).hyper["momentum"] for w, b in (("w", "python"), ("tab", "browser"))} == {0.5}
