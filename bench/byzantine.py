@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import commit, hardware, shown, write_section  # noqa: E402
 from contract.errors import ContractError  # noqa: E402
 from contract.units import UnitRequest, pack_result  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / "out" / f"{args.section}-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    cfg.update(date=date, hardware=hardware(), command="python " + " ".join(sys.argv))
+    cfg.update(date=date, hardware=hardware(), commit=commit(), command="python " + " ".join(sys.argv))
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     data = load_cifar10(args.data, progress=False)
     rows = json.loads((out / "results.json").read_text())["rows"] if args.resume else []
@@ -365,7 +365,7 @@ def main_sim(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "merge" else v
            for k, v in vars(args).items()}
-    cfg.update(date=date, hardware=hardware(), command="python " + shlex.join(sys.argv))
+    cfg.update(date=date, hardware=hardware(), commit=commit(), command="python " + shlex.join(sys.argv))
     rows, commands = [], []
     for folder in ([out] if args.resume or args.table_only else []) + list(args.merge):
         doc = json.loads((folder / "results.json").read_text())
