@@ -233,6 +233,31 @@ def test_fp16_round_trip_within_fp16_eps():
         assert np.all(np.abs(out[k] - a[k]) <= np.abs(a[k]) * 2.0**-11 + 2.0**-25)
 
 
+def test_fp16_decode_is_exact_on_every_finite_value_and_finds_a_non_finite_one(monkeypatch):
+    """Every finite binary16 value (normal, subnormal, both zeros) decodes to the exact float32, by
+    numpy's cast and by torch's (used above ``FAST_CAST_MIN`` values when torch is loaded); an Inf or
+    a NaN is refused at its own index, in any chunk."""
+    import torch  # noqa: F401 (loaded: the fast cast's condition)
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    finite = bits[(bits & 0x7C00) != 0x7C00].view(np.float16)
+    expected = finite.astype(np.float32)
+    raw = np.tile(finite, 3)   # above FAST_CAST_MIN and spanning chunks (HALF_CHUNK made small below)
+    monkeypatch.setattr(codecs, "HALF_CHUNK", 40_000)
+    for size in (finite.size, raw.size):
+        assert (size >= codecs.FAST_CAST_MIN) == (size == raw.size)
+        got = codecs.half_to_float(raw[:size])
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), np.tile(expected, 3)[:size].view(np.uint32))   # -0.0 too
+    body = CODECS["fp16"].encode({"w": np.ones(raw.size, np.float32)})
+    for bad, at in ((np.float16(np.inf), 150_001), (np.float16(np.nan), 7)):
+        data = bytearray(body)
+        start = len(body) - 2 * raw.size - codecs.padding(2 * raw.size)
+        data[start + 2 * at : start + 2 * at + 2] = np.array([bad], np.float16).tobytes()
+        with pytest.raises(ContractError) as e:
+            decode_delta(bytes(data))
+        assert e.value.field == "delta.tensors[w].values" and f"element {at}" in e.value.message
+
+
 def test_int8_round_trip_within_half_a_step():
     a = arrays(2)
     a["zeros"] = np.zeros(3, np.float32)
@@ -395,7 +420,14 @@ def test_delta_norm_is_global_l2():
     assert delta_norm({"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)}) == 5.0
     a = arrays(7)
     flat = np.concatenate([np.ravel(v) for v in a.values()]).astype(np.float64)
-    assert math.isclose(delta_norm(a), float(np.linalg.norm(flat)), rel_tol=1e-12)
+    assert math.isclose(delta_norm(a), float(np.linalg.norm(flat)), rel_tol=1e-6)
+    big = np.full(20_000, 3e19, np.float32)   # float32 squares overflow: summed again in float64
+    assert math.isclose(delta_norm({"w": big}), float(np.linalg.norm(big.astype(np.float64))), rel_tol=1e-12)
+    half = np.array([3.0, 4.0], np.float16)
+    assert delta_norm({"w": half}) == 5.0
+    bad = np.ones(10, np.float32)
+    bad[3] = np.nan
+    assert math.isnan(delta_norm({"w": bad}))
 
 
 # --- golden files -----------------------------------------------------------------------------
