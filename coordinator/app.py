@@ -436,21 +436,45 @@ async def donate(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------------- background work
+_LIBC = None
+
+
+def libc():
+    """glibc's handle (None elsewhere: musl, macOS), for ``release_memory`` and ``reuse_large_buffers``."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
+LARGE_BUFFERS = 256 << 20   # buffers up to this size come from (and go back to) the heap, not mmap
+
+
+def reuse_large_buffers() -> None:
+    """Let glibc reuse freed buffers of up to ``LARGE_BUFFERS`` bytes instead of mapping fresh pages for
+    each. By default a buffer above 32 MiB (a 10M-parameter model's fp32 delta: a result body, its
+    decoded copy, each fold's new model) is mmapped and unmapped every time, and touching fresh pages
+    cost about 0.75 ms a MB on this machine's VM: 30 ms for each such buffer, more than copying it
+    (docs/results.md, "Coordinator capacity at 10M parameters"). ``release_memory`` still hands the
+    free pages back every ``TRIM_EVERY_S``."""
+    lib = libc()
+    if lib is not None:
+        lib.mallopt(M_MMAP_THRESHOLD, LARGE_BUFFERS)
+        lib.mallopt(M_TRIM_THRESHOLD, LARGE_BUFFERS)
+
+
 def release_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere). The
     request path allocates and frees many short-lived buffers in several threads, and glibc keeps what
     they freed: under load the RSS crept up by about 2 MB/s while the Python heap stayed flat."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
+    lib = libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 async def expire_loop(job: Job) -> None:
@@ -665,6 +689,7 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     """The app for ``job`` (the first of its registry, ``coordinator.jobs``; ``several``: False where the job's
     state is not this process's alone, ``--redis``); ``warm`` builds the browser's step graph and gzips the
     page's assets at start instead of on the first browser's request (servers do; most tests do not need to)."""
+    reuse_large_buffers()
     job = job or Job(config)
     app = web.Application(middlewares=[observe.middleware, errors_as_json, worker_tokens],
                           client_max_size=job.max_body)
