@@ -9,7 +9,7 @@ measures side by side in one run:
   - the whole path: real HTTP on 127.0.0.1 into ``create_app``, with the contract's decode and
     checks, the SQLite log (fsync) and the model written on the coordinator's default persistence
     policy (``--persist-every-s`` / ``--persist-every-versions``); precomputed valid
-    results (fp32 codec) from 4 concurrent clients (a process of their own unless
+    results (``--codec``: fp32 unless told, the coordinator asks fp16 of its workers by default) from 4 concurrent clients (a process of their own unless
     ``--in-process-clients``); async_sgd (a version per aggregation: the
     aggregation task folds every update that arrived while it was busy) and fedbuff with
     K=10. Accepted/s counts until every result is folded into a version; answered/s until
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import hardware, shown, write_section  # noqa: E402
+from bench.common import commit, hardware, shown, write_section  # noqa: E402
 from contract.codecs import encode_delta, get_codec  # noqa: E402
 from contract.units import UnitResult, WorkUnit, pack_result  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
@@ -121,7 +122,7 @@ def client_process(argv: list[str]) -> int:
 
 
 async def http_rate(model: str, strategy: str, params: dict, submissions: int, clients: int = 4,
-                    own_process: bool = False) -> dict:
+                    own_process: bool = False, codec: str = "fp32") -> dict:
     from aiohttp import ClientSession
     from aiohttp.test_utils import TestServer
 
@@ -129,7 +130,7 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = CoordinatorConfig(state=Path(tmp), model=model, strategy=strategy, strategy_params=params,
-                                codec="fp32", shard_size=64, epochs=1e6, eval_every_s=1e9, max_staleness=None)
+                                codec=codec, shard_size=64, epochs=1e6, eval_every_s=1e9, max_staleness=None)
         job = Job(cfg)
         job.open(tiny_cifar10(n_train=256, n_test=16))
         server = TestServer(create_app(cfg, job), host="127.0.0.1")
@@ -142,7 +143,7 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
                         "protocol": 1, "worker_id": f"c{i % clients}", "backend": "python"}) as r:
                     units.append(WorkUnit.from_json(await r.json()))
             delta = {k: np.full(s, 1e-4, np.float32) for k, (s, _) in job.spec.items()}
-            raw = encode_delta(get_codec("fp32"), delta)
+            raw = encode_delta(get_codec(codec), delta)
             plan = [{"unit_id": u.unit_id, "lease": u.lease, "worker": f"c{i % clients}",
                      "model_version": u.model_version, "batch_size": u.batch_size} for i, u in enumerate(units)]
             if own_process:
@@ -152,19 +153,21 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
                     sys.executable, __file__, "--post", url, str(Path(tmp) / "plan.json"), str(clients),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
                 assert (await proc.stdout.readline()).strip() == b"ready"
-                t, cpu = time.perf_counter(), time.process_time()
+                t, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
                 proc.stdin.write(b"go\n")
                 await proc.stdin.drain()
                 assert (await proc.stdout.readline()).strip() == b"done", "a client failed"
                 answered = time.perf_counter() - t
             else:
                 bodies = pack_bodies(plan, raw)
-                t, cpu = time.perf_counter(), time.process_time()
+                t, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
                 await post_all(url, plan, bodies, clients)
                 answered = time.perf_counter() - t
             while job.inbox or job.aggregator.due:   # the aggregation task catches up (a partial
                 await job.settle()                     # FedBuff buffer stays buffered, by design)
             seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            system = used.ru_stime - usage.ru_stime   # the kernel's share: page faults, socket reads, writes
             if own_process:
                 assert await proc.wait() == 0   # after the clock: the clients' interpreter takes a while to exit
         versions = job.step
@@ -172,8 +175,8 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
         assert totals["applied"] + job.aggregator.buffered == totals["accepted"] == submissions, totals
         await server.close()
     return {"accepted_per_s": submissions / seconds, "answered_per_s": submissions / answered, "seconds": seconds,
-            "cpu_seconds": cpu, "accepted_per_cpu_s": submissions / cpu,
-            "submissions": submissions, "versions": versions, "delta_bytes": len(raw)}
+            "cpu_seconds": cpu, "system_cpu_seconds": system, "accepted_per_cpu_s": submissions / cpu,
+            "submissions": submissions, "versions": versions, "delta_bytes": len(raw), "codec": codec}
 
 
 def main() -> int:
@@ -184,15 +187,23 @@ def main() -> int:
     p.add_argument("--in-process-clients", action="store_true",
                    help="the clients in the coordinator's process and event loop, as before 2026-12-02 (default: "
                         "a process of their own, so the coordinator's CPU is its own)")
+    p.add_argument("--codec", default="fp32", choices=("fp32", "fp16"),
+                   help="the results' delta codec (default fp32; the coordinator asks its workers for fp16 unless "
+                        "told otherwise, half the bytes to read, hash and log)")
     p.add_argument("--out", type=Path)
     p.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     args = p.parse_args()
     own = not args.in_process_clients
     torch.set_num_threads(1)
+    # the coordinator's process reuses large buffers (create_app does this); the aggregation timed below
+    # runs as it would there. getattr: older checkouts, measured side by side through worktrees, lack it
+    from coordinator import app as coordinator_app
+    getattr(coordinator_app, "reuse_large_buffers", lambda: None)()
     date = time.strftime("%Y-%m-%d")
     out = args.out or ROOT / "bench" / "out" / f"coordinator_capacity-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"date": date, "sizes_millions": args.sizes, "submissions": args.submissions, "clients": args.clients,
+           "codec": args.codec, "commit": commit("coordinator", "contract"),
            "clients_process": own, "hardware": hardware(), "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     rows = []
@@ -206,12 +217,14 @@ def main() -> int:
         row = {"model": name, "params": params, "aggregation_s": agg, "bandwidth_bound_s": bound,
                "bound_ratio": agg / bound, "copy_bandwidth_gb_s": bandwidth / 1e9}
         for strategy, sparams in (("async_sgd", {}), ("fedbuff", {"buffer_size": 10})):
-            row[strategy] = asyncio.run(http_rate(name, strategy, sparams, args.submissions, args.clients, own))
+            row[strategy] = asyncio.run(http_rate(name, strategy, sparams, args.submissions, args.clients, own,
+                                                   args.codec))
         rows.append(row)
         print(f"{name}: {params:,} params, aggregation {1e3 * agg:.2f} ms (bound {1e3 * bound:.2f} ms, "
               f"x{agg / bound:.1f}); HTTP accepted/s async_sgd {row['async_sgd']['accepted_per_s']:.1f} "
               f"(answered {row['async_sgd']['answered_per_s']:.1f}, per CPU-second "
-              f"{row['async_sgd']['accepted_per_cpu_s']:.1f}), fedbuff {row['fedbuff']['accepted_per_s']:.1f}",
+              f"{row['async_sgd']['accepted_per_cpu_s']:.1f}, system {row['async_sgd']['system_cpu_seconds']:.1f} of "
+              f"{row['async_sgd']['cpu_seconds']:.1f} CPU-s), fedbuff {row['fedbuff']['accepted_per_s']:.1f}",
               flush=True)
     (out / "results.json").write_text(json.dumps({"config": cfg, "rows": rows}, indent=2) + "\n")
     lines = [f"### Coordinator capacity ({date})", "",
@@ -221,7 +234,7 @@ def main() -> int:
              "read delta, write model) at the `c = a + b` bandwidth measured in the same run.",
              f"- Accepted/s: real HTTP on 127.0.0.1, {args.clients} concurrent clients ("
              + ("in a process of their own" if own else "in the coordinator's process and event loop")
-             + ") posting precomputed fp32 results, "
+             + f") posting precomputed {args.codec} results, "
              "until every result is folded into a version; includes decoding and checks, the durable result log "
              "(delta blob fsynced, SQLite row made durable by a group fdatasync of the WAL, before each answer) "
              "and the model written on the default persistence policy "
