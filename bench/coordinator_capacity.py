@@ -9,10 +9,10 @@ measures side by side in one run:
   - the whole path: real HTTP on 127.0.0.1 into ``create_app``, with the contract's decode and
     checks, the SQLite log (fsync) and the model written on the coordinator's default persistence
     policy (``--persist-every-s`` / ``--persist-every-versions``); precomputed valid
-    results (``--codec``: fp32 unless told, the coordinator asks fp16 of its workers by default) from 4 concurrent clients (a process of their own unless
-    ``--in-process-clients``); async_sgd (a version per aggregation: the
-    aggregation task folds every update that arrived while it was busy) and fedbuff with
-    K=10. Accepted/s counts until every result is folded into a version; answered/s until
+    results (``--codec``: fp32 unless told; the coordinator asks its workers for fp16 by default)
+    from 4 concurrent clients (a process of their own unless ``--in-process-clients``);
+    async_sgd (a version per aggregation: the aggregation task folds every update that arrived
+    while it was busy) and fedbuff with K=10. Accepted/s counts until every result is folded into a version; answered/s until
     every submission is answered (folding runs off the request path).
 
     python bench/coordinator_capacity.py [--sizes 0.1 1 10] [--submissions 40]

@@ -313,8 +313,8 @@ def get_codec(name: str) -> Codec:
 def delta_norm(arrays: Arrays) -> float:
     """Global L2 norm of all tensors together: float32 dot products over chunks of ``CHUNK`` values,
     summed in float64 (float32 rounding within a chunk: a relative error of order 1e-7; twice as fast
-    as squaring in float64). A chunk whose float32 sum overflows (values beyond about 1e19) is summed again in
-    float64, where the squares of float32 values are exact and cannot overflow."""
+    as squaring in float64). A chunk whose float32 sum overflows (values beyond about 1e19) is summed
+    again in float64, where the squares of float32 values are exact and cannot overflow."""
     total = 0.0
     for value in arrays.values():
         v = np.asarray(value)

@@ -460,7 +460,7 @@ def reuse_large_buffers() -> None:
     each. By default a buffer above 32 MiB (a 10M-parameter model's fp32 delta: a result body, its
     decoded copy, each fold's new model) is mmapped and unmapped every time, and touching fresh pages
     cost about 0.75 ms a MB on this machine's VM: 30 ms for each such buffer, more than copying it
-    (docs/results.md, "Coordinator capacity at 10M parameters"). ``release_memory`` still hands the
+    (docs/results.md, "Large buffers reused, fp16 decoded by torch's cast"). ``release_memory`` hands the
     free pages back every ``TRIM_EVERY_S``."""
     lib = libc()
     if lib is not None:
