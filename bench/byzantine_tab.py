@@ -1,0 +1,177 @@
+"""A lying browser tab among honest Python workers: is it found out, and what does it cost (issue 11)?
+
+Claims under test (issue 11's targets, for the one kind of worker ``bench/byzantine.py`` and the
+simulator do not drive): a donor whose tab sends every delta sign-flipped and scaled by 10
+(``worker_web/drive.mjs --lie sign_flip``: the page trains honestly, its results are rewritten on the
+wire) is quarantined within 20 of its units and none of its updates is folded, and the job's final
+accuracy stays within 2 points of the clean run at equal applied samples.
+
+Each run is a real ``crowdtrain coordinator`` on 127.0.0.1, a real Chromium tab (Debian's, driven by
+playwright-core, WASM backend, 1 thread) and ``--workers`` real ``crowdtrain worker`` processes of one
+torch thread, on the first ``--images`` CIFAR-10 training images for ``--epochs`` (the budget, the
+same for every run). The tab starts first and the Python workers once it has delivered a unit, so
+that the tab takes part from the start. Runs, one after the other in one invocation:
+``clean`` (the tab honest) and ``lying`` (the tab lies), each with replication on (``--replication
+adaptive``, the defence docs/results.md recommends for a job open to anyone) and, with ``--undefended``,
+also off (the coordinator's defaults: adaptive clipping only). One seed: read a point or two of
+accuracy as noise.
+
+    python bench/byzantine_tab.py --data ../shared/data [--images 10000 --epochs 4] [--undefended]
+
+Writes bench/out/byzantine_tab-<date>/{config,results}.json (and each run's logs) and prints a
+table; the numbers go in docs/results.md by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import commit, hardware, shown  # noqa: E402
+from tests.helpers.cluster import Cluster  # noqa: E402
+
+DRIVER = ROOT / "worker_web" / "drive.mjs"
+TAB = "?throttle=100&threads=1&backend=wasm"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def step_graph_ready(cluster: Cluster, model: str, batch: int, timeout: float) -> None:
+    """Ask for the tab's step graph and wait until the coordinator has built it."""
+    import urllib.error
+    import urllib.request
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{cluster.url}/api/v1/steps/{model}/{batch}", timeout=30):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code != 503:
+                raise
+        time.sleep(1)
+    raise TimeoutError("the step graph was not built in time")
+
+
+def run(args, name: str, lie: bool, replication: str, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "state", ignore_errors=True)
+    flags = ["--data", args.data, "--model", args.model, "--limit-train", str(args.images), "--epochs",
+             str(args.epochs), "--batch-size", str(args.batch_size), "--local-steps", str(args.local_steps),
+             "--shard-size", str(args.shard_size), "--eval-every", "60", "--seed", str(args.seed),
+             "--replication", replication, "--browser-graph", "at-start"]
+    log(f"{name}: crowdtrain coordinator {' '.join(flags)}; a {'lying' if lie else 'honest'} tab + "
+        f"{args.workers} Python workers")
+    cluster = Cluster(out, *flags)
+    t0 = time.time()
+    tab = None
+    try:
+        cluster.start_coordinator()
+        step_graph_ready(cluster, args.model, args.batch_size, 600)
+        command = ["node", str(DRIVER), cluster.url + "/" + TAB, "--click", "--units", "100000", "--timeout",
+                   str(args.timeout)] + (["--lie", "sign_flip"] if lie else [])
+        tab = subprocess.Popen(command, cwd=ROOT, stdout=open(out / "tab.json", "w"),
+                               stderr=open(out / "tab.log", "w"))
+        cluster.wait(lambda s: any(r["backend"] == "browser" and r["results"] >= 1 for r in s["trust"]), 300,
+                     "the tab's first result")
+        for i in range(args.workers):
+            cluster.start_worker(f"py-{i + 1}")
+        last = 0.0
+        while True:
+            if time.time() - t0 > args.timeout:
+                raise TimeoutError(f"{name} did not finish in {args.timeout} s")
+            s = cluster.status()
+            hist = s["accuracy_history"]
+            if s["finished"] and hist and hist[-1]["version"] == s["model_version"]:
+                break
+            if time.time() - last >= 30:
+                last = time.time()
+                log(f"  {name}: {s['samples']:,}/{s['budget_samples']:,} samples, v{s['model_version']}")
+            time.sleep(1)
+        wall = time.time() - t0
+        trust = {r["worker_id"]: r for r in s["trust"]}
+        tab_id = next(w for w, r in trust.items() if r["backend"] == "browser")
+        with cluster.db() as db:
+            rows = db.execute("SELECT worker_id, num_samples, applied_step, dropped, check_state FROM results "
+                              "ORDER BY seq").fetchall()
+    finally:
+        if tab is not None and tab.poll() is None:
+            tab.kill()
+            tab.wait(30)
+        cluster.stop()
+        for blobs in [out / "state" / "blobs", *out.glob("cache-*")]:
+            shutil.rmtree(blobs, ignore_errors=True)
+    mine = [r for r in rows if r[0] == tab_id]
+    honest = [r for r in rows if r[0] != tab_id]
+    before = [r for r in mine if r[3] != "quarantined"]   # its results until it was quarantined
+    result = {
+        "run": name, "lie": lie, "replication": replication, "wall_s": wall,
+        "final_test_acc": hist[-1]["test_acc"], "samples": s["samples"], "budget_samples": s["budget_samples"],
+        "versions": s["model_version"], "updates_dropped": s["updates_dropped"],
+        "tab": {"worker_id": tab_id, "results": len(mine), "folded": sum(r[2] is not None for r in mine),
+                "samples_folded": sum(r[1] for r in mine if r[2] is not None),
+                "quarantined": trust[tab_id]["quarantined"],
+                "results_until_quarantined": len(before) if trust[tab_id]["quarantined"] else None,
+                "fates": {str(k): sum(1 for r in mine if r[3] == k) for k in {r[3] for r in mine}},
+                "disagreements": trust[tab_id]["disagreements"], "credit": trust[tab_id]["credit"]},
+        "honest": {"results": len(honest), "folded": sum(r[2] is not None for r in honest),
+                   "samples_folded": sum(r[1] for r in honest if r[2] is not None),
+                   "replicas": sum(r[4] == "replica" for r in honest), "quarantined":
+                   sorted(w for w, r in trust.items() if w != tab_id and r["quarantined"])},
+    }
+    log(f"{name}: {100 * result['final_test_acc']:.2f}% after {s['samples']:,} samples, {wall:.0f} s; tab: "
+        f"{json.dumps(result['tab'])}")
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="CIFAR-10 (archive or folder)")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--images", type=int, default=10_000, help="the first N training images")
+    p.add_argument("--epochs", type=float, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--local-steps", type=int, default=4)
+    p.add_argument("--shard-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2, help="honest Python workers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--undefended", action="store_true", help="also run both with replication off")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds a run may take")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    if shutil.which("node") is None or not Path("/usr/bin/chromium").exists():
+        p.error("needs node and /usr/bin/chromium (bash deploy/setup.sh --test installs them)")
+    date = time.strftime("%Y-%m-%d")
+    out = args.out or ROOT / "bench" / "out" / f"byzantine_tab-{date}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"date": date, "commit": commit(), "hardware": hardware(), "command": "python " + " ".join(sys.argv),
+              **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    plan = [("clean", False, "adaptive"), ("lying", True, "adaptive")]
+    if args.undefended:
+        plan += [("clean-undefended", False, "off"), ("lying-undefended", True, "off")]
+    results = []
+    for name, lie, replication in plan:
+        results.append(run(args, name, lie, replication, out / name))
+        (out / "results.json").write_text(json.dumps({"config": config, "runs": results}, indent=2) + "\n")
+    print("\n| run | replication | final test acc. (%) | samples | tab results | tab folded | tab quarantined "
+          "after | honest samples folded | replicas |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        t, h = r["tab"], r["honest"]
+        q = t["results_until_quarantined"] if t["quarantined"] else "not"
+        print(f"| {r['run']} | {r['replication']} | {100 * r['final_test_acc']:.2f} | {r['samples']:,} | "
+              f"{t['results']} | {t['folded']} | {q} | {h['samples_folded']:,} | {h['replicas']} |")
+    print(f"\nraw results: {shown(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
