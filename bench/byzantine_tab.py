@@ -118,13 +118,14 @@ def run(args, name: str, lie: bool, replication: str, out: Path) -> dict:
         "versions": s["model_version"], "updates_dropped": s["updates_dropped"],
         "tab": {"worker_id": tab_id, "results": len(mine), "folded": sum(r[2] is not None for r in mine),
                 "samples_folded": sum(r[1] for r in mine if r[2] is not None),
-                "quarantined": trust[tab_id]["quarantined"],
+                "checked": sum(r[4] is not None for r in mine), "quarantined": trust[tab_id]["quarantined"],
                 "results_until_quarantined": len(before) if trust[tab_id]["quarantined"] else None,
                 "fates": {str(k): sum(1 for r in mine if r[3] == k) for k in {r[3] for r in mine}},
                 "disagreements": trust[tab_id]["disagreements"], "credit": trust[tab_id]["credit"]},
         "honest": {"results": len(honest), "folded": sum(r[2] is not None for r in honest),
                    "samples_folded": sum(r[1] for r in honest if r[2] is not None),
-                   "replicas": sum(r[4] == "replica" for r in honest), "quarantined":
+                   "replicas": sum(r[3] == "replica" for r in honest),   # a replica's row is dropped as such
+                   "checked": sum(r[4] is not None for r in honest), "quarantined":
                    sorted(w for w, r in trust.items() if w != tab_id and r["quarantined"])},
     }
     log(f"{name}: {100 * result['final_test_acc']:.2f}% after {s['samples']:,} samples, {wall:.0f} s; tab: "
