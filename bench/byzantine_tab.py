@@ -13,10 +13,11 @@ same for every run). The tab starts first and the Python workers once it has del
 that the tab takes part from the start. Runs, one after the other in one invocation:
 ``clean`` (the tab honest) and ``lying`` (the tab lies), each with replication on (``--replication
 adaptive``, the defence docs/results.md recommends for a job open to anyone) and, with ``--undefended``,
-also off (the coordinator's defaults: adaptive clipping only). One seed: read a point or two of
-accuracy as noise.
+also off (the coordinator's defaults: adaptive clipping only); with ``--no-tab``, also ``no-tab``: the
+Python workers alone (replication on), the job a lying tab leaves them when none of its updates is
+folded. One seed per invocation (``--seed``): read a point or two of accuracy as noise.
 
-    python bench/byzantine_tab.py --data ../shared/data [--images 10000 --epochs 4] [--undefended]
+    python bench/byzantine_tab.py --data ../shared/data [--images 10000 --epochs 4] [--undefended] [--no-tab]
 
 Writes bench/out/byzantine_tab-<date>/{config,results}.json (and each run's logs) and prints a
 table; the numbers go in docs/results.md by hand.
@@ -39,6 +40,9 @@ from tests.helpers.cluster import Cluster  # noqa: E402
 
 DRIVER = ROOT / "worker_web" / "drive.mjs"
 TAB = "?throttle=100&threads=1&backend=wasm"
+RUNS = {   # name: does the tab lie (None: no tab), --replication
+    "clean": (False, "adaptive"), "lying": (True, "adaptive"), "clean-undefended": (False, "off"),
+    "lying-undefended": (True, "off"), "no-tab": (None, "adaptive")}
 
 
 def log(message: str) -> None:
@@ -61,27 +65,29 @@ def step_graph_ready(cluster: Cluster, model: str, batch: int, timeout: float) -
     raise TimeoutError("the step graph was not built in time")
 
 
-def run(args, name: str, lie: bool, replication: str, out: Path) -> dict:
+def run(args, name: str, lie: bool | None, replication: str, out: Path) -> dict:
+    """One job to its budget; ``lie`` None: no tab at all."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "state", ignore_errors=True)
     flags = ["--data", args.data, "--model", args.model, "--limit-train", str(args.images), "--epochs",
              str(args.epochs), "--batch-size", str(args.batch_size), "--local-steps", str(args.local_steps),
              "--shard-size", str(args.shard_size), "--eval-every", "60", "--seed", str(args.seed),
              "--replication", replication, "--browser-graph", "at-start"]
-    log(f"{name}: crowdtrain coordinator {' '.join(flags)}; a {'lying' if lie else 'honest'} tab + "
-        f"{args.workers} Python workers")
+    who = "no tab" if lie is None else f"a {'lying' if lie else 'honest'} tab"
+    log(f"{name}: crowdtrain coordinator {' '.join(flags)}; {who} + {args.workers} Python workers")
     cluster = Cluster(out, *flags)
     t0 = time.time()
     tab = None
     try:
         cluster.start_coordinator()
-        step_graph_ready(cluster, args.model, args.batch_size, 600)
-        command = ["node", str(DRIVER), cluster.url + "/" + TAB, "--click", "--units", "100000", "--timeout",
-                   str(args.timeout)] + (["--lie", "sign_flip"] if lie else [])
-        tab = subprocess.Popen(command, cwd=ROOT, stdout=open(out / "tab.json", "w"),
-                               stderr=open(out / "tab.log", "w"))
-        cluster.wait(lambda s: any(r["backend"] == "browser" and r["results"] >= 1 for r in s["trust"]), 300,
-                     "the tab's first result")
+        if lie is not None:
+            step_graph_ready(cluster, args.model, args.batch_size, 600)
+            command = ["node", str(DRIVER), cluster.url + "/" + TAB, "--click", "--units", "100000", "--timeout",
+                       str(args.timeout)] + (["--lie", "sign_flip"] if lie else [])
+            tab = subprocess.Popen(command, cwd=ROOT, stdout=open(out / "tab.json", "w"),
+                                   stderr=open(out / "tab.log", "w"))
+            cluster.wait(lambda s: any(r["backend"] == "browser" and r["results"] >= 1 for r in s["trust"]), 300,
+                         "the tab's first result")
         for i in range(args.workers):
             cluster.start_worker(f"py-{i + 1}")
         last = 0.0
@@ -98,10 +104,10 @@ def run(args, name: str, lie: bool, replication: str, out: Path) -> dict:
             time.sleep(1)
         wall = time.time() - t0
         trust = {r["worker_id"]: r for r in s["trust"]}
-        tab_id = next(w for w, r in trust.items() if r["backend"] == "browser")
+        tab_id = next((w for w, r in trust.items() if r["backend"] == "browser"), None)
         with cluster.db() as db:
-            rows = db.execute("SELECT worker_id, num_samples, applied_step, dropped, check_state FROM results "
-                              "ORDER BY seq").fetchall()
+            rows = db.execute("SELECT worker_id, num_samples, applied_step, dropped, check_state, staleness "
+                              "FROM results ORDER BY seq").fetchall()
     finally:
         if tab is not None and tab.poll() is None:
             tab.kill()
@@ -112,20 +118,28 @@ def run(args, name: str, lie: bool, replication: str, out: Path) -> dict:
     mine = [r for r in rows if r[0] == tab_id]
     honest = [r for r in rows if r[0] != tab_id]
     before = [r for r in mine if r[3] != "quarantined"]   # its results until it was quarantined
+    quarantined = tab_id is not None and trust[tab_id]["quarantined"]
+
+    def staleness(of):   # mean, over folded results, of versions between base and the model when it arrived
+        folded = [r[5] for r in of if r[2] is not None]
+        return sum(folded) / len(folded) if folded else None
+
     result = {
         "run": name, "lie": lie, "replication": replication, "wall_s": wall,
         "final_test_acc": hist[-1]["test_acc"], "samples": s["samples"], "budget_samples": s["budget_samples"],
         "versions": s["model_version"], "updates_dropped": s["updates_dropped"],
-        "tab": {"worker_id": tab_id, "results": len(mine), "folded": sum(r[2] is not None for r in mine),
+        "tab": None if tab_id is None else {
+                "worker_id": tab_id, "results": len(mine), "folded": sum(r[2] is not None for r in mine),
                 "samples_folded": sum(r[1] for r in mine if r[2] is not None),
-                "checked": sum(r[4] is not None for r in mine), "quarantined": trust[tab_id]["quarantined"],
-                "results_until_quarantined": len(before) if trust[tab_id]["quarantined"] else None,
+                "checked": sum(r[4] is not None for r in mine), "quarantined": quarantined,
+                "results_until_quarantined": len(before) if quarantined else None,
                 "fates": {str(k): sum(1 for r in mine if r[3] == k) for k in {r[3] for r in mine}},
-                "disagreements": trust[tab_id]["disagreements"], "credit": trust[tab_id]["credit"]},
+                "disagreements": trust[tab_id]["disagreements"], "credit": trust[tab_id]["credit"],
+                "mean_staleness": staleness(mine)},
         "honest": {"results": len(honest), "folded": sum(r[2] is not None for r in honest),
                    "samples_folded": sum(r[1] for r in honest if r[2] is not None),
                    "replicas": sum(r[3] == "replica" for r in honest),   # a replica's row is dropped as such
-                   "checked": sum(r[4] is not None for r in honest), "quarantined":
+                   "checked": sum(r[4] is not None for r in honest), "mean_staleness": staleness(honest), "quarantined":
                    sorted(w for w, r in trust.items() if w != tab_id and r["quarantined"])},
     }
     log(f"{name}: {100 * result['final_test_acc']:.2f}% after {s['samples']:,} samples, {wall:.0f} s; tab: "
@@ -145,6 +159,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="honest Python workers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--undefended", action="store_true", help="also run both with replication off")
+    p.add_argument("--no-tab", action="store_true", help="also run the Python workers alone (replication on)")
+    p.add_argument("--runs", nargs="+", choices=sorted(RUNS), help="these runs only (instead of the flags above)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds a run may take")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -156,9 +172,9 @@ def main() -> int:
     config = {"date": date, "commit": commit(), "hardware": hardware(), "command": "python " + " ".join(sys.argv),
               **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    plan = [("clean", False, "adaptive"), ("lying", True, "adaptive")]
-    if args.undefended:
-        plan += [("clean-undefended", False, "off"), ("lying-undefended", True, "off")]
+    names = args.runs or (["clean", "lying"] + (["clean-undefended", "lying-undefended"] if args.undefended else [])
+                          + (["no-tab"] if args.no_tab else []))
+    plan = [(name, *RUNS[name]) for name in names]
     results = []
     for name, lie, replication in plan:
         results.append(run(args, name, lie, replication, out / name))
@@ -167,9 +183,10 @@ def main() -> int:
           "after | honest samples folded | replicas |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         t, h = r["tab"], r["honest"]
-        q = t["results_until_quarantined"] if t["quarantined"] else "not"
+        tab = "- | - | -" if t is None else (f"{t['results']} | {t['folded']} | "
+                                           f"{t['results_until_quarantined'] if t['quarantined'] else 'not'}")
         print(f"| {r['run']} | {r['replication']} | {100 * r['final_test_acc']:.2f} | {r['samples']:,} | "
-              f"{t['results']} | {t['folded']} | {q} | {h['samples_folded']:,} | {h['replicas']} |")
+              f"{tab} | {h['samples_folded']:,} | {h['replicas']} |")
     print(f"\nraw results: {shown(out)}")
     return 0
 
