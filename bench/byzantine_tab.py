@@ -17,10 +17,12 @@ also off (the coordinator's defaults: adaptive clipping only); with ``--no-tab``
 Python workers alone (replication on), the job a lying tab leaves them when none of its updates is
 folded. One seed per invocation (``--seed``): read a point or two of accuracy as noise.
 
-    python bench/byzantine_tab.py --data ../shared/data [--images 10000 --epochs 4] [--undefended] [--no-tab]
+    python bench/byzantine_tab.py --data ../shared/data [--images 10000 --epochs 3] [--undefended] [--no-tab]
+    python bench/byzantine_tab.py --data ../shared/data --runs no-tab --workers 3   # runs by name
 
 Writes bench/out/byzantine_tab-<date>/{config,results}.json (and each run's logs) and prints a
-table; the numbers go in docs/results.md by hand.
+table; the numbers go in docs/results.md by hand ("A lying browser tab among Python workers": the
+defaults, seeds 0-2).
 """
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ def main() -> int:
     p.add_argument("--data", required=True, help="CIFAR-10 (archive or folder)")
     p.add_argument("--model", default="cnn")
     p.add_argument("--images", type=int, default=10_000, help="the first N training images")
-    p.add_argument("--epochs", type=float, default=4)
+    p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--local-steps", type=int, default=4)
     p.add_argument("--shard-size", type=int, default=128)
