@@ -141,6 +141,7 @@ def run(args, name: str, lie: bool | None, replication: str, out: Path) -> dict:
         "honest": {"results": len(honest), "folded": sum(r[2] is not None for r in honest),
                    "samples_folded": sum(r[1] for r in honest if r[2] is not None),
                    "replicas": sum(r[3] == "replica" for r in honest),   # a replica's row is dropped as such
+                   # rows with a check state: held results and, settled with them, the replicas themselves
                    "checked": sum(r[4] is not None for r in honest), "mean_staleness": staleness(honest), "quarantined":
                    sorted(w for w, r in trust.items() if w != tab_id and r["quarantined"])},
     }
