@@ -1,7 +1,9 @@
 """Batch-level augmentation with plain torch tensor ops (no torchvision).
 
 Shared by the single-process trainer, the Python worker and the simulator, so a work unit
-with a given seed sees the same crops and flips wherever it runs.
+with a given seed sees the same crops and flips wherever it runs. The random draws come from
+a CPU generator whatever device the images are on (a GPU included), so a seed gives the same
+crops and flips on every device.
 """
 from __future__ import annotations
 
@@ -15,17 +17,17 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, reflect: bool =
         return x
     n, c, h, w = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect" if reflect else "constant")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w + 2 * pad)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * pad)
     xp = xp.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
     return xp.gather(3, cols)
 
 
 def mirror(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     """``x`` [N, C, H, W] with the images ``which`` (bool [N]) mirrored left-right."""
-    return torch.where(which[:, None, None, None], x.flip(3), x)
+    return torch.where(which.to(x.device)[:, None, None, None], x.flip(3), x)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

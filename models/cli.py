@@ -28,6 +28,9 @@ def train_parser(prog: str = "crowdtrain train") -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/<model>-<time>)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the augmentation (default: 0)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: all cores)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; "
+                   "a seed gives the same batches, crops and flips on every device (default: auto)")
     p.add_argument("--limit-train", type=int, default=None, metavar="N",
                    help="use only the first N training images (default: the whole split)")
     p.add_argument("--no-progress", action="store_true", help="no progress output (default: off: a line per epoch, and a progress bar on a terminal)")

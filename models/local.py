@@ -129,6 +129,38 @@ def delta_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]
     return {n: (tuple(state[n].shape), "float32") for n in delta_names(model)}
 
 
+def cpu_keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A dropout keep-mask (uint8 0/1, on the CPU) for activation ``like``, drawn by torch's default CPU
+    generator exactly as ``F.dropout`` draws its noise for ``like`` on the CPU: one ``bernoulli_(1 - p)`` over
+    a tensor of ``like``'s shape and strides (the draws follow the memory order, so a channels-last
+    activation gets other masks than a contiguous one; tests/test_local_device.py checks the two agree bit
+    for bit)."""
+    return torch.empty_strided(tuple(like.shape), like.stride(), dtype=torch.uint8).bernoulli_(1 - p)
+
+
+class CpuDrawnDropout(torch.nn.Dropout):
+    """``nn.Dropout`` whose mask on a GPU is the CPU's (``cpu_keep_mask``, moved over): a unit gets the same
+    masks on every device. CUDA's own generator draws other masks, and on an H200 (2026-12-04) an honest cnn
+    unit trained there was at cosine 0.40 from the same unit on a CPU: a replicated check refutes that as a
+    lie. On the CPU it is ``nn.Dropout``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type == "cpu":
+            return super().forward(x)
+        if self.p >= 1:
+            return x * 0
+        keep = cpu_keep_mask(x, self.p).to(x.device, non_blocking=True)
+        return x * keep.to(x.dtype).div_(1 - self.p)
+
+
+def cpu_drawn_dropout(model: torch.nn.Module) -> None:
+    """Replace each ``nn.Dropout`` of ``model`` by a ``CpuDrawnDropout`` of the same p (in place; idempotent)."""
+    for name, m in list(model.named_modules()):
+        if type(m) is torch.nn.Dropout:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, CpuDrawnDropout(m.p, m.inplace))
+
+
 @dataclass
 class LocalResult:
     delta: dict[str, np.ndarray]  # trained - base, for delta_names(model)
@@ -155,19 +187,25 @@ def batch_indices(n: int, steps: int, batch_size: int, gen: torch.Generator) -> 
 
 def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y: np.ndarray,
               recipe: Recipe, steps: int, lr: float, seed: int,
-              model: torch.nn.Module | None = None, flip_parity: int | None = None) -> LocalResult:
+              model: torch.nn.Module | None = None, flip_parity: int | None = None,
+              device: torch.device | str = "cpu") -> LocalResult:
     """Train ``steps`` SGD steps of ``recipe.batch_size`` from ``base`` on the shard (x_u8, y).
 
     Momentum starts from zero in every unit (units are independent). ``model`` may be a
     cached instance of ``model_name`` to avoid rebuilding it; its state is overwritten.
     ``flip_parity`` (a unit's ``hyper.flip_parity``, with ``recipe.flip``): alternating flips, image i
     mirrored when its coin xor the parity (``models.flips``), instead of a random mirror per step.
+    ``device``: where the steps run (a CUDA GPU of a donor's); the draws (batches, crops, mirrors, dropout
+    masks) stay on the CPU, so a unit's result is the same on every device up to rounding, and the delta
+    comes back as CPU arrays.
     """
     t0 = time.perf_counter()
     model = model if model is not None else registry.build(model_name)   # before the seed: building draws
     torch.manual_seed(seed)                                               # numbers (dropout uses what follows)
     gen = torch.Generator().manual_seed(seed)
-    model.to(memory_format=torch.channels_last)
+    if torch.device(device).type != "cpu":
+        cpu_drawn_dropout(model)
+    model.to(device=device, memory_format=torch.channels_last)
     load_arrays(model, base)
     model.train()
     opt = make_optimizer(model, recipe)
@@ -177,9 +215,11 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
     flip = recipe.flip
     if flip and flip_parity is not None:   # the unit's images mirrored once, as this epoch alternates them
         x, flip = mirror(x, torch.from_numpy(mirrors(x_u8, flip_parity))), False
+    x, labels = x.to(device), labels.to(device)
     batch = min(recipe.batch_size, len(labels))
     losses = []
     for idx in batch_indices(len(labels), steps, batch, gen):
+        idx = idx.to(device)
         x_aug = augment(x[idx], recipe.crop_pad, flip, gen, recipe.crop_reflect)
         loss = loss_fn(model(channels_last(x_aug)), labels[idx], recipe)
         opt.zero_grad(set_to_none=True)
@@ -187,6 +227,6 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
         opt.step()
         losses.append(float(loss.detach()))
     trained = model.state_dict()
-    delta = {n: trained[n].detach().float().numpy() - base[n] for n in delta_names(model)}
+    delta = {n: trained[n].detach().float().cpu().numpy() - base[n] for n in delta_names(model)}
     return LocalResult(delta, losses[0], losses[-1], float(np.mean(losses)), len(losses) * batch,
                        time.perf_counter() - t0)

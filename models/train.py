@@ -38,6 +38,35 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (or None): the first CUDA GPU when this torch sees one, else the CPU; or ``cpu``, ``cuda``,
+    ``cuda:N``. ValueError naming what is wrong (a GPU asked for where torch has none, a bad name)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H200)``: the device as a log line and a run's config give it."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 # ----------------------------------------------------------------------------- optimisation
 def lr_at(progress: float, recipe: Recipe) -> float:
     """Learning rate at ``progress`` (0..1 through the run) under the recipe's schedule: a linear warmup from
@@ -198,8 +227,10 @@ def write_curves(rows: list[dict], path: Path, title: str) -> None:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, config: dict, last: dict | None) -> None:
+    """``model.pt``: the state as CPU tensors (a model trained on a GPU loads anywhere), the config, the last row."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "config": config, "metrics": last}, tmp)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "config": config, "metrics": last}, tmp)
     os.replace(tmp, path)
 
 
@@ -212,8 +243,11 @@ class RunResult:
 
 
 def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, seed: int = 0,
-          progress: bool = True, max_steps: int | None = None, eval_every_epoch: bool = True) -> RunResult:
-    """Train ``model_name`` on ``data`` for ``recipe.epochs`` epochs (or ``max_steps`` steps).
+          progress: bool = True, max_steps: int | None = None, eval_every_epoch: bool = True,
+          device: torch.device | str = "cpu") -> RunResult:
+    """Train ``model_name`` on ``data`` for ``recipe.epochs`` epochs (or ``max_steps`` steps) on ``device``
+    (the images and the model live there; the batches' order, crops and flips are drawn on the CPU from
+    ``seed``, so they are the same on every device).
 
     Writes ``out/metrics.jsonl`` (one line per epoch), ``out/model.pt`` and ``out/curves.png``
     when ``out`` is given. Ctrl-C stops after the current step and keeps what was written.
@@ -222,24 +256,27 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
     model = registry.build(model_name).to(memory_format=torch.channels_last)
     model.train()
     x_train, y_train = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
-    registry.init_from_data(model, x_train)
+    registry.init_from_data(model, x_train)    # on the CPU, from the same images on every device
+    model.to(device)
+    x_train, y_train = x_train.to(device), y_train.to(device)
     opt = make_optimizer(model, recipe)
     lookahead = Lookahead(model) if recipe.lookahead else None
     alternating = recipe.flip and recipe.alt_flip
     first_flips = torch.rand(len(y_train), generator=gen) < 0.5 if alternating else None
     # with alternating flips the batches come flipped (``alternate_flips``): the step draws no flip of its own
     step_recipe = dataclasses.replace(recipe, flip=False) if alternating else recipe
-    x_test, y_test = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
+    x_test, y_test = torch.from_numpy(data.test_x).to(device), torch.from_numpy(data.test_y).to(device)
     steps_per_epoch = max(len(y_train) // recipe.batch_size, 1)
     total_steps = steps_per_epoch * recipe.epochs
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
     config = {"model": model_name, "recipe": recipe.to_dict(), "seed": seed, "data": data.source,
               "data_digest": data.digest, "train_size": len(y_train), "test_size": len(y_test),
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "device": describe_device(device)}
     metrics_file = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -262,8 +299,9 @@ def train(model_name: str, data: Cifar10, recipe: Recipe, out: Path | None, *, s
             for i in range(n_steps):
                 idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
                 lr = lr_at(step / total_steps, recipe)
-                x = alternate_flips(x_train[idx], first_flips[idx], epoch) if alternating else x_train[idx]
-                loss = sgd_step(model, opt, x, y_train[idx], step_recipe, lr, gen)
+                at = idx.to(device)
+                x = alternate_flips(x_train[at], first_flips[idx], epoch) if alternating else x_train[at]
+                loss = sgd_step(model, opt, x, y_train[at], step_recipe, lr, gen)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
                 step, seen, loss_sum = step + 1, seen + len(idx), loss_sum + loss * len(idx)
@@ -320,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
         spec = registry.get(args.model)
         recipe = recipe_from_args(args, spec.recipe)
         threads = set_threads(args.threads)
+        device = resolve_device(args.device)
         data = subset(load_cifar10(args.data, download=args.download, progress=not args.no_progress),
                       args.limit_train)
     except (DataError, ValueError) as e:
@@ -327,9 +366,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = args.out or Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"training {args.model} on {len(data.train_y)} images ({data.source}), {recipe.epochs} epochs, "
-          f"batch {recipe.batch_size}, lr {recipe.lr}, {threads} threads -> {out}", file=sys.stderr)
+          f"batch {recipe.batch_size}, lr {recipe.lr}, on {describe_device(device)}, {threads} threads -> {out}",
+          file=sys.stderr)
     try:
-        result = train(args.model, data, recipe, out, seed=args.seed, progress=not args.no_progress)
+        result = train(args.model, data, recipe, out, seed=args.seed, progress=not args.no_progress, device=device)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from typing import Union
 from contract.errors import ContractError
 from contract.units import UnitRequest, UnitResult, WorkUnit
 from models import registry
-from models.train import set_threads
+from models.train import describe_device, resolve_device, set_threads
 from worker_py.client import Accepted, Client, GaveUp, NoWork, NotCoordinator, Refused, Stopped, backoff_delays
 from worker_py.feedback import ErrorFeedback
 from worker_py.progress import Progress
@@ -334,17 +334,25 @@ def computes_tabs() -> bool:
 
 
 def work(client: Client, worker_id: str, stop: StopFlag, progress: Progress, threads: int | None = None,
-         max_units: int | None = None, prefetch: bool = False, error_feedback: bool = True) -> int:
+         max_units: int | None = None, prefetch: bool = False, error_feedback: bool = True,
+         device: str | None = "cpu") -> int:
     """Set torch's threads (``None``: all cores), then take, compute and submit units until the
     job is finished, ``max_units`` are accepted or ``stop`` is set; returns the exit status.
     ``prefetch`` asks for the next unit before the current one is submitted: no idle fetch, but
     every unit's base then lacks this worker's previous result (one version staler). ``error_feedback``:
     keep what a lossy upload codec drops and add it to the next unit's delta (``worker_py.feedback``),
-    for the units the coordinator allows it."""
+    for the units the coordinator allows it. ``device``: where units train (``models.train.resolve_device``:
+    auto, cpu, cuda, cuda:N); a device torch cannot use exits 2 with the reason."""
     request = UnitRequest(worker_id=worker_id, backend="python", models=tuple(registry.MODELS),
                           error_feedback=error_feedback, computes=("browser",) if computes_tabs() else ())
     threads = set_threads(threads)
+    try:
+        where = resolve_device(device)
+    except ValueError as e:
+        progress.say(f"error: {e}")
+        return 2
     cache = client.cache.root if client.cache is not None else "none"
-    progress.say(f"worker {worker_id} for {client.base_url}: {threads} threads, blob cache {cache}")
-    runner = Runner(client, worker_id, feedback=ErrorFeedback() if error_feedback else None)
+    progress.say(f"worker {worker_id} for {client.base_url}: {describe_device(where)}, {threads} threads, "
+                 f"blob cache {cache}")
+    runner = Runner(client, worker_id, feedback=ErrorFeedback() if error_feedback else None, device=where)
     return Worker(client, runner, request, stop, progress, max_units, prefetch).run()

@@ -75,6 +75,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--coordinator", required=True, metavar="URL",
                    help="coordinator base URL, http(s)://host:port (required)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads (default: all cores)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="where units train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or "
+                        "cuda:N (default: auto)")
     p.add_argument("--max-units", type=_positive_int, metavar="N",
                    help="exit after N accepted units (default: none, until the job is finished)")
     p.add_argument("--worker-id", metavar="ID", help="worker id (default: random, stable for this process)")
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
         from worker_py.loop import work
 
         code = work(client, worker_id, stop, progress, args.threads, args.max_units, args.prefetch,
-                    error_feedback=not args.no_error_feedback)
+                    error_feedback=not args.no_error_feedback, device=args.device)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from torch import nn
@@ -56,8 +56,9 @@ class Runner:
     """Prepares and computes units for one worker; keeps decoded blobs and built models."""
 
     def __init__(self, client: Client, worker_id: str, shard_bytes: int = SHARD_BYTES_KEPT,
-                 feedback: ErrorFeedback | None = None) -> None:
+                 feedback: ErrorFeedback | None = None, device: Any = "cpu") -> None:
         self.client = client
+        self.device = device         # where units train (models.local.run_local): the CPU or a CUDA GPU
         self.worker_id = worker_id
         self.feedback = feedback     # the error-feedback residual between units (None: off)
         self.shard_bytes = shard_bytes
@@ -191,7 +192,7 @@ class Runner:
             model = self._model(unit.model)
             self._hook, self._step = (should_stop, on_step, unit.local_steps), 0
             return run_unit(unit, prepared.base, prepared.x, prepared.y, self.worker_id, model=model,
-                            feedback=self.feedback, step_graph=prepared.step_graph)
+                            feedback=self.feedback, step_graph=prepared.step_graph, device=self.device)
         except Cancelled:
             raise
         except Exception as e:   # any failure of this unit is reported, and the worker carries on

@@ -29,7 +29,8 @@ PREFETCH_MARGIN = 2.0     # ask for the next unit when the current one has about
 
 def run_unit(unit: WorkUnit, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, worker_id: str,
              model: nn.Module | None = None, compute_seconds: float | None = None,
-             feedback: ErrorFeedback | None = None, step_graph: tuple[bytes, Any] | None = None) -> UnitResult:
+             feedback: ErrorFeedback | None = None, step_graph: tuple[bytes, Any] | None = None,
+             device: Any = "cpu") -> UnitResult:
     """Train ``unit`` from the decoded base state on its shards (``x`` uint8 [n, 3, 32, 32], ``y``)
     and return its result, the delta encoded with the unit's codec.
 
@@ -41,7 +42,8 @@ def run_unit(unit: WorkUnit, base: dict[str, np.ndarray], x: np.ndarray, y: np.n
 
     A replica of a tab's unit (``unit.compute_as == "browser"``) is computed as the tab computes it
     (``models.browser_unit``: its seeded draws, its step graph, given as ``step_graph`` = (the graph's
-    bytes, its ``StepSpec``)); such a unit never carries the error-feedback residual.
+    bytes, its ``StepSpec``)); such a unit never carries the error-feedback residual. ``device``: where
+    ``run_local`` trains (a replica of a tab's unit runs on onnxruntime's CPU, as the tab's WASM step does).
     """
     if unit.compute_as == "browser":
         if step_graph is None:
@@ -54,7 +56,7 @@ def run_unit(unit: WorkUnit, base: dict[str, np.ndarray], x: np.ndarray, y: np.n
         hyper = dict(unit.hyper)
         lr, parity = hyper.pop("lr"), hyper.pop("flip_parity", None)
         out = run_local(unit.model, base, x, y, Recipe(batch_size=unit.batch_size, **hyper), unit.local_steps, lr,
-                        unit.seed, model=model, flip_parity=parity)
+                        unit.seed, model=model, flip_parity=parity, device=device)
         trained, losses, samples, seconds = out.delta, (out.loss_before, out.loss_after), out.num_samples, out.seconds
     codec = get_codec(unit.codec)
     if feedback is None:

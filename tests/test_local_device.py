@@ -1,0 +1,87 @@
+"""A work unit is the same computation on every torch device: its random draws (batches, crops,
+mirrors, dropout masks) come from CPU generators, wherever the steps run (models.local.run_local).
+
+The CUDA comparison runs only where torch sees a GPU (never needed: CI has none); the CPU-side
+guarantees it rests on are checked everywhere."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import registry
+from models.augment import augment
+from models.local import CpuDrawnDropout, cpu_drawn_dropout, cpu_keep_mask, run_local, state_arrays
+from models.train import resolve_device
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_keep_mask_is_the_mask_f_dropout_draws(p, layout):
+    x = torch.rand(8, 16, 6, 6) + 0.5                       # no zeros: the mask is readable from the output
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(123)
+    dropped = F.dropout(x, p, training=True)
+    torch.manual_seed(123)
+    keep = cpu_keep_mask(x, p)
+    assert torch.equal(dropped != 0, keep.bool())
+    assert torch.equal(dropped, x * keep.float().div_(1 - p))
+    assert 0.3 < keep.float().mean() < 0.9                   # a real draw, not all kept or all dropped
+
+
+def test_cpu_drawn_dropout_swaps_only_plain_dropout_and_keeps_p():
+    model = registry.build("cnn")
+    ps = [m.p for m in model.modules() if type(m) is torch.nn.Dropout]
+    assert ps, "cnn has dropout layers"
+    cpu_drawn_dropout(model)
+    cpu_drawn_dropout(model)                                 # idempotent
+    swapped = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert all(type(m) is CpuDrawnDropout for m in swapped)
+    assert [m.p for m in swapped] == ps
+    x = torch.rand(4, 3, 32, 32) * 255                       # on the CPU it is nn.Dropout, draw for draw
+    ref = registry.build("cnn")
+    ref.load_state_dict(model.state_dict())
+    torch.manual_seed(5)
+    a = model.train()(x)
+    torch.manual_seed(5)
+    assert torch.equal(a, ref.train()(x))
+
+
+def test_augment_draws_do_not_depend_on_the_images_device():
+    """The crops and mirrors come from the CPU generator passed in: the same for a tensor on any device
+    (here the CPU twice, and a GPU where there is one)."""
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    a = augment(x, 4, True, torch.Generator().manual_seed(3), reflect=True)
+    b = augment(x.clone(), 4, True, torch.Generator().manual_seed(3), reflect=True)
+    assert torch.equal(a, b) and not torch.equal(a, x.float())
+    if torch.cuda.is_available():
+        c = augment(x.cuda(), 4, True, torch.Generator().manual_seed(3), reflect=True)
+        assert torch.equal(a, c.cpu())
+
+
+def test_resolve_device_refuses_what_torch_cannot_use():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this torch sees none)")
+@pytest.mark.parametrize("name", ["cnn", "resnet_fast"])
+def test_a_unit_on_cuda_agrees_with_the_cpu_within_the_replica_tolerance(name):
+    from coordinator.trust import Tolerance, similarity
+
+    torch.manual_seed(0)
+    base = state_arrays(registry.build(name))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (512, 3, 32, 32), dtype=np.uint8)
+    y = rng.integers(0, 10, 512).astype(np.int64)
+    recipe = registry.get(name).recipe
+    runs = [run_local(name, base, x, y, recipe, 2, recipe.lr * 0.5, seed=7, device=d) for d in ("cpu", "cuda")]
+    s = similarity(runs[0].delta, runs[1].delta)
+    assert s.cosine >= Tolerance().min_cosine and s.norm_diff <= Tolerance().max_norm_diff, s
