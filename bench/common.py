@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 
-def hardware() -> str:
-    """CPU model, cores, torch version: the line a result is reported with."""
+def hardware(device: str | None = None) -> str:
+    """CPU model, cores, torch version: the line a result is reported with; with a CUDA ``device`` the GPU's
+    name and torch's CUDA version too."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -19,6 +20,10 @@ def hardware() -> str:
                 break
     except OSError:
         pass
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device).index or 0)
+        return (f"{gpu} (CUDA {torch.version.cuda}), {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                f"Python {platform.python_version()}")
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU), Python {platform.python_version()}"
 
 

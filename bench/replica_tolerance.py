@@ -55,11 +55,11 @@ def unit_of(model: str, shard_size: int, seed: int, codec: str, lr_fraction: flo
                     lease="bench", deadline=1e12)
 
 
-def delta(unit: WorkUnit, base: dict, x: np.ndarray, y: np.ndarray, threads: int) -> dict:
+def delta(unit: WorkUnit, base: dict, x: np.ndarray, y: np.ndarray, threads: int, device: str = "cpu") -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return decode_delta(run_unit(unit, base, x, y, "bench").delta)
+        return decode_delta(run_unit(unit, base, x, y, "bench", device=device).delta)
     finally:
         torch.set_num_threads(before)
 
@@ -85,6 +85,8 @@ def measure(model: str, data, args) -> list[dict]:
         pairs = {f"honest, threads {args.threads[0]} twice": delta(unit, base, x, y, args.threads[0])}
         for t in args.threads[1:]:
             pairs[f"honest, threads {args.threads[0]} vs {t}"] = delta(unit, base, x, y, t)
+        for device in args.devices:   # a donor's GPU against the CPU: the same unit, the same seeded draws
+            pairs[f"honest, cpu vs {device}"] = delta(unit, base, x, y, args.threads[0], device)
         other = delta(unit_of(model, args.shard_size, 8, args.codec), base, x, y, args.threads[0])
         pairs["another seed (a browser's replica)"] = other
         replay_x, replay_y = data.train_x[-args.shard_size:], data.train_y[-args.shard_size:]
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--codec", default="fp16")
+    p.add_argument("--devices", nargs="*", default=[], metavar="DEV",
+                   help="also compute the honest unit on these torch devices (cuda, cuda:N) and compare with the CPU")
     p.add_argument("--warm", type=int, default=3, help="honest units added to make the second base")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / f"replica_tolerance-{datetime.date.today()}")
     p.add_argument("--results-md", type=Path, default=ROOT / "docs" / "results.md")
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for m in args.models for r in measure(m, data, args)]
         args.out.mkdir(parents=True, exist_ok=True)
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        hw = hardware()
+        hw = hardware(args.devices[0] if args.devices else None)
         (args.out / "config.json").write_text(json.dumps({**config, "hardware": hw}, indent=1))
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     tol = Tolerance()
