@@ -1,10 +1,11 @@
 """A lying browser tab among honest Python workers: is it found out, and what does it cost (issue 11)?
 
 Claims under test (issue 11's targets, for the one kind of worker ``bench/byzantine.py`` and the
-simulator do not drive): a donor whose tab sends every delta sign-flipped and scaled by 10
-(``worker_web/drive.mjs --lie sign_flip``: the page trains honestly, its results are rewritten on the
-wire) is quarantined within 20 of its units and none of its updates is folded, and the job's final
-accuracy stays within 2 points of the clean run at equal applied samples.
+simulator do not drive): a donor whose tab lies (``--lie``: by default every delta sign-flipped and
+scaled by 10; or scaled by 10, Gaussian noise, a zero delta claiming the samples, or its first delta
+replayed: ``worker_web/drive.mjs --lie KIND``, worker_web/lies.mjs; the page trains honestly, its
+results are rewritten on the wire) is quarantined within 20 of its units and none of its updates is
+folded, and the job's final accuracy stays within 2 points of the clean run at equal applied samples.
 
 Each run is a real ``crowdtrain coordinator`` on 127.0.0.1, a real Chromium tab (Debian's, driven by
 playwright-core, WASM backend, 1 thread) and ``--workers`` real ``crowdtrain worker`` processes of one
@@ -19,6 +20,7 @@ folded. One seed per invocation (``--seed``): read a point or two of accuracy as
 
     python bench/byzantine_tab.py --data ../shared/data [--images 10000 --epochs 3] [--undefended] [--no-tab]
     python bench/byzantine_tab.py --data ../shared/data --runs no-tab --workers 3   # runs by name
+    python bench/byzantine_tab.py --data ../shared/data --runs lying --lie free_ride  # another lie
 
 Writes bench/out/byzantine_tab-<date>/{config,results}.json (and each run's logs) and prints a
 table; the numbers go in docs/results.md by hand ("A lying browser tab among Python workers": the
@@ -85,7 +87,7 @@ def run(args, name: str, lie: bool | None, replication: str, out: Path) -> dict:
         if lie is not None:
             step_graph_ready(cluster, args.model, args.batch_size, 600)
             command = ["node", str(DRIVER), cluster.url + "/" + TAB, "--click", "--units", "100000", "--timeout",
-                       str(args.timeout)] + (["--lie", "sign_flip"] if lie else [])
+                       str(args.timeout)] + (["--lie", args.lie] if lie else [])
             tab = subprocess.Popen(command, cwd=ROOT, stdout=open(out / "tab.json", "w"),
                                    stderr=open(out / "tab.log", "w"))
             cluster.wait(lambda s: any(r["backend"] == "browser" and r["results"] >= 1 for r in s["trust"]), 300,
@@ -127,7 +129,7 @@ def run(args, name: str, lie: bool | None, replication: str, out: Path) -> dict:
         return sum(folded) / len(folded) if folded else None
 
     result = {
-        "run": name, "lie": lie, "replication": replication, "wall_s": wall,
+        "run": name, "lie": lie, "lie_kind": args.lie if lie else None, "replication": replication, "wall_s": wall,
         "final_test_acc": hist[-1]["test_acc"], "samples": s["samples"], "budget_samples": s["budget_samples"],
         "versions": s["model_version"], "updates_dropped": s["updates_dropped"],
         "tab": None if tab_id is None else {
@@ -164,6 +166,8 @@ def main() -> int:
     p.add_argument("--undefended", action="store_true", help="also run both with replication off")
     p.add_argument("--no-tab", action="store_true", help="also run the Python workers alone (replication on)")
     p.add_argument("--runs", nargs="+", choices=sorted(RUNS), help="these runs only (instead of the flags above)")
+    p.add_argument("--lie", default="sign_flip", choices=["sign_flip", "scale", "noise", "free_ride", "replay"],
+                   help="what the lying tab sends (worker_web/lies.mjs; default: sign_flip)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds a run may take")
     p.add_argument("--out", type=Path)
     args = p.parse_args()

@@ -412,3 +412,32 @@ def test_shards_agree():
             got = answer["ok"]
             assert (got["n"], got["h"], got["w"]) == x.shape[:1] + x.shape[2:]
             assert unb64(got["x"]) == x.tobytes() and list(unb64(got["y"])) == y.tolist()
+
+
+def test_a_lying_tab_tells_the_lies_of_the_python_liars():
+    """worker_web/lies.mjs (drive.mjs --lie) against coordinator/sim/faults.py: sign flip, scale and free
+    ride give the same float32 values as ``lie``; noise has the same law (10x the honest RMS, unrelated to the
+    honest delta; its own generator); replay sends the first delta again, as a ``Liar`` does."""
+    from coordinator.sim.faults import LIE_FACTOR, Fault, lie
+
+    rng = np.random.default_rng(3)
+    deltas = [{"conv.weight": rng.normal(0, 1e-2, (8, 3, 3, 3)).astype(np.float32),
+               "fc.bias": rng.normal(0, 1e-3, (10,)).astype(np.float32), "scalar": np.float32(rng.normal())}
+              for _ in range(3)]
+    kinds = ["sign_flip", "scale", "free_ride", "noise", "replay"]
+    answers = run_cli([{"op": "lie", "kind": k, "seed": 5, "deltas": [tensors_arg(d) for d in deltas]} for k in kinds])
+    said = {k: [{name: np.frombuffer(unb64(x), "<f4").reshape(shape) for name, shape, x in sent} for sent in a["ok"]]
+            for k, a in zip(kinds, answers)}
+    for kind in ("sign_flip", "scale", "free_ride"):
+        for honest, js in zip(deltas, said[kind]):
+            want = lie(honest, Fault(kind))
+            assert list(js) == list(want) and all(js[n].tobytes() == want[n].tobytes() for n in want), kind
+    flat = lambda d: np.concatenate([np.ravel(v).astype(np.float64) for v in d.values()])  # noqa: E731
+    for honest, js in zip(deltas, said["noise"]):
+        h, n = flat(honest), flat(js)
+        rms_h, rms_n = np.sqrt(np.mean(h * h)), np.sqrt(np.mean(n * n))
+        assert 0.8 * LIE_FACTOR * rms_h < rms_n < 1.2 * LIE_FACTOR * rms_h          # 10x the honest scale
+        assert abs(float(h @ n) / (np.linalg.norm(h) * np.linalg.norm(n))) < 0.3    # not the honest direction
+    assert not np.array_equal(flat(said["noise"][0]), flat(said["noise"][1]))       # fresh noise per unit
+    for js in said["replay"]:
+        assert all(js[n].tobytes() == np.asarray(deltas[0][n], np.float32).tobytes() for n in deltas[0])

@@ -13,9 +13,10 @@
 //     --hold S           after reaching the goal keep the tab working S more seconds (throttle bench)
 //     --corrupt-once S   answer the first request whose URL contains S with flipped bytes (a unit
 //                        that must fail, be reported, and not stop the tab)
-//     --lie sign_flip    a lying donor: every result the tab sends leaves the browser with its delta
-//                        multiplied by -10 (tests/helpers/fault_worker.py's sign flip), rewritten on
-//                        the wire with worker_web/contract.js; the page itself is unchanged
+//     --lie KIND         a lying donor: every result the tab sends leaves the browser with its delta
+//                        rewritten on the wire (worker_web/lies.mjs: sign_flip x -10, scale x 10, noise 10x
+//                        the honest RMS, free_ride zeros, replay the first unit's delta; the lies of
+//                        coordinator/sim/faults.py), with worker_web/contract.js; the page itself is unchanged
 //
 // Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type, by_blob},
 //          bytes_at_first_unit, bytes_at_first_result (up to the first result answered 200, that request
@@ -63,16 +64,17 @@ try {
     });
   }
   if (opt.lie) {
-    if (opt.lie !== 'sign_flip') { console.error(`drive.mjs: --lie ${opt.lie}: only sign_flip`); process.exit(2); }
+    const {LIES, makeLiar} = await import('./lies.mjs');
+    if (!LIES.includes(opt.lie)) { console.error(`drive.mjs: --lie ${opt.lie}: expected one of ${LIES.join(', ')}`); process.exit(2); }
     const C = await import('./contract.js');
+    const liar = makeLiar(opt.lie);
     await ctx.route(u => /\/api\/v1\/units\/[^/]+\/result$/.test(u.pathname), async route => {
       try {
         const {meta, delta} = C.unpackResult(new Uint8Array(route.request().postDataBuffer()));
         if (meta.error === null && delta.length) {
           const length = new DataView(delta.buffer, delta.byteOffset).getUint32(4, true);
           const codec = JSON.parse(new TextDecoder().decode(delta.subarray(8, 8 + length))).codec;
-          const tensors = C.decodeDelta(delta);
-          for (const t of tensors.values()) for (let i = 0; i < t.data.length; i++) t.data[i] *= -10;
+          const tensors = liar.rewrite(C.decodeDelta(delta));
           out.lies = (out.lies ?? 0) + 1;
           return await route.continue({postData: Buffer.from(C.packResult(meta, C.encodeDelta(codec, tensors)))});
         }

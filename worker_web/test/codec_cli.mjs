@@ -17,12 +17,15 @@
  *   {"op": "feedback", "codec": str, "deltas": [[[name, shape, kind, b64], ...], ...]}
  *       -> {"sent": [b64 container, ...], "residual": [[name, b64 f4], ...]}: error feedback (../feedback.js)
  *          over the deltas in turn, each step's residual kept (feedbackStep)
+ *   {"op": "lie", "kind": str, "seed": int?, "deltas": [[[name, shape, kind, b64], ...], ...]}
+ *       -> [[[name, shape, b64 f4], ...], ...]: what one liar of ../lies.mjs sends for each delta in turn
  *
  * Run without arguments (as `node --test worker_web/test/` does with every file here) it does nothing.
  */
 import { readFileSync } from "node:fs";
 import * as contract from "../contract.js";
 import { feedbackStep } from "../feedback.js";
+import { makeLiar } from "../lies.mjs";
 
 const b64 = (bytes) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("base64");
 
@@ -59,6 +62,11 @@ const OPS = {
       residual = next;
     }
     return { sent, residual: [...(residual ?? new Map())].map(([name, x]) => [name, b64(x)]) };
+  },
+  lie: (r) => {
+    const liar = makeLiar(r.kind, r.seed ?? 1);
+    return r.deltas.map((tensors) => [...liar.rewrite(new Map(tensors.map(([name, shape, kind, data]) =>
+      [name, { shape, data: fromB64(data, kind) }])))].map(([name, t]) => [name, t.shape, b64(t.data)]));
   },
   shard: (r) => {
     const { n, h, w, x, y } = contract.decodeShard(fromB64(r.data));
