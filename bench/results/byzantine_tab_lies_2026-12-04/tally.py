@@ -1,0 +1,24 @@
+"""The table of docs/results.md's "Other lies from a tab" from the runs' results.json (seeds 0-2)."""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+here = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
+for kind in ("free_ride", "noise", "scale", "replay"):
+    runs = []
+    for seed, folder in ((0, kind), (1, f"{kind}-s1"), (2, f"{kind}-s2")):
+        path = here / folder / "results.json"
+        if path.exists():
+            runs.append((seed, json.loads(path.read_text())["runs"][0]))
+    if not runs:
+        continue
+    accs = [100 * r["final_test_acc"] for _, r in runs]
+    tab = [r["tab"] for _, r in runs]
+    print(f"| {kind} | {statistics.mean(accs):.2f} ({' / '.join(f'{a:.2f}' for a in accs)}) | "
+          f"{min(t['results'] for t in tab)}-{max(t['results'] for t in tab)} | "
+          f"{' / '.join(str(t['folded']) for t in tab)} | "
+          f"{' / '.join(str(t['results_until_quarantined']) for t in tab)} | "
+          f"{' / '.join(str(t['credit']) for t in tab)} | "
+          f"{' / '.join(str(r['honest']['replicas']) for _, r in runs)} | "
+          f"{min(r['wall_s'] for _, r in runs):.0f}-{max(r['wall_s'] for _, r in runs):.0f} |")
