@@ -85,3 +85,21 @@ def test_a_unit_on_cuda_agrees_with_the_cpu_within_the_replica_tolerance(name):
     runs = [run_local(name, base, x, y, recipe, 2, recipe.lr * 0.5, seed=7, device=d) for d in ("cpu", "cuda")]
     s = similarity(runs[0].delta, runs[1].delta)
     assert s.cosine >= Tolerance().min_cosine and s.norm_diff <= Tolerance().max_norm_diff, s
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
+@pytest.mark.parametrize("command", [["train", "--model", "cnn", "--limit-train", "64", "--epochs", "1"],
+                                     ["worker", "--coordinator", "http://127.0.0.1:9", "--no-progress"]])
+def test_asking_for_a_gpu_torch_cannot_see_exits_2_with_the_reason(command, tmp_path):
+    """``--device cuda`` on a CPU-only torch: exit status 2 and the reason, before any data is read or any
+    coordinator is asked (port 9 has no server: a worker that asked would retry, not exit 2)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "crowdtrain.py"), *command, "--device", "cuda"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CROWDTRAIN_DATA": str(tmp_path)})
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    assert "sees no CUDA GPU" in run.stdout + run.stderr
