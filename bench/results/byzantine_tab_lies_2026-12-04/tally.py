@@ -22,3 +22,12 @@ for kind in ("free_ride", "noise", "scale", "replay"):
           f"{' / '.join(str(t['credit']) for t in tab)} | "
           f"{' / '.join(str(r['honest']['replicas']) for _, r in runs)} | "
           f"{min(r['wall_s'] for _, r in runs):.0f}-{max(r['wall_s'] for _, r in runs):.0f} |")
+
+# replication off (the coordinator's defaults: adaptive clipping only), seed 0
+for kind in ("free_ride", "noise", "scale", "replay"):
+    path = here / f"{kind}-undefended" / "results.json"
+    if path.exists():
+        r = json.loads(path.read_text())["runs"][0]
+        t = r["tab"]
+        print(f"| {kind}, replication off | {100 * r['final_test_acc']:.2f} | {t['results']} | {t['folded']} "
+              f"({t['samples_folded']:,} samples) | not | {t['credit']:,} | {t['mean_staleness']:.2f} | {r['wall_s']:.0f} |")
