@@ -15,6 +15,8 @@
 #
 #   device run:  bash bench/gpu_units.sh                (data from .devdata/, results under $OUT)
 #   here, a dry run on the CPU:  DEVICE=cpu LIMIT=2000 EPOCHS=1 OUT=/tmp/gu bash bench/gpu_units.sh
+# Before the device call, here: mkdir -p .devdata && cp ../shared/data/cifar10-jpeg.tar.gz .devdata/ &&
+# echo /.devdata/ >> .git/info/exclude; then run with carry [".devdata"] (19.6 MB; the GPU machine has no data).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu_units}
