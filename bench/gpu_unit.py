@@ -14,6 +14,7 @@ Writes OUT/config.json and OUT/results.json; prints one line per model and devic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -41,7 +42,7 @@ def shard(data, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def measure(name: str, device: torch.device, data, steps: int, repeats: int, batch: int | None) -> dict:
     spec = registry.get(name)
-    recipe = spec.recipe if batch is None else spec.recipe.__class__(**{**spec.recipe.to_dict(), "batch_size": batch})
+    recipe = spec.recipe if batch is None else dataclasses.replace(spec.recipe, batch_size=batch)
     torch.manual_seed(0)
     model = registry.build(name)
     base = state_arrays(model)

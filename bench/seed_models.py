@@ -39,6 +39,11 @@ MODELS = ["cnn", "alexnet", "physics_alexnet", "supermask_fc", "supermask_conv",
 CLAIMS = {"cnn": 70.02, "alexnet": 78.39, "physics_alexnet": 88.64}  # % test accuracy, paper's table
 
 
+def command_line() -> str:
+    """This invocation as a command to quote in the docs."""
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     table = []
     for name in dict.fromkeys(r["model"] for r in runs):
@@ -116,7 +121,7 @@ def main() -> int:
     cfg = {"date": date, "epochs": args.epochs, "seeds": args.seeds, "models": args.models,
            "data": data.source, "data_digest": data.digest, "hardware": hardware(str(device)), "threads": threads,
            "device": describe_device(device),
-           "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+           "command": command_line(),
            "out": shown(out),
            "params": {m: registry.count_parameters(registry.build(m))[0] for m in args.models},
            "recipes": {m: dataclasses.replace(registry.get(m).recipe, epochs=args.epochs).to_dict()
@@ -188,7 +193,7 @@ def merge(args: argparse.Namespace) -> int:
     cfg["recipes"] = {k: v for part in parts for k, v in part["config"]["recipes"].items()}
     commands = list(dict.fromkeys(c for part in parts for c in part["config"].get("commands", [])))
     # one process per run: their commands differ only in --models, --seeds and --out; the first stands for all
-    cfg["commands"] = [commands[0], "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])]
+    cfg["commands"] = [commands[0], command_line()]
     cfg["side_by_side"] = len(parts)
     cfg["out"] = shown(args.out)
     runs.sort(key=lambda r: (r["seed"], cfg["models"].index(r["model"])))

@@ -5,6 +5,10 @@ The CUDA comparison runs only where torch sees a GPU (never needed: CI has none)
 guarantees it rests on are checked everywhere."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -93,10 +97,6 @@ def test_a_unit_on_cuda_agrees_with_the_cpu_within_the_replica_tolerance(name):
 def test_asking_for_a_gpu_torch_cannot_see_exits_2_with_the_reason(command, tmp_path):
     """``--device cuda`` on a CPU-only torch: exit status 2 and the reason, before any data is read or any
     coordinator is asked (port 9 has no server: a worker that asked would retry, not exit 2)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(root / "crowdtrain.py"), *command, "--device", "cuda"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120,
