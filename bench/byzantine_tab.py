@@ -166,7 +166,8 @@ def main() -> int:
     p.add_argument("--undefended", action="store_true", help="also run both with replication off")
     p.add_argument("--no-tab", action="store_true", help="also run the Python workers alone (replication on)")
     p.add_argument("--runs", nargs="+", choices=sorted(RUNS), help="these runs only (instead of the flags above)")
-    p.add_argument("--lie", default="sign_flip", choices=["sign_flip", "scale", "noise", "free_ride", "replay"],
+    p.add_argument("--lie", default="sign_flip",
+                   choices=["sign_flip", "scale", "noise", "free_ride", "replay", "a_little", "label_flip"],
                    help="what the lying tab sends (worker_web/lies.mjs; default: sign_flip)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds a run may take")
     p.add_argument("--out", type=Path)

@@ -441,3 +441,37 @@ def test_a_lying_tab_tells_the_lies_of_the_python_liars():
     assert not np.array_equal(flat(said["noise"][0]), flat(said["noise"][1]))       # fresh noise per unit
     for js in said["replay"]:
         assert all(js[n].tobytes() == np.asarray(deltas[0][n], np.float32).tobytes() for n in deltas[0])
+
+
+def test_a_lying_tab_colludes_a_little_as_the_python_liar_does():
+    """lies.mjs ``a_little``: per coordinate mean - z std of its newest 8 honest deltas, as faults.py ``a_little``
+    with z = ``a_little_z(3, 1)``; a lone tab sends its first unit honest (two deltas make a spread)."""
+    from coordinator.sim.faults import a_little, a_little_z
+
+    rng = np.random.default_rng(4)
+    deltas = [{"conv.weight": rng.normal(0, 1e-2, (4, 3, 3, 3)).astype(np.float32),
+               "fc.bias": rng.normal(0, 1e-3, (10,)).astype(np.float32)} for _ in range(11)]
+    [answer] = run_cli([{"op": "lie", "kind": "a_little", "deltas": [tensors_arg(d) for d in deltas]}])
+    said = [{name: np.frombuffer(unb64(x), "<f4").reshape(shape) for name, shape, x in sent} for sent in answer["ok"]]
+    assert all(said[0][n].tobytes() == deltas[0][n].tobytes() for n in deltas[0])   # first: honest
+    z = a_little_z(3, 1)
+    for k in range(1, len(deltas)):
+        want = a_little(deltas[max(0, k - 7):k + 1], z)   # the newest 8, this one included
+        for n in want:
+            np.testing.assert_allclose(said[k][n], want[n], rtol=1e-6, atol=1e-9, err_msg=f"unit {k}, {n}")
+        assert not np.allclose(said[k]["conv.weight"], deltas[k]["conv.weight"])   # not what it computed
+
+
+def test_a_label_flipping_tab_trains_on_the_next_class():
+    """drive.mjs --lie label_flip serves the page a worker.js whose training shards are decoded with labels
+    (y + 1) mod 10 (lies.mjs flipLabelsSource): the rewritten line of worker.js, run as the tab runs it on a
+    shard made by Python, gives faults.py ``flip_labels`` of its labels."""
+    from coordinator.sim.faults import flip_labels
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 10, 50)
+    [answer] = run_cli([{"op": "label_flip", "data": b64(encode_shard(rng.integers(0, 256, (50, 3, 32, 32),
+                                                                                   dtype=np.uint8), y))}])
+    assert "ok" in answer, answer
+    got = np.frombuffer(unb64(answer["ok"]["y"]), np.uint8)
+    assert got.tolist() == flip_labels(y.astype(np.uint8)).tolist() and not np.array_equal(got, y)

@@ -15,15 +15,18 @@
 //                        that must fail, be reported, and not stop the tab)
 //     --lie KIND         a lying donor: every result the tab sends leaves the browser with its delta
 //                        rewritten on the wire (worker_web/lies.mjs: sign_flip x -10, scale x 10, noise 10x
-//                        the honest RMS, free_ride zeros, replay the first unit's delta; the lies of
-//                        coordinator/sim/faults.py), with worker_web/contract.js; the page itself is unchanged
+//                        the honest RMS, free_ride zeros, replay the first unit's delta, a_little mean - z std
+//                        of its newest honest deltas; the lies of coordinator/sim/faults.py), with
+//                        worker_web/contract.js; the page itself is unchanged. label_flip instead serves the
+//                        page a worker.js that moves its training shards' labels to the next class, so the tab
+//                        trains on wrong labels and sends what it computed (a donor who edits the page's code)
 //
 // Output: {ok, state (window.crowdtrainState), seconds_to_first_unit, seconds, bytes: {total, by_type, by_blob},
 //          bytes_at_first_unit, bytes_at_first_result (up to the first result answered 200, that request
 //          included), requests, closed_unit?, console: [...], error?}; bytes are on the wire
 //          (compressed), by_type per static file and per API endpoint, by_blob per blob id
 import { launch } from './chromium.mjs';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -64,11 +67,24 @@ try {
     });
   }
   if (opt.lie) {
-    const {LIES, makeLiar} = await import('./lies.mjs');
+    const {LIES, makeLiar, flipLabelsSource} = await import('./lies.mjs');
     if (!LIES.includes(opt.lie)) { console.error(`drive.mjs: --lie ${opt.lie}: expected one of ${LIES.join(', ')}`); process.exit(2); }
     const C = await import('./contract.js');
     const liar = makeLiar(opt.lie);
-    await ctx.route(u => /\/api\/v1\/units\/[^/]+\/result$/.test(u.pathname), async route => {
+    if (opt.lie === 'label_flip') {
+      try {   // the page's worker.js is this file: fail now, not in the tab, if it has no place to change
+        flipLabelsSource(readFileSync(new URL('./worker.js', import.meta.url), 'utf8'));
+      } catch (e) { console.error(`drive.mjs: --lie label_flip: ${e.message}`); process.exit(2); }
+      await ctx.route(u => /^\/static\/[^/]+\/worker\.js$/.test(u.pathname), async route => {
+        const resp = await route.fetch();
+        const body = flipLabelsSource(await resp.text());
+        out.flipped_source = (out.flipped_source ?? 0) + 1;
+        const headers = Object.fromEntries(Object.entries(resp.headers())
+          .filter(([k]) => !['content-encoding', 'content-length'].includes(k.toLowerCase())));
+        await route.fulfill({status: resp.status(), body, headers: {...headers, 'cache-control': 'no-store'}});
+      });
+    }
+    if (opt.lie !== 'label_flip') await ctx.route(u => /\/api\/v1\/units\/[^/]+\/result$/.test(u.pathname), async route => {
       try {
         const {meta, delta} = C.unpackResult(new Uint8Array(route.request().postDataBuffer()));
         if (meta.error === null && delta.length) {

@@ -8,10 +8,34 @@
 //               other draws than numpy's, the same distribution)
 //   free_ride   a zero delta, claiming every sample the unit holds
 //   replay      the delta of this donor's first unit, sent again for every later unit
-//
-// label_flip and a_little are not wire rewrites (they need other training data or other workers' deltas).
-export const LIES = ['sign_flip', 'scale', 'noise', 'free_ride', 'replay'];
+//   a_little    per coordinate, mean - z std of this donor's newest 8 honest deltas (z = A_LITTLE_Z, "a
+//               little is enough" for 1 colluder of 3): a lone colluder, its own accomplice, as a lone
+//               `Liar`; its first unit is sent honest (a spread needs two deltas; the Python liar computes
+//               a second, other-seeded run instead, which a wire rewrite cannot)
+//   label_flip  not a rewrite of the result: the tab trains honestly on labels (y + 1) mod 10, because the
+//               page's worker.js is served to it with its training shards' labels moved
+//               (`flipLabelsSource`: a donor who edits the page's code; the known-answer check, which
+//               tells a broken backend, still sees the true labels); its results are sent as computed
+export const LIES = ['sign_flip', 'scale', 'noise', 'free_ride', 'replay', 'a_little', 'label_flip'];
 export const LIE_FACTOR = 10;
+export const A_LITTLE_WINDOW = 8;
+export const A_LITTLE_Z = 0.43072729929545733;   // coordinator/sim/faults.py a_little_z(3, 1) = Phi^-1(2/3)
+export const NUM_CLASSES = 10;
+
+// The source of worker_web/worker.js with every training shard's labels moved to the next class, (y + 1)
+// mod 10, as coordinator/sim/faults.py `flip_labels`. Throws when the source has not exactly one place to
+// change (worker.js changed: the lie must not silently become honest).
+export const SHARD_DECODE = 'S.shards.set(id, contract.decodeShard(await blob(id)));';
+export const flipShardLabels = (shard) => ({...shard, y: shard.y.map((label) => (label + 1) % NUM_CLASSES)});
+export function flipLabelsSource(source) {
+  const at = source.indexOf(SHARD_DECODE);
+  if (at < 0 || source.indexOf(SHARD_DECODE, at + 1) >= 0) {
+    throw new Error(`label_flip: worker.js has ${at < 0 ? 'no' : 'more than one'} '${SHARD_DECODE}' to rewrite`);
+  }
+  const flipped = `S.shards.set(id, (${flipShardLabels.toString()})(contract.decodeShard(await blob(id))));`
+    .replace('NUM_CLASSES', String(NUM_CLASSES));
+  return source.slice(0, at) + flipped + source.slice(at + SHARD_DECODE.length);
+}
 
 // mulberry32, then Box-Muller: a seeded standard normal generator
 function normals(seed) {
@@ -33,13 +57,37 @@ function normals(seed) {
   };
 }
 
+// Per coordinate, mean - z x std (ddof 1) of two or more deltas (same tensors), in float64, as float32:
+// coordinator/sim/faults.py `a_little`.
+export function aLittle(deltas, z) {
+  if (deltas.length < 2) throw new Error('a_little needs two or more honest deltas to estimate their spread');
+  const k = deltas.length;
+  return new Map([...deltas[0]].map(([name, t]) => {
+    const out = new Float32Array(t.data.length);
+    for (let i = 0; i < out.length; i++) {
+      let sum = 0;
+      for (const d of deltas) sum += d.get(name).data[i];
+      const mean = sum / k;
+      let ss = 0;
+      for (const d of deltas) { const e = d.get(name).data[i] - mean; ss += e * e; }
+      out[i] = mean - z * Math.sqrt(ss / (k - 1));
+    }
+    return [name, {shape: t.shape, data: out}];
+  }));
+}
+
+// Whether two deltas have the same tensors (names and sizes): the same model's units.
+const sameTensors = (a, b) => a.size === b.size && [...b].every(([n, t]) => a.has(n) && a.get(n).data.length === t.data.length);
+
 // A liar of one kind: `liar.rewrite(tensors)` takes a Map name -> {shape, data: Float32Array} (what
 // contract.js decodeDelta gives) and returns the Map the liar sends instead (new arrays; the input is
-// left as it is). A replay liar remembers its first delta; a noise liar draws on from its seed.
+// left as it is). A replay liar remembers its first delta, an a_little liar its newest honest ones; a
+// noise liar draws on from its seed. A label_flip liar sends what it computed (its lie is in the data).
 export function makeLiar(kind, seed = 1) {
   if (!LIES.includes(kind)) throw new Error(`lie '${kind}': expected one of ${LIES.join(', ')}`);
   const draw = normals(seed);
   let first = null;
+  const pool = [];   // a_little: the newest honest deltas of the same tensors
   const copy = (tensors, f) => new Map([...tensors].map(([name, t]) => [name, {shape: t.shape, data: Float32Array.from(t.data, f)}]));
   return {
     kind,
@@ -47,6 +95,13 @@ export function makeLiar(kind, seed = 1) {
       if (kind === 'sign_flip') return copy(tensors, (x) => -LIE_FACTOR * x);
       if (kind === 'scale') return copy(tensors, (x) => LIE_FACTOR * x);
       if (kind === 'free_ride') return copy(tensors, () => 0);
+      if (kind === 'label_flip') return copy(tensors, (x) => x);
+      if (kind === 'a_little') {
+        if (pool.length && !sameTensors(pool[0], tensors)) pool.length = 0;   // another model's unit: start again
+        pool.push(copy(tensors, (x) => x));
+        if (pool.length > A_LITTLE_WINDOW) pool.shift();
+        return pool.length < 2 ? copy(tensors, (x) => x) : aLittle(pool, A_LITTLE_Z);
+      }
       if (kind === 'noise') {
         let sum = 0, size = 0;
         for (const t of tensors.values()) { for (const x of t.data) sum += x * x; size += t.data.length; }
@@ -55,8 +110,7 @@ export function makeLiar(kind, seed = 1) {
       }
       // replay: the first delta, for every unit of the same model (same tensors); another model's unit honest
       if (first === null) { first = copy(tensors, (x) => x); return copy(tensors, (x) => x); }
-      const same = first.size === tensors.size && [...tensors].every(([n, t]) => first.has(n) && first.get(n).data.length === t.data.length);
-      return same ? copy(first, (x) => x) : copy(tensors, (x) => x);
+      return sameTensors(first, tensors) ? copy(first, (x) => x) : copy(tensors, (x) => x);
     },
   };
 }

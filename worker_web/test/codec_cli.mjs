@@ -19,13 +19,15 @@
  *          over the deltas in turn, each step's residual kept (feedbackStep)
  *   {"op": "lie", "kind": str, "seed": int?, "deltas": [[[name, shape, kind, b64], ...], ...]}
  *       -> [[[name, shape, b64 f4], ...], ...]: what one liar of ../lies.mjs sends for each delta in turn
+ *   {"op": "label_flip", "data": b64 shard} -> {"y": b64}: the labels a label_flip tab trains on: the
+ *       line of ../worker.js that ../lies.mjs flipLabelsSource rewrites, run as rewritten on that shard
  *
  * Run without arguments (as `node --test worker_web/test/` does with every file here) it does nothing.
  */
 import { readFileSync } from "node:fs";
 import * as contract from "../contract.js";
 import { feedbackStep } from "../feedback.js";
-import { makeLiar } from "../lies.mjs";
+import { flipLabelsSource, makeLiar, SHARD_DECODE } from "../lies.mjs";
 
 const b64 = (bytes) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("base64");
 
@@ -68,15 +70,24 @@ const OPS = {
     return r.deltas.map((tensors) => [...liar.rewrite(new Map(tensors.map(([name, shape, kind, data]) =>
       [name, { shape, data: fromB64(data, kind) }])))].map(([name, t]) => [name, t.shape, b64(t.data)]));
   },
+  label_flip: async (r) => {
+    const source = flipLabelsSource(readFileSync(new URL("../worker.js", import.meta.url), "utf8"));
+    const line = source.split("\n").find((l) => l.includes("S.shards.set(id,"));
+    if (line.includes(SHARD_DECODE)) throw new Error("label_flip: the line was not rewritten");
+    const S = { shards: new Map() };
+    const run = new Function("S", "contract", "blob", "id", `return (async () => { ${line} })();`);
+    await run(S, contract, async () => fromB64(r.data), "shard");
+    return { y: b64(S.shards.get("shard").y) };
+  },
   shard: (r) => {
     const { n, h, w, x, y } = contract.decodeShard(fromB64(r.data));
     return { n, h, w, x: b64(x), y: b64(y) };
   },
 };
 
-function answer(request) {
+async function answer(request) {
   try {
-    return { ok: OPS[request.op](request) };
+    return { ok: await OPS[request.op](request) };
   } catch (e) {
     if (e instanceof contract.ContractError) return { error: { field: e.field, code: e.code, message: e.message } };
     return { crash: `${e?.name}: ${e?.message}` };     // anything but a ContractError is a bug
@@ -86,5 +97,5 @@ function answer(request) {
 const source = process.argv[2];
 if (source !== undefined) {
   const requests = JSON.parse(readFileSync(source === "-" ? 0 : source, "utf8"));
-  process.stdout.write(JSON.stringify(requests.map(answer)));
+  process.stdout.write(JSON.stringify(await Promise.all(requests.map(answer))));
 }
