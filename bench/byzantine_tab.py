@@ -2,9 +2,11 @@
 
 Claims under test (issue 11's targets, for the one kind of worker ``bench/byzantine.py`` and the
 simulator do not drive): a donor whose tab lies (``--lie``: by default every delta sign-flipped and
-scaled by 10; or scaled by 10, Gaussian noise, a zero delta claiming the samples, or its first delta
-replayed: ``worker_web/drive.mjs --lie KIND``, worker_web/lies.mjs; the page trains honestly, its
-results are rewritten on the wire) is quarantined within 20 of its units and none of its updates is
+scaled by 10; or scaled by 10, Gaussian noise, a zero delta claiming the samples, its first delta
+replayed, or mean - z std of its own newest honest deltas (a_little): ``worker_web/drive.mjs --lie
+KIND``, worker_web/lies.mjs; the page trains honestly, its results are rewritten on the wire; or
+label_flip: the page's worker.js is served with its training labels moved to the next class, and the
+tab sends what it computed) is quarantined within 20 of its units and none of its updates is
 folded, and the job's final accuracy stays within 2 points of the clean run at equal applied samples.
 
 Each run is a real ``crowdtrain coordinator`` on 127.0.0.1, a real Chromium tab (Debian's, driven by
