@@ -7,6 +7,10 @@ them before every evaluation; one process evaluates with its own. Comparing the 
 the re-estimation does not itself cost accuracy: run this on one process's model and on a job's.
 
     python bench/bn_calibration.py --data PATH MODEL.pt [MODEL.pt ...] [--out FILE.json]
+    python bench/bn_calibration.py --data PATH MODEL.pt ... --sizes 1024 4096 16384 --seeds 0 1 2
+
+With ``--sizes``: only the evaluator's own calibration (the recipe's crops and flips on the first N
+training images, as ``coordinator/evaluator.py`` does with N = 1,024), for each N and crop seed.
 
 Prints one line per model and calibration, and writes them as JSON with the date, data and hardware.
 """
@@ -43,13 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="+", type=Path, help=".pt files (crowdtrain train / crowdtrain export)")
     ap.add_argument("--data", required=True, help="CIFAR-10 path")
     ap.add_argument("--images", type=int, default=1024, help="calibration images (the evaluator's: 1024)")
+    ap.add_argument("--sizes", type=int, nargs="+", help="instead of the calibrations above: the evaluator's, on "
+                    "the first N training images, for each N")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="crop seeds for each --sizes N")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_cifar10(args.data, progress=False)
     test_x, test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
-    calib = torch.from_numpy(np.ascontiguousarray(data.train_x[:args.images]))
+    calib = torch.from_numpy(np.ascontiguousarray(data.train_x[:max(args.sizes or [args.images])]))
     rows = []
     for path in args.models:
         name, model, _ = read_pt(path)
@@ -61,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: {label}{'' if seed is None else f' (crop seed {seed})'}: {100 * acc:.2f}%", flush=True)
 
         record("its own statistics", None, evaluate(model, test_x, test_y)[1])
-        for label, crop_pad, reflect, seeds in CALIBRATIONS:
+        for n in args.sizes or []:   # the evaluator's calibration (coordinator/evaluator.py), N images
+            for seed in args.seeds:
+                m = copy.deepcopy(model)
+                recalibrate_bn(m, calib[:n], crop_pad=recipe.crop_pad, flip=recipe.flip, seed=seed,
+                               reflect=recipe.crop_reflect)
+                record(f"the evaluator's, {n} images", seed, evaluate(m, test_x, test_y)[1])
+        for label, crop_pad, reflect, seeds in ([] if args.sizes else CALIBRATIONS):
             for seed in seeds:
                 m = copy.deepcopy(model)
                 recalibrate_bn(m, calib, crop_pad=recipe.crop_pad if crop_pad is None else crop_pad,
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 record(label, seed, evaluate(m, test_x, test_y)[1])
     if args.out:
         args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "data": args.data,
-                                        "images": args.images, "hardware": hardware(),
+                                        "images": args.sizes or args.images, "hardware": hardware(),
                                         "command": " ".join(["python", "bench/bn_calibration.py", *sys.argv[1:]]),
                                         "results": rows}, indent=1))
     return 0
