@@ -189,6 +189,18 @@ def start_line(config: CoordinatorConfig, job, resumed: bool) -> str:
             f"in {config.state}")
 
 
+def checks_line(config: CoordinatorConfig) -> str:
+    """Who may send work and how far their results are trusted: what an operator must know before opening
+    the page to strangers (docs/results.md, "Lying workers ...": clipping alone does not stop a liar)."""
+    who = "workers with a token from --worker-tokens" if config.worker_tokens else "anyone who reaches this URL"
+    if config.replication == "off":
+        return (f"checks: {who} may send results, folded unchecked ({config.robust} only); for a job open to "
+                "strangers run with --replication adaptive")
+    return (f"checks: {who} may send results; --replication {config.replication}: another computation of the "
+            "same unit must agree before a result counts, for every result of a new worker, then less often as its "
+            "record grows (at least 1 in 50)")
+
+
 def checked(args: argparse.Namespace) -> tuple[CoordinatorConfig, socket.socket] | None:
     """Everything that can be checked before slow work: the values, the data path, the port.
     None after one ``error:`` line."""
@@ -252,7 +264,7 @@ def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "c
 
     url, _ = urls(config.host, sock.getsockname()[1], args.public_url)
     print(f"coordinator for {config.model} ({job.strategy_name}) on {url}  dashboard: {url}/dashboard\n"
-          f"  {start_line(config, job, resumed)}", flush=True)
+          f"  {start_line(config, job, resumed)}\n  {checks_line(config)}", flush=True)
     try:
         web.run_app(create_app(config, job, warm=True), sock=sock, print=None, handle_signals=True,
                     shutdown_timeout=5, access_log=None)   # --access-log: coordinator.observe

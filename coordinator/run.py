@@ -37,7 +37,7 @@ from pathlib import Path
 from coordinator.console import PLAIN_EVERY_S, Console, duration, last_eval, progress_text
 from coordinator.main import build_parser as coordinator_parser
 from coordinator.limits import load_tokens
-from coordinator.main import checked, start_job, start_line, urls
+from coordinator.main import checked, checks_line, start_job, start_line, urls
 from worker_py.stop import GRACE
 
 POLL_S = 1.0
@@ -204,6 +204,7 @@ class Session:
               f"  {start_line(cfg, job, self.resumed)}\n"
               f"  dashboard:       {url}/dashboard\n"
               f"  donate compute:  {url}/   (open it in a browser tab)\n"
+              f"  {checks_line(cfg)}\n"
               f"  state:           {cfg.state}   (Ctrl-C stops; run again with --state {cfg.state} to resume)\n",
               flush=True)
 

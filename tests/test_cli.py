@@ -117,3 +117,22 @@ def test_dashboard_settings_are_named_and_explained():
     assert all(row["about"] for row in inner["settings"])
     state = {row["key"]: row for row in inner["state"]}
     assert "due" not in state and state["buffered"]["label"] == "waiting" and state["buffered"]["about"]
+
+
+def test_the_start_banner_says_who_may_send_results_and_how_far_they_are_checked(tmp_path):
+    """coordinator and run print ``checks_line``: with replication off an operator is told that results are
+    folded unchecked and how to check them; with it on and worker tokens, who may send and how checks go."""
+    import dataclasses
+
+    from coordinator.config import CoordinatorConfig
+    from coordinator.main import checks_line
+
+    config = CoordinatorConfig(state=tmp_path)
+    off = checks_line(config)
+    assert off.startswith("checks: anyone who reaches this URL may send results, folded unchecked (adaptive_clip only)")
+    assert "--replication adaptive" in off
+    closed = checks_line(dataclasses.replace(config, replication="adaptive", robust="median",
+                                             worker_tokens=tmp_path / "tokens"))
+    assert closed.startswith("checks: workers with a token from --worker-tokens may send results; "
+                             "--replication adaptive: another computation of the same unit must agree")
+    assert "unchecked" not in closed

@@ -168,6 +168,8 @@ def test_ctrl_c_gives_a_summary_and_a_restart_resumes_the_job(data, tmp_path):
     run = Run(data, state, "--epochs", "3", "--local-steps", "10")
     try:
         run.wait_for(r"new job 'cifar10' in ")
+        run.wait_for(r"checks: anyone who reaches this URL may send results, folded unchecked \(adaptive_clip only\); "
+                     r"for a job open to strangers run with --replication adaptive\n")
         run.wait_for(r"crowdtrain: [1-9][\d,]*/6,000 samples \(\d+%\), ETA \S+.*, test acc .*samples/s, 1 worker\n")
         run.proc.send_signal(signal.SIGINT)
         assert run.finish() == 130, run.log
