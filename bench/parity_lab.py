@@ -14,8 +14,9 @@ Hardware: the project's 2-core machine (shared), 1 torch thread; one run per con
 (seed 0) unless the file name says otherwise. Evaluation: the first ``--eval-images`` test
 images (2,000, 200 per class) at six points of the budget, plus the whole 10,000-image test
 split at the end; every point both with the model's own batch-norm statistics ("plain",
-what ``crowdtrain train`` reports) and with statistics re-estimated on 1,024 training images
-("recal", what the coordinator reports).
+what ``crowdtrain train`` reports) and with statistics re-estimated on 1,024 training images,
+augmented as the recipe trains ("recal", what the coordinator reports; until 2026-12-04 this lab
+re-estimated without augmentation: the README's earlier "recal" numbers are that way).
 
     python bench/parity_lab.py baseline [--baseline-steps 60]  # one process, recipe batch
     python bench/parity_lab.py run --workers 2                 # coordinator defaults
@@ -30,7 +31,8 @@ weights re-expressed against the current model, FedAsync mixing), ``--lookahead`
 from an extrapolated model), ``--lr-progress``, ``--delay-comp`` (DC-ASGD, Zheng et al. ICML 2017,
 on deltas: ``d - lambda d*d (current - base) / (unit lr x steps)``, weights only) and
 ``--dc-diagnose`` (each stale unit is also recomputed from the current model, not folded: how much
-the delta changes and how well DC's direction predicts it). Readings:
+the delta changes and how well DC's direction predicts it), ``--lr-tail``/``--lr-tail-scale`` (the unit
+lr's factor falls linearly over the budget's last share). Readings:
 ``bench/results/parity_lab/README.md``.
 
 Results: ``bench/results/parity_lab/<tag>.json`` (config, unit hyper, accuracy curve, final
@@ -116,6 +118,10 @@ class Fleet:
     delay_comp: float = 0.0           # lambda: DC-ASGD on deltas, d - lambda d*d (current - base) / (lr steps)
     dc_diagnose: bool = False         # also recompute each stale unit at the current model (not folded): how
                                       # well DC's correction predicts the true change of the delta
+    lr_tail: float = 0.0              # over the last this share of the budget the unit lr's factor falls linearly
+    lr_tail_scale: float = 0.25       # ... from local_lr_scale to local_lr_scale x this (0.25: 128 / 512, the
+                                      # recipe's lr / batch again at the end; the split rule keeps the lr and
+                                      # quarters the batch, 2 in flight at 1/2 weight: twice the recipe's)
 
 
 def load_data(lab: Lab):
@@ -132,13 +138,15 @@ class Evaluator:
     def __init__(self, lab: Lab, test_x, test_y, calib) -> None:
         self.model = registry.build(lab.model).to(memory_format=torch.channels_last)
         self.test_x, self.test_y, self.calib, self.n = test_x, test_y, calib, lab.eval_images
+        self.recipe = lab.recipe()   # re-estimation augments as the recipe trains, as the coordinator's evaluator
 
     def __call__(self, state: dict, full: bool = False) -> dict:
         n = len(self.test_y) if full else self.n
         x, y = self.test_x[:n], self.test_y[:n]
         load_arrays(self.model, state)
         loss_plain, acc_plain = evaluate(self.model, x, y)
-        recalibrate_bn(self.model, self.calib)
+        recalibrate_bn(self.model, self.calib, crop_pad=self.recipe.crop_pad, flip=self.recipe.flip,
+                       reflect=self.recipe.crop_reflect)
         loss, acc = evaluate(self.model, x, y)
         clean = lambda v: v if math.isfinite(v) else None  # noqa: E731
         return {"acc": acc, "loss": clean(loss), "acc_plain": acc_plain, "loss_plain": clean(loss_plain),
@@ -236,6 +244,14 @@ class FleetSim:
             picked.append(self.shard_order.pop(0))
         return picked
 
+    def tail_factor(self, done: int) -> float:
+        """``lr_tail``: 1 until the last ``lr_tail`` share of the budget, then linearly down to ``lr_tail_scale``."""
+        tail = self.fleet.lr_tail
+        if tail <= 0:
+            return 1.0
+        into = min(1.0, max(0.0, (done / self.budget - (1 - tail)) / tail))
+        return 1.0 - (1.0 - self.fleet.lr_tail_scale) * into
+
     def issue(self, worker: int) -> Unit | None:
         committed = self.applied + self.received + self.leased
         if committed >= self.budget:
@@ -246,7 +262,7 @@ class FleetSim:
         steps = self.fleet.local_steps or max(1, math.ceil(n / batch))
         done = committed if self.fleet.lr_progress == "committed" else self.applied + self.received
         lr = lr_at(done / self.budget, self.recipe)
-        lr = (lr if lr > 0 else self.recipe.lr * 1e-3) * self.fleet.local_lr_scale
+        lr = (lr if lr > 0 else self.recipe.lr * 1e-3) * self.fleet.local_lr_scale * self.tail_factor(done)
         unit = Unit(worker, self.version, shards, steps, batch, lr, self.rng.randrange(2**31))
         if self.fleet.lookahead and self.previous is not None:
             L = self.fleet.lookahead
@@ -485,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebase-weights", type=float, default=0.0)
     p.add_argument("--lookahead", type=float, default=0.0)
     p.add_argument("--lr-progress", choices=("committed", "received"), default="committed")
+    p.add_argument("--lr-tail", type=float, default=0.0,
+                   help="over the last this share of the budget, the unit lr's factor falls linearly to --lr-tail-scale")
+    p.add_argument("--lr-tail-scale", type=float, default=0.25)
     p.add_argument("--dc-diagnose", action="store_true",
                    help="recompute each stale unit from the current model (not folded) and compare with DC")
     p.add_argument("--delay-comp", type=float, default=0.0,
@@ -515,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                       unit_batch=args.unit_batch, rebase_weights=args.rebase_weights,
                       lookahead=args.lookahead,
                       lr_progress=args.lr_progress, delay_comp=args.delay_comp,
-                      dc_diagnose=args.dc_diagnose)
+                      dc_diagnose=args.dc_diagnose, lr_tail=args.lr_tail, lr_tail_scale=args.lr_tail_scale)
         sim = FleetSim(lab, fleet, x, y, evaluator)
         record.update(kind="fleet", fleet=dataclasses.asdict(fleet), hyper=sim.hyper, **sim.run())
         matched = baseline_path(lab, math.ceil(record["samples"] / lab.recipe().batch_size))
