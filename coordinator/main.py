@@ -194,8 +194,9 @@ def checks_line(config: CoordinatorConfig) -> str:
     the page to strangers (docs/results.md, "Lying workers ...": clipping alone does not stop a liar)."""
     who = "workers with a token from --worker-tokens" if config.worker_tokens else "anyone who reaches this URL"
     if config.replication == "off":
-        return (f"checks: {who} may send results, folded unchecked ({config.robust} only); for a job open to "
-                "strangers run with --replication adaptive")
+        guard = "no robust aggregation" if config.robust == "none" else f"{config.robust} only"
+        return (f"checks: {who} may send results, folded unchecked ({guard}); for a job open to strangers run "
+                "with --replication adaptive")
     return (f"checks: {who} may send results; --replication {config.replication}: another computation of the "
             "same unit must agree before a result counts, for every result of a new worker, then less often as its "
             "record grows (at least 1 in 50)")

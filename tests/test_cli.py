@@ -131,6 +131,8 @@ def test_the_start_banner_says_who_may_send_results_and_how_far_they_are_checked
     off = checks_line(config)
     assert off.startswith("checks: anyone who reaches this URL may send results, folded unchecked (adaptive_clip only)")
     assert "--replication adaptive" in off
+    bare = checks_line(dataclasses.replace(config, robust="none"))
+    assert "folded unchecked (no robust aggregation)" in bare
     closed = checks_line(dataclasses.replace(config, replication="adaptive", robust="median",
                                              worker_tokens=tmp_path / "tokens"))
     assert closed.startswith("checks: workers with a token from --worker-tokens may send results; "
