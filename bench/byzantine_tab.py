@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import commit, hardware, shown  # noqa: E402
+from coordinator.sim.faults import LIES  # noqa: E402
 from tests.helpers.cluster import Cluster  # noqa: E402
 
 DRIVER = ROOT / "worker_web" / "drive.mjs"
@@ -168,8 +169,7 @@ def main() -> int:
     p.add_argument("--undefended", action="store_true", help="also run both with replication off")
     p.add_argument("--no-tab", action="store_true", help="also run the Python workers alone (replication on)")
     p.add_argument("--runs", nargs="+", choices=sorted(RUNS), help="these runs only (instead of the flags above)")
-    p.add_argument("--lie", default="sign_flip",
-                   choices=["sign_flip", "scale", "noise", "free_ride", "replay", "a_little", "label_flip"],
+    p.add_argument("--lie", default="sign_flip", choices=[f.value for f in LIES],
                    help="what the lying tab sends (worker_web/lies.mjs; default: sign_flip)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds a run may take")
     p.add_argument("--out", type=Path)

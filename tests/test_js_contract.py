@@ -418,8 +418,10 @@ def test_a_lying_tab_tells_the_lies_of_the_python_liars():
     """worker_web/lies.mjs (drive.mjs --lie) against coordinator/sim/faults.py: sign flip, scale and free
     ride give the same float32 values as ``lie``; noise has the same law (10x the honest RMS, unrelated to the
     honest delta; its own generator); replay sends the first delta again, as a ``Liar`` does."""
-    from coordinator.sim.faults import LIE_FACTOR, Fault, lie
+    from coordinator.sim.faults import LIE_FACTOR, LIES, Fault, lie
 
+    [names] = run_cli([{"op": "lies"}])
+    assert names["ok"] == [f.value for f in LIES]   # the tab tells every lie the Python liars tell, by the same name
     rng = np.random.default_rng(3)
     deltas = [{"conv.weight": rng.normal(0, 1e-2, (8, 3, 3, 3)).astype(np.float32),
                "fc.bias": rng.normal(0, 1e-3, (10,)).astype(np.float32), "scalar": np.float32(rng.normal())}

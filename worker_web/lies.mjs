@@ -16,7 +16,7 @@
 //               page's worker.js is served to it with its training shards' labels moved
 //               (`flipLabelsSource`: a donor who edits the page's code; the known-answer check, which
 //               tells a broken backend, still sees the true labels); its results are sent as computed
-export const LIES = ['sign_flip', 'scale', 'noise', 'free_ride', 'replay', 'a_little', 'label_flip'];
+export const LIES = ['sign_flip', 'scale', 'noise', 'free_ride', 'label_flip', 'replay', 'a_little'];   // faults.py LIES, in its order
 export const LIE_FACTOR = 10;
 export const A_LITTLE_WINDOW = 8;
 export const A_LITTLE_Z = 0.43072729929545733;   // coordinator/sim/faults.py a_little_z(3, 1) = Phi^-1(2/3)

@@ -19,6 +19,7 @@
  *          over the deltas in turn, each step's residual kept (feedbackStep)
  *   {"op": "lie", "kind": str, "seed": int?, "deltas": [[[name, shape, kind, b64], ...], ...]}
  *       -> [[[name, shape, b64 f4], ...], ...]: what one liar of ../lies.mjs sends for each delta in turn
+ *   {"op": "lies"} -> [str, ...]: the lies ../lies.mjs tells (LIES)
  *   {"op": "label_flip", "data": b64 shard} -> {"y": b64}: the labels a label_flip tab trains on: the
  *       line of ../worker.js that ../lies.mjs flipLabelsSource rewrites, run as rewritten on that shard
  *
@@ -27,7 +28,7 @@
 import { readFileSync } from "node:fs";
 import * as contract from "../contract.js";
 import { feedbackStep } from "../feedback.js";
-import { flipLabelsSource, makeLiar, SHARD_DECODE } from "../lies.mjs";
+import { flipLabelsSource, LIES, makeLiar, SHARD_DECODE } from "../lies.mjs";
 
 const b64 = (bytes) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("base64");
 
@@ -70,6 +71,7 @@ const OPS = {
     return r.deltas.map((tensors) => [...liar.rewrite(new Map(tensors.map(([name, shape, kind, data]) =>
       [name, { shape, data: fromB64(data, kind) }])))].map(([name, t]) => [name, t.shape, b64(t.data)]));
   },
+  lies: () => LIES,
   label_flip: async (r) => {
     const source = flipLabelsSource(readFileSync(new URL("../worker.js", import.meta.url), "utf8"));
     const line = source.split("\n").find((l) => l.includes("S.shards.set(id,"));
