@@ -2,6 +2,7 @@
 ``--help``, ``models`` and ``strategies`` start without torch, ``--version``, the strategy docs."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 
 import crowdtrain
 from coordinator import strategy_docs
+from coordinator.config import CoordinatorConfig
+from coordinator.main import checks_line
 from coordinator.strategies import STRATEGIES, make_strategy
 from models import registry
 
@@ -122,11 +125,6 @@ def test_dashboard_settings_are_named_and_explained():
 def test_the_start_banner_says_who_may_send_results_and_how_far_they_are_checked(tmp_path):
     """coordinator and run print ``checks_line``: with replication off an operator is told that results are
     folded unchecked and how to check them; with it on and worker tokens, who may send and how checks go."""
-    import dataclasses
-
-    from coordinator.config import CoordinatorConfig
-    from coordinator.main import checks_line
-
     config = CoordinatorConfig(state=tmp_path)
     off = checks_line(config)
     assert off.startswith("checks: anyone who reaches this URL may send results, folded unchecked (adaptive_clip only)")
