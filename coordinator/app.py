@@ -33,11 +33,12 @@ from coordinator import observe
 from coordinator.credit import BOARD, LIST_DEFAULT, LIST_MAX, NAME_RATE_PER_MIN, CreditBoard, NamesFull, donate_info, \
     render_page
 from coordinator.config import CoordinatorConfig
-from coordinator.limits import RateLimiter, UnitLimits, bearer, client_address, is_loopback, load_tokens, retry_after
+from coordinator.limits import (RateLimiter, UnitLimits, bearer, client_address, gate_tokens, is_loopback, load_tokens,
+                                retry_after, trusted_tokens)
 from coordinator.intake import Rejection, contract_rejection
 from coordinator.job import Job
 from coordinator.jobs import Entry, JobError, JobRegistry
-from coordinator.keys import ADMIN, ASSETS, CONFIG, EVALS, JOB, JOBS, LIMITS, STEPS, TOKENS, WARM
+from coordinator.keys import ADMIN, ASSETS, CONFIG, EVALS, JOB, JOBS, LIMITS, STEPS, TOKENS, TRUSTED, WARM
 from coordinator.model_out import get_model
 from coordinator.steps import StepGraphs, StepUnavailable, step_cache_dir
 from coordinator.web import ISOLATION, Assets
@@ -192,7 +193,7 @@ async def next_unit(request: web.Request) -> web.Response:
             # written row, and a power loss only the units issued in its last moments, whose results are
             # then refused as unknown_unit; an accepted result's own fdatasync covers its unit's row
             # (SQLite commits in order)
-            unit = job.next_unit(unit_request, address, base)
+            unit = job.next_unit(unit_request, address, base, trusted=trusted(request))
         if unit is not None:
             entry.served = time.monotonic()
             return web.json_response(unit.to_json())
@@ -322,7 +323,13 @@ async def take_result(request: web.Request, job: Job) -> web.Response:
         return error("too_large", 413, f"body: expected a Content-Length of at most {job.max_body} bytes, got {size}",
                      "body")
     body = await read_body(request)
-    return web.json_response(await job.submit(request.match_info["unit_id"], body))
+    return web.json_response(await job.submit(request.match_info["unit_id"], body, trusted=trusted(request)))
+
+
+def trusted(request: web.Request) -> bool:
+    """Whether the request carries a token of the operator's own workers (``--trusted-tokens``)."""
+    tokens = request.app[TRUSTED]
+    return bool(tokens) and bearer(request.headers.get("Authorization")) in tokens
 
 
 async def model_file(request: web.Request) -> web.StreamResponse:
@@ -701,7 +708,8 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app[ADMIN] = (load_tokens(config.admin_token_file, "--admin-token-file") if config.admin_token_file and several
                   else frozenset())
     app[LIMITS] = UnitLimits(config.unit_rate_worker, config.unit_rate_address, time.monotonic)
-    app[TOKENS] = load_tokens(config.worker_tokens) if config.worker_tokens else frozenset()
+    app[TOKENS] = gate_tokens(config)
+    app[TRUSTED] = trusted_tokens(config)
     app[ASSETS], app[WARM] = Assets(default_cache_dir()), warm
     app[BOARD] = CreditBoard(lambda: job.store)
     app[NAME_LIMITS] = RateLimiter(NAME_RATE_PER_MIN, time.monotonic)

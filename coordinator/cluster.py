@@ -167,13 +167,13 @@ class LocalIntake:
 
     def __init__(self, node: "Node"):
         from coordinator.intake import Intake
-        from coordinator.limits import load_tokens
+        from coordinator.limits import gate_tokens
         from coordinator.redis_store import RedisStore
 
         cfg = node.config
         self.store = RedisStore(node.url, cfg.job, node.blobs, root=cfg.state)
         self.intake = Intake(cfg, self.store, self.store.secret(), node.spec, time.time)
-        self.tokens = load_tokens(cfg.worker_tokens) if cfg.worker_tokens else frozenset()
+        self.tokens = gate_tokens(cfg)
         self.taken = self.passed = 0
         self.checks = cfg.replication != "off"
 

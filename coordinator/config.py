@@ -156,7 +156,8 @@ class CoordinatorConfig:
     shard_size: int = option(int, 1000, "images per data shard blob", "data", lo=1)
     # units
     shards_per_unit: int = option(int, 1, "data shards a unit trains on", "units", lo=1)
-    local_steps: int | None = option(int, None, "SGD steps per unit", "units", lo=1,
+    local_steps: int | None = option(int, None, "SGD steps per unit (with replicated checks on, at most "
+                                     "--check-max-steps for a worker that is not the operator's own)", "units", lo=1,
                                      none="one pass over the unit's shards")
     batch_size: int | None = option(int, None, "samples per SGD step", "units", lo=1, none="the model's recipe")
     lr: float | None = option(float, None, "peak learning rate of the schedule", "units", lo=0, lo_open=True,
@@ -245,7 +246,8 @@ class CoordinatorConfig:
                                    "of its backend asked for work within as many seconds)", "checks",
                                    flag="--replica-wait",
                                    lo=0, lo_open=True)
-    check_max_steps: int = option(int, 8, "with --replication adaptive, the most SGD steps of a unit (units are cut "
+    check_max_steps: int = option(int, 8, "with --replication adaptive, the most SGD steps of a unit of a worker "
+                                  "that may be checked (not the operator's own, --trusted-tokens; units are cut "
                                   "to it): two honest computations of a longer unit drift apart past the check's "
                                   "tolerance (measured: a tab's resnet_fast unit against the coordinator's "
                                   "recomputation, 1 - cosine 2.3e-3 at 9 steps of 128, 0.03 to 0.06 at 12 and 13; "
@@ -270,6 +272,12 @@ class CoordinatorConfig:
                                         "requests and results must carry 'Authorization: Bearer <token>' (401 "
                                         "otherwise; closed deployments)", "service", none="anyone may work",
                                         metavar="FILE")
+    trusted_tokens: Path | None = option(Path, None, "file of tokens of the operator's own workers, one a line: a "
+                                         "worker whose unit requests and results carry one ('Authorization: Bearer "
+                                         "<token>') is trusted from the start: its results are folded without a "
+                                         "replicated check (it still checks others'), and it is let in under "
+                                         "--worker-tokens too; `crowdtrain run` makes one for its local workers",
+                                         "service", none="no worker is trusted unchecked", metavar="FILE")
     admin_token_file: Path | None = option(Path, None, "file of operator tokens, one a line: the admin API "
                                            "(/api/v1/admin/jobs: list, add, pause, resume and remove jobs of this "
                                            "process; `crowdtrain jobs`) takes requests carrying 'Authorization: "
@@ -292,9 +300,6 @@ class CoordinatorConfig:
             if other and getattr(self, other) is not None and getattr(self, f.name) < getattr(self, other):
                 kind = "an integer" if f.metadata["kind"] is int else "a number"
                 raise OptionError(f.name, f"{kind} >= {other} ({getattr(self, other):g})", getattr(self, f.name))
-        if self.replication != "off" and self.local_steps is not None and self.local_steps > self.check_max_steps:
-            raise OptionError("local_steps", f"an integer <= check_max_steps ({self.check_max_steps}) with "
-                              f"--replication {self.replication}", self.local_steps)
         for name in self.strategy_params:
             if name in POLICY_PARAMS:
                 raise OptionError("strategy_params", policy_param_text(name), self.strategy_params)

@@ -119,14 +119,15 @@ class UnitFactory:
         return applied + self.store.pending_samples() + self.store.leased_samples()
 
     def make(self, worker_id: str, codec: str, base: Base, applied: int, backend: str | None = None,
-             held: tuple[str, ...] = (), error_feedback: bool = False) -> WorkUnit | None:
+             held: tuple[str, ...] = (), error_feedback: bool = False, trusted: bool = False) -> WorkUnit | None:
         """A fresh unit for ``worker_id`` cut from ``base``. Once the budget is committed: a second
         copy of the oldest unit another worker still holds (the job's tail: the first result wins,
         so one slow or vanished worker does not hold the end of the job), or None. ``backend``: the
         request's (a browser's unit is sized to its speed); when not given, the trust record's. ``held``: the
         model versions the worker says it holds (``_download``). ``error_feedback``: the worker keeps an
-        error-feedback residual (``feedback_allowed``)."""
-        feedback = self.feedback_allowed(codec, error_feedback)
+        error-feedback residual (``feedback_allowed``); ``trusted``: one of the operator's own workers
+        (``--trusted-tokens``), whose results are never checked."""
+        feedback = self.feedback_allowed(codec, error_feedback, trusted)
         self.seen[base.blob] = base.step
         self.seen.move_to_end(base.blob)
         while len(self.seen) > VERSIONS_SEEN:
@@ -136,7 +137,7 @@ class UnitFactory:
             lr = lr_at(committed / self.budget, self.recipe)
             if self.config.unit_seconds is not None and not self.config.local_steps and \
                     self._is_browser(worker_id, backend):
-                return self._issue_sized(worker_id, codec, base, lr, held, feedback=feedback)
+                return self._issue_sized(worker_id, codec, base, lr, held, feedback=feedback, trusted=trusted)
             shards = self.queue.take(set(self.store.leased_shards()))
             images = sum(self.size_of(x) for x in shards)
             batch = self._split_batch(worker_id, images)
@@ -144,31 +145,33 @@ class UnitFactory:
                 lr *= batch / self.recipe.batch_size
             pace = self._pace(worker_id) if self.config.dynamic_steps else 1.0
             return self._issue(worker_id, codec, base, shards, lr, batch=batch, held=held, feedback=feedback,
-                               pace=pace * self._flight_share(images))
+                               pace=pace * self._flight_share(images), trusted=trusted)
         original = self.store.tail_candidate(worker_id)
         if original is None:
             return None
         issued = json.loads(original["wire"]) if original.get("wire") else {}
         return self._issue(worker_id, codec, base, original["shard_ids"], original["lr"], twin=original["unit_id"],
                            steps=issued.get("local_steps"), batch=issued.get("batch_size"), held=held,
-                           feedback=feedback, parity=issued.get("hyper", {}).get("flip_parity"))
+                           feedback=feedback, parity=issued.get("hyper", {}).get("flip_parity"), trusted=trusted)
 
-    def feedback_allowed(self, codec: str, asked: bool) -> bool:
+    def feedback_allowed(self, codec: str, asked: bool, trusted: bool = False) -> bool:
         """Whether a unit may carry the worker's error-feedback residual (``WorkUnit.error_feedback``): the
-        worker asked (it keeps one), the codec is lossy (fp32 drops nothing), and replicated checks are
-        off: a replica, and the coordinator's own recomputation, must get the same delta as the original
-        from the unit alone (coordinator/trust.py), and the result to be checked is drawn only when it
-        comes in, so with checks on no unit carries it."""
-        return asked and self.config.replication == "off" and get_codec(codec).id != "fp32"
+        worker asked (it keeps one), the codec is lossy (fp32 drops nothing), and its result will not be
+        checked: replicated checks are off, or the worker is the operator's own (``trusted``). A replica,
+        and the coordinator's own recomputation, must get the same delta as the original from the unit
+        alone (coordinator/trust.py), and the result to be checked is drawn only when it comes in, so with
+        checks on no other worker's unit carries it."""
+        return asked and (self.config.replication == "off" or trusted) and get_codec(codec).id != "fp32"
 
     def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
                twin: str | None = None, steps: int | None = None, version_blob: str | None = None,
                batch: int | None = None, held: tuple[str, ...] = (), feedback: bool = False,
-               pace: float = 1.0, parity: int | None = None) -> WorkUnit:
+               pace: float = 1.0, parity: int | None = None, trusted: bool = False) -> WorkUnit:
         """``pace`` (in (0, 1]): the share of one pass over the shards a unit without ``steps`` or
         ``--local-steps`` trains, at least one step (``dynamic_steps``). A recipe whose flips alternate
         (``alt_flip``) sends ``hyper.flip_parity``: ``parity`` (a tail copy's, its original's) or the parity
-        of the epoch the shard queue is in (``models.flips``)."""
+        of the epoch the shard queue is in (``models.flips``). With checks on, a unit of a worker that may be
+        checked (not ``trusted``: the operator's own) has at most ``check_max_steps`` steps."""
         now = self.clock()
         base_delta = None
         if version_blob is None:
@@ -176,7 +179,7 @@ class UnitFactory:
         n = sum(self.size_of(s) for s in shards)
         batch = min(batch or self.recipe.batch_size, n)
         steps = steps or self.config.local_steps or max(1, round(math.ceil(n / batch) * pace))
-        if self.config.replication != "off":   # a check of a longer unit is inconclusive (``check_max_steps``)
+        if self.config.replication != "off" and not trusted:   # a check of a longer unit is inconclusive
             steps = min(steps, self.config.check_max_steps)
         if worker_id in self.asked:   # in flight for a few of *this* unit's durations (``in_flight``), not a shard's
             self.asked[worker_id] = (self.asked[worker_id][0], steps * batch)
@@ -333,26 +336,27 @@ class UnitFactory:
             backend = record.get("backend") if record else None
         return backend == "browser"
 
-    def sized_steps(self, worker_id: str) -> int:
+    def sized_steps(self, worker_id: str, trusted: bool = False) -> int:
         """Steps of a tab's next unit at the job's batch: one while its speed is unknown, then
         about ``unit_seconds`` of its measured seconds per sample, at most ``GROWTH`` x its last
-        unit and ``MAX_UNIT_SHARDS`` shards' worth of samples (and ``check_max_steps`` with checks on)."""
+        unit and ``MAX_UNIT_SHARDS`` shards' worth of samples (and ``check_max_steps`` with checks on,
+        unless ``trusted``: the operator's own)."""
         cfg, batch = self.config, self.recipe.batch_size
         rate = self.speed.get(worker_id)
         if rate is None:
             return FIRST_STEPS
         steps = max(1, round(cfg.unit_seconds / (rate * batch)))
         steps = min(steps, GROWTH * self.last_steps.get(worker_id, FIRST_STEPS))
-        if cfg.replication != "off":
+        if cfg.replication != "off" and not trusted:
             steps = min(steps, cfg.check_max_steps)
         return min(steps, max(1, MAX_UNIT_SHARDS * max(self.shard_sizes.values()) // batch))
 
     def _issue_sized(self, worker_id: str, codec: str, base: Base, lr: float, held: tuple[str, ...] = (),
-                     feedback: bool = False) -> WorkUnit:
+                     feedback: bool = False, trusted: bool = False) -> WorkUnit:
         """A tab's unit: ``sized_steps`` steps at the recipe's batch (the step graph's), on shards that
         hold at least its samples; a tab of unknown speed gets a slice of a shard and an fp16 model."""
         batch = self.recipe.batch_size
-        steps = self.sized_steps(worker_id)
+        steps = self.sized_steps(worker_id, trusted)
         samples = steps * batch
         first = worker_id not in self.speed
         shards = [self._slice(samples)] if first else []
@@ -360,7 +364,7 @@ class UnitFactory:
             shards = self._take(max(1, math.ceil(samples / max(self.shard_sizes.values()))), batch)
         version = self._half_version(base) if first and not held else None
         unit = self._issue(worker_id, codec, base, shards, lr, steps=steps, version_blob=version, held=held,
-                           feedback=feedback)
+                           feedback=feedback, trusted=trusted)
         self.last_steps[worker_id] = steps
         return unit
 

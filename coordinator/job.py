@@ -405,13 +405,15 @@ class Job:
         return Base(step, blob)
 
     # ------------------------------------------------------------------ units
-    def next_unit(self, request: UnitRequest, address: str = "", base: Base | None = None) -> WorkUnit | None:
+    def next_unit(self, request: UnitRequest, address: str = "", base: Base | None = None,
+                  trusted: bool = False) -> WorkUnit | None:
         """A fresh unit for this worker (a replica of a held result first, when one is wanted and this
         worker may check it), or None when there is nothing to do right now. ``address``: where the
         request came from (a replica never goes to the original's remote address); ``base``: the
-        version ``publish`` wrote (else the current one, written here if it is not yet, blocking)."""
+        version ``publish`` wrote (else the current one, written here if it is not yet, blocking);
+        ``trusted``: the request carries a token of the operator's own workers (``--trusted-tokens``)."""
         self._seen(request.worker_id, request.backend, self.clock(), request.computes)
-        self.trust.seen(request.worker_id, request.backend, address)
+        self.trust.seen(request.worker_id, request.backend, address, operator=trusted)
         if self.finished or (request.models and self.config.model not in request.models):
             return None
         codec = self.factory.codec_for(request.codecs)
@@ -424,7 +426,7 @@ class Job:
         if base is None or self.store.blob_path(base.blob) is None:
             base = self._base()
         return self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend,
-                                 held=request.held, error_feedback=request.error_feedback)
+                                 held=request.held, error_feedback=request.error_feedback, trusted=trusted)
 
     async def prepare_download(self, request: UnitRequest, base: Base) -> None:
         """Make, in a thread, the version delta that a unit cut from ``base`` for this request would carry
@@ -492,18 +494,19 @@ class Job:
         return expired
 
     # ------------------------------------------------------------------ results
-    async def submit(self, unit_id: str, body: bytes) -> dict:
+    async def submit(self, unit_id: str, body: bytes, trusted: bool = False) -> dict:
         """Check a result at the boundary, log it durably and answer; ``settle`` folds it in later.
         An accepted result's answer waits until it is durable (``Store.sync``: one fdatasync of the
         SQLite log for every submission that commits meanwhile). Other answers (a failure report or a
         hand-back, a tail copy superseded) do not: on a power loss the unit is out on its lease again,
-        and its shards go back in line when the lease expires; no accepted work is lost."""
-        answer = await self._submit(unit_id, body)
+        and its shards go back in line when the lease expires; no accepted work is lost. ``trusted``: the
+        request carries a token of the operator's own workers (``--trusted-tokens``): never held for a check."""
+        answer = await self._submit(unit_id, body, trusted)
         if answer.get("accepted"):
             await self.store.sync()
         return answer
 
-    async def _submit(self, unit_id: str, body: bytes) -> dict:
+    async def _submit(self, unit_id: str, body: bytes, trusted: bool = False) -> dict:
         unit = None
         try:
             parsed = self.intake.parse(unit_id, body)
@@ -516,14 +519,14 @@ class Job:
             unit, result = parsed
             self._seen(result.worker_id, None, self.clock())
             accepted = await asyncio.to_thread(self.intake.accept, unit, result, self.step)
-            return await self._log(accepted)
+            return await self._log(accepted, trusted)
         except Rejection as r:
             if r.give_up and unit is not None:
                 self.factory.give_up(unit, r.give_up)
             self.store.count_rejection(r.code)
             raise
 
-    async def _log(self, a: Accepted) -> dict:
+    async def _log(self, a: Accepted, trusted: bool = False) -> dict:
         r, unit = a.result, a.unit
         blob = await asyncio.to_thread(self.store.put_blob, r.delta)
         if unit["twin"] and self.store.unit(unit["unit_id"])["status"] == "superseded":   # lost the race
@@ -532,7 +535,7 @@ class Job:
             return self._superseded(Superseded(unit, r))
         # A quarantined worker's result, a held one and a replica's are answered like any other.
         quarantined, replica_of = self.trust.quarantined(r.worker_id), unit.get("replica_of")
-        held = (self.replicating and not quarantined and not replica_of
+        held = (self.replicating and not quarantined and not replica_of and not trusted
                 and self._draw() < self.trust.probability(r.worker_id))
         check = "replica" if replica_of else "held" if held else None
         with self.store.transaction():   # the row and the worker's record: one commit
@@ -952,9 +955,11 @@ class Job:
         held = self.store.held_counts()
         records = sorted(self.trust.records.values(), key=lambda r: (not r.quarantined, -self.workers.get(
             r.worker_id, WorkerStats("")).last_seen, r.worker_id))[:TRUST_ROWS]
-        rows = [TrustRow(r.worker_id, r.backend, round(T.reputation(r, self.policy), 4),
-                         round(T.replication_probability(r, self.policy), 4), r.results, r.replicated, r.valid,
-                         r.invalid, r.consecutive_valid, r.quarantined, r.credit) for r in records]
+        # an operator's worker (its last request carried a --trusted-tokens token) has its results used unchecked
+        rows = [TrustRow(r.worker_id, r.backend, 1.0 if r.operator else round(T.reputation(r, self.policy), 4),
+                         0.0 if r.operator else round(T.replication_probability(r, self.policy), 4), r.results,
+                         r.replicated, r.valid, r.invalid, r.consecutive_valid, r.quarantined, r.credit, r.operator)
+                for r in records]
         replication = {"policy": self.config.replication, "held": held.get("held", 0),
                        "replicas_waiting": held.get("replica", 0),
                        "quarantined": sum(r.quarantined for r in self.trust.records.values()), **self.check_counts}

@@ -18,5 +18,6 @@ ASSETS = web.AppKey("assets", Assets)      # the donate page and its static file
 WARM = web.AppKey("warm", bool)             # prepare browser assets at start
 LIMITS = web.AppKey("limits", UnitLimits)   # rate limits of unit requests
 TOKENS = web.AppKey("tokens", frozenset)    # operator-issued worker tokens (empty: anyone may work)
+TRUSTED = web.AppKey("trusted", frozenset)  # tokens of the operator's own workers (--trusted-tokens)
 JOBS = web.AppKey("jobs", JobRegistry)      # the jobs of this process (coordinator.jobs); JOB is its first
 ADMIN = web.AppKey("admin", frozenset)      # operator tokens of the admin API (empty: the admin API is off)

@@ -123,6 +123,19 @@ def load_tokens(path: str | Path, flag: str = "--worker-tokens") -> frozenset[st
     return frozenset(tokens)
 
 
+def gate_tokens(config) -> frozenset[str]:
+    """The tokens that let a worker in (``--worker-tokens``, and the operator's own ``--trusted-tokens``
+    with it); empty: anyone may work."""
+    if not config.worker_tokens:
+        return frozenset()
+    return load_tokens(config.worker_tokens) | trusted_tokens(config)
+
+
+def trusted_tokens(config) -> frozenset[str]:
+    """The tokens of the operator's own workers (``--trusted-tokens``): their results are not checked."""
+    return load_tokens(config.trusted_tokens, "--trusted-tokens") if config.trusted_tokens else frozenset()
+
+
 def bearer(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, or None."""
     if not header:

@@ -197,9 +197,10 @@ def checks_line(config: CoordinatorConfig) -> str:
         guard = "no robust aggregation" if config.robust == "none" else f"{config.robust} only"
         return (f"checks: {who} may send results, folded unchecked ({guard}); for a job open to strangers run "
                 "with --replication adaptive")
+    own = "; the operator's own workers (--trusted-tokens) are not checked" if config.trusted_tokens else ""
     return (f"checks: {who} may send results; --replication {config.replication}: another computation of the "
             "same unit must agree before a result counts, for every result of a new worker, then less often as its "
-            "record grows (at least 1 in 50)")
+            f"record grows (at least 1 in 50){own}")
 
 
 def checked(args: argparse.Namespace) -> tuple[CoordinatorConfig, socket.socket] | None:
@@ -211,6 +212,8 @@ def checked(args: argparse.Namespace) -> tuple[CoordinatorConfig, socket.socket]
             load_tokens(config.worker_tokens)
         if config.admin_token_file:
             load_tokens(config.admin_token_file, "--admin-token-file")
+        if config.trusted_tokens:
+            load_tokens(config.trusted_tokens, "--trusted-tokens")
         check_data(config)
         return config, listen(config.host, config.port)
     except (ValueError, DataError) as e:

@@ -49,6 +49,8 @@ _TRUST: tuple[tuple[str, str, str, str], ...] = (
     ("worker_valid_checks_total", "valid", "counter", "Checks the worker passed."),
     ("worker_disagreements_total", "disagreements", "counter", "Checks the worker lost."),
     ("worker_quarantined", "quarantined", "gauge", "1 when the worker is quarantined (its results are not used)."),
+    ("worker_operator", "operator", "gauge", "1 when the worker is the operator's own (--trusted-tokens: its "
+     "results are used unchecked)."),
     ("worker_credit_samples_total", "credit", "counter", "Samples of the worker's results that passed a check or "
      "were used unchecked."),
 )

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -44,6 +46,7 @@ POLL_S = 1.0
 HAND_BACK_S = 5.0                          # a stopping worker's time to hand a unit back (worker_py.loop)
 STOP_WAIT_S = GRACE + HAND_BACK_S + 15.0   # then the local workers are killed
 DONE_WAIT_S = 15.0                         # after the job finished: the workers' time to notice and exit
+OPERATOR_TOKEN = "operator-token"          # STATE/operator-token: the local workers' --trusted-tokens token
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -74,7 +77,8 @@ class LocalWorkers:
     them; this process passes signals on), their output shown through the console."""
 
     def __init__(self, url: str, n: int, threads: int, console: Console, token: str | None = None) -> None:
-        """``token``: a worker token for a coordinator with --worker-tokens (given in $CROWDTRAIN_TOKEN)."""
+        """``token``: the operator's own token (--trusted-tokens; else a --worker-tokens token), given in
+        $CROWDTRAIN_TOKEN."""
         self.console = console
         env = {**os.environ, "CROWDTRAIN_TOKEN": token} if token else None
         cmd = [sys.executable, "-m", "crowdtrain", "worker", "--coordinator", url, "--threads", str(threads),
@@ -172,7 +176,8 @@ class Session:
             loop.add_signal_handler(sig, self.on_signal, signal.Signals(sig).name)
         try:
             if not self.job.finished:
-                token = min(load_tokens(self.config.worker_tokens)) if self.config.worker_tokens else None
+                tokens = self.config.trusted_tokens or self.config.worker_tokens   # the operator's own first
+                token = min(load_tokens(tokens)) if tokens else None
                 self.workers = LocalWorkers(local_url, self.args.workers, self.args.worker_threads, self.console,
                                             token)
             finished = await self.train()
@@ -297,6 +302,21 @@ def write_models(state: Path) -> None:
           f"crowdtrain export --state {state} --version best)", flush=True)
 
 
+def operator_token(state: Path) -> Path:
+    """STATE/operator-token: a token of the operator's own workers (``--trusted-tokens``) for this command's
+    local workers, made once (mode 0600) and kept for a resume. They are trusted from the start: their
+    results are folded without a replicated check, and they check the results of every other worker."""
+    path = state / OPERATOR_TOKEN
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write("# the token of this job's local workers (crowdtrain run): --trusted-tokens\n"
+                f"{secrets.token_urlsafe(32)}\n")
+    return path
+
+
 def cli(argv: list[str], prog: str = "crowdtrain run", command: str = "run") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.state is None:
@@ -324,6 +344,8 @@ def cli(argv: list[str], prog: str = "crowdtrain run", command: str = "run") -> 
     if isinstance(opened, int):
         return opened
     config, job, resumed = opened
+    if config.trusted_tokens is None and args.workers > 0:
+        config = dataclasses.replace(config, trusted_tokens=operator_token(config.state))
     try:
         return asyncio.run(Session(config, job, sock, args, resumed).run())
     except KeyboardInterrupt:

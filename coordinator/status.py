@@ -37,6 +37,7 @@ class TrustRow:
     consecutive_valid: int
     quarantined: bool
     credit: int                      # samples of its results that passed a check or were used unchecked
+    operator: bool = False           # one of the operator's own workers (--trusted-tokens): results used unchecked
 
 
 @dataclass(frozen=True)

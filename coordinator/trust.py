@@ -88,6 +88,7 @@ class Record:
     strikes: int = 0
     quarantined: bool = False
     credit: int = 0                  # samples of its results that passed a check or were folded unchecked
+    operator: bool = False           # its last unit request carried a token of the operator's own workers
 
 
 @dataclass(frozen=True)
@@ -221,10 +222,13 @@ class TrustBook:
     def probability(self, worker_id: str) -> float:
         return replication_probability(self.records.get(worker_id), self.policy)
 
-    def seen(self, worker_id: str, backend: str | None, address: str | None) -> None:
-        """A unit request: the worker's backend and address (written only when they change)."""
+    def seen(self, worker_id: str, backend: str | None, address: str | None, operator: bool = False) -> None:
+        """A unit request: the worker's backend and address, and whether it carried a token of the
+        operator's own workers (written only when they change). Shown on the dashboard only: whether a
+        result is checked follows the token its own request carries, not the id (ids are claimed)."""
         record = self.records.get(worker_id) or Record(worker_id)
-        changed = dataclasses.replace(record, backend=backend or record.backend, address=address or record.address)
+        changed = dataclasses.replace(record, backend=backend or record.backend, address=address or record.address,
+                                      operator=operator)
         if changed != record or worker_id not in self.records:
             self.put(changed)
 

@@ -69,6 +69,7 @@ VALUES = {
     "unit_rate_worker": (["--unit-rate-worker", "none"], None),
     "unit_rate_address": (["--unit-rate-address", "60"], 60.0),
     "worker_tokens": (["--worker-tokens", "tokens.txt"], Path("tokens.txt")),
+    "trusted_tokens": (["--trusted-tokens", "own.txt"], Path("own.txt")),
     "admin_token_file": (["--admin-token-file", "admin.txt"], Path("admin.txt")),
     "access_log": (["--access-log", "json"], "json"),
     "browser_graph": (["--browser-graph", "on-demand"], "on-demand"),

@@ -123,13 +123,17 @@ def test_residual_is_kept_only_for_accepted_results_and_reset_on_a_new_job_or_sh
 
 
 # ----------------------------------------------------------------------------- the coordinator's rule
-@pytest.mark.parametrize("replication, codec, asked, allowed", [
-    ("off", "int8", True, True), ("off", "topk:0.05", True, True), ("off", "fp16", True, True),
-    ("off", "fp32", True, False), ("off", "int8", False, False), ("adaptive", "int8", True, False)])
-def test_units_carry_error_feedback_only_without_replicated_checks(tmp_path, replication, codec, asked, allowed):
+@pytest.mark.parametrize("replication, codec, asked, trusted, allowed", [
+    ("off", "int8", True, False, True), ("off", "topk:0.05", True, False, True), ("off", "fp16", True, False, True),
+    ("off", "fp32", True, False, False), ("off", "int8", False, False, False), ("adaptive", "int8", True, False, False),
+    ("adaptive", "int8", True, True, True), ("adaptive", "fp32", True, True, False)])
+def test_units_carry_error_feedback_only_without_replicated_checks(tmp_path, replication, codec, asked, trusted,
+                                                                   allowed):
+    """With checks on, only the operator's own workers (``trusted``: --trusted-tokens), whose results are never
+    checked, keep a residual."""
     factory, store, base, _, _ = make_factory(tmp_path, replication=replication)
     assert isinstance(factory, UnitFactory)
-    u = factory.make("py-1", codec, base, 0, backend="python", error_feedback=asked)
+    u = factory.make("py-1", codec, base, 0, backend="python", error_feedback=asked, trusted=trusted)
     assert u.error_feedback is allowed and u.codec == codec
     assert ("error_feedback" in u.to_json()) is allowed
 

@@ -184,12 +184,19 @@ def test_ctrl_c_gives_a_summary_and_a_restart_resumes_the_job(data, tmp_path):
     assert f"crowdtrain export --state {state} --format onnx" in log and "Traceback" not in log
     version, samples = latest_version(state)
     assert int(m.group(1).replace(",", "")) == samples > 0
+    token = state / "operator-token"   # the local workers' --trusted-tokens token: theirs alone, kept for a resume
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().split()[-1]) >= 32
+    with sqlite3.connect(state / "state.db") as db:
+        records = [json.loads(r) for (r,) in db.execute("SELECT record FROM trust")]
+    assert [(r["worker_id"], r["operator"]) for r in records] == [("local-1", True)], records
 
+    first_token = token.read_text()
     again = Run(data, state, "--epochs", "3", "--local-steps", "10")
     try:
         again.wait_for("resuming job")
         assert f"resuming job 'cifar10' from version {version} ({samples:,} of 6,000 samples) in {state}" \
             in again.log, again.log
+        assert token.read_text() == first_token, "the same token after a resume"
         again.wait_for(r"the dashboard stays up with the final result: http://127\.0\.0\.1:\d+/dashboard", 300)
         with urllib.request.urlopen(f"http://127.0.0.1:{again.port}/api/status", timeout=10) as r:
             assert json.load(r)["finished"] is True

@@ -484,6 +484,55 @@ async def test_worker_tokens_guard_the_worker_routes(aiohttp_client, tmp_path):
     assert (await client.get("/api/status")).status == 200, "people's routes need no token"
 
 
+async def test_the_operators_own_workers_are_not_checked_and_their_ids_buy_nothing(aiohttp_client, tmp_path):
+    """--trusted-tokens: a result that carries the operator's token is folded unchecked, and its worker
+    checks a stranger's; the same worker id without the token is checked like any stranger (the check
+    follows the token each request carries, not the id, which anyone can claim)."""
+    trusted = tmp_path / "trusted"
+    trusted.write_text("# crowdtrain run's local workers\nown-token-00001\n")
+    client, job = await start(aiohttp_client, tmp_path, trusted_tokens=trusted)
+    own = {"Authorization": "Bearer own-token-00001"}
+
+    async def send(unit, worker, **headers) -> None:
+        data = body(compute(unit, await fetch_all(client, unit), worker))
+        resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data, headers=headers)
+        assert resp.status == 200 and (await resp.json())["accepted"], await resp.text()
+        await job.settle()
+
+    mine, strange = await take(client, "mine", **own), await take(client, "stranger")
+    await send(mine, "mine", **own)
+    assert job.step == 1, "the operator's worker's first result is folded at once"
+    await send(strange, "stranger")
+    assert job.step == 1, "a stranger's is held for a check"
+    replica = await take(client, "mine", **own)
+    assert replica.shard_ids == strange.shard_ids and replica.unit_id != strange.unit_id, "the operator's checks it"
+    s = (await ledger(client, job))["status"]
+    row = {r["worker_id"]: r for r in s["trust"]}
+    assert row["mine"]["operator"] is True and row["mine"]["replication_rate"] == 0.0 and row["mine"]["checked"] == 0
+    assert row["stranger"]["operator"] is False and row["stranger"]["replication_rate"] == 1.0
+    assert 'crowdtrain_worker_operator{worker="mine"} 1' in await (await client.get("/metrics")).text()
+    await send(replica, "mine", **own)
+    assert job.step == 2 and job.trust.get("stranger").valid == 1, "the check agreed: the stranger's is folded"
+
+    spoof = await take(client, "mine")   # the operator's worker id, without the token
+    await take(client, "stranger")       # (another worker about: the held result waits for its replica)
+    await send(spoof, "mine")
+    fate = {r["unit_id"]: r for r in job.store.results()}
+    assert fate[mine.unit_id]["check_state"] is None and fate[spoof.unit_id]["check_state"] == "held"
+    assert job.step == 2 and job.trust.get("mine").operator is False
+
+
+async def test_trusted_tokens_let_the_operators_workers_in_under_worker_tokens(aiohttp_client, tmp_path):
+    tokens, trusted = tmp_path / "tokens", tmp_path / "trusted"
+    tokens.write_text("lab-token-0001\n")
+    trusted.write_text("own-token-00001\n")
+    client, job = await start(aiohttp_client, tmp_path, worker_tokens=tokens, trusted_tokens=trusted)
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "w", "backend": "python"})
+    assert resp.status == 401
+    assert await take(client, "w", Authorization="Bearer own-token-00001") is not None
+    assert await take(client, "v", Authorization="Bearer lab-token-0001") is not None
+
+
 def test_metrics_show_trust_per_worker() -> None:
     status = {"updates_held": 2, "replication": {"policy": "adaptive", "replicas_issued": 5, "agreed": 3,
                                                   "disagreed": 1, "recomputed": 1, "quarantined": 1},

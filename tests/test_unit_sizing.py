@@ -53,8 +53,8 @@ def make(tmp_path, **overrides):
     return factory, store, base, state, clock
 
 
-def issue(factory, worker: str, base: Base, backend: str) -> WorkUnit:
-    return factory.make(worker, "fp16", base, 0, backend=backend)
+def issue(factory, worker: str, base: Base, backend: str, trusted: bool = False) -> WorkUnit:
+    return factory.make(worker, "fp16", base, 0, backend=backend, trusted=trusted)
 
 
 def row(store: Store, unit: WorkUnit) -> dict:
@@ -141,8 +141,9 @@ def test_bounds(tmp_path):
 
 
 def test_replicated_checks_keep_units_short(tmp_path):
-    """With checks on, no unit has more than check_max_steps steps (two honest computations of a longer one
-    drift apart past the check's tolerance): a fast tab's units are cut to it, a Python worker's too."""
+    """With checks on, no unit of a worker that may be checked has more than check_max_steps steps (two honest
+    computations of a longer one drift apart past the check's tolerance): a fast tab's units are cut to it, a
+    Python worker's too, and --local-steps; the operator's own workers' (never checked) are not."""
     factory, _, base, _, _ = make(tmp_path, unit_seconds=60.0, replication="adaptive", check_max_steps=3,
                                   shards_per_unit=2)
     factory.observe("web-gpu", 1e-4 * BATCH, BATCH)
@@ -152,9 +153,11 @@ def test_replicated_checks_keep_units_short(tmp_path):
     assert issue(factory, "py-1", base, "python").local_steps == 3     # 2 shards of 64 at 16: 8 steps otherwise
     off, _, base_off, _, _ = make(tmp_path / "off", shards_per_unit=2)
     assert issue(off, "py-1", base_off, "python").local_steps == 2 * SHARD // BATCH
-    with pytest.raises(ValueError, match="local_steps.*check_max_steps"):
-        CoordinatorConfig(state=tmp_path, replication="adaptive", local_steps=9)
-    assert CoordinatorConfig(state=tmp_path, local_steps=9).local_steps == 9   # no cap without checks
+    assert factory.sized_steps("web-gpu", trusted=True) > 3, "the operator's own (never checked): not cut"
+    assert issue(factory, "py-1", base, "python", trusted=True).local_steps == 2 * SHARD // BATCH
+    long, _, base_long, _, _ = make(tmp_path / "long", replication="adaptive", check_max_steps=3, local_steps=9)
+    assert issue(long, "py-1", base_long, "python").local_steps == 3
+    assert issue(long, "py-1", base_long, "python", trusted=True).local_steps == 9
 
 
 def test_the_claim_a_result_may_make_is_the_units_samples(tmp_path):
