@@ -165,11 +165,13 @@ def latest_version(state: Path) -> tuple[int, int]:
 
 def test_ctrl_c_gives_a_summary_and_a_restart_resumes_the_job(data, tmp_path):
     state = tmp_path / "state"
-    run = Run(data, state, "--epochs", "3", "--local-steps", "10")
+    # checks on: the local workers are the operator's own (STATE/operator-token), so theirs are not checked,
+    # and their units are not cut to --check-max-steps (8)
+    run = Run(data, state, "--epochs", "3", "--local-steps", "10", "--replication", "adaptive")
     try:
         run.wait_for(r"new job 'cifar10' in ")
-        run.wait_for(r"checks: anyone who reaches this URL may send results, folded unchecked \(adaptive_clip only\); "
-                     r"for a job open to strangers run with --replication adaptive\n")
+        run.wait_for(r"checks: anyone who reaches this URL may send results; --replication adaptive: .*; the "
+                     r"operator's own workers \(--trusted-tokens\) are not checked\n")
         run.wait_for(r"crowdtrain: [1-9][\d,]*/6,000 samples \(\d+%\), ETA \S+.*, test acc .*samples/s, 1 worker\n")
         run.proc.send_signal(signal.SIGINT)
         assert run.finish() == 130, run.log
@@ -188,10 +190,14 @@ def test_ctrl_c_gives_a_summary_and_a_restart_resumes_the_job(data, tmp_path):
     assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().split()[-1]) >= 32
     with sqlite3.connect(state / "state.db") as db:
         records = [json.loads(r) for (r,) in db.execute("SELECT record FROM trust")]
-    assert [(r["worker_id"], r["operator"]) for r in records] == [("local-1", True)], records
+    assert [(r["worker_id"], r["operator"], r["replicated"]) for r in records] == [("local-1", True, 0)], records
+    with sqlite3.connect(state / "state.db") as db:
+        checked = db.execute("SELECT COUNT(*) FROM results WHERE check_state IS NOT NULL").fetchone()[0]
+        steps = {json.loads(w)["local_steps"] for (w,) in db.execute("SELECT wire FROM units WHERE wire IS NOT NULL")}
+    assert checked == 0 and steps == {10}, (checked, steps)
 
     first_token = token.read_text()
-    again = Run(data, state, "--epochs", "3", "--local-steps", "10")
+    again = Run(data, state, "--epochs", "3", "--local-steps", "10", "--replication", "adaptive")
     try:
         again.wait_for("resuming job")
         assert f"resuming job 'cifar10' from version {version} ({samples:,} of 6,000 samples) in {state}" \
