@@ -55,12 +55,12 @@ from models.data import load_cifar10  # noqa: E402
 from tests.helpers.fault_worker import Collusion, Fault, FaultWorker, a_little_z  # noqa: E402
 
 ATTACKS = ("none", "sign_flip", "scale", "noise", "free_ride", "label_flip", "replay", "a_little")
-DEFENCES = {   # name -> config changes
-    "none": {"robust": "none"},
-    "clipping": {"robust": "adaptive_clip"},
-    "centered clipping": {"robust": "centered_clip", "strategy": "fedbuff",
+DEFENCES = {   # name -> config changes (replicated checks only where a defence says so)
+    "none": {"robust": "none", "replication": "off"},
+    "clipping": {"robust": "adaptive_clip", "replication": "off"},
+    "centered clipping": {"robust": "centered_clip", "strategy": "fedbuff", "replication": "off",
                           "strategy_params": {"buffer_size": 3, "staleness": "polynomial"}},
-    "trimmed mean": {"robust": "trimmed_mean:0.34", "strategy": "fedbuff",
+    "trimmed mean": {"robust": "trimmed_mean:0.34", "strategy": "fedbuff", "replication": "off",
                      "strategy_params": {"buffer_size": 3, "staleness": "polynomial"}},
     "replication": {"robust": "adaptive_clip", "replication": "adaptive"},
 }

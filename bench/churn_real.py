@@ -43,7 +43,7 @@ def coordinator_flags(sc: Scenario, data: str) -> list[str]:
              "--shards-per-unit", str(m["shards_per_unit"]), "--codec", m["codec"],
              "--max-staleness", str(c["max_staleness"]), "--max-delta-norm", str(c["max_delta_norm"]),
              "--late-results", c["late_results"], "--lease-min", str(c["lease_min_s"]),
-             "--lease-first", str(c["lease_first_s"])]
+             "--lease-first", str(c["lease_first_s"]), "--replication", c["replication"]]
     for k, v in strategy.params.items():
         flags += ["--param", f"{k}={v}"]
     if b["train_images"]:

@@ -130,7 +130,8 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = CoordinatorConfig(state=Path(tmp), model=model, strategy=strategy, strategy_params=params,
-                                codec=codec, shard_size=64, epochs=1e6, eval_every_s=1e9, max_staleness=None)
+                                codec=codec, shard_size=64, epochs=1e6, eval_every_s=1e9, max_staleness=None,
+                                replication="off")   # every result folded: the fold path's capacity
         job = Job(cfg)
         job.open(tiny_cifar10(n_train=256, n_test=16))
         server = TestServer(create_app(cfg, job), host="127.0.0.1")

@@ -176,7 +176,9 @@ def coordinator_command(state: Path, port: int, model: str, limit_train: int, ex
     data = os.environ.get("CROWDTRAIN_DATA", str(ROOT.parent / "shared" / "data"))
     return [sys.executable, "-m", "crowdtrain", "coordinator", "--state", str(state), "--port", str(port),
             "--model", model, "--data", data, "--no-download", "--limit-train", str(limit_train),
-            "--eval-every", "100000", "--eval-images", "1000", "--epochs", "1000", *extra]
+            "--eval-every", "100000", "--eval-images", "1000", "--epochs", "1000",
+            *([] if "--replication" in extra else ["--replication", "off"]),   # the protocol's load, unchecked
+            *extra]
 
 
 def settle(url: str, pid: int, timeout: float = 300.0) -> dict:

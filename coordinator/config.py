@@ -236,10 +236,12 @@ class CoordinatorConfig:
                                 "norm_bound), or clip it to that norm", "checks", choices=NORM_POLICIES)
     body_slack_bytes: int = option(int, 1 << 20, "request body cap = fp32 size of a delta + this many bytes",
                                    "checks", lo=1)
-    replication: str = option(str, "off", "replicated spot checks (coordinator/trust.py): off, or adaptive: another "
+    replication: str = option(str, "adaptive", "replicated spot checks (coordinator/trust.py): adaptive: another "
                               "worker recomputes a result, which is held until the two agree; every result of a "
                               "worker without 10 agreeing results in a row is checked, then 1 in that run (at least "
-                              "1 in 50); two lost checks quarantine a worker (its results are never folded)",
+                              "1 in 50); two lost checks quarantine a worker (its results are never folded); the "
+                              "operator's own workers (--trusted-tokens) are not checked; off: every result is "
+                              "folded unchecked (robust aggregation only)",
                               "checks", choices=REPLICATION_POLICIES)
     replica_wait_s: float = option(float, 120.0, "a held result whose replica has not come back after this many "
                                    "seconds is recomputed by the coordinator itself (at once when no other worker "

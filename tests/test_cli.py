@@ -123,13 +123,20 @@ def test_dashboard_settings_are_named_and_explained():
 
 
 def test_the_start_banner_says_who_may_send_results_and_how_far_they_are_checked(tmp_path):
-    """coordinator and run print ``checks_line``: with replication off an operator is told that results are
-    folded unchecked and how to check them; with it on and worker tokens, who may send and how checks go."""
+    """coordinator and run print ``checks_line``: by default (replication on) who may send and how checks go;
+    with replication off an operator is told that results are folded unchecked and how to check them; the
+    operator's own workers (--trusted-tokens) are said to be unchecked."""
     config = CoordinatorConfig(state=tmp_path)
-    off = checks_line(config)
+    default = checks_line(config)
+    assert default.startswith("checks: anyone who reaches this URL may send results; --replication adaptive: "
+                              "another computation of the same unit must agree"), default
+    assert "unchecked" not in default and "--trusted-tokens" not in default
+    own = checks_line(dataclasses.replace(config, trusted_tokens=tmp_path / "own"))
+    assert own.endswith("; the operator's own workers (--trusted-tokens) are not checked")
+    off = checks_line(dataclasses.replace(config, replication="off"))
     assert off.startswith("checks: anyone who reaches this URL may send results, folded unchecked (adaptive_clip only)")
     assert "--replication adaptive" in off
-    bare = checks_line(dataclasses.replace(config, robust="none"))
+    bare = checks_line(dataclasses.replace(config, replication="off", robust="none"))
     assert "folded unchecked (no robust aggregation)" in bare
     closed = checks_line(dataclasses.replace(config, replication="adaptive", robust="median",
                                              worker_tokens=tmp_path / "tokens"))

@@ -59,7 +59,7 @@ VALUES = {
     "max_delta_norm": (["--max-delta-norm", "5"], 5.0),
     "on_large_norm": (["--on-large-norm", "clip"], "clip"),
     "body_slack_bytes": (["--body-slack-bytes", "4096"], 4096),
-    "replication": (["--replication", "adaptive"], "adaptive"),
+    "replication": (["--replication", "off"], "off"),
     "replica_wait_s": (["--replica-wait", "30"], 30.0),
     "check_max_steps": (["--check-max-steps", "12"], 12),
     "eval_every_s": (["--eval-every", "2"], 2.0),

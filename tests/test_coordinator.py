@@ -27,7 +27,7 @@ SUPERMASK_STRATEGIES = sorted(n for n in STRATEGIES if n.startswith("supermask")
 
 def make_job(tmp_path, **overrides) -> Job:
     cfg = CoordinatorConfig(state=tmp_path / "state", **{"model": "cnn", "shard_size": 64, "epochs": 4.0,
-                                                         "eval_every_s": 0.2, **overrides})
+                                                         "eval_every_s": 0.2, "replication": "off", **overrides})
     job = Job(cfg)
     job.open(tiny_cifar10(n_train=256, n_test=64))
     return job

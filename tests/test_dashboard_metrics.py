@@ -404,7 +404,7 @@ def real_status(tmp_path: Path) -> dict[str, Any]:
     from tests.helpers.tiny_cifar import tiny_cifar10
 
     job = Job(CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
-                                strategy="async_sgd"))
+                                strategy="async_sgd", replication="off"))
     job.open(tiny_cifar10(n_train=256, n_test=64))
 
     async def work() -> None:
@@ -439,7 +439,8 @@ def test_samples_per_second_is_smooth_and_the_sum_of_the_workers_rows(tmp_path: 
     from tests.helpers.tiny_cifar import tiny_cifar10
 
     now = [1000.0]
-    job = Job(CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64), clock=lambda: now[0])
+    job = Job(CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, replication="off"),
+              clock=lambda: now[0])
     job.open(tiny_cifar10(n_train=128, n_test=16))
     try:
         series = []

@@ -209,7 +209,8 @@ def test_the_next_leader_reopens_the_job_with_every_update_folded_once(redis_url
     data = tiny_cifar10(n_train=256, n_test=64)
     cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
                             local_steps=2, batch_size=32, persist_every_s=1e5, persist_every_versions=1000,
-                            strategy="async_sgd", strategy_params={"staleness": "polynomial", "staleness_a": 1.0})
+                            strategy="async_sgd", strategy_params={"staleness": "polynomial", "staleness_a": 1.0},
+                            replication="off")
     blobs = tmp_path / "blobs"
     lock_a, lock_b = LeaderLock(redis_url, "ct:job:leader", 1.0), LeaderLock(redis_url, "ct:job:leader", 1.0)
     assert lock_a.try_acquire()
@@ -262,7 +263,8 @@ def test_the_next_leader_reopens_the_job_with_every_update_folded_once(redis_url
 
 
 # ---------------------------------------------------------------------------- two processes, kill -9 the leader
-ARGS = ("--model", "cnn", "--shard-size", "64", "--batch-size", "32", "--local-steps", "2", "--codec", "fp32",
+ARGS = ("--replication", "off",   # a test of the checks passes --replication adaptive after these (the last wins)
+        "--model", "cnn", "--shard-size", "64", "--batch-size", "32", "--local-steps", "2", "--codec", "fp32",
         "--strategy", "async_sgd", "--param", "staleness=polynomial", "--param", "staleness_a=1.0",
         "--eval-every", "100000", "--epochs", "50", "--persist-every-s", "100000", "--persist-every-versions", "1000",
         "--leader-ttl", "3")
@@ -482,7 +484,7 @@ def test_the_leader_folds_what_other_processes_logged(redis_url, tmp_path):
     from tests.helpers.tiny_cifar import tiny_cifar10
 
     cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
-                            local_steps=2, batch_size=32)
+                            local_steps=2, batch_size=32, replication="off")
     lock = LeaderLock(redis_url, "ct:cifar10:leader", 5.0)
     assert lock.try_acquire()
     lock.keep(lambda: None)

@@ -37,6 +37,7 @@ speed = { dist = "lognormal", median = 2.0, sigma = 0.5 }
 [coordinator]
 lease_first_s = 60
 version_download = "fp32"   # whole versions, the download times these scenarios were tuned with
+replication = "off"         # honest workers, aggregation alone (the liars' runs say adaptive)
 [[strategies]]
 name = "fedavg"
 params = { clients_per_round = 3 }

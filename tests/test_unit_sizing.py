@@ -38,6 +38,7 @@ def make(tmp_path, **overrides):
     """A factory over SHARDS shards of SHARD random images, batch BATCH, and version 0's blob; whole fp32
     versions after a tab's first unit unless ``version_download`` is given."""
     overrides.setdefault("version_download", "fp32")
+    overrides.setdefault("replication", "off")
     cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=SHARD, **overrides)
     store = Store(tmp_path / "state")
     rng = np.random.default_rng(0)

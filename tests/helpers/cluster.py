@@ -27,6 +27,8 @@ class Cluster:
         # export half done and repeat it in the next test (a test may still pass --browser-graph at-start)
         if "--browser-graph" not in coordinator_args:
             coordinator_args = (*coordinator_args, "--browser-graph", "on-demand")
+        if "--replication" not in coordinator_args:   # its workers stand for the operator's own, unless told
+            coordinator_args = (*coordinator_args, "--replication", "off")
         self.tmp, self.port, self.args, self.worker_threads = tmp_path, free_port(), coordinator_args, worker_threads
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = tmp_path / "state"

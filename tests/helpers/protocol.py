@@ -11,7 +11,9 @@ from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
 from tests.helpers.tiny_cifar import tiny_cifar10
 
-TINY_JOB = {"model": "cnn", "shard_size": 64, "epochs": 8.0, "eval_every_s": 3600.0, "codec": "fp32"}
+# replication off: these jobs' workers stand for the operator's own (a test of the checks says "adaptive")
+TINY_JOB = {"model": "cnn", "shard_size": 64, "epochs": 8.0, "eval_every_s": 3600.0, "codec": "fp32",
+            "replication": "off"}
 
 
 def open_job(cfg: CoordinatorConfig, data, clock=None, redis_url: str | None = None) -> Job:
