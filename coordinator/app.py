@@ -17,7 +17,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import gzip
-import hmac
 import logging
 import re
 import time
@@ -33,8 +32,8 @@ from coordinator import observe
 from coordinator.credit import BOARD, LIST_DEFAULT, LIST_MAX, NAME_RATE_PER_MIN, CreditBoard, NamesFull, donate_info, \
     render_page
 from coordinator.config import CoordinatorConfig
-from coordinator.limits import (RateLimiter, UnitLimits, bearer, client_address, gate_tokens, is_loopback, load_tokens,
-                                retry_after, trusted_tokens)
+from coordinator.limits import (RateLimiter, UnitLimits, carries, client_address, gate_tokens, is_loopback,
+                                load_tokens, retry_after, trusted_tokens)
 from coordinator.intake import Rejection, contract_rejection
 from coordinator.job import Job
 from coordinator.jobs import Entry, JobError, JobRegistry
@@ -89,7 +88,7 @@ async def worker_tokens(request: web.Request, handler):
     """With ``--worker-tokens``: a unit request or a result without a known bearer token is refused."""
     tokens = request.app[TOKENS]
     if (tokens and request.method == "POST" and request.path.startswith("/api/v1/units/")
-            and bearer(request.headers.get("Authorization")) not in tokens):
+            and not carries(request.headers.get("Authorization"), tokens)):
         return error("unauthorized", 401, "Authorization: expected 'Bearer <token>' with a worker token this "
                      "coordinator's operator issued", "Authorization")
     return await handler(request)
@@ -328,8 +327,7 @@ async def take_result(request: web.Request, job: Job) -> web.Response:
 
 def trusted(request: web.Request) -> bool:
     """Whether the request carries a token of the operator's own workers (``--trusted-tokens``)."""
-    tokens = request.app[TRUSTED]
-    return bool(tokens) and bearer(request.headers.get("Authorization")) in tokens
+    return carries(request.headers.get("Authorization"), request.app[TRUSTED])
 
 
 async def model_file(request: web.Request) -> web.StreamResponse:
@@ -399,7 +397,7 @@ async def set_name(request: web.Request) -> web.Response:
     the path is the bearer of identity (a tab's id lives only in its localStorage)."""
     worker_id = request.match_info["worker_id"]
     tokens = request.app[TOKENS]
-    if tokens and bearer(request.headers.get("Authorization")) not in tokens:
+    if tokens and not carries(request.headers.get("Authorization"), tokens):
         return error("unauthorized", 401, "Authorization: expected 'Bearer <token>' with a worker token this "
                      "coordinator's operator issued", "Authorization")
     address = client_address(request.remote, request.headers.get("X-Forwarded-For"))
@@ -613,11 +611,7 @@ def admin_registry(request: web.Request) -> JobRegistry:
         why = ("this coordinator keeps its job in Redis (--redis), which runs one job" if not registry.several else
                "start the coordinator with --admin-token-file FILE")
         raise JobError("admin_off", 404, f"the admin API is off: {why}", "")
-    given = (bearer(request.headers.get("Authorization")) or "").encode("utf-8", "replace")
-    known = False
-    for token in tokens:   # every token compared, each in constant time
-        known |= hmac.compare_digest(given, token.encode())
-    if not known:
+    if not carries(request.headers.get("Authorization"), tokens):
         raise JobError("unauthorized", 401, "Authorization: expected 'Bearer <token>' with an operator token of "
                        "this coordinator's --admin-token-file", "Authorization")
     return registry

@@ -181,9 +181,9 @@ class LocalIntake:
         """(answer, HTTP status, the result's seq) when this process logged the result (or it is a duplicate:
         no seq); None when the leader must decide. Blocking: run it in a thread."""
         from coordinator.intake import Rejection
-        from coordinator.limits import bearer
+        from coordinator.limits import carries
 
-        if self.checks or (self.tokens and bearer(authorization) not in self.tokens):
+        if self.checks or (self.tokens and not carries(authorization, self.tokens)):
             return None
         try:
             parsed = self.intake.parse(unit_id, body)

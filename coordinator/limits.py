@@ -11,6 +11,7 @@ proxy on this machine, the client is the last address of ``X-Forwarded-For``.
 """
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import math
 from collections import OrderedDict
@@ -142,3 +143,13 @@ def bearer(header: str | None) -> str | None:
         return None
     scheme, _, token = header.strip().partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def carries(header: str | None, tokens: frozenset[str]) -> bool:
+    """Whether an ``Authorization`` header carries one of ``tokens``: every token compared, each in constant
+    time, so the answer's timing tells nothing of how close a guess came."""
+    given = (bearer(header) or "").encode("utf-8", "replace")
+    known = False
+    for token in tokens:
+        known |= hmac.compare_digest(given, token.encode())
+    return known

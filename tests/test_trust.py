@@ -20,7 +20,7 @@ from contract.codecs import decode_delta
 from contract.units import UnitRequest, WorkUnit, unpack_result
 from coordinator import trust as T
 from coordinator.config import CoordinatorConfig
-from coordinator.limits import RateLimiter, UnitLimits, address_key, bearer, client_address, load_tokens
+from coordinator.limits import RateLimiter, UnitLimits, address_key, bearer, carries, client_address, load_tokens
 from coordinator.metrics import render
 from models.local import is_running_stat
 from tests.helpers.fault_worker import Fault, body, compute
@@ -185,6 +185,11 @@ def test_worker_tokens_file(tmp_path) -> None:
         load_tokens(tmp_path / "missing")
     assert bearer("Bearer abc") == "abc" and bearer("bearer  abc ") == "abc"
     assert bearer("Basic abc") is None and bearer("Bearer") is None and bearer(None) is None
+    tokens = frozenset({"lab-token-0001", "own-token-0001"})
+    assert carries("Bearer own-token-0001", tokens) and carries("bearer lab-token-0001 ", tokens)
+    assert not carries("Bearer own-token-000", tokens) and not carries("Basic own-token-0001", tokens)
+    assert not carries(None, tokens) and not carries("Bearer own-token-0001", frozenset())
+    assert not carries("Bearer \udcff", tokens), "a header that is no valid UTF-8 is no token"
 
 
 # --- inside a job --------------------------------------------------------------------------------------
