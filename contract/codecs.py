@@ -39,6 +39,17 @@ _COMMON_KEYS = ("name", "shape", "dtype")
 _HEAD = struct.Struct("<4sI")
 
 
+def immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` as bytes that never change, without copying bytes or a contiguous view of bytes (a large
+    result body: its delta is a view of it, and the decoded tensors views of that); anything else (a
+    bytearray, a view of one) is copied."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, memoryview) and isinstance(data.obj, bytes) and data.c_contiguous:
+        return data if data.format == "B" and data.ndim == 1 else data.cast("B")
+    return bytes(data)
+
+
 def padding(n: int) -> int:
     """Zero bytes that follow ``n`` bytes to reach the next 4-byte boundary."""
     return -n % ALIGN
@@ -442,12 +453,12 @@ def decode_delta(data: bytes, spec: Spec | None = None, codec_id: str | None = N
 
     ``spec`` (name -> (shape, dtype)) must match the tensors exactly when given; ``codec_id``
     restricts the codec the container may use. ``copy=False``: fp32 tensors may be read-only views
-    of ``data`` (bytes, so they never change) instead of copies. Raises ``ContractError`` on
-    anything malformed.
+    of ``data`` (bytes or a view of bytes, so they never change) instead of copies. Raises
+    ``ContractError`` on anything malformed.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ContractError("delta", "bytes", Said(type(data).__name__))
-    data = bytes(data)
+    data = immutable(data)
     if len(data) < _HEAD.size:
         raise ContractError("delta", "at least 8 bytes (magic + header length)", data)
     magic, length = _HEAD.unpack_from(data)
@@ -479,7 +490,7 @@ def decode_delta(data: bytes, spec: Spec | None = None, codec_id: str | None = N
         what = "truncated" if len(data) < end else "trailing bytes"
         raise ContractError("delta", f"{end} bytes (as the header says)", Said(f"{len(data)} bytes ({what})"))
     gaps = [(8 + length, offsets[0][0])] + [(o + s, o + s + padding(s)) for o, s in offsets]
-    if any(data[a:b].strip(b"\0") for a, b in gaps):
+    if any(bytes(data[a:b]).strip(b"\0") for a, b in gaps):
         raise ContractError("delta.padding", "zero bytes", Said("non-zero padding"))
     out = {}
     for entry, (name, shape, n), (offset, _) in zip(tensors, checked, offsets):

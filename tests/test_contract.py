@@ -202,6 +202,28 @@ def test_result_body_round_trip_and_check_against_unit():
     assert field_of(lambda: unpack_result(body[:8 + length] + b"\1" * 8)) in ("result.padding", "result.delta")
 
 
+def test_an_unpacked_delta_and_its_decoded_tensors_are_views_of_the_body_never_of_a_mutable_buffer():
+    """A result's delta is not copied out of its body (bytes), nor its fp32 tensors out of the delta
+    (``copy=False``): read-only views. A bytearray body, which may change, is copied first."""
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    raw = get_codec("fp32").encode(arrays)
+    body = pack_result(UnitResult(unit_id="u1", lease="l", worker_id="w1", base_version="a" * 64, delta=raw,
+                                  loss_before=1.0, loss_after=0.5, num_samples=4, compute_seconds=1.0))
+    result = unpack_result(body)
+    assert isinstance(result.delta, memoryview) and result.delta.obj is body and result.delta == raw
+    assert unpack_result(pack_result(result)) == result
+    decoded = decode_delta(result.delta, spec_of(arrays), copy=False)
+    for name, value in decoded.items():
+        np.testing.assert_array_equal(value, arrays[name])
+        assert not value.flags.writeable and np.shares_memory(value, np.frombuffer(body, np.uint8))
+    assert all(v.flags.writeable for v in decode_delta(result.delta).values())   # copy=True: copies
+    mutable = bytearray(body)
+    copied = unpack_result(memoryview(mutable))
+    assert isinstance(copied.delta, memoryview) and copied.delta.obj is not mutable and copied.delta == raw
+    mutable[-4:] = b"\xff" * 4   # the caller's buffer changes; the result does not
+    assert copied.delta == raw and decode_delta(copied.delta, copy=False)["b"][-1] == 1.0
+
+
 def test_blob_id_and_staleness():
     assert blob_id(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     assert staleness(17, 20) == 3 and staleness(5, 5) == 0
