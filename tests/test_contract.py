@@ -280,6 +280,25 @@ def test_fp16_decode_is_exact_on_every_finite_value_and_finds_a_non_finite_one(m
         assert e.value.field == "delta.tensors[w].values" and f"element {at}" in e.value.message
 
 
+@pytest.mark.parametrize("codec_id", CODEC_IDS)
+def test_decode_delta_norm_is_decode_delta_and_delta_norm_to_the_last_bit(codec_id, monkeypatch):
+    """The norm summed in the decode's own pass (fp32, fp16: ``Codec.sums_squares``) or after it (int8,
+    topk) is ``delta_norm`` of what ``decode_delta`` gives: the same chunks in the same order. Several
+    tensors, fp16 chunks that do not end on a norm chunk, and fp32 values whose float32 squares overflow."""
+    import torch  # noqa: F401 (loaded: fp16 takes the fast cast above FAST_CAST_MIN)
+    monkeypatch.setattr(codecs, "HALF_CHUNK", 40_000)
+    rng = np.random.default_rng(3)
+    a = {"big": rng.standard_normal(150_001).astype(np.float32), "small": rng.standard_normal((3, 5)).astype(np.float32),
+         "empty": np.zeros(0, np.float32), "tail": rng.standard_normal(70_000).astype(np.float32) * 1e-3}
+    if codec_id == "fp32":
+        a["huge"] = np.full(20_000, 1e30, np.float32)   # a float32 chunk sum overflows: summed in float64
+    data = get_codec(codec_id).encode(a)
+    decoded, norm = codecs.decode_delta_norm(data, spec_of(a), copy=False)
+    expected = decode_delta(data, spec_of(a))
+    assert list(decoded) == list(expected) and all(np.array_equal(decoded[k], expected[k]) for k in a)
+    assert norm == delta_norm(expected) and math.isfinite(norm)
+
+
 def test_int8_round_trip_within_half_a_step():
     a = arrays(2)
     a["zeros"] = np.zeros(3, np.float32)
