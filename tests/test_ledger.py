@@ -361,3 +361,42 @@ async def test_a_delta_with_the_bytes_of_a_model_version_does_not_take_that_vers
     await job.settle()
     assert job.step == 1 and job.persisted_step == 1
     assert (await client.get(f"/api/v1/blobs/{other.model_version}")).status == 200, "w2's base is gone"
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_a_large_results_delta_is_written_past_the_page_cache_or_through_it_where_refused(tmp_path, monkeypatch,
+                                                                                          refused):
+    """A result blob of ``DIRECT_MIN`` bytes or more is written with O_DIRECT (its whole 4 KiB blocks,
+    in pieces, from any view of the body; the tail through the page cache) and fsynced; where the
+    filesystem refuses O_DIRECT (tmpfs: EINVAL) it is written as before, and O_DIRECT is not tried again."""
+    import errno
+    import os
+
+    from coordinator import store as store_module
+
+    monkeypatch.setitem(store_module._direct, "on", True)
+    monkeypatch.setattr(store_module, "DIRECT_PIECE", 3 * store_module.DIRECT_ALIGN)   # several pieces
+    opened, synced, real_open, real_fsync = [], [], os.open, os.fsync
+
+    def recording_open(path, flags, *args):
+        opened.append(flags)
+        if refused and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(store_module.os, "open", recording_open)
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    store = store_module.Store(tmp_path)
+    data = bytes(range(256)) * (store_module.DIRECT_MIN // 256 + 50) + b"tail"
+    body = b"CTR1 metadata" + data
+    first = store.put_result_blob(memoryview(body)[13:])   # not 4 KiB aligned, as a delta in its body is
+    assert store.get_blob(first) == data and synced
+    assert any(f & os.O_DIRECT for f in opened)
+    assert store_module._direct["on"] is (not refused)
+    opened.clear()
+    small = store.put_result_blob(b"CTD1 small")   # below DIRECT_MIN: through the page cache
+    assert store.get_blob(small) == b"CTD1 small" and not any(f & os.O_DIRECT for f in opened)
+    second = store.put_result_blob(data)
+    assert store.get_blob(second) == data and any(f & os.O_DIRECT for f in opened) is (not refused)
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted([first, small, second])
+    store.close()
