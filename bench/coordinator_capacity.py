@@ -9,7 +9,8 @@ measures side by side in one run:
   - the whole path: real HTTP on 127.0.0.1 into ``create_app``, with the contract's decode and
     checks, the SQLite log (fsync) and the model written on the coordinator's default persistence
     policy (``--persist-every-s`` / ``--persist-every-versions``); precomputed valid
-    results (``--codec``: fp32 unless told; the coordinator asks its workers for fp16 by default)
+    results, each with a delta of its own (``--same-delta``: all the same bytes, as before 2026-12-04 b)
+    (``--codec``: fp32 unless told; the coordinator asks its workers for fp16 by default)
     from 4 concurrent clients (a process of their own unless ``--in-process-clients``);
     async_sgd (a version per aggregation: the aggregation task folds every update that arrived
     while it was busy) and fedbuff with K=10. Accepted/s counts until every result is folded into a version; answered/s until
@@ -86,11 +87,30 @@ def aggregation_time(state: dict, repeats: int) -> float:
     return float(np.median(times[1:]))
 
 
+def distinct(raw: bytes, i: int) -> bytes:
+    """The fp16 or fp32 delta container ``raw`` with its last two values set from ``i`` (exact binary
+    fractions, below 2 in magnitude): a delta of its own for each of up to 4 million results."""
+    length = int.from_bytes(raw[4:8], "little")
+    header = json.loads(raw[8:8 + length])
+    size = {"fp16": 2, "fp32": 4}[header["codec"]]
+    dtype = "<f2" if size == 2 else "<f4"
+    last = header["tensors"][-1]
+    n = int(np.prod(last["shape"]))
+    assert n >= 2, "the last tensor holds at least two values"
+    end = len(raw) - (-(n * size) % 4)   # the last tensor's payload ends here (then its padding)
+    values = np.array([(i % 2048 + 1) / 1024, (i // 2048 + 1) / 1024], dtype).tobytes()
+    return raw[:end - 2 * size] + values + raw[end:]
+
+
 def pack_bodies(units: list[dict], raw: bytes) -> list[bytes]:
-    """One result body per unit of the plan, every one carrying the delta ``raw`` (packed before the clock)."""
+    """One result body per unit of the plan (packed before the clock), each carrying a delta of its own
+    made from ``raw`` (``distinct``; a unit with ``same_delta`` carries ``raw`` itself): a store that names
+    a delta's blob by its content writes it once when every result carries the same bytes."""
     return [pack_result(UnitResult(unit_id=u["unit_id"], lease=u["lease"], worker_id=u["worker"],
-                                   base_version=u["model_version"], delta=raw, loss_before=2.3, loss_after=2.2,
-                                   num_samples=u["batch_size"], compute_seconds=1.0)) for u in units]
+                                   base_version=u["model_version"],
+                                   delta=raw if u.get("same_delta") else distinct(raw, i), loss_before=2.3,
+                                   loss_after=2.2, num_samples=u["batch_size"], compute_seconds=1.0))
+            for i, u in enumerate(units)]
 
 
 async def post_all(url: str, units: list[dict], bodies: list[bytes], clients: int, wait_go: bool = False) -> None:
@@ -122,7 +142,7 @@ def client_process(argv: list[str]) -> int:
 
 
 async def http_rate(model: str, strategy: str, params: dict, submissions: int, clients: int = 4,
-                    own_process: bool = False, codec: str = "fp32") -> dict:
+                    own_process: bool = False, codec: str = "fp32", same_delta: bool = False) -> dict:
     from aiohttp import ClientSession
     from aiohttp.test_utils import TestServer
 
@@ -146,7 +166,8 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
             delta = {k: np.full(s, 1e-4, np.float32) for k, (s, _) in job.spec.items()}
             raw = encode_delta(get_codec(codec), delta)
             plan = [{"unit_id": u.unit_id, "lease": u.lease, "worker": f"c{i % clients}",
-                     "model_version": u.model_version, "batch_size": u.batch_size} for i, u in enumerate(units)]
+                     "model_version": u.model_version, "batch_size": u.batch_size, "same_delta": same_delta}
+                    for i, u in enumerate(units)]
             if own_process:
                 (Path(tmp) / "plan.json").write_text(json.dumps(plan))
                 (Path(tmp) / "plan.delta").write_bytes(raw)
@@ -177,7 +198,8 @@ async def http_rate(model: str, strategy: str, params: dict, submissions: int, c
         await server.close()
     return {"accepted_per_s": submissions / seconds, "answered_per_s": submissions / answered, "seconds": seconds,
             "cpu_seconds": cpu, "system_cpu_seconds": system, "accepted_per_cpu_s": submissions / cpu,
-            "submissions": submissions, "versions": versions, "delta_bytes": len(raw), "codec": codec}
+            "submissions": submissions, "versions": versions, "delta_bytes": len(raw), "codec": codec,
+            "same_delta": same_delta}
 
 
 def main() -> int:
@@ -191,6 +213,9 @@ def main() -> int:
     p.add_argument("--codec", default="fp32", choices=("fp32", "fp16"),
                    help="the results' delta codec (default fp32; the coordinator asks its workers for fp16 unless "
                         "told otherwise, half the bytes to read, hash and log)")
+    p.add_argument("--same-delta", action="store_true",
+                   help="every result carries the same delta bytes, as before 2026-12-04 b (a store that names "
+                        "blobs by content then writes the first one only); default: a delta of its own each")
     p.add_argument("--out", type=Path)
     p.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
     args = p.parse_args()
@@ -204,7 +229,7 @@ def main() -> int:
     out = args.out or ROOT / "bench" / "out" / f"coordinator_capacity-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"date": date, "sizes_millions": args.sizes, "submissions": args.submissions, "clients": args.clients,
-           "codec": args.codec, "commit": commit("coordinator", "contract"),
+           "codec": args.codec, "same_delta": args.same_delta, "commit": commit("coordinator", "contract"),
            "clients_process": own, "hardware": hardware(), "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     rows = []
@@ -219,7 +244,7 @@ def main() -> int:
                "bound_ratio": agg / bound, "copy_bandwidth_gb_s": bandwidth / 1e9}
         for strategy, sparams in (("async_sgd", {}), ("fedbuff", {"buffer_size": 10})):
             row[strategy] = asyncio.run(http_rate(name, strategy, sparams, args.submissions, args.clients, own,
-                                                   args.codec))
+                                                   args.codec, args.same_delta))
         rows.append(row)
         print(f"{name}: {params:,} params, aggregation {1e3 * agg:.2f} ms (bound {1e3 * bound:.2f} ms, "
               f"x{agg / bound:.1f}); HTTP accepted/s async_sgd {row['async_sgd']['accepted_per_s']:.1f} "

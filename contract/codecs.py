@@ -39,6 +39,17 @@ _COMMON_KEYS = ("name", "shape", "dtype")
 _HEAD = struct.Struct("<4sI")
 
 
+def immutable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` as bytes that never change, without copying bytes or a contiguous view of bytes (a large
+    result body: its delta is a view of it, and the decoded tensors views of that); anything else (a
+    bytearray, a view of one) is copied."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, memoryview) and isinstance(data.obj, bytes) and data.c_contiguous:
+        return data if data.format == "B" and data.ndim == 1 else data.cast("B")
+    return bytes(data)
+
+
 def padding(n: int) -> int:
     """Zero bytes that follow ``n`` bytes to reach the next 4-byte boundary."""
     return -n % ALIGN
@@ -55,54 +66,67 @@ CHUNK = 1 << 13   # elements per chunk of the checks and the norm: in cache, and
                   # OpenBLAS spreads a dot product over threads (which spin on a busy machine)
 
 
-def _finite(name: str, values: np.ndarray) -> None:
+def _finite(name: str, values: np.ndarray, acc: list[float] | None = None, start: int = 0) -> None:
     """Raise unless every value is finite. A chunk whose float32 sum of squares is finite holds only
     finite values (a NaN or an Inf makes the sum NaN or Inf); only a chunk whose sum is not (a
-    non-finite value, or finite ones whose squares overflow) is checked value by value."""
+    non-finite value, or finite ones whose squares overflow) is checked value by value.
+    ``acc``: add each chunk's sum of squares to ``acc[0]``, as ``delta_norm`` sums them (the same
+    chunks, so the same float64 total: ``decode_delta_norm``); ``start``: where ``values`` begin in
+    their tensor (a chunk boundary, for the element named in the error)."""
     flat = values.reshape(-1)
-    for i in range(0, flat.size, CHUNK):
-        c = flat[i:i + CHUNK]
-        if c.dtype == np.float32:
-            with np.errstate(over="ignore", invalid="ignore"):
-                if math.isfinite(float(np.dot(c, c))):
+    with np.errstate(over="ignore", invalid="ignore"):   # once: entering it costs as much as a chunk's dot
+        for i in range(0, flat.size, CHUNK):
+            c = flat[i:i + CHUNK]
+            if c.dtype == np.float32:
+                sq = float(np.dot(c, c))
+                if math.isfinite(sq):
+                    if acc is not None:
+                        acc[0] += sq
                     continue
-        bad = np.flatnonzero(~np.isfinite(c))
-        if bad.size:
-            where = Said(f"NaN or Inf at element {i + bad[0]}")
-            raise ContractError(f"delta.tensors[{name}].values", "finite numbers", where)
+            bad = np.flatnonzero(~np.isfinite(c))
+            if bad.size:
+                where = Said(f"NaN or Inf at element {start + i + bad[0]}")
+                raise ContractError(f"delta.tensors[{name}].values", "finite numbers", where)
+            if acc is not None:   # finite values whose float32 squares overflow: exact in float64
+                c = c.astype(np.float64)
+                acc[0] += float(np.dot(c, c))
 
 
-HALF_CHUNK = 1 << 18   # fp16 values per chunk of ``half_to_float`` (512 KiB: in cache)
+HALF_CHUNK = 1 << 18   # fp16 values per chunk of ``half_to_float`` (512 KiB; cast, 1 MiB, checked while in cache)
 FAST_CAST_MIN = 1 << 16   # below this many values numpy's own cast is quick enough
 
 
-def _finite_half(name: str, half: np.ndarray) -> None:
-    """Raise unless every fp16 value is finite: Inf or NaN when its five exponent bits are all ones
-    (an integer test, in chunks: numpy's ``isfinite`` on float16 runs value by value in software)."""
-    bits = half.view("<u2")
-    for i in range(0, bits.size, HALF_CHUNK):
-        bad = (bits[i:i + HALF_CHUNK] & 0x7C00) == 0x7C00
-        if bad.any():
-            where = Said(f"NaN or Inf at element {i + int(np.flatnonzero(bad)[0])}")
-            raise ContractError(f"delta.tensors[{name}].values", "finite numbers", where)
-
-
-def half_to_float(half: np.ndarray) -> np.ndarray:
+def half_to_float(half: np.ndarray, name: str | None = None, acc: list[float] | None = None) -> np.ndarray:
     """A float32 copy of float16 values (exact either way). numpy's cast takes about 3.5 ns a value
     here (37 ms for a 10M-parameter delta); torch's takes 0.6 (F16C), so it is used when this process
     has loaded torch already (the coordinator and the Python worker do; nothing here imports it),
-    through a small writable buffer (torch warns about read-only arrays such as views of a body)."""
+    through a small writable buffer (torch warns about read-only arrays such as views of a body).
+    ``name``: also check that every value is finite (``_finite`` on the cast values, chunk by chunk
+    while they are in cache: a non-finite fp16 value casts to a non-finite float32 one, and squares
+    of fp16 values cannot overflow a chunk's float32 sum), raising ``ContractError`` for tensor
+    ``name``, and add the sums of squares to ``acc`` as ``_finite`` does."""
     out = np.empty(half.shape, np.float32)
+    flat, flat_out = half.reshape(-1), out.reshape(-1)
     torch = sys.modules.get("torch")
-    if torch is None or half.size < FAST_CAST_MIN or not hasattr(torch, "from_numpy"):
+    fast = torch is not None and half.size >= FAST_CAST_MIN and hasattr(torch, "from_numpy")
+    if not fast and name is None:
         np.copyto(out, half)
         return out
-    flat, buf = half.reshape(-1), np.empty(min(half.size, HALF_CHUNK), np.float16)
-    src, dst = torch.from_numpy(buf), torch.from_numpy(out.reshape(-1))
+    if fast:
+        buf = np.empty(min(half.size, HALF_CHUNK), np.float16)
+        src, dst = torch.from_numpy(buf), torch.from_numpy(flat_out)
+    checked = 0   # values checked so far: a multiple of CHUNK, so _finite's chunks are delta_norm's
     for i in range(0, flat.size, HALF_CHUNK):
         k = min(HALF_CHUNK, flat.size - i)
-        buf[:k] = flat[i:i + k]
-        dst[i:i + k].copy_(src[:k])
+        if fast:
+            buf[:k] = flat[i:i + k]
+            dst[i:i + k].copy_(src[:k])
+        else:
+            np.copyto(flat_out[i:i + k], flat[i:i + k])
+        end = i + k if i + k == flat.size else (i + k) - (i + k) % CHUNK
+        if name is not None and end > checked:
+            _finite(name, flat_out[checked:end], acc, checked)
+            checked = end
     return out
 
 
@@ -116,6 +140,7 @@ class Codec:
     id: str = ""
     ratio: float = 1.0
     params: tuple[str, ...] = ()
+    sums_squares = False   # ``unpack`` adds the tensor's sum of squares to ``acc`` (in its one pass)
 
     @property
     def name(self) -> str:
@@ -138,8 +163,11 @@ class Codec:
     def payload_size(self, n: int, entry: dict) -> int:
         raise NotImplementedError
 
-    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict) -> np.ndarray:
-        """The flat float32 tensor whose payload starts at ``offset``."""
+    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict,
+               acc: list[float] | None = None) -> np.ndarray:
+        """The flat float32 tensor whose payload starts at ``offset``. ``acc``: add its sum of squares
+        to ``acc[0]`` as ``delta_norm`` sums them (a codec that does not, ``sums_squares`` false,
+        leaves that to ``decode_delta_norm``)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -150,6 +178,7 @@ class Fp32(Codec):
     """Lossless: n float32 values."""
 
     id, ratio = "fp32", 1.0
+    sums_squares = True
 
     def pack(self, name: str, x: np.ndarray) -> tuple[dict, bytes]:
         return {}, x.astype("<f4").tobytes()
@@ -157,9 +186,10 @@ class Fp32(Codec):
     def payload_size(self, n: int, entry: dict) -> int:
         return 4 * n
 
-    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict) -> np.ndarray:
+    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict,
+               acc: list[float] | None = None) -> np.ndarray:
         out = np.frombuffer(data, "<f4", n, offset).astype(np.float32, copy=False)   # a view (read-only)
-        _finite(name, out)
+        _finite(name, out, acc)
         return out
 
 
@@ -167,6 +197,7 @@ class Fp16(Codec):
     """Half precision: n IEEE binary16 values (round to nearest even)."""
 
     id, ratio = "fp16", 0.5
+    sums_squares = True
 
     def pack(self, name: str, x: np.ndarray) -> tuple[dict, bytes]:
         with np.errstate(over="ignore"):
@@ -181,10 +212,10 @@ class Fp16(Codec):
     def payload_size(self, n: int, entry: dict) -> int:
         return 2 * n
 
-    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict) -> np.ndarray:
-        half = np.frombuffer(data, "<f2", n, offset)
-        _finite_half(name, half)   # finite fp16 values stay finite in float32
-        return half_to_float(half)
+    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict,
+               acc: list[float] | None = None) -> np.ndarray:
+        # one pass: each chunk cast, then checked finite (and its squares summed) while in cache
+        return half_to_float(np.frombuffer(data, "<f2", n, offset), name, acc)
 
 
 class Int8(Codec):
@@ -210,7 +241,8 @@ class Int8(Codec):
     def payload_size(self, n: int, entry: dict) -> int:
         return 4 + n
 
-    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict) -> np.ndarray:
+    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict,
+               acc: list[float] | None = None) -> np.ndarray:
         scale = np.frombuffer(data, "<f4", 1, offset)[0]
         if not (np.isfinite(scale) and scale >= 0):
             raise ContractError(f"delta.tensors[{name}].scale", "a finite number >= 0", float(scale))
@@ -255,7 +287,8 @@ class TopK(Codec):
     def payload_size(self, n: int, entry: dict) -> int:
         return 8 * entry["k"]
 
-    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict) -> np.ndarray:
+    def unpack(self, name: str, data: bytes, offset: int, n: int, entry: dict,
+               acc: list[float] | None = None) -> np.ndarray:
         k = entry["k"]
         idx = np.frombuffer(data, "<u4", k, offset).astype(np.int64)
         values = np.frombuffer(data, "<f4", k, offset + 4 * k).astype(np.float32)
@@ -315,21 +348,26 @@ def delta_norm(arrays: Arrays) -> float:
     summed in float64 (float32 rounding within a chunk: a relative error of order 1e-7; twice as fast
     as squaring in float64). A chunk whose float32 sum overflows (values beyond about 1e19) is summed
     again in float64, where the squares of float32 values are exact and cannot overflow."""
-    total = 0.0
+    acc = [0.0]
     for value in arrays.values():
-        v = np.asarray(value)
-        flat = v.reshape(-1) if v.flags.c_contiguous else np.ravel(v)
-        if flat.dtype not in (np.float32, np.float64):
-            flat = flat.astype(np.float64)
+        _sum_squares(value, acc)
+    return math.sqrt(acc[0])
+
+
+def _sum_squares(value, acc: list[float]) -> None:
+    """Add the chunks' sums of squares of ``value`` to ``acc[0]`` (``delta_norm``'s arithmetic)."""
+    v = np.asarray(value)
+    flat = v.reshape(-1) if v.flags.c_contiguous else np.ravel(v)
+    if flat.dtype not in (np.float32, np.float64):
+        flat = flat.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
         for i in range(0, flat.size, CHUNK):
             c = flat[i:i + CHUNK]
-            with np.errstate(over="ignore", invalid="ignore"):
-                sq = float(np.dot(c, c))
+            sq = float(np.dot(c, c))
             if not math.isfinite(sq) and c.dtype != np.float64:
                 c = c.astype(np.float64)
                 sq = float(np.dot(c, c))
-            total += sq
-    return math.sqrt(total)
+            acc[0] += sq
 
 
 def spec_of(arrays: Arrays) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -436,18 +474,33 @@ def _check_spec(spec: Spec, shapes: dict[str, tuple[int, ...]]) -> None:
             raise ContractError(f"delta.tensors[{name}]", "only tensors the model has", Said("an unknown tensor"))
 
 
+def decode_delta_norm(data: bytes, spec: Spec | None = None,
+                      copy: bool = True) -> tuple[dict[str, np.ndarray], float]:
+    """``decode_delta`` and the ``delta_norm`` of what it decodes, together: the fp32 and fp16 codecs sum
+    the squares in the pass that checks the values finite (fp16: while each cast chunk is in cache)
+    instead of a second pass over the decoded delta. The same chunks in the same order as
+    ``delta_norm``, so the same norm to the last bit."""
+    acc = [0.0]
+    return _decode(data, spec, None, copy, acc), math.sqrt(acc[0])
+
+
 def decode_delta(data: bytes, spec: Spec | None = None, codec_id: str | None = None,
                  copy: bool = True) -> dict[str, np.ndarray]:
     """Decode a ``CTD1`` container to float32 arrays (in header order).
 
     ``spec`` (name -> (shape, dtype)) must match the tensors exactly when given; ``codec_id``
     restricts the codec the container may use. ``copy=False``: fp32 tensors may be read-only views
-    of ``data`` (bytes, so they never change) instead of copies. Raises ``ContractError`` on
-    anything malformed.
+    of ``data`` (bytes or a view of bytes, so they never change) instead of copies. Raises
+    ``ContractError`` on anything malformed.
     """
+    return _decode(data, spec, codec_id, copy, None)
+
+
+def _decode(data, spec: Spec | None, codec_id: str | None, copy: bool,
+            acc: list[float] | None) -> dict[str, np.ndarray]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ContractError("delta", "bytes", Said(type(data).__name__))
-    data = bytes(data)
+    data = immutable(data)
     if len(data) < _HEAD.size:
         raise ContractError("delta", "at least 8 bytes (magic + header length)", data)
     magic, length = _HEAD.unpack_from(data)
@@ -479,11 +532,13 @@ def decode_delta(data: bytes, spec: Spec | None = None, codec_id: str | None = N
         what = "truncated" if len(data) < end else "trailing bytes"
         raise ContractError("delta", f"{end} bytes (as the header says)", Said(f"{len(data)} bytes ({what})"))
     gaps = [(8 + length, offsets[0][0])] + [(o + s, o + s + padding(s)) for o, s in offsets]
-    if any(data[a:b].strip(b"\0") for a, b in gaps):
+    if any(bytes(data[a:b]).strip(b"\0") for a, b in gaps):
         raise ContractError("delta.padding", "zero bytes", Said("non-zero padding"))
     out = {}
     for entry, (name, shape, n), (offset, _) in zip(tensors, checked, offsets):
-        values = codec.unpack(name, data, offset, n, entry)
+        values = codec.unpack(name, data, offset, n, entry, acc)
+        if acc is not None and not codec.sums_squares:
+            _sum_squares(values, acc)
         if copy and not values.flags.writeable:
             values = values.copy()
         out[name] = values.reshape(shape)

@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from contract.codecs import CODEC_IDS, MAGIC as DELTA_MAGIC, get_codec, padding, strict_json
+from contract.codecs import CODEC_IDS, MAGIC as DELTA_MAGIC, get_codec, immutable, padding, strict_json
 from contract.errors import MISSING, ContractError, Said
 
 PROTOCOL_VERSION = 1
@@ -278,7 +278,7 @@ class UnitResult:
     lease: str
     worker_id: str
     base_version: str             # model_version the worker trained from
-    delta: bytes = field(repr=False)   # CTD1 container; b"" when error is set
+    delta: bytes | memoryview = field(repr=False)   # CTD1 container (unpacked: a view of the body); b"" on error
     loss_before: float            # mean training loss of the first step (before any update)
     loss_after: float             # mean training loss of the last step
     num_samples: int              # samples seen in all (steps * batch size, at most)
@@ -302,14 +302,15 @@ class UnitResult:
         _int(f"{p}.num_samples", self.num_samples, 0, 2**53)
         _need(self.error is None or (isinstance(self.error, str) and 0 < len(self.error) <= MAX_ERROR_CHARS),
               f"{p}.error", f"null or a text of 1..{MAX_ERROR_CHARS} characters", self.error)
-        _need(isinstance(self.delta, (bytes, bytearray)), f"{p}.delta", "bytes", Said(type(self.delta).__name__))
+        _need(isinstance(self.delta, (bytes, bytearray, memoryview)), f"{p}.delta", "bytes",
+              Said(type(self.delta).__name__))
         if self.error is None:
             _need(bytes(self.delta[:4]) == DELTA_MAGIC, f"{p}.delta", "a CTD1 delta container", self.delta)
         else:
             _need(len(self.delta) == 0, f"{p}.delta", "no delta for a failed unit", self.delta)
         for key, value in values.items():
             object.__setattr__(self, key, value)
-        object.__setattr__(self, "delta", bytes(self.delta))
+        object.__setattr__(self, "delta", immutable(self.delta))   # bytes, or a view of bytes: never copied
 
     def to_json(self) -> dict:
         """The metadata: every field but ``delta`` (which travels as binary)."""
@@ -339,16 +340,17 @@ def pack_result(result: UnitResult) -> bytes:
 
 
 def unpack_result(body: bytes) -> UnitResult:
-    """Parse a result body; the delta inside is checked only for its magic (decode it with a spec)."""
+    """Parse a result body; the delta inside is checked only for its magic (decode it with a spec).
+    The result's ``delta`` is a read-only view of ``body`` (bytes): a large delta is not copied."""
     _need(isinstance(body, (bytes, bytearray, memoryview)), "result", "bytes", Said(type(body).__name__))
-    body = bytes(body)
+    body = immutable(body)
     _need(len(body) >= _FRAME.size, "result", "at least 8 bytes (magic + metadata length)", body)
     magic, length = _FRAME.unpack_from(body)
     _need(magic == RESULT_MAGIC, "result.magic", repr(RESULT_MAGIC), Said(repr(magic)))
     _need(length <= MAX_META_BYTES and 8 + length <= len(body), "result.metadata_length",
           f"at most {min(MAX_META_BYTES, len(body) - 8)}", length)
     start = 8 + length + padding(length)
-    _need(len(body) >= start and not body[8 + length : start].strip(b"\0"), "result.padding",
+    _need(len(body) >= start and not bytes(body[8 + length : start]).strip(b"\0"), "result.padding",
           f"{padding(length)} zero bytes after the metadata", Said("missing or non-zero padding"))
     meta = strict_json(body[8 : 8 + length], "result.metadata")
-    return UnitResult.from_json(meta, delta=body[start:])
+    return UnitResult.from_json(meta, delta=memoryview(body)[start:])

@@ -109,8 +109,8 @@ async def read_body(request: web.Request) -> bytes:
     seconds = body_seconds(request.content_length or 0)
     chunks = []
     try:
-        async with asyncio.timeout(seconds):   # the chunks joined once (request.read() copies twice)
-            async for chunk in request.content.iter_any():
+        async with asyncio.timeout(seconds):   # the chunks joined once (request.read() copies twice, and
+            async for chunk, _ in request.content.iter_chunks():   # iter_any joins what is buffered)
                 chunks.append(chunk)
             return b"".join(chunks)
     except TimeoutError:

@@ -200,7 +200,7 @@ class LocalIntake:
             accepted = self.intake.accept(unit, result, step)
         except Rejection:
             return None
-        blob = self.store.put_blob(result.delta)
+        blob = self.store.put_result_blob(result.delta)
         seq = self.store.append_result(unit_id, result.worker_id, unit["base_step"], accepted.staleness,
                                        result.num_samples, result.loss_before, result.loss_after,
                                        result.compute_seconds, blob)

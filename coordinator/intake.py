@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contract.codecs import decode_delta, delta_norm
+from contract.codecs import decode_delta_norm
 from contract.errors import ContractError
 from contract.units import UnitResult, WorkUnit, check_result, staleness, unpack_result
 from coordinator import leases
@@ -125,11 +125,10 @@ class Intake:
         if result.num_samples < 1:
             raise Rejection("invalid", 400, f"result.num_samples: expected 1..{unit['samples']}, got "
                             f"{result.num_samples}", "result.num_samples")
-        try:
-            delta = decode_delta(result.delta, self.spec, copy=False)   # views of the body: nothing writes to a delta
+        try:   # fp32: views of the body (nothing writes to a delta); the norm summed in the decode's pass
+            delta, norm = decode_delta_norm(result.delta, self.spec, copy=False)
         except ContractError as e:
             raise contract_rejection(e) from e
-        norm = delta_norm(delta)
         cfg = self.config
         if norm > cfg.max_delta_norm and cfg.on_large_norm == "refuse":
             raise Rejection("norm_bound", 422, f"delta: expected a global L2 norm <= {cfg.max_delta_norm:g}, "

@@ -528,7 +528,7 @@ class Job:
 
     async def _log(self, a: Accepted, trusted: bool = False) -> dict:
         r, unit = a.result, a.unit
-        blob = await asyncio.to_thread(self.store.put_blob, r.delta)
+        blob = await asyncio.to_thread(self.store.put_result_blob, r.delta)
         if unit["twin"] and self.store.unit(unit["unit_id"])["status"] == "superseded":   # lost the race
             if not self.store.blob_pending(blob):
                 self.store.delete_blob(blob)

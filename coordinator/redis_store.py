@@ -163,6 +163,8 @@ class RedisStore(LeasedIndex):
 
     # ------------------------------------------------------------------ blobs (files, as Store's)
     put_blob = Store.put_blob
+    put_result_blob = Store.put_result_blob
+    _write_blob = Store._write_blob
     blob_path = Store.blob_path
     get_blob = Store.get_blob
     delete_blob = Store.delete_blob

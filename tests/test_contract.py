@@ -202,6 +202,28 @@ def test_result_body_round_trip_and_check_against_unit():
     assert field_of(lambda: unpack_result(body[:8 + length] + b"\1" * 8)) in ("result.padding", "result.delta")
 
 
+def test_an_unpacked_delta_and_its_decoded_tensors_are_views_of_the_body_never_of_a_mutable_buffer():
+    """A result's delta is not copied out of its body (bytes), nor its fp32 tensors out of the delta
+    (``copy=False``): read-only views. A bytearray body, which may change, is copied first."""
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    raw = get_codec("fp32").encode(arrays)
+    body = pack_result(UnitResult(unit_id="u1", lease="l", worker_id="w1", base_version="a" * 64, delta=raw,
+                                  loss_before=1.0, loss_after=0.5, num_samples=4, compute_seconds=1.0))
+    result = unpack_result(body)
+    assert isinstance(result.delta, memoryview) and result.delta.obj is body and result.delta == raw
+    assert unpack_result(pack_result(result)) == result
+    decoded = decode_delta(result.delta, spec_of(arrays), copy=False)
+    for name, value in decoded.items():
+        np.testing.assert_array_equal(value, arrays[name])
+        assert not value.flags.writeable and np.shares_memory(value, np.frombuffer(body, np.uint8))
+    assert all(v.flags.writeable for v in decode_delta(result.delta).values())   # copy=True: copies
+    mutable = bytearray(body)
+    copied = unpack_result(memoryview(mutable))
+    assert isinstance(copied.delta, memoryview) and copied.delta.obj is not mutable and copied.delta == raw
+    mutable[-4:] = b"\xff" * 4   # the caller's buffer changes; the result does not
+    assert copied.delta == raw and decode_delta(copied.delta, copy=False)["b"][-1] == 1.0
+
+
 def test_blob_id_and_staleness():
     assert blob_id(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     assert staleness(17, 20) == 3 and staleness(5, 5) == 0
@@ -256,6 +278,25 @@ def test_fp16_decode_is_exact_on_every_finite_value_and_finds_a_non_finite_one(m
         with pytest.raises(ContractError) as e:
             decode_delta(bytes(data))
         assert e.value.field == "delta.tensors[w].values" and f"element {at}" in e.value.message
+
+
+@pytest.mark.parametrize("codec_id", CODEC_IDS)
+def test_decode_delta_norm_is_decode_delta_and_delta_norm_to_the_last_bit(codec_id, monkeypatch):
+    """The norm summed in the decode's own pass (fp32, fp16: ``Codec.sums_squares``) or after it (int8,
+    topk) is ``delta_norm`` of what ``decode_delta`` gives: the same chunks in the same order. Several
+    tensors, fp16 chunks that do not end on a norm chunk, and fp32 values whose float32 squares overflow."""
+    import torch  # noqa: F401 (loaded: fp16 takes the fast cast above FAST_CAST_MIN)
+    monkeypatch.setattr(codecs, "HALF_CHUNK", 40_000)
+    rng = np.random.default_rng(3)
+    a = {"big": rng.standard_normal(150_001).astype(np.float32), "small": rng.standard_normal((3, 5)).astype(np.float32),
+         "empty": np.zeros(0, np.float32), "tail": rng.standard_normal(70_000).astype(np.float32) * 1e-3}
+    if codec_id == "fp32":
+        a["huge"] = np.full(20_000, 1e30, np.float32)   # a float32 chunk sum overflows: summed in float64
+    data = get_codec(codec_id).encode(a)
+    decoded, norm = codecs.decode_delta_norm(data, spec_of(a), copy=False)
+    expected = decode_delta(data, spec_of(a))
+    assert list(decoded) == list(expected) and all(np.array_equal(decoded[k], expected[k]) for k in a)
+    assert norm == delta_norm(expected) and math.isfinite(norm)
 
 
 def test_int8_round_trip_within_half_a_step():

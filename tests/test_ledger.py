@@ -321,3 +321,82 @@ async def test_one_model_write_at_a_time_and_the_versions_folded_meanwhile_are_s
     assert writes == [1, 4], "the write in flight (version 1), then one of the newest (4); 2 and 3 skipped"
     assert not job.store.version(2).blob and not job.store.version(3).blob
     assert [got[w].base_step for w in workers] == [1, 4, 4, 4]
+
+
+def test_a_results_delta_has_a_blob_of_its_own(tmp_path):
+    """A result's delta is stored under a fresh random id (``put_result_blob``: not hashed); the same
+    bytes twice are two blobs, and deleting one leaves the other. Model versions and shards stay
+    content-addressed (a worker checks their sha256)."""
+    from contract.units import blob_id, is_blob_id
+    from coordinator.store import Store
+
+    store = Store(tmp_path)
+    data = bytes(range(256)) * 64
+    first, second = store.put_result_blob(data), store.put_result_blob(memoryview(data)[16:])
+    assert is_blob_id(first) and is_blob_id(second) and len({first, second, blob_id(data)}) == 3
+    assert store.get_blob(first) == data and store.get_blob(second) == data[16:]
+    store.delete_blob(first)
+    assert store.blob_path(first) is None and store.get_blob(second) == data[16:]
+    assert store.put_blob(data) == blob_id(data) and store.get_blob(blob_id(data)) == data
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted([second, blob_id(data)])
+    store.close()
+
+
+async def test_a_delta_with_the_bytes_of_a_model_version_does_not_take_that_version_with_it(aiohttp_client,
+                                                                                             tmp_path):
+    """A worker that sends the bytes of its unit's base model as its delta (a valid fp32 container of
+    the model's tensors): once its result is folded into a persisted version, its delta's blob is
+    deleted, and with it, were result blobs named by their content, the base model that a unit still
+    leased from that version must download."""
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {}, on_large_norm="clip",
+                              max_delta_norm=1.0, persist_every_versions=1)
+    unit, other = await take(client, "w1"), await take(client, "w2")
+    assert unit.model_version == other.model_version
+    base = await (await client.get(f"/api/v1/blobs/{unit.model_version}")).read()
+    result = await honest(client, unit, "w1")
+    status, got = await post(client, unit, pack_result(UnitResult(
+        unit_id=result.unit_id, lease=result.lease, worker_id=result.worker_id, base_version=result.base_version,
+        delta=base, loss_before=2.3, loss_after=2.2, num_samples=result.num_samples, compute_seconds=1.0)))
+    assert status == 200 and got["accepted"], got
+    await job.settle()
+    assert job.step == 1 and job.persisted_step == 1
+    assert (await client.get(f"/api/v1/blobs/{other.model_version}")).status == 200, "w2's base is gone"
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_a_large_results_delta_is_written_past_the_page_cache_or_through_it_where_refused(tmp_path, monkeypatch,
+                                                                                          refused):
+    """A result blob of ``DIRECT_MIN`` bytes or more is written with O_DIRECT (its whole 4 KiB blocks,
+    in pieces, from any view of the body; the tail through the page cache) and fsynced; where the
+    filesystem refuses O_DIRECT (tmpfs: EINVAL) it is written as before, and O_DIRECT is not tried again."""
+    import errno
+    import os
+
+    from coordinator import store as store_module
+
+    monkeypatch.setitem(store_module._direct, "on", True)
+    monkeypatch.setattr(store_module, "DIRECT_PIECE", 3 * store_module.DIRECT_ALIGN)   # several pieces
+    opened, synced, real_open, real_fsync = [], [], os.open, os.fsync
+
+    def recording_open(path, flags, *args):
+        opened.append(flags)
+        if refused and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(store_module.os, "open", recording_open)
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    store = store_module.Store(tmp_path)
+    data = bytes(range(256)) * (store_module.DIRECT_MIN // 256 + 50) + b"tail"
+    body = b"CTR1 metadata" + data
+    first = store.put_result_blob(memoryview(body)[13:])   # not 4 KiB aligned, as a delta in its body is
+    assert store.get_blob(first) == data and synced
+    assert any(f & os.O_DIRECT for f in opened)
+    assert store_module._direct["on"] is (not refused)
+    opened.clear()
+    small = store.put_result_blob(b"CTD1 small")   # below DIRECT_MIN: through the page cache
+    assert store.get_blob(small) == b"CTD1 small" and not any(f & os.O_DIRECT for f in opened)
+    second = store.put_result_blob(data)
+    assert store.get_blob(second) == data and any(f & os.O_DIRECT for f in opened) is (not refused)
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted([first, small, second])
+    store.close()
