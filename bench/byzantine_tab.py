@@ -15,10 +15,12 @@ torch thread, on the first ``--images`` CIFAR-10 training images for ``--epochs`
 same for every run). The tab starts first and the Python workers once it has delivered a unit, so
 that the tab takes part from the start. Runs, one after the other in one invocation:
 ``clean`` (the tab honest) and ``lying`` (the tab lies), each with replication on (``--replication
-adaptive``, the defence docs/results.md recommends for a job open to anyone) and, with ``--undefended``,
-also off (the coordinator's defaults: adaptive clipping only); with ``--no-tab``, also ``no-tab``: the
+adaptive``, the coordinator's default since 2026-12-04) and, with ``--undefended``, also off (adaptive
+clipping only); with ``--no-tab``, also ``no-tab``: the
 Python workers alone (replication on), the job a lying tab leaves them when none of its updates is
-folded. One seed per invocation (``--seed``): read a point or two of accuracy as noise.
+folded. One seed per invocation (``--seed``): read a point or two of accuracy as noise. With
+``--trusted-workers`` the Python workers are the operator's own (a ``--trusted-tokens`` token, as
+``crowdtrain run`` gives its local workers): only the tab is checked, as on the README's main job.
 
     python bench/byzantine_tab.py --data ../shared/data [--images 10000 --epochs 3] [--undefended] [--no-tab]
     python bench/byzantine_tab.py --data ../shared/data --runs no-tab --workers 3   # runs by name
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -80,6 +83,11 @@ def run(args, name: str, lie: bool | None, replication: str, out: Path) -> dict:
              str(args.epochs), "--batch-size", str(args.batch_size), "--local-steps", str(args.local_steps),
              "--shard-size", str(args.shard_size), "--eval-every", "60", "--seed", str(args.seed),
              "--replication", replication, "--browser-graph", "at-start"]
+    token = None
+    if args.trusted_workers:   # the operator's own Python workers, as crowdtrain run's (STATE/operator-token)
+        token = f"bench-{secrets.token_hex(16)}"
+        (out / "trusted-tokens").write_text(token + "\n")
+        flags += ["--trusted-tokens", str(out / "trusted-tokens")]
     who = "no tab" if lie is None else f"a {'lying' if lie else 'honest'} tab"
     log(f"{name}: crowdtrain coordinator {' '.join(flags)}; {who} + {args.workers} Python workers")
     cluster = Cluster(out, *flags)
@@ -95,6 +103,8 @@ def run(args, name: str, lie: bool | None, replication: str, out: Path) -> dict:
                                    stderr=open(out / "tab.log", "w"))
             cluster.wait(lambda s: any(r["backend"] == "browser" and r["results"] >= 1 for r in s["trust"]), 300,
                          "the tab's first result")
+        if token is not None:
+            cluster.env["CROWDTRAIN_TOKEN"] = token   # the workers' environment (the coordinator is running)
         for i in range(args.workers):
             cluster.start_worker(f"py-{i + 1}")
         last = 0.0
@@ -133,6 +143,7 @@ def run(args, name: str, lie: bool | None, replication: str, out: Path) -> dict:
 
     result = {
         "run": name, "lie": lie, "lie_kind": args.lie if lie else None, "replication": replication, "wall_s": wall,
+        "trusted_workers": token is not None,
         "final_test_acc": hist[-1]["test_acc"], "samples": s["samples"], "budget_samples": s["budget_samples"],
         "versions": s["model_version"], "updates_dropped": s["updates_dropped"],
         "tab": None if tab_id is None else {
@@ -171,6 +182,9 @@ def main() -> int:
     p.add_argument("--runs", nargs="+", choices=sorted(RUNS), help="these runs only (instead of the flags above)")
     p.add_argument("--lie", default="sign_flip", choices=[f.value for f in LIES],
                    help="what the lying tab sends (worker_web/lies.mjs; default: sign_flip)")
+    p.add_argument("--trusted-workers", action="store_true",
+                   help="the Python workers carry a --trusted-tokens token (as crowdtrain run's): only the tab is "
+                        "checked")
     p.add_argument("--timeout", type=int, default=1800, help="seconds a run may take")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
