@@ -15,6 +15,10 @@ at once; a third kills them. Then a summary (accuracy, samples, time, where the 
 how to take the model out), exit status 130. The state folder keeps the job: run again with
 the same ``--state`` to resume.
 
+The local workers are the operator's own: unless ``--trusted-tokens`` names a file, a token is made in
+STATE/operator-token (``operator_token``) and given to them, so replicated checks (on by default) check
+only the other workers that join (a tab, a stranger's ``crowdtrain worker``).
+
 When the budget is spent and the final version is evaluated: the final model is written to
 STATE/model.pt and STATE/model.onnx, a summary is printed, and the dashboard stays up
 showing the result until Ctrl-C (exit status 0), unless ``--exit-when-done``.
