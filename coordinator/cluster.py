@@ -161,19 +161,21 @@ class LocalIntake:
     while the unit is out (``RedisStore.append_result``); the leader folds it (``Node.ingest``).
     Everything else goes to the leader: a failure report or a hand-back (its shards go back in the
     leader's queue), any refusal (the leader refuses it again, counts it, and ends the unit if the
-    refusal does), a tail unit's copy, a quarantined worker, a unit that ended meanwhile, and every
-    result while replicated checks are on (``--replication``: the leader decides, from the worker's
-    trust record, whether the result is held for a replica, and it issues and judges the replicas)."""
+    refusal does), a tail unit's copy, a quarantined worker, a unit that ended meanwhile, and, while
+    replicated checks are on (``--replication``, the default), every result but those of the operator's own
+    workers (``--trusted-tokens``, never checked): the leader decides, from the worker's trust record,
+    whether the result is held for a replica, and it issues and judges the replicas."""
 
     def __init__(self, node: "Node"):
         from coordinator.intake import Intake
-        from coordinator.limits import gate_tokens
+        from coordinator.limits import gate_tokens, trusted_tokens
         from coordinator.redis_store import RedisStore
 
         cfg = node.config
         self.store = RedisStore(node.url, cfg.job, node.blobs, root=cfg.state)
         self.intake = Intake(cfg, self.store, self.store.secret(), node.spec, time.time)
         self.tokens = gate_tokens(cfg)
+        self.trusted = trusted_tokens(cfg)   # the operator's own workers: never checked, so taken here with checks on
         self.taken = self.passed = 0
         self.checks = cfg.replication != "off"
 
@@ -183,7 +185,9 @@ class LocalIntake:
         from coordinator.intake import Rejection
         from coordinator.limits import carries
 
-        if self.checks or (self.tokens and not carries(authorization, self.tokens)):
+        if self.tokens and not carries(authorization, self.tokens):
+            return None
+        if self.checks and not carries(authorization, self.trusted):   # the leader decides whether to hold it
             return None
         try:
             parsed = self.intake.parse(unit_id, body)

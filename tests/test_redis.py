@@ -270,13 +270,14 @@ ARGS = ("--replication", "off",   # a test of the checks passes --replication ad
         "--leader-ttl", "3")
 
 
-def call(url: str, payload: bytes | None = None, retry_s: float = 0.0) -> tuple[int, bytes]:
-    """One request (POST when ``payload``); 503s and refused connections retried for ``retry_s`` seconds,
-    as a worker does."""
+def call(url: str, payload: bytes | None = None, retry_s: float = 0.0, token: str | None = None) -> tuple[int, bytes]:
+    """One request (POST when ``payload``; with ``token``, as a bearer token); 503s and refused connections
+    retried for ``retry_s`` seconds, as a worker does."""
     deadline = time.time() + retry_s
+    headers = {"Content-Type": "application/octet-stream", **({"Authorization": f"Bearer {token}"} if token else {})}
     while True:
         req = urllib.request.Request(url, data=payload, method="POST" if payload is not None else "GET",
-                                     headers={"Content-Type": "application/octet-stream"})
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return r.status, r.read()
@@ -335,9 +336,9 @@ class Processes:
                 p.wait(10)
 
 
-def take(base: str, worker: str) -> WorkUnit:
+def take(base: str, worker: str, token: str | None = None) -> WorkUnit:
     code, raw = call(base + "/api/v1/units/next", json.dumps({"protocol": 1, "worker_id": worker,
-                                                              "backend": "python"}).encode(), retry_s=30)
+                                                              "backend": "python"}).encode(), retry_s=30, token=token)
     assert code == 200, raw
     return WorkUnit.from_json(json.loads(raw))
 
@@ -553,7 +554,8 @@ def test_each_process_serves_its_own_request_metrics_and_the_jobs_state(redis_ur
 def test_replicated_checks_with_two_processes(redis_url, tmp_path):
     """``--replication adaptive`` with ``--redis``: a result sent to the process that does not lead goes to the
     leader, which holds it (a new worker's result waits for a replica), hands the replica to another worker
-    through either process, and folds the original once the replica agrees."""
+    through either process, and folds the original once the replica agrees. A result of the operator's own
+    worker (--trusted-tokens), never checked, is taken by the process it reaches."""
     from tests.helpers.fault_worker import body, compute
     from tests.helpers.tiny_cifar import write_official_archive
 
@@ -563,15 +565,17 @@ def test_replicated_checks_with_two_processes(redis_url, tmp_path):
     def fetch(base: str):
         return lambda blob: call(f"{base}/api/v1/blobs/{blob}", retry_s=30)[1]
 
-    def send(base: str, unit: WorkUnit, worker: str) -> dict:
+    def send(base: str, unit: WorkUnit, worker: str, token: str | None = None) -> dict:
         code, raw = call(f"{base}/api/v1/units/{unit.unit_id}/result", body(compute(unit, fetch(base), worker)),
-                         retry_s=30)
+                         retry_s=30, token=token)
         assert code == 200, raw
         return json.loads(raw)
 
+    own = tmp_path / "trusted-tokens"
+    own.write_text("own-token-00001\n")
     try:
-        ps.start(0, "--replication", "adaptive")
-        ps.start(1, "--replication", "adaptive")
+        ps.start(0, "--replication", "adaptive", "--trusted-tokens", str(own))
+        ps.start(1, "--replication", "adaptive", "--trusted-tokens", str(own))
         other = 1 - ps.leader()
         base = ps.url(other)
         unit = take(base, "w1")
@@ -590,5 +594,14 @@ def test_replicated_checks_with_two_processes(redis_url, tmp_path):
             time.sleep(0.2)
         assert status["updates_applied"] == 1 and status["updates_held"] == 0, status
         assert status["updates_dropped"] == {"replica": 1} and status["replication"]["agreed"] == 1, status
+
+        mine = take(base, "own", token="own-token-00001")
+        assert send(base, mine, "own", token="own-token-00001")["accepted"]
+        cluster = ps.cluster(other)
+        assert cluster["results_taken"] == 1 and cluster["results_passed_to_leader"] == 2, cluster
+        deadline = time.time() + 30
+        while (status := ps.status(other))["updates_applied"] < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert status["updates_applied"] == 2 and status["updates_held"] == 0, "folded unchecked"
     finally:
         ps.stop()
