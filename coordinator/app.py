@@ -175,7 +175,7 @@ async def next_unit(request: web.Request) -> web.Response:
                         f"{retry_after(wait)} s", "request")
         limited.headers["Retry-After"] = retry_after(wait)
         return limited
-    reason = None
+    reason, own = None, trusted(request)
     for entry in registry.candidates():
         if entry.removed:   # removed while an earlier candidate was asked
             continue
@@ -192,7 +192,7 @@ async def next_unit(request: web.Request) -> web.Response:
             # written row, and a power loss only the units issued in its last moments, whose results are
             # then refused as unknown_unit; an accepted result's own fdatasync covers its unit's row
             # (SQLite commits in order)
-            unit = job.next_unit(unit_request, address, base, trusted=trusted(request))
+            unit = job.next_unit(unit_request, address, base, trusted=own)
         if unit is not None:
             entry.served = time.monotonic()
             return web.json_response(unit.to_json())

@@ -161,7 +161,12 @@ class UnitFactory:
         and the coordinator's own recomputation, must get the same delta as the original from the unit
         alone (coordinator/trust.py), and the result to be checked is drawn only when it comes in, so with
         checks on no other worker's unit carries it."""
-        return asked and (self.config.replication == "off" or trusted) and get_codec(codec).id != "fp32"
+        return asked and not self.may_check(trusted) and get_codec(codec).id != "fp32"
+
+    def may_check(self, trusted: bool) -> bool:
+        """Whether a result of this worker may be checked: replicated checks are on and it is not one of the
+        operator's own (``trusted``, --trusted-tokens)."""
+        return self.config.replication != "off" and not trusted
 
     def _issue(self, worker_id: str, codec: str, base: Base, shards: list[str], lr: float,
                twin: str | None = None, steps: int | None = None, version_blob: str | None = None,
@@ -179,7 +184,7 @@ class UnitFactory:
         n = sum(self.size_of(s) for s in shards)
         batch = min(batch or self.recipe.batch_size, n)
         steps = steps or self.config.local_steps or max(1, round(math.ceil(n / batch) * pace))
-        if self.config.replication != "off" and not trusted:   # a check of a longer unit is inconclusive
+        if self.may_check(trusted):   # a check of a longer unit is inconclusive
             steps = min(steps, self.config.check_max_steps)
         if worker_id in self.asked:   # in flight for a few of *this* unit's durations (``in_flight``), not a shard's
             self.asked[worker_id] = (self.asked[worker_id][0], steps * batch)
@@ -347,7 +352,7 @@ class UnitFactory:
             return FIRST_STEPS
         steps = max(1, round(cfg.unit_seconds / (rate * batch)))
         steps = min(steps, GROWTH * self.last_steps.get(worker_id, FIRST_STEPS))
-        if cfg.replication != "off" and not trusted:
+        if self.may_check(trusted):
             steps = min(steps, cfg.check_max_steps)
         return min(steps, max(1, MAX_UNIT_SHARDS * max(self.shard_sizes.values()) // batch))
 
