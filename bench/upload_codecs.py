@@ -118,7 +118,9 @@ def run_variant(args, data: str, seed: int, codec: str, ef: bool, out: Path) -> 
         with cluster.db() as db:
             rows = db.execute("SELECT delta_blob, dropped, worker_id FROM results").fetchall()
             units = [json.loads(w) for (w,) in db.execute("SELECT wire FROM units").fetchall()]
+            logged = dict(db.execute("SELECT blob, length FROM result_deltas").fetchall())   # the delta log's
         sizes = [p.stat().st_size for blob, _, _ in rows if blob and (p := out / "state" / "blobs" / blob).is_file()]
+        sizes += [logged[blob] for blob, _, _ in rows if blob in logged]
     finally:
         cluster.stop()
         for blobs in [out / "state" / "blobs", *out.glob("cache-*")]:     # model versions, shards

@@ -56,7 +56,7 @@ from coordinator.factory import HYPER_KEYS, Base, UnitFactory
 from coordinator.intake import Accepted, Failure, Intake, Rejection, Superseded
 from coordinator.status import JobStatus, TrustRow, WorkerRow
 from coordinator.steps import step_cache_dir
-from coordinator.store import Store, Version
+from coordinator.store import SMALL_RESULT_MAX, Store, Version
 from coordinator.strategies import Freeze, Lookahead, NormClip, StalenessCap, Strategy, StrategyState, make_strategy
 from models import registry
 from models.data import Cifar10, load_cifar10
@@ -528,9 +528,10 @@ class Job:
 
     async def _log(self, a: Accepted, trusted: bool = False) -> dict:
         r, unit = a.result, a.unit
-        blob = await asyncio.to_thread(self.store.put_result_blob, r.delta)
+        small = self.store.keeps_small_results and len(r.delta) < SMALL_RESULT_MAX   # kept in the result's commit
+        blob = None if small else await asyncio.to_thread(self.store.put_result_blob, r.delta)
         if unit["twin"] and self.store.unit(unit["unit_id"])["status"] == "superseded":   # lost the race
-            if not self.store.blob_pending(blob):
+            if blob is not None and not self.store.blob_pending(blob):
                 self.store.delete_blob(blob)
             return self._superseded(Superseded(unit, r))
         # A quarantined worker's result, a held one and a replica's are answered like any other.
@@ -538,9 +539,13 @@ class Job:
         held = (self.replicating and not quarantined and not replica_of and not trusted
                 and self._draw() < self.trust.probability(r.worker_id))
         check = "replica" if replica_of else "held" if held else None
-        with self.store.transaction():   # the row and the worker's record: one commit
+        with self.store.transaction():   # the row, a small delta and the worker's record: one commit
+            if small:
+                blob = self.store.put_small_result(r.delta)
             seq = self.store.add_result(unit["unit_id"], r.worker_id, unit["base_step"], a.staleness, r.num_samples,
                                         r.loss_before, r.loss_after, r.compute_seconds, blob, check_state=check)
+            if seq is None and small:   # a duplicate: its delta is not kept either
+                self.store.delete_blob(blob)
             if seq is not None and not replica_of:
                 self.trust.result(r.worker_id, held, r.num_samples)
         if seq is None:

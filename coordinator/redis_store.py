@@ -168,6 +168,7 @@ class RedisStore(LeasedIndex):
     blob_path = Store.blob_path
     get_blob = Store.get_blob
     delete_blob = Store.delete_blob
+    keeps_small_results = False   # every result's delta is a file (put_result_blob), which the other processes read
 
     # ------------------------------------------------------------------ writes (fenced, transactional)
     def transaction(self):

@@ -8,7 +8,9 @@ Invariants that make ``kill -9`` safe:
   result's delta: a random id of the same form, ``put_result_blob``), so a half-written or
   orphaned blob is either invisible or harmless.
 - An accepted result is one row in the append-only ``results`` table, written (with its delta
-  blob already on disk) before the worker is answered. ``unit_id`` is unique, so a replayed
+  blob already on disk, or, below ``SMALL_RESULT_MAX`` bytes, appended to the delta log with its
+  place in ``result_deltas`` in the same commit) before the worker is answered; the fdatasync that
+  makes the commit durable syncs the log's segments first. ``unit_id`` is unique, so a replayed
   submission is recognised and never applied twice.
 - A new model version, the results it folds in (``applied_step``), the results the strategy
   dropped at that aggregation (``dropped``, with the reason) and the strategy's state are
@@ -69,12 +71,17 @@ CREATE TABLE IF NOT EXISTS evals (
     step INTEGER NOT NULL, samples INTEGER NOT NULL, seconds REAL NOT NULL,
     test_acc REAL NOT NULL, test_loss REAL, at REAL NOT NULL);  -- test_loss NULL: not finite (diverged)
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS result_deltas (
+    blob TEXT PRIMARY KEY, segment INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS result_deltas_segment ON result_deltas (segment);
 """
 
 
 log = logging.getLogger("crowdtrain.coordinator")
 
 DIRECT_MIN = 1 << 20      # a result's delta blob of at least this many bytes is written with O_DIRECT
+SMALL_RESULT_MAX = 1 << 20   # a result's delta below this many bytes goes to the delta log (put_small_result)
+SEGMENT_BYTES = 64 << 20     # a delta log segment takes appends until it holds this many bytes
 DIRECT_PIECE = 8 << 20    # ... through a page-aligned buffer of this size, one per writing thread
 DIRECT_ALIGN = 4096       # file offsets and lengths of the direct writes: a multiple of any logical block
 _direct = {"on": hasattr(os, "O_DIRECT")}   # off for good once a filesystem refuses it (tmpfs: EINVAL)
@@ -222,6 +229,18 @@ class Store(LeasedIndex):
                         "WHERE applied_step IS NULL AND dropped IS NULL")
         self.db.execute("CREATE INDEX IF NOT EXISTS results_offered ON results (offered_step, offer_rank)")
         self._wal_fd: int | None = None
+        self._reader: sqlite3.Connection | None = None   # _small_result's
+        self._reader_lock = threading.Lock()
+        self.delta_dir = self.root / "deltas"    # the delta log: segments <n>.log, appended on the event loop
+        self.delta_dir.mkdir(exist_ok=True)
+        self._segment: tuple[int, int] | None = None   # the segment appended to: (number, fd), and its end
+        self._segment_end = 0
+        self._unsynced: dict[int, int] = {}   # fd -> segment number: appended since the last fdatasync
+        self._retired: list[int] = []         # fds of earlier segments, closed once synced
+        self._emptied: set[int] = set()       # segments to delete if no row names them (_drop_segment_if_unnamed)
+        self._segment_lock = threading.Lock()   # the segment appended to, and the fds to sync
+        self._sync_lock = threading.Lock()      # one _sync_segments at a time
+        self._sweep_segments()
         self._closed = False
         self._init_leased()
         self._durable = -1               # total_changes covered by the last fdatasync of the WAL
@@ -234,6 +253,14 @@ class Store(LeasedIndex):
             return
         self._closed = True
         self.sync_now()
+        self._sync_segments()
+        if self._segment is not None:
+            os.close(self._segment[1])
+            self._segment = None
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         self.db.close()
         if self._wal_fd is not None:
             os.close(self._wal_fd)
@@ -257,7 +284,9 @@ class Store(LeasedIndex):
 
     # ------------------------------------------------------------------ durability (group commit)
     def _fdatasync_wal(self) -> None:
-        """fdatasync the WAL file (blocking): every commit written to it so far is durable."""
+        """fdatasync the delta log's segments appended to, then the WAL file (blocking): every commit written
+        to it so far is durable, with the small deltas its rows place in the log (written before them)."""
+        self._sync_segments()
         if self._wal_fd is None:
             try:
                 self._wal_fd = os.open(self.root / "state.db-wal", os.O_RDONLY)
@@ -274,7 +303,7 @@ class Store(LeasedIndex):
     def sync_now(self) -> None:
         """Make every commit so far durable, blocking (before deleting a blob a rolled-back commit
         would still need; on shutdown)."""
-        if self.dirty:
+        if self.dirty or self._unsynced:
             covered = self.db.total_changes
             self._fdatasync_wal()
             self._durable = max(self._durable, covered)
@@ -330,6 +359,105 @@ class Store(LeasedIndex):
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    # ------------------------------------------------------------------ the delta log (small results' deltas)
+    # A small result's delta (below SMALL_RESULT_MAX bytes: a 0.1M-parameter model's fp16 delta, a top-k or
+    # int8 one of the bundled models) is appended to a segment file of the delta log on the event loop, and its
+    # place is a row of ``result_deltas`` in its result's commit; the group fdatasync that makes the commit
+    # durable syncs the segment first. No file to create, fsync, rename and later unlink per result (those
+    # cost more than the rest of taking such a result: docs/results.md, "Coordinator capacity"). A segment
+    # goes once no row places a delta in it and another one is appended to.
+    keeps_small_results = True   # RedisStore: False (its results' deltas are files in the shared blob folder)
+
+    def put_small_result(self, data: bytes | memoryview) -> str:
+        """Append a result's delta of fewer than ``SMALL_RESULT_MAX`` bytes to the delta log under a fresh random
+        id of the blob-id form (as ``put_result_blob``'s); returns the id. Call it on the event loop, in the
+        transaction that adds its result's row (a rolled-back one leaves unnamed bytes in the log, harmless)."""
+        last = None
+        with self._segment_lock:
+            if self._segment is None or self._segment_end >= SEGMENT_BYTES:
+                last = self._next_segment()
+            number, fd = self._segment
+            offset, view = self._segment_end, memoryview(data).cast("B")
+            written = 0
+            while written < len(view):
+                written += os.pwrite(fd, view[written:], offset + written)
+            self._segment_end += len(view)
+            self._unsynced[fd] = number
+        blob_id = secrets.token_hex(32)
+        self.db.execute("INSERT INTO result_deltas (blob, segment, offset, length) VALUES (?, ?, ?, ?)",
+                        (blob_id, number, offset, len(view)))
+        if last is not None:
+            self._drop_segment_if_unnamed(last)
+        return blob_id
+
+    def _next_segment(self) -> int | None:
+        """Start a new segment (under ``_segment_lock``); returns the last one's number (its file is closed
+        once synced), or None."""
+        numbers = [int(p.stem) for p in self.delta_dir.glob("*.log") if p.stem.isdigit()]
+        number = max(numbers + [self._segment[0] if self._segment else 0]) + 1
+        fd = os.open(self.delta_dir / f"{number}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        last = None
+        if self._segment is not None:
+            last, last_fd = self._segment
+            self._retired.append(last_fd)
+        self._segment, self._segment_end = (number, fd), 0
+        return last
+
+    def _drop_segment_if_unnamed(self, number: int) -> None:
+        """Delete a segment no longer appended to once no row places a delta in it (after the commits that
+        made its deltas unnecessary are durable, as a blob file's deletion). In a transaction the check waits
+        for the next deletion outside one (``sync_now`` there would count the open transaction's changes as
+        durable); a segment still left goes on the next open."""
+        self._emptied.add(number)
+        if self.db.in_transaction:
+            return
+        current = self._segment[0] if self._segment is not None else None
+        for n in sorted(self._emptied - {current}):
+            self._emptied.discard(n)
+            if self.db.execute("SELECT 1 FROM result_deltas WHERE segment = ? LIMIT 1", (n,)).fetchone() is None:
+                self.sync_now()
+                (self.delta_dir / f"{n}.log").unlink(missing_ok=True)
+
+    def _sync_segments(self) -> None:
+        """fdatasync the segments appended to since the last call, and close the retired ones (any thread;
+        one call at a time, so no file is closed under another call's fdatasync)."""
+        with self._sync_lock:
+            with self._segment_lock:
+                fds, retired = list(self._unsynced), self._retired
+                self._unsynced, self._retired = {}, []
+            for fd in fds:
+                os.fdatasync(fd)
+            for fd in retired:
+                os.close(fd)
+
+    def _sweep_segments(self) -> None:
+        """On open: delete the segments no row places a delta in (their results decided, or a commit that
+        never came)."""
+        named = {n for (n,) in self.db.execute("SELECT DISTINCT segment FROM result_deltas")}
+        for path in self.delta_dir.glob("*.log"):
+            if not path.stem.isdigit() or int(path.stem) not in named:
+                path.unlink(missing_ok=True)
+
+    def _small_result(self, blob_id: str) -> bytes | None:
+        """A delta ``put_small_result`` appended, or None. Its place is read through a connection of its own
+        (threads decode deltas): a committed row, which every delta whose id a caller holds is."""
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
+            row = self._reader.execute("SELECT segment, offset, length FROM result_deltas WHERE blob = ?",
+                                       (blob_id,)).fetchone()
+        if row is None:
+            return None
+        number, offset, length = row
+        fd = os.open(self.delta_dir / f"{number}.log", os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise OSError(f"delta log segment {number}: {len(data)} of {length} bytes at {offset}")
+        return data
+
     def blob_path(self, blob_id: str) -> Path | None:
         if not is_blob_id(blob_id):
             return None
@@ -339,7 +467,10 @@ class Store(LeasedIndex):
     def get_blob(self, blob_id: str) -> bytes:
         path = self.blob_path(blob_id)
         if path is None:
-            raise KeyError(blob_id)
+            data = self._small_result(blob_id) if self.keeps_small_results and is_blob_id(blob_id) else None
+            if data is None:
+                raise KeyError(blob_id)
+            return data
         return path.read_bytes()
 
     def delete_blob(self, blob_id: str) -> None:
@@ -347,6 +478,12 @@ class Store(LeasedIndex):
         if path is not None:
             self.sync_now()   # the commit that made it unnecessary is durable before it goes
             path.unlink(missing_ok=True)
+        elif self.keeps_small_results and is_blob_id(blob_id):
+            row = self.db.execute("SELECT segment FROM result_deltas WHERE blob = ?", (blob_id,)).fetchone()
+            if row is None:
+                return
+            self.db.execute("DELETE FROM result_deltas WHERE blob = ?", (blob_id,))
+            self._drop_segment_if_unnamed(row[0])
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default=None):

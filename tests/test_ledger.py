@@ -400,3 +400,90 @@ def test_a_large_results_delta_is_written_past_the_page_cache_or_through_it_wher
     assert store.get_blob(second) == data and any(f & os.O_DIRECT for f in opened) is (not refused)
     assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted([first, small, second])
     store.close()
+
+
+def test_small_results_deltas_go_to_the_delta_log_synced_before_the_wal_and_segments_go_when_unnamed(
+        tmp_path, monkeypatch):
+    """A delta below ``SMALL_RESULT_MAX`` bytes is appended to a segment of the delta log with its place in
+    ``result_deltas`` (no file of its own): read back from any thread, synced before the WAL whose commit
+    names it, deleted with its row; a segment no longer appended to goes once no row names it, and on open
+    every segment no row names goes."""
+    import os
+
+    from coordinator import store as store_module
+
+    monkeypatch.setattr(store_module, "SEGMENT_BYTES", 2500)   # a new segment every third delta here
+    synced: list[str] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(store_module.os, "fdatasync",
+                        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fdatasync(fd))
+    store = store_module.Store(tmp_path)
+    synced.clear()   # opening syncs the WAL
+    datas = [bytes([i]) * 1000 for i in range(7)]
+    ids = []
+    for data in datas:
+        with store.transaction():
+            ids.append(store.put_small_result(memoryview(data)))
+    assert len(set(ids)) == 7 and list((tmp_path / "blobs").iterdir()) == []
+    segments = sorted(int(p.stem) for p in (tmp_path / "deltas").glob("*.log"))
+    assert segments == [1, 2, 3], segments
+    assert [store.get_blob(i) for i in ids] == datas
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(data=[store.get_blob(i) for i in ids]))
+    reader.start()
+    reader.join()
+    assert got["data"] == datas, "read back from another thread"
+
+    store.sync_now()
+    assert [os.path.basename(p) for p in synced] == ["1.log", "2.log", "3.log", "state.db-wal"], synced
+    with store.transaction():
+        store.put_small_result(b"late")
+    synced.clear()
+    store.sync_now()
+    assert [os.path.basename(p) for p in synced] == ["3.log", "state.db-wal"], "the segment, then the WAL"
+
+    for i in ids[:3]:   # every delta in segment 1: it goes
+        store.delete_blob(i)
+    assert sorted(int(p.stem) for p in (tmp_path / "deltas").glob("*.log")) == [2, 3]
+    for i in ids[6:]:   # segment 3 is appended to: it stays, empty or not
+        store.delete_blob(i)
+    assert (tmp_path / "deltas" / "3.log").exists()
+    with pytest.raises(KeyError):
+        store.get_blob(ids[0])
+    assert store.get_blob(ids[3]) == datas[3]
+    store.close()
+
+    (tmp_path / "deltas" / "9.log").write_bytes(b"bytes of a commit that never came")
+    again = store_module.Store(tmp_path)
+    assert [again.get_blob(i) for i in ids[3:6]] == datas[3:6], "read back after reopening"
+    assert sorted(int(p.stem) for p in (tmp_path / "deltas").glob("*.log")) == [2, 3], "9.log: no row names it"
+    with again.transaction():
+        new = again.put_small_result(b"after")
+    assert again.get_blob(new) == b"after" and (tmp_path / "deltas" / "4.log").exists(), "a segment of its own"
+    again.close()
+
+
+async def test_a_small_results_delta_is_logged_with_its_row_and_goes_once_a_persisted_version_covers_it(
+        aiohttp_client, tmp_path):
+    """In a job: an accepted result whose delta is below ``SMALL_RESULT_MAX`` bytes has no blob file; its
+    delta is in the delta log, read back as sent, until a persisted version folds it in."""
+    from coordinator.store import SMALL_RESULT_MAX
+
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {}, persist_every_versions=2, codec="topk")
+    units = [await take(client, w) for w in ("w1", "w2")]
+    results = [await honest(client, u, w) for u, w in zip(units, ("w1", "w2"))]
+    assert all(len(r.delta) < SMALL_RESULT_MAX for r in results)
+    status, got = await post(client, units[0], body(results[0]))
+    assert status == 200 and got["accepted"], got
+    row = job.store.db.execute("SELECT delta_blob FROM results").fetchone()
+    assert job.store.blob_path(row[0]) is None and job.store.get_blob(row[0]) == bytes(results[0].delta)
+    await job.settle()
+    assert job.step == 1 and job.persisted_step == 0, "folded, not yet persisted: the delta stays for a replay"
+    assert job.store.get_blob(row[0]) == bytes(results[0].delta)
+    status, got = await post(client, units[1], body(results[1]))
+    assert status == 200 and got["accepted"], got
+    await job.settle()
+    assert job.persisted_step == 2
+    assert job.store.db.execute("SELECT COUNT(*) FROM result_deltas").fetchone()[0] == 0, "both decided and persisted"
+    with pytest.raises(KeyError):
+        job.store.get_blob(row[0])

@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 ARGS = ("--model", "cnn", "--limit-train", "2000", "--shard-size", "250", "--batch-size", "32", "--local-steps", "2",
-        "--codec", "fp32", "--strategy", "async_sgd", "--param", "staleness=polynomial", "--param", "staleness_a=1.0",
+        "--strategy", "async_sgd", "--param", "staleness=polynomial", "--param", "staleness_a=1.0",
         "--eval-every", "100000", "--epochs", "50", "--persist-every-s", "100000", "--persist-every-versions", "1000",
         "--version-download", "fp32")   # a unit's base is then the coordinator's model itself (fp16 or deltas otherwise)
 
@@ -51,14 +51,16 @@ def blob(c, blob_id: str) -> dict:
 
 
 def submit(c, unit: WorkUnit, worker: str, seed: int, like: dict) -> dict:
+    """A random delta in the unit's codec; returns what it decodes to (what the coordinator folds)."""
     rng = np.random.default_rng(seed)
     delta = {k: (1e-3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in like.items()}
+    encoded = encode_delta(get_codec(unit.codec), delta)
     body = pack_result(UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=worker,
-                                  base_version=unit.model_version, delta=encode_delta(get_codec("fp32"), delta),
+                                  base_version=unit.model_version, delta=encoded,
                                   loss_before=2.3, loss_after=2.2, num_samples=unit.batch_size, compute_seconds=1.0))
     status, raw = post(f"{c.url}/api/v1/units/{unit.unit_id}/result", body, "application/octet-stream")
     assert status == 200 and json.loads(raw)["accepted"], raw
-    return delta
+    return decode_delta(encoded)
 
 
 def expected_model(c, v0: dict, deltas: dict[str, dict]) -> dict:
@@ -96,8 +98,11 @@ def kill_and_restart(c) -> None:
     c.start_coordinator()
 
 
-def test_kill_9_after_unpersisted_folds_rebuilds_the_same_model(cluster):
-    c = cluster(*ARGS)
+@pytest.mark.parametrize("codec", ["fp32", "topk"])
+def test_kill_9_after_unpersisted_folds_rebuilds_the_same_model(cluster, codec):
+    """fp32: each result's delta (8.7 MB) is a blob file; topk (about 0.1 MB): appended to the delta log
+    (``Store.put_small_result``), from which the replay reads it."""
+    c = cluster(*ARGS, "--codec", codec)
     c.start_coordinator()
     v0 = current_model(c)
     deltas: dict[str, dict] = {}
@@ -108,6 +113,9 @@ def test_kill_9_after_unpersisted_folds_rebuilds_the_same_model(cluster):
         latest_blob = db.execute("SELECT blob FROM versions ORDER BY step DESC LIMIT 1").fetchone()[0]
     assert before["model_version"] == 6 and persisted == 0 and latest_blob == "", \
         "the folds after version 0 were not written durably (what this test is about)"
+    with c.db() as db:
+        logged = db.execute("SELECT COUNT(*) FROM result_deltas").fetchone()[0]
+    assert logged == (6 if codec == "topk" else 0), "small deltas in the delta log, large ones in files"
 
     kill_and_restart(c)
     after = c.status()
