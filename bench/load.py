@@ -77,7 +77,10 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
     from contract.codecs import decode_delta, encode_delta, get_codec
     from contract.units import UnitResult, WorkUnit, pack_result
 
-    lat: dict[str, list[tuple[float, float]]] = {"units/next": [], "result": [], "hand_back": []}
+    # "units/next" split in two besides: asked right after an accepted result (that request waits, by design, for
+    # a version with the worker's own result folded in: ``Job.fresh_base``), and every other
+    lat: dict[str, list[tuple[float, float]]] = {"units/next": [], "result": [], "hand_back": [],
+                                                 "units/next after own result": [], "units/next other": []}
     statuses: dict[str, dict[str, int]] = {k: {} for k in lat}
     errors: list[str] = []
     refused: dict[str, int] = {}       # results the protocol refuses by design (too stale, lease ended)
@@ -98,22 +101,25 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
                                               {k: np.full(v.shape, 1e-5, np.float32) for k, v in model.items()})
         return deltas[unit.codec]
 
-    def record(route: str, started: float, status: int | str) -> None:
-        lat[route].append((started - t0, time.perf_counter() - started))
-        statuses[route][str(status)] = statuses[route].get(str(status), 0) + 1
+    def record(route: str, started: float, status: int | str, also: str | None = None) -> None:
+        for r in (route, also) if also else (route,):
+            lat[r].append((started - t0, time.perf_counter() - started))
+            statuses[r][str(status)] = statuses[r].get(str(status), 0) + 1
 
     async def worker(k: int, session) -> None:
         wid, url = f"load-{k:04d}", urls[k % len(urls)]
         rng = random.Random(k)
         await asyncio.sleep(rng.uniform(0, hold))
-        units = 0
+        units, own = 0, False   # own: this worker's last result was accepted
         while time.perf_counter() < end:
             started = time.perf_counter()
             try:
                 async with session.post(f"{url}/api/v1/units/next", json={
                         "protocol": 1, "worker_id": wid, "backend": "python"}) as r:
                     body = await r.read()
-                    record("units/next", started, r.status)
+                    record("units/next", started, r.status,
+                           "units/next after own result" if own else "units/next other")
+                    own = False
                     if r.status == 204:
                         await asyncio.sleep(min(hold, float(r.headers.get("Retry-After", "1"))))
                         continue
@@ -153,6 +159,7 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
                         errors.append(f"{route} {r.status}: {body[:200]!r}")
                     elif real and json.loads(body).get("accepted"):
                         accepted[0] += 1
+                        own = True
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 record(route, started, type(e).__name__)
                 errors.append(f"{route} {type(e).__name__}: {e}")
