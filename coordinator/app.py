@@ -702,8 +702,8 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app[ADMIN] = (load_tokens(config.admin_token_file, "--admin-token-file") if config.admin_token_file and several
                   else frozenset())
     app[LIMITS] = UnitLimits(config.unit_rate_worker, config.unit_rate_address, time.monotonic)
-    app[TOKENS] = gate_tokens(config)
     app[TRUSTED] = trusted_tokens(config)
+    app[TOKENS] = gate_tokens(config, app[TRUSTED])   # the file read once
     app[ASSETS], app[WARM] = Assets(default_cache_dir()), warm
     app[BOARD] = CreditBoard(lambda: job.store)
     app[NAME_LIMITS] = RateLimiter(NAME_RATE_PER_MIN, time.monotonic)

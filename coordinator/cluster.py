@@ -174,8 +174,8 @@ class LocalIntake:
         cfg = node.config
         self.store = RedisStore(node.url, cfg.job, node.blobs, root=cfg.state)
         self.intake = Intake(cfg, self.store, self.store.secret(), node.spec, time.time)
-        self.tokens = gate_tokens(cfg)
         self.trusted = trusted_tokens(cfg)   # the operator's own workers: never checked, so taken here with checks on
+        self.tokens = gate_tokens(cfg, self.trusted)
         self.taken = self.passed = 0
         self.checks = cfg.replication != "off"
 

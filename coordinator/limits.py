@@ -124,12 +124,12 @@ def load_tokens(path: str | Path, flag: str = "--worker-tokens") -> frozenset[st
     return frozenset(tokens)
 
 
-def gate_tokens(config) -> frozenset[str]:
+def gate_tokens(config, trusted: frozenset[str] | None = None) -> frozenset[str]:
     """The tokens that let a worker in (``--worker-tokens``, and the operator's own ``--trusted-tokens``
-    with it); empty: anyone may work."""
+    with it: ``trusted`` when already read); empty: anyone may work."""
     if not config.worker_tokens:
         return frozenset()
-    return load_tokens(config.worker_tokens) | trusted_tokens(config)
+    return load_tokens(config.worker_tokens) | (trusted_tokens(config) if trusted is None else trusted)
 
 
 def trusted_tokens(config) -> frozenset[str]:
