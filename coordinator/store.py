@@ -80,7 +80,7 @@ CREATE INDEX IF NOT EXISTS result_deltas_segment ON result_deltas (segment);
 log = logging.getLogger("crowdtrain.coordinator")
 
 DIRECT_MIN = 1 << 20      # a result's delta blob of at least this many bytes is written with O_DIRECT
-SMALL_RESULT_MAX = 1 << 20   # a result's delta below this many bytes goes to the delta log (put_small_result)
+SMALL_RESULT_MAX = 4 << 20   # a result's delta below this many bytes goes to the delta log (put_small_result)
 SEGMENT_BYTES = 64 << 20     # a delta log segment takes appends until it holds this many bytes
 DIRECT_PIECE = 8 << 20    # ... through a page-aligned buffer of this size, one per writing thread
 DIRECT_ALIGN = 4096       # file offsets and lengths of the direct writes: a multiple of any logical block
@@ -360,8 +360,8 @@ class Store(LeasedIndex):
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------ the delta log (small results' deltas)
-    # A small result's delta (below SMALL_RESULT_MAX bytes: a 0.1M-parameter model's fp16 delta, a top-k or
-    # int8 one of the bundled models) is appended to a segment file of the delta log on the event loop, and its
+    # A small result's delta (below SMALL_RESULT_MAX bytes: an fp16 delta of up to about 2M parameters, resnet_fast's
+    # among them, and top-k deltas) is appended to a segment file of the delta log on the event loop, and its
     # place is a row of ``result_deltas`` in its result's commit; the group fdatasync that makes the commit
     # durable syncs the segment first. No file to create, fsync, rename and later unlink per result (those
     # cost more than the rest of taking such a result: docs/results.md, "Coordinator capacity"). A segment
