@@ -73,7 +73,9 @@ def rebase_running_stats(delta: dict[str, np.ndarray], base: dict[str, np.ndarra
     Weights are gradients' sums and add up, but running statistics are estimates: a stale
     delta added to statistics that moved meanwhile can push a variance below zero. Rebased,
     the statistics part is (worker's statistic - current statistic), so any strategy that
-    scales a delta by a weight <= 1 mixes the statistics convexly. Other entries are unchanged.
+    scales a delta by a weight <= 1 mixes the statistics convexly; where a fold's weights sum
+    above 1 (many updates at once), the fold divides the statistics' step by that sum
+    (``coordinator.strategies.tensors.fused_step``'s ``convex``). Other entries are unchanged.
     """
     out = dict(delta)
     for name in delta:

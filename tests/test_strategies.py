@@ -518,3 +518,54 @@ def test_freeze_keeps_a_tensor_once_its_samples_are_folded() -> None:
         Freeze(AsyncSGD(), {})
     with pytest.raises(ValueError, match=r"after\[b\]"):
         Freeze(AsyncSGD(), {"b": 0})
+
+
+# --- batch-norm statistics: at most a convex combination per fold ------------------------------
+
+def test_fused_step_mixes_statistics_convexly_and_sums_the_rest() -> None:
+    """A statistic's deltas are differences to the model (rebased): where their weights sum above 1 the
+    step is their weighted mean; other tensors' deltas add up as before; at or below 1 nothing changes."""
+    model = {"bn.running_mean": arr(1.0, 1.0), "w": arr(0.0, 0.0)}
+    d1 = {"bn.running_mean": arr(2.0, 0.0), "w": arr(1.0, 1.0)}     # targets 3, 1
+    d2 = {"bn.running_mean": arr(4.0, 2.0), "w": arr(1.0, -1.0)}    # targets 5, 3
+    new, info = T.fused_step(model, [d1, d2], [1.0, 1.0], convex=T.is_statistic)
+    close(new, **{"bn.running_mean": arr(4.0, 2.0), "w": arr(2.0, 0.0)})   # the mean of 3 and 5, of 1 and 3
+    assert info["step_sq"] == pytest.approx(9 + 1 + 4 + 0)
+    new, _ = T.fused_step(model, [d1, d2], [0.25, 0.5], convex=T.is_statistic)   # 0.75: as before
+    close(new, **{"bn.running_mean": arr(3.5, 2.0), "w": arr(0.75, -0.25)})
+    new, _ = T.fused_step(model, [d1], [1.0], factor=3.0, convex=T.is_statistic)  # server lr 3: capped at 1
+    close(new, **{"bn.running_mean": arr(3.0, 1.0), "w": arr(3.0, 3.0)})
+    new, _ = T.fused_step(model, [d1, d2], [1.0, 1.0])   # without ``convex``: the plain sum
+    close(new, **{"bn.running_mean": arr(7.0, 3.0), "w": arr(2.0, 0.0)})
+
+
+@pytest.mark.parametrize("name", ["async_sgd", "fedbuff"])
+def test_many_stale_updates_folded_at_once_keep_statistics_bounded(name: str) -> None:
+    """What a load test found (docs/results.md, "Several coordinator processes on Redis"): a hundred
+    results folded at once, their statistics rebased on the model, summed with weights 1 / (1 + s) whose
+    total was about 17, moved the statistics 16 times past their targets, and the next fold past that:
+    after a few folds the running means were 1e38, then Inf, and every unit request failed. Through the
+    coordinator's own aggregator they now stay within the workers' statistics."""
+    from coordinator.aggregator import Aggregator
+    from coordinator.strategies.robust import AdaptiveClip
+
+    rng = np.random.default_rng(0)
+    start = {"bn.running_mean": np.zeros(8, np.float32), "bn.running_var": np.ones(8, np.float32),
+             "w": np.zeros(8, np.float32)}
+    history = {0: start}
+    params = {"buffer_size": 100, "server_lr": 3.0} if name == "fedbuff" else {"staleness": "polynomial",
+                                                                            "staleness_a": 1.0}
+    agg = Aggregator(AdaptiveClip(make_strategy(name, **params)), start, 0, 0, lambda s: history[s])
+    seq = 0
+    for _ in range(30):
+        for _ in range(100):
+            base = max(0, agg.step - int(rng.integers(0, 8)))
+            worker = {k: v + rng.normal(0, 0.1, 8).astype(np.float32) + 0.5 for k, v in history[base].items()}
+            seq += 1
+            agg.add(seq, {k: worker[k] - history[base][k] for k in start}, base, 64)
+        folded = agg.aggregate()
+        agg.advance(folded)
+        history[agg.step] = agg.state
+    assert agg.step == 30
+    assert all(np.isfinite(v).all() for v in agg.state.values())
+    assert np.abs(agg.state["bn.running_mean"]).max() < 30 and 0 < agg.state["bn.running_var"].min() < 30, agg.state

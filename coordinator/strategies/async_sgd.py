@@ -3,7 +3,9 @@ Deep Networks", NeurIPS 2012.
 
 Every update is applied as soon as it arrives, whatever its base version:
 ``model <- model + server_lr * s(staleness) * delta``. With several updates buffered (the
-loop was busy) they are applied one after another, which for this rule is their sum.
+loop was busy) they are applied one after another, which for this rule is their sum; batch-norm
+statistics, rebased on the model, take at most a convex combination (``fused_step``'s ``convex``:
+summed, a hundred stale ones folded at once overshot and grew without bound).
 
 Defaults: ``server_lr=1.0``, ``staleness="constant"`` (plain Downpour; see ``staleness.py``
 for "polynomial" and "hinge" and their ``staleness_a`` / ``staleness_b``).
@@ -16,7 +18,7 @@ import numpy as np
 
 from .base import BufferedStrategy, Pending, positive_float
 from .staleness import StalenessFn
-from .tensors import Model, fused_step
+from .tensors import Model, fused_step, is_statistic
 
 
 class AsyncSGD(BufferedStrategy):
@@ -33,6 +35,6 @@ class AsyncSGD(BufferedStrategy):
     def _fold(self, model: Model, pending: list[Pending], version: int) -> tuple[Model, dict[str, Any]]:
         weights = [self._s(p.staleness) for p in pending]
         new, info = fused_step(model, [p.update.delta for p in pending], weights, self.server_lr,
-                               known_sq=[p.sq for p in pending])
+                               known_sq=[p.sq for p in pending], convex=is_statistic)
         return new, {"staleness_weight_mean": float(np.mean(weights)), "_step_sq": info["step_sq"],
                      "_delta_sq": info["delta_sq"]}

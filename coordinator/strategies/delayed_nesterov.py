@@ -31,14 +31,7 @@ from .base import (
     BufferedStrategy, Pending, StrategyState, in_range, join_arrays, positive_float, positive_int, split_arrays,
 )
 from .staleness import StalenessFn
-from .tensors import Model, add_scaled, copy_model, scale, weighted_sum
-
-STAT_SUFFIXES = ("running_mean", "running_var")
-
-
-def is_statistic(name: str) -> bool:
-    """Batch-norm running statistics: averaged, never pushed through momentum."""
-    return name.rsplit(".", 1)[-1] in STAT_SUFFIXES
+from .tensors import Model, add_scaled, copy_model, is_statistic, scale, weighted_sum
 
 
 def split_statistics(delta: Model) -> tuple[Model, Model]:

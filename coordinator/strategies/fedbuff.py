@@ -21,7 +21,7 @@ from .base import (
     BufferedStrategy, Pending, StrategyState, in_range, join_arrays, positive_float, positive_int, split_arrays,
 )
 from .staleness import StalenessFn
-from .tensors import Model, fused_step
+from .tensors import Model, fused_step, is_statistic
 
 
 class FedBuff(BufferedStrategy):
@@ -44,7 +44,7 @@ class FedBuff(BufferedStrategy):
         scaled = [w / len(pending) for w in weights]
         momentum = self._momentum if self.server_momentum > 0 else None
         new, info = fused_step(model, [p.update.delta for p in pending], scaled, self.server_lr, momentum=momentum,
-                               beta=self.server_momentum, known_sq=[p.sq for p in pending])
+                               beta=self.server_momentum, known_sq=[p.sq for p in pending], convex=is_statistic)
         if momentum is not None:
             self._momentum = info["momentum"]
         return new, {"staleness_weight_mean": float(np.mean(weights)), "_step_sq": info["step_sq"],

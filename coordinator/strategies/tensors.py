@@ -11,7 +11,7 @@ deltas once and writes the new model once (instead of float64 copies and separat
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -134,22 +134,44 @@ def global_norm(delta: Model) -> float:
     return math.sqrt(sq_norm(delta)) if delta else 0.0
 
 
+STAT_SUFFIXES = ("running_mean", "running_var")
+
+
+def is_statistic(name: str) -> bool:
+    """Batch-norm running statistics: estimates, mixed (convexly, rebased on the model), never pushed
+    through momentum (models.local.is_running_stat names the same tensors)."""
+    return name.rsplit(".", 1)[-1] in STAT_SUFFIXES
+
+
 def fused_step(model: Model, deltas: Sequence[Model], weights: Sequence[float], factor: float = 1.0,
                momentum: Model | None = None, beta: float = 0.0,
-               known_sq: Sequence[float | None] | None = None) -> tuple[Model, dict]:
+               known_sq: Sequence[float | None] | None = None,
+               convex: Callable[[str], bool] | None = None) -> tuple[Model, dict]:
     """``model + factor * step`` with ``step = sum_i w_i delta_i`` (a tensor a delta lacks counts as
     zero there), or with ``momentum`` given, heavy ball: ``m' = beta m + step``, ``model + factor m'``.
     One pass per tensor in float32 chunks; returns the new model (the model's dtypes; tensors no
     delta carries are copied) and ``{"step_sq": |new - model|^2 (before rounding), "delta_sq": [...],
     "momentum": m'}``. ``known_sq``: squared norms already known (None: computed in the same pass).
+    ``convex`` (no momentum): the tensors whose deltas are differences to the model (batch-norm
+    statistics rebased on it: ``statistic - model``) get at most a convex combination: where
+    ``factor * sum_i w_i`` over the deltas that carry it exceeds 1, that tensor's step is divided by it
+    (the weighted mean of the deltas' targets); summed as they are, many such deltas folded at once
+    overshoot, and a fold after another grows the statistics without bound.
     Raises ``NonFinite`` naming every delta with a non-finite value (nothing is returned then)."""
     if len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
     known = list(known_sq) if known_sq is not None else [None] * len(deltas)
     delta_sq = [0.0] * len(deltas)
     step_sq = 0.0
+    capped: dict[str, float] = {}   # tensor -> its own factor, where the convex cap applies
+    if convex is not None and momentum is None:
+        for k in model:
+            if convex(k):
+                total = factor * sum(float(w) for d, w in zip(deltas, weights) if k in d)
+                if total > 1.0:
+                    capped[k] = factor / total
     # one delta and no momentum: |step| = |factor w| |delta| (the delta's norm is known or measured in the pass)
-    single = len(deltas) == 1 and momentum is None
+    single = len(deltas) == 1 and momentum is None and not capped
     out: Model = {}
     new_momentum: Model = {} if momentum is not None else None
     for k, base in model.items():
@@ -167,6 +189,7 @@ def fused_step(model: Model, deltas: Sequence[Model], weights: Sequence[float], 
         n = base.size
         acc = np.empty(min(CHUNK, n), dtype)
         tmp = np.empty(min(CHUNK, n), dtype)
+        key_factor = capped.get(k, factor)
         for lo in range(0, n, CHUNK):
             hi = min(lo + CHUNK, n)
             a, t = acc[:hi - lo], tmp[:hi - lo]
@@ -188,8 +211,8 @@ def fused_step(model: Model, deltas: Sequence[Model], weights: Sequence[float], 
                     np.multiply(m_flat[lo:hi], beta, out=t)
                     np.add(a, t, out=a)
                 m_new[lo:hi] = a
-            if factor != 1.0:
-                np.multiply(a, factor, out=a)
+            if key_factor != 1.0:
+                np.multiply(a, key_factor, out=a)
             if not single:
                 step_sq += float(np.dot(a, a))
             if base.dtype == a.dtype:
