@@ -569,3 +569,17 @@ def test_many_stale_updates_folded_at_once_keep_statistics_bounded(name: str) ->
     assert agg.step == 30
     assert all(np.isfinite(v).all() for v in agg.state.values())
     assert np.abs(agg.state["bn.running_mean"]).max() < 30 and 0 < agg.state["bn.running_var"].min() < 30, agg.state
+
+
+@pytest.mark.parametrize("name", ["async_sgd", "fedbuff"])
+def test_a_fold_that_would_overflow_drops_its_updates_and_keeps_the_model(name: str) -> None:
+    """Finite deltas whose weighted sum overflows float32: the model stays as it was (finite) and the
+    updates are dropped with the reason, instead of a version of Inf that no unit can be cut from."""
+    s = make_strategy(name, **({"buffer_size": 2} if name == "fedbuff" else {}))
+    model = {"w": arr(3e38, 0.0)}
+    s.offer(upd(0, w=arr(3e38, 1.0)), 0)
+    s.offer(upd(0, w=arr(3e38, 1.0)), 0)
+    out = s.fold(model, 0)
+    assert out.folded == () and [d.reason for d in out.dropped] == ["incompatible"] * 2
+    assert "overflow" in out.dropped[0].detail
+    close(out.model, w=arr(3e38, 0.0))

@@ -291,7 +291,8 @@ class BufferedStrategy(Strategy):
                 drops.append(drop)
         while True:
             try:
-                new, extra = self._fold(model, good, version) if good else (copy_model(model), {})
+                with np.errstate(over="ignore"):   # an overflow is found and handled below, not warned about
+                    new, extra = self._fold(model, good, version) if good else (copy_model(model), {})
                 break
             except NonFinite as e:   # found in the fold's own pass: drop those, fold the others
                 bad = set(e.indices)
@@ -299,6 +300,9 @@ class BufferedStrategy(Strategy):
                                or "non-finite values") for i, p in enumerate(good) if i in bad]
                 good = [p for i, p in enumerate(good) if i not in bad]
         step_sq, delta_sq = extra.pop("_step_sq", None), extra.pop("_delta_sq", None)
+        if good and step_sq is not None and not math.isfinite(step_sq):   # finite deltas whose sum overflowed
+            drops += [Drop(p.update, "incompatible", "the fold overflowed float32 (a non-finite model)") for p in good]
+            good, new, step_sq, delta_sq, extra = [], copy_model(model), None, None, {}
         if delta_sq is not None:
             good = [p if p.sq is not None else dataclasses.replace(p, sq=sq) for p, sq in zip(good, delta_sq)]
         metrics = {**summarize(good, model, new, step_sq), "rejected": len(drops), **extra}
