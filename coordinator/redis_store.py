@@ -130,6 +130,10 @@ class RedisStore(LeasedIndex):
         self._buffer: list[list[str]] | None = None   # commands of the open transaction
         self._depth = 0
         self._rows_r: dict[int, dict] = {}   # changes of the open transaction, read back by later reads in it
+        # open results' rows (``_open_rows``): a row is read once, then again only after this process changed it
+        # (``_set_result``); other processes only append rows. Every unit request asks for the pending samples,
+        # and reading every open row each time made the leader's event loop the bottleneck under load.
+        self._open_cache: dict[int, dict] = {}
         self._rows_u: dict[str, dict] = {}
         self._init_leased()
         self._closed = False
@@ -209,11 +213,13 @@ class RedisStore(LeasedIndex):
         commands, self._buffer, self._rows_r, self._rows_u = self._buffer, None, {}, {}
         if not ok:
             self._leased = None   # what is leased is read again
+            self._open_cache.clear()   # it may hold rows read with the transaction's changes
             return
         try:
             self._flush(commands)
         except BaseException:
             self._leased = None
+            self._open_cache.clear()
             raise
 
     # ------------------------------------------------------------------ rows
@@ -255,6 +261,7 @@ class RedisStore(LeasedIndex):
         return rows
 
     def _set_result(self, seq: int, values: dict) -> None:
+        self._open_cache.pop(seq, None)
         self._hset(f"{self.p}r:{seq}", values)
         if self._buffer is not None:
             self._rows_r.setdefault(seq, {}).update(values)
@@ -603,8 +610,17 @@ class RedisStore(LeasedIndex):
             self.set_offered(offered)
 
     def _open_rows(self) -> list[dict]:
-        rows = self._result_rows(sorted(int(s) for s in self.r.smembers(self.p + "r:open")))
-        return [r for r in rows if r["applied_step"] is None and r["dropped"] is None]
+        """Results neither folded nor dropped, oldest first: ``r:open``'s members, each row read from Redis once
+        (``_open_cache``)."""
+        members = sorted(int(s) for s in self.r.smembers(self.p + "r:open"))
+        missing = [s for s in members if s not in self._open_cache]
+        for row in self._result_rows(missing):
+            self._open_cache[row["seq"]] = row
+        keep = set(members)
+        for seq in [s for s in self._open_cache if s not in keep]:
+            del self._open_cache[seq]
+        rows = [self._open_cache[s] for s in members if s in self._open_cache]
+        return [dict(r) for r in rows if r["applied_step"] is None and r["dropped"] is None]
 
     def blob_pending(self, blob_id: str) -> bool:
         return any(r["delta_blob"] == blob_id for r in self._open_rows())
