@@ -318,6 +318,7 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
             result["coordinator_log_errors"] = [line for f in sorted(tmp.glob("coordinator*.log"))
                                                 for line in f.read_text().splitlines()
                                                 if "Traceback" in line or "ERROR" in line][:10]
+            result["coordinator_first_traceback"] = first_traceback(sorted(tmp.glob("coordinator*.log")))
         finally:
             for p in reversed(procs):   # the coordinators first, Redis last
                 p.send_signal(signal.SIGTERM)
@@ -336,6 +337,21 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
                                                   "units_expired", "units_rejected", "updates_applied",
                                                   "model_version", "staleness_histogram")}
     return result
+
+
+def first_traceback(logs: list[Path]) -> list[str]:
+    """The first traceback in the coordinators' logs, whole (at most 60 lines), or []."""
+    for f in logs:
+        lines = f.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback"):
+                block = [line]
+                for more in lines[i + 1:i + 60]:
+                    block.append(more)
+                    if more and not more.startswith((" ", "Traceback", "During handling", "The above")):
+                        break   # the exception's own line ends it
+                return block
+    return []
 
 
 def summary_lines(r: dict) -> list[str]:
