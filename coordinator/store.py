@@ -88,6 +88,13 @@ _direct = {"on": hasattr(os, "O_DIRECT")}   # off for good once a filesystem ref
 _pieces = threading.local()
 
 
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
+
+
 def write_direct(path: Path, data: bytes | memoryview) -> bool:
     """Write ``data`` to a new file at ``path`` bypassing the page cache: its whole 4 KiB blocks with
     O_DIRECT from a reused page-aligned buffer (one copy), the tail through the page cache, then fsync
@@ -118,14 +125,10 @@ def write_direct(path: Path, data: bytes | memoryview) -> bool:
         while done < whole:
             m = min(DIRECT_PIECE, whole - done)
             piece[:m] = view[done:done + m]
-            written = 0
-            while written < m:
-                written += os.pwrite(fd, piece[written:m], done + written)
+            pwrite_all(fd, piece[:m], done)
             done += m
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        written = whole
-        while written < n:
-            written += os.pwrite(fd, view[written:], written)
+        pwrite_all(fd, view[whole:], whole)
         os.fsync(fd)
     except OSError as e:
         os.close(fd)
@@ -235,7 +238,7 @@ class Store(LeasedIndex):
         self.delta_dir.mkdir(exist_ok=True)
         self._segment: tuple[int, int] | None = None   # the segment appended to: (number, fd), and its end
         self._segment_end = 0
-        self._unsynced: dict[int, int] = {}   # fd -> segment number: appended since the last fdatasync
+        self._unsynced: set[int] = set()      # fds of the segments appended to since the last fdatasync
         self._retired: list[int] = []         # fds of earlier segments, closed once synced
         self._emptied: set[int] = set()       # segments to delete if no row names them (_drop_segment_if_unnamed)
         self._segment_lock = threading.Lock()   # the segment appended to, and the fds to sync
@@ -378,11 +381,9 @@ class Store(LeasedIndex):
                 last = self._next_segment()
             number, fd = self._segment
             offset, view = self._segment_end, memoryview(data).cast("B")
-            written = 0
-            while written < len(view):
-                written += os.pwrite(fd, view[written:], offset + written)
+            pwrite_all(fd, view, offset)
             self._segment_end += len(view)
-            self._unsynced[fd] = number
+            self._unsynced.add(fd)
         blob_id = secrets.token_hex(32)
         self.db.execute("INSERT INTO result_deltas (blob, segment, offset, length) VALUES (?, ?, ?, ?)",
                         (blob_id, number, offset, len(view)))
@@ -423,8 +424,8 @@ class Store(LeasedIndex):
         one call at a time, so no file is closed under another call's fdatasync)."""
         with self._sync_lock:
             with self._segment_lock:
-                fds, retired = list(self._unsynced), self._retired
-                self._unsynced, self._retired = {}, []
+                fds, retired = self._unsynced, self._retired
+                self._unsynced, self._retired = set(), []
             for fd in fds:
                 os.fdatasync(fd)
             for fd in retired:
