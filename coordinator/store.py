@@ -238,7 +238,7 @@ class Store(LeasedIndex):
         self.delta_dir.mkdir(exist_ok=True)
         self._segment: tuple[int, int] | None = None   # the segment appended to: (number, fd), and its end
         self._segment_end = 0
-        self._unsynced: set[int] = set()      # fds of the segments appended to since the last fdatasync
+        self._unsynced: dict[int, None] = {}  # fds of the segments appended to since the last fdatasync, in order
         self._retired: list[int] = []         # fds of earlier segments, closed once synced
         self._emptied: set[int] = set()       # segments to delete if no row names them (_drop_segment_if_unnamed)
         self._segment_lock = threading.Lock()   # the segment appended to, and the fds to sync
@@ -383,7 +383,7 @@ class Store(LeasedIndex):
             offset, view = self._segment_end, memoryview(data).cast("B")
             pwrite_all(fd, view, offset)
             self._segment_end += len(view)
-            self._unsynced.add(fd)
+            self._unsynced[fd] = None
         blob_id = secrets.token_hex(32)
         self.db.execute("INSERT INTO result_deltas (blob, segment, offset, length) VALUES (?, ?, ?, ?)",
                         (blob_id, number, offset, len(view)))
@@ -425,7 +425,7 @@ class Store(LeasedIndex):
         with self._sync_lock:
             with self._segment_lock:
                 fds, retired = self._unsynced, self._retired
-                self._unsynced, self._retired = set(), []
+                self._unsynced, self._retired = {}, []
             for fd in fds:
                 os.fdatasync(fd)
             for fd in retired:
