@@ -750,9 +750,12 @@ class Job:
             if replica["status"] == "leased":
                 self.store.supersede(replica["unit_id"])
 
-    def _delete_blobs(self, blobs: list[str]) -> None:
+    def _delete_blobs(self, blobs) -> None:
+        """Delete the delta blobs no result waiting to be folded or dropped needs (one query for all)."""
+        blobs = [b for b in blobs if b]
+        pending = self.store.pending_blobs(blobs)
         for blob in blobs:
-            if blob and not self.store.blob_pending(blob):
+            if blob not in pending:
                 self.store.delete_blob(blob)
 
     def _offer_inbox(self) -> None:
@@ -828,9 +831,7 @@ class Job:
         keep = [(s, b) for s, b in self._replay_blobs if s >= step]
         gone = {b for s, b in self._replay_blobs if s < step} - {b for _, b in keep}
         self._replay_blobs = keep
-        for b in gone:   # folded into a persisted version: no replay needs them
-            if b and not self.store.blob_pending(b):
-                self.store.delete_blob(b)
+        self._delete_blobs(gone)   # folded into a persisted version: no replay needs them
         self._prune_versions()
 
     def _decided(self, offered: list[tuple[int, int, int]]) -> None:

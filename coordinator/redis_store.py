@@ -17,6 +17,7 @@ float such as a lease deadline comes back bit for bit):
                        replicas:<id> (the replicas issued for a unit)
     r:<seq>            a result's row; r:seq (counter), r:unit (unit id -> seq: a unit is accepted
                        once), r:all (list, acceptance order), r:open (neither folded nor dropped),
+                       r:open:gen (counts the appends: the leader's cache of the open rows)
                        off:<step> (zset seq -> offer rank: the log a replay folds again), r:rank
     tot, dropc, stale  counters (accepted, samples, applied, dropped; drops by reason; staleness)
     cr:units, cr:samples, cr:last   credit per worker (folded, never dropped)
@@ -35,6 +36,7 @@ loses nothing: what it wrote is in Redis; what it had not written was never answ
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -82,6 +84,7 @@ redis.call('HSET', p .. 'r:unit', unit_id, seq)
 redis.call('HSET', p .. 'r:' .. seq, 'seq', seq, unpack(fields))
 redis.call('RPUSH', p .. 'r:all', seq)
 redis.call('SADD', p .. 'r:open', seq)
+redis.call('INCR', p .. 'r:open:gen')
 redis.call('HINCRBY', p .. 'tot', 'accepted', 1)
 redis.call('HINCRBY', p .. 'tot', 'samples', ARGV[4])
 redis.call('HINCRBY', p .. 'stale', ARGV[5], 1)
@@ -112,6 +115,16 @@ def prefix(job: str) -> str:
     return f"ct:{job}:"
 
 
+@dataclasses.dataclass(frozen=True)
+class _OpenView:
+    """What ``RedisStore._open_view`` read: ``r:open:gen`` when it did, the open rows (oldest first; not to be
+    changed), their samples (a replica's count for nothing) and their delta blobs."""
+    gen: str | None
+    rows: tuple[dict, ...]
+    samples: int
+    blobs: frozenset[str]
+
+
 class RedisStore(LeasedIndex):
     """One job's rows in Redis (``url``: ``redis://HOST:PORT/DB``) and its blobs under ``blob_dir``.
     ``root``: where process-local files live (names.db). ``fence``: the leader lock whose token every
@@ -134,6 +147,9 @@ class RedisStore(LeasedIndex):
         # (``_set_result``); other processes only append rows. Every unit request asks for the pending samples,
         # and reading every open row each time made the leader's event loop the bottleneck under load.
         self._open_cache: dict[int, dict] = {}
+        # and what is read from them, kept while no result was appended (``r:open:gen``, which every append
+        # increments) and this process changed none (``_open_view``): a unit request then costs one GET
+        self._view: _OpenView | None = None
         self._rows_u: dict[str, dict] = {}
         self._init_leased()
         self._closed = False
@@ -214,12 +230,14 @@ class RedisStore(LeasedIndex):
         if not ok:
             self._leased = None   # what is leased is read again
             self._open_cache.clear()   # it may hold rows read with the transaction's changes
+            self._view = None
             return
         try:
             self._flush(commands)
         except BaseException:
             self._leased = None
             self._open_cache.clear()
+            self._view = None
             raise
 
     # ------------------------------------------------------------------ rows
@@ -262,6 +280,7 @@ class RedisStore(LeasedIndex):
 
     def _set_result(self, seq: int, values: dict) -> None:
         self._open_cache.pop(seq, None)
+        self._view = None
         self._hset(f"{self.p}r:{seq}", values)
         if self._buffer is not None:
             self._rows_r.setdefault(seq, {}).update(values)
@@ -610,20 +629,41 @@ class RedisStore(LeasedIndex):
             self.set_offered(offered)
 
     def _open_rows(self) -> list[dict]:
-        """Results neither folded nor dropped, oldest first: ``r:open``'s members, each row read from Redis once
-        (``_open_cache``)."""
-        members = sorted(int(s) for s in self.r.smembers(self.p + "r:open"))
+        """Results neither folded nor dropped, oldest first (copies: callers may change them)."""
+        return [dict(r) for r in self._open_view().rows]
+
+    def _open_view(self) -> _OpenView:
+        """The open results (``r:open``'s members, each row read from Redis once: ``_open_cache``) and what is
+        read from them, built again only when a result was appended since (``r:open:gen``; the counter is read
+        before the members, so an append between the two only makes the next call build it again) or this
+        process changed a row (``_set_result``)."""
+        gen_key = self.p + "r:open:gen"
+        if self._view is not None and self.r.get(gen_key) == self._view.gen:
+            return self._view
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(gen_key)
+        pipe.smembers(self.p + "r:open")
+        gen, raw = pipe.execute()
+        members = sorted(int(s) for s in raw)
         missing = [s for s in members if s not in self._open_cache]
         for row in self._result_rows(missing):
             self._open_cache[row["seq"]] = row
         keep = set(members)
         for seq in [s for s in self._open_cache if s not in keep]:
             del self._open_cache[seq]
-        rows = [self._open_cache[s] for s in members if s in self._open_cache]
-        return [dict(r) for r in rows if r["applied_step"] is None and r["dropped"] is None]
+        rows = tuple(r for r in (self._open_cache.get(s) for s in members)
+                     if r is not None and r["applied_step"] is None and r["dropped"] is None)
+        view = _OpenView(gen, rows, sum(r["num_samples"] for r in rows if r["check_state"] != "replica"),
+                         frozenset(r["delta_blob"] for r in rows))
+        if self._buffer is None:   # rows read inside a transaction carry its changes, which may yet fail
+            self._view = view
+        return view
 
     def blob_pending(self, blob_id: str) -> bool:
-        return any(r["delta_blob"] == blob_id for r in self._open_rows())
+        return blob_id in self._open_view().blobs
+
+    def pending_blobs(self, blob_ids) -> set[str]:
+        return set(blob_ids) & self._open_view().blobs
 
     def dropped_counts(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(self.p + "dropc").items() if int(v)}
@@ -648,7 +688,7 @@ class RedisStore(LeasedIndex):
         return [r for r in self._open_rows() if r["check_state"] not in ("held", "replica")]
 
     def pending_samples(self) -> int:
-        return sum(r["num_samples"] for r in self._open_rows() if r["check_state"] != "replica")
+        return self._open_view().samples
 
     # ------------------------------------------------------------------ replicated checks
     def result(self, seq: int) -> dict | None:

@@ -680,6 +680,16 @@ class Store(LeasedIndex):
         return self.db.execute("SELECT 1 FROM results WHERE delta_blob = ? AND applied_step IS NULL "
                                "AND dropped IS NULL LIMIT 1", (blob_id,)).fetchone() is not None
 
+    def pending_blobs(self, blob_ids) -> set[str]:
+        """Those of ``blob_ids`` that ``blob_pending`` holds on to."""
+        ids, out = list(dict.fromkeys(blob_ids)), set()
+        for i in range(0, len(ids), 500):   # SQLite's bound on a statement's parameters
+            chunk = ids[i:i + 500]
+            out.update(b for (b,) in self.db.execute(
+                f"SELECT DISTINCT delta_blob FROM results WHERE delta_blob IN ({','.join('?' * len(chunk))}) "
+                "AND applied_step IS NULL AND dropped IS NULL", chunk))
+        return out
+
     def dropped_counts(self) -> dict[str, int]:
         """Dropped results by reason."""
         return dict(self.db.execute("SELECT dropped, COUNT(*) FROM results WHERE dropped IS NOT NULL "

@@ -77,9 +77,11 @@ def test_results_each_have_one_fate_and_the_log_replays_in_offer_order(store):
     assert store.unit("u1")["status"] == "done" and store.leased_shards() == ["u4s"]
     assert [r["seq"] for r in store.pending_results()] == [s1, s2, s3] and store.pending_samples() == 30
     assert store.blob_pending("a" * 64) and store.result_for_unit("u2")["worker_id"] == "w2"
+    assert store.pending_blobs(["a" * 64, "c" * 64, "d" * 64, "a" * 64]) == {"a" * 64, "c" * 64}
     store.commit_version(Version(1, "", 20, 2, 5.0), [s2, s1], None, [(s3, "too_stale")],
                          offered=[(s2, 0, 0), (s1, 0, 1), (s3, 0, 2)])
     assert store.pending_results() == [] and store.pending_samples() == 0 and not store.blob_pending("a" * 64)
+    assert store.pending_blobs(["a" * 64, "c" * 64]) == set()
     assert [r["seq"] for r in store.offered_at(0)] == [s2, s1, s3] and store.last_offer_rank() == 2
     assert store.result_totals() == {"accepted": 3, "samples": 30, "applied": 2, "dropped": 1}
     assert store.dropped_counts() == {"too_stale": 1} and store.staleness_counts() == {0: 2, 1: 1}
@@ -159,6 +161,41 @@ def test_results_logged_by_a_process_that_does_not_lead(redis_url, tmp_path):
     assert [r["seq"] for r in leader.pending_results()] == [s1, s2] and leader.pending_samples() == 20
     assert leader.result_totals() == {"accepted": 2, "samples": 20, "applied": 0, "dropped": 0}
     assert leader.staleness_counts() == {0: 1, 1: 1} and leader.result(s2)["worker_id"] == "w2"
+
+
+def test_the_leaders_view_of_the_open_results_follows_appends_and_its_own_changes(redis_url, tmp_path):
+    """The leader reads the open results again only when a result was appended (by any process) or it changed
+    one itself; else a unit request's pending samples cost one GET. A change inside a transaction shows
+    inside it and goes with it when the transaction fails."""
+    from coordinator.redis_store import RedisStore
+
+    leader = RedisStore(redis_url, "job", tmp_path / "blobs")
+    other = RedisStore(redis_url, "job", tmp_path / "blobs")
+    for u in ("u1", "u2", "u3"):
+        lease(leader, u, [u + "s"])
+    assert leader.pending_samples() == 0
+    s1 = other.append_result("u1", "w1", 0, 0, 10, 2.3, 2.2, 1.0, "a" * 64)
+    assert leader.pending_samples() == 10 and leader.pending_blobs(["a" * 64, "b" * 64]) == {"a" * 64}
+    s2 = leader.add_result("u2", "w2", 0, 0, 20, 2.3, 2.2, 1.0, "b" * 64)
+    assert leader.pending_samples() == 30 and leader.blob_pending("b" * 64)
+
+    built = leader.r.pipeline
+    leader.r.pipeline = lambda *a, **k: pytest.fail("read the open results again with nothing changed")
+    assert leader.pending_samples() == 30 and leader.blob_pending("a" * 64) and len(leader.pending_results()) == 2
+    leader.r.pipeline = built
+
+    leader.set_check([(s2, "replica")])   # a replica's samples are those of the result it checks
+    assert leader.pending_samples() == 10
+    with pytest.raises(RuntimeError):
+        with leader.transaction():
+            leader.commit_version(Version(1, "", 10, 1, 1.0), [s1], None)
+            assert leader.pending_samples() == 0 and not leader.blob_pending("a" * 64)
+            raise RuntimeError("in the middle")
+    assert leader.pending_samples() == 10 and leader.blob_pending("a" * 64)
+    leader.commit_version(Version(1, "", 10, 1, 1.0), [s1], None)
+    assert leader.pending_samples() == 0 and leader.pending_blobs(["a" * 64, "b" * 64]) == {"b" * 64}
+    s3 = other.append_result("u3", "w3", 0, 0, 5, 2.3, 2.2, 1.0, "c" * 64)
+    assert leader.pending_samples() == 5 and [r["seq"] for r in leader.pending_results()] == [s3]
 
 
 # ---------------------------------------------------------------------------- the leader lock and fencing
