@@ -105,7 +105,7 @@ class Intake:
             check_result(issued, result)
         except ContractError as e:
             raise contract_rejection(e) from e
-        if self.store.result_for_unit(unit_id) is not None or unit["status"] == "done":
+        if unit["status"] == "done" or self.store.has_result(unit_id):
             raise Rejection("duplicate", 409, f"a result for unit {unit_id!r} was already accepted",
                             "result.unit_id")
         if unit["status"] == "superseded":

@@ -558,7 +558,7 @@ class RedisStore(LeasedIndex):
         ids = self.r.zrange(self.p + "u:leased", 0, -1) + self.r.zrangebyscore(self.p + "u:expired", since, "+inf")
         steps = {u["base_step"] for u in self._unit_rows(ids) if u["status"] in ("leased", "expired")
                  and u["base_step"] >= since}
-        return steps | {r["base_step"] for r in self._open_rows()}
+        return steps | {r["base_step"] for r in self._open_view().rows}
 
     def unit_counts(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(self.p + "u:count").items() if int(v)}
@@ -680,12 +680,15 @@ class RedisStore(LeasedIndex):
     def unit_statuses(self) -> dict[str, str]:
         return {u["unit_id"]: u["status"] for u in self._unit_rows(self.r.lrange(self.p + "u:all", 0, -1))}
 
+    def has_result(self, unit_id: str) -> bool:
+        return bool(self.r.hexists(self.p + "r:unit", unit_id))
+
     def result_for_unit(self, unit_id: str) -> dict | None:
         seq = self.r.hget(self.p + "r:unit", unit_id)
         return self._result_row(int(seq)) if seq is not None else None
 
     def pending_results(self) -> list[dict]:
-        return [r for r in self._open_rows() if r["check_state"] not in ("held", "replica")]
+        return [dict(r) for r in self._open_view().rows if r["check_state"] not in ("held", "replica")]
 
     def pending_samples(self) -> int:
         return self._open_view().samples
@@ -695,10 +698,10 @@ class RedisStore(LeasedIndex):
         return self._result_row(int(seq))
 
     def held_results(self) -> list[dict]:
-        return [r for r in self._open_rows() if r["check_state"] == "held"]
+        return [dict(r) for r in self._open_view().rows if r["check_state"] == "held"]
 
     def waiting_replica_results(self) -> list[dict]:
-        return [r for r in self._open_rows() if r["check_state"] == "replica"]
+        return [dict(r) for r in self._open_view().rows if r["check_state"] == "replica"]
 
     def wanted_replicas(self) -> list[dict]:
         out = []
@@ -721,7 +724,7 @@ class RedisStore(LeasedIndex):
                 self._set_result(seq, {"check_state": state})
 
     def held_counts(self) -> dict[str, int]:
-        return dict(Counter(r["check_state"] for r in self._open_rows() if r["check_state"] in ("held", "replica")))
+        return dict(Counter(r["check_state"] for r in self._open_view().rows if r["check_state"] in ("held", "replica")))
 
     # ------------------------------------------------------------------ trust records
     def trust_record(self, worker_id: str) -> dict | None:

@@ -705,6 +705,10 @@ class Store(LeasedIndex):
     def unit_statuses(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT unit_id, status FROM units").fetchall())
 
+    def has_result(self, unit_id: str) -> bool:
+        """Whether a result for ``unit_id`` was accepted."""
+        return self.db.execute("SELECT 1 FROM results WHERE unit_id = ? LIMIT 1", (unit_id,)).fetchone() is not None
+
     def result_for_unit(self, unit_id: str) -> dict | None:
         cur = self.db.execute("SELECT * FROM results WHERE unit_id = ?", (unit_id,))
         row = cur.fetchone()

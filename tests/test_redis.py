@@ -77,6 +77,7 @@ def test_results_each_have_one_fate_and_the_log_replays_in_offer_order(store):
     assert store.unit("u1")["status"] == "done" and store.leased_shards() == ["u4s"]
     assert [r["seq"] for r in store.pending_results()] == [s1, s2, s3] and store.pending_samples() == 30
     assert store.blob_pending("a" * 64) and store.result_for_unit("u2")["worker_id"] == "w2"
+    assert store.has_result("u2") and not store.has_result("u4") and not store.has_result("nope")
     assert store.pending_blobs(["a" * 64, "c" * 64, "d" * 64, "a" * 64]) == {"a" * 64, "c" * 64}
     store.commit_version(Version(1, "", 20, 2, 5.0), [s2, s1], None, [(s3, "too_stale")],
                          offered=[(s2, 0, 0), (s1, 0, 1), (s3, 0, 2)])
