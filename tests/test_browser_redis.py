@@ -3,12 +3,11 @@ process that does not lead of two ``crowdtrain coordinator --redis`` processes, 
 killed with ``kill -9`` while it does: the tab carries on through the takeover, every result it
 sent is accepted and folded once, and the ledger in Redis says so.
 
-About a minute on 2 cores, so it runs only when asked (``CROWDTRAIN_BROWSER_REDIS=1``); the Redis
-tests that CI runs are tests/test_redis.py and tests/test_deploy_redis.py.
+About 30 s on 2 cores. It was opt-in (``CROWDTRAIN_BROWSER_REDIS=1``) until 2026-12-05, and a change of
+the defaults (replication on) broke it unseen for a day: it runs with the rest now.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -20,9 +19,6 @@ from tests.helpers.tiny_cifar import write_official_archive
 from tests.test_browser import HAVE_BROWSER, drive, get
 
 pytestmark = [
-    pytest.mark.skipif(not os.environ.get("CROWDTRAIN_BROWSER_REDIS"),
-                       reason="set CROWDTRAIN_BROWSER_REDIS=1 (about a minute: a tab through two Redis-backed "
-                              "processes, kill -9 of the leader)"),
     pytest.mark.skipif(TR.REDIS is None, reason="redis-server is not installed"),
     pytest.mark.skipif(not HAVE_BROWSER, reason="needs node, /usr/bin/chromium and worker_web/node_modules"),
     pytest.mark.timeout(600),
