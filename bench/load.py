@@ -386,7 +386,7 @@ def main() -> int:
     p.add_argument("--redis", type=int, default=0, metavar="N",
                    help="N coordinator processes on one redis-server (crowdtrain coordinator --redis), the clients "
                         "spread over them (default: 0: one process with SQLite)")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more coordinator flags")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more coordinator flags: everything after it goes to the coordinator, so put it last")
     args = p.parse_args()
     if args.run_clients:
         result = asyncio.run(clients(args.run_clients, args.clients, args.duration, args.hold, args.results_every,
