@@ -4,7 +4,7 @@ set -u
 OUT=${OUT:-/work/main/bench/out/load_redis_2026-12-05}; mkdir -p $OUT
 cd /work/main
 for run in "$@"; do   # e.g. old2 new2 new4 old4
-  code=${NEW:-/work/main}; [[ $run == old* ]] && code=/work/wt-old
+  code=${NEW:-/work/main}; [[ $run == old* ]] && code=${OLD:-/work/wt-old}
   n=${run:3:1}
   echo "[$(date -u +%H:%M:%S)] $run load $(cut -d' ' -f1-3 /proc/loadavg)"
   .venv/bin/python bench/load.py --clients 200 --duration 60 --hold 0.2 --results-every 1 --model resnet_fast \
