@@ -69,8 +69,12 @@ def rss_mb(pid: int) -> float | None:
 
 
 # ---------------------------------------------------------------------------- the client process
-async def clients(url: str, n: int, duration: float, hold: float, results_every: int, warmup: float) -> dict:
-    """``url``: one coordinator, or several comma-separated (client k uses the k-th, round robin)."""
+async def clients(url: str, n: int, duration: float, hold: float, results_every: int, warmup: float,
+                  ca: Path | None = None) -> dict:
+    """``url``: one coordinator, or several comma-separated (client k uses the k-th, round robin); ``ca``: the
+    certificate authority to trust for an https ``url`` (Caddy's internal CA)."""
+    import ssl
+
     import aiohttp
     import numpy as np
 
@@ -89,7 +93,8 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
     t0 = time.perf_counter()
     end = t0 + duration
     timeout = aiohttp.ClientTimeout(total=60)
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None,
+                                     ssl=ssl.create_default_context(cafile=str(ca)) if ca else True)
 
     urls = url.split(",")
 
@@ -246,11 +251,14 @@ def free_port() -> int:
 def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", limit_train: int = 5000,
              results_every: int = 0, warmup: float = 30.0, sample_s: float = 2.0, extra: list[str] = (),
              workdir: Path | None = None, python_path: Path = ROOT, settle_first: bool = True,
-             redis: int = 0) -> dict:
+             redis: int = 0, caddy: bool = False) -> dict:
     """Start a coordinator (from ``python_path``'s code), let its start-up work finish (``settle``),
     run the clients in another process, return the measurements. ``redis``: instead, a redis-server
     (append-only file, fsync every second) and that many ``--redis`` coordinator processes sharing
-    one blob directory, the clients spread over them; RSS is then the sum over the processes and Redis."""
+    one blob directory, the clients spread over them; RSS is then the sum over the processes and Redis.
+    ``caddy``: the clients reach the coordinators through Debian's Caddy on 127.0.0.1 with the project's own
+    Caddyfile (deploy/caddyfile.py: TLS from Caddy's internal CA, compression, least-connections balancing over
+    the processes, health checks with Redis), as a deployment's volunteers do; Caddy's RSS is in the sum."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         procs: list[subprocess.Popen] = []
@@ -289,6 +297,9 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
                             raise RuntimeError("coordinator did not come up") from None
                         time.sleep(0.3)
             started = settle(url, coordinator.pid) if settle_first else {}
+            client_urls, ca = urls, None
+            if caddy:
+                client_urls, ca = start_caddy(tmp, ports, procs, health=bool(redis)), caddy_ca(tmp)
             rss: list[tuple[float, float]] = []
             stop = threading.Event()
             t0 = time.time()
@@ -303,10 +314,11 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             out = tmp / "clients.json"
-            client = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-clients", ",".join(urls),
-                                     "--clients", str(clients_n), "--duration", str(duration), "--hold", str(hold),
-                                     "--results-every", str(results_every), "--warmup", str(warmup),
-                                     "--client-out", str(out)], cwd=ROOT, capture_output=True, text=True)
+            client = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-clients",
+                                     ",".join(client_urls), "--clients", str(clients_n), "--duration", str(duration),
+                                     "--hold", str(hold), "--results-every", str(results_every), "--warmup",
+                                     str(warmup), "--client-out", str(out)] + (["--ca", str(ca)] if ca else []),
+                                    cwd=ROOT, capture_output=True, text=True)
             stop.set()
             sampler.join()
             if client.returncode != 0:
@@ -337,6 +349,41 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
                                                   "units_expired", "units_rejected", "updates_applied",
                                                   "model_version", "staleness_histogram")}
     return result
+
+
+def caddy_ca(tmp: Path) -> Path:
+    return tmp / "caddy-home" / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+
+
+def start_caddy(tmp: Path, ports: list[int], procs: list, health: bool) -> list[str]:
+    """Caddy in front of the coordinators on ``ports`` (appended to ``procs``); returns its https URL once it
+    answers through its internal CA."""
+    import shutil
+    import ssl
+
+    exe = shutil.which("caddy")
+    if exe is None:
+        raise RuntimeError("--caddy: caddy is not installed (bash deploy/setup.sh --test installs Debian's)")
+    port, http_port = free_port(), free_port()
+    caddyfile = tmp / "Caddyfile"
+    subprocess.run([sys.executable, str(ROOT / "deploy" / "caddyfile.py"), "--site", f"https://127.0.0.1:{port}",
+                    "--tls-internal", "--http-port", str(http_port), "--admin", "off", "--out", str(caddyfile),
+                    *[a for p in ports for a in ("--upstream", f"127.0.0.1:{p}")],
+                    *(["--health-uri", "/api/v1/cluster"] if health else [])], check=True, cwd=ROOT)
+    home = tmp / "caddy-home"
+    env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config")}
+    procs.append(subprocess.Popen([exe, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], env=env,
+                                  stdout=open(tmp / "caddy.log", "w"), stderr=subprocess.STDOUT))
+    url, deadline = f"https://127.0.0.1:{port}", time.time() + 60
+    while True:
+        try:
+            ctx = ssl.create_default_context(cafile=str(caddy_ca(tmp)))
+            with urllib.request.urlopen(url + "/api/status", timeout=5, context=ctx):
+                return [url]
+        except (OSError, ssl.SSLError):
+            if procs[-1].poll() is not None or time.time() > deadline:
+                raise RuntimeError("caddy did not come up:\n" + (tmp / "caddy.log").read_text()[-3000:]) from None
+            time.sleep(0.3)
 
 
 def first_traceback(logs: list[Path]) -> list[str]:
@@ -386,11 +433,15 @@ def main() -> int:
     p.add_argument("--redis", type=int, default=0, metavar="N",
                    help="N coordinator processes on one redis-server (crowdtrain coordinator --redis), the clients "
                         "spread over them (default: 0: one process with SQLite)")
+    p.add_argument("--caddy", action="store_true",
+                   help="the clients reach the coordinator(s) through Caddy with the project's Caddyfile (TLS from "
+                        "Caddy's internal CA, balancing over the processes), as a deployment's volunteers do")
+    p.add_argument("--ca", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more coordinator flags: everything after it goes to the coordinator, so put it last")
     args = p.parse_args()
     if args.run_clients:
         result = asyncio.run(clients(args.run_clients, args.clients, args.duration, args.hold, args.results_every,
-                                     args.warmup))
+                                     args.warmup, args.ca))
         args.client_out.write_text(json.dumps(result))
         return 0
     from bench.common import hardware, shown, write_section
@@ -398,13 +449,13 @@ def main() -> int:
     out = args.out or ROOT / "bench" / "out" / f"load-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"date": date, "clients": args.clients, "duration_s": args.duration, "hold_s": args.hold,
-           "results_every": args.results_every, "redis_processes": args.redis, "model": args.model, "limit_train": args.limit_train,
+           "results_every": args.results_every, "redis_processes": args.redis, "caddy": args.caddy, "model": args.model, "limit_train": args.limit_train,
            "warmup_s": args.warmup, "code": str(args.code), "label": args.label, "extra": args.extra,
            "hardware": hardware(), "load_before": os.getloadavg(), "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     r = run_load(args.clients, args.duration, args.hold, args.model, args.limit_train, args.results_every,
                  args.warmup, args.sample_s, args.extra, python_path=args.code, settle_first=not args.no_settle,
-                 redis=args.redis)
+                 redis=args.redis, caddy=args.caddy)
     cfg["load_after"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps({"config": cfg, "result": r}, indent=2) + "\n")
     s = r["rss_summary"]
