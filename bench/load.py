@@ -18,6 +18,10 @@ expect; a result refused as ``too_stale`` or ``lease_expired`` is counted apart)
 ``--sample-s`` seconds; "after warm-up" is from ``--warmup`` seconds on.
 
     python bench/load.py [--clients 1000] [--duration 120] [--hold 5] [--model cnn] [--out DIR]
+                         [--redis N] [--caddy]
+
+``--redis N``: N coordinator processes on one redis-server instead of one with SQLite; ``--caddy``: the
+clients reach them through Caddy with the project's Caddyfile (TLS from Caddy's internal CA), as volunteers do.
 
 Writes bench/out/load-<date>/{config,results}.json and the ``load`` section of docs/results.md
 (unless ``--no-docs``). ``run_load`` is what tests/test_load.py runs, smaller.
