@@ -54,6 +54,31 @@ def test_200_clients_no_errors_bounded_latency_and_memory(tmp_path):
     assert growth is not None and growth < RSS_GROWTH_MB, r["rss_mb"]
 
 
+@pytest.mark.skipif(not os.environ.get("CROWDTRAIN_DATA"),
+                    reason="set CROWDTRAIN_DATA to the folder or archive of CIFAR-10 (e.g. ../shared/data)")
+def test_100_clients_through_caddy_to_two_redis_processes(tmp_path):
+    """The deployment's path under load (bench/load.py --caddy --redis 2): Debian's Caddy with the project's
+    Caddyfile (TLS from its internal CA, least_conn, health checks) in front of two Redis-backed processes;
+    no errors, every request answered through Caddy as the protocol allows, results accepted and folded."""
+    from tests.helpers.redis_server import REDIS
+    from tests.test_deploy import CADDY
+
+    if REDIS is None or CADDY is None:
+        pytest.skip("needs redis-server and caddy (bash deploy/setup.sh --test installs Debian's)")
+    r = run_load(clients_n=100, duration=15, hold=1.0, model="resnet_fast", limit_train=2000, results_every=3,
+                 warmup=5.0, sample_s=1.0, extra=["--codec", "topk", "--browser-graph", "on-demand"],
+                 workdir=tmp_path, redis=2, caddy=True)
+    assert r["errors"] == 0, r["error_examples"]
+    assert not r["coordinator_log_errors"], r["coordinator_log_errors"]
+    routes = r["routes"]
+    assert routes["result"]["all"]["n"] >= 30 and r["accepted"] >= 20, routes
+    for route, v in routes.items():
+        assert set(v["statuses"]) <= {"200", "204", "409"}, (route, v["statuses"])
+    server = r["server"]   # both processes' histograms: every unit request reached one of them through Caddy
+    assert server["POST /api/v1/units/next"]["n"] >= routes["units/next"]["all"]["n"], server
+    assert r["units"]["units_accepted"] == r["accepted"] and r["units"]["updates_applied"] >= 1, r["units"]
+
+
 def test_leased_view_in_memory_matches_the_table(tmp_path):
     """What is out on a lease is kept in memory (asked on every unit request, 1,000 rows a time under
     load): after issuing, expiring, superseding, finishing, handing back and a rolled-back transaction
