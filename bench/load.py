@@ -255,14 +255,15 @@ def free_port() -> int:
 def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", limit_train: int = 5000,
              results_every: int = 0, warmup: float = 30.0, sample_s: float = 2.0, extra: list[str] = (),
              workdir: Path | None = None, python_path: Path = ROOT, settle_first: bool = True,
-             redis: int = 0, caddy: bool = False) -> dict:
+             redis: int = 0, caddy: bool = False, logs_to: Path | None = None) -> dict:
     """Start a coordinator (from ``python_path``'s code), let its start-up work finish (``settle``),
     run the clients in another process, return the measurements. ``redis``: instead, a redis-server
     (append-only file, fsync every second) and that many ``--redis`` coordinator processes sharing
     one blob directory, the clients spread over them; RSS is then the sum over the processes and Redis.
     ``caddy``: the clients reach the coordinators through Debian's Caddy on 127.0.0.1 with the project's own
     Caddyfile (deploy/caddyfile.py: TLS from Caddy's internal CA, compression, least-connections balancing over
-    the processes, health checks with Redis), as a deployment's volunteers do; Caddy's RSS is in the sum."""
+    the processes, health checks with Redis), as a deployment's volunteers do; Caddy's RSS is in the sum.
+    ``logs_to``: a folder the coordinators', Redis's and Caddy's logs are copied to at the end."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         procs: list[subprocess.Popen] = []
@@ -343,6 +344,10 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(10)
+            if logs_to is not None:
+                logs_to.mkdir(parents=True, exist_ok=True)
+                for f in tmp.glob("*.log"):
+                    (logs_to / f.name).write_bytes(f.read_bytes())
     warm = [v for t, v in rss if t >= warmup]
     result["startup"] = started
     result["rss_mb"] = rss
@@ -459,7 +464,7 @@ def main() -> int:
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     r = run_load(args.clients, args.duration, args.hold, args.model, args.limit_train, args.results_every,
                  args.warmup, args.sample_s, args.extra, python_path=args.code, settle_first=not args.no_settle,
-                 redis=args.redis, caddy=args.caddy)
+                 redis=args.redis, caddy=args.caddy, logs_to=out / "logs")
     cfg["load_after"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps({"config": cfg, "result": r}, indent=2) + "\n")
     s = r["rss_summary"]
