@@ -531,8 +531,7 @@ class Job:
         small = self.store.keeps_small_results and len(r.delta) < SMALL_RESULT_MAX   # kept in the result's commit
         blob = None if small else await asyncio.to_thread(self.store.put_result_blob, r.delta)
         if unit["twin"] and self.store.unit(unit["unit_id"])["status"] == "superseded":   # lost the race
-            if blob is not None and not self.store.blob_pending(blob):
-                self.store.delete_blob(blob)
+            self._delete_blobs([blob])
             return self._superseded(Superseded(unit, r))
         # A quarantined worker's result, a held one and a replica's are answered like any other.
         quarantined, replica_of = self.trust.quarantined(r.worker_id), unit.get("replica_of")

@@ -143,7 +143,7 @@ class RedisStore(LeasedIndex):
         self._buffer: list[list[str]] | None = None   # commands of the open transaction
         self._depth = 0
         self._rows_r: dict[int, dict] = {}   # changes of the open transaction, read back by later reads in it
-        # open results' rows (``_open_rows``): a row is read once, then again only after this process changed it
+        # open results' rows (``_open_view``): a row is read once, then again only after this process changed it
         # (``_set_result``); other processes only append rows. Every unit request asks for the pending samples,
         # and reading every open row each time made the leader's event loop the bottleneck under load.
         self._open_cache: dict[int, dict] = {}
@@ -627,10 +627,6 @@ class RedisStore(LeasedIndex):
         with self.transaction():
             self._drop(dropped)
             self.set_offered(offered)
-
-    def _open_rows(self) -> list[dict]:
-        """Results neither folded nor dropped, oldest first (copies: callers may change them)."""
-        return [dict(r) for r in self._open_view().rows]
 
     def _open_view(self) -> _OpenView:
         """The open results (``r:open``'s members, each row read from Redis once: ``_open_cache``) and what is

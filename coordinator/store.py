@@ -677,11 +677,10 @@ class Store(LeasedIndex):
 
     def blob_pending(self, blob_id: str) -> bool:
         """Whether a result neither applied nor dropped still needs this delta blob (replay)."""
-        return self.db.execute("SELECT 1 FROM results WHERE delta_blob = ? AND applied_step IS NULL "
-                               "AND dropped IS NULL LIMIT 1", (blob_id,)).fetchone() is not None
+        return blob_id in self.pending_blobs([blob_id])
 
     def pending_blobs(self, blob_ids) -> set[str]:
-        """Those of ``blob_ids`` that ``blob_pending`` holds on to."""
+        """Those of ``blob_ids`` that a result neither applied nor dropped still needs (``blob_pending``)."""
         ids, out = list(dict.fromkeys(blob_ids)), set()
         for i in range(0, len(ids), 500):   # SQLite's bound on a statement's parameters
             chunk = ids[i:i + 500]
