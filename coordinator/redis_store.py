@@ -13,7 +13,8 @@ float such as a lease deadline comes back bit for bit):
                        the written, unpruned ones (zsets scored by step)
     u:<id>             a unit's row; u:all (list, issue order), u:leased (zset by issued),
                        u:deadline (zset by deadline, leased only), u:expired (zset by base step),
-                       u:count (by status),
+                       u:count (by status), u:tail (zset by issued: the leased units not copied
+                       yet and not replicas, the job tail's candidates; ``tail_candidate``),
                        replicas:<id> (the replicas issued for a unit)
     r:<seq>            a result's row; r:seq (counter), r:unit (unit id -> seq: a unit is accepted
                        once), r:all (list, acceptance order), r:open (neither folded nor dropped),
@@ -95,10 +96,13 @@ if st then
   redis.call('ZREM', p .. 'u:leased', unit_id)
   redis.call('ZREM', p .. 'u:deadline', unit_id)
   redis.call('ZREM', p .. 'u:expired', unit_id)
+  redis.call('ZREM', p .. 'u:tail', unit_id)
 end
 if ARGV[10] == '1' then redis.call('RPUSH', p .. 'r:remote', seq) end
 return seq
 """
+
+TAIL_PAGE = 16   # rows tail_candidate reads at a time
 
 UNIT_FIELDS = ("unit_id", "worker_id", "shard_ids", "base_step", "lr", "seed", "issued", "deadline", "samples",
                "status", "finished", "wire", "twin", "replica_of")
@@ -151,6 +155,7 @@ class RedisStore(LeasedIndex):
         # increments) and this process changed none (``_open_view``): a unit request then costs one GET
         self._view: _OpenView | None = None
         self._rows_u: dict[str, dict] = {}
+        self._tail_indexed = False   # u:tail checked (``_index_tail``)
         self._init_leased()
         self._closed = False
         self.syncs = 0
@@ -466,6 +471,9 @@ class RedisStore(LeasedIndex):
                 self._w("SADD", f"{self.p}replicas:{replica_of}", unit_id)
             if twin is not None:
                 self._set_unit(twin, {"twin": unit_id})
+                self._w("ZREM", self.p + "u:tail", twin)
+            elif replica_of is None:
+                self._w("ZADD", self.p + "u:tail", repr(issued), unit_id)
         if self._leased is not None:
             self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
 
@@ -493,11 +501,14 @@ class RedisStore(LeasedIndex):
         if old == "leased":
             self._w("ZREM", self.p + "u:leased", uid)
             self._w("ZREM", self.p + "u:deadline", uid)
+            self._w("ZREM", self.p + "u:tail", uid)
         if old == "expired":
             self._w("ZREM", self.p + "u:expired", uid)
         if status == "leased":
             self._w("ZADD", self.p + "u:leased", repr(unit["issued"]), uid)
             self._w("ZADD", self.p + "u:deadline", repr(unit["deadline"]), uid)
+            if not unit.get("twin") and not unit.get("replica_of"):
+                self._w("ZADD", self.p + "u:tail", repr(unit["issued"]), uid)
         if status == "expired":
             self._w("ZADD", self.p + "u:expired", unit["base_step"], uid)
         if status == "leased":
@@ -506,11 +517,32 @@ class RedisStore(LeasedIndex):
             self._unleased(uid)
 
     def tail_candidate(self, worker_id: str) -> dict | None:
-        for row in self._unit_rows(self.r.zrange(self.p + "u:leased", 0, -1)):
-            if row["status"] == "leased" and row["twin"] is None and row["replica_of"] is None \
-                    and row["worker_id"] != worker_id:
-                return row
-        return None
+        """Read from ``u:tail`` a few rows at a time (the oldest are the asker's own only when it holds
+        several): every unit request of a job's tail asks, so this must not read every leased row (1,000
+        leased units made each request read and decode 1,000 rows: bench/load.py collapsed)."""
+        if not self._tail_indexed:
+            self._index_tail()
+        start = 0
+        while True:
+            ids = self.r.zrange(self.p + "u:tail", start, start + TAIL_PAGE - 1)
+            for row in self._unit_rows(ids):
+                if row["status"] == "leased" and row["twin"] is None and row["replica_of"] is None \
+                        and row["worker_id"] != worker_id:
+                    return row
+            if len(ids) < TAIL_PAGE:
+                return None
+            start += TAIL_PAGE
+
+    def _index_tail(self) -> None:
+        """``u:tail`` for a job's state from before it was kept: built once from the leased units."""
+        if self.r.get(self.p + "u:tail:kept") is None:
+            rows = [u for u in self._unit_rows(self.r.zrange(self.p + "u:leased", 0, -1))
+                    if u["status"] == "leased" and u["twin"] is None and u["replica_of"] is None]
+            with self.transaction():
+                for u in rows:
+                    self._w("ZADD", self.p + "u:tail", repr(u["issued"]), u["unit_id"])
+                self._w("SET", self.p + "u:tail:kept", "1")
+        self._tail_indexed = True
 
     def supersede(self, unit_id: str) -> None:
         unit = self.unit(unit_id)

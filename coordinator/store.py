@@ -231,6 +231,9 @@ class Store(LeasedIndex):
         self.db.execute("CREATE INDEX IF NOT EXISTS results_open ON results (seq) "
                         "WHERE applied_step IS NULL AND dropped IS NULL")
         self.db.execute("CREATE INDEX IF NOT EXISTS results_offered ON results (offered_step, offer_rank)")
+        # the job tail's candidates (tail_candidate, asked by every unit request once the budget is committed)
+        self.db.execute("CREATE INDEX IF NOT EXISTS units_tail ON units (issued) "
+                        "WHERE status = 'leased' AND twin IS NULL AND replica_of IS NULL")
         self._wal_fd: int | None = None
         self._reader: sqlite3.Connection | None = None   # _small_result's
         self._reader_lock = threading.Lock()
@@ -582,7 +585,8 @@ class Store(LeasedIndex):
 
     def tail_candidate(self, worker_id: str) -> dict | None:
         """The oldest unit leased to another worker and not copied yet (the job's tail)."""
-        row = self.db.execute("SELECT unit_id FROM units WHERE status = 'leased' AND twin IS NULL AND replica_of IS NULL "
+        row = self.db.execute("SELECT unit_id FROM units INDEXED BY units_tail "
+                              "WHERE status = 'leased' AND twin IS NULL AND replica_of IS NULL "
                               "AND worker_id != ? ORDER BY issued LIMIT 1", (worker_id,)).fetchone()
         return self.unit(row[0]) if row else None
 

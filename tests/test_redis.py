@@ -69,6 +69,37 @@ def test_units_and_leases(store):
     assert store.unit("nope") is None and store.unit_statuses() == {"u1": "failed", "u2": "leased", "u3": "superseded"}
 
 
+def test_the_tail_is_the_oldest_unit_not_yet_copied_found_without_reading_every_leased_unit(store, monkeypatch):
+    """Once a job's budget is committed every unit request asks for the tail (``tail_candidate``): with 1,000
+    leased units, reading each of them per request made the Redis leader collapse (bench/load.py, 2026-12-05)."""
+    for i in range(60):
+        lease(store, f"u{i:02d}", [f"s{i}"], worker="w1" if i % 3 else "w2", issued=float(i))
+    lease(store, "r0", ["s0"], worker="w4", replica_of="u00", issued=0.5)   # a replica is never copied
+    add(store, "u05")                                                          # done
+    store.set_unit_status("u07", "failed")                                    # handed back
+    read = []
+    if hasattr(store, "_unit_rows"):
+        rows = store._unit_rows
+        monkeypatch.setattr(store, "_unit_rows", lambda ids: read.append(len(list(ids))) or rows(ids))
+    copied = []
+    for i in range(40):
+        read.clear()
+        c = store.tail_candidate("w3")
+        copied.append(c["unit_id"])
+        lease(store, f"c{i:02d}", c["shard_ids"], worker="w3", twin=c["unit_id"], issued=100.0 + i)
+        # (the first ask of a process checks that u:tail is kept, and builds it for an older state)
+        assert i == 0 or sum(read) <= 16, f"the tail read {sum(read)} unit rows"
+    assert copied == [f"u{i:02d}" for i in range(42) if i not in (5, 7)]
+    assert store.tail_candidate("w1")["unit_id"] == "u42" and store.tail_candidate("w2")["unit_id"] == "u43"
+    if hasattr(store, "_tail_indexed"):   # a job's state from before u:tail was kept: built once, then kept
+        from coordinator.redis_store import RedisStore
+
+        store.r.delete(store.p + "u:tail", store.p + "u:tail:kept")
+        again = RedisStore(store.url, store.job, store.blob_dir, root=store.root)
+        assert again.tail_candidate("w1")["unit_id"] == "u42" and again.r.zcard(store.p + "u:tail") == 18
+        again.close()
+
+
 def test_results_each_have_one_fate_and_the_log_replays_in_offer_order(store):
     for u in ("u1", "u2", "u3", "u4"):
         lease(store, u, [u + "s"])
