@@ -281,7 +281,9 @@ def test_the_next_leader_reopens_the_job_with_every_update_folded_once(redis_url
                             strategy="async_sgd", strategy_params={"staleness": "polynomial", "staleness_a": 1.0},
                             replication="off")
     blobs = tmp_path / "blobs"
-    lock_a, lock_b = LeaderLock(redis_url, "ct:job:leader", 1.0), LeaderLock(redis_url, "ct:job:leader", 1.0)
+    # A's lease runs out a second after it goes silent; B's outlasts the test on a busy machine (b.open took
+    # longer than a 1 s lease under a parallel test run: its writes were then fenced)
+    lock_a, lock_b = LeaderLock(redis_url, "ct:job:leader", 1.0), LeaderLock(redis_url, "ct:job:leader", 60.0)
     assert lock_a.try_acquire()
     lock_a.keep(lambda: None)
     a = cluster_job(cfg, redis_url, blobs, lock_a)
@@ -329,6 +331,7 @@ def test_the_next_leader_reopens_the_job_with_every_update_folded_once(redis_url
         np.testing.assert_allclose(b.state[k], v, rtol=0, atol=2e-6, err_msg=k)
     assert b.samples == sum(r["num_samples"] for r in rows)
     b.close()
+    lock_b.release()
 
 
 # ---------------------------------------------------------------------------- two processes, kill -9 the leader
