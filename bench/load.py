@@ -257,7 +257,7 @@ def free_port() -> int:
 def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", limit_train: int = 5000,
              results_every: int = 0, warmup: float = 30.0, sample_s: float = 2.0, extra: list[str] = (),
              workdir: Path | None = None, python_path: Path = ROOT, settle_first: bool = True,
-             redis: int = 0, caddy: bool = False, logs_to: Path | None = None) -> dict:
+             redis: int = 0, caddy: bool = False, logs_to: Path | None = None, skip_leader: bool = False) -> dict:
     """Start a coordinator (from ``python_path``'s code), let its start-up work finish (``settle``),
     run the clients in another process, return the measurements. ``redis``: instead, a redis-server
     (append-only file, fsync every second) and that many ``--redis`` coordinator processes sharing
@@ -265,7 +265,9 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
     ``caddy``: the clients reach the coordinators through Debian's Caddy on 127.0.0.1 with the project's own
     Caddyfile (deploy/caddyfile.py: TLS from Caddy's internal CA, compression, least-connections balancing over
     the processes, health checks with Redis), as a deployment's volunteers do; Caddy's RSS is in the sum.
-    ``logs_to``: a folder the coordinators', Redis's and Caddy's logs are copied to at the end."""
+    ``logs_to``: a folder the coordinators', Redis's and Caddy's logs are copied to at the end. ``skip_leader``
+    (with ``redis`` >= 2, without ``caddy``): the clients speak only to the processes that do not lead, so the
+    leader takes no request of its own (results are then all taken by the others)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         procs: list[subprocess.Popen] = []
@@ -305,9 +307,13 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
                         time.sleep(0.3)
             started = settle(url, coordinator.pid) if settle_first else {}
             client_urls, ca = urls, None
+            if skip_leader:
+                client_urls = [u for u in urls if not json.loads(urllib.request.urlopen(
+                    u + "/api/v1/cluster", timeout=30).read())["leader"]]
             if caddy:
                 client_urls, ca = start_caddy(tmp, ports, procs, health=bool(redis)), caddy_ca(tmp)
             rss: list[tuple[float, float]] = []
+            each: list[list[float]] = []   # [t, rss of each process in procs]
             stop = threading.Event()
             t0 = time.time()
 
@@ -316,6 +322,7 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
                     values = [rss_mb(p.pid) for p in procs]
                     if all(v is not None for v in values):
                         rss.append((time.time() - t0, sum(values)))
+                        each.append([time.time() - t0, *values])
                     stop.wait(sample_s)
 
             sampler = threading.Thread(target=sample, daemon=True)
@@ -353,6 +360,14 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
     warm = [v for t, v in rss if t >= warmup]
     result["startup"] = started
     result["rss_mb"] = rss
+    # per process (redis-server, each coordinator, caddy): which one grows
+    names = [f"{'coordinator' if 'crowdtrain' in p.args else Path(str(p.args[0])).name}:{i}"
+             for i, p in enumerate(procs)]
+    warm_each = [row for row in each if row[0] >= warmup]
+    result["rss_by_process"] = {
+        "names": names, "samples": each,
+        "growth_after_warmup": {n: warm_each[-1][1 + i] - warm_each[0][1 + i] for i, n in enumerate(names)}
+        if warm_each else {}}
     result["rss_summary"] = {"start": rss[0][1] if rss else None, "end": rss[-1][1] if rss else None,
                              "at_warmup": warm[0] if warm else None, "max": max((v for _, v in rss), default=None),
                              "growth_after_warmup": (warm[-1] - warm[0]) if warm else None}
@@ -447,6 +462,8 @@ def main() -> int:
     p.add_argument("--caddy", action="store_true",
                    help="the clients reach the coordinator(s) through Caddy with the project's Caddyfile (TLS from "
                         "Caddy's internal CA, balancing over the processes), as a deployment's volunteers do")
+    p.add_argument("--skip-leader", action="store_true",
+                   help="with --redis N >= 2 and no --caddy: the clients speak only to the processes that do not lead")
     p.add_argument("--ca", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more coordinator flags: everything after it goes to the coordinator, so put it last")
     args = p.parse_args()
@@ -455,18 +472,20 @@ def main() -> int:
                                      args.warmup, args.ca))
         args.client_out.write_text(json.dumps(result))
         return 0
+    if args.skip_leader and (args.redis < 2 or args.caddy):
+        p.error("--skip-leader needs --redis 2 or more, and no --caddy")
     from bench.common import hardware, shown, write_section
     date = time.strftime("%Y-%m-%d")
     out = args.out or ROOT / "bench" / "out" / f"load-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"date": date, "clients": args.clients, "duration_s": args.duration, "hold_s": args.hold,
-           "results_every": args.results_every, "redis_processes": args.redis, "caddy": args.caddy, "model": args.model, "limit_train": args.limit_train,
+           "results_every": args.results_every, "redis_processes": args.redis, "caddy": args.caddy, "skip_leader": args.skip_leader, "model": args.model, "limit_train": args.limit_train,
            "warmup_s": args.warmup, "code": str(args.code), "label": args.label, "extra": args.extra,
            "hardware": hardware(), "load_before": os.getloadavg(), "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     r = run_load(args.clients, args.duration, args.hold, args.model, args.limit_train, args.results_every,
                  args.warmup, args.sample_s, args.extra, python_path=args.code, settle_first=not args.no_settle,
-                 redis=args.redis, caddy=args.caddy, logs_to=out / "logs")
+                 redis=args.redis, caddy=args.caddy, logs_to=out / "logs", skip_leader=args.skip_leader)
     cfg["load_after"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps({"config": cfg, "result": r}, indent=2) + "\n")
     s = r["rss_summary"]

@@ -426,6 +426,85 @@ def submit(base: str, unit: WorkUnit, worker: str, seed: int, like: dict, retry_
     return delta
 
 
+def raw_request(base: str, method: str, path: str, headers: dict, body: bytes = b"",
+                again: bool = True) -> tuple[int, bytes]:
+    """One request on one connection, headers as given (``Expect``, a ``Content-Length`` the body does not
+    have): (status, body). ``again``: then a ``GET /api/status`` on the same connection, which must be
+    answered (the connection was left in order; not after a body left unsent, which the server cannot skip)."""
+    import http.client
+
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest(method, path)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders(body or None)
+        r = conn.getresponse()
+        first = r.status, r.read()
+        if not again:
+            return first
+        conn.request("GET", "/api/status")
+        again = conn.getresponse()
+        assert again.status == 200, (again.status, again.read())
+        again.read()
+        return first
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_leaders_own_port_answers_as_the_other_processes_port_does(redis_url, tmp_path):
+    """Each process's public port passes requests to the leader's service (the leader's own port too, over
+    loopback: answering them in-process was measured slower, bench/results/load_inprocess_2026-12-05): the
+    same answers on either port, for bodies that are JSON, binary, hostile, too large or sent after
+    ``Expect: 100-continue``, for unknown routes and files."""
+    from tests.helpers.tiny_cifar import write_official_archive
+
+    data = write_official_archive(tmp_path / "data", n_train=256, n_test=50)
+    ps = Processes(tmp_path, redis_url, data)
+    try:
+        ps.start(0)
+        ps.start(1)
+        first = ps.leader()
+        bases = {"leader": ps.url(first), "other": ps.url(1 - first)}
+        take(bases["other"], "probe")
+        answers = {}
+        for who, base in bases.items():
+            got = answers[who] = {}
+            got["non-utf8"] = call(base + "/api/v1/units/next", b"\xff\xfe{")
+            got["wrong type"] = call(base + "/api/v1/units/next", json.dumps(
+                {"protocol": 1, "worker_id": 5, "backend": "python"}).encode())
+            got["unknown route"] = call(base + "/api/v1/nope")
+            got["status"] = call(base + "/api/status")[0], b""
+            got["dashboard"] = call(base + "/dashboard")[0], b""
+            got["unknown file"] = call(base + "/dashboard/nope.js")
+            got["too large"] = raw_request(base, "POST", "/api/v1/units/u-none/result",
+                                           {"Content-Length": str(1 << 40)}, again=False)
+            unit = take(base, f"w-{who}")
+            v0 = decode_delta(call(f"{base}/api/v1/blobs/{unit.model_version}")[1])
+            got["result"] = 200 if submit(base, unit, f"w-{who}", 1, v0) else 0, b""
+            unit = take(base, f"x-{who}")
+            body = pack_result(UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=f"x-{who}",
+                                          base_version=unit.model_version, delta=fp32(v0), loss_before=2.3,
+                                          loss_after=2.2, num_samples=unit.batch_size, compute_seconds=1.0))
+            status, raw = raw_request(base, "POST", f"/api/v1/units/{unit.unit_id}/result",
+                                      {"Expect": "100-continue", "Content-Length": str(len(body)),
+                                       "Content-Type": "application/octet-stream"}, body)
+            got["after 100-continue"] = status, json.loads(raw).get("accepted", False)
+        for case, (status, raw) in answers["leader"].items():
+            other_status, other_raw = answers["other"][case]
+            assert status == other_status, (case, raw, other_raw)
+            if isinstance(raw, bytes) and raw.startswith(b'{"error"'):
+                assert json.loads(raw)["error"] == json.loads(other_raw)["error"], case
+        assert answers["leader"]["non-utf8"][0] == 400 and answers["leader"]["wrong type"][0] == 400
+        assert answers["leader"]["too large"][0] == 413 and answers["leader"]["unknown route"][0] == 404
+        assert answers["leader"]["after 100-continue"] == (200, True)
+        assert ps.status(first)["units_accepted"] == 4
+    finally:
+        ps.stop()
+
+
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_leader_another_process_takes_over_and_folds_each_update_once(redis_url, tmp_path):
     from coordinator.redis_store import RedisStore
