@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 
 from coordinator.strategies import Strategy, Update
-from models.local import is_running_stat, rebase_running_stats, sanitize_state
+from models.local import rebase_running_stats, sanitize_state
+from models.state_names import is_running_stat
 
 Model = dict[str, np.ndarray]
 

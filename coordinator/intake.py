@@ -24,7 +24,7 @@ from contract.units import UnitResult, WorkUnit, check_result, staleness, unpack
 from coordinator import leases
 from coordinator.config import CoordinatorConfig
 from coordinator.store import Store
-from models.local import is_running_stat
+from models.state_names import is_running_stat
 
 
 class Rejection(Exception):

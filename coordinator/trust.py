@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.local import is_running_stat
+from models.state_names import is_running_stat
 
 
 @dataclass(frozen=True)

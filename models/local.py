@@ -22,6 +22,7 @@ from models import registry
 from models.augment import augment, mirror
 from models.flips import mirrors
 from models.recipe import Recipe
+from models.state_names import is_running_stat
 from models.train import channels_last, loss_fn, make_optimizer
 
 
@@ -57,13 +58,6 @@ def delta_names(model: torch.nn.Module) -> list[str]:
         elif value.is_floating_point() and is_running_stat(name):
             names.append(name)
     return names
-
-
-STAT_SUFFIXES = ("running_mean", "running_var")
-
-
-def is_running_stat(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in STAT_SUFFIXES
 
 
 def rebase_running_stats(delta: dict[str, np.ndarray], base: dict[str, np.ndarray],

@@ -59,7 +59,7 @@ from torch.func import functional_call, grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from models import registry
-from models.local import is_running_stat
+from models.state_names import is_running_stat
 from models.recipe import Recipe
 from models.train import make_optimizer
 

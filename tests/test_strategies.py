@@ -13,6 +13,7 @@ from coordinator.strategies import (
 )
 from coordinator.strategies import staleness as st
 from coordinator.strategies import tensors as T
+from models.state_names import is_running_stat
 
 
 def arr(*values: float) -> np.ndarray:
@@ -528,12 +529,12 @@ def test_fused_step_mixes_statistics_convexly_and_sums_the_rest() -> None:
     model = {"bn.running_mean": arr(1.0, 1.0), "w": arr(0.0, 0.0)}
     d1 = {"bn.running_mean": arr(2.0, 0.0), "w": arr(1.0, 1.0)}     # targets 3, 1
     d2 = {"bn.running_mean": arr(4.0, 2.0), "w": arr(1.0, -1.0)}    # targets 5, 3
-    new, info = T.fused_step(model, [d1, d2], [1.0, 1.0], convex=T.is_statistic)
+    new, info = T.fused_step(model, [d1, d2], [1.0, 1.0], convex=is_running_stat)
     close(new, **{"bn.running_mean": arr(4.0, 2.0), "w": arr(2.0, 0.0)})   # the mean of 3 and 5, of 1 and 3
     assert info["step_sq"] == pytest.approx(9 + 1 + 4 + 0)
-    new, _ = T.fused_step(model, [d1, d2], [0.25, 0.5], convex=T.is_statistic)   # 0.75: as before
+    new, _ = T.fused_step(model, [d1, d2], [0.25, 0.5], convex=is_running_stat)   # 0.75: as before
     close(new, **{"bn.running_mean": arr(3.5, 2.0), "w": arr(0.75, -0.25)})
-    new, _ = T.fused_step(model, [d1], [1.0], factor=3.0, convex=T.is_statistic)  # server lr 3: capped at 1
+    new, _ = T.fused_step(model, [d1], [1.0], factor=3.0, convex=is_running_stat)  # server lr 3: capped at 1
     close(new, **{"bn.running_mean": arr(3.0, 1.0), "w": arr(3.0, 3.0)})
     new, _ = T.fused_step(model, [d1, d2], [1.0, 1.0])   # without ``convex``: the plain sum
     close(new, **{"bn.running_mean": arr(7.0, 3.0), "w": arr(2.0, 0.0)})

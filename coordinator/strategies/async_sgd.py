@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from models.state_names import is_running_stat
+
 from .base import BufferedStrategy, Pending, positive_float
 from .staleness import StalenessFn
-from .tensors import Model, fused_step, is_statistic
+from .tensors import Model, fused_step
 
 
 class AsyncSGD(BufferedStrategy):
@@ -35,6 +37,6 @@ class AsyncSGD(BufferedStrategy):
     def _fold(self, model: Model, pending: list[Pending], version: int) -> tuple[Model, dict[str, Any]]:
         weights = [self._s(p.staleness) for p in pending]
         new, info = fused_step(model, [p.update.delta for p in pending], weights, self.server_lr,
-                               known_sq=[p.sq for p in pending], convex=is_statistic)
+                               known_sq=[p.sq for p in pending], convex=is_running_stat)
         return new, {"staleness_weight_mean": float(np.mean(weights)), "_step_sq": info["step_sq"],
                      "_delta_sq": info["delta_sq"]}

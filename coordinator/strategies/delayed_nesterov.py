@@ -27,17 +27,19 @@ from typing import Any
 
 import numpy as np
 
+from models.state_names import is_running_stat
+
 from .base import (
     BufferedStrategy, Pending, StrategyState, in_range, join_arrays, positive_float, positive_int, split_arrays,
 )
 from .staleness import StalenessFn
-from .tensors import Model, add_scaled, copy_model, is_statistic, scale, weighted_sum
+from .tensors import Model, add_scaled, copy_model, scale, weighted_sum
 
 
 def split_statistics(delta: Model) -> tuple[Model, Model]:
     """(trainable part, running-statistics part) of a delta."""
-    return ({k: v for k, v in delta.items() if not is_statistic(k)},
-            {k: v for k, v in delta.items() if is_statistic(k)})
+    return ({k: v for k, v in delta.items() if not is_running_stat(k)},
+            {k: v for k, v in delta.items() if is_running_stat(k)})
 
 
 def accumulate(total: Model, delta: Model, weight: float = 1.0) -> Model:

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from models.state_names import is_running_stat
+
 from .base import (
     BufferedStrategy, Pending, StrategyState, in_range, join_arrays, positive_float, positive_int, split_arrays,
 )
 from .staleness import StalenessFn
-from .tensors import Model, fused_step, is_statistic
+from .tensors import Model, fused_step
 
 
 class FedBuff(BufferedStrategy):
@@ -44,7 +46,7 @@ class FedBuff(BufferedStrategy):
         scaled = [w / len(pending) for w in weights]
         momentum = self._momentum if self.server_momentum > 0 else None
         new, info = fused_step(model, [p.update.delta for p in pending], scaled, self.server_lr, momentum=momentum,
-                               beta=self.server_momentum, known_sq=[p.sq for p in pending], convex=is_statistic)
+                               beta=self.server_momentum, known_sq=[p.sq for p in pending], convex=is_running_stat)
         if momentum is not None:
             self._momentum = info["momentum"]
         return new, {"staleness_weight_mean": float(np.mean(weights)), "_step_sq": info["step_sq"],

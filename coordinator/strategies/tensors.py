@@ -134,15 +134,6 @@ def global_norm(delta: Model) -> float:
     return math.sqrt(sq_norm(delta)) if delta else 0.0
 
 
-STAT_SUFFIXES = ("running_mean", "running_var")
-
-
-def is_statistic(name: str) -> bool:
-    """Batch-norm running statistics: estimates, mixed (convexly, rebased on the model), never pushed
-    through momentum (models.local.is_running_stat names the same tensors)."""
-    return name.rsplit(".", 1)[-1] in STAT_SUFFIXES
-
-
 def fused_step(model: Model, deltas: Sequence[Model], weights: Sequence[float], factor: float = 1.0,
                momentum: Model | None = None, beta: float = 0.0,
                known_sq: Sequence[float | None] | None = None,
