@@ -378,7 +378,9 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
 
 
 def caddy_ca(tmp: Path) -> Path:
-    return tmp / "caddy-home" / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+    from tests.helpers.caddy import caddy_root_ca
+
+    return caddy_root_ca(tmp / "caddy-home")
 
 
 def start_caddy(tmp: Path, ports: list[int], procs: list, health: bool) -> list[str]:
@@ -386,6 +388,8 @@ def start_caddy(tmp: Path, ports: list[int], procs: list, health: bool) -> list[
     answers through its internal CA."""
     import shutil
     import ssl
+
+    from tests.helpers.caddy import caddy_env
 
     exe = shutil.which("caddy")
     if exe is None:
@@ -397,8 +401,7 @@ def start_caddy(tmp: Path, ports: list[int], procs: list, health: bool) -> list[
                     *[a for p in ports for a in ("--upstream", f"127.0.0.1:{p}")],
                     *(["--health-uri", "/api/v1/cluster"] if health else [])], check=True, cwd=ROOT)
     home = tmp / "caddy-home"
-    env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config")}
-    procs.append(subprocess.Popen([exe, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], env=env,
+    procs.append(subprocess.Popen([exe, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], env=caddy_env(home),
                                   stdout=open(tmp / "caddy.log", "w"), stderr=subprocess.STDOUT))
     url, deadline = f"https://127.0.0.1:{port}", time.time() + 60
     while True:

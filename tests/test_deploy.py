@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from contract.units import UnitRequest
+from tests.helpers.caddy import caddy_env, caddy_root_ca
 from tests.helpers.tiny_cifar import write_official_archive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,11 +125,6 @@ def request(port: int, method: str, path: str, *, ctx: ssl.SSLContext | None = N
 def render(out: Path, *args: str) -> str:
     subprocess.run([sys.executable, str(RENDER), *args, "--out", str(out)], check=True, cwd=ROOT)
     return out.read_text()
-
-
-def caddy_env(home: Path) -> dict:
-    return {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data"),
-            "XDG_CONFIG_HOME": str(home / "config")}
 
 
 def adapt(caddyfile: Path, home: Path) -> dict:
@@ -247,7 +243,7 @@ def deployed(tmp_path_factory):
         home = tmp / "caddy-home"
         caddy = net.popen([CADDY, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], tmp / "caddy.log",
                           caddy_env(home))
-        root_ca = home / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+        root_ca = caddy_root_ca(home)
 
         deadline = time.time() + 120
         up = set()

@@ -18,7 +18,8 @@ import http.client
 
 import pytest
 
-from tests.test_deploy import CADDY, ROOT, Net, caddy_env, free_port, render, request
+from tests.helpers.caddy import caddy_env, caddy_root_ca
+from tests.test_deploy import CADDY, ROOT, Net, free_port, render, request
 from tests.helpers.tiny_cifar import write_official_archive
 
 REDIS = shutil.which("redis-server")
@@ -58,7 +59,7 @@ def test_two_processes_behind_caddy_survive_kill_9_of_the_leader(tmp_path):
         home = tmp_path / "caddy-home"
         caddy = net.popen([CADDY, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], tmp_path / "caddy.log",
                           caddy_env(home))
-        root_ca = home / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+        root_ca = caddy_root_ca(home)
 
         def logs() -> str:
             return "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
