@@ -525,13 +525,18 @@ class RedisStore(LeasedIndex):
         start = 0
         while True:
             ids = self.r.zrange(self.p + "u:tail", start, start + TAIL_PAGE - 1)
+            stale, found = [], None
             for row in self._unit_rows(ids):
-                if row["status"] == "leased" and row["twin"] is None and row["replica_of"] is None \
-                        and row["worker_id"] != worker_id:
-                    return row
-            if len(ids) < TAIL_PAGE:
-                return None
-            start += TAIL_PAGE
+                if row["status"] != "leased" or row["twin"] is not None or row["replica_of"] is not None:
+                    stale.append(row["unit_id"])   # (a result logged while _index_tail read the rows)
+                elif row["worker_id"] != worker_id:
+                    found = row
+                    break
+            if stale:   # removed at once, or at the end of the transaction this runs in
+                self._w("ZREM", self.p + "u:tail", *stale)
+            if found is not None or len(ids) < TAIL_PAGE:
+                return found
+            start += TAIL_PAGE - (len(stale) if self._buffer is None else 0)
 
     def _index_tail(self) -> None:
         """``u:tail`` for a job's state from before it was kept: built once from the leased units."""
