@@ -380,6 +380,20 @@ class Processes:
              str(self.ports[i]), "--data", str(self.data), "--redis", self.redis, *ARGS, *extra],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
+    @classmethod
+    def two(cls, tmp: Path, url: str) -> tuple[Processes, int]:
+        """Both processes started on tiny data: (them, the index of the one that leads)."""
+        from tests.helpers.tiny_cifar import write_official_archive
+
+        ps = cls(tmp, url, write_official_archive(tmp / "data", n_train=256, n_test=50))
+        ps.start(0)
+        ps.start(1)
+        try:
+            return ps, ps.leader()
+        except BaseException:
+            ps.stop()
+            raise
+
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
 
@@ -462,14 +476,8 @@ def test_the_leaders_own_port_answers_as_the_other_processes_port_does(redis_url
     loopback: answering them in-process was measured slower, bench/results/load_inprocess_2026-12-05): the
     same answers on either port, for bodies that are JSON, binary, hostile, too large or sent after
     ``Expect: 100-continue``, for unknown routes and files."""
-    from tests.helpers.tiny_cifar import write_official_archive
-
-    data = write_official_archive(tmp_path / "data", n_train=256, n_test=50)
-    ps = Processes(tmp_path, redis_url, data)
+    ps, first = Processes.two(tmp_path, redis_url)
     try:
-        ps.start(0)
-        ps.start(1)
-        first = ps.leader()
         bases = {"leader": ps.url(first), "other": ps.url(1 - first)}
         take(bases["other"], "probe")
         answers = {}
@@ -511,14 +519,9 @@ def test_the_leaders_own_port_answers_as_the_other_processes_port_does(redis_url
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_leader_another_process_takes_over_and_folds_each_update_once(redis_url, tmp_path):
     from coordinator.redis_store import RedisStore
-    from tests.helpers.tiny_cifar import write_official_archive
 
-    data = write_official_archive(tmp_path / "data", n_train=256, n_test=50)
-    ps = Processes(tmp_path, redis_url, data)
+    ps, first = Processes.two(tmp_path, redis_url)
     try:
-        ps.start(0)
-        ps.start(1)
-        first = ps.leader()
         other = 1 - first
         store = RedisStore(redis_url, "cifar10", tmp_path / "state" / "blobs")   # to read the ledger
         take(ps.url(other), "probe")
