@@ -92,22 +92,22 @@ class Intake:
         if unit is None:
             raise Rejection("unknown_unit", 404, f"no unit {unit_id!r} was issued by this coordinator",
                             "result.unit_id")
-        if unit["wire"] is None:
-            raise Rejection("lease_expired", 410, f"unit {unit_id!r} was issued by an earlier coordinator version; "
-                            "take a new unit", "result.lease")
-        issued = WorkUnit.from_json(json.loads(unit["wire"]))
         if result.worker_id != unit["worker_id"] or not leases.verify(
                 self.key, result.lease, self.config.job, unit_id, unit["worker_id"], unit["base_step"],
                 unit["deadline"]):
             raise Rejection("lease_invalid", 403, "result.lease: expected the lease issued for this unit to this "
                             "worker", "result.lease")
-        try:
-            check_result(issued, result)
-        except ContractError as e:
-            raise contract_rejection(e) from e
+        # before the unit as sent is read: a decided result's unit no longer keeps it in Redis (RedisStore._decide)
         if unit["status"] == "done" or self.store.has_result(unit_id):
             raise Rejection("duplicate", 409, f"a result for unit {unit_id!r} was already accepted",
                             "result.unit_id")
+        if unit["wire"] is None:
+            raise Rejection("lease_expired", 410, f"unit {unit_id!r} was issued by an earlier coordinator version; "
+                            "take a new unit", "result.lease")
+        try:
+            check_result(WorkUnit.from_json(json.loads(unit["wire"])), result)
+        except ContractError as e:
+            raise contract_rejection(e) from e
         if unit["status"] == "superseded":
             return Superseded(unit, result)
         if result.error is not None:

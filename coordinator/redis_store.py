@@ -362,8 +362,13 @@ class RedisStore(LeasedIndex):
                 self.set_meta("strategy_state", strategy_state)
 
     def _decide(self, row: dict, applied_step: int | None = None, dropped: str | None = None) -> None:
-        """One result folded into ``applied_step`` or dropped (``dropped``): its row and every counter."""
+        """One result folded into ``applied_step`` or dropped (``dropped``): its row and every counter. Its
+        unit's JSON as sent (``wire``, 60% of a unit's row) goes: a result is checked against it, a replica and
+        the coordinator's recomputation are cut from it, all before the result is decided, and Redis keeps
+        every row in memory (about 2.2 KB a unit before, docs/results.md "Load"). SQLite keeps it (on disk;
+        the benches read it after a run)."""
         seq, w = row["seq"], row["worker_id"]
+        self._set_unit(row["unit_id"], {"wire": None})
         if applied_step is not None:
             self._set_result(seq, {"applied_step": applied_step})
             self._w("HINCRBY", self.p + "tot", "applied", 1)

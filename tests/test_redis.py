@@ -115,6 +115,9 @@ def test_results_each_have_one_fate_and_the_log_replays_in_offer_order(store):
     assert store.pending_blobs(["a" * 64, "c" * 64, "d" * 64, "a" * 64]) == {"a" * 64, "c" * 64}
     store.commit_version(Version(1, "", 20, 2, 5.0), [s2, s1], None, [(s3, "too_stale")],
                          offered=[(s2, 0, 0), (s1, 0, 1), (s3, 0, 2)])
+    # a decided result's unit as sent: kept on SQLite's disk, dropped from Redis's memory
+    assert [store.unit(u)["wire"] for u in ("u1", "u3", "u4")] == \
+        ([None, None, "{}"] if hasattr(store, "_tail_indexed") else ["{}", "{}", "{}"])
     assert store.pending_results() == [] and store.pending_samples() == 0 and not store.blob_pending("a" * 64)
     assert store.pending_blobs(["a" * 64, "c" * 64]) == set()
     assert [r["seq"] for r in store.offered_at(0)] == [s2, s1, s3] and store.last_offer_rank() == 2

@@ -22,7 +22,7 @@ from coordinator import trust as T
 from coordinator.config import CoordinatorConfig
 from coordinator.limits import RateLimiter, UnitLimits, address_key, bearer, carries, client_address, load_tokens
 from coordinator.metrics import render
-from models.local import is_running_stat
+from models.state_names import is_running_stat
 from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.tiny_cifar import tiny_cifar10
 from tests.helpers.protocol import fetch_all, open_job, start_job, take
@@ -421,6 +421,22 @@ async def test_a_result_no_other_worker_could_replicate_is_checked_at_once(aioht
     job.expire_leases()
     await job.settle()
     assert {r["unit_id"]: r for r in job.store.results()}[second.unit_id]["check_state"] == "valid"
+
+
+async def test_a_result_sent_again_after_it_was_folded_is_a_duplicate(engine, aiohttp_client, tmp_path):
+    """Answered 409 duplicate on both engines, also once Redis no longer keeps the unit as sent (a decided
+    result's unit drops it there: RedisStore._decide), which the duplicate check must not need."""
+    client, job = await start(aiohttp_client, tmp_path, engine=engine, replication="off")
+    unit = await take(client, "w1")
+    data = body(compute(unit, await fetch_all(client, unit), "w1"), Fault.NONE)
+    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data)
+    assert resp.status == 200, await resp.text()
+    await job.settle()
+    assert job.store.result_for_unit(unit.unit_id)["applied_step"] == 1
+    assert (job.store.unit(unit.unit_id)["wire"] is None) == (engine is not None)
+    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data)
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "duplicate"
+    assert job.store.result_totals()["accepted"] == 1
 
 
 async def test_quarantined_worker_gets_polite_answers_and_its_shards_are_trained_again(engine, aiohttp_client,
