@@ -21,6 +21,7 @@ def redis_server(folder: Path):
 
     port = free_port()
     proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--hash-max-listpack-value", "1024",   # as deploy/redis.conf
                              "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"redis://127.0.0.1:{port}/0"
     try:
