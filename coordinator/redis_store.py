@@ -111,6 +111,11 @@ RESULT_FIELDS = ("seq", "unit_id", "worker_id", "base_step", "staleness", "num_s
                  "offered_step", "offer_rank")
 
 
+def _in_tail(unit: dict) -> bool:
+    """Whether a unit's row belongs in ``u:tail``: leased, not copied yet, not a replica."""
+    return unit["status"] == "leased" and not unit["twin"] and not unit["replica_of"]
+
+
 class Fenced(RuntimeError):
     """A write refused: this process no longer holds the leader lock (another process leads)."""
 
@@ -363,10 +368,10 @@ class RedisStore(LeasedIndex):
 
     def _decide(self, row: dict, applied_step: int | None = None, dropped: str | None = None) -> None:
         """One result folded into ``applied_step`` or dropped (``dropped``): its row and every counter. Its
-        unit's JSON as sent (``wire``, 60% of a unit's row) goes: a result is checked against it, a replica and
+        unit's JSON as sent (``wire``, most of a unit's row) goes: a result is checked against it, a replica and
         the coordinator's recomputation are cut from it, all before the result is decided, and Redis keeps
-        every row in memory (about 2.2 KB a unit before, docs/results.md "Load"). SQLite keeps it (on disk;
-        the benches read it after a run)."""
+        every row in memory (docs/results.md "Load"). SQLite keeps it (on disk; the benches read it after a
+        run)."""
         seq, w = row["seq"], row["worker_id"]
         self._set_unit(row["unit_id"], {"wire": None})
         if applied_step is not None:
@@ -532,7 +537,7 @@ class RedisStore(LeasedIndex):
             ids = self.r.zrange(self.p + "u:tail", start, start + TAIL_PAGE - 1)
             stale, found = [], None
             for row in self._unit_rows(ids):
-                if row["status"] != "leased" or row["twin"] is not None or row["replica_of"] is not None:
+                if not _in_tail(row):
                     stale.append(row["unit_id"])   # (a result logged while _index_tail read the rows)
                 elif row["worker_id"] != worker_id:
                     found = row
@@ -546,8 +551,7 @@ class RedisStore(LeasedIndex):
     def _index_tail(self) -> None:
         """``u:tail`` for a job's state from before it was kept: built once from the leased units."""
         if self.r.get(self.p + "u:tail:kept") is None:
-            rows = [u for u in self._unit_rows(self.r.zrange(self.p + "u:leased", 0, -1))
-                    if u["status"] == "leased" and u["twin"] is None and u["replica_of"] is None]
+            rows = [u for u in self._unit_rows(self.r.zrange(self.p + "u:leased", 0, -1)) if _in_tail(u)]
             with self.transaction():
                 for u in rows:
                     self._w("ZADD", self.p + "u:tail", repr(u["issued"]), u["unit_id"])
