@@ -179,6 +179,7 @@ class Job:
         self._published: Base | None = None   # the newest version written for units (``publish``)
         self._folded: dict[str, int] = {}     # worker -> the version that folded its latest result
         self._halving: dict[str, asyncio.Future] = {}      # version blob -> the write of its fp16 copy in flight
+        self._half_ready: Base | None = None   # the newest version whose fp16 copy was made (``prepare_download``)
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self._offered: dict[int, tuple[int, int]] = {}   # seq -> (version, rank) it was offered at, until decided
         self._undecided: dict[int, str] = {}  # seq -> worker, for updates offered and not yet folded nor dropped
@@ -369,16 +370,23 @@ class Job:
         if version.blob:
             return self._newest_written(Base(step, version.blob))
         flight = self._writing()
-        last, cap = self._published, self.config.max_staleness
-        lag_max = PUBLISH_LAG_MAX if cap is None else min(PUBLISH_LAG_MAX, cap // PUBLISH_LAG_SHARE)
-        if (worker_id is not None and last is not None and self._folded.get(worker_id, -1) <= last.step
-                and step - last.step <= lag_max and self.store.blob_path(last.blob) is not None):
+        last = self._published
+        if worker_id is not None and last is not None and self._may_lag(worker_id, last, step):
             return last
         while True:
             base = await asyncio.shield(flight)
             if base.step >= step:
                 return base
             flight = self._writing()   # the write in flight began before this request's version was folded
+
+    def _may_lag(self, worker_id: str, older: Base, step: int) -> bool:
+        """May a unit for this worker be cut from ``older`` instead of version ``step`` (``publish``)? Only
+        while ``older`` is at most ``PUBLISH_LAG_MAX`` folds behind (and a sixteenth of ``max_staleness``),
+        lacks no result of this worker, and its blob is still on disk."""
+        cap = self.config.max_staleness
+        lag_max = PUBLISH_LAG_MAX if cap is None else min(PUBLISH_LAG_MAX, cap // PUBLISH_LAG_SHARE)
+        return (self._folded.get(worker_id, -1) <= older.step and step - older.step <= lag_max
+                and self.store.blob_path(older.blob) is not None)
 
     def _writing(self) -> asyncio.Future:
         """The model write in flight, or a new one of the newest version (``_write_version``)."""
@@ -428,31 +436,48 @@ class Job:
         return self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend,
                                  held=request.held, error_feedback=request.error_feedback, trusted=trusted)
 
-    async def prepare_download(self, request: UnitRequest, base: Base) -> None:
+    async def prepare_download(self, request: UnitRequest, base: Base) -> Base:
         """Make, in a thread, the version delta that a unit cut from ``base`` for this request would carry
         (``UnitFactory.wanted_pair``); ``next_unit`` would otherwise make it on the event loop. A held id
-        that is not a model version of this job is left to ``next_unit`` (which then sends the whole base)."""
+        that is not a model version of this job is left to ``next_unit`` (which then sends the whole base).
+        Returns the base to cut the unit from: ``base``, or, while ``base``'s fp16 copy is being made
+        (once per version, in a thread), the newest version whose copy is made where this request may
+        take it (``_may_lag``): under a stream of folds every new version's first requests would
+        otherwise all wait for its copy (bench/load.py)."""
         if self.finished:
-            return
+            return base
         if self.factory.wanted_half(base, request.held):   # the whole version as fp16, made once per version
             flight = self._halving.get(base.blob)
             if flight is None:
-                flight = self._halving[base.blob] = asyncio.ensure_future(asyncio.to_thread(self.factory.make_half, base))
-                flight.add_done_callback(lambda _: self._halving.pop(base.blob, None))
-            try:
-                self.factory.add_half(base, await asyncio.shield(flight))
-            except Exception as e:   # the version blob was pruned meanwhile: next_unit takes the current one
-                log.debug("fp16 copy of version %d not made: %s", base.step, e)
-            return
+                flight = self._halving[base.blob] = asyncio.ensure_future(self._make_half(base))
+            ready = self._half_ready
+            if (ready is not None and ready.step < base.step and self._may_lag(request.worker_id, ready, self.step)
+                    and not self.factory.wanted_half(ready, request.held)):
+                return ready
+            await asyncio.shield(flight)
+            return base
         held = self.factory.wanted_pair(base, request.held) if request.held else None
         if held is None:
-            return
+            return base
         try:
             entry = await asyncio.to_thread(self.factory.make_pair, held, base)
         except Exception as e:   # ContractError for a blob that is no model version; a deleted blob
             log.debug("version delta from %s not made: %s", held[:12], e)
-            return
+            return base
         self.factory.add_pair(entry)
+        return base
+
+    async def _make_half(self, base: Base) -> None:
+        """``base``'s fp16 copy, made in a thread and kept (``prepare_download``)."""
+        try:
+            blob = await asyncio.to_thread(self.factory.make_half, base)
+            self.factory.add_half(base, blob)
+            if blob is not None and (self._half_ready is None or base.step > self._half_ready.step):
+                self._half_ready = base
+        except Exception as e:   # the version blob was pruned meanwhile: next_unit takes the current one
+            log.debug("fp16 copy of version %d not made: %s", base.step, e)
+        finally:
+            self._halving.pop(base.blob, None)
 
     def _replica_for(self, request: UnitRequest, address: str) -> WorkUnit | None:
         """The oldest held result's unit again, for this worker: another id, the same backend (a

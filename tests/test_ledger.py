@@ -286,6 +286,39 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
     assert (await take(client, "w3")).base_step == 2, "once written, the newest version for everyone"
 
 
+async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its_fp16_copy(aiohttp_client, tmp_path):
+    """A worker that holds no version gets the newest one as fp16, a copy made once per version in a thread.
+    While that copy is being made, a worker with no result in the version gets a unit cut from the last
+    version whose copy is made, at once; the worker whose own result the version holds waits for it."""
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+    u1, u2 = await take(client, "w1"), await take(client, "w2")
+    for worker, unit in (("w1", u1), ("w2", u2)):
+        status, got = await post(client, unit, body(await honest(client, unit, worker)))
+        assert status == 200 and got["accepted"]
+        await job.settle()
+        if worker == "w1":
+            assert (await take(client, "w1")).base_step == 1, "its own result is in version 1 (copy made)"
+    assert job.step == 2
+    await job.publish()   # version 2 written; its fp16 copy not made yet
+    gate, make_half = threading.Event(), job.factory.make_half
+
+    def held_up(base):
+        gate.wait(10)
+        return make_half(base)
+
+    job.factory.make_half = held_up
+    try:
+        other = await asyncio.wait_for(take(client, "w3"), timeout=5)
+        assert other.base_step == 1 and other.model_version == job.factory.half[job.store.version(1).blob]["blob"]
+        own = asyncio.ensure_future(take(client, "w2"))
+        await asyncio.sleep(0.3)
+        assert not own.done(), "w2's own result is in version 2: it waits for that version's copy"
+    finally:
+        gate.set()
+    assert (await asyncio.wait_for(own, timeout=10)).base_step == 2
+    assert (await take(client, "w3")).base_step == 2, "once its copy is made, the newest version for everyone"
+
+
 async def test_one_model_write_at_a_time_and_the_versions_folded_meanwhile_are_skipped(aiohttp_client, tmp_path):
     """Under a stream of folds the newest version's write is not repeated for every version: while one write
     is in flight, the versions folded meanwhile are not written one by one; when it ends, one write of the
