@@ -74,9 +74,11 @@ def rss_mb(pid: int) -> float | None:
 
 # ---------------------------------------------------------------------------- the client process
 async def clients(url: str, n: int, duration: float, hold: float, results_every: int, warmup: float,
-                  ca: Path | None = None) -> dict:
+                  ca: Path | None = None, held: bool = False) -> dict:
     """``url``: one coordinator, or several comma-separated (client k uses the k-th, round robin); ``ca``: the
-    certificate authority to trust for an https ``url`` (Caddy's internal CA)."""
+    certificate authority to trust for an https ``url`` (Caddy's internal CA); ``held``: each request names the
+    base of the client's last unit as held (``UnitRequest.held``), as a warm worker does, so that units carry a
+    version delta from it (made by the coordinator per held and new version) instead of the whole version."""
     import ssl
 
     import aiohttp
@@ -93,6 +95,7 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
     errors: list[str] = []
     refused: dict[str, int] = {}       # results the protocol refuses by design (too stale, lease ended)
     accepted = [0]
+    with_delta = [0]                   # units whose base came as a version delta from a held version
     deltas: dict[str, bytes] = {}      # codec -> a precomputed delta for this job's model
     t0 = time.perf_counter()
     end = t0 + duration
@@ -119,12 +122,13 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
         wid, url = f"load-{k:04d}", urls[k % len(urls)]
         rng = random.Random(k)
         await asyncio.sleep(rng.uniform(0, hold))
-        units, own = 0, False   # own: this worker's last result was accepted
+        units, own, last = 0, False, None   # own: this worker's last result was accepted; last: its last base
         while time.perf_counter() < end:
             started = time.perf_counter()
             try:
                 async with session.post(f"{url}/api/v1/units/next", json={
-                        "protocol": 1, "worker_id": wid, "backend": "python"}) as r:
+                        "protocol": 1, "worker_id": wid, "backend": "python",
+                        **({"held": [last]} if held and last else {})}) as r:
                     body = await r.read()
                     record("units/next", started, r.status,
                            "units/next after own result" if own else "units/next other")
@@ -142,7 +146,8 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
                 await asyncio.sleep(1.0)
                 continue
             unit = WorkUnit.from_json(json.loads(body))
-            units += 1
+            units, last = units + 1, unit.model_version
+            with_delta[0] += unit.base_delta is not None
             await asyncio.sleep(hold)
             real = results_every > 0 and rng.random() < 1 / results_every
             if real:
@@ -183,7 +188,7 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
         "timeline": {route: [percentiles([x for t, x in v if w <= t < w + WINDOW_S]) | {"from_s": w}
                              for w in range(0, int(duration) + 1, WINDOW_S)] for route, v in lat.items() if v},
         "errors": len(errors), "error_examples": errors[:10], "refused": refused, "accepted": accepted[0],
-        "accepted_per_s": accepted[0] / wall, "wall_s": wall,
+        "accepted_per_s": accepted[0] / wall, "wall_s": wall, "units_with_version_delta": with_delta[0],
     }
 
 
@@ -257,7 +262,8 @@ def free_port() -> int:
 def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", limit_train: int = 5000,
              results_every: int = 0, warmup: float = 30.0, sample_s: float = 2.0, extra: list[str] = (),
              workdir: Path | None = None, python_path: Path = ROOT, settle_first: bool = True,
-             redis: int = 0, caddy: bool = False, logs_to: Path | None = None, skip_leader: bool = False) -> dict:
+             redis: int = 0, caddy: bool = False, logs_to: Path | None = None, skip_leader: bool = False,
+             held: bool = False) -> dict:
     """Start a coordinator (from ``python_path``'s code), let its start-up work finish (``settle``),
     run the clients in another process, return the measurements. ``redis``: instead, a redis-server
     (append-only file, fsync every second) and that many ``--redis`` coordinator processes sharing
@@ -267,7 +273,8 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
     the processes, health checks with Redis), as a deployment's volunteers do; Caddy's RSS is in the sum.
     ``logs_to``: a folder the coordinators', Redis's and Caddy's logs are copied to at the end. ``skip_leader``
     (with ``redis`` >= 2, without ``caddy``): the clients speak only to the processes that do not lead, so the
-    leader takes no request of its own (results are then all taken by the others)."""
+    leader takes no request of its own (results are then all taken by the others). ``held``: the clients name
+    the base of their last unit as held (``clients``)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         procs: list[subprocess.Popen] = []
@@ -333,7 +340,8 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
             client = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-clients",
                                      ",".join(client_urls), "--clients", str(clients_n), "--duration", str(duration),
                                      "--hold", str(hold), "--results-every", str(results_every), "--warmup",
-                                     str(warmup), "--client-out", str(out)] + (["--ca", str(ca)] if ca else []),
+                                     str(warmup), "--client-out", str(out)] + (["--ca", str(ca)] if ca else [])
+                                    + (["--held"] if held else []),
                                     cwd=ROOT, capture_output=True, text=True)
             stop.set()
             sampler.join()
@@ -469,12 +477,15 @@ def main() -> int:
                         "Caddy's internal CA, balancing over the processes), as a deployment's volunteers do")
     p.add_argument("--skip-leader", action="store_true",
                    help="with --redis N >= 2 and no --caddy: the clients speak only to the processes that do not lead")
+    p.add_argument("--held", action="store_true",
+                   help="each client names the base of its last unit as held, as a warm worker does: units then "
+                        "carry a version delta from it, made by the coordinator per pair of versions")
     p.add_argument("--ca", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more coordinator flags: everything after it goes to the coordinator, so put it last")
     args = p.parse_args()
     if args.run_clients:
         result = asyncio.run(clients(args.run_clients, args.clients, args.duration, args.hold, args.results_every,
-                                     args.warmup, args.ca))
+                                     args.warmup, args.ca, args.held))
         args.client_out.write_text(json.dumps(result))
         return 0
     if args.skip_leader and (args.redis < 2 or args.caddy):
@@ -484,13 +495,14 @@ def main() -> int:
     out = args.out or ROOT / "bench" / "out" / f"load-{date}"
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"date": date, "clients": args.clients, "duration_s": args.duration, "hold_s": args.hold,
-           "results_every": args.results_every, "redis_processes": args.redis, "caddy": args.caddy, "skip_leader": args.skip_leader, "model": args.model, "limit_train": args.limit_train,
+           "results_every": args.results_every, "redis_processes": args.redis, "caddy": args.caddy, "skip_leader": args.skip_leader, "held": args.held, "model": args.model, "limit_train": args.limit_train,
            "warmup_s": args.warmup, "code": str(args.code), "label": args.label, "extra": args.extra,
            "hardware": hardware(), "load_before": os.getloadavg(), "command": "python " + " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     r = run_load(args.clients, args.duration, args.hold, args.model, args.limit_train, args.results_every,
                  args.warmup, args.sample_s, args.extra, python_path=args.code, settle_first=not args.no_settle,
-                 redis=args.redis, caddy=args.caddy, logs_to=out / "logs", skip_leader=args.skip_leader)
+                 redis=args.redis, caddy=args.caddy, logs_to=out / "logs", skip_leader=args.skip_leader,
+                 held=args.held)
     cfg["load_after"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps({"config": cfg, "result": r}, indent=2) + "\n")
     s = r["rss_summary"]

@@ -187,13 +187,13 @@ async def next_unit(request: web.Request) -> web.Response:
             await fresh_base(job, unit_request.worker_id)
             # the unit's base model is written (off the event loop) before the unit names it
             base = await job.publish(unit_request.worker_id)
-            # and a version delta to it from what the worker holds (or an older base whose copy is made)
-            base = await job.prepare_download(unit_request, base)
+            # and a version delta to it from what the worker holds, or its fp16 copy (or an older base's)
+            base, asked = await job.prepare_download(unit_request, base)
             # answered without waiting for the unit's row to be durable (an fdatasync): kill -9 loses no
             # written row, and a power loss only the units issued in its last moments, whose results are
             # then refused as unknown_unit; an accepted result's own fdatasync covers its unit's row
             # (SQLite commits in order)
-            unit = job.next_unit(unit_request, address, base, trusted=own)
+            unit = job.next_unit(asked, address, base, trusted=own)
         if unit is not None:
             entry.served = time.monotonic()
             return web.json_response(unit.to_json())

@@ -75,6 +75,7 @@ RATE_WINDOW_S = 60.0  # samples/s and units/s: over this window, per worker and 
 STATES_KEPT = 4      # decoded older versions kept for rebasing running statistics
 PUBLISH_LAG_MAX = 4  # a unit is cut from the last version written only while it is at most this many folds behind
 PUBLISH_LAG_SHARE = 16  # ... and at most max_staleness / this (a unit must not start near the staleness cap)
+PAIRS_AT_ONCE = 1    # version deltas made at once; a request that finds them busy gets the whole version as fp16
 TRUST_ROWS = 100     # workers shown with their trust (the quarantined and the most recent)
 
 
@@ -180,6 +181,7 @@ class Job:
         self._folded: dict[str, int] = {}     # worker -> the version that folded its latest result
         self._halving: dict[str, asyncio.Future] = {}      # version blob -> the write of its fp16 copy in flight
         self._half_ready: Base | None = None   # the newest version whose fp16 copy was made (``prepare_download``)
+        self._pairing = 0                      # version deltas being made (``prepare_download``)
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self._offered: dict[int, tuple[int, int]] = {}   # seq -> (version, rank) it was offered at, until decided
         self._undecided: dict[int, str] = {}  # seq -> worker, for updates offered and not yet folded nor dropped
@@ -436,35 +438,52 @@ class Job:
         return self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend,
                                  held=request.held, error_feedback=request.error_feedback, trusted=trusted)
 
-    async def prepare_download(self, request: UnitRequest, base: Base) -> Base:
+    async def prepare_download(self, request: UnitRequest, base: Base) -> tuple[Base, UnitRequest]:
         """Make, in a thread, the version delta that a unit cut from ``base`` for this request would carry
         (``UnitFactory.wanted_pair``); ``next_unit`` would otherwise make it on the event loop. A held id
         that is not a model version of this job is left to ``next_unit`` (which then sends the whole base).
-        Returns the base to cut the unit from: ``base``, or, while ``base``'s fp16 copy is being made
-        (once per version, in a thread), the newest version whose copy is made where this request may
-        take it (``_may_lag``): under a stream of folds every new version's first requests would
-        otherwise all wait for its copy (bench/load.py)."""
+        Returns the base and the request to cut the unit for. A version delta is made for one request at a
+        time (``PAIRS_AT_ONCE``: each is a decode, an int8 pass and zlib, about a tenth of a second of a
+        core for resnet_fast, and warm workers name as many held versions as there are workers): a request
+        that finds it busy is answered as one that holds nothing (the request without ``held``), with the
+        whole version as fp16 (bench/load.py --held)."""
         if self.finished:
-            return base
-        if self.factory.wanted_half(base, request.held):   # the whole version as fp16, made once per version
-            flight = self._halving.get(base.blob)
-            if flight is None:
-                flight = self._halving[base.blob] = asyncio.ensure_future(self._make_half(base))
-            ready = self._half_ready
-            if (ready is not None and ready.step < base.step and self._may_lag(request.worker_id, ready, self.step)
-                    and not self.factory.wanted_half(ready, request.held)):
-                return ready
-            await asyncio.shield(flight)
-            return base
+            return base, request
+        if self.factory.wanted_half(base, request.held):
+            return await self._half_base(request, base), request
         held = self.factory.wanted_pair(base, request.held) if request.held else None
         if held is None:
-            return base
+            return base, request
+        if self._pairing >= PAIRS_AT_ONCE:
+            request = dataclasses.replace(request, held=())
+            return await self._half_base(request, base), request
+        self._pairing += 1
         try:
             entry = await asyncio.to_thread(self.factory.make_pair, held, base)
         except Exception as e:   # ContractError for a blob that is no model version; a deleted blob
             log.debug("version delta from %s not made: %s", held[:12], e)
-            return base
+            return base, request
+        finally:
+            self._pairing -= 1
         self.factory.add_pair(entry)
+        return base, request
+
+    async def _half_base(self, request: UnitRequest, base: Base) -> Base:
+        """The base to cut a unit from for a request that gets the whole version as fp16, made once per
+        version in a thread: ``base`` once its copy is made or, while it is being made, the newest version
+        whose copy is made where this request may take it (``_may_lag``): under a stream of folds every new
+        version's first requests would otherwise all wait for its copy (bench/load.py). (Nothing to make:
+        ``base``.)"""
+        if not self.factory.wanted_half(base, request.held):
+            return base
+        flight = self._halving.get(base.blob)
+        if flight is None:
+            flight = self._halving[base.blob] = asyncio.ensure_future(self._make_half(base))
+        ready = self._half_ready
+        if (ready is not None and ready.step < base.step and self._may_lag(request.worker_id, ready, self.step)
+                and not self.factory.wanted_half(ready, request.held)):
+            return ready
+        await asyncio.shield(flight)
         return base
 
     async def _make_half(self, base: Base) -> None:

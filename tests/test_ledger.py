@@ -319,6 +319,50 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
     assert (await take(client, "w3")).base_step == 2, "once its copy is made, the newest version for everyone"
 
 
+async def test_a_version_delta_is_made_for_one_request_at_a_time_the_others_get_the_whole_version(aiohttp_client,
+                                                                                                   tmp_path,
+                                                                                                   monkeypatch):
+    """Warm workers name the version they hold, and a unit carries a version delta from it, made per held and new
+    version in a thread (a tenth of a second of a core for resnet_fast): while one is being made, another
+    request that would need its own is answered with the whole version as fp16 (bench/load.py --held)."""
+    import coordinator.job as job_module
+    from contract.units import WorkUnit
+
+    monkeypatch.setattr(job_module, "PUBLISH_LAG_MAX", 0)   # the newest version for everyone, not the last copied
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+
+    async def ask(worker, held):
+        resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python",
+                                                             "held": [held]})
+        assert resp.status == 200, await resp.text()
+        return WorkUnit.from_json(await resp.json())
+
+    first = {w: await take(client, w) for w in ("w1", "w2", "w3")}   # all from version 0 (its fp16 copy)
+    status, got = await post(client, first["w1"], body(await honest(client, first["w1"], "w1")))
+    assert status == 200 and got["accepted"]
+    await job.settle()
+    assert job.step == 1
+    await job.publish()
+    gate, make_pair = threading.Event(), job.factory.make_pair
+
+    def held_up(held, base):
+        gate.wait(10)
+        return make_pair(held, base)
+
+    job.factory.make_pair = held_up
+    try:
+        waiting = asyncio.ensure_future(ask("w2", first["w2"].model_version))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "the version delta for w2 is being made"
+        other = await asyncio.wait_for(ask("w3", first["w3"].model_version), timeout=5)
+        assert other.base_step == 1 and other.base_delta is None
+        assert other.model_version == job.factory.half[job.store.version(1).blob]["blob"], "the whole version, fp16"
+    finally:
+        gate.set()
+    unit = await asyncio.wait_for(waiting, timeout=10)
+    assert unit.base_step == 1 and unit.base_delta is not None and unit.base_delta["from"] == first["w2"].model_version
+
+
 async def test_one_model_write_at_a_time_and_the_versions_folded_meanwhile_are_skipped(aiohttp_client, tmp_path):
     """Under a stream of folds the newest version's write is not repeated for every version: while one write
     is in flight, the versions folded meanwhile are not written one by one; when it ends, one write of the
