@@ -323,7 +323,7 @@ async def test_a_version_delta_is_made_for_one_request_at_a_time_the_others_get_
                                                                                                    tmp_path,
                                                                                                    monkeypatch):
     """Warm workers name the version they hold, and a unit carries a version delta from it, made per held and new
-    version in a thread (a tenth of a second of a core for resnet_fast): while one is being made, another
+    version in a thread (50-65 ms of a core for resnet_fast): while one is being made, another
     request that would need its own is answered with the whole version as fp16 (bench/load.py --held)."""
     import coordinator.job as job_module
     from contract.units import WorkUnit
