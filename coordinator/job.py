@@ -443,10 +443,10 @@ class Job:
         (``UnitFactory.wanted_pair``); ``next_unit`` would otherwise make it on the event loop. A held id
         that is not a model version of this job is left to ``next_unit`` (which then sends the whole base).
         Returns the base and the request to cut the unit for. A version delta is made for one request at a
-        time (``PAIRS_AT_ONCE``: each is a decode, an int8 pass and zlib, 50-65 ms of a core for
-        resnet_fast and 150-370 ms for cnn, and warm workers name as many held versions as there are workers): a request
-        that finds it busy is answered as one that holds nothing (the request without ``held``), with the
-        whole version as fp16 (bench/load.py --held)."""
+        time (``PAIRS_AT_ONCE``: each is a decode, an int8 pass and zlib, 50-65 ms of a core for resnet_fast
+        and 150-370 ms for cnn, and warm workers name as many held versions as there are workers): a
+        request that finds it busy is answered as one that holds nothing (the request without ``held``),
+        with the whole version as fp16 (bench/load.py --held)."""
         if self.finished:
             return base, request
         if self.factory.wanted_half(base, request.held):
