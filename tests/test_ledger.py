@@ -40,6 +40,14 @@ async def honest(client, unit, worker):
     return compute(unit, await fetch_all(client, unit), worker)
 
 
+async def still_waiting(request, why: str) -> asyncio.Future:
+    """``request`` started, and still unanswered 0.3 s later (``why``): the future to await once let go."""
+    waiting = asyncio.ensure_future(request)
+    await asyncio.sleep(0.3)
+    assert not waiting.done(), why
+    return waiting
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 async def test_ledger_matches_what_the_model_folded(aiohttp_client, tmp_path, case):
     strategy, params, config, reason = CASES[case]
@@ -267,18 +275,14 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
 
     job._written_current = held_up
     if lag_max == 0:   # one fold behind is too far: everyone waits for the write
-        waiting = asyncio.ensure_future(take(client, "w3"))
-        await asyncio.sleep(0.3)
-        assert not waiting.done()
+        waiting = await still_waiting(take(client, "w3"), "version 2 is not written yet")
         gate.set()
         assert (await asyncio.wait_for(waiting, timeout=10)).base_step == 2
         return
     try:
         others = [await asyncio.wait_for(take(client, w), timeout=5) for w in ("w3", "w1")]
         assert [u.base_step for u in others] == [1, 1], "no result of theirs in version 2: the last one written"
-        own = asyncio.ensure_future(take(client, "w2"))
-        await asyncio.sleep(0.3)
-        assert not own.done(), "w2's own result is in version 2: it waits for the write"
+        own = await still_waiting(take(client, "w2"), "w2's own result is in version 2: it waits for the write")
     finally:
         gate.set()
     assert (await asyncio.wait_for(own, timeout=10)).base_step == 2
@@ -310,9 +314,7 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
     try:
         other = await asyncio.wait_for(take(client, "w3"), timeout=5)
         assert other.base_step == 1 and other.model_version == job.factory.half[job.store.version(1).blob]["blob"]
-        own = asyncio.ensure_future(take(client, "w2"))
-        await asyncio.sleep(0.3)
-        assert not own.done(), "w2's own result is in version 2: it waits for that version's copy"
+        own = await still_waiting(take(client, "w2"), "w2's own result is in version 2: it waits for its copy")
     finally:
         gate.set()
     assert (await asyncio.wait_for(own, timeout=10)).base_step == 2
@@ -351,9 +353,7 @@ async def test_a_version_delta_is_made_for_one_request_at_a_time_the_others_get_
 
     job.factory.make_pair = held_up
     try:
-        waiting = asyncio.ensure_future(ask("w2", first["w2"].model_version))
-        await asyncio.sleep(0.3)
-        assert not waiting.done(), "the version delta for w2 is being made"
+        waiting = await still_waiting(ask("w2", first["w2"].model_version), "the version delta for w2 is being made")
         other = await asyncio.wait_for(ask("w3", first["w3"].model_version), timeout=5)
         assert other.base_step == 1 and other.base_delta is None
         assert other.model_version == job.factory.half[job.store.version(1).blob]["blob"], "the whole version, fp16"
