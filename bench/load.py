@@ -18,10 +18,12 @@ expect; a result refused as ``too_stale`` or ``lease_expired`` is counted apart)
 ``--sample-s`` seconds; "after warm-up" is from ``--warmup`` seconds on.
 
     python bench/load.py [--clients 1000] [--duration 120] [--hold 5] [--model cnn] [--out DIR]
-                         [--redis N] [--caddy]
+                         [--redis N] [--caddy] [--held]
 
 ``--redis N``: N coordinator processes on one redis-server instead of one with SQLite; ``--caddy``: the
 clients reach them through Caddy with the project's Caddyfile (TLS from Caddy's internal CA), as volunteers do.
+``--held``: each client names the base of its last unit as held, as a warm worker or tab does, so that units carry
+version deltas where the coordinator is not already making one (without it every unit names a whole fp16 version).
 
 Writes bench/out/load-<date>/{config,results}.json and the ``load`` section of docs/results.md
 (unless ``--no-docs``). ``run_load`` is what tests/test_load.py runs, smaller.
