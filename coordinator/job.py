@@ -456,7 +456,9 @@ class Job:
             return base, request
         if self._pairing >= PAIRS_AT_ONCE:
             request = dataclasses.replace(request, held=())
-            return await self._half_base(request, base), request
+            if self.factory.wanted_half(base, request.held):
+                base = await self._half_base(request, base)
+            return base, request
         self._pairing += 1
         try:
             entry = await asyncio.to_thread(self.factory.make_pair, held, base)
@@ -472,10 +474,8 @@ class Job:
         """The base to cut a unit from for a request that gets the whole version as fp16, made once per
         version in a thread: ``base`` once its copy is made or, while it is being made, the newest version
         whose copy is made where this request may take it (``_may_lag``): under a stream of folds every new
-        version's first requests would otherwise all wait for its copy (bench/load.py). (Nothing to make:
-        ``base``.)"""
-        if not self.factory.wanted_half(base, request.held):
-            return base
+        version's first requests would otherwise all wait for its copy (bench/load.py). Only for a request
+        whose unit would name ``base``'s copy, not made yet (``UnitFactory.wanted_half``)."""
         flight = self._halving.get(base.blob)
         if flight is None:
             flight = self._halving[base.blob] = asyncio.ensure_future(self._make_half(base))
