@@ -285,13 +285,13 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
         url = urls[0]
         extra = list(extra)
         if redis:
+            from tests.helpers.redis_server import TUNING as REDIS_TUNING
+
             rport = free_port()
             (tmp / "redis").mkdir()
             procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                           "--appendonly", "yes", "--appendfsync", "everysec",
-                                           "--hash-max-listpack-value", "1024",   # as deploy/redis.conf
-                                           "--dir",
-                                           str(tmp / "redis")], stdout=open(tmp / "redis.log", "w"),
+                                           "--appendonly", "yes", "--appendfsync", "everysec", *REDIS_TUNING,
+                                           "--dir", str(tmp / "redis")], stdout=open(tmp / "redis.log", "w"),
                                           stderr=subprocess.STDOUT))
             extra += ["--redis", f"redis://127.0.0.1:{rport}/0"]
         for i, port in enumerate(ports):

@@ -11,6 +11,9 @@ from tests.helpers.cluster import free_port
 
 REDIS = shutil.which("redis-server")
 MISSING = "redis-server is not installed (apt-get install redis-server, or bash deploy/setup.sh --test as root)"
+# deploy/redis.conf's settings that change how Redis holds a job's state (its memory per unit), for the Redis
+# servers the tests and the benches start
+TUNING = ("--hash-max-listpack-value", "1024")
 
 
 @contextlib.contextmanager
@@ -21,8 +24,7 @@ def redis_server(folder: Path):
 
     port = free_port()
     proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--hash-max-listpack-value", "1024",   # as deploy/redis.conf
-                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             *TUNING, "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"redis://127.0.0.1:{port}/0"
     try:
         deadline = time.time() + 10
