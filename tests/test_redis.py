@@ -22,6 +22,7 @@ import pytest
 
 from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.units import UnitRequest, UnitResult, WorkUnit, pack_result
+from coordinator.redis_store import RedisStore
 from coordinator.store import Store, Version
 from tests.helpers.cluster import ROOT, free_port
 from tests.helpers.redis_server import MISSING, REDIS
@@ -35,8 +36,6 @@ def store(request, tmp_path):
     if request.param == "sqlite":
         s = Store(tmp_path / "state")
     else:
-        from coordinator.redis_store import RedisStore
-
         s = RedisStore(request.getfixturevalue("redis_url"), "job", tmp_path / "blobs", root=tmp_path)
     yield s
     s.close()
@@ -91,9 +90,7 @@ def test_the_tail_is_the_oldest_unit_not_yet_copied_found_without_reading_every_
         assert i == 0 or sum(read) <= 16, f"the tail read {sum(read)} unit rows"
     assert copied == [f"u{i:02d}" for i in range(42) if i not in (5, 7)]
     assert store.tail_candidate("w1")["unit_id"] == "u42" and store.tail_candidate("w2")["unit_id"] == "u43"
-    if hasattr(store, "_tail_indexed"):   # a job's state from before u:tail was kept: built once, then kept
-        from coordinator.redis_store import RedisStore
-
+    if isinstance(store, RedisStore):   # a job's state from before u:tail was kept: built once, then kept
         store.r.delete(store.p + "u:tail", store.p + "u:tail:kept")
         again = RedisStore(store.url, store.job, store.blob_dir, root=store.root)
         assert again.tail_candidate("w1")["unit_id"] == "u42" and again.r.zcard(store.p + "u:tail") == 18
@@ -117,7 +114,7 @@ def test_results_each_have_one_fate_and_the_log_replays_in_offer_order(store):
                          offered=[(s2, 0, 0), (s1, 0, 1), (s3, 0, 2)])
     # a decided result's unit as sent: kept on SQLite's disk, dropped from Redis's memory
     assert [store.unit(u)["wire"] for u in ("u1", "u3", "u4")] == \
-        ([None, None, "{}"] if hasattr(store, "_tail_indexed") else ["{}", "{}", "{}"])
+        ([None, None, "{}"] if isinstance(store, RedisStore) else ["{}", "{}", "{}"])
     assert store.pending_results() == [] and store.pending_samples() == 0 and not store.blob_pending("a" * 64)
     assert store.pending_blobs(["a" * 64, "c" * 64]) == set()
     assert [r["seq"] for r in store.offered_at(0)] == [s2, s1, s3] and store.last_offer_rank() == 2
@@ -174,8 +171,6 @@ def test_a_failed_transaction_writes_nothing(store):
 def test_results_logged_by_a_process_that_does_not_lead(redis_url, tmp_path):
     """``append_result`` (a process that does not lead): once per unit, only while the unit is out, told to
     the leader (``take_remote``); the leader's own moves of a unit it read before are skipped (CAS)."""
-    from coordinator.redis_store import RedisStore
-
     leader = RedisStore(redis_url, "job", tmp_path / "blobs")
     other = RedisStore(redis_url, "job", tmp_path / "blobs")
     lease(leader, "u1", ["s1"], deadline=100.0)
@@ -205,8 +200,6 @@ def test_the_leaders_view_of_the_open_results_follows_appends_and_its_own_change
     """The leader reads the open results again only when a result was appended (by any process) or it changed
     one itself; else a unit request's pending samples cost one GET. A change inside a transaction shows
     inside it and goes with it when the transaction fails."""
-    from coordinator.redis_store import RedisStore
-
     leader = RedisStore(redis_url, "job", tmp_path / "blobs")
     other = RedisStore(redis_url, "job", tmp_path / "blobs")
     for u in ("u1", "u2", "u3"):
@@ -521,8 +514,6 @@ def test_the_leaders_own_port_answers_as_the_other_processes_port_does(redis_url
 
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_leader_another_process_takes_over_and_folds_each_update_once(redis_url, tmp_path):
-    from coordinator.redis_store import RedisStore
-
     ps, first = Processes.two(tmp_path, redis_url)
     try:
         other = 1 - first
@@ -588,8 +579,6 @@ def test_the_shipped_redis_conf_keeps_every_write_through_kill_9_of_redis(tmp_pa
     redis-server was killed with kill -9 is all there once it restarts on the same directory."""
     import redis
 
-    from coordinator.redis_store import RedisStore
-
     port = free_port()
 
     def start() -> subprocess.Popen:
@@ -640,7 +629,6 @@ def test_the_leader_folds_what_other_processes_logged(redis_url, tmp_path):
     from coordinator.cluster import cluster_job
     from coordinator.config import CoordinatorConfig
     from coordinator.leader import LeaderLock
-    from coordinator.redis_store import RedisStore
     from coordinator.trust import Record
     from tests.helpers.tiny_cifar import tiny_cifar10
 
