@@ -119,6 +119,11 @@ class Fleet:
     dc_diagnose: bool = False         # also recompute each stale unit at the current model (not folded): how
                                       # well DC's correction predicts the true change of the delta
     lr_tail: float = 0.0              # over the last this share of the budget the unit lr's factor falls linearly
+    average_models: bool = False      # the model is the mean of the workers' latest models (base + delta): a
+                                      # result moves it by (its model - the worker's previous model) / workers;
+                                      # with async_sgd staleness=constant (the strategy then adds that as is)
+    reshuffle_shards: bool = False    # each pass over the shards draws their images anew (one process's
+                                      # reshuffling); False: the coordinator's fixed shards of consecutive images
     lr_tail_scale: float = 0.25       # ... from local_lr_scale to local_lr_scale x this (0.25: 128 / 512, the
                                       # recipe's lr / batch again at the end; the split rule keeps the lr and
                                       # quarters the batch, 2 in flight at 1/2 weight: twice the recipe's)
@@ -199,6 +204,7 @@ class Unit:
     lr: float
     seed: int
     start: dict | None = None   # the model the worker trains from (None: the base version)
+    epoch: int = 0              # the pass over the shards it was cut in (--reshuffle-shards)
 
     @property
     def samples(self) -> int:
@@ -225,6 +231,9 @@ class FleetSim:
         self.staleness: list[int] = []
         self.dc_ratio: list[float] = []   # |correction| / |delta| per compensated delta (--delay-comp)
         self.diag: list[dict] = []        # --dc-diagnose, per stale unit
+        self.models: dict[int, dict] = {} # --average-models: each worker's latest model
+        if fleet.average_models and (fleet.strategy, fleet.params.get("staleness")) != ("async_sgd", "constant"):
+            raise SystemExit("--average-models needs --strategy async_sgd --param staleness=constant")
         self.metrics: list[dict] = []
         self.worker_model = registry.build(lab.model)
         speeds = [1.0 + fleet.speed_spread * (2 * self.rng.random() - 1) for _ in range(fleet.workers)]
@@ -263,7 +272,7 @@ class FleetSim:
         done = committed if self.fleet.lr_progress == "committed" else self.applied + self.received
         lr = lr_at(done / self.budget, self.recipe)
         lr = (lr if lr > 0 else self.recipe.lr * 1e-3) * self.fleet.local_lr_scale * self.tail_factor(done)
-        unit = Unit(worker, self.version, shards, steps, batch, lr, self.rng.randrange(2**31))
+        unit = Unit(worker, self.version, shards, steps, batch, lr, self.rng.randrange(2**31), epoch=self.shard_epoch)
         if self.fleet.lookahead and self.previous is not None:
             L = self.fleet.lookahead
             unit.start = {k: v if is_running_stat(k) else (v + L * (v - self.previous[k])).astype(np.float32)
@@ -275,13 +284,20 @@ class FleetSim:
     def deliver(self, unit: Unit) -> None:
         self.leased -= unit.samples
         rows = np.concatenate([np.arange(*self.shards[s]) for s in unit.shards])
+        if self.fleet.reshuffle_shards:
+            rows = np.random.RandomState(self.lab.seed * 1_000_003 + unit.epoch).permutation(len(self.y))[rows]
         recipe = Recipe(batch_size=unit.batch, **self.hyper)     # as worker_py/runner.py builds it
         base = self.versions[unit.base_version]
         start = unit.start if unit.start is not None else base
         res = run_local(self.lab.model, start, self.x[rows], self.y[rows], recipe, unit.steps, unit.lr, unit.seed,
                         model=self.worker_model)
         delta = res.delta
-        if unit.base_version != self.version and any(is_running_stat(n) for n in delta):
+        if self.fleet.average_models:
+            mine = {n: (base[n] + d).astype(np.float32) for n, d in delta.items()}
+            before = self.models.get(unit.worker, base)
+            delta = {n: ((mine[n] - before[n]) / self.fleet.workers).astype(np.float32) for n in delta}
+            self.models[unit.worker] = mine
+        elif unit.base_version != self.version and any(is_running_stat(n) for n in delta):
             delta = rebase_running_stats(delta, base, self.state)
         if unit.base_version != self.version and self.fleet.rebase_weights:
             k = self.fleet.rebase_weights
@@ -504,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-tail", type=float, default=0.0,
                    help="over the last this share of the budget, the unit lr's factor falls linearly to --lr-tail-scale")
     p.add_argument("--lr-tail-scale", type=float, default=0.25)
+    p.add_argument("--average-models", action="store_true",
+                   help="the model is the mean of the workers' latest models (needs --param staleness=constant)")
+    p.add_argument("--reshuffle-shards", action="store_true",
+                   help="each pass over the shards draws their images anew (the coordinator's shards are fixed)")
     p.add_argument("--dc-diagnose", action="store_true",
                    help="recompute each stale unit from the current model (not folded) and compare with DC")
     p.add_argument("--delay-comp", type=float, default=0.0,
@@ -534,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                       unit_batch=args.unit_batch, rebase_weights=args.rebase_weights,
                       lookahead=args.lookahead,
                       lr_progress=args.lr_progress, delay_comp=args.delay_comp,
-                      dc_diagnose=args.dc_diagnose, lr_tail=args.lr_tail, lr_tail_scale=args.lr_tail_scale)
+                      dc_diagnose=args.dc_diagnose, reshuffle_shards=args.reshuffle_shards, average_models=args.average_models, lr_tail=args.lr_tail, lr_tail_scale=args.lr_tail_scale)
         sim = FleetSim(lab, fleet, x, y, evaluator)
         record.update(kind="fleet", fleet=dataclasses.asdict(fleet), hyper=sim.hyper, **sim.run())
         matched = baseline_path(lab, math.ceil(record["samples"] / lab.recipe().batch_size))
