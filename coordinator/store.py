@@ -79,7 +79,7 @@ CREATE INDEX IF NOT EXISTS result_deltas_segment ON result_deltas (segment);
 
 log = logging.getLogger("crowdtrain.coordinator")
 
-DIRECT_MIN = 1 << 20      # a result's delta blob of at least this many bytes is written with O_DIRECT
+DIRECT_MIN = 1 << 20      # a blob of at least this many bytes is written with O_DIRECT (write_direct)
 SMALL_RESULT_MAX = 4 << 20   # a result's delta below this many bytes goes to the delta log (put_small_result)
 SEGMENT_BYTES = 64 << 20     # a delta log segment takes appends until it holds this many bytes
 DIRECT_PIECE = 8 << 20    # ... through a page-aligned buffer of this size, one per writing thread
@@ -99,9 +99,9 @@ def write_direct(path: Path, data: bytes | memoryview) -> bool:
     """Write ``data`` to a new file at ``path`` bypassing the page cache: its whole 4 KiB blocks with
     O_DIRECT from a reused page-aligned buffer (one copy), the tail through the page cache, then fsync
     (the blocks on the device and the file's size and extents in the journal, as for a buffered write).
-    A result's delta is written once and read again only to be replayed or checked, and a buffered
-    write of fresh page-cache pages cost 30-55 ms of system CPU per 20 MB on the benchmark's VM against
-    4-5 ms for this (docs/results.md, 2026-12-04 b). False, with nothing written, when the
+    A buffered write of fresh page-cache pages cost 30-55 ms of system CPU per 20 MB on the benchmark's VM
+    against 4-5 ms for this (docs/results.md, 2026-12-04 b); a result's delta is read again only to be
+    replayed or checked, a model version once from the device and then from the page cache. False, with nothing written, when the
     filesystem refuses O_DIRECT (then every later call says False at once)."""
     if not _direct["on"]:
         return False
@@ -118,7 +118,7 @@ def write_direct(path: Path, data: bytes | memoryview) -> bool:
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
             raise
         _direct["on"] = False
-        log.info("the blob folder refuses O_DIRECT (%s): result blobs go through the page cache", e)
+        log.info("the blob folder refuses O_DIRECT (%s): large blobs go through the page cache", e)
         return False
     try:
         done = 0
@@ -135,7 +135,7 @@ def write_direct(path: Path, data: bytes | memoryview) -> bool:
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
             raise
         _direct["on"] = False
-        log.info("the blob folder refuses O_DIRECT writes (%s): result blobs go through the page cache", e)
+        log.info("the blob folder refuses O_DIRECT writes (%s): large blobs go through the page cache", e)
         return False
     os.close(fd)
     return True
@@ -335,10 +335,14 @@ class Store(LeasedIndex):
     # ------------------------------------------------------------------ blobs
     def put_blob(self, data: bytes) -> str:
         """Write ``data`` under its sha256 (atomic, durable); returns the id. For what a worker downloads
-        and checks against its id: model versions, version deltas, data shards, step graphs."""
+        and checks against its id: model versions, version deltas, data shards, step graphs. From
+        ``DIRECT_MIN`` bytes with O_DIRECT, as a result's delta: a model version is written on the way to
+        answering the worker whose result it holds, and through the page cache its write took 7x as long
+        (resnet_fast's 2.6 MB: 27 against 3.7 ms, docs/results.md); a first download then reads it from
+        the device (in a thread, about 4 ms), later ones from the page cache."""
         blob_id = content_id(data)
         if not (self.blob_dir / blob_id).exists():
-            self._write_blob(blob_id, data)
+            self._write_blob(blob_id, data, direct=len(data) >= DIRECT_MIN)
         return blob_id
 
     def put_result_blob(self, data: bytes | memoryview) -> str:

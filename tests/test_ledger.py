@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from contract.codecs import decode_delta, delta_norm, encode_delta, get_codec
-from contract.units import UnitResult, pack_result
+from contract.units import UnitResult, blob_id, pack_result
 from models.local import is_running_stat
 from tests.helpers.fault_worker import body, compute
 from tests.helpers.protocol import fetch_all, post, start_job, take
@@ -404,7 +404,7 @@ def test_a_results_delta_has_a_blob_of_its_own(tmp_path):
     """A result's delta is stored under a fresh random id (``put_result_blob``: not hashed); the same
     bytes twice are two blobs, and deleting one leaves the other. Model versions and shards stay
     content-addressed (a worker checks their sha256)."""
-    from contract.units import blob_id, is_blob_id
+    from contract.units import is_blob_id
     from coordinator.store import Store
 
     store = Store(tmp_path)
@@ -441,11 +441,11 @@ async def test_a_delta_with_the_bytes_of_a_model_version_does_not_take_that_vers
 
 
 @pytest.mark.parametrize("refused", [False, True])
-def test_a_large_results_delta_is_written_past_the_page_cache_or_through_it_where_refused(tmp_path, monkeypatch,
-                                                                                          refused):
-    """A result blob of ``DIRECT_MIN`` bytes or more is written with O_DIRECT (its whole 4 KiB blocks,
-    in pieces, from any view of the body; the tail through the page cache) and fsynced; where the
-    filesystem refuses O_DIRECT (tmpfs: EINVAL) it is written as before, and O_DIRECT is not tried again."""
+def test_a_large_blob_is_written_past_the_page_cache_or_through_it_where_refused(tmp_path, monkeypatch, refused):
+    """A result blob or a downloadable blob (a model version) of ``DIRECT_MIN`` bytes or more is written
+    with O_DIRECT (its whole 4 KiB blocks, in pieces, from any view of the body; the tail through the page
+    cache) and fsynced; where the filesystem refuses O_DIRECT (tmpfs: EINVAL) it is written as before, and
+    O_DIRECT is not tried again."""
     import errno
     import os
 
@@ -475,7 +475,13 @@ def test_a_large_results_delta_is_written_past_the_page_cache_or_through_it_wher
     assert store.get_blob(small) == b"CTD1 small" and not any(f & os.O_DIRECT for f in opened)
     second = store.put_result_blob(data)
     assert store.get_blob(second) == data and any(f & os.O_DIRECT for f in opened) is (not refused)
-    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted([first, small, second])
+    opened.clear()
+    version = store.put_blob(data + b"version")   # named by its content, as a worker checks it
+    assert store.get_blob(version) == data + b"version" and version == blob_id(data + b"version")
+    assert any(f & os.O_DIRECT for f in opened) is (not refused)
+    opened.clear()
+    assert store.put_blob(b"a shard") and not any(f & os.O_DIRECT for f in opened)   # below DIRECT_MIN
+    assert len(list((tmp_path / "blobs").iterdir())) == 5
     store.close()
 
 
