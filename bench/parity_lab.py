@@ -119,14 +119,14 @@ class Fleet:
     dc_diagnose: bool = False         # also recompute each stale unit at the current model (not folded): how
                                       # well DC's correction predicts the true change of the delta
     lr_tail: float = 0.0              # over the last this share of the budget the unit lr's factor falls linearly
+    lr_tail_scale: float = 0.25       # ... from local_lr_scale to local_lr_scale x this (0.25: 128 / 512, the
+                                      # recipe's lr / batch again at the end; the split rule keeps the lr and
+                                      # quarters the batch, 2 in flight at 1/2 weight: twice the recipe's)
     average_models: bool = False      # the model is the mean of the workers' latest models (base + delta): a
                                       # result moves it by (its model - the worker's previous model) / workers;
                                       # with async_sgd staleness=constant (the strategy then adds that as is)
     reshuffle_shards: bool = False    # each pass over the shards draws their images anew (one process's
                                       # reshuffling); False: the coordinator's fixed shards of consecutive images
-    lr_tail_scale: float = 0.25       # ... from local_lr_scale to local_lr_scale x this (0.25: 128 / 512, the
-                                      # recipe's lr / batch again at the end; the split rule keeps the lr and
-                                      # quarters the batch, 2 in flight at 1/2 weight: twice the recipe's)
 
 
 def load_data(lab: Lab):
@@ -231,7 +231,7 @@ class FleetSim:
         self.staleness: list[int] = []
         self.dc_ratio: list[float] = []   # |correction| / |delta| per compensated delta (--delay-comp)
         self.diag: list[dict] = []        # --dc-diagnose, per stale unit
-        self.models: dict[int, dict] = {} # --average-models: each worker's latest model
+        self.models: dict[int, dict] = {}  # --average-models: each worker's latest model
         if fleet.average_models and (fleet.strategy, fleet.params.get("staleness")) != ("async_sgd", "constant"):
             raise SystemExit("--average-models needs --strategy async_sgd --param staleness=constant")
         self.metrics: list[dict] = []
@@ -554,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                       unit_batch=args.unit_batch, rebase_weights=args.rebase_weights,
                       lookahead=args.lookahead,
                       lr_progress=args.lr_progress, delay_comp=args.delay_comp,
-                      dc_diagnose=args.dc_diagnose, reshuffle_shards=args.reshuffle_shards, average_models=args.average_models, lr_tail=args.lr_tail, lr_tail_scale=args.lr_tail_scale)
+                      dc_diagnose=args.dc_diagnose, lr_tail=args.lr_tail, lr_tail_scale=args.lr_tail_scale,
+                      average_models=args.average_models, reshuffle_shards=args.reshuffle_shards)
         sim = FleetSim(lab, fleet, x, y, evaluator)
         record.update(kind="fleet", fleet=dataclasses.asdict(fleet), hyper=sim.hyper, **sim.run())
         matched = baseline_path(lab, math.ceil(record["samples"] / lab.recipe().batch_size))

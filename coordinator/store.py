@@ -101,8 +101,8 @@ def write_direct(path: Path, data: bytes | memoryview) -> bool:
     (the blocks on the device and the file's size and extents in the journal, as for a buffered write).
     A buffered write of fresh page-cache pages cost 30-55 ms of system CPU per 20 MB on the benchmark's VM
     against 4-5 ms for this (docs/results.md, 2026-12-04 b); a result's delta is read again only to be
-    replayed or checked, a model version once from the device and then from the page cache. False, with nothing written, when the
-    filesystem refuses O_DIRECT (then every later call says False at once)."""
+    replayed or checked, a model version once from the device and then from the page cache. False, with
+    nothing written, when the filesystem refuses O_DIRECT (then every later call says False at once)."""
     if not _direct["on"]:
         return False
     view = memoryview(data).cast("B")
