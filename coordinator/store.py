@@ -342,7 +342,7 @@ class Store(LeasedIndex):
         the device (in a thread, about 4 ms), later ones from the page cache."""
         blob_id = content_id(data)
         if not (self.blob_dir / blob_id).exists():
-            self._write_blob(blob_id, data, direct=len(data) >= DIRECT_MIN)
+            self._write_blob(blob_id, data)
         return blob_id
 
     def put_result_blob(self, data: bytes | memoryview) -> str:
@@ -353,14 +353,15 @@ class Store(LeasedIndex):
         same bytes, or a model version whose bytes a worker sent back as its delta) shares its file, so
         deleting it once its result is decided deletes nothing else."""
         blob_id = secrets.token_hex(32)
-        self._write_blob(blob_id, data, direct=len(data) >= DIRECT_MIN)
+        self._write_blob(blob_id, data)
         return blob_id
 
-    def _write_blob(self, blob_id: str, data: bytes | memoryview, direct: bool = False) -> None:
+    def _write_blob(self, blob_id: str, data: bytes | memoryview) -> None:
+        """``data`` as file ``blob_id``, atomic and durable: from ``DIRECT_MIN`` bytes with O_DIRECT."""
         path = self.blob_dir / blob_id
         # a name of its own per writer: two threads may store the same bytes at once
         tmp = path.with_name(f".{blob_id}.{os.getpid()}.{threading.get_ident()}.tmp")
-        if direct and write_direct(tmp, data):   # durable (fsynced) under its temporary name
+        if len(data) >= DIRECT_MIN and write_direct(tmp, data):   # durable (fsynced) under its temporary name
             os.replace(tmp, path)
             return
         with open(tmp, "wb") as f:
