@@ -125,36 +125,45 @@ def delta_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]
     return {n: (tuple(state[n].shape), "float32") for n in delta_names(model)}
 
 
-def cpu_keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """A dropout keep-mask (uint8 0/1, on the CPU) for activation ``like``, drawn by torch's default CPU
-    generator exactly as ``F.dropout`` draws its noise for ``like`` on the CPU: one ``bernoulli_(1 - p)`` over
-    a tensor of ``like``'s shape and strides (the draws follow the memory order, so a channels-last
-    activation gets other masks than a contiguous one; tests/test_local_device.py checks the two agree bit
-    for bit)."""
-    return torch.empty_strided(tuple(like.shape), like.stride(), dtype=torch.uint8).bernoulli_(1 - p)
+def cpu_keep_mask(like: torch.Tensor, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """A dropout keep-mask (uint8 0/1, on the CPU) for activation ``like``, drawn by ``gen`` (torch's default
+    CPU generator when None) exactly as ``F.dropout`` draws its noise for ``like`` on the CPU: one
+    ``bernoulli_(1 - p)`` over a tensor of ``like``'s shape and strides (the draws follow the memory order, so
+    a channels-last activation gets other masks than a contiguous one; tests/test_local_device.py checks the
+    two agree bit for bit)."""
+    return torch.empty_strided(tuple(like.shape), like.stride(), dtype=torch.uint8).bernoulli_(1 - p, generator=gen)
 
 
-class CpuDrawnDropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose mask on a GPU is the CPU's (``cpu_keep_mask``, moved over): a unit gets the same
-    masks on every device. CUDA's own generator draws other masks, and on an H200 (2026-12-04) an honest cnn
-    unit trained there was at cosine 0.40 from the same unit on a CPU: a replicated check refutes that as a
-    lie. On the CPU it is ``nn.Dropout``."""
+class SeededDropout(torch.nn.Dropout):
+    """``nn.Dropout`` whose masks come from the unit's own CPU generator ``gen`` (``cpu_keep_mask``, moved to
+    the activation's device), not from torch's process-wide one: a unit gets the same masks on every device
+    and whatever else runs in the process meanwhile. CUDA's own generator draws other masks (on an H200,
+    2026-12-04, an honest cnn unit trained there was at cosine 0.40 from the same unit on a CPU); and the
+    process-wide generator is shared by every thread, so a coordinator recomputing a unit while another
+    thread reseeded it (``torch.random.fork_rng`` restores the state on exit) got other masks: an honest
+    result refuted at cosine 0.30 (CI, 2026-12-05). With ``gen`` None it is ``nn.Dropout``."""
+
+    gen: torch.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type == "cpu":
+        if not self.training or self.p == 0 or self.gen is None:
             return super().forward(x)
         if self.p >= 1:
             return x * 0
-        keep = cpu_keep_mask(x, self.p).to(x.device, non_blocking=True)
+        keep = cpu_keep_mask(x, self.p, self.gen).to(x.device, non_blocking=True)
         return x * keep.to(x.dtype).div_(1 - self.p)
 
 
-def cpu_drawn_dropout(model: torch.nn.Module) -> None:
-    """Replace each ``nn.Dropout`` of ``model`` by a ``CpuDrawnDropout`` of the same p (in place; idempotent)."""
+def seeded_dropout(model: torch.nn.Module, gen: torch.Generator | None) -> None:
+    """Every dropout layer of ``model`` becomes a ``SeededDropout`` of the same p drawing from ``gen`` (in
+    place; a model reused for the next unit gets that unit's generator)."""
     for name, m in list(model.named_modules()):
         if type(m) is torch.nn.Dropout:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, CpuDrawnDropout(m.p, m.inplace))
+            m = SeededDropout(m.p, m.inplace)
+            setattr(model.get_submodule(parent), child, m)
+        if isinstance(m, SeededDropout):
+            m.gen = gen
 
 
 @dataclass
@@ -196,11 +205,9 @@ def run_local(model_name: str, base: dict[str, np.ndarray], x_u8: np.ndarray, y:
     comes back as CPU arrays.
     """
     t0 = time.perf_counter()
-    model = model if model is not None else registry.build(model_name)   # before the seed: building draws
-    torch.manual_seed(seed)                                               # numbers (dropout uses what follows)
+    model = model if model is not None else registry.build(model_name)
     gen = torch.Generator().manual_seed(seed)
-    if torch.device(device).type != "cpu":
-        cpu_drawn_dropout(model)
+    seeded_dropout(model, torch.Generator().manual_seed(seed))   # the masks torch.manual_seed(seed) gave nn.Dropout
     model.to(device=device, memory_format=torch.channels_last)
     load_arrays(model, base)
     model.train()

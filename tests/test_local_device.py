@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from models import registry
 from models.augment import augment
-from models.local import CpuDrawnDropout, cpu_drawn_dropout, cpu_keep_mask, run_local, state_arrays
+from models.local import SeededDropout, cpu_keep_mask, run_local, seeded_dropout, state_arrays
 from models.train import resolve_device
 
 
@@ -35,22 +36,57 @@ def test_cpu_keep_mask_is_the_mask_f_dropout_draws(p, layout):
     assert 0.3 < keep.float().mean() < 0.9                   # a real draw, not all kept or all dropped
 
 
-def test_cpu_drawn_dropout_swaps_only_plain_dropout_and_keeps_p():
+def test_seeded_dropout_swaps_only_plain_dropout_keeps_p_and_draws_what_nn_dropout_drew():
     model = registry.build("cnn")
     ps = [m.p for m in model.modules() if type(m) is torch.nn.Dropout]
     assert ps, "cnn has dropout layers"
-    cpu_drawn_dropout(model)
-    cpu_drawn_dropout(model)                                 # idempotent
+    seeded_dropout(model, torch.Generator().manual_seed(5))
+    seeded_dropout(model, torch.Generator().manual_seed(5))  # idempotent: the layers stay, the generator is new
     swapped = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    assert all(type(m) is CpuDrawnDropout for m in swapped)
+    assert all(type(m) is SeededDropout for m in swapped)
     assert [m.p for m in swapped] == ps
-    x = torch.rand(4, 3, 32, 32) * 255                       # on the CPU it is nn.Dropout, draw for draw
+    x = torch.rand(4, 3, 32, 32) * 255                       # nn.Dropout after torch.manual_seed, draw for draw
     ref = registry.build("cnn")
     ref.load_state_dict(model.state_dict())
     torch.manual_seed(5)
-    a = model.train()(x)
-    torch.manual_seed(5)
-    assert torch.equal(a, ref.train()(x))
+    assert torch.equal(model.train()(x), ref.train()(x))
+    seeded_dropout(model, None)                              # no generator: nn.Dropout's own draws
+    torch.manual_seed(6)
+    a = model(x)
+    torch.manual_seed(6)
+    assert torch.equal(a, ref(x))
+
+
+def test_a_units_dropout_masks_are_its_own_whatever_another_thread_draws():
+    """The coordinator recomputes a unit in one thread while another builds a model or exports a step graph
+    (``torch.random.fork_rng``, ``torch.manual_seed``: torch's process-wide generator). The unit's masks come
+    from its own generator, so the result is the one computed alone (it was not: an honest result was refuted
+    at cosine 0.30 in CI on 2026-12-05)."""
+    torch.manual_seed(0)
+    base = state_arrays(registry.build("cnn"))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (256, 3, 32, 32), dtype=np.uint8)
+    y = rng.integers(0, 10, 256).astype(np.int64)
+    recipe = registry.get("cnn").recipe
+    alone = run_local("cnn", base, x, y, recipe, 4, recipe.lr * 0.5, seed=7)
+    stop, meddled = threading.Event(), []
+
+    def meddle() -> None:
+        while not stop.is_set():
+            with torch.random.fork_rng():
+                torch.manual_seed(len(meddled))
+                meddled.append(float(torch.rand(64, 1024).sum()))
+
+    thread = threading.Thread(target=meddle)
+    thread.start()
+    try:
+        beside = run_local("cnn", base, x, y, recipe, 4, recipe.lr * 0.5, seed=7)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(meddled) > 10, "the other thread drew while the unit ran"
+    for name, value in alone.delta.items():
+        assert np.array_equal(value, beside.delta[name]), name
 
 
 def test_augment_draws_do_not_depend_on_the_images_device():
