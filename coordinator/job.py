@@ -640,12 +640,13 @@ class Job:
             if self.finished:
                 return None
             at_end = self.samples + self.store.pending_samples() >= self.budget
-            if not (self.aggregator.due or (at_end and self.aggregator.buffered)):
-                return None
-            agg = await asyncio.to_thread(self.aggregator.aggregate)
-            await self._commit(agg)
-            if self.samples >= self.budget:
-                self.finished = True
+            agg = None
+            if self.aggregator.due or (at_end and self.aggregator.buffered):
+                agg = await asyncio.to_thread(self.aggregator.aggregate)
+                await self._commit(agg)
+            if self.samples >= self.budget:   # after the last fold, or after a restart that came between that
+                await self.persist()          # fold's commit and this flag (the replay holds the model; no-op
+                self.finished = True          # when it is written already)
                 self.store.set_meta("finished", True)
             return agg
 

@@ -6,6 +6,7 @@ real SQLite store), with wrappers built from the config's policies, with workers
 units overlap so that updates arrive stale.
 """
 import asyncio
+import contextlib
 import threading
 from collections import Counter
 
@@ -16,7 +17,8 @@ from contract.codecs import decode_delta, delta_norm, encode_delta, get_codec
 from contract.units import UnitResult, blob_id, pack_result
 from models.local import is_running_stat
 from tests.helpers.fault_worker import body, compute
-from tests.helpers.protocol import fetch_all, post, start_job, take
+from tests.helpers.protocol import fetch_all, open_job, post, start_job, take
+from tests.helpers.tiny_cifar import tiny_cifar10
 
 WORKERS = ("w1", "w2", "w3")
 
@@ -170,6 +172,47 @@ async def test_the_tail_is_handed_out_twice_and_applied_once(aiohttp_client, tmp
     s = await (await client.get("/api/status")).json()
     assert s["finished"] and s["samples"] == s["budget_samples"] == 256
     assert s["updates_applied"] == 4 and s["updates_dropped"] == {"superseded": 2}
+
+
+class Killed(Exception):
+    """The process dies here (what ``kill -9`` would do at this point)."""
+
+
+async def test_a_job_stopped_after_its_last_folds_commit_and_before_it_was_marked_finished_finishes_when_back(
+        aiohttp_client, tmp_path):
+    """The fold that spends the budget is committed, then the final model is written, then the job is marked
+    finished: a coordinator killed during that write came back with the budget spent, nothing left to fold
+    and the job never finished (CI, 2026-12-05, tests/test_e2e.py's kill -9). Opened again, its first settle
+    finishes it, with the model the log replays written durably."""
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {}, epochs=1.0,   # 4 shards of 64
+                              persist_every_versions=1000, persist_every_s=1e9)
+    units = [await take(client, "w") for _ in range(4)]
+
+    async def killed() -> None:
+        raise Killed()
+    job.persist = killed
+    for unit in units:
+        status, got = await post(client, unit, body(await honest(client, unit, "w")))
+        assert status == 200 and got["accepted"], got
+    for _ in range(40):   # (the app's own aggregation loop may fold them first, and be the one killed)
+        with contextlib.suppress(Killed):
+            await job.settle()
+        if job.samples >= job.budget:
+            break
+        await asyncio.sleep(0.05)
+    assert job.samples == job.budget == 256 and not job.finished and job.persisted_step == 0
+    model = {k: v.copy() for k, v in job.state.items()}
+
+    again = open_job(job.config, tiny_cifar10(n_train=256, n_test=64))
+    try:
+        assert again.step == job.step and not again.finished and again.persisted_step == 0
+        await again.settle()
+        assert again.finished and again.store.get_meta("finished") and again.persisted_step == again.step
+        written = decode_delta(again.store.get_blob(again.store.version(again.step).blob))
+        for name, value in model.items():
+            np.testing.assert_array_equal(written[name], value, err_msg=name)
+    finally:
+        again.close()
 
 
 def test_the_same_blob_stored_from_many_threads_at_once(tmp_path):
