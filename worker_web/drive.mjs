@@ -147,6 +147,11 @@ try {
     if (Date.now() > deadline) { out.error = `timed out after ${opt.timeout} s: ${s.status}`; break; }
     await page.waitForTimeout(100);
   }
+  // The page counts a unit done on its result's answer, which may come before Playwright reports that request
+  // finished (its sizes are asked for asynchronously): wait up to 5 s for that report (bench/first_unit.py
+  // failed 2 runs in 10 with no bytes_at_first_result on 2026-12-05).
+  for (const until = Date.now() + 5000; !out.error && !opt.closeAt && s.unitsDone > out.startUnits
+       && !out.bytes_at_first_result && Date.now() < until;) await page.waitForTimeout(50);
   if (!out.error && opt.hold > 0) {
     const before = await state();
     await page.waitForTimeout(opt.hold * 1000);
