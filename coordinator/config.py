@@ -163,11 +163,12 @@ class CoordinatorConfig:
     lr: float | None = option(float, None, "peak learning rate of the schedule", "units", lo=0, lo_open=True,
                               none="the model's recipe")
     unit_batch_scale: float = option(
-        float, 0.25, "when --batch-size is not given, units train at this fraction of the recipe's batch size (at the "
-        "recipe's learning rate, see --unit-lr): with 2 workers a quarter of the batch (128 x 8 steps a unit for "
-        "resnet_fast) beat half of it (256 x 4) by +5.6 points on 3 seeds at equal samples, and one process at the "
-        "recipe's batch by +4.9 (2 real workers, 30k samples; docs/results.md, bench/parity_lab.py); 1 = the "
-        "recipe's batch", "units", lo=0, lo_open=True, hi=1.0)
+        float, 0.125, "when --batch-size is not given, units train at this fraction of the recipe's batch size (at "
+        "the recipe's learning rate, see --unit-lr): with 2 real workers at resnet_fast's full budget an eighth of "
+        "the batch (64 x 16 steps a unit) ended 0.47 points behind one process on the mean of 5 seeds, a quarter "
+        "(128 x 8) 0.71 (+0.23 for the eighth, 4 seeds of 5 ahead); at 30k samples a quarter beat half the batch "
+        "by +5.6 on 3 seeds (docs/results.md, bench/parity.py, bench/parity_lab.py); a tab's step runs as many "
+        "samples a second at 64 as at 128; 1 = the recipe's batch", "units", lo=0, lo_open=True, hi=1.0)
     unit_batch_workers: bool = option(
         bool, True, "when --batch-size is not given, with more than 2 Python workers in flight a dense model's unit "
         "batch is divided further by workers / 2 (a power of two, at least 32), its lr alike with --unit-lr split: "

@@ -254,19 +254,19 @@ def test_docs_list_every_scenario_coordinator_key():
     assert all(f"`{name}`" in text for name in COORDINATOR_KEYS)
 
 
-def test_unit_batch_scale_quarters_the_batch_unless_a_batch_is_given():
+def test_unit_batch_scale_is_an_eighth_of_the_batch_unless_a_batch_is_given():
     from coordinator.job import unit_recipe
     from models import registry
 
     recipe = registry.get("resnet_fast").recipe
     scaled = unit_recipe(recipe, CoordinatorConfig(state=Path("s")), "dense")
-    assert (scaled.batch_size, scaled.lr) == (recipe.batch_size // 4, recipe.lr)    # at the recipe's lr
+    assert (scaled.batch_size, scaled.lr) == (recipe.batch_size // 8, recipe.lr) == (64, 0.4)   # at the recipe's lr
     linear = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_lr="linear"), "dense")
     split = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_lr="split"), "dense")
-    assert (split.batch_size, split.lr) == (recipe.batch_size // 4, recipe.lr)
-    assert (linear.batch_size, linear.lr) == (recipe.batch_size // 4, recipe.lr / 4)
+    assert (split.batch_size, split.lr) == (recipe.batch_size // 8, recipe.lr)
+    assert (linear.batch_size, linear.lr) == (recipe.batch_size // 8, recipe.lr / 8)
     assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0), "dense").lr == 1.0
-    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0, unit_lr="linear"), "dense").lr == 0.25
+    assert unit_recipe(recipe, CoordinatorConfig(state=Path("s"), lr=1.0, unit_lr="linear"), "dense").lr == 0.125
     half = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), unit_batch_scale=0.5), "dense")
     assert (half.batch_size, half.lr) == (recipe.batch_size // 2, recipe.lr)
     given = unit_recipe(recipe, CoordinatorConfig(state=Path("s"), batch_size=64, lr=0.1), "dense")

@@ -158,6 +158,7 @@ def test_none_gives_the_coordinators_own_units(tmp_path, data):
     sc = load(scenario_file(tmp_path, text))
     for key in ("batch_size", "lr", "local_steps"):
         sc = override(sc, f'model.{key}="none"')
+    sc = override(sc, "coordinator.unit_batch_scale=0.25")   # cnn's 64 (the default eighth, 32, is the split's floor)
     sim = Simulation(sc, sc.strategies[1], data, tmp_path / "run", "async_sgd")
     cfg, recipe = sim.config, sim.job.recipe
     assert (cfg.batch_size, cfg.lr, cfg.local_steps) == (None, None, None)

@@ -211,8 +211,8 @@ MODEL_NONE = ("batch_size", "lr", "local_steps")   # "none": the coordinator's o
 COORDINATOR_GROUPS = ("leases", "checks", "storage")
 COORDINATOR_KEYS = tuple(name for name, f in coordinator_config.FIELDS.items()
                          if (f.metadata["group"] in COORDINATOR_GROUPS and name != "state")
-                         or name in ("robust", "version_download", "unit_lr", "dynamic_steps", "flight_samples",
-                                     "unit_momentum", "lookahead"))
+                         or name in ("robust", "version_download", "unit_batch_scale", "unit_lr", "dynamic_steps",
+                                     "flight_samples", "unit_momentum", "lookahead"))
 FAULT_NAMES = tuple(f.value for f in LIES)
 
 
