@@ -206,7 +206,8 @@ def test_scenario_coordinator_section_is_the_configs():
     assert {"max_staleness", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
             "lease_max_s", "lease_first_s", "lease_factor", "keep_versions", "persist_every_s", "persist_every_versions",
             "body_slack_bytes", "replication", "replica_wait_s", "check_max_steps", "robust", "version_download",
-            "unit_lr", "dynamic_steps", "flight_samples", "unit_momentum", "lookahead"} == set(COORDINATOR_KEYS)
+            "unit_batch_scale", "unit_lr", "dynamic_steps", "flight_samples", "unit_momentum", "lookahead"}\
+        == set(COORDINATOR_KEYS)
     for name in COORDINATOR_KEYS:
         assert SCHEMA["coordinator"][name].default == C.FIELDS[name].default
         assert SCHEMA["coordinator"][name].help.startswith(C.FIELDS[name].metadata["help"])

@@ -274,7 +274,8 @@ async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(eng
     assert fate[replica.unit_id]["dropped"] == "replica" and fate[replica.unit_id]["check_state"] == "valid"
     model_is_v0_plus(job, v0, [sent])
     trust = {r["worker_id"]: r for r in seen["status"]["trust"]}
-    assert trust["w1"]["valid"] == trust["w2"]["valid"] == 1 and trust["w1"]["credit"] == unit.local_steps * unit.batch_size
+    assert trust["w1"]["valid"] == trust["w2"]["valid"] == 1
+    assert trust["w1"]["credit"] == unit.local_steps * unit.batch_size
     assert trust["w1"]["checked"] == 1 and trust["w2"]["checked"] == 0, "a replica is not a result of its own"
     assert seen["status"]["replication"]["agreed"] == 1 and seen["status"]["replication"]["recomputed"] == 0
 
