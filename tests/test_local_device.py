@@ -21,6 +21,15 @@ from models.local import SeededDropout, cpu_keep_mask, run_local, seeded_dropout
 from models.train import resolve_device
 
 
+def fresh_unit_inputs(name: str, n: int) -> tuple[dict, np.ndarray, np.ndarray, object]:
+    """(a fresh base of model ``name``, ``n`` random images, their labels, the model's recipe)."""
+    torch.manual_seed(0)
+    base = state_arrays(registry.build(name))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    return base, x, rng.integers(0, 10, n).astype(np.int64), registry.get(name).recipe
+
+
 @pytest.mark.parametrize("p", [0.25, 0.5])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cpu_keep_mask_is_the_mask_f_dropout_draws(p, layout):
@@ -62,12 +71,7 @@ def test_a_units_dropout_masks_are_its_own_whatever_another_thread_draws():
     (``torch.random.fork_rng``, ``torch.manual_seed``: torch's process-wide generator). The unit's masks come
     from its own generator, so the result is the one computed alone (it was not: an honest result was refuted
     at cosine 0.30 in CI on 2026-12-05)."""
-    torch.manual_seed(0)
-    base = state_arrays(registry.build("cnn"))
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (256, 3, 32, 32), dtype=np.uint8)
-    y = rng.integers(0, 10, 256).astype(np.int64)
-    recipe = registry.get("cnn").recipe
+    base, x, y, recipe = fresh_unit_inputs("cnn", 256)
     alone = run_local("cnn", base, x, y, recipe, 4, recipe.lr * 0.5, seed=7)
     stop, meddled = threading.Event(), []
 
@@ -116,12 +120,7 @@ def test_resolve_device_refuses_what_torch_cannot_use():
 def test_a_unit_on_cuda_agrees_with_the_cpu_within_the_replica_tolerance(name):
     from coordinator.trust import Tolerance, similarity
 
-    torch.manual_seed(0)
-    base = state_arrays(registry.build(name))
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (512, 3, 32, 32), dtype=np.uint8)
-    y = rng.integers(0, 10, 512).astype(np.int64)
-    recipe = registry.get(name).recipe
+    base, x, y, recipe = fresh_unit_inputs(name, 512)
     runs = [run_local(name, base, x, y, recipe, 2, recipe.lr * 0.5, seed=7, device=d) for d in ("cpu", "cuda")]
     s = similarity(runs[0].delta, runs[1].delta)
     assert s.cosine >= Tolerance().min_cosine and s.norm_diff <= Tolerance().max_norm_diff, s
