@@ -644,9 +644,11 @@ class Job:
             if self.aggregator.due or (at_end and self.aggregator.buffered):
                 agg = await asyncio.to_thread(self.aggregator.aggregate)
                 await self._commit(agg)
-            if self.samples >= self.budget:   # after the last fold, or after a restart that came between that
-                await self.persist()          # fold's commit and this flag (the replay holds the model; no-op
-                self.finished = True          # when it is written already)
+            if self.samples >= self.budget:
+                # the final model written durably, then the flag: after the last fold, or after a restart that
+                # came between that fold's commit and the flag (the replay holds the model)
+                await self.persist()
+                self.finished = True
                 self.store.set_meta("finished", True)
             return agg
 
@@ -845,8 +847,9 @@ class Job:
             await self.persist()
 
     def _persist_due(self) -> bool:
+        """The persistence policy (``settle`` writes the final version itself, once the budget is spent)."""
         cfg = self.config
-        return (self.samples >= self.budget or self.step - self.persisted_step >= cfg.persist_every_versions
+        return (self.step - self.persisted_step >= cfg.persist_every_versions
                 or self.clock() - self._persisted_at >= cfg.persist_every_s)
 
     async def persist(self) -> None:
