@@ -80,10 +80,11 @@ GOALS = {"wasm_vs_torch": 1.5, "static_mb": 8.0, "first_visit_s": 15.0, "repeat_
 # ============================================================================ part 1: step timing
 class StaticServer:
     """bench/browser_step*.{html,js}, onnxruntime-web's dist/ at /ort/ and a folder at /files/,
-    with COOP/COEP (cross-origin isolated: WebAssembly threads), on 127.0.0.1 in a thread."""
+    with COOP/COEP (cross-origin isolated: WebAssembly threads), on 127.0.0.1 in a thread. ``dist``: another
+    onnxruntime-web build's dist/ (an A/B of two releases)."""
 
-    def __init__(self, files: Path) -> None:
-        self.files, self.loop, self.url = files, asyncio.new_event_loop(), None
+    def __init__(self, files: Path, dist: Path = ORT_DIST) -> None:
+        self.files, self.dist, self.loop, self.url = files, dist, asyncio.new_event_loop(), None
         started = threading.Event()
         threading.Thread(target=self._serve, args=(started,), daemon=True).start()
         if not started.wait(30) or self.url is None:
@@ -97,7 +98,7 @@ class StaticServer:
             if path in ("browser_step.html", "browser_step_worker.js"):
                 source = BENCH / path
             elif path.startswith("ort/") and "/" not in path[4:]:
-                source = ORT_DIST / path[4:]
+                source = self.dist / path[4:]
             elif path.startswith("files/") and "/" not in path[6:]:
                 source = self.files / path[6:]
             else:

@@ -36,7 +36,8 @@ async function handle(m) {
     ort.env.wasm.proxy = false;
     ort.env.logLevel = 'error';
     return {crossOriginIsolated: self.crossOriginIsolated, threads: ort.env.wasm.numThreads,
-            hardwareConcurrency: navigator.hardwareConcurrency, userAgent: navigator.userAgent};
+            hardwareConcurrency: navigator.hardwareConcurrency, userAgent: navigator.userAgent,
+            ortVersion: ort.env.versions?.web ?? ort.env.versions?.common ?? null};
   }
   if (m.op === 'load') {
     const [graph, metaBytes, raw] = await Promise.all([bytes(m.graph), bytes(m.meta), bytes(m.data)]);
