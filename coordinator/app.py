@@ -211,11 +211,12 @@ async def fresh_base(job: Job, worker_id: str | None = None) -> None:
     arrives one version staler, which costs accuracy at equal samples (bench/parity_lab.py: 8.8
     points with 2 workers). A worker with no result waiting to be folded (it handed its unit back,
     or its result is in) does not wait: under a stream of other workers' results, every request
-    would otherwise wait for a fold (bench/load.py). The fold is shielded: a request that stops
-    waiting does not cut it short."""
+    would otherwise wait for a fold (bench/load.py); nor does any worker while the job is crowded
+    (``Job.crowded``: so many units out that one more missing result costs little). The fold is
+    shielded: a request that stops waiting does not cut it short."""
     if not (job.work.is_set() or job.lock.locked()):
         return
-    if worker_id is not None and not job.awaits_fold(worker_id):
+    if worker_id is not None and (not job.awaits_fold(worker_id) or job.crowded()):
         return
     try:
         await asyncio.wait_for(asyncio.shield(job.settle()), FRESH_BASE_WAIT_S)

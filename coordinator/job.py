@@ -75,6 +75,7 @@ RATE_WINDOW_S = 60.0  # samples/s and units/s: over this window, per worker and 
 STATES_KEPT = 4      # decoded older versions kept for rebasing running statistics
 PUBLISH_LAG_MAX = 4  # a unit is cut from the last version written only while it is at most this many folds behind
 PUBLISH_LAG_SHARE = 16  # ... and at most max_staleness / this (a unit must not start near the staleness cap)
+OWN_RESULT_CROWD = 64  # with this many units out, a unit request no longer waits for its worker's own last result
 PAIRS_AT_ONCE = 1    # version deltas made at once; a request that finds them busy gets the whole version as fp16
 TRUST_ROWS = 100     # workers shown with their trust (the quarantined and the most recent)
 
@@ -365,8 +366,9 @@ class Job:
         ``PUBLISH_LAG_MAX`` folds behind, as after a while without unit requests, or than a sixteenth of
         ``max_staleness``: a worker whose last result was dropped as stale must not get a stale unit
         again): only a worker whose own result is in it waits for it (``app.fresh_base``: a unit whose
-        base lacks its worker's own result costs accuracy), and under a stream of results (a fold every
-        few tens of milliseconds) every other request would wait for a write too."""
+        base lacks its worker's own result costs accuracy; not while the job is ``crowded``), and under a
+        stream of results (a fold every few tens of milliseconds) every other request would wait for a
+        write too."""
         step = self.step
         version = self.store.version(step)
         if version.blob:
@@ -384,11 +386,20 @@ class Job:
     def _may_lag(self, worker_id: str, older: Base, step: int) -> bool:
         """May a unit for this worker be cut from ``older`` instead of version ``step`` (``publish``)? Only
         while ``older`` is at most ``PUBLISH_LAG_MAX`` folds behind (and a sixteenth of ``max_staleness``),
-        lacks no result of this worker, and its blob is still on disk."""
+        lacks no result of this worker (unless the job is ``crowded``), and its blob is still on disk."""
         cap = self.config.max_staleness
         lag_max = PUBLISH_LAG_MAX if cap is None else min(PUBLISH_LAG_MAX, cap // PUBLISH_LAG_SHARE)
-        return (self._folded.get(worker_id, -1) <= older.step and step - older.step <= lag_max
-                and self.store.blob_path(older.blob) is not None)
+        return ((self._folded.get(worker_id, -1) <= older.step or self.crowded())
+                and step - older.step <= lag_max and self.store.blob_path(older.blob) is not None)
+
+    def crowded(self) -> bool:
+        """Whether ``OWN_RESULT_CROWD`` units or more are out. Then a unit request does not wait for a version
+        with its worker's own last result in it (``app.fresh_base``, ``publish``): with N units out, a unit's
+        base already lacks about N other results that will land before it does, so lacking its own adds
+        about 1 / N to its staleness; while that wait (a fold, then a version write, under a stream of
+        results) is what the slowest tenth of unit requests spend (bench/load.py: 1,000 clients). With
+        few workers it is the other way round: 2 workers lose points without it (``app.fresh_base``)."""
+        return self.store.leased_count() >= OWN_RESULT_CROWD
 
     def _writing(self) -> asyncio.Future:
         """The model write in flight, or a new one of the newest version (``_write_version``)."""

@@ -199,6 +199,10 @@ class LeasedIndex:
         self._leased_map()
         return self._leased_samples
 
+    def leased_count(self) -> int:
+        """Units out on a lease (replicas included)."""
+        return len(self._leased_map())
+
 
 class Store(LeasedIndex):
     """One job's SQLite database (``state.db``) and blob folder (``blobs/``) under ``root``."""

@@ -333,6 +333,58 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
     assert (await take(client, "w3")).base_step == 2, "once written, the newest version for everyone"
 
 
+async def test_in_a_crowded_job_no_request_waits_for_its_own_result(aiohttp_client, tmp_path, monkeypatch):
+    """With ``OWN_RESULT_CROWD`` units out, a worker whose last result is logged but not folded, or folded into
+    a version not yet written, gets a unit at once from what is written: one missing result adds little to
+    the staleness of a unit among so many, while those waits were the slowest unit requests (bench/load.py).
+    Below it, the same request waits (the test above and the one before it)."""
+    import coordinator.app as app_module
+    import coordinator.job as job_module
+
+    monkeypatch.setattr(job_module, "OWN_RESULT_CROWD", 4)
+    monkeypatch.setattr(app_module, "FRESH_BASE_WAIT_S", 5.0)
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+    units = {w: await take(client, w) for w in ("w1", "w2", "w3", "w4", "w5")}
+    assert job.store.leased_count() == 5 and job.crowded()
+    status, got = await post(client, units["w1"], body(await honest(client, units["w1"], "w1")))
+    assert status == 200 and got["accepted"]
+    await job.settle()
+    assert job.step == 1 and not job.store.version(1).blob
+    gate = threading.Event()
+    write = job._written_current
+
+    async def held_up():   # version 1's write takes its time
+        await asyncio.to_thread(gate.wait, 10)
+        return await write()
+
+    job._written_current = held_up
+    try:
+        t0 = asyncio.get_running_loop().time()
+        second = await asyncio.wait_for(take(client, "w1"), timeout=4)
+        assert second.base_step == 0, "its own result is in version 1, not written yet: the last one written"
+        assert asyncio.get_running_loop().time() - t0 < 2
+    finally:
+        gate.set()
+    fold = job.aggregator.aggregate
+
+    def stuck_aggregate():
+        assert gate2.wait(60), "the test never released the aggregation"
+        return fold()
+
+    gate2 = threading.Event()
+    job.aggregator.aggregate = stuck_aggregate
+    try:
+        status, got = await post(client, units["w2"], body(await honest(client, units["w2"], "w2")))
+        assert status == 200 and got["accepted"] and job.awaits_fold("w2")
+        t0 = asyncio.get_running_loop().time()
+        later = await asyncio.wait_for(take(client, "w2"), timeout=4)   # FRESH_BASE_WAIT_S is 5 s
+        assert asyncio.get_running_loop().time() - t0 < 2 and later.base_step <= 1, "not held up by its fold"
+    finally:
+        gate2.set()
+    await job.settle()
+    assert job.step == 2 and job.store.result_totals()["applied"] == 2
+
+
 async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its_fp16_copy(aiohttp_client, tmp_path):
     """A worker that holds no version gets the newest one as fp16, a copy made once per version in a thread.
     While that copy is being made, a worker with no result in the version gets a unit cut from the last
