@@ -365,13 +365,12 @@ async def test_in_a_crowded_job_no_request_waits_for_its_own_result(aiohttp_clie
         assert asyncio.get_running_loop().time() - t0 < 2
     finally:
         gate.set()
-    fold = job.aggregator.aggregate
+    fold, gate2 = job.aggregator.aggregate, threading.Event()
 
     def stuck_aggregate():
         assert gate2.wait(60), "the test never released the aggregation"
         return fold()
 
-    gate2 = threading.Event()
     job.aggregator.aggregate = stuck_aggregate
     try:
         status, got = await post(client, units["w2"], body(await honest(client, units["w2"], "w2")))
