@@ -50,6 +50,18 @@ async def still_waiting(request, why: str) -> asyncio.Future:
     return waiting
 
 
+def hold_up_writes(job) -> threading.Event:
+    """Model writes (``Job._written_current``) wait until the returned event is set (10 s at most)."""
+    gate, write = threading.Event(), job._written_current
+
+    async def held_up():
+        await asyncio.to_thread(gate.wait, 10)
+        return await write()
+
+    job._written_current = held_up
+    return gate
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 async def test_ledger_matches_what_the_model_folded(aiohttp_client, tmp_path, case):
     strategy, params, config, reason = CASES[case]
@@ -309,14 +321,7 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
     assert status == 200 and got["accepted"]
     await job.settle()
     assert job.step == 2 and not job.store.version(2).blob
-    gate = threading.Event()
-    write = job._written_current
-
-    async def held_up():   # version 2's write takes its time
-        await asyncio.to_thread(gate.wait, 10)
-        return await write()
-
-    job._written_current = held_up
+    gate = hold_up_writes(job)   # version 2's write takes its time
     if lag_max == 0:   # one fold behind is too far: everyone waits for the write
         waiting = await still_waiting(take(client, "w3"), "version 2 is not written yet")
         gate.set()
@@ -350,14 +355,7 @@ async def test_in_a_crowded_job_no_request_waits_for_its_own_result(aiohttp_clie
     assert status == 200 and got["accepted"]
     await job.settle()
     assert job.step == 1 and not job.store.version(1).blob
-    gate = threading.Event()
-    write = job._written_current
-
-    async def held_up():   # version 1's write takes its time
-        await asyncio.to_thread(gate.wait, 10)
-        return await write()
-
-    job._written_current = held_up
+    gate = hold_up_writes(job)   # version 1's write takes its time
     try:
         t0 = asyncio.get_running_loop().time()
         second = await asyncio.wait_for(take(client, "w1"), timeout=4)

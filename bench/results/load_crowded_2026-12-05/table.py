@@ -1,9 +1,11 @@
-"""One row per run of this folder (after the warm-up): the README's table. Usage: python table.py [run ...]"""
+"""One row per run of this folder (after the warm-up): the README's table. Usage: python table.py [run ...]
+(RUNS_DIR=folder: another folder's runs, e.g. ../load_uvloop_2026-12-05/table.py)"""
 import json
+import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(os.environ.get("RUNS_DIR") or Path(__file__).parent)
 
 
 def ms(route: dict, *keys: str) -> str:
