@@ -165,7 +165,7 @@ class CoordinatorConfig:
     unit_batch_scale: float = option(
         float, 0.125, "when --batch-size is not given, units train at this fraction of the recipe's batch size (at "
         "the recipe's learning rate, see --unit-lr): with 2 real workers at resnet_fast's full budget an eighth of "
-        "the batch (64 x 16 steps a unit) ended 0.27 points behind one process on the mean of 7 seeds, a quarter "
+        "the batch (64 x 16 steps a unit) ended 0.26 points behind one process on the mean of 8 seeds, a quarter "
         "(128 x 8) 0.71 on 6 (+0.32 for the eighth, 5 seeds of 6 ahead), a sixteenth (32 x 32) 1.0 on 1; at 30k "
         "samples a quarter beat half the batch by +5.6 on 3 seeds (docs/results.md, bench/parity.py, "
         "bench/parity_lab.py); a tab's step runs as many samples a second at 64 as at 128; 1 = the recipe's batch",
