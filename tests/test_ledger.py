@@ -62,6 +62,20 @@ def hold_up_writes(job) -> threading.Event:
     return gate
 
 
+def hold_up_folds(job) -> tuple[threading.Event, threading.Event]:
+    """Folds (``Aggregator.aggregate``, run in a thread) wait until the second returned event is set (60 s at
+    most); the first is set once a fold has started."""
+    started, gate, fold = threading.Event(), threading.Event(), job.aggregator.aggregate
+
+    def held_up():
+        started.set()
+        assert gate.wait(60), "the test never released the aggregation"
+        return fold()
+
+    job.aggregator.aggregate = held_up
+    return started, gate
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 async def test_ledger_matches_what_the_model_folded(aiohttp_client, tmp_path, case):
     strategy, params, config, reason = CASES[case]
@@ -122,15 +136,7 @@ async def test_ledger_matches_what_the_model_folded(aiohttp_client, tmp_path, ca
 
 async def test_a_submission_is_answered_while_an_aggregation_runs(aiohttp_client, tmp_path):
     client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
-    started, gate = threading.Event(), threading.Event()
-    fold = job.aggregator.aggregate
-
-    def slow_aggregate():
-        started.set()
-        assert gate.wait(60), "the test never released the aggregation"
-        return fold()
-
-    job.aggregator.aggregate = slow_aggregate
+    started, gate = hold_up_folds(job)
     try:
         first, second = await take(client, "w1"), await take(client, "w2")
         results = [await honest(client, first, "w1"), await honest(client, second, "w2")]
@@ -256,14 +262,7 @@ async def test_a_unit_asked_for_after_a_result_starts_from_a_model_with_it(aioht
     assert (first.base_step, second.base_step, job.step) == (0, 1, 1)
 
     monkeypatch.setattr(app_module, "FRESH_BASE_WAIT_S", 0.3)
-    gate = threading.Event()
-    fold = job.aggregator.aggregate
-
-    def stuck_aggregate():
-        assert gate.wait(60), "the test never released the aggregation"
-        return fold()
-
-    job.aggregator.aggregate = stuck_aggregate
+    _, gate = hold_up_folds(job)
     try:
         status, got = await post(client, second, body(await honest(client, second, "w1")))
         assert status == 200 and got["accepted"]
@@ -363,13 +362,7 @@ async def test_in_a_crowded_job_no_request_waits_for_its_own_result(aiohttp_clie
         assert asyncio.get_running_loop().time() - t0 < 2
     finally:
         gate.set()
-    fold, gate2 = job.aggregator.aggregate, threading.Event()
-
-    def stuck_aggregate():
-        assert gate2.wait(60), "the test never released the aggregation"
-        return fold()
-
-    job.aggregator.aggregate = stuck_aggregate
+    _, gate2 = hold_up_folds(job)
     try:
         status, got = await post(client, units["w2"], body(await honest(client, units["w2"], "w2")))
         assert status == 200 and got["accepted"] and job.awaits_fold("w2")
