@@ -12,6 +12,7 @@ container (see ``contract.codecs`` and docs/protocol.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -252,15 +253,24 @@ class WorkUnit:
         object.__setattr__(self, "deadline", deadline)
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["shard_ids"] = list(self.shard_ids)
+        # the fields hold strings, numbers, a tuple and flat dicts: copied one level (``dataclasses.asdict``'s
+        # deep copy cost more than the rest of cutting a unit)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["shard_ids"], d["hyper"] = list(self.shard_ids), dict(self.hyper)
         if self.base_delta is None:   # only units cut from a version delta carry it
             del d["base_delta"]
+        else:
+            d["base_delta"] = dict(self.base_delta)
         if not self.error_feedback:   # only units for a worker that said it keeps a residual carry it
             del d["error_feedback"]
         if self.compute_as is None:   # only a replica for a worker of another backend carries it
             del d["compute_as"]
         return d
+
+    @functools.cached_property
+    def wire(self) -> str:
+        """The unit's JSON text, made once: what the coordinator sends, keeps, and checks a result against."""
+        return json.dumps(self.to_json())
 
     @classmethod
     def from_json(cls, d: dict) -> "WorkUnit":

@@ -196,7 +196,7 @@ async def next_unit(request: web.Request) -> web.Response:
             unit = job.next_unit(asked, address, base, trusted=own)
         if unit is not None:
             entry.served = time.monotonic()
-            return web.json_response(unit.to_json())
+            return web.Response(text=unit.wire, content_type="application/json")   # the JSON it keeps
     if reason is not None:
         return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": reason})
     headers = {"Retry-After": str(RETRY_AFTER_S)}

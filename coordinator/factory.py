@@ -202,7 +202,7 @@ class UnitFactory:
                         hyper=self._hyper(lr, parity), seed=seed, codec=codec, lease=lease, deadline=deadline,
                         base_delta=base_delta, error_feedback=feedback)
         self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
-                               wire=json.dumps(unit.to_json()), twin=twin)
+                               wire=unit.wire, twin=twin)
         self.store.set_meta("queue", self.queue.state())
         self._named(unit)
         return unit
@@ -228,7 +228,7 @@ class UnitFactory:
         unit = dataclasses.replace(issued, unit_id=unit_id, lease=lease, deadline=deadline, base_delta=None,
                                    error_feedback=False, compute_as=compute_as)
         self.store.insert_unit(unit_id, worker_id, list(issued.shard_ids), issued.base_step, original["lr"],
-                               issued.seed, deadline, claim, now, wire=json.dumps(unit.to_json()),
+                               issued.seed, deadline, claim, now, wire=unit.wire,
                                replica_of=original["unit_id"])
         self._named(unit)
         return unit

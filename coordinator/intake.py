@@ -14,6 +14,7 @@ Nothing here writes to the store.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,9 +76,24 @@ class Accepted:
     late: bool
 
 
+ISSUED_KEPT = 4096   # units this process issued, kept parsed until their result (or evicted oldest first)
+
+
 class Intake:
     def __init__(self, config: CoordinatorConfig, store: Store, key: bytes, spec: dict, clock):
         self.config, self.store, self.key, self.spec, self.clock = config, store, key, spec, clock
+        self._issued: OrderedDict[str, WorkUnit] = OrderedDict()
+
+    def issued(self, unit: WorkUnit) -> None:
+        """A unit this process just issued: its result is checked against it as it is, instead of against
+        its row's JSON parsed again (the same text: ``WorkUnit.wire``)."""
+        self._issued[unit.unit_id] = unit
+        if len(self._issued) > ISSUED_KEPT:
+            self._issued.popitem(last=False)
+
+    def _as_sent(self, unit_id: str, wire: str) -> WorkUnit:
+        unit = self._issued.pop(unit_id, None)
+        return unit if unit is not None and unit.wire == wire else WorkUnit.from_json(json.loads(wire))
 
     def parse(self, unit_id: str, body: bytes) -> tuple[dict, UnitResult] | Failure | Superseded:
         """The cheap checks (no delta decoding): the unit, the lease, duplicates, a failure report."""
@@ -105,7 +121,7 @@ class Intake:
             raise Rejection("lease_expired", 410, f"unit {unit_id!r} was issued by an earlier coordinator version; "
                             "take a new unit", "result.lease")
         try:
-            check_result(WorkUnit.from_json(json.loads(unit["wire"])), result)
+            check_result(self._as_sent(unit_id, unit["wire"]), result)
         except ContractError as e:
             raise contract_rejection(e) from e
         if unit["status"] == "superseded":

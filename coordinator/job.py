@@ -40,6 +40,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -443,11 +444,15 @@ class Job:
         if self.replicating:
             replica = self._replica_for(request, address)
             if replica is not None:
+                self.intake.issued(replica)
                 return replica
         if base is None or self.store.blob_path(base.blob) is None:
             base = self._base()
-        return self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend,
+        unit = self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend,
                                  held=request.held, error_feedback=request.error_feedback, trusted=trusted)
+        if unit is not None:
+            self.intake.issued(unit)
+        return unit
 
     async def prepare_download(self, request: UnitRequest, base: Base) -> tuple[Base, UnitRequest]:
         """Make, in a thread, the version delta that a unit cut from ``base`` for this request would carry
@@ -808,12 +813,16 @@ class Job:
                 self.store.supersede(replica["unit_id"])
 
     def _delete_blobs(self, blobs) -> None:
-        """Delete the delta blobs no result waiting to be folded or dropped needs (one query for all)."""
+        """Delete the delta blobs no result waiting to be folded or dropped needs."""
+        self.store.unlink_blobs(self._forget_blobs(blobs))
+
+    def _forget_blobs(self, blobs) -> list[Path]:
+        """``_delete_blobs`` but for unlinking the files, which it returns (``Store.delete_blobs``)."""
         blobs = [b for b in blobs if b]
+        if not blobs:
+            return []
         pending = self.store.pending_blobs(blobs)
-        for blob in blobs:
-            if blob not in pending:
-                self.store.delete_blob(blob)
+        return self.store.delete_blobs([b for b in blobs if b not in pending])
 
     def _offer_inbox(self) -> None:
         drops: list[tuple[int, str]] = []
@@ -869,15 +878,25 @@ class Job:
         if self.step == self.persisted_step:
             return
         step, blob = await self._written_current()
-        self._persist(step, blob)
+        state = self.strategy.state_dict(include_buffer=False).to_bytes()
+        # the writes, and the unlinking of what no replay needs any more, off the event loop
+        files, pruned = self._persist(step, blob, await asyncio.to_thread(self.store.put_blob, state))
+        await asyncio.to_thread(self.store.unlink_blobs, files)
+        self._mark_pruned(pruned)
 
     def persist_now(self) -> None:
         """``persist``, blocking (on shutdown)."""
         if self.store is not None and self.step != self.persisted_step:
-            self._persist(*self._write_current())
+            step, blob = self._write_current()
+            files, pruned = self._persist(step, blob, self.store.put_blob(
+                self.strategy.state_dict(include_buffer=False).to_bytes()))
+            self.store.unlink_blobs(files)
+            self._mark_pruned(pruned)
 
-    def _persist(self, step: int, blob: str) -> None:
-        strategy_blob = self.store.put_blob(self.strategy.state_dict(include_buffer=False).to_bytes())
+    def _persist(self, step: int, blob: str, strategy_blob: str) -> tuple[list[Path], list[int]]:
+        """Record version ``step`` (written as ``blob``) and the strategy's state (``strategy_blob``) as persisted;
+        returns the files no replay needs any more, to unlink, and the versions whose blobs they include,
+        to mark pruned once they are (``_prune_versions``)."""
         old_strategy = self.store.get_meta("strategy_state")
         with self.store.transaction():
             self.store.set_version_blob(step, blob)
@@ -889,8 +908,9 @@ class Job:
         keep = [(s, b) for s, b in self._replay_blobs if s >= step]
         gone = {b for s, b in self._replay_blobs if s < step} - {b for _, b in keep}
         self._replay_blobs = keep
-        self._delete_blobs(gone)   # folded into a persisted version: no replay needs them
-        self._prune_versions()
+        files = self._forget_blobs(gone)   # folded into a persisted version: no replay needs them
+        pruned, version_files = self._prune_versions()
+        return files + version_files, pruned
 
     def _decided(self, offered: list[tuple[int, int, int]]) -> None:
         """Updates the strategy decided on (``(seq, offered at, rank)``): their delta blobs stay until a
@@ -900,19 +920,24 @@ class Job:
             if blob is not None:
                 self._replay_blobs.append((step, blob))
 
-    def _prune_versions(self) -> None:
-        """Drop old model blobs, keeping the newest, the best evaluated, and every base a leased unit
-        may come back with."""
+    def _prune_versions(self) -> tuple[list[int], list[Path]]:
+        """Old model blobs to drop, keeping the newest, the best evaluated, and every base a leased unit
+        may come back with: their steps, and the files to unlink before ``_mark_pruned``."""
         cap = self.config.max_staleness
         keep = self.store.needed_base_steps(self.step - cap if cap is not None else 0)
         keep.update(range(max(0, self.step - self.config.keep_versions + 1), self.step + 1))
         best = self.store.best_eval_step()
         if best is not None:
             keep.add(best)
-        for step, blob in self.store.prunable_versions(self.step - self.config.keep_versions):
-            if step not in keep:
-                self.store.delete_blob(blob)
-                self.store.mark_version_pruned(step)
+        gone = [(step, blob) for step, blob in self.store.prunable_versions(self.step - self.config.keep_versions)
+                if step not in keep]
+        return [step for step, _ in gone], self.store.delete_blobs([blob for _, blob in gone])
+
+    def _mark_pruned(self, steps: list[int]) -> None:
+        if steps:
+            with self.store.transaction():   # one commit
+                for step in steps:
+                    self.store.mark_version_pruned(step)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_current(self) -> dict:

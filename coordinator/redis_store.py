@@ -198,6 +198,10 @@ class RedisStore(LeasedIndex):
     blob_path = Store.blob_path
     get_blob = Store.get_blob
     delete_blob = Store.delete_blob
+    delete_blobs = Store.delete_blobs
+    unlink_blobs = Store.unlink_blobs
+    _forget = Store._forget
+    _present = None   # no blob is known to be on disk: every process of the job deletes in the shared folder
     keeps_small_results = False   # every result's delta is a file (put_result_blob), which the other processes read
 
     # ------------------------------------------------------------------ writes (fenced, transactional)

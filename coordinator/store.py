@@ -81,6 +81,7 @@ log = logging.getLogger("crowdtrain.coordinator")
 
 DIRECT_MIN = 1 << 20      # a blob of at least this many bytes is written with O_DIRECT (write_direct)
 SMALL_RESULT_MAX = 4 << 20   # a result's delta below this many bytes goes to the delta log (put_small_result)
+VERSIONS_CACHED = 4096      # versions rows kept in memory (``Store.version``), forgotten all at once beyond
 SEGMENT_BYTES = 64 << 20     # a delta log segment takes appends until it holds this many bytes
 DIRECT_PIECE = 8 << 20    # ... through a page-aligned buffer of this size, one per writing thread
 DIRECT_ALIGN = 4096       # file offsets and lengths of the direct writes: a multiple of any logical block
@@ -210,6 +211,10 @@ class Store(LeasedIndex):
     def __init__(self, root: str | os.PathLike, clock=time.time):
         self.root, self.clock = Path(root), clock  # clock: unix seconds (the simulator's is simulated)
         self.blob_dir = self.root / "blobs"
+        # blobs known to be on disk (this process alone writes and deletes them: no stat per ``blob_path``),
+        # and versions rows read or written, by step (a unit request asked for both several times)
+        self._present: set[str] | None = set()
+        self._versions: dict[int, Version] = {}
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -345,7 +350,7 @@ class Store(LeasedIndex):
         (resnet_fast's 2.6 MB: 27 against 3.7 ms, docs/results.md); a first download then reads it from
         the device (in a thread, about 4 ms), later ones from the page cache."""
         blob_id = content_id(data)
-        if not (self.blob_dir / blob_id).exists():
+        if self.blob_path(blob_id) is None:
             self._write_blob(blob_id, data)
         return blob_id
 
@@ -367,12 +372,14 @@ class Store(LeasedIndex):
         tmp = path.with_name(f".{blob_id}.{os.getpid()}.{threading.get_ident()}.tmp")
         if len(data) >= DIRECT_MIN and write_direct(tmp, data):   # durable (fsynced) under its temporary name
             os.replace(tmp, path)
-            return
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        if self._present is not None:
+            self._present.add(blob_id)
 
     # ------------------------------------------------------------------ the delta log (small results' deltas)
     # A small result's delta (below SMALL_RESULT_MAX bytes: an fp16 delta of up to about 2M parameters, resnet_fast's
@@ -475,7 +482,13 @@ class Store(LeasedIndex):
         if not is_blob_id(blob_id):
             return None
         path = self.blob_dir / blob_id
-        return path if path.is_file() else None
+        if self._present is not None and blob_id in self._present:
+            return path
+        if not path.is_file():
+            return None
+        if self._present is not None:
+            self._present.add(blob_id)
+        return path
 
     def get_blob(self, blob_id: str) -> bytes:
         path = self.blob_path(blob_id)
@@ -484,12 +497,52 @@ class Store(LeasedIndex):
             if data is None:
                 raise KeyError(blob_id)
             return data
-        return path.read_bytes()
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:   # deleted meanwhile
+            self._forget(blob_id)
+            raise KeyError(blob_id) from None
+
+    def _forget(self, blob_id: str) -> None:
+        if self._present is not None:
+            self._present.discard(blob_id)
+
+    def delete_blobs(self, blob_ids) -> list[Path]:
+        """``delete_blob`` for many at once, in a fixed number of statements: small results' deltas leave the
+        delta log in one commit (deleting a few hundred one by one, each statement a wait for the GIL when
+        threads are busy, held the event loop 150-340 ms at each persist under load: docs/results.md). The
+        files are returned, to ``unlink_blobs`` (in a thread where many), every commit so far durable first."""
+        ids = [b for b in dict.fromkeys(blob_ids) if is_blob_id(b)]
+        small, segments = set(), set()
+        if self.keeps_small_results and ids:
+            with self.transaction():
+                for i in range(0, len(ids), 500):   # SQLite's bound on a statement's parameters
+                    chunk, marks = ids[i:i + 500], ",".join("?" * len(ids[i:i + 500]))
+                    for blob, segment in self.db.execute(
+                            f"SELECT blob, segment FROM result_deltas WHERE blob IN ({marks})", chunk):
+                        small.add(blob)
+                        segments.add(segment)
+                    self.db.execute(f"DELETE FROM result_deltas WHERE blob IN ({marks})", chunk)
+            for segment in segments:
+                self._drop_segment_if_unnamed(segment)
+        files = [path for path in (self.blob_path(b) for b in ids if b not in small) if path is not None]
+        if files:
+            self.sync_now()   # the commits that made them unnecessary are durable before they go
+            for path in files:
+                self._forget(path.name)
+        return files
+
+    def unlink_blobs(self, paths: list[Path]) -> None:
+        """The files ``delete_blobs`` returned (any thread)."""
+        for path in paths:
+            path.unlink(missing_ok=True)
+            self._forget(path.name)
 
     def delete_blob(self, blob_id: str) -> None:
         path = self.blob_path(blob_id)
         if path is not None:
             self.sync_now()   # the commit that made it unnecessary is durable before it goes
+            self._forget(blob_id)
             path.unlink(missing_ok=True)
         elif self.keeps_small_results and is_blob_id(blob_id):
             row = self.db.execute("SELECT segment FROM result_deltas WHERE blob = ?", (blob_id,)).fetchone()
@@ -519,9 +572,22 @@ class Store(LeasedIndex):
         return Version(*row) if row else None
 
     def version(self, step: int) -> Version | None:
-        row = self.db.execute("SELECT step, blob, samples, updates, created FROM versions WHERE step = ?",
-                              (step,)).fetchone()
-        return Version(*row) if row else None
+        version = self._versions.get(step)
+        if version is None:
+            row = self.db.execute("SELECT step, blob, samples, updates, created FROM versions WHERE step = ?",
+                                  (step,)).fetchone()
+            if row is None:
+                return None
+            version = Version(*row)
+            if version.blob:   # written: the row no longer changes (one not yet written is cached by its commit
+                self._cache_version(version)   # alone, on the event loop, not by a thread that reads it meanwhile)
+        return version
+
+    def _cache_version(self, version: Version) -> Version:
+        if len(self._versions) >= VERSIONS_CACHED:
+            self._versions.clear()
+        self._versions[version.step] = version
+        return version
 
     def commit_version(self, version: Version | None, applied_seqs: list[int], strategy_state: dict | None,
                        dropped: list[tuple[int, str]] = (), offered: list[tuple[int, int, int]] = ()) -> None:
@@ -532,6 +598,7 @@ class Store(LeasedIndex):
             if version is not None:
                 self.db.execute("INSERT INTO versions (step, blob, samples, updates, created) VALUES (?, ?, ?, ?, ?)",
                                 (version.step, version.blob, version.samples, version.updates, version.created))
+                self._cache_version(version)   # forgotten if the commit rolls back (``_rolled_back``)
                 self.db.executemany("UPDATE results SET applied_step = ? WHERE seq = ?",
                                     [(version.step, s) for s in applied_seqs])
             self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?", [(why, s) for s, why in dropped])
@@ -547,6 +614,7 @@ class Store(LeasedIndex):
     def set_version_blob(self, step: int, blob: str) -> None:
         """The model of version ``step`` is now written under ``blob``."""
         self.db.execute("UPDATE versions SET blob = ?, pruned = 0 WHERE step = ?", (blob, step))
+        self._versions.pop(step, None)
 
     def offered_at(self, step: int) -> list[dict]:
         """Results offered to the strategy at version ``step``, in offer order (a fold's replay)."""
@@ -828,6 +896,7 @@ class Store(LeasedIndex):
 
     def _rolled_back(self) -> None:
         self._leased = None   # what is leased is read again from the table
+        self._versions.clear()
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
         cur = self.db.execute(sql, args)

@@ -114,6 +114,17 @@ def test_work_unit_json_round_trip_and_codec_specs():
     assert [get_codec(c).name for c in ("fp16", "topk", "topk:0.05")] == ["fp16", "topk", "topk:0.05"]
 
 
+def test_work_unit_json_is_a_copy_and_its_wire_text_is_made_once():
+    """``to_json`` copies the unit's dicts (a caller that changes what it got changes no unit), and ``wire``,
+    the text the coordinator sends and keeps, is that JSON, made once per unit."""
+    unit = WorkUnit.from_json(unit_dict(base_delta={"from": "a" * 64, "blob": "b" * 64}))
+    d = unit.to_json()
+    d["hyper"]["lr"], d["base_delta"]["blob"] = 123.0, "c" * 64
+    assert unit.hyper["lr"] == unit_dict()["hyper"]["lr"] and unit.base_delta["blob"] == "b" * 64
+    assert json.loads(unit.wire) == unit.to_json() and unit.wire is unit.wire
+    assert WorkUnit.from_json(json.loads(unit.wire)) == unit
+
+
 def test_from_json_rejects_unknown_missing_and_other_protocols():
     assert field_of(lambda: WorkUnit.from_json(unit_dict(colour="red"))) == "unit.colour"
     d = unit_dict()

@@ -249,6 +249,45 @@ def test_the_same_blob_stored_from_many_threads_at_once(tmp_path):
     store.close()
 
 
+def test_the_store_remembers_its_blobs_and_versions_and_forgets_what_goes(tmp_path):
+    """``Store.blob_path`` and ``Store.version`` answer from memory what the store wrote or read (a unit request
+    asked for both several times), and forget a blob it deletes, a blob deleted behind its back once read, and
+    the versions of a commit that rolled back; ``delete_blobs`` deletes many at once."""
+    from coordinator.store import Store, Version
+
+    store = Store(tmp_path)
+    blob = store.put_blob(b"x" * 100)
+    assert store.blob_path(blob) is not None and store.get_blob(blob) == b"x" * 100
+    store.delete_blob(blob)
+    assert store.blob_path(blob) is None and not (tmp_path / "blobs" / blob).exists()
+    other = store.put_blob(b"y" * 100)
+    (tmp_path / "blobs" / other).unlink()   # not by the store
+    with pytest.raises(KeyError):
+        store.get_blob(other)
+    assert store.blob_path(other) is None
+    store.commit_version(Version(1, "", 10, 1, 0.0), [], None)
+    assert store.version(1).blob == ""
+    store.set_version_blob(1, blob)
+    assert store.version(1).blob == blob
+    with pytest.raises(RuntimeError), store.transaction():
+        store.commit_version(Version(2, "", 20, 2, 0.0), [], None)
+        assert store.version(2) is not None
+        raise RuntimeError("the commit fails")
+    assert store.version(2) is None
+    # many at once (a persist's): the delta log's in one commit, the files returned to unlink, durable first
+    with store.transaction():
+        small = [store.put_small_result(bytes([i]) * 64) for i in range(3)]
+    large = store.put_result_blob(b"z" * 100)
+    files = store.delete_blobs([*small, large, "not a blob id"])
+    assert [f.name for f in files] == [large] and files[0].exists()
+    for blob in small:
+        with pytest.raises(KeyError):
+            store.get_blob(blob)
+    store.unlink_blobs(files)
+    assert not files[0].exists() and store.blob_path(large) is None
+    store.close()
+
+
 async def test_a_unit_asked_for_after_a_result_starts_from_a_model_with_it(aiohttp_client, tmp_path, monkeypatch):
     """The next unit's base includes the asker's last result (one version fresher: bench/parity_lab.py),
     and a request waits for that fold at most ``FRESH_BASE_WAIT_S``."""
