@@ -242,10 +242,31 @@ def server_latency(urls: list[str]) -> dict:
     return {k: v for k, v in request_latency(texts).items() if k in WORK_ROUTES}
 
 
+def loop_lag(urls: list[str]) -> dict | None:
+    """How late the coordinators' event loops ran a timer over the whole run (``/metrics``:
+    ``crowdtrain_event_loop_lag_seconds``, summed over the processes); None for a ``--code`` without it."""
+    from coordinator.observe import loop_lag as lag
+
+    texts = []
+    for u in urls:
+        with urllib.request.urlopen(u + "/metrics", timeout=30) as r:
+            texts.append(r.read().decode())
+    return lag(texts)
+
+
 def server_lines(r: dict) -> list[str]:
     return [f"| {route} | {v['n']} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} | {v['p99_ms']:.1f} | "
             f"{', '.join(f'{k}: {n}' for k, n in v['statuses'].items())} |"
             for route, v in r.get("server", {}).items() if v["n"]]
+
+
+def lag_line(r: dict) -> list[str]:
+    lag = r.get("loop_lag")
+    if not lag:
+        return []
+    return [f"The coordinators' event loops ran their timers late by p50 / p95 / p99 {lag['p50_ms']:.1f} / "
+            f"{lag['p95_ms']:.1f} / {lag['p99_ms']:.1f} ms over the run ({lag['n']:,} ticks; "
+            "`crowdtrain_event_loop_lag_seconds`).", ""]
 
 
 def bucket_bounds() -> str:
@@ -353,6 +374,7 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
             with urllib.request.urlopen(url + "/api/status", timeout=30) as r:
                 status = json.load(r)
             result["server"] = server_latency(urls)
+            result["loop_lag"] = loop_lag(urls)
             result["coordinator_log_errors"] = [line for f in sorted(tmp.glob("coordinator*.log"))
                                                 for line in f.read_text().splitlines()
                                                 if "Traceback" in line or "ERROR" in line][:10]
@@ -512,6 +534,7 @@ def main() -> int:
     print(json.dumps({route: v["all"] | {"after_warmup_p99_ms": v["after_warmup"].get("p99_ms")}
                       for route, v in r["routes"].items()}, indent=1))
     print("server-side (the coordinators' histograms):", json.dumps(r["server"], indent=1))
+    print("event loop lag:", json.dumps(r.get("loop_lag")))
     print("rss", s)
     if not args.no_docs:
         lines = [f"### Load: {args.clients} clients, one coordinator ({date})", "",
@@ -524,7 +547,7 @@ def main() -> int:
                  f"its buckets (bounds {bucket_bounds()} ms), so no finer than they are; results and hand-backs share "
                  "one route):", "",
                  "| route | requests | p50 ms | p95 ms | p99 ms | statuses |", "|---|---:|---:|---:|---:|---|",
-                 *server_lines(r), "",
+                 *server_lines(r), "", *lag_line(r),
                  f"Errors: {r['errors']}. Coordinator RSS: {r['startup'].get('rss_up_mb') or 0:.0f} MB when it "
                  f"answered, {r['startup'].get('rss_settled_mb') or 0:.0f} MB once its start-up work was done "
                  f"({r['startup'].get('seconds', 0):.0f} s; the clients start then), {s['at_warmup']:.0f} MB "

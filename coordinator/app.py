@@ -710,6 +710,7 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app[BOARD] = CreditBoard(lambda: job.store)
     app[NAME_LIMITS] = RateLimiter(NAME_RATE_PER_MIN, time.monotonic)
     app.cleanup_ctx.append(job_ctx)
+    app.cleanup_ctx.append(observe.watching_loop)
     for method, path, handler in ROUTES:
         if method == "GET":
             app.router.add_get(path, handler)   # and HEAD

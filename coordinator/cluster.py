@@ -551,6 +551,7 @@ def public_app(node: Node):
                           middlewares=[observe.middleware])
     app[observe.OBSERVER] = observer
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(observe.watching_loop)
     own = {"/api/v1/blobs/{blob_id}": blob, "/api/v1/units/{unit_id}/result": result, "/metrics": metrics}
     app.router.add_get("/api/v1/cluster", cluster)
     for method, path, _ in ROUTES:

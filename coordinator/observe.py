@@ -4,7 +4,9 @@
   several apps in one process do not collide) holding the job's collector
   (``coordinator.metrics.JobCollector``), this process's memory and CPU (``ProcessCollector``:
   ``process_resident_memory_bytes`` and others, on Linux) and Python's garbage collector, and the
-  request histogram ``crowdtrain_http_request_duration_seconds{route, method, status}``.
+  request histogram ``crowdtrain_http_request_duration_seconds{route, method, status}``, and how late the
+  event loop runs a timer (``crowdtrain_event_loop_lag_seconds``, ``watch_loop``): what every request
+  waits behind when a callback or a thread holding the GIL keeps the loop from the others.
 - ``middleware``: times every request once (from the handler's start to its response, body not
   yet sent) and uses that one measurement for the histogram and the access log line.
 - Labels stay bounded whatever clients send: ``route`` is the matched route's template
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -47,6 +50,8 @@ CLIENT_CLOSED = 499   # the client went away before its answer (nginx's code), i
 BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0,
            10.0, 30.0)
 REQUEST_SECONDS = "crowdtrain_http_request_duration_seconds"
+LOOP_LAG_SECONDS = "crowdtrain_event_loop_lag_seconds"
+LOOP_TICK_S = 0.02   # the watch's timer: 50 wake-ups a second, each a few microseconds of the loop
 # The protocol's two busy routes (results and hand-backs share one): the load test's and the dashboard's.
 WORK_ROUTES = ("POST /api/v1/units/next", "POST /api/v1/units/{unit_id}/result")
 
@@ -84,7 +89,18 @@ class Observer:
         self.requests = Histogram(REQUEST_SECONDS, "Seconds from a request's arrival at its handler to its response "
                                   "(the body not yet sent), by route template, method and status class.",
                                   ("route", "method", "status"), buckets=BUCKETS, registry=self.registry)
+        self.loop_lag = Histogram(LOOP_LAG_SECONDS, f"Seconds a {LOOP_TICK_S:g}-s timer of the event loop fired late: "
+                                  "how long the loop was kept from its callbacks (a long one, or the GIL).",
+                                  buckets=BUCKETS, registry=self.registry)
         self.access_log = access_log == "json"
+
+    async def watch_loop(self, tick: float = LOOP_TICK_S) -> None:
+        """Observe, until cancelled, how late each ``tick``-second sleep of the event loop wakes."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(tick)
+            self.loop_lag.observe(max(0.0, loop.time() - started - tick))
 
     def record(self, request: web.Request, status: int, seconds: float, size: int | None) -> None:
         route, method = route_of(request), method_of(request)
@@ -126,6 +142,15 @@ def body_size(response: web.StreamResponse) -> int | None:
 
 
 OBSERVER = web.AppKey("observer", Observer)
+
+
+async def watching_loop(app: web.Application):
+    """A ``cleanup_ctx``: the app's observer watches the event loop while the app runs."""
+    watch = asyncio.ensure_future(app[OBSERVER].watch_loop())
+    yield
+    watch.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watch
 
 
 @web.middleware
@@ -174,6 +199,29 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
             return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
         lower, below = bound, count
     return lower
+
+
+def loop_lag(expositions: list[str]) -> dict[str, Any] | None:
+    """The event loop's lag (``LOOP_LAG_SECONDS``) in the ``/metrics`` texts of one or more processes, summed:
+    ticks and p50/p95/p99/max-bucket in ms; None where no process exposes it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    by_bound: dict[float, float] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text):
+            if family.name == LOOP_LAG_SECONDS:
+                for sample in family.samples:
+                    if sample.name == LOOP_LAG_SECONDS + "_bucket":
+                        le = float(sample.labels["le"])
+                        by_bound[le] = by_bound.get(le, 0.0) + sample.value
+    if not by_bound:
+        return None
+    cumulative = sorted(by_bound.items())
+    row: dict[str, Any] = {"n": int(cumulative[-1][1])}
+    for q in (0.50, 0.95, 0.99):
+        value = quantile(cumulative, q)
+        row[f"p{round(q * 100)}_ms"] = None if value is None else 1e3 * value
+    return row
 
 
 def request_latency(expositions: list[str]) -> dict[str, dict[str, Any]]:

@@ -181,3 +181,28 @@ async def test_api_status_has_this_process_unit_request_latency(serve):
     assert set(latency) == {"POST /api/v1/units/next"}, "only the work routes, and only those requested"
     row = latency["POST /api/v1/units/next"]
     assert row["n"] == 2 and row["statuses"] == {"2xx": 2} and 0 < row["p50_ms"] <= row["p99_ms"]
+
+
+async def test_the_event_loop_lag_is_measured_and_a_blocked_loop_shows(serve):
+    """``crowdtrain_event_loop_lag_seconds`` counts the watch's ticks, and a callback that holds the loop
+    150 ms shows as one tick at least 0.1 s late (``loop_lag`` reads it back as bench/load.py does)."""
+    import asyncio
+    import time
+
+    from coordinator.observe import LOOP_LAG_SECONDS, loop_lag
+
+    client, _ = await serve()
+    await asyncio.sleep(0.3)
+    families, _ = await scrape(client)
+    late = {s.labels["le"]: s.value for s in families[LOOP_LAG_SECONDS].samples
+            if s.name == LOOP_LAG_SECONDS + "_bucket"}
+    assert late["+Inf"] >= 5   # ticks of 20 ms in 0.3 s
+    before = late["+Inf"] - late["0.1"]   # ticks 0.1 s late or more
+    time.sleep(0.15)   # the loop held
+    await asyncio.sleep(0.1)
+    resp = await client.get("/metrics")
+    text = await resp.text()
+    late = {s.labels["le"]: s.value for f in text_string_to_metric_families(text) if f.name == LOOP_LAG_SECONDS
+            for s in f.samples if s.name == LOOP_LAG_SECONDS + "_bucket"}
+    assert late["+Inf"] - late["0.1"] >= before + 1
+    assert loop_lag([text])["n"] == late["+Inf"] and loop_lag(["# nothing\n"]) is None
