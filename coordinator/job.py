@@ -38,7 +38,7 @@ import logging
 import math
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,7 @@ from coordinator.strategies import Freeze, Lookahead, NormClip, StalenessCap, St
 from models import registry
 from models.data import Cifar10, load_cifar10
 from models.local import delta_spec, state_arrays
+from models.state_names import is_running_stat
 from models.onnx_step import step_graph
 from models.recipe import Recipe
 from worker_py.unit import run_unit
@@ -74,6 +75,7 @@ FP32 = get_codec("fp32")
 ONLINE_S = 60.0      # a worker seen within this many seconds counts as online
 RATE_WINDOW_S = 60.0  # samples/s and units/s: over this window, per worker and in total (their sum)
 STATES_KEPT = 4      # decoded older versions kept for rebasing running statistics
+STATS_KEPT = 512     # versions folded here whose running statistics alone are kept for that (``_state_at``)
 PUBLISH_LAG_MAX = 4  # a unit is cut from the last version written only while it is at most this many folds behind
 PUBLISH_LAG_SHARE = 16  # ... and at most max_staleness / this (a unit must not start near the staleness cap)
 OWN_RESULT_CROWD = 64  # with this many units out, a unit request no longer waits for its worker's own last result
@@ -178,6 +180,7 @@ class Job:
         self.accepted_log: deque[tuple[float, int, str, float]] = deque()   # (accepted, samples, worker, issued)
         self.agg_times = AggTimes()
         self._states: dict[int, dict] = {}   # decoded recent versions, for rebasing statistics
+        self._stats: OrderedDict[int, dict] = OrderedDict()   # running statistics of the versions folded here
         self._writer: asyncio.Future | None = None   # the write of the newest version's model blob in flight
         self._published: Base | None = None   # the newest version written for units (``publish``)
         self._folded: dict[str, int] = {}     # worker -> the version that folded its latest result
@@ -327,9 +330,15 @@ class Job:
         return self.aggregator.state
 
     def _state_at(self, step: int) -> dict:
-        """An older version's arrays (a unit's base: written when the unit was cut)."""
+        """An older version's arrays (a unit's base: written when the unit was cut), for rebasing a stale delta's
+        running statistics: those alone for a version folded by this process (``_keep_stats``; decoding a whole
+        version on the event loop for each stale result, each from another base under load, held the loop), else
+        the whole version, decoded."""
         if step == self.step:
             return self.state
+        stats = self._stats.get(step)
+        if stats is not None:
+            return stats
         if step not in self._states:
             if len(self._states) >= STATES_KEPT:
                 self._states.pop(min(self._states))
@@ -861,10 +870,18 @@ class Job:
         offered = self._take_offered([*agg.folded, *(s for s, _ in agg.dropped)])
         self.store.commit_version(version, list(agg.folded), None, list(agg.dropped), offered)
         self.aggregator.advance(agg)
+        if agg.state is not None:
+            self._keep_stats(agg.step, agg.state)
         self.agg_times.append(agg.seconds)
         self._decided(offered)
         if version is not None and self._persist_due():
             await self.persist()
+
+    def _keep_stats(self, step: int, state: dict) -> None:
+        """Keep a copy of version ``step``'s running statistics (a few kilobytes), for ``_state_at``."""
+        self._stats[step] = {n: np.array(v, copy=True) for n, v in state.items() if is_running_stat(n)}
+        while len(self._stats) > STATS_KEPT:
+            self._stats.popitem(last=False)
 
     def _persist_due(self) -> bool:
         """The persistence policy (``settle`` writes the final version itself, once the budget is spent)."""

@@ -134,6 +134,34 @@ async def test_ledger_matches_what_the_model_folded(aiohttp_client, tmp_path, ca
         assert described["clipped"] == len(above), "every delta above the bound was clipped"
 
 
+async def test_a_stale_result_is_rebased_on_its_bases_kept_statistics(aiohttp_client, tmp_path):
+    """A stale delta's running statistics are rebased on its base version's: for a version folded here, from the
+    statistics kept at its fold (``Job._stats``, equal to the version as written), without decoding the version
+    (which the event loop did for every stale result)."""
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {}, model="resnet_fast",
+                              version_download="fp32")   # bases as written, no fp16 copy to wait for
+    first, third = await take(client, "w1"), await take(client, "w3")
+    status, _ = await post(client, first, body(await honest(client, first, "w1")))
+    assert status == 200
+    await job.settle()
+    await job.publish()   # version 1 written: the next unit is cut from it
+    second = await take(client, "w2")
+    assert second.base_step == 1 == job.step and 1 in job._stats
+    written = decode_delta(job.store.get_blob(second.model_version))
+    kept = job._stats[1]
+    assert kept and set(kept) == {n for n in written if is_running_stat(n)}
+    for name, value in kept.items():
+        np.testing.assert_array_equal(value, written[name], err_msg=name)
+    status, _ = await post(client, third, body(await honest(client, third, "w3")))
+    assert status == 200
+    await job.settle()
+    status, got = await post(client, second, body(await honest(client, second, "w2")))   # 1 version stale
+    assert status == 200 and got["accepted"]
+    await job.settle()
+    assert job.step == 3 and job.store.result_totals()["applied"] == 3
+    assert set(job._states) == {0}, "version 1 was not decoded to rebase w2's result (0, not folded here, was: w3's)"
+
+
 async def test_a_submission_is_answered_while_an_aggregation_runs(aiohttp_client, tmp_path):
     client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
     started, gate = hold_up_folds(job)
