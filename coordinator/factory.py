@@ -425,11 +425,12 @@ class UnitFactory:
         entry = self.half.get(base.blob)
         return (entry is None or self.store.blob_path(entry["blob"]) is None) and self._best_held(base, held) is None
 
-    def make_half(self, base: Base) -> str | None:
+    def make_half(self, base: Base, state: dict | None = None) -> str | None:
         """``base`` as an fp16 container, written as a blob (blocking; touches nothing but blobs); None
-        when a value does not fit in fp16."""
+        when a value does not fit in fp16. ``state``: its arrays, when the caller holds them (else read back)."""
         try:
-            data = encode_delta(get_codec("fp16"), decode_delta(self.store.get_blob(base.blob)))
+            data = encode_delta(get_codec("fp16"), decode_delta(self.store.get_blob(base.blob)) if state is None
+                                else state)
         except ContractError:
             return None
         return self.store.put_blob(data)

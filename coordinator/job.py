@@ -423,11 +423,18 @@ class Job:
         return base
 
     async def _write_version(self) -> Base:
-        """Write the newest version (as it is when this starts) and record its blob."""
+        """Write the newest version (as it is when this starts) and record its blob. In a ``crowded`` job, start
+        its fp16 copy at once, from the arrays in memory: most requests there hold no version it has a delta
+        from, and one that comes while the copy is made may wait for it (``_half_base``; the copy was made by
+        the first such request, from the version read back)."""
+        state = self.state   # what ``_written_current`` writes
         step, blob = await self._written_current()
         if not self.store.version(step).blob:
             self.store.set_version_blob(step, blob)
-        return self._newest_written(Base(step, blob))
+        base = self._newest_written(Base(step, blob))
+        if base.blob not in self._halving and self.crowded() and self.factory.wanted_half(base, ()):
+            self._halving[base.blob] = asyncio.ensure_future(self._make_half(base, state))
+        return base
 
     def _base(self) -> Base:
         step, blob = self._write_current()   # normally already written by publish(); else here, blocking
@@ -511,10 +518,11 @@ class Job:
         await asyncio.shield(flight)
         return base
 
-    async def _make_half(self, base: Base) -> None:
-        """``base``'s fp16 copy, made in a thread and kept (``prepare_download``)."""
+    async def _make_half(self, base: Base, state: dict | None = None) -> None:
+        """``base``'s fp16 copy, made in a thread (from ``state``, its arrays, when given) and kept
+        (``prepare_download``)."""
         try:
-            blob = await asyncio.to_thread(self.factory.make_half, base)
+            blob = await asyncio.to_thread(self.factory.make_half, base, state)
             self.factory.add_half(base, blob)
             if blob is not None and (self._half_ready is None or base.step > self._half_ready.step):
                 self._half_ready = base

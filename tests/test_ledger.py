@@ -442,6 +442,36 @@ async def test_in_a_crowded_job_no_request_waits_for_its_own_result(aiohttp_clie
     assert job.step == 2 and job.store.result_totals()["applied"] == 2
 
 
+async def test_a_crowded_job_makes_a_written_versions_fp16_copy_at_once(aiohttp_client, tmp_path, monkeypatch):
+    """With ``OWN_RESULT_CROWD`` units out, a version's write starts its fp16 copy (from the arrays in memory, the
+    same bytes as from the version read back), before any request asks for it; below it, a write does not."""
+    import coordinator.job as job_module
+    from coordinator.factory import Base
+
+    monkeypatch.setattr(job_module, "OWN_RESULT_CROWD", 4)
+    client, job = await start(aiohttp_client, tmp_path, "async_sgd", {})
+    units = {w: await take(client, w) for w in ("w1", "w2", "w3")}
+    status, _ = await post(client, units["w1"], body(await honest(client, units["w1"], "w1")))
+    assert status == 200 and not job.crowded()
+    await job.settle()
+    quiet = await job.publish()
+    await asyncio.sleep(0.2)
+    assert quiet.step == 1 and quiet.blob not in job.factory.half, "not crowded: no copy until a request wants one"
+    units.update({w: await take(client, w) for w in ("w4", "w5", "w6")})
+    assert job.store.leased_count() == 5 and job.crowded()   # and still once w2's result is in
+    status, _ = await post(client, units["w2"], body(await honest(client, units["w2"], "w2")))
+    assert status == 200
+    await job.settle()
+    crowded = await job.publish()
+    assert crowded.step == 2
+    if crowded.blob in job._halving:   # the copy started with the write (and may be made already)
+        await job._halving[crowded.blob]
+    assert crowded.blob in job.factory.half, "the copy was made with no request for it"
+    copy = job.factory.half[crowded.blob]["blob"]
+    again = job.factory.make_half(Base(crowded.step, crowded.blob))   # from the version read back
+    assert copy == again, "the same fp16 bytes either way (a blob's id is its hash)"
+
+
 async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its_fp16_copy(aiohttp_client, tmp_path):
     """A worker that holds no version gets the newest one as fp16, a copy made once per version in a thread.
     While that copy is being made, a worker with no result in the version gets a unit cut from the last
@@ -458,9 +488,9 @@ async def test_only_a_worker_whose_result_is_in_the_newest_version_waits_for_its
     await job.publish()   # version 2 written; its fp16 copy not made yet
     gate, make_half = threading.Event(), job.factory.make_half
 
-    def held_up(base):
+    def held_up(base, state=None):
         gate.wait(10)
-        return make_half(base)
+        return make_half(base, state)
 
     job.factory.make_half = held_up
     try:
