@@ -229,29 +229,22 @@ def settle(url: str, pid: int, timeout: float = 300.0) -> dict:
     return {"rss_up_mb": first, "rss_settled_mb": last[-1] if last else None, "seconds": time.time() - t0}
 
 
-def server_latency(urls: list[str]) -> dict:
-    """The coordinators' request histograms (``/metrics`` of each process, summed) of the routes the clients
+def metrics_texts(urls: list[str]) -> list[str]:
+    """``/metrics`` of each process."""
+    texts = []
+    for u in urls:
+        with urllib.request.urlopen(u + "/metrics", timeout=30) as r:
+            texts.append(r.read().decode())
+    return texts
+
+
+def server_latency(texts: list[str]) -> dict:
+    """The coordinators' request histograms (``/metrics`` texts of each process, summed) of the routes the clients
     use: ``METHOD route template`` -> requests, p50/p95/p99 ms, statuses (``coordinator.observe``). Empty
     when a coordinator has no such histogram (``--code`` older than it)."""
     from coordinator.observe import WORK_ROUTES, request_latency
 
-    texts = []
-    for u in urls:
-        with urllib.request.urlopen(u + "/metrics", timeout=30) as r:
-            texts.append(r.read().decode())
     return {k: v for k, v in request_latency(texts).items() if k in WORK_ROUTES}
-
-
-def loop_lag(urls: list[str]) -> dict | None:
-    """How late the coordinators' event loops ran a timer over the whole run (``/metrics``:
-    ``crowdtrain_event_loop_lag_seconds``, summed over the processes); None for a ``--code`` without it."""
-    from coordinator.observe import loop_lag as lag
-
-    texts = []
-    for u in urls:
-        with urllib.request.urlopen(u + "/metrics", timeout=30) as r:
-            texts.append(r.read().decode())
-    return lag(texts)
 
 
 def server_lines(r: dict) -> list[str]:
@@ -373,8 +366,12 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
             result = json.loads(out.read_text())
             with urllib.request.urlopen(url + "/api/status", timeout=30) as r:
                 status = json.load(r)
-            result["server"] = server_latency(urls)
-            result["loop_lag"] = loop_lag(urls)
+            from coordinator.observe import loop_lag
+
+            texts = metrics_texts(urls)
+            result["server"] = server_latency(texts)
+            # how late the coordinators' event loops ran a timer over the run (None for a --code without it)
+            result["loop_lag"] = loop_lag(texts)
             result["coordinator_log_errors"] = [line for f in sorted(tmp.glob("coordinator*.log"))
                                                 for line in f.read_text().splitlines()
                                                 if "Traceback" in line or "ERROR" in line][:10]

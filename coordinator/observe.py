@@ -203,7 +203,7 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 
 def loop_lag(expositions: list[str]) -> dict[str, Any] | None:
     """The event loop's lag (``LOOP_LAG_SECONDS``) in the ``/metrics`` texts of one or more processes, summed:
-    ticks and p50/p95/p99/max-bucket in ms; None where no process exposes it."""
+    ticks and p50/p95/p99 in ms (``summary``); None where no process exposes it."""
     from prometheus_client.parser import text_string_to_metric_families
 
     by_bound: dict[float, float] = {}
@@ -214,8 +214,12 @@ def loop_lag(expositions: list[str]) -> dict[str, Any] | None:
                     if sample.name == LOOP_LAG_SECONDS + "_bucket":
                         le = float(sample.labels["le"])
                         by_bound[le] = by_bound.get(le, 0.0) + sample.value
-    if not by_bound:
-        return None
+    return summary(by_bound) if by_bound else None
+
+
+def summary(by_bound: dict[float, float]) -> dict[str, Any]:
+    """Observations and p50/p95/p99 in ms (interpolated in the buckets) of one histogram's cumulative
+    counts by upper bound."""
     cumulative = sorted(by_bound.items())
     row: dict[str, Any] = {"n": int(cumulative[-1][1])}
     for q in (0.50, 0.95, 0.99):
@@ -249,11 +253,7 @@ def latency(families: Iterable[Metric]) -> dict[str, dict[str, Any]]:
                 s[sample.labels["status"]] = s.get(sample.labels["status"], 0.0) + sample.value
     out = {}
     for key, by_bound in sorted(buckets.items()):
-        cumulative = sorted(by_bound.items())
-        row: dict[str, Any] = {"n": int(cumulative[-1][1])}
-        for q in (0.50, 0.95, 0.99):
-            value = quantile(cumulative, q)
-            row[f"p{round(q * 100)}_ms"] = None if value is None else 1e3 * value
+        row = summary(by_bound)
         row["statuses"] = {k: int(v) for k, v in sorted(statuses.get(key, {}).items())}
         out[key] = row
     return out

@@ -583,11 +583,10 @@ class Store(LeasedIndex):
                 self._cache_version(version)   # alone, on the event loop, not by a thread that reads it meanwhile)
         return version
 
-    def _cache_version(self, version: Version) -> Version:
+    def _cache_version(self, version: Version) -> None:
         if len(self._versions) >= VERSIONS_CACHED:
             self._versions.clear()
         self._versions[version.step] = version
-        return version
 
     def commit_version(self, version: Version | None, applied_seqs: list[int], strategy_state: dict | None,
                        dropped: list[tuple[int, str]] = (), offered: list[tuple[int, int, int]] = ()) -> None:
