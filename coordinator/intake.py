@@ -104,7 +104,7 @@ class Intake:
         if result.unit_id != unit_id:
             raise Rejection("invalid", 400, f"result.unit_id: expected {unit_id!r} (the URL's), got "
                             f"{result.unit_id!r}", "result.unit_id")
-        unit = self.store.unit(unit_id)
+        unit, has_result = self.store.unit_and_result(unit_id)
         if unit is None:
             raise Rejection("unknown_unit", 404, f"no unit {unit_id!r} was issued by this coordinator",
                             "result.unit_id")
@@ -114,7 +114,7 @@ class Intake:
             raise Rejection("lease_invalid", 403, "result.lease: expected the lease issued for this unit to this "
                             "worker", "result.lease")
         # before the unit as sent is read: a decided result's unit no longer keeps it in Redis (RedisStore._decide)
-        if unit["status"] == "done" or self.store.has_result(unit_id):
+        if unit["status"] == "done" or has_result:
             raise Rejection("duplicate", 409, f"a result for unit {unit_id!r} was already accepted",
                             "result.unit_id")
         if unit["wire"] is None:

@@ -729,6 +729,10 @@ class RedisStore(LeasedIndex):
     def has_result(self, unit_id: str) -> bool:
         return bool(self.r.hexists(self.p + "r:unit", unit_id))
 
+    def unit_and_result(self, unit_id: str) -> tuple[dict | None, bool]:
+        """``Store.unit_and_result``: the unit's row and whether a result for it was accepted."""
+        return self.unit(unit_id), self.has_result(unit_id)
+
     def result_for_unit(self, unit_id: str) -> dict | None:
         seq = self.r.hget(self.p + "r:unit", unit_id)
         return self._result_row(int(seq)) if seq is not None else None

@@ -34,6 +34,7 @@ Invariants that make ``kill -9`` safe:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import json
@@ -215,6 +216,7 @@ class Store(LeasedIndex):
         # and versions rows read or written, by step (a unit request asked for both several times)
         self._present: set[str] | None = set()
         self._versions: dict[int, Version] = {}
+        self._pending: int | None = None   # ``pending_samples`` (asked by every unit request), None: read it again
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -600,6 +602,10 @@ class Store(LeasedIndex):
                 self._cache_version(version)   # forgotten if the commit rolls back (``_rolled_back``)
                 self.db.executemany("UPDATE results SET applied_step = ? WHERE seq = ?",
                                     [(version.step, s) for s in applied_seqs])
+                if applied_seqs:
+                    self._pending = None
+            if dropped:
+                self._pending = None
             self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?", [(why, s) for s, why in dropped])
             self.set_offered(offered)
             if strategy_state is not None:
@@ -648,8 +654,9 @@ class Store(LeasedIndex):
                     wire: str | None = None, twin: str | None = None, replica_of: str | None = None) -> None:
         """A leased unit; ``wire`` is its JSON as sent, so a result can be checked against it;
         ``twin``: the leased unit this one is a second copy of (both rows name each other);
-        ``replica_of``: the unit whose held result this one recomputes (a replicated check)."""
-        with self.transaction():
+        ``replica_of``: the unit whose held result this one recomputes (a replicated check).
+        One statement (its own commit) unless ``twin``: every unit request runs it on the event loop."""
+        with self.transaction() if twin is not None else contextlib.nullcontext():
             self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
                             "samples, status, wire, twin, replica_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?, ?)",
                             (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
@@ -681,13 +688,19 @@ class Store(LeasedIndex):
 
     def unit(self, unit_id: str) -> dict | None:
         """The unit's row (``shard_ids`` as a list, ``wire`` as sent or None)."""
-        cur = self.db.execute("SELECT * FROM units WHERE unit_id = ?", (unit_id,))
+        return self.unit_and_result(unit_id)[0]
+
+    def unit_and_result(self, unit_id: str) -> tuple[dict | None, bool]:
+        """The unit's row (``unit``) and whether a result for it was accepted (``has_result``), in one
+        statement (every submission asks both on the event loop)."""
+        cur = self.db.execute("SELECT *, EXISTS (SELECT 1 FROM results r WHERE r.unit_id = u.unit_id) "
+                              "FROM units u WHERE u.unit_id = ?", (unit_id,))
         row = cur.fetchone()
         if row is None:
-            return None
-        unit = dict(zip([c[0] for c in cur.description], row))
+            return None, False   # (a result is accepted only for a unit issued here)
+        unit = dict(zip([c[0] for c in cur.description[:-1]], row[:-1]))
         unit["shard_ids"] = json.loads(unit["shard_ids"])
-        return unit
+        return unit, bool(row[-1])
 
     def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased") -> bool:
         """Move a unit to ``status`` (from ``only_if`` when given); True when a row changed."""
@@ -744,6 +757,8 @@ class Store(LeasedIndex):
                      compute_seconds, delta_blob, self.clock(), check_state))
             except sqlite3.IntegrityError:
                 return None
+            if self._pending is not None and check_state != "replica":   # forgotten if the commit rolls back
+                self._pending += num_samples
             self.db.execute("UPDATE units SET status = 'done', finished = ? WHERE unit_id = ?", (self.clock(), unit_id))
             self._unleased(unit_id)
             return int(cur.lastrowid)
@@ -754,6 +769,7 @@ class Store(LeasedIndex):
         with self.transaction():
             self.db.executemany("UPDATE results SET dropped = ? WHERE seq = ?", [(why, s) for s, why in dropped])
             self.set_offered(offered)
+            self._pending = None
 
     def blob_pending(self, blob_id: str) -> bool:
         """Whether a result neither applied nor dropped still needs this delta blob (replay)."""
@@ -801,9 +817,13 @@ class Store(LeasedIndex):
 
     def pending_samples(self) -> int:
         """Samples of the accepted results not yet folded in nor dropped (a replica's result counts
-        for nothing: its samples are those of the held result it checks)."""
-        return self.db.execute("SELECT COALESCE(SUM(num_samples), 0) FROM results WHERE applied_step IS NULL "
-                               "AND dropped IS NULL AND (check_state IS NULL OR check_state != 'replica')").fetchone()[0]
+        for nothing: its samples are those of the held result it checks). Kept in memory between the
+        writes that change it (every unit request asks)."""
+        if self._pending is None:
+            self._pending = self.db.execute(
+                "SELECT COALESCE(SUM(num_samples), 0) FROM results WHERE applied_step IS NULL AND dropped IS NULL "
+                "AND (check_state IS NULL OR check_state != 'replica')").fetchone()[0]
+        return self._pending
 
     # ------------------------------------------------------------------ replicated checks
     def result(self, seq: int) -> dict | None:
@@ -834,6 +854,7 @@ class Store(LeasedIndex):
     def set_check(self, states: list[tuple[int, str]]) -> None:
         """``(seq, check_state)`` for results whose check was decided."""
         self.db.executemany("UPDATE results SET check_state = ? WHERE seq = ?", [(c, s) for s, c in states])
+        self._pending = None
 
     def held_counts(self) -> dict[str, int]:
         """Results waiting on a check: ``held`` (originals) and ``replica`` (replicas' results not judged)."""
@@ -896,6 +917,7 @@ class Store(LeasedIndex):
     def _rolled_back(self) -> None:
         self._leased = None   # what is leased is read again from the table
         self._versions.clear()
+        self._pending = None
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
         cur = self.db.execute(sql, args)

@@ -131,6 +131,33 @@ def test_results_each_have_one_fate_and_the_log_replays_in_offer_order(store):
     assert store.dropped_counts() == {"too_stale": 1, "quarantined": 1}
 
 
+def test_samples_waiting_to_be_folded_follow_every_write_to_a_result_and_a_rollback(store):
+    """``pending_samples`` is asked by every unit request; SQLite keeps it in memory between writes."""
+    for u in ("u1", "u2", "u3", "u4", "u5"):
+        lease(store, u, [u + "s"])
+    assert store.pending_samples() == 0 and store.unit_and_result("u1") == (store.unit("u1"), False)
+    s1 = add(store, "u1", samples=10)
+    assert store.pending_samples() == 10 and store.unit_and_result("u1")[1] and store.unit_and_result("u9") == (None, False)
+    if not isinstance(store, RedisStore):   # (Redis appends a result at once, also inside a transaction)
+        with pytest.raises(RuntimeError):
+            with store.transaction():
+                add(store, "u2", samples=100)
+                assert store.pending_samples() == 110
+                raise RuntimeError("in the middle")
+        assert store.pending_samples() == 10 and not store.unit_and_result("u2")[1]
+    s2, s3 = add(store, "u2", samples=20), store.add_result("u3", "w1", 0, 0, 40, 2.3, 2.2, 1.0, "c" * 64,
+                                                           check_state="replica")
+    assert store.pending_samples() == 30, "a replica's result counts for nothing"
+    store.set_check([(s3, "agreed")])
+    assert store.pending_samples() == 70
+    store.mark_dropped([(s3, "quarantined")])
+    assert store.pending_samples() == 30
+    store.commit_version(Version(1, "", 10, 1, 5.0), [s1], None, [(s2, "too_stale")])
+    assert store.pending_samples() == 0
+    add(store, "u4", samples=5)
+    assert store.pending_samples() == 5
+
+
 def test_versions_meta_trust_evals(store):
     store.commit_version(Version(0, "v0" * 32, 0, 0, 1.0), [], None)
     store.commit_version(Version(1, "", 10, 1, 2.0), [], None)
