@@ -201,9 +201,10 @@ class UnitFactory:
                         base_step=base.step, shard_ids=shards, local_steps=steps, batch_size=batch,
                         hyper=self._hyper(lr, parity), seed=seed, codec=codec, lease=lease, deadline=deadline,
                         base_delta=base_delta, error_feedback=feedback)
-        self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
-                               wire=unit.wire, twin=twin)
-        self.store.set_meta("queue", self.queue.state())
+        with self.store.transaction():   # one commit (on the event loop, for every unit request)
+            self.store.insert_unit(unit_id, worker_id, shards, base.step, lr, seed, deadline, steps * batch, now,
+                                   wire=unit.wire, twin=twin)
+            self.store.set_meta("queue", self.queue.state())
         self._named(unit)
         return unit
 
@@ -245,10 +246,11 @@ class UnitFactory:
     def give_up(self, unit: dict, status: str) -> None:
         """``unit`` (a store row) will not be used: its shards go back in line (once), unless its
         second copy covers them or it is a replica."""
-        if unit["status"] == "leased" and not unit.get("replica_of") and not self.store.twin_alive(unit):
-            self.queue.requeue(self._queued(unit["shard_ids"]))
-            self.store.set_meta("queue", self.queue.state())
-        self.store.set_unit_status(unit["unit_id"], status, only_if=None)
+        with self.store.transaction():   # one commit (a hand-back's, on the event loop)
+            if unit["status"] == "leased" and not unit.get("replica_of") and not self.store.twin_alive(unit):
+                self.queue.requeue(self._queued(unit["shard_ids"]))
+                self.store.set_meta("queue", self.queue.state())
+            self.store.set_unit_status(unit["unit_id"], status, only_if=None)
 
     def expire(self) -> int:
         """Leases past their deadline: their shards go to the front of the queue."""

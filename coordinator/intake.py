@@ -131,7 +131,7 @@ class Intake:
         return unit, result
 
     def accept(self, unit: dict, result: UnitResult, current_step: int) -> Accepted:
-        """The remaining checks, given the unit's row: lease time, samples, the delta, norm, staleness.
+        """The remaining checks, given the unit's row: lease time, samples, staleness, the delta, its norm.
         Decoding runs here: call it in a thread for large models."""
         now = self.clock()
         late = unit["status"] != "leased" or now > unit["deadline"]
@@ -141,19 +141,20 @@ class Intake:
         if result.num_samples < 1:
             raise Rejection("invalid", 400, f"result.num_samples: expected 1..{unit['samples']}, got "
                             f"{result.num_samples}", "result.num_samples")
+        cfg = self.config
+        stale = staleness(unit["base_step"], current_step)
+        replica = bool(unit.get("replica_of"))   # a check of a held result: its own staleness does not matter
+        if cfg.max_staleness is not None and stale > cfg.max_staleness and cfg.on_stale == "refuse" and not replica:
+            # before the delta is decoded: at the cap, under load, about half the results end here
+            raise Rejection("too_stale", 409, f"staleness: expected <= {cfg.max_staleness}, got {stale}",
+                            "result.base_version", give_up="stale")
         try:   # fp32: views of the body (nothing writes to a delta); the norm summed in the decode's pass
             delta, norm = decode_delta_norm(result.delta, self.spec, copy=False)
         except ContractError as e:
             raise contract_rejection(e) from e
-        cfg = self.config
         if norm > cfg.max_delta_norm and cfg.on_large_norm == "refuse":
             raise Rejection("norm_bound", 422, f"delta: expected a global L2 norm <= {cfg.max_delta_norm:g}, "
                             f"got {norm:.4g}", "delta")
-        stale = staleness(unit["base_step"], current_step)
-        replica = bool(unit.get("replica_of"))   # a check of a held result: its own staleness does not matter
-        if cfg.max_staleness is not None and stale > cfg.max_staleness and cfg.on_stale == "refuse" and not replica:
-            raise Rejection("too_stale", 409, f"staleness: expected <= {cfg.max_staleness}, got {stale}",
-                            "result.base_version", give_up="stale")
         if stale and any(is_running_stat(n) for n in delta) and not self._kept(unit["base_step"]):
             raise Rejection("too_stale", 409, f"staleness: base version {unit['base_step']} is no longer kept",
                             "result.base_version", give_up="stale")

@@ -170,6 +170,26 @@ async def test_failed_and_returned_units_are_reissued(client_for):
     assert status == 410 and got["error"]["code"] == "lease_expired"
 
 
+async def test_a_result_staler_than_the_cap_is_refused_before_its_delta_is_read(client_for):
+    client, job = await client_for(codec="fp32", strategy="async_sgd", max_staleness=0)
+    first, second = await take_unit(client, "w1"), await take_unit(client, "w2")
+    fetch_all = await fetcher(client)
+    fetch, fetch_second = await fetch_all(first), await fetch_all(second)
+    status, got = await submit(client, first, body(compute(first, fetch, "w1")))
+    assert status == 200 and got["accepted"]
+    await job.settle()
+    assert job.step == 1
+    before = snapshot(job)
+    # a NaN in its delta too: the staleness (1 > 0) refuses it before the delta is decoded
+    status, got = await submit(client, second, body(compute(second, fetch_second, "w2"), Fault.NAN))
+    assert status == 409 and got["error"]["code"] == "too_stale", got
+    after = snapshot(job)   # (but for the units' counts: the unit is now "stale")
+    assert after[:4] == before[:4] and all(np.array_equal(after[5][k], before[5][k]) for k in before[5])
+    assert job.store.unit(second.unit_id)["status"] == "stale"
+    again = await take_unit(client, "w3")   # its shards are handed out again first
+    assert again.shard_ids == second.shard_ids and again.base_step == 1
+
+
 async def test_expired_lease_is_reissued_and_late_result_used_once(client_for):
     client, job = await client_for(shard_size=256, lease_min_s=0.05, lease_first_s=0.05, lease_max_s=0.05,
                                    strategy="async_sgd")
