@@ -463,7 +463,7 @@ class UnitFactory:
             if self.half[version].get("until", 0.0) < now and all(u is None or u["status"] != "leased" for u in units):
                 gone = self.half.pop(version)["blob"]
                 self._half_of.pop(gone, None)
-                self.store.delete_blob(gone)
+                self.store.delete_blob(gone, durable_first=False)   # (no fdatasync on the event loop)
         self._save_first()
 
     def _save_first(self) -> None:
@@ -615,7 +615,7 @@ class UnitFactory:
             others = {b for e in self.derived.values() for b in (e["blob"], e["delta"])}
             for b in (entry["blob"], entry["delta"]):
                 if b not in used and b not in others:
-                    self.store.delete_blob(b)
+                    self.store.delete_blob(b, durable_first=False)
         self._save_derived()
 
     def _save_derived(self) -> None:

@@ -513,7 +513,8 @@ class Store(LeasedIndex):
         """``delete_blob`` for many at once, in a fixed number of statements: small results' deltas leave the
         delta log in one commit (deleting a few hundred one by one, each statement a wait for the GIL when
         threads are busy, held the event loop 150-340 ms at each persist under load: docs/results.md). The
-        files are returned, to ``unlink_blobs`` (in a thread where many), every commit so far durable first."""
+        files are returned, to ``unlink_blobs`` (in a thread where it can), which makes every commit so far
+        durable before they go."""
         ids = [b for b in dict.fromkeys(blob_ids) if is_blob_id(b)]
         small, segments = set(), set()
         if self.keeps_small_results and ids:
@@ -528,22 +529,27 @@ class Store(LeasedIndex):
             for segment in segments:
                 self._drop_segment_if_unnamed(segment)
         files = [path for path in (self.blob_path(b) for b in ids if b not in small) if path is not None]
-        if files:
-            self.sync_now()   # the commits that made them unnecessary are durable before they go
-            for path in files:
-                self._forget(path.name)
+        for path in files:
+            self._forget(path.name)
         return files
 
     def unlink_blobs(self, paths: list[Path]) -> None:
-        """The files ``delete_blobs`` returned (any thread)."""
+        """The files ``delete_blobs`` returned (any thread), every commit so far durable first (the
+        commits that made them unnecessary: an fdatasync, 1-100 ms here, so off the event loop where it can)."""
+        if paths:
+            self.sync_now()
         for path in paths:
             path.unlink(missing_ok=True)
             self._forget(path.name)
 
-    def delete_blob(self, blob_id: str) -> None:
+    def delete_blob(self, blob_id: str, durable_first: bool = True) -> None:
+        """Delete one blob. ``durable_first``: every commit so far is made durable before a file goes (the
+        commit that made it unnecessary); False for a copy derived from a kept blob (a version's fp16 copy, a
+        version delta), which nothing durable needs and whose absence its users check (``blob_path``)."""
         path = self.blob_path(blob_id)
         if path is not None:
-            self.sync_now()   # the commit that made it unnecessary is durable before it goes
+            if durable_first:
+                self.sync_now()
             self._forget(blob_id)
             path.unlink(missing_ok=True)
         elif self.keeps_small_results and is_blob_id(blob_id):
