@@ -65,6 +65,8 @@ class Deadlines:
         self.min_s, self.max_s, self.factor, self.first_s, self.slack_s, self.alpha = (
             min_s, max_s, factor, first_s, slack_s, alpha)
         self.per_sample: dict[str, float] = {}
+        self._fleet: float | None = None   # the median of ``per_sample``, as of ``_fleet_stale`` observations ago
+        self._fleet_stale = 0
 
     def observe(self, worker_id: str, seconds: float, samples: int) -> None:
         """Record a finished unit's wall time (issue to result) for ``samples`` samples."""
@@ -73,12 +75,22 @@ class Deadlines:
         rate = seconds / samples
         old = self.per_sample.get(worker_id)
         self.per_sample[worker_id] = rate if old is None else (1 - self.alpha) * old + self.alpha * rate
+        self._fleet_stale += 1
+
+    def fleet_rate(self) -> float:
+        """The fleet's median seconds per sample (0 before any observation), sorted again once the
+        observations since the last sort reach a twentieth of the workers (a lease for every worker without a
+        record of its own asks: with a thousand workers, a sort per unit request)."""
+        if not self.per_sample:
+            return 0.0
+        if self._fleet is None or self._fleet_stale * 20 >= len(self.per_sample):
+            self._fleet, self._fleet_stale = statistics.median(self.per_sample.values()), 0
+        return self._fleet
 
     def lease_seconds(self, worker_id: str, samples: int) -> float:
         rate = self.per_sample.get(worker_id)
         if rate is not None:
             seconds = self.factor * rate * samples + self.slack_s
         else:
-            fleet = statistics.median(self.per_sample.values()) if self.per_sample else 0.0
-            seconds = max(self.first_s, 2 * self.factor * fleet * samples + self.slack_s)
+            seconds = max(self.first_s, 2 * self.factor * self.fleet_rate() * samples + self.slack_s)
         return min(max(seconds, self.min_s), self.max_s)
