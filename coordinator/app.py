@@ -594,6 +594,11 @@ async def job_ctx(app: web.Application):
     app[STEPS] = first.steps
     await registry.restore()
     tasks = [asyncio.create_task(asyncio.to_thread(app[ASSETS].prepare))] if app[WARM] else []
+    if app[WARM]:   # a real process (not a test's app): its start-up objects out of the collector's way, once
+        batch = first.job.recipe.batch_size
+        tasks.append(asyncio.create_task(observe.freeze_when(
+            lambda: all(t.done() for t in tasks[:1]) and first.steps.state(batch) != "building"
+            and bool(first.job.store.evals()))))
     yield
     for task in tasks:
         task.cancel()

@@ -206,3 +206,30 @@ async def test_the_event_loop_lag_is_measured_and_a_blocked_loop_shows(serve):
             for s in f.samples if s.name == LOOP_LAG_SECONDS + "_bucket"}
     assert late["+Inf"] - late["0.1"] >= before + 1
     assert loop_lag([text])["n"] == late["+Inf"] and loop_lag(["# nothing\n"]) is None
+
+
+def test_a_coordinator_process_freezes_its_start_up_objects_once_its_start_up_work_is_done(tmp_path):
+    """A real ``crowdtrain coordinator``: once version 0 is evaluated (and the assets prepared) the objects alive
+    then are left out of the garbage collector's full passes (``gc.freeze``), and ``/metrics`` says how many."""
+    import time
+    import urllib.request
+
+    from coordinator.observe import FROZEN_OBJECTS
+    from tests.helpers.cluster import Cluster
+    from tests.helpers.tiny_cifar import write_official_archive
+
+    data = write_official_archive(tmp_path / "data", n_train=100, n_test=20)
+    c = Cluster(tmp_path, "--model", "cnn", "--data", str(data), "--shard-size", "50", "--eval-every", "3600")
+    frozen = 0.0
+    try:
+        c.start_coordinator()
+        deadline = time.time() + 90
+        while time.time() < deadline and frozen == 0:
+            with urllib.request.urlopen(c.url + "/metrics", timeout=10) as r:
+                families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+            frozen = families[FROZEN_OBJECTS].samples[0].value
+            time.sleep(0.5)
+        assert c.status()["accuracy_history"], "frozen after version 0's evaluation"
+    finally:
+        c.stop()
+    assert frozen > 50_000, f"{FROZEN_OBJECTS} = {frozen}: expected the imports' objects (torch alone: ~100,000)"
