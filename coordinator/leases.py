@@ -7,6 +7,7 @@ restart). Verification recomputes the MAC from the coordinator's own record of t
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
@@ -34,7 +35,7 @@ def load_or_create_secret(path: Path) -> bytes:
 
 def _mac(key: bytes, job: str, unit_id: str, worker_id: str, base_step: int, deadline: float) -> str:
     msg = f"{job}\n{unit_id}\n{worker_id}\n{base_step}\n{deadline!r}".encode()
-    return hmac.digest(key, msg, "sha256").hex()   # one C call (2.3 us here; ``hmac.new``: 3.4)
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
 def sign(key: bytes, job: str, unit_id: str, worker_id: str, base_step: int, deadline: float) -> str:

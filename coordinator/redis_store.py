@@ -470,9 +470,12 @@ class RedisStore(LeasedIndex):
     # ------------------------------------------------------------------ units and leases
     def insert_unit(self, unit_id: str, worker_id: str, shard_ids: list[str], base_step: int, lr: float,
                     seed: int, deadline: float, samples: int, issued: float | None = None,
-                    wire: str | None = None, twin: str | None = None, replica_of: str | None = None) -> None:
+                    wire: str | None = None, twin: str | None = None, replica_of: str | None = None,
+                    queue: dict | None = None) -> None:
         issued = self.clock() if issued is None else issued
         with self.transaction():
+            if queue is not None:
+                self.set_meta("queue", queue)
             self._set_unit(unit_id, {"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
                                      "base_step": base_step, "lr": lr, "seed": seed, "issued": issued,
                                      "deadline": deadline, "samples": samples, "status": "leased", "finished": None,
@@ -577,7 +580,10 @@ class RedisStore(LeasedIndex):
     def unit(self, unit_id: str) -> dict | None:
         return (self._unit_rows([unit_id]) or [None])[0]
 
-    def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased") -> bool:
+    def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased",
+                        queue: dict | None = None) -> bool:
+        if queue is not None:
+            self.set_meta("queue", queue)
         unit = self.unit(unit_id)
         if unit is None or (only_if is not None and unit["status"] != only_if):
             return False

@@ -78,6 +78,19 @@ CREATE INDEX IF NOT EXISTS result_deltas_segment ON result_deltas (segment);
 """
 
 
+# The shard queue's state (meta "queue") rides on the statement that issues a unit or ends one (``queue``): one
+# statement where there were two, each a wait for the GIL on the event loop under load. The row keeps no copy.
+QUEUE_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS units_queue_on_insert AFTER INSERT ON units WHEN NEW.queue IS NOT NULL BEGIN
+    INSERT OR REPLACE INTO meta (key, value) VALUES ('queue', NEW.queue);
+    UPDATE units SET queue = NULL WHERE rowid = NEW.rowid;
+END;
+CREATE TRIGGER IF NOT EXISTS units_queue_on_update AFTER UPDATE OF queue ON units WHEN NEW.queue IS NOT NULL BEGIN
+    INSERT OR REPLACE INTO meta (key, value) VALUES ('queue', NEW.queue);
+    UPDATE units SET queue = NULL WHERE rowid = NEW.rowid;
+END;
+"""
+
 log = logging.getLogger("crowdtrain.coordinator")
 
 DIRECT_MIN = 1 << 20      # a blob of at least this many bytes is written with O_DIRECT (write_direct)
@@ -217,6 +230,9 @@ class Store(LeasedIndex):
         self._present: set[str] | None = set()
         self._versions: dict[int, Version] = {}
         self._pending: int | None = None   # ``pending_samples`` (asked by every unit request), None: read it again
+        # the rows of the units this process leased and that are still out (``_leased``), as inserted: a result or a
+        # hand-back reads its unit without a statement (``unit_and_result``)
+        self._out: dict[str, dict] = {}
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -227,9 +243,10 @@ class Store(LeasedIndex):
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(units)")}
-        for column in ("wire", "twin", "replica_of"):   # a state directory from before units kept these
+        for column in ("wire", "twin", "replica_of", "queue"):   # a state directory from before units kept these
             if column not in columns:
                 self.db.execute(f"ALTER TABLE units ADD COLUMN {column} TEXT")
+        self.db.executescript(QUEUE_TRIGGERS)
         if "check_state" not in {row[1] for row in self.db.execute("PRAGMA table_info(results)")}:
             self.db.execute("ALTER TABLE results ADD COLUMN check_state TEXT")
         self.db.execute("CREATE INDEX IF NOT EXISTS units_replica_of ON units (replica_of)")
@@ -657,20 +674,30 @@ class Store(LeasedIndex):
     # ------------------------------------------------------------------ units and leases
     def insert_unit(self, unit_id: str, worker_id: str, shard_ids: list[str], base_step: int, lr: float,
                     seed: int, deadline: float, samples: int, issued: float | None = None,
-                    wire: str | None = None, twin: str | None = None, replica_of: str | None = None) -> None:
+                    wire: str | None = None, twin: str | None = None, replica_of: str | None = None,
+                    queue: dict | None = None) -> None:
         """A leased unit; ``wire`` is its JSON as sent, so a result can be checked against it;
         ``twin``: the leased unit this one is a second copy of (both rows name each other);
-        ``replica_of``: the unit whose held result this one recomputes (a replicated check).
+        ``replica_of``: the unit whose held result this one recomputes (a replicated check);
+        ``queue``: the shard queue's state after the unit's shards were taken (meta ``queue``, written with it).
         One statement (its own commit) unless ``twin``: every unit request runs it on the event loop."""
+        issued = self.clock() if issued is None else issued
         with self.transaction() if twin is not None else contextlib.nullcontext():
             self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
-                            "samples, status, wire, twin, replica_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?, ?)",
-                            (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed,
-                             self.clock() if issued is None else issued, deadline, samples, wire, twin, replica_of))
+                            "samples, status, wire, twin, replica_of, queue) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?, ?, ?)",
+                            (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed, issued, deadline, samples,
+                             wire, twin, replica_of, None if queue is None else json.dumps(queue)))
             if self._leased is not None:
                 self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
+                self._out[unit_id] = {"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
+                                      "base_step": base_step, "lr": float(lr), "seed": seed, "issued": float(issued),
+                                      "deadline": float(deadline), "samples": samples, "status": "leased",
+                                      "finished": None, "wire": wire, "twin": twin, "replica_of": replica_of}
             if twin is not None:
                 self.db.execute("UPDATE units SET twin = ? WHERE unit_id = ?", (unit_id, twin))
+                if twin in self._out:
+                    self._out[twin]["twin"] = unit_id
 
     def tail_candidate(self, worker_id: str) -> dict | None:
         """The oldest unit leased to another worker and not copied yet (the job's tail)."""
@@ -697,8 +724,12 @@ class Store(LeasedIndex):
         return self.unit_and_result(unit_id)[0]
 
     def unit_and_result(self, unit_id: str) -> tuple[dict | None, bool]:
-        """The unit's row (``unit``) and whether a result for it was accepted (``has_result``), in one
-        statement (every submission asks both on the event loop)."""
+        """The unit's row (``unit``) and whether a result for it was accepted (``has_result``): for a unit this
+        process leased and that is still out, as inserted (no result then: a result ends the lease); else in
+        one statement. Every submission asks on the event loop, where each statement gives the GIL away."""
+        out = self._out.get(unit_id)
+        if out is not None and self._leased is not None and unit_id in self._leased:
+            return {**out, "shard_ids": list(out["shard_ids"])}, False
         cur = self.db.execute("SELECT *, EXISTS (SELECT 1 FROM results r WHERE r.unit_id = u.unit_id) "
                               "FROM units u WHERE u.unit_id = ?", (unit_id,))
         row = cur.fetchone()
@@ -706,14 +737,20 @@ class Store(LeasedIndex):
             return None, False   # (a result is accepted only for a unit issued here)
         unit = dict(zip([c[0] for c in cur.description[:-1]], row[:-1]))
         unit["shard_ids"] = json.loads(unit["shard_ids"])
+        unit.pop("queue", None)   # (QUEUE_TRIGGERS: always NULL in the table)
         return unit, bool(row[-1])
 
-    def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased") -> bool:
-        """Move a unit to ``status`` (from ``only_if`` when given); True when a row changed."""
-        sql, args = "UPDATE units SET status = ?, finished = ? WHERE unit_id = ?", [status, self.clock(), unit_id]
+    def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased",
+                        queue: dict | None = None) -> bool:
+        """Move a unit to ``status`` (from ``only_if`` when given); True when a row changed. ``queue``: the shard
+        queue's state (meta ``queue``), written with the move (or alone when no row changed)."""
+        sql = "UPDATE units SET status = ?, finished = ?, queue = ? WHERE unit_id = ?"
+        args = [status, self.clock(), None if queue is None else json.dumps(queue), unit_id]
         if only_if is not None:
             sql, args = sql + " AND status = ?", args + [only_if]
         changed = self.db.execute(sql, args).rowcount == 1
+        if queue is not None and not changed:
+            self.set_meta("queue", queue)
         if changed and status == "leased":
             self._leased = None
         elif changed:
@@ -922,8 +959,13 @@ class Store(LeasedIndex):
 
     def _rolled_back(self) -> None:
         self._leased = None   # what is leased is read again from the table
+        self._out.clear()
         self._versions.clear()
         self._pending = None
+
+    def _unleased(self, unit_id: str) -> None:
+        self._out.pop(unit_id, None)
+        super()._unleased(unit_id)
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
         cur = self.db.execute(sql, args)

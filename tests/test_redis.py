@@ -158,6 +158,56 @@ def test_samples_waiting_to_be_folded_follow_every_write_to_a_result_and_a_rollb
     assert store.pending_samples() == 5
 
 
+def test_a_unit_out_reads_as_its_row_and_a_changed_one_as_changed(store):
+    """SQLite answers ``unit_and_result`` for a unit this process leased and that is still out from the row it
+    inserted (no statement); what it answers is the table's row, before and after each change."""
+    lease(store, "u1", ["a", "b"], deadline=123.5)
+    lease(store, "u2", ["c"])
+    lease(store, "u3", ["c"], twin="u2")   # the tail's second copy: both rows name each other
+
+    def table(unit_id):   # the row as the table has it
+        if isinstance(store, RedisStore):
+            return store.unit(unit_id)
+        cached, store._out = store._out, {}
+        try:
+            return store.unit(unit_id)
+        finally:
+            store._out = cached
+
+    for u in ("u1", "u2", "u3"):
+        assert store.unit_and_result(u) == (table(u), False) and table(u)["status"] == "leased"
+    assert store.unit("u1")["shard_ids"] == ["a", "b"] and store.unit("u1")["deadline"] == 123.5
+    assert store.unit("u2")["twin"] == "u3" and store.unit("u3")["twin"] == "u2"
+    store.unit("u1")["shard_ids"].append("x")   # a copy: the caller's changes stay its own
+    assert store.unit("u1")["shard_ids"] == ["a", "b"]
+    store.set_unit_status("u1", "returned")
+    store.supersede("u2")
+    add(store, "u3")
+    store.expire_leases(1e13)
+    for u, status, has in (("u1", "returned", False), ("u2", "superseded", False), ("u3", "done", True)):
+        assert store.unit_and_result(u) == (table(u), has) and store.unit(u)["status"] == status
+
+
+def test_the_shard_queue_is_written_with_the_unit_issued_or_ended(store):
+    """``queue``: meta ``queue`` written by the statement that issues a unit or moves it (SQLite: a trigger; the
+    row keeps no copy), also when the move changes no row; rolled back with it."""
+    lease(store, "u1", ["a"], queue={"epoch": 0, "position": 1, "retry": []})
+    assert store.get_meta("queue") == {"epoch": 0, "position": 1, "retry": []} and "queue" not in store.unit("u1")
+    lease(store, "u2", ["b"])
+    assert store.get_meta("queue")["position"] == 1, "no queue: the meta stays"
+    assert store.set_unit_status("u1", "returned", queue={"epoch": 0, "position": 2, "retry": ["a"]})
+    assert store.get_meta("queue") == {"epoch": 0, "position": 2, "retry": ["a"]}
+    assert not store.set_unit_status("u1", "failed", queue={"epoch": 0, "position": 3, "retry": []})   # not leased
+    assert store.get_meta("queue")["position"] == 3 and store.unit("u1")["status"] == "returned"
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.set_unit_status("u2", "returned", queue={"epoch": 1, "position": 0, "retry": ["b"]})
+            raise RuntimeError("in the middle")
+    assert store.get_meta("queue")["position"] == 3 and store.unit("u2")["status"] == "leased"
+    if not isinstance(store, RedisStore):
+        assert store.db.execute("SELECT COUNT(*) FROM units WHERE queue IS NOT NULL").fetchone()[0] == 0
+
+
 def test_versions_meta_trust_evals(store):
     store.commit_version(Version(0, "v0" * 32, 0, 0, 1.0), [], None)
     store.commit_version(Version(1, "", 10, 1, 2.0), [], None)
