@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 HAND_BACK = "returned: load test"
 WINDOW_S = 10   # seconds per window of the latency timeline
+LAG_TICK_S = 0.02   # the client process's loop-lag timer (as the coordinator's ``crowdtrain_event_loop_lag_seconds``)
 REFUSALS = ("too_stale", "lease_expired")   # a result the protocol refuses by design: counted, not an error
 
 
@@ -180,8 +181,19 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
                 record(route, started, type(e).__name__)
                 errors.append(f"{route} {type(e).__name__}: {e}")
 
+    lags: list[float] = []   # this process's own event loop: how late a 20-ms timer ran (after the warm-up)
+
+    async def watch_loop() -> None:
+        loop = asyncio.get_running_loop()
+        while time.perf_counter() < end:
+            started = loop.time()
+            await asyncio.sleep(LAG_TICK_S)
+            if started - t0 >= warmup:
+                lags.append(max(0.0, loop.time() - started - LAG_TICK_S))
+
+    cpu0 = time.process_time()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(worker(k, session) for k in range(n)))
+        await asyncio.gather(watch_loop(), *(worker(k, session) for k in range(n)))
     wall = time.perf_counter() - t0
     return {
         "routes": {route: {"all": percentiles([x for _, x in v]),
@@ -191,6 +203,8 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
                              for w in range(0, int(duration) + 1, WINDOW_S)] for route, v in lat.items() if v},
         "errors": len(errors), "error_examples": errors[:10], "refused": refused, "accepted": accepted[0],
         "accepted_per_s": accepted[0] / wall, "wall_s": wall, "units_with_version_delta": with_delta[0],
+        # the measuring process's share of the latencies: its own loop's lag, and the cores it used
+        "client_loop_lag": percentiles(lags), "client_cores": (time.process_time() - cpu0) / wall,
     }
 
 
@@ -259,7 +273,16 @@ def lag_line(r: dict) -> list[str]:
         return []
     return [f"The coordinators' event loops ran their timers late by p50 / p95 / p99 {lag['p50_ms']:.1f} / "
             f"{lag['p95_ms']:.1f} / {lag['p99_ms']:.1f} ms over the run ({lag['n']:,} ticks; "
-            "`crowdtrain_event_loop_lag_seconds`).", ""]
+            "`crowdtrain_event_loop_lag_seconds`)." + client_lag(r), ""]
+
+
+def client_lag(r: dict) -> str:
+    lag = r.get("client_loop_lag")
+    if not lag or not lag.get("n"):
+        return ""
+    return (f" The clients' own loop (one process, {r['client_cores']:.2f} cores) ran a 20-ms timer late by p50 / p95 "
+            f"/ p99 {lag['p50_ms']:.1f} / {lag['p95_ms']:.1f} / {lag['p99_ms']:.1f} ms after the warm-up: the "
+            "latencies above include that wait.")
 
 
 def bucket_bounds() -> str:
@@ -532,6 +555,7 @@ def main() -> int:
                       for route, v in r["routes"].items()}, indent=1))
     print("server-side (the coordinators' histograms):", json.dumps(r["server"], indent=1))
     print("event loop lag:", json.dumps(r.get("loop_lag")))
+    print("the clients' own loop lag:", json.dumps(r.get("client_loop_lag")), "cores:", r.get("client_cores"))
     print("rss", s)
     if not args.no_docs:
         lines = [f"### Load: {args.clients} clients, one coordinator ({date})", "",
