@@ -13,7 +13,7 @@ Reported: p50/p95/p99/max latency per route (request sent to answer read, in the
 the coordinators' own histogram at the end (``/metrics``: ``crowdtrain_http_request_duration_seconds``,
 handler start to response, summed over the processes; p50/p95/p99 interpolated in its buckets), the
 server-side latency of the routes the clients used, counts
-by HTTP status, errors (a 5xx, a refused connection, a timeout, or a 4xx the protocol does not
+by HTTP status, the client process's own event-loop lag and cores (its share of the latencies), errors (a 5xx, a refused connection, a timeout, or a 4xx the protocol does not
 expect; a result refused as ``too_stale`` or ``lease_expired`` is counted apart), accepted/s, and the coordinator's RSS (``/proc/<pid>/status``) sampled every
 ``--sample-s`` seconds; "after warm-up" is from ``--warmup`` seconds on.
 
