@@ -49,7 +49,6 @@ sys.path.insert(0, str(ROOT))
 
 HAND_BACK = "returned: load test"
 WINDOW_S = 10   # seconds per window of the latency timeline
-LAG_TICK_S = 0.02   # the client process's loop-lag timer (as the coordinator's ``crowdtrain_event_loop_lag_seconds``)
 REFUSALS = ("too_stale", "lease_expired")   # a result the protocol refuses by design: counted, not an error
 
 
@@ -181,15 +180,17 @@ async def clients(url: str, n: int, duration: float, hold: float, results_every:
                 record(route, started, type(e).__name__)
                 errors.append(f"{route} {type(e).__name__}: {e}")
 
-    lags: list[float] = []   # this process's own event loop: how late a 20-ms timer ran (after the warm-up)
+    from coordinator.observe import LOOP_TICK_S   # the coordinator's timer, the same here
+
+    lags: list[float] = []   # this process's own event loop: how late the timer ran (after the warm-up)
 
     async def watch_loop() -> None:
         loop = asyncio.get_running_loop()
         while time.perf_counter() < end:
             started = loop.time()
-            await asyncio.sleep(LAG_TICK_S)
+            await asyncio.sleep(LOOP_TICK_S)
             if started - t0 >= warmup:
-                lags.append(max(0.0, loop.time() - started - LAG_TICK_S))
+                lags.append(max(0.0, loop.time() - started - LOOP_TICK_S))
 
     cpu0 = time.process_time()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -277,10 +278,13 @@ def lag_line(r: dict) -> list[str]:
 
 
 def client_lag(r: dict) -> str:
+    from coordinator.observe import LOOP_TICK_S
+
     lag = r.get("client_loop_lag")
     if not lag or not lag.get("n"):
         return ""
-    return (f" The clients' own loop (one process, {r['client_cores']:.2f} cores) ran a 20-ms timer late by p50 / p95 "
+    return (f" The clients' own loop (one process, {r['client_cores']:.2f} cores) ran a {1e3 * LOOP_TICK_S:g}-ms "
+            "timer late by p50 / p95 "
             f"/ p99 {lag['p50_ms']:.1f} / {lag['p95_ms']:.1f} / {lag['p99_ms']:.1f} ms after the warm-up: the "
             "latencies above include that wait.")
 
