@@ -115,7 +115,16 @@ def request(port: int, method: str, path: str, *, ctx: ssl.SSLContext | None = N
             conn.putheader(k, v)
         if body is not None and "Content-Length" not in (headers or {}):
             conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body if body is not None and send_body else None)
+        try:
+            conn.endheaders(body if body is not None and send_body else None)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as sent:
+            # the server answered (413) and closed before the whole body was sent: its answer is read below,
+            # and if there is none the send's error stands
+            try:
+                resp = conn.getresponse()
+                return resp.status, resp.headers, resp.read()
+            except (OSError, http.client.HTTPException):
+                raise sent from None
         resp = conn.getresponse()
         return resp.status, resp.headers, resp.read()
     finally:
