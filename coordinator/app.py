@@ -562,6 +562,7 @@ async def eval_loop(job: Job, seen: dict) -> None:
 def start_entry(app: web.Application, entry: Entry) -> None:
     """A job's background tasks (lease expiry, aggregation, evaluation) and its browser step graphs."""
     job = entry.job
+    job.store.write_behind()   # a unit's insert and a hand-back's move off the event loop
     entry.steps = StepGraphs(job, step_cache_dir())
     entry.tasks = [asyncio.create_task(expire_loop(job)), asyncio.create_task(aggregate_loop(job)),
                    asyncio.create_task(eval_loop(job, entry.evals))]

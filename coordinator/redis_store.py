@@ -580,8 +580,11 @@ class RedisStore(LeasedIndex):
     def unit(self, unit_id: str) -> dict | None:
         return (self._unit_rows([unit_id]) or [None])[0]
 
+    def write_behind(self) -> None:
+        """(``Store.write_behind``: Redis's round trips are not put off; several processes read the units.)"""
+
     def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased",
-                        queue: dict | None = None) -> bool:
+                        queue: dict | None = None, later: bool = False) -> bool:
         if queue is not None:
             self.set_meta("queue", queue)
         unit = self.unit(unit_id)

@@ -24,6 +24,11 @@ Invariants that make ``kill -9`` safe:
   and the strategy's state are written durably on a policy (``meta.persisted_step``); a unit's
   base is written when the unit is cut. On start, the folds after the persisted version are
   replayed from the log, offer by offer, to the same model.
+- A unit's insert and a hand-back's move are not waited for (``Store.write_behind``, the HTTP service's): they
+  run on a writer thread, in order, and before any other statement. A kill -9 may lose those of the last
+  moments, as a power loss may lose any commit not yet synced: a unit issued then is unknown after the restart
+  (its result is refused as ``unknown_unit``, its shards are issued again), a unit handed back is out until its
+  lease expires. An accepted result's commit comes after every statement put off before it.
 - A replicated check (``coordinator.trust``) is explicit too: ``results.check_state`` is
   ``held`` (an update waiting for its replica: neither folded nor offered to the strategy,
   so not replayed into it on start), ``replica`` (a replica's result waiting for the
@@ -44,7 +49,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections import Counter
+from collections import Counter, deque
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +164,40 @@ def write_direct(path: Path, data: bytes | memoryview) -> bool:
 CHECKPOINT_BYTES = 1 << 20   # WAL size above which ``Store.checkpoint`` copies it back
 
 
+class _Connection(sqlite3.Connection):
+    """The store's connection. Statements put off with ``later`` (nobody waits for their answer: a unit's
+    insert, a hand-back's move) run, in order, before any other statement of any thread, or meanwhile on
+    the store's writer thread (``Store.write_behind``): the event loop then gives no statement of its own
+    to SQLite for a unit request or a hand-back (each a hand-off of the GIL, and SQLite's work, on the loop).
+    A COMMIT or ROLLBACK (``_Transaction``) does not take them into the transaction it ends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.later: deque[tuple[str, tuple]] = deque()
+        self.later_lock = threading.Lock()   # held while put-off statements run: the others wait for them
+
+    def execute(self, sql, parameters=()):
+        if self.later or self.later_lock.locked():
+            self.drain()
+        return super().execute(sql, parameters)
+
+    def executemany(self, sql, seq_of_parameters):
+        if self.later or self.later_lock.locked():
+            self.drain()
+        return super().executemany(sql, seq_of_parameters)
+
+    def executescript(self, sql_script):
+        if self.later or self.later_lock.locked():
+            self.drain()
+        return super().executescript(sql_script)
+
+    def drain(self) -> None:
+        """Run the put-off statements now (each its own commit, or part of the transaction open)."""
+        with self.later_lock:
+            while self.later:
+                super().execute(*self.later.popleft())
+
+
 @dataclass(frozen=True)
 class Version:
     step: int
@@ -234,7 +273,10 @@ class Store(LeasedIndex):
         # hand-back reads its unit without a statement (``unit_and_result``)
         self._out: dict[str, dict] = {}
         self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False,
+                                  factory=_Connection)
+        self._writer: threading.Thread | None = None   # write_behind's
+        self._wake = threading.Event()
         self.db.execute("PRAGMA journal_mode=WAL")
         # Commits write the WAL without an fsync; ``sync`` (one fdatasync of the WAL for every commit
         # made so far, shared by all who wait) makes them durable before an answer leaves, and
@@ -286,6 +328,10 @@ class Store(LeasedIndex):
         if self._closed:
             return
         self._closed = True
+        if self._writer is not None:
+            self._wake.set()
+            self._writer.join()
+        self.db.drain()
         self.sync_now()
         self._sync_segments()
         if self._segment is not None:
@@ -299,6 +345,37 @@ class Store(LeasedIndex):
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
+
+    # ------------------------------------------------------------------ statements put off (write-behind)
+    def write_behind(self) -> None:
+        """From now on a unit's insert and a hand-back's move are put off (``_Connection.later``) and run on a
+        writer thread of their own (the HTTP service's stores; elsewhere they run at once). A kill -9 may
+        lose the last few of them: a unit issued then is unknown after the restart (its result is refused,
+        its shards, still queued in the table, are issued again) and a unit handed back is out until its
+        lease expires. No accepted result is touched: its commit runs every statement put off before it."""
+        if self._writer is None and not self._closed:
+            self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.db.drain()
+            except sqlite3.Error:   # (the disk: the next statement of the service meets it too)
+                log.exception("a put-off statement of %s failed", self.root)
+            if self._closed:
+                return
+
+    def _later(self, sql: str, args: tuple) -> bool:
+        """Put ``sql`` off when a writer thread runs them and no transaction is open (one of another thread
+        included: the statement joins it, as it would at once); False: not put off, run it."""
+        if self._writer is None or self.db.in_transaction:
+            return False
+        self.db.later.append((sql, args))
+        self._wake.set()
+        return True
 
     def checkpoint(self) -> bool:
         """Copy the WAL back into the database once it holds more than ``CHECKPOINT_BYTES`` (blocking:
@@ -680,14 +757,16 @@ class Store(LeasedIndex):
         ``twin``: the leased unit this one is a second copy of (both rows name each other);
         ``replica_of``: the unit whose held result this one recomputes (a replicated check);
         ``queue``: the shard queue's state after the unit's shards were taken (meta ``queue``, written with it).
-        One statement (its own commit) unless ``twin``: every unit request runs it on the event loop."""
+        One statement (its own commit, put off with ``write_behind``) unless ``twin``: every unit request runs it.
+        """
         issued = self.clock() if issued is None else issued
         with self.transaction() if twin is not None else contextlib.nullcontext():
-            self.db.execute("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
-                            "samples, status, wire, twin, replica_of, queue) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?, ?, ?)",
-                            (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed, issued, deadline, samples,
-                             wire, twin, replica_of, None if queue is None else json.dumps(queue)))
+            sql = ("INSERT INTO units (unit_id, worker_id, shard_ids, base_step, lr, seed, issued, deadline, "
+                   "samples, status, wire, twin, replica_of, queue) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?, ?, ?)")
+            args = (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed, issued, deadline, samples,
+                    wire, twin, replica_of, None if queue is None else json.dumps(queue))
+            if not self._later(sql, args):
+                self.db.execute(sql, args)
             if self._leased is not None:
                 self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
                 self._out[unit_id] = {"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
@@ -741,14 +820,17 @@ class Store(LeasedIndex):
         return unit, bool(row[-1])
 
     def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased",
-                        queue: dict | None = None) -> bool:
+                        queue: dict | None = None, later: bool = False) -> bool:
         """Move a unit to ``status`` (from ``only_if`` when given); True when a row changed. ``queue``: the shard
-        queue's state (meta ``queue``), written with the move (or alone when no row changed)."""
+        queue's state (meta ``queue``), written with the move (or alone when no row changed). ``later``: the
+        caller read the unit's row and moves it whatever its status (``only_if`` None): the statement may be
+        put off (``write_behind``)."""
         sql = "UPDATE units SET status = ?, finished = ?, queue = ? WHERE unit_id = ?"
         args = [status, self.clock(), None if queue is None else json.dumps(queue), unit_id]
         if only_if is not None:
             sql, args = sql + " AND status = ?", args + [only_if]
-        changed = self.db.execute(sql, args).rowcount == 1
+        changed = (later and only_if is None and self._later(sql, tuple(args))) or \
+            self.db.execute(sql, args).rowcount == 1
         if queue is not None and not changed:
             self.set_meta("queue", queue)
         if changed and status == "leased":
@@ -986,8 +1068,8 @@ class _Transaction:
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        if self.outer:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self.outer:   # (not through _Connection.execute: what another thread put off meanwhile stays out)
+            sqlite3.Connection.execute(self.db, "ROLLBACK" if exc_type else "COMMIT")
             if exc_type and self.on_rollback is not None:
                 self.on_rollback()
         return False

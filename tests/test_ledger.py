@@ -7,6 +7,7 @@ units overlap so that updates arrive stale.
 """
 import asyncio
 import contextlib
+import json
 import threading
 from collections import Counter
 
@@ -314,6 +315,44 @@ def test_the_store_remembers_its_blobs_and_versions_and_forgets_what_goes(tmp_pa
     store.unlink_blobs(files)
     assert not files[0].exists() and store.blob_path(large) is None
     store.close()
+
+
+def test_a_units_insert_and_a_hand_backs_move_are_put_off_and_run_in_order_before_any_other_statement(tmp_path):
+    """With ``write_behind`` (the HTTP service's stores) a unit's insert and a hand-back's move leave the caller
+    without a statement: the writer thread runs them; any other statement, of any thread, runs them first (a
+    result's commit finds its unit's row); a closed store has run them all."""
+    import sqlite3
+
+    from coordinator.store import Store
+
+    store = Store(tmp_path)
+    store.write_behind()
+    raw = sqlite3.connect(tmp_path / "state.db")
+    assert store.leased_count() == 0   # (the units out, read once: from now on kept in memory)
+    with store.db.later_lock:   # the writer thread cannot run them meanwhile (nor any statement: none is made)
+        store.insert_unit("u1", "w1", ["s1", "s2"], 0, 0.1, 7, 100.0, 64, queue={"epoch": 1})
+        assert store.unit_and_result("u1") == (store._out["u1"], False) and store.leased_count() == 1
+        store.set_unit_status("u1", "returned", only_if=None, later=True)
+        assert len(store.db.later) == 2 and store.leased_count() == 0, "both put off"
+        assert raw.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 0, "nothing in the table yet"
+    assert store.unit_counts() == {"returned": 1}, "a read runs them first (or waits for the writer)"
+    assert raw.execute("SELECT status FROM units WHERE unit_id = 'u1'").fetchone() == ("returned",)
+    assert json.loads(raw.execute("SELECT value FROM meta WHERE key = 'queue'").fetchone()[0]) == {"epoch": 1}
+    # the writer never woken: a transaction's BEGIN runs what was put off before it, in order
+    store._wake.set = lambda: None
+    store.insert_unit("u2", "w2", ["s3"], 0, 0.1, 8, 100.0, 32)
+    assert len(store.db.later) == 1
+    seq = store.add_result("u2", "w2", 0, 0, 32, 1.0, 0.5, 1.0, "")
+    assert seq is not None and store.unit("u2")["status"] == "done" and not store.db.later
+    with store.transaction():   # inside a transaction nothing is put off: it commits (or rolls back) with it
+        store.insert_unit("u3", "w3", ["s4"], 0, 0.1, 9, 100.0, 32)
+        assert not store.db.later
+    store.insert_unit("u4", "w4", ["s5"], 0, 0.1, 10, 100.0, 32)
+    del store._wake.set   # (close wakes the writer to stop it)
+    store.close()
+    assert raw.execute("SELECT unit_id, status FROM units ORDER BY unit_id").fetchall() == [
+        ("u1", "returned"), ("u2", "done"), ("u3", "leased"), ("u4", "leased")], "close ran the last one"
+    raw.close()
 
 
 async def test_a_unit_asked_for_after_a_result_starts_from_a_model_with_it(aiohttp_client, tmp_path, monkeypatch):
