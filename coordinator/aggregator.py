@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from coordinator.strategies import Strategy, Update
+from coordinator.strategies.tensors import global_norm
 from models.local import rebase_running_stats, sanitize_state
 from models.state_names import is_running_stat
 
@@ -38,6 +39,15 @@ class Aggregation:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """``Aggregator.prepare``'s: the update as offered at model ``step`` and its global L2 norm."""
+
+    step: int
+    delta: Model
+    norm: float
+
+
 class Aggregator:
     def __init__(self, strategy: Strategy, state: Model, step: int, samples: int,
                  state_at: Callable[[int], Model]):
@@ -51,12 +61,31 @@ class Aggregator:
     def buffered(self) -> int:
         return len(self._samples)
 
-    def add(self, seq: int, delta: Model, base_step: int, samples: int, worker_id: str = "",
-            loss: float | None = None) -> list[tuple[int, str]]:
-        """Offer an accepted update; returns the ``(seq, reason)`` of every update dropped now."""
+    def prepare(self, delta: Model, base_step: int) -> Prepared:
+        """What ``add`` makes of an update before the strategy sees it (its running statistics rebased on the
+        current model) and its global norm (every clipping wrapper's first question, else the fold's): reads
+        the model only, so a thread may run it while the model stays (``Job.settle``: the event loop does
+        not spend a pass over every update's arrays)."""
+        rebased = self._rebased(delta, base_step)
+        return Prepared(self.step, rebased, global_norm(rebased))
+
+    def _rebased(self, delta: Model, base_step: int) -> Model:
         if base_step != self.step and any(is_running_stat(n) for n in delta):
-            delta = rebase_running_stats(delta, self.state_at(base_step), self.state)
-        admission = self.strategy.offer(Update(delta, base_step, samples, worker_id, loss, key=seq), self.step)
+            return rebase_running_stats(delta, self.state_at(base_step), self.state)
+        return delta
+
+    def add(self, seq: int, delta: Model, base_step: int, samples: int, worker_id: str = "",
+            loss: float | None = None, prepared: Prepared | None = None) -> list[tuple[int, str]]:
+        """Offer an accepted update; returns the ``(seq, reason)`` of every update dropped now. ``prepared``:
+        ``prepare``'s of this delta, used if the model has not moved since (the same arrays and norm ``add``
+        would make)."""
+        norm = None
+        if prepared is not None and prepared.step == self.step:
+            delta, norm = prepared.delta, prepared.norm
+        else:
+            delta = self._rebased(delta, base_step)
+        admission = self.strategy.offer(Update(delta, base_step, samples, worker_id, loss, key=seq, norm=norm),
+                                        self.step)
         if admission.admitted:
             self._samples[seq] = samples
         dropped = [(d.update.key, d.reason) for d in admission.dropped]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -570,6 +571,51 @@ def test_many_stale_updates_folded_at_once_keep_statistics_bounded(name: str) ->
     assert agg.step == 30
     assert all(np.isfinite(v).all() for v in agg.state.values())
     assert np.abs(agg.state["bn.running_mean"]).max() < 30 and 0 < agg.state["bn.running_var"].min() < 30, agg.state
+
+
+@pytest.mark.parametrize("name", ["async_sgd", "fedbuff"])
+def test_an_update_prepared_in_a_thread_is_offered_as_add_would_offer_it(name: str) -> None:
+    """``Aggregator.prepare`` (the rebase of stale statistics and the norm, run in a thread by ``Job.settle``)
+    gives ``add`` the arrays and norm it would make itself: the same models to the last bit, through clipping
+    wrappers that clip some updates; a preparation made before the model moved is not used."""
+    from coordinator.aggregator import Aggregator
+    from coordinator.strategies.robust import AdaptiveClip
+
+    rng = np.random.default_rng(1)
+    start = {"bn.running_mean": np.zeros(8, np.float32), "bn.running_var": np.ones(8, np.float32),
+             "w": np.zeros(8, np.float32)}
+    params = {"buffer_size": 4} if name == "fedbuff" else {}
+    history = ({0: start}, {0: start})
+    plain, prepared = (Aggregator(AdaptiveClip(make_strategy(name, **params), warmup=4), start, 0, 0,
+                                  lambda s, h=h: h[s]) for h in history)
+    seq, used = 0, 0
+    for _ in range(12):
+        held = []
+        for _ in range(6):
+            base = max(0, plain.step - int(rng.integers(0, 4)))
+            scale = 10.0 if rng.random() < 0.3 else 1.0   # some above the adaptive bound: clipped
+            delta = {k: ((rng.normal(0, 0.1, 8) + 0.5) * scale).astype(np.float32) for k in start}
+            seq += 1
+            ready = prepared.prepare(delta, base)
+            assert ready.norm == math.sqrt(T.sq_norm(ready.delta))
+            held.append((seq, delta, base, ready))
+            plain.add(seq, delta, base, 64)
+            prepared.add(seq, delta, base, 64, prepared=ready)
+            used += 1
+        for agg, h in zip((plain, prepared), history):
+            agg.advance(agg.aggregate())
+            h[agg.step] = agg.state
+        # prepared before this fold: ignored (the model moved), the update made again from its delta
+        seq += 1
+        _, delta, base, old = held[-1]
+        plain.add(seq, delta, base, 64)
+        prepared.add(seq, delta, base, 64, prepared=old)
+    for agg, h in zip((plain, prepared), history):
+        agg.advance(agg.aggregate())
+    assert plain.step == prepared.step == 13 and used == 72
+    for k in start:
+        assert np.array_equal(plain.state[k], prepared.state[k]), k
+    assert plain.strategy.bound == prepared.strategy.bound and plain.strategy.total == prepared.strategy.total > 0
 
 
 @pytest.mark.parametrize("name", ["async_sgd", "fedbuff"])
