@@ -190,7 +190,6 @@ class Job:
         self._blobs: dict[int, str] = {}     # seq -> delta blob, for updates the aggregator holds
         self._offered: dict[int, tuple[int, int]] = {}   # seq -> (version, rank) it was offered at, until decided
         self._undecided: dict[int, str] = {}  # seq -> worker, for updates offered and not yet folded nor dropped
-        self._prepared: dict[int, Prepared] = {}   # seq -> an inbox update's rebase and norm (``_prepare_inbox``)
         self._rank = 0                       # the next offer's place in the offer order (kept across restarts)
         self._replay_blobs: list[tuple[int, str]] = []   # (offered at, delta blob) of decided results a replay needs
         self.persisted_step = 0              # the newest version whose model and strategy state are durable
@@ -669,8 +668,7 @@ class Job:
         if any. Safe to call at any time; the HTTP service calls it from one background task."""
         async with self.lock:
             await self._judge()
-            await self._prepare_inbox()
-            self._offer_inbox()
+            self._offer_inbox(await self._prepare_inbox())
             self.factory.flush()
             if self.finished:
                 return None
@@ -843,17 +841,18 @@ class Job:
         pending = self.store.pending_blobs(blobs)
         return self.store.delete_blobs([b for b in blobs if b not in pending])
 
-    async def _prepare_inbox(self) -> None:
-        """Each waiting update's rebase and norm (``Aggregator.prepare``) in a thread, before ``_offer_inbox``
-        (under ``lock``: the model does not move meanwhile; an update that comes in meanwhile is prepared
-        by ``add`` itself): a pass over each update's arrays the event loop does not make."""
-        waiting = [u for u in self.inbox if u.seq not in self._prepared]
-        if waiting:
-            agg = self.aggregator
-            self._prepared.update(await asyncio.to_thread(
-                lambda: {u.seq: agg.prepare(u.delta, u.base_step) for u in waiting}))
+    async def _prepare_inbox(self) -> dict[int, Prepared]:
+        """Each waiting update's rebase and norm (``Aggregator.prepare``), by seq, made in a thread for
+        ``_offer_inbox`` (under ``lock``: the model does not move meanwhile; an update that comes in meanwhile
+        is prepared by ``add`` itself): a pass over each update's arrays the event loop does not make."""
+        waiting, agg = list(self.inbox), self.aggregator
+        if not waiting:
+            return {}
+        return await asyncio.to_thread(lambda: {u.seq: agg.prepare(u.delta, u.base_step) for u in waiting})
 
-    def _offer_inbox(self) -> None:
+    def _offer_inbox(self, prepared: dict[int, Prepared] | None = None) -> None:
+        """Offer every waiting update to the aggregator, with its ``_prepare_inbox`` preparation if any."""
+        prepared = prepared or {}
         drops: list[tuple[int, str]] = []
         while self.inbox:
             u = self.inbox.popleft()
@@ -862,7 +861,7 @@ class Job:
             self._offered[u.seq] = (self.step, self._rank)
             self._rank += 1
             drops += self.aggregator.add(u.seq, u.delta, u.base_step, u.samples, u.worker_id, u.loss,
-                                         self._prepared.pop(u.seq, None))
+                                         prepared.get(u.seq))
         if drops:   # one commit for all of them, with where each was offered (a replay offers them again)
             offered = self._take_offered([s for s, _ in drops])
             self.store.mark_dropped(drops, offered)
