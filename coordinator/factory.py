@@ -270,7 +270,7 @@ class UnitFactory:
         if unit["status"] == "leased" and not unit.get("replica_of") and not self.store.twin_alive(unit):
             self.queue.requeue(self._queued(unit["shard_ids"]))
             queue = self.queue.state()
-        self.store.set_unit_status(unit["unit_id"], status, only_if=None, queue=queue, later=True)   # one statement
+        self.store.set_unit_status(unit["unit_id"], status, only_if=None, queue=queue, read=unit)   # one statement
 
     def expire(self) -> int:
         """Leases past their deadline: their shards go to the front of the queue."""

@@ -103,6 +103,7 @@ return seq
 """
 
 TAIL_PAGE = 16   # rows tail_candidate reads at a time
+VIEW_TRUST_S = 0.05   # the leader's service counts another process's result this late, at most (pending_samples)
 
 UNIT_FIELDS = ("unit_id", "worker_id", "shard_ids", "base_step", "lr", "seed", "issued", "deadline", "samples",
                "status", "finished", "wire", "twin", "replica_of")
@@ -159,7 +160,14 @@ class RedisStore(LeasedIndex):
         # and what is read from them, kept while no result was appended (``r:open:gen``, which every append
         # increments) and this process changed none (``_open_view``): a unit request then costs one GET
         self._view: _OpenView | None = None
+        self._view_checked = 0.0   # (time.monotonic) when r:open:gen last said the view holds
+        self._view_trust_s = 0.0   # pending_samples trusts a view checked this recently (write_behind)
         self._rows_u: dict[str, dict] = {}
+        # version rows (``_versions``), kept by a fenced store: the leader is the only process that writes them,
+        # and every unit request reads its base's (a round trip on the event loop each time); a row written in
+        # a transaction is kept once it committed (``_versions_written``)
+        self._version_rows: dict[int, list] | None = {} if fence is not None else None
+        self._versions_written: dict[int, list] = {}
         self._tail_indexed = False   # u:tail checked (``_index_tail``)
         self._init_leased()
         self._closed = False
@@ -234,6 +242,7 @@ class RedisStore(LeasedIndex):
     def _begin(self) -> None:
         if self._depth == 0:
             self._buffer, self._rows_r, self._rows_u = [], {}, {}
+            self._versions_written = {}
         self._depth += 1
 
     def _end(self, ok: bool) -> None:
@@ -241,6 +250,7 @@ class RedisStore(LeasedIndex):
         if self._depth:
             return
         commands, self._buffer, self._rows_r, self._rows_u = self._buffer, None, {}, {}
+        written, self._versions_written = self._versions_written, {}
         if not ok:
             self._leased = None   # what is leased is read again
             self._open_cache.clear()   # it may hold rows read with the transaction's changes
@@ -252,7 +262,11 @@ class RedisStore(LeasedIndex):
             self._leased = None
             self._open_cache.clear()
             self._view = None
+            if self._version_rows is not None:   # whether the script ran is unknown: read them again
+                self._version_rows.clear()
             raise
+        if self._version_rows is not None:
+            self._version_rows.update(written)
 
     # ------------------------------------------------------------------ rows
     @staticmethod
@@ -304,14 +318,17 @@ class RedisStore(LeasedIndex):
         pipe = self.r.pipeline(transaction=False)
         for u in ids:
             pipe.hgetall(f"{self.p}u:{u}")
-        rows = []
-        for u, raw in zip(ids, pipe.execute()):
-            if raw or u in self._rows_u:
-                row = {f: None for f in UNIT_FIELDS}
-                row.update(self._decode(raw))
-                row.update(self._rows_u.get(u, {}))
-                rows.append(row)
-        return rows
+        rows = (self._unit_row(u, raw) for u, raw in zip(ids, pipe.execute()))
+        return [row for row in rows if row is not None]
+
+    def _unit_row(self, unit_id: str, raw: dict) -> dict | None:
+        """A unit's row from its hash as read (``raw``) and the open transaction's changes to it."""
+        if not raw and unit_id not in self._rows_u:
+            return None
+        row = {f: None for f in UNIT_FIELDS}
+        row.update(self._decode(raw))
+        row.update(self._rows_u.get(unit_id, {}))
+        return row
 
     def _set_unit(self, unit_id: str, values: dict) -> None:
         self._hset(f"{self.p}u:{unit_id}", values)
@@ -329,19 +346,40 @@ class RedisStore(LeasedIndex):
     # ------------------------------------------------------------------ versions
     def _versions(self, steps) -> list[Version]:
         steps = [int(s) for s in steps]
-        if not steps:
-            return []
-        raws = self.r.hmget(self.p + "v", steps)
         out = []
-        for s, raw in zip(steps, raws):
+        for s, raw in zip(steps, self._version_raws(steps)):
             if raw is not None:
-                blob, samples, updates, created, _ = json.loads(raw)
+                blob, samples, updates, created, _ = raw
                 out.append(Version(s, blob, samples, updates, created))
         return out
 
+    def _version_raws(self, steps: list[int]) -> list[list | None]:
+        """The rows of versions ``steps`` as written (None where there is none), from ``_version_rows`` where
+        kept there (as committed: a transaction's own writes are not read back, as Redis would not)."""
+        kept = self._version_rows
+        missing = steps if kept is None else [s for s in steps if s not in kept]
+        read = {}
+        if missing:
+            for s, raw in zip(missing, self.r.hmget(self.p + "v", missing)):
+                read[s] = json.loads(raw) if raw is not None else None
+                if kept is not None and raw is not None:
+                    kept[s] = read[s]
+        return [list(kept[s]) if kept is not None and s in kept else read[s] for s in steps]
+
     def _version_raw(self, step: int) -> list | None:
-        raw = self.r.hget(self.p + "v", step)
-        return json.loads(raw) if raw is not None else None
+        return self._version_raws([step])[0]
+
+    def _put_version(self, step: int, raw: list) -> None:
+        """Write version ``step``'s row (kept in ``_version_rows`` once written)."""
+        kept = self._version_rows
+        if kept is not None and self._buffer is not None:
+            self._versions_written[step] = list(raw)
+        kept = kept if kept is not None and self._buffer is None else None
+        if kept is not None:
+            kept.pop(step, None)   # (if the write fails, whether it ran is unknown: read it again)
+        self._w("HSET", self.p + "v", step, json.dumps(raw))
+        if kept is not None:
+            kept[step] = list(raw)
 
     def latest_version(self) -> Version | None:
         top = self.r.zrevrange(self.p + "vz", 0, 0)
@@ -358,8 +396,7 @@ class RedisStore(LeasedIndex):
                        dropped: list[tuple[int, str]] = (), offered: list[tuple[int, int, int]] = ()) -> None:
         with self.transaction():
             if version is not None:
-                self._w("HSET", self.p + "v", version.step,
-                        json.dumps([version.blob, version.samples, version.updates, version.created, 0]))
+                self._put_version(version.step, [version.blob, version.samples, version.updates, version.created, 0])
                 self._w("ZADD", self.p + "vz", version.step, version.step)
                 if version.blob:
                     self._w("ZADD", self.p + "vkept", version.step, version.step)
@@ -426,7 +463,7 @@ class RedisStore(LeasedIndex):
         if raw is None:
             return
         raw[0], raw[4] = blob, 0
-        self._w("HSET", self.p + "v", step, json.dumps(raw))
+        self._put_version(step, raw)
         self._w("ZADD", self.p + "vkept", step, step)
 
     def offered_at(self, step: int) -> list[dict]:
@@ -464,7 +501,7 @@ class RedisStore(LeasedIndex):
         if raw is None:
             return
         raw[4] = 1
-        self._w("HSET", self.p + "v", step, json.dumps(raw))
+        self._put_version(step, raw)
         self._w("ZREM", self.p + "vkept", step)
 
     # ------------------------------------------------------------------ units and leases
@@ -581,18 +618,26 @@ class RedisStore(LeasedIndex):
         return (self._unit_rows([unit_id]) or [None])[0]
 
     def write_behind(self) -> None:
-        """(``Store.write_behind``: Redis's round trips are not put off; several processes read the units.)"""
+        """(``Store.write_behind``, the HTTP service's store.) Redis's round trips are not put off (the other
+        processes read the units); the pending samples each unit request asks for are taken from the view of the
+        open results checked within ``VIEW_TRUST_S`` (``pending_samples``)."""
+        self._view_trust_s = VIEW_TRUST_S
 
     def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased",
-                        queue: dict | None = None, later: bool = False) -> bool:
-        if queue is not None:
-            self.set_meta("queue", queue)
-        unit = self.unit(unit_id)
+                        queue: dict | None = None, read: dict | None = None) -> bool:
+        """(``Store.set_unit_status``.) ``read``: the row the caller read, not read again: the queue and the
+        move in one round trip, the move skipped if the unit changed since (another process logged its result),
+        and True without looking."""
+        unit = read if read is not None and only_if is None else self.unit(unit_id)
         if unit is None or (only_if is not None and unit["status"] != only_if):
+            if queue is not None:
+                self.set_meta("queue", queue)
             return False
         with self.transaction():
+            if queue is not None:
+                self.set_meta("queue", queue)
             self._move(unit, status, self.clock())
-        if self._depth == 0:   # the move is guarded: another process may have logged the unit's result first
+        if self._depth == 0 and unit is not read:   # the move is guarded: another process may have logged first
             return (self.unit(unit_id) or {}).get("status") == status
         return True
 
@@ -633,6 +678,7 @@ class RedisStore(LeasedIndex):
                                   compute_seconds, delta_blob, check_state, leader=True)
         if seq < 0:
             return None
+        self._view_checked = 0.0   # out of the units out: into the pending samples at once
         self._unleased(unit_id)
         return seq
 
@@ -680,7 +726,10 @@ class RedisStore(LeasedIndex):
                 return []
             out.append(int(first[1]))
         more = self.r.lpop(key, 1000)
-        return out + [int(x) for x in more or []]
+        out += [int(x) for x in more or []]
+        if out:   # (they leave the units out once taken: the pending samples count them from now on)
+            self._view_checked = 0.0
+        return out
 
     def mark_dropped(self, dropped: list[tuple[int, str]], offered: list[tuple[int, int, int]] = ()) -> None:
         with self.transaction():
@@ -694,7 +743,9 @@ class RedisStore(LeasedIndex):
         process changed a row (``_set_result``)."""
         gen_key = self.p + "r:open:gen"
         if self._view is not None and self.r.get(gen_key) == self._view.gen:
+            self._view_checked = time.monotonic()
             return self._view
+        checked = time.monotonic()
         pipe = self.r.pipeline(transaction=False)
         pipe.get(gen_key)
         pipe.smembers(self.p + "r:open")
@@ -711,7 +762,7 @@ class RedisStore(LeasedIndex):
         view = _OpenView(gen, rows, sum(r["num_samples"] for r in rows if r["check_state"] != "replica"),
                          frozenset(r["delta_blob"] for r in rows))
         if self._buffer is None:   # rows read inside a transaction carry its changes, which may yet fail
-            self._view = view
+            self._view, self._view_checked = view, checked
         return view
 
     def blob_pending(self, blob_id: str) -> bool:
@@ -739,8 +790,12 @@ class RedisStore(LeasedIndex):
         return bool(self.r.hexists(self.p + "r:unit", unit_id))
 
     def unit_and_result(self, unit_id: str) -> tuple[dict | None, bool]:
-        """``Store.unit_and_result``: the unit's row and whether a result for it was accepted."""
-        return self.unit(unit_id), self.has_result(unit_id)
+        """``Store.unit_and_result``: the unit's row and whether a result for it was accepted (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(f"{self.p}u:{unit_id}")
+        pipe.hexists(self.p + "r:unit", unit_id)
+        raw, has = pipe.execute()
+        return self._unit_row(unit_id, raw), bool(has)
 
     def result_for_unit(self, unit_id: str) -> dict | None:
         seq = self.r.hget(self.p + "r:unit", unit_id)
@@ -750,6 +805,13 @@ class RedisStore(LeasedIndex):
         return [dict(r) for r in self._open_view().rows if r["check_state"] not in ("held", "replica")]
 
     def pending_samples(self) -> int:
+        """(``Store.pending_samples``.) Every unit request asks; once ``write_behind`` was called (the leader's
+        service), the view checked less than ``VIEW_TRUST_S`` ago is taken without asking Redis whether another
+        process appended a result since (its samples then count a few milliseconds late: until then they are
+        counted as the unit's, out on its lease, in this process's index of the units out)."""
+        view = self._view
+        if view is not None and self._view_trust_s and time.monotonic() - self._view_checked < self._view_trust_s:
+            return view.samples
         return self._open_view().samples
 
     # ------------------------------------------------------------------ replicated checks
@@ -845,6 +907,8 @@ class RedisStore(LeasedIndex):
         keys = list(self.r.scan_iter(match=self.p + "*", count=1000))
         if keys:
             self.r.delete(*keys)
+        if self._version_rows is not None:
+            self._version_rows.clear()
         return len(keys)
 
 

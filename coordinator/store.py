@@ -820,16 +820,16 @@ class Store(LeasedIndex):
         return unit, bool(row[-1])
 
     def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased",
-                        queue: dict | None = None, later: bool = False) -> bool:
+                        queue: dict | None = None, read: dict | None = None) -> bool:
         """Move a unit to ``status`` (from ``only_if`` when given); True when a row changed. ``queue``: the shard
-        queue's state (meta ``queue``), written with the move (or alone when no row changed). ``later``: the
-        caller read the unit's row and moves it whatever its status (``only_if`` None): the statement may be
-        put off (``write_behind``)."""
+        queue's state (meta ``queue``), written with the move (or alone when no row changed). ``read``: the
+        unit's row as the caller read it, which moves it whatever its status (``only_if`` None): the statement
+        may be put off (``write_behind``), and True says so (RedisStore: the row is not read again)."""
         sql = "UPDATE units SET status = ?, finished = ?, queue = ? WHERE unit_id = ?"
         args = [status, self.clock(), None if queue is None else json.dumps(queue), unit_id]
         if only_if is not None:
             sql, args = sql + " AND status = ?", args + [only_if]
-        changed = (later and only_if is None and self._later(sql, tuple(args))) or \
+        changed = (read is not None and only_if is None and self._later(sql, tuple(args))) or \
             self.db.execute(sql, args).rowcount == 1
         if queue is not None and not changed:
             self.set_meta("queue", queue)

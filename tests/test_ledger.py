@@ -332,7 +332,7 @@ def test_a_units_insert_and_a_hand_backs_move_are_put_off_and_run_in_order_befor
     with store.db.later_lock:   # the writer thread cannot run them meanwhile (nor any statement: none is made)
         store.insert_unit("u1", "w1", ["s1", "s2"], 0, 0.1, 7, 100.0, 64, queue={"epoch": 1})
         assert store.unit_and_result("u1") == (store._out["u1"], False) and store.leased_count() == 1
-        store.set_unit_status("u1", "returned", only_if=None, later=True)
+        store.set_unit_status("u1", "returned", only_if=None, read=store.unit("u1"))
         assert len(store.db.later) == 2 and store.leased_count() == 0, "both put off"
         assert raw.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 0, "nothing in the table yet"
     assert store.unit_counts() == {"returned": 1}, "a read runs them first (or waits for the writer)"

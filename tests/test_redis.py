@@ -306,6 +306,69 @@ def test_the_leaders_view_of_the_open_results_follows_appends_and_its_own_change
     assert leader.pending_samples() == 5 and [r["seq"] for r in leader.pending_results()] == [s3]
 
 
+def test_the_leaders_round_trips_a_unit_request_and_a_hand_back_need(redis_url, tmp_path):
+    """The leader (a fenced store) keeps the version rows it wrote or read (no other process writes them), moves a
+    unit it read without reading it again (skipped if another process logged its result since), and its service
+    (``write_behind``) takes the pending samples from a view checked within ``VIEW_TRUST_S``: a unit request and
+    a hand-back each cost one round trip, or two."""
+    from coordinator.leader import LeaderLock
+
+    lock = LeaderLock(redis_url, "ct:job:leader", 60.0)
+    assert lock.try_acquire()
+    leader = RedisStore(redis_url, "job", tmp_path / "blobs", fence=lock)
+    other = RedisStore(redis_url, "job", tmp_path / "blobs")
+    leader.commit_version(Version(0, "v0" * 32, 0, 0, 1.0), [], None)
+    leader.commit_version(Version(1, "", 10, 1, 2.0), [], None)
+    with pytest.raises(RuntimeError):
+        with leader.transaction():
+            leader.commit_version(Version(2, "", 20, 1, 3.0), [], None)
+            raise RuntimeError("in the middle")
+    reads = []
+    hmget = leader.r.hmget
+    leader.r.hmget = lambda *a, **k: reads.append(a) or hmget(*a, **k)
+    assert leader.version(0) == Version(0, "v0" * 32, 0, 0, 1.0) and leader.version(1).blob == ""
+    assert reads == [], "the rows it wrote are kept"
+    assert leader.version(2) is None and len(reads) == 1, "a rolled-back row is not"
+    leader.set_version_blob(1, "v1" * 32)
+    leader.mark_version_pruned(1)
+    assert leader.version(1) == other.version(1) == Version(1, "v1" * 32, 10, 1, 2.0)
+    assert leader.prunable_versions(2) == other.prunable_versions(2) == [] and len(reads) == 1
+    again = RedisStore(redis_url, "job", tmp_path / "blobs", fence=lock)   # the next leader reads each row once
+    again.r.hmget = lambda *a, **k: reads.append(a) or hmget(*a, **k)
+    assert again.version(1) == again.version(1) == leader.version(1) and len(reads) == 2
+    other.r.hmget = lambda *a, **k: reads.append(a) or hmget(*a, **k)
+    assert other.version(1) == other.version(1) and len(reads) == 4, "a store that does not lead keeps none"
+
+    lease(leader, "u1", ["s1"])
+    lease(leader, "u2", ["s2"])
+    row1, row2 = leader.unit("u1"), leader.unit("u2")
+    assert other.append_result("u2", "w1", 0, 0, 10, 2.3, 2.2, 1.0, "a" * 64) > 0
+    pipeline = leader.r.pipeline
+    leader.r.pipeline = lambda *a, **k: pytest.fail("the row was read again")
+    assert leader.set_unit_status("u1", "returned", only_if=None, queue={"epoch": 0, "position": 2}, read=row1)
+    assert leader.set_unit_status("u2", "returned", only_if=None, read=row2), "(True: not looked at)"
+    leader.r.pipeline = pipeline
+    assert leader.unit("u1")["status"] == "returned" and leader.get_meta("queue") == {"epoch": 0, "position": 2}
+    assert leader.unit("u2")["status"] == "done", "the other process's result came first: the move is skipped"
+    assert leader.unit_counts() == {"returned": 1, "done": 1}
+
+    lease(leader, "u3", ["s3"])
+    lease(leader, "u4", ["s4"])
+    leader.write_behind()
+    leader._view_trust_s = 60.0   # (VIEW_TRUST_S, long enough that this test's pauses cannot matter)
+    assert leader.take_remote() == [1] and leader.pending_samples() == 10
+    assert other.append_result("u3", "w1", 0, 0, 30, 2.3, 2.2, 1.0, "b" * 64) > 0
+    gets = []
+    get = leader.r.get
+    leader.r.get = lambda *a, **k: gets.append(a) or get(*a, **k)
+    assert leader.pending_samples() == 10 and gets == [], "not asked again within the trusted time"
+    assert leader.take_remote() == [2] and leader.pending_samples() == 40, "a result taken is counted at once"
+    assert leader.add_result("u4", "w1", 0, 0, 5, 2.3, 2.2, 1.0, "c" * 64) and leader.pending_samples() == 45
+    leader._view_trust_s = 0.0   # (the other stores, the tests and the export command: always asked)
+    assert leader.pending_samples() == 45 and len(gets) == 3
+    lock.release()
+
+
 # ---------------------------------------------------------------------------- the leader lock and fencing
 def test_a_leader_that_lost_its_lock_writes_nothing(redis_url, tmp_path):
     from coordinator.leader import LeaderLock
