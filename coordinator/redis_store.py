@@ -33,15 +33,20 @@ export command) writes with MULTI/EXEC and no check.
 
 Durability is Redis's (``appendonly yes``; ``appendfsync always`` makes every answered write
 survive a power loss, ``everysec`` loses at most a second of them). A coordinator's ``kill -9``
-loses nothing: what it wrote is in Redis; what it had not written was never answered.
+loses no accepted result: what it wrote is in Redis; what it had not written was never answered,
+except what its HTTP service puts off (``RedisStore.write_behind``): the units issued in its last
+moments (their results refused, their shards issued again) and the hand-backs then (the unit out
+until its lease expires).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import secrets
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import redis
@@ -103,6 +108,7 @@ return seq
 """
 
 TAIL_PAGE = 16   # rows tail_candidate reads at a time
+LATER_BATCH = 2000   # commands put off that one script writes at most
 VIEW_TRUST_S = 0.05   # the leader's service counts another process's result this late, at most (pending_samples)
 
 UNIT_FIELDS = ("unit_id", "worker_id", "shard_ids", "base_step", "lr", "seed", "issued", "deadline", "samples",
@@ -123,6 +129,25 @@ class Fenced(RuntimeError):
 
 def prefix(job: str) -> str:
     return f"ct:{job}:"
+
+
+log = logging.getLogger("crowdtrain.coordinator")
+
+
+class _Client(redis.Redis):
+    """The store's client: every command, and every pipeline as it is made, first has what the store put off
+    written (``before``: ``RedisStore._run_later``), whichever thread asks."""
+    before = None
+
+    def execute_command(self, *args, **options):
+        if self.before is not None:
+            self.before()
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction=True, shard_hint=None):
+        if self.before is not None:
+            self.before()
+        return super().pipeline(transaction, shard_hint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +172,17 @@ class RedisStore(LeasedIndex):
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.root = Path(root) if root is not None else self.blob_dir.parent
         self.p = prefix(job)
-        self.r = redis.Redis.from_url(url, decode_responses=True)
+        self.r = _Client.from_url(url, decode_responses=True)
         self._exec = self.r.register_script(FENCED_EXEC)
         self._append = self.r.register_script(APPEND_RESULT)
+        # write-behind (``write_behind``): transactions put off (``_later``), written by a thread of their own
+        # through a client that runs nothing first (``_plain``), or by the first other command (``_run_later``)
+        self._plain = redis.Redis(connection_pool=self.r.connection_pool)
+        self._exec_plain = self._plain.register_script(FENCED_EXEC)
+        self._later: deque[list[list[str]]] = deque()
+        self._later_lock = threading.Lock()   # held while put-off commands are written: the others wait for them
+        self._wake = threading.Event()
+        self._writer: threading.Thread | None = None
         self._buffer: list[list[str]] | None = None   # commands of the open transaction
         self._depth = 0
         self._rows_r: dict[int, dict] = {}   # changes of the open transaction, read back by later reads in it
@@ -178,6 +211,13 @@ class RedisStore(LeasedIndex):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._writer is not None:
+                self._wake.set()
+                self._writer.join()
+            try:
+                self._run_later()
+            except (redis.RedisError, Fenced):
+                log.exception("writing what was put off failed as the store closed")
             self.r.close()
 
     def checkpoint(self) -> bool:
@@ -213,8 +253,9 @@ class RedisStore(LeasedIndex):
     keeps_small_results = False   # every result's delta is a file (put_result_blob), which the other processes read
 
     # ------------------------------------------------------------------ writes (fenced, transactional)
-    def transaction(self):
-        return _Transaction(self)
+    def transaction(self, later: bool = False):
+        """``later``: put the transaction off (``write_behind``), unless it joins an outer one or no writer runs."""
+        return _Transaction(self, later)
 
     def _w(self, *cmd) -> None:
         command = [str(c) for c in cmd]
@@ -223,7 +264,7 @@ class RedisStore(LeasedIndex):
         else:
             self._flush([command])
 
-    def _flush(self, commands: list[list[str]]) -> None:
+    def _flush(self, commands: list[list[str]], script=None) -> None:
         if not commands:
             return
         token = self.fence.token if self.fence is not None else ""
@@ -232,7 +273,7 @@ class RedisStore(LeasedIndex):
             raise Fenced("this process no longer holds the leader lock")
         lock = self.fence.key if self.fence is not None else self.p + "leader"
         try:
-            self._exec(keys=[lock], args=[token, json.dumps(commands)])
+            (script or self._exec)(keys=[lock], args=[token, json.dumps(commands)])
         except redis.ResponseError as e:
             if "FENCED" in str(e):
                 self._leased = None
@@ -245,12 +286,16 @@ class RedisStore(LeasedIndex):
             self._versions_written = {}
         self._depth += 1
 
-    def _end(self, ok: bool) -> None:
+    def _end(self, ok: bool, later: bool = False) -> None:
         self._depth -= 1
         if self._depth:
             return
         commands, self._buffer, self._rows_r, self._rows_u = self._buffer, None, {}, {}
         written, self._versions_written = self._versions_written, {}
+        if ok and later and not written and commands:
+            self._later.append(commands)
+            self._wake.set()
+            return
         if not ok:
             self._leased = None   # what is leased is read again
             self._open_cache.clear()   # it may hold rows read with the transaction's changes
@@ -510,7 +555,7 @@ class RedisStore(LeasedIndex):
                     wire: str | None = None, twin: str | None = None, replica_of: str | None = None,
                     queue: dict | None = None) -> None:
         issued = self.clock() if issued is None else issued
-        with self.transaction():
+        with self.transaction(later=True):
             if queue is not None:
                 self.set_meta("queue", queue)
             self._set_unit(unit_id, {"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
@@ -618,22 +663,52 @@ class RedisStore(LeasedIndex):
         return (self._unit_rows([unit_id]) or [None])[0]
 
     def write_behind(self) -> None:
-        """(``Store.write_behind``, the HTTP service's store.) Redis's round trips are not put off (the other
-        processes read the units); the pending samples each unit request asks for are taken from the view of the
-        open results checked within ``VIEW_TRUST_S`` (``pending_samples``)."""
+        """(``Store.write_behind``, the HTTP service's store.) From now on a unit's insert and a hand-back's move
+        are put off (``_later``) and written by a thread of their own, several in one round trip; every other
+        command of this store, of any thread, first has them written (``_Client.before``), so this process reads
+        what it wrote. Another process may not see a unit for the moment it takes: a result it is sent for
+        that unit then comes to the leader (``LocalIntake``: an unknown unit is the leader's to decide), whose
+        read of it writes it first. A kill -9 may lose the last few: as ``Store.write_behind`` says. The pending
+        samples each unit request asks for are taken from the view of the open results checked within
+        ``VIEW_TRUST_S`` (``pending_samples``)."""
         self._view_trust_s = VIEW_TRUST_S
+        if self._writer is None and not self._closed:
+            self.r.before = self._run_later
+            self._writer = threading.Thread(target=self._write_loop, name="redis-writer", daemon=True)
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self._run_later()
+            except Fenced:   # (the lock's keeper ends the process)
+                log.warning("put-off writes refused: this process no longer leads")
+            except redis.RedisError:   # (the next command of the service meets it too)
+                log.exception("writing put-off commands to Redis failed")
+
+    def _run_later(self) -> None:
+        """Write what was put off, in order, in one fenced script per batch (any thread; the others wait)."""
+        if self._later or self._later_lock.locked():
+            with self._later_lock:
+                while self._later:
+                    commands = []
+                    while self._later and len(commands) < LATER_BATCH:
+                        commands += self._later.popleft()
+                    self._flush(commands, self._exec_plain)
 
     def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased",
                         queue: dict | None = None, read: dict | None = None) -> bool:
         """(``Store.set_unit_status``.) ``read``: the row the caller read, not read again: the queue and the
-        move in one round trip, the move skipped if the unit changed since (another process logged its result),
-        and True without looking."""
+        move in one round trip (put off: ``write_behind``), the move skipped if the unit changed since (another
+        process logged its result), and True without looking."""
         unit = read if read is not None and only_if is None else self.unit(unit_id)
         if unit is None or (only_if is not None and unit["status"] != only_if):
             if queue is not None:
                 self.set_meta("queue", queue)
             return False
-        with self.transaction():
+        with self.transaction(later=unit is read):
             if queue is not None:
                 self.set_meta("queue", queue)
             self._move(unit, status, self.clock())
@@ -916,13 +991,14 @@ class _Transaction:
     """Buffers the writes of ``with store.transaction():`` and applies them at the outermost exit in
     one fenced script (nothing on error); nests by joining the outer one."""
 
-    def __init__(self, store: RedisStore):
-        self.store = store
+    def __init__(self, store: RedisStore, later: bool = False):
+        self.store, self.later = store, later
 
     def __enter__(self):
+        self.later = self.later and self.store._writer is not None and self.store._depth == 0
         self.store._begin()
         return self.store
 
     def __exit__(self, exc_type, exc, tb):
-        self.store._end(exc_type is None)
+        self.store._end(exc_type is None, self.later)
         return False

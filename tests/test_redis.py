@@ -369,6 +369,52 @@ def test_the_leaders_round_trips_a_unit_request_and_a_hand_back_need(redis_url, 
     lock.release()
 
 
+def test_the_leaders_service_puts_a_units_insert_and_a_hand_backs_move_off(redis_url, tmp_path):
+    """``write_behind``: a unit's insert and a hand-back's move are written by a thread of the store's own, several
+    in one round trip; any other command of the store, of any thread, has them written first (a process that does
+    not lead may not see a unit yet: its result then goes to the leader, whose read writes it); close writes the
+    rest."""
+    import threading
+
+    from coordinator.leader import LeaderLock
+
+    lock = LeaderLock(redis_url, "ct:job:leader", 60.0)
+    assert lock.try_acquire()
+    leader = RedisStore(redis_url, "job", tmp_path / "blobs", fence=lock)
+    other = RedisStore(redis_url, "job", tmp_path / "blobs")
+    leader.write_behind()
+    with leader._later_lock:   # (the writer cannot write them meanwhile; nor may this thread ask the leader's store)
+        lease(leader, "u1", ["s1"], queue={"epoch": 1})
+        lease(leader, "u2", ["s2"])
+        assert len(leader._later) == 2 and other.unit("u1") is None and other.get_meta("queue") is None
+    assert leader.unit("u1")["status"] == "leased" and leader.get_meta("queue") == {"epoch": 1}, "written first"
+    assert other.unit("u2")["status"] == "leased" and other.unit_counts() == {"leased": 2}
+    row = leader.unit("u2")
+    with leader._later_lock:
+        assert leader.set_unit_status("u2", "returned", only_if=None, queue={"epoch": 2}, read=row)
+        assert len(leader._later) == 1 and other.unit("u2")["status"] == "leased"
+    got = []
+    reader = threading.Thread(target=lambda: got.append(leader.get_meta("queue")))
+    reader.start()
+    reader.join(10)
+    assert got == [{"epoch": 2}] and other.unit("u2")["status"] == "returned", "another thread's read too"
+    assert leader.set_unit_status("u1", "failed"), "(no row given: read, moved and looked at, at once)"
+    assert other.unit("u1")["status"] == "failed" and not leader._later
+    lease(leader, "u3", ["s3"])   # no other command: the writer thread writes it
+    deadline = time.time() + 10
+    while other.unit("u3") is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert other.unit("u3")["status"] == "leased" and not leader._later
+    with leader.transaction():   # inside a transaction: joins it, not put off
+        lease(leader, "u4", ["s4"])
+        assert not leader._later
+    assert other.unit("u4")["status"] == "leased"
+    lease(leader, "u5", ["s5"])
+    leader.close()
+    assert other.unit("u5")["status"] == "leased" and other.unit_counts() == {"leased": 3, "returned": 1, "failed": 1}
+    lock.release()
+
+
 # ---------------------------------------------------------------------------- the leader lock and fencing
 def test_a_leader_that_lost_its_lock_writes_nothing(redis_url, tmp_path):
     from coordinator.leader import LeaderLock
