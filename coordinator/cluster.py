@@ -125,14 +125,15 @@ def cluster_job(config, url: str, blobs: Path, lock, **job_args):
             store = RedisStore(url, self.config.job, blobs, root=self.config.state, clock=self.clock, fence=lock)
             return store, store.secret()
 
-        def take_remote(self, row: dict, delta: dict) -> None:
+        def take_remote(self, row: dict, delta: dict, unit: dict | None = None) -> None:
             """A result another process checked and logged (``LocalIntake``): what ``Job._log`` does after
             its own intake, the row aside: the worker's record and speed, a tail copy superseded, then the
-            inbox (or dropped, ``quarantined``, if the worker was quarantined since)."""
+            inbox (or dropped, ``quarantined``, if the worker was quarantined since). ``unit``: its unit's
+            row, when the caller read it."""
             from coordinator.job import Inbound
 
             now, worker = self.clock(), row["worker_id"]
-            unit = self.store.unit(row["unit_id"])
+            unit = self.store.unit(row["unit_id"]) if unit is None else unit
             self.store._unleased(row["unit_id"])
             self._seen(worker, None, now)
             self._credit(worker, row["num_samples"], row["compute_seconds"] or 0.0, now,
@@ -301,34 +302,51 @@ class Node:
         """Results the other processes logged, into the job's inbox once each. Those the job already holds
         (``open`` loaded every open result) or that are decided are skipped; one taken from the list and
         lost with this process is still open in Redis, so the next leader's ``open`` loads it."""
-        from contract.codecs import decode_delta
+        import redis
 
         store = job.store
         held = {u.seq for u in job.inbox} | set(job._undecided) | set(job._blobs)
         while True:
+            # the results, their rows and their deltas in one hop to a thread, every unit in one round trip: on
+            # a busy event loop each hop and each round trip waits its turn, and the other processes answer
+            # these results only once the leader holds them (until_ingested)
             try:
-                seqs = await asyncio.to_thread(store.take_remote, 1.0)
-                rows = await asyncio.to_thread(store.result_rows, seqs) if seqs else []
+                seqs, rows, deltas = await asyncio.to_thread(self._take, store, held)
             except Exception:   # Redis in trouble: the lock's renewal decides whether this process still leads
                 log.exception("taking the other processes' results failed; trying again")
                 await asyncio.sleep(1.0)
                 continue
-            for row in rows:
-                if row["seq"] in held or row["applied_step"] is not None or row["dropped"] is not None:
-                    continue
-                try:
-                    delta = await asyncio.to_thread(lambda b=row["delta_blob"]: decode_delta(store.get_blob(b)))
-                except Exception:   # its row stays open: the next leader's open() offers it again
-                    log.exception("result %d (unit %s): its delta could not be read; left for a restart", row["seq"],
-                                  row["unit_id"])
-                    continue
-                held.add(row["seq"])
-                job.take_remote(row, delta)
-            if seqs:
-                try:
-                    await asyncio.to_thread(store.r.set, self.ingested_key, max(seqs))   # their processes answer
-                except Exception:
-                    log.exception("marking results taken failed (their answers wait at most %.0f s)", INGEST_WAIT_S)
+            if not seqs:
+                continue
+            try:
+                units = {u["unit_id"]: u for u in store.units([r["unit_id"] for r in rows])} if rows else {}
+                with store.transaction():   # the workers' trust records and the mark, in one script
+                    for row in rows:
+                        if row["seq"] in deltas:
+                            held.add(row["seq"])
+                            job.take_remote(row, deltas[row["seq"]], units.get(row["unit_id"]))
+                    store.announce(self.ingested_key, max(seqs))   # their processes answer
+            except redis.RedisError:   # (in the inbox all the same: the results' answers wait at most INGEST_WAIT_S)
+                log.exception("writing the trust records of results taken, and marking them taken, failed")
+
+    @staticmethod
+    def _take(store, held: set[int]) -> tuple[list[int], list[dict], dict[int, dict]]:
+        """(In a thread.) The seqs the other processes logged since the last call (waiting up to a second for
+        one), the rows among them not held by the job nor decided, and each one's delta, decoded (by seq): a
+        row whose delta cannot be read is left out, and stays open: the next leader's open() offers it again."""
+        from contract.codecs import decode_delta
+
+        seqs = store.take_remote(1.0)
+        rows = [r for r in (store.result_rows(seqs) if seqs else []) if r["seq"] not in held
+                and r["applied_step"] is None and r["dropped"] is None]
+        out = {}
+        for row in rows:
+            try:
+                out[row["seq"]] = decode_delta(store.get_blob(row["delta_blob"]))
+            except Exception:
+                log.exception("result %d (unit %s): its delta could not be read; left for a restart", row["seq"],
+                              row["unit_id"])
+        return seqs, rows, out
 
     async def until_ingested(self, seq: int) -> bool:
         """Wait (at most ``INGEST_WAIT_S``) until the leader holds result ``seq``: the worker's next unit,

@@ -662,6 +662,10 @@ class RedisStore(LeasedIndex):
     def unit(self, unit_id: str) -> dict | None:
         return (self._unit_rows([unit_id]) or [None])[0]
 
+    def units(self, unit_ids) -> list[dict]:
+        """The rows of units ``unit_ids`` (those that exist), in one round trip."""
+        return self._unit_rows(unit_ids)
+
     def write_behind(self) -> None:
         """(``Store.write_behind``, the HTTP service's store.) From now on a unit's insert and a hand-back's move
         are put off (``_later``) and written by a thread of their own, several in one round trip; every other
