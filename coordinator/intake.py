@@ -104,7 +104,8 @@ class Intake:
         if result.unit_id != unit_id:
             raise Rejection("invalid", 400, f"result.unit_id: expected {unit_id!r} (the URL's), got "
                             f"{result.unit_id!r}", "result.unit_id")
-        unit, has_result = self.store.unit_and_result(unit_id)
+        # (a failure report or a hand-back logs no result: the unit may be answered from memory, RedisStore)
+        unit, has_result = self.store.unit_and_result(unit_id, exact=result.error is None)
         if unit is None:
             raise Rejection("unknown_unit", 404, f"no unit {unit_id!r} was issued by this coordinator",
                             "result.unit_id")

@@ -203,6 +203,9 @@ class RedisStore(LeasedIndex):
         self._versions_written: dict[int, list] = {}
         self._tail_indexed = False   # u:tail checked (``_index_tail``)
         self._init_leased()
+        # rows of the units this process issued that are out (``write_behind``: the leader's service), for
+        # ``unit_and_result(exact=False)``: a hand-back's unit without a round trip; kept while in ``_leased``
+        self._out: dict[str, dict] | None = None
         self._closed = False
         self.syncs = 0
         self.r.ping()
@@ -297,7 +300,7 @@ class RedisStore(LeasedIndex):
             self._wake.set()
             return
         if not ok:
-            self._leased = None   # what is leased is read again
+            self._leased = None   # what is leased is read again (and _out is not used until then)
             self._open_cache.clear()   # it may hold rows read with the transaction's changes
             self._view = None
             return
@@ -555,13 +558,13 @@ class RedisStore(LeasedIndex):
                     wire: str | None = None, twin: str | None = None, replica_of: str | None = None,
                     queue: dict | None = None) -> None:
         issued = self.clock() if issued is None else issued
+        row = {"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids), "base_step": base_step,
+               "lr": lr, "seed": seed, "issued": issued, "deadline": deadline, "samples": samples, "status": "leased",
+               "finished": None, "wire": wire, "twin": twin, "replica_of": replica_of}
         with self.transaction(later=True):
             if queue is not None:
                 self.set_meta("queue", queue)
-            self._set_unit(unit_id, {"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
-                                     "base_step": base_step, "lr": lr, "seed": seed, "issued": issued,
-                                     "deadline": deadline, "samples": samples, "status": "leased", "finished": None,
-                                     "wire": wire, "twin": twin, "replica_of": replica_of})
+            self._set_unit(unit_id, row)
             self._w("RPUSH", self.p + "u:all", unit_id)
             self._w("ZADD", self.p + "u:leased", repr(issued), unit_id)
             self._w("ZADD", self.p + "u:deadline", repr(deadline), unit_id)
@@ -575,6 +578,20 @@ class RedisStore(LeasedIndex):
                 self._w("ZADD", self.p + "u:tail", repr(issued), unit_id)
         if self._leased is not None:
             self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
+            if self._out is not None:
+                self._out[unit_id] = json.loads(json.dumps(row))   # (as read back: JSON's types)
+                if twin is not None and twin in self._out:
+                    self._out[twin]["twin"] = unit_id
+
+    def _leased_map(self) -> dict:
+        if self._leased is None and self._out:   # read again from Redis: the rows kept may be out of date
+            self._out.clear()
+        return super()._leased_map()
+
+    def _unleased(self, unit_id: str) -> None:
+        if self._out is not None:
+            self._out.pop(unit_id, None)
+        super()._unleased(unit_id)
 
     def _move(self, unit: dict, status: str, finished: float) -> None:
         """A unit's status changes (its indexes and counts with it), only if it still has the status read
@@ -676,6 +693,7 @@ class RedisStore(LeasedIndex):
         samples each unit request asks for are taken from the view of the open results checked within
         ``VIEW_TRUST_S`` (``pending_samples``)."""
         self._view_trust_s = VIEW_TRUST_S
+        self._out = {} if self._out is None else self._out
         if self._writer is None and not self._closed:
             self.r.before = self._run_later
             self._writer = threading.Thread(target=self._write_loop, name="redis-writer", daemon=True)
@@ -868,8 +886,16 @@ class RedisStore(LeasedIndex):
     def has_result(self, unit_id: str) -> bool:
         return bool(self.r.hexists(self.p + "r:unit", unit_id))
 
-    def unit_and_result(self, unit_id: str) -> tuple[dict | None, bool]:
-        """``Store.unit_and_result``: the unit's row and whether a result for it was accepted (one round trip)."""
+    def unit_and_result(self, unit_id: str, exact: bool = True) -> tuple[dict | None, bool]:
+        """``Store.unit_and_result``: the unit's row and whether a result for it was accepted (one round trip).
+        ``exact=False`` (a hand-back or a failure report, which logs no result): a unit this process issued and
+        holds out is answered from memory (``_out``), although another process may have logged its result
+        meanwhile (until the leader takes it, ``take_remote``); the move is then skipped (``_move``'s guard) but
+        the unit's shards were put back in line: trained twice, the cost of a worker that hands back a unit
+        after sending its result elsewhere."""
+        out = self._out.get(unit_id) if self._out is not None and not exact else None
+        if out is not None and self._leased is not None and unit_id in self._leased:
+            return json.loads(json.dumps(out)), False
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(f"{self.p}u:{unit_id}")
         pipe.hexists(self.p + "r:unit", unit_id)

@@ -802,10 +802,11 @@ class Store(LeasedIndex):
         """The unit's row (``shard_ids`` as a list, ``wire`` as sent or None)."""
         return self.unit_and_result(unit_id)[0]
 
-    def unit_and_result(self, unit_id: str) -> tuple[dict | None, bool]:
+    def unit_and_result(self, unit_id: str, exact: bool = True) -> tuple[dict | None, bool]:
         """The unit's row (``unit``) and whether a result for it was accepted (``has_result``): for a unit this
         process leased and that is still out, as inserted (no result then: a result ends the lease); else in
-        one statement. Every submission asks on the event loop, where each statement gives the GIL away."""
+        one statement. Every submission asks on the event loop, where each statement gives the GIL away.
+        (``exact``: RedisStore's; this process alone writes here, so the answer is exact either way.)"""
         out = self._out.get(unit_id)
         if out is not None and self._leased is not None and unit_id in self._leased:
             return {**out, "shard_ids": list(out["shard_ids"])}, False

@@ -383,6 +383,7 @@ def test_the_leaders_service_puts_a_units_insert_and_a_hand_backs_move_off(redis
     leader = RedisStore(redis_url, "job", tmp_path / "blobs", fence=lock)
     other = RedisStore(redis_url, "job", tmp_path / "blobs")
     leader.write_behind()
+    assert leader.leased_count() == 0   # (the units out, read once: from now on kept in memory)
     with leader._later_lock:   # (the writer cannot write them meanwhile; nor may this thread ask the leader's store)
         lease(leader, "u1", ["s1"], queue={"epoch": 1})
         lease(leader, "u2", ["s2"])
@@ -409,9 +410,24 @@ def test_the_leaders_service_puts_a_units_insert_and_a_hand_backs_move_off(redis
         lease(leader, "u4", ["s4"])
         assert not leader._later
     assert other.unit("u4")["status"] == "leased"
+    # a hand-back's unit (exact=False) is answered from the rows of the units out, without a round trip
+    pipeline = leader.r.pipeline
+    leader.r.pipeline = lambda *a, **k: pytest.fail("asked Redis")
+    assert leader.unit_and_result("u3", exact=False) == (other.unit("u3"), False)
+    leader.r.pipeline = pipeline
+    assert other.append_result("u3", "w1", 0, 0, 10, 2.3, 2.2, 1.0, "a" * 64) > 0   # logged by another process
+    assert leader.unit_and_result("u3", exact=False)[0]["status"] == "leased", "(until the leader takes it)"
+    assert leader.unit_and_result("u3") == (other.unit("u3"), True) and other.unit("u3")["status"] == "done"
+    assert leader.take_remote() == [1]
+    leader._unleased("u3")   # (as the leader's job does with each result it takes: ClusterJob.take_remote)
+    assert leader.unit_and_result("u3", exact=False) == (other.unit("u3"), True)
+    leader._leased = None   # (read again from Redis, as after a failed transaction: the rows kept are dropped)
+    assert leader.leased_count() == 1 and not leader._out
+    assert leader.unit_and_result("u4", exact=False) == (other.unit("u4"), False)
     lease(leader, "u5", ["s5"])
     leader.close()
-    assert other.unit("u5")["status"] == "leased" and other.unit_counts() == {"leased": 3, "returned": 1, "failed": 1}
+    assert other.unit("u5")["status"] == "leased" and other.unit_counts() == {"leased": 2, "returned": 1, "failed": 1,
+                                                                               "done": 1}
     lock.release()
 
 
