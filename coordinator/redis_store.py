@@ -327,14 +327,19 @@ class RedisStore(LeasedIndex):
             args += [k, json.dumps(v)]
         self._w("HSET", key, *args)
 
-    def _result_row(self, seq: int) -> dict | None:
-        raw = self.r.hgetall(f"{self.p}r:{seq}")
-        if not raw and seq not in self._rows_r:
+    @classmethod
+    def _row(cls, raw: dict, fields: tuple[str, ...], changes: dict | None) -> dict | None:
+        """A row from its hash as read (``raw``; every field of ``fields``, None where absent) and the open
+        transaction's ``changes`` to it; None when neither has anything."""
+        if not raw and changes is None:
             return None
-        row = {f: None for f in RESULT_FIELDS}
-        row.update(self._decode(raw))
-        row.update(self._rows_r.get(seq, {}))
+        row = {f: None for f in fields}
+        row.update(cls._decode(raw))
+        row.update(changes or {})
         return row
+
+    def _result_row(self, seq: int) -> dict | None:
+        return self._row(self.r.hgetall(f"{self.p}r:{seq}"), RESULT_FIELDS, self._rows_r.get(seq))
 
     def result_rows(self, seqs) -> list[dict]:
         """The rows of results ``seqs`` (those that exist), in that order."""
@@ -345,14 +350,8 @@ class RedisStore(LeasedIndex):
         pipe = self.r.pipeline(transaction=False)
         for s in seqs:
             pipe.hgetall(f"{self.p}r:{s}")
-        rows = []
-        for s, raw in zip(seqs, pipe.execute()):
-            if raw or s in self._rows_r:
-                row = {f: None for f in RESULT_FIELDS}
-                row.update(self._decode(raw))
-                row.update(self._rows_r.get(s, {}))
-                rows.append(row)
-        return rows
+        rows = (self._row(raw, RESULT_FIELDS, self._rows_r.get(s)) for s, raw in zip(seqs, pipe.execute()))
+        return [row for row in rows if row is not None]
 
     def _set_result(self, seq: int, values: dict) -> None:
         self._open_cache.pop(seq, None)
@@ -370,13 +369,7 @@ class RedisStore(LeasedIndex):
         return [row for row in rows if row is not None]
 
     def _unit_row(self, unit_id: str, raw: dict) -> dict | None:
-        """A unit's row from its hash as read (``raw``) and the open transaction's changes to it."""
-        if not raw and unit_id not in self._rows_u:
-            return None
-        row = {f: None for f in UNIT_FIELDS}
-        row.update(self._decode(raw))
-        row.update(self._rows_u.get(unit_id, {}))
-        return row
+        return self._row(raw, UNIT_FIELDS, self._rows_u.get(unit_id))
 
     def _set_unit(self, unit_id: str, values: dict) -> None:
         self._hset(f"{self.p}u:{unit_id}", values)
