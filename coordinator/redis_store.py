@@ -572,7 +572,7 @@ class RedisStore(LeasedIndex):
         if self._leased is not None:
             self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
             if self._out is not None:
-                self._out[unit_id] = json.loads(json.dumps(row))   # (as read back: JSON's types)
+                self._out[unit_id] = {**row, "lr": float(lr), "issued": float(issued), "deadline": float(deadline)}
                 if twin is not None and twin in self._out:
                     self._out[twin]["twin"] = unit_id
 
@@ -888,7 +888,7 @@ class RedisStore(LeasedIndex):
         after sending its result elsewhere."""
         out = self._out.get(unit_id) if self._out is not None and not exact else None
         if out is not None and self._leased is not None and unit_id in self._leased:
-            return json.loads(json.dumps(out)), False
+            return {**out, "shard_ids": list(out["shard_ids"])}, False
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(f"{self.p}u:{unit_id}")
         pipe.hexists(self.p + "r:unit", unit_id)
