@@ -309,8 +309,8 @@ def test_the_leaders_view_of_the_open_results_follows_appends_and_its_own_change
 def test_the_leaders_round_trips_a_unit_request_and_a_hand_back_need(redis_url, tmp_path):
     """The leader (a fenced store) keeps the version rows it wrote or read (no other process writes them), moves a
     unit it read without reading it again (skipped if another process logged its result since), and its service
-    (``write_behind``) takes the pending samples from a view checked within ``VIEW_TRUST_S``: a unit request and
-    a hand-back each cost one round trip, or two."""
+    (``write_behind``) takes the pending samples from a view checked within ``VIEW_TRUST_S`` (the next test: what
+    it puts off, so that a unit request and a hand-back make no round trip of their own on the event loop)."""
     from coordinator.leader import LeaderLock
 
     lock = LeaderLock(redis_url, "ct:job:leader", 60.0)
