@@ -202,10 +202,9 @@ class RedisStore(LeasedIndex):
         self._version_rows: dict[int, list] | None = {} if fence is not None else None
         self._versions_written: dict[int, list] = {}
         self._tail_indexed = False   # u:tail checked (``_index_tail``)
-        self._init_leased()
-        # rows of the units this process issued that are out (``write_behind``: the leader's service), for
-        # ``unit_and_result(exact=False)``: a hand-back's unit without a round trip; kept while in ``_leased``
-        self._out: dict[str, dict] | None = None
+        # the rows of the units this process leased are kept (``_keep_row``) once ``write_behind`` says so (the
+        # leader's service), for ``unit_and_result(exact=False)``: a hand-back's unit without a round trip
+        self._init_leased(keep_rows=False)
         self._closed = False
         self.syncs = 0
         self.r.ping()
@@ -300,7 +299,7 @@ class RedisStore(LeasedIndex):
             self._wake.set()
             return
         if not ok:
-            self._leased = None   # what is leased is read again (and _out is not used until then)
+            self._leased = None   # what is leased is read again (the rows kept with it)
             self._open_cache.clear()   # it may hold rows read with the transaction's changes
             self._view = None
             return
@@ -571,20 +570,7 @@ class RedisStore(LeasedIndex):
                 self._w("ZADD", self.p + "u:tail", repr(issued), unit_id)
         if self._leased is not None:
             self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
-            if self._out is not None:
-                self._out[unit_id] = {**row, "lr": float(lr), "issued": float(issued), "deadline": float(deadline)}
-                if twin is not None and twin in self._out:
-                    self._out[twin]["twin"] = unit_id
-
-    def _leased_map(self) -> dict:
-        if self._leased is None and self._out:   # read again from Redis: the rows kept may be out of date
-            self._out.clear()
-        return super()._leased_map()
-
-    def _unleased(self, unit_id: str) -> None:
-        if self._out is not None:
-            self._out.pop(unit_id, None)
-        super()._unleased(unit_id)
+            self._keep_row({**row, "lr": float(lr), "issued": float(issued), "deadline": float(deadline)})
 
     def _move(self, unit: dict, status: str, finished: float) -> None:
         """A unit's status changes (its indexes and counts with it), only if it still has the status read
@@ -886,9 +872,9 @@ class RedisStore(LeasedIndex):
         meanwhile (until the leader takes it, ``take_remote``); the move is then skipped (``_move``'s guard) but
         the unit's shards were put back in line: trained twice, the cost of a worker that hands back a unit
         after sending its result elsewhere."""
-        out = self._out.get(unit_id) if self._out is not None and not exact else None
-        if out is not None and self._leased is not None and unit_id in self._leased:
-            return {**out, "shard_ids": list(out["shard_ids"])}, False
+        out = None if exact else self._kept_row(unit_id)
+        if out is not None:
+            return out, False
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(f"{self.p}u:{unit_id}")
         pipe.hexists(self.p + "r:unit", unit_id)

@@ -210,12 +210,30 @@ class Version:
 class LeasedIndex:
     """Units out on a lease, kept in memory (asked on every unit request), for a store that says how to
     read them (``_leased_rows``): unit id -> (shards, samples counted: 0 for a replica), the shards'
-    counts and the samples' sum. ``self._leased = None`` makes the next read load them again."""
+    counts and the samples' sum. ``self._leased = None`` makes the next read load them again.
+    And, where ``_out`` is a dict, the rows of the units this process leased, as inserted (``_keep_row``),
+    for as long as they are out and the index was not read again (``_kept_row``): a submission reads its
+    unit without asking the store."""
 
-    def _init_leased(self) -> None:
+    def _init_leased(self, keep_rows: bool) -> None:
         self._leased: dict[str, tuple[list[str], int]] | None = None
         self._busy: Counter[str] = Counter()
         self._leased_samples = 0
+        self._out: dict[str, dict] | None = {} if keep_rows else None
+
+    def _keep_row(self, row: dict) -> None:
+        """A unit just leased, as inserted (its second copy's row names it back: ``twin``)."""
+        if self._out is not None and self._leased is not None:
+            self._out[row["unit_id"]] = row
+            if row["twin"] in self._out:
+                self._out[row["twin"]]["twin"] = row["unit_id"]
+
+    def _kept_row(self, unit_id: str) -> dict | None:
+        """A copy of the row kept for ``unit_id`` while it is out, else None."""
+        out = self._out.get(unit_id) if self._out is not None else None
+        if out is None or self._leased is None or unit_id not in self._leased:
+            return None
+        return {**out, "shard_ids": list(out["shard_ids"])}
 
     def _leased_rows(self):
         """(unit id, shards, samples counted) of every unit out on a lease."""
@@ -228,6 +246,8 @@ class LeasedIndex:
 
     def _leased_map(self) -> dict[str, tuple[list[str], int]]:
         if self._leased is None:
+            if self._out:   # (rows kept before may be out of date: read again, they are not kept)
+                self._out.clear()
             self._leased, self._busy, self._leased_samples = {}, Counter(), 0
             for unit_id, shards, samples in self._leased_rows():
                 self._add_leased(unit_id, shards, samples)
@@ -239,6 +259,8 @@ class LeasedIndex:
         self._leased_samples += samples
 
     def _unleased(self, unit_id: str) -> None:
+        if self._out is not None:
+            self._out.pop(unit_id, None)
         entry = self._leased.pop(unit_id, None) if self._leased is not None else None
         if entry is not None:
             shards, samples = entry
@@ -269,9 +291,6 @@ class Store(LeasedIndex):
         self._present: set[str] | None = set()
         self._versions: dict[int, Version] = {}
         self._pending: int | None = None   # ``pending_samples`` (asked by every unit request), None: read it again
-        # the rows of the units this process leased and that are still out (``_leased``), as inserted: a result or a
-        # hand-back reads its unit without a statement (``unit_and_result``)
-        self._out: dict[str, dict] = {}
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False,
                                   factory=_Connection)
@@ -318,7 +337,7 @@ class Store(LeasedIndex):
         self._sync_lock = threading.Lock()      # one _sync_segments at a time
         self._sweep_segments()
         self._closed = False
-        self._init_leased()
+        self._init_leased(keep_rows=True)
         self._durable = -1               # total_changes covered by the last fdatasync of the WAL
         self._flight: asyncio.Future | None = None
         self.syncs = 0                   # fdatasyncs of the WAL (one per group of commits)
@@ -769,14 +788,12 @@ class Store(LeasedIndex):
                 self.db.execute(sql, args)
             if self._leased is not None:
                 self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
-                self._out[unit_id] = {"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
-                                      "base_step": base_step, "lr": float(lr), "seed": seed, "issued": float(issued),
-                                      "deadline": float(deadline), "samples": samples, "status": "leased",
-                                      "finished": None, "wire": wire, "twin": twin, "replica_of": replica_of}
+                self._keep_row({"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
+                                "base_step": base_step, "lr": float(lr), "seed": seed, "issued": float(issued),
+                                "deadline": float(deadline), "samples": samples, "status": "leased",
+                                "finished": None, "wire": wire, "twin": twin, "replica_of": replica_of})
             if twin is not None:
                 self.db.execute("UPDATE units SET twin = ? WHERE unit_id = ?", (unit_id, twin))
-                if twin in self._out:
-                    self._out[twin]["twin"] = unit_id
 
     def tail_candidate(self, worker_id: str) -> dict | None:
         """The oldest unit leased to another worker and not copied yet (the job's tail)."""
@@ -807,9 +824,9 @@ class Store(LeasedIndex):
         process leased and that is still out, as inserted (no result then: a result ends the lease); else in
         one statement. Every submission asks on the event loop, where each statement gives the GIL away.
         (``exact``: RedisStore's; this process alone writes here, so the answer is exact either way.)"""
-        out = self._out.get(unit_id)
-        if out is not None and self._leased is not None and unit_id in self._leased:
-            return {**out, "shard_ids": list(out["shard_ids"])}, False
+        out = self._kept_row(unit_id)
+        if out is not None:
+            return out, False
         cur = self.db.execute("SELECT *, EXISTS (SELECT 1 FROM results r WHERE r.unit_id = u.unit_id) "
                               "FROM units u WHERE u.unit_id = ?", (unit_id,))
         row = cur.fetchone()
@@ -1041,14 +1058,9 @@ class Store(LeasedIndex):
         return _Transaction(self.db, self._rolled_back)
 
     def _rolled_back(self) -> None:
-        self._leased = None   # what is leased is read again from the table
-        self._out.clear()
+        self._leased = None   # what is leased is read again from the table (the rows kept with it)
         self._versions.clear()
         self._pending = None
-
-    def _unleased(self, unit_id: str) -> None:
-        self._out.pop(unit_id, None)
-        super()._unleased(unit_id)
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
         cur = self.db.execute(sql, args)
