@@ -51,7 +51,7 @@ from pathlib import Path
 
 import redis
 
-from coordinator.store import LeasedIndex, Store, Version
+from coordinator.store import LeasedIndex, Store, Version, Writer
 
 FENCED_EXEC = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -181,8 +181,7 @@ class RedisStore(LeasedIndex):
         self._exec_plain = self._plain.register_script(FENCED_EXEC)
         self._later: deque[list[list[str]]] = deque()
         self._later_lock = threading.Lock()   # held while put-off commands are written: the others wait for them
-        self._wake = threading.Event()
-        self._writer: threading.Thread | None = None
+        self._writer: Writer | None = None
         self._buffer: list[list[str]] | None = None   # commands of the open transaction
         self._depth = 0
         self._rows_r: dict[int, dict] = {}   # changes of the open transaction, read back by later reads in it
@@ -214,8 +213,7 @@ class RedisStore(LeasedIndex):
         if not self._closed:
             self._closed = True
             if self._writer is not None:
-                self._wake.set()
-                self._writer.join()
+                self._writer.stop()
             try:
                 self._run_later()
             except (redis.RedisError, Fenced):
@@ -296,7 +294,7 @@ class RedisStore(LeasedIndex):
         written, self._versions_written = self._versions_written, {}
         if ok and later and not written and commands:
             self._later.append(commands)
-            self._wake.set()
+            self._writer.wake()
             return
         if not ok:
             self._leased = None   # what is leased is read again (the rows kept with it)
@@ -675,19 +673,8 @@ class RedisStore(LeasedIndex):
         self._out = {} if self._out is None else self._out
         if self._writer is None and not self._closed:
             self.r.before = self._run_later
-            self._writer = threading.Thread(target=self._write_loop, name="redis-writer", daemon=True)
-            self._writer.start()
-
-    def _write_loop(self) -> None:
-        while not self._closed:
-            self._wake.wait()
-            self._wake.clear()
-            try:
-                self._run_later()
-            except Fenced:   # (the lock's keeper ends the process)
-                log.warning("put-off writes refused: this process no longer leads")
-            except redis.RedisError:   # (the next command of the service meets it too)
-                log.exception("writing put-off commands to Redis failed")
+            # (a Fenced refusal: this process no longer leads, and the lock's keeper ends it)
+            self._writer = Writer("redis-writer", self._run_later, (redis.RedisError,), quiet=(Fenced,))
 
     def _run_later(self) -> None:
         """Write what was put off, in order, in one fenced script per batch (any thread; the others wait)."""

@@ -50,6 +50,7 @@ import secrets
 import sqlite3
 import threading
 from collections import Counter, deque
+from collections.abc import Callable
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,42 @@ def write_direct(path: Path, data: bytes | memoryview) -> bool:
 
 
 CHECKPOINT_BYTES = 1 << 20   # WAL size above which ``Store.checkpoint`` copies it back
+
+
+class Writer:
+    """A thread of its own that runs ``drain`` (what a store put off: ``Store.write_behind``,
+    ``RedisStore.write_behind``) each time it is woken, until ``stop``. An error of ``errors`` is logged and
+    the thread goes on (the next statement of the service meets it too); one of ``quiet`` in a line."""
+
+    def __init__(self, name: str, drain: Callable[[], None], errors: tuple[type[BaseException], ...],
+                 quiet: tuple[type[BaseException], ...] = ()):
+        self._drain, self._errors, self._quiet = drain, errors, quiet
+        self._woken = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def stop(self) -> None:
+        """Runs ``drain`` a last time and ends the thread."""
+        self._stopped = True
+        self._woken.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self._woken.wait()
+            self._woken.clear()
+            try:
+                self._drain()
+            except self._quiet as e:
+                log.warning("%s: what was put off was not written: %s", self._thread.name, e)
+            except self._errors:
+                log.exception("%s: writing what was put off failed", self._thread.name)
+            if self._stopped:
+                return
 
 
 class _Connection(sqlite3.Connection):
@@ -294,8 +331,7 @@ class Store(LeasedIndex):
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False,
                                   factory=_Connection)
-        self._writer: threading.Thread | None = None   # write_behind's
-        self._wake = threading.Event()
+        self._writer: Writer | None = None   # write_behind's
         self.db.execute("PRAGMA journal_mode=WAL")
         # Commits write the WAL without an fsync; ``sync`` (one fdatasync of the WAL for every commit
         # made so far, shared by all who wait) makes them durable before an answer leaves, and
@@ -348,8 +384,7 @@ class Store(LeasedIndex):
             return
         self._closed = True
         if self._writer is not None:
-            self._wake.set()
-            self._writer.join()
+            self._writer.stop()
         self.db.drain()
         self.sync_now()
         self._sync_segments()
@@ -373,19 +408,7 @@ class Store(LeasedIndex):
         its shards, still queued in the table, are issued again) and a unit handed back is out until its
         lease expires. No accepted result is touched: its commit runs every statement put off before it."""
         if self._writer is None and not self._closed:
-            self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
-            self._writer.start()
-
-    def _write_loop(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            try:
-                self.db.drain()
-            except sqlite3.Error:   # (the disk: the next statement of the service meets it too)
-                log.exception("a put-off statement of %s failed", self.root)
-            if self._closed:
-                return
+            self._writer = Writer("store-writer", self.db.drain, (sqlite3.Error,))
 
     def _later(self, sql: str, args: tuple) -> bool:
         """Put ``sql`` off when a writer thread runs them and no transaction is open (one of another thread
@@ -393,7 +416,7 @@ class Store(LeasedIndex):
         if self._writer is None or self.db.in_transaction:
             return False
         self.db.later.append((sql, args))
-        self._wake.set()
+        self._writer.wake()
         return True
 
     def checkpoint(self) -> bool:

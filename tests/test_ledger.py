@@ -339,7 +339,7 @@ def test_a_units_insert_and_a_hand_backs_move_are_put_off_and_run_in_order_befor
     assert raw.execute("SELECT status FROM units WHERE unit_id = 'u1'").fetchone() == ("returned",)
     assert json.loads(raw.execute("SELECT value FROM meta WHERE key = 'queue'").fetchone()[0]) == {"epoch": 1}
     # the writer never woken: a transaction's BEGIN runs what was put off before it, in order
-    store._wake.set = lambda: None
+    store._writer.wake = lambda: None
     store.insert_unit("u2", "w2", ["s3"], 0, 0.1, 8, 100.0, 32)
     assert len(store.db.later) == 1
     seq = store.add_result("u2", "w2", 0, 0, 32, 1.0, 0.5, 1.0, "")
@@ -348,7 +348,6 @@ def test_a_units_insert_and_a_hand_backs_move_are_put_off_and_run_in_order_befor
         store.insert_unit("u3", "w3", ["s4"], 0, 0.1, 9, 100.0, 32)
         assert not store.db.later
     store.insert_unit("u4", "w4", ["s5"], 0, 0.1, 10, 100.0, 32)
-    del store._wake.set   # (close wakes the writer to stop it)
     store.close()
     assert raw.execute("SELECT unit_id, status FROM units ORDER BY unit_id").fetchall() == [
         ("u1", "returned"), ("u2", "done"), ("u3", "leased"), ("u4", "leased")], "close ran the last one"
