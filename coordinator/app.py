@@ -196,14 +196,6 @@ async def next_unit(request: web.Request) -> web.Response:
             unit = job.next_unit(asked, address, base, trusted=own)
         if unit is not None:
             entry.served = time.monotonic()
-            try:   # (Redis: its insert, put off, written; the event loop serves others meanwhile)
-                await job.store.written()
-            except Exception as e:   # e.g. this process no longer leads: the worker asks again
-                log.warning("a unit's insert was not written: %s", e)
-                failed = error("unavailable", 503, f"the unit could not be stored ({type(e).__name__}); ask again",
-                               "request")
-                failed.headers["Retry-After"] = str(RETRY_AFTER_S)
-                return failed
             return web.Response(text=unit.wire, content_type="application/json")   # the JSON it keeps
     if reason is not None:
         return web.Response(status=204, headers={"Retry-After": str(RETRY_AFTER_S), "X-Crowdtrain-Reason": reason})

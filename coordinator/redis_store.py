@@ -34,13 +34,12 @@ export command) writes with MULTI/EXEC and no check.
 Durability is Redis's (``appendonly yes``; ``appendfsync always`` makes every answered write
 survive a power loss, ``everysec`` loses at most a second of them). A coordinator's ``kill -9``
 loses no accepted result: what it wrote is in Redis; what it had not written was never answered,
-except what its HTTP service puts off (``RedisStore.write_behind``): the hand-backs of its last
-moments (the unit out until its lease expires). A unit's insert is put off too, but its request is
-answered only once it is written (``RedisStore.written``).
+except what its HTTP service puts off (``RedisStore.write_behind``): the units issued in its last
+moments (their results refused, their shards issued again) and the hand-backs then (the unit out
+until its lease expires).
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -180,13 +179,8 @@ class RedisStore(LeasedIndex):
         # through a client that runs nothing first (``_plain``), or by the first other command (``_run_later``)
         self._plain = redis.Redis(connection_pool=self.r.connection_pool)
         self._exec_plain = self._plain.register_script(FENCED_EXEC)
-        self._later: deque[tuple[int, list[list[str]]]] = deque()   # (its number, its commands)
+        self._later: deque[list[list[str]]] = deque()
         self._later_lock = threading.Lock()   # held while put-off commands are written: the others wait for them
-        self._later_n = 0   # transactions put off so far
-        # (``written``) the number of the last one written, or given up (its writing raised), and who awaits one
-        self._later_done = 0
-        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
-        self._waiters_lock = threading.Lock()
         self._writer: Writer | None = None
         self._buffer: list[list[str]] | None = None   # commands of the open transaction
         self._depth = 0
@@ -299,8 +293,7 @@ class RedisStore(LeasedIndex):
         commands, self._buffer, self._rows_r, self._rows_u = self._buffer, None, {}, {}
         written, self._versions_written = self._versions_written, {}
         if ok and later and not written and commands:
-            self._later_n += 1
-            self._later.append((self._later_n, commands))
+            self._later.append(commands)
             self._writer.wake()
             return
         if not ok:
@@ -688,43 +681,10 @@ class RedisStore(LeasedIndex):
         if self._later or self._later_lock.locked():
             with self._later_lock:
                 while self._later:
-                    commands, last = [], 0
+                    commands = []
                     while self._later and len(commands) < LATER_BATCH:
-                        last, more = self._later.popleft()
-                        commands += more
-                    try:
-                        self._flush(commands, self._exec_plain)
-                    except BaseException as e:
-                        self._settle(last, e)
-                        raise
-                    self._settle(last, None)
-
-    async def written(self) -> None:
-        """Returns once every transaction put off so far (``write_behind``) is written; raises what writing one
-        of them raised (``Fenced``: this process no longer leads). The event loop serves others meanwhile.
-        The leader's service answers a unit request only then: a worker never holds a unit that a kill -9
-        of the leader lost (its result would be refused as unknown by the next leader)."""
-        with self._waiters_lock:
-            n = self._later_n
-            if n <= self._later_done:
-                return
-            loop = asyncio.get_running_loop()
-            future = loop.create_future()
-            self._waiters.append((n, loop, future))
-        await future
-
-    def _settle(self, done: int, error: BaseException | None) -> None:
-        """The put-off transactions up to number ``done`` are written (``error`` None) or given up: tell whoever
-        awaits one of them (``written``), on their own event loop."""
-        with self._waiters_lock:
-            self._later_done = max(self._later_done, done)
-            due = [w for w in self._waiters if w[0] <= done]
-            self._waiters = [w for w in self._waiters if w[0] > done]
-        for _, loop, future in due:
-            try:
-                loop.call_soon_threadsafe(_answer, future, error)
-            except RuntimeError:   # that loop is closed: nobody waits any more
-                pass
+                        commands += self._later.popleft()
+                    self._flush(commands, self._exec_plain)
 
     def set_unit_status(self, unit_id: str, status: str, only_if: str | None = "leased",
                         queue: dict | None = None, read: dict | None = None) -> bool:
@@ -1021,14 +981,6 @@ class RedisStore(LeasedIndex):
         if self._version_rows is not None:
             self._version_rows.clear()
         return len(keys)
-
-
-def _answer(future: asyncio.Future, error: BaseException | None) -> None:
-    if not future.done():   # (a request that stopped waiting cancelled it)
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
 
 
 class _Transaction:

@@ -410,11 +410,6 @@ class Store(LeasedIndex):
         if self._writer is None and not self._closed:
             self._writer = Writer("store-writer", self.db.drain, (sqlite3.Error,))
 
-    async def written(self) -> None:
-        """(``RedisStore.written``, whose leader answers a unit request once its insert is written.) One
-        process on SQLite does not wait: its kill -9 stops the whole service, and a unit it lost then is
-        refused when its result comes (above)."""
-
     def _later(self, sql: str, args: tuple) -> bool:
         """Put ``sql`` off when a writer thread runs them and no transaction is open (one of another thread
         included: the statement joins it, as it would at once); False: not put off, run it."""

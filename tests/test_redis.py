@@ -369,51 +369,6 @@ def test_the_leaders_round_trips_a_unit_request_and_a_hand_back_need(redis_url, 
     lock.release()
 
 
-def test_the_leaders_service_awaits_a_units_insert_being_written_and_hears_when_it_was_not(redis_url, tmp_path):
-    """``written``: what was put off so far is written before it returns (the leader's service answers a unit
-    request only then, so a kill -9 of the leader loses no unit a worker holds), without holding the event
-    loop meanwhile; a write the lock refused (another process leads now) is raised to whoever awaits it."""
-    import asyncio
-
-    from coordinator.leader import LeaderLock
-    from coordinator.redis_store import Fenced
-
-    lock = LeaderLock(redis_url, "ct:job:leader", 60.0)
-    assert lock.try_acquire()
-    leader = RedisStore(redis_url, "job", tmp_path / "blobs", fence=lock)
-    other = RedisStore(redis_url, "job", tmp_path / "blobs")
-    leader.write_behind()
-    assert leader.leased_count() == 0
-
-    async def scenario():
-        await leader.written()   # nothing put off: at once
-        leader._later_lock.acquire()   # (the writer cannot write meanwhile)
-        lease(leader, "u1", ["s1"])
-        waiting = asyncio.ensure_future(leader.written())
-        ticks = 0
-        for _ in range(20):   # the loop goes on while the insert waits
-            await asyncio.sleep(0.005)
-            ticks += 1
-        assert not waiting.done() and ticks == 20 and other.unit("u1") is None
-        leader._later_lock.release()
-        leader._writer.wake()
-        await asyncio.wait_for(waiting, 10)
-        assert other.unit("u1")["status"] == "leased", "written when it returned"
-        with leader._later_lock:
-            lease(leader, "u2", ["s2"])
-            waiting = asyncio.ensure_future(leader.written())
-            await asyncio.sleep(0.01)
-            other.r.set("ct:job:leader", "1:someone-else")   # another process leads now
-        leader._writer.wake()
-        with pytest.raises(Fenced):
-            await asyncio.wait_for(waiting, 10)
-        assert other.unit("u2") is None
-
-    asyncio.run(scenario())
-    leader.close()
-    other.close()
-
-
 def test_the_leaders_service_puts_a_units_insert_and_a_hand_backs_move_off(redis_url, tmp_path):
     """``write_behind``: a unit's insert and a hand-back's move are written by a thread of the store's own, several
     in one round trip; any other command of the store, of any thread, has them written first (a process that does
@@ -783,6 +738,13 @@ def test_kill_9_of_the_leader_another_process_takes_over_and_folds_each_update_o
         assert before["units_accepted"] == 7
         assert ps.cluster(other)["results_taken"] >= 2, "the process that does not lead logged results itself"
         units = [(w, take(ps.url(other), w)) for w in ("w1", "w2", "w3")]   # out on a lease when the leader dies
+        # (the leader writes a unit's row on its writer thread moments after answering, RedisStore.write_behind: a
+        # kill -9 within those moments loses the unit, whose result the next leader then refuses as unknown_unit,
+        # docs/architecture.md; here it dies once they are written, as almost every unit out is when a leader dies)
+        written = time.time()
+        while any(store.unit(u.unit_id) is None for _, u in units):
+            assert time.time() - written < 10, "the leader did not write the units it issued"
+            time.sleep(0.01)
         ps.procs[first].send_signal(signal.SIGKILL)
         ps.procs[first].wait(10)
         killed = time.time()
