@@ -498,7 +498,8 @@ class UnitFactory:
             self._first_dirty = True
             return
         self._first_saved, self._first_dirty = now, False
-        self.store.set_meta("first_units", {"next": self._next_slice, "slices": self.slices, "half": self.half})
+        self.store.set_meta("first_units", {"next": self._next_slice, "slices": self.slices, "half": self.half},
+                            later=True)   # (put off with write_behind: a kill -9 may lose it, as said above)
 
     def flush(self, force: bool = False) -> None:
         """Save what ``_save_first`` has put off, once ``FIRST_SAVE_S`` has passed since the last save (the

@@ -378,8 +378,9 @@ class RedisStore(LeasedIndex):
         raw = self.r.hget(self.p + "meta", key)
         return json.loads(raw) if raw is not None else default
 
-    def set_meta(self, key: str, value) -> None:
-        self._w("HSET", self.p + "meta", key, json.dumps(value))
+    def set_meta(self, key: str, value, later: bool = False) -> None:
+        with self.transaction(later=later):
+            self._w("HSET", self.p + "meta", key, json.dumps(value))
 
     # ------------------------------------------------------------------ versions
     def _versions(self, steps) -> list[Version]:
@@ -923,8 +924,9 @@ class RedisStore(LeasedIndex):
         raw = self.r.hget(self.p + "trust", worker_id)
         return json.loads(raw) if raw is not None else None
 
-    def put_trust(self, worker_id: str, record: dict) -> None:
-        self._w("HSET", self.p + "trust", worker_id, json.dumps(record))
+    def put_trust(self, worker_id: str, record: dict, later: bool = False) -> None:
+        with self.transaction(later=later):
+            self._w("HSET", self.p + "trust", worker_id, json.dumps(record))
 
     def trust_records(self) -> list[dict]:
         raw = self.r.hgetall(self.p + "trust")
@@ -963,7 +965,8 @@ class RedisStore(LeasedIndex):
         return max(rows, key=lambda r: (r["test_acc"], r["version"]))["version"]
 
     def count_rejection(self, reason: str) -> None:
-        self._w("HINCRBY", self.p + "rej", reason, 1)
+        with self.transaction(later=True):   # (put off: ``Store.count_rejection``)
+            self._w("HINCRBY", self.p + "rej", reason, 1)
 
     def rejections(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(self.p + "rej").items()}

@@ -545,7 +545,7 @@ class Store(LeasedIndex):
         self.db.execute("INSERT INTO result_deltas (blob, segment, offset, length) VALUES (?, ?, ?, ?)",
                         (blob_id, number, offset, len(view)))
         if last is not None:
-            self._drop_segment_if_unnamed(last)
+            self.unlink_blobs(self._drop_segment_if_unnamed(last))
         return blob_id
 
     def _next_segment(self) -> int | None:
@@ -561,20 +561,22 @@ class Store(LeasedIndex):
         self._segment, self._segment_end = (number, fd), 0
         return last
 
-    def _drop_segment_if_unnamed(self, number: int) -> None:
-        """Delete a segment no longer appended to once no row places a delta in it (after the commits that
-        made its deltas unnecessary are durable, as a blob file's deletion). In a transaction the check waits
-        for the next deletion outside one (``sync_now`` there would count the open transaction's changes as
-        durable); a segment still left goes on the next open."""
+    def _drop_segment_if_unnamed(self, number: int) -> list[Path]:
+        """The segments no longer appended to that no row places a delta in any more, to delete once the commits
+        that made their deltas unnecessary are durable (``unlink_blobs``, in a thread where it can: an fdatasync
+        and the unlink of a file of up to ``SEGMENT_BYTES`` held the event loop in a persist). In a transaction
+        the check waits for the next deletion outside one (``sync_now`` there would count the open
+        transaction's changes as durable); a segment still left goes on the next open."""
         self._emptied.add(number)
         if self.db.in_transaction:
-            return
+            return []
         current = self._segment[0] if self._segment is not None else None
+        gone = []
         for n in sorted(self._emptied - {current}):
             self._emptied.discard(n)
             if self.db.execute("SELECT 1 FROM result_deltas WHERE segment = ? LIMIT 1", (n,)).fetchone() is None:
-                self.sync_now()
-                (self.delta_dir / f"{n}.log").unlink(missing_ok=True)
+                gone.append(self.delta_dir / f"{n}.log")
+        return gone
 
     def _sync_segments(self) -> None:
         """fdatasync the segments appended to since the last call, and close the retired ones (any thread;
@@ -649,8 +651,8 @@ class Store(LeasedIndex):
         """``delete_blob`` for many at once, in a fixed number of statements: small results' deltas leave the
         delta log in one commit (deleting a few hundred one by one, each statement a wait for the GIL when
         threads are busy, held the event loop 150-340 ms at each persist under load: docs/results.md). The
-        files are returned, to ``unlink_blobs`` (in a thread where it can), which makes every commit so far
-        durable before they go."""
+        files (blobs, and the delta log's segments no row names any more) are returned, to ``unlink_blobs`` (in a
+        thread where it can), which makes every commit so far durable before they go."""
         ids = [b for b in dict.fromkeys(blob_ids) if is_blob_id(b)]
         small, segments = set(), set()
         if self.keeps_small_results and ids:
@@ -662,11 +664,11 @@ class Store(LeasedIndex):
                         small.add(blob)
                         segments.add(segment)
                     self.db.execute(f"DELETE FROM result_deltas WHERE blob IN ({marks})", chunk)
-            for segment in segments:
-                self._drop_segment_if_unnamed(segment)
         files = [path for path in (self.blob_path(b) for b in ids if b not in small) if path is not None]
         for path in files:
             self._forget(path.name)
+        for segment in segments:
+            files += self._drop_segment_if_unnamed(segment)
         return files
 
     def unlink_blobs(self, paths: list[Path]) -> None:
@@ -693,15 +695,18 @@ class Store(LeasedIndex):
             if row is None:
                 return
             self.db.execute("DELETE FROM result_deltas WHERE blob = ?", (blob_id,))
-            self._drop_segment_if_unnamed(row[0])
+            self.unlink_blobs(self._drop_segment_if_unnamed(row[0]))
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
-    def set_meta(self, key: str, value) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+    def set_meta(self, key: str, value, later: bool = False) -> None:
+        """``later``: put off with ``write_behind`` (what a kill -9 may lose anyway; nobody waits for it)."""
+        sql, args = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value))
+        if not (later and self._later(sql, args)):
+            self.db.execute(sql, args)
 
     # ------------------------------------------------------------------ versions
     def latest_version(self) -> Version | None:
@@ -1032,8 +1037,12 @@ class Store(LeasedIndex):
         row = self.db.execute("SELECT record FROM trust WHERE worker_id = ?", (worker_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def put_trust(self, worker_id: str, record: dict) -> None:
-        self.db.execute("INSERT OR REPLACE INTO trust (worker_id, record) VALUES (?, ?)", (worker_id, json.dumps(record)))
+    def put_trust(self, worker_id: str, record: dict, later: bool = False) -> None:
+        """``later``: put off with ``write_behind`` (a unit request's record of what the worker runs: nobody waits
+        for it, and a kill -9 may lose it)."""
+        sql, args = "INSERT OR REPLACE INTO trust (worker_id, record) VALUES (?, ?)", (worker_id, json.dumps(record))
+        if not (later and self._later(sql, args)):
+            self.db.execute(sql, args)
 
     def trust_records(self) -> list[dict]:
         return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM trust ORDER BY worker_id")]
@@ -1070,8 +1079,13 @@ class Store(LeasedIndex):
                 for s, n, sec, a, l in cur.fetchall()]
 
     def count_rejection(self, reason: str) -> None:
-        self.db.execute("INSERT INTO rejections (reason, count) VALUES (?, 1) "
-                        "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+        """One more refusal for ``reason``: put off with ``write_behind`` (nobody waits for it; a refused result
+        ran SQLite on the event loop, and first every unit insert still put off: 21% of the loop's callbacks
+        over 5 ms under load, docs/results.md). A kill -9 may lose the last few counts."""
+        sql, args = ("INSERT INTO rejections (reason, count) VALUES (?, 1) "
+                     "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+        if not self._later(sql, args):
+            self.db.execute(sql, args)
 
     def rejections(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())

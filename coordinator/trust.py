@@ -211,9 +211,9 @@ class TrustBook:
     def get(self, worker_id: str) -> Record | None:
         return self.records.get(worker_id)
 
-    def put(self, record: Record) -> None:
+    def put(self, record: Record, later: bool = False) -> None:
         self.records[record.worker_id] = record
-        self.store.put_trust(record.worker_id, dataclasses.asdict(record))
+        self.store.put_trust(record.worker_id, dataclasses.asdict(record), later=later)
 
     def quarantined(self, worker_id: str) -> bool:
         record = self.records.get(worker_id)
@@ -230,7 +230,7 @@ class TrustBook:
         changed = dataclasses.replace(record, backend=backend or record.backend, address=address or record.address,
                                       operator=operator)
         if changed != record or worker_id not in self.records:
-            self.put(changed)
+            self.put(changed, later=True)   # (shown only: written when the store's writer gets to it)
 
     def result(self, worker_id: str, checked: bool, samples: int) -> None:
         """An accepted result; ``checked``: held for a check (else credited now, used unchecked)."""

@@ -767,6 +767,29 @@ def test_small_results_deltas_go_to_the_delta_log_synced_before_the_wal_and_segm
     again.close()
 
 
+def test_delete_blobs_returns_an_emptied_segment_to_unlink_and_leaves_it_until_then(tmp_path, monkeypatch):
+    """``delete_blobs`` (a persist's deletions, on the event loop) neither syncs nor unlinks: a segment no row
+    names any more is among the files it returns, and ``unlink_blobs`` (a thread) makes every commit durable,
+    then deletes it."""
+    from coordinator import store as store_module
+
+    monkeypatch.setattr(store_module, "SEGMENT_BYTES", 2500)   # a new segment every third delta
+    store = store_module.Store(tmp_path)
+    ids = []
+    for i in range(4):
+        with store.transaction():
+            ids.append(store.put_small_result(bytes([i]) * 1000))
+    first = tmp_path / "deltas" / "1.log"
+    syncs = store.syncs
+    files = store.delete_blobs(ids[:3])
+    assert files == [first] and first.exists() and store.syncs == syncs, (files, store.syncs - syncs)
+    assert store.delete_blobs(ids[3:]) == [], "the segment appended to stays"
+    store.unlink_blobs(files)
+    assert not first.exists() and store.syncs == syncs + 1
+    assert (tmp_path / "deltas" / "2.log").exists()
+    store.close()
+
+
 async def test_a_small_results_delta_is_logged_with_its_row_and_goes_once_a_persisted_version_covers_it(
         aiohttp_client, tmp_path):
     """In a job: an accepted result whose delta is below ``SMALL_RESULT_MAX`` bytes has no blob file; its
