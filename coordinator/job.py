@@ -668,7 +668,12 @@ class Job:
         if any. Safe to call at any time; the HTTP service calls it from one background task."""
         async with self.lock:
             await self._judge()
-            self._offer_inbox(await self._prepare_inbox())
+            prepared = await self._prepare_inbox()
+            # what came in meanwhile waits for the next settle (its preparation, a pass over each of its arrays,
+            # would run on the event loop: ``Aggregator.add``), unless the budget may be reached now
+            self._offer_inbox(prepared, prepared_only=self.samples + self.store.pending_samples() < self.budget)
+            if self.inbox:
+                self.work.set()
             self.factory.flush()
             if self.finished:
                 return None
@@ -844,17 +849,21 @@ class Job:
     async def _prepare_inbox(self) -> dict[int, Prepared]:
         """Each waiting update's rebase and norm (``Aggregator.prepare``), by seq, made in a thread for
         ``_offer_inbox`` (under ``lock``: the model does not move meanwhile; an update that comes in meanwhile
-        is prepared by ``add`` itself): a pass over each update's arrays the event loop does not make."""
+        waits for the next settle, or near the budget's end is prepared by ``add`` itself): a pass over each
+        update's arrays the event loop does not make."""
         waiting, agg = list(self.inbox), self.aggregator
         if not waiting:
             return {}
         return await asyncio.to_thread(lambda: {u.seq: agg.prepare(u.delta, u.base_step) for u in waiting})
 
-    def _offer_inbox(self, prepared: dict[int, Prepared] | None = None) -> None:
-        """Offer every waiting update to the aggregator, with its ``_prepare_inbox`` preparation if any."""
+    def _offer_inbox(self, prepared: dict[int, Prepared] | None = None, prepared_only: bool = False) -> None:
+        """Offer every waiting update to the aggregator, with its ``_prepare_inbox`` preparation if any;
+        ``prepared_only``: only those prepared (the first ones in line), the others stay in line."""
         prepared = prepared or {}
         drops: list[tuple[int, str]] = []
         while self.inbox:
+            if prepared_only and self.inbox[0].seq not in prepared:
+                break
             u = self.inbox.popleft()
             self._undecided[u.seq] = u.worker_id
             self._blobs[u.seq] = u.blob

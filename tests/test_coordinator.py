@@ -421,3 +421,41 @@ async def test_evaluations_take_at_most_their_share_of_the_time_and_the_final_on
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_update_that_comes_in_while_the_inbox_is_prepared_waits_for_the_next_settle(tmp_path, monkeypatch):
+    """``settle`` offers the updates its thread prepared (rebase and norm off the event loop); one logged while
+    that thread ran stays in line for the next settle, which prepares it too, unless the budget may be reached."""
+    from contract.units import UnitRequest
+    from coordinator import aggregator as aggregator_module
+
+    job = make_job(tmp_path, strategy="async_sgd", codec="fp32", epochs=64.0)
+    offered: list[tuple[int, bool]] = []
+    add = aggregator_module.Aggregator.add
+
+    def recorded(self, seq, delta, base_step, samples, worker_id="", loss=None, prepared=None):
+        offered.append((seq, prepared is not None))
+        return add(self, seq, delta, base_step, samples, worker_id, loss, prepared)
+
+    monkeypatch.setattr(aggregator_module.Aggregator, "add", recorded)
+    units = [(w, job.next_unit(UnitRequest(worker_id=w, backend="python"))) for w in ("w1", "w2", "w3")]
+    results = [body(compute(u, job.store.get_blob, w)) for w, u in units]
+    for (_, unit), data in zip(units[:2], results[:2]):
+        assert (await job.submit(unit.unit_id, data))["accepted"]
+    prepare = job._prepare_inbox
+
+    async def prepare_while_one_comes_in():
+        prepared = await prepare()
+        assert (await job.submit(units[2][1].unit_id, results[2]))["accepted"]   # logged meanwhile
+        return prepared
+
+    monkeypatch.setattr(job, "_prepare_inbox", prepare_while_one_comes_in)
+    job.work.clear()
+    await job.settle()
+    first = [seq for seq, _ in offered]
+    assert len(first) == 2 and all(p for _, p in offered), offered
+    assert len(job.inbox) == 1 and job.work.is_set(), "the third waits, and the aggregation task is woken"
+    monkeypatch.setattr(job, "_prepare_inbox", prepare)
+    await job.settle()
+    assert len(offered) == 3 and offered[2][1] and not job.inbox, offered
+    job.close()
