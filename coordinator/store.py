@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import functools
 import json
 import logging
 import mmap
@@ -230,35 +229,10 @@ class _Connection(sqlite3.Connection):
         return super().executescript(sql_script)
 
     def drain(self) -> None:
-        """Run the put-off statements now (each its own commit, or part of the transaction open). Consecutive
-        single-row inserts of one statement (a burst of units issued) run as one insert of several rows: one
-        step of SQLite, one hand-off of the GIL, where each statement cost 0.7-1 ms with busy threads and the
-        event loop waited for the writer thread's backlog (docs/results.md)."""
+        """Run the put-off statements now (each its own commit, or part of the transaction open)."""
         with self.later_lock:
             while self.later:
-                sql, args = self.later.popleft()
-                parts = _single_row_insert(sql)
-                if parts is not None and self.later and self.later[0][0] == sql:
-                    rows = [args]
-                    while self.later and self.later[0][0] == sql and len(rows) < ROWS_PER_INSERT:
-                        rows.append(self.later.popleft()[1])
-                    head, row, tail = parts
-                    sql, args = head + ", ".join([row] * len(rows)) + tail, tuple(a for r in rows for a in r)
-                super().execute(sql, args)
-
-
-ROWS_PER_INSERT = 64   # rows of one put-off insert run at once (_Connection.drain; 13 parameters a unit's row)
-
-
-@functools.lru_cache(maxsize=64)
-def _single_row_insert(sql: str) -> tuple[str, str, str] | None:
-    """``(head, row, tail)`` of ``INSERT ... VALUES (row) tail`` (``tail``: an upsert clause, or nothing), so that
-    ``head + "row, row" + tail`` inserts two rows; None for any other statement."""
-    head, sep, rest = sql.partition(" VALUES (")
-    row, close, tail = rest.partition(")")
-    if not sep or not close or not head.lstrip().upper().startswith("INSERT") or "(" in row or " VALUES (" in tail:
-        return None
-    return head + " VALUES ", "(" + row + ")", tail
+                super().execute(*self.later.popleft())
 
 
 @dataclass(frozen=True)

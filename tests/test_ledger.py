@@ -767,36 +767,6 @@ def test_small_results_deltas_go_to_the_delta_log_synced_before_the_wal_and_segm
     again.close()
 
 
-def test_put_off_inserts_in_a_row_run_as_one_statement_with_the_same_outcome(tmp_path, monkeypatch):
-    """``_Connection.drain`` runs consecutive single-row inserts of one statement as one insert of several rows:
-    the same rows, upserts counted, the shard queue's trigger run for each row in order, the statements between
-    them kept in their place."""
-    from coordinator import store as store_module
-
-    store = store_module.Store(tmp_path)
-    store.write_behind()
-    monkeypatch.setattr(store._writer, "wake", lambda: None)   # the writer thread waits: the test drains
-    for i in range(5):
-        store.insert_unit(f"u{i}", "w1", [f"s{i}"], 0, 0.1, i, 1e12, 10, queue={"next": i})
-    store.count_rejection("too_stale")
-    store.count_rejection("too_stale")
-    store.count_rejection("malformed")
-    store.insert_unit("u5", "w2", ["s5"], 0, 0.1, 5, 1e12, 10, queue={"next": 5})
-    store.count_rejection("too_stale")
-    assert len(store.db.later) == 10
-    ran: list[str] = []
-    store.db.set_trace_callback(ran.append)
-    store.db.drain()
-    store.db.set_trace_callback(None)
-    statements = set(ran)   # (the trace names a statement again for each statement of a trigger it runs)
-    assert len([s for s in statements if s.startswith("INSERT INTO units")]) == 2, statements
-    assert len([s for s in statements if s.startswith("INSERT INTO rejections")]) == 2, statements
-    assert [store.unit(f"u{i}")["worker_id"] for i in range(6)] == ["w1"] * 5 + ["w2"]
-    assert store.rejections() == {"too_stale": 3, "malformed": 1}
-    assert store.get_meta("queue") == {"next": 5}, "the trigger ran for each row, the last one last"
-    store.close()
-
-
 def test_delete_blobs_returns_an_emptied_segment_to_unlink_and_leaves_it_until_then(tmp_path, monkeypatch):
     """``delete_blobs`` (a persist's deletions, on the event loop) neither syncs nor unlinks: a segment no row
     names any more is among the files it returns, and ``unlink_blobs`` (a thread) makes every commit durable,
