@@ -410,6 +410,11 @@ class Store(LeasedIndex):
         if self._writer is None and not self._closed:
             self._writer = Writer("store-writer", self.db.drain, (sqlite3.Error,))
 
+    def _execute(self, sql: str, args: tuple, later: bool) -> None:
+        """Run ``sql`` now, or put it off (``_later``) when ``later`` says nobody waits for it and it can be."""
+        if not (later and self._later(sql, args)):
+            self.db.execute(sql, args)
+
     def _later(self, sql: str, args: tuple) -> bool:
         """Put ``sql`` off when a writer thread runs them and no transaction is open (one of another thread
         included: the statement joins it, as it would at once); False: not put off, run it."""
@@ -704,9 +709,7 @@ class Store(LeasedIndex):
 
     def set_meta(self, key: str, value, later: bool = False) -> None:
         """``later``: put off with ``write_behind`` (what a kill -9 may lose anyway; nobody waits for it)."""
-        sql, args = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value))
-        if not (later and self._later(sql, args)):
-            self.db.execute(sql, args)
+        self._execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)), later)
 
     # ------------------------------------------------------------------ versions
     def latest_version(self) -> Version | None:
@@ -812,8 +815,7 @@ class Store(LeasedIndex):
                    "samples, status, wire, twin, replica_of, queue) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'leased', ?, ?, ?, ?)")
             args = (unit_id, worker_id, json.dumps(shard_ids), base_step, lr, seed, issued, deadline, samples,
                     wire, twin, replica_of, None if queue is None else json.dumps(queue))
-            if not self._later(sql, args):
-                self.db.execute(sql, args)
+            self._execute(sql, args, later=True)
             if self._leased is not None:
                 self._add_leased(unit_id, list(shard_ids), 0 if replica_of else samples)
                 self._keep_row({"unit_id": unit_id, "worker_id": worker_id, "shard_ids": list(shard_ids),
@@ -1040,9 +1042,8 @@ class Store(LeasedIndex):
     def put_trust(self, worker_id: str, record: dict, later: bool = False) -> None:
         """``later``: put off with ``write_behind`` (a unit request's record of what the worker runs: nobody waits
         for it, and a kill -9 may lose it)."""
-        sql, args = "INSERT OR REPLACE INTO trust (worker_id, record) VALUES (?, ?)", (worker_id, json.dumps(record))
-        if not (later and self._later(sql, args)):
-            self.db.execute(sql, args)
+        self._execute("INSERT OR REPLACE INTO trust (worker_id, record) VALUES (?, ?)",
+                      (worker_id, json.dumps(record)), later)
 
     def trust_records(self) -> list[dict]:
         return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM trust ORDER BY worker_id")]
@@ -1082,10 +1083,8 @@ class Store(LeasedIndex):
         """One more refusal for ``reason``: put off with ``write_behind`` (nobody waits for it; a refused result
         ran SQLite on the event loop, and first every unit insert still put off: 21% of the loop's callbacks
         over 5 ms under load, docs/results.md). A kill -9 may lose the last few counts."""
-        sql, args = ("INSERT INTO rejections (reason, count) VALUES (?, 1) "
-                     "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
-        if not self._later(sql, args):
-            self.db.execute(sql, args)
+        self._execute("INSERT INTO rejections (reason, count) VALUES (?, 1) "
+                      "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,), later=True)
 
     def rejections(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT reason, count FROM rejections").fetchall())

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -70,11 +71,10 @@ from .wrappers import Wrapper
 def adaptive_bound(norms: Sequence[float], multiplier: float, warmup: int) -> float:
     """``multiplier x median`` of the positive ``norms``, or ``inf`` while fewer than ``warmup`` are
     known (a zero delta says nothing about the scale of honest ones)."""
-    known = sorted(float(n) for n in norms if n > 0)   # (a few dozen: numpy's median costs more than it saves)
+    known = [float(n) for n in norms if n > 0]
     if len(known) < max(1, warmup):
         return math.inf
-    mid = len(known) // 2
-    return multiplier * (known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2)
+    return multiplier * statistics.median(known)   # (a few dozen: numpy's median costs more than it saves)
 
 
 def trimmed_mean(stack: np.ndarray, trim: float) -> np.ndarray:
