@@ -40,6 +40,7 @@ from coordinator.jobs import Entry, JobError, JobRegistry
 from coordinator.keys import ADMIN, ASSETS, CONFIG, EVALS, JOB, JOBS, LIMITS, STEPS, TOKENS, TRUSTED, WARM
 from coordinator.model_out import get_model
 from coordinator.steps import StepGraphs, StepUnavailable, step_cache_dir
+from coordinator.threads import helper_threads
 from coordinator.web import ISOLATION, Assets
 from models.data import default_cache_dir
 
@@ -715,6 +716,7 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     app[ASSETS], app[WARM] = Assets(default_cache_dir()), warm
     app[BOARD] = CreditBoard(lambda: job.store)
     app[NAME_LIMITS] = RateLimiter(NAME_RATE_PER_MIN, time.monotonic)
+    app.cleanup_ctx.append(helper_threads)   # first: the job's start-up work runs on helpers too
     app.cleanup_ctx.append(job_ctx)
     app.cleanup_ctx.append(observe.watching_loop)
     for method, path, handler in ROUTES:

@@ -434,6 +434,7 @@ def public_app(node: Node):
     from coordinator import observe
     from coordinator.app import DASHBOARD_FILES, IMMUTABLE, ROUTES, body_seconds, gzip_for_browser, slow_sender
     from coordinator.limits import client_address
+    from coordinator.threads import helper_threads
 
     job_status: list[dict | None] = [None]   # the leader's /api/status, read for the scrape being answered
     observer = observe.Observer(lambda: job_status[0], node.config.access_log)
@@ -568,6 +569,7 @@ def public_app(node: Node):
     app = web.Application(client_max_size=1 << 40,   # bodies are streamed to the leader, which caps them
                           middlewares=[observe.middleware])
     app[observe.OBSERVER] = observer
+    app.cleanup_ctx.append(helper_threads)
     app.cleanup_ctx.append(lifecycle)
     app.cleanup_ctx.append(observe.watching_loop)
     own = {"/api/v1/blobs/{blob_id}": blob, "/api/v1/units/{unit_id}/result": result, "/metrics": metrics}

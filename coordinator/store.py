@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.units import blob_id as content_id, is_blob_id
+from coordinator.threads import as_helper
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -188,6 +189,7 @@ class Writer:
         self._thread.join()
 
     def _loop(self) -> None:
+        as_helper()   # it wakes for every statement put off: it must not push the event loop off its core
         while True:
             self._woken.wait()
             self._woken.clear()
