@@ -4,12 +4,13 @@ Everything a coordinator does off its event loop runs on helper threads: ``async
 result's decoding and checks, an update's norm, a fold, a model version's write, the fdatasync of a group
 commit, an evaluation) and a store's writer thread (``coordinator.store.Writer``). Each of them wakes
 hundreds of times a second under load, and on Linux a thread that wakes preempts the one running on its
-core: the event loop, stopped mid-request 450-670 times a second (``bench/load.py``, 1,000 clients, one
-process, 2 cores), then waited on the run queue for 9-11% of the time. A helper runs ``SCHED_BATCH``
+core: the event loop, stopped mid-request 630-660 times a second (``bench/load.py``, 1,000 clients, one
+process, 2 cores), then waited on the run queue for 9-10% of the time. A helper runs ``SCHED_BATCH``
 instead (``as_helper``): the same share of the CPU, the same niceness, but no preemption when it wakes,
 only at a tick or when the loop blocks (which it does in ``epoll`` between requests). Measured side by
-side (2026-12-06, docs/results.md, the load section): the loop's preemptions 53-62 a second, its
-run-queue wait 5.7-6.8%, the event loop's lag p99 6-7 ms against 9-21.
+side (2026-12-06, docs/results.md, the load section): the loop preempted 40-62 times a second, on the
+run queue 5-6% of the time, ``units/next`` p99 6.9 / 9.1 ms against 15.8 / 11.3 (90 s), 15.1 against
+21.7 (5 minutes).
 """
 from __future__ import annotations
 
