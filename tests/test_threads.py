@@ -24,7 +24,7 @@ def policy() -> tuple[int, str]:
 
 async def test_the_apps_thread_pool_runs_batch_and_the_event_loop_does_not(serve):
     client, job = await serve()
-    await take_unit(client)   # (the store's writer thread started with the app's job)
+    await take_unit(client)   # the app serves as before
     loop_policy, _ = policy()
     assert loop_policy == os.SCHED_OTHER
     helper_policy, name = await asyncio.to_thread(policy)
