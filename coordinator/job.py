@@ -671,15 +671,14 @@ class Job:
             prepared = await self._prepare_inbox()
             # what came in meanwhile waits for the next settle (its preparation, a pass over each of its arrays,
             # would run on the event loop: ``Aggregator.add``), unless the budget may be reached now
-            self._offer_inbox(prepared, prepared_only=self.samples + self.store.pending_samples() < self.budget)
+            self._offer_inbox(prepared, prepared_only=not self._budget_in_reach())
             if self.inbox:
                 self.work.set()
             self.factory.flush()
             if self.finished:
                 return None
-            at_end = self.samples + self.store.pending_samples() >= self.budget
             agg = None
-            if self.aggregator.due or (at_end and self.aggregator.buffered):
+            if self.aggregator.due or (self.aggregator.buffered and self._budget_in_reach()):
                 agg = await asyncio.to_thread(self.aggregator.aggregate)
                 await self._commit(agg)
             if self.samples >= self.budget:
@@ -689,6 +688,11 @@ class Job:
                 self.finished = True
                 self.store.set_meta("finished", True)
             return agg
+
+    def _budget_in_reach(self) -> bool:
+        """The samples applied and those logged but not yet decided reach the budget (asked again after an
+        offer: the updates it drops no longer count)."""
+        return self.samples + self.store.pending_samples() >= self.budget
 
     # ------------------------------------------------------------------ replicated checks (in settle)
     async def _judge(self) -> None:
