@@ -37,23 +37,16 @@ def as_helper() -> None:
         log.debug("helper thread stays SCHED_OTHER: %s", e)
 
 
-def helper_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """A pool of helper threads, sized as asyncio's default executor."""
-    return concurrent.futures.ThreadPoolExecutor(thread_name_prefix=HELPER_PREFIX, initializer=as_helper)
-
-
-_pooled: weakref.WeakSet = weakref.WeakSet()   # event loops whose default executor is a helper pool
-
-
-def use_helper_pool(loop: asyncio.AbstractEventLoop) -> None:
-    """Make ``loop``'s default executor (``asyncio.to_thread``, ``run_in_executor(None, ...)``) a
-    ``helper_pool``, once per loop (the loop shuts it down when it closes, as it does its own)."""
-    if loop not in _pooled:
-        loop.set_default_executor(helper_pool())
-        _pooled.add(loop)
+_pooled: weakref.WeakSet = weakref.WeakSet()   # event loops whose default executor is a pool of helpers
 
 
 async def helper_threads(app):
-    """A ``cleanup_ctx``: the app's event loop runs its threads' work on helpers (``use_helper_pool``)."""
-    use_helper_pool(asyncio.get_running_loop())
+    """A ``cleanup_ctx``: the app's event loop runs its threads' work (``asyncio.to_thread``,
+    ``run_in_executor(None, ...)``) on helpers: its default executor becomes a pool whose threads call
+    ``as_helper``, once per loop (the loop shuts it down when it closes, as it does its own)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _pooled:
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(thread_name_prefix=HELPER_PREFIX,
+                                                                        initializer=as_helper))
+        _pooled.add(loop)
     yield
