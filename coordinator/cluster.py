@@ -134,7 +134,7 @@ def cluster_job(config, url: str, blobs: Path, lock, **job_args):
 
             now, worker = self.clock(), row["worker_id"]
             unit = self.store.unit(row["unit_id"]) if unit is None else unit
-            self.store._unleased(row["unit_id"])
+            self.store.taken(row)
             self._seen(worker, None, now)
             self._credit(worker, row["num_samples"], row["compute_seconds"] or 0.0, now,
                          max(0.0, row["accepted"] - (unit["issued"] if unit else row["accepted"])))

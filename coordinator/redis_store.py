@@ -109,7 +109,8 @@ return seq
 
 TAIL_PAGE = 16   # rows tail_candidate reads at a time
 LATER_BATCH = 2000   # commands put off that one script writes at most
-VIEW_TRUST_S = 0.05   # the leader's service counts another process's result this late, at most (pending_samples)
+PRESENT_TRUST_S = 1.0   # the leader's store takes a blob it saw on disk as there this long (_Seen)
+VIEW_TRUST_S = 1.0   # the leader's service asks Redis for the open results this often, at most (pending_samples)
 
 UNIT_FIELDS = ("unit_id", "worker_id", "shard_ids", "base_step", "lr", "seed", "issued", "deadline", "samples",
                "status", "finished", "wire", "twin", "replica_of")
@@ -150,6 +151,32 @@ class _Client(redis.Redis):
         return super().pipeline(transaction, shard_hint)
 
 
+class _Seen:
+    """Blobs seen on disk within ``ttl`` seconds: a fenced store's ``Store._present`` (``blob_path`` asked the disk
+    for every unit request's base, its fp16 copy and its version delta, a system call each on the leader's event
+    loop). Only the leader deletes blobs (a result's delta, a version, a derived copy), and it forgets each as it
+    goes (``Store._forget``); the time limit bounds what a deposed leader may still delete unseen (it stops at its
+    next fenced write)."""
+
+    LIMIT = 4096   # blobs kept at most (the expired ones go first)
+
+    def __init__(self, ttl: float):
+        self.ttl, self.at = ttl, {}
+
+    def __contains__(self, blob_id: str) -> bool:
+        t = self.at.get(blob_id)
+        return t is not None and time.monotonic() - t < self.ttl
+
+    def add(self, blob_id: str) -> None:
+        now = time.monotonic()
+        if len(self.at) >= self.LIMIT:
+            self.at = {b: t for b, t in list(self.at.items()) if now - t < self.ttl}   # (a copy: other threads add)
+        self.at[blob_id] = now
+
+    def discard(self, blob_id: str) -> None:
+        self.at.pop(blob_id, None)
+
+
 @dataclasses.dataclass(frozen=True)
 class _OpenView:
     """What ``RedisStore._open_view`` read: ``r:open:gen`` when it did, the open rows (oldest first; not to be
@@ -173,6 +200,8 @@ class RedisStore(LeasedIndex):
         self.root = Path(root) if root is not None else self.blob_dir.parent
         self.p = prefix(job)
         self.r = _Client.from_url(url, decode_responses=True)
+        if fence is not None:
+            self._present = _Seen(PRESENT_TRUST_S)
         self._exec = self.r.register_script(FENCED_EXEC)
         self._append = self.r.register_script(APPEND_RESULT)
         # write-behind (``write_behind``): transactions put off (``_later``), written by a thread of their own
@@ -193,6 +222,8 @@ class RedisStore(LeasedIndex):
         # increments) and this process changed none (``_open_view``): a unit request then costs one GET
         self._view: _OpenView | None = None
         self._view_checked = 0.0   # (time.monotonic) when r:open:gen last said the view holds
+        self._view_stale = False   # this process changed or added a kept row since the view was made (_kept_view)
+        self._rank: int | None = None   # r:rank, kept by a fenced store (last_offer_rank)
         self._view_trust_s = 0.0   # pending_samples trusts a view checked this recently (write_behind)
         self._rows_u: dict[str, dict] = {}
         # version rows (``_versions``), kept by a fenced store: the leader is the only process that writes them,
@@ -249,7 +280,7 @@ class RedisStore(LeasedIndex):
     delete_blobs = Store.delete_blobs
     unlink_blobs = Store.unlink_blobs
     _forget = Store._forget
-    _present = None   # no blob is known to be on disk: every process of the job deletes in the shared folder
+    _present = None   # a store that does not lead: no blob is known to be on disk (__init__: the leader's)
     keeps_small_results = False   # every result's delta is a file (put_result_blob), which the other processes read
 
     # ------------------------------------------------------------------ writes (fenced, transactional)
@@ -280,6 +311,12 @@ class RedisStore(LeasedIndex):
                 raise Fenced(str(e)) from None
             raise
 
+    def _forget_rows(self) -> None:
+        """The open results' rows, their view and the last offer's rank kept are read again when next asked."""
+        self._open_cache.clear()
+        self._view = None
+        self._rank = None
+
     def _begin(self) -> None:
         if self._depth == 0:
             self._buffer, self._rows_r, self._rows_u = [], {}, {}
@@ -298,15 +335,13 @@ class RedisStore(LeasedIndex):
             return
         if not ok:
             self._leased = None   # what is leased is read again (the rows kept with it)
-            self._open_cache.clear()   # it may hold rows read with the transaction's changes
-            self._view = None
+            self._forget_rows()   # they may hold the transaction's changes
             return
         try:
             self._flush(commands)
         except BaseException:
             self._leased = None
-            self._open_cache.clear()
-            self._view = None
+            self._forget_rows()
             if self._version_rows is not None:   # whether the script ran is unknown: read them again
                 self._version_rows.clear()
             raise
@@ -343,17 +378,33 @@ class RedisStore(LeasedIndex):
         return self._result_rows(seqs)
 
     def _result_rows(self, seqs) -> list[dict]:
+        """The rows of results ``seqs`` that exist, in that order. A fenced store (the leader's) takes an open row it
+        keeps (``_open_cache``) as kept: only it changes a row (``_set_result``), the others only append."""
         seqs = [int(s) for s in seqs]
-        pipe = self.r.pipeline(transaction=False)
-        for s in seqs:
-            pipe.hgetall(f"{self.p}r:{s}")
-        rows = (self._row(raw, RESULT_FIELDS, self._rows_r.get(s)) for s, raw in zip(seqs, pipe.execute()))
-        return [row for row in rows if row is not None]
+        kept = self._open_cache if self.fence is not None else {}
+        rows = {s: kept.get(s) for s in seqs}   # (each looked up once: another thread may clear them)
+        missing = [s for s, row in rows.items() if row is None]
+        if missing:
+            pipe = self.r.pipeline(transaction=False)
+            for s in missing:
+                pipe.hgetall(f"{self.p}r:{s}")
+            for s, raw in zip(missing, pipe.execute()):
+                rows[s] = self._row(raw, RESULT_FIELDS, self._rows_r.get(s))
+        return [dict(rows[s]) for s in seqs if rows[s] is not None]
 
     def _set_result(self, seq: int, values: dict) -> None:
-        self._open_cache.pop(seq, None)
-        self._view = None
-        self._hset(f"{self.p}r:{seq}", values)
+        row = self._open_cache.get(seq)
+        if row is not None and self._view is not None:   # the view is made again from the rows kept (``_kept_view``)
+            self._open_cache[seq] = {**row, **values}
+            self._view_stale = True
+        else:
+            self._open_cache.pop(seq, None)
+            self._view = None
+        try:
+            self._hset(f"{self.p}r:{seq}", values)
+        except BaseException:   # (a write outside a transaction: whether it ran is unknown, the row is read again)
+            self._forget_rows()
+            raise
         if self._buffer is not None:
             self._rows_r.setdefault(seq, {}).update(values)
 
@@ -495,7 +546,13 @@ class RedisStore(LeasedIndex):
             self._w("ZADD", f"{self.p}off:{step}", rank, seq)
             top = max(top, rank)
         if top > self.last_offer_rank():
-            self._w("SET", self.p + "r:rank", top)
+            try:
+                self._w("SET", self.p + "r:rank", top)
+            except BaseException:
+                self._rank = None
+                raise
+            if self.fence is not None:   # (only the leader writes it)
+                self._rank = top
 
     def set_version_blob(self, step: int, blob: str) -> None:
         raw = self._version_raw(step)
@@ -517,8 +574,13 @@ class RedisStore(LeasedIndex):
         return [row["delta_blob"] for row in rows]
 
     def last_offer_rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
         raw = self.r.get(self.p + "r:rank")
-        return int(raw) if raw is not None else -1
+        rank = int(raw) if raw is not None else -1
+        if self.fence is not None:   # kept by the leader's store, which alone writes it (``set_offered``)
+            self._rank = rank
+        return rank
 
     def decided_blobs_since(self, step: int) -> list[tuple[int, str]]:
         latest = self.latest_version()
@@ -738,22 +800,28 @@ class RedisStore(LeasedIndex):
         """Append an accepted result and close its unit; None when ``unit_id`` was already accepted (here
         or by another process: the look and the write are one script). Applied at once, also inside a
         transaction (the writes buffered before it go first)."""
-        seq = self._append_script(unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
-                                  compute_seconds, delta_blob, check_state, leader=True)
+        row = self._new_row(unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
+                            compute_seconds, delta_blob, check_state)
+        seq = self._append_script(row, leader=True)
         if seq < 0:
             return None
-        self._view_checked = 0.0   # out of the units out: into the pending samples at once
+        self._opened({**row, "seq": seq})   # out of the units out: into the pending samples at once
         self._unleased(unit_id)
         return seq
 
-    def _append_script(self, unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
-                       compute_seconds, delta_blob, check_state, leader: bool) -> int:
+    def _new_row(self, unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
+                 compute_seconds, delta_blob, check_state) -> dict:
+        """A result's row as ``_append_script`` writes it (its seq aside)."""
+        return {"unit_id": unit_id, "worker_id": worker_id, "base_step": base_step, "staleness": staleness,
+                "num_samples": num_samples, "loss_before": loss_before, "loss_after": loss_after,
+                "compute_seconds": compute_seconds, "delta_blob": delta_blob, "accepted": self.clock(),
+                "applied_step": None, "dropped": None, "check_state": check_state, "offered_step": None,
+                "offer_rank": None}
+
+    def _append_script(self, row: dict, leader: bool) -> int:
+        unit_id, num_samples, staleness = row["unit_id"], row["num_samples"], row["staleness"]
         fields = []
-        for k, v in (("unit_id", unit_id), ("worker_id", worker_id), ("base_step", base_step),
-                     ("staleness", staleness), ("num_samples", num_samples), ("loss_before", loss_before),
-                     ("loss_after", loss_after), ("compute_seconds", compute_seconds), ("delta_blob", delta_blob),
-                     ("accepted", self.clock()), ("applied_step", None), ("dropped", None),
-                     ("check_state", check_state), ("offered_step", None), ("offer_rank", None)):
+        for k, v in row.items():
             fields += [k, json.dumps(v)]
         token, lock = "", self.p + "leader"
         if leader and self.fence is not None:
@@ -777,8 +845,8 @@ class RedisStore(LeasedIndex):
         """A result checked by a process that does not lead, logged in one atomic step while its unit is
         still out; the leader takes it from ``r:remote`` (``take_remote``). Returns its seq, -1 when the unit
         already has a result, -2 when the unit is no longer out (the leader decides then)."""
-        return self._append_script(unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
-                                   compute_seconds, delta_blob, None, leader=False)
+        return self._append_script(self._new_row(unit_id, worker_id, base_step, staleness, num_samples, loss_before,
+                                                 loss_after, compute_seconds, delta_blob, None), leader=False)
 
     def take_remote(self, block_s: float = 0.0) -> list[int]:
         """Seqs of results other processes logged since the last call (waiting up to ``block_s`` for one)."""
@@ -791,9 +859,7 @@ class RedisStore(LeasedIndex):
             out.append(int(first[1]))
         more = self.r.lpop(key, 1000)
         out += [int(x) for x in more or []]
-        if out:   # (they leave the units out once taken: the pending samples count them from now on)
-            self._view_checked = 0.0
-        return out
+        return out   # (their units leave the units out when the job takes them: ``_opened`` counts them then)
 
     def mark_dropped(self, dropped: list[tuple[int, str]], offered: list[tuple[int, int, int]] = ()) -> None:
         with self.transaction():
@@ -803,12 +869,13 @@ class RedisStore(LeasedIndex):
     def _open_view(self) -> _OpenView:
         """The open results (``r:open``'s members, each row read from Redis once: ``_open_cache``) and what is
         read from them, built again only when a result was appended since (``r:open:gen``; the counter is read
-        before the members, so an append between the two only makes the next call build it again) or this
-        process changed a row (``_set_result``)."""
+        before the members, so an append between the two only makes the next call build it again). A row this
+        process changes or appends is changed in the cache, not read again (``_kept_view``)."""
         gen_key = self.p + "r:open:gen"
-        if self._view is not None and self.r.get(gen_key) == self._view.gen:
+        view = self._kept_view()
+        if view is not None and self.r.get(gen_key) == view.gen:
             self._view_checked = time.monotonic()
-            return self._view
+            return view
         checked = time.monotonic()
         pipe = self.r.pipeline(transaction=False)
         pipe.get(gen_key)
@@ -821,13 +888,40 @@ class RedisStore(LeasedIndex):
         keep = set(members)
         for seq in [s for s in self._open_cache if s not in keep]:
             del self._open_cache[seq]
-        rows = tuple(r for r in (self._open_cache.get(s) for s in members)
-                     if r is not None and r["applied_step"] is None and r["dropped"] is None)
-        view = _OpenView(gen, rows, sum(r["num_samples"] for r in rows if r["check_state"] != "replica"),
-                         frozenset(r["delta_blob"] for r in rows))
+        view = self._view_of(gen)
         if self._buffer is None:   # rows read inside a transaction carry its changes, which may yet fail
-            self._view, self._view_checked = view, checked
+            self._view, self._view_checked, self._view_stale = view, checked, False
         return view
+
+    def _view_of(self, gen: str | None) -> _OpenView:
+        """The view of the rows kept (``_open_cache``) that are still open."""
+        rows = tuple(r for r in (self._open_cache.get(s) for s in sorted(self._open_cache))
+                     if r is not None and r["applied_step"] is None and r["dropped"] is None)
+        return _OpenView(gen, rows, sum(r["num_samples"] for r in rows if r["check_state"] != "replica"),
+                         frozenset(r["delta_blob"] for r in rows))
+
+    def _kept_view(self) -> _OpenView | None:
+        """The view last built, made again from the rows kept if this process changed or added one since: each
+        change is made to the kept row as it is written (``_set_result``, ``_opened``), so a fold or an offer
+        does not have every open row read again. Its ``gen`` stays the one read, so ``_open_view`` still builds
+        it again after any append (another process's, or its own)."""
+        if self._view is not None and self._view_stale:
+            self._view_stale = False   # (first: a change made meanwhile marks it again)
+            self._view = self._view_of(self._view.gen)
+        return self._view
+
+    def taken(self, row: dict) -> None:
+        """The job took result ``row``, which another process logged (``take_remote``): its unit is no longer out,
+        its samples are pending."""
+        self._unleased(row["unit_id"])
+        self._opened(row)
+
+    def _opened(self, row: dict) -> None:
+        """A result this process appended or the job took (``taken``): its row is kept, and the view counts it
+        at once."""
+        if self._view is not None:
+            self._open_cache[row["seq"]] = dict(row)
+            self._view_stale = True
 
     def blob_pending(self, blob_id: str) -> bool:
         return blob_id in self._open_view().blobs
@@ -879,9 +973,10 @@ class RedisStore(LeasedIndex):
     def pending_samples(self) -> int:
         """(``Store.pending_samples``.) Every unit request asks; once ``write_behind`` was called (the leader's
         service), the view checked less than ``VIEW_TRUST_S`` ago is taken without asking Redis whether another
-        process appended a result since (its samples then count a few milliseconds late: until then they are
-        counted as the unit's, out on its lease, in this process's index of the units out)."""
-        view = self._view
+        process appended a result since: the view holds this process's own changes and appends (``_kept_view``)
+        and the results the job took from the others (``taken``); one another process logged counts as its unit's,
+        out on its lease in this process's index of the units out, until the job takes it."""
+        view = self._kept_view()
         if view is not None and self._view_trust_s and time.monotonic() - self._view_checked < self._view_trust_s:
             return view.samples
         return self._open_view().samples

@@ -357,15 +357,58 @@ def test_the_leaders_round_trips_a_unit_request_and_a_hand_back_need(redis_url, 
     leader.write_behind()
     leader._view_trust_s = 60.0   # (VIEW_TRUST_S, long enough that this test's pauses cannot matter)
     assert leader.take_remote() == [1] and leader.pending_samples() == 10
+    out = leader.leased_samples()   # (u3 and u4, read once: from now on kept in memory)
     assert other.append_result("u3", "w1", 0, 0, 30, 2.3, 2.2, 1.0, "b" * 64) > 0
     gets = []
     get = leader.r.get
     leader.r.get = lambda *a, **k: gets.append(a) or get(*a, **k)
     assert leader.pending_samples() == 10 and gets == [], "not asked again within the trusted time"
-    assert leader.take_remote() == [2] and leader.pending_samples() == 40, "a result taken is counted at once"
+    assert leader.take_remote() == [2] and leader.pending_samples() == 10 and leader.leased_samples() == out, \
+        "until the job takes it, another process's result counts as its unit's, out"
+    leader.taken(leader.result(2))
+    assert leader.pending_samples() == 40 and leader.leased_samples() == out - 10, "taken: counted at once"
     assert leader.add_result("u4", "w1", 0, 0, 5, 2.3, 2.2, 1.0, "c" * 64) and leader.pending_samples() == 45
+    assert gets == []
+    # a fold, a drop and an offer change the rows kept, as written: nothing is read again
+    leader.r.pipeline = lambda *a, **k: pytest.fail("the open rows were read again")
+    leader.commit_version(Version(2, "", 20, 1, 3.0), [1], None, dropped=[(2, "too_stale")], offered=[(3, 2, 0)])
+    leader.r.pipeline = pipeline
+    assert leader.pending_samples() == 5 and gets == [("ct:job:r:rank",)], "(the last offer's rank, read once)"
+    leader.commit_version(None, [], None, offered=[(3, 2, 1)])
+    assert leader.last_offer_rank() == other.last_offer_rank() == 1 and len(gets) == 1
+    assert [(r["seq"], r["offered_step"]) for r in leader.pending_results()] == [(3, 2)]
+    assert [(r["seq"], r["offered_step"]) for r in other.pending_results()] == [(3, 2)]
     leader._view_trust_s = 0.0   # (the other stores, the tests and the export command: always asked)
-    assert leader.pending_samples() == 45 and len(gets) == 3
+    assert leader.pending_samples() == 5 and len(gets) == 3 and gets[-1] == ("ct:job:r:open:gen",)
+    lock.release()
+
+
+def test_the_leaders_store_takes_a_blob_it_saw_lately_as_there(redis_url, tmp_path, monkeypatch):
+    """A unit request asks for its base's blob, its fp16 copy and its version delta: the leader's store (fenced)
+    asks the disk once a second at most for a blob it saw there or wrote (``PRESENT_TRUST_S``), forgets one it
+    deletes at once, and a store that does not lead always asks (only the leader deletes; the time limit bounds
+    what a deposed leader may still delete unseen)."""
+    from coordinator.leader import LeaderLock
+
+    lock = LeaderLock(redis_url, "ct:job:leader", 60.0)
+    assert lock.try_acquire()
+    leader = RedisStore(redis_url, "job", tmp_path / "blobs", fence=lock)
+    other = RedisStore(redis_url, "job", tmp_path / "blobs")
+    asked = []
+    is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: asked.append(self.name) or is_file(self))
+    mine, theirs = leader.put_blob(b"mine" * 100), other.put_blob(b"theirs" * 100)
+    asked.clear()   # (put_blob's own look)
+    assert leader.blob_path(mine) == leader.blob_path(mine) == tmp_path / "blobs" / mine and asked == []
+    assert leader.blob_path(theirs) == leader.blob_path(theirs) and asked == [theirs], "asked once"
+    assert other.blob_path(mine) == other.blob_path(mine) and asked == [theirs, mine, mine], "always asked"
+    leader.delete_blob(theirs, durable_first=False)
+    assert leader.blob_path(theirs) is None and other.blob_path(theirs) is None, "forgotten as it goes"
+    (tmp_path / "blobs" / mine).unlink()   # another process deleted it (a leader deposed a moment ago)
+    assert leader.blob_path(mine) is not None, "(within the time limit: taken as there)"
+    leader._present.ttl = 0.01
+    time.sleep(0.02)
+    assert leader.blob_path(mine) is None and asked[-1] == mine
     lock.release()
 
 
