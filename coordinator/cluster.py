@@ -319,7 +319,7 @@ class Node:
             if not seqs:
                 continue
             try:
-                units = {u["unit_id"]: u for u in store.units([r["unit_id"] for r in rows])} if rows else {}
+                units = {u["unit_id"]: u for u in store.units([r["unit_id"] for r in rows], kept=True)} if rows else {}
                 with store.transaction():   # the workers' trust records and the mark, in one script
                     for row in rows:
                         if row["seq"] in deltas:

@@ -410,6 +410,8 @@ class RedisStore(LeasedIndex):
 
     def _unit_rows(self, ids) -> list[dict]:
         ids = list(ids)
+        if not ids:   # (no pipeline: making one writes what was put off first)
+            return []
         pipe = self.r.pipeline(transaction=False)
         for u in ids:
             pipe.hgetall(f"{self.p}u:{u}")
@@ -719,9 +721,14 @@ class RedisStore(LeasedIndex):
     def unit(self, unit_id: str) -> dict | None:
         return (self._unit_rows([unit_id]) or [None])[0]
 
-    def units(self, unit_ids) -> list[dict]:
-        """The rows of units ``unit_ids`` (those that exist), in one round trip."""
-        return self._unit_rows(unit_ids)
+    def units(self, unit_ids, kept: bool = False) -> list[dict]:
+        """The rows of units ``unit_ids`` (those that exist), in one round trip. ``kept``: a unit this process
+        issued and holds out is answered from the row it keeps (as issued, its tail copy named: another process
+        may have logged its result since, so its status may be out of date), the others read."""
+        unit_ids = list(unit_ids)
+        rows = {u: self._kept_row(u) for u in unit_ids} if kept else {}
+        read = {r["unit_id"]: r for r in self._unit_rows([u for u in unit_ids if rows.get(u) is None])}
+        return [r for r in (rows.get(u) or read.get(u) for u in unit_ids) if r is not None]
 
     def write_behind(self) -> None:
         """(``Store.write_behind``, the HTTP service's store.) From now on a unit's insert and a hand-back's move
@@ -785,9 +792,19 @@ class RedisStore(LeasedIndex):
                 yield u["unit_id"], u["shard_ids"], 0 if u["replica_of"] else u["samples"]
 
     def needed_base_steps(self, since: int) -> set[int]:
-        ids = self.r.zrange(self.p + "u:leased", 0, -1) + self.r.zrangebyscore(self.p + "u:expired", since, "+inf")
-        steps = {u["base_step"] for u in self._unit_rows(ids) if u["status"] in ("leased", "expired")
-                 and u["base_step"] >= since}
+        """(Each persist asks.) A unit out whose row this process keeps (``_out``: it issued it) is not read again:
+        its base does not change, and ``u:leased`` says it is still out (with 1,000 units out, reading every row
+        held the leader's event loop at each persist)."""
+        leased, unread, steps = self.r.zrange(self.p + "u:leased", 0, -1), [], set()
+        for unit_id in leased:
+            kept = self._out.get(unit_id) if self._out is not None else None
+            if kept is None:
+                unread.append(unit_id)
+            elif kept["base_step"] >= since:
+                steps.add(kept["base_step"])
+        unread += self.r.zrangebyscore(self.p + "u:expired", since, "+inf")
+        steps |= {u["base_step"] for u in self._unit_rows(unread) if u["status"] in ("leased", "expired")
+                  and u["base_step"] >= since}
         return steps | {r["base_step"] for r in self._open_view().rows}
 
     def unit_counts(self) -> dict[str, int]:
@@ -985,11 +1002,18 @@ class RedisStore(LeasedIndex):
     def result(self, seq: int) -> dict | None:
         return self._result_row(int(seq))
 
+    def _checks_view(self) -> _OpenView:
+        """The view for the results held for a check and the replicas' results: another process appends none
+        (``append_result``), and the leader changes each as it writes it, so its store takes them from the view
+        it keeps (every settle asks) without asking Redis whether a result was appended since."""
+        view = self._kept_view() if self.fence is not None else None
+        return view if view is not None else self._open_view()
+
     def held_results(self) -> list[dict]:
-        return [dict(r) for r in self._open_view().rows if r["check_state"] == "held"]
+        return [dict(r) for r in self._checks_view().rows if r["check_state"] == "held"]
 
     def waiting_replica_results(self) -> list[dict]:
-        return [dict(r) for r in self._open_view().rows if r["check_state"] == "replica"]
+        return [dict(r) for r in self._checks_view().rows if r["check_state"] == "replica"]
 
     def wanted_replicas(self) -> list[dict]:
         out = []
@@ -1012,7 +1036,7 @@ class RedisStore(LeasedIndex):
                 self._set_result(seq, {"check_state": state})
 
     def held_counts(self) -> dict[str, int]:
-        return dict(Counter(r["check_state"] for r in self._open_view().rows if r["check_state"] in ("held", "replica")))
+        return dict(Counter(r["check_state"] for r in self._checks_view().rows if r["check_state"] in ("held", "replica")))
 
     # ------------------------------------------------------------------ trust records
     def trust_record(self, worker_id: str) -> dict | None:

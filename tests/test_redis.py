@@ -383,6 +383,66 @@ def test_the_leaders_round_trips_a_unit_request_and_a_hand_back_need(redis_url, 
     lock.release()
 
 
+def test_the_leaders_store_knows_the_results_held_for_a_check_without_asking(redis_url, tmp_path):
+    """Every settle asks for the results held for a check: only the leader appends such a result or changes its
+    state (another process appends results that need none), so the leader's store answers from the rows it keeps;
+    a store that does not lead asks Redis."""
+    from coordinator.leader import LeaderLock
+
+    lock = LeaderLock(redis_url, "ct:job:leader", 60.0)
+    assert lock.try_acquire()
+    leader = RedisStore(redis_url, "job", tmp_path / "blobs", fence=lock)
+    other = RedisStore(redis_url, "job", tmp_path / "blobs")
+    for u in ("u1", "u2", "u3", "u4"):
+        lease(leader, u, [u])
+    assert leader.held_results() == [] and leader.held_counts() == {}   # (the view, read once)
+    held = leader.add_result("u1", "w1", 0, 0, 10, 2.3, 2.2, 1.0, "a" * 64, check_state="held")
+    replica = leader.add_result("u2", "w2", 0, 0, 10, 2.3, 2.2, 1.0, "b" * 64, check_state="replica")
+    assert other.append_result("u3", "w3", 0, 0, 10, 2.3, 2.2, 1.0, "c" * 64) > 0
+    get, pipeline = leader.r.get, leader.r.pipeline
+    leader.r.get = leader.r.pipeline = lambda *a, **k: pytest.fail("asked Redis")
+    assert [r["seq"] for r in leader.held_results()] == [held] and leader.held_counts() == {"held": 1, "replica": 1}
+    assert [r["seq"] for r in leader.waiting_replica_results()] == [replica]
+    leader.set_check([(held, "withdrawn")])
+    leader.mark_dropped([(replica, "replica")])
+    assert leader.held_results() == leader.waiting_replica_results() == [] and leader.held_counts() == {}
+    leader.r.get, leader.r.pipeline = get, pipeline
+    assert other.held_results() == [] and leader.add_result("u4", "w1", 0, 0, 10, 2.3, 2.2, 1.0, "d" * 64,
+                                                            check_state="held")
+    assert [r["unit_id"] for r in other.held_results()] == [r["unit_id"] for r in leader.held_results()] == ["u4"]
+    lock.release()
+
+
+def test_a_persist_reads_no_row_of_a_unit_the_leader_issued_and_holds_out(redis_url, tmp_path):
+    """``needed_base_steps`` (each persist asks, with every unit out): the base of a unit the leader's service
+    issued is taken from the row it keeps; a unit issued before (another leader's) is read."""
+    from coordinator.leader import LeaderLock
+
+    lock = LeaderLock(redis_url, "ct:job:leader", 60.0)
+    assert lock.try_acquire()
+    leader = RedisStore(redis_url, "job", tmp_path / "blobs", fence=lock)
+    lease(leader, "u0", ["s0"], base=2)   # (before its service started: no row kept)
+    leader.write_behind()
+    assert leader.leased_count() == 1
+    lease(leader, "u1", ["s1"], base=3)
+    lease(leader, "u2", ["s2"], base=5)
+    read = []
+    unit_rows = leader._unit_rows
+    leader._unit_rows = lambda ids: read.append(list(ids)) or unit_rows(ids)
+    assert leader.needed_base_steps(0) == {2, 3, 5} and read == [["u0"]]
+    assert leader.needed_base_steps(4) == {5}
+    assert leader.set_unit_status("u2", "returned", only_if=None)
+    assert leader.needed_base_steps(0) == {2, 3}
+    # the units of results another process logged, as the job takes them (Node.ingest): a kept row as kept
+    other = RedisStore(redis_url, "job", tmp_path / "blobs")
+    assert other.append_result("u1", "w1", 3, 0, 10, 2.3, 2.2, 1.0, "a" * 64) > 0
+    read.clear()
+    assert [(u["unit_id"], u["base_step"], u["status"]) for u in leader.units(["u1", "u0", "u9"], kept=True)] == \
+        [("u1", 3, "leased"), ("u0", 2, "leased")] and read == [["u0", "u9"]]
+    assert [u["status"] for u in leader.units(["u1"])] == ["done"]
+    lock.release()
+
+
 def test_the_leaders_store_takes_a_blob_it_saw_lately_as_there(redis_url, tmp_path, monkeypatch):
     """A unit request asks for its base's blob, its fp16 copy and its version delta: the leader's store (fenced)
     asks the disk once a second at most for a blob it saw there or wrote (``PRESENT_TRUST_S``), forgets one it
