@@ -159,9 +159,10 @@ def cluster_job(config, url: str, blobs: Path, lock, **job_args):
 class LocalIntake:
     """How a process that does not lead takes a result itself: the leader's intake checks (the same
     ``Intake``, on the rows in Redis), the delta's blob written, the row appended in one atomic step
-    while the unit is out (``RedisStore.append_result``); the leader folds it (``Node.ingest``).
-    Everything else goes to the leader: a failure report or a hand-back (its shards go back in the
-    leader's queue), any refusal (the leader refuses it again, counts it, and ends the unit if the
+    while the unit is out (``RedisStore.append_result``); the leader folds it (``Node.ingest``). A hand-back
+    or a failure report of a unit still out (not a tail copy, nor a replica) is moved here too
+    (``RedisStore.give_back``); the leader puts its shards back in line.
+    Everything else goes to the leader: any refusal (the leader refuses it again, counts it, and ends the unit if the
     refusal does), a tail unit's copy, a quarantined worker, a unit that ended meanwhile, and, while
     replicated checks are on (``--replication``, the default), every result but those of the operator's own
     workers (``--trusted-tokens``, never checked): the leader decides, from the worker's trust record,
@@ -177,22 +178,24 @@ class LocalIntake:
         self.intake = Intake(cfg, self.store, self.store.secret(), node.spec, time.time)
         self.trusted = trusted_tokens(cfg)   # the operator's own workers: never checked, so taken here with checks on
         self.tokens = gate_tokens(cfg, self.trusted)
-        self.taken = self.passed = 0
+        self.taken = self.passed = self.given = 0
         self.checks = cfg.replication != "off"
 
     def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int, int | None] | None:
         """(answer, HTTP status, the result's seq) when this process logged the result (or it is a duplicate:
         no seq); None when the leader must decide. Blocking: run it in a thread."""
-        from coordinator.intake import Rejection
+        from coordinator.intake import Failure, Rejection
         from coordinator.limits import carries
 
         if self.tokens and not carries(authorization, self.tokens):
             return None
-        if self.checks and not carries(authorization, self.trusted):   # the leader decides whether to hold it
-            return None
         try:
             parsed = self.intake.parse(unit_id, body)
+            if isinstance(parsed, Failure):
+                return self._give_back(parsed)
             if not isinstance(parsed, tuple):
+                return None
+            if self.checks and not carries(authorization, self.trusted):   # the leader decides whether to hold it
                 return None
             unit, result = parsed
             if unit.get("twin") or unit.get("replica_of"):
@@ -217,6 +220,21 @@ class LocalIntake:
         self.taken += 1
         return {"accepted": True, "staleness": accepted.staleness, "model_version": step,
                 "late": accepted.late}, 200, seq
+
+    def _give_back(self, failure) -> tuple[dict, int, None] | None:
+        """A hand-back or a failure report of a unit still out (not a tail copy, nor a replica): moved here as the
+        leader's ``give_up`` moves it, its shards put back in line by the leader (``Node.ingest``); the answer is
+        the leader's. None: the leader decides."""
+        unit, status = failure.unit, failure.status
+        if unit["status"] != "leased" or unit.get("twin") or unit.get("replica_of"):
+            return None
+        if not self.store.give_back(unit["unit_id"], status):
+            return None
+        if status == "failed":   # (as the leader logs it: the operator sees why workers fail)
+            log.warning("unit %s failed on worker %s: %s", unit["unit_id"], unit["worker_id"],
+                        failure.result.error[:500])
+        self.given += 1
+        return {"accepted": False, "status": status}, 200, None
 
 
 class Node:
@@ -301,21 +319,37 @@ class Node:
     async def ingest(self, job) -> None:
         """Results the other processes logged, into the job's inbox once each. Those the job already holds
         (``open`` loaded every open result) or that are decided are skipped; one taken from the list and
-        lost with this process is still open in Redis, so the next leader's ``open`` loads it."""
+        lost with this process is still open in Redis, so the next leader's ``open`` loads it. And the units
+        they were handed back: their shards back in line (``UnitFactory.put_back``), taken off their list in the
+        same script."""
         import redis
 
         store = job.store
         held = {u.seq for u in job.inbox} | set(job._undecided) | set(job._blobs)
+        requeued: set[str] = set()   # units given back whose shards are in line here, still listed in Redis
         while True:
             # the results, their rows and their deltas in one hop to a thread, every unit in one round trip: on
             # a busy event loop each hop and each round trip waits its turn, and the other processes answer
             # these results only once the leader holds them (until_ingested)
             try:
-                seqs, rows, deltas = await asyncio.to_thread(self._take, store, held)
+                seqs, rows, deltas, given = await asyncio.to_thread(self._take, store, held)
             except Exception:   # Redis in trouble: the lock's renewal decides whether this process still leads
                 log.exception("taking the other processes' results failed; trying again")
                 await asyncio.sleep(1.0)
                 continue
+            if given:
+                fresh, moved = [u for u in given if u not in requeued], False
+                try:
+                    units = store.units(fresh, kept=True)
+                    with store.transaction():   # the shard queue and the list, in one script
+                        job.factory.put_back(units)
+                        moved = True
+                        store.put_back(given)
+                    requeued.difference_update(given)
+                except redis.RedisError:   # still listed: the next turn takes them off (the next leader puts them
+                    if moved:               # back in line, from the queue it reads; this one has them in line)
+                        requeued.update(fresh)
+                    log.exception("putting back the units other processes were handed back failed")
             if not seqs:
                 continue
             try:
@@ -330,10 +364,11 @@ class Node:
                 log.exception("writing the trust records of results taken, and marking them taken, failed")
 
     @staticmethod
-    def _take(store, held: set[int]) -> tuple[list[int], list[dict], dict[int, dict]]:
+    def _take(store, held: set[int]) -> tuple[list[int], list[dict], dict[int, dict], list[str]]:
         """(In a thread.) The seqs the other processes logged since the last call (waiting up to a second for
-        one), the rows among them not held by the job nor decided, and each one's delta, decoded (by seq): a
-        row whose delta cannot be read is left out, and stays open: the next leader's open() offers it again."""
+        one, or for a unit given back), the rows among them not held by the job nor decided, each one's delta,
+        decoded (by seq): a row whose delta cannot be read is left out, and stays open: the next leader's open()
+        offers it again; and the units the other processes were handed back (``RedisStore.given_back``)."""
         from contract.codecs import decode_delta
 
         seqs = store.take_remote(1.0)
@@ -346,7 +381,7 @@ class Node:
             except Exception:
                 log.exception("result %d (unit %s): its delta could not be read; left for a restart", row["seq"],
                               row["unit_id"])
-        return seqs, rows, out
+        return seqs, rows, out, store.given_back()
 
     async def until_ingested(self, seq: int) -> bool:
         """Wait (at most ``INGEST_WAIT_S``) until the leader holds result ``seq``: the worker's next unit,
@@ -538,7 +573,8 @@ def public_app(node: Node):
         return web.json_response({"process": node.name, "pid": os.getpid(), "leader": node.lock.held,
                                   "leader_url": leader, "job": node.config.job,
                                   "results_taken": local.taken if local else 0,
-                                  "results_passed_to_leader": local.passed if local else 0},
+                                  "results_passed_to_leader": local.passed if local else 0,
+                                  "units_given_back": local.given if local else 0},
                                  headers={"Cache-Control": "no-cache"})
 
     async def leader_status() -> dict | None:

@@ -266,18 +266,28 @@ class UnitFactory:
     def give_up(self, unit: dict, status: str) -> None:
         """``unit`` (a store row) will not be used: its shards go back in line (once), unless its
         second copy covers them or it is a replica."""
-        queue = None
-        if unit["status"] == "leased" and not unit.get("replica_of") and not self.store.twin_alive(unit):
-            self.queue.requeue(self._queued(unit["shard_ids"]))
-            queue = self.queue.state()
+        queue = self.queue.state() if unit["status"] == "leased" and self._back_in_line(unit) else None
         self.store.set_unit_status(unit["unit_id"], status, only_if=None, queue=queue, read=unit)   # one statement
+
+    def put_back(self, units: list[dict]) -> None:
+        """Units another process of the job moved as handed back or failed (``RedisStore.give_back``), once each:
+        their shards go back in line as ``give_up`` puts them (in the caller's transaction)."""
+        moved = [unit for unit in units if self._back_in_line(unit)]
+        if moved:
+            self.store.set_meta("queue", self.queue.state())
+
+    def _back_in_line(self, unit: dict) -> bool:
+        """``unit``'s shards go to the front of the queue, unless its second copy covers them or it is a replica."""
+        if unit.get("replica_of") or self.store.twin_alive(unit):
+            return False
+        self.queue.requeue(self._queued(unit["shard_ids"]))
+        return True
 
     def expire(self) -> int:
         """Leases past their deadline: their shards go to the front of the queue."""
         expired = self.store.expire_leases(self.clock())
         for row in expired:
-            if not row["replica_of"] and not self.store.twin_alive(row):
-                self.queue.requeue(self._queued(row["shard_ids"]))
+            self._back_in_line(row)
         if expired:
             self.store.set_meta("queue", self.queue.state())
         return len(expired)

@@ -15,7 +15,9 @@ float such as a lease deadline comes back bit for bit):
                        u:deadline (zset by deadline, leased only), u:expired (zset by base step),
                        u:count (by status), u:tail (zset by issued: the leased units not copied
                        yet and not replicas, the job tail's candidates; ``tail_candidate``),
-                       replicas:<id> (the replicas issued for a unit)
+                       replicas:<id> (the replicas issued for a unit), u:given (units another process
+                       moved as handed back or failed, for the leader to put their shards back in line),
+                       u:given:wake (a token each, to wake the leader's wait)
     r:<seq>            a result's row; r:seq (counter), r:unit (unit id -> seq: a unit is accepted
                        once), r:all (list, acceptance order), r:open (neither folded nor dropped),
                        r:open:gen (counts the appends: the leader's cache of the open rows)
@@ -105,6 +107,26 @@ if st then
 end
 if ARGV[10] == '1' then redis.call('RPUSH', p .. 'r:remote', seq) end
 return seq
+"""
+
+# A unit handed back (or reported failed) to a process that does not lead: moved, if it is still out and has no
+# result, as the leader's give_up moves it, and listed for the leader (u:given), which puts its shards back in line.
+# ARGV: prefix, unit id, the new status, finished (JSON). 1: moved; 0: not (the leader decides).
+GIVE_BACK = """
+local p, unit_id, status = ARGV[1], ARGV[2], ARGV[3]
+local ukey = p .. 'u:' .. unit_id
+if redis.call('HGET', ukey, 'status') ~= '"leased"' or redis.call('HEXISTS', p .. 'r:unit', unit_id) == 1 then
+  return 0
+end
+redis.call('HSET', ukey, 'status', cjson.encode(status), 'finished', ARGV[4])
+redis.call('HINCRBY', p .. 'u:count', 'leased', -1)
+redis.call('HINCRBY', p .. 'u:count', status, 1)
+redis.call('ZREM', p .. 'u:leased', unit_id)
+redis.call('ZREM', p .. 'u:deadline', unit_id)
+redis.call('ZREM', p .. 'u:tail', unit_id)
+redis.call('RPUSH', p .. 'u:given', unit_id)
+redis.call('RPUSH', p .. 'u:given:wake', 1)
+return 1
 """
 
 TAIL_PAGE = 16   # rows tail_candidate reads at a time
@@ -204,6 +226,7 @@ class RedisStore(LeasedIndex):
             self._present = _Seen(PRESENT_TRUST_S)
         self._exec = self.r.register_script(FENCED_EXEC)
         self._append = self.r.register_script(APPEND_RESULT)
+        self._give_back = self.r.register_script(GIVE_BACK)
         # write-behind (``write_behind``): transactions put off (``_later``), written by a thread of their own
         # through a client that runs nothing first (``_plain``), or by the first other command (``_run_later``)
         self._plain = redis.Redis(connection_pool=self.r.connection_pool)
@@ -866,17 +889,37 @@ class RedisStore(LeasedIndex):
                                                  loss_after, compute_seconds, delta_blob, None), leader=False)
 
     def take_remote(self, block_s: float = 0.0) -> list[int]:
-        """Seqs of results other processes logged since the last call (waiting up to ``block_s`` for one)."""
-        key = self.p + "r:remote"
+        """Seqs of results other processes logged since the last call (waiting up to ``block_s`` for one, or for a
+        unit another process gave back: ``given_back``)."""
+        key, wake = self.p + "r:remote", self.p + "u:given:wake"
         out = []
         if block_s > 0:
-            first = self.r.blpop([key], timeout=block_s)
+            first = self.r.blpop([key, wake], timeout=block_s)
             if first is None:
                 return []
-            out.append(int(first[1]))
+            if first[0] == key:
+                out.append(int(first[1]))
         more = self.r.lpop(key, 1000)
         out += [int(x) for x in more or []]
         return out   # (their units leave the units out when the job takes them: ``_opened`` counts them then)
+
+    def give_back(self, unit_id: str, status: str) -> bool:
+        """(A process that does not lead.) A unit handed back or reported failed: moved to ``status`` if it is
+        still out and has no result, and listed for the leader (``given_back``); False: the leader decides."""
+        return bool(self._give_back(args=[self.p, unit_id, status, json.dumps(self.clock())]))
+
+    def given_back(self) -> list[str]:
+        """The units other processes gave back (``give_back``) and the leader has not yet put back in line; they
+        stay listed until ``put_back`` (in the transaction that writes the shard queue)."""
+        self.r.lpop(self.p + "u:given:wake", 1000)
+        return self.r.lrange(self.p + "u:given", 0, 999)
+
+    def put_back(self, unit_ids) -> None:
+        """(In the transaction that writes the shard queue.) Units of ``given_back`` whose shards are back in line:
+        no longer listed, no longer out."""
+        for unit_id in unit_ids:
+            self._w("LREM", self.p + "u:given", 1, unit_id)
+            self._unleased(unit_id)
 
     def mark_dropped(self, dropped: list[tuple[int, str]], offered: list[tuple[int, int, int]] = ()) -> None:
         with self.transaction():

@@ -970,6 +970,87 @@ def test_the_leader_folds_what_other_processes_logged(redis_url, tmp_path):
     lock.release()
 
 
+def test_a_unit_given_back_to_another_process_goes_back_in_line_once(redis_url, tmp_path):
+    """``RedisStore.give_back`` (a process that does not lead, handed a unit back or told it failed): moved as the
+    leader's ``give_up`` moves it, once, only while it is out without a result, and listed; the leader puts its
+    shards back in line and takes it off the list in one script (``UnitFactory.put_back``), unless a second copy
+    covers them; until then it counts as out."""
+    from coordinator.cluster import cluster_job
+    from coordinator.config import CoordinatorConfig
+    from coordinator.leader import LeaderLock
+    from tests.helpers.tiny_cifar import tiny_cifar10
+
+    cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
+                            local_steps=2, batch_size=32, replication="off")
+    lock = LeaderLock(redis_url, "ct:cifar10:leader", 5.0)
+    assert lock.try_acquire()
+    lock.keep(lambda: None)
+    job = cluster_job(cfg, redis_url, tmp_path / "blobs", lock)
+    job.open(tiny_cifar10(n_train=256, n_test=64))
+    job.store.write_behind()   # (as the leader's service: the units it issues are kept)
+    other = RedisStore(redis_url, "cifar10", tmp_path / "blobs")
+    u1, u2, u3 = (job.next_unit(UnitRequest(worker_id=w, backend="python")) for w in ("w1", "w2", "w3"))
+    out = job.store.leased_samples()
+    seq = other.append_result(u3.unit_id, "w3", 0, 0, u3.batch_size, 2.3, 2.2, 1.0, "a" * 64)
+    assert job.store.take_remote(block_s=0.1) == [seq]
+    assert other.give_back(u1.unit_id, "returned") and other.give_back(u2.unit_id, "failed")
+    assert not other.give_back(u1.unit_id, "returned"), "once"
+    assert not other.give_back(u3.unit_id, "returned"), "a unit with a result: the leader decides"
+    t0 = time.time()
+    assert job.store.take_remote(block_s=5.0) == [] and time.time() - t0 < 2.0, "woken, not timed out"
+    given = job.store.given_back()
+    assert given == [u1.unit_id, u2.unit_id] and job.store.leased_samples() == out, "out until put back"
+    assert {other.unit(u)["status"] for u in given} == {"returned", "failed"}
+    assert other.unit_counts() == {"returned": 1, "failed": 1, "done": 1}
+    shards = job.store.unit(u1.unit_id)["shard_ids"] + job.store.unit(u2.unit_id)["shard_ids"]
+    assert set(shards) <= set(job.store.leased_shards()) and not set(shards) & job.factory.retrying()
+    with job.store.transaction():
+        job.factory.put_back(job.store.units(given, kept=True))
+        job.store.put_back(given)
+    gone = sum(job.store.unit(u)["samples"] for u in given)
+    assert job.store.given_back() == [] and gone > 0 and job.store.leased_samples() == out - gone
+    assert set(shards) <= job.factory.retrying() and set(shards) <= set(job.store.get_meta("queue")["retry"])
+    assert other.unit_counts() == {"returned": 1, "failed": 1, "done": 1}, "moved once"
+    lock.release()
+
+
+@pytest.mark.timeout(300)
+def test_a_hand_back_is_answered_by_the_process_it_reaches(redis_url, tmp_path):
+    """A hand-back sent to a process that does not lead is answered there (with checks on too: it logs no result),
+    and the leader puts the unit's shards back in line; one the worker's lease does not cover goes to the
+    leader, which refuses it."""
+    from tests.helpers.tiny_cifar import write_official_archive
+
+    ps = Processes(tmp_path, redis_url, write_official_archive(tmp_path / "data", n_train=256, n_test=50))
+    try:
+        for i in (0, 1):
+            ps.start(i, "--replication", "adaptive")   # (results checked: every one goes to the leader)
+        first = ps.leader()
+        other = 1 - first
+        store = RedisStore(redis_url, "cifar10", tmp_path / "state" / "blobs")
+        unit = take(ps.url(other), "w1")
+        body = pack_result(UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id="w1",
+                                      base_version=unit.model_version, delta=b"", loss_before=0.0, loss_after=0.0,
+                                      num_samples=0, compute_seconds=0.0, error="returned: the tab was closed"))
+        forged = pack_result(UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id="w2",
+                                        base_version=unit.model_version, delta=b"", loss_before=0.0, loss_after=0.0,
+                                        num_samples=0, compute_seconds=0.0, error="returned"))
+        code, raw = call(f"{ps.url(other)}/api/v1/units/{unit.unit_id}/result", forged)
+        assert code == 403 and json.loads(raw)["error"]["code"] == "lease_invalid", raw
+        code, raw = call(f"{ps.url(other)}/api/v1/units/{unit.unit_id}/result", body)
+        assert code == 200 and json.loads(raw) == {"accepted": False, "status": "returned"}, raw
+        cluster = ps.cluster(other)
+        assert cluster["units_given_back"] == 1 and cluster["results_passed_to_leader"] == 1, cluster
+        assert store.unit(unit.unit_id)["status"] == "returned"
+        deadline = time.time() + 10
+        while store.r.llen("ct:cifar10:u:given") and time.time() < deadline:
+            time.sleep(0.05)
+        assert store.r.llen("ct:cifar10:u:given") == 0, ps.logs()
+        assert set(store.unit(unit.unit_id)["shard_ids"]) <= set(store.get_meta("queue")["retry"])
+    finally:
+        ps.stop()
+
+
 @pytest.mark.timeout(300)
 def test_each_process_serves_its_own_request_metrics_and_the_jobs_state(redis_url, tmp_path):
     """``/metrics`` on each process's port: its own request histogram (under the route templates, though it
