@@ -326,7 +326,7 @@ class Node:
 
         store = job.store
         held = {u.seq for u in job.inbox} | set(job._undecided) | set(job._blobs)
-        requeued: set[str] = set()   # units given back whose shards are in line here, still listed in Redis
+        requeued: set[str] = set()   # units given back whose shards are in line here, perhaps still listed
         while True:
             # the results, their rows and their deltas in one hop to a thread, every unit in one round trip: on
             # a busy event loop each hop and each round trip waits its turn, and the other processes answer
@@ -337,19 +337,19 @@ class Node:
                 log.exception("taking the other processes' results failed; trying again")
                 await asyncio.sleep(1.0)
                 continue
-            if given:
-                fresh, moved = [u for u in given if u not in requeued], False
+            requeued.intersection_update(given)   # (one no longer listed was taken off)
+            fresh = [u for u in given if u not in requeued]
+            if fresh:
                 try:
                     units = store.units(fresh, kept=True)
-                    with store.transaction():   # the shard queue and the list, in one script
+                except redis.RedisError:   # still listed: the next turn puts them back
+                    log.exception("reading the units other processes were handed back failed")
+                else:
+                    # the shard queue's state and the list, in one script put off (written with the next ones)
+                    with store.transaction(later=True):
                         job.factory.put_back(units)
-                        moved = True
-                        store.put_back(given)
-                    requeued.difference_update(given)
-                except redis.RedisError:   # still listed: the next turn takes them off (the next leader puts them
-                    if moved:               # back in line, from the queue it reads; this one has them in line)
-                        requeued.update(fresh)
-                    log.exception("putting back the units other processes were handed back failed")
+                        store.put_back(fresh)
+                    requeued.update(fresh)
             if not seqs:
                 continue
             try:

@@ -991,6 +991,7 @@ def test_a_unit_given_back_to_another_process_goes_back_in_line_once(redis_url, 
     other = RedisStore(redis_url, "cifar10", tmp_path / "blobs")
     u1, u2, u3 = (job.next_unit(UnitRequest(worker_id=w, backend="python")) for w in ("w1", "w2", "w3"))
     out = job.store.leased_samples()
+    assert job.store.unit(u3.unit_id)["status"] == "leased"   # (a read: the inserts put off are written first)
     seq = other.append_result(u3.unit_id, "w3", 0, 0, u3.batch_size, 2.3, 2.2, 1.0, "a" * 64)
     assert job.store.take_remote(block_s=0.1) == [seq]
     assert other.give_back(u1.unit_id, "returned") and other.give_back(u2.unit_id, "failed")
