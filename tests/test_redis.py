@@ -932,16 +932,11 @@ def test_the_shipped_redis_conf_keeps_every_write_through_kill_9_of_redis(tmp_pa
         proc.wait(10)
 
 
-def test_the_leader_folds_what_other_processes_logged(redis_url, tmp_path):
-    """``ClusterJob.take_remote``: a result another process appended goes to the inbox and is folded once
-    (the worker's record counts it); one from a worker quarantined since is dropped (``quarantined``)."""
-    import asyncio
-    import dataclasses
-
+def leading_job(redis_url: str, tmp_path: Path):
+    """A ``ClusterJob`` on tiny data whose process holds the leader lock, and the lock."""
     from coordinator.cluster import cluster_job
     from coordinator.config import CoordinatorConfig
     from coordinator.leader import LeaderLock
-    from coordinator.trust import Record
     from tests.helpers.tiny_cifar import tiny_cifar10
 
     cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
@@ -951,6 +946,18 @@ def test_the_leader_folds_what_other_processes_logged(redis_url, tmp_path):
     lock.keep(lambda: None)
     job = cluster_job(cfg, redis_url, tmp_path / "blobs", lock)
     job.open(tiny_cifar10(n_train=256, n_test=64))
+    return job, lock
+
+
+def test_the_leader_folds_what_other_processes_logged(redis_url, tmp_path):
+    """``ClusterJob.take_remote``: a result another process appended goes to the inbox and is folded once
+    (the worker's record counts it); one from a worker quarantined since is dropped (``quarantined``)."""
+    import asyncio
+    import dataclasses
+
+    from coordinator.trust import Record
+
+    job, lock = leading_job(redis_url, tmp_path)
     other = RedisStore(redis_url, "cifar10", tmp_path / "blobs")
     zeros = {k: np.zeros_like(v) for k, v in job.state.items()}
     taken = []
@@ -975,18 +982,7 @@ def test_a_unit_given_back_to_another_process_goes_back_in_line_once(redis_url, 
     leader's ``give_up`` moves it, once, only while it is out without a result, and listed; the leader puts its
     shards back in line and takes it off the list in one script (``UnitFactory.put_back``), unless a second copy
     covers them; until then it counts as out."""
-    from coordinator.cluster import cluster_job
-    from coordinator.config import CoordinatorConfig
-    from coordinator.leader import LeaderLock
-    from tests.helpers.tiny_cifar import tiny_cifar10
-
-    cfg = CoordinatorConfig(state=tmp_path / "state", model="cnn", shard_size=64, epochs=4.0, codec="fp32",
-                            local_steps=2, batch_size=32, replication="off")
-    lock = LeaderLock(redis_url, "ct:cifar10:leader", 5.0)
-    assert lock.try_acquire()
-    lock.keep(lambda: None)
-    job = cluster_job(cfg, redis_url, tmp_path / "blobs", lock)
-    job.open(tiny_cifar10(n_train=256, n_test=64))
+    job, lock = leading_job(redis_url, tmp_path)
     job.store.write_behind()   # (as the leader's service: the units it issues are kept)
     other = RedisStore(redis_url, "cifar10", tmp_path / "blobs")
     u1, u2, u3 = (job.next_unit(UnitRequest(worker_id=w, backend="python")) for w in ("w1", "w2", "w3"))
