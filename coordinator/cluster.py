@@ -184,18 +184,24 @@ class LocalIntake:
     def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int, int | None] | None:
         """(answer, HTTP status, the result's seq) when this process logged the result (or it is a duplicate:
         no seq); None when the leader must decide. Blocking: run it in a thread."""
+        from contract.errors import ContractError
+        from contract.units import unpack_result
         from coordinator.intake import Failure, Rejection
         from coordinator.limits import carries
 
         if self.tokens and not carries(authorization, self.tokens):
             return None
+        if self.checks and not carries(authorization, self.trusted):
+            try:   # a result the leader decides whether to hold for a check (a hand-back is taken here all the same)
+                if unpack_result(body).error is None:
+                    return None
+            except ContractError:
+                return None
         try:
             parsed = self.intake.parse(unit_id, body)
             if isinstance(parsed, Failure):
                 return self._give_back(parsed)
             if not isinstance(parsed, tuple):
-                return None
-            if self.checks and not carries(authorization, self.trusted):   # the leader decides whether to hold it
                 return None
             unit, result = parsed
             if unit.get("twin") or unit.get("replica_of"):
