@@ -1032,6 +1032,9 @@ def test_a_hand_back_is_answered_by_the_process_it_reaches(redis_url, tmp_path):
         forged = pack_result(UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id="w2",
                                         base_version=unit.model_version, delta=b"", loss_before=0.0, loss_after=0.0,
                                         num_samples=0, compute_seconds=0.0, error="returned"))
+        deadline = time.time() + 10   # (the leader writes a unit's row just after answering: until then it is the
+        while store.unit(unit.unit_id) is None and time.time() < deadline:   # leader's to decide, documented)
+            time.sleep(0.01)
         code, raw = call(f"{ps.url(other)}/api/v1/units/{unit.unit_id}/result", forged)
         assert code == 403 and json.loads(raw)["error"]["code"] == "lease_invalid", raw
         code, raw = call(f"{ps.url(other)}/api/v1/units/{unit.unit_id}/result", body)
