@@ -315,8 +315,12 @@ class RedisStore(LeasedIndex):
         command = [str(c) for c in cmd]
         if self._buffer is not None:
             self._buffer.append(command)
-        else:
+            return
+        try:
             self._flush([command])
+        except BaseException:   # (whether it ran is unknown: what is kept of the rows is read again, as after a
+            self._forget_rows()  # failed transaction, ``_end``)
+            raise
 
     def _flush(self, commands: list[list[str]], script=None) -> None:
         if not commands:
@@ -423,11 +427,7 @@ class RedisStore(LeasedIndex):
         else:
             self._open_cache.pop(seq, None)
             self._view = None
-        try:
-            self._hset(f"{self.p}r:{seq}", values)
-        except BaseException:   # (a write outside a transaction: whether it ran is unknown, the row is read again)
-            self._forget_rows()
-            raise
+        self._hset(f"{self.p}r:{seq}", values)
         if self._buffer is not None:
             self._rows_r.setdefault(seq, {}).update(values)
 
@@ -571,11 +571,7 @@ class RedisStore(LeasedIndex):
             self._w("ZADD", f"{self.p}off:{step}", rank, seq)
             top = max(top, rank)
         if top > self.last_offer_rank():
-            try:
-                self._w("SET", self.p + "r:rank", top)
-            except BaseException:
-                self._rank = None
-                raise
+            self._w("SET", self.p + "r:rank", top)
             if self.fence is not None:   # (only the leader writes it)
                 self._rank = top
 
@@ -845,8 +841,7 @@ class RedisStore(LeasedIndex):
         seq = self._append_script(row, leader=True)
         if seq < 0:
             return None
-        self._opened({**row, "seq": seq})   # out of the units out: into the pending samples at once
-        self._unleased(unit_id)
+        self.taken({**row, "seq": seq})   # out of the units out: into the pending samples at once
         return seq
 
     def _new_row(self, unit_id, worker_id, base_step, staleness, num_samples, loss_before, loss_after,
@@ -901,7 +896,7 @@ class RedisStore(LeasedIndex):
                 out.append(int(first[1]))
         more = self.r.lpop(key, 1000)
         out += [int(x) for x in more or []]
-        return out   # (their units leave the units out when the job takes them: ``_opened`` counts them then)
+        return out   # (their units leave the units out when the job takes them: ``taken`` counts them then)
 
     def give_back(self, unit_id: str, status: str) -> bool:
         """(A process that does not lead.) A unit handed back or reported failed: moved to ``status`` if it is
@@ -962,7 +957,7 @@ class RedisStore(LeasedIndex):
 
     def _kept_view(self) -> _OpenView | None:
         """The view last built, made again from the rows kept if this process changed or added one since: each
-        change is made to the kept row as it is written (``_set_result``, ``_opened``), so a fold or an offer
+        change is made to the kept row as it is written (``_set_result``, ``taken``), so a fold or an offer
         does not have every open row read again. Its ``gen`` stays the one read, so ``_open_view`` still builds
         it again after any append (another process's, or its own)."""
         if self._view is not None and self._view_stale:
@@ -971,14 +966,9 @@ class RedisStore(LeasedIndex):
         return self._view
 
     def taken(self, row: dict) -> None:
-        """The job took result ``row``, which another process logged (``take_remote``): its unit is no longer out,
-        its samples are pending."""
+        """Result ``row``, which this process appended (``add_result``) or the job took from another process
+        (``take_remote``): its unit is no longer out; its row is kept, and the view counts its samples at once."""
         self._unleased(row["unit_id"])
-        self._opened(row)
-
-    def _opened(self, row: dict) -> None:
-        """A result this process appended or the job took (``taken``): its row is kept, and the view counts it
-        at once."""
         if self._view is not None:
             self._open_cache[row["seq"]] = dict(row)
             self._view_stale = True
