@@ -253,6 +253,23 @@ def metrics_texts(urls: list[str]) -> list[str]:
     return texts
 
 
+def process_view(url: str, text: str) -> dict:
+    """One process of several: its own request histograms and loop lag, whether it leads (``/api/v1/cluster``), and
+    for the leader its job service's histograms (the requests the others forward to it, as it times them)."""
+    from coordinator.observe import loop_lag
+
+    view = {"url": url, "leader": None, "server": server_latency([text]), "loop_lag": loop_lag([text])}
+    try:
+        with urllib.request.urlopen(url + "/api/v1/cluster", timeout=30) as r:
+            cluster = json.load(r)
+        view["leader"] = bool(cluster.get("leader"))
+        if view["leader"] and cluster.get("leader_url"):
+            view["job_service"] = server_latency(metrics_texts([cluster["leader_url"]]))
+    except (OSError, ValueError):
+        pass
+    return view
+
+
 def server_latency(texts: list[str]) -> dict:
     """The coordinators' request histograms (``/metrics`` texts of each process, summed) of the routes the clients
     use: ``METHOD route template`` -> requests, p50/p95/p99 ms, statuses (``coordinator.observe``). Empty
@@ -399,6 +416,8 @@ def run_load(clients_n: int, duration: float, hold: float, model: str = "cnn", l
             result["server"] = server_latency(texts)
             # how late the coordinators' event loops ran a timer over the run (None for a --code without it)
             result["loop_lag"] = loop_lag(texts)
+            if len(urls) > 1:   # which hop the time goes to: each process's own histograms, the leader's named
+                result["by_process"] = [process_view(u, t) for u, t in zip(urls, texts)]
             result["coordinator_log_errors"] = [line for f in sorted(tmp.glob("coordinator*.log"))
                                                 for line in f.read_text().splitlines()
                                                 if "Traceback" in line or "ERROR" in line][:10]

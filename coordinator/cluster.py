@@ -7,14 +7,15 @@ Every process serves the job's whole protocol on its own port (workers and tabs 
   folds them, evaluates. Its HTTP service (``coordinator.app``, unchanged) listens on a loopback
   port of its own (``--advertise-host``), announced in Redis.
 - **Every process**, the leader's included, answers on its public port: blob downloads that are
-  not a browser's gzip request straight from the shared blob directory (``--blob-dir``); a result,
-  in a process that does not lead, checked and logged there (``LocalIntake``: the leader's own
+  not a browser's gzip request straight from the shared blob directory (``--blob-dir``); a result
+  or a hand-back, checked and logged there in a helper thread (``LocalIntake``: the leader's own
   intake checks on the rows in Redis, the delta's blob written, the row appended atomically while
   its unit is out), and the leader folds it (``Node.ingest``; the answer waits until the leader
-  holds it, ``Node.until_ingested``); everything else (unit requests,
-  failure reports, refusals, the dashboard) forwarded to the leader's service, the body read
+  holds it, ``Node.until_ingested``); everything else (unit requests, what ``LocalIntake`` leaves
+  to the leader, the dashboard) forwarded to the leader's service, the body read
   first, with the client's address appended to ``X-Forwarded-For`` (rate limits and the replica
-  address check still see the real client). While no leader answers (a takeover), a forwarded
+  address check still see the real client); the leader's own public port hands those to the job's
+  application in the same process (``in_process``). While no leader answers (a takeover), a forwarded
   request gets ``503`` with ``Retry-After``: the Python worker and the tab retry 5xx answers.
 - **Takeover**: the leader renews its lease every ``ttl / 6``; once it stops (``kill -9``),
   another process takes the lock within ``--leader-ttl`` seconds, opens the job from Redis
@@ -274,11 +275,15 @@ class Node:
         """Try the lock every ``POLL_S`` until this process leads, then open the job and serve it."""
         import redis
 
+        from coordinator import observe
         from models.data import load_cifar10
 
         cfg = self.config
         self.data = await asyncio.to_thread(load_cifar10, cfg.data, download=cfg.download, progress=False)
         self.local = await asyncio.to_thread(LocalIntake, self)
+        # start-up's objects (torch, the data's) out of the cycle collector's passes, as a leader's job does
+        # once it is ready: each full collection walked them all, 60-100 ms of the event loop (bench/load.py)
+        await observe.freeze_when(lambda: True)
         while True:
             try:
                 if await asyncio.to_thread(self.lock.try_acquire):
@@ -428,6 +433,10 @@ class Node:
             await self.session.close()
 
     # ------------------------------------------------------------------ forwarding
+    def served(self):
+        """The job's aiohttp application while this process leads and serves it, else None."""
+        return self.runner.app if self.runner is not None and self.lock.held else None
+
     async def leader(self, fresh: bool = False) -> str | None:
         if fresh or time.monotonic() - self._read_at > ADDRESS_CACHE_S:
             try:
@@ -503,6 +512,9 @@ def public_app(node: Node):
         return b"".join(chunks)
 
     async def forward(request: web.Request, body: bytes | None = None) -> web.StreamResponse:
+        own_job = node.served()
+        if own_job is not None and body is None:
+            return await in_process(request, own_job)
         if body is None and request.body_exists:
             body = await read_all(request)
             if isinstance(body, web.Response):
@@ -538,9 +550,18 @@ def public_app(node: Node):
             # once more (a kept-alive connection the leader had closed, or a new leader announced meanwhile)
         return no_leader(why)
 
+    async def in_process(request: web.Request, job_app: web.Application) -> web.StreamResponse:
+        """A request to the leader's own public port, answered by the job's application in this process (its
+        routes, middlewares and body cap), not sent to it over loopback: the round trip was two more HTTP
+        hops on the busiest event loop of the cluster. ``Expect`` was answered already, by this app."""
+        headers = request.headers.copy()
+        headers.popall("Expect", None)
+        return await job_app._handle(request.clone(headers=headers, client_max_size=job_app._client_max_size))
+
     async def result(request: web.Request) -> web.StreamResponse:
-        """A result: taken here while another process leads (``LocalIntake``), else the leader's."""
-        if node.lock.held or node.local is None:
+        """A result or a hand-back: taken here (``LocalIntake``, in a helper thread) where it can be, by the leader's
+        process too (then only the leader's ingest touches it on the event loop), else the leader's job decides."""
+        if node.local is None:
             return await forward(request)
         body = await read_all(request)
         if isinstance(body, web.Response):

@@ -773,10 +773,10 @@ def raw_request(base: str, method: str, path: str, headers: dict, body: bytes = 
 
 @pytest.mark.timeout(300)
 def test_the_leaders_own_port_answers_as_the_other_processes_port_does(redis_url, tmp_path):
-    """Each process's public port passes requests to the leader's service (the leader's own port too, over
-    loopback: answering them in-process was measured slower, bench/results/load_inprocess_2026-12-05): the
-    same answers on either port, for bodies that are JSON, binary, hostile, too large or sent after
-    ``Expect: 100-continue``, for unknown routes and files."""
+    """The other process's public port passes requests to the leader's service over HTTP; the leader's own
+    port hands them to the job's application in its process (``in_process``): the same answers on either
+    port, for bodies that are JSON, binary, hostile, too large or sent after ``Expect: 100-continue``, for
+    unknown routes and files."""
     ps, first = Processes.two(tmp_path, redis_url)
     try:
         bases = {"leader": ps.url(first), "other": ps.url(1 - first)}
@@ -813,6 +813,9 @@ def test_the_leaders_own_port_answers_as_the_other_processes_port_does(redis_url
         assert answers["leader"]["too large"][0] == 413 and answers["leader"]["unknown route"][0] == 404
         assert answers["leader"]["after 100-continue"] == (200, True)
         assert ps.status(first)["units_accepted"] == 4
+        # the leader's port took its results as the other's does (LocalIntake, in a helper thread) or passed them on
+        leader = ps.cluster(first)
+        assert leader["leader"] and leader["results_taken"] + leader["results_passed_to_leader"] >= 2, leader
     finally:
         ps.stop()
 
