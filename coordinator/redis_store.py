@@ -580,8 +580,9 @@ class RedisStore(LeasedIndex):
         if raw is None:
             return
         raw[0], raw[4] = blob, 0
-        self._put_version(step, raw)
-        self._w("ZADD", self.p + "vkept", step, step)
+        with self.transaction():   # one round trip, not two (the leader's event loop makes it for each version)
+            self._put_version(step, raw)
+            self._w("ZADD", self.p + "vkept", step, step)
 
     def offered_at(self, step: int) -> list[dict]:
         return self._result_rows(self.r.zrange(f"{self.p}off:{step}", 0, -1))
