@@ -163,8 +163,9 @@ class LocalIntake:
     while the unit is out (``RedisStore.append_result``); the leader folds it (``Node.ingest``). A hand-back
     or a failure report of a unit still out (not a tail copy, nor a replica) is moved here too
     (``RedisStore.give_back``); the leader puts its shards back in line.
-    Everything else goes to the leader: any refusal (the leader refuses it again, counts it, and ends the unit if the
-    refusal does), a tail unit's copy, a quarantined worker, a unit that ended meanwhile, and, while
+    A refusal that ends a unit still out (too stale) is answered here, the unit moved the same way.
+    Everything else goes to the leader: any other refusal (the leader refuses it again and counts it), a tail
+    unit's copy, a quarantined worker, a unit that ended meanwhile, and, while
     replicated checks are on (``--replication``, the default), every result but those of the operator's own
     workers (``--trusted-tokens``, never checked): the leader decides, from the worker's trust record,
     whether the result is held for a replica, and it issues and judges the replicas."""
@@ -179,7 +180,7 @@ class LocalIntake:
         self.intake = Intake(cfg, self.store, self.store.secret(), node.spec, time.time)
         self.trusted = trusted_tokens(cfg)   # the operator's own workers: never checked, so taken here with checks on
         self.tokens = gate_tokens(cfg, self.trusted)
-        self.taken = self.passed = self.given = 0
+        self.taken = self.passed = self.given = self.refused = 0
         self.checks = cfg.replication != "off"
 
     def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int, int | None] | None:
@@ -198,6 +199,7 @@ class LocalIntake:
                     return None
             except ContractError:
                 return None
+        unit = None
         try:
             parsed = self.intake.parse(unit_id, body)
             if isinstance(parsed, Failure):
@@ -213,8 +215,8 @@ class LocalIntake:
             latest = self.store.latest_version()
             step = latest.step if latest else 0
             accepted = self.intake.accept(unit, result, step)
-        except Rejection:
-            return None
+        except Rejection as r:
+            return self._refuse(unit, r)
         blob = self.store.put_result_blob(result.delta)
         seq = self.store.append_result(unit_id, result.worker_id, unit["base_step"], accepted.staleness,
                                        result.num_samples, result.loss_before, result.loss_after,
@@ -227,6 +229,19 @@ class LocalIntake:
         self.taken += 1
         return {"accepted": True, "staleness": accepted.staleness, "model_version": step,
                 "late": accepted.late}, 200, seq
+
+    def _refuse(self, unit: dict | None, rejection) -> tuple[dict, int, None] | None:
+        """A refusal that ends a unit still out (``Rejection.give_up``: too stale, say, about half the results
+        at the staleness cap under load) of a result checked here: the unit moved as the leader's ``give_up``
+        would move it (``RedisStore.give_back``, its shards put back in line by the leader), the refusal counted,
+        and answered here as the leader would answer it. None (the leader decides): any other refusal, or a unit
+        that changed meanwhile."""
+        if (unit is None or rejection.give_up is None or unit["status"] != "leased" or unit.get("twin")
+                or unit.get("replica_of") or not self.store.give_back(unit["unit_id"], rejection.give_up)):
+            return None
+        self.store.count_rejection(rejection.code)
+        self.refused += 1
+        return rejection.body(), rejection.status, None
 
     def _give_back(self, failure) -> tuple[dict, int, None] | None:
         """A hand-back or a failure report of a unit still out (not a tail copy, nor a replica): moved here as the
@@ -605,7 +620,8 @@ def public_app(node: Node):
                                   "leader_url": leader, "job": node.config.job,
                                   "results_taken": local.taken if local else 0,
                                   "results_passed_to_leader": local.passed if local else 0,
-                                  "units_given_back": local.given if local else 0},
+                                  "units_given_back": local.given if local else 0,
+                                  "results_refused": local.refused if local else 0},
                                  headers={"Cache-Control": "no-cache"})
 
     async def leader_status() -> dict | None:

@@ -682,13 +682,13 @@ class Processes:
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     @classmethod
-    def two(cls, tmp: Path, url: str) -> tuple[Processes, int]:
-        """Both processes started on tiny data: (them, the index of the one that leads)."""
+    def two(cls, tmp: Path, url: str, *extra: str) -> tuple[Processes, int]:
+        """Both processes started on tiny data (with ``extra`` options): (them, the index of the one that leads)."""
         from tests.helpers.tiny_cifar import write_official_archive
 
         ps = cls(tmp, url, write_official_archive(tmp / "data", n_train=256, n_test=50))
-        ps.start(0)
-        ps.start(1)
+        ps.start(0, *extra)
+        ps.start(1, *extra)
         try:
             return ps, ps.leader()
         except BaseException:
@@ -1050,6 +1050,37 @@ def test_a_hand_back_is_answered_by_the_process_it_reaches(redis_url, tmp_path):
             time.sleep(0.05)
         assert store.r.llen("ct:cifar10:u:given") == 0, ps.logs()
         assert set(store.unit(unit.unit_id)["shard_ids"]) <= set(store.get_meta("queue")["retry"])
+    finally:
+        ps.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_too_stale_result_is_refused_by_the_process_it_reaches(redis_url, tmp_path):
+    """A result refused as too stale (a refusal that ends its unit) is answered by the process it reaches, as the
+    leader would answer it: the unit moved to ``stale``, its shards put back in line by the leader, the refusal
+    counted; the job's accepted results are the others'."""
+    ps, first = Processes.two(tmp_path, redis_url, "--max-staleness", "0")
+    try:
+        other = 1 - first
+        store = RedisStore(redis_url, "cifar10", tmp_path / "state" / "blobs")
+        old, fresh = take(ps.url(other), "w-old"), take(ps.url(other), "w-fresh")
+        v0 = decode_delta(store.get_blob(store.version(0).blob))
+        submit(ps.url(other), fresh, "w-fresh", 1, v0)
+        deadline = time.time() + 30
+        while store.latest_version().step < 1 and time.time() < deadline:   # folded: the old unit is a version behind
+            time.sleep(0.05)
+        body = pack_result(UnitResult(unit_id=old.unit_id, lease=old.lease, worker_id="w-old",
+                                      base_version=old.model_version, delta=fp32(v0), loss_before=2.3, loss_after=2.2,
+                                      num_samples=old.batch_size, compute_seconds=1.0))
+        code, raw = call(f"{ps.url(other)}/api/v1/units/{old.unit_id}/result", body)
+        assert code == 409 and json.loads(raw)["error"]["code"] == "too_stale", raw
+        cluster = ps.cluster(other)
+        assert cluster["results_refused"] == 1 and cluster["results_passed_to_leader"] == 0, cluster
+        assert store.unit(old.unit_id)["status"] == "stale" and store.rejections() == {"too_stale": 1}
+        while store.r.llen("ct:cifar10:u:given") and time.time() < deadline:
+            time.sleep(0.05)
+        assert set(store.unit(old.unit_id)["shard_ids"]) <= set(store.get_meta("queue")["retry"]), ps.logs()
+        assert ps.status(first)["units_accepted"] == 1
     finally:
         ps.stop()
 
