@@ -183,6 +183,15 @@ class LocalIntake:
         self.taken = self.passed = self.given = self.refused = 0
         self.checks = cfg.replication != "off"
 
+    def leader_decides(self, authorization: str | None) -> bool:
+        """Whether the leader decides every result sent with this ``Authorization`` (a token the gate does not
+        know, or a stranger's while checks are on): ``take`` passes them all on, reading each body for nothing
+        but whether it is a hand-back."""
+        from coordinator.limits import carries
+
+        return bool(self.tokens and not carries(authorization, self.tokens)) or (
+            self.checks and not carries(authorization, self.trusted))
+
     def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int, int | None] | None:
         """(answer, HTTP status, the result's seq) when this process logged the result (or it is a duplicate:
         no seq); None when the leader must decide. Blocking: run it in a thread."""
@@ -572,7 +581,9 @@ def public_app(node: Node):
     async def in_process(request: web.Request, job_app: web.Application) -> web.StreamResponse:
         """A request to the leader's own public port, answered by the job's application in this process (its
         routes, middlewares and body cap), not sent to it over loopback: the round trip was two more HTTP
-        hops on the busiest event loop of the cluster. ``Expect`` was answered already, by this app."""
+        hops on the busiest event loop of the cluster. ``Expect`` was answered already, by this app. (aiohttp's
+        ``Application._handle``, private: the test of equal answers on both ports guards it.) A body this app
+        has read already (a result ``LocalIntake`` refused to take) still goes over loopback."""
         headers = request.headers.copy()
         headers.popall("Expect", None)
         return await job_app._handle(request.clone(headers=headers, client_max_size=job_app._client_max_size))
@@ -580,8 +591,9 @@ def public_app(node: Node):
     async def result(request: web.Request) -> web.StreamResponse:
         """A result or a hand-back: taken here (``LocalIntake``, in a helper thread) where it can be, by the leader's
         process too (then only the leader's ingest touches it on the event loop), else the leader's job decides."""
-        if node.local is None:
-            return await forward(request)
+        if node.local is None or (node.served() is not None
+                                  and node.local.leader_decides(request.headers.get("Authorization"))):
+            return await forward(request)   # (the leader's job in-process: its hand-backs are cheap there)
         body = await read_all(request)
         if isinstance(body, web.Response):
             return body

@@ -1050,6 +1050,20 @@ def test_a_hand_back_is_answered_by_the_process_it_reaches(redis_url, tmp_path):
             time.sleep(0.05)
         assert store.r.llen("ct:cifar10:u:given") == 0, ps.logs()
         assert set(store.unit(unit.unit_id)["shard_ids"]) <= set(store.get_meta("queue")["retry"])
+        # on the leader's own port, with checks on, a stranger's result and hand-back go straight to its job (the
+        # body read once, in-process): answered alike, nothing taken or passed on by its LocalIntake
+        for w, error in (("w3", "returned: the tab was closed"), ("w4", None)):
+            unit = take(ps.url(first), w)
+            v0 = decode_delta(store.get_blob(unit.model_version))
+            body = pack_result(UnitResult(unit_id=unit.unit_id, lease=unit.lease, worker_id=w,
+                                          base_version=unit.model_version, delta=b"" if error else fp32(v0),
+                                          loss_before=2.3, loss_after=2.2, num_samples=0 if error else unit.batch_size,
+                                          compute_seconds=1.0, error=error))
+            code, raw = call(f"{ps.url(first)}/api/v1/units/{unit.unit_id}/result", body)
+            assert code == 200 and json.loads(raw)["accepted"] == (error is None), raw
+        leader = ps.cluster(first)
+        assert leader["leader"] and (leader["results_taken"], leader["results_passed_to_leader"],
+                                     leader["units_given_back"]) == (0, 0, 0), leader
     finally:
         ps.stop()
 
