@@ -158,7 +158,7 @@ def cluster_job(config, url: str, blobs: Path, lock, **job_args):
 
 
 class LocalIntake:
-    """How a process that does not lead takes a result itself: the leader's intake checks (the same
+    """How a process (the leader's too, on its public port) takes a result itself: the leader's intake checks (the same
     ``Intake``, on the rows in Redis), the delta's blob written, the row appended in one atomic step
     while the unit is out (``RedisStore.append_result``); the leader folds it (``Node.ingest``). A hand-back
     or a failure report of a unit still out (not a tail copy, nor a replica) is moved here too
