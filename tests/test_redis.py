@@ -1079,8 +1079,10 @@ def test_a_too_stale_result_is_refused_by_the_process_it_reaches(redis_url, tmp_
         store = RedisStore(redis_url, "cifar10", tmp_path / "state" / "blobs")
         old, fresh = take(ps.url(other), "w-old"), take(ps.url(other), "w-fresh")
         v0 = decode_delta(store.get_blob(store.version(0).blob))
+        deadline = time.time() + 30   # (the leader writes a unit's row just after answering: until then its results
+        while None in (store.unit(old.unit_id), store.unit(fresh.unit_id)) and time.time() < deadline:   # are its own)
+            time.sleep(0.01)
         submit(ps.url(other), fresh, "w-fresh", 1, v0)
-        deadline = time.time() + 30
         while store.latest_version().step < 1 and time.time() < deadline:   # folded: the old unit is a version behind
             time.sleep(0.05)
         body = pack_result(UnitResult(unit_id=old.unit_id, lease=old.lease, worker_id="w-old",
