@@ -187,10 +187,19 @@ class LocalIntake:
         """Whether the leader decides every result sent with this ``Authorization`` (a token the gate does not
         know, or a stranger's while checks are on): ``take`` passes them all on, reading each body for nothing
         but whether it is a hand-back."""
+        return self._gated(authorization) or self._checked(authorization)
+
+    def _gated(self, authorization: str | None) -> bool:
+        """A token the gate (``--worker-tokens``) does not know: the leader decides everything it sends."""
         from coordinator.limits import carries
 
-        return bool(self.tokens and not carries(authorization, self.tokens)) or (
-            self.checks and not carries(authorization, self.trusted))
+        return bool(self.tokens) and not carries(authorization, self.tokens)
+
+    def _checked(self, authorization: str | None) -> bool:
+        """A stranger's while checks are on: the leader decides whether its results are held for a check."""
+        from coordinator.limits import carries
+
+        return self.checks and not carries(authorization, self.trusted)
 
     def take(self, unit_id: str, body: bytes, authorization: str | None) -> tuple[dict, int, int | None] | None:
         """(answer, HTTP status, the result's seq) when this process logged the result (or it is a duplicate:
@@ -198,11 +207,10 @@ class LocalIntake:
         from contract.errors import ContractError
         from contract.units import unpack_result
         from coordinator.intake import Failure, Rejection
-        from coordinator.limits import carries
 
-        if self.tokens and not carries(authorization, self.tokens):
+        if self._gated(authorization):
             return None
-        if self.checks and not carries(authorization, self.trusted):
+        if self._checked(authorization):
             try:   # a result the leader decides whether to hold for a check (a hand-back is taken here all the same)
                 if unpack_result(body).error is None:
                     return None
@@ -245,21 +253,24 @@ class LocalIntake:
         would move it (``RedisStore.give_back``, its shards put back in line by the leader), the refusal counted,
         and answered here as the leader would answer it. None (the leader decides): any other refusal, or a unit
         that changed meanwhile."""
-        if (unit is None or rejection.give_up is None or unit["status"] != "leased" or unit.get("twin")
-                or unit.get("replica_of") or not self.store.give_back(unit["unit_id"], rejection.give_up)):
+        if unit is None or rejection.give_up is None or not self._move(unit, rejection.give_up):
             return None
         self.store.count_rejection(rejection.code)
         self.refused += 1
         return rejection.body(), rejection.status, None
+
+    def _move(self, unit: dict, status: str) -> bool:
+        """Move ``unit`` (as read) to ``status`` as the leader's ``give_up`` would, if it is out and neither a tail copy
+        nor a replica (those are the leader's) and still out without a result in Redis (``RedisStore.give_back``)."""
+        return (unit["status"] == "leased" and not unit.get("twin") and not unit.get("replica_of")
+                and self.store.give_back(unit["unit_id"], status))
 
     def _give_back(self, failure) -> tuple[dict, int, None] | None:
         """A hand-back or a failure report of a unit still out (not a tail copy, nor a replica): moved here as the
         leader's ``give_up`` moves it, its shards put back in line by the leader (``Node.ingest``); the answer is
         the leader's. None: the leader decides."""
         unit, status = failure.unit, failure.status
-        if unit["status"] != "leased" or unit.get("twin") or unit.get("replica_of"):
-            return None
-        if not self.store.give_back(unit["unit_id"], status):
+        if not self._move(unit, status):
             return None
         if status == "failed":   # (as the leader logs it: the operator sees why workers fail)
             log.warning("unit %s failed on worker %s: %s", unit["unit_id"], unit["worker_id"],
