@@ -107,6 +107,8 @@ def slow_sender(seconds: float, got: int) -> Rejection:
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body (its Content-Length already checked), or a 408 ``Rejection`` for a slow sender."""
+    if not request.body_exists:   # aiohttp's one shared empty stream: its iter_chunks() ends only the first
+        return b""                # time, then yields (b"", True) forever without awaiting (the loop spun)
     seconds = body_seconds(request.content_length or 0)
     chunks = []
     try:

@@ -176,6 +176,22 @@ async def test_unit_result_without_content_length(app_client, issued):
     assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
 
 
+@pytest.mark.timeout(60, method="thread")
+async def test_empty_results_are_refused_each_time_and_the_loop_goes_on(app_client, issued):
+    """A body of 0 bytes, sent again and again: aiohttp gives every such request one shared empty stream, whose
+    ``iter_chunks`` ends only the first time; from the second on it yielded ``(b"", True)`` forever without
+    awaiting, and the event loop spun in ``read_body`` (100% CPU, memory growing by a list item a turn) with
+    every other request stuck behind it: one worker could stop the coordinator with two empty POSTs."""
+    client, _ = app_client
+    unit, _ = issued
+    for _ in range(3):
+        resp = await client.post(f"/api/v1/units/{unit['unit_id']}/result", data=b"",
+                                 headers={"Content-Type": "application/octet-stream"})
+        await check(resp, "empty body")
+        assert resp.status == 400, resp.status
+    assert (await client.get("/api/status")).status == 200
+
+
 @HOSTILE
 @given(blob=st.one_of(path_part, st.sampled_from(["f" * 64, "F" * 64, "f" * 63])), extra=headers)
 async def test_blobs(app_client, blob, extra):
