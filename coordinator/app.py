@@ -55,6 +55,10 @@ REQUEST_MAX_BYTES = 64 * 1024   # a UnitRequest is a few hundred bytes
 JSON_MAX_DEPTH = 8              # a UnitRequest nests two levels (an object of lists)
 BODY_MIN_SECONDS = 10.0         # a body may take this long, plus its size at BODY_MIN_RATE
 BODY_MIN_RATE = 64 * 1024       # bytes/s: a slower sender is cut off with a 408 (it holds a connection)
+# every server of the coordinator is made with these (run_app, AppRunner): a request's body is taken as sent,
+# never inflated by aiohttp's parser (a gzip body of a few KB inflates to GBs before a handler counts a byte,
+# and an encoding aiohttp cannot decode was a 400 with a traceback in the log); an encoded body is refused
+SERVER_ARGS = {"auto_decompress": False}
 BATCH_RE = re.compile(r"[0-9]{1,9}")
 VERSION_RE = re.compile(r"final|best|[0-9]{1,15}")
 LIMIT_RE = re.compile(r"[0-9]{1,7}")
@@ -105,8 +109,21 @@ def slow_sender(seconds: float, got: int) -> Rejection:
     return Rejection("timeout", 408, f"body: expected it within {seconds:.0f} s, got {got} bytes by then", "body")
 
 
+def encoded(request: web.Request) -> Rejection | None:
+    """A 415 for a body that says it is compressed: workers and tabs send bodies as they are, and the servers
+    do not inflate them (``SERVER_ARGS``)."""
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        return None
+    return Rejection("unsupported_encoding", 415, f"Content-Encoding: expected none (a body as it is), got "
+                     f"{coding[:40]!r}", "Content-Encoding")
+
+
 async def read_body(request: web.Request) -> bytes:
-    """The whole body (its Content-Length already checked), or a 408 ``Rejection`` for a slow sender."""
+    """The whole body (its Content-Length already checked), or a 408 ``Rejection`` for a slow sender, a 415
+    for an encoded one."""
+    if (refused := encoded(request)) is not None:
+        raise refused
     if not request.body_exists:   # aiohttp's one shared empty stream: its iter_chunks() ends only the first
         return b""                # time, then yields (b"", True) forever without awaiting (the loop spun)
     seconds = body_seconds(request.content_length or 0)
@@ -123,6 +140,8 @@ async def read_body(request: web.Request) -> bytes:
 async def read_json(request: web.Request, field: str) -> object:
     """The body as strict JSON (UTF-8, no duplicate keys, no NaN, at most ``JSON_MAX_DEPTH`` deep,
     at most ``REQUEST_MAX_BYTES``); a ``Rejection`` naming ``field`` otherwise."""
+    if (refused := encoded(request)) is not None:
+        raise refused
     too_large = f"body: expected at most {REQUEST_MAX_BYTES} bytes, got "
     if request.content_length is not None and request.content_length > REQUEST_MAX_BYTES:
         raise Rejection("too_large", 413, too_large + str(request.content_length), "body")

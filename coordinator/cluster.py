@@ -343,14 +343,15 @@ class Node:
     async def _lead(self) -> None:
         from aiohttp import web
 
-        from coordinator.app import create_app
+        from coordinator.app import SERVER_ARGS, create_app
 
         job = cluster_job(self.config, self.url, self.blobs, self.lock)
         await asyncio.to_thread(job.open, self.data)
         self.job = job
         # the leader's own service logs no access lines: the public app of this process logs each request once
         own = dataclasses.replace(self.config, access_log="off")
-        self.runner = web.AppRunner(create_app(own, job, warm=True, several=False), handle_signals=False, access_log=None)
+        self.runner = web.AppRunner(create_app(own, job, warm=True, several=False), handle_signals=False, access_log=None,
+                                    **SERVER_ARGS)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.args.advertise_host, 0)
         await site.start()
@@ -521,7 +522,8 @@ def public_app(node: Node):
 
     from contract.units import is_blob_id
     from coordinator import observe
-    from coordinator.app import DASHBOARD_FILES, IMMUTABLE, ROUTES, body_seconds, gzip_for_browser, slow_sender
+    from coordinator.app import (DASHBOARD_FILES, IMMUTABLE, ROUTES, body_seconds, encoded, gzip_for_browser,
+                                 slow_sender)
     from coordinator.limits import client_address
     from coordinator.threads import helper_threads
 
@@ -531,6 +533,8 @@ def public_app(node: Node):
     async def read_all(request: web.Request) -> bytes | web.Response:
         """The whole body, at most the job's cap (read before forwarding: a request is answered only
         once its body is in, which a proxy in front needs, and it can be sent again)."""
+        if (refused := encoded(request)) is not None:
+            return web.json_response(refused.body(), status=refused.status)
         cap, size = node.max_body, request.content_length
         if size is not None and size > cap:
             return web.json_response({"error": {"code": "too_large", "field": "body", "message":
@@ -710,6 +714,7 @@ def serve(args: argparse.Namespace, config, sock) -> int:
     """``crowdtrain coordinator --redis URL``: this process's public service on ``sock`` until stopped."""
     from aiohttp import web
 
+    from coordinator.app import SERVER_ARGS
     from coordinator.main import urls
 
     try:
@@ -727,7 +732,7 @@ def serve(args: argparse.Namespace, config, sock) -> int:
           f"blobs in {node.blobs}; waiting for the leader lock or forwarding to its holder", flush=True)
     try:
         web.run_app(public_app(node), sock=sock, print=None, handle_signals=True, shutdown_timeout=5,
-                    access_log=None)   # --access-log: coordinator.observe
+                    access_log=None, **SERVER_ARGS)   # --access-log: coordinator.observe
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0

@@ -270,14 +270,14 @@ def cli(argv: list[str], prog: str = "crowdtrain coordinator", command: str = "c
     config, job, resumed = opened
     from aiohttp import web
 
-    from coordinator.app import create_app
+    from coordinator.app import SERVER_ARGS, create_app
 
     url, _ = urls(config.host, sock.getsockname()[1], args.public_url)
     print(f"coordinator for {config.model} ({job.strategy_name}) on {url}  dashboard: {url}/dashboard\n"
           f"  {start_line(config, job, resumed)}\n  {checks_line(config)}", flush=True)
     try:
         web.run_app(create_app(config, job, warm=True), sock=sock, print=None, handle_signals=True,
-                    shutdown_timeout=5, access_log=None)   # --access-log: coordinator.observe
+                    shutdown_timeout=5, access_log=None, **SERVER_ARGS)   # --access-log: coordinator.observe
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0

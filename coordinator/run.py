@@ -168,9 +168,10 @@ class Session:
     async def run(self) -> int:
         from aiohttp import web
 
-        from coordinator.app import create_app
+        from coordinator.app import SERVER_ARGS, create_app
 
-        runner = web.AppRunner(create_app(self.config, self.job, warm=True), handle_signals=False, access_log=None)
+        runner = web.AppRunner(create_app(self.config, self.job, warm=True), handle_signals=False, access_log=None,
+                               **SERVER_ARGS)
         await runner.setup()
         await web.SockSite(runner, self.sock).start()
         url, local_url = urls(self.config.host, self.sock.getsockname()[1], self.args.public_url)

@@ -11,16 +11,18 @@ are tested in their own files.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import string
 from urllib.parse import quote
 
 import pytest
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.app import JSON_MAX_DEPTH, REQUEST_MAX_BYTES, create_app
+from coordinator.app import JSON_MAX_DEPTH, REQUEST_MAX_BYTES, SERVER_ARGS, create_app
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
 from tests.helpers.tiny_cifar import tiny_cifar10
@@ -39,7 +41,9 @@ async def app_client(aiohttp_client, tmp_path, caplog):
     job = Job(cfg)
     job.open(tiny_cifar10(n_train=256, n_test=64))
     caplog.set_level(logging.WARNING)
-    client = await aiohttp_client(create_app(cfg, job))
+    server = TestServer(create_app(cfg, job))
+    await server.start_server(**SERVER_ARGS)   # as the coordinator's servers (aiohttp_client drops server_kwargs)
+    client = await aiohttp_client(server)
     yield client, job
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
@@ -190,6 +194,27 @@ async def test_empty_results_are_refused_each_time_and_the_loop_goes_on(app_clie
         await check(resp, "empty body")
         assert resp.status == 400, resp.status
     assert (await client.get("/api/status")).status == 200
+
+
+async def test_an_encoded_body_is_refused_not_inflated(app_client, issued):
+    """A body sent with Content-Encoding is a 415 naming the header on every route that reads one: not inflated
+    (a result of 10 KB of gzip inflates to 10 MB, past the Content-Length that was checked), and an encoding
+    aiohttp cannot decode (br) is no 400 from its parser with a traceback in the log (the fixture checks)."""
+    client, _ = app_client
+    unit, _ = issued
+    bomb = gzip.compress(b"CTR1" + bytes(10 << 20))
+    assert len(bomb) < 20_000
+    routes = (f"/api/v1/units/{unit['unit_id']}/result", "/api/v1/units/next", "/api/v1/workers/w1/name")
+    for route in routes:
+        for coding, body in (("gzip", bomb), ("br", b"garbage"), ("deflate", b"garbage"), ("x-odd", b"{}")):
+            resp = await client.post(route, data=body, headers={"Content-Encoding": coding,
+                                                                 "Content-Type": "application/octet-stream"})
+            await check(resp, (route, coding))
+            error = (await resp.json())["error"]
+            assert resp.status == 415 and error["code"] == "unsupported_encoding", (route, coding, error)
+            assert error["field"] == "Content-Encoding" and repr(coding) in error["message"], error
+    resp = await client.post("/api/v1/units/next", json=VALID_REQUEST, headers={"Content-Encoding": "identity"})
+    assert resp.status == 200
 
 
 @HOSTILE
