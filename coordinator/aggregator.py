@@ -94,6 +94,13 @@ class Aggregator:
         self.due = self.due or admission.due
         return dropped
 
+    def withdraw(self, worker_id: str) -> list[int]:
+        """The seqs of ``worker_id``'s buffered updates, taken out of the strategy unfolded (``Strategy.withdraw``)."""
+        seqs = [u.key for u in self.strategy.withdraw(worker_id)]
+        for seq in seqs:
+            self._samples.pop(seq, None)
+        return seqs
+
     def aggregate(self) -> Aggregation:
         """Fold what is buffered (blocking). The model is unchanged until ``advance``."""
         t0 = time.perf_counter()

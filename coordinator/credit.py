@@ -1,7 +1,8 @@
 """Credit and the leaderboard (after BOINC's credit and stats): what each worker id has given.
 
 Credit is the samples of a worker's results that were folded into a model version and never
-dropped (``Store.credit_totals``): a quarantined or distrusted worker's results, stale ones the
+dropped (``Store.credit_totals``), and none at all for a quarantined worker (its lies used unchecked
+before it was found out were folded too): a distrusted worker's results, stale ones the
 aggregator dropped, superseded tail copies and replicas earn nothing, and a held result earns
 once its check passed and it is folded. The ranking is recomputed from the store at most every
 ``CACHE_S`` seconds, so a thousand tabs polling their rank cost one query per window.
@@ -142,10 +143,13 @@ class CreditBoard:
     def snapshot(self) -> Snapshot:
         now = self.monotonic()
         if self._snapshot is None or now - self._snapshot.taken >= self.cache_s:
-            totals = self.store().credit_totals()
+            store = self.store()
+            totals = store.credit_totals()
+            # a quarantined worker (found lying twice) keeps none: its lies used before it was caught counted
+            quarantined = {r["worker_id"] for r in store.trust_records() if r.get("quarantined")}
             self.queries += 1
             rows = rank([{"worker_id": r["worker_id"], "samples": int(r["samples"] or 0), "units": int(r["units"]),
-                          "last": r["last"]} for r in totals])
+                          "last": r["last"]} for r in totals if r["worker_id"] not in quarantined])
             self._snapshot = Snapshot(rows, {r["worker_id"]: r for r in rows},
                                       {"workers": len(rows), "samples": sum(r["samples"] for r in rows),
                                        "units": sum(r["units"] for r in rows)}, self.clock(), now)

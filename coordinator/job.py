@@ -197,7 +197,7 @@ class Job:
         self.finished = False
         self.policy = T.TrustPolicy()
         self.checks: deque[int] = deque()    # seqs of replicas' results waiting for a verdict
-        self.check_counts = {"replicas_issued": 0, "agreed": 0, "disagreed": 0, "recomputed": 0}
+        self.check_counts = {"replicas_issued": 0, "agreed": 0, "agreed_unvouched": 0, "disagreed": 0, "recomputed": 0}
         self._draw = (rng or random.SystemRandom()).random   # which results are checked
 
     # ------------------------------------------------------------------ start-up (blocking)
@@ -749,9 +749,12 @@ class Job:
         backend = holder.backend if holder is not None else "unknown"
         tolerance = self.policy.tolerance_for(backend)
         if replica is not None and T.agree(T.compare(deltas[0], deltas[1]), tolerance):
-            self.check_counts["agreed"] += 1
-            self._verdict(rows, deltas, ["valid", "valid"])
-            return
+            if any(T.vouches(self.trust.get(r["worker_id"]), self.policy) for r in rows):
+                self.check_counts["agreed"] += 1
+                self._verdict(rows, deltas, ["valid", "valid"])
+                return
+            # neither party has earned trust: two fresh ids (one volunteer's, say) would vouch for each other's lie
+            self.check_counts["agreed_unvouched"] += 1
         if replica is not None:
             self.check_counts["disagreed"] += 1
         wire = self.store.unit(original["unit_id"])["wire"]
@@ -806,14 +809,29 @@ class Job:
                 if w is not None:
                     self.trust.verdict(row["worker_id"], w, row["num_samples"] if w else 0)
             for row, w in zip(rows, won):
-                if w is False:   # the loser's other held results are withdrawn
+                if w is False:   # the loser's other results not yet folded are withdrawn: held, or waiting
+                    loser = row["worker_id"]
                     for other in self.store.held_results():
-                        if other["worker_id"] == row["worker_id"] and other["seq"] != original["seq"]:
+                        if other["worker_id"] == loser and other["seq"] != original["seq"]:
                             drops.append((other["seq"], "distrusted"))
                             states.append((other["seq"], "withdrawn"))
                             blobs.append(other["delta_blob"])
                             shards.append(self.store.unit(other["unit_id"])["shard_ids"])
                             self._supersede_replicas(other["unit_id"])
+                    # (used unchecked, in the inbox or the strategy's buffer: a trusted worker's that turned)
+                    waiting = [u.seq for u in self.inbox if u.worker_id == loser] + self.aggregator.withdraw(loser)
+                    if waiting:
+                        gone = set(waiting)
+                        kept = [u for u in self.inbox if u.seq not in gone]
+                        self.inbox.clear()
+                        self.inbox.extend(kept)
+                        for seq in waiting:
+                            other = self.store.result(seq)
+                            drops.append((seq, "distrusted"))
+                            states.append((seq, "withdrawn"))
+                            blobs.append(other["delta_blob"])
+                            shards.append(self.store.unit(other["unit_id"])["shard_ids"])
+                            self.trust.withdrawn(loser, other["num_samples"])
             self._supersede_replicas(original["unit_id"])
             self.store.set_check(states)
             self.store.mark_dropped(drops)

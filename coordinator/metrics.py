@@ -172,9 +172,10 @@ def _trust(status: Mapping[str, Any]) -> Iterator[Metric]:
     replication = _dict(status.get("replication"))
     yield _simple("counter", PREFIX + "replicas_issued_total", "Replicas of held results handed out.",
                   _or0(replication.get("replicas_issued")))
-    checks = _family("counter", PREFIX + "checks_total", "Replicated checks decided: agreed, disagreed (then "
+    checks = _family("counter", PREFIX + "checks_total", "Replicated checks decided: agreed, agreed between two "
+                     "workers neither of which has earned trust (agreed_unvouched, then recomputed), disagreed (then "
                      "recomputed), and units the coordinator recomputed itself.", ("outcome",))
-    for outcome in ("agreed", "disagreed", "recomputed"):
+    for outcome in ("agreed", "agreed_unvouched", "disagreed", "recomputed"):
         checks.add_metric([outcome], _or0(replication.get(outcome)))
     yield checks
     yield _simple("gauge", PREFIX + "workers_quarantined", "Workers quarantined.",

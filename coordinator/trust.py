@@ -19,8 +19,9 @@ check means are decided here, in pure functions over one small record per worker
   docs/results.md). Only workers of the same backend are compared: a browser draws its batches
   with another generator than torch, so its delta for the same unit is a different (equally
   honest) sample.
-- **A verdict** (``judge``, ``after_check``): when the two disagree, the coordinator recomputes
-  the unit; every party that agrees with that gains a valid result; a party it refutes loses:
+- **A verdict** (``judge``, ``after_check``): when the two disagree, or agree but neither
+  ``vouches`` (has earned trust, or is the operator's own: two fresh ids of one volunteer must not
+  vouch for each other's lie), the coordinator recomputes the unit; every party that agrees with that gains a valid result; a party it refutes loses:
   its run of valid results restarts at 0 and it earns a strike (a party in between, the
   inconclusive band, is not used and neither gains nor loses). ``quarantine_strikes`` (2) strikes before it earns ``trusted_after`` valid
   results again quarantine it for good: its results are still accepted and answered as any
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.limits import address_key
 from models.state_names import is_running_stat
 
 
@@ -171,8 +173,9 @@ def after_check(record: Record, won: bool, policy: TrustPolicy, samples: int = 0
                                    strikes=0 if run >= policy.trusted_after else record.strikes,
                                    credit=record.credit + samples)
     strikes = record.strikes + 1
+    quarantined = record.quarantined or strikes >= policy.quarantine_strikes
     return dataclasses.replace(record, consecutive_valid=0, invalid=record.invalid + 1, strikes=strikes,
-                               quarantined=record.quarantined or strikes >= policy.quarantine_strikes)
+                               quarantined=quarantined, credit=0 if quarantined else record.credit)
 
 
 def after_unchecked(record: Record, policy: TrustPolicy) -> Record:
@@ -183,11 +186,20 @@ def after_unchecked(record: Record, policy: TrustPolicy) -> Record:
     return dataclasses.replace(record, consecutive_valid=record.consecutive_valid + 1)
 
 
+def vouches(record: Record | None, policy: TrustPolicy) -> bool:
+    """Whether this worker's agreement settles a check: the operator's own, or one that earned trust
+    (``trusted_after`` valid results in a row) and is not quarantined. Two parties of which neither vouches
+    (two fresh ids, perhaps one volunteer's) agreeing prove nothing: the coordinator recomputes the unit."""
+    return record is not None and not record.quarantined and (
+        record.operator or record.consecutive_valid >= policy.trusted_after)
+
+
 def same_host(a: str, b: str) -> bool:
     """Whether two request addresses are one machine that is not this one: a replica is never given
-    to the same remote address as the original (two ids of one volunteer would check themselves).
-    Loopback (workers the operator runs here) and unknown addresses do not count."""
-    if not a or not b or a != b:
+    to the same remote host as the original (two ids of one volunteer would check themselves); an IPv6
+    host is its /64, as for the rate limits (``limits.address_key``). Loopback (workers the operator runs
+    here) and unknown addresses do not count."""
+    if not a or not b or address_key(a) != address_key(b):
         return False
     try:
         return not ipaddress.ip_address(a).is_loopback
@@ -238,6 +250,13 @@ class TrustBook:
         record = dataclasses.replace(record, results=record.results + 1, replicated=record.replicated + checked,
                                      credit=record.credit + (0 if checked or record.quarantined else samples))
         self.put(record if checked else after_unchecked(record, self.policy))
+
+    def withdrawn(self, worker_id: str, samples: int) -> None:
+        """Results credited when they were used unchecked, withdrawn before they were folded (the worker lost a
+        check meanwhile): their samples are no longer its credit."""
+        record = self.records.get(worker_id)
+        if record is not None and samples:
+            self.put(dataclasses.replace(record, credit=max(0, record.credit - samples)))
 
     def verdict(self, worker_id: str, won: bool, samples: int = 0) -> Record:
         record = after_check(self.records.get(worker_id) or Record(worker_id), won, self.policy, samples)

@@ -562,13 +562,18 @@ def test_an_invited_tab_works_with_the_token_of_its_link_and_an_uninvited_one_is
 
 
 @needs_browser
-def test_a_python_worker_replicates_a_tabs_units_as_the_tab_computes_them(cluster, data):
-    """A tab and a Python worker, checks on: the tab's held results go to the Python worker as replicas
+def test_a_python_worker_replicates_a_tabs_units_as_the_tab_computes_them(cluster, data, tmp_path):
+    """A tab and a Python worker of the operator's own (--trusted-tokens: its agreement settles a check, as a
+    worker's that earned trust would), checks on: the tab's held results go to the Python worker as replicas
     (compute_as "browser": the tab's draws and step graph, models/browser_unit.py), which agree with
     the tab's; the coordinator recomputes none of them."""
-    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "6", "--replication", "adaptive")
+    own = tmp_path / "trusted-tokens"
+    own.write_text("own-token-00001\n")
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "6", "--replication", "adaptive",
+                "--trusted-tokens", str(own))
     c.start_coordinator()
     manifest(c, "cnn", 32)
+    c.env = {**c.env, "CROWDTRAIN_TOKEN": "own-token-00001"}   # (the worker's; the tab has none)
     c.start_worker("py-1", None, "--max-units", "30")
     c.wait(lambda s: any(w["worker_id"] == "py-1" for w in s["workers"]), 120, "the Python worker to ask")
     out = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "3", "--timeout", "300")

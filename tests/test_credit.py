@@ -18,6 +18,7 @@ from pathlib import Path
 from contract.errors import ContractError
 from contract.names import NAME_MAX_CHARS, NameRequest
 from coordinator.credit import BOARD, CreditBoard, rank
+from coordinator.trust import Record
 from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.protocol import fetch_all, post, start_job, take
 
@@ -117,6 +118,31 @@ async def test_a_quarantined_liar_earns_nothing(aiohttp_client, tmp_path):
     assert seen["totals"] == {"workers": 2, "samples": sum(truth.values()),
                               "units": sum(1 for r in job.store.results()
                                            if r["applied_step"] is not None and r["dropped"] is None)}
+
+
+async def test_a_liar_quarantined_after_lies_were_folded_keeps_no_credit(aiohttp_client, tmp_path):
+    """A worker that earned trust, then lies: its first lie is used unchecked and folded (it counted as credit),
+    its next two are checked and lose. Quarantined, it leaves the ranking altogether and its record's credit is
+    0: the lie folded before it was found out buys it nothing."""
+    client, job = await start_job(aiohttp_client, tmp_path, epochs=20.0, strategy="async_sgd",
+                                  strategy_params={"staleness": "constant"}, robust="none", replication="adaptive")
+    job.trust.put(Record("turncoat", consecutive_valid=job.policy.trusted_after))
+    await take(client, "h1")
+    job._draw = lambda: 1.0
+    await honest(client, await take(client, "turncoat"), "turncoat", Fault.SIGN_FLIP)
+    await job.settle()
+    assert folded_samples(job).get("turncoat", 0) > 0 and (await credit(client, "turncoat"))["me"]["samples"] > 0
+    job._draw = lambda: 0.0
+    for _ in range(2):
+        lie = await take(client, "turncoat")
+        await honest(client, lie, "turncoat", Fault.SIGN_FLIP)
+        await honest(client, await take(client, "h1"), "h1")   # the replica of the lie
+        await job.settle()
+    assert job.trust.get("turncoat").quarantined and job.trust.get("turncoat").credit == 0
+    fresh(client)
+    seen = await credit(client, "turncoat")
+    assert seen["me"]["rank"] is None and seen["me"]["samples"] == 0
+    assert seen["totals"]["workers"] == len([w for w in folded_samples(job) if w != "turncoat"])
 
 
 async def test_a_superseded_tail_copy_earns_nothing(aiohttp_client, tmp_path):

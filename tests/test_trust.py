@@ -118,6 +118,17 @@ def test_a_replica_never_goes_to_the_same_remote_host() -> None:
     assert not T.same_host("203.0.113.5", "203.0.113.6")
     assert not T.same_host("127.0.0.1", "127.0.0.1") and not T.same_host("::1", "::1")   # the operator's own
     assert not T.same_host("", "203.0.113.5")
+    assert T.same_host("2001:db8::1", "2001:db8::ffff:2"), "an IPv6 host is its /64, as for the rate limits"
+    assert not T.same_host("2001:db8::1", "2001:db8:0:1::1")
+
+
+def test_only_a_worker_that_earned_trust_or_the_operators_vouches() -> None:
+    policy = T.TrustPolicy()
+    earned = T.Record("w", consecutive_valid=policy.trusted_after)
+    assert T.vouches(earned, policy) and T.vouches(T.Record("op", operator=True), policy)
+    assert not T.vouches(None, policy) and not T.vouches(T.Record("new"), policy)
+    assert not T.vouches(dataclasses.replace(earned, consecutive_valid=policy.trusted_after - 1), policy)
+    assert not T.vouches(dataclasses.replace(earned, quarantined=True), policy)
 
 
 # --- rate limits and tokens --------------------------------------------------------------------------
@@ -259,6 +270,7 @@ async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(eng
 
     own = await take(client, "w1")
     assert own.shard_ids != unit.shard_ids, "never a replica of one's own unit"
+    trusted_by_now(job, "w2")   # (an agreement settles a check only when one party vouches)
     replica = await take(client, "w2")
     assert replica.unit_id != unit.unit_id
     same = ("model_version", "base_step", "shard_ids", "local_steps", "batch_size", "hyper", "seed", "codec")
@@ -278,6 +290,77 @@ async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(eng
     assert trust["w1"]["credit"] == unit.local_steps * unit.batch_size
     assert trust["w1"]["checked"] == 1 and trust["w2"]["checked"] == 0, "a replica is not a result of its own"
     assert seen["status"]["replication"]["agreed"] == 1 and seen["status"]["replication"]["recomputed"] == 0
+
+
+def trusted_by_now(job, worker: str) -> None:
+    """``worker`` has earned trust (``trusted_after`` valid results in a row), as a long honest record would."""
+    record = job.trust.get(worker) or T.Record(worker)
+    job.trust.put(dataclasses.replace(record, consecutive_valid=job.policy.trusted_after))
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_two_fresh_ids_cannot_vouch_for_each_others_lie(engine, aiohttp_client, tmp_path):
+    """One volunteer with two new ids: one sends a lie, the other takes its replica and sends the same lie.
+    They agree, but neither has earned trust: the coordinator recomputes the unit, both lose, nothing is folded
+    (before, both were "valid", the lie was folded and both ids earned credit)."""
+    client, job = await start(aiohttp_client, tmp_path, engine=engine)
+    v0 = dict(job.state)
+    unit = await take(client, "sybil-1")
+    await take(client, "sybil-2")
+    await work(client, unit, "sybil-1", Fault.SIGN_FLIP)
+    replica = await take(client, "sybil-2")
+    assert replica.shard_ids == unit.shard_ids and replica.seed == unit.seed
+    await work(client, replica, "sybil-2", Fault.SIGN_FLIP)
+    await job.settle()
+    seen = await ledger(client, job)
+    fate = {r["unit_id"]: r for r in seen["rows"]}
+    assert fate[unit.unit_id]["dropped"] == fate[replica.unit_id]["dropped"] == "distrusted"
+    assert job.step == 0 and not seen["applied"]
+    model_is_v0_plus(job, v0, [])
+    replication = seen["status"]["replication"]
+    assert replication["agreed_unvouched"] == 1 and replication["recomputed"] == 1 and replication["agreed"] == 0
+    trust = {r["worker_id"]: r for r in seen["status"]["trust"]}
+    assert trust["sybil-1"]["disagreements"] == trust["sybil-2"]["disagreements"] == 1
+    assert trust["sybil-1"]["valid"] == trust["sybil-2"]["valid"] == 0
+    assert trust["sybil-1"]["credit"] == trust["sybil-2"]["credit"] == 0
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+async def test_a_worker_that_loses_a_check_has_its_unfolded_results_withdrawn(engine, aiohttp_client, tmp_path):
+    """A trusted worker that turns: its lies used unchecked wait in FedBuff's buffer; then one of its results is
+    checked and loses. Those still waiting are withdrawn (dropped ``distrusted``, check state ``withdrawn``), never
+    folded, and their samples leave its credit (before, only its held results were, and the buffered lies were
+    folded with the next aggregation)."""
+    client, job = await start(aiohttp_client, tmp_path, engine=engine, strategy="fedbuff",
+                              strategy_params={"buffer_size": 6, "staleness": "constant"})
+    v0 = dict(job.state)
+    trusted_by_now(job, "turncoat")
+    await take(client, "honest")
+    job._draw = lambda: 1.0   # its results used unchecked
+    lies = [await take(client, "turncoat") for _ in range(3)]
+    for unit in lies:
+        await work(client, unit, "turncoat", Fault.SIGN_FLIP)
+    await job.settle()
+    assert job.aggregator.buffered == 3 and job.step == 0
+    assert job.trust.get("turncoat").credit == sum(u.local_steps * u.batch_size for u in lies)
+    job._draw = lambda: 0.0   # this one is checked
+    checked = await take(client, "turncoat")
+    await work(client, checked, "turncoat", Fault.SIGN_FLIP)
+    replica = await take(client, "honest")
+    assert replica.shard_ids == checked.shard_ids
+    _, honest = await work(client, replica, "honest")
+    await job.settle()
+    seen = await ledger(client, job)
+    fate = {r["unit_id"]: r for r in seen["rows"]}
+    for unit in lies:
+        assert fate[unit.unit_id]["dropped"] == "distrusted" and fate[unit.unit_id]["check_state"] == "withdrawn"
+    assert fate[checked.unit_id]["dropped"] == "distrusted" and fate[checked.unit_id]["check_state"] == "invalid"
+    assert job.aggregator.buffered == 1 and not [r for r in seen["applied"] if r["worker_id"] == "turncoat"]
+    assert job.trust.get("turncoat").credit == 0
+    job.aggregator.due = True   # fold what is buffered: the honest replica's delta alone
+    await job.settle()
+    assert job.step == 1 and fate[replica.unit_id]["check_state"] == "valid"
+    model_is_v0_plus(job, v0, [honest])
 
 
 # one fault on each store (each pair ~30 s; the four pairs were 2 minutes of the suite): the checks and the

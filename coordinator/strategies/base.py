@@ -196,6 +196,11 @@ class Strategy(ABC):
         return folded.model, folded.metrics
 
     @abstractmethod
+    def withdraw(self, worker_id: str) -> list[Update]:
+        """Take every buffered update of ``worker_id`` out, unfolded, and return them (the worker lost a
+        replicated check: what it sent that still waits is withdrawn, not folded)."""
+
+    @abstractmethod
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for the dashboard: name, params, buffer, counters."""
 
@@ -309,6 +314,12 @@ class BufferedStrategy(Strategy):
         if drops:
             metrics["reject_reason"] = drops[0].detail or drops[0].reason
         return Folded(new, metrics, tuple(p.update for p in good), tuple(drops))
+
+    def withdraw(self, worker_id: str) -> list[Update]:
+        out = [p.update for p in self._pending if p.update.worker_id == worker_id]
+        if out:
+            self._pending = [p for p in self._pending if p.update.worker_id != worker_id]
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {

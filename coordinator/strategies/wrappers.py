@@ -59,6 +59,9 @@ class Wrapper(Strategy):
         self.recent = 0
         return dataclasses.replace(folded, metrics=metrics)
 
+    def withdraw(self, worker_id: str) -> list[Update]:
+        return self.inner.withdraw(worker_id)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params(), self.counter: self.total,
                 "inner": self.inner.describe()}
