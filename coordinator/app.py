@@ -65,6 +65,29 @@ LIMIT_RE = re.compile(r"[0-9]{1,7}")
 NAME_LIMITS = web.AppKey("name_limits", RateLimiter)   # name changes per address
 
 
+class UnparsedRequests(logging.Filter):
+    """aiohttp's server answers a request it cannot parse (a bad request line, header or chunk: the client's
+    fault) with its own 400 and logs it at ERROR with a traceback, a page of log per hostile request; here it
+    becomes one INFO line naming the problem. Errors of the server's own stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            record.msg, record.args = f"{record.getMessage()}: {exc.code} {type(exc).__name__}: {exc.message}", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_unparsed_requests() -> None:
+    """``UnparsedRequests`` on aiohttp's server logger, once (every app of a process calls it)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, UnparsedRequests) for f in server_log.filters):
+        server_log.addFilter(UnparsedRequests())
+
+
 def error(code: str, status: int, message: str, field: str = "") -> web.Response:
     return web.json_response({"error": {"code": code, "field": field, "message": message}}, status=status)
 
@@ -721,6 +744,7 @@ def create_app(config: CoordinatorConfig, job: Job | None = None, warm: bool = F
     state is not this process's alone, ``--redis``); ``warm`` builds the browser's step graph and gzips the
     page's assets at start instead of on the first browser's request (servers do; most tests do not need to)."""
     reuse_large_buffers()
+    quiet_unparsed_requests()
     job = job or Job(config)
     app = web.Application(middlewares=[observe.middleware, errors_as_json, worker_tokens],
                           client_max_size=job.max_body)

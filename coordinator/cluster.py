@@ -523,10 +523,11 @@ def public_app(node: Node):
     from contract.units import is_blob_id
     from coordinator import observe
     from coordinator.app import (DASHBOARD_FILES, IMMUTABLE, ROUTES, body_seconds, encoded, gzip_for_browser,
-                                 slow_sender)
+                                 quiet_unparsed_requests, slow_sender)
     from coordinator.limits import client_address
     from coordinator.threads import helper_threads
 
+    quiet_unparsed_requests()
     job_status: list[dict | None] = [None]   # the leader's /api/status, read for the scrape being answered
     observer = observe.Observer(lambda: job_status[0], node.config.access_log)
 

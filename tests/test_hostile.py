@@ -217,6 +217,29 @@ async def test_an_encoded_body_is_refused_not_inflated(app_client, issued):
     assert resp.status == 200
 
 
+async def test_a_request_aiohttp_cannot_parse_is_a_400_and_one_log_line(app_client, caplog):
+    """Not HTTP, a NUL in the request line, a header line past aiohttp's limit, a bad chunk: aiohttp answers 400
+    itself; its log says so in one INFO line, not an ERROR with a traceback (the fixture fails on those)."""
+    import asyncio
+
+    client, _ = app_client
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    bad = [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40),   # TLS to a plain HTTP port
+           b"GET /api/\x00status HTTP/1.1\r\nHost: x\r\n\r\n",
+           b"GET /api/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+           b"POST /api/v1/units/next HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"]
+    for raw in bad:
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        assert answer.split(b" ", 2)[1] == b"400", (raw[:40], answer[:80])
+    lines = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(lines) >= len(bad) - 1 and all(r.levelno == logging.INFO and not r.exc_info for r in lines), \
+        [(r.levelname, r.getMessage()[:80]) for r in lines]
+
+
 @HOSTILE
 @given(blob=st.one_of(path_part, st.sampled_from(["f" * 64, "F" * 64, "f" * 63])), extra=headers)
 async def test_blobs(app_client, blob, extra):
