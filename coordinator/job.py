@@ -197,6 +197,7 @@ class Job:
         self.finished = False
         self.policy = T.TrustPolicy()
         self.checks: deque[int] = deque()    # seqs of replicas' results waiting for a verdict
+        self._operators_replicas: set[int] = set()   # replicas' results that carried an operator's token (not kept)
         self.check_counts = {"replicas_issued": 0, "agreed": 0, "agreed_unvouched": 0, "disagreed": 0, "recomputed": 0}
         self._draw = (rng or random.SystemRandom()).random   # which results are checked
 
@@ -638,6 +639,8 @@ class Job:
                 self.factory.requeue(unit["shard_ids"])
         elif replica_of:
             self.checks.append(seq)
+            if trusted:   # computed by the operator's own worker (its token, not its claimed id): it vouches
+                self._operators_replicas.add(seq)
         elif not held:
             self.inbox.append(Inbound(seq, a.delta, unit["base_step"], r.num_samples, r.worker_id, r.loss_after, blob))
         self.work.set()
@@ -748,8 +751,11 @@ class Job:
         holder = self.trust.get(original["worker_id"])
         backend = holder.backend if holder is not None else "unknown"
         tolerance = self.policy.tolerance_for(backend)
+        operators = replica is not None and replica["seq"] in self._operators_replicas
+        if replica is not None:
+            self._operators_replicas.discard(replica["seq"])
         if replica is not None and T.agree(T.compare(deltas[0], deltas[1]), tolerance):
-            if any(T.vouches(self.trust.get(r["worker_id"]), self.policy) for r in rows):
+            if operators or any(T.vouches(self.trust.get(r["worker_id"]), self.policy) for r in rows):
                 self.check_counts["agreed"] += 1
                 self._verdict(rows, deltas, ["valid", "valid"])
                 return

@@ -187,11 +187,11 @@ def after_unchecked(record: Record, policy: TrustPolicy) -> Record:
 
 
 def vouches(record: Record | None, policy: TrustPolicy) -> bool:
-    """Whether this worker's agreement settles a check: the operator's own, or one that earned trust
-    (``trusted_after`` valid results in a row) and is not quarantined. Two parties of which neither vouches
-    (two fresh ids, perhaps one volunteer's) agreeing prove nothing: the coordinator recomputes the unit."""
-    return record is not None and not record.quarantined and (
-        record.operator or record.consecutive_valid >= policy.trusted_after)
+    """Whether this worker's agreement settles a check: it earned trust (``trusted_after`` valid results in a
+    row) and is not quarantined. (A replica computed by the operator's own worker vouches too: that is known
+    from the token its result carried, not from the id's record, ``Job._check``.) Two parties of which neither
+    vouches (two fresh ids, perhaps one volunteer's) agreeing prove nothing: the coordinator recomputes the unit."""
+    return record is not None and not record.quarantined and record.consecutive_valid >= policy.trusted_after
 
 
 def same_host(a: str, b: str) -> bool:

@@ -122,10 +122,11 @@ def test_a_replica_never_goes_to_the_same_remote_host() -> None:
     assert not T.same_host("2001:db8::1", "2001:db8:0:1::1")
 
 
-def test_only_a_worker_that_earned_trust_or_the_operators_vouches() -> None:
+def test_only_a_worker_that_earned_trust_vouches() -> None:
     policy = T.TrustPolicy()
     earned = T.Record("w", consecutive_valid=policy.trusted_after)
-    assert T.vouches(earned, policy) and T.vouches(T.Record("op", operator=True), policy)
+    assert T.vouches(earned, policy)
+    assert not T.vouches(T.Record("op", operator=True), policy), "an id's operator flag is claimed with the id"
     assert not T.vouches(None, policy) and not T.vouches(T.Record("new"), policy)
     assert not T.vouches(dataclasses.replace(earned, consecutive_valid=policy.trusted_after - 1), policy)
     assert not T.vouches(dataclasses.replace(earned, quarantined=True), policy)
@@ -618,6 +619,7 @@ async def test_the_operators_own_workers_are_not_checked_and_their_ids_buy_nothi
     assert 'crowdtrain_worker_operator{worker="mine"} 1' in await (await client.get("/metrics")).text()
     await send(replica, "mine", **own)
     assert job.step == 2 and job.trust.get("stranger").valid == 1, "the check agreed: the stranger's is folded"
+    assert job.check_counts["agreed"] == 1 and job.check_counts["recomputed"] == 0, "the token's replica vouches"
 
     spoof = await take(client, "mine")   # the operator's worker id, without the token
     await take(client, "stranger")       # (another worker about: the held result waits for its replica)
@@ -625,6 +627,10 @@ async def test_the_operators_own_workers_are_not_checked_and_their_ids_buy_nothi
     fate = {r["unit_id"]: r for r in job.store.results()}
     assert fate[mine.unit_id]["check_state"] is None and fate[spoof.unit_id]["check_state"] == "held"
     assert job.step == 2 and job.trust.get("mine").operator is False
+    again = await take(client, "stranger")   # the spoof's unit again: a stranger's agreeing replica does not settle it
+    assert again.shard_ids == spoof.shard_ids
+    await send(again, "stranger")
+    assert job.check_counts["agreed_unvouched"] == 1 and job.check_counts["recomputed"] == 1 and job.step == 3
 
 
 async def test_trusted_tokens_let_the_operators_workers_in_under_worker_tokens(aiohttp_client, tmp_path):
