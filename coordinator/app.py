@@ -398,7 +398,18 @@ async def status(request: web.Request) -> web.Response:
     body["donate_url"] = str(request.url.origin()) + "/"
     body["browser_graph"] = entry.steps.state(entry.job.recipe.batch_size) if entry.steps is not None else "not started"
     body["request_latency"] = request.app[observe.OBSERVER].work_latency()   # this process's, since it started
+    if not is_loopback(client_address(request.remote, request.headers.get("X-Forwarded-For"))):
+        anonymous(body, request.app[BOARD].names.tag)
     return web.json_response(body)
+
+
+def anonymous(body: dict, tag) -> None:
+    """A status as anyone but the operator on this machine sees it: each worker id replaced by its anonymous tag
+    (the leaderboard's). An id is its worker's identity, the bearer of its trust and its name
+    (``POST /api/v1/workers/<id>/name``): published, a stranger could claim a trusted worker's id."""
+    for key in ("workers", "trust"):
+        for row in body.get(key) or ():
+            row["worker_id"] = tag(row["worker_id"])
 
 
 async def prometheus(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ restart, a replica that does not come is replaced by the coordinator's own compu
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 
 import numpy as np
@@ -631,6 +632,25 @@ async def test_the_operators_own_workers_are_not_checked_and_their_ids_buy_nothi
     assert again.shard_ids == spoof.shard_ids
     await send(again, "stranger")
     assert job.check_counts["agreed_unvouched"] == 1 and job.check_counts["recomputed"] == 1 and job.step == 3
+
+
+async def test_the_status_names_worker_ids_only_to_the_operator_on_this_machine(aiohttp_client, tmp_path):
+    """A worker id is the bearer of its trust: ``/api/status`` (and the dashboard that reads it) gives anyone but a
+    client on this machine each worker's anonymous tag instead (through a proxy here, the client's address in
+    X-Forwarded-For decides); before, a stranger could read a trusted worker's id there and claim it."""
+    client, job = await start(aiohttp_client, tmp_path)
+    unit = await take(client, "w-4f1c9e")
+    await work(client, unit, "w-4f1c9e")
+    own = await (await client.get("/api/status")).json()
+    assert [r["worker_id"] for r in own["workers"]] == ["w-4f1c9e"] and own["trust"][0]["worker_id"] == "w-4f1c9e"
+    for path in ("/api/status", "/jobs/cifar10/api/status"):
+        resp = await client.get(path, headers={"X-Forwarded-For": "203.0.113.7"})
+        text = await resp.text()
+        assert resp.status == 200 and "w-4f1c9e" not in text, path
+        public = json.loads(text)
+        tags = {r["worker_id"] for r in public["workers"]} | {r["worker_id"] for r in public["trust"]}
+        assert len(tags) == 1 and tags.pop().startswith("anon-")
+        assert public["trust"][0]["results"] == own["trust"][0]["results"] == 1
 
 
 async def test_trusted_tokens_let_the_operators_workers_in_under_worker_tokens(aiohttp_client, tmp_path):
