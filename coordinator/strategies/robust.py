@@ -340,6 +340,11 @@ class TrimmedMean(FoldTimeRobust):
         if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
             raise ValueError(f"trim: expected a number in [0, 0.5), got {trim!r}")
         self.trim = float(trim)
+        size = self._buffer.buffer_size
+        if trim > 0 and math.floor(self.trim * size + 1e-9) < 1:
+            raise ValueError(f"robust trimmed_mean:{trim:g}: {self._buffer.name} folds {size} update(s) at a time, of "
+                             f"which a trim of {trim:g} removes none; use a buffered strategy (fedbuff, fedavg) with a "
+                             f"buffer of at least {math.ceil(1 / self.trim - 1e-9)}, or a larger trim")
 
     def _rewrite(self, deltas: list[Model]) -> list[Model]:
         if len(deltas) < 2:
@@ -360,6 +365,10 @@ class Median(FoldTimeRobust):
 
     def __init__(self, inner: Strategy) -> None:
         super().__init__(inner)
+        if self._buffer.buffer_size < 3:
+            raise ValueError(f"robust median: {self._buffer.name} folds {self._buffer.buffer_size} update(s) at a time, "
+                             "whose median is their mean; use a buffered strategy (fedbuff, fedavg) with a buffer of "
+                             "at least 3")
 
     def _rewrite(self, deltas: list[Model]) -> list[Model]:
         if len(deltas) < 2:
@@ -396,9 +405,11 @@ def is_robust_spec(spec: Any) -> bool:
 
 
 class _Probe(BufferedStrategy):
-    """A do-nothing buffered strategy to check a wrapper's parameter against."""
+    """A do-nothing buffered strategy to check a wrapper's parameter against (its buffer large enough for any: the
+    strategy's own buffer is checked when the job builds it)."""
 
     name = "probe"
+    buffer_size = 1 << 20
 
     def _fold(self, model, pending, version):
         return model, {}
