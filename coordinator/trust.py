@@ -12,7 +12,8 @@ check means are decided here, in pure functions over one small record per worker
   never below ``min_rate`` (so a long record does not buy a free lie). A trusted worker's results
   used unchecked count toward its run too (``after_unchecked``), as BOINC counts the results that
   pass without replication, so its rate falls as 1/n instead of staying near 1/``trusted_after``; a
-  lost check still resets the run to 0. New ids start with no record, so minting ids buys nothing.
+  lost check still resets the run to 0. New ids start with no record, and two of them agreeing settle
+  nothing, so minting ids buys nothing.
 - **A check** (``compare``/``agree``): cosine similarity and relative norm difference of
   the two deltas, over the weights and over the running statistics each, within ``Tolerance`` (measured between honest runs of the
   same unit on different machines and thread counts: bench/replica_tolerance.py,
@@ -20,8 +21,9 @@ check means are decided here, in pure functions over one small record per worker
   with another generator than torch, so its delta for the same unit is a different (equally
   honest) sample.
 - **A verdict** (``judge``, ``after_check``): when the two disagree, or agree but neither
-  ``vouches`` (has earned trust, or is the operator's own: two fresh ids of one volunteer must not
-  vouch for each other's lie), the coordinator recomputes the unit; every party that agrees with that gains a valid result; a party it refutes loses:
+  ``vouches`` (has earned trust; or the replica's result carried an operator's token: two fresh ids
+  of one volunteer must not vouch for each other's lie), the coordinator recomputes the unit; every
+  party that agrees with that gains a valid result; a party it refutes loses:
   its run of valid results restarts at 0 and it earns a strike (a party in between, the
   inconclusive band, is not used and neither gains nor loses). ``quarantine_strikes`` (2) strikes before it earns ``trusted_after`` valid
   results again quarantine it for good: its results are still accepted and answered as any
