@@ -750,7 +750,7 @@ class Job:
         deltas = await asyncio.to_thread(lambda: [decode_delta(self.store.get_blob(r["delta_blob"])) for r in rows])
         holder = self.trust.get(original["worker_id"])
         backend = holder.backend if holder is not None else "unknown"
-        tolerance = self.policy.tolerance_for(backend)
+        tolerance = self.policy.tolerance_for(backend, self.config.model)
         operators = replica is not None and replica["seq"] in self._operators_replicas
         if replica is not None:
             self._operators_replicas.discard(replica["seq"])

@@ -71,9 +71,21 @@ class TrustPolicy:
     # coordinator's recomputation, bench/browser_replica.py), where torch at other thread counts keeps
     # 7-step units to 0.9992. Every attack measured stays below cosine 0.84 (bench/replica_tolerance.py).
     browser_tolerance: Tolerance = Tolerance(min_cosine=0.95)
+    # Models whose honest runs drift further, by name. supermask_conv trains scores whose top-k makes the mask: a
+    # rounding difference flips near-tied scores in or out, and a flipped mask changes every later step. Two
+    # honest runs of one unit at torch threads 1 and 2 ended at cosine 0.805 (norm difference 0.037), where every
+    # lie measured was further off: a little is enough at cosine 0.78 / 0.74 with norm differences 0.10 / 0.08,
+    # label flip and replay at 0.33 or below, sign flip, scale, noise and free ride far off
+    # (bench/results/audit11_2026-12-06/rt_sm). At the dense tolerance an honest volunteer checked at another
+    # thread count lost its check as a liar. (supermask_fc's honest runs agree to 1e-11: it keeps the dense one.)
+    model_tolerances: tuple[tuple[str, Tolerance], ...] = (
+        ("supermask_conv", Tolerance(min_cosine=0.75, max_norm_diff=0.05, refute_cosine=0.5, refute_norm_diff=0.1)),)
 
-    def tolerance_for(self, backend: str) -> Tolerance:
-        """The tolerance of a check of a result from a worker of this backend."""
+    def tolerance_for(self, backend: str, model: str | None = None) -> Tolerance:
+        """The tolerance of a check of a result from a worker of this backend, for this model."""
+        for name, tolerance in self.model_tolerances:
+            if name == model:
+                return tolerance
         return self.browser_tolerance if backend == "browser" else self.tolerance
 
 

@@ -114,6 +114,36 @@ def test_a_tabs_check_allows_the_drift_between_runtimes_and_no_attack() -> None:
         assert T.judge(attack, tab) == T.judge(attack, py) == "invalid"
 
 
+def test_a_supermask_check_allows_the_mask_flips_of_honest_runs_and_no_measured_lie() -> None:
+    """supermask_conv's tolerance against bench/results/audit11_2026-12-06/rt_sm (supermask_conv, units of the recipe,
+    threads 1 and 2): the honest pair across thread counts agrees (at the dense tolerance it was refuted as a
+    lie); every lie of that table is refused, all but a little is enough (after 3 units) refuted."""
+    import json as _json
+    from pathlib import Path
+
+    rows = _json.loads((Path(__file__).parent.parent / "bench" / "results" / "audit11_2026-12-06" / "rt_sm" /
+                        "results.json").read_text())
+    conv = [r for r in rows if r["model"] == "supermask_conv"]
+    assert len(conv) >= 20
+    policy = T.TrustPolicy()
+    tol = policy.tolerance_for("python", "supermask_conv")
+    assert tol == policy.tolerance_for("browser", "supermask_conv") and policy.tolerance_for("python") == policy.tolerance
+    assert policy.tolerance_for("python", "supermask_fc") == policy.tolerance, "its honest runs agree to 1e-11"
+    seen = set()
+    for r in conv:
+        s = T.Similarity(r["cosine"], r["norm_diff"])
+        what = r["pair"]
+        if what.startswith("honest"):
+            assert T.agree(s, tol), r
+            if what == "honest, threads 1 vs 2" and r["base"] == "version 0":
+                assert T.judge(s, policy.tolerance) == "invalid", "the dense tolerance called it a lie"
+        elif "another seed" not in what:   # (a browser's honest replica draws other batches: not comparable)
+            assert not T.agree(s, tol), r
+            assert T.judge(s, tol) == "invalid" or what.startswith("a little"), r
+        seen.add(what)
+    assert {"sign_flip", "scale", "noise", "free_ride", "label flip"} <= seen
+
+
 def test_a_replica_never_goes_to_the_same_remote_host() -> None:
     assert T.same_host("203.0.113.5", "203.0.113.5")
     assert not T.same_host("203.0.113.5", "203.0.113.6")
