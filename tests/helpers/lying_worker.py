@@ -1,30 +1,35 @@
 """A real ``crowdtrain worker`` process that lies: the worker's own CLI, loop, client and training,
-with each computed result changed by a ``Fault`` (``tests.helpers.fault_worker.lie``) before it is
-sent. The hook replaces ``worker_py.runner.run_unit`` in this process only; production code has
-no fault switch.
+with each unit's result made by a ``Liar`` (``coordinator.sim.faults``, the simulator's and the benches'
+liars) from the worker's honest computation: every lie of ``LIES`` (sign flip, scale, noise, free ride,
+label flip, replay of its first delta, a little is enough). The hook replaces ``worker_py.runner.run_unit``
+in this process only; production code has no fault switch.
 
     python -m tests.helpers.lying_worker sign_flip --coordinator URL --worker-id liar [worker options]
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from contract.codecs import decode_delta, encode_delta, get_codec
-from tests.helpers.fault_worker import Fault, lie
-from worker_py import main, runner
+import numpy as np
 
-LIES = (Fault.SIGN_FLIP, Fault.SCALE, Fault.NOISE, Fault.FREE_RIDE)
+from coordinator.sim.faults import LIES, Fault, Liar
+from worker_py import main, runner
 
 
 def install(fault: Fault) -> None:
-    """From now on this process's worker computes each unit honestly and sends ``lie(delta, fault)``."""
-    honest = runner.run_unit
+    """From now on this process's worker sends, for each unit, what a ``Liar`` of ``fault`` makes of it:
+    computed honestly (on labels shifted by one class for a label flip) and then changed, or not computed."""
+    honest_run = runner.run_unit
+    liars: dict[str, Liar] = {}
 
     def run_unit(unit, base, x, y, worker_id, **kwargs):
-        result = honest(unit, base, x, y, worker_id, **kwargs)
-        lied = lie(decode_delta(result.delta), fault, seed=unit.seed)
-        return dataclasses.replace(result, delta=encode_delta(get_codec(unit.codec), lied))
+        liar = liars.setdefault(worker_id, Liar(worker_id, fault))
+
+        def honest(u, flip: bool):
+            labels = ((np.asarray(y) + 1) % 10).astype(np.asarray(y).dtype) if flip else y
+            return honest_run(u, base, x, labels, worker_id, **kwargs)
+
+        return liar.result(unit, honest)
 
     runner.run_unit = run_unit
 
