@@ -324,6 +324,20 @@ async def test_a_held_result_is_replicated_to_another_worker_and_folded_once(eng
     assert seen["status"]["replication"]["agreed"] == 1 and seen["status"]["replication"]["recomputed"] == 0
 
 
+async def checked_pair(client, job, holder: tuple[str, Fault], replicator: tuple[str, Fault]):
+    """``holder`` computes a unit (as its fault says) while ``replicator`` is about, so the result is held;
+    ``replicator`` takes its replica and computes it; one settle judges them. (unit, replica, ledger, fates)."""
+    unit = await take(client, holder[0])
+    await take(client, replicator[0])   # about before the result comes: it is held for a replica
+    await work(client, unit, *holder)
+    replica = await take(client, replicator[0])
+    assert replica.seed == unit.seed and replica.shard_ids == unit.shard_ids
+    await work(client, replica, *replicator)
+    await job.settle()
+    seen = await ledger(client, job)
+    return unit, replica, seen, {r["unit_id"]: r for r in seen["rows"]}
+
+
 def trusted_by_now(job, worker: str) -> None:
     """``worker`` has earned trust (``trusted_after`` valid results in a row), as a long honest record would."""
     record = job.trust.get(worker) or T.Record(worker)
@@ -337,15 +351,8 @@ async def test_two_fresh_ids_cannot_vouch_for_each_others_lie(engine, aiohttp_cl
     (before, both were "valid", the lie was folded and both ids earned credit)."""
     client, job = await start(aiohttp_client, tmp_path, engine=engine)
     v0 = dict(job.state)
-    unit = await take(client, "sybil-1")
-    await take(client, "sybil-2")
-    await work(client, unit, "sybil-1", Fault.SIGN_FLIP)
-    replica = await take(client, "sybil-2")
-    assert replica.shard_ids == unit.shard_ids and replica.seed == unit.seed
-    await work(client, replica, "sybil-2", Fault.SIGN_FLIP)
-    await job.settle()
-    seen = await ledger(client, job)
-    fate = {r["unit_id"]: r for r in seen["rows"]}
+    unit, replica, seen, fate = await checked_pair(client, job, ("sybil-1", Fault.SIGN_FLIP),
+                                                   ("sybil-2", Fault.SIGN_FLIP))
     assert fate[unit.unit_id]["dropped"] == fate[replica.unit_id]["dropped"] == "distrusted"
     assert job.step == 0 and not seen["applied"]
     model_is_v0_plus(job, v0, [])
@@ -435,15 +442,7 @@ async def test_a_liar_is_found_out_quarantined_and_never_folded(engine, aiohttp_
 
 async def test_a_liar_computing_a_replica_loses_too(engine, aiohttp_client, tmp_path):
     client, job = await start(aiohttp_client, tmp_path, engine=engine)
-    unit = await take(client, "honest")
-    await take(client, "liar")   # about before the result comes: it is held for a replica
-    await work(client, unit, "honest")
-    replica = await take(client, "liar")
-    assert replica.seed == unit.seed and replica.shard_ids == unit.shard_ids
-    await work(client, replica, "liar", Fault.SIGN_FLIP)
-    await job.settle()
-    seen = await ledger(client, job)
-    fate = {r["unit_id"]: r for r in seen["rows"]}
+    unit, replica, seen, fate = await checked_pair(client, job, ("honest", Fault.NONE), ("liar", Fault.SIGN_FLIP))
     assert fate[unit.unit_id]["applied_step"] == 1, "the honest original wins against the coordinator's computation"
     assert fate[replica.unit_id]["dropped"] == "distrusted"
     trust = {r["worker_id"]: r for r in seen["status"]["trust"]}
