@@ -286,6 +286,18 @@ def test_attack_changes_the_honest_delta_as_it_claims(tiny_job, fault) -> None:
         if fault is not Fault.NOISE else None                         # body() tells the same lie
 
 
+def test_a_turncoat_sends_honest_results_first_then_lies(tiny_job) -> None:
+    """``honest_first`` (the simulator's ``liars.honest_first``): a liar that earns trust before it lies."""
+    unit = take(tiny_job, "turncoat")
+    honest = compute(unit, tiny_job.store.get_blob, "turncoat")
+    liar = FaultWorker("turncoat", Fault.SIGN_FLIP, honest_first=2)
+    sent = [flat(decode_delta(liar.result(unit, tiny_job.store.get_blob).delta)) for _ in range(3)]
+    h = flat(decode_delta(honest.delta))
+    np.testing.assert_array_equal(sent[0], h)
+    np.testing.assert_array_equal(sent[1], h)
+    np.testing.assert_allclose(sent[2], -10 * h, rtol=1e-6, atol=1e-9)
+
+
 def test_label_flip_trains_honestly_on_shifted_labels(tiny_job) -> None:
     unit = take(tiny_job, "flipper")
     fetch = tiny_job.store.get_blob

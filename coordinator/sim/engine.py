@@ -181,7 +181,7 @@ class Simulation:
             return None
         collusion = self.collusion if self.liars_cfg["collude"] else Collusion(z=self.collusion.z,
                                                                                window=self.collusion.window)
-        return Liar(wid, fault, collusion)
+        return Liar(wid, fault, collusion, honest_first=self.liars_cfg["honest_first"])
 
     def spawn(self, wid: str, key: tuple[int, ...], t: float, restarts: int = 0, fault: Fault | None = None) -> Worker:
         rng = np.random.default_rng([self.sc.seed, *key])

@@ -115,10 +115,15 @@ class Liar:
     fault: Fault = Fault.NONE
     collusion: Collusion | None = None
     first: UnitResult | None = None       # REPLAY: the one unit it computed
+    honest_first: int = 0                 # results computed honestly before it lies (a turncoat earns trust first)
+    sent: int = 0                         # results made so far
 
     def result(self, unit: WorkUnit, honest: Honest) -> UnitResult:
         """The result this worker sends for ``unit`` (its delta encoded fp32 when it changes it);
         ``honest(unit, flip)`` computes a unit honestly, on labels shifted by one class when ``flip``."""
+        self.sent += 1
+        if self.sent <= self.honest_first:
+            return honest(unit, False)
         if self.fault is Fault.REPLAY and self.first is not None:   # no training: the old delta again
             claim = unit.local_steps * unit.batch_size
             return dataclasses.replace(self.first, unit_id=unit.unit_id, lease=unit.lease,

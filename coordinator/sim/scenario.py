@@ -284,6 +284,8 @@ SCHEMA: dict[str, Any] = {
         "z": Field(auto_or_number, "auto", "a_little's shift in honest standard deviations (\"auto\": Baruch et "
                    "al.'s z for the liars among workers.count)"),
         "window": Field(integer(2), 8, "a_little: the newest honest deltas its mean and spread are taken over"),
+        "honest_first": Field(integer(0), 0, "results each liar computes honestly before it starts lying (a "
+                              "turncoat: it earns trust first; 0: it lies from its first result)"),
     },
 }
 SWEEPABLE = ("model", "budget", "workers", "churn", "network", "coordinator", "liars")

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from coordinator.sim.faults import LIES, Fault, Liar
+from coordinator.sim.faults import LIES, Fault, Liar, flip_labels
 from worker_py import main, runner
 
 
@@ -26,8 +26,7 @@ def install(fault: Fault) -> None:
         liar = liars.setdefault(worker_id, Liar(worker_id, fault))
 
         def honest(u, flip: bool):
-            labels = ((np.asarray(y) + 1) % 10).astype(np.asarray(y).dtype) if flip else y
-            return honest_run(u, base, x, labels, worker_id, **kwargs)
+            return honest_run(u, base, x, flip_labels(np.asarray(y)) if flip else y, worker_id, **kwargs)
 
         return liar.result(unit, honest)
 
