@@ -11,6 +11,7 @@ are tested in their own files.
 """
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -220,8 +221,6 @@ async def test_an_encoded_body_is_refused_not_inflated(app_client, issued):
 async def test_a_request_aiohttp_cannot_parse_is_a_400_and_one_log_line(app_client, caplog):
     """Not HTTP, a NUL in the request line, a header line past aiohttp's limit, a bad chunk: aiohttp answers 400
     itself; its log says so in one INFO line, not an ERROR with a traceback (the fixture fails on those)."""
-    import asyncio
-
     client, _ = app_client
     caplog.set_level(logging.INFO, logger="aiohttp.server")
     bad = [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40),   # TLS to a plain HTTP port
