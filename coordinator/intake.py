@@ -74,6 +74,7 @@ class Accepted:
     delta: dict[str, np.ndarray]
     staleness: int
     late: bool
+    norm: float | None = None    # the delta's global L2 norm (summed in the decode's pass)
 
 
 ISSUED_KEPT = 4096   # units this process issued, kept parsed until their result (or evicted oldest first)
@@ -159,7 +160,7 @@ class Intake:
         if stale and any(is_running_stat(n) for n in delta) and not self._kept(unit["base_step"]):
             raise Rejection("too_stale", 409, f"staleness: base version {unit['base_step']} is no longer kept",
                             "result.base_version", give_up="stale")
-        return Accepted(unit, result, delta, stale, late)
+        return Accepted(unit, result, delta, stale, late, norm)
 
     def _kept(self, step: int) -> bool:
         """Running statistics in a stale delta are rebased on its base version: is it still on disk?"""

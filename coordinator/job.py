@@ -198,6 +198,7 @@ class Job:
         self.policy = T.TrustPolicy()
         self.checks: deque[int] = deque()    # seqs of replicas' results waiting for a verdict
         self._operators_replicas: set[int] = set()   # replicas' results that carried an operator's token (not kept)
+        self._recent_norms: deque[float] = deque(maxlen=50)   # accepted results' norms (trust.suspicious)
         self.check_counts = {"replicas_issued": 0, "agreed": 0, "agreed_unvouched": 0, "disagreed": 0, "recomputed": 0}
         self._draw = (rng or random.SystemRandom()).random   # which results are checked
 
@@ -613,8 +614,11 @@ class Job:
             return self._superseded(Superseded(unit, r))
         # A quarantined worker's result, a held one and a replica's are answered like any other.
         quarantined, replica_of = self.trust.quarantined(r.worker_id), unit.get("replica_of")
+        odd = a.norm is not None and T.suspicious(a.norm, self._recent_norms, self.policy)
         held = (self.replicating and not quarantined and not replica_of and not trusted
-                and self._draw() < self.trust.probability(r.worker_id))
+                and (self._draw() < self.trust.probability(r.worker_id) or odd))
+        if a.norm is not None and not (odd or quarantined or replica_of):
+            self._recent_norms.append(a.norm)
         check = "replica" if replica_of else "held" if held else None
         with self.store.transaction():   # the row, a small delta and the worker's record: one commit
             if small:

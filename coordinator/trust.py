@@ -81,6 +81,12 @@ class TrustPolicy:
     model_tolerances: tuple[tuple[str, Tolerance], ...] = (
         ("supermask_conv", Tolerance(min_cosine=0.75, max_norm_diff=0.05, refute_cosine=0.5, refute_norm_diff=0.1)),)
 
+    # A result far larger than the recent ones is checked whatever its worker's record (a liar that earned trust
+    # and then scales or flips its deltas is caught at its first such lie, not at ~1/n of them); honest results
+    # never came above 4 x the median of the recent norms in the 40 full-budget parity runs (adaptive_clipped 0)
+    suspicious_norm: float = 4.0
+    suspicious_after: int = 10       # recent norms needed before any is suspicious
+
     def tolerance_for(self, backend: str, model: str | None = None) -> Tolerance:
         """The tolerance of a check of a result from a worker of this backend, for this model."""
         for name, tolerance in self.model_tolerances:
@@ -156,6 +162,14 @@ def judge(s: Similarity, tolerance: Tolerance) -> str:
     if s.cosine < tolerance.refute_cosine or s.norm_diff > tolerance.refute_norm_diff:
         return "invalid"
     return "inconclusive"
+
+
+def suspicious(norm: float, recent, policy: TrustPolicy) -> bool:
+    """Whether a result's delta norm is far above the recent results' (``suspicious_norm`` times their median,
+    once ``suspicious_after`` are known): such a result is held for a check even from a trusted worker."""
+    if len(recent) < policy.suspicious_after:
+        return False
+    return norm > policy.suspicious_norm * float(np.median(np.asarray(recent, np.float64)))
 
 
 def replication_probability(record: Record | None, policy: TrustPolicy) -> float:

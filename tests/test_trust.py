@@ -153,6 +153,14 @@ def test_a_replica_never_goes_to_the_same_remote_host() -> None:
     assert not T.same_host("2001:db8::1", "2001:db8:0:1::1")
 
 
+def test_a_result_far_above_the_recent_norms_is_suspicious() -> None:
+    policy = T.TrustPolicy()
+    recent = [1.0, 2.0, 1.5] * 4
+    assert not T.suspicious(100.0, recent[:policy.suspicious_after - 1], policy), "too few norms to judge by"
+    assert T.suspicious(6.1, recent, policy) and not T.suspicious(5.9, recent, policy)   # 4 x the median, 1.5
+    assert not T.suspicious(0.0, recent, policy)
+
+
 def test_only_a_worker_that_earned_trust_vouches() -> None:
     policy = T.TrustPolicy()
     earned = T.Record("w", consecutive_valid=policy.trusted_after)
@@ -362,6 +370,32 @@ async def test_two_fresh_ids_cannot_vouch_for_each_others_lie(engine, aiohttp_cl
     assert trust["sybil-1"]["disagreements"] == trust["sybil-2"]["disagreements"] == 1
     assert trust["sybil-1"]["valid"] == trust["sybil-2"]["valid"] == 0
     assert trust["sybil-1"]["credit"] == trust["sybil-2"]["credit"] == 0
+
+
+async def test_a_trusted_workers_outsized_result_is_checked_and_it_is_found_out(aiohttp_client, tmp_path):
+    """A turncoat (trusted, its results used unchecked) sends its delta x10: far above the recent norms, it is held
+    for a check whatever its record says, loses, and is not folded; its honest result before was used unchecked."""
+    client, job = await start(aiohttp_client, tmp_path)
+    trusted_by_now(job, "turncoat")
+    await take(client, "honest")
+    job._draw = lambda: 1.0   # never drawn for a check
+    first = await take(client, "turncoat")
+    _, sent = await work(client, first, "turncoat")
+    norm = float(np.sqrt(sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in sent.values())))
+    job._recent_norms.extend([norm] * job.policy.suspicious_after)   # (as the job's other results would have)
+    await job.settle()
+    assert job.step == 1, "an honest result of a trusted worker is folded unchecked"
+    lie = await take(client, "turncoat")
+    await work(client, lie, "turncoat", Fault.SCALE)
+    fate = {r["unit_id"]: r for r in job.store.results()}
+    assert fate[lie.unit_id]["check_state"] == "held", "x10 the recent norms: checked although trusted"
+    replica = await take(client, "honest")
+    assert replica.shard_ids == lie.shard_ids
+    await work(client, replica, "honest")
+    await job.settle()
+    fate = {r["unit_id"]: r for r in job.store.results()}
+    assert fate[lie.unit_id]["dropped"] == "distrusted" and fate[lie.unit_id]["applied_step"] is None
+    assert job.trust.get("turncoat").invalid == 1 and job.step == 2, "the honest replica folded instead"
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
