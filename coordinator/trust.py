@@ -13,7 +13,9 @@ check means are decided here, in pure functions over one small record per worker
   used unchecked count toward its run too (``after_unchecked``), as BOINC counts the results that
   pass without replication, so its rate falls as 1/n instead of staying near 1/``trusted_after``; a
   lost check still resets the run to 0. New ids start with no record, and two of them agreeing settle
-  nothing, so minting ids buys nothing.
+  nothing, so minting ids buys nothing. Whatever the record, a result whose norm is far above the recent
+  ones' (``suspicious``) is checked: a trusted worker that turns to scaled or flipped deltas is caught at
+  its first such lie.
 - **A check** (``compare``/``agree``): cosine similarity and relative norm difference of
   the two deltas, over the weights and over the running statistics each, within ``Tolerance`` (measured between honest runs of the
   same unit on different machines and thread counts: bench/replica_tolerance.py,
