@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from contract.codecs import strict_json
 from contract.errors import ContractError, Said
@@ -71,8 +72,6 @@ class UnparsedRequests(logging.Filter):
     becomes one INFO line naming the problem. Errors of the server's own stay as they are."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from aiohttp.http_exceptions import HttpProcessingError
-
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
             record.msg, record.args = f"{record.getMessage()}: {exc.code} {type(exc).__name__}: {exc.message}", ()

@@ -614,10 +614,10 @@ class Job:
             return self._superseded(Superseded(unit, r))
         # A quarantined worker's result, a held one and a replica's are answered like any other.
         quarantined, replica_of = self.trust.quarantined(r.worker_id), unit.get("replica_of")
-        odd = a.norm is not None and T.suspicious(a.norm, self._recent_norms, self.policy)
-        held = (self.replicating and not quarantined and not replica_of and not trusted
-                and (self._draw() < self.trust.probability(r.worker_id) or odd))
-        if a.norm is not None and not (odd or quarantined or replica_of):
+        checkable = self.replicating and not quarantined and not replica_of and not trusted
+        odd = checkable and a.norm is not None and T.suspicious(a.norm, self._recent_norms, self.policy)
+        held = checkable and (self._draw() < self.trust.probability(r.worker_id) or odd)
+        if self.replicating and a.norm is not None and not (odd or quarantined or replica_of):
             self._recent_norms.append(a.norm)
         check = "replica" if replica_of else "held" if held else None
         with self.store.transaction():   # the row, a small delta and the worker's record: one commit
@@ -706,7 +706,10 @@ class Job:
         """Verdicts: each replica's result against the held result it recomputes; then at most one held
         result whose replica did not come in time, against the coordinator's own computation."""
         while self.checks:
-            replica = self.store.result(self.checks.popleft())
+            seq = self.checks.popleft()
+            operators = seq in self._operators_replicas   # (its result carried an operator's token: it vouches)
+            self._operators_replicas.discard(seq)
+            replica = self.store.result(seq)
             if replica is None or replica["dropped"] is not None or replica["check_state"] != "replica":
                 continue
             original = self.store.result_for_unit(self.store.unit(replica["unit_id"])["replica_of"])
@@ -715,7 +718,7 @@ class Job:
                 self.store.mark_dropped([(replica["seq"], "replica")])
                 self._delete_blobs([replica["delta_blob"]])
                 continue
-            await self._check(original, replica)
+            await self._check(original, replica, operators)
         overdue = self._overdue_holds()
         if overdue:
             await self._check(overdue[0], None)
@@ -747,17 +750,15 @@ class Job:
                 due.append(r)
         return due
 
-    async def _check(self, original: dict, replica: dict | None) -> None:
-        """Decide the held result ``original``: it and ``replica`` agree, or the coordinator recomputes
+    async def _check(self, original: dict, replica: dict | None, operators: bool = False) -> None:
+        """Decide the held result ``original``: it and ``replica`` agree (and one of them vouches: ``operators``, the
+        replica's result carried an operator's token, or a worker that earned trust), or the coordinator recomputes
         the unit and whoever agrees with that wins (with no replica: the coordinator's check alone)."""
         rows = [original] + ([replica] if replica else [])
         deltas = await asyncio.to_thread(lambda: [decode_delta(self.store.get_blob(r["delta_blob"])) for r in rows])
         holder = self.trust.get(original["worker_id"])
         backend = holder.backend if holder is not None else "unknown"
         tolerance = self.policy.tolerance_for(backend, self.config.model)
-        operators = replica is not None and replica["seq"] in self._operators_replicas
-        if replica is not None:
-            self._operators_replicas.discard(replica["seq"])
         if replica is not None and T.agree(T.compare(deltas[0], deltas[1]), tolerance):
             if operators or any(T.vouches(self.trust.get(r["worker_id"]), self.policy) for r in rows):
                 self.check_counts["agreed"] += 1
@@ -821,27 +822,22 @@ class Job:
             for row, w in zip(rows, won):
                 if w is False:   # the loser's other results not yet folded are withdrawn: held, or waiting
                     loser = row["worker_id"]
-                    for other in self.store.held_results():
-                        if other["worker_id"] == loser and other["seq"] != original["seq"]:
-                            drops.append((other["seq"], "distrusted"))
-                            states.append((other["seq"], "withdrawn"))
-                            blobs.append(other["delta_blob"])
-                            shards.append(self.store.unit(other["unit_id"])["shard_ids"])
-                            self._supersede_replicas(other["unit_id"])
+                    held = [o for o in self.store.held_results() if o["worker_id"] == loser and o["seq"] != original["seq"]]
                     # (used unchecked, in the inbox or the strategy's buffer: a trusted worker's that turned)
                     waiting = [u.seq for u in self.inbox if u.worker_id == loser] + self.aggregator.withdraw(loser)
                     if waiting:
-                        gone = set(waiting)
-                        kept = [u for u in self.inbox if u.seq not in gone]
+                        kept = [u for u in self.inbox if u.worker_id != loser]
                         self.inbox.clear()
                         self.inbox.extend(kept)
-                        for seq in waiting:
-                            other = self.store.result(seq)
-                            drops.append((seq, "distrusted"))
-                            states.append((seq, "withdrawn"))
-                            blobs.append(other["delta_blob"])
-                            shards.append(self.store.unit(other["unit_id"])["shard_ids"])
-                            self.trust.withdrawn(loser, other["num_samples"])
+                    unused = [self.store.result(seq) for seq in waiting]
+                    for other in held + unused:
+                        drops.append((other["seq"], "distrusted"))
+                        states.append((other["seq"], "withdrawn"))
+                        blobs.append(other["delta_blob"])
+                        shards.append(self.store.unit(other["unit_id"])["shard_ids"])
+                    for other in held:
+                        self._supersede_replicas(other["unit_id"])
+                    self.trust.withdrawn(loser, sum(o["num_samples"] for o in unused))   # (they were credited)
             self._supersede_replicas(original["unit_id"])
             self.store.set_check(states)
             self.store.mark_dropped(drops)

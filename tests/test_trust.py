@@ -23,6 +23,7 @@ from coordinator import trust as T
 from coordinator.config import CoordinatorConfig
 from coordinator.limits import RateLimiter, UnitLimits, address_key, bearer, carries, client_address, load_tokens
 from coordinator.metrics import render
+from coordinator.strategies.tensors import global_norm
 from models.state_names import is_running_stat
 from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.tiny_cifar import tiny_cifar10
@@ -381,7 +382,7 @@ async def test_a_trusted_workers_outsized_result_is_checked_and_it_is_found_out(
     job._draw = lambda: 1.0   # never drawn for a check
     first = await take(client, "turncoat")
     _, sent = await work(client, first, "turncoat")
-    norm = float(np.sqrt(sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in sent.values())))
+    norm = global_norm(sent)
     job._recent_norms.extend([norm] * job.policy.suspicious_after)   # (as the job's other results would have)
     await job.settle()
     assert job.step == 1, "an honest result of a trusted worker is folded unchecked"
