@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gzip
 import logging
 import re
@@ -412,9 +413,13 @@ def anonymous(body: dict, tag) -> None:
 
 
 async def prometheus(request: web.Request) -> web.Response:
-    """``GET /metrics``: the job's state, this process's memory and request latencies (``coordinator.observe``)."""
+    """``GET /metrics``: the job's state, this process's memory and request latencies (``coordinator.observe``);
+    worker ids, as in ``/api/status``, only to a client on this machine."""
+    view = None
+    if not is_loopback(client_address(request.remote, request.headers.get("X-Forwarded-For"))):
+        view = functools.partial(anonymous, tag=request.app[BOARD].names.tag)
     return request.app[observe.OBSERVER].exposition(request.headers.get("Accept"),
-                                                    request.headers.get("Accept-Encoding"))
+                                                    request.headers.get("Accept-Encoding"), view)
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:

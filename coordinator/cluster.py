@@ -652,19 +652,22 @@ def public_app(node: Node):
                                   "results_refused": local.refused if local else 0},
                                  headers={"Cache-Control": "no-cache"})
 
-    async def leader_status() -> dict | None:
+    async def leader_status(client: str) -> dict | None:
+        """The leader's /api/status as ``client`` would see it (its worker ids only to a client on the leader's
+        machine: the leader reads the address this process forwards)."""
         target = await node.leader()
         if target is None or node.session is None:
             return None
         try:
-            async with node.session.get(target + "/api/status", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            async with node.session.get(target + "/api/status", headers={"X-Forwarded-For": client or "0.0.0.0"},
+                                        timeout=aiohttp.ClientTimeout(total=5)) as r:
                 return await r.json() if r.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError):
             return None
 
     async def metrics(request: web.Request) -> web.Response:
         """This process's request histogram and memory; the job's families while a leader answers."""
-        job_status[0] = await leader_status()
+        job_status[0] = await leader_status(client_address(request.remote, request.headers.get("X-Forwarded-For")))
         return observer.exposition(request.headers.get("Accept"), request.headers.get("Accept-Encoding"))
 
     async def lifecycle(app: web.Application):

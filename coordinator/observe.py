@@ -86,8 +86,9 @@ class Observer:
         if access_log not in ACCESS_LOG_MODES:
             raise ValueError(f"access_log: expected one of {', '.join(ACCESS_LOG_MODES)}, got {access_log!r}")
         self.registry = CollectorRegistry(auto_describe=False)
+        self._status, self._view = status, None
         if status is not None:
-            self.registry.register(JobCollector(status))
+            self.registry.register(JobCollector(self._job_status))
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.registry.register(_Frozen())
@@ -117,11 +118,24 @@ class Observer:
         """``latency`` of this process's ``WORK_ROUTES`` since it started (``/api/status``, the dashboard)."""
         return {k: v for k, v in latency(self.requests.collect()).items() if k in WORK_ROUTES}
 
-    def exposition(self, accept: str | None, accept_encoding: str | None = None) -> web.Response:
-        """``/metrics``: the registry in the format the scraper asked for (``Accept``; text 0.0.4 by default)."""
+    def _job_status(self) -> Mapping[str, Any] | None:
+        status = self._status()
+        if status is not None and self._view is not None:
+            self._view(status)
+        return status
+
+    def exposition(self, accept: str | None, accept_encoding: str | None = None,
+                   view: Callable[[dict], None] | None = None) -> web.Response:
+        """``/metrics``: the registry in the format the scraper asked for (``Accept``; text 0.0.4 by default).
+        ``view``: what this scraper may see of the job's status, made of it in place first (``app.anonymous``:
+        worker ids replaced by their tags for anyone but the operator on this machine)."""
         encode, content_type = choose_encoder(accept or "")
-        response = web.Response(body=encode(self.registry), headers={"Content-Type": content_type,
-                                                                     "Cache-Control": "no-cache"})
+        self._view = view   # (read by the collector during encode, which does not await: no other scrape meanwhile)
+        try:
+            body = encode(self.registry)
+        finally:
+            self._view = None
+        response = web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
         if gzip_accepted(accept_encoding or ""):
             response.enable_compression(web.ContentCoding.gzip)
         return response

@@ -699,7 +699,7 @@ async def test_the_operators_own_workers_are_not_checked_and_their_ids_buy_nothi
 
 
 async def test_the_status_names_worker_ids_only_to_the_operator_on_this_machine(aiohttp_client, tmp_path):
-    """A worker id is the bearer of its trust: ``/api/status`` (and the dashboard that reads it) gives anyone but a
+    """A worker id is the bearer of its trust: ``/api/status`` (and the dashboard that reads it) and ``/metrics`` give anyone but a
     client on this machine each worker's anonymous tag instead (through a proxy here, the client's address in
     X-Forwarded-For decides); before, a stranger could read a trusted worker's id there and claim it."""
     client, job = await start(aiohttp_client, tmp_path)
@@ -715,6 +715,10 @@ async def test_the_status_names_worker_ids_only_to_the_operator_on_this_machine(
         tags = {r["worker_id"] for r in public["workers"]} | {r["worker_id"] for r in public["trust"]}
         assert len(tags) == 1 and tags.pop().startswith("anon-")
         assert public["trust"][0]["results"] == own["trust"][0]["results"] == 1
+    # /metrics lists trust per worker: the same rule (before, anyone reaching the port read every id there)
+    assert 'crowdtrain_worker_reputation{worker="w-4f1c9e"}' in await (await client.get("/metrics")).text()
+    text = await (await client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.7"})).text()
+    assert "w-4f1c9e" not in text and 'crowdtrain_worker_reputation{worker="anon-' in text
 
 
 async def test_trusted_tokens_let_the_operators_workers_in_under_worker_tokens(aiohttp_client, tmp_path):
