@@ -50,6 +50,8 @@ log = logging.getLogger("crowdtrain.coordinator")
 DASHBOARD = Path(__file__).parent / "dashboard"
 IMMUTABLE = "public, max-age=31536000, immutable"
 RETRY_AFTER_S = 5
+CHECKS_PENDING = ("this worker's results wait for their checks (a new worker's are all checked until it earns "
+                  "trust): no new unit until one is decided")
 EXPIRE_EVERY_S = 1.0
 TRIM_EVERY_S = 10.0             # how often the C heap's free pages go back to the OS (release_memory)
 FRESH_BASE_WAIT_S = 2.0        # how long a unit request waits for results already logged to be folded
@@ -239,6 +241,8 @@ async def next_unit(request: web.Request) -> web.Response:
             # then refused as unknown_unit; an accepted result's own fdatasync covers its unit's row
             # (SQLite commits in order)
             unit = job.next_unit(asked, address, base, trusted=own)
+            if unit is None and not own and not job.finished and job.awaits_checks(unit_request.worker_id):
+                reason = reason or CHECKS_PENDING
         if unit is not None:
             entry.served = time.monotonic()
             return web.Response(text=unit.wire, content_type="application/json")   # the JSON it keeps

@@ -464,6 +464,8 @@ class Job:
             if replica is not None:
                 self.intake.issued(replica)
                 return replica
+            if not trusted and self.awaits_checks(request.worker_id):
+                return None
         if base is None or self.store.blob_path(base.blob) is None:
             base = self._base()
         unit = self.factory.make(request.worker_id, codec, base, self.samples, backend=request.backend,
@@ -559,6 +561,15 @@ class Job:
             return self.factory.replicate(worker, self.store.unit(row["unit_id"]),
                                           compute_as=holder.backend if other else None)
         return None
+
+    def awaits_checks(self, worker_id: str) -> bool:
+        """Whether this worker gets no fresh unit until a check of its results is decided: it has not earned
+        trust and ``TrustPolicy.max_unchecked`` of its results are held for their checks (a token of the
+        operator's own workers lifts it: their results are not held)."""
+        cap = self.policy.max_unchecked
+        if not self.replicating or cap is None or T.vouches(self.trust.get(worker_id), self.policy):
+            return False
+        return self.store.held_by(worker_id) >= cap
 
     @property
     def replicating(self) -> bool:

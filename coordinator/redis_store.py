@@ -1069,6 +1069,9 @@ class RedisStore(LeasedIndex):
             for seq, state in states:
                 self._set_result(seq, {"check_state": state})
 
+    def held_by(self, worker_id: str) -> int:
+        return sum(1 for r in self._checks_view().rows if r["check_state"] == "held" and r["worker_id"] == worker_id)
+
     def held_counts(self) -> dict[str, int]:
         return dict(Counter(r["check_state"] for r in self._checks_view().rows if r["check_state"] in ("held", "replica")))
 

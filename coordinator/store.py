@@ -1031,6 +1031,11 @@ class Store(LeasedIndex):
         self.db.executemany("UPDATE results SET check_state = ? WHERE seq = ?", [(c, s) for s, c in states])
         self._pending = None
 
+    def held_by(self, worker_id: str) -> int:
+        """How many of ``worker_id``'s results are held for a check (not folded, not dropped)."""
+        return self.db.execute("SELECT COUNT(*) FROM results WHERE check_state = 'held' AND worker_id = ? "
+                               "AND applied_step IS NULL AND dropped IS NULL", (worker_id,)).fetchone()[0]
+
     def held_counts(self) -> dict[str, int]:
         """Results waiting on a check: ``held`` (originals) and ``replica`` (replicas' results not judged)."""
         return dict(self.db.execute("SELECT check_state, COUNT(*) FROM results WHERE check_state IN ('held', 'replica') "

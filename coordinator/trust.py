@@ -66,6 +66,12 @@ class TrustPolicy:
     trusted_after: int = 10          # consecutive valid results before checks thin out
     min_rate: float = 0.02           # the lowest replication probability of a trusted worker
     quarantine_strikes: int = 2      # lost checks (before trust is earned again) that quarantine
+    # Results of a worker that has not earned trust that may wait for their checks at once: beyond them it gets
+    # no fresh unit (only replicas of others' units) until one is decided, as BOINC limits the jobs in progress of
+    # a host it does not know. Without it a fast liar (a replay costs it nothing) sent 40 results before its
+    # second lost check quarantined it (bench/results/audit11_2026-12-06); honest new workers have one or two
+    # waiting at a time in the simulator's clean runs. None: no limit.
+    max_unchecked: int | None = 4
     tolerance: Tolerance = Tolerance()
     # A tab's result is compared across runtimes (WebAssembly or WebGPU kernels against onnxruntime's
     # native ones, or another tab's): rounding differs at every operation and training amplifies it,

@@ -732,6 +732,38 @@ async def test_trusted_tokens_let_the_operators_workers_in_under_worker_tokens(a
     assert await take(client, "v", Authorization="Bearer lab-token-0001") is not None
 
 
+async def test_a_new_worker_gets_no_fresh_unit_while_its_limit_of_results_wait_for_checks(engine, aiohttp_client,
+                                                                                            tmp_path):
+    """``TrustPolicy.max_unchecked``: a worker that has not earned trust, with that many results held for their
+    checks, gets a 204 saying so (a replica of another's unit still) until one is decided. Before, a fast
+    replaying liar sent 40 results before its quarantine; an operator's token and earned trust lift the limit."""
+    trusted = tmp_path / "trusted"
+    trusted.write_text("own-token-00001\n")
+    client, job = await start(aiohttp_client, tmp_path, engine=engine, trusted_tokens=trusted)
+    cap = job.policy.max_unchecked
+    await take(client, "w2")   # another worker about: w1's results wait for replicas
+    for _ in range(cap):
+        await work(client, await take(client, "w1"), "w1")
+    await job.settle()
+    assert job.store.held_by("w1") == cap and job.step == 0
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "w1", "backend": "python"})
+    assert resp.status == 204 and "wait for their checks" in resp.headers["X-Crowdtrain-Reason"]
+    assert resp.headers["Retry-After"]
+    assert await take(client, "w3") is not None, "another worker is not held back by w1's"
+    assert await take(client, "w1", Authorization="Bearer own-token-00001") is not None, "the operator's own"
+    trusted_by_now(job, "w2")
+    replica = await take(client, "w2")   # the oldest held result's unit again
+    await work(client, replica, "w2")
+    await job.settle()
+    assert job.store.held_by("w1") == cap - 1 and job.step == 1
+    unit = await take(client, "w1")
+    assert unit is not None and unit.unit_id != replica.unit_id, "a check decided: a fresh unit again"
+    await work(client, unit, "w1")
+    assert await take(client, "w1") is None
+    trusted_by_now(job, "w1")
+    assert await take(client, "w1") is not None, "once it earned trust, no limit"
+
+
 def test_metrics_show_trust_per_worker() -> None:
     status = {"updates_held": 2, "replication": {"policy": "adaptive", "replicas_issued": 5, "agreed": 3,
                                                   "disagreed": 1, "recomputed": 1, "quarantined": 1},
