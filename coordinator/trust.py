@@ -68,9 +68,10 @@ class TrustPolicy:
     quarantine_strikes: int = 2      # lost checks (before trust is earned again) that quarantine
     # Results of a worker that has not earned trust that may wait for their checks at once: beyond them it gets
     # no fresh unit (only replicas of others' units) until one is decided, as BOINC limits the jobs in progress of
-    # a host it does not know. Without it a fast liar (a replay costs it nothing) sent 40 results before its
-    # second lost check quarantined it (bench/results/audit11_2026-12-06); honest new workers have one or two
-    # waiting at a time in the simulator's clean runs. None: no limit.
+    # a host it does not know. Without it a fast liar (a replay costs it nothing) sent 40, 48 and 61 results
+    # before its second lost check quarantined it, with it 6 and 10 (real processes, tests/test_e2e_trust.py's
+    # settings); the simulator's clean runs of 10 new workers were unchanged to the last digit on two seeds of
+    # three (docs/results.md, 2026-12-07). None: no limit.
     max_unchecked: int | None = 4
     tolerance: Tolerance = Tolerance()
     # A tab's result is compared across runtimes (WebAssembly or WebGPU kernels against onnxruntime's
