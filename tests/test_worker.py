@@ -7,6 +7,7 @@ downloads and records the result bodies. The worker runs as a real subprocess.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ from tests.helpers.tiny_cifar import tiny_cifar10
 from worker_py.client import (
     BlobCache, Client, GaveUp, NoWork, NotCoordinator, Stopped, Unreachable, backoff_delays, parse_retry_after,
 )
+from worker_py.progress import Progress
 from worker_py.unit import prefetch_due
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +80,11 @@ class FakeCoordinator:
     """
 
     def __init__(self, blobs: list[bytes], units: list[dict], port: int = 0, down_first: int = 0,
-                 replies: list[tuple[int, str]] = (), finish: bool = False, clock: float = 0.0) -> None:
+                 replies: list[tuple[int, str]] = (), finish: bool = False, clock: float = 0.0,
+                 reason: str | None = None) -> None:
         self.blobs = {blob_id(b): b for b in blobs}
         self.units, self.port, self.down_first = list(units), port, down_first
-        self.replies, self.finish, self.clock = list(replies), finish, clock
+        self.replies, self.finish, self.clock, self.reason = list(replies), finish, clock, reason
         self.blob_gets: Counter[str] = Counter()
         self.requests: list[UnitRequest] = []
         self.issued: dict[str, dict] = {}
@@ -102,7 +105,8 @@ class FakeCoordinator:
             self.down_first -= 1
             return web.Response(status=503, text="starting up")
         if not self.units:
-            headers = {"Retry-After": "0.2", **({"X-Crowdtrain-Finished": "true"} if self.finish else {})}
+            headers = {"Retry-After": "0.2", **({"X-Crowdtrain-Finished": "true"} if self.finish else {}),
+                       **({"X-Crowdtrain-Reason": self.reason} if self.reason else {})}
             return web.Response(status=204, headers=headers)
         now = time.time() + self.clock
         d = {"lease": "lease-" + os.urandom(4).hex(), "deadline": now + 600, **self.units.pop(0)}
@@ -405,6 +409,24 @@ def test_client_fetches_blobs_reads_deadlines_and_the_finished_signal(blobs, tmp
         assert client.next_unit(request) == NoWork(0.2, finished=True)
     finally:
         fake.stop()
+
+
+def test_a_worker_says_why_the_coordinator_has_no_unit_for_it(tmp_path):
+    """A 204's ``X-Crowdtrain-Reason`` (e.g. a new worker's results waiting for their checks) reaches the
+    operator's log, once per idle streak (the reason was dropped before: "no work right now" only)."""
+    why = "this worker's results wait for their checks"
+    fake = FakeCoordinator([], [], reason=why).start()
+    try:
+        client = Client(fake.url, cache=BlobCache(tmp_path), log=lambda line: None)
+        assert client.next_unit(UnitRequest(worker_id="w", backend="python")) == NoWork(0.2, reason=why)
+    finally:
+        fake.stop()
+    out = io.StringIO()
+    progress = Progress(enabled=True, stream=out)
+    for _ in range(3):
+        progress.idle(0.2, why)
+    progress.idle(0.2, None)
+    assert out.getvalue().count(why) == 1 and out.getvalue().count("no work right now") == 2
 
 
 # ----------------------------------------------------------------------------- a URL that is not a coordinator

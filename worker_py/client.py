@@ -39,6 +39,7 @@ from contract.units import UnitRequest, UnitResult, WorkUnit, blob_id, is_blob_i
 
 T = TypeVar("T")
 USER_AGENT = "crowdtrain-worker/0.1 (python)"
+REASON_HEADER = "X-Crowdtrain-Reason"       # on a 204 of units/next: why there is no unit now (text for people)
 FINISHED_HEADER = "X-Crowdtrain-Finished"   # on a 204 of units/next: the job is over (proposed)
 BACKOFF_START = 0.5                          # seconds before the first retry
 BACKOFF_CAP = 30.0                           # longest wait between retries, seconds
@@ -80,10 +81,12 @@ class Stopped(Exception):
 
 @dataclass(frozen=True)
 class NoWork:
-    """A 204 from units/next: wait ``retry_after`` seconds; ``finished`` = the job is over."""
+    """A 204 from units/next: wait ``retry_after`` seconds; ``finished`` = the job is over; ``reason``: why, when
+    the coordinator says (``X-Crowdtrain-Reason``)."""
 
     retry_after: float
     finished: bool = False
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -310,7 +313,8 @@ class Client:
         body = json.dumps(request.to_json()).encode("utf-8")
         status, head, data = self._request("POST", "/api/v1/units/next", body, "application/json")
         if status == 204 or not data:
-            return NoWork(parse_retry_after(head.get("retry-after")), _says_finished(head, data))
+            return NoWork(parse_retry_after(head.get("retry-after")), _says_finished(head, data),
+                          head.get(REASON_HEADER.lower()) or None)
         try:
             d = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):

@@ -145,7 +145,7 @@ class Prefetcher(threading.Thread):
             if isinstance(answer, NoWork):
                 if answer.finished:
                     return Finished()
-                self.progress.idle(answer.retry_after)
+                self.progress.idle(answer.retry_after, answer.reason)
                 if self.stop.event.wait(max(answer.retry_after, MIN_POLL)):
                     return None
                 continue

@@ -35,6 +35,7 @@ class Progress:
         self._last_plain = -math.inf
         self._last_draw = -math.inf
         self._idle = False
+        self._reason: str | None = None
         self._unit = ""                  # "unit <id> step i/n" while training
 
     def say(self, text: str) -> None:
@@ -93,16 +94,18 @@ class Progress:
         self._unit = f"unit {unit_id} step {step}/{total}"
         self._draw(force=step == 1)
 
-    def idle(self, retry_after: float | None) -> None:
-        """No work right now (``retry_after`` seconds to the next poll), said once per idle
-        streak; ``None``: work came, the streak is over."""
+    def idle(self, retry_after: float | None, reason: str | None = None) -> None:
+        """No work right now (``retry_after`` seconds to the next poll; ``reason``: why, if the coordinator
+        said), said once per idle streak, and again when the reason changes; ``None``: work came, the
+        streak is over."""
         was, self._idle = self._idle, retry_after is not None
-        if retry_after is None or was:
+        said, self._reason = self._reason, reason if retry_after is not None else None
+        if retry_after is None or (was and reason == said):
             return
-        if self.tty:
+        if self.tty and reason is None:
             self._draw(force=True)
         elif self.enabled:
-            self.say(f"no work right now; asking again every {retry_after:g} s")
+            self.say(f"no work right now{f' ({reason})' if reason else ''}; asking again every {retry_after:g} s")
 
     def close(self) -> None:
         with self._lock:
