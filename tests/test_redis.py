@@ -1132,7 +1132,8 @@ def test_each_process_serves_its_own_request_metrics_and_the_jobs_state(redis_ur
         stranger = urllib.request.Request(ps.url(other) + "/metrics", headers={"X-Forwarded-For": "203.0.113.7"})
         with urllib.request.urlopen(stranger, timeout=30) as r:
             public = r.read().decode()
-        assert {f.name: f for f in text_string_to_metric_families(public)}["crowdtrain_units_issued"].samples[0].value == 3
+        seen = {f.name: f for f in text_string_to_metric_families(public)}
+        assert seen["crowdtrain_units_issued"].samples[0].value == 3
         assert 'worker="m' not in public and 'worker="anon-' in public
         # this process's requests: 2xx the units it handed out (a 503 while the new leader opens the job is
         # retried, as a worker does, and counted as 5xx)

@@ -699,9 +699,10 @@ async def test_the_operators_own_workers_are_not_checked_and_their_ids_buy_nothi
 
 
 async def test_the_status_names_worker_ids_only_to_the_operator_on_this_machine(aiohttp_client, tmp_path):
-    """A worker id is the bearer of its trust: ``/api/status`` (and the dashboard that reads it) and ``/metrics`` give anyone but a
-    client on this machine each worker's anonymous tag instead (through a proxy here, the client's address in
-    X-Forwarded-For decides); before, a stranger could read a trusted worker's id there and claim it."""
+    """A worker id is the bearer of its trust: ``/api/status`` (and the dashboard that reads it) and ``/metrics``
+    give anyone but a client on this machine each worker's anonymous tag instead (through a proxy here, the
+    client's address in X-Forwarded-For decides); before, a stranger could read a trusted worker's id there and
+    claim it."""
     client, job = await start(aiohttp_client, tmp_path)
     unit = await take(client, "w-4f1c9e")
     await work(client, unit, "w-4f1c9e")
