@@ -241,7 +241,7 @@ async def next_unit(request: web.Request) -> web.Response:
             # then refused as unknown_unit; an accepted result's own fdatasync covers its unit's row
             # (SQLite commits in order)
             unit = job.next_unit(asked, address, base, trusted=own)
-            if unit is None and not own and not job.finished and job.awaits_checks(unit_request.worker_id):
+            if unit is None and job.awaits_checks(unit_request.worker_id, own):
                 reason = reason or CHECKS_PENDING
         if unit is not None:
             entry.served = time.monotonic()

@@ -464,7 +464,7 @@ class Job:
             if replica is not None:
                 self.intake.issued(replica)
                 return replica
-            if not trusted and self.awaits_checks(request.worker_id):
+            if self.awaits_checks(request.worker_id, trusted):
                 return None
         if base is None or self.store.blob_path(base.blob) is None:
             base = self._base()
@@ -562,12 +562,13 @@ class Job:
                                           compute_as=holder.backend if other else None)
         return None
 
-    def awaits_checks(self, worker_id: str) -> bool:
-        """Whether this worker gets no fresh unit until a check of its results is decided: it has not earned
-        trust and ``TrustPolicy.max_unchecked`` of its results are held for their checks (a token of the
-        operator's own workers lifts it: their results are not held)."""
+    def awaits_checks(self, worker_id: str, trusted: bool = False) -> bool:
+        """Whether this worker gets no fresh unit until a check of its results is decided: the job is on, it has
+        not earned trust and ``TrustPolicy.max_unchecked`` of its results are held for their checks (``trusted``, a
+        token of the operator's own workers on its request, lifts it: their results are not held)."""
         cap = self.policy.max_unchecked
-        if not self.replicating or cap is None or T.vouches(self.trust.get(worker_id), self.policy):
+        if (trusted or self.finished or not self.replicating or cap is None
+                or T.vouches(self.trust.get(worker_id), self.policy)):
             return False
         return self.store.held_by(worker_id) >= cap
 
