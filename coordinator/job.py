@@ -18,7 +18,9 @@ the simulator with a fake clock.
 Replicated checks (``--replication adaptive``, ``coordinator.trust``): a result the trust
 policy picks is logged and answered like any other but *held* (not offered to the
 aggregator) until a replica of its unit, computed by another worker of the same backend (or
-one that computes as it does: a Python worker computes a tab's unit as the tab), comes back;
+one that computes as it does: a Python worker computes a tab's unit as the tab), comes back
+(a unit whose result will surely be held, its worker not trusted yet, is replicated as soon as
+another worker asks, while it is still out: both copies come back about together);
 ``settle`` compares the two, and on a disagreement, or when no replica came within
 ``replica_wait_s`` (at once when no worker could take one), recomputes the unit itself
 (``worker_py.unit.run_unit``; a tab's as the tab computes it, ``models.browser_unit``; in a
@@ -197,6 +199,10 @@ class Job:
         self.finished = False
         self.policy = T.TrustPolicy()
         self.checks: deque[int] = deque()    # seqs of replicas' results waiting for a verdict
+        # fresh units out whose results will be held for a check (their worker has not earned trust), with no replica
+        # issued yet: unit id -> its worker (``_replica_for`` issues one at once, as BOINC sends a workunit's replicas
+        # together; this process's memory only: after a restart a replica is issued once the result is in)
+        self._unreplicated: OrderedDict[str, str] = OrderedDict()
         self._operators_replicas: set[int] = set()   # replicas' results that carried an operator's token (not kept)
         self._recent_norms: deque[float] = deque(maxlen=50)   # accepted results' norms (trust.suspicious)
         self.check_counts = {"replicas_issued": 0, "agreed": 0, "agreed_unvouched": 0, "disagreed": 0, "recomputed": 0}
@@ -472,6 +478,8 @@ class Job:
                                  held=request.held, error_feedback=request.error_feedback, trusted=trusted)
         if unit is not None:
             self.intake.issued(unit)
+            if self.replicating and not trusted and self.trust.probability(request.worker_id) >= 1.0:
+                self._unreplicated[unit.unit_id] = request.worker_id
         return unit
 
     async def prepare_download(self, request: UnitRequest, base: Base) -> tuple[Base, UnitRequest]:
@@ -536,31 +544,47 @@ class Job:
             self._halving.pop(base.blob, None)
 
     def _replica_for(self, request: UnitRequest, address: str) -> WorkUnit | None:
-        """The oldest held result's unit again, for this worker: another id, the same backend (a
-        browser draws its batches with another generator than torch) or one it says it computes as
-        that backend does (``UnitRequest.computes``: a Python worker computes a tab's unit as the tab,
-        ``WorkUnit.compute_as``), not the same remote address, a codec it takes, and not a unit it
-        already had a replica of."""
-        worker = request.worker_id
-        if self.trust.quarantined(worker):
+        """A unit to check again, for this worker: the oldest held result's unit, else the oldest fresh unit
+        out whose result will be held (``_unreplicated``: both copies then come back about together, where a
+        replica issued once the result is in holds it back for a whole unit more). The worker must be another
+        id, of the same backend (a browser draws its batches with another generator than torch) or one it
+        says it computes as that backend does (``UnitRequest.computes``: a Python worker computes a tab's unit
+        as the tab, ``WorkUnit.compute_as``), not at the same remote address, take the unit's codec, and not
+        have had a replica of it already."""
+        if self.trust.quarantined(request.worker_id):
             return None
         for row in self.store.wanted_replicas():
-            holder = self.trust.get(row["holder"])
-            if row["holder"] == worker:
+            replica = self._replicate(request, address, row, row["holder"])
+            if replica is not None:
+                return replica
+        for unit_id, holder in list(self._unreplicated.items()):
+            row = self.store.unit(unit_id)
+            if row is None or row["status"] != "leased" or row.get("twin") or self.trust.probability(holder) < 1.0:
+                del self._unreplicated[unit_id]   # back, given up, a tail copy, or its worker's results are not held
                 continue
-            other = holder is not None and holder.backend != request.backend
-            if other and holder.backend not in request.computes:
-                continue
-            if holder is not None and T.same_host(holder.address, address):
-                continue
-            if json.loads(row["wire"])["codec"].split(":")[0] not in request.codecs:
-                continue
-            if any(r["worker_id"] == worker for r in self.store.replicas_of(row["unit_id"])):
-                continue
-            self.check_counts["replicas_issued"] += 1
-            return self.factory.replicate(worker, self.store.unit(row["unit_id"]),
-                                          compute_as=holder.backend if other else None)
+            replica = self._replicate(request, address, row, holder)
+            if replica is not None:
+                del self._unreplicated[unit_id]
+                return replica
         return None
+
+    def _replicate(self, request: UnitRequest, address: str, row: dict, holder_id: str) -> WorkUnit | None:
+        """A replica of the unit of store row ``row`` (issued to ``holder_id``) for this request, if it may take it."""
+        worker = request.worker_id
+        if holder_id == worker:
+            return None
+        holder = self.trust.get(holder_id)
+        other = holder is not None and holder.backend != request.backend
+        if other and holder.backend not in request.computes:
+            return None
+        if holder is not None and T.same_host(holder.address, address):
+            return None
+        if json.loads(row["wire"])["codec"].split(":")[0] not in request.codecs:
+            return None
+        if any(r["worker_id"] == worker for r in self.store.replicas_of(row["unit_id"])):
+            return None
+        self.check_counts["replicas_issued"] += 1
+        return self.factory.replicate(worker, self.store.unit(row["unit_id"]), compute_as=holder.backend if other else None)
 
     def awaits_checks(self, worker_id: str, trusted: bool = False) -> bool:
         """Whether this worker gets no fresh unit until a check of its results is decided: the job is on, it has
@@ -717,20 +741,27 @@ class Job:
     async def _judge(self) -> None:
         """Verdicts: each replica's result against the held result it recomputes; then at most one held
         result whose replica did not come in time, against the coordinator's own computation."""
+        early = []
         while self.checks:
             seq = self.checks.popleft()
-            operators = seq in self._operators_replicas   # (its result carried an operator's token: it vouches)
-            self._operators_replicas.discard(seq)
             replica = self.store.result(seq)
             if replica is None or replica["dropped"] is not None or replica["check_state"] != "replica":
+                self._operators_replicas.discard(seq)
                 continue
-            original = self.store.result_for_unit(self.store.unit(replica["unit_id"])["replica_of"])
+            of = self.store.unit(replica["unit_id"])["replica_of"]
+            original = self.store.result_for_unit(of)
+            if original is None and (self.store.unit(of) or {}).get("status") == "leased":
+                early.append(seq)   # a replica issued with its unit came in first: judged once the original is in
+                continue
+            operators = seq in self._operators_replicas   # (its result carried an operator's token: it vouches)
+            self._operators_replicas.discard(seq)
             if original is None or original["check_state"] != "held" or original["dropped"] is not None:
                 # settled without it (the coordinator's own check came first): not a vote
                 self.store.mark_dropped([(replica["seq"], "replica")])
                 self._delete_blobs([replica["delta_blob"]])
                 continue
             await self._check(original, replica, operators)
+        self.checks.extend(early)
         overdue = self._overdue_holds()
         if overdue:
             await self._check(overdue[0], None)

@@ -16,6 +16,10 @@ check means are decided here, in pure functions over one small record per worker
   nothing, so minting ids buys nothing. Whatever the record, a result whose norm is far above the recent
   ones' (``suspicious``) is checked: a trusted worker that turns to scaled or flipped deltas is caught at
   its first such lie.
+- **When a replica goes out** (``Job._replica_for``): a held result's unit to the next eligible worker
+  that asks; and a unit of a worker that has not earned trust (its result will be held whatever the
+  draw) at once, while it is still out, as BOINC issues a workunit's replicas together: a replica
+  issued only after the result held it back a whole unit more.
 - **A check** (``compare``/``agree``): cosine similarity and relative norm difference of
   the two deltas, over the weights and over the running statistics each, within ``Tolerance`` (measured between honest runs of the
   same unit on different machines and thread counts: bench/replica_tolerance.py,

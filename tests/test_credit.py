@@ -127,7 +127,8 @@ async def test_a_liar_quarantined_after_lies_were_folded_keeps_no_credit(aiohttp
     client, job = await start_job(aiohttp_client, tmp_path, epochs=20.0, strategy="async_sgd",
                                   strategy_params={"staleness": "constant"}, robust="none", replication="adaptive")
     job.trust.put(Record("turncoat", consecutive_valid=job.policy.trusted_after))
-    await take(client, "h1")
+    job.trust.put(Record("h1", consecutive_valid=job.policy.trusted_after))   # (so no unit of its own is
+    await take(client, "h1")                                                     # replicated to the turncoat)
     job._draw = lambda: 1.0
     await honest(client, await take(client, "turncoat"), "turncoat", Fault.SIGN_FLIP)
     await job.settle()

@@ -1179,15 +1179,14 @@ def test_replicated_checks_with_two_processes(redis_url, tmp_path):
         other = 1 - ps.leader()
         base = ps.url(other)
         unit = take(base, "w1")
-        take(base, "w2")   # another Python worker is about: w1's result waits for its replica
+        replica = take(ps.url(1 - other), "w2")   # w1 is new: its unit goes out again at once, from either process
+        same = ("base_step", "shard_ids", "local_steps", "batch_size", "seed")
+        assert all(getattr(replica, f) == getattr(unit, f) for f in same), "w2 recomputes w1's unit"
         assert send(base, unit, "w1")["accepted"]
         status = ps.status(other)
         assert status["updates_held"] == 1 and status["updates_applied"] == 0, status
         cluster = ps.cluster(other)
         assert cluster["results_taken"] == 0 and cluster["results_passed_to_leader"] == 1, cluster
-        replica = take(ps.url(1 - other), "w2")
-        same = ("base_step", "shard_ids", "local_steps", "batch_size", "seed")
-        assert all(getattr(replica, f) == getattr(unit, f) for f in same), "w2 recomputes w1's unit"
         assert send(base, replica, "w2")["accepted"]
         deadline = time.time() + 30
         while (status := ps.status(other))["updates_applied"] < 1 and time.time() < deadline:
