@@ -524,7 +524,7 @@ def public_app(node: Node):
     from coordinator import observe
     from coordinator.app import (DASHBOARD_FILES, IMMUTABLE, ROUTES, body_seconds, encoded, gzip_for_browser,
                                  quiet_unparsed_requests, slow_sender)
-    from coordinator.limits import client_address
+    from coordinator.limits import client_address, is_loopback
     from coordinator.threads import helper_threads
 
     quiet_unparsed_requests()
@@ -642,6 +642,11 @@ def public_app(node: Node):
         return web.Response(body=body, headers=headers, content_type="application/octet-stream")
 
     async def cluster(request: web.Request) -> web.Response:
+        """This process's part in the cluster. Whether it leads, to anyone (a health check through a proxy asks it);
+        the rest (its pid, the leader's internal address, its counters) only to a client on this machine."""
+        if not is_loopback(client_address(request.remote, request.headers.get("X-Forwarded-For"))):
+            return web.json_response({"leader": node.lock.held, "job": node.config.job},
+                                     headers={"Cache-Control": "no-cache"})
         leader = await node.leader()
         local = node.local
         return web.json_response({"process": node.name, "pid": os.getpid(), "leader": node.lock.held,

@@ -646,11 +646,13 @@ ARGS = ("--replication", "off",   # a test of the checks passes --replication ad
         "--leader-ttl", "3")
 
 
-def call(url: str, payload: bytes | None = None, retry_s: float = 0.0, token: str | None = None) -> tuple[int, bytes]:
-    """One request (POST when ``payload``; with ``token``, as a bearer token); 503s and refused connections
-    retried for ``retry_s`` seconds, as a worker does."""
+def call(url: str, payload: bytes | None = None, retry_s: float = 0.0, token: str | None = None,
+         headers: dict | None = None) -> tuple[int, bytes]:
+    """One request (POST when ``payload``; with ``token``, as a bearer token; with more ``headers``); 503s and
+    refused connections retried for ``retry_s`` seconds, as a worker does."""
     deadline = time.time() + retry_s
-    headers = {"Content-Type": "application/octet-stream", **({"Authorization": f"Bearer {token}"} if token else {})}
+    headers = {"Content-Type": "application/octet-stream", **({"Authorization": f"Bearer {token}"} if token else {}),
+               **(headers or {})}
     while True:
         req = urllib.request.Request(url, data=payload, method="POST" if payload is not None else "GET",
                                      headers=headers)
@@ -1187,6 +1189,9 @@ def test_replicated_checks_with_two_processes(redis_url, tmp_path):
         assert status["updates_held"] == 1 and status["updates_applied"] == 0, status
         cluster = ps.cluster(other)
         assert cluster["results_taken"] == 0 and cluster["results_passed_to_leader"] == 1, cluster
+        # to a client elsewhere (through a proxy on this machine): whether it leads, not the leader's address
+        code, raw = call(base + "/api/v1/cluster", headers={"X-Forwarded-For": "203.0.113.7"})
+        assert code == 200 and json.loads(raw) == {"leader": False, "job": cluster["job"]}, raw
         assert send(base, replica, "w2")["accepted"]
         deadline = time.time() + 30
         while (status := ps.status(other))["updates_applied"] < 1 and time.time() < deadline:
