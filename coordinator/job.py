@@ -201,7 +201,9 @@ class Job:
         self.checks: deque[int] = deque()    # seqs of replicas' results waiting for a verdict
         # fresh units out whose results will be held for a check (their worker has not earned trust), with no replica
         # issued yet: unit id -> its worker (``_replica_for`` issues one at once, as BOINC sends a workunit's replicas
-        # together; this process's memory only: after a restart a replica is issued once the result is in)
+        # together; this process's memory only: after a restart a replica is issued once the result is in). Only those
+        # held whatever the draw: a trusted worker's unit replicated before its result would tell a colluding id that
+        # takes the replica which of its units are checked, so it could lie on the others; its draw stays at the result.
         self._unreplicated: OrderedDict[str, str] = OrderedDict()
         self._operators_replicas: set[int] = set()   # replicas' results that carried an operator's token (not kept)
         self._recent_norms: deque[float] = deque(maxlen=50)   # accepted results' norms (trust.suspicious)
