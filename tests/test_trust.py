@@ -336,6 +336,26 @@ async def test_a_new_workers_unit_is_replicated_as_it_is_issued_and_folded_once(
     assert seen["status"]["replication"]["agreed"] == 1 and seen["status"]["replication"]["recomputed"] == 0
 
 
+async def test_a_replica_whose_original_never_comes_back_is_dropped(aiohttp_client, tmp_path):
+    """A new worker's unit replicated as it was issued, and that worker vanishes: the replica's result waits while
+    the original is out, then is dropped (``replica``) once its lease has expired, and the unit's shards are
+    trained again by whoever asks next."""
+    clock = Clock(1_000_000.0)
+    client, job = await start(aiohttp_client, tmp_path, clock=clock)
+    unit = await take(client, "gone")
+    replica = await take(client, "w2")
+    assert replica.shard_ids == unit.shard_ids
+    await work(client, replica, "w2")
+    await job.settle()
+    assert job.store.result_for_unit(replica.unit_id)["dropped"] is None, "it waits for the original"
+    clock.t = unit.deadline + 1
+    job.expire_leases()
+    await job.settle()
+    fate = job.store.result_for_unit(replica.unit_id)
+    assert fate["dropped"] == "replica" and fate["applied_step"] is None and job.step == 0
+    assert (await take(client, "w3")).shard_ids == unit.shard_ids, "its shards are out again"
+
+
 async def checked_pair(client, job, holder: tuple[str, Fault], replicator: tuple[str, Fault]):
     """``holder`` computes a unit (as its fault says) while ``replicator`` is about, so the result is held;
     ``replicator`` takes its replica and computes it; one settle judges them. (unit, replica, ledger, fates)."""
