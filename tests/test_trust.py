@@ -357,8 +357,8 @@ async def test_a_replica_whose_original_never_comes_back_is_dropped(aiohttp_clie
 
 
 async def checked_pair(client, job, holder: tuple[str, Fault], replicator: tuple[str, Fault]):
-    """``holder`` computes a unit (as its fault says) while ``replicator`` is about, so the result is held;
-    ``replicator`` takes its replica and computes it; one settle judges them. (unit, replica, ledger, fates)."""
+    """``holder`` (new, so its result will be held) takes a unit and ``replicator``, asking next, its replica; each
+    computes it (as its fault says) and one settle judges them. (unit, replica, ledger, fates)."""
     unit = await take(client, holder[0])
     replica = await take(client, replicator[0])   # the holder is new: its unit goes out again at once
     assert replica.seed == unit.seed and replica.shard_ids == unit.shard_ids
