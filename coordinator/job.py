@@ -559,10 +559,14 @@ class Job:
             replica = self._replicate(request, address, row, row["holder"])
             if replica is not None:
                 return replica
+        now = self.clock()
         for unit_id, holder in list(self._unreplicated.items()):
             row = self.store.unit(unit_id)
-            if row is None or row["status"] != "leased" or row.get("twin") or self.trust.probability(holder) < 1.0:
-                del self._unreplicated[unit_id]   # back, given up, a tail copy, or its worker's results are not held
+            if (row is None or row["status"] != "leased" or row["deadline"] <= now or row.get("twin")
+                    or self.trust.probability(holder) < 1.0):
+                # back, given up, past its deadline (its worker gone; the blob it names is kept only until then),
+                # a tail copy, or its worker's results are not held
+                del self._unreplicated[unit_id]
                 continue
             replica = self._replicate(request, address, row, holder)
             if replica is not None:

@@ -356,6 +356,18 @@ async def test_a_replica_whose_original_never_comes_back_is_dropped(aiohttp_clie
     assert (await take(client, "w3")).shard_ids == unit.shard_ids, "its shards are out again"
 
 
+async def test_a_unit_past_its_deadline_is_not_replicated(aiohttp_client, tmp_path):
+    """Its worker is gone (the lease not swept yet) and the base blob it names is kept only until its deadline: a
+    replica of it would name a blob that may be deleted (the simulator's churn found one), so the next worker gets
+    a unit of its own."""
+    clock = Clock(1_000_000.0)
+    client, job = await start(aiohttp_client, tmp_path, clock=clock)
+    unit = await take(client, "gone")
+    clock.t = unit.deadline + 1
+    other = await take(client, "w2")
+    assert job.store.unit(other.unit_id)["replica_of"] is None and other.shard_ids != unit.shard_ids
+
+
 async def checked_pair(client, job, holder: tuple[str, Fault], replicator: tuple[str, Fault]):
     """``holder`` (new, so its result will be held) takes a unit and ``replicator``, asking next, its replica; each
     computes it (as its fault says) and one settle judges them. (unit, replica, ledger, fates)."""
