@@ -585,7 +585,10 @@ class Job:
             return None
         if holder is not None and T.same_host(holder.address, address):
             return None
-        if json.loads(row["wire"])["codec"].split(":")[0] not in request.codecs:
+        wire = json.loads(row["wire"])
+        if wire["codec"].split(":")[0] not in request.codecs:
+            return None
+        if self.store.blob_path(wire["model_version"]) is None:   # a late result's base, swept after its deadline
             return None
         if any(r["worker_id"] == worker for r in self.store.replicas_of(row["unit_id"])):
             return None
@@ -795,9 +798,16 @@ class Job:
                 continue
             holder = self.trust.get(r["worker_id"])
             others = active.get(holder.backend if holder is not None else "unknown", set()) - {r["worker_id"]}
-            if r["accepted"] <= cutoff or not others:
+            if r["accepted"] <= cutoff or not others or self._base_gone(r["unit_id"]):
                 due.append(r)
         return due
+
+    def _base_gone(self, unit_id: str) -> bool:
+        """Whether the blob a unit was cut from is gone: a late result's (its worker came back after the unit's
+        deadline, when the fp16 copy or reconstruction it names may be swept). Nobody can recompute it then."""
+        unit = self.store.unit(unit_id)
+        return unit is not None and bool(unit.get("wire")) and \
+            self.store.blob_path(json.loads(unit["wire"])["model_version"]) is None
 
     async def _check(self, original: dict, replica: dict | None, operators: bool = False) -> None:
         """Decide the held result ``original``: it and ``replica`` agree (and one of them vouches: ``operators``, the
@@ -818,6 +828,11 @@ class Job:
         if replica is not None:
             self.check_counts["disagreed"] += 1
         wire = self.store.unit(original["unit_id"])["wire"]
+        if self._base_gone(original["unit_id"]):
+            log.warning("unit %s: the base it was computed from is gone (a result after the unit's deadline); its "
+                        "result cannot be checked and is dropped", original["unit_id"])
+            self._verdict(rows, deltas, ["unchecked"] * len(rows))
+            return
         try:
             reference = await asyncio.to_thread(self._recompute, wire, backend)
         except Exception:

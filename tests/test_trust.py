@@ -368,6 +368,27 @@ async def test_a_unit_past_its_deadline_is_not_replicated(aiohttp_client, tmp_pa
     assert job.store.unit(other.unit_id)["replica_of"] is None and other.shard_ids != unit.shard_ids
 
 
+async def test_a_held_result_whose_base_is_gone_is_dropped_unchecked(aiohttp_client, tmp_path):
+    """A result that came after its unit's deadline, when the fp16 copy it was computed from was swept: nobody can
+    recompute it, so it is not replicated (the replica would name a missing blob: the simulator's churn crashed on
+    one) and is dropped ``unchecked`` at the next settle, its shards trained again."""
+    client, job = await start(aiohttp_client, tmp_path)
+    trusted_by_now(job, "w0")
+    await take(client, "w0")   # another worker about: a held result would wait for its replica
+    unit = await take(client, "late")
+    data = body(compute(unit, await fetch_all(client, unit), "late"))
+    job.store.delete_blob(unit.model_version, durable_first=False)   # as the sweep does after the deadline
+    resp = await client.post(f"/api/v1/units/{unit.unit_id}/result", data=data)
+    assert resp.status == 200 and (await resp.json())["accepted"]
+    other = await take(client, "w2")
+    assert job.store.unit(other.unit_id)["replica_of"] is None, "no replica of a unit whose base is gone"
+    await job.settle()   # (the app's own aggregation task may have settled it already)
+    row = job.store.result_for_unit(unit.unit_id)
+    assert row["check_state"] == "unchecked" and row["dropped"] == "unchecked" and row["applied_step"] is None
+    assert job.step == 0 and job.check_counts["recomputed"] == 0
+    assert set(unit.shard_ids) <= job.factory.retrying() | set(other.shard_ids), "its shards are trained again"
+
+
 async def checked_pair(client, job, holder: tuple[str, Fault], replicator: tuple[str, Fault]):
     """``holder`` (new, so its result will be held) takes a unit and ``replicator``, asking next, its replica; each
     computes it (as its fault says) and one settle judges them. (unit, replica, ledger, fates)."""
