@@ -585,15 +585,14 @@ class Job:
             return None
         if holder is not None and T.same_host(holder.address, address):
             return None
-        wire = json.loads(row["wire"])
-        if wire["codec"].split(":")[0] not in request.codecs:
+        if json.loads(row["wire"])["codec"].split(":")[0] not in request.codecs:
             return None
-        if self.store.blob_path(wire["model_version"]) is None:   # a late result's base, swept after its deadline
+        if self._base_gone(row):   # a late result's base, swept after its deadline
             return None
         if any(r["worker_id"] == worker for r in self.store.replicas_of(row["unit_id"])):
             return None
         self.check_counts["replicas_issued"] += 1
-        return self.factory.replicate(worker, self.store.unit(row["unit_id"]), compute_as=holder.backend if other else None)
+        return self.factory.replicate(worker, row, compute_as=holder.backend if other else None)
 
     def awaits_checks(self, worker_id: str, trusted: bool = False) -> bool:
         """Whether this worker gets no fresh unit until a check of its results is decided: the job is on, it has
@@ -798,14 +797,14 @@ class Job:
                 continue
             holder = self.trust.get(r["worker_id"])
             others = active.get(holder.backend if holder is not None else "unknown", set()) - {r["worker_id"]}
-            if r["accepted"] <= cutoff or not others or self._base_gone(r["unit_id"]):
+            if r["accepted"] <= cutoff or not others or self._base_gone(self.store.unit(r["unit_id"])):
                 due.append(r)
         return due
 
-    def _base_gone(self, unit_id: str) -> bool:
-        """Whether the blob a unit was cut from is gone: a late result's (its worker came back after the unit's
-        deadline, when the fp16 copy or reconstruction it names may be swept). Nobody can recompute it then."""
-        unit = self.store.unit(unit_id)
+    def _base_gone(self, unit: dict | None) -> bool:
+        """Whether the blob the unit of store row ``unit`` was cut from is gone: a late result's (its worker came
+        back after the unit's deadline, when the fp16 copy or reconstruction it names may be swept). Nobody can
+        recompute it then."""
         return unit is not None and bool(unit.get("wire")) and \
             self.store.blob_path(json.loads(unit["wire"])["model_version"]) is None
 
@@ -827,14 +826,14 @@ class Job:
             self.check_counts["agreed_unvouched"] += 1
         if replica is not None:
             self.check_counts["disagreed"] += 1
-        wire = self.store.unit(original["unit_id"])["wire"]
-        if self._base_gone(original["unit_id"]):
+        unit = self.store.unit(original["unit_id"])
+        if self._base_gone(unit):
             log.warning("unit %s: the base it was computed from is gone (a result after the unit's deadline); its "
                         "result cannot be checked and is dropped", original["unit_id"])
             self._verdict(rows, deltas, ["unchecked"] * len(rows))
             return
         try:
-            reference = await asyncio.to_thread(self._recompute, wire, backend)
+            reference = await asyncio.to_thread(self._recompute, unit["wire"], backend)
         except Exception:
             log.exception("unit %s: the coordinator could not recompute it; its result is dropped",
                           original["unit_id"])
