@@ -14,7 +14,7 @@ threads) computes ``--units`` units. With no second tab, each held result waits 
 recomputed by the coordinator, which logs the cosine and norm difference (``recomputed here``);
 this script reads them from the coordinator's log, with each unit's steps x batch from the store.
 
-    python bench/browser_replica.py --data ../shared/data [--models cnn resnet_fast] [--units 6]
+    python bench/browser_replica.py --data ../shared/data [--models cnn resnet_fast] [--units 6] [--backend webgpu]
 
 Writes bench/out/browser_replica-<date>/{config,results}.json and its section of docs/results.md.
 """
@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 from bench.browser_step import drive  # noqa: E402
 from bench.common import commit, hardware, shown, write_section  # noqa: E402
+from models.registry import MODELS  # noqa: E402
 
 LINE = re.compile(r"unit (\w+) \((\w+) worker\): recomputed here; (\S+) cosine ([0-9.eE+-]+), "
                   r"norm difference ([0-9.eE+-]+)")
@@ -57,14 +58,19 @@ def one_model(model: str, args, tmp: Path) -> dict:
     folder = tmp / model
     folder.mkdir(parents=True)
     cluster = Cluster(folder, "--data", str(args.data), "--model", model, "--limit-train", str(args.images),
-                      "--replication", "adaptive", "--replica-wait", "1", "--eval-every", "600")
+                      "--replication", "adaptive", "--replica-wait", "1", "--eval-every", "600",
+                      *(("--local-steps", str(args.local_steps)) if args.local_steps else ()))
     try:
         cluster.start_coordinator()
         t0 = time.time()
-        out = drive(f"{cluster.url}/?throttle=100&threads={args.threads}&backend=wasm", "--click", "--units",
-                    str(args.units), timeout=args.timeout)
+        gpu = ("--webgpu",) if args.backend == "webgpu" else ()
+        out = drive(f"{cluster.url}/?throttle=100&threads={args.threads}&backend={args.backend}", "--click", "--units",
+                    str(args.units), *gpu, timeout=args.timeout)
         if not out.get("ok"):
             raise RuntimeError(f"{model}: the tab failed: {out.get('error')} {out.get('console', [])[-8:]}")
+        if out["state"].get("backend") != args.backend:
+            raise RuntimeError(f"{model}: asked for {args.backend}, the tab ran {out['state'].get('backend')}: "
+                               f"{out['state'].get('backendReason')}")
         worker = out["state"]["workerId"]
         deadline, seen = time.time() + args.timeout, {}
         while time.time() < deadline:   # every result the tab sent is decided
@@ -85,7 +91,7 @@ def one_model(model: str, args, tmp: Path) -> dict:
                     "WHERE r.worker_id = ? ORDER BY r.seq", (worker,)):
                 u = json.loads(wire)
                 s = seen.get(unit_id)
-                verdict = judge(Similarity(s["cosine"], s["norm_diff"]), TrustPolicy().tolerance_for("browser")) \
+                verdict = judge(Similarity(s["cosine"], s["norm_diff"]), TrustPolicy().tolerance_for("browser", model)) \
                     if s else None
                 rows.append({"unit_id": unit_id, "steps": u["local_steps"], "batch": u["batch_size"],
                              "check_state": state, **(s or {}), "verdict": verdict})
@@ -103,16 +109,23 @@ def one_model(model: str, args, tmp: Path) -> dict:
 def report(cfg: dict, results: list[dict], out: Path) -> str:
     from coordinator.trust import TrustPolicy
 
-    tol = TrustPolicy().tolerance_for("browser")
-    lines = [f"### A browser tab's unit, recomputed by the coordinator ({cfg['date']})", "",
-             f"- What: a real tab (Debian's headless {cfg['chromium']}, onnxruntime-web's WebAssembly backend, "
+    policy = TrustPolicy()
+    tol = policy.tolerance_for("browser")
+    runtime = {"wasm": "onnxruntime-web's WebAssembly backend",
+               "webgpu": "onnxruntime-web's WebGPU backend on Chromium's software adapter (SwiftShader: no GPU here)"}
+    own = [f"`{m}` its own (agree at cosine >= {t.min_cosine} and norm difference <= {t.max_norm_diff}; refuted "
+           f"below {t.refute_cosine} or above {t.refute_norm_diff})" for m in cfg["models"]
+           for t in [policy.tolerance_for("browser", m)] if t != tol]
+    lines = [f"### A browser tab's unit, recomputed by the coordinator ({cfg['date']}, {cfg.get('backend', 'wasm')})", "",
+             f"- What: a real tab (Debian's headless {cfg['chromium']}, {runtime[cfg.get('backend', 'wasm')]}, "
              f"{cfg['threads']} thread(s), driven by `worker_web/drive.mjs`) computes {cfg['units']} units per model "
              f"on the first {cfg['images']:,} CIFAR-10 training images; the coordinator (`--replication adaptive "
              f"--replica-wait 1`, no second tab) recomputes each held result with `models/browser_unit.py` (the tab's "
-             "seeded draws, the same step graph on onnxruntime's native CPU kernels) and compares, weights and "
-             "batch-norm statistics each on their own, the worse counted.",
+             "seeded draws, the CPU formulation of the same step on onnxruntime's native CPU kernels) and compares, "
+             "weights and batch-norm statistics each on their own, the worse counted.",
              f"- Tolerance of a tab's check (coordinator/trust.py): agree at cosine >= {tol.min_cosine} and norm difference <= "
-             f"{tol.max_norm_diff}; refuted below cosine {tol.refute_cosine} or above {tol.refute_norm_diff}.",
+             f"{tol.max_norm_diff}; refuted below cosine {tol.refute_cosine} or above {tol.refute_norm_diff}"
+             + (f"; {'; '.join(own)}." if own else "."),
              f"- Hardware: {cfg['hardware']}. Commit `{cfg['commit']}`.",
              f"- Command: `{cfg['command']}`; raw results in `{shown(out)}`.", "",
              "| model | backend | unit (steps x batch) | 1 - cosine | norm difference | verdict | check state |",
@@ -129,18 +142,25 @@ def report(cfg: dict, results: list[dict], out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.environ.get("CROWDTRAIN_DATA"), help="CIFAR-10 (default $CROWDTRAIN_DATA)")
-    p.add_argument("--models", nargs="+", default=["cnn", "resnet_fast"])
+    p.add_argument("--models", nargs="+", default=[m for m, spec in MODELS.items() if spec.browser is None],
+                   help="default: every model a tab can train")
     p.add_argument("--units", type=int, default=6)
     p.add_argument("--images", type=int, default=5000, help="the first N training images")
     p.add_argument("--threads", type=int, default=1, help="the tab's WebAssembly threads")
+    p.add_argument("--backend", choices=("wasm", "webgpu"), default="wasm",
+                   help="the tab's backend (webgpu: Chromium with --enable-unsafe-webgpu; SwiftShader without a GPU)")
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / f"browser_replica-{datetime.date.today()}")
+    p.add_argument("--local-steps", type=int, default=None,
+                   help="every unit this many steps (default: a tab's units sized to its speed, at most 8 with checks)")
+    p.add_argument("--out", type=Path, default=None, help="default bench/out/browser_replica[_webgpu]-<date>")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args(argv)
+    section = "browser_replica" if args.backend == "wasm" else f"browser_replica_{args.backend}"
+    args.out = args.out or ROOT / "bench" / "out" / f"{section}-{datetime.date.today()}"
     if not args.data:
         p.error("--data (or $CROWDTRAIN_DATA) is needed: the CIFAR-10 archive or folder")
     cfg = {"date": str(datetime.date.today()), "models": args.models, "units": args.units, "images": args.images,
-           "threads": args.threads, "hardware": hardware(), "chromium": chromium_version(),
+           "threads": args.threads, "backend": args.backend, "local_steps": args.local_steps, "hardware": hardware(), "chromium": chromium_version(),
            "commit": commit(),
            "command": "python bench/browser_replica.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(cfg, results, args.out)
     print(text)
     if not args.no_docs:
-        write_section("browser_replica", text, ROOT / "docs" / "results.md")
+        write_section(section, text, ROOT / "docs" / "results.md")
     return 0
 
 
