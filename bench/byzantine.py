@@ -54,7 +54,7 @@ from coordinator.job import Job  # noqa: E402
 from models.data import load_cifar10  # noqa: E402
 from tests.helpers.fault_worker import Collusion, Fault, FaultWorker, a_little_z  # noqa: E402
 
-ATTACKS = ("none", "sign_flip", "scale", "noise", "free_ride", "label_flip", "replay", "a_little")
+ATTACKS = ("none", "sign_flip", "scale", "noise", "free_ride", "label_flip", "replay", "a_little", "band")
 DEFENCES = {   # name -> config changes (replicated checks only where a defence says so)
     "none": {"robust": "none", "replication": "off"},
     "clipping": {"robust": "adaptive_clip", "replication": "off"},

@@ -866,7 +866,11 @@ class Job:
         """Write a check's outcome in one transaction: the first ``valid`` row (the original when it is
         valid) goes on to the aggregator, other valid rows are dropped (``replica``), ``invalid`` ones
         (``distrusted``) lose trust and so do their workers' other held results; ``inconclusive`` and
-        ``unchecked`` (the coordinator could not recompute the unit) rows are dropped with that reason."""
+        ``unchecked`` (the coordinator could not recompute the unit) rows are dropped with that reason, but an
+        inconclusive check that is its worker's ``inconclusive_lost``-th in a row counts as ``invalid``."""
+        band = [o == "inconclusive" for o in outcomes]
+        outcomes = ["invalid" if b and T.inconclusive_loses(self.trust.get(r["worker_id"]), self.policy) else o
+                    for r, o, b in zip(rows, outcomes, band)]
         fold = next((i for i, o in enumerate(outcomes) if o == "valid"), None)
         won = [True if o == "valid" else False if o == "invalid" else None for o in outcomes]
         drops, states, shards, blobs = [], [], [], []
@@ -879,9 +883,9 @@ class Job:
         if fold is None:
             shards.append(self.store.unit(original["unit_id"])["shard_ids"])
         with self.store.transaction():
-            for row, w in zip(rows, won):
-                if w is not None:
-                    self.trust.verdict(row["worker_id"], w, row["num_samples"] if w else 0)
+            for row, w, b in zip(rows, won, band):
+                if b or w is not None:   # (an inconclusive check is counted: None)
+                    self.trust.verdict(row["worker_id"], None if b else w, row["num_samples"] if w else 0)
             for row, w in zip(rows, won):
                 if w is False:   # the loser's other results not yet folded are withdrawn: held, or waiting
                     loser = row["worker_id"]
@@ -915,8 +919,9 @@ class Job:
             if outcome not in ("valid", "unchecked"):
                 record = self.trust.get(row["worker_id"])
                 how = f" (cosine {similar[i].cosine:.4f}, norm difference {similar[i].norm_diff:.3g})" if similar else ""
+                lost = "lost" + (f" ({self.policy.inconclusive_lost} inconclusive in a row)" if band[i] else "")
                 log.warning("worker %s: check of unit %s %s against the coordinator's computation%s%s",
-                            row["worker_id"], original["unit_id"], "lost" if outcome == "invalid" else outcome, how,
+                            row["worker_id"], original["unit_id"], lost if outcome == "invalid" else outcome, how,
                             "; quarantined" if record and record.quarantined else "")
 
     def _supersede_replicas(self, unit_id: str) -> None:
@@ -1184,7 +1189,8 @@ class Job:
         # an operator's worker (its last request carried a --trusted-tokens token) has its results used unchecked
         rows = [TrustRow(r.worker_id, r.backend, 1.0 if r.operator else round(T.reputation(r, self.policy), 4),
                          0.0 if r.operator else round(T.replication_probability(r, self.policy), 4), r.results,
-                         r.replicated, r.valid, r.invalid, r.consecutive_valid, r.quarantined, r.credit, r.operator)
+                         r.replicated, r.valid, r.invalid, r.consecutive_valid, r.quarantined, r.credit, r.operator,
+                         r.inconclusive)
                 for r in records]
         replication = {"policy": self.config.replication, "held": held.get("held", 0),
                        "replicas_waiting": held.get("replica", 0),

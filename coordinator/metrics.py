@@ -48,6 +48,8 @@ _TRUST: tuple[tuple[str, str, str, str], ...] = (
     ("worker_replication_rate", "replication_rate", "gauge", "Chance the worker's next result is checked."),
     ("worker_valid_checks_total", "valid", "counter", "Checks the worker passed."),
     ("worker_disagreements_total", "disagreements", "counter", "Checks the worker lost."),
+    ("worker_inconclusive_checks_total", "inconclusive", "counter", "Checks of the worker neither passed nor lost "
+     "(several in a row count as a lost one)."),
     ("worker_quarantined", "quarantined", "gauge", "1 when the worker is quarantined (its results are not used)."),
     ("worker_operator", "operator", "gauge", "1 when the worker is the operator's own (--trusted-tokens: its "
      "results are used unchecked)."),

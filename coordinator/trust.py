@@ -31,7 +31,9 @@ check means are decided here, in pure functions over one small record per worker
   of one volunteer must not vouch for each other's lie), the coordinator recomputes the unit; every
   party that agrees with that gains a valid result; a party it refutes loses:
   its run of valid results restarts at 0 and it earns a strike (a party in between, the
-  inconclusive band, is not used and neither gains nor loses). ``quarantine_strikes`` (2) strikes before it earns ``trusted_after`` valid
+  inconclusive band, is not used and neither gains nor loses, but ``inconclusive_lost`` (3) inconclusive
+  checks in a row count as a lost one: a liar that keeps its lies inside the band would otherwise cost a
+  replica and a recomputation a result, for ever). ``quarantine_strikes`` (2) strikes before it earns ``trusted_after`` valid
   results again quarantine it for good: its results are still accepted and answered as any
   other, and recorded as dropped (``quarantined``), never folded.
 """
@@ -77,6 +79,13 @@ class TrustPolicy:
     # settings); the simulator's clean runs of 10 new workers were unchanged to the last digit on two seeds of
     # three (docs/results.md, 2026-12-07). None: no limit.
     max_unchecked: int | None = 4
+    # Inconclusive checks in a row (no valid one between) of which the last counts as lost. A result in the band
+    # is dropped and its worker neither gains nor loses, so a liar tuned to the band lost nothing and cost every
+    # result a replica and a recomputation. Honest results measured in the band: none at these tolerances, in
+    # every table of docs/results.md since the tab's tolerance of 2026-12-02 (tabs on WebAssembly against the
+    # coordinator, 60 units on the 6 models a tab trains, 2026-12-07: the worst at 1 - cosine 0.137 on supermask_conv,
+    # inside its own tolerance; torch thread counts on all 7 models). None: never.
+    inconclusive_lost: int | None = 3
     tolerance: Tolerance = Tolerance()
     # A tab's result is compared across runtimes (WebAssembly or WebGPU kernels against onnxruntime's
     # native ones, or another tab's): rounding differs at every operation and training amplifies it,
@@ -121,6 +130,8 @@ class Record:
     valid: int = 0                   # checks it passed (as the original or as the replica)
     invalid: int = 0                 # checks it lost: its delta disagreed with the settled answer
     strikes: int = 0
+    inconclusive: int = 0            # checks that were neither (in the band between agreeing and refuted)
+    inconclusive_run: int = 0        # of those, in a row since its last valid or lost check
     quarantined: bool = False
     credit: int = 0                  # samples of its results that passed a check or were folded unchecked
     operator: bool = False           # its last unit request carried a token of the operator's own workers
@@ -210,13 +221,27 @@ def after_check(record: Record, won: bool, policy: TrustPolicy, samples: int = 0
     """The record after a check: ``won`` (its delta agreed with the settled answer) or lost."""
     if won:
         run = record.consecutive_valid + 1
-        return dataclasses.replace(record, consecutive_valid=run, valid=record.valid + 1,
+        return dataclasses.replace(record, consecutive_valid=run, valid=record.valid + 1, inconclusive_run=0,
                                    strikes=0 if run >= policy.trusted_after else record.strikes,
                                    credit=record.credit + samples)
     strikes = record.strikes + 1
     quarantined = record.quarantined or strikes >= policy.quarantine_strikes
     return dataclasses.replace(record, consecutive_valid=0, invalid=record.invalid + 1, strikes=strikes,
-                               quarantined=quarantined, credit=0 if quarantined else record.credit)
+                               inconclusive_run=0, quarantined=quarantined, credit=0 if quarantined else record.credit)
+
+
+def inconclusive_loses(record: Record | None, policy: TrustPolicy) -> bool:
+    """Whether one more inconclusive check of this worker counts as a lost one (``inconclusive_lost`` in a row)."""
+    return policy.inconclusive_lost is not None and \
+        (record.inconclusive_run if record is not None else 0) + 1 >= policy.inconclusive_lost
+
+
+def after_inconclusive(record: Record, policy: TrustPolicy) -> Record:
+    """The record after an inconclusive check: counted, and lost (``after_check``) when ``inconclusive_loses``;
+    else neither gained nor lost."""
+    counted = dataclasses.replace(record, inconclusive=record.inconclusive + 1,
+                                  inconclusive_run=record.inconclusive_run + 1)
+    return after_check(counted, False, policy) if inconclusive_loses(record, policy) else counted
 
 
 def after_unchecked(record: Record, policy: TrustPolicy) -> Record:
@@ -299,7 +324,10 @@ class TrustBook:
         if record is not None and samples:
             self.put(dataclasses.replace(record, credit=max(0, record.credit - samples)))
 
-    def verdict(self, worker_id: str, won: bool, samples: int = 0) -> Record:
-        record = after_check(self.records.get(worker_id) or Record(worker_id), won, self.policy, samples)
+    def verdict(self, worker_id: str, won: bool | None, samples: int = 0) -> Record:
+        """A check's outcome for this worker: ``won`` True or False, or None (inconclusive)."""
+        record = self.records.get(worker_id) or Record(worker_id)
+        record = after_inconclusive(record, self.policy) if won is None else \
+            after_check(record, won, self.policy, samples)
         self.put(record)
         return record

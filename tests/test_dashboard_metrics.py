@@ -60,10 +60,11 @@ SAMPLE_STATUS: dict[str, Any] = {
                     "agreed": 25, "disagreed": 2, "recomputed": 3},
     "trust": [
         {"worker_id": "gh78", "backend": "python", "reputation": 0.0, "replication_rate": 0.0, "results": 6,
-         "checked": 6, "valid": 0, "disagreements": 2, "consecutive_valid": 0, "quarantined": True, "credit": 0},
+         "checked": 6, "valid": 0, "disagreements": 2, "consecutive_valid": 0, "quarantined": True, "credit": 0,
+         "inconclusive": 4},
         {"worker_id": "ab12", "backend": "python", "reputation": 0.9333, "replication_rate": 0.0667, "results": 40,
          "checked": 14, "valid": 15, "disagreements": 0, "consecutive_valid": 15, "quarantined": False,
-         "credit": 40000},
+         "credit": 40000, "inconclusive": 0},
     ],
     "donate_url": "http://127.0.0.1:8080/",
     "request_latency": {"POST /api/v1/units/next": {"n": 900, "p50_ms": 4.8, "p95_ms": 21.0, "p99_ms": 37.25,
@@ -390,7 +391,8 @@ def test_page_renders_status(tmp_path: Path) -> None:
     assert re.search(r'id="bar" style="width: 24\.69', dom), "progress bar width"
     assert re.search(r'id="acc-note" style="display: none', dom), "the waiting note is hidden"
     assert 'class="show"' not in dom, "no unreachable banner"
-    assert re.search(r'<td>gh78</td>(<td[^>]*>[^<]*</td>){5}<td class="quarantined">quarantined</td>', dom), "trust"
+    assert re.search(r'<td>gh78</td>(<td[^>]*>[^<]*</td>){4}<td[^>]*>2</td><td[^>]*>4</td>'
+                     r'<td class="quarantined">quarantined</td>', dom), "trust: disagreements, inconclusive, state"
     assert re.search(r"<td>ab12</td><td[^>]*>93\.3%</td>", dom) and "25 agreed, 2 disagreed" in dom
     assert re.search(r"<td>of which held for a check</td><td[^>]*>2</td>", dom)
 

@@ -417,8 +417,9 @@ def test_shards_agree():
 def test_a_lying_tab_tells_the_lies_of_the_python_liars():
     """worker_web/lies.mjs (drive.mjs --lie) against coordinator/sim/faults.py: sign flip, scale and free
     ride give the same float32 values as ``lie``; noise has the same law (10x the honest RMS, unrelated to the
-    honest delta; its own generator); replay sends the first delta again, as a ``Liar`` does."""
-    from coordinator.sim.faults import LIE_FACTOR, LIES, Fault, lie
+    honest delta; its own generator), and so has band (each tensor at cosine ``BAND_COSINE`` with the honest one,
+    its norm kept); replay sends the first delta again, as a ``Liar`` does."""
+    from coordinator.sim.faults import BAND_COSINE, LIE_FACTOR, LIES, Fault, lie
 
     [names] = run_cli([{"op": "lies"}])
     assert names["ok"] == [f.value for f in LIES]   # the tab tells every lie the Python liars tell, by the same name
@@ -426,7 +427,7 @@ def test_a_lying_tab_tells_the_lies_of_the_python_liars():
     deltas = [{"conv.weight": rng.normal(0, 1e-2, (8, 3, 3, 3)).astype(np.float32),
                "fc.bias": rng.normal(0, 1e-3, (10,)).astype(np.float32), "scalar": np.float32(rng.normal())}
               for _ in range(3)]
-    kinds = ["sign_flip", "scale", "free_ride", "noise", "replay"]
+    kinds = ["sign_flip", "scale", "free_ride", "noise", "replay", "band"]
     answers = run_cli([{"op": "lie", "kind": k, "seed": 5, "deltas": [tensors_arg(d) for d in deltas]} for k in kinds])
     said = {k: [{name: np.frombuffer(unb64(x), "<f4").reshape(shape) for name, shape, x in sent} for sent in a["ok"]]
             for k, a in zip(kinds, answers)}
@@ -443,6 +444,15 @@ def test_a_lying_tab_tells_the_lies_of_the_python_liars():
     assert not np.array_equal(flat(said["noise"][0]), flat(said["noise"][1]))       # fresh noise per unit
     for js in said["replay"]:
         assert all(js[n].tobytes() == np.asarray(deltas[0][n], np.float32).tobytes() for n in deltas[0])
+    cos = lambda a, b: float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))  # noqa: E731
+    for honest, js in zip(deltas, said["band"]):
+        py = lie(honest, Fault.BAND, seed=5)
+        for name in ("conv.weight", "fc.bias"):   # (a scalar cannot turn: sent as it is, by both)
+            h = np.ravel(honest[name]).astype(np.float64)
+            for sent in (np.ravel(js[name]).astype(np.float64), np.ravel(py[name]).astype(np.float64)):
+                assert cos(h, sent) == pytest.approx(BAND_COSINE, abs=1e-5), name
+                assert np.linalg.norm(sent) == pytest.approx(np.linalg.norm(h), rel=1e-5), name
+        assert js["scalar"].tobytes() == py["scalar"].tobytes() == np.float32(honest["scalar"]).tobytes()
 
 
 def test_a_lying_tab_colludes_a_little_as_the_python_liar_does():

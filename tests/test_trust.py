@@ -80,6 +80,33 @@ def test_a_disagreement_resets_the_run_and_two_quarantine() -> None:
     assert lost.strikes == 0 and not T.after_check(lost, False, POLICY).quarantined
 
 
+def test_inconclusive_checks_in_a_row_count_as_a_lost_one() -> None:
+    """A check in the band between agreeing and refuted is neither won nor lost, but ``inconclusive_lost`` (3) of
+    them in a row count as one lost: a liar that keeps its lies in the band is quarantined after 2 x 3 checks
+    instead of costing a replica and a recomputation a result for ever."""
+    assert POLICY.inconclusive_lost == 3
+    record = T.Record("w", consecutive_valid=25, valid=25)
+    once = T.after_inconclusive(record, POLICY)
+    assert (once.consecutive_valid, once.valid, once.invalid, once.strikes) == (25, 25, 0, 0), "neither won nor lost"
+    assert (once.inconclusive, once.inconclusive_run) == (1, 1)
+    twice = T.after_inconclusive(once, POLICY)
+    assert T.after_check(twice, True, POLICY).inconclusive_run == 0, "a passed check between starts the count again"
+    assert T.after_check(twice, False, POLICY).inconclusive_run == 0
+    assert T.inconclusive_loses(twice, POLICY) and not T.inconclusive_loses(once, POLICY)
+    third = T.after_inconclusive(twice, POLICY)
+    assert (third.consecutive_valid, third.invalid, third.strikes, third.quarantined) == (0, 1, 1, False)
+    assert (third.inconclusive, third.inconclusive_run) == (3, 0)
+    liar = T.Record("liar")
+    for i in range(2 * POLICY.inconclusive_lost):
+        assert not liar.quarantined, i
+        liar = T.after_inconclusive(liar, POLICY)
+    assert liar.quarantined and liar.invalid == 2 and liar.inconclusive == 6
+    never = dataclasses.replace(POLICY, inconclusive_lost=None)
+    for _ in range(20):
+        record = T.after_inconclusive(record, never)
+    assert not T.inconclusive_loses(record, never) and (record.invalid, record.consecutive_valid) == (0, 25)
+
+
 def test_similarity_and_agreement_on_tiny_arrays() -> None:
     a = {"w": np.array([3.0, 4.0], np.float32), "b": np.array([1.0], np.float32)}
     assert T.similarity(a, a) == T.Similarity(1.0, 0.0)
@@ -496,12 +523,14 @@ async def test_a_worker_that_loses_a_check_has_its_unfolded_results_withdrawn(en
 
 # one fault on each store (each pair ~30 s; the four pairs were 2 minutes of the suite): the checks and the
 # quarantine are the job's, the stores only keep what they decide
-@pytest.mark.parametrize("engine,fault", [("sqlite", Fault.SIGN_FLIP), ("redis", Fault.FREE_RIDE)], indirect=["engine"])
+@pytest.mark.parametrize("engine,fault", [("sqlite", Fault.SIGN_FLIP), ("redis", Fault.FREE_RIDE), ("sqlite", Fault.BAND)],
+                         indirect=["engine"])
 async def test_a_liar_is_found_out_quarantined_and_never_folded(engine, aiohttp_client, tmp_path, fault):
     """Two honest workers and one liar, every result checked at first: each lie disagrees with its
     replica, the coordinator's own computation settles it, the liar's copy is dropped (distrusted)
     and, after its second lost check, it is quarantined: later results are answered as any other
-    and dropped (quarantined). The model is version 0 plus exactly the honest deltas folded."""
+    and dropped (quarantined). The model is version 0 plus exactly the honest deltas folded. A liar in the
+    band (``BAND``: each check inconclusive) loses one check in three, and is quarantined after six."""
     client, job = await start(aiohttp_client, tmp_path, engine=engine)
     v0, sent = dict(job.state), {}
     held = {w: await take(client, w) for w in ("liar", "h1", "h2")}
@@ -522,6 +551,8 @@ async def test_a_liar_is_found_out_quarantined_and_never_folded(engine, aiohttp_
     assert not [r for r in seen["rows"] if r["worker_id"] != "liar" and r["dropped"] == "distrusted"]
     trust = {r["worker_id"]: r for r in seen["status"]["trust"]}
     assert trust["liar"]["quarantined"] and trust["liar"]["disagreements"] == 2 and trust["liar"]["credit"] == 0
+    band = 2 * T.TrustPolicy().inconclusive_lost if fault is Fault.BAND else 0
+    assert trust["liar"]["inconclusive"] == band and reasons["inconclusive"] == max(0, band - 2), reasons   # (2 lost)
     assert seen["status"]["trust"][0]["worker_id"] == "liar", "the quarantined are listed first"
     assert not trust["h1"]["quarantined"] and trust["h1"]["disagreements"] == 0 and trust["h1"]["valid"] >= 5
     assert seen["status"]["replication"]["quarantined"] == 1 and seen["status"]["replication"]["recomputed"] >= 2
@@ -825,7 +856,7 @@ def test_metrics_show_trust_per_worker() -> None:
     status = {"updates_held": 2, "replication": {"policy": "adaptive", "replicas_issued": 5, "agreed": 3,
                                                   "disagreed": 1, "recomputed": 1, "quarantined": 1},
               "trust": [{"worker_id": "bad\"one", "reputation": 0.0, "replication_rate": 0.0, "disagreements": 2,
-                         "valid": 0, "quarantined": True, "credit": 0},
+                         "valid": 0, "quarantined": True, "credit": 0, "inconclusive": 3},
                         {"worker_id": "good", "reputation": 0.9, "replication_rate": 0.1, "disagreements": 0,
                          "valid": 10, "quarantined": False, "credit": 640}]}
     text = render(status)
@@ -833,6 +864,7 @@ def test_metrics_show_trust_per_worker() -> None:
     assert 'crowdtrain_worker_reputation{worker="good"} 0.9' in text
     assert 'crowdtrain_worker_quarantined{worker="bad\\"one"} 1' in text
     assert 'crowdtrain_worker_disagreements_total{worker="bad\\"one"} 2' in text
+    assert 'crowdtrain_worker_inconclusive_checks_total{worker="bad\\"one"} 3' in text
     assert 'crowdtrain_worker_replication_rate{worker="good"} 0.1' in text
     assert 'crowdtrain_checks_total{outcome="agreed"} 3' in text
     assert "crowdtrain_workers_quarantined 1" in text

@@ -12,15 +12,19 @@
 //               little is enough" for 1 colluder of 3): a lone colluder, its own accomplice, as a lone
 //               `Liar`; its first unit is sent honest (a spread needs two deltas; the Python liar computes
 //               a second, other-seeded run instead, which a wire rewrite cannot)
+//   band        each tensor turned towards a random direction orthogonal to it (its own generator), its norm
+//               kept, to cosine BAND_COSINE with the honest one: the middle of the dense check's inconclusive
+//               band (coordinator/trust.py Tolerance), a liar that knows the tolerance
 //   label_flip  not a rewrite of the result: the tab trains honestly on labels (y + 1) mod 10, because the
 //               page's worker.js is served to it with its training shards' labels moved
 //               (`flipLabelsSource`: a donor who edits the page's code; the known-answer check, which
 //               tells a broken backend, still sees the true labels); its results are sent as computed
-export const LIES = ['sign_flip', 'scale', 'noise', 'free_ride', 'label_flip', 'replay', 'a_little'];   // faults.py LIES, in its order
+export const LIES = ['sign_flip', 'scale', 'noise', 'free_ride', 'label_flip', 'replay', 'a_little', 'band'];   // faults.py LIES, in its order
 export const LIE_FACTOR = 10;
 export const A_LITTLE_WINDOW = 8;
 export const A_LITTLE_Z = 0.43072729929545733;   // coordinator/sim/faults.py a_little_z(3, 1) = Phi^-1(2/3)
 export const NUM_CLASSES = 10;
+export const BAND_COSINE = (0.9 + 0.99) / 2;   // coordinator/sim/faults.py BAND_COSINE (checked by tests/test_js_contract.py)
 
 // The source of worker_web/worker.js with every training shard's labels moved to the next class, (y + 1)
 // mod 10, as coordinator/sim/faults.py `flip_labels`. Throws when the source has not exactly one place to
@@ -76,6 +80,24 @@ export function aLittle(deltas, z) {
   }));
 }
 
+// Each tensor turned to cosine `cosine` with itself, its norm kept (float64, then float32; a tensor that cannot
+// turn, zero or of one element, as it is): coordinator/sim/faults.py `turned`, with other random directions.
+export function turned(tensors, cosine, draw) {
+  const sine = Math.sqrt(Math.max(0, 1 - cosine * cosine));
+  return new Map([...tensors].map(([name, t]) => {
+    const d = t.data, noise = Float64Array.from(d, () => draw());
+    let dd = 0, nd = 0;
+    for (let i = 0; i < d.length; i++) { dd += d[i] * d[i]; nd += noise[i] * d[i]; }
+    if (dd > 0) for (let i = 0; i < d.length; i++) noise[i] -= nd / dd * d[i];
+    let nn = 0;
+    for (const x of noise) nn += x * x;
+    nn = Math.sqrt(nn);
+    if (dd === 0 || nn <= 1e-12 * Math.sqrt(dd)) return [name, {shape: t.shape, data: Float32Array.from(d)}];
+    const k = sine * Math.sqrt(dd) / nn;
+    return [name, {shape: t.shape, data: Float32Array.from(d, (x, i) => cosine * x + k * noise[i])}];
+  }));
+}
+
 // Whether two deltas have the same tensors (names and sizes): the same model's units.
 const sameTensors = (a, b) => a.size === b.size && [...b].every(([n, t]) => a.has(n) && a.get(n).data.length === t.data.length);
 
@@ -96,6 +118,7 @@ export function makeLiar(kind, seed = 1) {
       if (kind === 'scale') return copy(tensors, (x) => LIE_FACTOR * x);
       if (kind === 'free_ride') return copy(tensors, () => 0);
       if (kind === 'label_flip') return copy(tensors, (x) => x);
+      if (kind === 'band') return turned(tensors, BAND_COSINE, draw);
       if (kind === 'a_little') {
         if (pool.length && !sameTensors(pool[0], tensors)) pool.length = 0;   // another model's unit: start again
         pool.push(copy(tensors, (x) => x));

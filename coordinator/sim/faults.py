@@ -19,10 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
+import math
+
 import numpy as np
 
 from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.units import UnitResult, WorkUnit
+from coordinator.trust import Tolerance
 
 
 class Fault(enum.Enum):
@@ -43,11 +46,16 @@ class Fault(enum.Enum):
     LABEL_FLIP = "label_flip"      # honest training on labels (y + 1) mod 10 (the honest computation's data)
     REPLAY = "replay"              # the delta of this worker's first unit, sent again (a ``Liar`` remembers it)
     A_LITTLE = "a_little"          # colluding: mean - z std of honest deltas ("a little is enough", a ``Liar``)
+    BAND = "band"                  # the honest delta turned by an angle into the check's inconclusive band
 
 
 # The well-formed lies: accepted at the boundary, for the defences behind it to catch.
-LIES = (Fault.SIGN_FLIP, Fault.SCALE, Fault.NOISE, Fault.FREE_RIDE, Fault.LABEL_FLIP, Fault.REPLAY, Fault.A_LITTLE)
+LIES = (Fault.SIGN_FLIP, Fault.SCALE, Fault.NOISE, Fault.FREE_RIDE, Fault.LABEL_FLIP, Fault.REPLAY, Fault.A_LITTLE,
+        Fault.BAND)
 LIE_FACTOR = 10.0   # SIGN_FLIP, SCALE and NOISE: ten times the honest scale
+# BAND: the cosine of its lie with the honest delta, the middle of the dense check's inconclusive band (between
+# refuted and agreeing: coordinator.trust.Tolerance), its norm the honest one's: a liar that knows the tolerance
+BAND_COSINE = (Tolerance().refute_cosine + Tolerance().min_cosine) / 2
 NUM_CLASSES = 10
 
 
@@ -57,8 +65,10 @@ def flip_labels(y: np.ndarray) -> np.ndarray:
 
 
 def lie(delta: dict[str, np.ndarray], fault: Fault, seed: int = 0) -> dict[str, np.ndarray]:
-    """The delta a ``SIGN_FLIP``, ``SCALE``, ``NOISE`` or ``FREE_RIDE`` worker sends instead of ``delta``
+    """The delta a ``SIGN_FLIP``, ``SCALE``, ``NOISE``, ``FREE_RIDE`` or ``BAND`` worker sends instead of ``delta``
     (float32; ``seed`` draws the noise)."""
+    if fault is Fault.BAND:
+        return turned(delta, BAND_COSINE, seed)
     if fault is Fault.SIGN_FLIP:
         return {k: (-LIE_FACTOR * v).astype(np.float32) for k, v in delta.items()}
     if fault is Fault.SCALE:
@@ -71,6 +81,27 @@ def lie(delta: dict[str, np.ndarray], fault: Fault, seed: int = 0) -> dict[str, 
         rms = np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()) / max(size, 1))
         return {k: (LIE_FACTOR * rms * rng.standard_normal(v.shape)).astype(np.float32) for k, v in delta.items()}
     raise ValueError(f"{fault}: not a change of one delta")
+
+
+def turned(delta: dict[str, np.ndarray], cosine: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each tensor of ``delta`` turned by the angle whose cosine is ``cosine``, towards a random direction
+    orthogonal to it (``seed``), its norm kept: every tensor, and so every sum of them (the weights', the
+    running statistics'), has that cosine with the honest one and the same norm. A tensor that cannot turn (zero,
+    or of one element) is sent as it is. (float32)"""
+    rng, sine = np.random.default_rng(seed), math.sqrt(max(0.0, 1.0 - cosine * cosine))
+    out = {}
+    for name, value in delta.items():
+        d = np.asarray(value, np.float64)
+        noise = rng.standard_normal(d.shape)
+        dd = float(np.sum(d * d))
+        if dd > 0.0:
+            noise -= float(np.sum(noise * d)) / dd * d
+        nn = float(np.sqrt(np.sum(noise * noise)))
+        if dd == 0.0 or nn <= 1e-12 * math.sqrt(dd):
+            out[name] = d.astype(np.float32)
+        else:
+            out[name] = (cosine * d + sine * math.sqrt(dd) / nn * noise).astype(np.float32)
+    return out
 
 
 def a_little_z(n: int, m: int) -> float:
@@ -143,7 +174,7 @@ class Liar:
                 other = honest(dataclasses.replace(unit, seed=(unit.seed + 1) % 2**31), False)
                 pool.honest.append(decode_delta(other.delta))
             lied = a_little(pool.honest[-pool.window:], pool.z)
-        elif self.fault in (Fault.SIGN_FLIP, Fault.SCALE, Fault.NOISE, Fault.FREE_RIDE):
+        elif self.fault in (Fault.SIGN_FLIP, Fault.SCALE, Fault.NOISE, Fault.FREE_RIDE, Fault.BAND):
             lied = lie(delta, self.fault, unit.seed)
         else:
             raise ValueError(f"{self.fault}: not a well-formed lie (tests.helpers.fault_worker.body makes those)")

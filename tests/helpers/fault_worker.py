@@ -90,7 +90,7 @@ def body(result: UnitResult, fault: Fault = Fault.NONE) -> bytes:
         changes["worker_id"] = "someone-else"
     elif fault is Fault.WRONG_BASE:
         changes["base_version"] = "0" * 64
-    else:   # SIGN_FLIP, SCALE, NOISE, FREE_RIDE: an accepted lie
+    else:   # SIGN_FLIP, SCALE, NOISE, FREE_RIDE, BAND: an accepted lie
         changes["delta"] = encode_delta(get_codec("fp32"), lie(delta, fault, seed=zlib.crc32(result.unit_id.encode())))
     return pack_result(dataclasses.replace(result, **changes))
 

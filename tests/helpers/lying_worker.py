@@ -1,7 +1,7 @@
 """A real ``crowdtrain worker`` process that lies: the worker's own CLI, loop, client and training,
 with each unit's result made by a ``Liar`` (``coordinator.sim.faults``, the simulator's and the benches'
 liars) from the worker's honest computation: every lie of ``LIES`` (sign flip, scale, noise, free ride,
-label flip, replay of its first delta, a little is enough). The hook replaces ``worker_py.runner.run_unit``
+label flip, replay of its first delta, a little is enough, a turn into the check's inconclusive band). The hook replaces ``worker_py.runner.run_unit``
 in this process only; production code has no fault switch.
 
     python -m tests.helpers.lying_worker sign_flip --coordinator URL --worker-id liar [worker options]
