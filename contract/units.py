@@ -36,6 +36,11 @@ ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")     # job, unit and worker ids (UR
 MODEL_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")   # registered model names
 HEX_RE = re.compile(r"[0-9a-f]{64}")              # sha256 blob ids
 LEASE_RE = re.compile(r"[\x21-\x7e]{1,1024}")     # printable ASCII, no spaces
+# A worker's secret, sent in this header with its unit requests and name changes: the coordinator binds a worker
+# id to the key of its first request that carries one, and from then on answers that id only with that key (403),
+# so knowing an id (it is its worker's trust) is not enough to claim it. A worker without a key has an unbound id.
+WORKER_KEY_HEADER = "Crowdtrain-Worker-Key"
+WORKER_KEY_RE = re.compile(r"[A-Za-z0-9_\-]{22,128}")   # base64url, at least 128 bits
 _FRAME = struct.Struct("<4sI")
 
 

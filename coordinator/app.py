@@ -29,7 +29,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from contract.codecs import strict_json
 from contract.errors import ContractError, Said
 from contract.names import NameRequest
-from contract.units import ID_RE, UnitRequest, is_blob_id
+from contract.units import ID_RE, WORKER_KEY_HEADER, WORKER_KEY_RE, UnitRequest, is_blob_id
 from coordinator import observe
 from coordinator.credit import BOARD, LIST_DEFAULT, LIST_MAX, NAME_RATE_PER_MIN, CreditBoard, NamesFull, donate_info, \
     render_page
@@ -222,7 +222,10 @@ async def next_unit(request: web.Request) -> web.Response:
                         f"{retry_after(wait)} s", "request")
         limited.headers["Retry-After"] = retry_after(wait)
         return limited
-    reason, own = None, trusted(request)
+    refused = key_refusal(request, unit_request.worker_id)
+    if refused is not None:
+        return refused
+    reason, own, key = None, trusted(request), worker_key(request)
     for entry in registry.candidates():
         if entry.removed:   # removed while an earlier candidate was asked
             continue
@@ -240,7 +243,7 @@ async def next_unit(request: web.Request) -> web.Response:
             # written row, and a power loss only the units issued in its last moments, whose results are
             # then refused as unknown_unit; an accepted result's own fdatasync covers its unit's row
             # (SQLite commits in order)
-            unit = job.next_unit(asked, address, base, trusted=own)
+            unit = job.next_unit(asked, address, base, trusted=own, key=key)
             if unit is None and job.awaits_checks(unit_request.worker_id, own):
                 reason = reason or CHECKS_PENDING
         if unit is not None:
@@ -381,6 +384,33 @@ def trusted(request: web.Request) -> bool:
     return carries(request.headers.get("Authorization"), request.app[TRUSTED])
 
 
+def worker_key(request: web.Request) -> str | None:
+    """The request's worker key (``WORKER_KEY_HEADER``), None without one; a malformed one is a 400 (which does
+    not repeat the key: it is a secret)."""
+    key = request.headers.get(WORKER_KEY_HEADER)
+    if key is not None and not WORKER_KEY_RE.fullmatch(key):
+        raise JobError("invalid", 400, f"{WORKER_KEY_HEADER}: expected 22 to 128 characters of A-Z a-z 0-9 _ - "
+                       f"(base64url), got {len(key)} characters", WORKER_KEY_HEADER)
+    return key
+
+
+def key_refusal(request: web.Request, worker_id: str) -> web.Response | None:
+    """The answer to a request for ``worker_id`` that does not carry the key the id is bound to in one of the jobs
+    (``TrustBook.key_matches``; counted as that job's ``worker_key`` refusal); else None: it may act as the id, and
+    an unbound id that comes with a key is bound to it now, before any await (two first requests cannot both)."""
+    key = worker_key(request)
+    registry = request.app[JOBS]
+    for entry in registry.entries.values():
+        if not entry.job.trust.key_matches(worker_id, key):
+            entry.job.store.count_rejection("worker_key")
+            return error("worker_key", 403, f"{WORKER_KEY_HEADER}: expected the key worker id {worker_id!r} was first "
+                         "seen with (an id is bound to the key of its first request that carried one); a worker "
+                         "without it needs an id of its own", WORKER_KEY_HEADER)
+    if key is not None:   # bound now, in the first job (a job that serves it binds it too: TrustBook.seen)
+        registry.first.job.trust.bind(worker_id, key)
+    return None
+
+
 async def model_file(request: web.Request) -> web.StreamResponse:
     """``GET /api/v1/model[?job=NAME]`` (``coordinator.model_out``), once ``version`` is one it can look up."""
     version = request.query.get("version")
@@ -410,7 +440,8 @@ async def status(request: web.Request) -> web.Response:
 def anonymous(body: dict, tag) -> None:
     """A status as anyone but the operator on this machine sees it: each worker id replaced by its anonymous tag
     (the leaderboard's). An id is its worker's identity, the bearer of its trust and its name
-    (``POST /api/v1/workers/<id>/name``): published, a stranger could claim a trusted worker's id."""
+    (``POST /api/v1/workers/<id>/name``): published, a stranger could claim a trusted worker's id that is not
+    bound to a key (``key_refusal``)."""
     for key in ("workers", "trust"):
         for row in body.get(key) or ():
             row["worker_id"] = tag(row["worker_id"])
@@ -460,7 +491,7 @@ async def credit(request: web.Request) -> web.Response:
 
 async def set_name(request: web.Request) -> web.Response:
     """``POST /api/v1/workers/<worker_id>/name`` with ``{"protocol": 1, "name": "..." | null}``: the id in
-    the path is the bearer of identity (a tab's id lives only in its localStorage)."""
+    the path is the bearer of identity (a tab's id lives only in its localStorage), with its key once bound."""
     worker_id = request.match_info["worker_id"]
     tokens = request.app[TOKENS]
     if tokens and not carries(request.headers.get("Authorization"), tokens):
@@ -476,6 +507,9 @@ async def set_name(request: web.Request) -> web.Response:
     if not ID_RE.fullmatch(worker_id):
         return error("invalid", 400, f"worker_id: expected an id matching {ID_RE.pattern}, got {worker_id[:40]!r}",
                      "worker_id")
+    refused = key_refusal(request, worker_id)
+    if refused is not None:
+        return refused
     raw = await read_json(request, "name_request")
     try:
         name = NameRequest.from_json(raw).name

@@ -454,14 +454,15 @@ class Job:
 
     # ------------------------------------------------------------------ units
     def next_unit(self, request: UnitRequest, address: str = "", base: Base | None = None,
-                  trusted: bool = False) -> WorkUnit | None:
+                  trusted: bool = False, key: str | None = None) -> WorkUnit | None:
         """A fresh unit for this worker (a replica of a held result first, when one is wanted and this
         worker may check it), or None when there is nothing to do right now. ``address``: where the
         request came from (a replica never goes to the original's remote address); ``base``: the
         version ``publish`` wrote (else the current one, written here if it is not yet, blocking);
-        ``trusted``: the request carries a token of the operator's own workers (``--trusted-tokens``)."""
+        ``trusted``: the request carries a token of the operator's own workers (``--trusted-tokens``); ``key``:
+        its worker key, which the caller checked (``TrustBook.key_matches``) and which binds an unbound id."""
         self._seen(request.worker_id, request.backend, self.clock(), request.computes)
-        self.trust.seen(request.worker_id, request.backend, address, operator=trusted)
+        self.trust.seen(request.worker_id, request.backend, address, operator=trusted, key=key)
         if self.finished or (request.models and self.config.model not in request.models):
             return None
         codec = self.factory.codec_for(request.codecs)

@@ -40,6 +40,8 @@ check means are decided here, in pure functions over one small record per worker
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import ipaddress
 import math
 from dataclasses import dataclass
@@ -135,6 +137,7 @@ class Record:
     quarantined: bool = False
     credit: int = 0                  # samples of its results that passed a check or were folded unchecked
     operator: bool = False           # its last unit request carried a token of the operator's own workers
+    key_digest: str = ""             # sha256 of the worker key its id is bound to (``key_matches``); "" unbound
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,11 @@ def vouches(record: Record | None, policy: TrustPolicy) -> bool:
     return record is not None and not record.quarantined and record.consecutive_valid >= policy.trusted_after
 
 
+def key_digest(key: str) -> str:
+    """What the store keeps of a worker key (never the key)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def same_host(a: str, b: str) -> bool:
     """Whether two request addresses are one machine that is not this one: a replica is never given
     to the same remote host as the original (two ids of one volunteer would check themselves); an IPv6
@@ -300,15 +308,33 @@ class TrustBook:
     def probability(self, worker_id: str) -> float:
         return replication_probability(self.records.get(worker_id), self.policy)
 
-    def seen(self, worker_id: str, backend: str | None, address: str | None, operator: bool = False) -> None:
+    def key_matches(self, worker_id: str, key: str | None) -> bool:
+        """Whether a request for ``worker_id`` that carries ``key`` (the ``WORKER_KEY_HEADER``; None: none) may
+        act as it: always while the id is unbound, else only with the key it was bound to."""
+        record = self.records.get(worker_id)
+        if record is None or not record.key_digest:
+            return True
+        return key is not None and hmac.compare_digest(record.key_digest, key_digest(key))
+
+    def bind(self, worker_id: str, key: str) -> None:
+        """Bind ``worker_id`` to ``key`` if it is not bound yet (written at once); the caller asked ``key_matches``
+        with no await between, so two first requests of one id cannot both bind."""
+        record = self.records.get(worker_id) or Record(worker_id)
+        if not record.key_digest:
+            self.put(dataclasses.replace(record, key_digest=key_digest(key)))
+
+    def seen(self, worker_id: str, backend: str | None, address: str | None, operator: bool = False,
+             key: str | None = None) -> None:
         """A unit request: the worker's backend and address, and whether it carried a token of the
         operator's own workers (written only when they change). Shown on the dashboard only: whether a
-        result is checked follows the token its own request carries, not the id (ids are claimed)."""
+        result is checked follows the token its own request carries, not the id (ids are claimed). An unbound
+        id that comes with a ``key`` is bound to it here (``key_matches`` was asked first), written at once."""
         record = self.records.get(worker_id) or Record(worker_id)
+        bind = key is not None and not record.key_digest
         changed = dataclasses.replace(record, backend=backend or record.backend, address=address or record.address,
-                                      operator=operator)
+                                      operator=operator, key_digest=key_digest(key) if bind else record.key_digest)
         if changed != record or worker_id not in self.records:
-            self.put(changed, later=True)   # (shown only: written when the store's writer gets to it)
+            self.put(changed, later=not bind)   # (else shown only: written when the store's writer gets to it)
 
     def result(self, worker_id: str, checked: bool, samples: int) -> None:
         """An accepted result; ``checked``: held for a check (else credited now, used unchecked)."""

@@ -22,7 +22,7 @@ import pytest
 
 from contract.codecs import decode_delta
 from contract.shards import decode_shard
-from contract.units import blob_id
+from contract.units import WORKER_KEY_HEADER, blob_id
 from coordinator.steps import check_answer, check_inputs, check_mask, check_signs
 from models.onnx_step import StepSpec
 from tests.helpers.cluster import ROOT, Cluster
@@ -530,6 +530,16 @@ def test_a_lone_tabs_results_are_checked_by_the_coordinator_and_pass(cluster, da
         folded = db.execute("SELECT COUNT(*) FROM results WHERE worker_id = ? AND applied_step IS NOT NULL",
                             (worker_id,)).fetchone()[0]
     assert folded >= 3, folded   # (the last may still wait for the next aggregation)
+    # the tab's id is bound to the key it keeps (localStorage): its id alone, shown on its page, claims nothing
+    with c.db() as db:
+        record = json.loads(db.execute("SELECT record FROM trust WHERE worker_id = ?", (worker_id,)).fetchone()[0])
+    assert len(record["key_digest"]) == 64, record
+    ask = urllib.request.Request(f"{c.url}/api/v1/units/next", method="POST", headers={
+        "Content-Type": "application/json", WORKER_KEY_HEADER: "someone-else-" + "0" * 20},
+        data=json.dumps({"protocol": 1, "worker_id": worker_id, "backend": "browser"}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(ask, timeout=10)
+    assert refused.value.code == 403 and json.loads(refused.value.read())["error"]["code"] == "worker_key"
 
 
 @needs_browser

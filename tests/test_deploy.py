@@ -36,6 +36,7 @@ from tests.helpers.caddy import caddy_env, caddy_root_ca
 from tests.helpers.tiny_cifar import write_official_archive
 
 ROOT = Path(__file__).resolve().parents[1]
+DEPLOY_KEY = "deploy-worker-key-" + "k" * 16   # the deploy test worker's secret ($CROWDTRAIN_WORKER_KEY)
 CADDY = shutil.which("caddy")
 RENDER = ROOT / "deploy" / "caddyfile.py"
 CLIENT, OTHER = "198.51.100.7", "198.51.100.8"   # TEST-NET-2, only on the namespace's loopback
@@ -327,7 +328,7 @@ def test_through_caddy(deployed):
     worker = net.popen([sys.executable, "-m", "crowdtrain", "worker", "--coordinator", f"https://127.0.0.1:{hport}",
                         "--threads", "1", "--worker-id", "deploy-worker", "--no-progress", "--cache",
                         str(tmp / "worker-cache"), "--max-retry-time", "30"], tmp / "worker.log",
-                       {**d["env"], "SSL_CERT_FILE": str(d["root_ca"])})
+                       {**d["env"], "SSL_CERT_FILE": str(d["root_ca"]), "CROWDTRAIN_WORKER_KEY": DEPLOY_KEY})
     try:
         rc = worker.wait(120)
     except subprocess.TimeoutExpired:
@@ -347,6 +348,11 @@ def test_through_caddy(deployed):
     posted = [e for e in log if e.get("msg") == "handled request" and e["request"]["method"] == "POST"
               and re.fullmatch(r"/api/v1/units/[^/]+/result", e["request"]["uri"])]
     assert sum(e["status"] == 200 for e in posted) >= 4, posted
+    # its unit requests carried its key, which the access log leaves out (it logs the other headers)
+    asked = [e for e in log if e.get("msg") == "handled request" and e["request"]["uri"] == "/api/v1/units/next"]
+    assert asked and all("User-Agent" in e["request"]["headers"] for e in asked), asked[:2]
+    assert DEPLOY_KEY not in (tmp / "caddy.log").read_text()
+    assert DEPLOY_KEY not in json.dumps(job) and job["units_rejected"].get("worker_key") is None
 
     # an oversize result is refused (413 too_large) through Caddy: on its Content-Length alone when the
     # client waits for 100 Continue (no byte of the body sent), and after its body otherwise; the cap

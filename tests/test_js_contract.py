@@ -414,6 +414,21 @@ def test_shards_agree():
             assert unb64(got["x"]) == x.tobytes() and list(unb64(got["y"])) == y.tolist()
 
 
+def test_a_tabs_worker_key_is_what_the_coordinator_takes():
+    """contract.js WORKER_KEY_HEADER / WORKER_KEY_RE / newWorkerKey against contract/units.py: the same header, the
+    same keys valid, and a tab's fresh keys (random each time) valid in Python."""
+    from contract.units import WORKER_KEY_HEADER, WORKER_KEY_RE
+
+    keys = ["A" * 22, "a" * 21, "x" * 128, "x" * 129, "abc-DEF_123-456-789-0xyz", "has space in it 0123456789",
+            "plus+slash/equals=0123456", "é" * 30, ""]
+    first, second = run_cli([{"op": "worker_key", "keys": keys}] * 2)
+    assert first["ok"]["header"] == WORKER_KEY_HEADER
+    assert first["ok"]["valid"] == [WORKER_KEY_RE.fullmatch(k) is not None for k in keys] == \
+        [True, False, True, False, True, False, False, False, False]
+    fresh = [first["ok"]["fresh"], second["ok"]["fresh"]]
+    assert all(WORKER_KEY_RE.fullmatch(k) and len(k) == 32 for k in fresh) and fresh[0] != fresh[1], fresh
+
+
 def test_a_lying_tab_tells_the_lies_of_the_python_liars():
     """worker_web/lies.mjs (drive.mjs --lie) against coordinator/sim/faults.py: sign flip, scale and free
     ride give the same float32 values as ``lie``; noise has the same law (10x the honest RMS, unrelated to the

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from contract.codecs import decode_delta
-from contract.units import UnitRequest, WorkUnit, unpack_result
+from contract.units import WORKER_KEY_HEADER, UnitRequest, WorkUnit, unpack_result
 from coordinator import trust as T
 from coordinator.config import CoordinatorConfig
 from coordinator.limits import RateLimiter, UnitLimits, address_key, bearer, carries, client_address, load_tokens
@@ -722,6 +722,41 @@ async def test_rate_limit_is_a_429_with_retry_after(aiohttp_client, tmp_path):
     assert (await resp.json())["error"]["code"] == "rate_limited"
     assert await take(client, "greedy") is not None, "loopback itself is not limited"
     assert (await (await client.get("/api/status")).json())["units_rejected"]["rate_limited"] == 2
+
+
+async def test_a_worker_id_is_bound_to_the_key_of_its_first_request_that_carries_one(engine, aiohttp_client, tmp_path):
+    """Knowing a worker's id (its trust) is not enough to act as it: once a request for the id carried a key
+    (``WORKER_KEY_HEADER``), unit requests and name changes for it need that key (403 ``worker_key`` without it or
+    with another; a malformed key 400); no answer repeats a key, the store keeps only its digest, and the binding
+    outlives the process. An id never bound (a worker that sends no key) works as before."""
+    client, job = await start(aiohttp_client, tmp_path, engine=engine, replication="off")
+    key, other = "tab-secret-" + "A" * 21, "stranger-" + "b" * 23
+    with_key = lambda k: {WORKER_KEY_HEADER: k}  # noqa: E731
+    assert await take(client, "web-1", **with_key(key)) is not None
+    for headers in ({}, with_key(other)):
+        resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "web-1", "backend": "browser"},
+                                 headers=headers)
+        text = await resp.text()
+        assert resp.status == 403 and json.loads(text)["error"]["code"] == "worker_key", text
+        assert json.loads(text)["error"]["field"] == WORKER_KEY_HEADER and key not in text and other not in text
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "web-2", "backend": "python"},
+                             headers=with_key("short"))
+    answer = await resp.json()
+    assert resp.status == 400 and answer["error"]["field"] == WORKER_KEY_HEADER and "short" not in str(answer), answer
+    assert await take(client, "web-1", **with_key(key)) is not None, "its own key still works"
+    assert await take(client, "plain") is not None and await take(client, "plain") is not None, "an unbound id"
+    name = {"protocol": 1, "name": "Ada"}
+    resp = await client.post("/api/v1/workers/web-1/name", json=name, headers=with_key(other))
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "worker_key"
+    resp = await client.post("/api/v1/workers/web-1/name", json=name, headers=with_key(key))
+    assert resp.status == 200 and (await resp.json())["name"] == "Ada"
+    status = await (await client.get("/api/status")).json()
+    assert status["units_rejected"].get("worker_key") == 3, status["units_rejected"]
+    kept = json.dumps(job.store.trust_records())
+    assert key not in kept and T.key_digest(key) in kept
+    again = T.TrustBook(job.store, job.policy)   # (what a restarted coordinator reads)
+    assert again.key_matches("web-1", key) and not again.key_matches("web-1", other)
+    assert not again.key_matches("web-1", None) and again.key_matches("plain", None)
 
 
 async def test_worker_tokens_guard_the_worker_routes(aiohttp_client, tmp_path):

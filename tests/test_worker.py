@@ -27,7 +27,8 @@ from aiohttp import web
 from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.errors import ContractError, error_body
 from contract.shards import encode_shard
-from contract.units import UnitRequest, UnitResult, WorkUnit, blob_id, check_result, unpack_result
+from contract.units import (WORKER_KEY_HEADER, WORKER_KEY_RE, UnitRequest, UnitResult, WorkUnit, blob_id, check_result,
+                            unpack_result)
 from models import registry
 from models.local import delta_spec, state_arrays
 from tests.helpers.tiny_cifar import tiny_cifar10
@@ -87,6 +88,7 @@ class FakeCoordinator:
         self.replies, self.finish, self.clock, self.reason = list(replies), finish, clock, reason
         self.blob_gets: Counter[str] = Counter()
         self.requests: list[UnitRequest] = []
+        self.keys: list[str | None] = []   # each unit request's worker key (WORKER_KEY_HEADER)
         self.issued: dict[str, dict] = {}
         self.results: list[UnitResult] = []
         self.accepted: set[str] = set()
@@ -100,6 +102,7 @@ class FakeCoordinator:
 
     async def next_unit(self, request: web.Request) -> web.Response:
         self.requests.append(UnitRequest.from_json(await request.json()))
+        self.keys.append(request.headers.get(WORKER_KEY_HEADER))
         self.events.append("next")
         if self.down_first > 0:
             self.down_first -= 1
@@ -222,6 +225,7 @@ def test_worker_computes_units_and_downloads_each_blob_once(blobs, tmp_path):
         assert decode_delta(fake.results[1].delta)  # int8 container
         assert fake.blob_gets == Counter({b["supermask_fc"]: 1, b["s1"]: 1, b["s2"]: 1, b["cnn"]: 1}), log
         assert all(r.backend == "python" and r.worker_id == "w-1" for r in fake.requests)
+        assert set(fake.keys) == {None}, "a given --worker-id without $CROWDTRAIN_WORKER_KEY sends no key"
         assert "3 units done" in log and "Traceback" not in log
 
         # A second worker on the same cache: nothing to download, except a blob corrupted on disk.
@@ -230,10 +234,13 @@ def test_worker_computes_units_and_downloads_each_blob_once(blobs, tmp_path):
         cached.path(b["s2"]).write_bytes(b"garbage")
         fake.units = [unit("u4", b["supermask_fc"], [b["s1"], b["s2"]])]
         fake.blob_gets.clear()
+        fake.keys.clear()
         code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "1", "--no-progress"))
         assert code == 0, log
         check_delta(fake.results[-1], "supermask_fc")
         assert fake.blob_gets == Counter({b["s2"]: 1}), log
+        # a random id comes with a random key, the same in each of its requests, never the other worker's
+        assert len(set(fake.keys)) == 1 and WORKER_KEY_RE.fullmatch(fake.keys[0]), fake.keys
     finally:
         fake.stop()
 

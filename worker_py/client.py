@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from contract.units import UnitRequest, UnitResult, WorkUnit, blob_id, is_blob_id, pack_result
+from contract.units import WORKER_KEY_HEADER, UnitRequest, UnitResult, WorkUnit, blob_id, is_blob_id, pack_result
 
 T = TypeVar("T")
 USER_AGENT = "crowdtrain-worker/0.1 (python)"
@@ -190,12 +190,14 @@ class Client:
 
     def __init__(self, base_url: str, cache: BlobCache | None = None,
                  log: Callable[[str], None] = print, timeout: float = REQUEST_TIMEOUT,
-                 max_retry_time: float | None = MAX_RETRY_TIME, token: str | None = None) -> None:
+                 max_retry_time: float | None = MAX_RETRY_TIME, token: str | None = None,
+                 worker_key: str | None = None) -> None:
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"coordinator URL: expected http(s)://host[:port], got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.token = token   # an operator-issued worker token (a closed deployment's --worker-tokens)
+        self.worker_key = worker_key   # this worker's secret, which its id is bound to (contract.units.WORKER_KEY_HEADER)
         self.cache = cache
         self.log = log
         self.timeout = timeout
@@ -217,6 +219,8 @@ class Client:
             headers["Content-Type"] = content_type
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        if self.worker_key and (path == "/api/v1/units/next" or path.endswith("/name")):   # (the routes that need it)
+            headers[WORKER_KEY_HEADER] = self.worker_key
         req = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:

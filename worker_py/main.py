@@ -33,12 +33,13 @@ from pathlib import Path
 
 from contract.errors import ContractError
 from contract.names import NameRequest
-from contract.units import UnitRequest
+from contract.units import WORKER_KEY_RE, UnitRequest
 from worker_py.client import MAX_RETRY_TIME, BlobCache, Client, GaveUp, NotCoordinator, Refused, Stopped
 from worker_py.progress import Progress
 from worker_py.stop import GRACE, StopFlag, install_signals
 
 TOKEN_ENV = "CROWDTRAIN_TOKEN"   # an operator-issued worker token, for a coordinator with --worker-tokens
+KEY_ENV = "CROWDTRAIN_WORKER_KEY"   # the secret a --worker-id is bound to (contract.units.WORKER_KEY_HEADER)
 
 
 def default_cache() -> Path:
@@ -71,7 +72,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                 "SIGTERM: take no more units, let the current one finish within --grace seconds or "
                                 "hand it back, exit 0; a second Ctrl-C: hand it back now.",
                                 epilog=f"A closed deployment's coordinator (--worker-tokens) needs the operator's "
-                                f"worker token in ${TOKEN_ENV}.")
+                                f"worker token in ${TOKEN_ENV}. A worker's id is bound to a secret key (random for a "
+                                f"random id; for a --worker-id, the one in ${KEY_ENV}, else none: then anyone may "
+                                f"claim that id), so that knowing an id is not enough to act as that worker.")
     p.add_argument("--coordinator", required=True, metavar="URL",
                    help="coordinator base URL, http(s)://host:port (required)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads (default: all cores)")
@@ -80,7 +83,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "cuda:N (default: auto)")
     p.add_argument("--max-units", type=_positive_int, metavar="N",
                    help="exit after N accepted units (default: none, until the job is finished)")
-    p.add_argument("--worker-id", metavar="ID", help="worker id (default: random, stable for this process)")
+    p.add_argument("--worker-id", metavar="ID", help=f"worker id (default: random, stable for this process, bound to "
+                   f"a random key; a given id is bound to the key in ${KEY_ENV} if set)")
     p.add_argument("--name", metavar="NAME",
                    help="display name on the coordinator's leaderboard for this worker id (default: none, an "
                         "anonymous tag); 1 to 32 printable characters")
@@ -116,6 +120,11 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
     except ContractError as e:
         print(f"{prog}: --worker-id: expected {e.expected}, got {worker_id!r}", file=sys.stderr)
         return 2
+    key = os.environ.get(KEY_ENV) or (None if args.worker_id else secrets.token_urlsafe(24))
+    if key is not None and not WORKER_KEY_RE.fullmatch(key):
+        print(f"{prog}: ${KEY_ENV}: expected 22 to 128 characters of A-Z a-z 0-9 _ - (base64url), got "
+              f"{len(key)} characters", file=sys.stderr)
+        return 2
     name = None
     if args.name is not None:
         try:
@@ -128,7 +137,7 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
     try:
         client = Client(args.coordinator, cache=BlobCache(cache), log=progress.say,
                         max_retry_time=None if args.forever else args.max_retry_time,
-                        token=os.environ.get(TOKEN_ENV) or None)
+                        token=os.environ.get(TOKEN_ENV) or None, worker_key=key)
     except ValueError as e:
         print(f"{prog}: --coordinator: {e}", file=sys.stderr)
         return 2

@@ -1124,6 +1124,19 @@ export function checkRequest(input) {
     ...(feedback ? { error_feedback: true } : {}), ...(computes.length ? { computes: [...computes] } : {}) };
 }
 
+// --- worker keys (Python: contract/units.py WORKER_KEY_HEADER, WORKER_KEY_RE) ----------------------
+
+/** The header a worker sends its secret key in (unit requests, name changes): the coordinator binds a worker id
+ * to the key of its first request that carries one, and then answers that id only with that key. */
+export const WORKER_KEY_HEADER = "Crowdtrain-Worker-Key";
+export const WORKER_KEY_RE = /^[A-Za-z0-9_-]{22,128}$/;   // base64url, at least 128 bits
+
+/** A new random worker key: 24 random bytes, base64url (32 characters). */
+export function newWorkerKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(24));
+  return btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
+}
+
 // --- display names (Python: contract/names.py) ---------------------------------------------------
 
 export const NAME_MAX_CHARS = 32;

@@ -3,6 +3,9 @@
 //
 // Kept in localStorage (so a reload, or a coordinator restart, carries on where it was):
 //   crowdtrain.workerId   anonymous id, "web-" + 16 hex digits, sent with every request
+//   crowdtrain.workerKey  this tab's secret (contract.js newWorkerKey), sent in the Crowdtrain-Worker-Key header
+//                         with unit requests and name changes: the coordinator binds the id to it, so that
+//                         someone who learns the id (it is shown on this page) cannot act as this tab
 //   crowdtrain.running    "1" while the donor wants this tab to work
 //   crowdtrain.throttle   10..100, the share of time spent computing
 //   crowdtrain.done       {units, samples} accepted by the coordinator for this id
@@ -15,7 +18,7 @@
 // URL parameters (for operators and tests): ?autostart=1 &throttle=N &threads=N
 //   &backend=auto|wasm|webgpu &check=auto|always (run the known-answer check on WASM too)
 
-import { ContractError, checkNameRequest } from './contract.js';
+import { ContractError, WORKER_KEY_HEADER, WORKER_KEY_RE, checkNameRequest, newWorkerKey } from './contract.js';
 
 const settings = JSON.parse(document.getElementById('settings').textContent);
 const query = new URLSearchParams(location.search);
@@ -31,6 +34,9 @@ function newWorkerId() {
 }
 const workerId = store.get('workerId', null) || newWorkerId();
 store.set('workerId', workerId);
+const kept = store.get('workerKey', null);
+const workerKey = typeof kept === 'string' && WORKER_KEY_RE.test(kept) ? kept : newWorkerKey();
+store.set('workerKey', workerKey);
 const fragment = new URLSearchParams(location.hash.slice(1));
 if (fragment.has('token')) {
   const given = fragment.get('token').trim();
@@ -158,7 +164,7 @@ async function saveName(event) {
   }
   try {
     const r = await fetch(`/api/v1/workers/${encodeURIComponent(workerId)}/name`, {method: 'POST',
-      headers: {'Content-Type': 'application/json', ...auth()}, body: JSON.stringify(body)});
+      headers: {'Content-Type': 'application/json', [WORKER_KEY_HEADER]: workerKey, ...auth()}, body: JSON.stringify(body)});
     const answer = await r.json();
     if (!r.ok) { state.nameStatus = `not saved: ${answer.error?.message ?? r.status}`; render(); return; }
     state.name = answer.name; store.set('name', answer.name);
@@ -191,7 +197,7 @@ if (settings.ortMissing && settings.ortMissing.length) {
     }
   };
   worker.onerror = e => { state.status = `the worker stopped: ${e.message}`; log(state.status, true); render(); };
-  worker.postMessage({type: 'init', workerId, assets: settings.assets, origin: location.origin, threads,
+  worker.postMessage({type: 'init', workerId, workerKey, assets: settings.assets, origin: location.origin, threads,
                       throttle: throttle / 100, backend: query.get('backend') || 'auto',
                       check: query.get('check') || 'auto', token});
   const toggle = $('toggle');

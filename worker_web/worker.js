@@ -10,7 +10,7 @@
 // check of its manifest (one step on inputs rebuilt here, compared to the answer the
 // coordinator computed on CPU); otherwise WebAssembly (threads when cross-origin isolated).
 //
-// Messages in:  {type: 'init', workerId, assets, origin, threads, throttle, backend, check, token}
+// Messages in:  {type: 'init', workerId, workerKey, assets, origin, threads, throttle, backend, check, token}
 //               {type: 'start'} {type: 'pause'} {type: 'throttle', value}
 // Messages out: {type: 'state', state: {...}, accepted?: {samples}, log?, isError?}
 
@@ -25,7 +25,7 @@ const HAND_BACK = 'returned: paused in the browser';
 const MAX_ERROR_CHARS = 2000;
 
 const S = {
-  workerId: null, token: null, assets: null, origin: null, threads: 1, throttle: 0.5, backendWanted: 'auto',
+  workerId: null, workerKey: null, token: null, assets: null, origin: null, threads: 1, throttle: 0.5, backendWanted: 'auto',
   check: 'auto',
   running: false, loop: null, wake: null,
   ort: null, backend: null, backendReason: '', sessions: new Map(), versions: new Map(), shards: new Map(),
@@ -52,7 +52,7 @@ const say = (status, log, isError = false) => post({status}, log ? {log, isError
 // ------------------------------------------------------------------------------ commands
 onmessage = ({data}) => {
   if (data.type === 'init') {
-    Object.assign(S, {workerId: data.workerId, assets: data.assets, origin: data.origin, threads: data.threads,
+    Object.assign(S, {workerId: data.workerId, workerKey: data.workerKey || null, assets: data.assets, origin: data.origin, threads: data.threads,
                       throttle: data.throttle, backendWanted: data.backend, check: data.check,
                       token: data.token || null});
   } else if (data.type === 'start') {
@@ -120,7 +120,7 @@ async function nextUnit() {
   const body = {protocol: 1, worker_id: S.workerId, backend: 'browser', codecs: CODECS, models: [], held,
                 error_feedback: true};
   const r = await fetch('/api/v1/units/next', {method: 'POST', body: JSON.stringify(body),
-                                                 headers: {'Content-Type': 'application/json', ...auth()}});
+                                                 headers: {'Content-Type': 'application/json', ...key(), ...auth()}});
   if (r.status === 401) throw new Unauthorized(await errorText(r));
   if (r.status === 204) {
     const finished = r.headers.get('X-Crowdtrain-Finished') === 'true';
@@ -209,6 +209,7 @@ const NEEDS_TOKEN = 'this coordinator takes work only from volunteers its operat
   'your token (…/#token=YOUR-TOKEN), or ask the operator for one';
 // The operator-issued worker token (coordinators started with --worker-tokens), when the page was given one.
 const auth = () => S.token ? {Authorization: `Bearer ${S.token}`} : {};
+const key = () => S.workerKey ? {[contract.WORKER_KEY_HEADER]: S.workerKey} : {};
 
 function checkHyper(unit, manifest) {
   const h = unit.hyper;

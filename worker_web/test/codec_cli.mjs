@@ -20,6 +20,7 @@
  *   {"op": "lie", "kind": str, "seed": int?, "deltas": [[[name, shape, kind, b64], ...], ...]}
  *       -> [[[name, shape, b64 f4], ...], ...]: what one liar of ../lies.mjs sends for each delta in turn
  *   {"op": "lies"} -> [str, ...]: the lies ../lies.mjs tells (LIES)
+ *   {"op": "worker_key", "keys": [str, ...]} -> {header, fresh: a newWorkerKey(), valid: [bool, ...]}
  *   {"op": "label_flip", "data": b64 shard} -> {"y": b64}: the labels a label_flip tab trains on: the
  *       line of ../worker.js that ../lies.mjs flipLabelsSource rewrites, run as rewritten on that shard
  *
@@ -72,6 +73,8 @@ const OPS = {
       [name, { shape, data: fromB64(data, kind) }])))].map(([name, t]) => [name, t.shape, b64(t.data)]));
   },
   lies: () => LIES,
+  worker_key: (r) => ({ header: contract.WORKER_KEY_HEADER, fresh: contract.newWorkerKey(),
+    valid: r.keys.map((k) => contract.WORKER_KEY_RE.test(k)) }),
   label_flip: async (r) => {
     const source = flipLabelsSource(readFileSync(new URL("../worker.js", import.meta.url), "utf8"));
     const line = source.split("\n").find((l) => l.includes("S.shards.set(id,"));
