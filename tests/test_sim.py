@@ -306,7 +306,7 @@ def test_no_liars_by_default_and_the_same_fleet_with_them(tmp_path, data):
 @pytest.mark.parametrize("change, message", [
     (("fraction = 0.5", "fraction = 1.5"), "liars.fraction: expected a number in [0, 1], got 1.5 (a float)"),
     (('fault = ["sign_flip", "free_ride"]', 'fault = "lie"'),
-     ('liars.fault: expected a fault (sign_flip, scale, noise, free_ride, label_flip, replay, a_little) or an '
+     ('liars.fault: expected a fault (sign_flip, scale, noise, free_ride, label_flip, replay, a_little, band) or an '
       'array of them, got "lie" (a string)')),
     (('"free_ride"]', '"nan"]'), 'liars.fault[1]: expected a fault (sign_flip'),
     (('fault = ["sign_flip", "free_ride"]', "fault = []"), "liars.fault: expected a fault"),

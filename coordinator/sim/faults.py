@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from statistics import NormalDist
-
-import math
 
 import numpy as np
 
