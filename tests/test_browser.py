@@ -543,6 +543,34 @@ def test_a_lone_tabs_results_are_checked_by_the_coordinator_and_pass(cluster, da
 
 
 @needs_browser
+def test_a_tab_whose_id_is_bound_to_another_key_goes_on_under_a_new_id(cluster, data, tmp_path):
+    """A tab's stored id bound on the coordinator to another key (two tabs of one browser that made their keys at
+    the same moment): its unit request is refused 403 worker_key, and it goes on under a new id and key, which the
+    page keeps (a reload uses them), instead of being refused for ever."""
+    c = cluster("--data", str(data), "--model", "cnn", *TINY, "--epochs", "3")
+    c.start_coordinator()
+    manifest(c, "cnn", 32)
+    profile = tmp_path / "profile"
+    first = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--until", "workerId", "--timeout", "60",
+                  "--profile", str(profile))
+    old = first["state"]["workerId"]
+    ask = urllib.request.Request(f"{c.url}/api/v1/units/next", method="POST", headers={
+        "Content-Type": "application/json", WORKER_KEY_HEADER: "the-other-tabs-key-" + "0" * 16},
+        data=json.dumps({"protocol": 1, "worker_id": old, "backend": "python"}).encode())
+    with urllib.request.urlopen(ask, timeout=30) as r:   # (binds the id to that key)
+        assert r.status in (200, 204)
+    out = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--click", "--units", "1", "--timeout", "300",
+                "--profile", str(profile))
+    new = out["state"]["workerId"]
+    assert out["ok"] and new != old and new.startswith("web-"), out
+    assert len(results_of(c, new)) >= 1 and not results_of(c, old)
+    again = drive(f"{c.url}/?throttle=100&threads=1&backend=wasm", "--until", "workerId", "--timeout", "60",
+                  "--profile", str(profile))
+    assert again["state"]["workerId"] == new, "the page keeps the new id"
+    assert c.status()["units_rejected"].get("worker_key") == 1
+
+
+@needs_browser
 def test_an_invited_tab_works_with_the_token_of_its_link_and_an_uninvited_one_is_told(cluster, data, tmp_path):
     """A closed deployment (--worker-tokens): the page says before Start that only invited volunteers may work;
     a tab without a token stops at the first 401 and says how to get one; a tab opened from the link with

@@ -1131,6 +1131,12 @@ export function checkRequest(input) {
 export const WORKER_KEY_HEADER = "Crowdtrain-Worker-Key";
 export const WORKER_KEY_RE = /^[A-Za-z0-9_-]{22,128}$/;   // base64url, at least 128 bits
 
+/** A tab's new anonymous worker id: "web-" + 16 hex digits. */
+export function newWorkerId() {
+  const b = crypto.getRandomValues(new Uint8Array(8));
+  return "web-" + Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
 /** A new random worker key: 24 random bytes, base64url (32 characters). */
 export function newWorkerKey() {
   const bytes = crypto.getRandomValues(new Uint8Array(24));

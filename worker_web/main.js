@@ -18,7 +18,7 @@
 // URL parameters (for operators and tests): ?autostart=1 &throttle=N &threads=N
 //   &backend=auto|wasm|webgpu &check=auto|always (run the known-answer check on WASM too)
 
-import { ContractError, WORKER_KEY_HEADER, WORKER_KEY_RE, checkNameRequest, newWorkerKey } from './contract.js';
+import { ContractError, WORKER_KEY_HEADER, WORKER_KEY_RE, checkNameRequest, newWorkerId, newWorkerKey } from './contract.js';
 
 const settings = JSON.parse(document.getElementById('settings').textContent);
 const query = new URLSearchParams(location.search);
@@ -28,14 +28,10 @@ const store = {
   set: (k, v) => { try { localStorage.setItem('crowdtrain.' + k, JSON.stringify(v)); } catch { /* private mode */ } },
 };
 
-function newWorkerId() {
-  const b = crypto.getRandomValues(new Uint8Array(8));
-  return 'web-' + Array.from(b, x => x.toString(16).padStart(2, '0')).join('');
-}
-const workerId = store.get('workerId', null) || newWorkerId();
+let workerId = store.get('workerId', null) || newWorkerId();
 store.set('workerId', workerId);
 const kept = store.get('workerKey', null);
-const workerKey = typeof kept === 'string' && WORKER_KEY_RE.test(kept) ? kept : newWorkerKey();
+let workerKey = typeof kept === 'string' && WORKER_KEY_RE.test(kept) ? kept : newWorkerKey();
 store.set('workerKey', workerKey);
 const fragment = new URLSearchParams(location.hash.slice(1));
 if (fragment.has('token')) {
@@ -193,6 +189,13 @@ if (settings.ortMissing && settings.ortMissing.length) {
       }
       if (data.log) log(data.log, data.isError);
       if (data.state.needsToken) { state.running = false; store.set('running', false); }
+      if (data.rekeyed) {   // the coordinator holds this id for another key: the worker went on under a new id
+        ({workerId, workerKey} = data.rekeyed);
+        store.set('workerId', workerId); store.set('workerKey', workerKey);
+        done.units = 0; done.samples = 0; store.set('done', done);
+        Object.assign(state, {workerId, unitsDone: 0, samplesDone: 0});
+        $('worker-id').textContent = workerId;
+      }
       render();
     }
   };

@@ -104,6 +104,14 @@ async function loop() {
         post({status: NEEDS_TOKEN, needsToken: true}, {log: `${NEEDS_TOKEN} (${e.message})`, isError: true});
         break;
       }
+      if (e instanceof KeyRefused) {   // this id is bound to another key (another tab of this browser made its own
+        // key at the same moment, say): go on under a new id and key, which the page keeps
+        Object.assign(S, {workerId: contract.newWorkerId(), workerKey: contract.newWorkerKey()});
+        post({}, {rekeyed: {workerId: S.workerId, workerKey: S.workerKey},
+                  log: `this worker id belongs to another key on the coordinator; going on as ${S.workerId}`,
+                  isError: true});
+        continue;
+      }
       say(`coordinator unreachable (${short(e)}); retrying in ${Math.round(backoff / 1000)} s`);
       await sleep(backoff);
       backoff = Math.min(30000, backoff * 2);
@@ -122,6 +130,11 @@ async function nextUnit() {
   const r = await fetch('/api/v1/units/next', {method: 'POST', body: JSON.stringify(body),
                                                  headers: {'Content-Type': 'application/json', ...key(), ...auth()}});
   if (r.status === 401) throw new Unauthorized(await errorText(r));
+  if (r.status === 403) {
+    const text = await errorText(r);
+    if (text.startsWith('403 worker_key:')) throw new KeyRefused(text);
+    throw new Error(text);
+  }
   if (r.status === 204) {
     const finished = r.headers.get('X-Crowdtrain-Finished') === 'true';
     const wait = 1000 * Math.max(1, +(r.headers.get('Retry-After') || 5));
@@ -205,6 +218,7 @@ async function runUnit(unit) {
 
 class HandBack extends Error {}
 class Unauthorized extends Error {}
+class KeyRefused extends Error {}   // 403 worker_key: the id is bound to another key
 const NEEDS_TOKEN = 'this coordinator takes work only from volunteers its operator invited: open the link with ' +
   'your token (…/#token=YOUR-TOKEN), or ask the operator for one';
 // The operator-issued worker token (coordinators started with --worker-tokens), when the page was given one.
