@@ -222,10 +222,11 @@ async def next_unit(request: web.Request) -> web.Response:
                         f"{retry_after(wait)} s", "request")
         limited.headers["Retry-After"] = retry_after(wait)
         return limited
-    refused = key_refusal(request, unit_request.worker_id)
+    key = worker_key(request)
+    refused = key_refusal(registry, unit_request.worker_id, key)
     if refused is not None:
         return refused
-    reason, own, key = None, trusted(request), worker_key(request)
+    reason, own = None, trusted(request)
     for entry in registry.candidates():
         if entry.removed:   # removed while an earlier candidate was asked
             continue
@@ -394,12 +395,11 @@ def worker_key(request: web.Request) -> str | None:
     return key
 
 
-def key_refusal(request: web.Request, worker_id: str) -> web.Response | None:
-    """The answer to a request for ``worker_id`` that does not carry the key the id is bound to in one of the jobs
-    (``TrustBook.key_matches``; counted as that job's ``worker_key`` refusal); else None: it may act as the id, and
-    an unbound id that comes with a key is bound to it now, before any await (two first requests cannot both)."""
-    key = worker_key(request)
-    registry = request.app[JOBS]
+def key_refusal(registry: JobRegistry, worker_id: str, key: str | None) -> web.Response | None:
+    """The answer to a request for ``worker_id`` carrying ``key`` (``worker_key``) that is not the key the id is
+    bound to in one of the jobs (``TrustBook.key_matches``; counted as that job's ``worker_key`` refusal); else
+    None: it may act as the id, and an unbound id that comes with a key is bound to it now, before any await (two
+    first requests cannot both)."""
     for entry in registry.entries.values():
         if not entry.job.trust.key_matches(worker_id, key):
             entry.job.store.count_rejection("worker_key")
@@ -507,7 +507,7 @@ async def set_name(request: web.Request) -> web.Response:
     if not ID_RE.fullmatch(worker_id):
         return error("invalid", 400, f"worker_id: expected an id matching {ID_RE.pattern}, got {worker_id[:40]!r}",
                      "worker_id")
-    refused = key_refusal(request, worker_id)
+    refused = key_refusal(request.app[JOBS], worker_id, worker_key(request))
     if refused is not None:
         return refused
     raw = await read_json(request, "name_request")
