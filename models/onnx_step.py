@@ -172,6 +172,13 @@ def _route_by_one_hot(windows, go):
     return first.to(go.dtype) * go.unsqueeze(-1)
 
 
+def _sign_by_compare(x):
+    """sign(x) as (x > 0) - (x < 0) (the WebGPU formulation): onnxruntime-web has no WebGPU Sign, and
+    the CPU fallback it takes instead writes its output over a graph input that a later node still
+    reads (seen on SwiftShader: a supermask's updated scores were the sign of another layer's)."""
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
 # Without torch's own batch-norm decompositions the exported graph runs but is wrong (the
 # exporter's train-mode batch norm: resnet_fast's loss off by 9e-3, running variances by 8e-2);
 # with them it matches torch to ~1e-6.
@@ -198,7 +205,8 @@ DECOMPOSITIONS: dict[str, dict] = {
     "webgpu": {**_COMMON,
                aten.convolution_backward.default: _conv_backward_by(_conv_transposed_input_grad,
                                                                     _conv_weight_grad_batch_as_channels),
-               aten.max_pool2d_with_indices_backward.default: _max_pool_backward_by(_route_by_one_hot)},
+               aten.max_pool2d_with_indices_backward.default: _max_pool_backward_by(_route_by_one_hot),
+               aten.sign.default: _sign_by_compare, aten.sgn.default: _sign_by_compare},
 }
 RANDOM_OPS = ("bernoulli", "rand", "native_dropout", "normal", "multinomial")  # must not be in a step graph
 
