@@ -77,13 +77,15 @@ class FakeCoordinator:
 
     ``down_first``: answer units/next with 503 that many times; ``replies``: (status, code) to
     answer the first submissions with; ``finish``: say the job is over once the units run out;
-    ``clock``: seconds the fake's clock (Date header, deadlines) is ahead of the real one.
+    ``clock``: seconds the fake's clock (Date header, deadlines) is ahead of the real one; ``key``: a unit
+    request without this worker key is refused ``403 worker_key``, as by a coordinator that holds the id for it.
     """
 
     def __init__(self, blobs: list[bytes], units: list[dict], port: int = 0, down_first: int = 0,
                  replies: list[tuple[int, str]] = (), finish: bool = False, clock: float = 0.0,
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, key: str | None = None) -> None:
         self.blobs = {blob_id(b): b for b in blobs}
+        self.key = key
         self.units, self.port, self.down_first = list(units), port, down_first
         self.replies, self.finish, self.clock, self.reason = list(replies), finish, clock, reason
         self.blob_gets: Counter[str] = Counter()
@@ -104,6 +106,10 @@ class FakeCoordinator:
         self.requests.append(UnitRequest.from_json(await request.json()))
         self.keys.append(request.headers.get(WORKER_KEY_HEADER))
         self.events.append("next")
+        if self.key is not None and self.keys[-1] != self.key:
+            return web.json_response({"error": {"code": "worker_key", "field": "worker_id",
+                                                "message": "this worker id is bound to another key (fake)"}},
+                                     status=403)
         if self.down_first > 0:
             self.down_first -= 1
             return web.Response(status=503, text="starting up")
@@ -225,7 +231,10 @@ def test_worker_computes_units_and_downloads_each_blob_once(blobs, tmp_path):
         assert decode_delta(fake.results[1].delta)  # int8 container
         assert fake.blob_gets == Counter({b["supermask_fc"]: 1, b["s1"]: 1, b["s2"]: 1, b["cnn"]: 1}), log
         assert all(r.backend == "python" and r.worker_id == "w-1" for r in fake.requests)
-        assert set(fake.keys) == {None}, "a given --worker-id without $CROWDTRAIN_WORKER_KEY sends no key"
+        # a given --worker-id without $CROWDTRAIN_WORKER_KEY: a key made on its first run and kept in the cache
+        stored = (tmp_path / "cache" / "keys" / "w-1.key")
+        assert len(set(fake.keys)) == 1 and fake.keys[0] == stored.read_text().strip(), fake.keys
+        assert WORKER_KEY_RE.fullmatch(fake.keys[0]) and stored.stat().st_mode & 0o777 == 0o600
         assert "3 units done" in log and "Traceback" not in log
 
         # A second worker on the same cache: nothing to download, except a blob corrupted on disk.
@@ -368,6 +377,40 @@ def test_unsupported_protocol_on_submit_exits_nonzero(blobs, tmp_path):
         assert "upgrade the worker" in log and "Traceback" not in log
         assert fake.results[0].unit_id == "u1"
         assert [r.error for r in fake.results[1:]] in ([], [HAND_BACK]), "the prefetched unit is handed back"
+    finally:
+        fake.stop()
+
+
+def test_a_given_id_keeps_its_key_and_stops_when_refused_it(blobs, tmp_path):
+    """A --worker-id's key outlives the process (its key file); a coordinator that holds the id for another key
+    (403 worker_key) stops the worker at once with a message that says what to do, instead of asking for ever."""
+    b = ids(blobs)
+    key_file = tmp_path / "w-7.key"
+    fake = FakeCoordinator(list(blobs.values()), [unit("u1", b["supermask_fc"], [b["s1"]])]).start()
+    try:
+        code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "1", "--no-progress",
+                                        "--worker-id", "w-7", "--key-file", str(key_file)))
+        assert code == 0, log
+        first = key_file.read_text().strip()
+        assert set(fake.keys) == {first}, fake.keys
+        # the restarted worker sends the same key; the coordinator, bound to it, serves it
+        fake.key, fake.units = first, [unit("u2", b["supermask_fc"], [b["s1"]])]
+        code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "1", "--no-progress",
+                                        "--worker-id", "w-7", "--key-file", str(key_file)))
+        assert code == 0 and [r.unit_id for r in fake.results] == ["u1", "u2"], log
+        # another key for that id ($CROWDTRAIN_WORKER_KEY wins over the file): refused, and the worker stops
+        fake.units = [unit("u3", b["supermask_fc"], [b["s1"]])]
+        asks = len(fake.keys)
+        proc = subprocess.Popen([sys.executable, "-m", "crowdtrain", "worker", "--coordinator", fake.url, "--cache",
+                                 str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--worker-id", "w-7",
+                                 "--key-file", str(key_file)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "CROWDTRAIN_WORKER_KEY": "another-key-" + "x" * 16})
+        code, log = finish(proc)
+        assert code == 1, log
+        assert "holds worker id w-7 for another key" in log and "--key-file" in log and "Traceback" not in log
+        assert len(fake.keys) == asks + 1, "one request, not a retry loop"
+        assert "another-key" not in log, "the key is never printed"
     finally:
         fake.stop()
 

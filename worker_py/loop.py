@@ -138,6 +138,10 @@ class Prefetcher(threading.Thread):
             except Refused as e:
                 if e.code == "unsupported_protocol":
                     return Fatal(f"{UPGRADE} ({e.message})")
+                if e.code == "worker_key":   # asking again cannot help
+                    return Fatal(f"the coordinator holds worker id {self.request.worker_id} for another key "
+                                 f"(worker_key): give it the key it was first used with ($CROWDTRAIN_WORKER_KEY "
+                                 f"or --key-file), or run with another --worker-id")
                 self.progress.say(f"units/next refused: {e}; asking again later")
                 if self.stop.event.wait(next(refusals)):
                     return None

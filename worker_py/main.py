@@ -1,8 +1,8 @@
 """The ``crowdtrain worker`` command: a headless worker that computes units for a coordinator.
 
     crowdtrain worker --coordinator http://host:8080 [--threads N] [--max-units N]
-                      [--worker-id ID] [--name NAME] [--cache DIR] [--no-progress] [--grace SECONDS]
-                      [--max-retry-time SECONDS | --forever]
+                      [--worker-id ID [--key-file FILE]] [--name NAME] [--cache DIR] [--no-progress]
+                      [--grace SECONDS] [--max-retry-time SECONDS | --forever]
 
 Parses the arguments, installs the SIGTERM/Ctrl-C handlers (``worker_py.stop``) and runs the
 loop (``worker_py.loop``: a prefetch thread fetches the next unit while the current one
@@ -47,6 +47,23 @@ def default_cache() -> Path:
     return Path(os.environ.get("CROWDTRAIN_CACHE") or "~/.cache/crowdtrain").expanduser() / "blobs"
 
 
+def stored_key(path: Path) -> str:
+    """The key kept in ``path``; a new random one written there (mode 600) when there is none yet."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(24)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:   # another worker of this id made it meanwhile: use that one
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -73,8 +90,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                 "hand it back, exit 0; a second Ctrl-C: hand it back now.",
                                 epilog=f"A closed deployment's coordinator (--worker-tokens) needs the operator's "
                                 f"worker token in ${TOKEN_ENV}. A worker's id is bound to a secret key (random for a "
-                                f"random id; for a --worker-id, the one in ${KEY_ENV}, else none: then anyone may "
-                                f"claim that id), so that knowing an id is not enough to act as that worker.")
+                                f"random id; for a --worker-id, the one in ${KEY_ENV}, else the one kept in --key-file, "
+                                f"made there on its first run), so that knowing an id is not enough to act as that "
+                                f"worker.")
     p.add_argument("--coordinator", required=True, metavar="URL",
                    help="coordinator base URL, http(s)://host:port (required)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads (default: all cores)")
@@ -84,7 +102,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--max-units", type=_positive_int, metavar="N",
                    help="exit after N accepted units (default: none, until the job is finished)")
     p.add_argument("--worker-id", metavar="ID", help=f"worker id (default: random, stable for this process, bound to "
-                   f"a random key; a given id is bound to the key in ${KEY_ENV} if set)")
+                   f"a random key; a given id is bound to the key in ${KEY_ENV} if set, else to the one in "
+                   f"--key-file)")
+    p.add_argument("--key-file", type=Path, metavar="FILE",
+                   help=f"where a --worker-id's secret key is kept, made (mode 600) on the id's first run so that "
+                        f"a restarted worker keeps its id (default: CACHE/keys/ID.key; ${KEY_ENV} wins over it)")
     p.add_argument("--name", metavar="NAME",
                    help="display name on the coordinator's leaderboard for this worker id (default: none, an "
                         "anonymous tag); 1 to 32 printable characters")
@@ -120,9 +142,20 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
     except ContractError as e:
         print(f"{prog}: --worker-id: expected {e.expected}, got {worker_id!r}", file=sys.stderr)
         return 2
-    key = os.environ.get(KEY_ENV) or (None if args.worker_id else secrets.token_urlsafe(24))
-    if key is not None and not WORKER_KEY_RE.fullmatch(key):
-        print(f"{prog}: ${KEY_ENV}: expected 22 to 128 characters of A-Z a-z 0-9 _ - (base64url), got "
+    cache = args.cache.expanduser() if args.cache else default_cache()
+    key, source = os.environ.get(KEY_ENV), f"${KEY_ENV}"
+    if not key and args.worker_id:
+        key_file = args.key_file.expanduser() if args.key_file else cache / "keys" / f"{worker_id}.key"
+        source = f"--key-file {key_file}"
+        try:
+            key = stored_key(key_file)
+        except OSError as e:
+            print(f"{prog}: {source}: cannot read or make the worker key: {e.strerror or e}", file=sys.stderr)
+            return 2
+    elif not key:
+        key = secrets.token_urlsafe(24)   # a random id's: it dies with the process, as the id does
+    if not WORKER_KEY_RE.fullmatch(key):
+        print(f"{prog}: {source}: expected 22 to 128 characters of A-Z a-z 0-9 _ - (base64url), got "
               f"{len(key)} characters", file=sys.stderr)
         return 2
     name = None
@@ -133,7 +166,6 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
             print(f"{prog}: --name: expected {e.expected.removeprefix('null or ')}, got {args.name!r}", file=sys.stderr)
             return 2
     progress = Progress(enabled=not args.no_progress)
-    cache = args.cache.expanduser() if args.cache else default_cache()
     try:
         client = Client(args.coordinator, cache=BlobCache(cache), log=progress.say,
                         max_retry_time=None if args.forever else args.max_retry_time,
