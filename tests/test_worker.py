@@ -384,8 +384,12 @@ def test_unsupported_protocol_on_submit_exits_nonzero(blobs, tmp_path):
 def test_a_given_id_keeps_its_key_and_stops_when_refused_it(blobs, tmp_path):
     """A --worker-id's key outlives the process (its key file); a coordinator that holds the id for another key
     (403 worker_key) stops the worker at once with a message that says what to do, instead of asking for ever."""
+    from worker_py.main import cli
+
     b = ids(blobs)
     key_file = tmp_path / "w-7.key"
+    assert cli(["--coordinator", "http://127.0.0.1:9", "--key-file", str(key_file)]) == 2, "a key file needs an id"
+    assert not key_file.exists()
     fake = FakeCoordinator(list(blobs.values()), [unit("u1", b["supermask_fc"], [b["s1"]])]).start()
     try:
         code, log = finish(start_worker(fake.url, tmp_path / "cache", "--max-units", "1", "--no-progress",

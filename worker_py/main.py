@@ -142,6 +142,10 @@ def run(args: argparse.Namespace, prog: str = "crowdtrain worker") -> int:
     except ContractError as e:
         print(f"{prog}: --worker-id: expected {e.expected}, got {worker_id!r}", file=sys.stderr)
         return 2
+    if args.key_file is not None and not args.worker_id:
+        print(f"{prog}: --key-file: expected with a --worker-id (a random id has a random key, kept nowhere)",
+              file=sys.stderr)
+        return 2
     cache = args.cache.expanduser() if args.cache else default_cache()
     key, source = os.environ.get(KEY_ENV), f"${KEY_ENV}"
     if not key and args.worker_id:
