@@ -90,9 +90,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                 "hand it back, exit 0; a second Ctrl-C: hand it back now.",
                                 epilog=f"A closed deployment's coordinator (--worker-tokens) needs the operator's "
                                 f"worker token in ${TOKEN_ENV}. A worker's id is bound to a secret key (random for a "
-                                f"random id; for a --worker-id, the one in ${KEY_ENV}, else the one kept in --key-file, "
-                                f"made there on its first run), so that knowing an id is not enough to act as that "
-                                f"worker.")
+                                f"random id; for a --worker-id, the one in ${KEY_ENV}, else the one kept in "
+                                f"--key-file, made there on its first run), so that knowing an id is not enough to act "
+                                f"as that worker.")
     p.add_argument("--coordinator", required=True, metavar="URL",
                    help="coordinator base URL, http(s)://host:port (required)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch threads (default: all cores)")
