@@ -80,9 +80,11 @@ class LocalWorkers:
     """``crowdtrain worker`` processes in their own process group (a terminal's Ctrl-C does not reach
     them; this process passes signals on), their output shown through the console."""
 
-    def __init__(self, url: str, n: int, threads: int, console: Console, token: str | None = None) -> None:
+    def __init__(self, url: str, n: int, threads: int, console: Console, token: str | None = None,
+                 key_dir: Path | None = None) -> None:
         """``token``: the operator's own token (--trusted-tokens; else a --worker-tokens token), given in
-        $CROWDTRAIN_TOKEN."""
+        $CROWDTRAIN_TOKEN; ``key_dir``: where each worker's key is kept (``--key-file``; the job's state, so
+        that the ids ``local-N``, bound to their keys in the job's trust records, keep them for a resume)."""
         self.console = console
         env = {**os.environ, "CROWDTRAIN_TOKEN": token} if token else None
         cmd = [sys.executable, "-m", "crowdtrain", "worker", "--coordinator", url, "--threads", str(threads),
@@ -92,7 +94,8 @@ class LocalWorkers:
         self._reported: set[str] = set()
         for i in range(n):
             name = f"local-{i + 1}"
-            proc = subprocess.Popen(cmd + ["--worker-id", name], cwd=root, stdout=subprocess.PIPE, env=env,
+            keys = ["--key-file", str(key_dir / f"{name}.key")] if key_dir is not None else []
+            proc = subprocess.Popen(cmd + ["--worker-id", name, *keys], cwd=root, stdout=subprocess.PIPE, env=env,
                                     stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
             self.procs[name] = proc
             threading.Thread(target=self._relay, args=(name, proc), daemon=True).start()
@@ -184,7 +187,7 @@ class Session:
                 tokens = self.config.trusted_tokens or self.config.worker_tokens   # the operator's own first
                 token = min(load_tokens(tokens)) if tokens else None
                 self.workers = LocalWorkers(local_url, self.args.workers, self.args.worker_threads, self.console,
-                                            token)
+                                            token, Path(self.config.state).resolve() / "worker-keys")
             finished = await self.train()
             if finished:
                 self.phase = "finishing"

@@ -7,6 +7,7 @@ with one thread and short units.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import signal
@@ -191,6 +192,11 @@ def test_ctrl_c_gives_a_summary_and_a_restart_resumes_the_job(data, tmp_path):
     with sqlite3.connect(state / "state.db") as db:
         records = [json.loads(r) for (r,) in db.execute("SELECT record FROM trust")]
     assert [(r["worker_id"], r["operator"], r["replicated"]) for r in records] == [("local-1", True, 0)], records
+    # the local worker's id is bound to a key kept in the job's state (not a guessable id anyone may claim), and
+    # the resume below reuses it: a new key would be refused (403 worker_key) and the job would not finish
+    key = state / "worker-keys" / "local-1.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert records[0]["key_digest"] == hashlib.sha256(key.read_text().strip().encode()).hexdigest(), records
     with sqlite3.connect(state / "state.db") as db:
         checked = db.execute("SELECT COUNT(*) FROM results WHERE check_state IS NOT NULL").fetchone()[0]
         steps = {json.loads(w)["local_steps"] for (w,) in db.execute("SELECT wire FROM units WHERE wire IS NOT NULL")}
