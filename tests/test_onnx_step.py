@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +31,14 @@ from models.local import load_arrays  # noqa: E402
 from models.train import loss_fn, make_optimizer  # noqa: E402
 
 BATCH = 8
+# the onnxruntime-web build a tab with WebGPU loads (worker_web/worker.js)
+ORT_WEBGPU = Path(__file__).resolve().parents[1] / "worker_web/node_modules/onnxruntime-web/dist/ort.min.mjs"
+# Ops a WebGPU step graph may hold that onnxruntime-web has no WebGPU kernel in JS for: the WebGPU EP's own
+# aliasing shape kernels, and the few that onnxruntime then runs on the CPU inside the WebGPU session and that
+# every tab model's known-answer check on WebGPU has passed with (tests/test_browser.py; docs/results.md). Any
+# other such op must be decomposed in the WebGPU formulation: Sign, run so, wrote over a graph input.
+CPU_IN_WEBGPU = {"Reshape", "Squeeze", "Unsqueeze", "Identity", "ConstantOfShape", "TopK", "LogSoftmax",
+                 "ScatterElements"}
 STEPS = 3
 RTOL, ATOL = 1e-4, 1e-5
 MODELS = ["cnn", "resnet_fast", "supermask_fc", "supermask_conv", "alexnet", "physics_alexnet"]
@@ -199,6 +209,25 @@ def test_supermask_step_trains_only_scores(name: str, exported) -> None:
     for t in spec.outputs[1:]:
         if t.feeds.startswith("p:"):
             assert not np.array_equal(got[t.name], feed[t.feeds]), f"{t.state} did not move"
+
+
+def webgpu_kernels() -> set[str]:
+    """The op types onnxruntime-web's WebGPU build has kernels for: its op table, ``["Conv",[f,g]]`` entries."""
+    text = ORT_WEBGPU.read_text(errors="replace")
+    table = set(re.findall(r'\["([A-Z][A-Za-z0-9]*)",\[[\w$]+(?:,[\w$]+)*\]\]', text))
+    assert {"Conv", "ConvTranspose", "MatMul", "Abs", "Where"} <= table, "the bundle's op table was not found"
+    return table
+
+
+@pytest.mark.skipif(not ORT_WEBGPU.is_file(), reason="needs worker_web/node_modules (npm ci in worker_web)")
+@pytest.mark.parametrize("name", ["cnn", "resnet_fast", "supermask_fc", "supermask_conv"])
+def test_webgpu_graph_holds_no_op_without_a_webgpu_kernel(name: str, exported) -> None:
+    import onnx
+
+    graph, _ = exported(name, "webgpu")
+    ops = {n.op_type for n in onnx.load_from_string(graph).graph.node}
+    missing = sorted(ops - webgpu_kernels() - CPU_IN_WEBGPU)
+    assert not missing, f"{name}'s WebGPU graph: no WebGPU kernel in onnxruntime-web for {missing}"
 
 
 def test_spec_matches_graph_and_round_trips(exported) -> None:
