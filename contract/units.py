@@ -31,6 +31,9 @@ MAX_LOCAL_STEPS = 100_000       # SGD steps in one unit
 MAX_BATCH_SIZE = 65_536         # samples per step
 MAX_HELD = 4                    # model versions a unit request may say it holds
 BACKENDS = ("python", "browser")
+RUNTIMES = ("cpu", "cuda", "wasm", "webgpu")   # what a worker's units train on (UnitRequest.runtime)
+CHECK_OUTCOMES = ("passed", "failed")           # a tab's WebGPU known-answer check (UnitRequest.webgpu_check)
+NOTE_RE = re.compile(r"[\x20-\x7e]{1,200}")      # UnitRequest.runtime_note: one line of printable ASCII
 LOSSES = ("ce", "focal")
 ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")     # job, unit and worker ids (URL-safe)
 MODEL_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")   # registered model names
@@ -154,6 +157,9 @@ class UnitRequest:
     held: tuple[str, ...] = ()                    # blob ids of model versions it holds (version deltas)
     error_feedback: bool = False                  # it keeps an error-feedback residual (units may say use it)
     computes: tuple[str, ...] = ()                # other backends whose units it computes exactly as they do
+    runtime: str | None = None                    # what its units train on (RUNTIMES), for the operator's eyes
+    webgpu_check: str | None = None               # a tab's WebGPU known-answer check, when one ran (failed: WASM)
+    runtime_note: str | None = None               # why, in its own words (a failed check's losses)
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -176,6 +182,12 @@ class UnitRequest:
               f"a list of at most {len(BACKENDS)} backends", self.computes)
         for b in self.computes:
             _choice("request.computes", b, BACKENDS)
+        if self.runtime is not None:
+            _choice("request.runtime", self.runtime, RUNTIMES)
+        if self.webgpu_check is not None:
+            _choice("request.webgpu_check", self.webgpu_check, CHECK_OUTCOMES)
+        if self.runtime_note is not None:
+            _str("request.runtime_note", self.runtime_note, NOTE_RE, "1 to 200 printable ASCII characters")
         object.__setattr__(self, "computes", tuple(self.computes))
         object.__setattr__(self, "codecs", tuple(self.codecs))
         object.__setattr__(self, "models", tuple(self.models))
@@ -190,11 +202,15 @@ class UnitRequest:
             d["error_feedback"] = True
         if self.computes:
             d["computes"] = list(self.computes)
+        for key in ("runtime", "webgpu_check", "runtime_note"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "UnitRequest":
-        return _from_json(cls, "request", d, optional=("codecs", "models", "held", "error_feedback", "computes"))
+        return _from_json(cls, "request", d, optional=("codecs", "models", "held", "error_feedback", "computes",
+                                                      "runtime", "webgpu_check", "runtime_note"))
 
 
 @dataclass(frozen=True)

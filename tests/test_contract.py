@@ -164,6 +164,29 @@ def test_unit_request_defaults_and_validation():
     assert req.error_feedback is False and "error_feedback" not in req.to_json()
 
 
+def test_unit_requests_match_the_golden_file():
+    """Each body of tests/golden/requests.json is accepted as the body it names (its ``to_json``, which reads back
+    as the same request) or refused with its field and code; worker_web/test/contract.test.mjs checks contract.js
+    against the same file. The golden file is made by tests/golden/make_golden.py, from this contract."""
+    cases = json.loads((GOLDEN / "requests.json").read_text())["cases"]
+    accepted = 0
+    for case in cases:
+        try:
+            got = UnitRequest.from_json(case["body"])
+        except ContractError as e:
+            assert "field" in case and (e.field, e.code) == (case["field"], case["code"]), (case, e)
+            continue
+        assert "request" in case and got.to_json() == case["request"], case
+        assert UnitRequest.from_json(case["request"]) == got
+        accepted += 1
+    assert 0 < accepted < len(cases)
+    # what a tab sends about its runtime: on the wire only when set
+    tab = UnitRequest.from_json({"protocol": 1, "worker_id": "w1", "backend": "browser", "runtime": "wasm",
+                                 "webgpu_check": "failed", "runtime_note": "loss 2.796 where 2.704 was expected"})
+    assert (tab.runtime, tab.webgpu_check) == ("wasm", "failed")
+    assert not {"runtime", "webgpu_check", "runtime_note"} & set(UnitRequest(worker_id="w1", backend="python").to_json())
+
+
 def test_error_feedback_flags_are_optional_booleans_sent_only_when_true():
     """A worker that keeps an error-feedback residual says so; a unit that may carry it says so; neither
     appears on the wire otherwise, so workers and coordinators that do not know the field never see it."""

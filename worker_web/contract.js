@@ -44,12 +44,15 @@ export const MAX_HELD = 4;                    // model versions a unit request m
 export const MAX_IMAGES = 2 ** 20;            // images in one data shard
 export const NUM_CLASSES = 10;
 export const BACKENDS = Object.freeze(["python", "browser"]);
+export const RUNTIMES = Object.freeze(["cpu", "cuda", "wasm", "webgpu"]);   // UnitRequest.runtime
+export const CHECK_OUTCOMES = Object.freeze(["passed", "failed"]);         // UnitRequest.webgpu_check
 export const LOSSES = Object.freeze(["ce", "focal"]);
 
 const NAME_RE = /^[A-Za-z0-9_.:/-]{1,256}$/;   // tensor names
 const ID_RE = /^[A-Za-z0-9_.-]{1,128}$/;       // job, unit and worker ids
 const MODEL_RE = /^[A-Za-z0-9_.-]{1,64}$/;     // model names
 const HEX_RE = /^[0-9a-f]{64}$/;               // sha256 blob ids
+const NOTE_RE = /^[\x20-\x7e]{1,200}$/;         // UnitRequest.runtime_note: one line of printable ASCII
 const LEASE_RE = /^[\x21-\x7e]{1,1024}$/;      // printable ASCII, no spaces
 const ID_PATTERN = "[A-Za-z0-9_.\\-]{1,128}";   // as Python prints the patterns in messages
 const MODEL_PATTERN = "[A-Za-z0-9_.\\-]{1,64}";
@@ -1097,14 +1100,14 @@ export function checkUnit(input) {
 
 /**
  * Validate a UnitRequest (Python: `UnitRequest.from_json`), the body the worker POSTs to
- * `/api/v1/units/next`. `codecs` and `models` are optional. Returns a plain object in Python's
- * `to_json()` order: {protocol, worker_id, backend, codecs, models} (defaults filled in).
+ * `/api/v1/units/next`. Returns a plain object in Python's `to_json()` order: {protocol, worker_id, backend,
+ * codecs, models} (defaults filled in), then the optional keys that are set.
  */
 export function checkRequest(input) {
   const p = "request";
   const d = messageOf(input, p);
-  const get = fromJson(p, d, ["worker_id", "backend", "codecs", "models", "error_feedback", "computes", "protocol"],
-    ["codecs", "models", "error_feedback", "computes"]);
+  const optional = ["codecs", "models", "held", "error_feedback", "computes", "runtime", "webgpu_check", "runtime_note"];
+  const get = fromJson(p, d, ["worker_id", "backend", ...optional, "protocol"], optional);
   const has = (k) => hasKey(d, k);
   const protocol = checkProtocol(p, get("protocol"));
   const workerId = checkStr(`${p}.worker_id`, get("worker_id"), ID_RE, `an id matching ${ID_PATTERN}`);
@@ -1115,13 +1118,23 @@ export function checkRequest(input) {
   const models = has("models") ? get("models") : [];
   need(Array.isArray(models), `${p}.models`, "a list of model names", models);
   models.forEach((m) => checkStr(`${p}.models`, m, MODEL_RE, `a model name matching ${MODEL_PATTERN}`));
+  const held = has("held") ? get("held") : [];
+  need(Array.isArray(held) && held.length <= MAX_HELD, `${p}.held`, `a list of at most ${MAX_HELD} blob ids`, held);
+  held.forEach((b, i) => checkStr(`${p}.held[${i}]`, b, HEX_RE, "a sha256 hex blob id"));
   const feedback = checkBool(`${p}.error_feedback`, has("error_feedback") ? get("error_feedback") : false);
   const computes = has("computes") ? get("computes") : [];
   need(Array.isArray(computes) && computes.length <= BACKENDS.length, `${p}.computes`,
     `a list of at most ${BACKENDS.length} backends`, computes);
   computes.forEach((b) => checkChoice(`${p}.computes`, b, BACKENDS));
+  const set = (k) => has(k) && get(k) !== null;   // (null reads as not set, as Python's None)
+  const runtime = set("runtime") ? checkChoice(`${p}.runtime`, get("runtime"), RUNTIMES) : null;
+  const check = set("webgpu_check") ? checkChoice(`${p}.webgpu_check`, get("webgpu_check"), CHECK_OUTCOMES) : null;
+  const note = set("runtime_note")
+    ? checkStr(`${p}.runtime_note`, get("runtime_note"), NOTE_RE, "1 to 200 printable ASCII characters") : null;
   return { protocol, worker_id: workerId, backend, codecs: [...codecs], models: [...models],
-    ...(feedback ? { error_feedback: true } : {}), ...(computes.length ? { computes: [...computes] } : {}) };
+    ...(held.length ? { held: [...held] } : {}), ...(feedback ? { error_feedback: true } : {}),
+    ...(computes.length ? { computes: [...computes] } : {}), ...(runtime !== null ? { runtime } : {}),
+    ...(check !== null ? { webgpu_check: check } : {}), ...(note !== null ? { runtime_note: note } : {}) };
 }
 
 // --- worker keys (Python: contract/units.py WORKER_KEY_HEADER, WORKER_KEY_RE) ----------------------

@@ -10,6 +10,8 @@
   the body of ``result_error.json`` (a failed unit: no delta).
 - ``names.json``: display-name request bodies (``contract.names``), each with the name it is
   accepted as or the error ``field`` and ``code`` it is refused with.
+- ``requests.json``: unit request bodies (``contract.units.UnitRequest``), each with the body Python
+  makes of it (``to_json``) or the field and code it is refused with.
 - ``version_delta.bin`` with ``version_delta.json``: a version delta (``contract.versions``) taking the
   model version ``delta_fp32.bin`` (read as a held model version) to ``version_target()``, the blob id
   and values of the reconstruction, and malformed variants with the error ``field`` they are refused with.
@@ -41,7 +43,7 @@ if str(GOLDEN.parents[1]) not in sys.path:  # run as a script from anywhere
 from contract.codecs import get_codec  # noqa: E402
 from contract.errors import ContractError  # noqa: E402
 from contract.names import NAME_MAX_CHARS, NameRequest  # noqa: E402
-from contract.units import UnitResult, WorkUnit, blob_id, pack_result  # noqa: E402
+from contract.units import UnitRequest, UnitResult, WorkUnit, blob_id, pack_result  # noqa: E402
 from models import browser_unit as draw  # noqa: E402  (numpy only at import)
 from models import flips  # noqa: E402  (numpy only)
 from contract.versions import make_version_delta, version_blob  # noqa: E402
@@ -176,6 +178,40 @@ def name_cases() -> list[dict]:
     return cases
 
 
+# unit request bodies (contract.units.UnitRequest): each is accepted (as the body to_json makes of it) or refused
+_R = {"protocol": 1, "worker_id": "web-0123456789abcdef", "backend": "browser"}
+_HELD = ["0" * 64, "a" * 64]
+REQUEST_BODIES = [
+    _R, {**_R, "backend": "python", "codecs": ["fp16"], "models": ["cnn"]}, {**_R, "held": _HELD},
+    {**_R, "held": []}, {**_R, "error_feedback": True}, {**_R, "error_feedback": False},
+    {**_R, "backend": "python", "computes": ["browser"]}, {**_R, "runtime": "webgpu", "webgpu_check": "passed"},
+    {**_R, "runtime": "wasm", "webgpu_check": "failed",
+     "runtime_note": "WebGPU failed the known-answer check: loss 2.796 where 2.704 was expected"},
+    {**_R, "backend": "python", "runtime": "cuda"}, {**_R, "runtime": None, "webgpu_check": None, "runtime_note": None},
+    {**_R, "runtime_note": "x" * 200}, {**_R, "runtime_note": " "},
+    {**_R, "held": ["0" * 64] * 5}, {**_R, "held": ["A" * 64]}, {**_R, "held": "0" * 64}, {**_R, "held": [7]},
+    {**_R, "codecs": []}, {**_R, "codecs": ["gzip"]}, {**_R, "models": "cnn"}, {**_R, "error_feedback": 1},
+    {**_R, "computes": ["browser", "python", "python"]}, {**_R, "computes": ["gpu"]},
+    {**_R, "runtime": "gpu"}, {**_R, "runtime": "WASM"}, {**_R, "runtime": 1}, {**_R, "webgpu_check": "ok"},
+    {**_R, "webgpu_check": True}, {**_R, "runtime_note": ""}, {**_R, "runtime_note": "x" * 201},
+    {**_R, "runtime_note": "two\nlines"}, {**_R, "runtime_note": "r\u00e9seau"}, {**_R, "runtime_note": 7},
+    {**_R, "backend": "gpu"}, {**_R, "worker_id": "a b"}, {**_R, "colour": "red"},
+    {"worker_id": "w1", "backend": "browser"}, {**_R, "protocol": 2}, {"protocol": 1, "backend": "browser"},
+    {**_R, "runtime": "gpu", "runtime_note": ""}, ["w1"], None,
+]
+
+
+def request_cases() -> list[dict]:
+    """Each body with Python's verdict: ``{"body", "request"}`` (its ``to_json``) or ``{"body", "field", "code"}``."""
+    cases = []
+    for body in REQUEST_BODIES:
+        try:
+            cases.append({"body": body, "request": UnitRequest.from_json(body).to_json()})
+        except ContractError as e:
+            cases.append({"body": body, "field": e.field, "code": e.code})
+    return cases
+
+
 def draw_images() -> tuple[np.ndarray, np.ndarray]:
     """Three 32x32 RGB "images" whose every pixel differs from its neighbours (a crop or a mirror
     shows), and their labels."""
@@ -254,6 +290,7 @@ def build() -> dict[str, bytes]:
     files["invalid.json"] = _json(manifest)
     files.update(_version_delta(deltas["fp32"]))
     files["names.json"] = _json({"max_chars": NAME_MAX_CHARS, "cases": name_cases()})
+    files["requests.json"] = _json({"cases": request_cases()})
     files["browser_draw.json"] = _json(browser_draw())
     return files
 

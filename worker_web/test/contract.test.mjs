@@ -513,6 +513,23 @@ describe("shards and blobs", () => {
   });
 });
 
+describe("unit requests", () => {
+  const golden = json("requests.json");
+  for (const [i, c] of golden.cases.entries()) {
+    test(`case ${i}: ${JSON.stringify(c.body).slice(0, 60)}`, () => {
+      for (const input of [JSON.stringify(c.body), c.body]) {
+        if ("request" in c) {
+          assert.deepEqual(C.checkRequest(input), c.request);
+          assert.deepEqual(C.checkRequest(c.request), c.request);
+        } else {
+          const e = errorOf(() => C.checkRequest(input));
+          assert.deepEqual([e.field, e.code], [c.field, c.code]);
+        }
+      }
+    });
+  }
+});
+
 describe("display-name requests", () => {
   const golden = json("names.json");
 
