@@ -441,10 +441,13 @@ def anonymous(body: dict, tag) -> None:
     """A status as anyone but the operator on this machine sees it: each worker id replaced by its anonymous tag
     (the leaderboard's). An id is its worker's identity, the bearer of its trust and its name
     (``POST /api/v1/workers/<id>/name``): published, a stranger could claim a trusted worker's id that is not
-    bound to a key (``key_refusal``)."""
+    bound to a key (``key_refusal``). A worker's runtime note is left out too: its free text is the operator's to
+    read, not a billboard."""
     for key in ("workers", "trust"):
         for row in body.get(key) or ():
             row["worker_id"] = tag(row["worker_id"])
+    for row in body.get("workers") or ():
+        row["runtime_note"] = None   # (a worker's own words: the operator's to read)
 
 
 async def prometheus(request: web.Request) -> web.Response:

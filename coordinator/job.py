@@ -89,6 +89,8 @@ TRUST_ROWS = 100     # workers shown with their trust (the quarantined and the m
 class WorkerStats:
     backend: str
     computes: tuple[str, ...] = ()   # other backends whose units it computes as they do (its last request's)
+    runtime: tuple[str | None, str | None, str | None] = (None, None, None)   # its last request's runtime,
+    #                                  webgpu_check and runtime_note (UnitRequest), for the operator's eyes
     units: int = 0
     samples: int = 0
     compute_seconds: float = 0.0
@@ -461,7 +463,8 @@ class Job:
         version ``publish`` wrote (else the current one, written here if it is not yet, blocking);
         ``trusted``: the request carries a token of the operator's own workers (``--trusted-tokens``); ``key``:
         its worker key, which the caller checked (``TrustBook.key_matches``) and which binds an unbound id."""
-        self._seen(request.worker_id, request.backend, self.clock(), request.computes)
+        self._seen(request.worker_id, request.backend, self.clock(), request.computes,
+                   (request.runtime, request.webgpu_check, request.runtime_note))
         self.trust.seen(request.worker_id, request.backend, address, operator=trusted, key=key)
         if self.finished or (request.models and self.config.model not in request.models):
             return None
@@ -1102,8 +1105,10 @@ class Job:
         self.store.add_eval(row["version"], row["samples"], row["seconds"], row["test_acc"], row["test_loss"])
 
     # ------------------------------------------------------------------ visibility
-    def _seen(self, worker_id: str, backend: str | None, now: float, computes: tuple[str, ...] | None = None) -> None:
-        """A request of ``worker_id``; a unit request also says its ``backend`` and what else it ``computes``."""
+    def _seen(self, worker_id: str, backend: str | None, now: float, computes: tuple[str, ...] | None = None,
+              runtime: tuple[str | None, str | None, str | None] | None = None) -> None:
+        """A request of ``worker_id``; a unit request also says its ``backend``, what else it ``computes`` and
+        its ``runtime`` (runtime, webgpu_check, runtime_note: a tab says them once its first unit set it up)."""
         stats = self.workers.get(worker_id)
         if stats is None:
             stats = self.workers[worker_id] = WorkerStats(backend or "unknown")
@@ -1111,6 +1116,8 @@ class Job:
             stats.backend = backend
         if computes is not None:
             stats.computes = computes
+        if runtime is not None and runtime[0] is not None:
+            stats.runtime = runtime
         stats.last_seen = now
 
     def _credit(self, worker_id: str, samples: int, compute_s: float, now: float, wall_s: float) -> None:
@@ -1156,7 +1163,7 @@ class Job:
         agg = self.agg_times
         history = self.store.evals()
         best = max(history, key=lambda r: (r["test_acc"], r["version"]), default=None)
-        rows = [WorkerRow(w, s.backend, s.units, rates.get(w, 0.0), round(now - s.last_seen, 1))
+        rows = [WorkerRow(w, s.backend, s.units, rates.get(w, 0.0), round(now - s.last_seen, 1), *s.runtime)
                 for w, s in online.items()]
         described = self.strategy.describe()
         return JobStatus(

@@ -62,7 +62,7 @@ JOB_METRICS = tuple(PREFIX + n for n in (
     "info", *(s for s, _, _ in _COUNTERS), "units_rejected_total", "updates_dropped_total",
     *(s for s, _, _ in _GAUGES), "finished", "test_accuracy", "test_loss", "staleness", "aggregation_seconds",
     "aggregation_seconds_max", *(s for s, _, _, _ in _TRUST), "replicas_issued_total", "checks_total",
-    "workers_quarantined"))
+    "workers_quarantined", "workers_online_runtime", "webgpu_check_failed_workers"))
 
 
 def _num(value: Any) -> float | None:
@@ -184,6 +184,23 @@ def _trust(status: Mapping[str, Any]) -> Iterator[Metric]:
                   _or0(replication.get("quarantined")))
 
 
+def _runtimes(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """Online workers by what their units train on, and the tabs among them whose WebGPU failed its check."""
+    rows = [r for r in status.get("workers") or [] if isinstance(r, Mapping)]
+    by = _family("gauge", PREFIX + "workers_online_runtime", "Workers seen recently, by what their units train on "
+                 "(cpu, cuda, wasm, webgpu; unknown: not said yet).", ("runtime",))
+    counts: dict[str, int] = {}
+    for r in rows:
+        runtime = r.get("runtime") if isinstance(r.get("runtime"), str) else "unknown"
+        counts[runtime] = counts.get(runtime, 0) + 1
+    for runtime in sorted(counts):
+        by.add_metric([runtime], float(counts[runtime]))
+    yield by
+    yield _simple("gauge", PREFIX + "webgpu_check_failed_workers", "Tabs seen recently whose WebGPU failed its "
+                  "known-answer check (they train on WebAssembly).",
+                  float(sum(r.get("webgpu_check") == "failed" for r in rows)))
+
+
 def families(status: Mapping[str, Any]) -> Iterator[Metric]:
     """The job's metric families from one ``/api/status`` dict, in a fixed order."""
     yield _info(status)
@@ -199,6 +216,7 @@ def families(status: Mapping[str, Any]) -> Iterator[Metric]:
     yield _staleness(status)
     yield from _aggregation(status)
     yield from _trust(status)
+    yield from _runtimes(status)
 
 
 class JobCollector(Collector):

@@ -22,6 +22,9 @@ class WorkerRow:
     units: int
     samples_per_second: float        # accepted samples / s over the job's rate window
     last_seen_s: float
+    runtime: str | None = None       # what its units train on, as its last unit request said (UnitRequest.runtime)
+    webgpu_check: str | None = None  # a tab's WebGPU known-answer check: passed, failed (then it trains on WASM)
+    runtime_note: str | None = None  # why, in the worker's words (shown only to the operator on this machine)
 
 
 @dataclass(frozen=True)

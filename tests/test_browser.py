@@ -303,6 +303,9 @@ def test_tab_trains_units_the_coordinator_accepts(cluster, data, model):
     status = c.status()
     assert status["units_accepted"] >= 6
     assert any(w["worker_id"] == worker_id and w["backend"] == "browser" for w in status["workers"])
+    # from its second unit request on, the tab says what its units train on and why (no WebGPU adapter here)
+    row = next(w for w in status["workers"] if w["worker_id"] == worker_id)
+    assert row["runtime"] == "wasm" and row["webgpu_check"] is None and "1 thread" in row["runtime_note"], row
     # the loss goes down as the tab trains: the losses at each unit's start and end, in order, fall (a
     # least-squares slope; one unit's before/after are single batches near chance, too noisy to compare
     # alone: 6 units' means once differed by 0.001), and the last units start lower than the first

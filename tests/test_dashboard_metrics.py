@@ -40,8 +40,11 @@ SAMPLE_STATUS: dict[str, Any] = {
     "updates_applied": 110, "updates_dropped": {"stale": 7}, "updates_pending": 3,
     "workers_online": 3,
     "workers": [
-        {"worker_id": "ab12", "backend": "python", "units": 40, "samples_per_second": 812.5, "last_seen_s": 1.2},
-        {"worker_id": "cd34", "backend": "web", "units": 35, "samples_per_second": 640.0, "last_seen_s": 0.4},
+        {"worker_id": "ab12", "backend": "python", "units": 40, "samples_per_second": 812.5, "last_seen_s": 1.2,
+         "runtime": "cpu", "webgpu_check": None, "runtime_note": None},
+        {"worker_id": "cd34", "backend": "browser", "units": 35, "samples_per_second": 640.0, "last_seen_s": 0.4,
+         "runtime": "wasm", "webgpu_check": "failed",
+         "runtime_note": "WebGPU failed the known-answer check: loss 2.796 where 2.704 was expected"},
         {"worker_id": "ef56", "backend": "python", "units": 45, "samples_per_second": 947.5, "last_seen_s": 2.9},
     ],
     "samples_per_second": 2400.0, "units_per_second": 0.8, "rate_window_s": 60.0, "uptime_s": 3600.0,
@@ -395,6 +398,11 @@ def test_page_renders_status(tmp_path: Path) -> None:
                      r'<td class="quarantined">quarantined</td>', dom), "trust: disagreements, inconclusive, state"
     assert re.search(r"<td>ab12</td><td[^>]*>93\.3%</td>", dom) and "25 agreed, 2 disagreed" in dom
     assert re.search(r"<td>of which held for a check</td><td[^>]*>2</td>", dom)
+    # what each worker's units train on; a tab whose WebGPU failed its check says so, its own words as a tooltip
+    assert re.search(r'>cd34</td><td>browser</td><td title="WebGPU failed the known-answer check: loss 2\.796 '
+                     r'where 2\.704 was expected">wasm \(WebGPU failed its check\)</td>', dom)
+    assert re.search(r">ab12</td><td>python</td><td>cpu</td>", dom)
+    assert re.search(r">ef56</td><td>python</td><td>–</td>", dom), "not said (yet)"
 
 
 def real_status(tmp_path: Path) -> dict[str, Any]:

@@ -844,6 +844,40 @@ async def test_the_status_names_worker_ids_only_to_the_operator_on_this_machine(
     assert "w-4f1c9e" not in text and 'crowdtrain_worker_reputation{worker="anon-' in text
 
 
+async def test_a_workers_runtime_shows_and_its_note_only_to_the_operator(aiohttp_client, tmp_path):
+    """A tab says what its units train on and how its WebGPU check went (UnitRequest.runtime, webgpu_check,
+    runtime_note): the dashboard's status and /metrics show it (how a GPU that computes a step wrong shows up in
+    the field); the note, the worker's own words, only to a client on this machine."""
+    client, job = await start(aiohttp_client, tmp_path)
+    note = "WebGPU failed the known-answer check: loss 2.796 where 2.704 was expected, 1 thread"
+    said = {"runtime": "wasm", "webgpu_check": "failed", "runtime_note": note}
+    # (as "python" workers: this job has no browser graph built, and a tab's request would wait for it unseen;
+    # the coordinator keeps whatever a worker says of itself, whichever its backend)
+    for worker, extra in (("tab-1", said), ("tab-2", {"runtime": "webgpu", "webgpu_check": "passed"}),
+                          ("py-1", {})):
+        resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker,
+                                                             "backend": "python", **extra})
+        assert resp.status in (200, 204), await resp.text()
+    # a later request that says nothing about it (as a tab's first) keeps what the worker said before
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "tab-1", "backend": "python"})
+    assert resp.status in (200, 204)
+    own = {r["worker_id"]: r for r in (await (await client.get("/api/status")).json())["workers"]}
+    assert (own["tab-1"]["runtime"], own["tab-1"]["webgpu_check"], own["tab-1"]["runtime_note"]) == \
+        ("wasm", "failed", note)
+    assert (own["tab-2"]["runtime"], own["tab-2"]["webgpu_check"], own["py-1"]["runtime"]) == ("webgpu", "passed", None)
+    public = (await (await client.get("/api/status", headers={"X-Forwarded-For": "203.0.113.7"})).json())["workers"]
+    assert sorted((r["runtime"], r["webgpu_check"], r["runtime_note"]) for r in public if r["runtime"]) == \
+        [("wasm", "failed", None), ("webgpu", "passed", None)]
+    text = await (await client.get("/metrics")).text()
+    assert 'crowdtrain_workers_online_runtime{runtime="wasm"} 1.0' in text
+    assert 'crowdtrain_workers_online_runtime{runtime="webgpu"} 1.0' in text
+    assert 'crowdtrain_workers_online_runtime{runtime="unknown"} 1.0' in text
+    assert "crowdtrain_webgpu_check_failed_workers 1.0" in text
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "tab-3", "backend": "python",
+                                                         "runtime_note": "two\nlines"})
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "request.runtime_note"
+
+
 async def test_trusted_tokens_let_the_operators_workers_in_under_worker_tokens(aiohttp_client, tmp_path):
     tokens, trusted = tmp_path / "tokens", tmp_path / "trusted"
     tokens.write_text("lab-token-0001\n")

@@ -230,7 +230,7 @@ def test_worker_computes_units_and_downloads_each_blob_once(blobs, tmp_path):
             assert r.worker_id == "w-1"
         assert decode_delta(fake.results[1].delta)  # int8 container
         assert fake.blob_gets == Counter({b["supermask_fc"]: 1, b["s1"]: 1, b["s2"]: 1, b["cnn"]: 1}), log
-        assert all(r.backend == "python" and r.worker_id == "w-1" for r in fake.requests)
+        assert all(r.backend == "python" and r.worker_id == "w-1" and r.runtime == "cpu" for r in fake.requests)
         # a given --worker-id without $CROWDTRAIN_WORKER_KEY: a key made on its first run and kept in the cache
         stored = (tmp_path / "cache" / "keys" / "w-1.key")
         assert len(set(fake.keys)) == 1 and fake.keys[0] == stored.read_text().strip(), fake.keys

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -328,6 +329,11 @@ class Worker:
         self.progress.say(f"handed back unit {unit.unit_id} ({why})")
 
 
+def _note(text: str) -> str | None:
+    """``text`` as a ``UnitRequest.runtime_note``: printable ASCII, at most 200 characters (None when empty)."""
+    return re.sub(r"[^\x20-\x7e]", "?", " ".join(text.split()))[:200] or None
+
+
 def computes_tabs() -> bool:
     """Whether this worker can compute a replica of a browser tab's unit as the tab does (onnxruntime)."""
     try:
@@ -347,14 +353,16 @@ def work(client: Client, worker_id: str, stop: StopFlag, progress: Progress, thr
     keep what a lossy upload codec drops and add it to the next unit's delta (``worker_py.feedback``),
     for the units the coordinator allows it. ``device``: where units train (``models.train.resolve_device``:
     auto, cpu, cuda, cuda:N); a device torch cannot use exits 2 with the reason."""
-    request = UnitRequest(worker_id=worker_id, backend="python", models=tuple(registry.MODELS),
-                          error_feedback=error_feedback, computes=("browser",) if computes_tabs() else ())
     threads = set_threads(threads)
     try:
         where = resolve_device(device)
     except ValueError as e:
         progress.say(f"error: {e}")
         return 2
+    request = UnitRequest(worker_id=worker_id, backend="python", models=tuple(registry.MODELS),
+                          error_feedback=error_feedback, computes=("browser",) if computes_tabs() else (),
+                          runtime=where.type, runtime_note=_note(describe_device(where)) if where.type == "cuda"
+                          else None)
     cache = client.cache.root if client.cache is not None else "none"
     progress.say(f"worker {worker_id} for {client.base_url}: {describe_device(where)}, {threads} threads, "
                  f"blob cache {cache}")

@@ -126,7 +126,7 @@ async function nextUnit() {
   // the model versions this tab holds, newest first: a unit may then come as a version delta
   const held = [...S.versions.keys()].reverse().slice(0, contract.MAX_HELD);
   const body = {protocol: 1, worker_id: S.workerId, backend: 'browser', codecs: CODECS, models: [], held,
-                error_feedback: true};
+                error_feedback: true, ...runtimeFields()};
   const r = await fetch('/api/v1/units/next', {method: 'POST', body: JSON.stringify(body),
                                                  headers: {'Content-Type': 'application/json', ...key(), ...auth()}});
   if (r.status === 401) throw new Unauthorized(await errorText(r));
@@ -404,6 +404,15 @@ async function sessionFor(manifest) {
   }
   S.sessions.set(manifest.graph, session);
   return session;
+}
+
+// What this tab's units train on, and why, for the operator (UnitRequest.runtime, webgpu_check, runtime_note):
+// known once its first unit's session is made.
+function runtimeFields() {
+  if (S.backend === null) return {};
+  const note = S.backendReason.replace(/\s+/g, ' ').replace(/[^\x20-\x7e]/g, '?').trim().slice(0, 200);
+  return {runtime: S.backend, ...(S.knownAnswer ? {webgpu_check: S.knownAnswer.ok ? 'passed' : 'failed'} : {}),
+          ...(note ? {runtime_note: note} : {})};
 }
 
 function setBackend(name, reason) {
