@@ -1106,7 +1106,8 @@ export function checkUnit(input) {
 export function checkRequest(input) {
   const p = "request";
   const d = messageOf(input, p);
-  const optional = ["codecs", "models", "held", "error_feedback", "computes", "runtime", "webgpu_check", "runtime_note"];
+  const optional = ["codecs", "models", "held", "error_feedback", "computes", "runtime", "webgpu_check",
+    "runtime_note"];
   const get = fromJson(p, d, ["worker_id", "backend", ...optional, "protocol"], optional);
   const has = (k) => hasKey(d, k);
   const protocol = checkProtocol(p, get("protocol"));
