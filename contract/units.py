@@ -56,6 +56,13 @@ def is_blob_id(text: object) -> bool:
     return isinstance(text, str) and HEX_RE.fullmatch(text) is not None
 
 
+def runtime_note(text: str) -> str | None:
+    """``text`` as a ``UnitRequest.runtime_note`` (``NOTE_RE``): runs of ASCII whitespace as one space, none at
+    either end, every other character outside printable ASCII (a code point) as ``?``, at most 200 characters;
+    None when nothing is left."""
+    return re.sub(r"[^\x20-\x7e]", "?", re.sub(r"[\t\n\x0b\x0c\r ]+", " ", text).strip(" "))[:200] or None
+
+
 def staleness(base_step: int, current_step: int) -> int:
     """How many model versions were published since the unit's base: current - base (>= 0)."""
     if base_step > current_step:

@@ -17,7 +17,7 @@ from contract.codecs import CODEC_IDS, CODECS, decode_delta, delta_norm, get_cod
 from contract.errors import ContractError, error_body
 from contract.shards import decode_shard, encode_shard
 from contract.units import (PROTOCOL_VERSION, UnitRequest, UnitResult, WorkUnit, blob_id, check_result,
-                            pack_result, staleness, unpack_result)
+                            pack_result, runtime_note, staleness, unpack_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -180,6 +180,10 @@ def test_unit_requests_match_the_golden_file():
         assert UnitRequest.from_json(case["request"]) == got
         accepted += 1
     assert 0 < accepted < len(cases)
+    notes = json.loads((GOLDEN / "requests.json").read_text())["notes"]
+    for case in notes:   # the note a worker makes of its text, the same in contract.js (runtimeNote)
+        assert runtime_note(case["text"]) == case["note"], case
+        assert case["note"] is None or UnitRequest(worker_id="w1", backend="browser", runtime_note=case["note"])
     # what a tab sends about its runtime: on the wire only when set
     tab = UnitRequest.from_json({"protocol": 1, "worker_id": "w1", "backend": "browser", "runtime": "wasm",
                                  "webgpu_check": "failed", "runtime_note": "loss 2.796 where 2.704 was expected"})

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Union
 
 from contract.errors import ContractError
-from contract.units import UnitRequest, UnitResult, WorkUnit
+from contract.units import UnitRequest, UnitResult, WorkUnit, runtime_note
 from models import registry
 from models.train import describe_device, resolve_device, set_threads
 from worker_py.client import Accepted, Client, GaveUp, NoWork, NotCoordinator, Refused, Stopped, backoff_delays
@@ -329,11 +328,6 @@ class Worker:
         self.progress.say(f"handed back unit {unit.unit_id} ({why})")
 
 
-def _note(text: str) -> str | None:
-    """``text`` as a ``UnitRequest.runtime_note``: printable ASCII, at most 200 characters (None when empty)."""
-    return re.sub(r"[^\x20-\x7e]", "?", " ".join(text.split()))[:200] or None
-
-
 def computes_tabs() -> bool:
     """Whether this worker can compute a replica of a browser tab's unit as the tab does (onnxruntime)."""
     try:
@@ -361,7 +355,7 @@ def work(client: Client, worker_id: str, stop: StopFlag, progress: Progress, thr
         return 2
     request = UnitRequest(worker_id=worker_id, backend="python", models=tuple(registry.MODELS),
                           error_feedback=error_feedback, computes=("browser",) if computes_tabs() else (),
-                          runtime=where.type, runtime_note=_note(describe_device(where)) if where.type == "cuda"
+                          runtime=where.type, runtime_note=runtime_note(describe_device(where)) if where.type == "cuda"
                           else None)
     cache = client.cache.root if client.cache is not None else "none"
     progress.say(f"worker {worker_id} for {client.base_url}: {describe_device(where)}, {threads} threads, "

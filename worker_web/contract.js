@@ -1138,6 +1138,14 @@ export function checkRequest(input) {
     ...(check !== null ? { webgpu_check: check } : {}), ...(note !== null ? { runtime_note: note } : {}) };
 }
 
+/** `text` as a UnitRequest `runtime_note` (Python: `runtime_note`): runs of ASCII whitespace as one space, none at
+ * either end, every other character outside printable ASCII (a code point) as "?", at most 200 characters; null
+ * when nothing is left. */
+export function runtimeNote(text) {
+  const spaced = String(text).replace(/[\t\n\v\f\r ]+/g, " ").replace(/^ | $/g, "");
+  return Array.from(spaced, (c) => (c >= " " && c <= "~" ? c : "?")).join("").slice(0, 200) || null;
+}
+
 // --- worker keys (Python: contract/units.py WORKER_KEY_HEADER, WORKER_KEY_RE) ----------------------
 
 /** The header a worker sends its secret key in (unit requests, name changes): the coordinator binds a worker id

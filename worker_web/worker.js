@@ -410,9 +410,9 @@ async function sessionFor(manifest) {
 // known once its first unit's session is made.
 function runtimeFields() {
   if (S.backend === null) return {};
-  const note = S.backendReason.replace(/\s+/g, ' ').replace(/[^\x20-\x7e]/g, '?').trim().slice(0, 200);
+  const note = contract.runtimeNote(S.backendReason);
   return {runtime: S.backend, ...(S.knownAnswer ? {webgpu_check: S.knownAnswer.ok ? 'passed' : 'failed'} : {}),
-          ...(note ? {runtime_note: note} : {})};
+          ...(note !== null ? {runtime_note: note} : {})};
 }
 
 function setBackend(name, reason) {

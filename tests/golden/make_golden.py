@@ -43,7 +43,7 @@ if str(GOLDEN.parents[1]) not in sys.path:  # run as a script from anywhere
 from contract.codecs import get_codec  # noqa: E402
 from contract.errors import ContractError  # noqa: E402
 from contract.names import NAME_MAX_CHARS, NameRequest  # noqa: E402
-from contract.units import UnitRequest, UnitResult, WorkUnit, blob_id, pack_result  # noqa: E402
+from contract.units import UnitRequest, UnitResult, WorkUnit, blob_id, pack_result, runtime_note  # noqa: E402
 from models import browser_unit as draw  # noqa: E402  (numpy only at import)
 from models import flips  # noqa: E402  (numpy only)
 from contract.versions import make_version_delta, version_blob  # noqa: E402
@@ -201,6 +201,11 @@ REQUEST_BODIES = [
 ]
 
 
+# texts a worker may make a runtime note of (contract.units.runtime_note), each with the note it makes
+NOTE_TEXTS = ["cpu", "WebGPU failed the known-answer check: loss 2.796 where 2.704 was expected, 1 thread",
+              "  cuda:0\t(NVIDIA  H100)\n", "r\u00e9seau \u2013 \U0001f600", "a\u00a0b\u2028c\x1fd", "x" * 250, "", " \n\t "]
+
+
 def request_cases() -> list[dict]:
     """Each body with Python's verdict: ``{"body", "request"}`` (its ``to_json``) or ``{"body", "field", "code"}``."""
     cases = []
@@ -290,7 +295,8 @@ def build() -> dict[str, bytes]:
     files["invalid.json"] = _json(manifest)
     files.update(_version_delta(deltas["fp32"]))
     files["names.json"] = _json({"max_chars": NAME_MAX_CHARS, "cases": name_cases()})
-    files["requests.json"] = _json({"cases": request_cases()})
+    files["requests.json"] = _json({"cases": request_cases(),
+                                    "notes": [{"text": t, "note": runtime_note(t)} for t in NOTE_TEXTS]})
     files["browser_draw.json"] = _json(browser_draw())
     return files
 

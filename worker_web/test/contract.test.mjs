@@ -515,6 +515,9 @@ describe("shards and blobs", () => {
 
 describe("unit requests", () => {
   const golden = json("requests.json");
+  test("a runtime note is made as Python makes it", () => {
+    for (const c of golden.notes) assert.equal(C.runtimeNote(c.text), c.note, JSON.stringify(c.text));
+  });
   for (const [i, c] of golden.cases.entries()) {
     test(`case ${i}: ${JSON.stringify(c.body).slice(0, 60)}`, () => {
       for (const input of [JSON.stringify(c.body), c.body]) {
