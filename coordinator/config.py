@@ -162,14 +162,16 @@ class CoordinatorConfig:
     batch_size: int | None = option(int, None, "samples per SGD step", "units", lo=1, none="the model's recipe")
     lr: float | None = option(float, None, "peak learning rate of the schedule", "units", lo=0, lo_open=True,
                               none="the model's recipe")
-    unit_batch_scale: float = option(
-        float, 0.125, "when --batch-size is not given, units train at this fraction of the recipe's batch size (at "
+    unit_batch_scale: float | None = option(
+        float, None, "when --batch-size is not given, units train at this fraction of the recipe's batch size (at "
         "the recipe's learning rate, see --unit-lr): with 2 real workers at resnet_fast's full budget an eighth of "
         "the batch (64 x 16 steps a unit) ended 0.26 points behind one process on the mean of 8 seeds, a quarter "
         "(128 x 8) 0.71 on 6 (+0.32 for the eighth, 5 seeds of 6 ahead), a sixteenth (32 x 32) 1.0 on 1; at 30k "
         "samples a quarter beat half the batch by +5.6 on 3 seeds (docs/results.md, bench/parity.py, "
-        "bench/parity_lab.py); a tab's step runs as many samples a second at 64 as at 128; 1 = the recipe's batch",
-        "units", lo=0, lo_open=True, hi=1.0)
+        "bench/parity_lab.py); a tab's step runs as many samples a second at 64 as at 128; airbench's quarter (4 x 256 a unit) ended 0.41 "
+        "behind one process with 2 real workers where its eighth ended 2.27 behind (1 seed); 1 = the recipe's batch",
+        "units", lo=0, lo_open=True, hi=1.0,
+        none="the model's: an eighth, airbench a quarter; crowdtrain models --recipes")
     unit_batch_workers: bool = option(
         bool, True, "when --batch-size is not given, with more than 2 Python workers in flight a dense model's unit "
         "batch is divided further by workers / 2 (a power of two, at least 32), its lr alike with --unit-lr split: "

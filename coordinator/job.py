@@ -55,7 +55,7 @@ from coordinator import trust as T
 from coordinator.aggregator import Aggregation, Aggregator, Prepared
 from coordinator.config import DEFAULT_STRATEGY, DEFAULT_STRATEGY_PARAMS, CoordinatorConfig
 from coordinator.evaluator import Evaluator
-from coordinator.factory import HYPER_KEYS, Base, UnitFactory
+from coordinator.factory import HYPER_KEYS, Base, UnitFactory, unit_batch_scale
 from coordinator.intake import Accepted, Failure, Intake, Rejection, Superseded
 from coordinator.status import JobStatus, TrustRow, WorkerRow
 from coordinator.steps import step_cache_dir
@@ -129,8 +129,9 @@ def unit_recipe(recipe: Recipe, config: CoordinatorConfig, kind: str) -> Recipe:
     recipe's batch size)."""
     batch = config.batch_size or recipe.batch_size
     lr = config.lr or recipe.lr
-    if config.batch_size is None and kind == "dense" and config.unit_batch_scale != 1:
-        batch = max(1, round(recipe.batch_size * config.unit_batch_scale))
+    scale = unit_batch_scale(config)
+    if config.batch_size is None and kind == "dense" and scale != 1:
+        batch = max(1, round(recipe.batch_size * scale))
         if config.unit_lr == "linear":
             lr *= batch / recipe.batch_size
     return dataclasses.replace(recipe, batch_size=batch, lr=lr)

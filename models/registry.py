@@ -33,10 +33,14 @@ class ModelSpec:
     description: str                 # one line, with provenance
     params: tuple[int, int] = (0, 0)  # (all parameters, trainable ones), as count_parameters gives them
     browser: str | None = None       # why a browser tab cannot train it (its step graph), or None: it can
+    unit_batch_scale: float = 0.125  # a distributed job's units train at this fraction of recipe.batch_size (dense
+                                     # models; the coordinator's --unit-batch-scale overrides it; docs/results.md)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"model '{self.name}': kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not 0 < self.unit_batch_scale <= 1:
+            raise ValueError(f"model '{self.name}': unit_batch_scale must be in (0, 1], got {self.unit_batch_scale!r}")
 
     def build(self, num_classes: int = 10) -> nn.Module:
         builder = self.builder
@@ -74,7 +78,9 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
                      lookahead=True, tta=2), "dense",
               "best one-process recipe: airbench94's net (whitened 2x2 stem, widths 64-256-256); Python workers only",
               (1_971_640, 1_971_352),
-              browser="its 2x2 max-pooling of 31x31 maps is not among the step graph's ops (models.onnx_step)"),
+              browser="its 2x2 max-pooling of 31x31 maps is not among the step graph's ops (models.onnx_step)",
+              # 2 real workers, seed 0, side by side with one process: 4 x 256 a unit -0.41 point, 8 x 128 -2.27
+              unit_batch_scale=0.25),
     ModelSpec("resnet_fast", "models.resnet_fast:ResNetFast",
               Recipe(batch_size=512, lr=0.4, label_smoothing=0.2, weight_decay=5e-4, epochs=10), "dense",
               "default: small ResNet after Page's DAWNBench ResNet-9 / airbench, for 2 CPU cores",
@@ -128,7 +134,8 @@ def recipes() -> str:
     lines = []
     for spec in MODELS.values():
         values = ", ".join(f"{f.name}={getattr(spec.recipe, f.name)}" for f in dataclasses.fields(Recipe))
-        lines.append(f"{spec.name}: {values}")
+        units = f"; a job's units: unit_batch_scale={spec.unit_batch_scale}" if spec.kind == "dense" else ""
+        lines.append(f"{spec.name}: {values}{units}")
     return "\n".join(lines)
 
 
