@@ -42,6 +42,7 @@ import random
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +86,19 @@ PAIRS_AT_ONCE = 1    # version deltas made at once; a request that finds them bu
 TRUST_ROWS = 100     # workers shown with their trust (the quarantined and the most recent)
 
 
+class Runtime(NamedTuple):
+    """What a worker's units train on, as its last unit request said (UnitRequest), for the operator's eyes."""
+
+    runtime: str | None = None
+    webgpu_check: str | None = None
+    note: str | None = None
+
+
 @dataclass
 class WorkerStats:
     backend: str
     computes: tuple[str, ...] = ()   # other backends whose units it computes as they do (its last request's)
-    runtime: tuple[str | None, str | None, str | None] = (None, None, None)   # its last request's runtime,
-    #                                  webgpu_check and runtime_note (UnitRequest), for the operator's eyes
+    runtime: Runtime = Runtime()
     units: int = 0
     samples: int = 0
     compute_seconds: float = 0.0
@@ -465,7 +473,7 @@ class Job:
         ``trusted``: the request carries a token of the operator's own workers (``--trusted-tokens``); ``key``:
         its worker key, which the caller checked (``TrustBook.key_matches``) and which binds an unbound id."""
         self._seen(request.worker_id, request.backend, self.clock(), request.computes,
-                   (request.runtime, request.webgpu_check, request.runtime_note))
+                   Runtime(request.runtime, request.webgpu_check, request.runtime_note))
         self.trust.seen(request.worker_id, request.backend, address, operator=trusted, key=key)
         if self.finished or (request.models and self.config.model not in request.models):
             return None
@@ -1107,9 +1115,9 @@ class Job:
 
     # ------------------------------------------------------------------ visibility
     def _seen(self, worker_id: str, backend: str | None, now: float, computes: tuple[str, ...] | None = None,
-              runtime: tuple[str | None, str | None, str | None] | None = None) -> None:
+              runtime: Runtime | None = None) -> None:
         """A request of ``worker_id``; a unit request also says its ``backend``, what else it ``computes`` and
-        its ``runtime`` (runtime, webgpu_check, runtime_note: a tab says them once its first unit set it up)."""
+        its ``runtime`` (a tab says it once its first unit set it up)."""
         stats = self.workers.get(worker_id)
         if stats is None:
             stats = self.workers[worker_id] = WorkerStats(backend or "unknown")
@@ -1117,7 +1125,7 @@ class Job:
             stats.backend = backend
         if computes is not None:
             stats.computes = computes
-        if runtime is not None and runtime[0] is not None:
+        if runtime is not None and runtime.runtime is not None:
             stats.runtime = runtime
         stats.last_seen = now
 
@@ -1164,8 +1172,8 @@ class Job:
         agg = self.agg_times
         history = self.store.evals()
         best = max(history, key=lambda r: (r["test_acc"], r["version"]), default=None)
-        rows = [WorkerRow(w, s.backend, s.units, rates.get(w, 0.0), round(now - s.last_seen, 1), *s.runtime)
-                for w, s in online.items()]
+        rows = [WorkerRow(w, s.backend, s.units, rates.get(w, 0.0), round(now - s.last_seen, 1), runtime=s.runtime.runtime,
+                          webgpu_check=s.runtime.webgpu_check, runtime_note=s.runtime.note) for w, s in online.items()]
         described = self.strategy.describe()
         return JobStatus(
             job=self.config.job, model=self.config.model, strategy=described,
