@@ -381,6 +381,34 @@ def test_unsupported_protocol_on_submit_exits_nonzero(blobs, tmp_path):
         fake.stop()
 
 
+def test_workers_of_one_id_starting_at_once_share_one_whole_key(tmp_path, monkeypatch):
+    """Two workers started at once with one --worker-id make its key file together: each reads the one key that
+    was linked in whole (never an empty, half-written file: writing is slowed here so that the others look while
+    it is under way), mode 600, and no draft is left behind."""
+    import os
+    import stat
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker_py.main import stored_key
+
+    fdopen = os.fdopen
+
+    def slow_fdopen(*args, **kwargs):
+        time.sleep(0.02)
+        return fdopen(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", slow_fdopen)
+    for round_ in range(5):
+        path = tmp_path / f"r{round_}" / "w.key"
+        with ThreadPoolExecutor(8) as pool:
+            keys = list(pool.map(lambda _: stored_key(path), range(8)))
+        assert len(set(keys)) == 1 and len(keys[0]) >= 22, keys
+        assert path.read_text() == keys[0] + "\n" and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert [p.name for p in path.parent.iterdir()] == ["w.key"], "no draft left"
+    assert stored_key(path) == keys[0], "kept"
+
+
 def test_a_given_id_keeps_its_key_and_stops_when_refused_it(blobs, tmp_path):
     """A --worker-id's key outlives the process (its key file); a coordinator that holds the id for another key
     (403 worker_key) stops the worker at once with a message that says what to do, instead of asking for ever."""

@@ -55,12 +55,16 @@ def stored_key(path: Path) -> str:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(24)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")   # written whole, then linked in:
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)              # no reader sees a half-made file
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        os.link(draft, path)
     except FileExistsError:   # another worker of this id made it meanwhile: use that one
         return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    finally:
+        draft.unlink(missing_ok=True)
     return key
 
 
