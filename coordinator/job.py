@@ -1207,7 +1207,7 @@ class Job:
         rows = [TrustRow(r.worker_id, r.backend, 1.0 if r.operator else round(T.reputation(r, self.policy), 4),
                          0.0 if r.operator else round(T.replication_probability(r, self.policy), 4), r.results,
                          r.replicated, r.valid, r.invalid, r.consecutive_valid, r.quarantined, r.credit, r.operator,
-                         r.inconclusive)
+                         r.inconclusive, bool(r.key_digest))
                 for r in records]
         replication = {"policy": self.config.replication, "held": held.get("held", 0),
                        "replicas_waiting": held.get("replica", 0),

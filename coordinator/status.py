@@ -42,6 +42,7 @@ class TrustRow:
     credit: int                      # samples of its results that passed a check or were used unchecked
     operator: bool = False           # one of the operator's own workers (--trusted-tokens): results used unchecked
     inconclusive: int = 0            # checks neither passed nor lost (in the band between; several in a row lose)
+    keyed: bool = False              # its id is bound to a worker key (an unbound id never earns trust)
 
 
 @dataclass(frozen=True)

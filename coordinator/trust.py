@@ -200,14 +200,15 @@ def suspicious(norm: float, recent, policy: TrustPolicy) -> bool:
 
 
 def replication_probability(record: Record | None, policy: TrustPolicy) -> float:
-    """The chance that this worker's next result is checked: 1 while it is new or distrusted,
+    """The chance that this worker's next result is checked: 1 while it is new, distrusted or unbound (an id
+    that never came with a worker key: anyone may act as it, so it never earns trust),
     ``max(min_rate, 1 / consecutive_valid)`` once it has ``trusted_after`` valid results in a row;
     0 once quarantined (its results are not used, so there is nothing to check)."""
     if record is None:
         return 1.0
     if record.quarantined:
         return 0.0
-    if record.consecutive_valid < policy.trusted_after:
+    if record.consecutive_valid < policy.trusted_after or not record.key_digest:
         return 1.0
     return max(policy.min_rate, 1.0 / record.consecutive_valid)
 
@@ -257,10 +258,18 @@ def after_unchecked(record: Record, policy: TrustPolicy) -> Record:
 
 def vouches(record: Record | None, policy: TrustPolicy) -> bool:
     """Whether this worker's agreement settles a check: it earned trust (``trusted_after`` valid results in a
-    row) and is not quarantined. (A replica computed by the operator's own worker vouches too: that is known
-    from the token its result carried, not from the id's record, ``Job._check``.) Two parties of which neither
-    vouches (two fresh ids, perhaps one volunteer's) agreeing prove nothing: the coordinator recomputes the unit."""
-    return record is not None and not record.quarantined and record.consecutive_valid >= policy.trusted_after
+    row, its id bound to a key) and is not quarantined. (A replica computed by the operator's own worker vouches
+    too: that is known from the token its result carried, not from the id's record, ``Job._check``.) Two parties
+    of which neither vouches (two fresh ids, perhaps one volunteer's) agreeing prove nothing: the coordinator
+    recomputes the unit."""
+    return record is not None and not record.quarantined and bool(record.key_digest) and \
+        record.consecutive_valid >= policy.trusted_after
+
+
+def bound(record: Record, key: str) -> Record:
+    """``record`` bound to ``key``: its run of valid checks starts afresh, so whoever binds an id that worked
+    without a key (anyone could act as it) does not take over the trust that run would give."""
+    return dataclasses.replace(record, key_digest=key_digest(key), consecutive_valid=0)
 
 
 def key_digest(key: str) -> str:
@@ -321,7 +330,7 @@ class TrustBook:
         with no await between, so two first requests of one id cannot both bind."""
         record = self.records.get(worker_id) or Record(worker_id)
         if not record.key_digest:
-            self.put(dataclasses.replace(record, key_digest=key_digest(key)))
+            self.put(bound(record, key))
 
     def seen(self, worker_id: str, backend: str | None, address: str | None, operator: bool = False,
              key: str | None = None) -> None:
@@ -331,8 +340,8 @@ class TrustBook:
         id that comes with a ``key`` is bound to it here (``key_matches`` was asked first), written at once."""
         record = self.records.get(worker_id) or Record(worker_id)
         bind = key is not None and not record.key_digest
-        changed = dataclasses.replace(record, backend=backend or record.backend, address=address or record.address,
-                                      operator=operator, key_digest=key_digest(key) if bind else record.key_digest)
+        changed = dataclasses.replace(bound(record, key) if bind else record, backend=backend or record.backend,
+                                      address=address or record.address, operator=operator)
         if changed != record or worker_id not in self.records:
             self.put(changed, later=not bind)   # (else shown only: written when the store's writer gets to it)
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from contract.errors import ContractError
 from contract.names import NAME_MAX_CHARS, NameRequest
+from contract.units import WORKER_KEY_HEADER
 from coordinator.credit import BOARD, CreditBoard, rank
-from coordinator.trust import Record
+from coordinator.trust import Record, key_digest
 from tests.helpers.fault_worker import Fault, body, compute
-from tests.helpers.protocol import fetch_all, post, start_job, take
+from tests.helpers.protocol import fetch_all, key_of, post, start_job, take
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
@@ -126,9 +127,9 @@ async def test_a_liar_quarantined_after_lies_were_folded_keeps_no_credit(aiohttp
     0: the lie folded before it was found out buys it nothing."""
     client, job = await start_job(aiohttp_client, tmp_path, epochs=20.0, strategy="async_sgd",
                                   strategy_params={"staleness": "constant"}, robust="none", replication="adaptive")
-    job.trust.put(Record("turncoat", consecutive_valid=job.policy.trusted_after))
-    job.trust.put(Record("h1", consecutive_valid=job.policy.trusted_after))   # (so no unit of its own is
-    await take(client, "h1")                                                     # replicated to the turncoat)
+    for worker in ("turncoat", "h1"):   # (h1 trusted so that no unit of its own is replicated to the turncoat)
+        job.trust.put(Record(worker, consecutive_valid=job.policy.trusted_after, key_digest=key_digest(key_of(worker))))
+    await take(client, "h1")
     job._draw = lambda: 1.0
     await honest(client, await take(client, "turncoat"), "turncoat", Fault.SIGN_FLIP)
     await job.settle()
@@ -238,9 +239,10 @@ def test_name_rule_matches_the_golden_file():
 
 
 async def set_name(client, worker, payload, **headers):
+    """``POST /api/v1/workers/<worker>/name`` with the key ``take`` sent for it (unless ``headers`` name one)."""
     data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
-    resp = await client.post(f"/api/v1/workers/{worker}/name", data=data,
-                             headers={"Content-Type": "application/json", **headers})
+    resp = await client.post(f"/api/v1/workers/{worker}/name", data=data, headers={
+        "Content-Type": "application/json", WORKER_KEY_HEADER: key_of(worker), **headers})
     return resp.status, await resp.json()
 
 

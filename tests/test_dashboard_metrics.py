@@ -64,10 +64,13 @@ SAMPLE_STATUS: dict[str, Any] = {
     "trust": [
         {"worker_id": "gh78", "backend": "python", "reputation": 0.0, "replication_rate": 0.0, "results": 6,
          "checked": 6, "valid": 0, "disagreements": 2, "consecutive_valid": 0, "quarantined": True, "credit": 0,
-         "inconclusive": 4},
+         "inconclusive": 4, "keyed": True},
         {"worker_id": "ab12", "backend": "python", "reputation": 0.9333, "replication_rate": 0.0667, "results": 40,
          "checked": 14, "valid": 15, "disagreements": 0, "consecutive_valid": 15, "quarantined": False,
-         "credit": 40000, "inconclusive": 0},
+         "credit": 40000, "inconclusive": 0, "keyed": True},
+        {"worker_id": "ij90", "backend": "python", "reputation": 0.0, "replication_rate": 1.0, "results": 30,
+         "checked": 30, "valid": 30, "disagreements": 0, "consecutive_valid": 30, "quarantined": False,
+         "credit": 960, "inconclusive": 0, "keyed": False},
     ],
     "donate_url": "http://127.0.0.1:8080/",
     "request_latency": {"POST /api/v1/units/next": {"n": 900, "p50_ms": 4.8, "p95_ms": 21.0, "p99_ms": 37.25,
@@ -397,6 +400,8 @@ def test_page_renders_status(tmp_path: Path) -> None:
     assert re.search(r'<td>gh78</td>(<td[^>]*>[^<]*</td>){4}<td[^>]*>2</td><td[^>]*>4</td>'
                      r'<td class="quarantined">quarantined</td>', dom), "trust: disagreements, inconclusive, state"
     assert re.search(r"<td>ab12</td><td[^>]*>93\.3%</td>", dom) and "25 agreed, 2 disagreed" in dom
+    assert re.search(r"<td>ab12</td>(<td[^>]*>[^<]*</td>){6}<td>trusted</td>", dom)
+    assert re.search(r"<td>ij90</td>(<td[^>]*>[^<]*</td>){6}<td>no key</td>", dom), "its run earns an unbound id nothing"
     assert re.search(r"<td>of which held for a check</td><td[^>]*>2</td>", dom)
     # what each worker's units train on; a tab whose WebGPU failed its check says so, its own words as a tooltip
     assert re.search(r'>cd34</td><td>browser</td><td title="WebGPU failed the known-answer check: loss 2\.796 '

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from contract.codecs import decode_delta, delta_norm, encode_delta, get_codec
-from contract.units import UnitResult, blob_id, pack_result
+from contract.units import WORKER_KEY_HEADER, UnitResult, blob_id, pack_result
 from models.local import is_running_stat
 from tests.helpers.fault_worker import body, compute
-from tests.helpers.protocol import fetch_all, open_job, post, start_job, take
+from tests.helpers.protocol import fetch_all, key_of, open_job, post, start_job, take
 from tests.helpers.tiny_cifar import tiny_cifar10
 
 WORKERS = ("w1", "w2", "w3")
@@ -555,7 +555,7 @@ async def test_a_version_delta_is_made_for_one_request_at_a_time_the_others_get_
 
     async def ask(worker, held):
         resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python",
-                                                             "held": [held]})
+                                                             "held": [held]}, headers={WORKER_KEY_HEADER: key_of(worker)})
         assert resp.status == 200, await resp.text()
         return WorkUnit.from_json(await resp.json())
 

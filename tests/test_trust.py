@@ -27,17 +27,18 @@ from coordinator.strategies.tensors import global_norm
 from models.state_names import is_running_stat
 from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.tiny_cifar import tiny_cifar10
-from tests.helpers.protocol import fetch_all, open_job, start_job, take
+from tests.helpers.protocol import fetch_all, key_of, open_job, start_job, take
 
 
 POLICY = T.TrustPolicy()
+KEYED = T.key_digest("a-worker-key-" + "k" * 20)   # an id bound to a worker key (only such an id earns trust)
 
 
 # --- the policy's maths ----------------------------------------------------------------------------
 
 def test_new_workers_are_always_checked_then_one_in_their_run() -> None:
     assert T.replication_probability(None, POLICY) == 1.0
-    record = T.Record("w")
+    record = T.Record("w", key_digest=KEYED)
     for n in range(1, 30):
         before = T.replication_probability(record, POLICY)
         record = T.after_check(record, True, POLICY, samples=10)
@@ -56,7 +57,7 @@ def test_a_trusted_workers_unchecked_results_thin_its_checks_as_one_in_n() -> No
     assert T.after_unchecked(new, POLICY) == new
     jailed = T.Record("w", consecutive_valid=20, quarantined=True)
     assert T.after_unchecked(jailed, POLICY) == jailed
-    record = T.Record("w", consecutive_valid=POLICY.trusted_after, valid=POLICY.trusted_after)
+    record = T.Record("w", consecutive_valid=POLICY.trusted_after, valid=POLICY.trusted_after, key_digest=KEYED)
     for _ in range(30):
         record = T.after_unchecked(record, POLICY)
     assert record.consecutive_valid == 40 and record.valid == POLICY.trusted_after   # runs, not checks passed
@@ -68,7 +69,7 @@ def test_a_trusted_workers_unchecked_results_thin_its_checks_as_one_in_n() -> No
 
 
 def test_a_disagreement_resets_the_run_and_two_quarantine() -> None:
-    record = T.Record("w", consecutive_valid=25, valid=25)
+    record = T.Record("w", consecutive_valid=25, valid=25, key_digest=KEYED)
     lost = T.after_check(record, False, POLICY)
     assert (lost.consecutive_valid, lost.invalid, lost.strikes, lost.quarantined) == (0, 1, 1, False)
     assert T.replication_probability(lost, POLICY) == 1.0 and T.reputation(lost, POLICY) == 0.0
@@ -189,10 +190,45 @@ def test_a_result_far_above_the_recent_norms_is_suspicious() -> None:
     assert not T.suspicious(0.0, recent, policy)
 
 
+def test_an_id_without_a_key_never_earns_trust_and_binding_one_starts_its_run_afresh() -> None:
+    """Anyone may act as an id that never came with a worker key, so its run of valid checks buys nothing: every
+    result of it is checked and it vouches for no one. Whoever binds such an id later (the owner, or a stranger
+    who learned it) starts a new run, with the id's credit and strikes as they were."""
+    unbound = T.Record("w", consecutive_valid=40, valid=40, credit=900, strikes=1)
+    assert T.replication_probability(unbound, POLICY) == 1.0 and T.reputation(unbound, POLICY) == 0.0
+    assert T.replication_probability(dataclasses.replace(unbound, key_digest=KEYED), POLICY) == pytest.approx(1 / 40)
+
+    class Store:   # the TrustBook's store, in memory
+        def __init__(self):
+            self.rows = {}
+
+        def trust_records(self):
+            return list(self.rows.values())
+
+        def put_trust(self, worker_id, row, later=False):
+            self.rows[worker_id] = row
+
+    book = T.TrustBook(Store(), POLICY)
+    book.put(unbound)
+    book.seen("w", "python", "203.0.113.9", key="a-stranger-" + "s" * 20)
+    claimed = book.get("w")
+    assert claimed.key_digest == T.key_digest("a-stranger-" + "s" * 20)
+    assert (claimed.consecutive_valid, claimed.valid, claimed.credit, claimed.strikes) == (0, 40, 900, 1)
+    assert T.replication_probability(claimed, POLICY) == 1.0 and not T.vouches(claimed, POLICY)
+    book.put(dataclasses.replace(unbound, worker_id="v"))
+    book.bind("v", "the-owner-" + "o" * 20)
+    assert book.get("v").consecutive_valid == 0 and book.key_matches("v", "the-owner-" + "o" * 20)
+    keyed = dataclasses.replace(unbound, worker_id="u", key_digest=KEYED)
+    book.put(keyed)
+    book.seen("u", "python", "203.0.113.9", key="another-" + "a" * 20)   # (the caller refused it: key_matches)
+    assert book.get("u").consecutive_valid == 40, "a bound id's run is its own"
+
+
 def test_only_a_worker_that_earned_trust_vouches() -> None:
     policy = T.TrustPolicy()
-    earned = T.Record("w", consecutive_valid=policy.trusted_after)
+    earned = T.Record("w", consecutive_valid=policy.trusted_after, key_digest=KEYED)
     assert T.vouches(earned, policy)
+    assert not T.vouches(dataclasses.replace(earned, key_digest=""), policy), "an id without a key is anyone's"
     assert not T.vouches(T.Record("op", operator=True), policy), "an id's operator flag is claimed with the id"
     assert not T.vouches(None, policy) and not T.vouches(T.Record("new"), policy)
     assert not T.vouches(dataclasses.replace(earned, consecutive_valid=policy.trusted_after - 1), policy)
@@ -430,9 +466,11 @@ async def checked_pair(client, job, holder: tuple[str, Fault], replicator: tuple
 
 
 def trusted_by_now(job, worker: str) -> None:
-    """``worker`` has earned trust (``trusted_after`` valid results in a row), as a long honest record would."""
+    """``worker`` has earned trust (``trusted_after`` valid results in a row, bound to the key ``take`` sends for it),
+    as a long honest record would."""
     record = job.trust.get(worker) or T.Record(worker)
-    job.trust.put(dataclasses.replace(record, consecutive_valid=job.policy.trusted_after))
+    job.trust.put(dataclasses.replace(record, consecutive_valid=job.policy.trusted_after,
+                                      key_digest=T.key_digest(key_of(worker))))
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
@@ -744,7 +782,8 @@ async def test_a_worker_id_is_bound_to_the_key_of_its_first_request_that_carries
     answer = await resp.json()
     assert resp.status == 400 and answer["error"]["field"] == WORKER_KEY_HEADER and "short" not in str(answer), answer
     assert await take(client, "web-1", **with_key(key)) is not None, "its own key still works"
-    assert await take(client, "plain") is not None and await take(client, "plain") is not None, "an unbound id"
+    assert await take(client, "plain", keyed=False) is not None and await take(client, "plain", keyed=False) \
+        is not None, "an unbound id"
     name = {"protocol": 1, "name": "Ada"}
     resp = await client.post("/api/v1/workers/web-1/name", json=name, headers=with_key(other))
     assert resp.status == 403 and (await resp.json())["error"]["code"] == "worker_key"
@@ -905,7 +944,8 @@ async def test_a_new_worker_gets_no_fresh_unit_while_its_limit_of_results_wait_f
         await work(client, unit, "w1")
     await job.settle()
     assert job.store.held_by("w1") == cap and job.step == 0
-    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "w1", "backend": "python"})
+    resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": "w1", "backend": "python"},
+                             headers={WORKER_KEY_HEADER: key_of("w1")})
     assert resp.status == 204 and "wait for their checks" in resp.headers["X-Crowdtrain-Reason"]
     assert resp.headers["Retry-After"]
     assert await take(client, "w3") is not None, "another worker is not held back by w1's"

@@ -38,6 +38,7 @@ from contract.codecs import decode_delta
 from contract.shards import decode_shard
 from contract.units import MAX_HELD, UnitRequest, WorkUnit, pack_result
 from contract.versions import reconstruct_checked
+from coordinator import trust as T
 from coordinator.config import CoordinatorConfig
 from coordinator.factory import MIN_SPLIT_BATCH
 from coordinator.job import Job, Rejection
@@ -221,7 +222,7 @@ class Simulation:
         job.expire_leases()
         retry = job.factory.retrying()
         held = tuple(reversed(w.versions))[:MAX_HELD]
-        unit = job.next_unit(UnitRequest(worker_id=w.wid, backend="python", held=held))
+        unit = job.next_unit(UnitRequest(worker_id=w.wid, backend="python", held=held), key=f"{w.wid}-key")
         if unit is None:
             if w.unit is not None:
                 return                          # a prefetch came back empty: ask again after submitting
@@ -311,7 +312,7 @@ class Simulation:
         unit_id = w.unit.unit_id
         record = self.units[unit_id]
         trust = self.job.trust.get(w.wid)      # trusted when it sends: its results are checked only now and then
-        record["trusted"] = trust is not None and trust.consecutive_valid >= self.job.policy.trusted_after
+        record["trusted"] = T.vouches(trust, self.job.policy)
         try:
             answer = await self.job.submit(unit_id, body)
             record["fate"] = "accepted (late)" if answer.get("late") else "accepted"

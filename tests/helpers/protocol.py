@@ -5,7 +5,9 @@ aggregation, trust): one definition of starting a job and of taking, fetching an
 """
 from __future__ import annotations
 
-from contract.units import WorkUnit
+import re
+
+from contract.units import WORKER_KEY_HEADER, WorkUnit
 from coordinator.app import create_app
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
@@ -49,8 +51,16 @@ async def start_job(aiohttp_client, tmp_path, clock=None, data=None, redis_url: 
     return await aiohttp_client(create_app(cfg, job)), job
 
 
-async def take(client, worker, **headers) -> WorkUnit | None:
-    """``POST /api/v1/units/next`` as ``worker``: the unit, or None on a 204."""
+def key_of(worker: str) -> str:
+    """The worker key ``take`` sends for ``worker`` (as a real worker does: an id earns trust only bound to a key)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"test-key-{worker}").ljust(22, "0")[:128]
+
+
+async def take(client, worker, keyed: bool = True, **headers) -> WorkUnit | None:
+    """``POST /api/v1/units/next`` as ``worker``: the unit, or None on a 204. It sends ``key_of(worker)`` unless
+    ``keyed`` is false or ``headers`` name a key of their own."""
+    if keyed:
+        headers = {WORKER_KEY_HEADER: key_of(worker), **headers}
     resp = await client.post("/api/v1/units/next", json={"protocol": 1, "worker_id": worker, "backend": "python"},
                              headers=headers)
     assert resp.status in (200, 204), await resp.text()
