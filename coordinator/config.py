@@ -168,8 +168,9 @@ class CoordinatorConfig:
         "the batch (64 x 16 steps a unit) ended 0.26 points behind one process on the mean of 8 seeds, a quarter "
         "(128 x 8) 0.71 on 6 (+0.32 for the eighth, 5 seeds of 6 ahead), a sixteenth (32 x 32) 1.0 on 1; at 30k "
         "samples a quarter beat half the batch by +5.6 on 3 seeds (docs/results.md, bench/parity.py, "
-        "bench/parity_lab.py); a tab's step runs as many samples a second at 64 as at 128; airbench's quarter (4 x 256 a unit) ended 0.41 "
-        "behind one process with 2 real workers where its eighth ended 2.27 behind (1 seed); 1 = the recipe's batch",
+        "bench/parity_lab.py); a tab's step runs as many samples a second at 64 as at 128; airbench's quarter "
+        "(4 x 256 a unit) ended 0.41 and 0.65 behind one process with 2 real workers (2 seeds) where its eighth "
+        "ended 2.27 behind (1 seed); 1 = the recipe's batch",
         "units", lo=0, lo_open=True, hi=1.0,
         none="the model's: an eighth, airbench a quarter; crowdtrain models --recipes")
     unit_batch_workers: bool = option(

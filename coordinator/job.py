@@ -42,8 +42,8 @@ import random
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -1172,8 +1172,9 @@ class Job:
         agg = self.agg_times
         history = self.store.evals()
         best = max(history, key=lambda r: (r["test_acc"], r["version"]), default=None)
-        rows = [WorkerRow(w, s.backend, s.units, rates.get(w, 0.0), round(now - s.last_seen, 1), runtime=s.runtime.runtime,
-                          webgpu_check=s.runtime.webgpu_check, runtime_note=s.runtime.note) for w, s in online.items()]
+        rows = [WorkerRow(w, s.backend, s.units, rates.get(w, 0.0), round(now - s.last_seen, 1),
+                          runtime=s.runtime.runtime, webgpu_check=s.runtime.webgpu_check, runtime_note=s.runtime.note)
+                for w, s in online.items()]
         described = self.strategy.describe()
         return JobStatus(
             job=self.config.job, model=self.config.model, strategy=described,
