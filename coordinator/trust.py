@@ -199,6 +199,12 @@ def suspicious(norm: float, recent, policy: TrustPolicy) -> bool:
     return norm > policy.suspicious_norm * float(np.median(np.asarray(recent, np.float64)))
 
 
+def earned(record: Record, policy: TrustPolicy) -> bool:
+    """Whether the id has earned trust: ``trusted_after`` valid results in a row, and bound to a worker key (an id
+    that never came with one is anyone's, so its run buys nothing)."""
+    return bool(record.key_digest) and record.consecutive_valid >= policy.trusted_after
+
+
 def replication_probability(record: Record | None, policy: TrustPolicy) -> float:
     """The chance that this worker's next result is checked: 1 while it is new, distrusted or unbound (an id
     that never came with a worker key: anyone may act as it, so it never earns trust),
@@ -208,7 +214,7 @@ def replication_probability(record: Record | None, policy: TrustPolicy) -> float
         return 1.0
     if record.quarantined:
         return 0.0
-    if record.consecutive_valid < policy.trusted_after or not record.key_digest:
+    if not earned(record, policy):
         return 1.0
     return max(policy.min_rate, 1.0 / record.consecutive_valid)
 
@@ -262,8 +268,7 @@ def vouches(record: Record | None, policy: TrustPolicy) -> bool:
     too: that is known from the token its result carried, not from the id's record, ``Job._check``.) Two parties
     of which neither vouches (two fresh ids, perhaps one volunteer's) agreeing prove nothing: the coordinator
     recomputes the unit."""
-    return record is not None and not record.quarantined and bool(record.key_digest) and \
-        record.consecutive_valid >= policy.trusted_after
+    return record is not None and not record.quarantined and earned(record, policy)
 
 
 def bound(record: Record, key: str) -> Record:

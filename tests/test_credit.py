@@ -19,9 +19,8 @@ from contract.errors import ContractError
 from contract.names import NAME_MAX_CHARS, NameRequest
 from contract.units import WORKER_KEY_HEADER
 from coordinator.credit import BOARD, CreditBoard, rank
-from coordinator.trust import Record, key_digest
 from tests.helpers.fault_worker import Fault, body, compute
-from tests.helpers.protocol import fetch_all, key_of, post, start_job, take
+from tests.helpers.protocol import fetch_all, key_of, post, start_job, take, trusted_by_now
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
@@ -128,7 +127,7 @@ async def test_a_liar_quarantined_after_lies_were_folded_keeps_no_credit(aiohttp
     client, job = await start_job(aiohttp_client, tmp_path, epochs=20.0, strategy="async_sgd",
                                   strategy_params={"staleness": "constant"}, robust="none", replication="adaptive")
     for worker in ("turncoat", "h1"):   # (h1 trusted so that no unit of its own is replicated to the turncoat)
-        job.trust.put(Record(worker, consecutive_valid=job.policy.trusted_after, key_digest=key_digest(key_of(worker))))
+        trusted_by_now(job, worker)
     await take(client, "h1")
     job._draw = lambda: 1.0
     await honest(client, await take(client, "turncoat"), "turncoat", Fault.SIGN_FLIP)

@@ -27,7 +27,7 @@ from coordinator.strategies.tensors import global_norm
 from models.state_names import is_running_stat
 from tests.helpers.fault_worker import Fault, body, compute
 from tests.helpers.tiny_cifar import tiny_cifar10
-from tests.helpers.protocol import fetch_all, key_of, open_job, start_job, take
+from tests.helpers.protocol import fetch_all, key_of, open_job, start_job, take, trusted_by_now
 
 
 POLICY = T.TrustPolicy()
@@ -463,14 +463,6 @@ async def checked_pair(client, job, holder: tuple[str, Fault], replicator: tuple
     await job.settle()
     seen = await ledger(client, job)
     return unit, replica, seen, {r["unit_id"]: r for r in seen["rows"]}
-
-
-def trusted_by_now(job, worker: str) -> None:
-    """``worker`` has earned trust (``trusted_after`` valid results in a row, bound to the key ``take`` sends for it),
-    as a long honest record would."""
-    record = job.trust.get(worker) or T.Record(worker)
-    job.trust.put(dataclasses.replace(record, consecutive_valid=job.policy.trusted_after,
-                                      key_digest=T.key_digest(key_of(worker))))
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

@@ -5,12 +5,14 @@ aggregation, trust): one definition of starting a job and of taking, fetching an
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from contract.units import WORKER_KEY_HEADER, WorkUnit
 from coordinator.app import create_app
 from coordinator.config import CoordinatorConfig
 from coordinator.job import Job
+from coordinator.trust import Record, key_digest
 from tests.helpers.tiny_cifar import tiny_cifar10
 
 # replication off: these jobs' workers stand for the operator's own (a test of the checks says "adaptive")
@@ -54,6 +56,14 @@ async def start_job(aiohttp_client, tmp_path, clock=None, data=None, redis_url: 
 def key_of(worker: str) -> str:
     """The worker key ``take`` sends for ``worker`` (as a real worker does: an id earns trust only bound to a key)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"test-key-{worker}").ljust(22, "0")[:128]
+
+
+def trusted_by_now(job, worker: str) -> None:
+    """``worker`` has earned trust (``trusted_after`` valid results in a row, bound to the key ``take`` sends for it),
+    as a long honest record would."""
+    record = job.trust.get(worker) or Record(worker)
+    job.trust.put(dataclasses.replace(record, consecutive_valid=job.policy.trusted_after,
+                                      key_digest=key_digest(key_of(worker))))
 
 
 async def take(client, worker, keyed: bool = True, **headers) -> WorkUnit | None:
