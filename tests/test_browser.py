@@ -315,12 +315,15 @@ def test_tab_trains_units_the_coordinator_accepts(cluster, data, model):
     assert np.mean(befores[-2:]) < befores[0], rows
     assert not [ln for ln in out["console"] if "error" in ln.lower()], out["console"]
     # after the first unit the tab says which versions it holds: units come as version deltas, which it
-    # rebuilds and checks by hash (a failed check falls back to the whole base and is not counted)
+    # rebuilds and checks by hash (a failed check falls back to the whole base: counted apart). The tab goes on
+    # working while the driver reads its state and closes it, so the units issued to it (read after) may
+    # outnumber what the state counted: a unit on a version it already held also comes without a delta.
     with c.db() as db:
         wires = [json.loads(w) for (w,) in db.execute("SELECT wire FROM units WHERE worker_id = ? ORDER BY issued",
                                                       (worker_id,))]
     deltas = [u for u in wires if u.get("base_delta")]
-    assert deltas and state.get("deltaUnits", 0) >= max(1, len(deltas) - 1), (state, wires)
+    assert state.get("deltaFallbacks") == 0, (state, out["console"])
+    assert 1 <= state.get("deltaUnits", 0) <= len(deltas), (state, wires)
 
 
 @needs_browser

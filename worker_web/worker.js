@@ -295,6 +295,7 @@ async function modelVersion(unit) {
         state = await contract.reconstructBase(S.versions.get(bd.from), await blob(bd.blob, {cache: false}), id);
         S.deltaUnits = (S.deltaUnits ?? 0) + 1;   // shown to tests and benchmarks
       } catch (e) {
+        S.deltaFallbacks = (S.deltaFallbacks ?? 0) + 1;
         say(`unit ${unit.unit_id}: fetching`, `version delta not usable (${short(e)}); downloading the whole base`);
       }
     }
@@ -305,7 +306,7 @@ async function modelVersion(unit) {
     S.versions.delete(id);
     S.versions.set(id, state);
   }
-  post({deltaUnits: S.deltaUnits ?? 0});
+  post({deltaUnits: S.deltaUnits ?? 0, deltaFallbacks: S.deltaFallbacks ?? 0});
   return S.versions.get(id);
 }
 
