@@ -634,24 +634,35 @@ def eval_pause(every_s: float, took_s: float) -> float:
     return max(every_s, took_s * (1 - EVAL_SHARE) / EVAL_SHARE)
 
 
+def timed_cpu(fn):
+    """``(fn(), seconds)``: the CPU time the calling thread spent in ``fn``, capped by its wall time. An
+    evaluation's cost is what it computed, not how long it waited for a core: measured on the wall clock, one
+    slowed by other work on the machine (405 s beside a test suite where 30 s is usual, docs/results.md)
+    held every later evaluation of that job back 9 x as long. With ``--threads`` above one, torch's own
+    threads share the work and this thread's time is about the evaluation's wall time on an idle machine."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    out = fn()
+    return out, min(time.thread_time() - cpu, time.perf_counter() - wall)
+
+
 async def eval_loop(job: Job, seen: dict) -> None:
     """Evaluate the newest version every ``eval_every_s`` when it changed (off the request path), at most
-    ``EVAL_SHARE`` of the time (``eval_pause``) from the second evaluation on (the first runs while local
+    ``EVAL_SHARE`` of the time (``eval_pause`` of its CPU time, ``timed_cpu``) from the second evaluation on (the first runs while local
     workers start and pays one-off costs: 52 s against ~30 s for the next ones in a 2-worker run,
     docs/results.md, so its share would hold the next back 470 s); the final version as soon as the job
     finishes."""
     while True:
         took = 0.0
         if job.step != seen.get("version"):
-            step, started = job.step, time.perf_counter()
+            step = job.step
             try:
-                row = await finish_on_cancel(asyncio.to_thread(job.evaluate_current))
+                row, cost = await finish_on_cancel(asyncio.to_thread(timed_cpu, job.evaluate_current))
                 job.record_eval(row)
                 log.info("version %d: test accuracy %.2f%% after %d samples", row["version"], 100 * row["test_acc"],
                          row["samples"])
+                took = cost if "version" in seen else 0.0
             except Exception:
                 log.exception("evaluation of version %d failed", step)
-            took = time.perf_counter() - started if "version" in seen else 0.0
             seen["version"] = step   # never evaluate the same version in a loop
         until = time.monotonic() + eval_pause(job.config.eval_every_s, took)
         while True:
