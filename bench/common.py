@@ -27,9 +27,23 @@ def hardware(device: str | None = None) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU), Python {platform.python_version()}"
 
 
+ARCHIVED_FROM = Path(__file__).resolve().parent / "ARCHIVED_FROM"   # ``git archive`` writes its commit in it
+
+
+def archived_from() -> str | None:
+    """The short commit a ``git archive`` of the repository was made from (``bench/ARCHIVED_FROM``, filled in by
+    git's ``export-subst``, .gitattributes), or None in a checkout or anything else."""
+    try:
+        text = ARCHIVED_FROM.read_text().strip()
+    except OSError:
+        return None
+    return text if text and "$" not in text else None
+
+
 def checkout(*paths: str) -> tuple[str, list[str]]:
-    """The checkout's short HEAD and its tracked files (under ``paths``, if given) that differ from it;
-    ``("unknown", [])`` outside a git checkout."""
+    """The checkout's short HEAD and its tracked files (under ``paths``, if given) that differ from it; in an
+    unpacked ``git archive`` (a copy a long benchmark runs from while the checkout changes) ``"<commit>
+    (archive)"`` and no files, since what was edited there is not known; ``("unknown", [])`` otherwise."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -37,13 +51,14 @@ def checkout(*paths: str) -> tuple[str, list[str]]:
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=root,
                                 capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown", []
+        archived = archived_from()
+        return (f"{archived} (archive)" if archived else "unknown"), []
     return head, [line[3:] for line in status.splitlines() if line.strip()]
 
 
 def commit(*paths: str) -> str:
     """The checkout's short HEAD, with ``+changes`` when tracked files (under ``paths``, if given) differ
-    from it; ``unknown`` outside a git checkout."""
+    from it; an archive's commit (``checkout``); ``unknown`` anywhere else."""
     head, dirty = checkout(*paths)
     return head + ("+changes" if dirty else "")
 
