@@ -647,9 +647,9 @@ def timed_cpu(fn):
 
 async def eval_loop(job: Job, seen: dict) -> None:
     """Evaluate the newest version every ``eval_every_s`` when it changed (off the request path), at most
-    ``EVAL_SHARE`` of the time (``eval_pause`` of its CPU time, ``timed_cpu``) from the second evaluation on (the first runs while local
-    workers start and pays one-off costs: 52 s against ~30 s for the next ones in a 2-worker run,
-    docs/results.md, so its share would hold the next back 470 s); the final version as soon as the job
+    ``EVAL_SHARE`` of the time (``eval_pause`` of its CPU time, ``timed_cpu``) from the second evaluation on
+    (the first runs while local workers start and pays one-off costs: 52 s against ~30 s for the next ones in a
+    2-worker run, docs/results.md, so its share would hold the next back 470 s); the final version as soon as the job
     finishes."""
     while True:
         took = 0.0
