@@ -228,12 +228,14 @@ def reputation(record: Record | None, policy: TrustPolicy) -> float:
 
 
 def after_check(record: Record, won: bool, policy: TrustPolicy, samples: int = 0) -> Record:
-    """The record after a check: ``won`` (its delta agreed with the settled answer) or lost."""
+    """The record after a check: ``won`` (its delta agreed with the settled answer) or lost. A quarantined worker
+    earns no credit by winning one (a replica it computed before its quarantine, judged after it: that result is
+    never folded)."""
     if won:
         run = record.consecutive_valid + 1
         return dataclasses.replace(record, consecutive_valid=run, valid=record.valid + 1, inconclusive_run=0,
                                    strikes=0 if run >= policy.trusted_after else record.strikes,
-                                   credit=record.credit + samples)
+                                   credit=record.credit + (0 if record.quarantined else samples))
     strikes = record.strikes + 1
     quarantined = record.quarantined or strikes >= policy.quarantine_strikes
     return dataclasses.replace(record, consecutive_valid=0, invalid=record.invalid + 1, strikes=strikes,

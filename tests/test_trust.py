@@ -75,6 +75,9 @@ def test_a_disagreement_resets_the_run_and_two_quarantine() -> None:
     assert T.replication_probability(lost, POLICY) == 1.0 and T.reputation(lost, POLICY) == 0.0
     again = T.after_check(lost, False, POLICY)
     assert again.quarantined and T.replication_probability(again, POLICY) == 0.0
+    # and it earns no credit after, not even for a check it wins: a replica it sent before its quarantine,
+    # judged after it (CI, 2026-12-07: a replaying liar quarantined with 64 samples of credit)
+    assert again.credit == 0 and T.after_check(again, True, POLICY, samples=64).credit == 0
     # a strike is forgiven once trust is earned again: a rare honest fluke does not add up over a long run
     for _ in range(POLICY.trusted_after):
         lost = T.after_check(lost, True, POLICY)
