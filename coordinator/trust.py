@@ -227,6 +227,12 @@ def reputation(record: Record | None, policy: TrustPolicy) -> float:
     return 1.0 - replication_probability(record, policy)
 
 
+def earns(record: Record, samples: int) -> int:
+    """The credit ``samples`` of used work give this worker: none once it is quarantined (its results are never
+    folded; a result or a check it wins after its quarantine, computed before it, counts for nothing either)."""
+    return 0 if record.quarantined else samples
+
+
 def after_check(record: Record, won: bool, policy: TrustPolicy, samples: int = 0) -> Record:
     """The record after a check: ``won`` (its delta agreed with the settled answer) or lost. A quarantined worker
     earns no credit by winning one (a replica it computed before its quarantine, judged after it: that result is
@@ -235,7 +241,7 @@ def after_check(record: Record, won: bool, policy: TrustPolicy, samples: int = 0
         run = record.consecutive_valid + 1
         return dataclasses.replace(record, consecutive_valid=run, valid=record.valid + 1, inconclusive_run=0,
                                    strikes=0 if run >= policy.trusted_after else record.strikes,
-                                   credit=record.credit + (0 if record.quarantined else samples))
+                                   credit=record.credit + earns(record, samples))
     strikes = record.strikes + 1
     quarantined = record.quarantined or strikes >= policy.quarantine_strikes
     return dataclasses.replace(record, consecutive_valid=0, invalid=record.invalid + 1, strikes=strikes,
@@ -356,7 +362,7 @@ class TrustBook:
         """An accepted result; ``checked``: held for a check (else credited now, used unchecked)."""
         record = self.records.get(worker_id) or Record(worker_id)
         record = dataclasses.replace(record, results=record.results + 1, replicated=record.replicated + checked,
-                                     credit=record.credit + (0 if checked or record.quarantined else samples))
+                                     credit=record.credit + (0 if checked else earns(record, samples)))
         self.put(record if checked else after_unchecked(record, self.policy))
 
     def withdrawn(self, worker_id: str, samples: int) -> None:
