@@ -272,18 +272,6 @@ class UnitFactory:
         self.queue.requeue(self._queued(shards))
         self.store.set_meta("queue", self.queue.state())
 
-    def can_reclaim(self, shards: list[str]) -> bool:
-        """Whether the job's own shards among ``shards`` (a unit that will not come back, put back in line) all
-        still wait in line, not handed out again (``reclaim``)."""
-        return all(s in self.queue.retry for s in self._queued(shards))
-
-    def reclaim(self, shards: list[str]) -> None:
-        """Take ``shards`` out of line again (``can_reclaim`` said they all wait there): a copy of their unit,
-        computed elsewhere, stands in for it, so they are trained once."""
-        for s in self._queued(shards):
-            self.queue.retry.remove(s)
-        self.store.set_meta("queue", self.queue.state())
-
     # ------------------------------------------------------------------ units that will not come back
     def give_up(self, unit: dict, status: str) -> None:
         """``unit`` (a store row) will not be used: its shards go back in line (once), unless its

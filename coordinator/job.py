@@ -48,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from contract.codecs import decode_delta, decode_delta_norm, encode_delta, get_codec
+from contract.codecs import decode_delta, encode_delta, get_codec
 from contract.shards import decode_shard, encode_shard
 from contract.units import UnitRequest, WorkUnit
 from coordinator import leases, strategy_docs
@@ -218,9 +218,7 @@ class Job:
         self._unreplicated: OrderedDict[str, str] = OrderedDict()
         self._operators_replicas: set[int] = set()   # replicas' results that carried an operator's token (not kept)
         self._recent_norms: deque[float] = deque(maxlen=50)   # accepted results' norms (trust.suspicious)
-        self._held_since: dict[int, float] = {}   # replicas' results held since they stood in (not kept: else accepted)
-        self.check_counts = {"replicas_issued": 0, "agreed": 0, "agreed_unvouched": 0, "disagreed": 0, "recomputed": 0,
-                             "stood_in": 0}
+        self.check_counts = {"replicas_issued": 0, "agreed": 0, "agreed_unvouched": 0, "disagreed": 0, "recomputed": 0}
         self._draw = (rng or random.SystemRandom()).random   # which results are checked
 
     # ------------------------------------------------------------------ start-up (blocking)
@@ -778,8 +776,6 @@ class Job:
                 continue
             operators = seq in self._operators_replicas   # (its result carried an operator's token: it vouches)
             self._operators_replicas.discard(seq)
-            if original is None and await self._stand_in(replica, of, operators):
-                continue
             if original is None or original["check_state"] != "held" or original["dropped"] is not None:
                 # settled without it (the coordinator's own check came first): not a vote
                 self.store.mark_dropped([(replica["seq"], "replica")])
@@ -792,46 +788,6 @@ class Job:
             await self._check(overdue[0], None)
             if len(overdue) > 1:
                 self.work.set()   # one recomputation per settle: folding is not held up for long
-
-    async def _stand_in(self, replica: dict, of: str, operators: bool) -> bool:
-        """The unit ``of`` never came back with a result (its lease expired, or it was handed back or failed) and
-        its replica did: while the unit's shards still wait to go out again, the replica's result becomes a
-        result of its worker's own instead of dropping the compute (BOINC keeps a valid result of any replica),
-        checked as any of that worker's results is (``trust.probability``, a norm far above the recent ones; not
-        when an operator's token came with it, ``operators``): held for a check of its own (``held``: a replica
-        of the replica, or the coordinator's computation), or used now (``stand_in``). One transaction: the
-        shards are taken out of line (trained once; back in line if the check is lost), the result's state and
-        its worker's record written, and the unit superseded (a late result for it is dropped). False (nothing
-        changed) for a quarantined worker's result, one computed as another backend computes (``compute_as``), or
-        when the shards went out again meanwhile."""
-        worker = replica["worker_id"]
-        unit, copy = self.store.unit(of), self.store.unit(replica["unit_id"])
-        if self.trust.quarantined(worker) or unit is None or not self.factory.can_reclaim(unit["shard_ids"]):
-            return False
-        if copy is None or json.loads(copy["wire"] or "{}").get("compute_as"):
-            return False   # computed as another backend computes (a tab's unit by a Python worker): checked as whose?
-        delta, norm = await asyncio.to_thread(
-            lambda: decode_delta_norm(self.store.get_blob(replica["delta_blob"]), self.intake.spec))
-        if not self.factory.can_reclaim(unit["shard_ids"]):   # (handed out meanwhile)
-            return False
-        odd = T.suspicious(norm, self._recent_norms, self.policy)
-        held = not operators and (odd or self._draw() < self.trust.probability(worker))
-        if not odd:
-            self._recent_norms.append(norm)
-        with self.store.transaction():
-            self.factory.reclaim(unit["shard_ids"])
-            self.store.set_check([(replica["seq"], "held" if held else "stand_in")])
-            self.store.supersede(of)
-            self.trust.result(worker, held, replica["num_samples"])
-        self.check_counts["stood_in"] += 1
-        if held:   # (its replica is waited for from now, not from when the result came in)
-            self._held_since[replica["seq"]] = self.clock()
-        else:
-            self.inbox.append(Inbound(replica["seq"], delta, replica["base_step"], replica["num_samples"], worker,
-                                      replica["loss_after"], replica["delta_blob"]))
-        log.info("unit %s never came back; the result of its replica %s, computed by %s, takes its place%s", of,
-                 replica["unit_id"], worker, " (held for a check)" if held else "")
-        return True
 
     def _overdue_holds(self) -> list[dict]:
         """Held results that waited ``replica_wait_s`` without a replica's result in, and at once those no
@@ -849,15 +805,12 @@ class Job:
                 for backend in (stats.backend, *stats.computes):
                     active.setdefault(backend, set()).add(worker)
         due = []
-        for seq in set(self._held_since) - {r["seq"] for r in held}:   # decided
-            del self._held_since[seq]
         for r in held:
             if r["unit_id"] in waiting:
                 continue
             holder = self.trust.get(r["worker_id"])
             others = active.get(holder.backend if holder is not None else "unknown", set()) - {r["worker_id"]}
-            since = self._held_since.get(r["seq"], r["accepted"])
-            if since <= cutoff or not others or self._base_gone(self.store.unit(r["unit_id"])):
+            if r["accepted"] <= cutoff or not others or self._base_gone(self.store.unit(r["unit_id"])):
                 due.append(r)
         return due
 

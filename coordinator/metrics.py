@@ -180,8 +180,6 @@ def _trust(status: Mapping[str, Any]) -> Iterator[Metric]:
     for outcome in ("agreed", "agreed_unvouched", "disagreed", "recomputed"):
         checks.add_metric([outcome], _or0(replication.get(outcome)))
     yield checks
-    yield _simple("counter", PREFIX + "replicas_stood_in_total", "Replicas' results used in place of an original "
-                  "that never came back (computed by a worker that has earned trust).", _or0(replication.get("stood_in")))
     yield _simple("gauge", PREFIX + "workers_quarantined", "Workers quarantined.",
                   _or0(replication.get("quarantined")))
 

@@ -285,12 +285,11 @@ def test_liars_are_quarantined_and_never_folded_after(tmp_path, data):
         later = [u for u in mine if u["accepted"] > at + 1e-6]
         assert later and "quarantined" in {u["dropped"] for u in later}, later
         assert {u["dropped"] for u in later} <= {"quarantined", "superseded"}, later
-    # replication cost: replicas computed by the workers (less those used in place of a vanished original), and
-    # the coordinator's own recomputations
+    # replication cost: replicas computed by the workers, and the coordinator's own recomputations
     assert s["units_replica"] > 0 and s["checks"]["disagreed"] > 0 and s["coordinator_recomputed"] > 0
     assert s["replication_overhead"] == pytest.approx(
-        (s["units_replica"] - s["checks"]["stood_in"] + s["coordinator_recomputed"])
-        / (s["units_computed"] + s["coordinator_recomputed"]), abs=1e-6)
+        (s["units_replica"] + s["coordinator_recomputed"]) / (s["units_computed"] + s["coordinator_recomputed"]),
+        abs=1e-6)
     row = next(r for r in doc["comparison"] if r["label"] == "replication")
     assert json.loads(row["quarantined_after_units"]) == s["quarantined_after_units"]
 

@@ -402,98 +402,24 @@ async def test_a_new_workers_unit_is_replicated_as_it_is_issued_and_folded_once(
     assert seen["status"]["replication"]["agreed"] == 1 and seen["status"]["replication"]["recomputed"] == 0
 
 
-async def test_a_new_workers_replica_stands_in_for_an_original_that_never_comes_back_once_checked(engine,
-                                                                                                    aiohttp_client,
-                                                                                                    tmp_path):
+async def test_a_replica_whose_original_never_comes_back_is_dropped(aiohttp_client, tmp_path):
     """A new worker's unit replicated as it was issued, and that worker vanishes: the replica's result waits while
-    the original is out; once its lease has expired, the replica's result (its worker new too) becomes a result of
-    its worker's own, held for a check as any of its results would be: the next worker gets a replica of the
-    replica (not the unit's shards again: they are trained once), the two agree but neither vouches, so the
-    coordinator computes it too, and it is folded once."""
-    clock = Clock(1_000_000.0)
-    client, job = await start(aiohttp_client, tmp_path, clock=clock, engine=engine)
-    v0 = dict(job.state)
-    unit = await take(client, "gone")
-    replica = await take(client, "w2")
-    assert replica.shard_ids == unit.shard_ids
-    _, sent = await work(client, replica, "w2")
-    await job.settle()
-    assert job.store.result_for_unit(replica.unit_id)["dropped"] is None, "it waits for the original"
-    clock.t = unit.deadline + 1
-    other = await take(client, "w3")   # (a worker seen now: the check waits for its replica)
-    assert other.shard_ids != unit.shard_ids
-    job.expire_leases()
-    await job.settle()
-    fate = job.store.result_for_unit(replica.unit_id)
-    assert fate["check_state"] == "held" and fate["dropped"] is None and job.step == 0
-    assert job.trust.get("w2").results == 1 and job.trust.get("w2").credit == 0, "its own result now, held"
-    check = await take(client, "w4")
-    assert check.shard_ids == unit.shard_ids and job.store.unit(check.unit_id)["replica_of"] == replica.unit_id
-    await work(client, check, "w4")
-    await job.settle()
-    seen = await ledger(client, job)
-    fate = {r["unit_id"]: r for r in seen["rows"]}
-    assert fate[replica.unit_id]["applied_step"] == 1 and fate[replica.unit_id]["check_state"] == "valid"
-    assert fate[check.unit_id]["dropped"] == "replica"
-    model_is_v0_plus(job, v0, [sent])
-    assert seen["status"]["replication"]["stood_in"] == 1 and seen["status"]["replication"]["recomputed"] == 1
-    assert job.trust.get("w2").valid == 1 and job.trust.get("w2").credit == replica.local_steps * replica.batch_size
-    assert (await take(client, "w5")).shard_ids != unit.shard_ids, "trained once"   # (a replica of w3's unit)
-
-
-async def test_a_quarantined_workers_replica_of_an_original_that_never_comes_back_is_dropped(aiohttp_client,
-                                                                                              tmp_path):
-    """The same with the replica's worker quarantined since it computed it: its result is dropped (``replica``)
-    once the original's lease has expired, and the unit's shards are trained again by whoever asks next."""
+    the original is out, then is dropped (``replica``) once its lease has expired, and the unit's shards are
+    trained again by whoever asks next."""
     clock = Clock(1_000_000.0)
     client, job = await start(aiohttp_client, tmp_path, clock=clock)
     unit = await take(client, "gone")
     replica = await take(client, "w2")
+    assert replica.shard_ids == unit.shard_ids
     await work(client, replica, "w2")
     await job.settle()
-    job.trust.put(dataclasses.replace(job.trust.get("w2"), quarantined=True))
+    assert job.store.result_for_unit(replica.unit_id)["dropped"] is None, "it waits for the original"
     clock.t = unit.deadline + 1
     job.expire_leases()
     await job.settle()
     fate = job.store.result_for_unit(replica.unit_id)
     assert fate["dropped"] == "replica" and fate["applied_step"] is None and job.step == 0
     assert (await take(client, "w3")).shard_ids == unit.shard_ids, "its shards are out again"
-
-
-async def test_a_trusted_workers_replica_stands_in_for_an_original_that_never_comes_back(engine, aiohttp_client,
-                                                                                          tmp_path):
-    """The same, but the replica was computed by a worker that has earned trust: its result is used in place of the
-    vanished original (once its lease has expired) instead of dropping the compute, the unit's shards are not
-    trained again, and a late result of the original is dropped ``superseded``."""
-    clock = Clock(1_000_000.0)
-    client, job = await start(aiohttp_client, tmp_path, clock=clock, engine=engine)
-    job._draw = lambda: 1.0   # (its results are not drawn for a check: 1 in 10 would be)
-    v0 = dict(job.state)
-    trusted_by_now(job, "w2")
-    unit = await take(client, "gone")
-    replica = await take(client, "w2")
-    assert replica.shard_ids == unit.shard_ids and job.store.unit(replica.unit_id)["replica_of"] == unit.unit_id
-    answer, sent = await work(client, replica, "w2")
-    assert answer["accepted"]
-    await job.settle()
-    assert job.step == 0 and job.store.result_for_unit(replica.unit_id)["dropped"] is None, "it waits for the original"
-    credit = job.trust.get("w2").credit
-    clock.t = unit.deadline + 1
-    job.expire_leases()
-    await job.settle()
-    fate = job.store.result_for_unit(replica.unit_id)
-    assert fate["check_state"] == "stand_in" and fate["applied_step"] == 1 and fate["dropped"] is None
-    model_is_v0_plus(job, v0, [sent])
-    assert job.trust.get("w2").credit == credit + replica.local_steps * replica.batch_size
-    assert job.store.unit(unit.unit_id)["status"] == "superseded"
-    seen = await ledger(client, job)
-    assert seen["status"]["replication"]["stood_in"] == 1
-    assert (await take(client, "w3")).shard_ids != unit.shard_ids, "its shards were trained once"
-    late = await client.post(f"/api/v1/units/{unit.unit_id}/result",
-                             data=body(compute(unit, await fetch_all(client, unit), "gone"), Fault.NONE))
-    assert late.status == 200 and (await late.json())["status"] == "superseded"
-    await job.settle()
-    assert job.step == 1 and dict(Counter(r["dropped"] for r in job.store.results())) == {None: 1, "superseded": 1}
 
 
 async def test_a_unit_past_its_deadline_is_not_replicated(aiohttp_client, tmp_path):
@@ -1032,7 +958,7 @@ async def test_a_new_worker_gets_no_fresh_unit_while_its_limit_of_results_wait_f
 
 def test_metrics_show_trust_per_worker() -> None:
     status = {"updates_held": 2, "replication": {"policy": "adaptive", "replicas_issued": 5, "agreed": 3,
-                                                  "disagreed": 1, "recomputed": 1, "quarantined": 1, "stood_in": 2},
+                                                  "disagreed": 1, "recomputed": 1, "quarantined": 1},
               "trust": [{"worker_id": "bad\"one", "reputation": 0.0, "replication_rate": 0.0, "disagreements": 2,
                          "valid": 0, "quarantined": True, "credit": 0, "inconclusive": 3},
                         {"worker_id": "good", "reputation": 0.9, "replication_rate": 0.1, "disagreements": 0,
@@ -1046,7 +972,6 @@ def test_metrics_show_trust_per_worker() -> None:
     assert 'crowdtrain_worker_replication_rate{worker="good"} 0.1' in text
     assert 'crowdtrain_checks_total{outcome="agreed"} 3' in text
     assert "crowdtrain_workers_quarantined 1" in text
-    assert "crowdtrain_replicas_stood_in_total 2" in text
 
 
 def test_a_unit_computes_the_same_delta_with_a_cached_model_or_a_fresh_one() -> None:

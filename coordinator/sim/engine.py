@@ -537,9 +537,7 @@ class Simulation:
                                  for wid in liars},
             "units_computed": self.units_computed, "units_replica": self.replicas_computed,
             "coordinator_recomputed": recomputed,
-            # (a replica whose result stood in for a vanished original was not spent on checking)
-            "replication_overhead": round((self.replicas_computed - int(self.job.check_counts["stood_in"])
-                                           + recomputed) / work, 6) if work else 0.0,
+            "replication_overhead": round((self.replicas_computed + recomputed) / work, 6) if work else 0.0,
             "checks": {k: int(v) for k, v in self.job.check_counts.items()},
         }
         # Once trusted: of the honest workers' own results sent while trusted (10 agreeing checks in a row),
