@@ -50,10 +50,17 @@ async def app_client(aiohttp_client, tmp_path, caplog):
     assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
 
 
+LINE_MAX = 8190   # aiohttp's max_line_size: a longer request line is refused by its parser, before any route
+
+
 async def check(resp, what) -> None:
-    """Below 500; a 4xx is the protocol's JSON error body (code, field, message), no traceback."""
+    """Below 500; a 4xx is the protocol's JSON error body (code, field, message), no traceback. A request line
+    over ``LINE_MAX`` gets aiohttp's own plain 400 (test_a_request_aiohttp_cannot_parse_is_a_400_and_one_log_line)."""
     raw = await resp.read()
     assert resp.status < 500, (what, resp.status, raw[:300])
+    if len(resp.request_info.url.raw_path_qs) + len(resp.request_info.method) + 10 > LINE_MAX:
+        assert resp.status == 400 and b"Traceback" not in raw, (what, resp.status, raw[:300])
+        return
     if resp.status >= 400:
         text = raw.decode()
         assert "Traceback" not in text, what
@@ -254,7 +261,9 @@ BATCHES = st.one_of(path_part, st.integers(-(10**20), 10**20).map(str),
 @given(model=st.one_of(path_part, st.just(MODEL)), batch=BATCHES)
 async def test_steps(app_client, model, batch):
     client, job = app_client
-    if model == MODEL and batch.isascii() and batch.isdigit() and 1 <= int(batch) <= job.recipe.batch_size:
+    # (a 5000-digit batch is not read by int() here either: Python refuses strings of more than 4,300 digits)
+    if model == MODEL and batch.isascii() and batch.isdigit() and len(batch) < 10 \
+            and 1 <= int(batch) <= job.recipe.batch_size:
         return                          # a real export: tests/test_browser.py
     await check(await client.get(f"/api/v1/steps/{model}/{batch}"), (model, batch))
 
