@@ -12,6 +12,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from contract.codecs import decode_delta
 from contract.units import UnitRequest, WorkUnit, pack_result, unpack_result
@@ -94,6 +96,61 @@ def test_centered_clip_around_a_reference() -> None:
     np.testing.assert_allclose(out[1]["w"], [1 + 3, 1 + 4])  # 1 + (30, 40) * 5 / 50
     zero_ref, _ = R.centered_clip([far], {}, tau=5.0)      # no reference: plain norm clipping
     np.testing.assert_allclose(np.linalg.norm(zero_ref[0]["w"]), 5.0, rtol=1e-6)
+
+
+# the same maths on any small stack (hypothesis): the properties each rule is chosen for
+finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+stacks = st.integers(1, 9).flatmap(lambda n: st.integers(1, 4).flatmap(
+    lambda m: st.lists(st.lists(finite, min_size=m, max_size=m), min_size=n, max_size=n))).map(np.array)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(stack=stacks, trim=st.floats(0.0, 0.499), order=st.randoms(use_true_random=False))
+def test_trimmed_mean_and_median_stay_inside_the_values_and_ignore_their_order(stack, trim, order) -> None:
+    low, high = stack.min(axis=0), stack.max(axis=0)
+    shuffled = stack[order.sample(range(len(stack)), len(stack))]
+    for center in (R.trimmed_mean(stack, trim), R.coordinate_median(stack)):
+        slack = 1e-9 * np.maximum(1.0, np.abs(stack).max(axis=0))
+        assert np.all(center >= low - slack) and np.all(center <= high + slack)
+    np.testing.assert_allclose(R.trimmed_mean(shuffled, trim), R.trimmed_mean(stack, trim), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(R.trimmed_mean(stack, 0.0), stack.mean(axis=0), rtol=1e-12, atol=1e-9)
+    # one value moved as far as you like moves a trimmed coordinate no further than the kept values reach
+    k = min(math.floor(trim * len(stack) + 1e-9), (len(stack) - 1) // 2)
+    if k >= 1:
+        wild = stack.copy()
+        wild[0] = 1e12
+        assert np.all(R.trimmed_mean(wild, trim) <= stack[1:].max(axis=0) + 1e-6)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(deltas=st.lists(st.lists(finite, min_size=3, max_size=3), min_size=1, max_size=5),
+       reference=st.lists(finite, min_size=3, max_size=3), tau=st.floats(1e-3, 1e6))
+def test_centered_clip_brings_each_delta_within_tau_of_the_reference_along_its_own_direction(deltas, reference,
+                                                                                            tau) -> None:
+    ref = {"w": np.array(reference, np.float64)}
+    given_deltas = [{"w": np.array(d, np.float64)} for d in deltas]
+    out, distances = R.centered_clip(given_deltas, ref, tau)
+    for before, after, d in zip(given_deltas, out, distances):
+        assert d == pytest.approx(np.linalg.norm(before["w"] - ref["w"]), rel=1e-9, abs=1e-9)
+        moved = after["w"] - ref["w"]
+        assert np.linalg.norm(moved) <= tau * (1 + 1e-9) + 1e-6
+        if d <= tau:
+            assert after is before
+        elif d > 0:
+            np.testing.assert_allclose(moved, (before["w"] - ref["w"]) * (tau / d), rtol=1e-9, atol=1e-6)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(norms=st.lists(st.floats(0.0, 1e6), max_size=30), multiplier=st.floats(0.1, 100), warmup=st.integers(0, 12),
+       scale=st.floats(1e-3, 1e3))
+def test_adaptive_bound_scales_with_the_norms_and_waits_for_enough_of_them(norms, multiplier, warmup, scale) -> None:
+    bound = R.adaptive_bound(norms, multiplier, warmup)
+    positive = [n for n in norms if n > 0]
+    if len(positive) < max(1, warmup):
+        assert bound == math.inf
+        return
+    assert min(positive) * multiplier <= bound * (1 + 1e-12) and bound <= max(positive) * multiplier * (1 + 1e-12)
+    assert R.adaptive_bound([n * scale for n in norms], multiplier, warmup) == pytest.approx(bound * scale, rel=1e-9)
 
 
 def test_specs_parse_and_refuse() -> None:
