@@ -14,7 +14,9 @@ Nothing here writes to the store.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+import math
+import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,12 +80,37 @@ class Accepted:
 
 
 ISSUED_KEPT = 4096   # units this process issued, kept parsed until their result (or evicted oldest first)
+STALE_WINDOW = 256   # the last results' staleness, whose median sets the cap of ``--stale-median``
+STALE_WARM = 32      # ... once this many have arrived (before: ``--max-staleness`` alone)
 
 
 class Intake:
     def __init__(self, config: CoordinatorConfig, store: Store, key: bytes, spec: dict, clock):
         self.config, self.store, self.key, self.spec, self.clock = config, store, key, spec, clock
         self._issued: OrderedDict[str, WorkUnit] = OrderedDict()
+        self._arrived: deque[int] = deque(maxlen=STALE_WINDOW)   # staleness of the last results (not replicas)
+        self._arrived_lock = threading.Lock()   # ``accept`` runs in threads
+
+    def arrived(self, stale: int) -> None:
+        """A result (not a replica) arrived this stale: it counts in ``stale_cap``'s median."""
+        with self._arrived_lock:
+            self._arrived.append(stale)
+
+    def stale_cap(self) -> int | None:
+        """The staleness a result may have: ``max_staleness``, and with ``stale_median`` at most that factor
+        times the median staleness of the last ``STALE_WINDOW`` results to arrive (refused ones included:
+        it is the fleet's spread, not what got through), never below ``stale_floor``. In memory: a restart
+        starts again from ``max_staleness`` alone for ``STALE_WARM`` results."""
+        cfg = self.config
+        if cfg.stale_median is None:
+            return cfg.max_staleness
+        with self._arrived_lock:
+            arrived = sorted(self._arrived)
+        if len(arrived) < STALE_WARM:
+            return cfg.max_staleness
+        median = arrived[len(arrived) // 2]
+        cap = max(cfg.stale_floor, math.ceil(cfg.stale_median * median))
+        return cap if cfg.max_staleness is None else min(cap, cfg.max_staleness)
 
     def issued(self, unit: WorkUnit) -> None:
         """A unit this process just issued: its result is checked against it as it is, instead of against
@@ -146,9 +173,12 @@ class Intake:
         cfg = self.config
         stale = staleness(unit["base_step"], current_step)
         replica = bool(unit.get("replica_of"))   # a check of a held result: its own staleness does not matter
-        if cfg.max_staleness is not None and stale > cfg.max_staleness and cfg.on_stale == "refuse" and not replica:
+        cap = self.stale_cap()
+        if not replica:
+            self.arrived(stale)
+        if cap is not None and stale > cap and cfg.on_stale == "refuse" and not replica:
             # before the delta is decoded: at the cap, under load, about half the results end here
-            raise Rejection("too_stale", 409, f"staleness: expected <= {cfg.max_staleness}, got {stale}",
+            raise Rejection("too_stale", 409, f"staleness: expected <= {cap}, got {stale}",
                             "result.base_version", give_up="stale")
         try:   # fp32: views of the body (nothing writes to a delta); the norm summed in the decode's pass
             delta, norm = decode_delta_norm(result.delta, self.spec, copy=False)

@@ -54,7 +54,9 @@ def test_a_tab_trains_through_the_other_process_across_kill_9_of_the_leader(redi
 
         threading.Thread(target=kill_the_leader, daemon=True).start()
         out = drive(f"{ps.url(other)}/?throttle=100&threads=1", "--click", "--units", "8", "--timeout", "300")
-        assert out["ok"], out
+        assert out["ok"], (f"the tab stopped: {str({k: v for k, v in out.items() if k != 'console'})[:4000]}\n"
+                           f"its console's last lines: {out['console'][-40:]}\n"
+                           f"the job (process {other}): {ps.status(other)}\nlogs:\n{ps.logs()}")
         assert killed and killed[0] >= 1, "the tab's results reached the process it talks to, before the kill"
         assert out["state"]["unitsDone"] >= 8 and ps.cluster(other)["leader"]
         deadline = time.time() + 60

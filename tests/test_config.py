@@ -55,6 +55,8 @@ VALUES = {
     "lease_factor": (["--lease-factor", "2.5"], 2.5),
     "late_results": (["--late-results", "drop"], "drop"),
     "max_staleness": (["--max-staleness", "none"], None),
+    "stale_median": (["--stale-median", "2.5"], 2.5),
+    "stale_floor": (["--stale-floor", "4"], 4),
     "on_stale": (["--on-stale", "drop"], "drop"),
     "max_delta_norm": (["--max-delta-norm", "5"], 5.0),
     "on_large_norm": (["--on-large-norm", "clip"], "clip"),
@@ -203,7 +205,7 @@ def test_cli_unparsable_value_is_one_error_line_and_exit_2(argv, message, capsys
 
 
 def test_scenario_coordinator_section_is_the_configs():
-    assert {"max_staleness", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
+    assert {"max_staleness", "stale_median", "stale_floor", "on_stale", "max_delta_norm", "on_large_norm", "late_results", "lease_min_s",
             "lease_max_s", "lease_first_s", "lease_factor", "keep_versions", "persist_every_s", "persist_every_versions",
             "body_slack_bytes", "replication", "replica_wait_s", "check_max_steps", "robust", "version_download",
             "unit_batch_scale", "unit_lr", "dynamic_steps", "flight_samples", "unit_momentum", "lookahead"}\

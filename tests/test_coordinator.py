@@ -190,6 +190,43 @@ async def test_a_result_staler_than_the_cap_is_refused_before_its_delta_is_read(
     assert again.shard_ids == second.shard_ids and again.base_step == 1
 
 
+def test_the_staleness_cap_follows_the_median_of_the_last_results(tmp_path):
+    from coordinator.intake import STALE_WARM, STALE_WINDOW, Intake
+
+    cfg = CoordinatorConfig(state=tmp_path, model="cnn", max_staleness=20, stale_median=2.0, stale_floor=3)
+    intake = Intake(cfg, None, b"", {}, lambda: 0.0)
+    for _ in range(STALE_WARM - 1):
+        intake.arrived(5)
+    assert intake.stale_cap() == 20             # not warm yet: max_staleness alone
+    intake.arrived(5)
+    assert intake.stale_cap() == 10             # 2 x the median 5
+    for _ in range(STALE_WINDOW):
+        intake.arrived(50)
+    assert intake.stale_cap() == 20             # never above max_staleness
+    for _ in range(STALE_WINDOW // 2 + 1):
+        intake.arrived(1)
+    assert intake.stale_cap() == 3              # the older half gone from the window; never below the floor
+    off = Intake(CoordinatorConfig(state=tmp_path, model="cnn", max_staleness=20), None, b"", {}, lambda: 0.0)
+    for _ in range(STALE_WINDOW):
+        off.arrived(1)
+    assert off.stale_cap() == 20                # without --stale-median: max_staleness alone
+
+
+async def test_a_result_above_the_fleets_median_cap_is_refused(client_for):
+    client, job = await client_for(codec="fp32", strategy="async_sgd", stale_median=1.0, stale_floor=0)
+    for _ in range(64):
+        job.intake.arrived(0)                   # the fleet's results all came back fresh
+    first, second = await take_unit(client, "w1"), await take_unit(client, "w2")
+    fetch_all = await fetcher(client)
+    fetch, fetch_second = await fetch_all(first), await fetch_all(second)
+    status, got = await submit(client, first, body(compute(first, fetch, "w1")))
+    assert status == 200 and got["accepted"]
+    await job.settle()
+    status, got = await submit(client, second, body(compute(second, fetch_second, "w2")))   # staleness 1 > 1 x 0
+    assert status == 409 and got["error"]["code"] == "too_stale" and "expected <= 0, got 1" in got["error"]["message"]
+    assert job.store.unit(second.unit_id)["status"] == "stale" and job.step == 1
+
+
 async def test_expired_lease_is_reissued_and_late_result_used_once(client_for):
     client, job = await client_for(shard_size=256, lease_min_s=0.05, lease_first_s=0.05, lease_max_s=0.05,
                                    strategy="async_sgd")
