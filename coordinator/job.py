@@ -1198,6 +1198,7 @@ class Job:
             best=None if best is None else {"version": best["version"], "samples": best["samples"],
                                             "test_acc": best["test_acc"]},
             **self._trust_status(),
+            staleness_cap=self.intake.stale_cap(),
         )
 
     def _trust_status(self) -> dict:

@@ -60,7 +60,7 @@ _TRUST: tuple[tuple[str, str, str, str], ...] = (
 # The job's metric family names (as exposed, counters with ``_total``): docs/protocol.md lists them.
 JOB_METRICS = tuple(PREFIX + n for n in (
     "info", *(s for s, _, _ in _COUNTERS), "units_rejected_total", "updates_dropped_total",
-    *(s for s, _, _ in _GAUGES), "finished", "test_accuracy", "test_loss", "staleness", "aggregation_seconds",
+    *(s for s, _, _ in _GAUGES), "finished", "test_accuracy", "test_loss", "staleness", "staleness_cap", "aggregation_seconds",
     "aggregation_seconds_max", *(s for s, _, _, _ in _TRUST), "replicas_issued_total", "checks_total",
     "workers_quarantined", "workers_online_runtime", "webgpu_check_failed_workers"))
 
@@ -214,6 +214,10 @@ def families(status: Mapping[str, Any]) -> Iterator[Metric]:
                   1.0 if status.get("finished") else 0.0)
     yield from _latest_eval(status)
     yield _staleness(status)
+    cap = _num(status.get("staleness_cap"))
+    if cap is not None:   # (none: no cap)
+        yield _simple("gauge", PREFIX + "staleness_cap", "Versions a result's base may be behind the model now "
+                      "(--max-staleness, or the cap --stale-median sets).", cap)
     yield from _aggregation(status)
     yield from _trust(status)
     yield from _runtimes(status)

@@ -78,6 +78,7 @@ class JobStatus:
     updates_held: int = 0            # accepted results held for a replicated check (within updates_pending)
     replication: dict = dataclasses.field(default_factory=dict)   # policy and totals of the checks
     trust: list[TrustRow] = dataclasses.field(default_factory=list)   # quarantined first, then most recent
+    staleness_cap: int | None = None  # the staleness a result may have now (--max-staleness, --stale-median)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

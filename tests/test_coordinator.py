@@ -214,8 +214,11 @@ def test_the_staleness_cap_follows_the_median_of_the_last_results(tmp_path):
 
 async def test_a_result_above_the_fleets_median_cap_is_refused(client_for):
     client, job = await client_for(codec="fp32", strategy="async_sgd", stale_median=1.0, stale_floor=0)
+    assert (await (await client.get("/api/status")).json())["staleness_cap"] == 64   # --max-staleness until warm
     for _ in range(64):
         job.intake.arrived(0)                   # the fleet's results all came back fresh
+    assert (await (await client.get("/api/status")).json())["staleness_cap"] == 0
+    assert "crowdtrain_staleness_cap 0.0" in await (await client.get("/metrics")).text()
     first, second = await take_unit(client, "w1"), await take_unit(client, "w2")
     fetch_all = await fetcher(client)
     fetch, fetch_second = await fetch_all(first), await fetch_all(second)

@@ -59,6 +59,7 @@ SAMPLE_STATUS: dict[str, Any] = {
     ],
     "best": {"version": 42, "samples": 120000, "test_acc": 0.613},
     "updates_held": 2,
+    "staleness_cap": 26,
     "replication": {"policy": "adaptive", "held": 2, "replicas_waiting": 1, "quarantined": 1, "replicas_issued": 30,
                     "agreed": 25, "disagreed": 2, "recomputed": 3},
     "trust": [
@@ -232,7 +233,7 @@ def test_render_sample_status_parses_strictly() -> None:
         "crowdtrain_model_version": "gauge", "crowdtrain_workers_online": "gauge",
         "crowdtrain_samples_per_second": "gauge", "crowdtrain_units_leased": "gauge",
         "crowdtrain_test_accuracy": "gauge", "crowdtrain_budget_samples": "gauge",
-        "crowdtrain_uptime_seconds": "gauge", "crowdtrain_staleness": "histogram",
+        "crowdtrain_uptime_seconds": "gauge", "crowdtrain_staleness": "histogram", "crowdtrain_staleness_cap": "gauge",
         "crowdtrain_aggregation_seconds": "summary", "crowdtrain_aggregation_seconds_max": "gauge",
     }
     for name, kind in expected_types.items():
@@ -258,6 +259,7 @@ def test_render_sample_status_parses_strictly() -> None:
     buckets = check_histogram(fams["crowdtrain_staleness"], "crowdtrain_staleness")
     assert buckets == [(0, 50), (1, 90), (2, 100), (math.inf, 100)]
     assert value(fams, "crowdtrain_staleness_sum") == 60
+    assert value(fams, "crowdtrain_staleness_cap") == 26
     info = fams["crowdtrain_info"]["samples"][0][1]
     assert info == {"job": "cifar10", "model": "resnet_fast", "strategy": "fedbuff"}
 
@@ -274,7 +276,7 @@ def test_label_escaping_round_trips() -> None:
 
 def test_empty_status_is_tolerated() -> None:
     fams = parse_exposition(render({}))
-    assert "crowdtrain_test_accuracy" not in fams
+    assert "crowdtrain_test_accuracy" not in fams and "crowdtrain_staleness_cap" not in fams   # (none: no cap)
     assert value(fams, "crowdtrain_units_issued_total") == 0
     assert value(fams, "crowdtrain_model_version") == 0
     assert fams["crowdtrain_units_rejected_total"]["samples"] == []
@@ -386,6 +388,7 @@ def test_page_renders_status(tmp_path: Path) -> None:
     assert text_of(dom, "k-workers") == "3"
     assert text_of(dom, "k-version") == "42"
     assert text_of(dom, "k-lat") == "4.8 / 37 ms", "units/next p50 / p99"
+    assert text_of(dom, "stale-cap") == "refused above 26", "the staleness cap in force"
     assert "norm_bound" in dom and "lease_invalid" in dom
     assert "ab12" in dom and "cd34" in dom
     assert "fedbuff" in dom and "buffer_size" in dom
