@@ -233,10 +233,11 @@ class CoordinatorConfig:
     max_staleness: int | None = option(int, 64, "versions a result's base may be behind the current model",
                                        "checks", lo=0, none="no cap", metavar="N")
     stale_median: float | None = option(
-        float, None, "also refuse a result staler than this many times the median staleness of the last "
-        "results to arrive (a cap that follows the fleet: a few workers see none, a large or uneven fleet loses its "
-        "stalest results), never below --stale-floor nor above --max-staleness; with --on-stale refuse",
-        "checks", lo=0, lo_open=True, none="no such cap", metavar="FACTOR")
+        float, None, "also refuse a result staler than this many times the median staleness of the last results "
+        "to arrive, at least --stale-floor and at most --max-staleness: a cap that follows the fleet (a few workers "
+        "see none; in a large or uneven fleet the slowest workers' results are refused, a browser tab's among "
+        "faster Python workers too); with on-stale refuse", "checks", lo=0, lo_open=True, none="no such cap",
+        metavar="FACTOR")
     stale_floor: int = option(int, 8, "the lowest cap --stale-median sets, in versions", "checks", lo=0)
     on_stale: str = option(str, "refuse", "a result staler than max-staleness: refuse it (409 too_stale), or "
                            "accept it and let the aggregator drop it (reason recorded)", "checks",
