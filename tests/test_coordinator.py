@@ -170,8 +170,8 @@ async def test_failed_and_returned_units_are_reissued(client_for):
     assert status == 410 and got["error"]["code"] == "lease_expired"
 
 
-async def test_a_result_staler_than_the_cap_is_refused_before_its_delta_is_read(client_for):
-    client, job = await client_for(codec="fp32", strategy="async_sgd", max_staleness=0)
+async def one_folded_one_stale(client, job):
+    """Two units out at once; the first one's result folded: (the second unit, its blobs), now 1 version stale."""
     first, second = await take_unit(client, "w1"), await take_unit(client, "w2")
     fetch_all = await fetcher(client)
     fetch, fetch_second = await fetch_all(first), await fetch_all(second)
@@ -179,6 +179,12 @@ async def test_a_result_staler_than_the_cap_is_refused_before_its_delta_is_read(
     assert status == 200 and got["accepted"]
     await job.settle()
     assert job.step == 1
+    return second, fetch_second
+
+
+async def test_a_result_staler_than_the_cap_is_refused_before_its_delta_is_read(client_for):
+    client, job = await client_for(codec="fp32", strategy="async_sgd", max_staleness=0)
+    second, fetch_second = await one_folded_one_stale(client, job)
     before = snapshot(job)
     # a NaN in its delta too: the staleness (1 > 0) refuses it before the delta is decoded
     status, got = await submit(client, second, body(compute(second, fetch_second, "w2"), Fault.NAN))
@@ -219,12 +225,7 @@ async def test_a_result_above_the_fleets_median_cap_is_refused(client_for):
         job.intake.arrived(0)                   # the fleet's results all came back fresh
     assert (await (await client.get("/api/status")).json())["staleness_cap"] == 0
     assert "crowdtrain_staleness_cap 0.0" in await (await client.get("/metrics")).text()
-    first, second = await take_unit(client, "w1"), await take_unit(client, "w2")
-    fetch_all = await fetcher(client)
-    fetch, fetch_second = await fetch_all(first), await fetch_all(second)
-    status, got = await submit(client, first, body(compute(first, fetch, "w1")))
-    assert status == 200 and got["accepted"]
-    await job.settle()
+    second, fetch_second = await one_folded_one_stale(client, job)
     status, got = await submit(client, second, body(compute(second, fetch_second, "w2")))   # staleness 1 > 1 x 0
     assert status == 409 and got["error"]["code"] == "too_stale" and "expected <= 0, got 1" in got["error"]["message"]
     assert job.store.unit(second.unit_id)["status"] == "stale" and job.step == 1
