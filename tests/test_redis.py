@@ -891,6 +891,29 @@ def test_kill_9_of_the_leader_another_process_takes_over_and_folds_each_update_o
         ps.stop()
 
 
+@pytest.mark.timeout(300)
+def test_a_lone_leader_stalled_past_its_lease_exits_for_its_supervisor(redis_url, tmp_path):
+    """A leader paused longer than ``--leader-ttl`` (a host far busier than its cores) finds its lock expired when it
+    runs again and exits with ``LOST_EXIT`` even when no other process took the lock (it cannot know that nobody
+    wrote meanwhile): its supervisor (deploy/systemd, ``Restart=always``) starts it again, and it leads again."""
+    from coordinator.cluster import LOST_EXIT
+
+    ps, first = Processes.two(tmp_path, redis_url)
+    try:
+        ps.procs[1 - first].kill()
+        ps.procs[1 - first].wait(10)
+        ps.procs[1 - first] = None        # the leader is alone
+        ps.procs[first].send_signal(signal.SIGSTOP)
+        time.sleep(5)                     # > --leader-ttl 3
+        ps.procs[first].send_signal(signal.SIGCONT)
+        assert ps.procs[first].wait(30) == LOST_EXIT, ps.logs()
+        assert "lost the leader lock" in ps.logs()
+        ps.start(first)                   # as the supervisor does
+        assert ps.leader() == first
+    finally:
+        ps.stop()
+
+
 def test_the_shipped_redis_conf_keeps_every_write_through_kill_9_of_redis(tmp_path):
     """deploy/redis.conf (append-only file fsynced on every write): what the store wrote before
     redis-server was killed with kill -9 is all there once it restarts on the same directory."""
