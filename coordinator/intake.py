@@ -99,8 +99,9 @@ class Intake:
     def stale_cap(self) -> int | None:
         """The staleness a result may have: ``max_staleness``, and with ``stale_median`` at most that factor
         times the median staleness of the last ``STALE_WINDOW`` results to arrive (refused ones included:
-        it is the fleet's spread, not what got through), never below ``stale_floor``. In memory: a restart
-        starts again from ``max_staleness`` alone for ``STALE_WARM`` results."""
+        it is the fleet's spread, not what got through), never below ``stale_floor``. In memory and per process
+        (several processes on Redis: each its own window of the results it takes); a restart starts again from
+        ``max_staleness`` alone for ``STALE_WARM`` results."""
         cfg = self.config
         if cfg.stale_median is None:
             return cfg.max_staleness
