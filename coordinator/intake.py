@@ -174,13 +174,13 @@ class Intake:
         cfg = self.config
         stale = staleness(unit["base_step"], current_step)
         replica = bool(unit.get("replica_of"))   # a check of a held result: its own staleness does not matter
-        cap = self.stale_cap()
         if not replica:
+            cap = self.stale_cap()   # (of the results before this one)
             self.arrived(stale)
-        if cap is not None and stale > cap and cfg.on_stale == "refuse" and not replica:
-            # before the delta is decoded: at the cap, under load, about half the results end here
-            raise Rejection("too_stale", 409, f"staleness: expected <= {cap}, got {stale}",
-                            "result.base_version", give_up="stale")
+            if cap is not None and stale > cap and cfg.on_stale == "refuse":
+                # before the delta is decoded: at the cap, under load, about half the results end here
+                raise Rejection("too_stale", 409, f"staleness: expected <= {cap}, got {stale}",
+                                "result.base_version", give_up="stale")
         try:   # fp32: views of the body (nothing writes to a delta); the norm summed in the decode's pass
             delta, norm = decode_delta_norm(result.delta, self.spec, copy=False)
         except ContractError as e:

@@ -61,8 +61,8 @@ _TRUST: tuple[tuple[str, str, str, str], ...] = (
 JOB_METRICS = tuple(PREFIX + n for n in (
     "info", *(s for s, _, _ in _COUNTERS), "units_rejected_total", "updates_dropped_total",
     *(s for s, _, _ in _GAUGES), "finished", "test_accuracy", "test_loss", "staleness", "staleness_cap",
-    "aggregation_seconds", "aggregation_seconds_max", *(s for s, _, _, _ in _TRUST), "replicas_issued_total", "checks_total",
-    "workers_quarantined", "workers_online_runtime", "webgpu_check_failed_workers"))
+    "aggregation_seconds", "aggregation_seconds_max", *(s for s, _, _, _ in _TRUST), "replicas_issued_total",
+    "checks_total", "workers_quarantined", "workers_online_runtime", "webgpu_check_failed_workers"))
 
 
 def _num(value: Any) -> float | None:
