@@ -163,11 +163,18 @@ class StepUnavailable(Exception):
     """This model cannot be trained by a browser (the export failed); the message says why."""
 
 
+# an export that failed for a reason of the model's (StepUnavailable, ExportError) fails again: remembered. An
+# unexpected error (a bug, a full disk, an interpreter's spurious SystemError) may not: built again this many
+# seconds later, at the next request, rather than leaving the job's tabs idle until the coordinator restarts
+RETRY_INTERNAL_S = 15.0
+
+
 @dataclass
 class _Entry:
     task: asyncio.Task | None = None
     manifest: dict | None = None
     error: str | None = None
+    retry_at: float | None = None   # the loop's time after which an internal error is tried again
 
 
 class StepGraphs:
@@ -187,9 +194,10 @@ class StepGraphs:
         if self.unavailable:
             raise StepUnavailable(self.unavailable)
         entry = self.entries.get(batch_size)
-        if entry is None:
+        loop = asyncio.get_running_loop()
+        if entry is None or (entry.retry_at is not None and loop.time() >= entry.retry_at):
             entry = self.entries[batch_size] = _Entry()
-            entry.task = asyncio.get_running_loop().create_task(self._build(batch_size, entry))
+            entry.task = loop.create_task(self._build(batch_size, entry))
         if entry.error is not None:
             raise StepUnavailable(entry.error)
         return entry.manifest
@@ -233,7 +241,9 @@ class StepGraphs:
             log.warning("no browser step graph for %s at batch %d: %s", self.model, batch_size, e)
         except Exception as e:  # never leave a task with an unretrieved exception
             entry.error = f"internal error while building the step graph ({type(e).__name__})"
-            log.exception("building the step graph for %s at batch %d failed", self.model, batch_size)
+            entry.retry_at = asyncio.get_running_loop().time() + RETRY_INTERNAL_S
+            log.exception("building the step graph for %s at batch %d failed (tried again in %.0f s)", self.model,
+                          batch_size, RETRY_INTERNAL_S)
 
     async def _export(self, batch_size: int) -> None:
         """Export in a subprocess (CPU-heavy, and torch's exporter is not made for threads)."""

@@ -46,6 +46,7 @@ import importlib.metadata
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,9 +483,28 @@ def _code_hash(files: tuple[tuple[Path, int, int], ...]) -> str:
     return h.hexdigest()
 
 
+_PARSE_ONE_AT_A_TIME = threading.Lock()
+
+
+def _parse(source: bytes) -> ast.Module:
+    """``ast.parse``, safe beside other threads: CPython 3.11 keeps the AST constructor's recursion depth per
+    interpreter, not per thread, so a parse that overlaps another thread's (3.11's traceback formatting parses
+    too) can fail with a spurious ``SystemError: AST constructor recursion depth mismatch`` (python/cpython
+    gh-106905; seen in a coordinator building a step graph while its other threads worked). One of ours at a
+    time, and a spurious failure tried again."""
+    for attempt in range(4):
+        try:
+            with _PARSE_ONE_AT_A_TIME:
+                return ast.parse(source)
+        except SystemError:
+            time.sleep(0.01 * (attempt + 1))
+    with _PARSE_ONE_AT_A_TIME:
+        return ast.parse(source)
+
+
 def code_of(source: bytes) -> str:
     """A module's syntax tree, docstrings left out, as text (comments and layout are not in it)."""
-    tree = ast.parse(source)
+    tree = _parse(source)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
