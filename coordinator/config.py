@@ -236,8 +236,9 @@ class CoordinatorConfig:
         float, None, "also refuse a result staler than this many times the median staleness of the last results "
         "to arrive, at least --stale-floor and at most --max-staleness: a cap that follows the fleet (a few workers "
         "see none; in a large or uneven fleet the slowest workers' results are refused, a browser tab's among "
-        "faster Python workers too); with on-stale refuse", "checks", lo=0, lo_open=True, none="no such cap",
-        metavar="FACTOR")
+        "faster Python workers too); with on-stale refuse. Measured (docs/results.md): 32 simulated workers under "
+        "heavy churn, +2.5 points at equal applied samples for 18-28% more computing, +0.2 at equal computing",
+        "checks", lo=0, lo_open=True, none="no such cap", metavar="FACTOR")
     stale_floor: int = option(int, 8, "the lowest cap --stale-median sets, in versions", "checks", lo=0)
     on_stale: str = option(str, "refuse", "a result staler than max-staleness: refuse it (409 too_stale), or "
                            "accept it and let the aggregator drop it (reason recorded)", "checks",
