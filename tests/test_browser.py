@@ -257,29 +257,6 @@ async def test_an_internal_error_building_the_step_graph_is_tried_again_later(tm
     assert calls == [32, 32] and manifest["batch_size"] == 32 and graphs.state(32) == "ready"
 
 
-def test_a_spurious_ast_system_error_is_parsed_again(monkeypatch):
-    import ast
-
-    from models import onnx_step
-
-    real, calls = ast.parse, []
-
-    def flaky(source, *args, **kwargs):
-        calls.append(1)
-        if len(calls) < 3:
-            raise SystemError("AST constructor recursion depth mismatch (before=48, after=42)")
-        return real(source, *args, **kwargs)
-    monkeypatch.setattr(onnx_step.ast, "parse", flaky)
-    assert onnx_step.code_of(b"def f():\n    'doc'\n    return 1\n") == onnx_step.code_of(b"def f():\n    return 1\n")
-    assert len(calls) == 4                        # two spurious failures, then each source parsed once
-
-    def broken(source, *args, **kwargs):
-        raise SystemError("always")
-    monkeypatch.setattr(onnx_step.ast, "parse", broken)
-    with pytest.raises(SystemError, match="always"):   # a real fault still surfaces
-        onnx_step.code_of(b"x = 1\n")
-
-
 async def test_shutdown_stops_an_export_in_progress(aiohttp_server, tmp_path, monkeypatch):
     from coordinator.app import create_app
     from tests.test_coordinator import make_job

@@ -322,3 +322,26 @@ def test_max_pool_gradient_goes_to_the_first_maximum_on_ties(tmp_path, target) -
         onnx_step.write_onnx(graph, [x, go], tmp_path / "pool.onnx", ["x", "go"], ["gx"])
     got, = session((tmp_path / "pool.onnx").read_bytes()).run(None, {"x": x.numpy(), "go": go.numpy()})
     np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_a_spurious_ast_system_error_is_parsed_again(monkeypatch):
+    import ast
+
+    from models import onnx_step
+
+    real, calls = ast.parse, []
+
+    def flaky(source, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < 3:
+            raise SystemError("AST constructor recursion depth mismatch (before=48, after=42)")
+        return real(source, *args, **kwargs)
+    monkeypatch.setattr(onnx_step.ast, "parse", flaky)
+    assert onnx_step.code_of(b"def f():\n    'doc'\n    return 1\n") == onnx_step.code_of(b"def f():\n    return 1\n")
+    assert len(calls) == 4                        # two spurious failures, then each source parsed once
+
+    def broken(source, *args, **kwargs):
+        raise SystemError("always")
+    monkeypatch.setattr(onnx_step.ast, "parse", broken)
+    with pytest.raises(SystemError, match="always"):   # a real fault still surfaces
+        onnx_step.code_of(b"x = 1\n")
