@@ -207,9 +207,9 @@ def test_cli_unparsable_value_is_one_error_line_and_exit_2(argv, message, capsys
 def test_scenario_coordinator_section_is_the_configs():
     assert {"max_staleness", "stale_median", "stale_floor", "on_stale", "max_delta_norm", "on_large_norm",
             "late_results", "lease_min_s", "lease_max_s", "lease_first_s", "lease_factor", "keep_versions",
-            "persist_every_s", "persist_every_versions",
-            "body_slack_bytes", "replication", "replica_wait_s", "check_max_steps", "robust", "version_download",
-            "unit_batch_scale", "unit_lr", "dynamic_steps", "flight_samples", "unit_momentum", "lookahead"}\
+            "persist_every_s", "persist_every_versions", "body_slack_bytes", "replication", "replica_wait_s",
+            "check_max_steps", "robust", "version_download", "unit_batch_scale", "unit_lr", "dynamic_steps",
+            "flight_samples", "unit_momentum", "lookahead"}\
         == set(COORDINATOR_KEYS)
     for name in COORDINATOR_KEYS:
         assert SCHEMA["coordinator"][name].default == C.FIELDS[name].default
